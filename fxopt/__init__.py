@@ -1,0 +1,24 @@
+"""fxopt: a compiler for trained PyTorch models, checked pass by pass against eager.
+
+    >>> opt = fxopt.optimize(model.eval(), torch.randn(1, 3, 224, 224))
+    >>> print(opt.report)
+"""
+from .api import OptimizedModule, load, optimize
+from .capture import capture
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _errors_all
+from .manager import Instrument, PassManager
+from .registry import (GROUPS, PASSES, PIPELINES, PassContext, PassResult, expand_pipeline,
+                       register_group, register_pass)
+from .report import PassRecord, Report
+from .tolerances import TOLERANCES
+
+from . import ops  # noqa: E402,F401  (defines the torch.ops.fxopt namespace)
+from . import passes  # noqa: E402,F401  (registers the built-in passes)
+
+__all__ = [
+    "optimize", "OptimizedModule", "load", "capture", "PassManager", "Instrument",
+    "register_pass", "register_group", "PassResult", "PassContext", "PASSES", "GROUPS",
+    "PIPELINES", "expand_pipeline", "Report", "PassRecord", "TOLERANCES", *_errors_all,
+]
+__version__ = "0.1.0"

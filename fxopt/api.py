@@ -1,0 +1,176 @@
+"""``fxopt.optimize``: capture, run a checked pipeline, hand back an ``OptimizedModule``.
+
+    >>> opt = fxopt.optimize(model.eval(), torch.randn(1, 3, 224, 224))
+    >>> opt(x)                    # an nn.Module
+    >>> print(opt.report)         # per pass: time, nodes, params, error against its reference
+    >>> opt.save("model.fxopt"); same = fxopt.load("model.fxopt")
+
+The user's model is copied once at this boundary; nothing below touches it, on success or error.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import registry
+from .capture import capture, check_model, normalize_inputs, run_eager
+from .errors import InputError, NotAvailableError, PipelineError
+from .graph_utils import count_bytes, count_nodes, count_params
+from .manager import Instrument, PassManager, debug_level
+from .metrics import count_macs
+from .registry import PASSES, PassContext, expand_pipeline
+from .report import ModelStats, Report
+from .tolerances import compare_outputs
+
+__all__ = ["optimize", "OptimizedModule", "load", "TARGETS", "FORMAT_VERSION"]
+
+TARGETS = ("auto", "cpu", "cuda")
+FORMAT_VERSION = 1
+
+# What each optional feature needs registered; the issue that brings it registers the pass.
+_FEATURE_PASSES = {"prune": "prune_channels", "quantize": "quantize_int8"}
+
+
+class OptimizedModule(nn.Module):
+    """The optimized model: an ``nn.Module`` holding the ``GraphModule`` and the report."""
+
+    def __init__(self, graph_module: fx.GraphModule, report: Report, target: str = "cpu"):
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self.target = target
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    def save(self, path: str | Path) -> Path:
+        """Write the module (graph, weights, report) to ``path``; ``fxopt.load`` restores it.
+
+        The file is a pickle (like ``torch.save`` of any module): load only files you trust.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"fxopt_format": FORMAT_VERSION, "graph_module": self.graph_module,
+                   "report": self.report.to_dict(), "target": self.target,
+                   "torch": torch.__version__}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)  # no half-written file on failure
+        return path
+
+
+def load(path: str | Path) -> OptimizedModule:
+    """Restore a module written by ``OptimizedModule.save`` (outputs are bitwise the same)."""
+    from . import ops  # noqa: F401 - registers the fxopt op namespace the graph may call
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no such file: {path}", hint="check the path given to save()")
+    payload = torch.load(path, weights_only=False, map_location="cpu")
+    if not isinstance(payload, dict) or "fxopt_format" not in payload:
+        raise InputError(f"{path} is not an fxopt module file",
+                         hint="write it with OptimizedModule.save(path)")
+    if payload["fxopt_format"] > FORMAT_VERSION:
+        raise InputError(f"{path} was written by a newer fxopt (format {payload['fxopt_format']})",
+                         hint="upgrade fxopt")
+    return OptimizedModule(payload["graph_module"], Report.from_dict(payload["report"]),
+                           payload.get("target", "cpu"))
+
+
+def _resolve_target(target: str, inputs: tuple) -> str:
+    if target not in TARGETS:
+        raise PipelineError(f"target must be one of {TARGETS}, got {target!r}")
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+    if target == "auto":
+        return "cuda" if on_cuda else "cpu"
+    if target == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("target='cuda' but no CUDA device is available",
+                            hint="use target='cpu' (or 'auto')")
+    return target
+
+
+def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[str] | None = None,
+             passes: Sequence[str] | None = None, disable: Iterable[str] = (), target: str = "auto",
+             prune: Any = None, quantize: Any = None, calibration_data: Any = None,
+             check: str = "each", on_mismatch: str = "raise", leaf_modules: Iterable = (),
+             concrete_args: dict | None = None,
+             instruments: Sequence[Instrument] = ()) -> OptimizedModule:
+    """Optimize a copy of ``model`` for inference; every pass is checked against its reference.
+
+    ``pipeline``: a name from ``fxopt.PIPELINES`` (default ``"default"``) or a list of pass names;
+    ``passes``: pass names appended to it; ``disable``: pass or group names to skip.
+    ``prune=`` / ``quantize=`` / ``calibration_data=``: pruning ratio or config, ``"int8"`` or a
+    config, and the batches to calibrate on. ``check``: ``"each"`` (default), ``"end"``,
+    ``"none"``; ``on_mismatch``: ``"raise"``, ``"rollback"``, ``"warn"``.
+    """
+    from . import ops  # noqa: F401 - the fxopt op namespace
+    from . import passes as _passes  # noqa: F401 - registers the built-in passes
+
+    t_start = time.perf_counter()
+    check_model(model)
+    inputs = normalize_inputs(example_inputs)
+    target = _resolve_target(target, inputs)
+    disable = list(disable)
+    extra = list(passes or [])
+    options: dict[str, Any] = {}
+    for feature, value in (("prune", prune), ("quantize", quantize)):
+        if value is None:
+            continue
+        pass_name = _FEATURE_PASSES[feature]
+        if pass_name not in PASSES:
+            raise NotAvailableError(f"{feature}= is not available yet in this version of fxopt",
+                                    hint=f"leave {feature}= unset; it arrives with the "
+                                         f"'{pass_name}' pass")
+        options[feature] = value
+    if calibration_data is not None and quantize is None and "quantize" not in options:
+        raise InputError("calibration_data was given but quantize= was not",
+                         hint="pass quantize='int8' with it, or drop calibration_data")
+    steps = expand_pipeline(pipeline if pipeline is not None else "default", extra=extra,
+                            disable=disable)
+    manager = PassManager(steps, check=check, on_mismatch=on_mismatch, instruments=instruments)
+
+    work = copy.deepcopy(model)  # the one copy: nothing below can reach the user's model
+    eager_out = run_eager(work, inputs)
+    t0 = time.perf_counter()
+    gm = capture(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _copy=False)
+    report = Report(target=target, capture_time_s=time.perf_counter() - t0)
+    report.before = _model_stats(gm)
+    ctx = PassContext(example_inputs=inputs, target=target, options=options,
+                      calibration_data=calibration_data, original=model, debug=debug_level())
+    gm, report = manager.run(gm, ctx, report)
+    report.after = _model_stats(gm)
+    with torch.no_grad():
+        final = compare_outputs(gm(*inputs), eager_out)
+    report.final_max_abs_err, report.final_rel_err = final.max_abs, final.rel_err
+    exact_only = all(PASSES[r.name.split("/")[-1]].reference == "exact" for r in report.passes
+                     if r.modified)
+    if check != "none" and exact_only and not final.ok:
+        # Each pass was within tolerance of the one before; the sum of them is not.
+        report.notes.append(f"the final model differs from eager by rel err {final.rel_err:.1e}, "
+                            f"above the {final.dtype} tolerance {final.tolerance:.0e}")
+        if check == "end":
+            from .errors import NumericMismatchError
+
+            raise NumericMismatchError(
+                f"the optimized model differs from eager: rel err {final.rel_err:.2e} exceeds "
+                f"{final.tolerance:.0e}", pass_name="(pipeline)", passes_before=report.pipeline,
+                max_abs=final.max_abs, rel_err=final.rel_err, tolerance=final.tolerance,
+                node=None, module_path=None,
+                hint="run with check='each' to name the pass that changed the numbers")
+    report.total_time_s = time.perf_counter() - t_start
+    return OptimizedModule(gm, report, target)
+
+
+def _model_stats(gm: fx.GraphModule) -> ModelStats:
+    return ModelStats(params=count_params(gm), macs=count_macs(gm), bytes=count_bytes(gm),
+                      nodes=count_nodes(gm))

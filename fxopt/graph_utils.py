@@ -1,0 +1,179 @@
+"""Small helpers over ``torch.fx`` graphs that every pass and check shares.
+
+Conventions (DESIGN.md section 3):
+- ``node.meta["tensor_meta"]``: shape, dtype, stride of a tensor-valued node.
+- ``node.meta["fxopt_path"]``: the user's module path the node came from (``layer3.1.conv2``).
+- ``node.meta["fxopt_from"]``: names of the original nodes a rewritten node stands for; the
+  last name is the node whose value this node reproduces (the checks compare against it).
+
+    >>> new = graph.call_function(torch.relu, (x,))
+    >>> copy_meta(new, old)            # path, provenance and tensor_meta carry over
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+__all__ = [
+    "module_path",
+    "copy_meta",
+    "set_provenance",
+    "tensor_meta",
+    "get_attr_value",
+    "used_attribute_paths",
+    "remove_unused_attributes",
+    "count_nodes",
+    "count_params",
+    "count_bytes",
+    "add_buffer",
+    "is_tensor_node",
+]
+
+
+def module_path(node: fx.Node) -> str:
+    """The user's module path a node came from ("" for the model's own forward)."""
+    return node.meta.get("fxopt_path", "")
+
+
+def tensor_meta(node: Any):
+    """The node's ``TensorMetadata`` (shape, dtype, stride, ...) or None."""
+    if isinstance(node, fx.Node):
+        tm = node.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            return tm
+    return None
+
+
+def is_tensor_node(node: Any) -> bool:
+    return tensor_meta(node) is not None
+
+
+def copy_meta(new: fx.Node, old: fx.Node, *, with_tensor_meta: bool = True) -> fx.Node:
+    """Give ``new`` the path, provenance (and tensor_meta) of ``old``, which it replaces."""
+    for key in ("fxopt_path", "nn_module_stack", "stack_trace"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    new.meta["fxopt_from"] = list(old.meta.get("fxopt_from", [old.name]))
+    if with_tensor_meta and "tensor_meta" in old.meta:
+        new.meta["tensor_meta"] = old.meta["tensor_meta"]
+    return new
+
+
+def set_provenance(new: fx.Node, olds: Iterable[fx.Node]) -> fx.Node:
+    """Record that ``new`` stands for ``olds`` (in order; the last one's value is reproduced)."""
+    names: list[str] = []
+    for o in olds:
+        for n in o.meta.get("fxopt_from", [o.name]):
+            if n not in names:
+                names.append(n)
+    olds = list(olds)
+    new.meta["fxopt_from"] = names
+    if olds and "fxopt_path" in olds[-1].meta:
+        new.meta.setdefault("fxopt_path", olds[-1].meta["fxopt_path"])
+    return new
+
+
+def get_attr_value(gm: torch.nn.Module, target: str):
+    """Resolve a dotted attribute path on ``gm``; raises AttributeError when it is missing."""
+    obj = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def used_attribute_paths(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
+    """(get_attr targets, call_module targets) that the graph uses."""
+    attrs, mods = set(), set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            attrs.add(n.target)
+        elif n.op == "call_module":
+            mods.add(n.target)
+    return attrs, mods
+
+
+def _covered(name: str, attrs: set[str], mods: set[str]) -> bool:
+    if name in attrs:
+        return True
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if prefix in mods or prefix in attrs:
+            return True
+    return False
+
+
+def unused_tensors(gm: fx.GraphModule) -> list[str]:
+    """Qualified names of parameters and buffers that no node reads."""
+    attrs, mods = used_attribute_paths(gm)
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    return [n for n in names if not _covered(n, attrs, mods)]
+
+
+def remove_unused_attributes(gm: fx.GraphModule) -> int:
+    """Delete parameters, buffers and submodules that no node uses; returns how many tensors went.
+
+    Memory really drops: nothing keeps a reference to the deleted tensors.
+    """
+    removed = 0
+    for name in unused_tensors(gm):
+        owner_path, _, leaf = name.rpartition(".")
+        owner = get_attr_value(gm, owner_path) if owner_path else gm
+        if leaf in owner._parameters:
+            del owner._parameters[leaf]
+            removed += 1
+        elif leaf in owner._buffers:
+            del owner._buffers[leaf]
+            removed += 1
+    gm.delete_all_unused_submodules()
+    # Plain tensor attributes set with setattr (not registered) that nothing reads.
+    attrs, _ = used_attribute_paths(gm)
+    for key in [k for k, v in vars(gm).items() if isinstance(v, torch.Tensor)]:
+        if key not in attrs:
+            delattr(gm, key)
+            removed += 1
+    return removed
+
+
+def add_buffer(gm: fx.GraphModule, prefix: str, value: torch.Tensor) -> str:
+    """Register ``value`` as a new buffer on ``gm`` under a fresh name; returns the name."""
+    i = 0
+    while hasattr(gm, f"{prefix}{i}"):
+        i += 1
+    name = f"{prefix}{i}"
+    gm.register_buffer(name, value)
+    return name
+
+
+def count_nodes(gm: fx.GraphModule) -> int:
+    """Nodes that compute something (placeholders and the output excluded)."""
+    return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
+
+
+def _unique_tensors(module: torch.nn.Module):
+    seen = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Weight elements held by the model: parameters and floating-point buffers.
+
+    Buffers count because passes turn parameters into buffers (constant folding, fused weights);
+    integer bookkeeping buffers (``num_batches_tracked``) do not.
+    """
+    total = 0
+    for t in _unique_tensors(module):
+        if isinstance(t, torch.nn.Parameter) or t.is_floating_point() or t.dtype == torch.int8:
+            total += t.numel()
+    return total
+
+
+def count_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer (what saving the model costs, roughly)."""
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(module))

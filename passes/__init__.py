@@ -1,0 +1,13 @@
+"""Built-in passes. Importing this package registers them and the named pipelines.
+
+Pipelines are literal lists (DESIGN.md section 5); ``cleanup`` is a fixpoint group.
+"""
+from fxopt.registry import PIPELINES
+
+from . import cleanup  # noqa: F401  (registers dce, cse, constant_fold, remove_noops, group cleanup)
+
+__all__ = ["PIPELINES"]
+
+PIPELINES["cleanup"] = ["cleanup"]
+# The fullest pipeline available; later issues add fold_bn, fuse_act, prune, quantize, lower.
+PIPELINES["default"] = ["cleanup"]
