@@ -163,17 +163,41 @@ class _Rewriter:
         self.count += 1
 
     def _safe_to_functionalize(self, node: fx.Node, mutated: fx.Node) -> bool:
-        # Writing into a view also writes into its base: if the base (or another view of it)
-        # is read after this op, an out-of-place rewrite would lose that write.
-        if mutated.op == "call_method" and mutated.target in _VIEW_OPS and mutated.args:
-            base = mutated.args[0]
-            pos = self.order[node]
-            if isinstance(base, fx.Node) and any(self.order.get(u, -1) > pos for u in base.users):
-                return False
         if mutated.op in ("placeholder", "get_attr"):
             # Mutating an input or a weight in place is a side effect the caller may see.
             return False
+        # Writing into a tensor also writes into every view of it and into its base: if any
+        # alias other than the mutated node is read after this op, an out-of-place rewrite
+        # would lose that write.
+        pos = self.order[node]
+        for alias in _aliases(mutated):
+            if alias is not mutated and any(self.order.get(u, -1) > pos for u in alias.users):
+                return False
         return True
+
+
+_VIEW_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.squeeze,
+                   torch.unsqueeze, torch.narrow, torch.select, torch.t, torch.chunk, torch.split,
+                   torch.unbind, torch.movedim, operator.getitem}
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_OPS or node.target in ("chunk", "split", "unbind", "expand_as")
+    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+
+
+def _aliases(node: fx.Node) -> list[fx.Node]:
+    """Nodes that may share storage with ``node``: its view ancestors and their view descendants."""
+    base = node
+    while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    out, todo = [], [base]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(u for u in n.users if _is_view(u) and u.args and u.args[0] is n)
+    return out
 
 
 def canonicalize(gm: fx.GraphModule) -> int:

@@ -10,6 +10,8 @@ running the example inputs), ``fxopt_path`` (the user's module path) and ``fxopt
 from __future__ import annotations
 
 import copy
+import re
+import operator as _operator
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -138,6 +140,34 @@ def _annotate(gm: fx.GraphModule) -> None:
         node.meta["fxopt_from"] = [node.name]
 
 
+def _bind_concrete_args(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """Turn the placeholders fx keeps for concrete arguments into constants.
+
+    fx keeps them as inputs guarded by ``torch._assert(arg == value)``; the captured module
+    takes only the example inputs, so the guards and the placeholders go.
+    """
+    for node in list(graph.nodes):
+        if node.op != "placeholder":
+            continue
+        key = next((k for k in concrete_args
+                    if node.target == k or re.fullmatch(rf"{re.escape(k)}_\d+", node.target)), None)
+        if key is None:
+            continue
+        value = concrete_args[key]
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is _operator.eq:
+                for guard in list(user.users):
+                    if guard.op == "call_function" and guard.target is torch._assert:
+                        graph.erase_node(guard)
+                if not user.users:
+                    graph.erase_node(user)
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+        if not node.users:
+            graph.erase_node(node)
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence) -> None:
     """Fill ``tensor_meta`` on every tensor node by running ``inputs`` through ``gm``."""
     with torch.no_grad():
@@ -176,6 +206,8 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
                    "pass that module in leaf_modules"
         raise CaptureError(msg, hint=hint) from e
     name = type(work).__name__
+    if concrete_args:
+        _bind_concrete_args(graph, concrete_args)
     gm = fx.GraphModule(tracer.root, graph, name)
     _annotate(gm)
     # Tensor shapes first: canonicalization reads them (flatten/reshape).

@@ -19,13 +19,23 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from .graph_utils import module_path
 from .tolerances import rel_err, tolerance_for
 
-__all__ = ["RecordedRun", "record_run", "first_divergence"]
+__all__ = ["RecordedRun", "record_run", "first_divergence", "value_key", "describe_node"]
+
+
+def value_key(node: fx.Node) -> str:
+    """The identity of the value a node computes, stable across passes.
+
+    It is the last entry of ``fxopt_from`` (the original node whose value this node reproduces),
+    so a rewritten node is compared with the node it replaced.
+    """
+    return node.meta.get("fxopt_from", [node.name])[-1]
 
 
 @dataclass
 class RecordedRun:
     output: Any
-    values: dict[str, Any] = field(default_factory=dict)  # node name -> value (tensors)
+    values: dict[str, Any] = field(default_factory=dict)  # value_key -> value (tensors)
+    by_node: dict[str, Any] = field(default_factory=dict)  # node name -> the same tensors
     stale_meta: list[str] = field(default_factory=list)
 
 
@@ -35,6 +45,7 @@ class _Recorder(fx.Interpreter):
         self.keep_values = keep_values
         self.refresh_meta = refresh_meta
         self.values: dict[str, Any] = {}
+        self.by_node: dict[str, Any] = {}
         self.stale: list[str] = []
 
     def run_node(self, n: fx.Node) -> Any:
@@ -50,7 +61,8 @@ class _Recorder(fx.Interpreter):
                 n.meta["tensor_meta"] = meta
             n.meta.pop("fxopt_nontensor", None)
             if self.keep_values and n.op != "placeholder":
-                self.values[n.name] = result
+                self.values[value_key(n)] = result
+                self.by_node[n.name] = result
         elif n.op != "output":
             if self.refresh_meta or "tensor_meta" not in n.meta:
                 n.meta.pop("tensor_meta", None)
@@ -68,31 +80,21 @@ def record_run(gm: fx.GraphModule, inputs: tuple, *, keep_values: bool = True,
     rec = _Recorder(gm, keep_values, refresh_meta)
     with torch.no_grad():
         out = rec.run(*inputs)
-    return RecordedRun(out, rec.values, rec.stale)
+    return RecordedRun(out, rec.values, rec.by_node, rec.stale)
 
 
-def _ref_name(node: fx.Node, ref_values: dict[str, Any]) -> str | None:
-    if node.name in ref_values and node.meta.get("fxopt_from", [node.name])[-1] == node.name:
-        return node.name
-    for name in reversed(node.meta.get("fxopt_from", [])):
-        if name in ref_values:
-            return name
-    return node.name if node.name in ref_values else None
-
-
-def first_divergence(gm: fx.GraphModule, values: dict[str, Any],
+def first_divergence(gm: fx.GraphModule, by_node: dict[str, Any],
                      ref_values: dict[str, Any]) -> tuple[fx.Node, float] | None:
     """The first node (graph order) whose value differs from its reference counterpart.
 
-    Nodes are matched by name, or through ``fxopt_from`` (its last entry names the node whose
-    value a rewritten node reproduces). Nodes without a counterpart of the same shape are skipped.
+    Nodes are matched by ``value_key`` (the last ``fxopt_from`` entry). Nodes without a
+    counterpart of the same shape are skipped.
     """
     for node in gm.graph.nodes:
-        val = values.get(node.name)
+        val = by_node.get(node.name)
         if not isinstance(val, torch.Tensor):
             continue
-        ref_name = _ref_name(node, ref_values)
-        ref = ref_values.get(ref_name) if ref_name else None
+        ref = ref_values.get(value_key(node))
         if not isinstance(ref, torch.Tensor) or ref.shape != val.shape or ref.dtype != val.dtype:
             continue
         if ref.numel() == 0:

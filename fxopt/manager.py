@@ -260,7 +260,7 @@ class PassManager:
         stats = compare_outputs(run.output, ref.output)
         rec.max_abs_err, rec.rel_err, rec.tolerance = stats.max_abs, stats.rel_err, stats.tolerance
         if not stats.ok:
-            blame = first_divergence(gm, run.values, ref.values)
+            blame = first_divergence(gm, run.by_node, ref.values)
             node = blame[0] if blame else None
             where = f"; first diverging node: {describe_node(node)} (rel err {blame[1]:.2e})" \
                 if blame else ""

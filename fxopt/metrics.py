@@ -46,7 +46,7 @@ def _shape(node) -> tuple | None:
 
 def _module_macs(node: fx.Node, mod: nn.Module) -> int:
     out = _shape(node)
-    if out is None:
+    if out is None and not isinstance(mod, nn.MultiheadAttention):
         return 0
     if isinstance(mod, nn.modules.conv._ConvNd):
         inp = _shape(node.args[0]) if node.args else None
