@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from . import registry
 from .capture import capture, check_model, normalize_inputs, run_eager
-from .errors import InputError, NotAvailableError, PipelineError
+from .errors import (InputError, NotAvailableError, NumericMismatchError, PipelineError,
+                     VerificationError)
 from .graph_utils import count_bytes, count_nodes, count_params
 from .manager import Instrument, PassManager, debug_level
 from .metrics import count_macs
@@ -142,7 +143,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     work = copy.deepcopy(model)  # the one copy: nothing below can reach the user's model
     eager_out = run_eager(work, inputs)
     t0 = time.perf_counter()
-    gm = capture(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _copy=False)
+    gm = capture(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _copy=False,
+                 _eager_checked=True)
     report = Report(target=target, capture_time_s=time.perf_counter() - t0)
     report.before = _model_stats(gm)
     ctx = PassContext(example_inputs=inputs, target=target, options=options,
@@ -150,7 +152,16 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     gm, report = manager.run(gm, ctx, report)
     report.after = _model_stats(gm)
     with torch.no_grad():
-        final = compare_outputs(gm(*inputs), eager_out)
+        final_out = gm(*inputs)
+    if manager.last_output is not None:
+        # The module's generated code must compute what the checked graph computed.
+        stale = compare_outputs(final_out, manager.last_output)
+        if not stale.ok:
+            raise VerificationError(
+                f"the final module's code does not compute what its graph computes (rel err "
+                f"{stale.rel_err:.2e})", pass_name=report.passes[-1].name if report.passes else "",
+                problems=["stale code"], hint="a pass changed the graph without gm.recompile()")
+    final = compare_outputs(final_out, eager_out)
     report.final_max_abs_err, report.final_rel_err = final.max_abs, final.rel_err
     exact_only = all(PASSES[r.name.split("/")[-1]].reference == "exact" for r in report.passes
                      if r.modified)
@@ -159,8 +170,6 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         report.notes.append(f"the final model differs from eager by rel err {final.rel_err:.1e}, "
                             f"above the {final.dtype} tolerance {final.tolerance:.0e}")
         if check == "end":
-            from .errors import NumericMismatchError
-
             raise NumericMismatchError(
                 f"the optimized model differs from eager: rel err {final.rel_err:.2e} exceeds "
                 f"{final.tolerance:.0e}", pass_name="(pipeline)", passes_before=report.pipeline,

@@ -175,7 +175,8 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence) -> None:
 
 
 def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
-            concrete_args: dict[str, Any] | None = None, _copy: bool = True) -> fx.GraphModule:
+            concrete_args: dict[str, Any] | None = None, _copy: bool = True,
+            _eager_checked: bool = False) -> fx.GraphModule:
     """Trace a copy of ``model`` into a canonical ``GraphModule`` with full metadata.
 
     ``leaf_modules``: module types or module paths traced as single calls (for modules whose
@@ -186,8 +187,8 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
     inputs = normalize_inputs(example_inputs)
     types, names = _split_leaves(leaf_modules)
     work = copy.deepcopy(model) if _copy else model
-    eager_out = run_eager(work, inputs)
-    del eager_out
+    if not _eager_checked:
+        run_eager(work, inputs)  # a clear InputError for wrong inputs, before tracing
     tracer = _Tracer(types, names)
     try:
         graph = tracer.trace(work, concrete_args=concrete_args)
@@ -218,8 +219,7 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
             f"the traced graph does not run on the example inputs: {type(e).__name__}: {e}",
             hint="mark the module that misbehaves under tracing as a leaf (leaf_modules=[...])",
         ) from e
-    canonicalize(gm)
+    canonicalize(gm)  # rewritten nodes carry over the tensor_meta of the nodes they replace
     remove_unused_attributes(gm)
     gm.recompile()
-    propagate_shapes(gm, inputs)
     return gm
