@@ -10,6 +10,7 @@ running the example inputs), ``fxopt_path`` (the user's module path) and ``fxopt
 from __future__ import annotations
 
 import copy
+import warnings
 import re
 import operator as _operator
 from typing import Any, Iterable, Sequence
@@ -17,7 +18,6 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .canonical import canonicalize
 from .errors import CaptureError, InputError, ModelTypeError, PreconditionError
@@ -78,10 +78,24 @@ def _describe(inputs: tuple) -> str:
 
 
 def run_eager(model: nn.Module, inputs: tuple) -> Any:
-    """Run ``model`` on the example inputs; a failure becomes an InputError saying so."""
+    """Run ``model`` on the example inputs; a failure becomes an InputError saying so.
+
+    A forward that writes into its own buffers (a step counter, running statistics kept by
+    hand) cannot be captured faithfully: the graph would freeze the value seen while tracing.
+    That gets a warning naming the buffers.
+    """
+    before = {k: v.clone() for k, v in model.named_buffers()}
     try:
         with torch.no_grad():
-            return model(*inputs)
+            out = model(*inputs)
+        changed = [k for k, v in model.named_buffers()
+                   if k in before and (v.shape != before[k].shape or not torch.equal(v, before[k]))]
+        if changed:
+            warnings.warn(
+                f"fxopt: the model's forward changes its buffers {changed[:5]}; the captured graph "
+                f"computes with their values at capture time and will not update them",
+                stacklevel=3)
+        return out
     except Exception as e:  # noqa: BLE001 - any failure here is about the inputs
         raise InputError(
             f"the model failed on the example inputs ({_describe(inputs)}): "
@@ -169,9 +183,14 @@ def _bind_concrete_args(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence) -> None:
-    """Fill ``tensor_meta`` on every tensor node by running ``inputs`` through ``gm``."""
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
+    """Fill ``tensor_meta`` on every tensor node by running ``inputs`` through ``gm``.
+
+    Nodes that produce no tensor (sizes, flags) are marked ``fxopt_nontensor`` instead, so the
+    verifier knows their missing ``tensor_meta`` is right.
+    """
+    from .check import record_run  # check imports nothing from capture; kept local for clarity
+
+    record_run(gm, tuple(inputs), keep_values=False, refresh_meta=True)
 
 
 def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),

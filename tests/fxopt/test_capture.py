@@ -193,3 +193,30 @@ def test_user_model_deepcopy_is_independent_of_saved_state():
     fxopt.capture(m, torch.randn(1, 3, 8, 8))
     for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_captured_graph_passes_the_verifier():
+    from fxopt.verify import verify_structure
+
+    class Sizes(nn.Module):
+        def forward(self, x):
+            return x.view(x.size(0), -1) * x.shape[1]
+
+    gm = fxopt.capture(Sizes().eval(), torch.randn(2, 3, 4))
+    assert verify_structure(gm) == []
+
+
+def test_forward_that_writes_its_buffers_warns():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("steps", torch.zeros(()))
+
+        def forward(self, x):
+            self.steps.add_(1)
+            return x * 2
+
+    m = Counter().eval()
+    with pytest.warns(UserWarning, match="steps"):
+        fxopt.capture(m, torch.randn(3))
+    assert m.steps.item() == 0  # the user's model was not run
