@@ -1,0 +1,9 @@
+"""``python -m fxopt ...``: the same command line as the ``fxopt`` script (see ``fxopt.cli``)."""
+import sys
+
+from fxopt.cli import main
+
+__all__: list[str] = []
+
+if __name__ == "__main__":
+    sys.exit(main())

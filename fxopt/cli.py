@@ -1,0 +1,525 @@
+"""The ``fxopt`` command line: optimize a model and show what every pass did.
+
+    $ fxopt optimize                                   # the built-in digits ResNet (trained once, cached)
+    $ fxopt optimize --model torchvision:resnet18      # random weights, input 1,3,224,224
+    $ fxopt optimize --model my_model.py:build --input-shape 1,3,64,64 --out build/
+    $ fxopt passes                                     # registered passes, groups, pipelines
+
+``optimize`` prints the per-pass report, then params / MACs / size / test accuracy (digits only)
+and latency before and after, measured on this machine. ``--out DIR`` writes ``report.json``
+and ``model.fxopt`` (restore it with ``fxopt.load``).
+
+Errors print as one line, ``fxopt: error: <what failed>``, and a ``  fix: <how>`` line when
+fxopt knows the fix; the exit status is non-zero. ``--debug`` shows the full traceback instead.
+Progress bars go to stderr and are drawn only on a terminal: in a CI log each one becomes a
+single final line, and stdout holds only the results.
+
+``main(argv)`` returns the exit status instead of exiting, so tests call it in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+import fxopt
+from fxopt.api import TARGETS
+from fxopt.errors import FxoptError, InputError, ModelTypeError, PipelineError
+from fxopt.manager import CHECK_MODES, MISMATCH_MODES, Instrument
+from fxopt.registry import PassGroup
+
+__all__ = ["main", "build_parser", "ProgressInstrument", "LoadedSpec", "load_model_spec",
+           "parse_input_shape", "measure_latency"]
+
+DEFAULT_TORCHVISION_SHAPE = (1, 3, 224, 224)
+# Latency: at most this many timed rounds, stopping once the budget is spent (>= 5 rounds).
+LATENCY_MAX_RUNS = 30
+LATENCY_BUDGET_S = 1.0
+QUANTIZE_CHOICES = ("int8",)
+
+
+# -- the parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxopt", description="A compiler for trained PyTorch models: every pass is checked "
+                                  "against eager.",
+        epilog="environment: FXOPT_CACHE_DIR (where the default model's weights are cached; "
+               "default $XDG_CACHE_HOME/fxopt or ~/.cache/fxopt), FXOPT_DEBUG=1|2 (log each pass; "
+               "2: graphs too).")
+    parser.add_argument("--version", action="version", version=f"fxopt {fxopt.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    opt = sub.add_parser("optimize", help="optimize a model and report what each pass did",
+                         description="Optimize a model (default: the built-in digits ResNet) and "
+                                     "print the per-pass report, accuracy and latency.")
+    opt.add_argument("--model", default="digits", metavar="SPEC",
+                     help="'digits' (default: a small ResNet trained on scikit-learn's digits), "
+                          "'torchvision:NAME' (random weights) or 'path/to/file.py:factory' "
+                          "(factory() returns the nn.Module)")
+    opt.add_argument("--input-shape", metavar="N,C,H,W",
+                     help="shape of one example input batch (default 1,3,224,224 for torchvision; "
+                          "required for a model from a file unless the file sets INPUT_SHAPE)")
+    opt.add_argument("--pipeline", default="default", metavar="NAME",
+                     help="a pipeline from `fxopt passes` (default: 'default', the fullest)")
+    opt.add_argument("--disable", default="", metavar="A,B",
+                     help="comma-separated pass or group names to skip")
+    opt.add_argument("--target", default="auto", choices=TARGETS,
+                     help="where the model runs (default auto: cpu; cuda moves model and inputs "
+                          "to the GPU)")
+    opt.add_argument("--check", default="each", choices=CHECK_MODES,
+                     help="check against eager after each pass (default), at the end, or never")
+    opt.add_argument("--on-mismatch", default="raise", choices=MISMATCH_MODES,
+                     help="on a failed check: stop (default), drop the pass and go on, or warn")
+    opt.add_argument("--prune", type=_ratio, metavar="RATIO",
+                     help="prune this fraction of channels (0 < RATIO < 1)")
+    opt.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize to int8")
+    opt.add_argument("--out", metavar="DIR", help="write DIR/report.json and DIR/model.fxopt")
+    opt.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+                     help="train the digits model for N epochs instead of the recipe's default "
+                          "(quick runs and tests; cached separately)")
+    opt.add_argument("--no-progress", action="store_true", help="no progress bars")
+    opt.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    opt.set_defaults(func=cmd_optimize)
+
+    ls = sub.add_parser("passes", help="list the registered passes, groups and pipelines")
+    ls.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    ls.set_defaults(func=cmd_passes)
+    return parser
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+# -- entry point ----------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help, --version and usage errors
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _error_line("interrupted")
+        return 130
+    except FxoptError as e:
+        if args.debug:
+            raise
+        _error_line(e.message, e.hint)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback with --debug
+        if args.debug:
+            raise
+        _error_line(f"unexpected {type(e).__name__}: {e} (run again with --debug for the "
+                    f"full traceback)")
+        return 1
+
+
+def _error_line(message: str, hint: str | None = None) -> None:
+    # Plain print, not rich: messages hold brackets (disable=['dce']) that rich would read as
+    # markup, and a log line must never be wrapped.
+    print(f"fxopt: error: {_one_line(message)}", file=sys.stderr)
+    if hint:
+        print(f"  fix: {_one_line(hint)}", file=sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _console(stderr: bool = False):
+    """A rich console; off a terminal: no colour, no live redraws, and wide enough for tables."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, highlight=False, width=140)
+    return console
+
+
+# -- models -----------------------------------------------------------------------------------
+@dataclass
+class LoadedSpec:
+    """A model ready to optimize, with what the command line knows about it."""
+
+    name: str
+    model: nn.Module  # in eval mode
+    example: torch.Tensor
+    description: str = ""
+    test_loader: Any = None  # digits only: accuracy is measured on it
+    calibration: Any = None  # batches for quantize=
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise InputError(f"--input-shape must be positive integers separated by commas, got {text!r}",
+                         hint="for example --input-shape 1,3,224,224")
+    return shape
+
+
+def load_model_spec(spec: str, input_shape: str | None = None, *, epochs: int | None = None,
+                    progress: bool = True, console=None) -> LoadedSpec:
+    """Resolve ``--model`` (``digits``, ``torchvision:NAME`` or ``file.py:factory``)."""
+    shape = parse_input_shape(input_shape) if input_shape else None
+    if spec == "digits":
+        return _load_digits(shape, epochs, progress, console)
+    if epochs is not None:
+        raise InputError("--epochs applies only to the built-in digits model",
+                         hint="drop --epochs, or use --model digits")
+    kind, sep, name = spec.rpartition(":")  # rpartition: a path may hold ':' (C:\...)
+    if not sep or not kind or not name:
+        raise InputError(f"--model must be 'digits', 'torchvision:NAME' or 'path/to/file.py:factory', "
+                         f"got {spec!r}", hint="for example --model torchvision:resnet18")
+    if kind == "torchvision":
+        return _load_torchvision(name, shape or DEFAULT_TORCHVISION_SHAPE)
+    return _load_from_file(Path(kind), name, shape)
+
+
+def _load_digits(shape, epochs, progress, console) -> LoadedSpec:
+    from . import digits
+
+    batch = 8  # small: the per-pass checks and the latency runs use it
+    if shape is not None:
+        if tuple(shape[1:]) != (1, 8, 8):
+            raise InputError(f"the digits model takes inputs of shape N,1,8,8, got --input-shape "
+                             f"{','.join(map(str, shape))}", hint="pass --input-shape 8,1,8,8 or none")
+        batch = shape[0]
+    loaded = digits.load_or_train_default(progress=progress, console=console,
+                                          epochs=epochs or digits.DEFAULT_EPOCHS)
+    how = (f"trained in {loaded.seconds:.1f} s, cached at {loaded.path}" if loaded.trained
+           else f"weights from the cache {loaded.path}")
+    return LoadedSpec("digits", loaded.model, digits.example_batch(batch),
+                      f"DigitsResNet on scikit-learn digits ({how})", digits.test_loader(),
+                      digits.calibration_batches())
+
+
+def _load_torchvision(name: str, shape) -> LoadedSpec:
+    try:
+        import torchvision
+    except ImportError:
+        raise InputError("--model torchvision:NAME needs torchvision, which is not installed",
+                         hint="pip install torchvision") from None
+    try:
+        model = torchvision.models.get_model(name, weights=None)
+    except (ValueError, KeyError) as e:
+        some = ", ".join(n for n in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0",
+                                     "vit_b_16") if n in torchvision.models.list_models())
+        raise InputError(f"torchvision has no model named {name!r} ({_one_line(e)})",
+                         hint=f"choose from torchvision.models.list_models(), e.g. {some}") from None
+    return LoadedSpec(f"torchvision:{name}", model.eval(), _random_input(shape),
+                      f"torchvision {name}, random weights",
+                      calibration=[_random_input(shape, seed=s) for s in range(1, 5)])
+
+
+def _load_from_file(path: Path, factory: str, shape) -> LoadedSpec:
+    if not path.is_file():
+        raise InputError(f"no such model file: {path}",
+                         hint="--model takes path/to/file.py:factory, the path relative to here")
+    # A unique module name per path, so two files called model.py do not collide.
+    mod_name = f"_fxopt_user_model_{abs(hash(str(path.resolve())))}"
+    try:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"not a Python file: {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module  # dataclasses and pickling look the module up here
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's code: say where it failed
+        sys.modules.pop(mod_name, None)
+        raise InputError(f"importing {path} failed: {type(e).__name__}: {e}",
+                         hint="fix the file (run with --debug for the traceback)") from e
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == mod_name)
+        raise InputError(f"{path} has no callable named {factory!r}",
+                         hint=f"name a function defined there: {', '.join(found) or '(none found)'}")
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{path}:{factory}() failed: {type(e).__name__}: {e}",
+                         hint="fix the factory (run with --debug for the traceback)") from e
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(f"{path}:{factory}() returned {type(model).__name__}, not an nn.Module",
+                             hint="make the factory return the torch.nn.Module to optimize")
+    if shape is None:
+        declared = getattr(module, "INPUT_SHAPE", None)
+        if declared is None:
+            raise InputError(f"--input-shape is required for a model from a file ({path})",
+                             hint="pass the shape of one input batch, e.g. --input-shape 1,3,224,224 "
+                                  "(or set INPUT_SHAPE = (1, 3, 224, 224) in the file)")
+        shape = parse_input_shape(",".join(map(str, declared)))
+    # The command line optimizes for inference: a factory that builds a fresh (training-mode)
+    # model should not have to know that.
+    return LoadedSpec(f"{path}:{factory}", model.eval(), _random_input(shape),
+                      f"{type(model).__name__} from {path}",
+                      calibration=[_random_input(shape, seed=s) for s in range(1, 5)])
+
+
+def _random_input(shape, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# -- progress -----------------------------------------------------------------------------------
+class ProgressInstrument(Instrument):
+    """Advances a rich progress bar once per pass run.
+
+    A group runs its members until nothing changes, so the number of runs is known only at the
+    end: the bar starts at one run per pass and grows when a group iterates again.
+    ``manage=True``: the instrument starts the ``rich.progress.Progress`` when the pipeline starts
+    and stops it at the end (the caller still stops it on errors), so nothing is drawn when
+    ``optimize`` fails before running a pass.
+    """
+
+    def __init__(self, progress, description: str = "optimizing", manage: bool = False):
+        self.progress = progress
+        self.description = description
+        self.manage = manage
+        self.task = None
+
+    def on_start(self, steps):
+        total = sum(len(s.members) if isinstance(s, PassGroup) else 1 for s in steps)
+        self.task = self.progress.add_task(self.description, total=max(total, 1))
+        if self.manage:
+            self.progress.start()
+
+    def before_pass(self, name, gm):
+        self.progress.update(self.task, description=f"{self.description}: {name}")
+
+    def after_pass(self, name, gm, record):
+        task = self.progress.tasks[self._index()]
+        if task.completed + 1 > (task.total or 0):
+            self.progress.update(self.task, total=task.completed + 1)
+        self.progress.update(self.task, advance=1)
+
+    def on_end(self, report):
+        task = self.progress.tasks[self._index()]
+        self.progress.update(self.task, completed=task.total,
+                             description=f"{self.description}: done")
+        if self.manage:
+            self.progress.stop()
+
+    def _index(self) -> int:
+        return next(i for i, t in enumerate(self.progress.tasks) if t.id == self.task)
+
+
+def _pipeline_progress(console):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                    transient=console.is_terminal)
+
+
+# -- latency ------------------------------------------------------------------------------------
+def measure_latency(models: Sequence[nn.Module], inputs: torch.Tensor, *, warmup: int = 3,
+                    max_runs: int = 50, budget_s: float = 2.0) -> tuple[list[float], int]:
+    """Median seconds per call of each model on ``inputs``, and the number of timed rounds.
+
+    The models take turns within each round, so a burst of load on a shared machine hits all
+    of them alike rather than whichever happened to be timed then. Stops after ``max_runs``
+    rounds or once ``budget_s`` is spent (at least 5 rounds), so a big model costs seconds.
+    """
+    cuda = inputs.is_cuda
+
+    def once(model) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    times: list[list[float]] = [[] for _ in models]
+    with torch.no_grad():
+        for _ in range(warmup):
+            for m in models:
+                once(m)
+        start = time.perf_counter()
+        rounds = 0
+        while rounds < max_runs and (rounds < 5 or time.perf_counter() - start < budget_s):
+            for m, ts in zip(models, times):
+                ts.append(once(m))
+            rounds += 1
+    return [statistics.median(ts) for ts in times], rounds
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_optimize(args) -> int:
+    out, err = _console(), _console(stderr=True)
+    progress = not args.no_progress
+    disable = [d.strip() for d in args.disable.split(",") if d.strip()]
+    # Fail on a misspelt pipeline or pass name before (possibly) training for seconds.
+    fxopt.expand_pipeline(args.pipeline, disable=disable)
+    target = args.target
+    if target == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--target cuda but no CUDA device is available",
+                            hint="use --target cpu (or auto)")
+
+    spec = load_model_spec(args.model, args.input_shape, epochs=args.epochs, progress=progress,
+                           console=err)
+    device = torch.device("cuda" if target == "cuda" else "cpu")
+    model, example = spec.model.to(device), spec.example.to(device)
+    calibration = None
+    if args.quantize:
+        calibration = [b.to(device) for b in spec.calibration]
+    out.print(f"model: {spec.name} - {spec.description}", markup=False)
+
+    # Warnings (a rolled-back pass, --on-mismatch warn) become one plain line each, not
+    # Python's "file:line: UserWarning:" pair.
+    bar = _pipeline_progress(err) if progress else None
+    instruments = [ProgressInstrument(bar, manage=True)] if bar is not None else []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = fxopt.optimize(model, example, pipeline=args.pipeline, disable=disable,
+                                 target=target, check=args.check, on_mismatch=args.on_mismatch,
+                                 prune=args.prune, quantize=args.quantize,
+                                 calibration_data=calibration, instruments=instruments)
+    finally:
+        # On an error too: the terminal must get its cursor back. Only a started bar: stopping
+        # one that never started (or twice) makes rich print an empty render.
+        if bar is not None and bar.live.is_started:
+            bar.stop()
+    for message in dict.fromkeys(_one_line(w.message) for w in caught):
+        print(f"fxopt: warning: {message.removeprefix('fxopt: ')}", file=sys.stderr)
+
+    report = opt.report
+    out.print(report.table())
+    for note in report.notes:
+        out.print(f"note: {note}", markup=False)
+    table, latency_note = _summary(spec, model, opt, example, device)
+    out.print(table)
+    out.print(latency_note, markup=False)
+    if args.out:
+        out_dir = Path(args.out)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "report.json").write_text(report.to_json() + "\n")
+            opt.save(out_dir / "model.fxopt")
+        except OSError as e:
+            raise InputError(f"cannot write to --out {out_dir}: {e.strerror or e}",
+                             hint="pass a folder you can write to") from e
+        out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'model.fxopt'}", markup=False)
+    return 0
+
+
+def _summary(spec: LoadedSpec, model: nn.Module, opt: nn.Module, example: torch.Tensor, device):
+    from rich.table import Table
+
+    from .report import _bytes, _si
+
+    before, after = opt.report.before, opt.report.after
+    batch = example.shape[0]
+    t = Table(title="before and after", title_justify="left")
+    for col, just in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
+        t.add_column(col, justify=just)
+
+    def ratio(b, a):
+        return f"{a / b:.2f}x" if b else "-"
+
+    t.add_row("params", _si(before.params), _si(after.params), ratio(before.params, after.params))
+    t.add_row(f"MACs (batch of {batch})", _si(before.macs), _si(after.macs),
+              ratio(before.macs, after.macs))
+    t.add_row("size (weights)", _bytes(before.bytes), _bytes(after.bytes),
+              ratio(before.bytes, after.bytes))
+    t.add_row("graph nodes", str(before.nodes), str(after.nodes), f"{after.nodes - before.nodes:+d}")
+    if spec.test_loader is not None:
+        from .digits import evaluate
+
+        acc_b = evaluate(model, spec.test_loader, device=device)
+        acc_a = evaluate(opt, spec.test_loader, device=device)
+        n = len(spec.test_loader.dataset)
+        t.add_row(f"test accuracy ({n} images)", f"{acc_b:.2%}", f"{acc_a:.2%}",
+                  f"{(acc_a - acc_b) * 100:+.2f} pt")
+    (lat_b, lat_a), rounds = measure_latency([model, opt], example, max_runs=LATENCY_MAX_RUNS,
+                                             budget_s=LATENCY_BUDGET_S)
+    where = "cuda" if example.is_cuda else f"cpu, {torch.get_num_threads()} threads"
+    speed = "-" if not (lat_a and lat_b) else (
+        f"{lat_b / lat_a:.2f}x faster" if lat_a <= lat_b else f"{lat_a / lat_b:.2f}x slower")
+    t.add_row(f"latency (batch of {batch})", _ms(lat_b), _ms(lat_a), speed)
+    note = (f"latency: median of {rounds} runs each after warm-up, measured on this machine "
+            f"({where}); expect noise on a busy machine")
+    return t, note
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms" if seconds < 0.01 else f"{seconds * 1e3:.1f} ms"
+
+
+def _cells(*values):
+    """Table cells as plain text: docstrings may hold brackets that rich would read as markup."""
+    from rich.text import Text
+
+    return [Text(str(v)) for v in values]
+
+
+def cmd_passes(args) -> int:
+    from rich.table import Table
+
+    out = _console()
+    passes = Table(title="passes", title_justify="left")
+    for col in ("name", "what it does", "reference", "requires", "order"):
+        passes.add_column(col, overflow="fold")
+    for name in sorted(fxopt.PASSES):
+        info = fxopt.PASSES[name]
+        order = ", ".join([f"after {a}" for a in info.after] + [f"before {b}" for b in info.before])
+        passes.add_row(*_cells(name, info.summary, info.reference,
+                                ", ".join(info.requires) or "-", order or "-"))
+    groups = Table(title="groups (run to a fixpoint)", title_justify="left")
+    for col in ("name", "members", "what it does"):
+        groups.add_column(col, overflow="fold")
+    for name in sorted(fxopt.GROUPS):
+        g = fxopt.GROUPS[name]
+        groups.add_row(*_cells(name, ", ".join(g.members), g.summary))
+    pipelines = Table(title="pipelines (--pipeline)", title_justify="left")
+    for col in ("name", "steps"):
+        pipelines.add_column(col, overflow="fold")
+    for name in sorted(fxopt.PIPELINES):
+        pipelines.add_row(*_cells(name, ", ".join(fxopt.PIPELINES[name])))
+    for table in (passes, groups, pipelines):
+        out.print(table)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
