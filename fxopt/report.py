@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["PassRecord", "ModelStats", "Report"]
+__all__ = ["PassRecord", "ModelStats", "Report", "format_count", "format_bytes"]
 
 
 @dataclass
@@ -98,16 +98,16 @@ class Report:
                 r.name + (f" x{r.iterations}" if r.iterations > 1 else ""),
                 _ms(r.time_s),
                 f"{r.nodes_before}->{r.nodes_after}",
-                f"{_si(r.params_before)}->{_si(r.params_after)}",
+                f"{format_count(r.params_before)}->{format_count(r.params_after)}",
                 "yes" if r.modified else "-",
                 _err(r.rel_err), _err(r.max_abs_err), r.status, did,
             )
         t.add_section()
         t.add_row("total", _ms(self.total_time_s), f"{self.before.nodes}->{self.after.nodes}",
-                  f"{_si(self.before.params)}->{_si(self.after.params)}", "", _err(self.final_rel_err),
+                  f"{format_count(self.before.params)}->{format_count(self.after.params)}", "", _err(self.final_rel_err),
                   _err(self.final_max_abs_err), "vs eager",
-                  f"MACs {_si(self.before.macs)}->{_si(self.after.macs)}, "
-                  f"size {_bytes(self.before.bytes)}->{_bytes(self.after.bytes)}")
+                  f"MACs {format_count(self.before.macs)}->{format_count(self.after.macs)}, "
+                  f"size {format_bytes(self.before.bytes)}->{format_bytes(self.after.bytes)}")
         return t
 
     def __str__(self) -> str:
@@ -126,14 +126,14 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def _si(n: int | float) -> str:
+def format_count(n: int | float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
     for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
         if n >= div:
             return f"{n / div:.1f} {unit}"
