@@ -229,6 +229,9 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
     if concrete_args:
         _bind_concrete_args(graph, concrete_args)
     gm = fx.GraphModule(tracer.root, graph, name)
+    # fx re-creates the containers on module paths (Sequential, blocks) as fresh nn.Modules,
+    # which start in training mode; every real module is in eval mode (check_model above).
+    gm.train(False)
     _annotate(gm)
     # Tensor shapes first: canonicalization reads them (flatten/reshape).
     try:
