@@ -5,9 +5,12 @@
 """
 from .api import OptimizedModule, load, optimize
 from .capture import capture
+from .channels import ChannelGraph, ChannelGroup, channel_groups
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
+from .finetune import FinetuneResult, finetune
 from .manager import Instrument, PassManager
+from .prune_config import PruneConfig
 from .registry import (GROUPS, PASSES, PIPELINES, PassContext, PassResult, expand_pipeline,
                        register_group, register_pass)
 from .report import PassRecord, Report
@@ -20,5 +23,6 @@ __all__ = [
     "optimize", "OptimizedModule", "load", "capture", "PassManager", "Instrument",
     "register_pass", "register_group", "PassResult", "PassContext", "PASSES", "GROUPS",
     "PIPELINES", "expand_pipeline", "Report", "PassRecord", "TOLERANCES", *_errors_all,
+    "channel_groups", "ChannelGraph", "ChannelGroup", "PruneConfig", "finetune", "FinetuneResult",
 ]
 __version__ = "0.1.0"

@@ -133,11 +133,14 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
                                     hint=f"leave {feature}= unset; it arrives with the "
                                          f"'{pass_name}' pass")
         options[feature] = value
-    if calibration_data is not None and quantize is None and "quantize" not in options:
-        raise InputError("calibration_data was given but quantize= was not",
-                         hint="pass quantize='int8' with it, or drop calibration_data")
-    steps = expand_pipeline(pipeline if pipeline is not None else "default", extra=extra,
-                            disable=disable)
+    if calibration_data is not None and quantize is None and prune is None:
+        raise InputError("calibration_data was given but neither quantize= nor prune= was",
+                         hint="pass quantize='int8' (or prune= with importance='taylor') with "
+                              "it, or drop calibration_data")
+    pipeline = pipeline if pipeline is not None else "default"
+    if prune is not None or "prune_channels" in extra:
+        pipeline = _with_pruning(pipeline, extra)
+    steps = expand_pipeline(pipeline, extra=extra, disable=disable)
     manager = PassManager(steps, check=check, on_mismatch=on_mismatch, instruments=instruments)
 
     work = copy.deepcopy(model)  # the one copy: nothing below can reach the user's model
@@ -178,6 +181,26 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
                 hint="run with check='each' to name the pass that changed the numbers")
     report.total_time_s = time.perf_counter() - t_start
     return OptimizedModule(gm, report, target)
+
+
+def _with_pruning(pipeline: str | Sequence[str], extra: list[str]) -> str | list[str]:
+    """The pipeline with ``prune_channels`` after its first cleanup (first if none), unless
+    it already has it: pruning must see the graph before folding and fusion. A
+    ``prune_channels`` asked for in ``passes=`` moves there from the end (``extra``)."""
+    from .registry import PIPELINES
+
+    if isinstance(pipeline, str):
+        if pipeline not in PIPELINES:
+            return pipeline  # expand_pipeline names the unknown pipeline
+        names = list(PIPELINES[pipeline])
+    else:
+        names = list(pipeline)
+    while "prune_channels" in extra:
+        extra.remove("prune_channels")
+    if "prune_channels" in names:
+        return names
+    at = names.index("cleanup") + 1 if "cleanup" in names else 0
+    return names[:at] + ["prune_channels"] + names[at:]
 
 
 def _model_stats(gm: fx.GraphModule) -> ModelStats:
