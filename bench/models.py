@@ -1,0 +1,134 @@
+"""Model benchmark on the CPU: eager vs ``torch.fx.experimental.optimization.fuse`` vs fxopt.
+
+For each model and batch size, in one run: the eager model, torch.fx's conv-bn ``fuse`` (what
+a user would pick instead), and fxopt's default pipeline (cleanup, fold_bn, fuse_act). The
+variants are interleaved round by round (the machine may be shared: a slow spell hits all of
+them alike) and the figure is the median per-call time over all rounds. Outputs are checked
+against eager before timing.
+
+    python bench/models.py                                   # resnet18, resnet50, mobilenet_v2
+    python bench/models.py --models resnet18 --batches 1 --rounds 10 --out -
+
+Writes a markdown table to ``bench/results/models-<date>.md`` (``--out -``: stdout only).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import header  # noqa: E402
+
+__all__ = ["main"]
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2"]
+
+
+def _build(name: str):
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.get_model(name, weights=None).eval()
+    for mod in m.modules():  # trained-like statistics, not the defaults
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _variants(model, x):
+    import fxopt
+    from torch.fx.experimental.optimization import fuse
+
+    return {
+        "eager": model,
+        "fx.fuse": fuse(model),
+        "fxopt": fxopt.optimize(model, x),
+    }
+
+
+def _time(fns: dict, x, rounds: int, calls: int, warmup: int) -> dict[str, list[float]]:
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for f in fns.values():
+            for _ in range(warmup):
+                f(x)
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    f(x)
+                times[k].append((time.perf_counter() - t0) / calls)
+    return times
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--calls", type=int, default=0, help="calls per round (0: about 0.1 s worth)")
+    p.add_argument("--out", default=None, help="markdown file to write ('-': print only)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from fxopt.tolerances import compare_outputs
+
+    rows = []
+    for name in args.models:
+        model = _build(name)
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.size, args.size)
+            fns = _variants(model, x)
+            with torch.no_grad():
+                ref = model(x)
+                for k, f in fns.items():
+                    st = compare_outputs(f(x), ref)
+                    assert st.ok, f"{name} b{batch} {k}: rel err {st.rel_err:.1e} vs eager"
+            calls = args.calls
+            if calls <= 0:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    model(x)
+                calls = max(1, int(0.1 / max(time.perf_counter() - t0, 1e-6)))
+            times = _time(fns, x, args.rounds, calls, warmup=max(3, calls))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            rows.append((name, batch, med, load))
+            print(f"{name:14s} b{batch:<2d} " + "  ".join(f"{k} {v * 1e3:8.2f} ms" for k, v in
+                  med.items()) + f"  fxopt/fx.fuse {med['fx.fuse'] / med['fxopt']:.2f}x"
+                  f"  (load {load:.1f})", flush=True)
+
+    lines = [header("Model benchmark: eager vs torch.fx fuse vs fxopt (CPU)"), "",
+             f"Input {args.size}x{args.size}, float32, `torch.no_grad()`, {args.threads} threads. "
+             f"Median per-call time over {args.rounds} interleaved rounds. `load`: the machine's "
+             f"1-minute load average when the row finished ({os.cpu_count()} cores; above that, "
+             f"other processes took CPU from the run).", "",
+             "| model | batch | eager ms | fx.fuse ms | fxopt ms | fx.fuse vs eager | "
+             "fxopt vs eager | fxopt vs fx.fuse | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, batch, med, load in rows:
+        e, f, o = med["eager"], med["fx.fuse"], med["fxopt"]
+        lines.append(f"| {name} | {batch} | {e * 1e3:.2f} | {f * 1e3:.2f} | {o * 1e3:.2f} | "
+                     f"{e / f:.2f}x | {e / o:.2f}x | {f / o:.2f}x | {load:.1f} |")
+    text = "\n".join(lines) + "\n"
+    if args.out != "-":
+        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
+            f"models-{datetime.date.today().isoformat()}.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The fxopt fused ops: every activation, both CPU paths (oneDNN and reference), fake strides."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fxopt.ops as ops
+from fxopt.tolerances import rel_err, tolerance_for
+
+CL = torch.channels_last
+ACTS = {
+    "none": ([], lambda t: t),
+    "relu": ([], F.relu),
+    "relu6": ([], F.relu6),
+    "leaky_relu": ([0.2], lambda t: F.leaky_relu(t, 0.2)),
+    "hardtanh": ([-0.5, 0.7], lambda t: F.hardtanh(t, -0.5, 0.7)),
+    "clamp": ([-0.3, math.inf], lambda t: t.clamp(min=-0.3)),
+    "elu": ([0.7], lambda t: F.elu(t, 0.7)),
+    "gelu": ([], F.gelu),
+    "gelu_tanh": ([], lambda t: F.gelu(t, approximate="tanh")),
+    "silu": ([], F.silu),
+    "mish": ([], F.mish),
+    "hardswish": ([], F.hardswish),
+    "hardsigmoid": ([], F.hardsigmoid),
+    "sigmoid": ([], torch.sigmoid),
+    "tanh": ([], torch.tanh),
+}
+
+
+def _reference64(x, w, b, stride, padding, dilation, groups, residual, act):
+    args, fn = ACTS[act]
+    conv = F.conv1d if x.dim() == 3 else F.conv2d
+    y = conv(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation,
+             groups)
+    if residual is not None:
+        y = y + residual.double()
+    return fn(y)
+
+
+def _inputs(ndim, layout, residual, groups=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 4, 9, 9) if ndim == 2 else (2, 4, 11)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(8, 4 // groups, *([3] * ndim), generator=g) * 0.3
+    b = torch.randn(8, generator=g)
+    r = torch.randn(2, 8, *shape[2:], generator=g) if residual else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+        r = r.contiguous(memory_format=CL) if r is not None else None
+    return x, w, b, r
+
+
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv2d_act_matches_float64_reference(act, residual, layout):
+    x, w, b, r = _inputs(2, layout, residual)
+    args = ACTS[act][0]
+    out = torch.ops.fxopt.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, act=act,
+                                     act_args=args)
+    ref = _reference64(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, act)
+    assert rel_err(out, ref) < tolerance_for(torch.float32)
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)  # the layout contract
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "clamp"])
+def test_conv1d_act_and_strided_grouped_conv2d(act):
+    x, w, b, r = _inputs(1, "contiguous", True)
+    args = ACTS[act][0]
+    out = torch.ops.fxopt.conv1d_act(x, w, b, [1], [1], [1], 1, r, act=act, act_args=args)
+    assert rel_err(out, _reference64(x, w, b, [1], [1], [1], 1, r, act)) < 1e-5
+    x, w, b, _ = _inputs(2, "channels_last", False, groups=2)
+    out = torch.ops.fxopt.conv2d_act(x, w, None, [2, 2], [2, 2], [2, 2], 2, act=act, act_args=args)
+    ref = _reference64(x, w, None, [2, 2], [2, 2], [2, 2], 2, None, act)
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "hardsigmoid"])
+def test_linear_act(act):
+    g = torch.Generator().manual_seed(0)
+    x, w, b, r = (torch.randn(3, 5, 6, generator=g), torch.randn(7, 6, generator=g),
+                  torch.randn(7, generator=g), torch.randn(3, 5, 7, generator=g))
+    args, fn = ACTS[act]
+    out = torch.ops.fxopt.linear_act(x, w, b, r, act=act, act_args=args)
+    ref = fn(F.linear(x.double(), w.double(), b.double()) + r.double())
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.skipif(not ops.mkldnn_available(), reason="oneDNN is not available in this build")
+def test_onednn_path_equals_reference_and_caches_packed_weights():
+    x, w, b, r = _inputs(2, "channels_last", True)
+    ops.clear_weight_cache()
+    for act in ACTS:
+        args = ACTS[act][0]
+        fast = torch.ops.fxopt.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, act=act,
+                                          act_args=args)
+        slow = ops.conv_act_reference(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, act=act,
+                                      act_args=args)
+        assert rel_err(fast, slow) < 1e-5, act
+    assert len(ops._PACKED) == 1  # one packed copy of the weight, reused
+    w.mul_(2)  # an in-place change to the weight is seen (the cache is keyed on its version)
+    fast = torch.ops.fxopt.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, act="relu")
+    assert rel_err(fast, F.relu(F.conv2d(x, w, b, 1, 1))) < 1e-5
+    del w
+    assert len(ops._PACKED) == 0  # freed with the weight
+
+
+def test_inference_mode_tensors():
+    # inference tensors have no version counter: the weight cache must not need one
+    with torch.inference_mode():
+        x, w, b, r = _inputs(2, "channels_last", True)
+        out = torch.ops.fxopt.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, act="relu")
+        ref = _reference64(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, "relu")
+    assert rel_err(out, ref) < 1e-5
+    assert ops.mkldnn_available() == (ops._MKLDNN is not None)
+
+
+def test_fake_implementation_gives_the_real_shapes_and_strides():
+    cases = [_inputs(2, "channels_last", True), _inputs(2, "contiguous", False)]
+    for x, w, b, r in cases:
+        real = torch.ops.fxopt.conv2d_act(x, w, b, [2, 1], [1, 0], [1, 2], 1, None, act="relu")
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fx_, fw, fb = mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b)
+            fake = torch.ops.fxopt.conv2d_act(fx_, fw, fb, [2, 1], [1, 0], [1, 2], 1, None,
+                                              act="relu")
+        assert fake.shape == real.shape and fake.stride() == real.stride()
+
+
+@pytest.mark.parametrize("op,args,kwargs", [
+    ("conv2d_act", lambda: (*_inputs(2, "channels_last", True)[:3], [1, 1], [1, 1], [1, 1], 1,
+                            _inputs(2, "channels_last", True)[3]), {"act": "silu"}),
+    ("conv2d_act", lambda: (*_inputs(2, "contiguous", False)[:3], [2, 2], [0, 0], [1, 1], 1),
+     {"act": "leaky_relu", "act_args": [0.1]}),
+    ("conv1d_act", lambda: (*_inputs(1, "contiguous", False)[:3], [1], [1], [1], 1), {}),
+    ("linear_act", lambda: (torch.randn(3, 5), torch.randn(4, 5), None), {"act": "tanh"}),
+])
+def test_opcheck(op, args, kwargs):
+    torch.library.opcheck(getattr(torch.ops.fxopt, op).default, args(), kwargs)
+
+
+def test_bad_activation_is_a_clear_error():
+    x, w, b, _ = _inputs(2, "contiguous", False)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        torch.ops.fxopt.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, act="swish")
+    with pytest.raises(ValueError, match="takes 1 act_args"):
+        torch.ops.fxopt.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, act="leaky_relu")
+
+
+def test_apply_activation_in_place_equals_out_of_place():
+    y = torch.randn(100)
+    for act, (args, fn) in ACTS.items():
+        assert torch.allclose(ops.apply_activation(y.clone(), act, args, inplace=True), fn(y)), act

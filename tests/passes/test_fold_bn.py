@@ -1,0 +1,328 @@
+"""fold_bn: every layer kind and BN form, the cases it must leave alone, and its bookkeeping."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.graph_utils import count_bytes, count_params
+from fxopt.passes.fold_bn import fold_bn, fold_weights, BNStats
+from fxopt.registry import PassContext
+from fxopt.tolerances import compare_outputs, rel_err, tolerance_for
+from fxopt.verify import verify_structure
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def randomize_bn(model, *, affine_params=True):
+    """Trained-like BN statistics: the defaults (mean 0, var 1, gamma 1, beta 0) hide mistakes."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.running_mean is not None:
+                m.running_mean.uniform_(-1.0, 1.0)
+                m.running_var.uniform_(0.3, 2.0)
+            if m.affine and affine_params:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+def run_fold(model, *inputs):
+    model = model.eval()
+    gm = fxopt.capture(model, inputs)
+    before = count_params(gm), count_bytes(gm)
+    res = fold_bn(gm, PassContext(example_inputs=inputs))
+    assert verify_structure(gm) == []
+    with torch.no_grad():
+        out, ref = gm(*inputs), model(*inputs)
+    stats = compare_outputs(out, ref)
+    assert stats.ok, f"rel err {stats.rel_err:.2e}"
+    return gm, res, before
+
+
+def bn_left(gm):
+    mods = [n for n in gm.graph.nodes if n.op == "call_module"
+            and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)]
+    fns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.batch_norm]
+    return len(mods) + len(fns)
+
+
+class LayerBN(nn.Module):
+    def __init__(self, layer, bn):
+        super().__init__()
+        self.layer, self.bn = layer, bn
+
+    def forward(self, x):
+        return self.bn(self.layer(x))
+
+
+# (layer, BN, input shape)
+CASES = {
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), nn.BatchNorm1d, (2, 4, 10)),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d, (2, 4, 7, 7)),
+    "conv3d": (lambda: nn.Conv3d(4, 6, 3, padding=1), nn.BatchNorm3d, (2, 4, 5, 5, 5)),
+    "conv2d_nobias_groups_dilation_stride": (
+        lambda: nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, groups=2, bias=False),
+        nn.BatchNorm2d, (2, 4, 9, 9)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False),
+                         nn.BatchNorm2d, (1, 6, 8, 8)),
+    "conv2d_reflect": (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+                       nn.BatchNorm2d, (2, 4, 7, 7)),
+    "conv2d_replicate": (lambda: nn.Conv2d(4, 6, 3, padding=2, padding_mode="replicate"),
+                         nn.BatchNorm2d, (2, 4, 7, 7)),
+    "conv2d_circular": (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"),
+                        nn.BatchNorm2d, (2, 4, 7, 7)),
+    "conv2d_same": (lambda: nn.Conv2d(4, 6, 4, padding="same"), nn.BatchNorm2d, (2, 4, 7, 7)),
+    "conv3d_groups": (lambda: nn.Conv3d(4, 6, 3, padding=1, groups=2, bias=False),
+                      nn.BatchNorm3d, (1, 4, 4, 4, 4)),
+    "convT1d": (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2), nn.BatchNorm1d, (2, 4, 6)),
+    "convT2d_groups": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1,
+                                                  groups=2, bias=False),
+                       nn.BatchNorm2d, (2, 4, 5, 5)),
+    "convT2d_dilation": (lambda: nn.ConvTranspose2d(4, 6, 3, dilation=2), nn.BatchNorm2d,
+                         (2, 4, 5, 5)),
+    "convT3d": (lambda: nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2), nn.BatchNorm3d,
+                (1, 4, 3, 3, 3)),
+    "linear": (lambda: nn.Linear(5, 7), nn.BatchNorm1d, (4, 5)),
+    "linear_nobias": (lambda: nn.Linear(5, 7, bias=False), nn.BatchNorm1d, (4, 5)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_folds_every_layer_kind(case):
+    make_layer, bn_type, shape = CASES[case]
+    torch.manual_seed(0)
+    layer = make_layer()
+    channels = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
+    model = randomize_bn(LayerBN(layer, bn_type(channels, eps=1e-3, momentum=0.3)))
+    gm, res, (params, nbytes) = run_fold(model, torch.randn(*shape))
+    assert res.modified and res.stats["folded"] == 1 and res.stats["left"] == 0
+    assert bn_left(gm) == 0
+    # the folded layer sits where the old one was; the BN and the old parameters are gone
+    assert not hasattr(gm, "bn")
+    assert gm.layer is not layer and gm.layer.weight is not layer.weight
+    assert type(gm.layer) is type(layer)
+    assert count_params(gm) < params and count_bytes(gm) < nbytes
+    names = [n.name for n in gm.graph.nodes if n.op == "call_module"]
+    assert names == ["layer_bn"]
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    assert node.meta["fxopt_from"] == ["layer", "bn"] and "tensor_meta" in node.meta
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_without_affine_and_eps_honoured(affine):
+    model = randomize_bn(LayerBN(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5, eps=0.5, affine=affine)))
+    gm, res, _ = run_fold(model, torch.randn(2, 3, 6, 6))
+    assert res.stats["folded"] == 1 and bn_left(gm) == 0
+
+
+class FunctionalBN(nn.Module):
+    """BN written as F.batch_norm over the module's own buffers (positional and keyword forms)."""
+
+    def __init__(self, affine=True, keywords=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.register_buffer("mean", torch.rand(4) - 0.5)
+        self.register_buffer("var", torch.rand(4) + 0.5)
+        self.weight = nn.Parameter(torch.rand(4) + 0.5) if affine else None
+        self.bias = nn.Parameter(torch.rand(4) - 0.5) if affine else None
+        self.keywords = keywords
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.keywords:
+            return F.batch_norm(y, self.mean, self.var, weight=self.weight, bias=self.bias,
+                                training=False, momentum=0.7, eps=0.2)
+        return F.batch_norm(y, self.mean, self.var, self.weight, self.bias, False, 0.7, 0.2)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("keywords", [False, True])
+def test_functional_batch_norm(affine, keywords):
+    model = FunctionalBN(affine, keywords)
+    gm, res, (params, _) = run_fold(model, torch.randn(2, 3, 6, 6))
+    assert res.stats["folded"] == 1 and bn_left(gm) == 0
+    assert not hasattr(gm, "mean") and not hasattr(gm, "var")  # the BN constants went
+    assert count_params(gm) < params
+
+
+class SecondUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y  # the conv output is read by the add too
+
+
+def test_second_user_is_left_alone_with_a_note():
+    model = randomize_bn(SecondUser())
+    x = torch.randn(1, 3, 6, 6)
+    gm = fxopt.capture(model.eval(), x)
+    code = gm.code
+    res = fold_bn(gm, PassContext(example_inputs=(x,)))
+    assert not res.modified and gm.code == code
+    assert res.stats["left"] == 1
+    assert any("also used by" in n and "left unfolded" in n for n in res.notes)
+    assert compare_outputs(gm(x), model(x)).ok
+
+
+class SharedConv(nn.Module):
+    """One conv module called at two sites, each followed by its own BN (pytorch issue 104593)."""
+
+    def __init__(self, second_bn=True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.bn2 = nn.BatchNorm2d(3) if second_bn else nn.Identity()
+
+    def forward(self, x):
+        a = self.bn1(self.conv(x))
+        return self.bn2(self.conv(a))
+
+
+def test_shared_conv_gets_private_copies():
+    model = randomize_bn(SharedConv())
+    gm, res, _ = run_fold(model, torch.randn(2, 3, 5, 5))
+    assert res.stats == {"folded": 2, "private_copies": 1, "left": 0}
+    assert bn_left(gm) == 0
+    assert any("private copy 'conv_bn1'" in n for n in res.notes)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets == ["conv_bn1", "conv"]  # the last site folds in place
+    assert gm.conv.weight is not model.conv.weight
+
+
+def test_shared_conv_with_one_bn_keeps_the_original_for_the_other_site():
+    model = randomize_bn(SharedConv(second_bn=False))
+    gm, res, _ = run_fold(model, torch.randn(2, 3, 5, 5))
+    assert res.stats["private_copies"] == 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets == ["conv_bn1", "conv", "bn2"]  # bn2 is the Identity
+    assert torch.equal(gm.conv.weight, model.conv.weight)  # the unfolded site is untouched
+
+
+def test_shared_conv_through_the_manager_equals_eager():
+    model = randomize_bn(SharedConv()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    opt = fxopt.optimize(model, x, pipeline=["fold_bn"])
+    rec = opt.report.record("fold_bn")
+    assert rec.status == "ok" and rec.stats["folded"] == 2
+    with torch.no_grad():
+        assert compare_outputs(opt(x), model(x)).ok
+
+
+@pytest.mark.parametrize("why", ["training", "no_running_stats"])
+def test_bn_using_batch_statistics_is_left_alone(why):
+    if why == "training":
+        model = randomize_bn(LayerBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+        x = torch.randn(2, 3, 6, 6)
+        gm = fxopt.capture(model, x)
+        gm.bn.train()  # the manager refuses such a model; the pass itself leaves the BN
+    else:
+        model = LayerBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+        x = torch.randn(2, 3, 6, 6)
+        gm = fxopt.capture(model, x)
+    code = gm.code
+    res = fold_bn(gm, PassContext(example_inputs=(x,)))
+    assert not res.modified and gm.code == code and hasattr(gm, "bn")
+    assert any("left alone" in n for n in res.notes)
+
+
+@pytest.mark.filterwarnings("ignore:fxopt. the model's forward changes its buffers")
+def test_functional_bn_in_training_mode_is_left_alone():
+    class M(FunctionalBN):
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), self.mean, self.var, self.weight, self.bias, True)
+
+    x = torch.randn(2, 3, 6, 6)
+    gm = fxopt.capture(M().eval(), x)
+    res = fold_bn(gm, PassContext(example_inputs=(x,)))
+    assert not res.modified and any("training mode" in n for n in res.notes)
+
+
+class Linear3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(3)  # normalizes dim 1 of [N, 3, 5]: not the features
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def test_linear_bn_on_3d_output_is_left_alone():
+    x = torch.randn(2, 3, 4)
+    gm = fxopt.capture(randomize_bn(Linear3d()).eval(), x)
+    res = fold_bn(gm, PassContext(example_inputs=(x,)))
+    assert not res.modified and any("normalizes dim 1" in n for n in res.notes)
+
+
+class NotAfterLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(F.relu(x))
+
+
+def test_negative_bn_not_after_a_layer():
+    x = torch.randn(1, 3, 4, 4)
+    gm = fxopt.capture(randomize_bn(NotAfterLayer()).eval(), x)
+    code = gm.code
+    res = fold_bn(gm, PassContext(example_inputs=(x,)))
+    assert not res.modified and res.notes == [] and gm.code == code
+
+
+def test_back_to_back_and_idempotent():
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6)))
+    x = torch.randn(3, 3, 6, 6)
+    gm, res, _ = run_fold(model, x)
+    assert res.stats["folded"] == 3 and bn_left(gm) == 0
+    code = gm.code
+    again = fold_bn(gm, PassContext(example_inputs=(x,)))
+    assert not again.modified and gm.code == code
+
+
+def test_double_precision_fold_is_exact_to_float64():
+    model = randomize_bn(LayerBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm = fxopt.capture(model, x)
+    fold_bn(gm, PassContext(example_inputs=(x,)))
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) < tolerance_for(torch.float64)
+
+
+def test_fold_weights_transposed_groups_against_reference():
+    # ConvTranspose weights are [C_in, C_out/g, k]: output channel c is group c // (C_out/g).
+    torch.manual_seed(1)
+    conv = nn.ConvTranspose1d(4, 6, 3, groups=2).double()
+    bn = BNStats(torch.randn(6).double(), torch.rand(6).double() + 0.5,
+                 torch.randn(6).double(), torch.randn(6).double(), 1e-5, "bn")
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    ref = F.batch_norm(conv(x), bn.mean, bn.var, bn.gamma, bn.beta, False, 0.0, bn.eps)
+    w, b = fold_weights(conv.weight, conv.bias, bn, transposed=True, groups=2)
+    out = F.conv_transpose1d(x, w, b, groups=2)
+    assert rel_err(out, ref) < 1e-12
+
+
+def test_fuse_from_torch_fx_vs_fxopt_on_shared_conv():
+    """What makes fx's fuse wrong (one module, two sites) keeps fxopt right."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = randomize_bn(SharedConv()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        ref = model(x)
+        theirs = fuse(model)(x)
+    gm, _, _ = run_fold(model, x)
+    with torch.no_grad():
+        assert compare_outputs(gm(x), ref).ok
+    # informational: torch.fx's fuse is wrong here in the torch versions we support
+    print("torch.fx fuse rel err on a shared conv:", rel_err(theirs, ref))
