@@ -43,6 +43,8 @@ __all__ = ["main", "build_parser", "ProgressInstrument", "LoadedSpec", "load_mod
 LATENCY_MAX_RUNS = 30
 LATENCY_BUDGET_S = 1.0
 QUANTIZE_CHOICES = ("int8",)
+# The default run shows pruning too: half the channels, then fine-tuning with distillation.
+DIGITS_PRUNE = 0.5
 
 
 # -- the parser -----------------------------------------------------------------------------
@@ -78,7 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--on-mismatch", default="raise", choices=MISMATCH_MODES,
                      help="on a failed check: stop (default), drop the pass and go on, or warn")
     opt.add_argument("--prune", type=_ratio, metavar="RATIO",
-                     help="prune this fraction of channels (0 < RATIO < 1)")
+                     help="prune this fraction of channels (0 < RATIO < 1); the digits model is "
+                          f"pruned by {DIGITS_PRUNE} and fine-tuned unless --no-prune")
+    opt.add_argument("--no-prune", action="store_true",
+                     help="digits model: skip the default pruning and fine-tuning")
+    opt.add_argument("--finetune-epochs", type=_positive_int, default=8, metavar="N",
+                     help="digits model: fine-tune the pruned model for at most N epochs "
+                          "(distillation from the unpruned model, early stopping; default 8)")
+    opt.add_argument("--log-dir", metavar="DIR",
+                     help="digits model: write TensorBoard logs of the fine-tuning to DIR")
     opt.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize to int8")
     opt.add_argument("--out", metavar="DIR", help="write DIR/report.json and DIR/model.fxopt")
     opt.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
@@ -238,17 +248,33 @@ def cmd_optimize(args) -> int:
         calibration = [b.to(device) for b in spec.calibration]
     out.print(f"model: {spec.name} - {spec.description}", markup=False)
 
+    prune = args.prune
+    if spec.name == "digits" and prune is None and not args.no_prune:
+        prune = DIGITS_PRUNE
+    recipe = spec.name == "digits" and prune is not None and target != "cuda" and not args.quantize
     # Warnings (a rolled-back pass, --on-mismatch warn) become one plain line each, not
     # Python's "file:line: UserWarning:" pair.
     bar = _pipeline_progress(err) if progress else None
     instruments = [ProgressInstrument(bar, manage=True)] if bar is not None else []
+    result = None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            opt = fxopt.optimize(model, example, pipeline=args.pipeline, disable=disable,
-                                 target=target, check=args.check, on_mismatch=args.on_mismatch,
-                                 prune=args.prune, quantize=args.quantize,
-                                 calibration_data=calibration, instruments=instruments)
+            if recipe:
+                # Prune, fine-tune with distillation from the unpruned model, then the pipeline.
+                from fxopt.recipes import prune_and_finetune_digits
+
+                result = prune_and_finetune_digits(
+                    prune, epochs=args.finetune_epochs, model=model, pipeline=args.pipeline,
+                    disable=disable, progress=progress, console=err, log_dir=args.log_dir,
+                    check=args.check, on_mismatch=args.on_mismatch, instruments=instruments)
+                opt = result.final
+            else:
+                opt = fxopt.optimize(model, example, pipeline=args.pipeline, disable=disable,
+                                     target=target, check=args.check,
+                                     on_mismatch=args.on_mismatch, prune=prune,
+                                     quantize=args.quantize, calibration_data=calibration,
+                                     instruments=instruments)
     finally:
         # On an error too: the terminal must get its cursor back. Only a started bar: stopping
         # one that never started (or twice) makes rich print an empty render.
@@ -258,12 +284,22 @@ def cmd_optimize(args) -> int:
         print(f"fxopt: warning: {message.removeprefix('fxopt: ')}", file=sys.stderr)
 
     report = opt.report
+    if result is not None:
+        out.print(result.pruned_report.table())
     out.print(report.table())
     for note in report.notes:
         out.print(f"note: {note}", markup=False)
-    table, latency_note = _summary(spec, model, opt, example, device)
-    out.print(table)
-    out.print(latency_note, markup=False)
+    if result is not None:
+        out.print(result.table())
+        for note in result.notes:
+            out.print(f"note: {note}", markup=False)
+    elif prune is not None:
+        out.print("note: pruned without fine-tuning (fine-tuning data exists only for the digits "
+                  "model); accuracy will have dropped", markup=False)
+    if result is None:  # the recipe's table already compares every stage with the original
+        table, latency_note = _summary(spec, model, opt, example, device)
+        out.print(table)
+        out.print(latency_note, markup=False)
     if args.out:
         out_dir = Path(args.out)
         try:

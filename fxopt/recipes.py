@@ -135,12 +135,14 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
                               kd_alpha: float = 0.7, kd_temperature: float = 4.0,
                               lr: float = 2e-3, weight_decay: float = 1e-4,
                               patience: int | None = 3, model: nn.Module | None = None,
-                              pipeline: str | Sequence[str] = "default", batch_size: int = 64,
+                              pipeline: str | Sequence[str] = "default",
+                              disable: Sequence[str] = (), batch_size: int = 64,
                               seed: int = 0, progress: bool = True, console=None,
                               log_dir: str | None = None, cache_dir: str | None = None,
                               latency_repeats: int = 50, num_threads: int | None = 1,
                               latency_threads: int | None = 1,
-                              check: str = "each") -> PruneFinetuneResult:
+                              check: str = "each", on_mismatch: str = "raise",
+                              instruments: Sequence[Any] = ()) -> PruneFinetuneResult:
     """Prune the digits model, fine-tune it with distillation, optimize it; measure every stage.
 
     ``model``: a trained digits model (default: ``fxopt.digits.load_or_train_default``).
@@ -170,7 +172,8 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
         return stage_row(stage, m, x1, digits.evaluate(m, test), latency_repeats, latency_threads)
 
     rows = [row("original", model)]
-    pruned_opt = optimize(model, x, prune=cfg, pipeline=["cleanup"], check=check)
+    pruned_opt = optimize(model, x, prune=cfg, pipeline=["cleanup"], check=check,
+                          on_mismatch=on_mismatch)
     pruned = pruned_opt.graph_module
     rows.append(row("pruned", pruned))
     shift = getattr(digits, "_shift", None)
@@ -181,7 +184,8 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
                   patience=patience, augment=augment, log_dir=log_dir, progress=progress,
                   console=console, seed=seed, num_threads=num_threads)
     rows.append(row("pruned + fine-tuned", pruned))
-    final = optimize(pruned, x, pipeline=pipeline, check=check)
+    final = optimize(pruned, x, pipeline=pipeline, disable=disable, check=check,
+                     on_mismatch=on_mismatch, instruments=instruments)
     rows.append(row("pruned + fine-tuned, optimized", final))
     notes = []
     rec = pruned_opt.report.record("prune_channels")

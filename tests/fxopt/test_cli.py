@@ -18,7 +18,7 @@ import torch
 import fxopt
 from fxopt import cli, digits
 
-QUICK = ["--epochs", "1"]
+QUICK = ["--epochs", "1", "--finetune-epochs", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +54,17 @@ def test_default_optimize(capsys):
     rc, out, err = _run(capsys, "optimize", *QUICK)
     assert rc == 0, err
     assert "fxopt report" in out and "cleanup" in out
-    for row in ("params", "MACs", "size", "test accuracy (359 images)", "latency",
-                "measured on this machine"):
+    # the default run prunes, fine-tunes and optimizes: every stage with its figures
+    for row in ("original", "pruned + fine-tuned, optimized", "accuracy", "params", "MACs",
+                "latency"):
         assert row in out, row
-    assert out.count("%") >= 2  # accuracy before and after
+    assert out.count("%") >= 4  # accuracy at each stage
     assert "Traceback" not in err
     # Progress bars go to stderr; off a terminal each is one final line.
     assert "optimizing: done" in err
 
 
-CHEAP = [*QUICK, "--no-progress", "--pipeline", "cleanup"]
+CHEAP = [*QUICK, "--no-progress", "--no-prune", "--pipeline", "cleanup"]
 
 
 def test_second_run_reads_the_cache(capsys, tmp_path, monkeypatch):
@@ -95,6 +96,15 @@ def test_corrupt_cache_retrains(capsys, tmp_path, monkeypatch):
     assert digits._read_cache(path) is not None  # replaced by a good file
 
 
+def test_no_prune_prints_before_and_after(capsys):
+    rc, out, err = _run(capsys, "optimize", *QUICK, "--no-progress", "--no-prune")
+    assert rc == 0, err
+    for row in ("params", "MACs", "size", "test accuracy (359 images)", "latency",
+                "measured on this machine"):
+        assert row in out, row
+    assert "prune_channels" not in out
+
+
 def test_out_writes_report_and_a_loadable_model(capsys, tmp_path, monkeypatch):
     made = []
     real = fxopt.optimize
@@ -104,7 +114,7 @@ def test_out_writes_report_and_a_loadable_model(capsys, tmp_path, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(fxopt, "optimize", spy)
-    rc, out, err = _run(capsys, "optimize", *QUICK, "--out", str(tmp_path / "build"))
+    rc, out, err = _run(capsys, "optimize", *QUICK, "--no-prune", "--out", str(tmp_path / "build"))
     assert rc == 0, err
     report = json.loads((tmp_path / "build" / "report.json").read_text())
     assert report["passes"] and report["before"]["macs"] > 0
@@ -131,8 +141,8 @@ def test_options_are_passed_through(capsys, monkeypatch):
         return real(model, example, **kwargs)
 
     monkeypatch.setattr(fxopt, "optimize", spy)
-    rc, _, err = _run(capsys, "optimize", *QUICK, "--no-progress", "--pipeline", "cleanup",
-                      "--disable", "cse, dce", "--target", "cpu", "--check", "end",
+    rc, _, err = _run(capsys, "optimize", *QUICK, "--no-progress", "--no-prune",
+                      "--pipeline", "cleanup", "--disable", "cse, dce", "--target", "cpu", "--check", "end",
                       "--on-mismatch", "rollback", "--input-shape", "4,1,8,8")
     assert rc == 0, err
     assert seen["pipeline"] == "cleanup" and seen["disable"] == ["cse", "dce"]
@@ -199,7 +209,6 @@ def _feature_missing(name):
     (["--model", "torchvision:resnet18", *QUICK], "--epochs applies only"),
     pytest.param(["--target", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
-    pytest.param(["--prune", "0.5", *QUICK], "prune", marks=_feature_missing("prune_channels")),
     pytest.param(["--quantize", "int8", *QUICK], "quantize", marks=_feature_missing("quantize_int8")),
 ])
 def test_errors_are_one_clear_line(capsys, argv, needle):
@@ -228,10 +237,10 @@ def test_unexpected_error_is_one_line_and_debug_shows_it(capsys, monkeypatch):
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(fxopt, "optimize", boom)
-    rc, out, err = _run(capsys, "optimize", *QUICK, "--no-progress")
+    rc, out, err = _run(capsys, "optimize", *QUICK, "--no-progress", "--no-prune")
     _assert_one_error(rc, out, err, "RuntimeError: boom second line", "--debug")
     with pytest.raises(RuntimeError, match="boom"):
-        cli.main(["optimize", *QUICK, "--no-progress", "--debug"])
+        cli.main(["optimize", *QUICK, "--no-progress", "--no-prune", "--debug"])
 
 
 def test_warnings_print_as_one_line(capsys, monkeypatch):
@@ -308,3 +317,20 @@ def test_python_dash_m_fxopt_passes():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "dce" in proc.stdout
+
+
+def test_default_run_prunes_and_finetunes(capsys, tmp_path):
+    rc, out, err = _run(capsys, "optimize", *QUICK, "--no-progress", "--log-dir",
+                        str(tmp_path / "tb"))
+    assert rc == 0, err
+    assert "prune_channels" in out  # the pruning run's report
+    assert "pruned + fine-tuned" in out and "fine-tuning:" in out
+    pytest.importorskip("tensorboard")
+    assert list((tmp_path / "tb").rglob("events.out.tfevents*")), "no TensorBoard event file"
+
+
+def test_prune_other_models_says_no_finetuning(capsys, tmp_path):
+    rc, out, err = _run(capsys, "optimize", "--no-progress", "--model", "torchvision:resnet18",
+                        "--input-shape", "1,3,32,32", "--prune", "0.25", "--pipeline", "cleanup")
+    assert rc == 0, err
+    assert "prune_channels" in out and "without fine-tuning" in out
