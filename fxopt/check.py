@@ -100,7 +100,7 @@ def first_divergence(gm: fx.GraphModule, by_node: dict[str, Any],
         if ref.numel() == 0:
             continue
         err = rel_err(val, ref)
-        if err != err or err > tolerance_for(ref.dtype):
+        if err != err or err > tolerance_for(ref.dtype, ref.device):
             return node, err
     return None
 

@@ -155,3 +155,26 @@ def test_eval_dropout_leaves_no_trace_in_numbers(net):
     m, x = net
     opt = fxopt.optimize(m, x)
     assert torch.equal(opt(x), opt(x))  # deterministic: dropout is off
+
+
+def test_tolerance_table():
+    from fxopt.tolerances import TF32_TOLERANCE, compare_outputs, tolerance_for
+
+    assert tolerance_for(torch.float32) == 1e-5
+    assert tolerance_for(torch.float16) == 1e-2 and tolerance_for(torch.int8) == 0.0
+    assert tolerance_for(torch.float32, "cpu") == 1e-5
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert tolerance_for(torch.float32, "cuda") == TF32_TOLERANCE
+        torch.backends.cudnn.allow_tf32 = False
+        if not torch.backends.cuda.matmul.allow_tf32:
+            assert tolerance_for(torch.float32, "cuda") == 1e-5
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    a = torch.randn(100)
+    assert compare_outputs(a, a.clone()).ok
+    assert not compare_outputs(a * (1 + 1e-4), a).ok
+    assert compare_outputs(a * (1 + 1e-6), a).ok
+    assert not compare_outputs(torch.tensor([1, 2]), torch.tensor([1, 3])).ok  # ints: exact
+    assert not compare_outputs((a,), (a, a)).ok  # structure
