@@ -25,10 +25,15 @@ $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
 # Parallel where pytest-xdist is there (16 cores); the suite itself is the same as CI's.
 xdist=""
 $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
-timeout 240 $PY -m pytest -q $xdist -p no:cacheprovider > "$OUT/pytest_default.txt" 2>&1
+timeout 150 $PY -m pytest -q $xdist -p no:cacheprovider > "$OUT/pytest_default.txt" 2>&1
 echo "default suite: exit $? -- $(tail -1 "$OUT/pytest_default.txt")"
-timeout 120 $PY -m pytest -q -m gpu -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1
+timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1
 echo "gpu suite: exit $? -- $(tail -1 "$OUT/pytest_gpu.txt")"
+
+# The command line end to end on the GPU.
+FXOPT_CACHE_DIR=/tmp/fxopt-cache timeout 60 $PY -m fxopt optimize --target cuda --epochs 1 --no-prune \
+  --no-progress > "$OUT/cli_cuda.txt" 2>&1
+echo "fxopt optimize --target cuda: exit $?"
 
 # Benchmarks that exist (later issues add kernels.py and models.py --target cuda).
 if [ -f bench/kernels.py ]; then
