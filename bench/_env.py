@@ -7,8 +7,9 @@ import platform
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
-__all__ = ["environment", "header"]
+__all__ = ["environment", "header", "write_result"]
 
 
 def _cpu_model() -> str:
@@ -48,3 +49,15 @@ def header(title: str) -> str:
     for k, v in environment().items():
         lines.append(f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}")
     return "\n".join(lines) + "\n"
+
+
+def write_result(text: str, out: str | None, stem: str) -> None:
+    """Write a benchmark's markdown to ``out`` (default ``bench/results/<stem>-<date>.md``; ``-``:
+    nowhere), then print it."""
+    if out != "-":
+        path = Path(out) if out else Path(__file__).resolve().parent / "results" / (
+            f"{stem}-{datetime.date.today().isoformat()}.md")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    print(text)

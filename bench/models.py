@@ -14,17 +14,15 @@ Writes a markdown table to ``bench/results/models-<date>.md`` (``--out -``: stdo
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import header  # noqa: E402
+from _env import header, write_result  # noqa: E402
+from _timing import calls_per_round, median_times  # noqa: E402
 
 __all__ = ["main"]
 
@@ -54,21 +52,6 @@ def _variants(model, x):
     }
 
 
-def _time(fns: dict, x, rounds: int, calls: int, warmup: int) -> dict[str, list[float]]:
-    times = {k: [] for k in fns}
-    with torch.no_grad():
-        for f in fns.values():
-            for _ in range(warmup):
-                f(x)
-        for _ in range(rounds):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    f(x)
-                times[k].append((time.perf_counter() - t0) / calls)
-    return times
-
-
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS)
@@ -93,14 +76,8 @@ def main(argv=None) -> str:
                 for k, f in fns.items():
                     st = compare_outputs(f(x), ref)
                     assert st.ok, f"{name} b{batch} {k}: rel err {st.rel_err:.1e} vs eager"
-            calls = args.calls
-            if calls <= 0:
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    model(x)
-                calls = max(1, int(0.1 / max(time.perf_counter() - t0, 1e-6)))
-            times = _time(fns, x, args.rounds, calls, warmup=max(3, calls))
-            med = {k: statistics.median(v) for k, v in times.items()}
+            calls = args.calls if args.calls > 0 else calls_per_round(model, x, 0.1)
+            med = median_times(fns, x, args.rounds, calls, warmup=max(3, calls))
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             rows.append((name, batch, med, load))
             print(f"{name:14s} b{batch:<2d} " + "  ".join(f"{k} {v * 1e3:8.2f} ms" for k, v in
@@ -120,13 +97,7 @@ def main(argv=None) -> str:
         lines.append(f"| {name} | {batch} | {e * 1e3:.2f} | {f * 1e3:.2f} | {o * 1e3:.2f} | "
                      f"{e / f:.2f}x | {e / o:.2f}x | {f / o:.2f}x | {load:.1f} |")
     text = "\n".join(lines) + "\n"
-    if args.out != "-":
-        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
-            f"models-{datetime.date.today().isoformat()}.md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
-    print(text)
+    write_result(text, args.out, "models")
     return text
 
 

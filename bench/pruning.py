@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
 import statistics
 import sys
@@ -31,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import header  # noqa: E402
+from _env import header, write_result  # noqa: E402
+from _timing import calls_per_round, median_times  # noqa: E402
 
 __all__ = ["main"]
 
@@ -100,26 +100,6 @@ def _widths(model) -> dict[str, int]:
             for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
 
 
-def _time(fns: dict, x, rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call; the variants take turns within each round."""
-    times = {k: [] for k in fns}
-    with torch.no_grad():
-        ref = next(iter(fns.values()))
-        t0 = time.perf_counter()
-        ref(x)
-        calls = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
-        for f in fns.values():
-            for _ in range(warmup):
-                f(x)
-        for _ in range(rounds):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    f(x)
-                times[k].append((time.perf_counter() - t0) / calls)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def bench_models(names, ratio: float, size: int, batches, rounds: int):
     import fxopt
 
@@ -146,7 +126,7 @@ def bench_models(names, ratio: float, size: int, batches, rounds: int):
         load = [os.getloadavg()[0]]
         for b in batches:
             x = torch.randn(b, 3, size, size)
-            lat[b] = _time(variants, x, rounds)
+            lat[b] = median_times(variants, x, rounds, calls_per_round(model, x, 0.05))
             load.append(os.getloadavg()[0])
             print(f"{name} b{b}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in lat[b].items()),
                   flush=True)
@@ -320,13 +300,7 @@ def main(argv=None) -> str:
                                                    args.digits_seeds, progress=False)
     torch.set_num_threads(args.threads)
     text = report(args, rows, dig)
-    if args.out != "-":
-        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
-            f"pruning-{datetime.date.today().isoformat()}.md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
-    print(text)
+    write_result(text, args.out, "pruning")
     return text
 
 

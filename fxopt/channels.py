@@ -25,7 +25,8 @@ The ``prune_channels`` pass (``fxopt.passes.prune``) ranks units, removes them p
 checks the result against the original model with the removed channels masked to zero.
 
 Modules: ``channel_records`` (layouts, groups, the union-find), ``channel_rules`` (what each op
-does to slots), this one (the analysis as a whole: groups, freezing, what a removal keeps).
+does to slots: the dispatch, with the rules in ``channel_rules_layers`` and
+``channel_rules_shapes`` and the op tables in ``channel_rule_tables``), this one (the analysis as a whole: groups, freezing, what a removal keeps).
 """
 from __future__ import annotations
 

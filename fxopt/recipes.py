@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import copy
 import io
-import statistics
-import time
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -30,6 +29,7 @@ from .api import OptimizedModule, optimize
 from .capture import capture, propagate_shapes
 from .finetune import FinetuneResult, finetune
 from .graph_utils import count_params
+from .latency import measure_latency
 from .metrics import count_macs
 from .prune_config import PruneConfig
 
@@ -92,16 +92,11 @@ def cpu_latency(model: nn.Module, x: torch.Tensor, *, repeats: int = 50, warmup:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
+        (median,), _ = measure_latency([model], x, warmup=warmup, max_runs=repeats,
+                                       budget_s=math.inf)
     finally:
         torch.set_num_threads(before)
-    return statistics.median(times)
+    return median
 
 
 def stage_row(stage: str, model: nn.Module, x1: torch.Tensor, accuracy: float | None,

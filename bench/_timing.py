@@ -1,0 +1,34 @@
+"""Latency as the CPU benchmarks measure it: variants interleaved round by round, medians.
+
+A thin layer over ``fxopt.latency.measure_latency`` that keys the figures by variant name and
+picks how many back-to-back calls make a round (enough that a round lasts a set time).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from fxopt.latency import measure_latency
+
+__all__ = ["calls_per_round", "median_times"]
+
+
+def calls_per_round(fn, x, seconds: float) -> int:
+    """How many calls of ``fn(x)`` take about ``seconds`` (at least 1), from one timed call."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fn(x)
+        return max(1, int(seconds / max(time.perf_counter() - t0, 1e-6)))
+
+
+def median_times(fns: dict, x, rounds: int, calls: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each variant over ``rounds`` interleaved rounds.
+
+    In each round every variant makes ``calls`` back-to-back calls (timed together); ``warmup``
+    untimed calls of each variant come first. Under ``torch.no_grad()``.
+    """
+    meds, _ = measure_latency(list(fns.values()), x, warmup=warmup, max_runs=rounds,
+                              budget_s=math.inf, calls=calls)
+    return dict(zip(fns, meds))
