@@ -164,11 +164,18 @@ class PassManager:
         t0 = time.perf_counter()
         try:
             result = info.fn(gm, ctx)
-        except FxoptError:
-            raise
         except Exception as e:  # noqa: BLE001 - any pass bug is reported by pass name
-            raise PassError(f"pass '{label}' failed: {type(e).__name__}: {e}", pass_name=label,
-                            hint=f"disable it with disable=['{name}'] (and please report it)") from e
+            err = e if isinstance(e, FxoptError) else PassError(
+                f"pass '{label}' failed: {type(e).__name__}: {e}", pass_name=label,
+                hint=f"disable it with disable=['{name}'] (and please report it)")
+            if snapshot is None or not isinstance(err, PassError):
+                raise err from (None if err is e else e)
+            # Rollback mode: a crashing pass may have half-rewritten the graph; drop it whole.
+            rec.time_s = time.perf_counter() - t0
+            gm = self._on_failure(err, name, snapshot, gm, rec)
+            rec.nodes_after, rec.params_after = count_nodes(gm), count_params(gm)
+            self._ran.append(label)
+            return gm, rec
         rec.time_s = time.perf_counter() - t0
         if not isinstance(result, PassResult):
             raise PassError(f"pass '{label}' returned {type(result).__name__}, not a PassResult",

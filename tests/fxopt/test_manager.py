@@ -193,6 +193,22 @@ def test_crashing_pass_is_named(net, temp_passes):
     assert e.value.pass_name == "crashes"
 
 
+def test_crashing_pass_rolls_back(net, temp_passes):
+    m, x = net
+
+    def half_then_crash(gm, ctx):
+        """Rewrites part of the graph, then fails."""
+        relu = _first(gm, lambda n: n.op == "call_function" and n.target is F.relu)
+        relu.target = torch.sigmoid
+        raise RuntimeError("midway")
+
+    temp_passes("half_then_crash", half_then_crash)
+    with pytest.warns(UserWarning, match="midway"):
+        opt = fxopt.optimize(m, x, pipeline=["half_then_crash", "dce"], on_mismatch="rollback")
+    assert opt.report.record("half_then_crash").status == "rolled back"
+    torch.testing.assert_close(opt(x), m(x), rtol=1e-5, atol=1e-6)
+
+
 def test_returned_reference_is_what_the_pass_is_checked_against(net, temp_passes):
     m, x = net
 
