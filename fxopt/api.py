@@ -140,6 +140,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     pipeline = pipeline if pipeline is not None else "default"
     if prune is not None or "prune_channels" in extra:
         pipeline = _with_pruning(pipeline, extra)
+    if quantize is not None or "quantize_int8" in extra:
+        pipeline = _with_quantize(pipeline, extra)
     steps = expand_pipeline(pipeline, extra=extra, disable=disable)
     manager = PassManager(steps, check=check, on_mismatch=on_mismatch, instruments=instruments)
 
@@ -201,6 +203,26 @@ def _with_pruning(pipeline: str | Sequence[str], extra: list[str]) -> str | list
         return names
     at = names.index("cleanup") + 1 if "cleanup" in names else 0
     return names[:at] + ["prune_channels"] + names[at:]
+
+
+def _with_quantize(pipeline: str | Sequence[str], extra: list[str]) -> str | list[str]:
+    """The pipeline with ``quantize_int8`` right after its (last) ``fuse_act``, at the end if
+    it has none, unless it already has it; quantization sees the fused ops. A
+    ``quantize_int8`` asked for in ``passes=`` moves there from the end (``extra``)."""
+    from .registry import PIPELINES
+
+    if isinstance(pipeline, str):
+        if pipeline not in PIPELINES:
+            return pipeline  # expand_pipeline names the unknown pipeline
+        names = list(PIPELINES[pipeline])
+    else:
+        names = list(pipeline)
+    while "quantize_int8" in extra:
+        extra.remove("quantize_int8")
+    if "quantize_int8" in names:
+        return names
+    at = len(names) - names[::-1].index("fuse_act") if "fuse_act" in names else len(names)
+    return names[:at] + ["quantize_int8"] + names[at:]
 
 
 def _model_stats(gm: fx.GraphModule) -> ModelStats:

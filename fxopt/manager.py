@@ -260,6 +260,14 @@ class PassManager:
             ref = record_run(ref_module, inputs, keep_values=True) if isinstance(
                 ref_module, fx.GraphModule) else RecordedRun(_call(ref_module, inputs))
         stats = compare_outputs(run.output, ref.output)
+        if result.max_abs_tolerance is not None and info.reference == "returned" \
+                and not stats.reason:
+            # The pass states an absolute bound (int8: one quantization step of the output).
+            stats.tolerance = float(result.max_abs_tolerance)
+            stats.ok = stats.max_abs <= stats.tolerance
+            if not stats.ok:
+                stats.reason = (f"max abs error {stats.max_abs:.3g} exceeds the pass's bound "
+                                f"{stats.tolerance:.3g} (one quantization step of the output)")
         rec.max_abs_err, rec.rel_err, rec.tolerance = stats.max_abs, stats.rel_err, stats.tolerance
         if not stats.ok:
             blame = first_divergence(gm, run.by_node, ref.values)

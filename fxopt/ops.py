@@ -303,3 +303,5 @@ def _linear_act_macs(node, gm) -> int:
 MAC_COUNTERS[torch.ops.fxopt.conv1d_act] = _conv_act_macs
 MAC_COUNTERS[torch.ops.fxopt.conv2d_act] = _conv_act_macs
 MAC_COUNTERS[torch.ops.fxopt.linear_act] = _linear_act_macs
+
+from . import ops_int8  # noqa: E402,F401  (int8 ops: torch.ops.fxopt.conv2d_int8 / linear_int8)

@@ -58,6 +58,10 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
     reference: torch.nn.Module | None = None  # for reference="returned"
     shapes_changed: bool = False  # the manager re-propagates tensor_meta when True
+    # reference="returned" only: when set, the numeric check accepts a max abs error up to
+    # this bound instead of the dtype's relative tolerance (int8: one quantization step of
+    # the output, DESIGN.md section 4).
+    max_abs_tolerance: float | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ from . import cleanup  # noqa: F401  (registers dce, cse, constant_fold, remove_
 from . import fold_bn  # noqa: F401  (registers fold_bn)
 from . import fuse_act  # noqa: F401  (registers fuse_act)
 from . import prune  # noqa: F401  (registers prune_channels)
+from . import quantize  # noqa: F401  (registers quantize_int8)
 
 __all__ = ["PIPELINES"]
 

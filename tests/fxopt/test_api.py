@@ -78,7 +78,9 @@ def test_user_model_untouched_after_a_failing_pass(net):
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    ({"quantize": "int8"}, fxopt.NotAvailableError, "not available yet"),
+    ({"quantize": "int8"}, fxopt.PreconditionError, "calibration data"),
+    ({"quantize": "int4", "calibration_data": [torch.randn(1, 3, 8, 8)]}, fxopt.InputError,
+     "not supported"),
     ({"calibration_data": [torch.randn(1, 3, 8, 8)]}, fxopt.InputError, "quantize"),
     ({"target": "tpu"}, fxopt.PipelineError, "target"),
     ({"pipeline": "turbo"}, fxopt.PipelineError, "unknown pipeline"),

@@ -1,0 +1,89 @@
+"""``QuantConfig``: what ``optimize(..., quantize=...)`` quantizes, and how.
+
+    >>> QuantConfig.coerce("int8")                      # the defaults
+    >>> QuantConfig(activation_observer="percentile", keep_float=["fc", nn.Conv1d])
+    >>> QuantConfig.coerce({"first_layer": "float"})
+
+Activations: one grid per tensor from a named observer (``fxopt.observers.OBSERVERS``):
+asymmetric uint8 with a 7-bit range by default (what the x86/fbgemm kernels need), or
+``activation_symmetric=True`` for symmetric int8 (runs on the reference path). Weights: one
+symmetric int8 grid per output channel (``weight_observer="per_channel_minmax"``, the only one).
+``keep_float``: module paths (``"layer1.0.conv1"``, a prefix covers its children) or module
+types left in float. ``first_layer`` / ``last_layer``: ``"quantize"`` or ``"float"``
+(the first / last quantizable layer in graph order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import InputError
+from .observers import OBSERVERS
+
+__all__ = ["QuantConfig"]
+
+_LAYER_POLICIES = ("quantize", "float")
+_WEIGHT_OBSERVERS = ("per_channel_minmax",)
+
+
+@dataclass
+class QuantConfig:
+    activation_observer: str = "minmax"
+    weight_observer: str = "per_channel_minmax"
+    activation_symmetric: bool = False
+    keep_float: list = field(default_factory=list)  # module paths (str) or nn.Module types
+    first_layer: str = "quantize"
+    last_layer: str = "quantize"
+    observer_options: dict = field(default_factory=dict)  # keyword options for the observer
+    min_batches: int = 1
+
+    def __post_init__(self):
+        if self.activation_observer not in OBSERVERS:
+            raise InputError(f"unknown activation observer {self.activation_observer!r}",
+                             hint=f"use one of: {', '.join(sorted(OBSERVERS))}")
+        if self.weight_observer not in _WEIGHT_OBSERVERS:
+            raise InputError(f"unknown weight observer {self.weight_observer!r}",
+                             hint=f"use one of: {', '.join(_WEIGHT_OBSERVERS)}")
+        for name in ("first_layer", "last_layer"):
+            if getattr(self, name) not in _LAYER_POLICIES:
+                raise InputError(f"QuantConfig.{name} must be one of {_LAYER_POLICIES}, got "
+                                 f"{getattr(self, name)!r}")
+        if isinstance(self.keep_float, (str, type)):
+            self.keep_float = [self.keep_float]
+        self.keep_float = list(self.keep_float)
+        for k in self.keep_float:
+            if not isinstance(k, (str, type)):
+                raise InputError(f"QuantConfig.keep_float holds module paths or types, not "
+                                 f"{type(k).__name__}")
+        if int(self.min_batches) < 1:
+            raise InputError("QuantConfig.min_batches must be at least 1")
+
+    @classmethod
+    def coerce(cls, value: Any) -> QuantConfig:
+        """``"int8"`` (defaults), a ``QuantConfig``, or a dict of its fields."""
+        if isinstance(value, QuantConfig):
+            return value
+        if isinstance(value, str):
+            if value.lower() != "int8":
+                raise InputError(f"quantize={value!r} is not supported",
+                                 hint="use quantize='int8' or a QuantConfig")
+            return cls()
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = set(value) - known
+            if unknown:
+                raise InputError(f"unknown QuantConfig fields {sorted(unknown)}",
+                                 hint=f"known: {', '.join(sorted(known))}")
+            return cls(**value)
+        raise InputError(f"quantize= takes 'int8', a QuantConfig or a dict, not "
+                         f"{type(value).__name__}")
+
+    def keeps_float(self, path: str, module_type: type | None) -> bool:
+        """Whether the layer at ``path`` (of ``module_type``) is to stay in float."""
+        for k in self.keep_float:
+            if isinstance(k, str):
+                if path == k or (k and path.startswith(k + ".")):
+                    return True
+            elif module_type is not None and issubclass(module_type, k):
+                return True
+        return False

@@ -1,0 +1,223 @@
+"""quantize_int8: golden, negative, idempotence, numeric (simulated reference), rules, digits.
+
+The pass runs under the pass manager with check="each", so the int8 graph is compared with
+its fake-quant reference (within one quantization step of the output) after the pass.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxopt
+from fxopt import digits
+from fxopt.errors import InputError, PreconditionError
+from fxopt.manager import PassManager
+from fxopt.ops_int8 import conv2d_int8_reference, linear_int8_reference
+from fxopt.quant_config import QuantConfig
+from fxopt.registry import PassContext, expand_pipeline
+
+quant = __import__("fxopt.passes.quantize", fromlist=["quantize"])
+INT8 = torch.ops.fxopt.conv2d_int8.default
+LIN8 = torch.ops.fxopt.linear_int8.default
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c2(y) + y)
+        return self.fc(y.flatten(1))
+
+
+class NoLayers(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) * 2 + 1
+
+
+def _cal(n=4, shape=(4, 3, 8, 8), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def run(model, x, steps=("quantize_int8",), cal=None, quantize="int8"):
+    gm = fxopt.capture(model.eval(), x)
+    gm.eval()
+    ctx = PassContext(example_inputs=(x,), options={"quantize": quantize},
+                      calibration_data=_cal() if cal is None else cal)
+    pm = PassManager(expand_pipeline(list(steps)), check="each")
+    out, report = pm.run(gm, ctx)
+    return out, report
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Net().eval(), torch.randn(2, 3, 8, 8)
+
+
+def test_golden_plain_layers(net):
+    m, x = net
+    gm, report = run(m, x)
+    rec = report.record("quantize_int8")
+    assert rec.status == "ok" and rec.modified
+    assert _targets(gm).count(INT8) == 2 and _targets(gm).count(LIN8) == 1
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"]  # the float layers are gone
+    assert rec.stats["conv2d"] == 2 and rec.stats["linear"] == 1  # the rules fired
+    # int8 weights and the grids are buffers
+    assert gm.c1_w_int8_0.dtype == torch.int8 and gm.c1_w_scale_0.shape == (8,)
+
+
+def test_golden_after_fusion(net):
+    m, x = net
+    gm, report = run(m, x, steps=("fold_bn", "fuse_act", "quantize_int8"))
+    rec = report.record("quantize_int8")
+    assert rec.status == "ok"
+    int8 = [n for n in gm.graph.nodes if n.target in (INT8, LIN8)]
+    assert [n.kwargs["act"] for n in int8] == ["relu", "relu", "none"]
+    assert int8[1].args[12] is not None  # the residual stays in the int8 op's epilogue
+    assert not [n for n in gm.graph.nodes if n.target in (torch.ops.fxopt.conv2d_act.default,
+                                                         torch.ops.fxopt.linear_act.default)]
+
+
+def test_negative_no_layers():
+    x = torch.randn(2, 3, 4, 4)
+    gm = fxopt.capture(NoLayers().eval(), x)
+    before = gm.code
+    res = quant.quantize_int8(gm, PassContext((x,), calibration_data=_cal(shape=(2, 3, 4, 4))))
+    assert res.modified is False and gm.code == before
+
+
+def test_idempotent(net):
+    m, x = net
+    gm, _ = run(m, x)
+    code = gm.code
+    res = quant.quantize_int8(gm, PassContext((x,), options={"quantize": "int8"},
+                                              calibration_data=_cal()))
+    assert res.modified is False and gm.code == code
+
+
+def test_numeric_within_one_step_of_simulated(net):
+    m, x = net
+    gm = fxopt.capture(m, x)
+    res = quant.quantize_int8(gm, PassContext((x,), calibration_data=_cal()))
+    step = res.max_abs_tolerance
+    assert step is not None and step > 0
+    for xb in _cal(n=3, seed=7):
+        with torch.no_grad():
+            got, ref = res.gm(xb), res.reference(xb)
+        assert (got - ref).abs().max().item() <= step + 1e-6
+    assert res.stats["sqnr_db"] > 20 and res.stats["max_abs_err"] < 1.0
+    assert 0.0 <= res.stats["top1_agreement"] <= 1.0
+
+
+def test_fast_kernels_equal_reference_path():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 8, 8)
+    w = torch.randint(-127, 128, (4, 3, 3, 3), dtype=torch.int8)
+    ws, b = torch.rand(4) * 0.01 + 1e-3, torch.randn(4)
+    grids = (torch.tensor(0.03), torch.tensor(64), torch.tensor(0.05), torch.tensor(100))
+    args = (x, w, ws, b, [1, 1], [1, 1], [1, 1], 1, *grids)
+    for act in ("none", "relu"):
+        got = torch.ops.fxopt.conv2d_int8(*args, act=act)
+        ref = conv2d_int8_reference(*args, act=act)
+        assert (got - ref).abs().max().item() <= grids[2].item() + 1e-6
+    xl, wl = torch.randn(5, 16), torch.randint(-127, 128, (4, 16), dtype=torch.int8)
+    got = torch.ops.fxopt.linear_int8(xl, wl, ws, b, *grids)
+    ref = linear_int8_reference(xl, wl, ws, b, *grids)
+    assert (got - ref).abs().max().item() <= grids[2].item() + 1e-6
+
+
+def test_symmetric_activations_and_keep_float(net):
+    m, x = net
+    gm, report = run(m, x, quantize=QuantConfig(activation_symmetric=True, keep_float=["fc"],
+                                                activation_observer="percentile"))
+    rec = report.record("quantize_int8")
+    assert rec.status == "ok" and rec.stats["kept_float"] == 1
+    assert _targets(gm).count(INT8) == 2 and LIN8 not in _targets(gm)
+    gm, report = run(m, x, quantize={"first_layer": "float", "last_layer": "float"})
+    assert _targets(gm).count(INT8) == 1
+
+
+def test_config_coerce():
+    assert QuantConfig.coerce("int8") == QuantConfig()
+    assert QuantConfig.coerce({"activation_observer": "kl"}).activation_observer == "kl"
+    with pytest.raises(InputError, match="not supported"):
+        QuantConfig.coerce("int4")
+    with pytest.raises(InputError, match="unknown QuantConfig fields"):
+        QuantConfig.coerce({"bits": 4})
+    with pytest.raises(InputError, match="observer"):
+        QuantConfig(activation_observer="nope")
+    assert QuantConfig(keep_float=[nn.Linear]).keeps_float("fc", nn.Linear)
+    assert QuantConfig(keep_float=["layer1"]).keeps_float("layer1.0.conv", nn.Conv2d)
+    assert not QuantConfig(keep_float=["layer1"]).keeps_float("layer10.conv", nn.Conv2d)
+
+
+@pytest.mark.parametrize("cal, match", [
+    ([], "0 batches"),
+    ([torch.randn(2, 3, 5, 5)], "only the batch size may differ"),
+    (torch.randn(2, 3, 8, 8), "not a collection"),
+    ([{"x": 1}], "expected a tensor"),
+])
+def test_bad_calibration_data(net, cal, match):
+    m, x = net
+    with pytest.raises(InputError, match=match):
+        run(m, x, cal=cal)
+
+
+def test_loader_style_batches_and_missing_data(net):
+    m, x = net
+    cal = [(b, torch.zeros(4, dtype=torch.long)) for b in _cal()]
+    gm, report = run(m, x, cal=cal)
+    assert report.record("quantize_int8").status == "ok"
+    with pytest.raises(PreconditionError, match="calibration data"):
+        fxopt.optimize(m, x, passes=["quantize_int8"])
+
+
+def test_optimize_places_pass_after_fusion_and_saves(net, tmp_path):
+    m, x = net
+    opt = fxopt.optimize(m, x, quantize="int8", calibration_data=_cal())
+    names = [r.name for r in opt.report.passes]
+    assert names.index("quantize_int8") == names.index("fuse_act") + 1
+    path = opt.save(tmp_path / "m.fxopt")
+    again = fxopt.load(path)
+    with torch.no_grad():
+        assert torch.equal(again(x), opt(x))
+
+
+def test_digits_int8_accuracy(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path))
+    loaded = digits.load_or_train_default(cache_dir=tmp_path, progress=False, epochs=3)
+    model = loaded.model.eval()
+    opt = fxopt.optimize(model, digits.example_batch(), quantize="int8",
+                         calibration_data=digits.calibration_batches())
+    rec = opt.report.record("quantize_int8")
+    assert rec.status == "ok" and rec.stats["conv2d"] >= 1 and rec.stats["linear"] == 1
+    assert math.isfinite(rec.stats["sqnr_db"]) and rec.stats["sqnr_db"] > 20
+    float_acc = digits.evaluate(model)
+    int8_acc = digits.evaluate(opt)
+    assert abs(float_acc - int8_acc) <= 0.005 + 1e-9, (float_acc, int8_acc)
+
+
+@pytest.mark.parametrize("k", [16, 3000])  # float32 accumulation below 2**24, float64 above
+def test_reference_accumulation_is_exact(k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(3, k, generator=g)
+    w = torch.randint(-127, 128, (5, k), dtype=torch.int8, generator=g)
+    ws, xs, xz = torch.full((5,), 1e-3), torch.tensor(0.02), torch.tensor(60)
+    codes = (torch.round(x * torch.reciprocal(xs)) + xz).clamp(0, 127).long() - 60
+    acc = codes @ w.long().t()  # exact int64
+    want = (acc.double() * (1e-3 * 0.02)).float()
+    # a fine output grid (step 1e-7), so the result shows the accumulator
+    got = linear_int8_reference(x, w, ws, None, xs, xz, torch.tensor(1e-7), torch.tensor(0),
+                                y_qmin=-2**31, y_qmax=2**31 - 1)
+    assert torch.allclose(got.double(), want.double(), rtol=1e-6, atol=2e-7)
