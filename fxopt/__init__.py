@@ -11,6 +11,7 @@ from .errors import __all__ as _errors_all
 from .finetune import FinetuneResult, finetune
 from .manager import Instrument, PassManager
 from .prune_config import PruneConfig
+from .quant_config import QuantConfig
 from .registry import (GROUPS, PASSES, PIPELINES, PassContext, PassResult, expand_pipeline,
                        register_group, register_pass)
 from .report import PassRecord, Report
@@ -18,6 +19,8 @@ from .tolerances import TOLERANCES
 
 from . import ops  # noqa: E402,F401  (defines the torch.ops.fxopt namespace)
 from . import passes  # noqa: E402,F401  (registers the built-in passes)
+from .draw import draw  # noqa: E402  (matplotlib only when called: fxopt[draw])
+from .onnx_export import OnnxExport, export_onnx  # noqa: E402
 
 __all__ = [
     "optimize", "OptimizedModule", "load", "capture", "PassManager", "Instrument",
@@ -25,4 +28,6 @@ __all__ = [
     "PIPELINES", "expand_pipeline", "Report", "PassRecord", "TOLERANCES", *_errors_all,
     "channel_groups", "ChannelGraph", "ChannelGroup", "PruneConfig", "finetune", "FinetuneResult",
 ]
+__all__ += ["export_onnx", "OnnxExport", "draw"]
 __version__ = "0.1.0"
+__all__ += ["QuantConfig"]

@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--log-dir", metavar="DIR",
                      help="digits model: write TensorBoard logs of the fine-tuning to DIR")
     opt.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize to int8")
-    opt.add_argument("--out", metavar="DIR", help="write DIR/report.json and DIR/model.fxopt")
+    opt.add_argument("--out", metavar="DIR", help="write DIR/report.json and DIR/model.fxopt "
+                                                 "(and graph_before.png / graph_after.png)")
+    opt.add_argument("--onnx", metavar="PATH", help="export the optimized model to ONNX (float "
+                                                    "models), checked in ONNX Runtime")
     opt.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
                      help="train the digits model for N epochs instead of the recipe's default "
                           "(quick runs and tests; cached separately)")
@@ -310,7 +313,27 @@ def cmd_optimize(args) -> int:
             raise InputError(f"cannot write to --out {out_dir}: {e.strerror or e}",
                              hint="pass a folder you can write to") from e
         out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'model.fxopt'}", markup=False)
+        _write_pictures(out, model, example, opt, out_dir)
+    if args.onnx:
+        exported = fxopt.export_onnx(opt, example, args.onnx)
+        err_note = f", ONNX Runtime rel err {exported.check.rel_err:.1e}" if exported.check else ""
+        out.print(f"wrote {exported.path} (opset {exported.opset}{err_note})", markup=False)
+        for what in exported.kept:
+            out.print(f"note: kept as is in ONNX: {what}", markup=False)
     return 0
+
+
+def _write_pictures(out, model: nn.Module, example: torch.Tensor, opt, out_dir: Path) -> None:
+    """DIR/graph_before.png (the captured graph) and DIR/graph_after.png (the optimized one)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        out.print("note: no graph pictures: pip install 'fxopt[draw]'", markup=False)
+        return
+    fxopt.draw(fxopt.capture(model, example), out_dir / "graph_before.png", title="before")
+    fxopt.draw(opt, out_dir / "graph_after.png", title="after")
+    out.print(f"wrote {out_dir / 'graph_before.png'} and {out_dir / 'graph_after.png'}",
+              markup=False)
 
 
 def _summary(spec: LoadedSpec, model: nn.Module, opt: nn.Module, example: torch.Tensor, device):

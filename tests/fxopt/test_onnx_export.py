@@ -1,0 +1,153 @@
+"""ONNX export: optimized float models, checked by onnx.checker and run in ONNX Runtime."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fxopt
+from fxopt.onnx_export import decompose_fused_ops, export_onnx
+from fxopt.tolerances import compare_outputs
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torchvision = pytest.importorskip("torchvision")
+
+
+def _resnet18():
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(weights=None).eval()
+    for mod in m.modules():  # non-default statistics: the defaults hide folding mistakes
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _run_ort(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(out)
+
+
+def _node_ops(path):
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("kind", ["float", "fused", "pruned"])
+def test_resnet18_round_trip(tmp_path, kind):
+    x = torch.randn(1, 3, 64, 64)
+    kwargs = {"float": {"pipeline": ["cleanup"]}, "fused": {}, "pruned": {"prune": 0.5}}[kind]
+    opt = fxopt.optimize(_resnet18(), x, **kwargs)
+    fused = sum(1 for n in opt.graph_module.graph.nodes
+                if n.op == "call_function" and "fxopt" in str(n.target))
+    assert (fused > 0) == (kind != "float")
+    path = tmp_path / f"resnet18_{kind}.onnx"
+    result = export_onnx(opt, x, path)
+    assert result.path == path and path.exists()
+    assert result.kept == []
+    assert sum(result.translated.values()) == fused
+    assert result.check is not None and result.check.ok
+    onnx.checker.check_model(str(path), full_check=True)
+    ops = _node_ops(path)
+    assert "Conv" in ops and not any("fxopt" in op for op in ops)
+    with torch.no_grad():
+        ref = opt(x)
+    stats = compare_outputs(_run_ort(path, x), ref)
+    assert stats.ok, f"{kind}: rel err {stats.rel_err:.2e}"
+    if kind == "pruned":  # the file carries the pruned weights
+        conv_weights = [i for i in onnx.load(str(path)).graph.initializer if len(i.dims) == 4]
+        full = sum(p.numel() for p in _resnet18().parameters() if p.dim() == 4)
+        assert sum(int(torch.tensor(w.dims).prod()) for w in conv_weights) < 0.5 * full
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary left behind
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 16)
+        self.c = nn.Conv1d(4, 4, 3, padding=1)
+
+    def forward(self, x, s):
+        h = torch.relu(self.a(x))
+        h = torch.nn.functional.gelu(self.b(h) + h)
+        return h, torch.nn.functional.silu(self.c(s))
+
+
+def test_linear_and_conv1d_decomposed(tmp_path):
+    x, s = torch.randn(2, 8), torch.randn(2, 4, 10)
+    opt = fxopt.optimize(_MLP().eval(), (x, s))
+    result = export_onnx(opt, (x, s), tmp_path / "mlp.onnx")
+    assert result.translated.get("linear_act", 0) == 2
+    assert result.translated.get("conv1d_act", 0) == 1
+    assert result.check.ok
+    # the decomposition works on a copy: the module still calls the fused ops
+    assert any("fxopt" in str(n.target) for n in opt.graph_module.graph.nodes)
+
+
+def test_decompose_matches_module():
+    x = torch.randn(1, 3, 32, 32)
+    opt = fxopt.optimize(_resnet18(), x)
+    plain, translated, kept = decompose_fused_ops(opt.graph_module)
+    assert translated and not kept
+    assert not any("fxopt" in str(n.target) for n in plain.graph.nodes)
+    with torch.no_grad():
+        assert compare_outputs(plain(x), opt(x)).ok
+
+
+def test_bad_path_and_inputs(tmp_path):
+    m = nn.Sequential(nn.Linear(4, 4)).eval()
+    x = torch.randn(1, 4)
+    with pytest.raises(fxopt.InputError, match="directory"):
+        export_onnx(m, x, tmp_path)
+    with pytest.raises(fxopt.InputError):
+        export_onnx(m, None, tmp_path / "m.onnx")
+    with pytest.raises(fxopt.InputError):
+        export_onnx(m, x, 42)
+    with pytest.raises(fxopt.InputError):
+        export_onnx("not a module", x, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    # a plain module exports too, into a folder that is created
+    result = export_onnx(m, x, tmp_path / "sub" / "m.onnx")
+    assert result.path.exists() and result.check.ok
+
+
+def test_failed_export_leaves_no_file(tmp_path):
+    class Bad(nn.Module):
+        def forward(self, x):
+            return torch.linalg.eigvals(x).real  # no ONNX translation
+
+    with pytest.raises(fxopt.UnsupportedOpError):
+        export_onnx(Bad(), torch.randn(1, 3, 3), tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_onnx_and_pictures(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from fxopt import cli
+
+    monkeypatch.setattr(cli, "LATENCY_BUDGET_S", 0.0)
+    onnx_path, out_dir = tmp_path / "r18.onnx", tmp_path / "build"
+    rc = cli.main(["optimize", "--model", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+                   "--no-progress", "--onnx", str(onnx_path), "--out", str(out_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    onnx.checker.check_model(str(onnx_path))
+    assert f"wrote {onnx_path}" in out
+    for name in ("graph_before.png", "graph_after.png"):
+        data = (out_dir / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 20_000
+
+
+def test_int8_ops_are_reported_not_exported(tmp_path):
+    if "quantize_int8" not in fxopt.PASSES:
+        pytest.skip("the quantize_int8 pass is not registered")
+    from fxopt import digits
+
+    x = digits.example_batch(8)
+    opt = fxopt.optimize(digits.DigitsResNet().eval(), x, quantize="int8",
+                         calibration_data=digits.calibration_batches(2))
+    _, _, kept = decompose_fused_ops(opt.graph_module)
+    assert kept  # the int8 ops, named
+    with pytest.warns(UserWarning, match="no ONNX translation"), \
+            pytest.raises(fxopt.UnsupportedOpError, match="int8"):
+        export_onnx(opt, x, tmp_path / "q.onnx")
+    assert list(tmp_path.iterdir()) == []
