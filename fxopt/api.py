@@ -138,10 +138,9 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
                          hint="pass quantize='int8' (or prune= with importance='taylor') with "
                               "it, or drop calibration_data")
     pipeline = pipeline if pipeline is not None else "default"
-    if prune is not None or "prune_channels" in extra:
-        pipeline = _with_pruning(pipeline, extra)
-    if quantize is not None or "quantize_int8" in extra:
-        pipeline = _with_quantize(pipeline, extra)
+    for feature, value in (("prune", prune), ("quantize", quantize)):
+        if value is not None or _FEATURE_PASSES[feature] in extra:
+            pipeline = _with_pass(pipeline, extra, _FEATURE_PASSES[feature])
     steps = expand_pipeline(pipeline, extra=extra, disable=disable)
     manager = PassManager(steps, check=check, on_mismatch=on_mismatch, instruments=instruments)
 
@@ -185,10 +184,23 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     return OptimizedModule(gm, report, target)
 
 
-def _with_pruning(pipeline: str | Sequence[str], extra: list[str]) -> str | list[str]:
-    """The pipeline with ``prune_channels`` after its first cleanup (first if none), unless
-    it already has it: pruning must see the graph before folding and fusion. A
-    ``prune_channels`` asked for in ``passes=`` moves there from the end (``extra``)."""
+def _after_first_cleanup(names: list[str]) -> int:
+    # Pruning must see the graph before folding and fusion.
+    return names.index("cleanup") + 1 if "cleanup" in names else 0
+
+
+def _after_last_fusion(names: list[str]) -> int:
+    # Quantization sees the fused ops.
+    return len(names) - names[::-1].index("fuse_act") if "fuse_act" in names else len(names)
+
+
+# Where a feature's pass goes in a pipeline that does not name it already.
+_PLACEMENT = {"prune_channels": _after_first_cleanup, "quantize_int8": _after_last_fusion}
+
+
+def _with_pass(pipeline: str | Sequence[str], extra: list[str], name: str) -> str | list[str]:
+    """The pipeline with the feature pass ``name`` at its place (``_PLACEMENT``), unless it has
+    it already. ``name`` asked for in ``passes=`` moves there from the end (``extra``)."""
     from .registry import PIPELINES
 
     if isinstance(pipeline, str):
@@ -197,32 +209,12 @@ def _with_pruning(pipeline: str | Sequence[str], extra: list[str]) -> str | list
         names = list(PIPELINES[pipeline])
     else:
         names = list(pipeline)
-    while "prune_channels" in extra:
-        extra.remove("prune_channels")
-    if "prune_channels" in names:
+    while name in extra:
+        extra.remove(name)
+    if name in names:
         return names
-    at = names.index("cleanup") + 1 if "cleanup" in names else 0
-    return names[:at] + ["prune_channels"] + names[at:]
-
-
-def _with_quantize(pipeline: str | Sequence[str], extra: list[str]) -> str | list[str]:
-    """The pipeline with ``quantize_int8`` right after its (last) ``fuse_act``, at the end if
-    it has none, unless it already has it; quantization sees the fused ops. A
-    ``quantize_int8`` asked for in ``passes=`` moves there from the end (``extra``)."""
-    from .registry import PIPELINES
-
-    if isinstance(pipeline, str):
-        if pipeline not in PIPELINES:
-            return pipeline  # expand_pipeline names the unknown pipeline
-        names = list(PIPELINES[pipeline])
-    else:
-        names = list(pipeline)
-    while "quantize_int8" in extra:
-        extra.remove("quantize_int8")
-    if "quantize_int8" in names:
-        return names
-    at = len(names) - names[::-1].index("fuse_act") if "fuse_act" in names else len(names)
-    return names[:at] + ["quantize_int8"] + names[at:]
+    at = _PLACEMENT[name](names)
+    return names[:at] + [name] + names[at:]
 
 
 def _model_stats(gm: fx.GraphModule) -> ModelStats:
