@@ -1,0 +1,34 @@
+"""Triton kernels for fxopt's fused and quantized ops (depends on torch and triton only).
+
+One module per kernel family, each with the ``@triton.jit`` kernel, its launcher (checks,
+output allocation, grid) and a plain PyTorch reference of the same math:
+
+- ``gemm``: ``linear`` (fp16/bf16/fp32, fp32 accumulation) and ``linear_int8`` (uint8/int8 codes x
+  int8 weight [N, K], int32 accumulation), both with the fused epilogue;
+- ``conv``: ``conv2d`` / ``conv2d_int8``, implicit GEMM on channels-last activations,
+  stride/padding/dilation/groups;
+- ``depthwise``: ``depthwise_conv2d`` / ``depthwise_conv2d_int8``, a direct NHWC kernel;
+- ``quant``: ``quantize`` / ``dequantize`` (per tensor, PyTorch's rounding);
+- ``epilogue``: scale, bias, residual, activation (``ACTIVATIONS``), float or requantized
+  output, shared by all of the above.
+
+The interpreter switch is ``TRITON_INTERPRET`` *at call time* (see ``_runtime``): with
+``TRITON_INTERPRET=1`` the launchers take CPU tensors and run the kernels in Triton's
+interpreter (tests, CI), without it they take CUDA tensors and run compiled, autotuned
+kernels. Setting the variable before or after importing this package both work; on a GPU,
+do not have it set when ``triton`` itself is first imported.
+
+    import os; os.environ["TRITON_INTERPRET"] = "1"
+    from fxopt.triton_kernels import gemm
+    y = linear(torch.randn(17, 64), torch.randn(33, 64), act="relu")
+"""
+from ._runtime import interpreting
+from .conv import conv2d, conv2d_int8, prepare_conv_weight
+from .depthwise import depthwise_conv2d, depthwise_conv2d_int8, prepare_depthwise_weight
+from .epilogue import ACTIVATIONS
+from .gemm import linear, linear_int8, weight_colsum
+from .quant import dequantize, quantize
+
+__all__ = ["interpreting", "ACTIVATIONS", "linear", "linear_int8", "weight_colsum", "conv2d",
+           "conv2d_int8", "prepare_conv_weight", "depthwise_conv2d", "depthwise_conv2d_int8",
+           "prepare_depthwise_weight", "quantize", "dequantize"]

@@ -1,0 +1,182 @@
+"""Launch plumbing shared by the kernel families: interpreter switch, autotuning, input checks.
+
+Why this exists. In triton 3.x ``@triton.jit`` decides *at decoration time* whether a function
+becomes a compiled ``JITFunction`` or an ``InterpretedFunction`` (it reads
+``triton.knobs.runtime.interpret``, i.e. the ``TRITON_INTERPRET`` environment variable, when
+the module is imported). A package imported before a test sets ``TRITON_INTERPRET=1`` would
+then try to compile for a GPU that is not there. Here the decision is taken *at launch time*:
+
+- kernels are wrapped in :class:`Kernel`, which keeps the plain Python function and builds
+  the compiled (autotuned) kernel or the interpreted one on first use in each mode;
+- device functions (ours, made with :func:`device_fn`, and triton.language's own ``@jit``
+  helpers such as ``tl.zeros``) are always ``JITFunction`` objects; while an interpreted
+  kernel runs, calling one runs its interpreted twin (see ``_jit_functions_interpretable``).
+
+So the switch is simply the environment variable at the time of the call::
+
+    TRITON_INTERPRET=1 python -c "..."      # CPU tensors, kernels run in Triton's interpreter
+    os.environ["TRITON_INTERPRET"] = "1"    # also fine after ``import fxopt.triton_kernels``
+
+CPU tensors are accepted only while interpreting; CUDA tensors only while not.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from typing import Callable, Sequence
+
+import torch
+import triton
+from triton.runtime.jit import JITFunction
+
+__all__ = ["interpreting", "Kernel", "device_fn", "check_device", "as_float", "as_int",
+           "float_reciprocal", "FLOAT_DTYPES", "CODE_DTYPES", "code_range"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CODE_DTYPES = (torch.uint8, torch.int8)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1`` now)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        try:
+            return bool(knobs.runtime.interpret)
+        except AttributeError:
+            pass
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+class Kernel:
+    """A Triton kernel whose compiled-or-interpreted form is chosen at launch.
+
+    ``configs()`` gives the autotune configurations (GPU), keyed on the argument names in
+    ``key``; under the interpreter ``interpret_meta`` (block sizes) is passed instead.
+    Launch like a jitted kernel: ``kernel[grid](*args, **constexprs)``.
+    """
+
+    def __init__(self, fn: Callable, configs: Callable[[], list], key: Sequence[str],
+                 interpret_meta: dict, do_not_specialize: Sequence[str] = ()):
+        # accept the @triton.jit-decorated function: keep the plain Python function under it
+        while not inspect.isfunction(fn) and hasattr(fn, "fn"):
+            fn = fn.fn
+        self.fn = fn
+        self.configs = configs
+        self.key = list(key)
+        self.interpret_meta = dict(interpret_meta)
+        self.do_not_specialize = list(do_not_specialize)
+        self._compiled = None
+        self._interpreted = None
+        self.__name__ = fn.__name__
+
+    def compiled(self):
+        if self._compiled is None:
+            self._compiled = triton.autotune(configs=self.configs(), key=self.key)(
+                JITFunction(self.fn, do_not_specialize=self.do_not_specialize or None))
+        return self._compiled
+
+    def interpreted(self):
+        if self._interpreted is None:
+            from triton.runtime.interpreter import InterpretedFunction
+            self._interpreted = InterpretedFunction(self.fn)
+        return self._interpreted
+
+    def __getitem__(self, grid):
+        if interpreting():
+            launcher = self.interpreted()[grid]
+            meta = self.interpret_meta
+
+            def run(*args, **kwargs):
+                with _jit_functions_interpretable():
+                    return launcher(*args, **kwargs, **meta)
+            return run
+        return self.compiled()[grid]
+
+
+def _interpreted_call(self, *args, **kwargs):
+    """``JITFunction.__call__`` while a kernel runs in the interpreter: run the function
+    interpreted (a compiled JITFunction cannot be called from Python)."""
+    interp = self.__dict__.get("_fxopt_interpreted")
+    if interp is None:
+        from triton.runtime.interpreter import InterpretedFunction
+        interp = InterpretedFunction(self.fn)
+        self.__dict__["_fxopt_interpreted"] = interp
+    return interp(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _jit_functions_interpretable():
+    """Device functions a kernel calls were made JITFunctions when their module was imported
+    without TRITON_INTERPRET: ours (``device_fn``) and triton.language's own (``tl.zeros``,
+    ``tl.cdiv``, ... are ``@jit`` functions too). For the duration of an interpreted launch,
+    calling one runs its interpreted twin."""
+    original = JITFunction.__call__
+    JITFunction.__call__ = _interpreted_call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+def device_fn(fn: Callable) -> JITFunction:
+    """Decorator for device functions called from :class:`Kernel` kernels: always a
+    ``JITFunction`` (so compiled kernels can call it whatever the environment was at import);
+    interpreted kernels call it through :func:`_jit_functions_interpretable`."""
+    return JITFunction(fn)
+
+
+def check_device(name: str, tensors: dict) -> torch.device:
+    """All given tensors (None skipped) on one device that Triton can run on now."""
+    devs = {k: t.device for k, t in tensors.items() if t is not None}
+    first = next(iter(devs.values()))
+    for k, d in devs.items():
+        if d != first:
+            raise ValueError(f"{name}: all tensors must be on one device; "
+                             f"{next(iter(devs))} is on {first}, {k} is on {d}")
+    if first.type == "cuda":
+        if interpreting():
+            raise ValueError(f"{name}: TRITON_INTERPRET=1 is set, so kernels run in the interpreter on "
+                             "the CPU; pass CPU tensors, or unset TRITON_INTERPRET for CUDA")
+    elif first.type == "cpu":
+        if not interpreting():
+            raise ValueError(f"{name}: CPU tensors run only in Triton's interpreter; set "
+                             "TRITON_INTERPRET=1, or move the tensors to a CUDA device")
+    else:
+        raise ValueError(f"{name}: unsupported device {first} (Triton needs CUDA, or the CPU "
+                         "interpreter with TRITON_INTERPRET=1)")
+    return first
+
+
+def as_float(v, what: str) -> float:
+    """A Python float from a number or a one-element tensor (a tensor costs a device sync;
+    lowering should pass numbers)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{what} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+        return float(v.item())
+    if isinstance(v, (int, float)):
+        return float(v)
+    raise TypeError(f"{what} must be a number or a one-element tensor, got {type(v).__name__}")
+
+
+def as_int(v, what: str) -> int:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{what} must be an int or a one-element tensor, got shape {tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{what} must be an integer, got {v!r}")
+    return v
+
+
+def float_reciprocal(scale: float) -> float:
+    """``1/scale`` rounded to float32 as ``torch.reciprocal`` does (PyTorch quantizes with
+    ``round(x * (1/scale))``); exactly representable, so it crosses into the kernel unchanged."""
+    return float(torch.reciprocal(torch.tensor(scale, dtype=torch.float32)))
+
+
+def code_range(dtype: torch.dtype) -> tuple[int, int]:
+    return (0, 255) if dtype == torch.uint8 else (-128, 127)
