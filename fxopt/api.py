@@ -141,6 +141,9 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     for feature, value in (("prune", prune), ("quantize", quantize)):
         if value is not None or _FEATURE_PASSES[feature] in extra:
             pipeline = _with_pass(pipeline, extra, _FEATURE_PASSES[feature])
+    if quantize is not None and target == "cpu":
+        # The int8 IR onto PyTorch's quantized CPU kernels, last (after the final cleanup).
+        pipeline = _with_pass(pipeline, extra, "lower_int8_cpu")
     steps = expand_pipeline(pipeline, extra=extra, disable=disable)
     manager = PassManager(steps, check=check, on_mismatch=on_mismatch, instruments=instruments)
 
@@ -195,7 +198,8 @@ def _after_last_fusion(names: list[str]) -> int:
 
 
 # Where a feature's pass goes in a pipeline that does not name it already.
-_PLACEMENT = {"prune_channels": _after_first_cleanup, "quantize_int8": _after_last_fusion}
+_PLACEMENT = {"prune_channels": _after_first_cleanup, "quantize_int8": _after_last_fusion,
+              "lower_int8_cpu": len}
 
 
 def _with_pass(pipeline: str | Sequence[str], extra: list[str], name: str) -> str | list[str]:

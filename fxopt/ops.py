@@ -304,4 +304,5 @@ MAC_COUNTERS[torch.ops.fxopt.conv1d_act] = _conv_act_macs
 MAC_COUNTERS[torch.ops.fxopt.conv2d_act] = _conv_act_macs
 MAC_COUNTERS[torch.ops.fxopt.linear_act] = _linear_act_macs
 
-from . import ops_int8  # noqa: E402,F401  (int8 ops: torch.ops.fxopt.conv2d_int8 / linear_int8)
+from . import ops_int8  # noqa: E402,F401  (the int8 IR: torch.ops.fxopt.quantize, conv2d_int8, ...)
+from . import ops_int8_dynamic  # noqa: E402,F401  (torch.ops.fxopt.linear_int8_dynamic)

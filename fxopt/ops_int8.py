@@ -1,28 +1,30 @@
-"""Int8 ops in the ``fxopt`` namespace: a convolution or linear layer run on int8 codes.
+"""Int8 ops in the ``fxopt`` namespace: the device-neutral int8 IR that ``quantize_int8`` writes.
 
-Each op takes a *float* input and returns a *float* output; inside it quantizes the input
-(per tensor, ``x_scale``/``x_zp``), multiplies int8 codes with a per-channel symmetric int8
-weight (``w_scale`` per output channel, zero point 0) accumulating in int32, adds the float
-bias (and a float residual), applies the activation and rounds the result onto the output
-grid (``y_scale``/``y_zp``), then dequantizes. First cut: every op is its own quantized
-region (quantize at entry, dequantize at exit); int8 chains without a float round trip are
-the next step.
+Between int8 ops the graph carries *codes*: plain ``uint8`` (affine grids) or ``int8``
+(symmetric grids) tensors, with each grid's scale and zero point held as buffers and passed
+to the ops that read or write it. A quantized region starts at ``fxopt.quantize`` and ends
+at ``fxopt.dequantize``; in between no float tensor is materialized.
 
-    y = torch.ops.fxopt.conv2d_int8(x, w_q, w_scale, b, [1, 1], [1, 1], [1, 1], 1,
-                                    x_scale, x_zp, y_scale, y_zp, None, act="relu")
-    # == fq_y(relu(conv2d(fq_x(x), w_q * w_scale, b)))  within one step of the y grid
+    q  = torch.ops.fxopt.quantize(x, s_x, zp_x, 0, 255)                   # float -> uint8 codes
+    y  = torch.ops.fxopt.conv2d_int8(q, w_q, w_s, b, [1, 1], [1, 1], [1, 1], 1,
+                                     s_x, zp_x, s_y, zp_y, act="relu", out_int8=True)
+    z  = torch.ops.fxopt.add_int8(y, s_y, zp_y, r, s_r, zp_r, s_z, zp_z, act="relu")
+    p  = torch.ops.fxopt.adaptive_avg_pool2d_int8(z, [1, 1], s_z, zp_z, 0, 255)
+    out = torch.ops.fxopt.dequantize(p, s_z, zp_z)                        # codes -> float32
 
-CPU: PyTorch's quantized kernels (``torch.ops.quantized.conv2d`` / ``linear`` with prepacked
-weights, engine ``torch.backends.quantized.engine``) when the op has no residual and its
-activation is ``none`` or ``relu`` and the input grid is uint8 with a 7-bit range (fbgemm's
-u8 x s8 pair sums must stay inside int16); everything else runs the reference: integer
-codes, exact accumulation (float32 while every partial sum stays below 2**24, else float64),
-the epilogue in float32.
+``conv2d_int8`` / ``linear_int8`` take float input (quantized inside on ``x``'s grid) or codes,
+and return codes on the ``y`` grid with ``out_int8=True``, else the dequantized float. Weights
+are int8 per output channel, symmetric (zero point 0); accumulation is exact; the epilogue
+(bias, float residual, activation, rounding onto the ``y`` grid) is float32, PyTorch's
+arithmetic (round half to even of ``v * (1/scale)``). Max pooling (``max_pool2d_int8``) and
+flatten/reshape keep the grid (flatten runs on the codes unchanged). Every op here has one implementation, the exact
+reference, on CPU and CUDA; speed comes from the lowering passes (``lower_int8_cpu`` to
+PyTorch's quantized x86 kernels, ``lower_to_triton`` on CUDA). That keeps the IR the single
+source of truth that the checks, the ONNX QDQ export and the lowerings all read.
 """
 from __future__ import annotations
 
-import warnings
-import weakref
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +32,61 @@ import torch.nn.functional as F
 from .metrics import MAC_COUNTERS
 from .ops import LIB, _out_format, apply_activation
 
-__all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantized_engine_available",
-           "clear_packed_cache"]
+__all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference",
+           "dequantize_reference", "add_int8_reference", "adaptive_avg_pool2d_int8_reference",
+           "cat_int8_reference", "max_pool2d_int8_reference", "codes_dtype", "INT8_IR_OPS"]
 
 _TAIL = ("Tensor x_scale, Tensor x_zp, Tensor y_scale, Tensor y_zp, Tensor? residual=None, *, "
-         "str act='none', float[] act_args=[], int x_qmin=0, int x_qmax=127, int y_qmin=0, "
-         "int y_qmax=255) -> Tensor")
+         "str act='none', float[] act_args=[], int x_qmin=0, int x_qmax=255, int y_qmin=0, "
+         "int y_qmax=255, bool out_int8=False) -> Tensor")
 LIB.define("conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int[2] stride, "
            "int[2] padding, int[2] dilation, int groups, " + _TAIL)
 LIB.define("linear_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, " + _TAIL)
+LIB.define("quantize(Tensor x, Tensor scale, Tensor zp, int qmin, int qmax) -> Tensor")
+LIB.define("dequantize(Tensor q, Tensor scale, Tensor zp) -> Tensor")
+LIB.define("add_int8(Tensor a, Tensor a_scale, Tensor a_zp, Tensor b, Tensor b_scale, "
+           "Tensor b_zp, Tensor y_scale, Tensor y_zp, *, str act='none', float[] act_args=[], "
+           "int y_qmin=0, int y_qmax=255) -> Tensor")
+LIB.define("adaptive_avg_pool2d_int8(Tensor q, int[2] output_size, Tensor scale, Tensor zp, "
+           "int qmin, int qmax) -> Tensor")
+LIB.define("max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
+           "int[2] dilation, bool ceil_mode) -> Tensor")
+LIB.define("cat_int8(Tensor[] qs, Tensor[] scales, Tensor[] zps, int dim, Tensor y_scale, "
+           "Tensor y_zp, int y_qmin, int y_qmax) -> Tensor")
+
+
+def codes_dtype(qmin: int) -> torch.dtype:
+    """The storage dtype of a grid's codes: uint8 for affine grids, int8 for symmetric ones."""
+    return torch.uint8 if qmin >= 0 else torch.int8
 
 
 def _quant(x, scale, zp, qmin, qmax) -> torch.Tensor:
     """Codes (as int64) with PyTorch's arithmetic: round(x * (1/s)) + zp, clamped."""
     q = torch.round(x.float() * torch.reciprocal(scale.float())) + zp
     return q.clamp_(qmin, qmax).to(torch.int64)
+
+
+def _values(q, scale, zp) -> torch.Tensor:
+    """Codes -> float32 values ``(q - zp) * s``."""
+    return (q.to(torch.int64) - zp).float() * scale.float()
+
+
+def _is_codes(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.uint8, torch.int8)
+
+
+def quantize_reference(x, scale, zp, qmin, qmax) -> torch.Tensor:
+    return _quant(x, scale, zp, qmin, qmax).to(codes_dtype(qmin))
+
+
+def dequantize_reference(q, scale, zp) -> torch.Tensor:
+    return _values(q, scale, zp)
+
+
+def _finish(q, y_zp, y_scale, y_qmin, out_int8: bool, dtype) -> torch.Tensor:
+    if out_int8:
+        return q.to(codes_dtype(y_qmin))
+    return ((q - y_zp).float() * y_scale.float()).to(dtype)
 
 
 def _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin, y_qmax,
@@ -57,155 +99,159 @@ def _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_z
     if residual is not None:
         y = y + residual
     y = apply_activation(y, act, act_args)
-    q = _quant(y, y_scale, y_zp, y_qmin, y_qmax)
-    return (q - y_zp).float() * y_scale.float()
+    return _quant(y, y_scale, y_zp, y_qmin, y_qmax)
 
 
-def _exact_dtype(k: int, x_zp, x_qmin: int, x_qmax: int) -> torch.dtype:
-    """float32 when every partial sum of ``k`` int8 products is an integer below 2**24 (then
-    any summation order is exact and the fast float kernels apply), else float64."""
+def _split_base(k: int, cmax: int) -> int | None:
+    """A base ``b`` such that splitting centered codes ``c = b*h + l`` (``0 <= l < b``) keeps
+    every partial sum of ``k`` products of either part with an int8 weight below 2**24, so a
+    float32 convolution of each part is exact. 1: no split needed; None: use float64."""
+    if k * cmax * 127 < 2 ** 24:
+        return 1
+    for b in (4, 8, 16, 32):
+        if k * max(b - 1, cmax // b + 1) * 127 < 2 ** 24:
+            return b
+    return None
+
+
+def _exact_acc(xc: torch.Tensor, w: torch.Tensor, k: int, cmax: int, fn) -> torch.Tensor:
+    """``fn(xc, w)`` (a conv or matmul of centered integer codes with int8 weights), exact:
+    float32 (split into two float32 products when the sums would pass 2**24), else float64."""
+    base = _split_base(k, cmax)
+    if base is None:
+        return fn(xc.double(), w.double())
+    wf = w.float()
+    if base == 1:
+        return fn(xc.float(), wf)
+    h = torch.div(xc, base, rounding_mode="floor")
+    lo = xc - h * base
+    return fn(h.float(), wf).double() * base + fn(lo.float(), wf).double()
+
+
+def _centered(x, x_scale, x_zp, x_qmin, x_qmax) -> tuple[torch.Tensor, int]:
+    q = x.to(torch.int64) if _is_codes(x) else _quant(x, x_scale, x_zp, x_qmin, x_qmax)
     zp = int(x_zp)
-    bound = k * max(zp - x_qmin, x_qmax - zp) * 127
-    return torch.float32 if bound < 2 ** 24 else torch.float64
+    return q - zp, max(zp - x_qmin, x_qmax - zp)
 
 
 def conv2d_int8_reference(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                           y_scale, y_zp, residual=None, *, act="none", act_args=(), x_qmin=0,
-                          x_qmax=127, y_qmin=0, y_qmax=255) -> torch.Tensor:
-    """Exact integer convolution: integer codes, accumulated in float32 where every partial
-    sum fits its 24-bit mantissa, else in float64 (exact for any int8 layer size here)."""
+                          x_qmax=255, y_qmin=0, y_qmax=255, out_int8=False) -> torch.Tensor:
+    """Exact integer convolution: centered integer codes times int8 weights, summed in float32
+    where every partial sum stays below 2**24 (split in two halves where it would not), else
+    float64; then the float32 epilogue."""
     k = w_q.shape[1] * w_q.shape[2] * w_q.shape[3]
-    dt = _exact_dtype(k, x_zp, x_qmin, x_qmax)
-    xq = (_quant(x, x_scale, x_zp, x_qmin, x_qmax) - x_zp).to(dt)
-    acc = F.conv2d(xq, w_q.to(dt), None, list(stride), list(padding), list(dilation), groups)
-    y = _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin,
-                  y_qmax, 1).to(x.dtype)
+    xc, cmax = _centered(x, x_scale, x_zp, x_qmin, x_qmax)
     fmt = _out_format(x)
+    acc = _exact_acc(xc.contiguous(memory_format=fmt), w_q, k, cmax,
+                     lambda a, w: F.conv2d(a, w, None, list(stride), list(padding),
+                                           list(dilation), groups))
+    q = _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin,
+                  y_qmax, 1)
+    y = _finish(q, y_zp, y_scale, y_qmin, out_int8, torch.float32 if _is_codes(x) else x.dtype)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
 def linear_int8_reference(x, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, residual=None, *,
-                          act="none", act_args=(), x_qmin=0, x_qmax=127, y_qmin=0,
-                          y_qmax=255) -> torch.Tensor:
-    dt = _exact_dtype(w_q.shape[1], x_zp, x_qmin, x_qmax)
-    xq = (_quant(x, x_scale, x_zp, x_qmin, x_qmax) - x_zp).to(dt)
-    acc = F.linear(xq, w_q.to(dt))
-    return _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin,
-                     y_qmax, -1).to(x.dtype).contiguous()
+                          act="none", act_args=(), x_qmin=0, x_qmax=255, y_qmin=0,
+                          y_qmax=255, out_int8=False) -> torch.Tensor:
+    xc, cmax = _centered(x, x_scale, x_zp, x_qmin, x_qmax)
+    acc = _exact_acc(xc, w_q, w_q.shape[1], cmax, F.linear)
+    q = _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin,
+                  y_qmax, -1)
+    return _finish(q, y_zp, y_scale, y_qmin, out_int8,
+                   torch.float32 if _is_codes(x) else x.dtype).contiguous()
 
 
-# -- CPU: PyTorch's quantized kernels ----------------------------------------------------------
-_PACKED: dict[tuple, tuple] = {}
+def add_int8_reference(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none",
+                       act_args=(), y_qmin=0, y_qmax=255) -> torch.Tensor:
+    """``act(a + b)`` of two code tensors onto the ``y`` grid (PyTorch's quantized add: the
+    float sum of the dequantized inputs, requantized)."""
+    y = apply_activation(_values(a, a_scale, a_zp) + _values(b, b_scale, b_zp), act, act_args)
+    return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
 
 
-def clear_packed_cache() -> None:
-    _PACKED.clear()
+def adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax) -> torch.Tensor:
+    """Average pooling of codes, rounded back onto the same grid."""
+    y = F.adaptive_avg_pool2d(_values(q, scale, zp), list(output_size))
+    return quantize_reference(y, scale, zp, qmin, qmax)
 
 
-def quantized_engine_available() -> bool:
-    """Whether PyTorch's quantized CPU kernels (fbgemm / x86 / onednn) can run here."""
-    return torch.backends.quantized.engine in ("x86", "fbgemm", "onednn")
+def max_pool2d_int8_reference(q, kernel_size, stride, padding, dilation, ceil_mode):
+    """Max pooling of codes (exact: the max of codes is the code of the max). Runs in float32
+    because PyTorch's uint8 max pooling fails on large channels-last inputs."""
+    y = F.max_pool2d(q.float(), list(kernel_size), list(stride), list(padding), list(dilation),
+                     ceil_mode)
+    return y.to(q.dtype)
 
 
-def _fast_ok(x, residual, act, x_zp, x_qmin, x_qmax, y_qmin, y_qmax) -> bool:
-    return (quantized_engine_available() and residual is None and act in ("none", "relu")
-            and x.dtype == torch.float32 and x_qmin == 0 and x_qmax <= 127
-            and y_qmin == 0 and y_qmax == 255)
-
-
-def _packed(kind: str, w_q, w_scale, bias, extra: tuple, act: str):
-    """Prepacked weights, cached per weight tensor (and its version), engine and activation."""
-    key = (kind, id(w_q), w_q._version, torch.backends.quantized.engine, extra, act,
-           id(bias), id(w_scale))
-    hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is w_q:
-        return hit[1]
-    with _quiet():
-        wq = torch._make_per_channel_quantized_tensor(
-            w_q.to(torch.int8), w_scale.double(), torch.zeros_like(w_scale, dtype=torch.int64), 0)
-    b = bias.float() if bias is not None else None
-    if kind == "conv2d":
-        stride, padding, dilation, groups = extra
-        packed = torch.ops.quantized.conv2d_prepack(wq, b, list(stride), list(padding),
-                                                    list(dilation), groups)
-    else:
-        packed = torch.ops.quantized.linear_prepack(wq, b)
-    _PACKED[key] = (weakref.ref(w_q), packed)
-    return packed
-
-
-def _qinput(x, x_scale, x_zp, x_qmin, x_qmax):
-    codes = _quant(x, x_scale, x_zp, x_qmin, x_qmax).to(torch.uint8)
-    with _quiet():
-        return torch._make_per_tensor_quantized_tensor(codes, float(x_scale), int(x_zp))
-
-
-def _quiet():
-    """PyTorch deprecates quantized tensor creation (the kernels stay); keep that warning out."""
-    return _Quiet()
-
-
-class _Quiet:
-    def __enter__(self):
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
-
-
-def _conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
-                     y_scale, y_zp, residual=None, *, act="none", act_args=(), x_qmin=0,
-                     x_qmax=127, y_qmin=0, y_qmax=255):
-    if not _fast_ok(x, residual, act, x_zp, x_qmin, x_qmax, y_qmin, y_qmax):
-        return conv2d_int8_reference(x, w_q, w_scale, bias, stride, padding, dilation, groups,
-                                     x_scale, x_zp, y_scale, y_zp, residual, act=act,
-                                     act_args=act_args, x_qmin=x_qmin, x_qmax=x_qmax,
-                                     y_qmin=y_qmin, y_qmax=y_qmax)
-    # One packing per activation: the x86/onednn packed params cache a primitive built for
-    # the first call's post-op (measured: conv2d after conv2d_relu on one packing kept relu).
-    packed = _packed("conv2d", w_q, w_scale, bias, (tuple(stride), tuple(padding),
-                                                    tuple(dilation), groups), act)
-    qx = _qinput(x, x_scale, x_zp, x_qmin, x_qmax)
-    fn = torch.ops.quantized.conv2d_relu if act == "relu" else torch.ops.quantized.conv2d
-    y = fn(qx, packed, float(y_scale), int(y_zp)).dequantize()
-    fmt = _out_format(x)
-    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
-
-
-def _linear_int8_cpu(x, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, residual=None, *,
-                     act="none", act_args=(), x_qmin=0, x_qmax=127, y_qmin=0, y_qmax=255):
-    if not _fast_ok(x, residual, act, x_zp, x_qmin, x_qmax, y_qmin, y_qmax):
-        return linear_int8_reference(x, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp,
-                                     residual, act=act, act_args=act_args, x_qmin=x_qmin,
-                                     x_qmax=x_qmax, y_qmin=y_qmin, y_qmax=y_qmax)
-    packed = _packed("linear", w_q, w_scale, bias, (), act)
-    qx = _qinput(x.contiguous(), x_scale, x_zp, x_qmin, x_qmax)
-    fn = torch.ops.quantized.linear_relu if act == "relu" else torch.ops.quantized.linear
-    return fn(qx, packed, float(y_scale), int(y_zp)).dequantize().contiguous()
+def cat_int8_reference(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax) -> torch.Tensor:
+    y = torch.cat([_values(q, s, z) for q, s, z in zip(qs, scales, zps)], dim)
+    return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
 
 
 # -- fake implementations ----------------------------------------------------------------------
-def _conv2d_int8_fake(x, w_q, w_scale, bias, stride, padding, dilation, groups, *rest, **kw):
+def _conv2d_int8_fake(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
+                      y_scale, y_zp, residual=None, *, act="none", act_args=(), x_qmin=0,
+                      x_qmax=255, y_qmin=0, y_qmax=255, out_int8=False):
     spatial = []
     for i, (s, p, d) in enumerate(zip(stride, padding, dilation)):
         size, k = x.shape[2 + i], w_q.shape[2 + i]
         spatial.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-    return torch.empty([x.shape[0], w_q.shape[0], *spatial], dtype=x.dtype, device=x.device,
+    dtype = codes_dtype(y_qmin) if out_int8 else (torch.float32 if _is_codes(x) else x.dtype)
+    return torch.empty([x.shape[0], w_q.shape[0], *spatial], dtype=dtype, device=x.device,
                        memory_format=_out_format(x))
 
 
-def _linear_int8_fake(x, w_q, *rest, **kw):
-    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+def _linear_int8_fake(x, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, residual=None, *,
+                      act="none", act_args=(), x_qmin=0, x_qmax=255, y_qmin=0, y_qmax=255,
+                      out_int8=False):
+    dtype = codes_dtype(y_qmin) if out_int8 else (torch.float32 if _is_codes(x) else x.dtype)
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=dtype)
 
 
-LIB.impl("conv2d_int8", _conv2d_int8_cpu, "CPU")
-LIB.impl("conv2d_int8", conv2d_int8_reference, "CUDA")  # the Triton int8 kernels replace this
-torch.library.register_fake("fxopt::conv2d_int8", _conv2d_int8_fake, lib=LIB)
-LIB.impl("linear_int8", _linear_int8_cpu, "CPU")
-LIB.impl("linear_int8", linear_int8_reference, "CUDA")
-torch.library.register_fake("fxopt::linear_int8", _linear_int8_fake, lib=LIB)
+def _quantize_fake(x, scale, zp, qmin, qmax):
+    return torch.empty_like(x, dtype=codes_dtype(qmin))
+
+
+def _dequantize_fake(q, scale, zp):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+def _add_int8_fake(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none",
+                   act_args=(), y_qmin=0, y_qmax=255):
+    return torch.empty_like(a, dtype=codes_dtype(y_qmin))
+
+
+def _avg_pool_fake(q, output_size, scale, zp, qmin, qmax):
+    return q.new_empty((*q.shape[:-2], *output_size), dtype=codes_dtype(qmin))
+
+
+def _max_pool_fake(q, kernel_size, stride, padding, dilation, ceil_mode):
+    return F.max_pool2d(torch.empty_like(q, dtype=torch.float32), list(kernel_size), list(stride),
+                        list(padding), list(dilation), ceil_mode).to(q.dtype)
+
+
+def _cat_int8_fake(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax):
+    return torch.cat([torch.empty_like(q, dtype=codes_dtype(y_qmin)) for q in qs], dim)
+
+
+_IMPLS = {
+    "conv2d_int8": (conv2d_int8_reference, _conv2d_int8_fake),
+    "linear_int8": (linear_int8_reference, _linear_int8_fake),
+    "quantize": (quantize_reference, _quantize_fake),
+    "dequantize": (dequantize_reference, _dequantize_fake),
+    "add_int8": (add_int8_reference, _add_int8_fake),
+    "adaptive_avg_pool2d_int8": (adaptive_avg_pool2d_int8_reference, _avg_pool_fake),
+    "cat_int8": (cat_int8_reference, _cat_int8_fake),
+    "max_pool2d_int8": (max_pool2d_int8_reference, _max_pool_fake),
+}
+for _name, (_ref, _fake) in _IMPLS.items():
+    LIB.impl(_name, _ref, "CPU")
+    LIB.impl(_name, _ref, "CUDA")  # lower_to_triton replaces these with the Triton kernels
+    torch.library.register_fake(f"fxopt::{_name}", _fake, lib=LIB)
+
+INT8_IR_OPS = tuple(getattr(torch.ops.fxopt, name).default for name in _IMPLS)
 
 
 def _shape(node):
@@ -214,13 +260,11 @@ def _shape(node):
 
 
 def _conv_macs(node, gm) -> int:
-    import math
     out, w = _shape(node), _shape(node.args[1])
     return math.prod(out) * math.prod(w[1:]) if out and w else 0
 
 
 def _linear_macs(node, gm) -> int:
-    import math
     out, w = _shape(node), _shape(node.args[1])
     return math.prod(out) * w[-1] if out and w else 0
 

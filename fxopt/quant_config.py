@@ -8,6 +8,15 @@ Activations: one grid per tensor from a named observer (``fxopt.observers.OBSERV
 asymmetric uint8 with a 7-bit range by default (what the x86/fbgemm kernels need), or
 ``activation_symmetric=True`` for symmetric int8 (runs on the reference path). Weights: one
 symmetric int8 grid per output channel (``weight_observer="per_channel_minmax"``, the only one).
+``mode``: ``"static"`` (calibrated activation grids; needs ``calibration_data``) or
+``"dynamic"`` (Linear layers only: int8 weights, activations quantized at run time from their
+own range; no calibration data, for transformer blocks and the like).
+``reduce_range``: 7-bit uint8 activation grids (default ``True``, what the x86/fbgemm kernels
+need on CPUs without VNNI; torch.ao's x86 default does the same).
+``min_sqnr_db`` / ``max_float_layers``: sensitivity-guided fallback. Each layer's sensitivity is
+the SQNR (dB, against float) of the model with only that layer quantized; the most sensitive
+layers are kept in float, one at a time, until the whole model's SQNR reaches ``min_sqnr_db``
+or ``max_float_layers`` are float. ``sensitivity_batches``: calibration batches used for that.
 ``keep_float``: module paths (``"layer1.0.conv1"``, a prefix covers its children) or module
 types left in float. ``first_layer`` / ``last_layer``: ``"quantize"`` or ``"float"``
 (the first / last quantizable layer in graph order).
@@ -23,6 +32,7 @@ from .observers import OBSERVERS
 __all__ = ["QuantConfig"]
 
 _LAYER_POLICIES = ("quantize", "float")
+_MODES = ("static", "dynamic")
 _WEIGHT_OBSERVERS = ("per_channel_minmax",)
 
 
@@ -36,6 +46,11 @@ class QuantConfig:
     last_layer: str = "quantize"
     observer_options: dict = field(default_factory=dict)  # keyword options for the observer
     min_batches: int = 1
+    mode: str = "static"
+    reduce_range: bool = True
+    min_sqnr_db: float | None = None
+    max_float_layers: int | None = None
+    sensitivity_batches: int = 2
 
     def __post_init__(self):
         if self.activation_observer not in OBSERVERS:
@@ -55,6 +70,15 @@ class QuantConfig:
             if not isinstance(k, (str, type)):
                 raise InputError(f"QuantConfig.keep_float holds module paths or types, not "
                                  f"{type(k).__name__}")
+        if self.mode not in _MODES:
+            raise InputError(f"QuantConfig.mode must be one of {_MODES}, got {self.mode!r}")
+        if self.max_float_layers is not None and int(self.max_float_layers) < 0:
+            raise InputError("QuantConfig.max_float_layers must be 0 or more")
+        if self.min_sqnr_db is not None and not isinstance(self.min_sqnr_db, (int, float)):
+            raise InputError(f"QuantConfig.min_sqnr_db is a number of dB, not "
+                             f"{type(self.min_sqnr_db).__name__}", hint="e.g. min_sqnr_db=30")
+        if int(self.sensitivity_batches) < 1:
+            raise InputError("QuantConfig.sensitivity_batches must be at least 1")
         if int(self.min_batches) < 1:
             raise InputError("QuantConfig.min_batches must be at least 1")
 
@@ -64,10 +88,12 @@ class QuantConfig:
         if isinstance(value, QuantConfig):
             return value
         if isinstance(value, str):
-            if value.lower() != "int8":
-                raise InputError(f"quantize={value!r} is not supported",
-                                 hint="use quantize='int8' or a QuantConfig")
-            return cls()
+            if value.lower() == "int8":
+                return cls()
+            if value.lower() in ("int8_dynamic", "dynamic"):
+                return cls(mode="dynamic")
+            raise InputError(f"quantize={value!r} is not supported",
+                             hint="use quantize='int8', 'int8_dynamic' or a QuantConfig")
         if isinstance(value, dict):
             known = {f.name for f in fields(cls)}
             unknown = set(value) - known

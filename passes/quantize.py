@@ -1,45 +1,48 @@
-"""``quantize_int8``: post-training int8 quantization of convolutions and linear layers.
+"""``quantize_int8``: post-training int8 quantization with int8 chains between layers.
 
 1. Calibrate: run ``ctx.calibration_data`` (tensors, ``(x, y)`` tuples, a DataLoader) through
-   the graph; an observer per layer watches its input and its output (after the fused
-   activation), one per-channel min/max observer watches each weight.
-2. Rewrite every ``nn.Conv2d`` / ``nn.Linear`` call and every fused ``conv2d_act`` /
-   ``linear_act`` into ``torch.ops.fxopt.conv2d_int8`` / ``linear_int8`` (``fxopt.ops_int8``)
-   with per-channel symmetric int8 weights and per-tensor activation grids, all stored as
-   buffers. First cut: every op quantizes its input and dequantizes its output (one
-   quantized region per op); int8 chains between ops and int8 pooling/add/cat come later.
-3. Reference (DESIGN.md section 4): the graph before the pass with fake quantization at the
-   same points (input, weight, output of each layer), in float. The int8 graph must equal it
-   within one quantization step of the output (``PassResult.max_abs_tolerance``).
-4. Report: SQNR (dB), max abs error and top-1 agreement of the int8 graph against the float
-   graph on the calibration batches (``stats``).
+   the float graph once, with a progress bar; one observer per candidate value
+   (``quantize_plan.observed_values``), one per-channel min/max observer per weight.
+2. Sensitivity fallback (``QuantConfig(min_sqnr_db=, max_float_layers=)``): each layer's
+   sensitivity is the SQNR of the simulated model with only that layer quantized; the most
+   sensitive layers go back to float, one at a time, until the budget holds.
+3. Plan the int8 regions (``quantize_plan.make_plan``) and rewrite them into the int8 IR of
+   ``fxopt.ops_int8``: ``quantize`` at each region entry, ``conv2d_int8`` / ``linear_int8``
+   writing int8 codes for the next layer (requantized in the epilogue), ``add_int8``,
+   ``cat_int8``, ``adaptive_avg_pool2d_int8``, max pooling and flatten on the codes, and
+   ``dequantize`` at each exit. Scales and zero points are buffers.
+4. Reference (DESIGN.md section 4): ``SimulatedInt8``, the float graph with fake quantization at
+   the same points. The int8 graph must equal it within one quantization step of the output
+   (``PassResult.max_abs_tolerance``).
+5. Report: SQNR (dB), max abs error and top-1 agreement of the int8 graph against the float
+   graph on the calibration batches (``stats``), the layers kept in float and why.
 
     >>> res = quantize_int8(gm, PassContext((x,), calibration_data=batches))
-    >>> res.stats      # the digits ResNet after fuse_act, 8 calibration batches of 32
-    {'conv2d': 8, 'linear': 1, 'kept_float': 0, 'calibration_batches': 8, 'output_step': 0.06223,
-     'sqnr_db': 32.76, 'max_abs_err': 0.2573, 'top1_agreement': 1.0}
+    >>> res.stats["conv2d"], res.stats["sqnr_db"]
 
-Conv1d layers, grouped convolutions and layers in ``QuantConfig.keep_float`` stay float.
+``QuantConfig(mode="dynamic")`` (``quantize="int8_dynamic"``) runs ``quantize_dynamic`` instead:
+int8 Linear weights, activations quantized at run time, no calibration data.
 """
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 import fxopt.ops  # noqa: F401 - defines torch.ops.fxopt.* (int8 ops included)
-from fxopt.errors import InputError
-from fxopt.graph_utils import add_buffer, copy_meta, get_attr_value, module_path, \
-    remove_unused_attributes
+import fxopt.ops_int8  # noqa: F401
+from fxopt.errors import InputError, PreconditionError
+from fxopt.graph_utils import add_buffer, copy_meta, get_attr_value, remove_unused_attributes
 from fxopt.observers import PerChannelMinMaxObserver, make_observer
+from fxopt.progress import progress
 from fxopt.quant_config import QuantConfig
 from fxopt.quant_params import QParams
 from fxopt.registry import PassContext, PassResult, register_pass
+
+from .quantize_plan import PRE, Layer, Plan, SimulatedInt8, find_layers, make_plan, \
+    observed_values
 
 __all__ = ["quantize_int8", "calibration_inputs", "sqnr_db", "INT8_OPS"]
 
@@ -47,72 +50,14 @@ CONV2D = torch.ops.fxopt.conv2d_act.default
 LINEAR = torch.ops.fxopt.linear_act.default
 CONV2D_INT8 = torch.ops.fxopt.conv2d_int8.default
 LINEAR_INT8 = torch.ops.fxopt.linear_int8.default
-INT8_OPS = (CONV2D_INT8, LINEAR_INT8)
-
-
-@dataclass
-class _Layer:
-    node: fx.Node
-    kind: str  # "conv2d" | "linear"
-    x: fx.Node
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    conv: tuple | None  # (stride, padding, dilation, groups)
-    residual: object
-    act: str
-    act_args: list
-    path: str
-    module_type: type
-
-
-def _find_layers(gm: fx.GraphModule) -> list[_Layer]:
-    layers = []
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            m = gm.get_submodule(n.target)
-            if len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
-                continue
-            if isinstance(m, nn.Conv2d) and type(m) is nn.Conv2d and m.padding_mode == "zeros" \
-                    and not isinstance(m.padding, str):
-                layers.append(_Layer(n, "conv2d", n.args[0], m.weight.detach(),
-                                     None if m.bias is None else m.bias.detach(),
-                                     (list(m.stride), list(m.padding), list(m.dilation), m.groups),
-                                     None, "none", [], str(n.target), type(m)))
-            elif type(m) is nn.Linear:
-                layers.append(_Layer(n, "linear", n.args[0], m.weight.detach(),
-                                     None if m.bias is None else m.bias.detach(), None, None,
-                                     "none", [], str(n.target), type(m)))
-        elif n.op == "call_function" and n.target in (CONV2D, LINEAR):
-            conv = n.target is CONV2D
-            nfixed = 7 if conv else 3
-            args = list(n.args)
-            w_node, b_node = args[1], args[2]
-            if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
-                continue
-            if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"):
-                continue
-            residual = args[nfixed] if len(args) > nfixed else n.kwargs.get("residual")
-            weight = get_attr_value(gm, w_node.target).detach()
-            bias = None if b_node is None else get_attr_value(gm, b_node.target).detach()
-            layers.append(_Layer(n, "conv2d" if conv else "linear", args[0], weight, bias,
-                                 tuple(args[3:7]) if conv else None, residual,
-                                 n.kwargs.get("act", "none"), list(n.kwargs.get("act_args", [])),
-                                 module_path(n), nn.Conv2d if conv else nn.Linear))
-    return [l for l in layers if l.weight.dtype == torch.float32 and
-            (l.conv is None or l.conv[3] == 1)]
-
-
-def _select(layers: list[_Layer], cfg: QuantConfig) -> tuple[list[_Layer], list[str]]:
-    keep = set()
-    for i, layer in enumerate(layers):
-        if cfg.keeps_float(layer.path, layer.module_type):
-            keep.add(i)
-    if layers and cfg.first_layer == "float":
-        keep.add(0)
-    if layers and cfg.last_layer == "float":
-        keep.add(len(layers) - 1)
-    return ([l for i, l in enumerate(layers) if i not in keep],
-            [layers[i].path or layers[i].node.name for i in sorted(keep)])
+QUANTIZE = torch.ops.fxopt.quantize.default
+DEQUANTIZE = torch.ops.fxopt.dequantize.default
+ADD_INT8 = torch.ops.fxopt.add_int8.default
+CAT_INT8 = torch.ops.fxopt.cat_int8.default
+AVGPOOL_INT8 = torch.ops.fxopt.adaptive_avg_pool2d_int8.default
+MAXPOOL_INT8 = torch.ops.fxopt.max_pool2d_int8.default
+INT8_OPS = (CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE, ADD_INT8, CAT_INT8, AVGPOOL_INT8,
+            MAXPOOL_INT8)
 
 
 # -- calibration ----------------------------------------------------------------------------
@@ -156,30 +101,70 @@ def calibration_inputs(data, example_inputs: tuple, min_batches: int = 1) -> lis
 
 
 class _Calibrator(fx.Interpreter):
-    def __init__(self, gm, watch: dict):
+    """Runs the float graph; feeds each watched value (and each residual layer's pre-add
+    value: the layer run without its residual and activation) to its observer."""
+
+    def __init__(self, gm, observers: dict, pre: dict):
         super().__init__(gm)
-        self.watch = watch  # node -> (input observer, output observer)
+        self.observers, self.pre = observers, pre
 
     def run_node(self, n):
         out = super().run_node(n)
-        obs = self.watch.get(n)
+        obs = self.observers.get(n)
         if obs is not None:
-            obs[0].observe(self.env[n.args[0]])
-            obs[1].observe(out)
+            obs.observe(out)
+        pre = self.pre.get(n)
+        if pre is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            nfixed = 7 if n.target is CONV2D else 3
+            args = list(args[:nfixed])
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("residual", "act", "act_args")}
+            pre.observe(n.target(*args, **kwargs))
         return out
 
 
-def _activation_observers(cfg: QuantConfig, label: str):
+def _observer(cfg: QuantConfig, label: str):
     kw = dict(cfg.observer_options)
     if cfg.activation_symmetric:
-        grid_in = dict(dtype=torch.int8, symmetric=True)
-        grid_out = dict(dtype=torch.int8, symmetric=True)
-    else:
-        # 7-bit uint8 inputs: fbgemm's u8 x s8 pair sums then stay inside int16 on every CPU.
-        grid_in = dict(dtype=torch.uint8, reduce_range=True)
-        grid_out = dict(dtype=torch.uint8)
-    return (make_observer(cfg.activation_observer, label=f"the input of {label}", **grid_in, **kw),
-            make_observer(cfg.activation_observer, label=f"the output of {label}", **grid_out, **kw))
+        return make_observer(cfg.activation_observer, label=label, dtype=torch.int8,
+                             symmetric=True, **kw)
+    return make_observer(cfg.activation_observer, label=label, dtype=torch.uint8,
+                         reduce_range=cfg.reduce_range, **kw)
+
+
+def _grid(obs) -> QParams:
+    """The observer's grid. A 7-bit (reduce_range) uint8 grid keeps its scale but clamps at
+    [0, 255], as PyTorch's quantized kernels do: the range only leaves headroom."""
+    qp = obs.qparams()
+    if qp.dtype == torch.uint8 and not qp.symmetric:
+        qp = QParams(qp.scale, qp.zero_point, 0, 255, torch.uint8)
+    return qp
+
+
+def _label(n: fx.Node) -> str:
+    from fxopt.graph_utils import module_path
+    return module_path(n) or n.name
+
+
+def calibrate(gm: fx.GraphModule, layers: list[Layer], batches: list[tuple],
+              cfg: QuantConfig) -> tuple[dict, dict]:
+    """Observed grids for every value any plan over ``layers`` may need, and the weights'."""
+    keys, pre_nodes = observed_values(gm, layers)
+    observers = {k: _observer(cfg, f"the value of {_label(k)}") for k in keys}
+    pre = {n: _observer(cfg, f"the output of {_label(n)} before its residual add")
+           for n in pre_nodes}
+    calib = _Calibrator(gm, observers, pre)
+    with torch.no_grad():
+        for args in progress(batches, "calibrating"):
+            calib.run(*args)
+    grids = {k: _grid(o) for k, o in observers.items()}
+    grids.update({(PRE, n): _grid(o) for n, o in pre.items()})
+    weights = {}
+    for layer in layers:
+        w_obs = PerChannelMinMaxObserver(axis=0, label=f"the weight of {layer.label}")
+        w_obs.observe(layer.weight)
+        weights[layer.node] = w_obs.qparams()
+    return grids, weights
 
 
 # -- measures -------------------------------------------------------------------------------
@@ -206,137 +191,352 @@ def _outputs(gm, batches) -> list[torch.Tensor]:
         return outs
 
 
-# -- the rewrite ----------------------------------------------------------------------------
-def _attr(gm, graph: fx.Graph, prefix: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    name = add_buffer(gm, prefix, value)
-    with graph.inserting_before(before):
-        node = graph.get_attr(name)
-    node.meta["tensor_meta"] = _extract_tensor_metadata(value)
-    return node
+def _flat(o) -> torch.Tensor:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(o) if isinstance(t, torch.Tensor)]
+    return torch.cat([t.detach().reshape(-1).double() for t in leaves]) if leaves \
+        else torch.zeros(0, dtype=torch.float64)
 
 
-def _rewrite(gm: fx.GraphModule, layer: _Layer, w_qp: QParams, x_qp: QParams, y_qp: QParams,
-             replaced: dict) -> fx.Node:
-    g, n = gm.graph, layer.node
-    x = replaced.get(layer.x, layer.x)  # an earlier layer may have been rewritten already
-    residual = replaced.get(layer.residual, layer.residual)
-    base = (layer.path or n.name).replace(".", "_")
-    w_q = _attr(gm, g, f"{base}_w_int8_", w_qp.quantize(layer.weight), n)
-    w_s = _attr(gm, g, f"{base}_w_scale_", w_qp.scale.clone(), n)
-    b = None if layer.bias is None else _attr(gm, g, f"{base}_bias_", layer.bias.clone(), n)
-    xs = _attr(gm, g, f"{base}_x_scale_", x_qp.scale.clone(), n)
-    xz = _attr(gm, g, f"{base}_x_zp_", x_qp.zero_point.clone(), n)
-    ys = _attr(gm, g, f"{base}_y_scale_", y_qp.scale.clone(), n)
-    yz = _attr(gm, g, f"{base}_y_zp_", y_qp.zero_point.clone(), n)
-    kwargs = dict(act=layer.act, act_args=list(layer.act_args), x_qmin=x_qp.qmin,
-                  x_qmax=x_qp.qmax, y_qmin=y_qp.qmin, y_qmax=y_qp.qmax)
-    if layer.kind == "conv2d":
-        stride, padding, dilation, groups = layer.conv
-        args = (x, w_q, w_s, b, list(stride), list(padding), list(dilation), groups,
-                xs, xz, ys, yz, residual)
-        target = CONV2D_INT8
-    else:
-        args = (x, w_q, w_s, b, xs, xz, ys, yz, residual)
-        target = LINEAR_INT8
-    with g.inserting_before(n):
-        new = g.call_function(target, args, kwargs)
-    copy_meta(new, n)
-    n.replace_all_uses_with(new)
-    g.erase_node(n)
-    replaced[n] = new
-    return new
+def _outputs(module, batches) -> list:
+    with torch.no_grad():
+        outs = []
+        for args in batches:
+            o = module(*args)
+            outs.append((_flat(o), o.argmax(dim=1)) if isinstance(o, torch.Tensor) and o.dim() == 2
+                        else _flat(o))
+        return outs
 
 
-def _fake_quant(graph: fx.Graph, x, qp: QParams) -> fx.Node:
-    return graph.call_function(torch.fake_quantize_per_tensor_affine,
-                               (x, float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax))
+def _sqnr_of(module, batches, float_outs) -> float:
+    return _compare(float_outs, _outputs(module, batches))["sqnr_db"]
 
 
-def _simulated(ref: fx.GraphModule, plans: list[tuple[str, QParams, QParams, QParams, bool]]):
-    """The float graph with fake quantization at each quantized layer's input, weight and output."""
-    nodes = {n.name: n for n in ref.graph.nodes}
-    g = ref.graph
-    for name, w_qp, x_qp, y_qp, _ in plans:
-        n = nodes[name]
-        with g.inserting_before(n):
-            fx_in = _fake_quant(g, n.args[0], x_qp)
-        args = list(n.args)
-        args[0] = fx_in
-        if n.op == "call_module":
-            m = ref.get_submodule(n.target)
-            m.weight = nn.Parameter(w_qp.fake_quantize(m.weight.detach()), requires_grad=False)
+# -- sensitivity ----------------------------------------------------------------------------
+def sensitivity(gm, layers, grids, weights, batches, float_outs) -> dict[fx.Node, float]:
+    """SQNR (dB) of the simulated model with only each layer quantized, by layer node."""
+    out = {}
+    for layer in progress(layers, "int8 sensitivity"):
+        plan = make_plan(gm, [layer], grids, weights)
+        out[layer.node] = _sqnr_of(SimulatedInt8(gm, plan), batches, float_outs)
+    return out
+
+
+def _fallback(gm, layers, grids, weights, batches, float_outs, cfg) -> tuple[list, list, dict]:
+    """Move the most sensitive layers to float until the simulated SQNR reaches
+    ``cfg.min_sqnr_db`` (or ``cfg.max_float_layers`` are float). Returns the layers to quantize,
+    the (layer, sensitivity dB, model SQNR after) moved to float, and every layer's figure."""
+    sens = sensitivity(gm, layers, grids, weights, batches, float_outs)
+    order = sorted(layers, key=lambda l: sens[l.node])
+    budget = len(layers) if cfg.max_float_layers is None else int(cfg.max_float_layers)
+    target = cfg.min_sqnr_db
+    chosen, moved = list(layers), []
+    sqnr = _sqnr_of(SimulatedInt8(gm, make_plan(gm, chosen, grids, weights)), batches, float_outs)
+    for layer in order:
+        if len(moved) >= budget or (target is not None and sqnr >= target):
+            break
+        chosen.remove(layer)
+        if chosen:
+            plan = make_plan(gm, chosen, grids, weights)
+            sqnr = _sqnr_of(SimulatedInt8(gm, plan), batches, float_outs)
         else:
-            w = get_attr_value(ref, args[1].target).detach()
-            args[1] = _attr(ref, g, "fq_weight_", w_qp.fake_quantize(w), n)
-        n.args = tuple(args)
-        with g.inserting_after(n):
-            fq_out = _fake_quant(g, n, y_qp)
-        n.replace_all_uses_with(fq_out, delete_user_cb=lambda u: u is not fq_out)
-    ref.recompile()
-    return ref
+            sqnr = math.inf
+        moved.append((layer, sens[layer.node], sqnr))
+    return chosen, moved, sens
 
 
-@register_pass("quantize_int8", requires=("eval", "calibration_data"), reference="returned",
-               after=("fuse_act",))
+# -- the rewrite ----------------------------------------------------------------------------
+class _Writer:
+    """Writes the int8 IR for ``plan`` into ``gm`` (the graph the plan was made on)."""
+
+    def __init__(self, gm: fx.GraphModule, plan: Plan):
+        self.gm, self.g, self.plan = gm, gm.graph, plan
+        self.codes: dict[fx.Node, fx.Node] = {}   # original int8 node -> node of its codes
+        self.entries: dict[fx.Node, fx.Node] = {}  # float value -> its quantize node
+        self.attrs: dict = {}
+        self.counts = {"conv2d": 0, "linear": 0, "add": 0, "cat": 0, "pool": 0, "quantize": 0,
+                       "dequantize": 0}
+
+    def attr(self, prefix: str, value: torch.Tensor, key=None) -> fx.Node:
+        if key is not None and key in self.attrs:
+            return self.attrs[key]
+        name = add_buffer(self.gm, prefix, value)
+        first = next(n for n in self.g.nodes if n.op != "placeholder")
+        with self.g.inserting_before(first):
+            node = self.g.get_attr(name)
+        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        if key is not None:
+            self.attrs[key] = node
+        return node
+
+    def grid_attrs(self, key, base: str) -> tuple[fx.Node, fx.Node, QParams]:
+        qp = self.plan.grid(key)
+        gid = ("grid", id(qp))
+        s = self.attr(f"{base}_scale_", qp.scale.clone(), (gid, "s"))
+        z = self.attr(f"{base}_zp_", qp.zero_point.clone(), (gid, "z"))
+        return s, z, qp
+
+    def input_codes(self, value: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, QParams]:
+        """Codes of ``value`` (an int8 value's codes, or a quantize at a region entry)."""
+        s, z, qp = self.grid_attrs(value, _base(value))
+        if value in self.codes:
+            return self.codes[value], s, z, qp
+        q = self.entries.get(value)
+        if q is None:
+            with self.g.inserting_before(before):  # the first quantized reader
+                q = self.g.call_function(QUANTIZE, (value, s, z, qp.qmin, qp.qmax))
+            copy_meta(q, value)
+            self.entries[value] = q
+            self.counts["quantize"] += 1
+        return q, s, z, qp
+
+    def layer(self, n: fx.Node) -> fx.Node:
+        layer = self.plan.layers[n]
+        base = _base(n)
+        x, xs, xz, x_qp = self.input_codes(layer.x, n)
+        w_qp = self.plan.weights[n]
+        w_q = self.attr(f"{base}_w_int8_", w_qp.quantize(layer.weight))
+        w_s = self.attr(f"{base}_w_scale_", w_qp.scale.clone())
+        b = None if layer.bias is None else self.attr(f"{base}_bias_", layer.bias.clone())
+        split = layer.residual is not None
+        out_key = (PRE, n) if split else n
+        if split:
+            qp = self.plan.grids[out_key]
+            ys = self.attr(f"{base}_pre_scale_", qp.scale.clone())
+            yz = self.attr(f"{base}_pre_zp_", qp.zero_point.clone())
+            y_qp = qp
+        else:
+            ys, yz, y_qp = self.grid_attrs(n, base)
+        kwargs = dict(act="none" if split else layer.act,
+                      act_args=[] if split else list(layer.act_args), x_qmin=x_qp.qmin,
+                      x_qmax=x_qp.qmax, y_qmin=y_qp.qmin, y_qmax=y_qp.qmax, out_int8=True)
+        if layer.kind == "conv2d":
+            stride, padding, dilation, groups = layer.conv
+            args = (x, w_q, w_s, b, list(stride), list(padding), list(dilation), groups,
+                    xs, xz, ys, yz)
+            target = CONV2D_INT8
+        else:
+            args = (x, w_q, w_s, b, xs, xz, ys, yz)
+            target = LINEAR_INT8
+        with self.g.inserting_before(n):
+            new = self.g.call_function(target, args, kwargs)
+        copy_meta(new, n)
+        self.counts[layer.kind] += 1
+        if not split:
+            return new
+        r, rs, rz, _ = self.input_codes(layer.residual, n)
+        os_, oz, o_qp = self.grid_attrs(n, base)
+        with self.g.inserting_before(n):
+            add = self.g.call_function(ADD_INT8, (new, ys, yz, r, rs, rz, os_, oz),
+                                       dict(act=layer.act, act_args=list(layer.act_args),
+                                            y_qmin=o_qp.qmin, y_qmax=o_qp.qmax))
+        copy_meta(add, n)
+        self.counts["add"] += 1
+        return add
+
+    def other(self, n: fx.Node, role: str) -> fx.Node:
+        src = n.args[0]
+        if role == "maxpool":
+            with self.g.inserting_before(n):
+                new = self.g.call_function(MAXPOOL_INT8, (self.codes[src], *_maxpool_args(self.gm, n)))
+            self.counts["pool"] += 1
+        elif role in ("flatten", "identity"):
+            args = (self.codes[src], *n.args[1:])
+            with self.g.inserting_before(n):
+                new = self.g.create_node(n.op, n.target, args, dict(n.kwargs))
+            if role == "identity":
+                return self.codes[src]
+        elif role == "avgpool":
+            s, z, qp = self.grid_attrs(src, _base(src))
+            size = _avgpool_size(self.gm, n)
+            with self.g.inserting_before(n):
+                new = self.g.call_function(AVGPOOL_INT8, (self.codes[src], size, s, z, qp.qmin,
+                                                          qp.qmax))
+            self.counts["pool"] += 1
+        elif role == "add":
+            a, as_, az, _ = self.input_codes(n.args[0], n)
+            b, bs, bz, _ = self.input_codes(n.args[1], n)
+            ys, yz, qp = self.grid_attrs(n, _base(n))
+            with self.g.inserting_before(n):
+                new = self.g.call_function(ADD_INT8, (a, as_, az, b, bs, bz, ys, yz),
+                                           dict(y_qmin=qp.qmin, y_qmax=qp.qmax))
+            self.counts["add"] += 1
+        else:  # cat
+            ins = [self.input_codes(v, n) for v in n.args[0]]
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            ys, yz, qp = self.grid_attrs(n, _base(n))
+            with self.g.inserting_before(n):
+                new = self.g.call_function(CAT_INT8, ([i[0] for i in ins], [i[1] for i in ins],
+                                                      [i[2] for i in ins], dim, ys, yz,
+                                                      qp.qmin, qp.qmax))
+            self.counts["cat"] += 1
+        copy_meta(new, n)
+        return new
+
+    def run(self) -> list[fx.Node]:
+        """Rewrites; returns the dequantize nodes (the region exits)."""
+        order = [n for n in self.g.nodes if n in self.plan.roles]
+        for n in order:
+            role = self.plan.roles[n]
+            self.codes[n] = self.layer(n) if role == "layer" else self.other(n, role)
+        converted = set(order)
+        exits = []
+        for n in order:
+            float_users = [u for u in n.users if u not in converted]
+            if not float_users:
+                continue
+            s, z, _ = self.grid_attrs(n, _base(n))
+            with self.g.inserting_after(self.codes[n]):
+                deq = self.g.call_function(DEQUANTIZE, (self.codes[n], s, z))
+            copy_meta(deq, n)
+            self.counts["dequantize"] += 1
+            exits.append(deq)
+            for u in float_users:
+                u.replace_input_with(n, deq)
+        for n in reversed(order):
+            self.g.erase_node(n)
+        return exits
+
+
+def _base(n: fx.Node) -> str:
+    return (_label(n)).replace(".", "_")
+
+
+def _maxpool_args(gm, n: fx.Node) -> tuple:
+    """(kernel_size, stride, padding, dilation, ceil_mode) of a max pooling, as pairs."""
+    import inspect
+
+    def pair(v):
+        return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        k, s, p, d, c = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
+    else:
+        bound = inspect.signature(torch.nn.functional.max_pool2d).bind(*n.args, **n.kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        k, s, p, d, c = a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]
+    s = s if s not in (None, [], ()) else k
+    return pair(k), pair(s), pair(p), pair(d), bool(c)
+
+
+def _avgpool_size(gm, n: fx.Node) -> list[int]:
+    if n.op == "call_module":
+        size = gm.get_submodule(n.target).output_size
+    else:
+        size = n.args[1] if len(n.args) > 1 else n.kwargs["output_size"]
+    if isinstance(size, int):
+        size = (size, size)
+    tm = n.meta.get("tensor_meta")
+    return [int(s) if s is not None else int(tm.shape[-2 + i]) for i, s in enumerate(size)]
+
+
+def _output_step(gm: fx.GraphModule, exits: list[fx.Node]) -> float:
+    """One quantization step of the output: the coarsest grid among the exits that reach the
+    graph output."""
+    reach: dict[fx.Node, bool] = {}
+    for n in reversed(list(gm.graph.nodes)):
+        reach[n] = n.op == "output" or any(reach.get(u, False) for u in n.users)
+    steps = [float(get_attr_value(gm, d.args[1].target)) for d in exits if reach.get(d)]
+    return max(steps) if steps else 0.0
+
+
+@register_pass("quantize_int8", requires=("eval",), reference="returned", after=("fuse_act",))
 def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Post-training int8: calibrate, then conv2d/linear (fused or not) become int8 ops."""
+    """Post-training int8: calibrate, keep sensitive layers float, rewrite into int8 chains."""
     cfg = QuantConfig.coerce(ctx.options.get("quantize") or "int8")
-    layers, kept = _select(_find_layers(gm), cfg)
+    if cfg.mode == "dynamic":
+        from .quantize_dynamic import quantize_dynamic_linear
+        return quantize_dynamic_linear(gm, ctx, cfg)
+    if ctx.calibration_data is None:
+        raise PreconditionError("static int8 quantization needs calibration data",
+                                hint="pass calibration_data=[batch, ...] (a DataLoader works), "
+                                     "or quantize='int8_dynamic' for Linear layers without it")
+    all_layers = find_layers(gm)
+    layers, kept = _select(all_layers, cfg)
     if not layers:
         return PassResult(gm, modified=False, stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
-    watch = {l.node: _activation_observers(cfg, l.path or l.node.name) for l in layers}
-    calib = _Calibrator(gm, watch)
-    with torch.no_grad():
-        for args in batches:
-            calib.run(*args)
+    grids, weights = calibrate(gm, layers, batches, cfg)
     float_outs = _outputs(gm, batches)
-    plans = []
-    for layer in layers:
-        w_obs = PerChannelMinMaxObserver(axis=0, label=f"the weight of {layer.path}")
-        w_obs.observe(layer.weight)
-        x_obs, y_obs = watch[layer.node]
-        plans.append((layer.node.name, w_obs.qparams(), x_obs.qparams(), y_obs.qparams(),
-                      layer.residual is not None))
-    reference = _simulated(copy.deepcopy(gm), plans)
-
-    counts = {"conv2d": 0, "linear": 0}
-    new_nodes, replaced = [], {}
-    for layer, (_, w_qp, x_qp, y_qp, _) in zip(layers, plans):
-        new_nodes.append(_rewrite(gm, layer, w_qp, x_qp, y_qp, replaced))
-        counts[layer.kind] += 1
+    notes, stats = [], {}
+    if cfg.min_sqnr_db is not None or cfg.max_float_layers is not None:
+        sens_batches = batches[:cfg.sensitivity_batches]
+        layers, moved, sens = _fallback(gm, layers, grids, weights, sens_batches,
+                                        float_outs[:len(sens_batches)], cfg)
+        stats["sensitivity_db"] = {l.label: round(v, 2) for l, v in
+                                   ((l, sens[l.node]) for l in all_layers if l.node in sens)}
+        stats["fallback"] = [{"layer": l.label, "sensitivity_db": round(s, 2),
+                              "model_sqnr_db_after": round(q, 2)} for l, s, q in moved]
+        if moved:
+            notes.append("kept in float by sensitivity: " + ", ".join(
+                f"{l.label} (alone {s:.1f} dB; model {q:.1f} dB after)" for l, s, q in moved))
+        if cfg.min_sqnr_db is not None and moved and moved[-1][2] < cfg.min_sqnr_db:
+            notes.append(f"min_sqnr_db={cfg.min_sqnr_db} not reached with max_float_layers="
+                         f"{cfg.max_float_layers}")
+        kept = kept + [l.label for l, _, _ in moved]
+        if not layers:
+            return PassResult(gm, modified=False, stats={**stats, "kept_float": len(kept)},
+                              notes=notes)
+    plan = make_plan(gm, layers, grids, weights)
+    reference = _reference(gm, plan)
+    writer = _Writer(gm, plan)
+    exits = writer.run()
     remove_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
 
-    # One quantization step of the output: the coarsest output grid among the int8 ops whose
-    # results reach the graph output without passing through another int8 op.
-    step = max(float(get_attr_value(gm, n.args[10 if n.target is CONV2D_INT8 else 6].target))
-               for n in _last_int8(gm, new_nodes))
+    step = _output_step(gm, exits)
     q_outs = _outputs(gm, batches)
-    stats = {**counts, "kept_float": len(kept), "calibration_batches": len(batches),
-             "output_step": float(f"{step:.4g}")}
+    stats = {**{k: v for k, v in writer.counts.items() if v}, "kept_float": len(kept),
+             "calibration_batches": len(batches), "output_step": float(f"{step:.4g}"), **stats}
     stats.update(_compare(float_outs, q_outs))
-    notes = [f"int8 vs float on {len(batches)} calibration batches: SQNR {stats['sqnr_db']:.1f} "
-             f"dB, max abs error {stats['max_abs_err']:.3g}"
-             + (f", top-1 agreement {stats['top1_agreement']:.3f}" if "top1_agreement" in stats
-                else ""),
-             "first cut: each int8 op quantizes its input and dequantizes its output"]
+    notes.insert(0, f"int8 vs float on {len(batches)} calibration batches: SQNR "
+                    f"{stats['sqnr_db']:.1f} dB, max abs error {stats['max_abs_err']:.3g}"
+                 + (f", top-1 agreement {stats['top1_agreement']:.3f}"
+                    if "top1_agreement" in stats else ""))
     if kept:
         notes.append(f"kept in float: {', '.join(kept)}")
     return PassResult(gm, modified=True, stats=stats, notes=notes, reference=reference,
-                      max_abs_tolerance=step)
+                      max_abs_tolerance=step * (1 + 1e-4),  # one code, float slack
+                      shapes_changed=True)  # codes are uint8 now
 
 
-def _last_int8(gm: fx.GraphModule, int8_nodes: list[fx.Node]) -> list[fx.Node]:
-    """The int8 nodes with no other int8 node downstream (those that set the output's grid)."""
-    ints = set(int8_nodes)
-    downstream_int8: dict[fx.Node, bool] = {}
-    for n in reversed(list(gm.graph.nodes)):
-        downstream_int8[n] = any(u in ints or downstream_int8.get(u, False) for u in n.users)
-    last = [n for n in int8_nodes if not downstream_int8[n]]
-    return last or int8_nodes
+def _reference(gm: fx.GraphModule, plan: Plan) -> SimulatedInt8:
+    """The simulated model on a copy of the float graph (the rewrite then changes ``gm``)."""
+    import copy
+    from dataclasses import replace
+
+    ref = copy.deepcopy(gm)
+    by_name = {n.name: n for n in ref.graph.nodes}
+
+    def m(key):
+        if isinstance(key, fx.Node):
+            return by_name[key.name]
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], fx.Node):
+            return (key[0], by_name[key[1].name])
+        return key
+
+    layers = {m(n): replace(l, node=m(l.node), x=m(l.x),
+                            residual=None if l.residual is None else m(l.residual))
+              for n, l in plan.layers.items()}
+    return SimulatedInt8(ref, Plan(layers, {m(k): v for k, v in plan.roles.items()},
+                                   {m(k): v for k, v in plan.grids.items()},
+                                   {m(k): v for k, v in plan.weights.items()}))
+
+
+def _select(layers: list[Layer], cfg: QuantConfig) -> tuple[list[Layer], list[str]]:
+    keep = set()
+    for i, layer in enumerate(layers):
+        if cfg.keeps_float(layer.path, layer.module_type):
+            keep.add(i)
+    if layers and cfg.first_layer == "float":
+        keep.add(0)
+    if layers and cfg.last_layer == "float":
+        keep.add(len(layers) - 1)
+    return ([l for i, l in enumerate(layers) if i not in keep],
+            [layers[i].label for i in sorted(keep)])
 
 
 def _compare(float_outs, q_outs) -> dict:
