@@ -35,6 +35,7 @@ from fxopt.manager import CHECK_MODES, MISMATCH_MODES, Instrument
 from fxopt.latency import measure_latency
 from fxopt.model_spec import LoadedSpec, load_model_spec, parse_input_shape
 from fxopt.registry import PassGroup
+from fxopt.tradeoff import TRADEOFF_RATIOS
 
 __all__ = ["main", "build_parser", "ProgressInstrument", "LoadedSpec", "load_model_spec",
            "parse_input_shape", "measure_latency"]
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize to int8")
     opt.add_argument("--out", metavar="DIR", help="write DIR/report.json and DIR/model.fxopt "
                                                  "(and graph_before.png / graph_after.png)")
+    opt.add_argument("--tradeoff", action=argparse.BooleanOptionalAction, default=None,
+                     help="with --out, digits model: also measure pruning ratios "
+                          f"{', '.join(f'{r:g}' for r in TRADEOFF_RATIOS)} (short fine-tuning "
+                          "each) and write DIR/tradeoff.png and tradeoff.json (default: on for "
+                          "the digits model unless --no-prune)")
     opt.add_argument("--onnx", metavar="PATH", help="export the optimized model to ONNX (float "
                                                     "models), checked in ONNX Runtime")
     opt.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
@@ -237,6 +243,7 @@ def cmd_optimize(args) -> int:
     disable = [d.strip() for d in args.disable.split(",") if d.strip()]
     # Fail on a misspelt pipeline or pass name before (possibly) training for seconds.
     fxopt.expand_pipeline(args.pipeline, disable=disable)
+    _check_tradeoff_args(args)
     target = args.target
     if target == "cuda" and not torch.cuda.is_available():
         raise PipelineError("--target cuda but no CUDA device is available",
@@ -314,6 +321,8 @@ def cmd_optimize(args) -> int:
                              hint="pass a folder you can write to") from e
         out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'model.fxopt'}", markup=False)
         _write_pictures(out, model, example, opt, out_dir)
+        if _wants_tradeoff(args, spec, target):
+            _write_tradeoff(out, err, args, model, example, prune, opt, out_dir, progress)
     if args.onnx:
         exported = fxopt.export_onnx(opt, example, args.onnx)
         err_note = f", ONNX Runtime rel err {exported.check.rel_err:.1e}" if exported.check else ""
@@ -334,6 +343,66 @@ def _write_pictures(out, model: nn.Module, example: torch.Tensor, opt, out_dir: 
     fxopt.draw(opt, out_dir / "graph_after.png", title="after")
     out.print(f"wrote {out_dir / 'graph_before.png'} and {out_dir / 'graph_after.png'}",
               markup=False)
+
+
+def _check_tradeoff_args(args) -> None:
+    """An explicit --tradeoff needs --out and the digits model (its test split and fine-tuning)."""
+    if not args.tradeoff:
+        return
+    if not args.out:
+        raise InputError("--tradeoff writes DIR/tradeoff.png: it needs --out DIR",
+                         hint="add --out DIR")
+    if args.model != "digits" or args.target == "cuda":
+        raise InputError("--tradeoff measures accuracy at several pruning ratios, which needs the "
+                         "digits model's test split and fine-tuning data, on the CPU",
+                         hint="drop --tradeoff, or use --model digits --target cpu")
+
+
+def _wants_tradeoff(args, spec: LoadedSpec, target: str) -> bool:
+    if args.tradeoff is not None:
+        return args.tradeoff
+    return spec.name == "digits" and target != "cuda" and not args.no_prune
+
+
+def _write_tradeoff(out, err, args, model: nn.Module, example: torch.Tensor, prune, opt,
+                    out_dir: Path, progress: bool) -> None:
+    """DIR/tradeoff.png and tradeoff.json: accuracy against latency and size by pruning ratio.
+
+    The run's own model is one of the points, not measured twice: a float run at ratio r stands
+    for r; an int8 run adds an int8 point beside the float ones.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        out.print("note: no trade-off plot: pip install 'fxopt[draw]'", markup=False)
+        return
+    import json
+
+    from fxopt.digits import test_loader
+    from fxopt.tradeoff import (TRADEOFF_EPOCHS, measure_pruning_tradeoff, model_precision,
+                                plot_tradeoff, tradeoff_row, tradeoff_table)
+
+    ratio = float(prune or 0.0)
+    int8 = model_precision(opt) == "int8"
+    own = tradeoff_row(opt, example[:1], ratio=ratio, test=test_loader(),
+                       label=f"{ratio:g}{' int8' if int8 else ''} (this run)")
+    own["this_run"] = True
+    ratios = [r for r in TRADEOFF_RATIOS if int8 or r != ratio]
+    rows = measure_pruning_tradeoff(ratios, model=model,
+                                    epochs=min(args.finetune_epochs, TRADEOFF_EPOCHS),
+                                    check=args.check, progress=progress, console=err)
+    rows = sorted([*rows, own], key=lambda r: (r["ratio"], r["precision"]))
+    png, js = out_dir / "tradeoff.png", out_dir / "tradeoff.json"
+    try:
+        js.write_text(json.dumps(rows, indent=1) + "\n")
+    except OSError as e:
+        raise InputError(f"cannot write to --out {out_dir}: {e.strerror or e}",
+                         hint="pass a folder you can write to") from e
+    plot_tradeoff(rows, png, title=f"digits ResNet: accuracy against latency and size by "
+                                   f"pruning ratio (the other ratios fine-tuned at most "
+                                   f"{TRADEOFF_EPOCHS} epochs)")
+    out.print(tradeoff_table(rows))
+    out.print(f"wrote {png} and {js}", markup=False)
 
 
 def _summary(spec: LoadedSpec, model: nn.Module, opt: nn.Module, example: torch.Tensor, device):

@@ -1,15 +1,19 @@
 """``fxopt.draw``: a picture of the graph, fused / quantized / pruned nodes marked.
 
-The layout is layered top to bottom: each node sits on its topological generation (networkx),
-the nodes of one generation side by side (a residual block's shortcut beside its main path).
-A deep graph wraps into several columns, read left to right, so a 50-layer ResNet fits on one
-page with labels that stay readable. Weights (``get_attr``) are not drawn. Labels are short:
-what the node computes and its output channels (``conv3x3+add+relu 256``). Identity
-shortcuts go round the nodes they skip, on the right, in blue.
+The layout is layered top to bottom: each node sits on its topological generation (networkx).
+The longest path through the graph runs straight down the left lane of each column; branches
+(a projection shortcut, an inception arm) take lanes to its right, and an edge that skips
+rows (an identity shortcut) goes round the nodes it passes, on the right, in blue. A deep graph
+wraps into columns read left to right, with as many columns as make the page about as wide as
+it is tall, each break placed where a single edge crosses it (between two residual blocks, not
+inside one), so a 50-layer ResNet fits on one page with labels that stay readable. Weights
+(``get_attr``) are not drawn. Labels are short: what the node computes and its output channels
+(``conv3x3+add+relu 256``); a pruned layer shows kept/original channels (``conv3x3+relu 32/64``).
 
-Colours: fused ops orange, quantized ops purple, other convolution/linear layers blue,
-normalization pink, activations green, elementwise ops yellow, inputs/outputs grey; layers whose
-output channels pruning removed get a thick red border.
+Colours: fused ops orange, quantized ops purple (any op whose name says ``int8``, ``quantize``
+or ``quantized``: ``fxopt.conv2d_int8``, ``fxopt.quantize``, ``quantized.conv2d_relu``, ...),
+other convolution/linear layers blue, normalization pink, activations green, elementwise ops
+yellow, inputs/outputs grey; layers whose output channels pruning removed get a thick red border.
 
     >>> opt = fxopt.optimize(torchvision.models.resnet50().eval(), x, prune=0.5)
     >>> fxopt.draw(opt, "resnet50.png")        # .png, .svg or .pdf (matplotlib: fxopt[draw])
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
@@ -47,16 +52,25 @@ KIND_NAMES = {
     "io": "input / output", "other": "other (pool, reshape, layout)",
 }
 PRUNED_COLOR = "#d62728"
+SKIP_COLOR = "#3182bd"
 FORMATS = ("png", "svg", "pdf")
+FONT_SIZE = 7.0
+ROW_IN = 0.34      # inches per row of nodes
+ASPECT = 1.3       # the width / height the column count aims for
 
+_QUANTIZED_WORDS = ("int8", "quantize", "quantized")
 _ACTIVATIONS = {"relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
                 "leaky_relu", "elu", "mish", "hardtanh", "softmax", "clamp"}
 _ELEMENTWISE = {"add", "iadd", "mul", "imul", "sub", "truediv", "cat", "concat", "stack"}
 _SHORT = {"conv1d": "conv", "conv2d": "conv", "batchnorm2d": "bn", "batchnorm1d": "bn",
           "layernorm": "ln", "adaptiveavgpool2d": "avgpool", "maxpool2d": "maxpool",
-          "avgpool2d": "avgpool", "adaptive_avg_pool2d": "avgpool", "max_pool2d": "maxpool"}
+          "avgpool2d": "avgpool", "adaptive_avg_pool2d": "avgpool", "max_pool2d": "maxpool",
+          "avg_pool2d": "avgpool", "adaptive_avg_pool": "avgpool", "max_pool": "maxpool",
+          "avg_pool": "avgpool", "quantize_per_tensor": "quantize",
+          "quantize_per_channel": "quantize"}
 
 
+# -- what a node is ---------------------------------------------------------------------------
 def _module(gm: fx.GraphModule, target: str):
     try:
         return gm.get_submodule(target)
@@ -64,44 +78,88 @@ def _module(gm: fx.GraphModule, target: str):
         return None
 
 
-def _fn_name(target) -> str:
+def _qualified_name(target) -> str | None:
+    """``fxopt::conv2d_int8`` for a torch op (an overload or an overload packet), else None."""
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.name
+    name = getattr(target, "_qualified_op_name", None)
+    return name if isinstance(name, str) else None
+
+
+def _op_name(target) -> str:
+    """``conv2d_int8`` for ``torch.ops.fxopt.conv2d_int8.default``, ``relu`` for ``torch.relu``."""
+    qualified = _qualified_name(target)
+    if qualified is not None:
+        return qualified.split("::")[-1].lower()
     name = getattr(target, "__name__", None) or str(target)
     return name.split(".")[-1].lower()
 
 
+def _namespace(target) -> str:
+    qualified = _qualified_name(target)
+    return qualified.partition("::")[0] if qualified is not None else ""
+
+
 def _is_fxopt(target) -> bool:
-    return "fxopt" in str(target)
+    return _namespace(target) == "fxopt" or "fxopt" in str(target)
+
+
+def _is_quantized(target) -> bool:
+    text = f"{target} {_namespace(target)} {_op_name(target)}".lower()
+    return any(word in text for word in _QUANTIZED_WORDS)
+
+
+def _op_args(node: fx.Node) -> dict:
+    """A torch op call's arguments by name (its schema), positional ones included."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return dict(node.kwargs)
+    named = {a.name: v for a, v in zip(schema.arguments, node.args)}
+    named.update(node.kwargs)
+    return named
+
+
+_QUANTIZED_DTYPES = (torch.quint8, torch.qint8, torch.qint32, torch.int8)
 
 
 def node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
-    """One of ``KIND_COLORS``'s keys."""
+    """One of ``KIND_COLORS``'s keys.
+
+    Quantized: an op whose name says int8 / quantize / quantized (``x.dequantize()`` too), or
+    any op whose output is an int8 or quantized tensor (a max-pool on ``quint8`` data).
+    """
     if node.op in ("placeholder", "output"):
         return "io"
+    if node.op in ("call_function", "call_method") and _is_quantized(node.target):
+        return "quantized"
+    if getattr(node.meta.get("tensor_meta"), "dtype", None) in _QUANTIZED_DTYPES:
+        return "quantized"
     if node.op == "call_function" and _is_fxopt(node.target):
-        name = str(node.target)
-        return "quantized" if ("int8" in name or "quant" in name) else "fused"
+        return "fused"
     if node.op == "call_module":
         m = _module(gm, node.target)
+        name = type(m).__name__.lower()
+        if "quant" in name or "quant" in type(m).__module__:
+            return "quantized"
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             return "layer"
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             return "norm"
-        name = type(m).__name__.lower()
-        if "quant" in name:
-            return "quantized"
         return "activation" if name in _ACTIVATIONS else "other"
-    name = _fn_name(node.target)
+    name = _op_name(node.target)
     if name in ("conv1d", "conv2d", "linear"):
         return "layer"
     if name in ("batch_norm", "layer_norm"):
         return "norm"
     if name.rstrip("_") in _ACTIVATIONS:
         return "activation"
-    if name in _ELEMENTWISE:
+    if name.rstrip("_") in _ELEMENTWISE:
         return "elementwise"
     return "other"
 
 
+# -- labels -----------------------------------------------------------------------------------
 def _channels(node: fx.Node) -> str:
     tm = node.meta.get("tensor_meta")
     shape = getattr(tm, "shape", None)
@@ -109,7 +167,68 @@ def _channels(node: fx.Node) -> str:
 
 
 def _kernel(weight) -> str:
-    return "x".join(str(k) for k in weight.shape[2:]) if weight is not None else ""
+    shape = getattr(weight, "shape", None)
+    return "x".join(str(k) for k in shape[2:]) if shape is not None else ""
+
+
+def _attr(gm: fx.GraphModule, arg):
+    """What a ``get_attr`` node reads (None for anything else)."""
+    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+        return None
+    value = gm
+    try:
+        for part in arg.target.split("."):
+            value = getattr(value, part)
+    except AttributeError:
+        return None
+    return value
+
+
+def _attr_value(gm: fx.GraphModule, arg):
+    """The tensor a ``get_attr`` node reads (None for anything else)."""
+    value = _attr(gm, arg)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _packed_conv(gm: fx.GraphModule, node: fx.Node):
+    """(weight, stride) of a ``quantized::conv2d*`` call's packed parameters, or (None, 1)."""
+    packed = _attr(gm, node.args[1]) if len(node.args) > 1 else None
+    try:
+        return packed.unpack()[0], _stride(list(packed.stride()))
+    except Exception:  # noqa: BLE001 - only a label: without the kernel size it says "conv"
+        return None, 1
+
+
+def _stride(value) -> int:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else 1
+    return value if isinstance(value, int) else 1
+
+
+def _op_label(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``conv3x3/2+add+relu`` for a fused or int8 conv, ``quantize``, ``add+relu``, ..."""
+    a = _op_args(node)
+    base = _op_name(node.target)
+    for word in ("_int8", "_act", "2d", "1d"):
+        base = base.replace(word, "")
+    rest = ""
+    if base.startswith("conv"):
+        weight = _attr_value(gm, a.get("weight", a.get("w_q")))
+        stride = _stride(a.get("stride", 1))
+        if weight is None and _namespace(node.target) == "quantized":
+            weight, stride = _packed_conv(gm, node)
+        head, rest = f"conv{_kernel(weight)}{'/' + str(stride) if stride > 1 else ''}", base[4:]
+    elif base.startswith("linear"):
+        head, rest = "linear", base[6:]
+    elif base.endswith("_relu"):  # quantized::add_relu
+        head, rest = _SHORT.get(base[:-5], base[:-5]), "_relu"
+    else:
+        head = _SHORT.get(base, base)
+    parts = [head] + (["add"] if a.get("residual") is not None else [])
+    act = a.get("act", "none")
+    parts += [act] if isinstance(act, str) and act != "none" else []
+    parts += [p for p in rest.split("_") if p]  # quantized::conv2d_relu -> conv+relu
+    return "+".join(parts)
 
 
 def node_label(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -125,36 +244,27 @@ def node_label(gm: fx.GraphModule, node: fx.Node) -> str:
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             return f"conv{_kernel(m.weight)}{'/' + str(m.stride[0]) if m.stride[0] > 1 else ''}{ch}"
         return _SHORT.get(name, name) + ch
-    if node.op == "call_function" and _is_fxopt(node.target):
-        op = str(node.target).split(".")[-2] if "." in str(node.target) else str(node.target)
-        base = op.replace("_act", "").replace("2d", "").replace("1d", "")
-        if base.startswith("conv"):
-            w = node.args[1]
-            weight = gm.get_parameter(w.target) if isinstance(w, fx.Node) and \
-                w.op == "get_attr" else None
-            stride = node.args[3][0] if len(node.args) > 3 else 1
-            base = f"conv{_kernel(weight)}{'/' + str(stride) if stride > 1 else ''}"
-        residual = node.args[-1] if len(node.args) in (4, 8) else node.kwargs.get("residual")
-        parts = [base] + (["add"] if residual is not None else [])
-        act = node.kwargs.get("act", "none")
-        parts += [act] if act != "none" else []
-        return "+".join(parts) + ch
+    if node.op == "call_function" and _qualified_name(node.target) is not None:
+        return _op_label(gm, node) + ch
     if node.op == "call_method":
         if node.target == "contiguous" and node.kwargs.get("memory_format") is torch.channels_last:
             return "to NHWC"
         return node.target + ch
     if node.op == "get_attr":
         return node.target.split(".")[-1]
-    name = _fn_name(node.target)
+    name = _op_name(node.target)
     return _SHORT.get(name, name.rstrip("_")) + ch
 
 
-def _pruned_layers(gm: fx.GraphModule) -> set[str]:
-    """Module paths of layers whose output channels pruning removed."""
-    out = set()
+# -- pruning ----------------------------------------------------------------------------------
+def _pruned_layers(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
+    """``{module path or node name: (kept, original channels)}`` of the layers pruning cut."""
+    out = {}
     for group in gm.meta.get("fxopt_prune_groups", []):
-        if group.get("kept") is not None and group["kept"] < group.get("channels", 0):
-            out.update(group.get("layers", []))
+        kept, channels = group.get("kept"), group.get("channels", 0)
+        if kept is not None and kept < channels:
+            for layer in group.get("layers", []):
+                out[layer] = out[layer.replace(".", "_")] = (kept, channels)
     return out
 
 
@@ -168,37 +278,182 @@ def _layer_path(node: fx.Node) -> str | None:
     return None
 
 
-def graph_layout(gm: fx.GraphModule, *, rows_per_column: int | None = None):
-    """(nodes drawn, networkx DiGraph, {node: (x, y)}, number of columns, rows per column)."""
+def _pruned_of(node: fx.Node, pruned: dict) -> tuple[int, int] | None:
+    """(kept, original) output channels when ``node`` is (or stands for) a pruned layer.
+
+    A fused or quantized op names the layers it stands for in ``meta["fxopt_from"]``.
+    """
+    if not pruned:
+        return None
+    path = _layer_path(node)
+    if path in pruned:
+        return pruned[path]
+    for name in node.meta.get("fxopt_from", ()) or ():
+        if name in pruned:
+            return pruned[name]
+    return None
+
+
+# -- layout -----------------------------------------------------------------------------------
+@dataclass
+class _Layout:
+    nodes: list
+    graph: nx.DiGraph
+    pos: dict          # node -> (x, y)
+    row: dict          # node -> generation
+    lane: dict         # node -> lane within its generation (0: the longest path)
+    column: dict       # node -> column
+    starts: list       # first generation of each column
+    widths: list       # each column's width, in lanes
+    x0: list           # each column's left edge
+    lanes_in_row: list  # generation -> number of nodes
+
+    @property
+    def rows(self) -> int:
+        ends = self.starts[1:] + [len(self.lanes_in_row)]
+        return max(e - s for s, e in zip(self.starts, ends))
+
+
+def _rows_per_column(depth: int, lanes: int, lane_in: float) -> int:
+    """Rows per column that make the page about ``ASPECT`` times as wide as it is tall."""
+    best, best_cost = depth, math.inf
+    for columns in range(1, max(1, depth // 8) + 1):
+        rows = math.ceil(depth / columns)
+        width = columns * (lanes + 0.8) * lane_in
+        height = rows * ROW_IN + 1.6
+        cost = abs(math.log(width / height / ASPECT))
+        if cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
+def _column_starts(crossings: list[int], rows_per_column: int) -> list[int]:
+    """First row of each column: each break where the fewest edges cross, late rather than early.
+
+    ``crossings[i]``: nodes in rows <= i read in a row > i.
+    """
+    depth = len(crossings)
+    starts = [0]
+    while depth - starts[-1] > rows_per_column:
+        s = starts[-1]
+        lo, hi = s + max(1, (rows_per_column * 3) // 4), s + rows_per_column
+        starts.append(min(range(lo, hi + 1), key=lambda b: (crossings[b - 1], -b)))
+    return starts
+
+
+def _layout(gm: fx.GraphModule, rows_per_column: int | None, lane_in: float) -> _Layout:
     nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]
+    index = {n: i for i, n in enumerate(nodes)}
     g = nx.DiGraph()
     g.add_nodes_from(nodes)
     for n in nodes:
         for a in n.all_input_nodes:
-            if a in g:
+            if a in index:
                 g.add_edge(a, n)
-    generations = [sorted(gen, key=lambda n: nodes.index(n))
+    # Longest path from a source (down) and to a sink (up): the nodes with the longest path
+    # through them take lane 0, so the main line runs straight down and branches sit beside it.
+    down, up = {}, {}
+    for n in nodes:  # graph order is topological
+        down[n] = max((down[p] + 1 for p in g.predecessors(n)), default=0)
+    for n in reversed(nodes):
+        up[n] = max((up[s] + 1 for s in g.successors(n)), default=0)
+    generations = [sorted(gen, key=lambda n: (-(down[n] + up[n]), index[n]))
                    for gen in nx.topological_generations(g)]
+    row = {n: i for i, gen in enumerate(generations) for n in gen}
+    lane = {n: j for gen in generations for j, n in enumerate(gen)}
     depth = len(generations)
+    lanes_in_row = [len(gen) for gen in generations]
+    # A column break is clean where one tensor crosses it (a residual block's output feeds
+    # both the next block and its shortcut): count the nodes whose edges cross, not the edges.
+    last_use = {a: max(row[b] for b in g.successors(a)) for a in nodes if g.out_degree(a)}
+    crossings = [0] * depth
+    for a, end in last_use.items():
+        for i in range(row[a], end):
+            crossings[i] += 1
     if rows_per_column is None:
-        columns = max(1, round(math.sqrt(depth / 10)))
-        rows_per_column = math.ceil(depth / columns)
-    columns = math.ceil(depth / rows_per_column)
-    lanes = max(len(gen) for gen in generations)
-    pos = {}
-    for i, gen in enumerate(generations):
-        col, row = divmod(i, rows_per_column)
-        x0 = col * (lanes + 0.6)
-        for j, n in enumerate(gen):
-            pos[n] = (x0 + (lanes - 1) / 2 + j - (len(gen) - 1) / 2, -row)
-    return nodes, g, pos, columns, rows_per_column, lanes
+        rows_per_column = _rows_per_column(depth, max(lanes_in_row), lane_in)
+    starts = _column_starts(crossings, max(1, rows_per_column))
+    ends = starts[1:] + [depth]
+    column, pos, widths, x0 = {}, {}, [], []
+    left = 0.0
+    for c, (s, e) in enumerate(zip(starts, ends)):
+        # Room for the widest row and, on its right, for shortcuts that go round it.
+        width = max(lanes_in_row[s:e]) + 0.9
+        x0.append(left)
+        widths.append(width)
+        for r in range(s, e):
+            for n in generations[r]:
+                column[n] = c
+                pos[n] = (left + lane[n], -(r - s))
+        left += width
+    return _Layout(nodes, g, pos, row, lane, column, starts, widths, x0, lanes_in_row)
 
 
+def graph_layout(gm: fx.GraphModule, *, rows_per_column: int | None = None):
+    """(nodes drawn, networkx DiGraph, {node: (x, y)}, columns, rows per column, lanes)."""
+    lay = _layout(gm, rows_per_column, _lane_inches(gm))
+    return (lay.nodes, lay.graph, lay.pos, len(lay.starts), lay.rows, max(lay.lanes_in_row))
+
+
+def _lane_inches(gm: fx.GraphModule, labels: list[str] | None = None) -> float:
+    """A lane's width: the longest label at ``FONT_SIZE`` (about 0.6 em a character) and a gap."""
+    if labels is None:
+        labels = [node_label(gm, n) for n in gm.graph.nodes if n.op != "get_attr"]
+    longest = max((len(s) for s in labels), default=8)
+    return max(0.9, longest * FONT_SIZE * 0.6 / 72 + 0.3)
+
+
+def _busy(lay: _Layout, first: int, stop: int) -> int:
+    """The rightmost lane taken in rows ``first .. stop - 1`` (-1 when there are none)."""
+    return max((lay.lanes_in_row[r] for r in range(first, stop)), default=0) - 1
+
+
+def _edge_paths(lay: _Layout):
+    """Polylines for the edges: (near, skips, between columns)."""
+    near, skips, far = [], [], []
+    for a, b in lay.graph.edges:
+        (xa, ya), (xb, yb) = lay.pos[a], lay.pos[b]
+        ca, cb = lay.column[a], lay.column[b]
+        if ca != cb:
+            # Out of the bottom of one column, into the top of the next: a diagonal across a
+            # column would hide the nodes it crosses. A node not at its column's end leaves (or
+            # enters) round the rows it passes, on the right, like a shortcut.
+            end_a = lay.starts[ca + 1] - 1
+            bottom = -(end_a - lay.starts[ca]) - 0.45
+            if lay.row[a] == end_a:
+                out = [(xa, ya), (xa, bottom)]
+            else:
+                side = lay.x0[ca] + _busy(lay, lay.row[a] + 1, end_a + 1) + 0.75
+                out = [(xa, ya), (side, ya - 0.4), (side, bottom)]
+            if lay.row[b] == lay.starts[cb]:
+                into = [(xb, 0.45), (xb, yb)]
+            else:
+                side = lay.x0[cb] + _busy(lay, lay.starts[cb], lay.row[b]) + 0.75
+                into = [(side, 0.45), (side, yb + 0.4), (xb, yb)]
+            far += [out, into]
+            continue
+        span = lay.row[b] - lay.row[a]
+        if span <= 1:
+            near.append([(xa, ya), (xb, yb)])
+            continue
+        busy = _busy(lay, lay.row[a] + 1, lay.row[b])
+        if lay.lane[a] > busy:      # down its own lane, clear of the rows between
+            near.append([(xa, ya), (xa, yb + 0.45), (xb, yb)])
+        elif lay.lane[b] > busy:
+            near.append([(xa, ya), (xb, ya - 0.45), (xb, yb)])
+        else:                       # round the nodes it skips, on the right
+            side = lay.x0[ca] + busy + 0.75
+            skips.append([(xa, ya), (side, ya - 0.4), (side, yb + 0.4), (xb, yb)])
+    return near, skips, far
+
+
+# -- drawing ----------------------------------------------------------------------------------
 def draw(module: nn.Module, path: str | os.PathLike, *, title: str | None = None,
-         rows_per_column: int | None = None, dpi: int = 110) -> Path:
+         rows_per_column: int | None = None, dpi: int = 150) -> Path:
     """Render ``module``'s graph (an ``OptimizedModule`` or a ``GraphModule``) to ``path``.
 
-    The format follows the suffix (``.png``, ``.svg``, ``.pdf``). Returns the path.
+    The format follows the suffix (``.png``, ``.svg``, ``.pdf``). ``rows_per_column``: wrap
+    after this many rows (default: what makes the page about as wide as tall). Returns the path.
     """
     try:
         import matplotlib
@@ -226,67 +481,61 @@ def draw(module: nn.Module, path: str | os.PathLike, *, title: str | None = None
         raise InputError(f"{path} is a directory", hint="give a file name, e.g. DIR/graph.png")
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    nodes, g, pos, columns, rows, lanes = graph_layout(gm, rows_per_column=rows_per_column)
     pruned = _pruned_layers(gm)
-    col_w = lanes + 0.6
-    fig_w = max(6.0, columns * col_w * 1.3)
-    fig_h = max(4.0, rows * 0.36 + 1.6)
+    drawn = [n for n in gm.graph.nodes if n.op != "get_attr"]
+    labels, kinds, cut = {}, {}, {}
+    for n in drawn:
+        labels[n], kinds[n] = node_label(gm, n), node_kind(gm, n)
+        cut[n] = _pruned_of(n, pruned)
+        if cut[n] is not None and labels[n].endswith(f" {cut[n][0]}"):
+            labels[n] += f"/{cut[n][1]}"  # kept/original channels
+    lane_in = _lane_inches(gm, list(labels.values()))
+    lay = _layout(gm, rows_per_column, lane_in)
+    total_w = lay.x0[-1] + lay.widths[-1]
+    fig_w = max(5.0, total_w * lane_in + 0.4)
+    fig_h = max(3.5, lay.rows * ROW_IN + 1.8)
     fig, ax = plt.subplots(figsize=(fig_w, fig_h))
-    near, skips, far = [], [], []
-    for a, b in g.edges:
-        (xa, ya), (xb, yb) = pos[a], pos[b]
-        if abs(xa - xb) >= col_w / 2:
-            far.append([(xa, ya), (xb, yb)])
-        elif abs(xa - xb) < 1e-6 and ya - yb > 1:
-            # A straight skip edge (an identity shortcut) would hide behind the nodes it
-            # passes: it goes round them on the right.
-            side = xa + 0.8
-            skips.append([(xa, ya), (side, ya - 0.4), (side, yb + 0.4), (xb, yb)])
-        else:
-            near.append([(xa, ya), (xb, yb)])
+    near, skips, far = _edge_paths(lay)
     ax.add_collection(LineCollection(near, colors="#555555", linewidths=0.8, zorder=1))
-    ax.add_collection(LineCollection(skips, colors="#3182bd", linewidths=0.9, zorder=1))
-    # An edge into the next column is drawn as two stubs (out of the bottom, into the top):
-    # long diagonals across a column would hide the nodes they cross.
-    stubs = [seg for (a, b) in far for seg in ([a, (a[0], -rows + 0.55)], [(b[0], 0.45), b])]
-    ax.add_collection(LineCollection(stubs, colors="#888888", linewidths=0.8,
+    ax.add_collection(LineCollection(skips, colors=SKIP_COLOR, linewidths=0.9, zorder=1))
+    ax.add_collection(LineCollection(far, colors="#888888", linewidths=0.8,
                                      linestyles="dashed", zorder=1))
-    kinds_seen, any_pruned = set(), False
-    for n in nodes:
-        kind = node_kind(gm, n)
-        kinds_seen.add(kind)
-        is_pruned = _layer_path(n) in pruned
-        any_pruned |= is_pruned
-        x, y = pos[n]
-        ax.text(x, y, node_label(gm, n), ha="center", va="center", fontsize=7, zorder=3,
-                bbox=dict(boxstyle="round,pad=0.25", fc=KIND_COLORS[kind],
-                          ec=PRUNED_COLOR if is_pruned else "#444444",
-                          lw=2.0 if is_pruned else 0.6))
-    for c in range(1, columns):  # column separators: read left to right
-        ax.axvline(c * col_w - 0.8, color="#dddddd", lw=0.8, zorder=0)
-    ax.set_xlim(-0.8, columns * col_w - 0.8)
-    ax.set_ylim(-rows + 0.4, 0.6)
+    for n in drawn:
+        x, y = lay.pos[n]
+        ax.text(x, y, labels[n], ha="center", va="center", fontsize=FONT_SIZE, zorder=3,
+                bbox=dict(boxstyle="round,pad=0.25", fc=KIND_COLORS[kinds[n]],
+                          ec=PRUNED_COLOR if cut[n] else "#444444", lw=2.0 if cut[n] else 0.6))
+    for x in lay.x0[1:]:  # column separators: read left to right
+        ax.axvline(x - 0.5, color="#dddddd", lw=0.8, zorder=0)
+    ax.set_xlim(-0.5, total_w - 0.5)
+    ax.set_ylim(-lay.rows + 0.4, 0.6)
     ax.axis("off")
+
+    seen = set(kinds.values())
     handles = [Patch(fc=KIND_COLORS[k], ec="#444444", label=KIND_NAMES[k])
-               for k in KIND_COLORS if k in kinds_seen]
-    if any_pruned:
-        handles.append(Patch(fc="white", ec=PRUNED_COLOR, lw=2.0, label="pruned channels"))
+               for k in KIND_COLORS if k in seen]
+    n_pruned = sum(1 for v in cut.values() if v)
+    if n_pruned:
+        handles.append(Patch(fc="white", ec=PRUNED_COLOR, lw=2.0,
+                             label="pruned channels (kept/original)"))
     if skips:
-        handles.append(Line2D([], [], color="#3182bd", lw=0.9, label="identity shortcut"))
+        handles.append(Line2D([], [], color=SKIP_COLOR, lw=0.9, label="shortcut (skips rows)"))
     if far:
         handles.append(Line2D([], [], color="#888888", lw=0.8, ls="--",
                               label="continues in the next column"))
-    ncol = min(len(handles), max(2, int(fig_w / 2.3)))
+    ncol = max(1, min(len(handles), int(fig_w / 2.2)))
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=ncol,
               fontsize=8, frameon=False)
-    n_fused = sum(1 for n in nodes if node_kind(gm, n) == "fused")
-    n_pruned = sum(1 for n in nodes if _layer_path(n) in pruned)
-    summary = f"{len(nodes)} nodes, {n_fused} fused" + (f", {n_pruned} pruned layers"
-                                                         if any_pruned else "")
-    if columns > 1:
+    counts = {k: sum(1 for v in kinds.values() if v == k) for k in ("fused", "quantized")}
+    summary = f"{len(drawn)} nodes, {counts['fused']} fused"
+    if counts["quantized"]:
+        summary += f", {counts['quantized']} quantized"
+    if n_pruned:
+        summary += f", {n_pruned} pruned layers"
+    if len(lay.starts) > 1:
         summary += "; columns read left to right"
     legend_rows = math.ceil(len(handles) / ncol)
-    ax.set_title(f"{title or 'fxopt graph'}: {summary}", fontsize=10, pad=8 + 16 * legend_rows)
+    ax.set_title(f"{title or 'fxopt graph'}: {summary}", fontsize=10, pad=8 + 15 * legend_rows)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

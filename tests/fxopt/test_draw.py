@@ -1,6 +1,10 @@
-"""Graph pictures: files exist, are real images, and mark fused and pruned nodes."""
+"""Graph pictures: files exist, are real images, and mark fused, quantized and pruned nodes."""
+import struct
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 import fxopt
@@ -38,8 +42,8 @@ def test_resnet18_before_after_pruned(tmp_path):
     tv = pytest.importorskip("torchvision")
     m = tv.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)
-    before = fxopt.optimize(m, x, pipeline=["cleanup"])
-    after = fxopt.optimize(m, x, prune=0.5)
+    before = fxopt.capture(m, x)
+    after = fxopt.optimize(m, x, prune=0.5, check="none")
     kinds = {node_kind(after.graph_module, n) for n in after.graph_module.graph.nodes}
     assert "fused" in kinds
     for name, opt in (("before", before), ("after", after)):
@@ -47,7 +51,7 @@ def test_resnet18_before_after_pruned(tmp_path):
         data = path.read_bytes()
         assert data.startswith(PNG) and len(data) > 20_000
     # a deep graph wraps into several columns
-    _, _, _, columns, rows, _ = graph_layout(before.graph_module)
+    _, _, _, columns, rows, _ = graph_layout(before)
     assert columns >= 2 and rows < 60
     svg = fxopt.draw(after, tmp_path / "after.svg").read_text()
     assert "pruned channels" in svg  # the legend entry for pruned layers
@@ -68,3 +72,128 @@ def test_bad_arguments(tmp_path):
         fxopt.draw(nn.Linear(2, 2), tmp_path / "graph.png")
     with pytest.raises(fxopt.InputError):
         fxopt.draw(opt, 3)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data.startswith(PNG) and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.down = nn.Conv2d(cin, cout, 1, stride) if stride > 1 or cin != cout else None
+
+    def forward(self, x):
+        skip = x if self.down is None else self.down(x)
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + skip)
+
+
+class _Deep(nn.Module):
+    """Twelve residual blocks: deep enough to wrap into columns, small enough to be quick."""
+
+    def __init__(self):
+        super().__init__()
+        chans = [4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16]
+        self.blocks = nn.Sequential(*[_Block(a, b, 2 if b > a else 1)
+                                      for a, b in zip(chans, chans[1:])])
+
+    def forward(self, x):
+        return self.blocks(x).mean((2, 3))
+
+
+def test_layout_main_line_branches_and_clean_column_breaks():
+    gm = fxopt.capture(_Deep().eval(), torch.randn(1, 4, 8, 8))
+    nodes, g, pos, columns, rows, lanes = graph_layout(gm)
+    assert columns >= 2 and lanes == 2
+    # Projection shortcuts sit in a lane of their own, right of the main line.
+    downs = [n for n in nodes if n.op == "call_module" and n.target.endswith(".down")]
+    mains = [n for n in nodes if n.op == "call_module" and n.target.endswith(".conv1")]
+    assert downs and all(pos[d][0] > pos[m][0] for d, m in zip(downs, mains[1:]) if
+                         d.target.split(".")[1] == m.target.split(".")[1])
+    # Every column starts on a row that only one tensor crosses into (between two blocks).
+    ys = sorted({y for _, y in pos.values()}, reverse=True)
+    assert len(ys) == rows
+    starts = [n for n in nodes if pos[n][1] == 0]
+    for first in starts[1:]:
+        column_x = pos[first][0]
+        above = {a for n in nodes if pos[n][1] == 0 and abs(pos[n][0] - column_x) < 1.5
+                 for a in n.all_input_nodes}
+        assert len(above) <= 1, f"column starting at {first} is cut inside a block"
+
+
+def test_deep_graph_png_is_readable_size(tmp_path):
+    opt = fxopt.optimize(_Deep().eval(), torch.randn(1, 4, 8, 8), check="none")
+    data = fxopt.draw(opt, tmp_path / "deep.png", title="deep").read_bytes()
+    w, h = _png_size(data)
+    assert len(data) > 20_000 and 600 <= w <= 6000 and 400 <= h <= 6000
+    assert 0.4 < w / h < 3.0  # wrapped into columns, not one long strip
+
+
+def _fake_quantize(x):
+    return x
+
+
+def test_quantized_ops_are_marked(tmp_path):
+    """fxopt int8 ops, torch's quantized ops and anything named quantize count as quantized."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    q = g.call_function(_fake_quantize, (x,))
+    y = g.call_function(torch.ops.quantized.add.default, (q, q, 1.0, 0))
+    z = g.call_function(torch.ops.aten.dequantize.self, (y,))
+    r = g.call_function(torch.relu, (z,))
+    pool = g.call_function(torch.nn.functional.max_pool2d, (q, 2))  # on quint8 data
+    pool.meta["tensor_meta"] = SimpleNamespace(dtype=torch.quint8, shape=(1, 4, 2, 2))
+    add_relu = g.call_function(torch.ops.quantized.add_relu, (pool, pool, 1.0, 0))
+    deq = g.call_method("dequantize", (add_relu,))
+    g.output((r, deq))
+    gm = fx.GraphModule(nn.Module(), g)
+    kinds = [node_kind(gm, n) for n in gm.graph.nodes]
+    assert kinds == ["io", "quantized", "quantized", "quantized", "activation", "quantized",
+                     "quantized", "quantized", "io"]
+    assert node_label(gm, y) == "add" and node_label(gm, z) == "dequantize"
+    assert node_label(gm, add_relu) == "add+relu" and node_label(gm, pool) == "maxpool 4"
+    svg = fxopt.draw(gm, tmp_path / "q.svg").read_text()
+    assert "quantized op (int8)" in svg and "6 quantized" in svg
+
+
+def test_fxopt_int8_op_label():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    names = ["w_q", "w_scale", "bias", "x_scale", "x_zp", "y_scale", "y_zp"]
+    a = {n: g.get_attr(n) for n in names}
+    y = g.call_function(torch.ops.fxopt.conv2d_int8.default,
+                        (x, a["w_q"], a["w_scale"], a["bias"], [2, 2], [1, 1], [1, 1], 1,
+                         a["x_scale"], a["x_zp"], a["y_scale"], a["y_zp"], x), {"act": "relu"})
+    g.output(y)
+    root = nn.Module()
+    for n in names:
+        root.register_buffer(n, torch.zeros(8, 4, 3, 3, dtype=torch.int8) if n == "w_q" else
+                             torch.ones(()))
+    gm = fx.GraphModule(root, g)
+    assert node_kind(gm, y) == "quantized"
+    assert node_label(gm, y) == "conv3x3/2+add+relu"
+
+
+def test_pruned_layers_show_kept_over_original(tmp_path):
+    opt = fxopt.optimize(_Small().eval(), torch.randn(1, 3, 8, 8), prune=0.5, check="none")
+    svg = fxopt.draw(opt, tmp_path / "pruned.svg").read_text()
+    assert "conv3x3+relu 4/8" in svg and "pruned channels" in svg
+
+
+@pytest.mark.slow
+def test_resnet50_pictures(tmp_path):
+    """The acceptance pictures: resnet50 optimized and pruned by half, PNG and SVG."""
+    tv = pytest.importorskip("torchvision")
+    m = tv.models.resnet50(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    for name, kw in (("opt", {}), ("pruned", {"prune": 0.5})):
+        opt = fxopt.optimize(m, x, check="none", **kw)
+        data = fxopt.draw(opt, tmp_path / f"{name}.png", title=f"resnet50 {name}").read_bytes()
+        w, h = _png_size(data)
+        assert len(data) > 50_000 and 0.5 < w / h < 2.5 and max(w, h) < 5000
+        svg = fxopt.draw(opt, tmp_path / f"{name}.svg").read_text()
+        assert "conv1x1+add+relu" in svg and "columns read left to right" in svg
+    assert "pruned channels" in svg
