@@ -1,6 +1,7 @@
 """The ``fxopt`` command line: optimize a model and show what every pass did.
 
-    $ fxopt optimize                                   # the built-in digits ResNet (trained once, cached)
+    $ fxopt optimize                                   # the built-in digits ResNet (trained once, cached):
+                                                       # pruned, fine-tuned, fused, then int8
     $ fxopt optimize --model torchvision:resnet18      # random weights, input 1,3,224,224
     $ fxopt optimize --model my_model.py:build --input-shape 1,3,64,64 --out build/
     $ fxopt passes                                     # registered passes, groups, pipelines
@@ -43,7 +44,7 @@ __all__ = ["main", "build_parser", "ProgressInstrument", "LoadedSpec", "load_mod
 # Latency: at most this many timed rounds, stopping once the budget is spent (>= 5 rounds).
 LATENCY_MAX_RUNS = 30
 LATENCY_BUDGET_S = 1.0
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "int8_dynamic")
 # The default run shows pruning too: half the channels, then fine-tuning with distillation.
 DIGITS_PRUNE = 0.5
 
@@ -90,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(distillation from the unpruned model, early stopping; default 8)")
     opt.add_argument("--log-dir", metavar="DIR",
                      help="digits model: write TensorBoard logs of the fine-tuning to DIR")
-    opt.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize to int8")
+    opt.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                     help="quantize to int8 (static, calibrated; int8_dynamic: Linear layers "
+                          "only, no calibration). The digits model's default run ends with int8")
+    opt.add_argument("--no-quantize", action="store_true",
+                     help="digits model: stop at the float model (no int8 stage)")
     opt.add_argument("--out", metavar="DIR", help="write DIR/report.json and DIR/model.fxopt "
                                                  "(and graph_before.png / graph_after.png)")
     opt.add_argument("--tradeoff", action=argparse.BooleanOptionalAction, default=None,
@@ -253,15 +258,22 @@ def cmd_optimize(args) -> int:
                            console=err)
     device = torch.device("cuda" if target == "cuda" else "cpu")
     model, example = spec.model.to(device), spec.example.to(device)
+    quantize = args.quantize
+    if spec.name == "digits" and quantize is None and not args.no_quantize \
+            and not args.no_prune and target != "cuda":
+        quantize = "int8"  # the default run shows the whole pipeline, int8 last
+    if args.no_quantize and args.quantize:
+        raise InputError("--quantize and --no-quantize contradict each other",
+                         hint="pass one of them")
     calibration = None
-    if args.quantize:
+    if quantize == "int8":
         calibration = [b.to(device) for b in spec.calibration]
     out.print(f"model: {spec.name} - {spec.description}", markup=False)
 
     prune = args.prune
     if spec.name == "digits" and prune is None and not args.no_prune:
         prune = DIGITS_PRUNE
-    recipe = spec.name == "digits" and prune is not None and target != "cuda" and not args.quantize
+    recipe = spec.name == "digits" and prune is not None and target != "cuda"
     # Warnings (a rolled-back pass, --on-mismatch warn) become one plain line each, not
     # Python's "file:line: UserWarning:" pair.
     bar = _pipeline_progress(err) if progress else None
@@ -277,13 +289,14 @@ def cmd_optimize(args) -> int:
                 result = prune_and_finetune_digits(
                     prune, epochs=args.finetune_epochs, model=model, pipeline=args.pipeline,
                     disable=disable, progress=progress, console=err, log_dir=args.log_dir,
-                    check=args.check, on_mismatch=args.on_mismatch, instruments=instruments)
+                    check=args.check, on_mismatch=args.on_mismatch, instruments=instruments,
+                    quantize=quantize)
                 opt = result.final
             else:
                 opt = fxopt.optimize(model, example, pipeline=args.pipeline, disable=disable,
                                      target=target, check=args.check,
                                      on_mismatch=args.on_mismatch, prune=prune,
-                                     quantize=args.quantize, calibration_data=calibration,
+                                     quantize=quantize, calibration_data=calibration,
                                      instruments=instruments)
     finally:
         # On an error too: the terminal must get its cursor back. Only a started bar: stopping

@@ -158,9 +158,32 @@ def count_nodes(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op.startswith("call_"))
 
 
+def packed_weights(module: torch.nn.Module):
+    """The weight and bias tensors inside PyTorch's prepacked quantized parameters
+    (``torch.ops.quantized.conv2d_prepack`` / ``linear_prepack`` results held as attributes,
+    which ``parameters()`` and ``buffers()`` do not list)."""
+    for m in module.modules():
+        for value in vars(m).values():
+            if not isinstance(value, torch.ScriptObject):
+                continue
+            try:
+                kind = value._type().qualified_name()
+            except Exception:  # noqa: BLE001 - any other script object
+                continue
+            if "Conv" in kind and "PackedParams" in kind:
+                w, b = torch.ops.quantized.conv2d_unpack(value)
+            elif "LinearPackedParams" in kind:
+                w, b = torch.ops.quantized.linear_unpack(value)
+            else:
+                continue
+            yield w.int_repr() if w.is_quantized else w
+            if b is not None:
+                yield b
+
+
 def _unique_tensors(module: torch.nn.Module):
     seen = set()
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in list(module.parameters()) + list(module.buffers()) + list(packed_weights(module)):
         if id(t) not in seen:
             seen.add(id(t))
             yield t

@@ -111,3 +111,26 @@ def node_macs(node: fx.Node, gm: fx.GraphModule) -> int:
 def count_macs(gm: fx.GraphModule) -> int:
     """Total MACs of one forward pass at the shapes recorded in the graph's metadata."""
     return sum(node_macs(n, gm) for n in gm.graph.nodes)
+
+
+# -- PyTorch's quantized CPU ops (after lower_int8_cpu): shapes from the prepacked weights ----
+def _packed_macs(node: fx.Node, gm: fx.GraphModule) -> int:
+    import math
+
+    out = _shape(node)
+    packed = node.args[1] if len(node.args) > 1 else None
+    if out is None or not isinstance(packed, fx.Node) or packed.op != "get_attr":
+        return 0
+    p = get_attr_value(gm, packed.target)
+    name = str(getattr(node.target, "__name__", node.target))
+    unpack = torch.ops.quantized.linear_unpack if "linear" in name else \
+        torch.ops.quantized.conv2d_unpack
+    try:
+        w = unpack(p)[0]
+    except Exception:  # noqa: BLE001 - not the packed params we know
+        return 0
+    return math.prod(out) * math.prod(w.shape[1:])
+
+
+for _name in ("conv2d", "conv2d_relu", "linear", "linear_relu"):
+    MAC_COUNTERS[getattr(torch.ops.quantized, _name)] = _packed_macs

@@ -2,10 +2,11 @@
 
 ``prune_and_finetune_digits`` is what the default ``fxopt optimize`` run shows: the built-in
 digits ResNet (``fxopt.digits``) pruned, fine-tuned from the unpruned model as a teacher, then
-optimized with the full pipeline, with accuracy, parameters, MACs and CPU latency per stage::
+optimized with the full pipeline and (``quantize="int8"``) quantized to int8, with accuracy,
+parameters, size, MACs and CPU latency per stage::
 
-    >>> result = fxopt.recipes.prune_and_finetune_digits(prune=0.5, epochs=8)
-    >>> print(result)           # a table: original / pruned / fine-tuned / optimized
+    >>> result = fxopt.recipes.prune_and_finetune_digits(prune=0.5, epochs=8, quantize="int8")
+    >>> print(result)           # a table: original / pruned / fine-tuned / optimized / int8
     >>> result.final            # the OptimizedModule
     >>> result.rows[-1].accuracy
 
@@ -28,10 +29,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from .api import OptimizedModule, optimize
 from .capture import capture, propagate_shapes
 from .finetune import FinetuneResult, finetune
-from .graph_utils import count_params
+from .graph_utils import count_bytes, count_params
 from .latency import measure_latency
 from .metrics import count_macs
 from .prune_config import PruneConfig
+from .report import format_bytes
 
 __all__ = ["StageRow", "PruneFinetuneResult", "prune_and_finetune_digits", "cpu_latency",
            "stage_row"]
@@ -44,6 +46,7 @@ class StageRow:
     params: int
     macs: int  # per image
     latency_ms: float  # batch 1, median
+    size_bytes: int = 0  # weights, as held in memory (int8 weights count one byte)
 
 
 @dataclass
@@ -54,18 +57,21 @@ class PruneFinetuneResult:
     finetune: FinetuneResult
     config: PruneConfig
     notes: list[str] = field(default_factory=list)
+    float_final: OptimizedModule | None = None  # the float model when ``final`` is int8
 
     def table(self):
         from rich.table import Table
 
         t = Table(title=f"prune ({self.config.describe()}) + fine-tune with distillation",
                   title_justify="left")
-        for col in ("stage", "accuracy", "params", "MACs", "latency (bs 1, CPU)", "speedup"):
+        for col in ("stage", "accuracy", "params", "size", "MACs", "latency (bs 1, CPU)",
+                    "speedup"):
             t.add_column(col, justify="left" if col == "stage" else "right")
         base = self.rows[0].latency_ms
         for r in self.rows:
             t.add_row(r.stage, "n/a" if r.accuracy is None else f"{r.accuracy:.2%}",
-                      f"{r.params:,}", f"{r.macs:,}", f"{r.latency_ms:.3f} ms",
+                      f"{r.params:,}", format_bytes(r.size_bytes), f"{r.macs:,}",
+                      f"{r.latency_ms:.3f} ms",
                       f"{base / r.latency_ms:.2f}x" if r.latency_ms > 0 else "")
         return t
 
@@ -104,7 +110,8 @@ def stage_row(stage: str, model: nn.Module, x1: torch.Tensor, accuracy: float | 
     """Accuracy (given), parameters, MACs per image and batch-1 latency of ``model``."""
     gm = model.graph_module if isinstance(model, OptimizedModule) else model
     return StageRow(stage, accuracy, count_params(gm), _macs_per_image(gm, x1),
-                    cpu_latency(model, x1, repeats=repeats, threads=threads) * 1e3)
+                    cpu_latency(model, x1, repeats=repeats, threads=threads) * 1e3,
+                    count_bytes(gm))
 
 
 def _macs_per_image(model: nn.Module, x1: torch.Tensor) -> int:
@@ -137,7 +144,8 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
                               latency_repeats: int = 50, num_threads: int | None = 1,
                               latency_threads: int | None = 1,
                               check: str = "each", on_mismatch: str = "raise",
-                              instruments: Sequence[Any] = ()) -> PruneFinetuneResult:
+                              instruments: Sequence[Any] = (), quantize: Any = None,
+                              calibration_batches: int = 8) -> PruneFinetuneResult:
     """Prune the digits model, fine-tune it with distillation, optimize it; measure every stage.
 
     ``model``: a trained digits model (default: ``fxopt.digits.load_or_train_default``).
@@ -146,7 +154,9 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
     fine-tuning, and the optimized result; accuracy on the test split, MACs per image, batch-1
     CPU latency (median of ``latency_repeats`` on ``latency_threads`` threads: an 8x8 image
     is too small to gain from more, and spin-waiting threads on a busy machine distort it).
-    ``num_threads``: torch's threads while fine-tuning.
+    ``num_threads``: torch's threads while fine-tuning. ``quantize``: ``"int8"`` or a
+    ``QuantConfig`` adds a last stage, the optimized model in int8, calibrated on
+    ``calibration_batches`` batches of the fine-tuning data (it becomes ``result.final``).
     """
     from . import digits
 
@@ -180,8 +190,16 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
                   console=console, seed=seed, num_threads=num_threads)
     rows.append(row("pruned + fine-tuned", pruned))
     final = optimize(pruned, x, pipeline=pipeline, disable=disable, check=check,
-                     on_mismatch=on_mismatch, instruments=instruments)
+                     on_mismatch=on_mismatch, instruments=() if quantize else instruments)
     rows.append(row("pruned + fine-tuned, optimized", final))
+    float_final = None
+    if quantize is not None:
+        float_final = final
+        calib = [tx[i:i + 32] for i in range(0, 32 * calibration_batches, 32) if i < len(tx)]
+        final = optimize(pruned, x, pipeline=pipeline, disable=disable, check=check,
+                         on_mismatch=on_mismatch, instruments=instruments, quantize=quantize,
+                         calibration_data=calib)
+        rows.append(row("pruned + fine-tuned, optimized, int8", final))
     notes = []
     rec = pruned_opt.report.record("prune_channels")
     if rec is not None:
@@ -190,4 +208,9 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
                      f"{rec.rel_err if rec.rel_err is not None else 'n/a'}")
     notes.append(f"fine-tuning: {len(ft.history)} epochs, best {ft.best_epoch}"
                  + (" (stopped early)" if ft.stopped_early else "") + f", {ft.seconds:.1f} s")
-    return PruneFinetuneResult(rows, final, pruned_opt.report, ft, cfg, notes)
+    q = final.report.record("quantize_int8") if quantize is not None else None
+    if q is not None and q.stats.get("sqnr_db") is not None:
+        notes.append(f"int8: SQNR {q.stats['sqnr_db']:.1f} dB against the float model on "
+                     f"{q.stats.get('calibration_batches', 0)} calibration batches; "
+                     f"{q.stats.get('kept_float', 0)} layers kept in float")
+    return PruneFinetuneResult(rows, final, pruned_opt.report, ft, cfg, notes, float_final)

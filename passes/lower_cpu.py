@@ -282,6 +282,9 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     step = _output_step(gm, exits)
     low = _Lowering(gm)
     low.run()
+    for n in reversed(list(gm.graph.nodes)):  # the weights now live in the packed params
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
     remove_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()

@@ -178,19 +178,6 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def _outputs(gm, batches) -> list[torch.Tensor]:
-    with torch.no_grad():
-        outs = []
-        for args in batches:
-            o = gm(*args)
-            leaves = [t for t in torch.utils._pytree.tree_leaves(o) if isinstance(t, torch.Tensor)]
-            outs.append(torch.cat([t.detach().reshape(-1).double() for t in leaves]) if leaves
-                        else torch.zeros(0, dtype=torch.float64))
-            if isinstance(o, torch.Tensor) and o.dim() == 2:
-                outs[-1] = (outs[-1], o.argmax(dim=1))
-        return outs
-
-
 def _flat(o) -> torch.Tensor:
     leaves = [t for t in torch.utils._pytree.tree_leaves(o) if isinstance(t, torch.Tensor)]
     return torch.cat([t.detach().reshape(-1).double() for t in leaves]) if leaves \

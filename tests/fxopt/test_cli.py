@@ -56,9 +56,10 @@ def test_default_optimize(capsys):
     assert "fxopt report" in out and "cleanup" in out
     # the default run prunes, fine-tunes and optimizes: every stage with its figures
     for row in ("original", "pruned + fine-tuned, optimized", "accuracy", "params", "MACs",
-                "latency"):
+                "latency", "size", "optimized, int8", "quantize_int8", "lower_int8_cpu"):
         assert row in out, row
-    assert out.count("%") >= 4  # accuracy at each stage
+    assert out.count("%") >= 5  # accuracy at each stage, int8 last
+    assert "int8: SQNR" in out
     assert "Traceback" not in err
     # Progress bars go to stderr; off a terminal each is one final line.
     assert "optimizing: done" in err
@@ -194,10 +195,6 @@ def test_torchvision_model(capsys):
     assert re.search(r"params\s*│\s*11\.\d\dM", out), out  # resnet18: 11.7M parameters
 
 
-def _feature_missing(name):
-    return pytest.mark.skipif(name in fxopt.PASSES, reason=f"'{name}' is registered now")
-
-
 @pytest.mark.parametrize("argv, needle", [
     (["--model", "nonsense"], "--model must be"),
     (["--model", "no/such/file.py:build"], "no such model file"),
@@ -209,7 +206,6 @@ def _feature_missing(name):
     (["--model", "torchvision:resnet18", *QUICK], "--epochs applies only"),
     pytest.param(["--target", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
-    pytest.param(["--quantize", "int8", *QUICK], "quantize", marks=_feature_missing("quantize_int8")),
 ])
 def test_errors_are_one_clear_line(capsys, argv, needle):
     rc, out, err = _run(capsys, "optimize", "--no-progress", *argv)
@@ -327,6 +323,15 @@ def test_default_run_prunes_and_finetunes(capsys, tmp_path):
     assert "pruned + fine-tuned" in out and "fine-tuning:" in out
     pytest.importorskip("tensorboard")
     assert list((tmp_path / "tb").rglob("events.out.tfevents*")), "no TensorBoard event file"
+
+
+def test_no_quantize_stops_at_float(capsys):
+    rc, out, err = _run(capsys, "optimize", *QUICK, "--no-progress", "--no-quantize")
+    assert rc == 0, err
+    assert "pruned + fine-tuned, optimized" in out and "int8" not in out
+    rc, out, err = _run(capsys, "optimize", *QUICK, "--no-progress", "--no-quantize",
+                        "--quantize", "int8")
+    _assert_one_error(rc, out, err, "contradict")
 
 
 def test_prune_other_models_says_no_finetuning(capsys, tmp_path):
