@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
-    "DigitsData", "DigitsResNet", "LoadedModel", "TrainResult", "RECIPE_VERSION",
+    "DigitsData", "DigitsResNet", "DigitsCNN", "ARCHITECTURES", "LoadedModel", "TrainResult", "RECIPE_VERSION",
     "DEFAULT_EPOCHS", "CACHE_ENV", "load_digits_split", "train_loader", "test_loader",
     "calibration_batches", "example_batch", "evaluate", "train_digits_model",
     "load_or_train_default", "default_cache_dir", "cache_path",
@@ -189,6 +189,28 @@ class DigitsResNet(nn.Module):
         return self.fc(self.dropout(self.flatten(self.pool(x))))
 
 
+class DigitsCNN(nn.Module):
+    """A small plain CNN for 8x8 digits (no residuals; 24k parameters): conv-bn-relu x2,
+    max pooling (8x8 -> 4x4), conv-bn-relu, flatten, linear-relu, linear."""
+
+    def __init__(self, width: int = 16, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.ReLU())
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 32), nn.ReLU(),
+                                        nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+ARCHITECTURES = {"resnet": DigitsResNet, "cnn": DigitsCNN}
+
+
 # -- training and evaluation --------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader | None = None,
@@ -238,16 +260,19 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_digits_model(epochs: int = DEFAULT_EPOCHS, seed: int = DEFAULT_SEED, progress: bool = True,
-                       console=None) -> TrainResult:
-    """Train a ``DigitsResNet`` from scratch; the same seed and epochs give the same model.
+                       console=None, arch: str = "resnet") -> TrainResult:
+    """Train a ``DigitsResNet`` (``arch="cnn"``: a ``DigitsCNN``) from scratch; the same seed
+    and epochs give the same model.
 
     AdamW with a one-cycle schedule; a rich progress bar (on ``console``, default stderr) when
     ``progress``. Returns the model in eval mode, its test accuracy and the training time.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown digits architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     with _one_thread():
-        return _train(epochs, seed, progress, console)
+        return _train(epochs, seed, progress, console, arch)
 
 
 @contextlib.contextmanager
@@ -266,9 +291,9 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _train(epochs: int, seed: int, progress: bool, console) -> TrainResult:
+def _train(epochs: int, seed: int, progress: bool, console, arch: str = "resnet") -> TrainResult:
     torch.manual_seed(seed)
-    model = DigitsResNet()
+    model = ARCHITECTURES[arch]()
     loader = train_loader(seed=seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)

@@ -199,6 +199,22 @@ def test_digits_int8_accuracy(tmp_path, monkeypatch):
     assert abs(float_acc - int8_acc) <= 0.005 + 1e-9, (float_acc, int8_acc)
 
 
+def test_digits_small_cnn_int8_accuracy():
+    """Acceptance (issue 5): a small plain CNN trained on digits keeps its accuracy in int8
+    (within 0.5 points), through int8 chains with max pooling, flatten and two Linear layers."""
+    trained = digits.train_digits_model(epochs=6, progress=False, arch="cnn")
+    model = trained.model.eval()
+    opt = fxopt.optimize(model, digits.example_batch(), quantize="int8",
+                         calibration_data=digits.calibration_batches())
+    rec = opt.report.record("quantize_int8")
+    assert rec.status == "ok" and rec.stats["conv2d"] == 3 and rec.stats["linear"] == 2
+    assert rec.stats["quantize"] == 1 and rec.stats["dequantize"] == 1  # one int8 region
+    assert opt.report.record("lower_int8_cpu").status == "ok"
+    float_acc, int8_acc = digits.evaluate(model), digits.evaluate(opt)
+    assert float_acc > 0.9
+    assert abs(float_acc - int8_acc) <= 0.005 + 1e-9, (float_acc, int8_acc)
+
+
 @pytest.mark.parametrize("k", [16, 3000])  # float32 accumulation below 2**24, float64 above
 def test_reference_accumulation_is_exact(k):
     g = torch.Generator().manual_seed(k)
