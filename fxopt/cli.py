@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "each) and write DIR/tradeoff.png and tradeoff.json (default: on for "
                           "the digits model unless --no-prune)")
     opt.add_argument("--onnx", metavar="PATH", help="export the optimized model to ONNX (float "
-                                                    "models), checked in ONNX Runtime")
+                                                    "ops; int8 as QDQ), checked in ONNX Runtime")
     opt.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
                      help="train the digits model for N epochs instead of the recipe's default "
                           "(quick runs and tests; cached separately)")
@@ -339,6 +339,11 @@ def cmd_optimize(args) -> int:
     if args.onnx:
         exported = fxopt.export_onnx(opt, example, args.onnx)
         err_note = f", ONNX Runtime rel err {exported.check.rel_err:.1e}" if exported.check else ""
+        if exported.output_step is not None:  # int8: QDQ, checked within one output step
+            err_note = ", int8 as QDQ" + (
+                f", ONNX Runtime max abs err {exported.check.max_abs:.2g} (one output step: "
+                f"{exported.output_step:.2g})" if exported.check and exported.output_step else
+                err_note)
         out.print(f"wrote {exported.path} (opset {exported.opset}{err_note})", markup=False)
         for what in exported.kept:
             out.print(f"note: kept as is in ONNX: {what}", markup=False)

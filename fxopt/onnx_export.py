@@ -18,9 +18,15 @@ only after ``onnx.checker`` accepted it and, when onnxruntime is installed, an
     >>> result.translated, result.kept, result.check.rel_err
     ({'conv2d_act': 20, 'linear_act': 1}, [], 3.1e-07)
 
+Int8 graphs (the fxopt int8 IR, or that IR lowered onto PyTorch's quantized CPU kernels) are
+rewritten into QDQ first (``fxopt.onnx_int8``: QuantizeLinear / DequantizeLinear around the
+float ops, int8 weights with per-channel scales) and checked within one quantization step of
+the output (``OnnxExport.output_step``) instead of the float tolerance.
+
 ``kept`` lists the graph ops that stay as they were because no standard translation is known
-(for now: any ``fxopt`` op other than the float fused ones, such as the int8 ops); each is also
-named in a warning, and the export then fails in ``torch.onnx.export`` with its own message.
+(an fxopt op with no decomposition, an op on int8 codes with no QDQ meaning); each is also
+named in a warning, and the export then usually fails in ``torch.onnx.export`` with its own
+message.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import onnx_int8 as _onnx_int8
 from . import ops as _ops
 from .capture import normalize_inputs
 from .errors import InputError, NumericMismatchError, UnsupportedOpError
@@ -57,6 +64,7 @@ class OnnxExport:
     kept: list[str] = field(default_factory=list)  # graph ops kept as they were (no translation)
     check: ErrorStats | None = None  # ONNX Runtime vs the fxopt module; None: not run
     notes: list[str] = field(default_factory=list)
+    output_step: float | None = None  # int8 (QDQ): the tolerance of the check, one output step
 
 
 # -- decomposition: the fused ops' reference math, out of place ---------------------------------
@@ -110,7 +118,7 @@ def decompose_fused_ops(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, i
         if entry is not None:
             node.target = entry[1]
             translated[entry[0]] += 1
-        elif _is_fxopt_op(node.target):
+        elif _is_fxopt_op(node.target) and node.target not in _onnx_int8.INT8_OPS:
             kept.append(f"{node.name} ({node.target})")
     if translated:
         gm.graph.lint()
@@ -167,8 +175,18 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     path = _check_path(path)
     gm = _graph_module_of(module)
     notes: list[str] = []
+    step = None
     if isinstance(gm, fx.GraphModule):
         export_gm, translated, kept = decompose_fused_ops(gm)
+        if _onnx_int8.is_int8_graph(export_gm):
+            if opset < _onnx_int8.MIN_QDQ_OPSET:
+                raise InputError(f"int8 (QDQ) export needs opset >= {_onnx_int8.MIN_QDQ_OPSET} "
+                                 f"(per-channel DequantizeLinear), got {opset}",
+                                 hint=f"export_onnx(..., opset={DEFAULT_OPSET})")
+            rewrite = _onnx_int8.qdq_rewrite(export_gm)
+            export_gm, step = rewrite.gm, rewrite.output_step
+            translated.update(rewrite.translated)
+            kept += rewrite.kept + _onnx_int8.untranslated(export_gm)
     else:
         export_gm, translated, kept = copy.deepcopy(gm), {}, []
     for what in kept:
@@ -189,10 +207,12 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
             counts = Counter(k.split("(")[-1].rstrip(")") for k in kept)
             hint = ("no ONNX translation yet for " + ", ".join(
                 f"{op} (x{n})" for op, n in counts.items()) + "; export the float model "
-                "(int8 QDQ export is not built yet)") if kept else \
+                "(the int8 ops above have no QDQ translation yet)") if kept else \
                 "run with a plain float pipeline (pipeline=['cleanup']) to find the op"
             raise UnsupportedOpError(f"torch.onnx.export failed: {e}".splitlines()[0],
                                      hint=hint) from e
+        if step is not None:
+            _onnx_int8.drop_initializer_identities(tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
         stats = None
         if check:
@@ -203,11 +223,15 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
             else:
                 ort_out = _ort_outputs(tmp, inputs)
                 ref_list = list(reference) if isinstance(reference, (tuple, list)) else [reference]
-                stats = compare_outputs(ort_out, [r.detach().cpu().contiguous() for r in ref_list])
+                ref_list = [r.detach().cpu().contiguous() for r in ref_list]
+                stats = compare_outputs(ort_out, ref_list) if not step else \
+                    _onnx_int8.compare_within_step(ort_out, ref_list, step)
                 if not stats.ok:
+                    bound = f"rel err {stats.rel_err:.2e} > {stats.tolerance:.0e}" if not step \
+                        else f"max abs err {stats.max_abs:.3g} > {stats.tolerance:.3g}"
                     raise NumericMismatchError(
-                        f"ONNX Runtime's outputs differ from the fxopt module's: rel err "
-                        f"{stats.rel_err:.2e} > {stats.tolerance:.0e} {stats.reason}".strip(),
+                        f"ONNX Runtime's outputs differ from the fxopt module's: {bound} "
+                        f"{stats.reason}".strip(),
                         pass_name="export_onnx", passes_before=[], max_abs=stats.max_abs,
                         rel_err=stats.rel_err, tolerance=stats.tolerance, node=None,
                         module_path=None, hint="export with check=False to inspect the file")
@@ -216,4 +240,4 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         if tmp.exists():
             tmp.unlink()
     return OnnxExport(path=path, opset=opset, translated=translated, kept=kept, check=stats,
-                      notes=notes)
+                      notes=notes, output_step=step)

@@ -135,20 +135,3 @@ def test_cli_onnx_and_pictures(tmp_path, capsys, monkeypatch):
     for name in ("graph_before.png", "graph_after.png"):
         data = (out_dir / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 20_000
-
-
-def test_int8_ops_are_reported_not_exported(tmp_path):
-    if "quantize_int8" not in fxopt.PASSES:
-        pytest.skip("the quantize_int8 pass is not registered")
-    from fxopt import digits
-
-    x = digits.example_batch(8)
-    opt = fxopt.optimize(digits.DigitsResNet().eval(), x, quantize="int8",
-                         calibration_data=digits.calibration_batches(2),
-                         disable=["lower_int8_cpu"])
-    _, _, kept = decompose_fused_ops(opt.graph_module)
-    assert kept  # the int8 ops, named
-    with pytest.warns(UserWarning, match="no ONNX translation"), \
-            pytest.raises(fxopt.UnsupportedOpError, match="int8"):
-        export_onnx(opt, x, tmp_path / "q.onnx")
-    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,244 @@
+"""Int8 ONNX export as QDQ: both int8 forms (the IR, the CPU-lowered graph), checked in ONNX Runtime.
+
+Each round trip runs the file in an ONNX Runtime session (CPUExecutionProvider, default graph
+optimizations: ORT fuses the QDQ groups into its own int8 kernels) and compares with the fxopt
+module within one quantization step of the output. The golden tests pin the QDQ structure:
+QuantizeLinear / DequantizeLinear counts, int8 weight initializers with per-channel scales.
+"""
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt import digits
+from fxopt.onnx_export import export_onnx
+from fxopt.onnx_int8 import compare_within_step
+from fxopt.onnx_int8_dynamic import aten_dynamic_grid
+from fxopt.ops_int8_dynamic import dynamic_qparams
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+numpy_helper = pytest.importorskip("onnx.numpy_helper")
+
+FORMS = {"ir": ["lower_int8_cpu"], "cpu": []}  # disable=...
+
+
+def _ort(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(out)
+
+
+def _ops(model) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _weights(model):
+    """(int8 weight initializer, its per-channel scale) for each per-axis DequantizeLinear."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute):
+            out.append((inits[n.input[0]], inits[n.input[1]], inits[n.input[2]],
+                        next(a.i for a in n.attribute if a.name == "axis")))
+    return out
+
+
+def _check_qdq(model, n_weights):
+    onnx.checker.check_model(model, full_check=True)
+    weights = _weights(model)
+    assert len(weights) == n_weights
+    for w, scale, zp, axis in weights:
+        assert str(w.dtype) == "int8" and axis == 0
+        assert scale.shape == (w.shape[0],) and str(scale.dtype) == "float32"
+        assert str(zp.dtype) == "int8" and not zp.any()
+    float_weights = [i for i in model.graph.initializer
+                     if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2]
+    assert not float_weights  # no weight left in float
+    assert not any(n.domain not in ("", "ai.onnx") for n in model.graph.node)
+    assert "Identity" not in _ops(model)
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("digits")
+    return digits.load_or_train_default(cache_dir=cache, progress=False, epochs=3).model.eval()
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_digits_int8_round_trip(tmp_path, digits_model, form):
+    x = digits.example_batch(16)
+    opt = fxopt.optimize(digits_model, x, quantize="int8",
+                         calibration_data=digits.calibration_batches(2), disable=FORMS[form])
+    lowered = any("quantized" in str(n.target) for n in opt.graph_module.graph.nodes)
+    assert lowered == (form == "cpu")
+    path = tmp_path / f"digits_{form}.onnx"
+    result = export_onnx(opt, x, path)
+    assert result.kept == [] and result.output_step > 0
+    assert result.check.ok and result.check.max_abs <= result.output_step * (1 + 1e-4) + 1e-6
+    model = onnx.load(str(path))
+    _check_qdq(model, n_weights=9)  # 8 convs + fc
+    ops = _ops(model)
+    # input, 8 convs, 3 residual adds, the pooling, fc -> 14 grids written; 9 weights + 17
+    # activation reads (8 convs, 2 per add, the pooling, fc, the output)
+    assert ops["QuantizeLinear"] == 14 and ops["DequantizeLinear"] == 26, ops
+    assert {"Conv", "Add", "Relu", "GlobalAveragePool", "Gemm"} <= set(ops)
+    # an independent run on fresh inputs, optimizations off and on
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for batch in digits.calibration_batches(4)[2:]:
+            got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name:
+                                                      batch[:16].numpy()})[0])
+            with torch.no_grad():
+                stats = compare_within_step([got], [opt(batch[:16])], result.output_step)
+            assert stats.ok, (form, level, stats.max_abs, result.output_step)
+
+
+class SmallCNN(nn.Module):
+    """relu6, a residual add, max pooling, cat of two branches, average pooling, a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)  # F.max_pool2d(y, 2) trips quantize_int8 (positional args)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = F.relu6(self.bn1(self.c1(x)))
+        y = F.relu(self.c2(y) + y)
+        y = self.pool(y)
+        y = torch.cat([F.relu(self.c3(y)), F.relu6(self.c4(y))], 1)
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def _cal(n=4):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 16, 16, generator=g) for _ in range(n)]
+
+
+# QuantizeLinear / DequantizeLinear: the lowered graph runs relu6 as a clamp of its own on the
+# conv's output grid, one extra Q/DQ pair for each of the two relu6 convs
+GOLDEN = {"ir": (10, 17), "cpu": (12, 19)}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_small_cnn_qdq_golden(tmp_path, form):
+    torch.manual_seed(0)
+    cal = _cal()
+    opt = fxopt.optimize(SmallCNN().eval(), cal[0], quantize="int8", calibration_data=cal,
+                         disable=FORMS[form])
+    result = export_onnx(opt, cal[0], tmp_path / "small.onnx")
+    assert result.kept == [] and result.check.ok
+    assert result.check.max_abs <= result.output_step * (1 + 1e-4) + 1e-6
+    model = onnx.load(str(result.path))
+    _check_qdq(model, n_weights=5)
+    ops = _ops(model)
+    assert (ops["QuantizeLinear"], ops["DequantizeLinear"]) == GOLDEN[form], ops
+    assert ops["Clip"] == 2 and ops["MaxPool"] == 1 and ops["Concat"] == 1 and ops["Add"] == 1
+    assert ops["GlobalAveragePool"] == 1 and ops["Conv"] == 4 and ops["Gemm"] == 1
+    if form == "ir":
+        assert result.translated == {"quantize": 1, "conv2d_int8": 4, "add_int8": 1,
+                                     "max_pool2d_int8": 1, "cat_int8": 1,
+                                     "adaptive_avg_pool2d_int8": 1, "linear_int8": 1,
+                                     "dequantize": 1}
+    # MaxPool reads and writes one grid: the same scale and zero point on both sides
+    producers = {o: n for n in model.graph.node for o in n.output}
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    dq = producers[pool.input[0]]
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear"
+             and n.input[0] == pool.output[0])
+    assert dq.op_type == "DequantizeLinear" and list(dq.input[1:]) == list(q.input[1:])
+    # the module was not touched: it still runs its int8 ops
+    assert any("int8" in str(n.target) or "quantized" in str(n.target)
+               for n in opt.graph_module.graph.nodes)
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h) + h))
+
+
+def test_dynamic_int8_linear(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    opt = fxopt.optimize(_MLP().eval(), x, quantize="int8_dynamic")
+    result = export_onnx(opt, x, tmp_path / "dyn.onnx")
+    assert result.translated == {"linear_int8_dynamic": 3} and result.kept == []
+    assert result.check.ok and result.check.max_abs < 1e-5
+    model = onnx.load(str(result.path))
+    _check_qdq(model, n_weights=3)
+    ops = _ops(model)
+    assert ops["QuantizeLinear"] == 3 and ops["ReduceMin"] == 3 and ops["Gemm"] == 3
+    x2 = 3 * torch.randn(8, 16)  # another range: another run-time grid, computed in the file
+    with torch.no_grad():
+        assert (_ort(result.path, x2) - opt(x2)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_dynamic_grid_is_atens(reduce_range):
+    g = torch.Generator().manual_seed(3)
+    for lo, hi in [(-1.0, 2.0), (0.5, 3.0), (-4.0, -0.25), (-0.3, 0.3), (0.0, 0.0)]:
+        x = lo + (hi - lo) * torch.rand(64, generator=g)
+        want = dynamic_qparams(x, reduce_range)
+        scale, zp = aten_dynamic_grid(x, reduce_range)
+        assert (float(scale), int(zp)) == pytest.approx(want, rel=1e-6), (lo, hi)
+
+
+def test_codes_op_without_translation_is_reported(tmp_path):
+    """An op on codes that QDQ has no word for is exported as it is, named in a warning and in
+    ``kept``."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    s, z = g.get_attr("s"), g.get_attr("z")
+    q = g.call_function(torch.ops.fxopt.quantize.default, (x, s, z, 0, 255))
+    q = g.call_function(torch.abs, (q,))  # on the codes: no QDQ translation known
+    g.output(g.call_function(torch.ops.fxopt.dequantize.default, (q, s, z)))
+    root = nn.Module()
+    root.register_buffer("s", torch.tensor(0.05))
+    root.register_buffer("z", torch.tensor(128))
+    gm = fx.GraphModule(root, g)
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="no ONNX translation for abs"):
+        result = export_onnx(gm, x, tmp_path / "k.onnx", check=False)
+    assert len(result.kept) == 1 and "abs" in result.kept[0]
+    onnx.checker.check_model(str(result.path))
+
+
+def test_int8_needs_opset_13(tmp_path):
+    cal = _cal(2)
+    opt = fxopt.optimize(SmallCNN().eval(), cal[0], quantize="int8", calibration_data=cal)
+    with pytest.raises(fxopt.InputError, match="opset >= 13"):
+        export_onnx(opt, cal[0], tmp_path / "old.onnx", opset=11)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_int8_onnx(tmp_path, capsys, monkeypatch):
+    from fxopt import cli
+
+    monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "LATENCY_BUDGET_S", 0.0)
+    path = tmp_path / "digits_int8.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli.main(["optimize", "--epochs", "3", "--no-prune", "--quantize", "int8",
+                       "--no-progress", "--onnx", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"wrote {path}" in out and "QDQ" in out
+    model = onnx.load(str(path))
+    _check_qdq(model, n_weights=9)
