@@ -278,7 +278,7 @@ class _Writer:
 
     def layer(self, n: fx.Node) -> fx.Node:
         layer = self.plan.layers[n]
-        base = _base(n)
+        base = layer.label.replace(".", "_")
         x, xs, xz, x_qp = self.input_codes(layer.x, n)
         w_qp = self.plan.weights[n]
         w_q = self.attr(f"{base}_w_int8_", w_qp.quantize(layer.weight))
@@ -307,6 +307,8 @@ class _Writer:
         with self.g.inserting_before(n):
             new = self.g.call_function(target, args, kwargs)
         copy_meta(new, n)
+        if layer.path:
+            new.meta["fxopt_path"] = layer.path  # the conv / linear module, not the activation
         self.counts[layer.kind] += 1
         if not split:
             return new

@@ -13,7 +13,12 @@
    float value read by a quantized op is quantized on its observed grid (a region entry);
    an int8 value read by a float op is dequantized (an exit).
 3. :class:`SimulatedInt8`: the reference of DESIGN.md section 4, the float graph run with
-   fake quantization at every int8 value, every entry and every weight, in float.
+   fake quantization at every int8 value, every entry and every weight, in float. A layer's
+   sum of fake-quantized products is taken exactly (float64 over the centered codes, which
+   holds every such sum without rounding) and scaled in float32 as the int8 epilogue does:
+   a float32 convolution of fake-quantized values rounds each product and partial sum, and
+   in a deep network one value flipped to the neighbouring code at a tie grows, layer after
+   layer, past the one-step bound (ResNet-50 did). Same numbers, one rounding.
 
 Every grid comes from one calibration over all candidate values (:func:`observed_values`),
 so plans for different layer sets (the sensitivity search) share it.
@@ -95,10 +100,14 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
                 continue
             weight = get_attr_value(gm, w_node.target).detach()
             bias = None if b_node is None else get_attr_value(gm, b_node.target).detach()
+            # A fused node carries its root's path (the activation's: "layer1.0.relu"); the
+            # layer is the module that owns the weight ("layer1.0.conv1"), which keep_float
+            # and the report name.
+            path = module_path(w_node) or module_path(n)
             layers.append(Layer(n, "conv2d" if conv else "linear", args[0], weight, bias,
                                 tuple(args[3:7]) if conv else None, residual,
                                 n.kwargs.get("act", "none"), list(n.kwargs.get("act_args", [])),
-                                module_path(n), nn.Conv2d if conv else nn.Linear))
+                                path, nn.Conv2d if conv else nn.Linear))
     return [l for l in layers if l.weight.dtype == torch.float32 and isinstance(l.x, fx.Node)]
 
 
@@ -235,12 +244,27 @@ class _Simulator(fx.Interpreter):
 
     def _layer(self, n: fx.Node, layer: Layer) -> torch.Tensor:
         x = self._entry(layer.x)
-        w = self.fq_weights[n]
+        x_qp = self.plan.grid(layer.x)
+        w_q, w_s = self.fq_weights[n]
+        # fake-quantized x times fake-quantized w, summed exactly: (x - zp) / s are the codes;
+        # float32 holds every partial sum below 2**24 exactly (depthwise convolutions, small
+        # layers: float64 convolutions are slow there), float64 the rest
+        zp = int(x_qp.zero_point)
+        k = w_q[0].numel()
+        exact32 = k * max(zp - x_qp.qmin, x_qp.qmax - zp) * 127 < 2 ** 24
+        dt = torch.float32 if exact32 else torch.float64
+        xc = (x_qp.quantize(x).to(torch.int64) - zp).to(dt)
+        w_q = w_q.to(dt)
         if layer.kind == "conv2d":
             stride, padding, dilation, groups = layer.conv
-            y = F.conv2d(x, w, layer.bias, list(stride), list(padding), list(dilation), groups)
+            acc = F.conv2d(xc, w_q, None, list(stride), list(padding), list(dilation), groups)
+            shape = (1, -1) + (1,) * (acc.dim() - 2)
         else:
-            y = F.linear(x, w, layer.bias)
+            acc = F.linear(xc, w_q)
+            shape = (-1,)
+        y = acc.float() * (x_qp.scale.float() * w_s).reshape(shape)
+        if layer.bias is not None:
+            y = y + layer.bias.float().reshape(shape)
         if layer.residual is not None:
             y = fake_quant(y, self.plan.grids[(PRE, n)]) + self._entry(layer.residual)
         return apply_activation(y, layer.act, layer.act_args)
@@ -255,7 +279,9 @@ class SimulatedInt8(nn.Module):
         super().__init__()
         self.gm = gm
         self.plan = plan
-        self._fq = {n: qp.fake_quantize(plan.layers[n].weight) for n, qp in plan.weights.items()}
+        # int8 weight codes and their per-channel scales
+        self._fq = {n: (qp.quantize(plan.layers[n].weight), qp.scale.float())
+                    for n, qp in plan.weights.items()}
 
     def forward(self, *args):
         with torch.no_grad():

@@ -1,0 +1,146 @@
+"""lower_int8_cpu: the int8 IR onto PyTorch's quantized x86 kernels.
+
+Golden (quantized.* ops in, fxopt int8 ops out), equal to the int8 graph before it within
+one output step on fresh inputs, fallbacks named in the report, relu6, symmetric grids left
+alone, save/load, deepcopy, target="cuda" untouched.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxopt
+from fxopt.manager import PassManager
+from fxopt.ops_int8 import INT8_IR_OPS
+from fxopt.quant_config import QuantConfig
+from fxopt.registry import PassContext, expand_pipeline
+
+lower = __import__("fxopt.passes.lower_cpu", fromlist=["lower_cpu"])
+pytestmark = pytest.mark.skipif(not lower.quantized_engine_available(),
+                                reason="PyTorch's quantized CPU engine is not available")
+QOPS = torch.ops.quantized
+
+
+class Net(nn.Module):
+    def __init__(self, act=nn.ReLU):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = act()
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.act(self.c1(x))
+        y = torch.relu(self.c2(y) + y)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def _cal(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 8, 8, generator=g) for _ in range(n)]
+
+
+def run(model, quantize="int8", steps=("fold_bn", "fuse_act", "quantize_int8"), target="cpu"):
+    """The int8 graph (before lowering), and a copy lowered with the manager's checks."""
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxopt.capture(model.eval(), x)
+    ctx = PassContext(example_inputs=(x,), options={"quantize": quantize},
+                      calibration_data=_cal(), target=target)
+    ir, _ = PassManager(expand_pipeline(list(steps)), check="each").run(gm, ctx)
+    low, report = PassManager(expand_pipeline(["lower_int8_cpu"]), check="each").run(
+        copy.deepcopy(ir), ctx)
+    return ir, low, report.record("lower_int8_cpu")
+
+
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def _close(a, b, step):
+    with torch.no_grad():
+        return (a - b).abs().max().item() <= step * (1 + 1e-4)
+
+
+def _step(rec):
+    return rec.tolerance
+
+
+def test_golden():
+    ir, low, rec = run(Net())
+    assert rec.status == "ok" and rec.modified
+    t = targets(low)
+    for op in (QOPS.conv2d_relu, QOPS.conv2d, QOPS.add_relu,
+               QOPS.linear):
+        assert t.count(op) == 1, op
+    assert t.count(torch.quantize_per_tensor) == 1 and t.count("dequantize") == 1
+    assert not set(t) & set(INT8_IR_OPS)
+    assert rec.stats["conv2d"] == 2 and rec.stats["add"] == 1 and rec.stats["linear"] == 1
+    assert rec.stats["fallback"] == 0 and rec.notes == []
+
+
+def test_equal_to_int8_graph_on_fresh_inputs():
+    ir, low, rec = run(Net())
+    for x in _cal(n=3, seed=5):
+        with torch.no_grad():
+            assert _close(low(x), ir(x), _step(rec))
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.Hardswish])
+def test_no_kernel_falls_back_and_says_so(act):
+    ir, low, rec = run(Net(act))
+    assert rec.status == "ok" and rec.stats["fallback"] == 1
+    assert "c1" in rec.notes[0] and "no PyTorch int8 kernel" in rec.notes[0]
+    assert torch.ops.fxopt.conv2d_int8.default in targets(low)  # the reference, float in/out
+    assert QOPS.add_relu in targets(low)  # the rest is lowered
+    for x in _cal(n=2, seed=6):
+        assert _close(low(x), ir(x), _step(rec))
+
+
+def test_relu6_is_conv_then_clamp():
+    ir, low, rec = run(Net(nn.ReLU6))
+    assert rec.stats["fallback"] == 0
+    conv = next(n for n in low.graph.nodes if n.target is QOPS.conv2d
+                and any(u.target is torch.clamp for u in n.users))
+    clamp = next(iter(conv.users))
+    assert clamp.args[1:] == (0.0, 6.0)
+    for x in _cal(n=2, seed=7):
+        assert _close(low(x), ir(x), _step(rec))
+
+
+def test_symmetric_activations_not_lowered():
+    ir, low, rec = run(Net(), quantize=QuantConfig(activation_symmetric=True))
+    assert rec.modified is False and "symmetric" in rec.notes[0]
+    assert low.code == ir.code
+
+
+def test_target_cuda_leaves_it_alone():
+    ir, _, _ = run(Net())
+    x = torch.randn(2, 3, 8, 8)
+    code = ir.code
+    res = lower.lower_int8_cpu(ir, PassContext((x,), target="cuda"))
+    assert res.modified is False and ir.code == code and "cuda" in res.notes[0]
+
+
+def test_idempotent_and_negative():
+    _, low, _ = run(Net())
+    x = torch.randn(2, 3, 8, 8)
+    code = low.code
+    assert lower.lower_int8_cpu(low, PassContext((x,))).modified is False and low.code == code
+    gm = fxopt.capture(Net().eval(), x)  # float graph: nothing to lower
+    code = gm.code
+    assert lower.lower_int8_cpu(gm, PassContext((x,))).modified is False and gm.code == code
+
+
+def test_save_load_and_deepcopy(tmp_path):
+    torch.manual_seed(0)
+    m, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    opt = fxopt.optimize(m, x, quantize="int8", calibration_data=_cal(), target="cpu")
+    assert opt.report.record("lower_int8_cpu").status == "ok"
+    assert QOPS.conv2d_relu in targets(opt.gm if hasattr(opt, "gm") else opt.graph_module)
+    again = fxopt.load(opt.save(tmp_path / "m.fxopt"))
+    dup = copy.deepcopy(opt)
+    for xb in _cal(n=2, seed=8):
+        with torch.no_grad():
+            want = opt(xb)
+            assert torch.equal(again(xb), want) and torch.equal(dup(xb), want)

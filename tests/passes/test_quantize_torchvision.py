@@ -1,0 +1,55 @@
+"""Real architectures through int8 (issue 5 acceptance): quantize, lower to the x86 kernels,
+run, and pass the simulated-reference check, at 64x64 to keep the time down.
+
+BatchNorm running statistics and affine parameters are randomised: the defaults make many
+outputs degenerate. efficientnet_b0 (SiLU, squeeze-excitation multiply) and regnet_x_400mf
+(grouped convolutions) are the hard cases: SiLU/sigmoid epilogues fall back to the reference.
+"""
+import math
+
+import pytest
+import torch
+
+import fxopt
+
+torchvision = pytest.importorskip("torchvision")
+pytestmark = pytest.mark.slow
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf"]
+SIZE = 64
+
+
+def _model(name):
+    torch.manual_seed(0)
+    m = torchvision.models.get_model(name, weights=None).eval()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+            with torch.no_grad():
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    return m
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_int8_simulated_reference(name):
+    m = _model(name)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, SIZE, SIZE, generator=g)
+    cal = [torch.randn(2, 3, SIZE, SIZE, generator=g) for _ in range(2)]
+    opt = fxopt.optimize(m, x, quantize="int8", calibration_data=cal, target="cpu")
+    q = opt.report.record("quantize_int8")
+    low = opt.report.record("lower_int8_cpu")
+    assert q.status == "ok" and low.status == "ok", (q.notes, low.notes)
+    assert q.stats["conv2d"] >= 15 and q.stats["linear"] == 1 and q.stats["kept_float"] == 0
+    assert math.isfinite(q.stats["sqnr_db"]) and 15 < q.stats["sqnr_db"] < 60, q.stats
+    assert low.stats["conv2d"] > 0 and low.stats.get("tie_flips", 0) >= 0
+    if name == "efficientnet_b0":  # SiLU / sigmoid epilogues run the reference, named
+        assert low.stats["fallback"] > 0 and "no PyTorch int8 kernel" in " ".join(low.notes)
+    else:
+        assert low.stats["fallback"] == 0, low.notes
+    x2 = torch.randn(2, 3, SIZE, SIZE, generator=g)
+    with torch.no_grad():
+        out, ref = opt(x2), m(x2)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
