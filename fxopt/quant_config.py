@@ -17,6 +17,10 @@ need on CPUs without VNNI; torch.ao's x86 default does the same).
 the SQNR (dB, against float) of the model with only that layer quantized; the most sensitive
 layers are kept in float, one at a time, until the whole model's SQNR reaches ``min_sqnr_db``
 or ``max_float_layers`` are float. ``sensitivity_batches``: calibration batches used for that.
+``float_without_kernel``: on ``target="cpu"``, keep in float the layers PyTorch has no int8
+kernel for (an epilogue activation other than relu / relu6 / hardtanh / clamp, a residual add
+with an activation other than relu): run as int8 they would take the slow exact reference.
+The report names them. ``False`` quantizes them anyway.
 ``keep_float``: module paths (``"layer1.0.conv1"``, a prefix covers its children) or module
 types left in float. ``first_layer`` / ``last_layer``: ``"quantize"`` or ``"float"``
 (the first / last quantizable layer in graph order).
@@ -51,6 +55,7 @@ class QuantConfig:
     min_sqnr_db: float | None = None
     max_float_layers: int | None = None
     sensitivity_batches: int = 2
+    float_without_kernel: bool = True
 
     def __post_init__(self):
         if self.activation_observer not in OBSERVERS:

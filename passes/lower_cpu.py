@@ -214,9 +214,16 @@ class _Lowering:
 
     def _fallback(self, n, code_args, grids, out_grid) -> fx.Node:
         """``n`` on the dequantized inputs (float in, float out), requantized when its output
-        is int8: the fxopt reference, exact."""
+        is int8: the fxopt reference, exact. ``add_int8`` reads the codes themselves."""
         g = self.g
         args = list(n.args)
+        if n.target is ADD_INT8:
+            for i in (0, 3):
+                args[i] = g.call_method("int_repr", (args[i],))
+            codes = g.call_function(n.target, tuple(args), dict(n.kwargs))
+            self.fallback.append(module_path(n) or n.name)
+            s, z = float(_value(self.gm, args[6])), int(_value(self.gm, args[7]))
+            return g.call_function(torch._make_per_tensor_quantized_tensor, (codes, s, z))
         for x in code_args:
             deq = g.call_method("dequantize", (x,))
             if x.meta.get("tensor_meta") is not None:
@@ -224,12 +231,8 @@ class _Lowering:
             idx = args.index(x)
             args[idx] = deq
         kwargs = dict(n.kwargs)
-        if "out_int8" in kwargs or n.target in (CONV2D_INT8, LINEAR_INT8):
-            kwargs["out_int8"] = False
-            y = g.call_function(n.target, tuple(args), kwargs)
-        else:  # add_int8: float in -> codes out; dequantize the codes
-            codes = g.call_function(n.target, tuple(args), kwargs)
-            y = g.call_function(DEQUANTIZE, (codes, args[6], args[7]))
+        kwargs["out_int8"] = False
+        y = g.call_function(n.target, tuple(args), kwargs)
         self.fallback.append(module_path(n) or n.name)
         if out_grid is None:
             return y

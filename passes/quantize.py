@@ -392,7 +392,6 @@ def _base(n: fx.Node) -> str:
 
 def _maxpool_args(gm, n: fx.Node) -> tuple:
     """(kernel_size, stride, padding, dilation, ceil_mode) of a max pooling, as pairs."""
-    import inspect
 
     def pair(v):
         return list(v) if isinstance(v, (tuple, list)) else [v, v]
@@ -400,10 +399,11 @@ def _maxpool_args(gm, n: fx.Node) -> tuple:
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
         k, s, p, d, c = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
-    else:
-        bound = inspect.signature(torch.nn.functional.max_pool2d).bind(*n.args, **n.kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+    else:  # F.max_pool2d is declared (*args, **kwargs): name its parameters here
+        names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+        a = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+        a.update(zip(names, n.args))
+        a.update(n.kwargs)
         k, s, p, d, c = a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]
     s = s if s not in (None, [], ()) else k
     return pair(k), pair(s), pair(p), pair(d), bool(c)
@@ -443,6 +443,11 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                      "or quantize='int8_dynamic' for Linear layers without it")
     all_layers = find_layers(gm)
     layers, kept = _select(all_layers, cfg)
+    no_kernel = []
+    if ctx.target == "cpu" and cfg.float_without_kernel:
+        no_kernel = [l for l in layers if not _cpu_kernel(l)]
+        layers = [l for l in layers if _cpu_kernel(l)]
+        kept = kept + [l.label for l in no_kernel]
     if not layers:
         return PassResult(gm, modified=False, stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
@@ -485,8 +490,14 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     f"{stats['sqnr_db']:.1f} dB, max abs error {stats['max_abs_err']:.3g}"
                  + (f", top-1 agreement {stats['top1_agreement']:.3f}"
                     if "top1_agreement" in stats else ""))
-    if kept:
-        notes.append(f"kept in float: {', '.join(kept)}")
+    explicit = [k for k in kept if k not in {l.label for l in no_kernel}]
+    if explicit:
+        notes.append(f"kept in float: {', '.join(explicit)}")
+    if no_kernel:
+        stats["no_cpu_kernel"] = len(no_kernel)
+        notes.append("no PyTorch int8 CPU kernel, so kept in float: " + ", ".join(
+            f"{l.label} ({l.kind}+{l.act}{'+add' if l.residual is not None else ''})"
+            for l in no_kernel))
     return PassResult(gm, modified=True, stats=stats, notes=notes, reference=reference,
                       max_abs_tolerance=step * (1 + 1e-4),  # one code, float slack
                       shapes_changed=True)  # codes are uint8 now
@@ -513,6 +524,17 @@ def _reference(gm: fx.GraphModule, plan: Plan) -> SimulatedInt8:
     return SimulatedInt8(ref, Plan(layers, {m(k): v for k, v in plan.roles.items()},
                                    {m(k): v for k, v in plan.grids.items()},
                                    {m(k): v for k, v in plan.weights.items()}))
+
+
+# Epilogues PyTorch's quantized CPU kernels cover (lower_int8_cpu): relu fused, clamps after.
+_CPU_ACTS = ("none", "relu", "relu6", "hardtanh", "clamp")
+
+
+def _cpu_kernel(layer: Layer) -> bool:
+    """Whether ``lower_int8_cpu`` can map ``layer`` onto a PyTorch int8 kernel."""
+    if layer.residual is not None:
+        return layer.act in ("none", "relu")  # quantized.add / add_relu
+    return layer.act in _CPU_ACTS
 
 
 def _select(layers: list[Layer], cfg: QuantConfig) -> tuple[list[Layer], list[str]]:

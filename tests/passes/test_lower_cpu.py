@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxopt
 from fxopt.manager import PassManager
@@ -87,8 +88,23 @@ def test_equal_to_int8_graph_on_fresh_inputs():
 
 
 @pytest.mark.parametrize("act", [nn.SiLU, nn.Hardswish])
+def test_no_kernel_stays_float_on_cpu_and_says_so(act):
+    """Default on target='cpu': a layer with no PyTorch int8 kernel stays float (named)."""
+    x = torch.randn(2, 3, 8, 8)
+    opt = fxopt.optimize(Net(act).eval(), x, quantize="int8", calibration_data=_cal())
+    q, rec = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
+    assert q.stats["no_cpu_kernel"] == 1 and q.stats["kept_float"] == 1
+    assert any("no PyTorch int8 CPU kernel" in n and "c1" in n for n in q.notes), q.notes
+    assert rec.status == "ok" and rec.stats["fallback"] == 0
+    low = opt.graph_module
+    assert torch.ops.fxopt.conv2d_int8.default not in targets(low)
+    assert torch.ops.fxopt.conv2d_act.default in targets(low)  # c1 (+act) in float
+    assert QOPS.add_relu in targets(low)  # the rest is int8 on PyTorch's kernels
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.Hardswish])
 def test_no_kernel_falls_back_and_says_so(act):
-    ir, low, rec = run(Net(act))
+    ir, low, rec = run(Net(act), quantize=QuantConfig(float_without_kernel=False))
     assert rec.status == "ok" and rec.stats["fallback"] == 1
     assert "c1" in rec.notes[0] and "no PyTorch int8 kernel" in rec.notes[0]
     assert torch.ops.fxopt.conv2d_int8.default in targets(low)  # the reference, float in/out
@@ -144,3 +160,27 @@ def test_save_load_and_deepcopy(tmp_path):
         with torch.no_grad():
             want = opt(xb)
             assert torch.equal(again(xb), want) and torch.equal(dup(xb), want)
+
+
+class ResidualSiLU(nn.Module):
+    """A residual add followed by SiLU (add_int8 with no x86 kernel) and a functional max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = F.silu(self.c2(y) + y)
+        return self.fc(F.max_pool2d(y, 2).flatten(1))
+
+
+def test_add_fallback_reads_codes_and_functional_max_pool():
+    ir, low, rec = run(ResidualSiLU(), quantize=QuantConfig(float_without_kernel=False))
+    assert rec.status == "ok" and rec.stats["fallback"] == 1
+    assert torch.ops.fxopt.add_int8.default in targets(low)  # the reference, on the codes
+    assert torch.ops.fxopt.max_pool2d_int8.default in targets(ir)
+    for x in _cal(n=2, seed=8):
+        assert _close(low(x), ir(x), _step(rec))
