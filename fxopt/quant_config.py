@@ -21,6 +21,9 @@ or ``max_float_layers`` are float. ``sensitivity_batches``: calibration batches 
 kernel for (an epilogue activation other than relu / relu6 / hardtanh / clamp, a residual add
 with an activation other than relu): run as int8 they would take the slow exact reference.
 The report names them. ``False`` quantizes them anyway.
+``cpu_engine``: which PyTorch quantized engine packs each layer's weights on the CPU:
+``"x86"``, ``"fbgemm"``, ``"onednn"``, or ``"auto"`` (per layer, by problem size; see
+``passes/lower_cpu.py``).
 ``keep_float``: module paths (``"layer1.0.conv1"``, a prefix covers its children) or module
 types left in float. ``first_layer`` / ``last_layer``: ``"quantize"`` or ``"float"``
 (the first / last quantizable layer in graph order).
@@ -37,6 +40,7 @@ __all__ = ["QuantConfig"]
 
 _LAYER_POLICIES = ("quantize", "float")
 _MODES = ("static", "dynamic")
+_ENGINES = ("auto", "x86", "fbgemm", "onednn")
 _WEIGHT_OBSERVERS = ("per_channel_minmax",)
 
 
@@ -56,6 +60,7 @@ class QuantConfig:
     max_float_layers: int | None = None
     sensitivity_batches: int = 2
     float_without_kernel: bool = True
+    cpu_engine: str = "auto"
 
     def __post_init__(self):
         if self.activation_observer not in OBSERVERS:
@@ -77,6 +82,9 @@ class QuantConfig:
                                  f"{type(k).__name__}")
         if self.mode not in _MODES:
             raise InputError(f"QuantConfig.mode must be one of {_MODES}, got {self.mode!r}")
+        if self.cpu_engine not in _ENGINES:
+            raise InputError(f"QuantConfig.cpu_engine must be one of {_ENGINES}, got "
+                             f"{self.cpu_engine!r}")
         if self.max_float_layers is not None and int(self.max_float_layers) < 0:
             raise InputError("QuantConfig.max_float_layers must be 0 or more")
         if self.min_sqnr_db is not None and not isinstance(self.min_sqnr_db, (int, float)):
