@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# One prepared call on a CUDA machine (no network): install fxopt without dependencies, run the
-# default and GPU test suites there (torch/triton versions of that machine), then the benchmarks
-# that exist. Tables and logs go to $OUT when set (the device tool), else bench/results/gpu/.
+# One prepared call on a CUDA machine (no network), about 5-6 minutes on one H200: install fxopt
+# without dependencies; the default (CPU) test suite in the background while the GPU tests (the
+# lowering and pipeline first, then the kernels) and the command line with --target cuda run;
+# then the benchmarks, alone on the machine: bench/models.py --target cuda (ResNet-50) and
+# bench/kernels.py. Every step has a timeout and says how it ended; tables and logs go to $OUT
+# when set (the device tool), else bench/results/gpu/. Without CUDA each step says so and the
+# script still finishes.
 #
-#   bash bench/gpu_check.sh            # about 5 minutes on one H200
+#   bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# Compiled kernels on the GPU: the interpreter switches must be off (tests set them themselves).
+unset TRITON_INTERPRET FXOPT_TRITON_ON_CPU
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # autotune results kept across steps
 PY=${PYTHON:-python3}
 stamp=$(date -u +%Y-%m-%dT%H:%MZ)
+T0=$SECONDS
+step() { echo "[$((SECONDS - T0))s] $*"; }
 
 {
   echo "date: $stamp"
@@ -18,28 +27,48 @@ stamp=$(date -u +%Y-%m-%dT%H:%MZ)
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('triton', triton.__version__); print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "NOTE: no CUDA device here; the GPU steps below skip or say so (nothing is measured)."
+fi
 
-$PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+timeout 120 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { echo "install failed"; tail -20 "$OUT/install.log"; exit 1; }
+step "installed"
 
-# Parallel where pytest-xdist is there (16 cores); the suite itself is the same as CI's.
+# The default suite (CPU tests, gpu ones deselected) in the background: parallel where
+# pytest-xdist is there; it uses the CPUs, not the GPU.
 xdist=""
-$PY -c "import xdist" 2>/dev/null && xdist="-n 8"
-timeout 150 $PY -m pytest -q $xdist -p no:cacheprovider > "$OUT/pytest_default.txt" 2>&1
-echo "default suite: exit $? -- $(tail -1 "$OUT/pytest_default.txt")"
-timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1
-echo "gpu suite: exit $? -- $(tail -1 "$OUT/pytest_gpu.txt")"
+$PY -c "import xdist" 2>/dev/null && xdist="-n 6"
+timeout -k 5 170 $PY -m pytest -q $xdist -m "not gpu" -p no:cacheprovider \
+  > "$OUT/pytest_default.txt" 2>&1 &
+default_pid=$!
+
+# GPU tests: the lowering and the pipeline end to end first, then the kernels.
+timeout -k 5 75 $PY -m pytest -q -m gpu -p no:cacheprovider tests/passes/test_lower_triton.py \
+  tests/fxopt/test_gpu.py > "$OUT/pytest_gpu_lowering.txt" 2>&1
+step "gpu tests (lowering, pipeline): exit $? -- $(tail -1 "$OUT/pytest_gpu_lowering.txt")"
 
 # The command line end to end on the GPU.
-FXOPT_CACHE_DIR=/tmp/fxopt-cache timeout 60 $PY -m fxopt optimize --target cuda --epochs 1 --no-prune \
-  --no-progress > "$OUT/cli_cuda.txt" 2>&1
-echo "fxopt optimize --target cuda: exit $?"
+FXOPT_CACHE_DIR=/tmp/fxopt-cache timeout -k 5 40 $PY -m fxopt optimize --target cuda --epochs 1 \
+  --no-prune --no-progress > "$OUT/cli_cuda.txt" 2>&1
+step "fxopt optimize --target cuda: exit $? -- $(tail -1 "$OUT/cli_cuda.txt")"
 
-# Benchmarks that exist (later issues add kernels.py and models.py --target cuda).
-if [ -f bench/kernels.py ]; then
-  timeout 150 $PY bench/kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels: exit $?"
-fi
-if [ -f bench/models.py ] && grep -q -- "--target" bench/models.py; then
-  timeout 150 $PY bench/models.py --target cuda --out "$OUT" > "$OUT/models_cuda.log" 2>&1; echo "models --target cuda: exit $?"
-fi
+timeout -k 5 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests/triton_kernels \
+  > "$OUT/pytest_gpu_kernels.txt" 2>&1
+step "gpu tests (kernels): exit $? -- $(tail -1 "$OUT/pytest_gpu_kernels.txt")"
+
+wait $default_pid
+step "default suite (not gpu): exit $? -- $(tail -1 "$OUT/pytest_default.txt")"
+
+# Benchmarks, alone on the machine (batch 256 first: the aims are stated there).
+timeout -k 5 130 $PY bench/models.py --target cuda --batches 256 64 1 --budget-s 105 \
+  --rep-ms 100 --calib-batches 2 --out "$OUT" > "$OUT/models_cuda.log" 2>&1
+step "models --target cuda: exit $?"
+grep -E "^\| resnet|^- resnet" "$OUT"/models-cuda-*.md 2>/dev/null | cut -c1-400
+tail -3 "$OUT/models_cuda.log"
+
+timeout -k 5 65 $PY bench/kernels.py --budget-s 50 --out "$OUT" > "$OUT/kernels.log" 2>&1
+step "kernels: exit $?"
+tail -5 "$OUT/kernels.log"
 ls -la "$OUT"
+step "done"

@@ -10,6 +10,11 @@ against eager before timing.
     python bench/models.py --models resnet18 --batches 1 --rounds 10 --out -
 
 Writes a markdown table to ``bench/results/models-<date>.md`` (``--out -``: stdout only).
+
+``--target cuda`` (``_models_cuda.py``): ResNet-50 at batch 1, 64, 256 on a CUDA GPU, eager
+fp32 / eager fp16 channels-last / torch.compile fp16 / fxopt fp16 / fxopt int8, and the time to
+optimize beside torch.compile's first compile; ``--out DIR`` writes DIR/models-cuda-<date>.md.
+Without CUDA it says so and exits 0.
 """
 from __future__ import annotations
 
@@ -54,14 +59,35 @@ def _variants(model, x):
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=MODELS)
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"default: {' '.join(MODELS)} (cpu), resnet50 (cuda)")
+    p.add_argument("--batches", nargs="+", type=int, default=None,
+                   help="default: 1 8 (cpu), 1 64 256 (cuda)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--calls", type=int, default=0, help="calls per round (0: about 0.1 s worth)")
-    p.add_argument("--out", default=None, help="markdown file to write ('-': print only)")
+    p.add_argument("--out", default=None, help="markdown file to write ('-': print only); "
+                   "--target cuda: a directory or a .md file")
+    cuda = p.add_argument_group("--target cuda")
+    cuda.add_argument("--variants", nargs="+", default=None,
+                      help="eager_fp32 eager_fp16 compile_fp16 fxopt_fp16 fxopt_int8 (default all)")
+    cuda.add_argument("--budget-s", type=float, default=600.0,
+                      help="skip what is left after this many seconds")
+    cuda.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time")
+    cuda.add_argument("--calib-batches", type=int, default=4,
+                      help="random calibration batches for fxopt int8")
     args = p.parse_args(argv)
+    if args.target == "cuda":
+        from _models_cuda import VARIANTS, run_cuda
+
+        args.models = args.models or ["resnet50"]
+        args.batches = args.batches or [1, 64, 256]
+        args.variants = args.variants or VARIANTS
+        return run_cuda(args, _build) or ""
+    args.models = args.models or MODELS
+    args.batches = args.batches or [1, 8]
     torch.set_num_threads(args.threads)
     from fxopt.tolerances import compare_outputs
 

@@ -25,6 +25,7 @@ from .errors import (InputError, NotAvailableError, NumericMismatchError, Pipeli
 from .graph_utils import count_bytes, count_nodes, count_params
 from .manager import Instrument, PassManager, debug_level
 from .metrics import count_macs
+from .precision import resolve_precision, to_precision
 from .registry import PASSES, PassContext, expand_pipeline
 from .report import ModelStats, Report
 from .tolerances import compare_outputs
@@ -102,7 +103,8 @@ def _resolve_target(target: str, inputs: tuple) -> str:
 
 def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[str] | None = None,
              passes: Sequence[str] | None = None, disable: Iterable[str] = (), target: str = "auto",
-             prune: Any = None, quantize: Any = None, calibration_data: Any = None,
+             precision: str | None = None, prune: Any = None, quantize: Any = None,
+             calibration_data: Any = None,
              check: str = "each", on_mismatch: str = "raise", leaf_modules: Iterable = (),
              concrete_args: dict | None = None,
              instruments: Sequence[Instrument] = ()) -> OptimizedModule:
@@ -113,6 +115,9 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     ``prune=`` / ``quantize=`` / ``calibration_data=``: pruning ratio or config, ``"int8"`` or a
     config, and the batches to calibrate on. ``check``: ``"each"`` (default), ``"end"``,
     ``"none"``; ``on_mismatch``: ``"raise"``, ``"rollback"``, ``"warn"``.
+    ``precision``: ``"fp16"``, ``"bf16"`` or ``"fp32"``, the dtype the model is converted to first
+    (``target="cuda"``; see ``fxopt.precision``); with ``target="cuda"`` the pipeline ends with
+    ``lower_to_triton`` (the fused and int8 ops onto the Triton kernels).
     """
     from . import ops  # noqa: F401 - the fxopt op namespace
     from . import passes as _passes  # noqa: F401 - registers the built-in passes
@@ -121,6 +126,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     check_model(model)
     inputs = normalize_inputs(example_inputs)
     target = _resolve_target(target, inputs)
+    dtype = resolve_precision(precision, target, quantize)
     disable = list(disable)
     extra = list(passes or [])
     options: dict[str, Any] = {}
@@ -141,18 +147,24 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     for feature, value in (("prune", prune), ("quantize", quantize)):
         if value is not None or _FEATURE_PASSES[feature] in extra:
             pipeline = _with_pass(pipeline, extra, _FEATURE_PASSES[feature])
-    if quantize is not None and target == "cpu":
+    if quantize is not None and target == "cpu" and "lower_to_triton" not in extra:
         # The int8 IR onto PyTorch's quantized CPU kernels, last (after the final cleanup).
         pipeline = _with_pass(pipeline, extra, "lower_int8_cpu")
+    if target == "cuda" or "lower_to_triton" in extra:
+        # The fused and int8 ops onto the Triton kernels, last (on the CPU: asked for, tests).
+        pipeline = _with_pass(pipeline, extra, "lower_to_triton")
     steps = expand_pipeline(pipeline, extra=extra, disable=disable)
     manager = PassManager(steps, check=check, on_mismatch=on_mismatch, instruments=instruments)
 
     work = copy.deepcopy(model)  # the one copy: nothing below can reach the user's model
+    work, inputs, calibration_data, precision_notes = to_precision(work, inputs, calibration_data,
+                                                                   dtype)
     eager_out = run_eager(work, inputs)
     t0 = time.perf_counter()
     gm = capture(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, _copy=False,
                  _eager_checked=True)
     report = Report(target=target, capture_time_s=time.perf_counter() - t0)
+    report.notes.extend(precision_notes)
     report.before = _model_stats(gm)
     ctx = PassContext(example_inputs=inputs, target=target, options=options,
                       calibration_data=calibration_data, original=model, debug=debug_level())
@@ -199,7 +211,7 @@ def _after_last_fusion(names: list[str]) -> int:
 
 # Where a feature's pass goes in a pipeline that does not name it already.
 _PLACEMENT = {"prune_channels": _after_first_cleanup, "quantize_int8": _after_last_fusion,
-              "lower_int8_cpu": len}
+              "lower_int8_cpu": len, "lower_to_triton": len}
 
 
 def _with_pass(pipeline: str | Sequence[str], extra: list[str], name: str) -> str | list[str]:

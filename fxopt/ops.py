@@ -306,3 +306,4 @@ MAC_COUNTERS[torch.ops.fxopt.linear_act] = _linear_act_macs
 
 from . import ops_int8  # noqa: E402,F401  (the int8 IR: torch.ops.fxopt.quantize, conv2d_int8, ...)
 from . import ops_int8_dynamic  # noqa: E402,F401  (torch.ops.fxopt.linear_int8_dynamic)
+from . import ops_triton  # noqa: E402,F401  (torch.ops.fxopt.triton_*: what lower_to_triton writes)

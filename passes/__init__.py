@@ -10,6 +10,7 @@ from . import fuse_act  # noqa: F401  (registers fuse_act)
 from . import prune  # noqa: F401  (registers prune_channels)
 from . import quantize  # noqa: F401  (registers quantize_int8)
 from . import lower_cpu  # noqa: F401  (registers lower_int8_cpu)
+from . import lower_triton  # noqa: F401  (registers lower_to_triton)
 
 __all__ = ["PIPELINES"]
 
