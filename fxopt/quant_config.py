@@ -4,8 +4,10 @@
     >>> QuantConfig(activation_observer="percentile", keep_float=["fc", nn.Conv1d])
     >>> QuantConfig.coerce({"first_layer": "float"})
 
-Activations: one grid per tensor from a named observer (``fxopt.observers.OBSERVERS``):
-asymmetric uint8 with a 7-bit range by default (what the x86/fbgemm kernels need), or
+Activations: one grid per tensor from a named observer (``fxopt.observers.OBSERVERS``; default
+``"mse"``, the clipping range with the least expected squared error, as torch.ao's x86 default
+HistogramObserver aims for; on the digits ResNet 34.95 dB SQNR against 34.20 dB for
+``"minmax"``): asymmetric uint8 with a 7-bit range by default (what the x86/fbgemm kernels need), or
 ``activation_symmetric=True`` for symmetric int8 (runs on the reference path). Weights: one
 symmetric int8 grid per output channel (``weight_observer="per_channel_minmax"``, the only one).
 ``mode``: ``"static"`` (calibrated activation grids; needs ``calibration_data``) or
@@ -46,7 +48,7 @@ _WEIGHT_OBSERVERS = ("per_channel_minmax",)
 
 @dataclass
 class QuantConfig:
-    activation_observer: str = "minmax"
+    activation_observer: str = "mse"
     weight_observer: str = "per_channel_minmax"
     activation_symmetric: bool = False
     keep_float: list = field(default_factory=list)  # module paths (str) or nn.Module types

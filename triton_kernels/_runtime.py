@@ -48,6 +48,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _quick_bench(fn, quantiles=None, **_):
+    """Autotuning timer: medians over ~10 ms after a ~2 ms warm-up (FXOPT_AUTOTUNE_REP_MS)."""
+    import os
+
+    from triton.testing import do_bench
+
+    rep = float(os.environ.get("FXOPT_AUTOTUNE_REP_MS", "10"))
+    return do_bench(fn, warmup=max(1, int(rep / 5)), rep=int(rep), quantiles=quantiles)
+
+
 class Kernel:
     """A Triton kernel whose compiled-or-interpreted form is chosen at launch.
 
@@ -72,8 +82,15 @@ class Kernel:
 
     def compiled(self):
         if self._compiled is None:
-            self._compiled = triton.autotune(configs=self.configs(), key=self.key)(
-                JITFunction(self.fn, do_not_specialize=self.do_not_specialize or None))
+            jit = JITFunction(self.fn, do_not_specialize=self.do_not_specialize or None)
+            try:
+                # Short timings per candidate (triton's default is 25 ms warm-up + 100 ms per
+                # config and shape): tuning a ResNet-50 must stay a few seconds of optimize().
+                tuner = triton.autotune(configs=self.configs(), key=self.key,
+                                        do_bench=_quick_bench)
+            except TypeError:  # a triton without the do_bench hook
+                tuner = triton.autotune(configs=self.configs(), key=self.key)
+            self._compiled = tuner(jit)
         return self._compiled
 
     def interpreted(self):
