@@ -143,8 +143,10 @@ def test_cli_out_writes_the_tradeoff_plot(capsys, tmp_path, monkeypatch):
     data = (out_dir / "tradeoff.png").read_bytes()
     assert data.startswith(PNG) and len(data) > 30_000
     rows = json.loads((out_dir / "tradeoff.json").read_text())
-    assert [r["ratio"] for r in rows] == [0.0, 0.5]
-    assert [r.get("this_run", False) for r in rows] == [False, True]
+    # the default run ends in int8: its point (0.5, int8) beside the float ratios
+    assert [(r["ratio"], r["precision"]) for r in rows] == [(0.0, "fp32"), (0.5, "fp32"),
+                                                             (0.5, "int8")]
+    assert [r.get("this_run", False) for r in rows] == [False, False, True]
     assert "tradeoff.png" in out and "trade-off by pruning ratio" in out
     assert "trade-off: ratio" not in err  # --no-progress: no per-point lines
 
