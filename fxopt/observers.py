@@ -314,7 +314,10 @@ class HistogramObserver(_HistogramBased):
 
     Limitation (shared with TensorRT's calibrator): when the bulk of the data fills fewer
     than ``n`` of the 2048 bins (one value 100x the rest), Q equals P at every threshold and
-    KL keeps the full range; ``percentile`` or ``mse`` handle that case better.
+    KL keeps the full range; ``percentile`` or ``mse`` handle that case better. Measured on
+    the digits ResNet (every activation, logits included, on KL grids): 8.3 dB SQNR against
+    float, where ``mse`` gave 35.0 dB; KL clips wide, sparse tensors such as logits hard.
+    Use it for inner activations (``QuantConfig(activation_observer="mse")`` is the default).
     """
 
     name = "kl"
