@@ -9,12 +9,17 @@ held as a buffer) and its grids as plain numbers (no device sync per call):
     q = torch.ops.fxopt.triton_quantize(x, 0.02, 128, 0, 255)                  # float -> codes
     q = torch.ops.fxopt.triton_conv2d_int8(q, w_q_nhwc, w_s, b, colsum, [1, 1], [1, 1], [1, 1], 1,
                                            0.02, 128, 0.05, 0, act="relu", out_int8=True)
+    z = torch.ops.fxopt.triton_add_int8(q, 0.05, 0, r, 0.04, 3, 0.06, 0, act="relu")
+    p = torch.ops.fxopt.triton_max_pool2d_int8(z, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    g = torch.ops.fxopt.triton_global_avg_pool2d_int8(p, 0.06, 0, 0, 255)     # [B, C, 1, 1]
     x = torch.ops.fxopt.triton_dequantize(q, 0.05, 0)                          # codes -> float32
 
-Same math as ``conv2d_act`` / ``linear_act`` / the int8 IR of ``fxopt.ops_int8``. Convolution
-outputs are always channels-last (the kernels write NHWC), so a chain of convolutions carries
-NHWC activations (and int8 codes between quantized layers) without layout copies; an input that
-is not channels-last is converted on entry (the pass reports where that would happen).
+Same math as ``conv2d_act`` / ``linear_act`` / the int8 IR of ``fxopt.ops_int8`` (the global
+average pooling sums the codes exactly where the IR sums float32 values: one code apart at
+rounding ties). Convolution and pooling outputs are always channels-last (the kernels write
+NHWC), an int8 add keeps its first input's layout, so a chain of convolutions carries NHWC
+activations (and int8 codes between quantized layers) without layout copies; an input that is
+not channels-last is converted on entry (the pass reports where that would happen).
 
 Devices. On CUDA the ops call the launchers of ``fxopt.triton_kernels`` (compiled, autotuned).
 On the CPU they run the plain PyTorch reference of the same math, so a lowered model saved on a
@@ -37,8 +42,9 @@ import torch
 
 from .metrics import MAC_COUNTERS
 from .ops import LIB, conv_act_reference, linear_act_reference
-from .ops_int8 import (codes_dtype, conv2d_int8_reference, dequantize_reference,
-                       linear_int8_reference, quantize_reference)
+from .ops_int8 import (adaptive_avg_pool2d_int8_reference, add_int8_reference, codes_dtype,
+                       conv2d_int8_reference, dequantize_reference, linear_int8_reference,
+                       max_pool2d_int8_reference, quantize_reference)
 
 __all__ = ["TRITON_OPS", "triton_on_cpu", "ON_CPU_ENV"]
 
@@ -61,6 +67,14 @@ LIB.define("triton_depthwise_conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, T
            "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, " + _INT8)
 LIB.define("triton_linear_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
            "Tensor w_colsum, " + _INT8)
+
+LIB.define("triton_add_int8(Tensor a, float a_scale, int a_zp, Tensor b, float b_scale, int b_zp, "
+           "float y_scale, int y_zp, *, str act='none', float[] act_args=[], int y_qmin=0, "
+           "int y_qmax=255) -> Tensor")
+LIB.define("triton_max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
+           "int[2] dilation, bool ceil_mode) -> Tensor")
+LIB.define("triton_global_avg_pool2d_int8(Tensor q, float scale, int zp, int qmin, int qmax) "
+           "-> Tensor")
 
 
 def triton_on_cpu() -> bool:
@@ -290,6 +304,60 @@ def _triton_linear_int8(x, w_q, w_scale, bias, w_colsum, x_scale, x_zp, y_scale,
                        y_qmin, out_int8, False)
 
 
+# -- int8 between the layers: residual add, pooling -----------------------------------------------
+def _same_layout(a, b) -> bool:
+    return all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
+def _add_format(a):
+    """The output layout of an add: ``a``'s if channels-last, else contiguous."""
+    if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _add_operands(a, b):
+    """``a``, ``b`` as the kernel reads them: one shape (``b`` broadcast to ``a``'s), one dense
+    layout (``a``'s when it is contiguous or channels-last; a copy of ``b`` only if it differs)."""
+    if tuple(b.shape) != tuple(a.shape):
+        b = b.expand(a.shape)
+    fmt = _add_format(a)
+    a = a.contiguous(memory_format=fmt)
+    if not (_same_layout(a, b) and b.is_contiguous(memory_format=fmt)):
+        b = b.contiguous(memory_format=fmt)
+    return a, b
+
+
+def _triton_add_int8(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none",
+                     act_args=(), y_qmin=0, y_qmax=255):
+    if _kernels(a) is None:
+        (sa, za), (sb, zb), (sy, zy) = (_grid(a_scale, a_zp, a.device),
+                                        _grid(b_scale, b_zp, a.device),
+                                        _grid(y_scale, y_zp, a.device))
+        y = add_int8_reference(a, sa, za, b, sb, zb, sy, zy, act=act, act_args=act_args,
+                               y_qmin=y_qmin, y_qmax=y_qmax)
+        return y.contiguous(memory_format=_add_format(a))
+    a2, b2 = _add_operands(a, b)
+    return _run(a, lambda tk: tk.add_int8(a2, a_scale, a_zp, b2, b_scale, b_zp, y_scale, y_zp,
+                                          act=act, act_args=list(act_args), y_qmin=y_qmin,
+                                          y_qmax=y_qmax, out_dtype=codes_dtype(y_qmin)))
+
+
+def _triton_max_pool2d_int8(q, kernel_size, stride, padding, dilation, ceil_mode):
+    if _kernels(q) is None:
+        return _cl(max_pool2d_int8_reference(q, kernel_size, stride, padding, dilation,
+                                             ceil_mode))
+    return _run(q, lambda tk: tk.max_pool2d_int8(q, list(kernel_size), list(stride),
+                                                 list(padding), list(dilation), bool(ceil_mode)))
+
+
+def _triton_global_avg_pool2d_int8(q, scale, zp, qmin, qmax):
+    if _kernels(q) is None:
+        s, z = _grid(scale, zp, q.device)
+        return _cl(adaptive_avg_pool2d_int8_reference(q, [1, 1], s, z, qmin, qmax))
+    return _run(q, lambda tk: tk.global_avg_pool2d_int8(q, scale, zp, qmin, qmax))
+
+
 # -- fake implementations: shapes, dtypes, strides ----------------------------------------------
 def _conv_fake(x, weight, bias, stride, padding, dilation, groups, residual=None, *, act="none",
                act_args=()):
@@ -342,6 +410,24 @@ def _linear_int8_fake(x, w_q, w_scale, bias, w_colsum, x_scale, x_zp, y_scale, y
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=_int8_dtype(x, y_qmin, out_int8))
 
 
+def _add_int8_fake(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none",
+                   act_args=(), y_qmin=0, y_qmax=255):
+    return torch.empty(a.shape, dtype=codes_dtype(y_qmin), device=a.device,
+                       memory_format=_add_format(a))
+
+
+def _max_pool_int8_fake(q, kernel_size, stride, padding, dilation, ceil_mode):
+    shape = torch.nn.functional.max_pool2d(torch.empty_like(q, dtype=torch.float32),
+                                           list(kernel_size), list(stride), list(padding),
+                                           list(dilation), ceil_mode).shape
+    return torch.empty(shape, dtype=q.dtype, device=q.device, memory_format=torch.channels_last)
+
+
+def _global_avg_pool_int8_fake(q, scale, zp, qmin, qmax):
+    return torch.empty((q.shape[0], q.shape[1], 1, 1), dtype=q.dtype, device=q.device,
+                       memory_format=torch.channels_last)
+
+
 _IMPLS = {
     "triton_conv2d": (_triton_conv2d, _conv_fake),
     "triton_depthwise_conv2d": (_triton_depthwise_conv2d, _depthwise_fake),
@@ -351,6 +437,9 @@ _IMPLS = {
     "triton_conv2d_int8": (_triton_conv2d_int8, _conv_int8_fake),
     "triton_depthwise_conv2d_int8": (_triton_depthwise_conv2d_int8, _depthwise_int8_fake),
     "triton_linear_int8": (_triton_linear_int8, _linear_int8_fake),
+    "triton_add_int8": (_triton_add_int8, _add_int8_fake),
+    "triton_max_pool2d_int8": (_triton_max_pool2d_int8, _max_pool_int8_fake),
+    "triton_global_avg_pool2d_int8": (_triton_global_avg_pool2d_int8, _global_avg_pool_int8_fake),
 }
 for _name, (_impl, _fake) in _IMPLS.items():
     LIB.impl(_name, _impl, "CPU")

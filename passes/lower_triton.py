@@ -12,12 +12,18 @@ module, and passes grids (scales, zero points) as numbers (``fxopt.ops_triton``)
       depthwise: fxopt.triton_depthwise_conv2d_int8(q, w_[KH*KW, C], ...)
     fxopt.linear_int8(q, w_q, ...)        -> fxopt.triton_linear_int8(q, w_q, ..., colsum, ...)
     fxopt.dequantize(q, s, zp)            -> fxopt.triton_dequantize(q, float(s), int(zp))
+    fxopt.add_int8(a, s_a, zp_a, b, ...)  -> fxopt.triton_add_int8(a, float(s_a), int(zp_a), b, ...)
+    fxopt.max_pool2d_int8(q, k, s, p, d, ceil) -> fxopt.triton_max_pool2d_int8(q, k, s, p, d, ceil)
+    fxopt.adaptive_avg_pool2d_int8(q, [1, 1], s, zp, lo, hi)
+                                          -> fxopt.triton_global_avg_pool2d_int8(q, float(s), ...)
 
 The convolution kernels write channels-last outputs, so activations stay NHWC from the graph's
 entry (``fuse_act`` puts the one conversion there) to its exit, and int8 codes flow between
 quantized layers; ``stats["layout_copies"]`` counts the kernel inputs that would still need a
-conversion. Ops with no Triton kernel (``add_int8``, ``cat_int8``, int8 pooling, ``conv1d_act``,
-float64 layers, ...) stay on PyTorch; the notes name each of them.
+conversion. The residual adds and the pooling of an int8 CNN run on the codes too (one pass
+each, outputs channels-last). Ops with no Triton kernel (``cat_int8``, int8 average pooling to
+other sizes than 1x1, ``conv1d_act``, float pooling, float64 layers, ...) stay on PyTorch; the
+notes name each of them.
 
 Reference (DESIGN.md section 4): the graph before the pass. Float graphs must equal it to the
 output dtype's tolerance (fp16/bf16 1e-2, fp32 1e-5, TF32 where PyTorch allows it); int8 graphs
@@ -54,6 +60,9 @@ CONV2D_INT8 = _OPS.conv2d_int8.default
 LINEAR_INT8 = _OPS.linear_int8.default
 QUANTIZE = _OPS.quantize.default
 DEQUANTIZE = _OPS.dequantize.default
+ADD_INT8 = _OPS.add_int8.default
+MAXPOOL_INT8 = _OPS.max_pool2d_int8.default
+AVGPOOL_INT8 = _OPS.adaptive_avg_pool2d_int8.default
 T_CONV = _OPS.triton_conv2d.default
 T_DW = _OPS.triton_depthwise_conv2d.default
 T_LINEAR = _OPS.triton_linear.default
@@ -62,7 +71,11 @@ T_DEQUANTIZE = _OPS.triton_dequantize.default
 T_CONV_INT8 = _OPS.triton_conv2d_int8.default
 T_DW_INT8 = _OPS.triton_depthwise_conv2d_int8.default
 T_LINEAR_INT8 = _OPS.triton_linear_int8.default
+T_ADD_INT8 = _OPS.triton_add_int8.default
+T_MAXPOOL_INT8 = _OPS.triton_max_pool2d_int8.default
+T_GAP_INT8 = _OPS.triton_global_avg_pool2d_int8.default
 _CONV_OUT = (T_CONV, T_DW, T_CONV_INT8, T_DW_INT8)
+_NHWC_OUT = _CONV_OUT + (T_MAXPOOL_INT8, T_GAP_INT8)  # ops whose outputs are channels-last
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _INT8_KW = ("act", "act_args", "x_qmin", "x_qmax", "y_qmin", "y_qmax", "out_int8")
 # Ops that move no data (views, shape queries) are not worth naming as "left on PyTorch".
@@ -257,6 +270,50 @@ class _Lowering:
         self.counts["dequantize"] += 1
         return self.g.call_function(T_DEQUANTIZE, (a[0], s, z))
 
+    def add_int8(self, n):
+        from fxopt.triton_kernels.epilogue import act_code
+
+        a, as_, az, b, bs, bz, ys, yz = n.args[:8]
+        if not all(_is_const(g) for g in (as_, az, bs, bz, ys, yz)):
+            return self._skip(n, "grids are not constants")
+        act, act_args = n.kwargs.get("act", "none"), list(n.kwargs.get("act_args", []))
+        try:
+            act_code(act, act_args)
+        except ValueError as e:
+            return self._skip(n, str(e))
+        ta, tb = _tm(a), _tm(b)
+        if ta is not None and tb is not None and tuple(ta.shape) != tuple(tb.shape):
+            try:
+                same = tuple(torch.broadcast_shapes(ta.shape, tb.shape)) == tuple(ta.shape)
+            except RuntimeError:
+                same = False
+            if not same:
+                return self._skip(n, f"broadcast of {tuple(ta.shape)} to {tuple(tb.shape)}")
+        kw = {"act": act, "act_args": act_args}
+        kw.update({k: n.kwargs[k] for k in ("y_qmin", "y_qmax") if k in n.kwargs})
+        self.counts["add_int8"] += 1
+        return self.g.call_function(T_ADD_INT8, (
+            a, self._scalar(as_, float), self._scalar(az, int), b, self._scalar(bs, float),
+            self._scalar(bz, int), self._scalar(ys, float), self._scalar(yz, int)), kw)
+
+    def max_pool_int8(self, n):
+        q, k, s, p, d, ceil = n.args[:6]
+        if any(pi > ki // 2 for pi, ki in zip(p, k)):
+            return self._skip(n, f"padding {list(p)} over half the kernel {list(k)}")
+        self.counts["max_pool2d_int8"] += 1
+        return self.g.call_function(T_MAXPOOL_INT8, (q, list(k), list(s), list(p), list(d),
+                                                     bool(ceil)))
+
+    def avg_pool_int8(self, n):
+        q, size, sc, zp, lo, hi = n.args[:6]
+        if list(size) != [1, 1]:
+            return self._skip(n, f"output size {list(size)} (the kernel pools to 1x1)")
+        if not (_is_const(sc) and _is_const(zp)):
+            return self._skip(n, "grid is not a constant")
+        self.counts["global_avg_pool2d_int8"] += 1
+        return self.g.call_function(T_GAP_INT8, (q, self._scalar(sc, float),
+                                                 self._scalar(zp, int), lo, hi))
+
     # -- driver ---------------------------------------------------------------------------------
     def node(self, n: fx.Node):
         if n.op == "call_module":
@@ -278,6 +335,12 @@ class _Lowering:
             return self.int8_layer(n)
         if t in (QUANTIZE, DEQUANTIZE):
             return self.grid_op(n)
+        if t is ADD_INT8:
+            return self.add_int8(n)
+        if t is MAXPOOL_INT8:
+            return self.max_pool_int8(n)
+        if t is AVGPOOL_INT8:
+            return self.avg_pool_int8(n)
         return None
 
     def run(self) -> None:
@@ -297,7 +360,7 @@ class _Lowering:
             if n.op == "call_function" and n.target in _CONV_OUT:
                 for src in (n.args[0], n.args[7] if n.target is T_CONV else None):
                     if isinstance(src, fx.Node) and not (
-                            src.op == "call_function" and src.target in _CONV_OUT) \
+                            src.op == "call_function" and src.target in _NHWC_OUT) \
                             and not _channels_last(src):
                         out.append(_name(n))
         return out
@@ -317,7 +380,8 @@ class _Lowering:
         return left
 
 
-_LOWERED = (CONV2D, LINEAR, CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE)
+_LOWERED = (CONV2D, LINEAR, CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE, ADD_INT8,
+            MAXPOOL_INT8, AVGPOOL_INT8)
 
 
 def _candidates(gm: fx.GraphModule) -> bool:

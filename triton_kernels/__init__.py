@@ -9,6 +9,8 @@ output allocation, grid) and a plain PyTorch reference of the same math:
   stride/padding/dilation/groups;
 - ``depthwise``: ``depthwise_conv2d`` / ``depthwise_conv2d_int8``, a direct NHWC kernel;
 - ``quant``: ``quantize`` / ``dequantize`` (per tensor, PyTorch's rounding);
+- ``elementwise``: ``add_int8`` (residual add of codes, requantized), ``max_pool2d_int8`` and
+  ``global_avg_pool2d_int8`` (pooling of codes, NHWC);
 - ``epilogue``: scale, bias, residual, activation (``ACTIVATIONS``), float or requantized
   output, shared by all of the above.
 
@@ -25,10 +27,12 @@ do not have it set when ``triton`` itself is first imported.
 from ._runtime import interpreting
 from .conv import conv2d, conv2d_int8, prepare_conv_weight
 from .depthwise import depthwise_conv2d, depthwise_conv2d_int8, prepare_depthwise_weight
+from .elementwise import add_int8, global_avg_pool2d_int8, max_pool2d_int8
 from .epilogue import ACTIVATIONS
 from .gemm import linear, linear_int8, weight_colsum
 from .quant import dequantize, quantize
 
 __all__ = ["interpreting", "ACTIVATIONS", "linear", "linear_int8", "weight_colsum", "conv2d",
            "conv2d_int8", "prepare_conv_weight", "depthwise_conv2d", "depthwise_conv2d_int8",
-           "prepare_depthwise_weight", "quantize", "dequantize"]
+           "prepare_depthwise_weight", "quantize", "dequantize", "add_int8", "max_pool2d_int8",
+           "global_avg_pool2d_int8"]

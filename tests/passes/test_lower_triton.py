@@ -196,8 +196,12 @@ def test_int8_golden_codes_between_layers(int8_opts):
         assert isinstance(n.args[8 if n.target is OPS.triton_depthwise_conv2d_int8.default
                                  else 9], float)
     assert result.stats["layout_copies"] == 0
-    # ops with no Triton kernel stay on PyTorch, and the report says which
-    assert "add_int8" in " ".join(result.notes) and result.stats["on_pytorch"] >= 1
+    # the residual add runs on the codes too
+    assert new["triton_add_int8"] == old["add_int8"] >= 1 and "add_int8" not in left
+    # ops with no Triton kernel (here float pooling after the region) stay on PyTorch, and the
+    # report says which
+    notes = " ".join(result.notes)
+    assert "add_int8" not in notes and "MaxPool2d" in notes and result.stats["on_pytorch"] >= 1
 
 
 def test_int8_through_optimize_and_saved(on_cpu, tmp_path):
@@ -213,6 +217,144 @@ def test_int8_through_optimize_and_saved(on_cpu, tmp_path):
     back = fxopt.load(opt.save(tmp_path / "q.fxopt"))
     with torch.no_grad():
         assert torch.equal(back(x), opt(x))
+
+
+# -- int8 residual CNN: adds and pools on the codes ----------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+class MiniResNet(nn.Module):
+    """ResNet's shape in small: stem, 3x3/2 max pool, an identity and a downsampling block,
+    global average pool, fc."""
+
+    def __init__(self, pool_size=1):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.l1 = Block(8, 8, 1)
+        self.l2 = Block(8, 16, 2)
+        self.avg = nn.AdaptiveAvgPool2d(pool_size)
+        self.fc = nn.Linear(16 * pool_size ** 2, 5)
+
+    def forward(self, x):
+        x = self.l2(self.l1(self.pool(F.relu(self.bn(self.stem(x))))))
+        return self.fc(torch.flatten(self.avg(x), 1))
+
+
+def _mini(pool_size=1):
+    torch.manual_seed(4)
+    m = MiniResNet(pool_size).eval()
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _mini_int8(pool_size=1, size=23):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, size, size, generator=g)
+    cal = [torch.randn(2, 3, size, size, generator=g) for _ in range(3)]
+    before = fxopt.optimize(_mini(pool_size), x, quantize="int8", calibration_data=cal,
+                            target="cpu", disable=["lower_int8_cpu"])
+    gm = copy.deepcopy(before.graph_module)
+    return x, before.graph_module, gm, lower_to_triton(gm, PassContext(example_inputs=(x,),
+                                                                       target="cpu"))
+
+
+@pytest.fixture(scope="module")
+def resnet_int8(on_cpu):
+    return _mini_int8()
+
+
+def _fxopt_ops(gm) -> Counter:
+    return Counter(str(n.target).split(".")[1] for n in gm.graph.nodes
+                   if n.op == "call_function" and str(n.target).startswith("fxopt."))
+
+
+def test_int8_resnet_adds_and_pools_lowered(resnet_int8):
+    x, before, gm, result = resnet_int8
+    old, new = _fxopt_ops(before), _fxopt_ops(gm)
+    assert old["add_int8"] == 2 and old["max_pool2d_int8"] == 1
+    assert old["adaptive_avg_pool2d_int8"] == 1
+    # golden: every int8 op is a Triton op now, nothing left on PyTorch but the flatten view
+    assert new == {"triton_quantize": 1, "triton_conv2d_int8": 6, "triton_max_pool2d_int8": 1,
+                   "triton_add_int8": 2, "triton_global_avg_pool2d_int8": 1,
+                   "triton_linear_int8": 1, "triton_dequantize": 1}
+    st = result.stats
+    assert (st["add_int8"], st["max_pool2d_int8"], st["global_avg_pool2d_int8"]) == (2, 1, 1)
+    assert st["on_pytorch"] == 0 and st["layout_copies"] == 0
+    assert not any("left on PyTorch" in n or "not lowered" in n for n in result.notes)
+    adds = [n for n in gm.graph.nodes if n.target is OPS.triton_add_int8.default]
+    for n in adds:  # grids as numbers, the block's relu fused, codes out
+        assert isinstance(n.args[1], float) and isinstance(n.args[2], int)
+        assert n.kwargs["act"] == "relu" and n.meta["tensor_meta"].dtype == torch.uint8
+    pool = next(n for n in gm.graph.nodes if n.target is OPS.triton_max_pool2d_int8.default)
+    assert pool.args[1:] == ([3, 3], [2, 2], [1, 1], [1, 1], False)
+    again = copy.deepcopy(gm)
+    code = again.code
+    assert not lower_to_triton(again, PassContext(example_inputs=(x,), target="cpu")).modified
+    assert again.code == code
+
+
+def test_int8_resnet_within_one_step(resnet_int8):
+    x, before, gm, result = resnet_int8
+    with torch.no_grad():
+        ref, out = before(x), gm(x)
+    assert (out - ref).abs().max().item() <= result.max_abs_tolerance
+
+
+def test_int8_resnet_cpu_fallback_matches(resnet_int8, monkeypatch):
+    # without the switch the new ops run the IR's references (a model saved on a GPU loads here)
+    x, before, gm, result = resnet_int8
+    monkeypatch.setenv("FXOPT_TRITON_ON_CPU", "0")
+    with torch.no_grad():
+        ref, out = before(x), gm(x)
+    assert (out - ref).abs().max().item() <= result.max_abs_tolerance
+
+
+def test_int8_avg_pool_to_other_sizes_stays_and_is_named(on_cpu):
+    x, before, gm, result = _mini_int8(pool_size=2, size=32)
+    new = _fxopt_ops(gm)
+    assert new["adaptive_avg_pool2d_int8"] == 1 and new["triton_add_int8"] == 2
+    assert "adaptive_avg_pool2d_int8" in " ".join(result.notes)
+    assert "output size [2, 2]" in " ".join(result.notes)
+    with torch.no_grad():
+        assert (gm(x) - before(x)).abs().max().item() <= result.max_abs_tolerance
+
+
+def test_triton_add_int8_op_layouts_and_broadcast(on_cpu):
+    g = torch.Generator().manual_seed(6)
+    a = torch.randint(0, 256, (2, 5, 3, 4), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (2, 5, 3, 4), generator=g, dtype=torch.uint8)
+    a_cl = a.contiguous(memory_format=torch.channels_last)
+    args = (0.03, 120, 0.02, 131, 0.05, 0)
+
+    def run(a_, b_):
+        return OPS.triton_add_int8(a_, args[0], args[1], b_, *args[2:], act="relu")
+
+    ref = OPS.add_int8(a, *(torch.tensor(v) for v in args[:2]), b,
+                       *(torch.tensor(v) for v in args[2:]), act="relu")
+    y = run(a_cl, b)   # b converted to a's layout, output channels-last
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, ref)
+    assert torch.equal(run(a, b[:1]), OPS.add_int8(a, *(torch.tensor(v) for v in args[:2]),
+                                                   b[:1].expand_as(a).contiguous(),
+                                                   *(torch.tensor(v) for v in args[2:]),
+                                                   act="relu"))
 
 
 # -- contract -------------------------------------------------------------------------------------
@@ -295,6 +437,20 @@ def test_cuda_float(precision, monkeypatch):
         out = opt(x.to(dtype))
         ref = copy.deepcopy(m).to(dtype)(x.to(dtype))
     assert out.dtype == dtype and compare_outputs(out, ref).ok
+
+
+@pytest.mark.gpu
+def test_cuda_int8_resnet_adds_and_pools(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    m = _mini().cuda()
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    cal = [torch.randn(8, 3, 64, 64, device="cuda") for _ in range(3)]
+    opt = fxopt.optimize(m, x, target="cuda", quantize="int8", calibration_data=cal)
+    rec = _record(opt)
+    assert rec.status == "ok" and rec.max_abs_err <= rec.tolerance
+    st = rec.stats
+    assert (st["add_int8"], st["max_pool2d_int8"], st["global_avg_pool2d_int8"]) == (2, 1, 1)
+    assert st["on_pytorch"] == 0
 
 
 @pytest.mark.gpu

@@ -1,0 +1,180 @@
+"""add_int8 / max_pool2d_int8 / global_avg_pool2d_int8 kernels against fxopt's int8 IR references.
+
+Exactness: ``add_int8`` with the piecewise-linear activations (none, relu, relu6, leaky_relu,
+hardtanh) and ``max_pool2d_int8`` equal the references code for code (same float32 operations;
+max is exact). Smooth activations (gelu, silu, ...) go through the kernels' own formulas: within
+one code. ``global_avg_pool2d_int8`` sums exactly in int32 where PyTorch sums float32 values, so
+it may differ from ``adaptive_avg_pool2d_int8_reference`` by one code where the mean falls within
+float32 rounding of a half-way point (it equals its own exact-sum reference bit for bit).
+"""
+import pytest
+import torch
+
+from fxopt import ops_int8 as IR
+from fxopt.triton_kernels import elementwise as E
+
+
+def _t(v, dtype=torch.float32):
+    return torch.tensor(v, dtype=dtype)
+
+
+def _ir_add(a, sa, za, b, sb, zb, sy, zy, act="none", act_args=(), qmin=0, qmax=255):
+    return IR.add_int8_reference(a.cpu(), _t(sa), _t(za, torch.int64), b.cpu(), _t(sb),
+                                 _t(zb, torch.int64), _t(sy), _t(zy, torch.int64), act=act,
+                                 act_args=act_args, y_qmin=qmin, y_qmax=qmax)
+
+
+# shape, channels_last: 1, 17, 127 elements, a multi-block non-multiple of the block, NHWC, NCHW
+SHAPES = [((1,), False), ((17,), False), ((127,), False), ((1001,), False),
+          ((2, 17, 5, 7), True), ((2, 17, 5, 7), False), ((1, 3, 1, 1), True)]
+
+
+@pytest.mark.parametrize("shape,cl", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtypes", [(torch.uint8, torch.uint8, torch.uint8),
+                                    (torch.uint8, torch.int8, torch.int8)], ids=["u8", "mixed"])
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_add_int8_exact(device, tk, shape, cl, dtypes, act):
+    da, db, dy = dtypes
+    a = tk.codes(shape, da, device, channels_last=cl)
+    b = tk.codes(shape, db, device, channels_last=cl)
+    za, zb = (131 if da == torch.uint8 else -5), (120 if db == torch.uint8 else 3)
+    qmin, qmax = (0, 255) if dy == torch.uint8 else (-128, 127)
+    zy = 7 if dy == torch.uint8 else -10
+    out = tk.poisoned(shape, dy, device, channels_last=cl)
+    y = E.add_int8(a, 0.031, za, b, 0.047, zb, 0.053, zy, act=act, y_qmin=qmin, y_qmax=qmax,
+                   out=out)
+    assert y is out and E._same_layout(shape, y.stride(), a.stride())
+    ref = _ir_add(a, 0.031, za, b, 0.047, zb, 0.053, zy, act, (), qmin, qmax)
+    assert torch.equal(y.cpu(), ref)
+    if act == "relu":
+        assert y.min().item() >= zy
+
+
+def test_add_int8_rounds_half_to_even_and_clamps(device):
+    # a*0.5 + b*0.25 on a grid of 1.0 hits every .25/.5/.75; halves go to even, clamps hold
+    a = torch.arange(0, 256, dtype=torch.uint8, device=device)
+    b = torch.arange(255, -1, -1, dtype=torch.uint8, device=device)
+    # (values: 0.25 * a - 18.75, so -15.75 .. 48 after the zero point)
+    y = E.add_int8(a, 0.5, 100, b, 0.25, 130, 1.0, 3, y_qmin=-10, y_qmax=40,
+                   out_dtype=torch.int8)
+    ref = _ir_add(a, 0.5, 100, b, 0.25, 130, 1.0, 3, qmin=-10, qmax=40)
+    assert torch.equal(y.cpu(), ref)
+    assert y.min().item() == -10 and y.max().item() == 40
+    # ties at a = 77, 81, 85, 89 (values 0.5, 1.5, 2.5, 3.5): to even, then + 3
+    assert [y[i].item() for i in (77, 81, 85, 89)] == [3, 5, 5, 7]
+
+
+@pytest.mark.parametrize("act,args,exact", [("relu6", (), True), ("leaky_relu", (0.1,), True),
+                                            ("hardtanh", (-0.5, 2.0), True),
+                                            ("hardswish", (), False), ("silu", (), False),
+                                            ("gelu", (), False)])
+def test_add_int8_activations(device, tk, act, args, exact):
+    a = tk.codes((3, 40), torch.uint8, device)
+    b = tk.codes((3, 40), torch.uint8, device)
+    y = E.add_int8(a, 0.02, 128, b, 0.03, 128, 0.01, 128, act=act, act_args=args)
+    ref = _ir_add(a, 0.02, 128, b, 0.03, 128, 0.01, 128, act, args)
+    if exact:
+        assert torch.equal(y.cpu(), ref)
+    else:
+        tk.assert_codes_close(y.cpu(), ref)
+
+
+def test_add_int8_kernel_reference_equals_ir():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (4, 9, 6, 6), generator=g, dtype=torch.uint8)
+    b = torch.randint(-128, 128, (4, 9, 6, 6), generator=g, dtype=torch.int8)
+    ours = E.add_int8_reference(a, 0.02, 140, b, 0.05, 0, 0.04, -2, act="relu", y_qmin=-128,
+                                y_qmax=127)
+    assert ours.dtype == torch.int8
+    assert torch.equal(ours, _ir_add(a, 0.02, 140, b, 0.05, 0, 0.04, -2, "relu", (), -128, 127))
+
+
+POOLS = [  # kernel, stride, padding, dilation, ceil_mode
+    ((3, 3), (2, 2), (1, 1), (1, 1), False),    # ResNet's stem pool
+    ((2, 2), (2, 2), (0, 0), (1, 1), False),
+    ((3, 3), (2, 2), (0, 0), (1, 1), True),     # ceil_mode adds a partial last window
+    ((2, 3), (1, 2), (1, 1), (2, 1), True),     # non-square, dilated
+    ((1, 1), (1, 1), (0, 0), (1, 1), False),
+]
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=lambda p: f"k{p[0]}s{p[1]}p{p[2]}d{p[3]}c{int(p[4])}")
+@pytest.mark.parametrize("shape,cl,dtype", [((2, 17, 9, 11), True, torch.uint8),
+                                            ((1, 5, 8, 8), False, torch.int8),
+                                            ((1, 1, 3, 2), True, torch.uint8)],
+                         ids=["nhwc-u8", "nchw-i8", "tiny"])
+def test_max_pool2d_int8_exact(device, tk, pool, shape, cl, dtype):
+    k, s, p, d, ceil = pool
+    if shape[2] + 2 * p[0] < d[0] * (k[0] - 1) + 1 or shape[3] + 2 * p[1] < d[1] * (k[1] - 1) + 1:
+        pytest.skip("window larger than the padded input")
+    q = tk.codes(shape, dtype, device, channels_last=cl)
+    ref = IR.max_pool2d_int8_reference(q.cpu(), k, s, p, d, ceil)
+    out = tk.poisoned(ref.shape, dtype, device, channels_last=True)
+    y = E.max_pool2d_int8(q, k, s, p, d, ceil, out=out)
+    assert y is out and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.cpu(), ref)
+
+
+def test_max_pool2d_int8_all_codes_low(device):
+    # every code at the dtype's minimum: the padding must not win, nor leave a garbage value
+    q = torch.full((1, 4, 5, 5), -128, dtype=torch.int8,
+                   device=device).contiguous(memory_format=torch.channels_last)
+    y = E.max_pool2d_int8(q, 3, 2, 1)
+    assert y.shape == (1, 4, 3, 3) and (y == -128).all()
+
+
+@pytest.mark.parametrize("shape,cl,dtype,grid", [
+    ((2, 17, 7, 7), True, torch.uint8, (0.05, 128, 0, 255)),
+    ((2, 33, 5, 3), False, torch.int8, (0.02, 0, -128, 127)),
+    ((3, 2, 1, 1), True, torch.uint8, (0.1, 10, 0, 200)),
+    ((1, 70, 6, 5), True, torch.uint8, (0.03, 0, 0, 255)),   # relu grid, several HW blocks
+])
+def test_global_avg_pool2d_int8(device, tk, shape, cl, dtype, grid):
+    scale, zp, lo, hi = grid
+    q = tk.codes(shape, dtype, device, channels_last=cl)
+    out = tk.poisoned((shape[0], shape[1], 1, 1), dtype, device, channels_last=True)
+    y = E.global_avg_pool2d_int8(q, scale, zp, lo, hi, out=out)
+    assert y is out
+    assert torch.equal(y.cpu(), E.global_avg_pool2d_int8_reference(q.cpu(), scale, zp, lo, hi))
+    ir = IR.adaptive_avg_pool2d_int8_reference(q.cpu(), [1, 1], _t(scale),
+                                               _t(zp, torch.int64), lo, hi)
+    diff = (y.cpu().to(torch.int32) - ir.to(torch.int32)).abs()
+    assert diff.max().item() <= 1   # one code at float32 rounding ties; equal otherwise
+    assert (diff == 0).float().mean().item() > 0.9
+
+
+def test_errors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    u = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    cl = u.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(TypeError, match="a must be a uint8 or int8 tensor"):
+        E.add_int8(u.float(), 0.1, 0, u, 0.1, 0, 0.1, 0)
+    with pytest.raises(ValueError, match="same shape"):
+        E.add_int8(u, 0.1, 0, u[:1], 0.1, 0, 0.1, 0)
+    with pytest.raises(ValueError, match="same strides"):
+        E.add_int8(u, 0.1, 0, cl, 0.1, 0, 0.1, 0)
+    with pytest.raises(ValueError, match="dense"):
+        E.add_int8(u[..., ::2], 0.1, 0, u[..., ::2], 0.1, 0, 0.1, 0)
+    with pytest.raises(ValueError, match="y_scale must be positive"):
+        E.add_int8(u, 0.1, 0, u, 0.1, 0, 0.0, 0)
+    with pytest.raises(ValueError, match="y_qmin <= y_qmax"):
+        E.add_int8(u, 0.1, 0, u, 0.1, 0, 0.1, 0, y_qmin=0, y_qmax=300)
+    with pytest.raises(ValueError, match="unknown activation"):
+        E.add_int8(u, 0.1, 0, u, 0.1, 0, 0.1, 0, act="swish2")
+    with pytest.raises(TypeError, match="a_zp must be an integer"):
+        E.add_int8(u, 0.1, 0.5, u, 0.1, 0, 0.1, 0)
+    with pytest.raises(ValueError, match="out must be a torch.uint8 tensor"):
+        E.add_int8(u, 0.1, 0, u, 0.1, 0, 0.1, 0, out=torch.empty_like(cl))
+    with pytest.raises(ValueError, match="padding .* at most half the kernel"):
+        E.max_pool2d_int8(cl, 2, 2, 2)
+    with pytest.raises(ValueError, match="4-D"):
+        E.max_pool2d_int8(u[0], 2)
+    with pytest.raises(ValueError, match="output would be empty"):
+        E.max_pool2d_int8(cl, 5, 1, 0)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):
+        E.max_pool2d_int8(cl, (2, 2, 2))
+    with pytest.raises(ValueError, match="_qmin <= _qmax"):
+        E.global_avg_pool2d_int8(cl, 0.1, 0, 0, 256)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CPU tensors run only in Triton's interpreter"):
+        E.add_int8(u, 0.1, 0, u, 0.1, 0, 0.1, 0)
