@@ -11,11 +11,12 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from fxopt.triton_kernels import conv as C  # noqa: E402
 from fxopt.triton_kernels import depthwise as D  # noqa: E402
+from fxopt.triton_kernels import elementwise as E  # noqa: E402
 from fxopt.triton_kernels import gemm as G  # noqa: E402
 from fxopt.triton_kernels import quant as Q  # noqa: E402
 
 FLOAT_ARGS = {"act_a0", "act_a1", "y_inv_scale", "y_zp", "y_qmin", "y_qmax", "inv_scale", "zp",
-              "qmin", "qmax", "scale"}
+              "qmin", "qmax", "scale", "a_scale", "b_scale", "count"}
 EP = dict(HAS_SCALE=True, HAS_BIAS=True, HAS_RES=True, ACT=8, QUANT_OUT=True)
 FLOAT_EP = dict(EP, HAS_SCALE=False, ACT=10, QUANT_OUT=False)
 GEMM_T = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
@@ -38,6 +39,12 @@ CASES = {
                        dict(KH=3, KW=3, IS_INT8=False, **FLOAT_EP, BLOCK_M=32, BLOCK_C=64)),
     "quantize": (Q._quantize, dict(x_ptr="*bf16", q_ptr="*i8"), dict(BLOCK=1024)),
     "dequantize": (Q._dequantize, dict(q_ptr="*u8", x_ptr="*fp32"), dict(BLOCK=1024)),
+    "add_int8": (E._add, dict(a_ptr="*u8", b_ptr="*u8", out_ptr="*u8", a_zp="i32", b_zp="i32"),
+                 dict(ACT=1, BLOCK=1024)),
+    "max_pool_int8": (E._max_pool, dict(x_ptr="*u8", out_ptr="*u8"),
+                      dict(KH=3, KW=3, LOWEST=0, BLOCK_M=32, BLOCK_C=64)),
+    "global_avg_pool_int8": (E._gap, dict(x_ptr="*u8", out_ptr="*u8", zp="i32"),
+                             dict(BLOCK_HW=16, BLOCK_C=64)),
 }
 
 
