@@ -149,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from . import progress as _progress
+
+    # --no-progress also silences the bars inside passes (calibration, sensitivity).
+    _progress.set_enabled(False if getattr(args, "no_progress", False) else None)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -165,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error_line(f"unexpected {type(e).__name__}: {e} (run again with --debug for the "
                     f"full traceback)")
         return 1
+    finally:
+        _progress.set_enabled(None)
 
 
 def _error_line(message: str, hint: str | None = None) -> None:
