@@ -10,12 +10,14 @@ the largest absolute difference reported beside it. Integer and bool outputs mus
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["TOLERANCES", "TF32_TOLERANCE", "tolerance_for", "rel_err", "ErrorStats",
+__all__ = ["strict_fp32", "TOLERANCES", "TF32_TOLERANCE", "tolerance_for", "rel_err", "ErrorStats",
            "compare_outputs"]
 
 # Relative norm error allowed when a pass must equal its reference ("exact" passes, masked
@@ -27,6 +29,25 @@ TOLERANCES: dict[torch.dtype, float] = {
     torch.bfloat16: 1e-2,
 }
 TF32_TOLERANCE = 5e-4
+
+
+@contextlib.contextmanager
+def strict_fp32(enabled: bool = True):
+    """TF32 off for cuDNN convolutions and cuBLAS matmuls while the block runs (restored after).
+
+    ``optimize(target="cuda")`` runs its checks in it: two float32 computations then differ by
+    summation order only (the 1e-5 tolerance), not by TF32 rounding, which is not a property of
+    any pass. At run time the optimized module follows torch's TF32 flags like eager does.
+    """
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def tolerance_for(dtype: torch.dtype, device: torch.device | str | None = None) -> float:

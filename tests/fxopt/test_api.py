@@ -180,3 +180,21 @@ def test_tolerance_table():
     assert compare_outputs(a * (1 + 1e-6), a).ok
     assert not compare_outputs(torch.tensor([1, 2]), torch.tensor([1, 3])).ok  # ints: exact
     assert not compare_outputs((a,), (a, a)).ok  # structure
+
+
+def test_strict_fp32_turns_tf32_off_and_restores():
+    from fxopt.tolerances import TF32_TOLERANCE, strict_fp32, tolerance_for
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert tolerance_for(torch.float32, "cuda") == TF32_TOLERANCE
+        with strict_fp32():
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert tolerance_for(torch.float32, "cuda") == 1e-5
+        assert torch.backends.cudnn.allow_tf32
+        with strict_fp32(False):
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
