@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.tolerances import compare_outputs
+from fxopt.tolerances import compare_outputs, strict_fp32
 
 pytestmark = pytest.mark.gpu
 
@@ -38,7 +38,7 @@ def test_default_pipeline_on_cuda(tmp_path):
     x = torch.randn(4, 3, 16, 16, device="cuda")
     opt = fxopt.optimize(m, x)
     assert opt.target == "cuda"
-    with torch.no_grad():
+    with torch.no_grad(), strict_fp32():  # float32 math on both sides, not TF32 rounding
         assert compare_outputs(opt(x), m(x)).ok
     assert any("fxopt" in str(n.target) for n in opt.graph_module.graph.nodes)
     back = fxopt.load(opt.save(tmp_path / "m.fxopt")).cuda()
