@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import warnings
 
 import torch
@@ -369,7 +368,7 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "exact reference (slow); use QuantConfig(activation_symmetric=False) on CPU"])
     _quiet()
     reference = copy.deepcopy(gm)
-    from .quantize import _output_step
+    from .quantize_rewrite import output_step as _output_step
     exits = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE]
     step = _output_step(gm, exits)
     from fxopt.quant_config import QuantConfig

@@ -410,7 +410,7 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     exits = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE]
     step = 0.0
     if exits:
-        from .quantize import _output_step
+        from .quantize_rewrite import output_step as _output_step
         step = _output_step(gm, exits)
     low = _Lowering(gm)
     low.run()
