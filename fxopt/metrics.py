@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .graph_utils import get_attr_value, tensor_meta
 
-__all__ = ["count_macs", "node_macs", "MAC_COUNTERS"]
+__all__ = ["count_macs", "node_macs", "MAC_COUNTERS", "conv_weight_macs", "linear_weight_macs"]
 
 # target (function or op overload packet) -> fn(node, gm) -> MACs; later passes add their ops.
 MAC_COUNTERS: dict[object, Callable[[fx.Node, fx.GraphModule], int]] = {}
@@ -42,6 +42,20 @@ def _conv_macs(out_shape, weight_shape, transposed: bool, in_shape=None) -> int:
 def _shape(node) -> tuple | None:
     tm = tensor_meta(node)
     return tuple(tm.shape) if tm is not None else None
+
+
+# MAC counters for the fxopt ops whose second argument is the weight (fused, int8, Triton ops
+# register these in MAC_COUNTERS).
+def conv_weight_macs(node: fx.Node, gm: fx.GraphModule) -> int:
+    """Output elements x weight elements per output channel (``[O, I/g, kh, kw]`` weights)."""
+    out, w = _shape(node), _shape(node.args[1])
+    return math.prod(out) * math.prod(w[1:]) if out and w else 0
+
+
+def linear_weight_macs(node: fx.Node, gm: fx.GraphModule) -> int:
+    """Output elements x in-features (``[N, K]`` weights)."""
+    out, w = _shape(node), _shape(node.args[1])
+    return math.prod(out) * w[-1] if out and w else 0
 
 
 def _module_macs(node: fx.Node, mod: nn.Module) -> int:

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .metrics import MAC_COUNTERS
+from .metrics import MAC_COUNTERS, conv_weight_macs, linear_weight_macs
 
 __all__ = ["LIB", "ACTIVATIONS", "apply_activation", "conv_act_reference", "linear_act_reference",
            "mkldnn_available", "clear_weight_cache"]
@@ -285,24 +285,11 @@ torch.library.register_fake("fxopt::linear_act", _linear_act_fake, lib=LIB)
 
 
 # -- MAC counts ---------------------------------------------------------------------------------
-def _shape(node):
-    tm = node.meta.get("tensor_meta") if hasattr(node, "meta") else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
-def _conv_act_macs(node, gm) -> int:
-    out, w = _shape(node), _shape(node.args[1])
-    return math.prod(out) * math.prod(w[1:]) if out and w else 0
-
-
-def _linear_act_macs(node, gm) -> int:
-    out, w = _shape(node), _shape(node.args[1])
-    return math.prod(out) * w[-1] if out and w else 0
-
-
-MAC_COUNTERS[torch.ops.fxopt.conv1d_act] = _conv_act_macs
-MAC_COUNTERS[torch.ops.fxopt.conv2d_act] = _conv_act_macs
-MAC_COUNTERS[torch.ops.fxopt.linear_act] = _linear_act_macs
+MAC_COUNTERS[torch.ops.fxopt.conv1d_act] = conv_weight_macs
+MAC_COUNTERS[torch.ops.fxopt.conv2d_act] = conv_weight_macs
+MAC_COUNTERS[torch.ops.fxopt.linear_act] = linear_weight_macs
 
 from . import ops_int8  # noqa: E402,F401  (the int8 IR: torch.ops.fxopt.quantize, conv2d_int8, ...)
 from . import ops_int8_dynamic  # noqa: E402,F401  (torch.ops.fxopt.linear_int8_dynamic)

@@ -24,12 +24,11 @@ source of truth that the checks, the ONNX QDQ export and the lowerings all read.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from .metrics import MAC_COUNTERS
+from .metrics import MAC_COUNTERS, conv_weight_macs, linear_weight_macs
 from .ops import LIB, _out_format, apply_activation
 
 __all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference",
@@ -254,20 +253,5 @@ for _name, (_ref, _fake) in _IMPLS.items():
 INT8_IR_OPS = tuple(getattr(torch.ops.fxopt, name).default for name in _IMPLS)
 
 
-def _shape(node):
-    tm = node.meta.get("tensor_meta") if hasattr(node, "meta") else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
-
-
-def _conv_macs(node, gm) -> int:
-    out, w = _shape(node), _shape(node.args[1])
-    return math.prod(out) * math.prod(w[1:]) if out and w else 0
-
-
-def _linear_macs(node, gm) -> int:
-    out, w = _shape(node), _shape(node.args[1])
-    return math.prod(out) * w[-1] if out and w else 0
-
-
-MAC_COUNTERS[torch.ops.fxopt.conv2d_int8] = _conv_macs
-MAC_COUNTERS[torch.ops.fxopt.linear_int8] = _linear_macs
+MAC_COUNTERS[torch.ops.fxopt.conv2d_int8] = conv_weight_macs
+MAC_COUNTERS[torch.ops.fxopt.linear_int8] = linear_weight_macs

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .metrics import MAC_COUNTERS
+from .metrics import MAC_COUNTERS, linear_weight_macs
 from .ops import LIB, _check_act, apply_activation
 
 __all__ = ["dynamic_qparams", "fake_quantize_dynamic", "linear_int8_dynamic_reference",
@@ -257,14 +257,4 @@ LIB.impl("linear_int8_dynamic", linear_int8_dynamic_reference, "CUDA")  # Triton
 torch.library.register_fake("fxopt::linear_int8_dynamic", _linear_int8_dynamic_fake, lib=LIB)
 
 
-def _shape(node):
-    tm = node.meta.get("tensor_meta") if hasattr(node, "meta") else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
-
-
-def _linear_macs(node, gm) -> int:
-    out, w = _shape(node), _shape(node.args[1])
-    return math.prod(out) * w[-1] if out and w else 0
-
-
-MAC_COUNTERS[torch.ops.fxopt.linear_int8_dynamic] = _linear_macs
+MAC_COUNTERS[torch.ops.fxopt.linear_int8_dynamic] = linear_weight_macs

@@ -40,7 +40,8 @@ import os
 
 import torch
 
-from .metrics import MAC_COUNTERS
+from .graph_utils import tensor_meta
+from .metrics import MAC_COUNTERS, conv_weight_macs, linear_weight_macs
 from .ops import LIB, conv_act_reference, linear_act_reference
 from .ops_int8 import (adaptive_avg_pool2d_int8_reference, add_int8_reference, codes_dtype,
                        conv2d_int8_reference, dequantize_reference, linear_int8_reference,
@@ -450,30 +451,16 @@ TRITON_OPS = tuple(getattr(torch.ops.fxopt, _name).default for _name in _IMPLS)
 
 
 # -- MAC counts ---------------------------------------------------------------------------------
-def _shape(node):
-    tm = node.meta.get("tensor_meta") if hasattr(node, "meta") else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
-
-
-def _conv_macs(node, gm) -> int:
-    out, w = _shape(node), _shape(node.args[1])
-    return math.prod(out) * math.prod(w[1:]) if out and w else 0
-
-
 def _depthwise_macs(node, gm) -> int:
-    out, w = _shape(node), _shape(node.args[1])  # weight [KH*KW, C]
-    return math.prod(out) * w[0] if out and w else 0
+    out = tensor_meta(node)
+    w = tensor_meta(node.args[1])  # weight [KH*KW, C]
+    return math.prod(out.shape) * w.shape[0] if out is not None and w is not None else 0
 
 
-def _linear_macs(node, gm) -> int:
-    out, w = _shape(node), _shape(node.args[1])
-    return math.prod(out) * w[-1] if out and w else 0
-
-
-for _op, _fn in ((torch.ops.fxopt.triton_conv2d, _conv_macs),
-                 (torch.ops.fxopt.triton_conv2d_int8, _conv_macs),
+for _op, _fn in ((torch.ops.fxopt.triton_conv2d, conv_weight_macs),
+                 (torch.ops.fxopt.triton_conv2d_int8, conv_weight_macs),
                  (torch.ops.fxopt.triton_depthwise_conv2d, _depthwise_macs),
                  (torch.ops.fxopt.triton_depthwise_conv2d_int8, _depthwise_macs),
-                 (torch.ops.fxopt.triton_linear, _linear_macs),
-                 (torch.ops.fxopt.triton_linear_int8, _linear_macs)):
+                 (torch.ops.fxopt.triton_linear, linear_weight_macs),
+                 (torch.ops.fxopt.triton_linear_int8, linear_weight_macs)):
     MAC_COUNTERS[_op] = _fn
