@@ -31,3 +31,6 @@ __all__ = [
 __all__ += ["export_onnx", "OnnxExport", "draw"]
 __version__ = "0.1.0"
 __all__ += ["QuantConfig"]
+from .qat import QATModel, prepare_qat  # noqa: E402  (quantization-aware fine-tuning)
+from . import qat  # noqa: E402,F401  (fxopt.qat.convert)
+__all__ += ["prepare_qat", "QATModel"]

@@ -195,6 +195,12 @@ def finetune(model: nn.Module, train_data: Iterable, val_data: Iterable | None =
         torch.set_num_threads(before)
 
 
+def frozen_teacher(teacher: nn.Module) -> nn.Module:
+    """A frozen copy of ``teacher`` (eval mode, no gradients): the caller's model (usually the
+    user's unpruned model) keeps its device, training flag and ``requires_grad`` flags."""
+    return copy.deepcopy(teacher).eval().requires_grad_(False)
+
+
 def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_temperature, optimizer,
               lr, weight_decay, patience, schedule, augment, log_dir, progress, console, device,
               seed) -> FinetuneResult:
@@ -206,7 +212,7 @@ def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_tempera
     device = torch.device(device) if device is not None else _device_of(model)
     model.to(device)
     if teacher is not None:
-        teacher = teacher.to(device).eval()
+        teacher = frozen_teacher(teacher).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InputError("the model has no trainable parameters")

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import InputError, NotAvailableError
-from .finetune import _check, _make_optimizer, _split, distillation_loss
+from .finetune import _check, _make_optimizer, _split, distillation_loss, frozen_teacher
 
 try:
     import lightning.pytorch as pl
@@ -78,9 +78,8 @@ if pl is not None:
             super().__init__()
             _check(1, kd_alpha, kd_temperature, lr, weight_decay, None, schedule)
             self.student = student
-            self.teacher = teacher
-            if teacher is not None:
-                teacher.requires_grad_(False)
+            # a frozen copy: Lightning moves and flags it, never the caller's model
+            self.teacher = frozen_teacher(teacher) if teacher is not None else None
             self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
             self.lr, self.weight_decay = lr, weight_decay
             self.optimizer_name, self.schedule = optimizer, schedule
@@ -192,8 +191,6 @@ def finetune_lightning(student: nn.Module, train: Iterable, val: Iterable | None
                          enable_progress_bar=progress, enable_model_summary=progress,
                          log_every_n_steps=1, **trainer_kwargs)
     student.train()
-    if teacher is not None:
-        teacher.eval()
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     result = LightningResult(student, trainer, history.rows, log_dir=logger.log_dir)
     if checkpoint is not None and checkpoint.best_model_path:

@@ -77,8 +77,11 @@ def test_teacher_pulls_the_student():
 
     kd, ce = mlp(), mlp()
     before = gap(kd)
+    teacher.train()  # the caller's mode and flags survive (a frozen copy does the teaching)
     fxopt.finetune(kd, train, val, epochs=3, teacher=teacher, kd_alpha=1.0, lr=1e-2,
                    progress=False)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    teacher.eval()
     fxopt.finetune(ce, train, val, epochs=3, lr=1e-2, progress=False)
     assert gap(kd) < before and gap(kd) < gap(ce)
 

@@ -41,8 +41,9 @@ def test_one_epoch_with_distillation(tmp_path):
     after = student.state_dict()
     assert any(not torch.equal(before[k], after[k])
                for k in before if before[k].is_floating_point())
-    # the teacher is frozen
+    # the teacher is frozen, and the caller's model keeps its flags (a frozen copy trains)
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.requires_grad for p in teacher.parameters())
     events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     with torch.no_grad():
