@@ -278,6 +278,9 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     reference = _reference(gm, plan)
     writer = Writer(gm, plan)
     exits = writer.run()
+    for n in reversed(list(gm.graph.nodes)):  # the float weights' reads, now dead
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
     remove_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
