@@ -31,11 +31,11 @@ import torch.nn as nn
 
 import fxopt
 from fxopt.api import TARGETS
+from fxopt.cli_progress import ProgressInstrument, pipeline_progress
 from fxopt.errors import FxoptError, InputError, PipelineError
-from fxopt.manager import CHECK_MODES, MISMATCH_MODES, Instrument
 from fxopt.latency import measure_latency
+from fxopt.manager import CHECK_MODES, MISMATCH_MODES
 from fxopt.model_spec import LoadedSpec, load_model_spec, parse_input_shape
-from fxopt.registry import PassGroup
 from fxopt.tradeoff import TRADEOFF_RATIOS
 
 __all__ = ["main", "build_parser", "ProgressInstrument", "LoadedSpec", "load_model_spec",
@@ -195,58 +195,6 @@ def _console(stderr: bool = False):
     return console
 
 
-# -- progress -----------------------------------------------------------------------------------
-class ProgressInstrument(Instrument):
-    """Advances a rich progress bar once per pass run.
-
-    A group runs its members until nothing changes, so the number of runs is known only at the
-    end: the bar starts at one run per pass and grows when a group iterates again.
-    ``manage=True``: the instrument starts the ``rich.progress.Progress`` when the pipeline starts
-    and stops it at the end (the caller still stops it on errors), so nothing is drawn when
-    ``optimize`` fails before running a pass.
-    """
-
-    def __init__(self, progress, description: str = "optimizing", manage: bool = False):
-        self.progress = progress
-        self.description = description
-        self.manage = manage
-        self.task = None
-
-    def on_start(self, steps):
-        total = sum(len(s.members) if isinstance(s, PassGroup) else 1 for s in steps)
-        self.task = self.progress.add_task(self.description, total=max(total, 1))
-        if self.manage:
-            self.progress.start()
-
-    def before_pass(self, name, gm):
-        self.progress.update(self.task, description=f"{self.description}: {name}")
-
-    def after_pass(self, name, gm, record):
-        task = self.progress.tasks[self._index()]
-        if task.completed + 1 > (task.total or 0):
-            self.progress.update(self.task, total=task.completed + 1)
-        self.progress.update(self.task, advance=1)
-
-    def on_end(self, report):
-        task = self.progress.tasks[self._index()]
-        self.progress.update(self.task, completed=task.total,
-                             description=f"{self.description}: done")
-        if self.manage:
-            self.progress.stop()
-
-    def _index(self) -> int:
-        return next(i for i, t in enumerate(self.progress.tasks) if t.id == self.task)
-
-
-def _pipeline_progress(console):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
-
-    return Progress(TextColumn("{task.description}", markup=False), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                    transient=console.is_terminal)
-
-
 # -- commands -----------------------------------------------------------------------------------
 def cmd_optimize(args) -> int:
     out, err = _console(), _console(stderr=True)
@@ -282,7 +230,7 @@ def cmd_optimize(args) -> int:
     recipe = spec.name == "digits" and prune is not None and target != "cuda"
     # Warnings (a rolled-back pass, --on-mismatch warn) become one plain line each, not
     # Python's "file:line: UserWarning:" pair.
-    bar = _pipeline_progress(err) if progress else None
+    bar = pipeline_progress(err) if progress else None
     instruments = [ProgressInstrument(bar, manage=True)] if bar is not None else []
     result = None
     try:
