@@ -233,17 +233,7 @@ def draw(module: nn.Module, path: str | os.PathLike, *, title: str | None = None
     if not isinstance(gm, fx.GraphModule):
         raise InputError(f"draw needs an fx graph: an OptimizedModule or a GraphModule, got "
                          f"{type(module).__name__}", hint="draw(fxopt.optimize(model, x), path)")
-    if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"path must be a str or a path, got {type(path).__name__}")
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower()
-    if fmt not in FORMATS:
-        suffixes = ", ".join("." + f for f in FORMATS)
-        raise InputError(f"cannot tell the picture format from '{path.name}'",
-                         hint=f"end the file name with one of: {suffixes}")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory", hint="give a file name, e.g. DIR/graph.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path, fmt = picture_path(path)
 
     pruned = pruned_layers(gm)
     drawn = [n for n in gm.graph.nodes if n.op != "get_attr"]
@@ -301,6 +291,32 @@ def draw(module: nn.Module, path: str | os.PathLike, *, title: str | None = None
     legend_rows = math.ceil(len(handles) / ncol)
     ax.set_title(f"{title or 'fxopt graph'}: {summary}", fontsize=10, pad=8 + 15 * legend_rows)
     fig.tight_layout()
+    return save_figure(fig, path, fmt, dpi)
+
+
+# -- files (shared with fxopt.tradeoff) ---------------------------------------------------------
+def picture_path(path) -> tuple[Path, str]:
+    """``path`` as a ``Path`` and its format (png, svg or pdf), its folder created; typed
+    errors for anything else."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a str or a path, got {type(path).__name__}")
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        suffixes = ", ".join("." + f for f in FORMATS)
+        raise InputError(f"cannot tell the picture format from '{path.name}'",
+                         hint=f"end the file name with one of: {suffixes}")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory", hint="give a file name, e.g. DIR/graph.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, fmt
+
+
+def save_figure(fig, path: Path, fmt: str, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file renamed into place), then close
+    it: a failed write never leaves half a picture."""
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fig.savefig(tmp, format=fmt, dpi=dpi)

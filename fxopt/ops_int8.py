@@ -33,7 +33,9 @@ from .ops import LIB, _out_format, apply_activation
 
 __all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference",
            "dequantize_reference", "add_int8_reference", "adaptive_avg_pool2d_int8_reference",
-           "cat_int8_reference", "max_pool2d_int8_reference", "codes_dtype", "INT8_IR_OPS"]
+           "cat_int8_reference", "max_pool2d_int8_reference", "codes_dtype", "INT8_IR_OPS",
+           "CONV2D_INT8", "LINEAR_INT8", "QUANTIZE", "DEQUANTIZE", "ADD_INT8", "CAT_INT8",
+           "AVGPOOL_INT8", "MAXPOOL_INT8"]
 
 _TAIL = ("Tensor x_scale, Tensor x_zp, Tensor y_scale, Tensor y_zp, Tensor? residual=None, *, "
          "str act='none', float[] act_args=[], int x_qmin=0, int x_qmax=255, int y_qmin=0, "
@@ -251,6 +253,15 @@ for _name, (_ref, _fake) in _IMPLS.items():
     torch.library.register_fake(f"fxopt::{_name}", _fake, lib=LIB)
 
 INT8_IR_OPS = tuple(getattr(torch.ops.fxopt, name).default for name in _IMPLS)
+# The op handles the passes match and write (one definition: quantize, the lowerings).
+CONV2D_INT8 = torch.ops.fxopt.conv2d_int8.default
+LINEAR_INT8 = torch.ops.fxopt.linear_int8.default
+QUANTIZE = torch.ops.fxopt.quantize.default
+DEQUANTIZE = torch.ops.fxopt.dequantize.default
+ADD_INT8 = torch.ops.fxopt.add_int8.default
+CAT_INT8 = torch.ops.fxopt.cat_int8.default
+AVGPOOL_INT8 = torch.ops.fxopt.adaptive_avg_pool2d_int8.default
+MAXPOOL_INT8 = torch.ops.fxopt.max_pool2d_int8.default
 
 
 MAC_COUNTERS[torch.ops.fxopt.conv2d_int8] = conv_weight_macs

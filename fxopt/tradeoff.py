@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .api import OptimizedModule, optimize
+from .draw import picture_path, save_figure
 from .errors import InputError, NotAvailableError
 from .finetune import finetune
 from .graph_utils import count_bytes, count_params
@@ -41,7 +42,6 @@ __all__ = ["TRADEOFF_RATIOS", "TRADEOFF_EPOCHS", "ROW_FIELDS", "measure_pruning_
 TRADEOFF_RATIOS = (0.0, 0.25, 0.5, 0.75)
 TRADEOFF_EPOCHS = 2  # fine-tuning per ratio: the shape of the curve, in seconds
 ROW_FIELDS = ("ratio", "precision", "accuracy", "latency_ms", "params", "size_bytes", "label")
-FORMATS = ("png", "svg", "pdf")
 FLOAT_COLOR, INT8_COLOR = "#1f77b4", "#756bb1"
 
 
@@ -173,15 +173,7 @@ def plot_tradeoff(rows: Sequence[dict], path: str | os.PathLike, *,
         raise NotAvailableError("plot_tradeoff needs matplotlib",
                                 hint="pip install 'fxopt[draw]' (or matplotlib)") from e
     _check_rows(rows)
-    if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"path must be a str or a path, got {type(path).__name__}")
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower()
-    if fmt not in FORMATS:
-        suffixes = ", ".join("." + f for f in FORMATS)
-        raise InputError(f"cannot tell the picture format from '{path.name}'",
-                         hint=f"end the file name with one of: {suffixes}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path, fmt = picture_path(path)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     panels = (("latency_ms", "CPU latency, batch 1 (ms, median, measured on this machine)", 1.0),
@@ -219,15 +211,7 @@ def plot_tradeoff(rows: Sequence[dict], path: str | os.PathLike, *,
     fig.suptitle(title or "accuracy against latency and size, by pruning ratio "
                           "(up and to the left is better)", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return save_figure(fig, path, fmt, dpi)
 
 
 def tradeoff_table(rows: Sequence[dict]):

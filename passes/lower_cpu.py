@@ -38,21 +38,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-import fxopt.ops_int8  # noqa: F401
 from fxopt.graph_utils import copy_meta, get_attr_value, module_path, remove_unused_attributes
+from fxopt.ops_int8 import ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8, \
+    MAXPOOL_INT8, QUANTIZE
 from fxopt.registry import PassContext, PassResult, register_pass
 
 __all__ = ["lower_int8_cpu", "quantized_engine_available", "LockstepReference"]
 
-_OPS = torch.ops.fxopt
-CONV2D_INT8 = _OPS.conv2d_int8.default
-LINEAR_INT8 = _OPS.linear_int8.default
-QUANTIZE = _OPS.quantize.default
-DEQUANTIZE = _OPS.dequantize.default
-ADD_INT8 = _OPS.add_int8.default
-CAT_INT8 = _OPS.cat_int8.default
-AVGPOOL_INT8 = _OPS.adaptive_avg_pool2d_int8.default
-MAXPOOL_INT8 = _OPS.max_pool2d_int8.default
 _QUANTIZED = {"none": "conv2d", "relu": "conv2d_relu"}
 _CLAMPS = ("relu6", "hardtanh", "clamp")
 

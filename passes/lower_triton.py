@@ -47,6 +47,8 @@ import torch.nn as nn
 import fxopt.ops  # noqa: F401 - defines torch.ops.fxopt.* (int8 and triton ops included)
 from fxopt.graph_utils import add_buffer, copy_meta, get_attr_value, module_path, \
     remove_unused_attributes
+from fxopt.ops_int8 import ADD_INT8, AVGPOOL_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8, \
+    MAXPOOL_INT8, QUANTIZE
 from fxopt.ops_triton import TRITON_OPS, triton_on_cpu
 from fxopt.registry import PassContext, PassResult, register_pass
 
@@ -56,13 +58,6 @@ _OPS = torch.ops.fxopt
 CONV2D = _OPS.conv2d_act.default
 CONV1D = _OPS.conv1d_act.default
 LINEAR = _OPS.linear_act.default
-CONV2D_INT8 = _OPS.conv2d_int8.default
-LINEAR_INT8 = _OPS.linear_int8.default
-QUANTIZE = _OPS.quantize.default
-DEQUANTIZE = _OPS.dequantize.default
-ADD_INT8 = _OPS.add_int8.default
-MAXPOOL_INT8 = _OPS.max_pool2d_int8.default
-AVGPOOL_INT8 = _OPS.adaptive_avg_pool2d_int8.default
 T_CONV = _OPS.triton_conv2d.default
 T_DW = _OPS.triton_depthwise_conv2d.default
 T_LINEAR = _OPS.triton_linear.default

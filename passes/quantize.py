@@ -31,7 +31,6 @@ import torch
 import torch.fx as fx
 
 import fxopt.ops  # noqa: F401 - defines torch.ops.fxopt.* (int8 ops included)
-import fxopt.ops_int8  # noqa: F401
 from fxopt.errors import InputError, PreconditionError
 from fxopt.graph_utils import remove_unused_attributes
 from fxopt.observers import PerChannelMinMaxObserver, make_observer
@@ -40,24 +39,12 @@ from fxopt.quant_config import QuantConfig
 from fxopt.quant_params import QParams
 from fxopt.registry import PassContext, PassResult, register_pass
 
-from .quantize_plan import PRE, Layer, Plan, SimulatedInt8, find_layers, make_plan, \
+from .quantize_plan import CONV2D, PRE, Layer, Plan, SimulatedInt8, find_layers, make_plan, \
     observed_values
 from .quantize_rewrite import Writer, output_step
 
-__all__ = ["quantize_int8", "calibration_inputs", "sqnr_db", "INT8_OPS"]
+__all__ = ["quantize_int8", "calibration_inputs", "sqnr_db"]
 
-CONV2D = torch.ops.fxopt.conv2d_act.default
-LINEAR = torch.ops.fxopt.linear_act.default
-CONV2D_INT8 = torch.ops.fxopt.conv2d_int8.default
-LINEAR_INT8 = torch.ops.fxopt.linear_int8.default
-QUANTIZE = torch.ops.fxopt.quantize.default
-DEQUANTIZE = torch.ops.fxopt.dequantize.default
-ADD_INT8 = torch.ops.fxopt.add_int8.default
-CAT_INT8 = torch.ops.fxopt.cat_int8.default
-AVGPOOL_INT8 = torch.ops.fxopt.adaptive_avg_pool2d_int8.default
-MAXPOOL_INT8 = torch.ops.fxopt.max_pool2d_int8.default
-INT8_OPS = (CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE, ADD_INT8, CAT_INT8, AVGPOOL_INT8,
-            MAXPOOL_INT8)
 
 
 # -- calibration ----------------------------------------------------------------------------

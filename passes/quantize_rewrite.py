@@ -14,22 +14,15 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-import fxopt.ops_int8  # noqa: F401 - torch.ops.fxopt.* int8 IR
 from fxopt.graph_utils import add_buffer, copy_meta, get_attr_value, module_path
+from fxopt.ops_int8 import ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8, \
+    MAXPOOL_INT8, QUANTIZE
 from fxopt.quant_params import QParams
 
 from .quantize_plan import PRE, Plan
 
 __all__ = ["Writer", "output_step"]
 
-CONV2D_INT8 = torch.ops.fxopt.conv2d_int8.default
-LINEAR_INT8 = torch.ops.fxopt.linear_int8.default
-QUANTIZE = torch.ops.fxopt.quantize.default
-DEQUANTIZE = torch.ops.fxopt.dequantize.default
-ADD_INT8 = torch.ops.fxopt.add_int8.default
-CAT_INT8 = torch.ops.fxopt.cat_int8.default
-AVGPOOL_INT8 = torch.ops.fxopt.adaptive_avg_pool2d_int8.default
-MAXPOOL_INT8 = torch.ops.fxopt.max_pool2d_int8.default
 
 
 def _label(n: fx.Node) -> str:

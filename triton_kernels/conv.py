@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from ._runtime import CODE_DTYPES, FLOAT_DTYPES, Kernel, check_device, interpreting
-from .epilogue import check_residual, epilogue_kwargs, epilogue_reference, store_epilogue
+from .epilogue import check_residual, epilogue_kwargs, epilogue_reference, grouped_tile, \
+    store_epilogue
 from .gemm import int8_scale_and_correction
 
 __all__ = ["conv2d", "conv2d_int8", "conv2d_reference", "conv2d_int8_reference",
@@ -48,16 +49,8 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr, corr_ptr,
                  DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
     g = tl.program_id(1)
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (NG + BLOCK_N - 1) // BLOCK_N
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, NG, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

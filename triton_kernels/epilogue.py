@@ -105,6 +105,21 @@ def check_residual(name: str, residual, shape: tuple) -> None:
 
 
 @device_fn
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (row tile, column tile) of program ``pid`` in grouped order: ``GROUP_M`` row tiles
+    share their column tiles while those are in L2 (Triton's matmul tutorial)."""
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@device_fn
 def _tanh(x):
     # 1 - 2 / (exp(2x) + 1), exponent capped (tanh(40) == 1 in float32) so exp never overflows
     return 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * x, 80.0)) + 1.0)

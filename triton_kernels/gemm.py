@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ._runtime import CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device, interpreting
-from .epilogue import check_residual, epilogue_kwargs, epilogue_reference, store_epilogue
+from .epilogue import check_residual, epilogue_kwargs, epilogue_reference, grouped_tile, \
+    store_epilogue
 
 __all__ = ["linear", "linear_int8", "linear_reference", "linear_int8_reference", "weight_colsum",
            "gemm_int8_configs", "gemm_float_configs"]
@@ -39,16 +40,7 @@ def _gemm_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr, corr_ptr,
                  UPCAST_DOT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
-    # grouped ordering: GROUP_M row-tiles share their W column-tiles while those are in L2
-    pid = tl.program_id(0)
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
