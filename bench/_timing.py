@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from fxopt.latency import measure_latency
+from fxopt.tools.latency import measure_latency
 
 __all__ = ["calls_per_round", "median_times"]
 

@@ -81,7 +81,7 @@ def _ao_int8(model, example, batches, notes: list[str], warned: list[str], label
 
 
 def _sqnr(ref, out) -> float:
-    from fxopt.passes.quantize import sqnr_db
+    from fxopt.passes.quant.quantize import sqnr_db
 
     return sqnr_db(ref, out)
 
@@ -140,7 +140,7 @@ def _line(r: dict) -> str:
 
 
 def _digits_part(args, notes: list[str], warned: list[str]) -> dict:
-    from fxopt import digits
+    from fxopt.tools import digits
 
     loaded = digits.load_or_train_default(progress=False)
     model = loaded.model.eval()

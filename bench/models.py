@@ -89,7 +89,7 @@ def main(argv=None) -> str:
     args.models = args.models or MODELS
     args.batches = args.batches or [1, 8]
     torch.set_num_threads(args.threads)
-    from fxopt.tolerances import compare_outputs
+    from fxopt.ir.tolerances import compare_outputs
 
     rows = []
     for name in args.models:

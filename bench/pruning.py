@@ -75,8 +75,8 @@ def tp_prune(model, x, ratio: float, round_to: int | None = None):
 
 def _macs(model, x1) -> int:
     import fxopt
-    from fxopt.capture import propagate_shapes
-    from fxopt.metrics import count_macs
+    from fxopt.ir.capture import propagate_shapes
+    from fxopt.ir.metrics import count_macs
 
     if isinstance(model, fxopt.OptimizedModule):
         model = model.graph_module
@@ -88,7 +88,7 @@ def _macs(model, x1) -> int:
 
 
 def _params(model) -> int:
-    from fxopt.graph_utils import count_params
+    from fxopt.ir.graph import count_params
 
     import fxopt
     return count_params(model.graph_module if isinstance(model, fxopt.OptimizedModule) else model)
@@ -136,11 +136,11 @@ def bench_models(names, ratio: float, size: int, batches, rounds: int):
 
 
 def bench_digits(ratio: float, epochs: int, seeds: int, progress: bool):
-    from fxopt import digits
-    from fxopt.finetune import finetune
+    from fxopt.tools import digits
+    from fxopt.train.finetune import finetune
 
     import fxopt
-    from fxopt.recipes import _split_train
+    from fxopt.tools.recipes import _split_train
     from torch.utils.data import DataLoader, TensorDataset
 
     loaded = digits.load_or_train_default(progress=progress)

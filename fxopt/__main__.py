@@ -1,7 +1,7 @@
 """``python -m fxopt ...``: the same command line as the ``fxopt`` script (see ``fxopt.cli``)."""
 import sys
 
-from fxopt.cli import main
+from fxopt.tools.cli import main
 
 __all__: list[str] = []
 

@@ -18,17 +18,22 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import registry
-from .capture import capture, check_model, normalize_inputs, run_eager
-from .errors import (InputError, NotAvailableError, NumericMismatchError, PipelineError,
-                     VerificationError)
-from .graph_utils import count_bytes, count_nodes, count_params
-from .manager import Instrument, PassManager, debug_level
-from .metrics import count_macs
-from .precision import resolve_precision, to_precision
-from .registry import PASSES, PassContext, expand_pipeline
-from .report import ModelStats, Report
-from .tolerances import compare_outputs, strict_fp32
+from fxopt.errors import (
+    InputError,
+    NotAvailableError,
+    NumericMismatchError,
+    PipelineError,
+    VerificationError,
+)
+from fxopt.infra import registry
+from fxopt.infra.manager import Instrument, PassManager, debug_level
+from fxopt.infra.registry import PASSES, PassContext, expand_pipeline
+from fxopt.infra.report import ModelStats, Report
+from fxopt.ir.capture import capture, check_model, normalize_inputs, run_eager
+from fxopt.ir.graph import count_bytes, count_nodes, count_params
+from fxopt.ir.metrics import count_macs
+from fxopt.ir.precision import resolve_precision, to_precision
+from fxopt.ir.tolerances import compare_outputs, strict_fp32
 
 __all__ = ["optimize", "OptimizedModule", "load", "TARGETS", "FORMAT_VERSION"]
 
@@ -73,7 +78,7 @@ class OptimizedModule(nn.Module):
 
 def load(path: str | Path) -> OptimizedModule:
     """Restore a module written by ``OptimizedModule.save`` (outputs are bitwise the same)."""
-    from . import ops  # noqa: F401 - registers the fxopt op namespace the graph may call
+    from fxopt import ops  # noqa: F401 - registers the fxopt op namespace the graph may call
 
     path = Path(path)
     if not path.exists():
@@ -119,8 +124,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     (``target="cuda"``; see ``fxopt.precision``); with ``target="cuda"`` the pipeline ends with
     ``lower_to_triton`` (the fused and int8 ops onto the Triton kernels).
     """
-    from . import ops  # noqa: F401 - the fxopt op namespace
-    from . import passes as _passes  # noqa: F401 - registers the built-in passes
+    from fxopt import ops  # noqa: F401 - the fxopt op namespace
+    from fxopt import passes as _passes  # noqa: F401 - registers the built-in passes
 
     t_start = time.perf_counter()
     check_model(model)
@@ -221,7 +226,7 @@ _PLACEMENT = {"prune_channels": _after_first_cleanup, "quantize_int8": _after_la
 def _with_pass(pipeline: str | Sequence[str], extra: list[str], name: str) -> str | list[str]:
     """The pipeline with the feature pass ``name`` at its place (``_PLACEMENT``), unless it has
     it already. ``name`` asked for in ``passes=`` moves there from the end (``extra``)."""
-    from .registry import PIPELINES
+    from fxopt.infra.registry import PIPELINES
 
     if isinstance(pipeline, str):
         if pipeline not in PIPELINES:

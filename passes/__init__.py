@@ -1,19 +1,10 @@
-"""Built-in passes. Importing this package registers them and the named pipelines.
+"""Built-in passes. Importing this package registers them (``fxopt.infra.registry``).
 
-Pipelines are literal lists (DESIGN.md section 5); ``cleanup`` is a fixpoint group.
+One folder per pass family: ``cleanup`` (dce, cse, constant_fold, remove_noops and the
+``cleanup`` group), ``fusion`` (fold_bn, fuse_act), ``prune`` (prune_channels), ``quant``
+(quantize_int8) and ``lower`` (lower_int8_cpu, lower_to_triton). The pipelines that order them
+are in ``fxopt.pipelines``.
 """
-from fxopt.registry import PIPELINES
+from fxopt.passes import cleanup, fusion, lower, prune, quant  # noqa: F401  (register the passes)
 
-from . import cleanup  # noqa: F401  (registers dce, cse, constant_fold, remove_noops, group cleanup)
-from . import fold_bn  # noqa: F401  (registers fold_bn)
-from . import fuse_act  # noqa: F401  (registers fuse_act)
-from . import prune  # noqa: F401  (registers prune_channels)
-from . import quantize  # noqa: F401  (registers quantize_int8)
-from . import lower_cpu  # noqa: F401  (registers lower_int8_cpu)
-from . import lower_triton  # noqa: F401  (registers lower_to_triton)
-
-__all__ = ["PIPELINES"]
-
-PIPELINES["cleanup"] = ["cleanup"]
-# The fullest pipeline available; later issues add fold_bn, fuse_act, prune, quantize, lower.
-PIPELINES["default"] = ["cleanup", "fold_bn", "fuse_act", "cleanup"]
+__all__: list[str] = []

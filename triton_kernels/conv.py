@@ -28,10 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import CODE_DTYPES, FLOAT_DTYPES, Kernel, check_device, interpreting
-from .epilogue import check_residual, epilogue_kwargs, epilogue_reference, grouped_tile, \
-    store_epilogue
-from .gemm import int8_scale_and_correction
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, check_device, interpreting)
+from fxopt.triton_kernels.epilogue import (check_residual, epilogue_kwargs, epilogue_reference, grouped_tile, store_epilogue)
+from fxopt.triton_kernels.gemm import int8_scale_and_correction
 
 __all__ = ["conv2d", "conv2d_int8", "conv2d_reference", "conv2d_int8_reference",
            "prepare_conv_weight", "conv_configs", "conv_output_size"]

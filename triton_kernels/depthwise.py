@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device
-from .conv import _pair, check_nhwc, conv_output_size
-from .epilogue import check_residual, epilogue_kwargs, store_epilogue
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device)
+from fxopt.triton_kernels.conv import _pair, check_nhwc, conv_output_size
+from fxopt.triton_kernels.epilogue import check_residual, epilogue_kwargs, store_epilogue
 
 __all__ = ["depthwise_conv2d", "depthwise_conv2d_int8", "prepare_depthwise_weight",
            "depthwise_conv2d_reference", "depthwise_conv2d_int8_reference", "depthwise_configs"]
@@ -211,12 +211,12 @@ def depthwise_conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Ten
 def depthwise_conv2d_reference(x, weight, bias=None, stride=1, padding=0, dilation=1,
                                residual=None, **kw):
     """``depthwise_conv2d``'s math (float64 by default): ``conv2d_reference`` with groups=C."""
-    from .conv import conv2d_reference
+    from fxopt.triton_kernels.conv import conv2d_reference
     return conv2d_reference(x, weight, bias, stride, padding, dilation, x.shape[1], residual, **kw)
 
 
 def depthwise_conv2d_int8_reference(x, w_q, w_scale, bias=None, stride=1, padding=0, dilation=1,
                                     residual=None, **kw):
-    from .conv import conv2d_int8_reference
+    from fxopt.triton_kernels.conv import conv2d_int8_reference
     return conv2d_int8_reference(x, w_q, w_scale, bias, stride, padding, dilation, x.shape[1],
                                  residual, **kw)

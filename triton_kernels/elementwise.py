@@ -29,10 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import CODE_DTYPES, Kernel, as_float, as_int, check_device, code_range, \
-    float_reciprocal
-from .conv import _pair
-from .epilogue import act_code, activation_reference, apply_act, quantize_reference, requantize
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, Kernel, as_float, as_int, check_device, code_range, float_reciprocal)
+from fxopt.triton_kernels.conv import _pair
+from fxopt.triton_kernels.epilogue import (act_code, activation_reference, apply_act, quantize_reference, requantize)
 
 __all__ = ["add_int8", "max_pool2d_int8", "global_avg_pool2d_int8", "add_int8_reference",
            "max_pool2d_int8_reference", "global_avg_pool2d_int8_reference", "pool_output_size"]

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton.language as tl
 
-from ._runtime import (CODE_DTYPES, FLOAT_DTYPES, as_float, as_int, code_range, device_fn,
-                       float_reciprocal)
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, as_float, as_int, code_range, device_fn, float_reciprocal)
 
 __all__ = ["ACTIVATIONS", "act_code", "epilogue_kwargs", "check_residual", "apply_act",
            "requantize", "store_epilogue",

@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device, interpreting
-from .epilogue import check_residual, epilogue_kwargs, epilogue_reference, grouped_tile, \
-    store_epilogue
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device, interpreting)
+from fxopt.triton_kernels.epilogue import (check_residual, epilogue_kwargs, epilogue_reference, grouped_tile, store_epilogue)
 
 __all__ = ["linear", "linear_int8", "linear_reference", "linear_int8_reference", "weight_colsum",
            "gemm_int8_configs", "gemm_float_configs"]

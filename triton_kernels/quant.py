@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device, \
-    code_range, float_reciprocal
-from .epilogue import quantize_reference, requantize
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device, code_range, float_reciprocal)
+from fxopt.triton_kernels.epilogue import quantize_reference, requantize
 
 __all__ = ["quantize", "dequantize", "quantize_reference", "dequantize_reference"]
 

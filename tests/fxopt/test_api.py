@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.registry import PASSES, PassResult, register_pass
+from fxopt.infra.registry import PASSES, PassResult, register_pass
 
 
 class Net(nn.Module):
@@ -160,7 +160,7 @@ def test_eval_dropout_leaves_no_trace_in_numbers(net):
 
 
 def test_tolerance_table():
-    from fxopt.tolerances import TF32_TOLERANCE, compare_outputs, tolerance_for
+    from fxopt.ir.tolerances import TF32_TOLERANCE, compare_outputs, tolerance_for
 
     assert tolerance_for(torch.float32) == 1e-5
     assert tolerance_for(torch.float16) == 1e-2 and tolerance_for(torch.int8) == 0.0
@@ -183,7 +183,7 @@ def test_tolerance_table():
 
 
 def test_strict_fp32_turns_tf32_off_and_restores():
-    from fxopt.tolerances import TF32_TOLERANCE, strict_fp32, tolerance_for
+    from fxopt.ir.tolerances import TF32_TOLERANCE, strict_fp32, tolerance_for
 
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:

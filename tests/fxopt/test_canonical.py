@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.canonical import ACTIVATIONS, activation_of
+from fxopt.ir.canonical import ACTIVATIONS, activation_of
 
 
 def calls(gm):

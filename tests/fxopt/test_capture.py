@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.graph_utils import module_path
+from fxopt.ir.graph import module_path
 
 
 class Block(nn.Module):
@@ -182,7 +182,7 @@ def test_multihead_attention_is_a_leaf():
     gm = fxopt.capture(m, x)
     assert any(n.op == "call_module" and n.target == "mha" for n in gm.graph.nodes)
     assert torch.allclose(gm(x), m(x), atol=1e-6)
-    from fxopt.metrics import count_macs
+    from fxopt.ir.metrics import count_macs
     # 4 projections of 8x8 on 10 tokens + scores and weighted sum
     assert count_macs(gm) == 4 * 10 * 64 + 2 * 2 * 5 * 5 * 8
 
@@ -196,7 +196,7 @@ def test_user_model_deepcopy_is_independent_of_saved_state():
 
 
 def test_captured_graph_passes_the_verifier():
-    from fxopt.verify import verify_structure
+    from fxopt.ir.verify import verify_structure
 
     class Sizes(nn.Module):
         def forward(self, x):

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 import fxopt
-from fxopt.channel_rules import segment_of
-from fxopt.channels import analyze_channels, channel_groups
+from fxopt.prune.channels import analyze_channels, channel_groups
+from fxopt.prune.rules import segment_of
 
 _spec = importlib.util.spec_from_file_location(
     "prune_zoo", Path(__file__).resolve().parents[1] / "passes" / "prune_zoo.py")

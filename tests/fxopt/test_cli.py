@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt import cli, digits
+from fxopt.tools import cli, digits
 
 QUICK = ["--epochs", "1", "--finetune-epochs", "1"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxopt import digits
+from fxopt.tools import digits
 
 
 def test_split_is_fixed_and_normalized():

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxopt
-from fxopt.draw import graph_layout, node_kind, node_label
+from fxopt.tools.draw import graph_layout, node_kind, node_label
 
 pytest.importorskip("matplotlib", reason="fxopt.draw needs matplotlib (pip install 'fxopt[draw]')")
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxopt
 from fxopt.errors import InputError
-from fxopt.finetune import distillation_loss, evaluate_loss
+from fxopt.train.finetune import distillation_loss, evaluate_loss
 
 
 def blobs(n=256, seed=0):
@@ -150,8 +150,8 @@ def test_finetune_a_pruned_graph_then_optimize():
 
 
 def test_prune_and_finetune_digits_recipe():
-    from fxopt.digits import DigitsResNet
-    from fxopt.recipes import prune_and_finetune_digits
+    from fxopt.tools.digits import DigitsResNet
+    from fxopt.tools.recipes import prune_and_finetune_digits
 
     torch.manual_seed(0)
     result = prune_and_finetune_digits(0.5, model=DigitsResNet().eval(), epochs=1,

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.tolerances import compare_outputs, strict_fp32
+from fxopt.ir.tolerances import compare_outputs, strict_fp32
 
 pytestmark = pytest.mark.gpu
 

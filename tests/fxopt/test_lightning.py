@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxopt
-from fxopt import digits
-from fxopt.lightning import finetune_lightning, lightning_available
+from fxopt.tools import digits
+from fxopt.train.lightning import finetune_lightning, lightning_available
 
 pytestmark = pytest.mark.skipif(
     not lightning_available(), reason="lightning is not installed (pip install 'fxopt[lightning]')")

@@ -8,8 +8,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.graph_utils import copy_meta
-from fxopt.registry import GROUPS, PASSES, PassContext, PassResult, expand_pipeline, register_pass
+from fxopt.infra.registry import (
+    GROUPS,
+    PASSES,
+    PassContext,
+    PassResult,
+    expand_pipeline,
+    register_pass,
+)
+from fxopt.ir.graph import copy_meta
 
 
 class Block(nn.Module):
@@ -303,7 +310,7 @@ def test_precondition_eval_is_checked_by_the_manager(net):
     m, x = net
     gm = fxopt.capture(m, x)
     gm.train()
-    from fxopt.registry import register_pass as reg
+    from fxopt.infra.registry import register_pass as reg
 
     reg("needs_eval", requires=("eval",))(lambda gm, ctx: PassResult(gm, False))
     try:

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 import fxopt
-from fxopt.onnx_export import decompose_fused_ops, export_onnx
-from fxopt.tolerances import compare_outputs
+from fxopt.export.onnx import decompose_fused_ops, export_onnx
+from fxopt.ir.tolerances import compare_outputs
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -122,7 +122,7 @@ def test_failed_export_leaves_no_file(tmp_path):
 
 def test_cli_onnx_and_pictures(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    from fxopt import cli
+    from fxopt.tools import cli
 
     monkeypatch.setattr(cli, "LATENCY_BUDGET_S", 0.0)
     onnx_path, out_dir = tmp_path / "r18.onnx", tmp_path / "build"

@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt import digits
-from fxopt.onnx_export import export_onnx
-from fxopt.onnx_int8 import compare_within_step
-from fxopt.onnx_int8_dynamic import aten_dynamic_grid
-from fxopt.ops_int8_dynamic import dynamic_qparams
+from fxopt.export.onnx import export_onnx
+from fxopt.export.qdq import compare_within_step
+from fxopt.export.qdq_dynamic import aten_dynamic_grid
+from fxopt.ops.int8_dynamic import dynamic_qparams
+from fxopt.tools import digits
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -228,7 +228,7 @@ def test_int8_needs_opset_13(tmp_path):
 
 
 def test_cli_int8_onnx(tmp_path, capsys, monkeypatch):
-    from fxopt import cli
+    from fxopt.tools import cli
 
     monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cli, "LATENCY_BUDGET_S", 0.0)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import fxopt.ops as ops
-from fxopt.tolerances import rel_err, tolerance_for
+import fxopt.ops.fused as ops
+from fxopt.ir.tolerances import rel_err, tolerance_for
 
 CL = torch.channels_last
 ACTS = {

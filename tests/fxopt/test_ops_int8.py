@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import fxopt.ops_int8  # noqa: F401
-from fxopt.ops_int8 import codes_dtype
+import fxopt.ops.int8  # noqa: F401
+from fxopt.ops.int8 import codes_dtype
 
 OPS = torch.ops.fxopt
 G = torch.Generator().manual_seed(0)

@@ -1,5 +1,5 @@
 """fxopt.progress: bars only on a terminal unless forced; items always pass through."""
-import fxopt.progress as P
+import fxopt.infra.progress as P
 
 
 def test_items_pass_through_with_and_without_a_bar(capsys):
@@ -16,7 +16,7 @@ def test_items_pass_through_with_and_without_a_bar(capsys):
 
 
 def test_cli_no_progress_turns_bars_off(monkeypatch):
-    from fxopt import cli
+    from fxopt.tools import cli
 
     seen = []
     real = P.set_enabled

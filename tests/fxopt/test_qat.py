@@ -6,12 +6,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxopt
-from fxopt import digits
-from fxopt.passes.quantize import calibrate
-from fxopt.passes.quantize_plan import SimulatedInt8, find_layers, make_plan
-from fxopt.qat import QATModel, convert, prepare_qat
-from fxopt.quant_config import QuantConfig
-from fxopt.recipes import _split_train
+from fxopt.passes.quant.quantize import calibrate
+from fxopt.quant.config import QuantConfig
+from fxopt.quant.plan import SimulatedInt8, find_layers, make_plan
+from fxopt.tools import digits
+from fxopt.tools.recipes import _split_train
+from fxopt.train.qat import QATModel, convert, prepare_qat
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,7 +86,7 @@ def test_gradients_reach_weights_through_fake_quant(model):
 
 def test_finetune_lightning_and_convert(model, loaders, tmp_path):
     pytest.importorskip("tensorboard")
-    from fxopt.lightning import finetune_lightning, lightning_available
+    from fxopt.train.lightning import finetune_lightning, lightning_available
     if not lightning_available():
         pytest.skip("lightning is not installed")
     before = _state(model)

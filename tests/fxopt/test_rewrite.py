@@ -8,10 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.graph_utils import count_params
-from fxopt.rewrite import Builder, Match, Rule, apply_rules, call, module
-from fxopt.tolerances import compare_outputs
-from fxopt.verify import verify_structure
+from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module
+from fxopt.ir.graph import count_params
+from fxopt.ir.tolerances import compare_outputs
+from fxopt.ir.verify import verify_structure
 
 
 def _capture(model, *inputs):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.tolerances import compare_outputs
+from fxopt.ir.tolerances import compare_outputs
 
 torchvision = pytest.importorskip("torchvision")
 

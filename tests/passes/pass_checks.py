@@ -9,10 +9,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxopt
-from fxopt.check import record_run
-from fxopt.registry import GROUPS, PASSES, PassContext
-from fxopt.tolerances import compare_outputs
-from fxopt.verify import verify_structure
+from fxopt.infra.registry import GROUPS, PASSES, PassContext
+from fxopt.ir.check import record_run
+from fxopt.ir.tolerances import compare_outputs
+from fxopt.ir.verify import verify_structure
 
 __all__ = ["capture", "apply", "assert_matches", "assert_idempotent", "assert_untouched",
            "assert_group_fixpoint", "calls", "ops"]

@@ -20,12 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.check import record_run
-from fxopt.graph_utils import count_params
-from fxopt.passes import cleanup
-from fxopt.passes.cleanup import _arg_key, cse, dce
-from fxopt.registry import GROUPS, PASSES, PassContext
-from fxopt.tolerances import compare_outputs
+from fxopt.infra.registry import GROUPS, PASSES, PassContext
+from fxopt.ir.check import record_run
+from fxopt.ir.graph import count_params
+from fxopt.ir.tolerances import compare_outputs
+from fxopt.passes.cleanup import cleanup
+from fxopt.passes.cleanup.cleanup import _arg_key, cse, dce
 
 torch.manual_seed(0)
 

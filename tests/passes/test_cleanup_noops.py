@@ -18,11 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxopt
-from fxopt.check import record_run
-from fxopt.passes.noops import RULES, NoopRule, apply_rules, remove_noops
-from fxopt.registry import PassContext
-from fxopt.tolerances import compare_outputs
-from fxopt.verify import verify_structure
+from fxopt.infra.registry import PassContext
+from fxopt.ir.check import record_run
+from fxopt.ir.tolerances import compare_outputs
+from fxopt.ir.verify import verify_structure
+from fxopt.passes.cleanup.noops import RULES, NoopRule, apply_rules, remove_noops
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -7,9 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.graph_utils import count_params
-from fxopt.passes.cleanup import FOLD_MAX_ELEMENTS, constant_fold
-
+from fxopt.ir.graph import count_params
+from fxopt.passes.cleanup.cleanup import FOLD_MAX_ELEMENTS, constant_fold
 
 _spec = importlib.util.spec_from_file_location("pass_checks", Path(__file__).with_name("pass_checks.py"))
 pass_checks = importlib.util.module_from_spec(_spec)

@@ -5,11 +5,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.graph_utils import count_bytes, count_params
-from fxopt.passes.fold_bn import fold_bn, fold_weights, BNStats
-from fxopt.registry import PassContext
-from fxopt.tolerances import compare_outputs, rel_err, tolerance_for
-from fxopt.verify import verify_structure
+from fxopt.infra.registry import PassContext
+from fxopt.ir.graph import count_bytes, count_params
+from fxopt.ir.tolerances import compare_outputs, rel_err, tolerance_for
+from fxopt.ir.verify import verify_structure
+from fxopt.passes.fusion.fold_bn import BNStats, fold_bn, fold_weights
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

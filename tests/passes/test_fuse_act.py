@@ -8,11 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.metrics import count_macs
-from fxopt.passes.fuse_act import fuse_act
-from fxopt.registry import PassContext
-from fxopt.tolerances import compare_outputs
-from fxopt.verify import verify_structure
+from fxopt.infra.registry import PassContext
+from fxopt.ir.metrics import count_macs
+from fxopt.ir.tolerances import compare_outputs
+from fxopt.ir.verify import verify_structure
+from fxopt.passes.fusion.fuse_act import fuse_act
 
 CONV2D = torch.ops.fxopt.conv2d_act.default
 CONV1D = torch.ops.fxopt.conv1d_act.default

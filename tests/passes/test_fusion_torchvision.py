@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.passes.fold_bn import LAYER_TYPES
-from fxopt.tolerances import compare_outputs
+from fxopt.ir.tolerances import compare_outputs
+from fxopt.passes.fusion.fold_bn import LAYER_TYPES
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -12,12 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.manager import PassManager
-from fxopt.ops_int8 import INT8_IR_OPS
-from fxopt.quant_config import QuantConfig
-from fxopt.registry import PassContext, expand_pipeline
+from fxopt.infra.manager import PassManager
+from fxopt.infra.registry import PassContext, expand_pipeline
+from fxopt.ops.int8 import INT8_IR_OPS
+from fxopt.quant.config import QuantConfig
 
-lower = __import__("fxopt.passes.lower_cpu", fromlist=["lower_cpu"])
+lower = __import__("fxopt.passes.lower.cpu", fromlist=["cpu"])
 pytestmark = pytest.mark.skipif(not lower.quantized_engine_available(),
                                 reason="PyTorch's quantized CPU engine is not available")
 QOPS = torch.ops.quantized

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt.errors import NotAvailableError, PipelineError
-from fxopt.registry import PassContext
-from fxopt.tolerances import compare_outputs
+from fxopt.infra.registry import PassContext
+from fxopt.ir.tolerances import compare_outputs
 
 pytest.importorskip("triton")
-from fxopt.passes.lower_triton import lower_to_triton  # noqa: E402
+from fxopt.passes.lower.triton import lower_to_triton  # noqa: E402
 
 OPS = torch.ops.fxopt
 

@@ -12,19 +12,19 @@ import torch
 import torch.nn as nn
 
 import fxopt
-from fxopt.channels import analyze_channels
 from fxopt.errors import InputError, NumericMismatchError, PreconditionError
-from fxopt.manager import PassManager
-from fxopt.registry import PASSES, PassContext, expand_pipeline
-from fxopt.tolerances import rel_err
-from fxopt.verify import verify_structure
+from fxopt.infra.manager import PassManager
+from fxopt.infra.registry import PASSES, PassContext, expand_pipeline
+from fxopt.ir.tolerances import rel_err
+from fxopt.ir.verify import verify_structure
+from fxopt.prune.channels import analyze_channels
 
 _spec = importlib.util.spec_from_file_location("prune_zoo",
                                                Path(__file__).with_name("prune_zoo.py"))
 zoo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(zoo)
 
-prune_mod = __import__("fxopt.passes.prune", fromlist=["prune"])
+prune_mod = __import__("fxopt.passes.prune.prune_channels", fromlist=["prune_channels"])
 
 
 def run(model, x, prune=0.5, calibration_data=None, on_mismatch="raise"):
@@ -165,7 +165,7 @@ def test_ratio_zero_is_a_no_op():
 
 def test_reference_depends_on_what_was_removed():
     """A reference made for other removed channels differs: the check can fail."""
-    from fxopt.passes.prune_rewrite import masked_reference
+    from fxopt.passes.prune.rewrite import masked_reference
 
     model, x = zoo.make("sequential")
     gm, res = call_pass(model, x)
@@ -178,7 +178,7 @@ def test_reference_depends_on_what_was_removed():
 
 
 def test_manager_catches_a_wrong_pruning(monkeypatch):
-    from fxopt.passes import prune_rewrite
+    from fxopt.passes.prune import rewrite as prune_rewrite
 
     real = prune_rewrite.masked_reference
 
@@ -224,7 +224,7 @@ def test_global_scope_removes_the_ratio_overall():
 def test_mac_target():
     model, x = zoo.make("residual")
     _, out, rec = run(model, x, prune=fxopt.PruneConfig(ratio=0.6, by="macs"))
-    from fxopt.metrics import count_macs
+    from fxopt.ir.metrics import count_macs
 
     gm = fxopt.capture(model, x)
     assert count_macs(out) <= 0.4 * count_macs(gm) * 1.001
@@ -328,7 +328,7 @@ def test_unknown_op_model_prunes_the_rest():
 
 def test_inconsistent_rewrite_freezes_and_retries(monkeypatch):
     """A node the shape check rejects freezes its groups; the rest is pruned again."""
-    from fxopt.passes import prune_rewrite
+    from fxopt.passes.prune import rewrite as prune_rewrite
 
     real = prune_rewrite.check_shapes
     calls = []
@@ -381,7 +381,7 @@ def test_units_never_empty_a_tensor():
 
 
 def test_importance_scores_are_per_unit():
-    from fxopt.passes.prune_importance import unit_scores
+    from fxopt.passes.prune.importance import unit_scores
 
     model, x = zoo.make("grouped")
     a = analyze_channels(fxopt.capture(model, x))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.manager import PassManager
-from fxopt.registry import PassContext, expand_pipeline
-from fxopt.tolerances import rel_err
+from fxopt.infra.manager import PassManager
+from fxopt.infra.registry import PassContext, expand_pipeline
+from fxopt.ir.tolerances import rel_err
 
 torchvision = pytest.importorskip("torchvision")
 

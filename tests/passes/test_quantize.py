@@ -10,14 +10,14 @@ import torch
 import torch.nn as nn
 
 import fxopt
-from fxopt import digits
 from fxopt.errors import InputError, PreconditionError
-from fxopt.manager import PassManager
-from fxopt.ops_int8 import conv2d_int8_reference, linear_int8_reference
-from fxopt.quant_config import QuantConfig
-from fxopt.registry import PassContext, expand_pipeline
+from fxopt.infra.manager import PassManager
+from fxopt.infra.registry import PassContext, expand_pipeline
+from fxopt.ops.int8 import conv2d_int8_reference, linear_int8_reference
+from fxopt.quant.config import QuantConfig
+from fxopt.tools import digits
 
-quant = __import__("fxopt.passes.quantize", fromlist=["quantize"])
+quant = __import__("fxopt.passes.quant.quantize", fromlist=["quantize"])
 INT8 = torch.ops.fxopt.conv2d_int8.default
 LIN8 = torch.ops.fxopt.linear_int8.default
 

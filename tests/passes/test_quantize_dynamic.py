@@ -15,17 +15,21 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxopt
-from fxopt.check import record_run
-from fxopt.manager import PassManager
-from fxopt.metrics import count_macs
-from fxopt.ops_int8_dynamic import (dynamic_fast_path_available, dynamic_qparams,
-                                    fake_quantize_dynamic, linear_int8_dynamic_reference)
-from fxopt.quant_config import QuantConfig
-from fxopt.registry import PASSES, PassContext, expand_pipeline, register_pass
-from fxopt.tolerances import compare_outputs
-from fxopt.verify import verify_structure
+from fxopt.infra.manager import PassManager
+from fxopt.infra.registry import PASSES, PassContext, expand_pipeline, register_pass
+from fxopt.ir.check import record_run
+from fxopt.ir.metrics import count_macs
+from fxopt.ir.tolerances import compare_outputs
+from fxopt.ir.verify import verify_structure
+from fxopt.ops.int8_dynamic import (
+    dynamic_fast_path_available,
+    dynamic_qparams,
+    fake_quantize_dynamic,
+    linear_int8_dynamic_reference,
+)
+from fxopt.quant.config import QuantConfig
 
-qd = __import__("fxopt.passes.quantize_dynamic", fromlist=["quantize_dynamic"])
+qd = __import__("fxopt.passes.quant.dynamic", fromlist=["dynamic"])
 DYN = torch.ops.fxopt.linear_int8_dynamic.default
 LINEAR_ACT = torch.ops.fxopt.linear_act.default
 TEST_PASS = "_test_quantize_dynamic"

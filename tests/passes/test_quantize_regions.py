@@ -12,11 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.manager import PassManager
-from fxopt.quant_config import QuantConfig
-from fxopt.registry import PassContext, expand_pipeline
+from fxopt.infra.manager import PassManager
+from fxopt.infra.registry import PassContext, expand_pipeline
+from fxopt.quant.config import QuantConfig
 
-quant = __import__("fxopt.passes.quantize", fromlist=["quantize"])
+quant = __import__("fxopt.passes.quant.quantize", fromlist=["quantize"])
 OPS = torch.ops.fxopt
 CONV8, LIN8 = OPS.conv2d_int8.default, OPS.linear_int8.default
 Q, DQ = OPS.quantize.default, OPS.dequantize.default

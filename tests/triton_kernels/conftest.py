@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fxopt.tolerances import TOLERANCES, rel_err
+from fxopt.ir.tolerances import TOLERANCES, rel_err
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -10,7 +10,7 @@ float32 rounding of a half-way point (it equals its own exact-sum reference bit 
 import pytest
 import torch
 
-from fxopt import ops_int8 as IR
+from fxopt.ops import int8 as IR
 from fxopt.triton_kernels import elementwise as E
 
 

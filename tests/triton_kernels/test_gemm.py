@@ -114,7 +114,8 @@ def test_gemm_int8_narrow_output_range(device, tk):
 
 
 def test_activation_names_match_fxopt():
-    from fxopt.ops import ACTIVATIONS as FX, apply_activation
+    from fxopt.ops.fused import ACTIVATIONS as FX
+    from fxopt.ops.fused import apply_activation
     assert {k: n for k, (_, n) in ACTIVATIONS.items()} == FX
     y = torch.randn(1000, dtype=torch.float64) * 4
     for act in ACTIVATIONS:

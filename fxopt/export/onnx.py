@@ -1,0 +1,243 @@
+"""``fxopt.export_onnx``: an optimized float model as a standard ONNX file, checked in ONNX Runtime.
+
+The fxopt ops have no ONNX translation of their own. The exporter works on a copy of the graph
+in which every fused call is decomposed back into the standard ops it stands for (the op's own
+reference math, without in-place updates)::
+
+    conv2d_act(x, w, b, stride, padding, dilation, groups, residual, act="relu")
+      ->  relu(F.conv2d(x, w, b, stride, padding, dilation, groups) + residual)
+
+then hands that copy to ``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``: the
+same result on torch 2.11 and 2.14). The file is written beside ``path`` and renamed into place
+only after ``onnx.checker`` accepted it and, when onnxruntime is installed, an
+``InferenceSession`` (CPUExecutionProvider) reproduced the fxopt module's outputs on
+``example_inputs`` within the float tolerance table (``fxopt.tolerances``).
+
+    >>> opt = fxopt.optimize(model.eval(), x, prune=0.5)
+    >>> result = fxopt.export_onnx(opt, x, "model.onnx")
+    >>> result.translated, result.kept, result.check.rel_err
+    ({'conv2d_act': 20, 'linear_act': 1}, [], 3.1e-07)
+
+Int8 graphs (the fxopt int8 IR, or that IR lowered onto PyTorch's quantized CPU kernels) are
+rewritten into QDQ first (``fxopt.onnx_int8``: QuantizeLinear / DequantizeLinear around the
+float ops, int8 weights with per-channel scales) and checked within one quantization step of
+the output (``OnnxExport.output_step``) instead of the float tolerance.
+
+``kept`` lists the graph ops that stay as they were because no standard translation is known
+(an fxopt op with no decomposition, an op on int8 codes with no QDQ meaning); each is also
+named in a warning, and the export then usually fails in ``torch.onnx.export`` with its own
+message.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxopt.errors import InputError, NumericMismatchError, UnsupportedOpError
+from fxopt.export import qdq as _onnx_int8
+from fxopt.ir.capture import normalize_inputs
+from fxopt.ir.tolerances import ErrorStats, compare_outputs
+from fxopt.ops import fused as _ops
+
+__all__ = ["export_onnx", "OnnxExport", "decompose_fused_ops", "DEFAULT_OPSET"]
+
+DEFAULT_OPSET = 17
+
+
+@dataclass
+class OnnxExport:
+    """What ``export_onnx`` wrote and how it checked."""
+
+    path: Path
+    opset: int
+    translated: dict[str, int] = field(default_factory=dict)  # fxopt op -> calls decomposed
+    kept: list[str] = field(default_factory=list)  # graph ops kept as they were (no translation)
+    check: ErrorStats | None = None  # ONNX Runtime vs the fxopt module; None: not run
+    notes: list[str] = field(default_factory=list)
+    output_step: float | None = None  # int8 (QDQ): the tolerance of the check, one output step
+
+
+# -- decomposition: the fused ops' reference math, out of place ---------------------------------
+def conv_act_decomposed(x, weight, bias, stride, padding, dilation, groups, residual=None, *,
+                        act="none", act_args=()):
+    """``act(conv(x) + bias + residual)`` with standard ops only (what ONNX receives)."""
+    conv = F.conv1d if x.dim() == 3 else F.conv2d
+    y = conv(x, weight, bias, list(stride), list(padding), list(dilation), groups)
+    if residual is not None:
+        y = y + residual
+    return _ops.apply_activation(y, act, act_args)
+
+
+def linear_act_decomposed(x, weight, bias, residual=None, *, act="none", act_args=()):
+    """``act(F.linear(x, weight, bias) + residual)`` with standard ops only."""
+    y = F.linear(x, weight, bias)
+    if residual is not None:
+        y = y + residual
+    return _ops.apply_activation(y, act, act_args)
+
+
+_DECOMPOSITIONS = {
+    torch.ops.fxopt.conv1d_act.default: ("conv1d_act", conv_act_decomposed),
+    torch.ops.fxopt.conv2d_act.default: ("conv2d_act", conv_act_decomposed),
+    torch.ops.fxopt.linear_act.default: ("linear_act", linear_act_decomposed),
+}
+
+
+def _is_fxopt_op(target) -> bool:
+    ns = getattr(target, "namespace", None)
+    if ns is None:  # an OpOverloadPacket: torch.ops.fxopt.x
+        ns = getattr(getattr(target, "default", None), "namespace", None)
+    return ns == "fxopt"
+
+
+def decompose_fused_ops(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int], list[str]]:
+    """A copy of ``gm`` with the float fused ops decomposed (``gm`` is not touched).
+
+    Returns (the copy, {op name: calls decomposed}, [ops kept as they were]).
+    """
+    gm = copy.deepcopy(gm)
+    translated: Counter = Counter()
+    kept: list[str] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverloadPacket):
+            target = target.default
+        entry = _DECOMPOSITIONS.get(target)
+        if entry is not None:
+            node.target = entry[1]
+            translated[entry[0]] += 1
+        elif _is_fxopt_op(node.target) and node.target not in _onnx_int8.INT8_OPS:
+            kept.append(f"{node.name} ({node.target})")
+    if translated:
+        gm.graph.lint()
+        gm.recompile()
+    return gm, dict(translated), kept
+
+
+# -- export -------------------------------------------------------------------------------------
+def _graph_module_of(module: nn.Module) -> nn.Module:
+    gm = getattr(module, "graph_module", None)
+    return gm if isinstance(gm, nn.Module) else module
+
+
+def _check_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a str or a path, got {type(path).__name__}",
+                         hint="e.g. export_onnx(opt, x, 'model.onnx')")
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory", hint="give a file name, e.g. DIR/model.onnx")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the folder {path.parent}: {e.strerror or e}",
+                         hint="choose a writable location") from e
+    return path
+
+
+def _ort_outputs(model_path: Path, inputs: tuple) -> list:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), tensors)}
+    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+
+def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                opset: int = DEFAULT_OPSET, check: bool = True,
+                input_names: list[str] | None = None,
+                output_names: list[str] | None = None) -> OnnxExport:
+    """Export ``module`` (an ``OptimizedModule``, a ``GraphModule`` or any module) to ``path``.
+
+    ``check``: run the file in ONNX Runtime (when installed) and raise
+    ``NumericMismatchError`` if it differs from ``module`` beyond the float tolerance; the file
+    is then not written. ``onnx.checker`` always runs.
+    """
+    import onnx
+
+    if not isinstance(module, nn.Module):
+        raise InputError(f"module must be an nn.Module, got {type(module).__name__}",
+                         hint="pass the OptimizedModule that fxopt.optimize returned")
+    inputs = normalize_inputs(example_inputs)
+    path = _check_path(path)
+    gm = _graph_module_of(module)
+    notes: list[str] = []
+    step = None
+    if isinstance(gm, fx.GraphModule):
+        export_gm, translated, kept = decompose_fused_ops(gm)
+        if _onnx_int8.is_int8_graph(export_gm):
+            if opset < _onnx_int8.MIN_QDQ_OPSET:
+                raise InputError(f"int8 (QDQ) export needs opset >= {_onnx_int8.MIN_QDQ_OPSET} "
+                                 f"(per-channel DequantizeLinear), got {opset}",
+                                 hint=f"export_onnx(..., opset={DEFAULT_OPSET})")
+            rewrite = _onnx_int8.qdq_rewrite(export_gm)
+            export_gm, step = rewrite.gm, rewrite.output_step
+            translated.update(rewrite.translated)
+            kept += rewrite.kept + _onnx_int8.untranslated(export_gm)
+    else:
+        export_gm, translated, kept = copy.deepcopy(gm), {}, []
+    for what in kept:
+        warnings.warn(f"fxopt.export_onnx: no ONNX translation for {what}; kept as is",
+                      UserWarning, stacklevel=2)
+    export_gm.eval()
+    with torch.no_grad():
+        reference = module(*inputs)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+                torch.onnx.export(export_gm, inputs, str(tmp), opset_version=opset,
+                                  input_names=input_names, output_names=output_names,
+                                  dynamo=False, do_constant_folding=True)
+        except Exception as e:  # noqa: BLE001 - the exporter raises many kinds
+            counts = Counter(k.split("(")[-1].rstrip(")") for k in kept)
+            hint = ("no ONNX translation yet for " + ", ".join(
+                f"{op} (x{n})" for op, n in counts.items()) + "; export the float model "
+                "(the int8 ops above have no QDQ translation yet)") if kept else \
+                "run with a plain float pipeline (pipeline=['cleanup']) to find the op"
+            raise UnsupportedOpError(f"torch.onnx.export failed: {e}".splitlines()[0],
+                                     hint=hint) from e
+        if step is not None:
+            _onnx_int8.drop_initializer_identities(tmp)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        stats = None
+        if check:
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                notes.append("onnxruntime is not installed: the file was not run")
+            else:
+                ort_out = _ort_outputs(tmp, inputs)
+                ref_list = list(reference) if isinstance(reference, (tuple, list)) else [reference]
+                ref_list = [r.detach().cpu().contiguous() for r in ref_list]
+                stats = compare_outputs(ort_out, ref_list) if not step else \
+                    _onnx_int8.compare_within_step(ort_out, ref_list, step)
+                if not stats.ok:
+                    bound = f"rel err {stats.rel_err:.2e} > {stats.tolerance:.0e}" if not step \
+                        else f"max abs err {stats.max_abs:.3g} > {stats.tolerance:.3g}"
+                    raise NumericMismatchError(
+                        f"ONNX Runtime's outputs differ from the fxopt module's: {bound} "
+                        f"{stats.reason}".strip(),
+                        pass_name="export_onnx", passes_before=[], max_abs=stats.max_abs,
+                        rel_err=stats.rel_err, tolerance=stats.tolerance, node=None,
+                        module_path=None, hint="export with check=False to inspect the file")
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return OnnxExport(path=path, opset=opset, translated=translated, kept=kept, check=stats,
+                      notes=notes, output_step=step)

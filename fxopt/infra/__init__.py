@@ -1,0 +1,1 @@
+"""The pass infrastructure: registry, pass manager, rewrite engine, report, progress bars."""

@@ -1,0 +1,8 @@
+"""The ``fxopt`` torch.library namespace: every fxopt op, declared once in the op schema.
+
+Importing this package defines all the ops (``torch.ops.fxopt.*``), so graphs that call them
+run, print, save and load. The families: ``fused`` (float conv/linear with their epilogue),
+``int8`` (the device-neutral int8 IR), ``int8_dynamic`` and ``triton`` (what
+``lower_to_triton`` writes).
+"""
+from fxopt.ops import fused, int8, int8_dynamic, triton  # noqa: F401  (define the ops)

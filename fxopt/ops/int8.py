@@ -1,0 +1,267 @@
+"""Int8 ops in the ``fxopt`` namespace: the device-neutral int8 IR that ``quantize_int8`` writes.
+
+Between int8 ops the graph carries *codes*: plain ``uint8`` (affine grids) or ``int8``
+(symmetric grids) tensors, with each grid's scale and zero point held as buffers and passed
+to the ops that read or write it. A quantized region starts at ``fxopt.quantize`` and ends
+at ``fxopt.dequantize``; in between no float tensor is materialized.
+
+    q  = torch.ops.fxopt.quantize(x, s_x, zp_x, 0, 255)                   # float -> uint8 codes
+    y  = torch.ops.fxopt.conv2d_int8(q, w_q, w_s, b, [1, 1], [1, 1], [1, 1], 1,
+                                     s_x, zp_x, s_y, zp_y, act="relu", out_int8=True)
+    z  = torch.ops.fxopt.add_int8(y, s_y, zp_y, r, s_r, zp_r, s_z, zp_z, act="relu")
+    p  = torch.ops.fxopt.adaptive_avg_pool2d_int8(z, [1, 1], s_z, zp_z, 0, 255)
+    out = torch.ops.fxopt.dequantize(p, s_z, zp_z)                        # codes -> float32
+
+``conv2d_int8`` / ``linear_int8`` take float input (quantized inside on ``x``'s grid) or codes,
+and return codes on the ``y`` grid with ``out_int8=True``, else the dequantized float. Weights
+are int8 per output channel, symmetric (zero point 0); accumulation is exact; the epilogue
+(bias, float residual, activation, rounding onto the ``y`` grid) is float32, PyTorch's
+arithmetic (round half to even of ``v * (1/scale)``). Max pooling (``max_pool2d_int8``) and
+flatten/reshape keep the grid (flatten runs on the codes unchanged). Every op here has one implementation, the exact
+reference, on CPU and CUDA; speed comes from the lowering passes (``lower_int8_cpu`` to
+PyTorch's quantized x86 kernels, ``lower_to_triton`` on CUDA). That keeps the IR the single
+source of truth that the checks, the ONNX QDQ export and the lowerings all read.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fxopt.ir.metrics import MAC_COUNTERS, conv_weight_macs, linear_weight_macs
+from fxopt.ops.fused import LIB, _out_format, apply_activation
+
+__all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference",
+           "dequantize_reference", "add_int8_reference", "adaptive_avg_pool2d_int8_reference",
+           "cat_int8_reference", "max_pool2d_int8_reference", "codes_dtype", "INT8_IR_OPS",
+           "CONV2D_INT8", "LINEAR_INT8", "QUANTIZE", "DEQUANTIZE", "ADD_INT8", "CAT_INT8",
+           "AVGPOOL_INT8", "MAXPOOL_INT8"]
+
+_TAIL = ("Tensor x_scale, Tensor x_zp, Tensor y_scale, Tensor y_zp, Tensor? residual=None, *, "
+         "str act='none', float[] act_args=[], int x_qmin=0, int x_qmax=255, int y_qmin=0, "
+         "int y_qmax=255, bool out_int8=False) -> Tensor")
+LIB.define("conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int[2] stride, "
+           "int[2] padding, int[2] dilation, int groups, " + _TAIL)
+LIB.define("linear_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, " + _TAIL)
+LIB.define("quantize(Tensor x, Tensor scale, Tensor zp, int qmin, int qmax) -> Tensor")
+LIB.define("dequantize(Tensor q, Tensor scale, Tensor zp) -> Tensor")
+LIB.define("add_int8(Tensor a, Tensor a_scale, Tensor a_zp, Tensor b, Tensor b_scale, "
+           "Tensor b_zp, Tensor y_scale, Tensor y_zp, *, str act='none', float[] act_args=[], "
+           "int y_qmin=0, int y_qmax=255) -> Tensor")
+LIB.define("adaptive_avg_pool2d_int8(Tensor q, int[2] output_size, Tensor scale, Tensor zp, "
+           "int qmin, int qmax) -> Tensor")
+LIB.define("max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
+           "int[2] dilation, bool ceil_mode) -> Tensor")
+LIB.define("cat_int8(Tensor[] qs, Tensor[] scales, Tensor[] zps, int dim, Tensor y_scale, "
+           "Tensor y_zp, int y_qmin, int y_qmax) -> Tensor")
+
+
+def codes_dtype(qmin: int) -> torch.dtype:
+    """The storage dtype of a grid's codes: uint8 for affine grids, int8 for symmetric ones."""
+    return torch.uint8 if qmin >= 0 else torch.int8
+
+
+def _quant(x, scale, zp, qmin, qmax) -> torch.Tensor:
+    """Codes (as int64) with PyTorch's arithmetic: round(x * (1/s)) + zp, clamped."""
+    q = torch.round(x.float() * torch.reciprocal(scale.float())) + zp
+    return q.clamp_(qmin, qmax).to(torch.int64)
+
+
+def _values(q, scale, zp) -> torch.Tensor:
+    """Codes -> float32 values ``(q - zp) * s``."""
+    return (q.to(torch.int64) - zp).float() * scale.float()
+
+
+def _is_codes(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.uint8, torch.int8)
+
+
+def quantize_reference(x, scale, zp, qmin, qmax) -> torch.Tensor:
+    return _quant(x, scale, zp, qmin, qmax).to(codes_dtype(qmin))
+
+
+def dequantize_reference(q, scale, zp) -> torch.Tensor:
+    return _values(q, scale, zp)
+
+
+def _finish(q, y_zp, y_scale, y_qmin, out_int8: bool, dtype) -> torch.Tensor:
+    if out_int8:
+        return q.to(codes_dtype(y_qmin))
+    return ((q - y_zp).float() * y_scale.float()).to(dtype)
+
+
+def _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin, y_qmax,
+              channel_dim: int):
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    y = (acc.float() * (x_scale.float() * w_scale.float()).reshape(shape))
+    if bias is not None:
+        y = y + bias.float().reshape(shape)
+    if residual is not None:
+        y = y + residual
+    y = apply_activation(y, act, act_args)
+    return _quant(y, y_scale, y_zp, y_qmin, y_qmax)
+
+
+def _split_base(k: int, cmax: int) -> int | None:
+    """A base ``b`` such that splitting centered codes ``c = b*h + l`` (``0 <= l < b``) keeps
+    every partial sum of ``k`` products of either part with an int8 weight below 2**24, so a
+    float32 convolution of each part is exact. 1: no split needed; None: use float64."""
+    if k * cmax * 127 < 2 ** 24:
+        return 1
+    for b in (4, 8, 16, 32):
+        if k * max(b - 1, cmax // b + 1) * 127 < 2 ** 24:
+            return b
+    return None
+
+
+def _exact_acc(xc: torch.Tensor, w: torch.Tensor, k: int, cmax: int, fn) -> torch.Tensor:
+    """``fn(xc, w)`` (a conv or matmul of centered integer codes with int8 weights), exact:
+    float32 (split into two float32 products when the sums would pass 2**24), else float64."""
+    base = _split_base(k, cmax)
+    if base is None:
+        return fn(xc.double(), w.double())
+    wf = w.float()
+    if base == 1:
+        return fn(xc.float(), wf)
+    h = torch.div(xc, base, rounding_mode="floor")
+    lo = xc - h * base
+    return fn(h.float(), wf).double() * base + fn(lo.float(), wf).double()
+
+
+def _centered(x, x_scale, x_zp, x_qmin, x_qmax) -> tuple[torch.Tensor, int]:
+    q = x.to(torch.int64) if _is_codes(x) else _quant(x, x_scale, x_zp, x_qmin, x_qmax)
+    zp = int(x_zp)
+    return q - zp, max(zp - x_qmin, x_qmax - zp)
+
+
+def conv2d_int8_reference(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
+                          y_scale, y_zp, residual=None, *, act="none", act_args=(), x_qmin=0,
+                          x_qmax=255, y_qmin=0, y_qmax=255, out_int8=False) -> torch.Tensor:
+    """Exact integer convolution: centered integer codes times int8 weights, summed in float32
+    where every partial sum stays below 2**24 (split in two halves where it would not), else
+    float64; then the float32 epilogue."""
+    k = w_q.shape[1] * w_q.shape[2] * w_q.shape[3]
+    xc, cmax = _centered(x, x_scale, x_zp, x_qmin, x_qmax)
+    fmt = _out_format(x)
+    acc = _exact_acc(xc.contiguous(memory_format=fmt), w_q, k, cmax,
+                     lambda a, w: F.conv2d(a, w, None, list(stride), list(padding),
+                                           list(dilation), groups))
+    q = _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin,
+                  y_qmax, 1)
+    y = _finish(q, y_zp, y_scale, y_qmin, out_int8, torch.float32 if _is_codes(x) else x.dtype)
+    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+
+
+def linear_int8_reference(x, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, residual=None, *,
+                          act="none", act_args=(), x_qmin=0, x_qmax=255, y_qmin=0,
+                          y_qmax=255, out_int8=False) -> torch.Tensor:
+    xc, cmax = _centered(x, x_scale, x_zp, x_qmin, x_qmax)
+    acc = _exact_acc(xc, w_q, w_q.shape[1], cmax, F.linear)
+    q = _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin,
+                  y_qmax, -1)
+    return _finish(q, y_zp, y_scale, y_qmin, out_int8,
+                   torch.float32 if _is_codes(x) else x.dtype).contiguous()
+
+
+def add_int8_reference(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none",
+                       act_args=(), y_qmin=0, y_qmax=255) -> torch.Tensor:
+    """``act(a + b)`` of two code tensors onto the ``y`` grid (PyTorch's quantized add: the
+    float sum of the dequantized inputs, requantized)."""
+    y = apply_activation(_values(a, a_scale, a_zp) + _values(b, b_scale, b_zp), act, act_args)
+    return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
+
+
+def adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax) -> torch.Tensor:
+    """Average pooling of codes, rounded back onto the same grid."""
+    y = F.adaptive_avg_pool2d(_values(q, scale, zp), list(output_size))
+    return quantize_reference(y, scale, zp, qmin, qmax)
+
+
+def max_pool2d_int8_reference(q, kernel_size, stride, padding, dilation, ceil_mode):
+    """Max pooling of codes (exact: the max of codes is the code of the max). Runs in float32
+    because PyTorch's uint8 max pooling fails on large channels-last inputs."""
+    y = F.max_pool2d(q.float(), list(kernel_size), list(stride), list(padding), list(dilation),
+                     ceil_mode)
+    return y.to(q.dtype)
+
+
+def cat_int8_reference(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax) -> torch.Tensor:
+    y = torch.cat([_values(q, s, z) for q, s, z in zip(qs, scales, zps)], dim)
+    return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
+
+
+# -- fake implementations ----------------------------------------------------------------------
+def _conv2d_int8_fake(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
+                      y_scale, y_zp, residual=None, *, act="none", act_args=(), x_qmin=0,
+                      x_qmax=255, y_qmin=0, y_qmax=255, out_int8=False):
+    spatial = []
+    for i, (s, p, d) in enumerate(zip(stride, padding, dilation)):
+        size, k = x.shape[2 + i], w_q.shape[2 + i]
+        spatial.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    dtype = codes_dtype(y_qmin) if out_int8 else (torch.float32 if _is_codes(x) else x.dtype)
+    return torch.empty([x.shape[0], w_q.shape[0], *spatial], dtype=dtype, device=x.device,
+                       memory_format=_out_format(x))
+
+
+def _linear_int8_fake(x, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, residual=None, *,
+                      act="none", act_args=(), x_qmin=0, x_qmax=255, y_qmin=0, y_qmax=255,
+                      out_int8=False):
+    dtype = codes_dtype(y_qmin) if out_int8 else (torch.float32 if _is_codes(x) else x.dtype)
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=dtype)
+
+
+def _quantize_fake(x, scale, zp, qmin, qmax):
+    return torch.empty_like(x, dtype=codes_dtype(qmin))
+
+
+def _dequantize_fake(q, scale, zp):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+def _add_int8_fake(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none",
+                   act_args=(), y_qmin=0, y_qmax=255):
+    return torch.empty_like(a, dtype=codes_dtype(y_qmin))
+
+
+def _avg_pool_fake(q, output_size, scale, zp, qmin, qmax):
+    return q.new_empty((*q.shape[:-2], *output_size), dtype=codes_dtype(qmin))
+
+
+def _max_pool_fake(q, kernel_size, stride, padding, dilation, ceil_mode):
+    return F.max_pool2d(torch.empty_like(q, dtype=torch.float32), list(kernel_size), list(stride),
+                        list(padding), list(dilation), ceil_mode).to(q.dtype)
+
+
+def _cat_int8_fake(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax):
+    return torch.cat([torch.empty_like(q, dtype=codes_dtype(y_qmin)) for q in qs], dim)
+
+
+_IMPLS = {
+    "conv2d_int8": (conv2d_int8_reference, _conv2d_int8_fake),
+    "linear_int8": (linear_int8_reference, _linear_int8_fake),
+    "quantize": (quantize_reference, _quantize_fake),
+    "dequantize": (dequantize_reference, _dequantize_fake),
+    "add_int8": (add_int8_reference, _add_int8_fake),
+    "adaptive_avg_pool2d_int8": (adaptive_avg_pool2d_int8_reference, _avg_pool_fake),
+    "cat_int8": (cat_int8_reference, _cat_int8_fake),
+    "max_pool2d_int8": (max_pool2d_int8_reference, _max_pool_fake),
+}
+for _name, (_ref, _fake) in _IMPLS.items():
+    LIB.impl(_name, _ref, "CPU")
+    LIB.impl(_name, _ref, "CUDA")  # lower_to_triton replaces these with the Triton kernels
+    torch.library.register_fake(f"fxopt::{_name}", _fake, lib=LIB)
+
+INT8_IR_OPS = tuple(getattr(torch.ops.fxopt, name).default for name in _IMPLS)
+# The op handles the passes match and write (one definition: quantize, the lowerings).
+CONV2D_INT8 = torch.ops.fxopt.conv2d_int8.default
+LINEAR_INT8 = torch.ops.fxopt.linear_int8.default
+QUANTIZE = torch.ops.fxopt.quantize.default
+DEQUANTIZE = torch.ops.fxopt.dequantize.default
+ADD_INT8 = torch.ops.fxopt.add_int8.default
+CAT_INT8 = torch.ops.fxopt.cat_int8.default
+AVGPOOL_INT8 = torch.ops.fxopt.adaptive_avg_pool2d_int8.default
+MAXPOOL_INT8 = torch.ops.fxopt.max_pool2d_int8.default
+
+
+MAC_COUNTERS[torch.ops.fxopt.conv2d_int8] = conv_weight_macs
+MAC_COUNTERS[torch.ops.fxopt.linear_int8] = linear_weight_macs

@@ -1,0 +1,260 @@
+"""Dynamic int8 linear: int8 weights, the input quantized at run time from its own range.
+
+For models with no calibration data (transformer blocks and the like). The weight is stored
+as per-channel symmetric int8 codes (``w_q``, ``w_scale`` per output channel, zero point 0);
+each call measures the input's min and max, widens that range to hold 0, and picks a
+per-tensor asymmetric uint8 grid for it exactly as PyTorch's dynamic quantized linear does
+(:func:`dynamic_qparams`, fbgemm's ``ChooseQuantizationParams(min, max, 0, 255,
+preserve_sparsity=false, force_scale_power_of_two=false, reduce_range)``). The output is float:
+``int32 accumulator * (x_scale * w_scale) + bias``, then the residual and the activation.
+
+    y = torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_scale, b, None, act="relu")
+    # == relu(F.linear(fq(x), w_q * w_scale[:, None], b)),  fq: the run-time uint8 grid
+
+``reduce_range=True`` (the default, as torch.ao's x86 dynamic linear) makes the grid 7-bit
+(codes 0..127) so that fbgemm's u8 x s8 pair sums stay inside int16 on CPUs without VNNI.
+Like fbgemm, the codes are clamped to the uint8 storage range 0..255, not to the reduced
+range: when the zero point was rounded up, the input's maximum can land on code 128.
+
+CPU: ``torch.ops.quantized.linear_dynamic`` / ``linear_relu_dynamic`` (fbgemm, engines
+``x86``/``fbgemm``) with the weights prepacked once and cached, when there is no residual, the
+activation is ``none`` or ``relu`` and the input is float32. Everything else (other
+activations, a residual, other engines, CUDA) runs the reference: integer codes, exact
+accumulation (float32 while every partial sum stays below 2**24, else float64), then fbgemm's
+epilogue ``fma(acc, float32(x_scale * w_scale), bias)`` rounded once to float32, then the
+residual and the activation in float32. The two paths use the same grid, the same integer
+products and the same epilogue rounding: on an AVX-512 machine they were bit-identical on
+every shape tried (tests/passes/test_quantize_dynamic.py checks this to 1e-7 relative).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import struct
+import warnings
+import weakref
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fxopt.ir.metrics import MAC_COUNTERS, linear_weight_macs
+from fxopt.ops.fused import LIB, _check_act, apply_activation
+
+__all__ = ["dynamic_qparams", "fake_quantize_dynamic", "linear_int8_dynamic_reference",
+           "dynamic_fast_path_available", "clear_dynamic_packed_cache", "SMALL_SCALE_THRESHOLD"]
+
+LIB.define("linear_int8_dynamic(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
+           "Tensor? residual=None, *, str act='none', float[] act_args=[], "
+           "bool reduce_range=True) -> Tensor")
+
+# fbgemm / ATen quant_utils: scales below fp16's smallest normal are raised to it.
+SMALL_SCALE_THRESHOLD = 6.1e-5
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (C's ``float`` conversion), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:
+        return math.copysign(math.inf, v)
+
+
+_SMALL = _f32(SMALL_SCALE_THRESHOLD)
+
+
+def _choose(x_min: float, x_max: float, qmin: int, qmax: int, reduce_range: bool):
+    """ATen's ``quant_utils::ChooseQuantizationParams`` (QuantUtils.h), preserve_sparsity and
+    force_scale_power_of_two off, step for step: float32 range, double scale and zero point
+    (Python floats are doubles; ``_f32`` marks where C++ rounds to ``float``)."""
+    if not (math.isfinite(x_min) and math.isfinite(x_max)):
+        raise ValueError(f"fxopt.linear_int8_dynamic: the input holds non-finite values "
+                         f"(min {x_min}, max {x_max}); a run-time int8 grid needs a finite range")
+    if reduce_range:
+        qmin, qmax = qmin // 2, qmax // 2
+    x_min, x_max = min(x_min, 0.0), max(x_max, 0.0)
+    scale = (x_max - x_min) / (qmax - qmin)
+    if _f32(scale) == 0.0 or math.isinf(_f32(1.0 / _f32(scale))):
+        scale = 0.1
+    if scale < _SMALL:
+        org_scale = _f32(scale)
+        scale = _SMALL
+        if x_min == 0.0:
+            x_max = _f32(_SMALL * (qmax - qmin))
+        elif x_max == 0.0:
+            x_min = _f32(-_SMALL * (qmax - qmin))
+        else:
+            amplifier = _f32(_SMALL / org_scale)
+            x_min, x_max = _f32(x_min * amplifier), _f32(x_max * amplifier)
+    zp_from_min = qmin - x_min / scale
+    zp_from_max = qmax - x_max / scale
+    # (sic) ATen compares |q| - |x/scale|, not the sum its comment describes; kept as is.
+    err_min = abs(qmin) - abs(x_min / scale)
+    err_max = abs(qmax) - abs(x_max / scale)
+    initial = zp_from_min if err_min < err_max else zp_from_max
+    if initial < qmin:
+        zp = qmin
+    elif initial > qmax:
+        zp = qmax
+    else:
+        zp = int(round(initial))  # nearbyint: round half to even, like Python's round
+    return _f32(scale), zp  # fbgemm takes the scale as float
+
+
+def dynamic_qparams(x: torch.Tensor, reduce_range: bool = True) -> tuple[float, int]:
+    """``(scale, zero_point)`` of the run-time uint8 grid for ``x`` (whole tensor), as PyTorch's
+    dynamic quantized linear picks it; ``scale`` is a float32 value."""
+    if x.numel() == 0:
+        return _choose(0.0, 0.0, 0, 255, reduce_range)
+    lo, hi = torch.aminmax(x.detach().float())
+    return _choose(float(lo), float(hi), 0, 255, reduce_range)
+
+
+def _codes(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    """``clamp(round(x * (1/scale)) + zp, 0, 255)`` as float32 integers (fbgemm's Quantize:
+    multiply by the float32 reciprocal, round half to even, add the zero point, clamp to the
+    uint8 storage range)."""
+    inv = torch.reciprocal(torch.tensor(scale, dtype=torch.float32, device=x.device))
+    return (torch.round(x.float() * inv) + zp).clamp_(0, 255)
+
+
+def fake_quantize_dynamic(x: torch.Tensor, reduce_range: bool = True) -> torch.Tensor:
+    """``x`` on its own run-time grid, dequantized (the simulated form of the op's input),
+    through ``torch.fake_quantize_per_tensor_affine``: an independent rounding of the codes."""
+    scale, zp = dynamic_qparams(x, reduce_range)
+    y = torch.fake_quantize_per_tensor_affine(x.float(), scale, zp, 0, 255)
+    return y.to(x.dtype)
+
+
+def linear_int8_dynamic_reference(x, w_q, w_scale, bias, residual=None, *, act="none",
+                                  act_args: Sequence[float] = (),
+                                  reduce_range=True) -> torch.Tensor:
+    """Exact integer linear on the run-time grid: codes ``q - zp`` times ``w_q`` accumulated
+    exactly, then ``fma(acc, x_scale * w_scale, bias)`` (+ residual), then the activation."""
+    _check_act(act, act_args)
+    scale, zp = dynamic_qparams(x, reduce_range)
+    xq = _codes(x, scale, zp) - zp
+    # Every partial sum is bounded by k * max|x code| * 128; below 2**24 float32 is exact in
+    # any summation order (TF32 too: codes need at most 9 significant bits).
+    bound = w_q.shape[1] * (int(xq.abs().max()) if xq.numel() else 0) * 128
+    dt = torch.float32 if bound < 2 ** 24 else torch.float64
+    acc = F.linear(xq.to(dt), w_q.to(dt))
+    # fbgemm's epilogue: m = float32(x_scale * w_scale) per channel, then one fused
+    # multiply-add acc * m + bias, rounded once to float32. In float64 the product of the
+    # integer acc (< 2**26) and m is exact, so float32(acc * m + bias) is that FMA (up to a
+    # double rounding, which needs the sum to fall within 2**-29 of a float32 tie).
+    m = torch.tensor(scale, dtype=torch.float32, device=x.device) * w_scale.float()
+    y = acc.double() * m.double()
+    if bias is not None:
+        y = y + bias.double()
+    y = y.float()
+    if residual is not None:
+        y = y + residual.float()
+    y = apply_activation(y, act, act_args, inplace=True)
+    return y.to(x.dtype).contiguous()
+
+
+# -- CPU: fbgemm's dynamic quantized linear -----------------------------------------------------
+# (id(w_q), act) -> (weakrefs to w_q, w_scale, bias; their versions; packed params)
+_PACKED: dict[tuple, tuple] = {}
+_fast_state: dict[str, bool] = {}
+
+
+def clear_dynamic_packed_cache() -> None:
+    """Drop the cached prepacked weights (rebuilt on the next call)."""
+    _PACKED.clear()
+
+
+def _version(t) -> int:
+    if t is None:
+        return 0
+    return -1 if t.is_inference() else t._version
+
+
+@contextlib.contextmanager
+def _quiet():
+    """PyTorch deprecates quantized tensor creation (the kernels stay); keep that warning out."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+        yield
+
+
+def _prepack(w_q, w_scale, bias):
+    with _quiet():
+        wq = torch._make_per_channel_quantized_tensor(
+            w_q.detach().to(torch.int8), w_scale.detach().double(),
+            torch.zeros(w_scale.shape, dtype=torch.int64), 0)
+        return torch.ops.quantized.linear_prepack(
+            wq, None if bias is None else bias.detach().float().contiguous())
+
+
+def _forget(key, ref) -> None:
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0][0] is ref:
+        del _PACKED[key]
+
+
+def _packed(w_q, w_scale, bias, act: str):
+    """Prepacked fbgemm weights, cached per weight tensor, keyed on the tensors' identities and
+    versions, the engine and the activation (an in-place update of the weight repacks)."""
+    key = (id(w_q), act, torch.backends.quantized.engine)
+    versions = (_version(w_q), _version(w_scale), _version(bias))
+    hit = _PACKED.get(key)
+    if hit is not None:
+        refs, vers, packed = hit
+        if (refs[0]() is w_q and refs[1]() is w_scale
+                and (refs[2] is None if bias is None else refs[2]() is bias) and vers == versions):
+            return packed
+    packed = _prepack(w_q, w_scale, bias)
+    ref = weakref.ref(w_q, lambda r, k=key: _forget(k, r))
+    _PACKED[key] = ((ref, weakref.ref(w_scale), None if bias is None else weakref.ref(bias)),
+                    versions, packed)
+    return packed
+
+
+def dynamic_fast_path_available() -> bool:
+    """Whether ``linear_int8_dynamic`` can run on fbgemm here (engine ``x86``/``fbgemm`` and a
+    CPU fbgemm supports); probed once per engine with a tiny call."""
+    engine = torch.backends.quantized.engine
+    if engine not in ("x86", "fbgemm"):
+        return False
+    if engine not in _fast_state:
+        try:
+            w = torch.ones(2, 2, dtype=torch.int8)
+            packed = _prepack(w, torch.ones(2), None)
+            torch.ops.quantized.linear_dynamic(torch.ones(1, 2), packed, True)
+            _fast_state[engine] = True
+        except (RuntimeError, AttributeError):
+            _fast_state[engine] = False
+    return _fast_state[engine]
+
+
+def _linear_int8_dynamic_cpu(x, w_q, w_scale, bias, residual=None, *, act="none", act_args=(),
+                             reduce_range=True):
+    if (residual is not None or act not in ("none", "relu") or x.dtype != torch.float32
+            or x.dim() == 0 or x.numel() == 0 or w_q.dtype != torch.int8
+            or (bias is not None and bias.dtype != torch.float32)
+            or not dynamic_fast_path_available()):
+        return linear_int8_dynamic_reference(x, w_q, w_scale, bias, residual, act=act,
+                                             act_args=act_args, reduce_range=reduce_range)
+    _check_act(act, act_args)
+    packed = _packed(w_q, w_scale, bias, act)
+    fn = torch.ops.quantized.linear_relu_dynamic if act == "relu" \
+        else torch.ops.quantized.linear_dynamic
+    x2 = x.contiguous()
+    if x2.dim() == 1:  # fbgemm wants a matrix
+        return fn(x2.unsqueeze(0), packed, bool(reduce_range)).squeeze(0)
+    return fn(x2, packed, bool(reduce_range))
+
+
+def _linear_int8_dynamic_fake(x, w_q, w_scale, bias, residual=None, *, act="none", act_args=(),
+                              reduce_range=True):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+LIB.impl("linear_int8_dynamic", _linear_int8_dynamic_cpu, "CPU")
+LIB.impl("linear_int8_dynamic", linear_int8_dynamic_reference, "CUDA")  # Triton replaces this
+torch.library.register_fake("fxopt::linear_int8_dynamic", _linear_int8_dynamic_fake, lib=LIB)
+
+
+MAC_COUNTERS[torch.ops.fxopt.linear_int8_dynamic] = linear_weight_macs

@@ -1,0 +1,288 @@
+"""Where the int8 regions of a graph are, on which grids, and the float model they simulate.
+
+``quantize_int8`` decides in three steps, all on the float graph (after ``fuse_act``):
+
+1. :func:`find_layers`: the quantizable layers (``nn.Conv2d`` / ``nn.Linear`` calls and the
+   fused ``conv2d_act`` / ``linear_act`` ops, grouped and depthwise convolutions included).
+2. :func:`make_plan` for a chosen set of layers: which values are int8. A quantized layer's
+   output is int8; max pooling, flatten/reshape and adaptive average pooling of an int8 value
+   stay int8 on its grid; an add of two int8 values, or a concatenation of int8 values, is
+   int8 on its own observed grid. A layer with a fused residual (``act(conv(x) + r)``) is
+   split: the convolution writes int8 on a grid of its own (the *pre-add* value), then an
+   int8 add with the activation, as PyTorch's quantized kernels and ONNX QDQ want it. A
+   float value read by a quantized op is quantized on its observed grid (a region entry);
+   an int8 value read by a float op is dequantized (an exit).
+3. :class:`SimulatedInt8`: the reference of DESIGN.md section 4, the float graph run with
+   fake quantization at every int8 value, every entry and every weight, in float. A layer's
+   sum of fake-quantized products is taken exactly (float64 over the centered codes, which
+   holds every such sum without rounding) and scaled in float32 as the int8 epilogue does:
+   a float32 convolution of fake-quantized values rounds each product and partial sum, and
+   in a deep network one value flipped to the neighbouring code at a tie grows, layer after
+   layer, past the one-step bound (ResNet-50 did). Same numbers, one rounding.
+
+Every grid comes from one calibration over all candidate values (:func:`observed_values`),
+so plans for different layer sets (the sensitivity search) share it.
+
+    >>> layers = find_layers(gm)
+    >>> plan = make_plan(gm, layers, grids)       # grids: value key -> QParams
+    >>> SimulatedInt8(gm, plan)(x)                # the fake-quant model
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt.ops  # noqa: F401 - torch.ops.fxopt.*
+from fxopt.ir.graph import get_attr_value, module_path
+from fxopt.ops.fused import apply_activation
+from fxopt.quant.qparams import QParams
+
+__all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "SimulatedInt8",
+           "pass_kind", "PRE"]
+
+CONV2D = torch.ops.fxopt.conv2d_act.default
+LINEAR = torch.ops.fxopt.linear_act.default
+PRE = "pre"  # grids key ("pre", node): a residual layer's output before the add
+
+
+@dataclass
+class Layer:
+    node: fx.Node
+    kind: str  # "conv2d" | "linear"
+    x: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    conv: tuple | None  # (stride, padding, dilation, groups)
+    residual: fx.Node | None
+    act: str
+    act_args: list
+    path: str
+    module_type: type
+
+    @property
+    def label(self) -> str:
+        return self.path or self.node.name
+
+
+def find_layers(gm: fx.GraphModule) -> list[Layer]:
+    """Conv2d / Linear calls and fused conv2d_act / linear_act ops with constant fp32 weights."""
+    layers = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
+                continue
+            if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+                layers.append(Layer(n, "conv2d", n.args[0], m.weight.detach(),
+                                    None if m.bias is None else m.bias.detach(),
+                                    (list(m.stride), list(m.padding), list(m.dilation), m.groups),
+                                    None, "none", [], str(n.target), type(m)))
+            elif type(m) is nn.Linear:
+                layers.append(Layer(n, "linear", n.args[0], m.weight.detach(),
+                                    None if m.bias is None else m.bias.detach(), None, None,
+                                    "none", [], str(n.target), type(m)))
+        elif n.op == "call_function" and n.target in (CONV2D, LINEAR):
+            conv = n.target is CONV2D
+            nfixed = 7 if conv else 3
+            args = list(n.args)
+            w_node, b_node = args[1], args[2]
+            if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
+                continue
+            if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"):
+                continue
+            residual = args[nfixed] if len(args) > nfixed else n.kwargs.get("residual")
+            if residual is not None and not isinstance(residual, fx.Node):
+                continue
+            weight = get_attr_value(gm, w_node.target).detach()
+            bias = None if b_node is None else get_attr_value(gm, b_node.target).detach()
+            # A fused node carries its root's path (the activation's: "layer1.0.relu"); the
+            # layer is the module that owns the weight ("layer1.0.conv1"), which keep_float
+            # and the report name.
+            path = module_path(w_node) or module_path(n)
+            layers.append(Layer(n, "conv2d" if conv else "linear", args[0], weight, bias,
+                                tuple(args[3:7]) if conv else None, residual,
+                                n.kwargs.get("act", "none"), list(n.kwargs.get("act_args", [])),
+                                path, nn.Conv2d if conv else nn.Linear))
+    return [l for l in layers if l.weight.dtype == torch.float32 and isinstance(l.x, fx.Node)]
+
+
+# -- ops that keep a value int8 ------------------------------------------------------------
+_FLATTENS = (torch.flatten, torch.reshape)
+_METHOD_FLATTENS = ("flatten", "reshape", "view")
+
+
+def pass_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    """``"maxpool"``, ``"flatten"``, ``"avgpool"`` or ``"identity"`` when ``n`` maps its first
+    argument onto the same grid (max pooling and reshapes exactly; average pooling with one
+    rounding), else None."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.MaxPool2d) and not m.return_indices and len(n.args) == 1:
+            return "maxpool"
+        if isinstance(m, nn.AdaptiveAvgPool2d) and len(n.args) == 1:
+            return "avgpool"
+        if isinstance(m, (nn.Identity, nn.Flatten)) and len(n.args) == 1:
+            return "identity" if isinstance(m, nn.Identity) else "flatten"
+        return None
+    if n.op == "call_function":
+        if n.target is F.max_pool2d and not n.kwargs.get("return_indices", False):
+            return "maxpool"
+        if n.target is F.adaptive_avg_pool2d:
+            return "avgpool"
+        if n.target in _FLATTENS:
+            return "flatten"
+    if n.op == "call_method" and n.target in _METHOD_FLATTENS:
+        return "flatten"
+    return None
+
+
+def _is_add(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target is operator.add and len(n.args) == 2
+            and not n.kwargs and all(isinstance(a, fx.Node) for a in n.args)
+            and _same_shape(n.args[0], n.args[1]))
+
+
+def _is_cat(n: fx.Node) -> bool:
+    if n.op != "call_function" or n.target is not torch.cat or not n.args:
+        return False
+    xs = n.args[0]
+    return isinstance(xs, (list, tuple)) and len(xs) > 0 and all(isinstance(a, fx.Node) for a in xs)
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    ta, tb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
+    return ta is not None and tb is not None and hasattr(ta, "shape") and hasattr(tb, "shape") \
+        and tuple(ta.shape) == tuple(tb.shape)
+
+
+def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
+    """The value keys a calibration must observe for any plan over ``layers``: every layer's
+    input, residual and output, every residual layer's pre-add value, every add and cat."""
+    keys, pre = set(), set()
+    for l in layers:
+        keys.update([l.node, l.x])
+        if l.residual is not None:
+            keys.add(l.residual)
+            pre.add(l.node)
+    for n in gm.graph.nodes:
+        if _is_add(n):
+            keys.update([n, *n.args])
+        elif _is_cat(n):
+            keys.update([n, *n.args[0]])
+    return keys, pre
+
+
+@dataclass
+class Plan:
+    """``roles``: original node -> its int8 role (``layer``, ``maxpool``, ``flatten``,
+    ``avgpool``, ``identity``, ``add``, ``cat``); ``grid(node)`` its grid."""
+
+    layers: dict[fx.Node, Layer]
+    roles: dict[fx.Node, str]
+    grids: dict  # value key -> QParams (observed); pass-through values resolve to their input
+    weights: dict[fx.Node, QParams] = field(default_factory=dict)
+
+    def grid(self, key) -> QParams:
+        while isinstance(key, fx.Node) and \
+                self.roles.get(key) in ("maxpool", "flatten", "avgpool", "identity"):
+            key = key.args[0]
+        return self.grids[key]
+
+    def is_int8(self, node) -> bool:
+        return node in self.roles
+
+
+def make_plan(gm: fx.GraphModule, layers: list[Layer], grids: dict,
+              weights: dict[fx.Node, QParams]) -> Plan:
+    by_node = {l.node: l for l in layers}
+    roles: dict[fx.Node, str] = {}
+    for n in gm.graph.nodes:
+        if n in by_node:
+            roles[n] = "layer"
+            continue
+        kind = pass_kind(gm, n)
+        if kind is not None and n.args[0] in roles:
+            roles[n] = kind
+        elif _is_add(n) and all(a in roles for a in n.args) and n in grids:
+            roles[n] = "add"
+        elif _is_cat(n) and all(a in roles for a in n.args[0]) and n in grids:
+            roles[n] = "cat"
+    return Plan(by_node, roles, grids, {l.node: weights[l.node] for l in layers})
+
+
+# -- the simulated (fake-quant) model ---------------------------------------------------------
+def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x, float(qp.scale), int(qp.zero_point),
+                                                 qp.qmin, qp.qmax)
+
+
+class _Simulator(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, plan: Plan, fq_weights: dict):
+        super().__init__(gm)
+        self.plan, self.fq_weights = plan, fq_weights
+
+    def _entry(self, value_node: fx.Node) -> torch.Tensor:
+        v = self.env[value_node]
+        return v if self.plan.is_int8(value_node) else fake_quant(v, self.plan.grid(value_node))
+
+    def run_node(self, n):
+        layer = self.plan.layers.get(n)
+        if layer is None:
+            out = super().run_node(n)
+        else:
+            out = self._layer(n, layer)
+        if n in self.plan.roles:
+            out = fake_quant(out, self.plan.grid(n))
+        return out
+
+    def _layer(self, n: fx.Node, layer: Layer) -> torch.Tensor:
+        x = self._entry(layer.x)
+        x_qp = self.plan.grid(layer.x)
+        w_q, w_s = self.fq_weights[n]
+        # fake-quantized x times fake-quantized w, summed exactly: (x - zp) / s are the codes;
+        # float32 holds every partial sum below 2**24 exactly (depthwise convolutions, small
+        # layers: float64 convolutions are slow there), float64 the rest
+        zp = int(x_qp.zero_point)
+        k = w_q[0].numel()
+        exact32 = k * max(zp - x_qp.qmin, x_qp.qmax - zp) * 127 < 2 ** 24
+        dt = torch.float32 if exact32 else torch.float64
+        xc = (x_qp.quantize(x).to(torch.int64) - zp).to(dt)
+        w_q = w_q.to(dt)
+        if layer.kind == "conv2d":
+            stride, padding, dilation, groups = layer.conv
+            acc = F.conv2d(xc, w_q, None, list(stride), list(padding), list(dilation), groups)
+            shape = (1, -1) + (1,) * (acc.dim() - 2)
+        else:
+            acc = F.linear(xc, w_q)
+            shape = (-1,)
+        y = acc.float() * (x_qp.scale.float() * w_s).reshape(shape)
+        if layer.bias is not None:
+            y = y + layer.bias.float().reshape(shape)
+        if layer.residual is not None:
+            y = fake_quant(y, self.plan.grids[(PRE, n)]) + self._entry(layer.residual)
+        return apply_activation(y, layer.act, layer.act_args)
+
+
+class SimulatedInt8(nn.Module):
+    """The float graph with fake quantization wherever ``plan`` puts int8 (DESIGN.md section 4).
+
+    Holds the float graph without changing it; each call interprets it."""
+
+    def __init__(self, gm: fx.GraphModule, plan: Plan):
+        super().__init__()
+        self.gm = gm
+        self.plan = plan
+        # int8 weight codes and their per-channel scales
+        self._fq = {n: (qp.quantize(plan.layers[n].weight), qp.scale.float())
+                    for n, qp in plan.weights.items()}
+
+    def forward(self, *args):
+        with torch.no_grad():
+            return _Simulator(self.gm, self.plan, self._fq).run(*args)

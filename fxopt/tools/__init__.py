@@ -1,0 +1,1 @@
+"""The command line and the things around it: pictures, the digits model, recipes, latency."""

@@ -1,0 +1,1 @@
+"""Training an optimized model: fine-tuning with distillation, Lightning, quantization-aware training."""

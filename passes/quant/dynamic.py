@@ -1,0 +1,307 @@
+"""Dynamic int8 for Linear layers: int8 weights, activations quantized at run time.
+
+``quantize_int8`` calls :func:`quantize_dynamic_linear` when ``QuantConfig.mode == "dynamic"``
+(``optimize(..., quantize="int8_dynamic")``). No calibration data is needed, which suits
+transformer blocks and other models whose activation ranges vary per input.
+
+1. Every ``nn.Linear`` call and every fused ``torch.ops.fxopt.linear_act`` whose weight is a
+   graph attribute becomes ``torch.ops.fxopt.linear_int8_dynamic`` (``fxopt.ops_int8_dynamic``)
+   with a per-channel symmetric int8 weight (``PerChannelMinMaxObserver``) and its scales as
+   buffers; the bias, residual and activation of a fused op are kept. Each call picks its
+   input's uint8 grid from the input's own min/max, as PyTorch's dynamic quantized linear does.
+2. Reference (DESIGN.md section 4): the graph before the pass with each rewritten layer's
+   weight fake-quantized and its input fake-quantized on the same run-time grid
+   (``fake_quantize_dynamic``), all in float.
+3. Report: SQNR (dB) and max abs error of the int8 graph against the float graph on the
+   example inputs; which Linear layers stay float and why.
+
+    >>> res = quantize_dynamic_linear(gm, PassContext((x,)), QuantConfig(mode="dynamic"))
+    >>> res.stats      # x + fc2(gelu(fc1(ln(x)))), then a head (the tests' Block), x: 2x16x32
+    {'linear': 3, 'kept_float': 0, 'output_step': 0.01421, 'sqnr_db': 36.39, 'max_abs_err': 0.02791}
+
+Only Linear layers are quantized in this mode: convolutions stay float, and so do the
+projections inside leaf modules (``nn.MultiheadAttention`` is a leaf in fxopt's capture).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+import fxopt.ops  # noqa: F401 - defines torch.ops.fxopt.*
+from fxopt.infra.registry import PassContext, PassResult
+from fxopt.ir.graph import (
+    add_buffer,
+    copy_meta,
+    get_attr_value,
+    module_path,
+    remove_unused_attributes,
+)
+from fxopt.ops.int8_dynamic import dynamic_qparams, fake_quantize_dynamic
+from fxopt.quant.config import QuantConfig
+from fxopt.quant.observers import PerChannelMinMaxObserver
+from fxopt.quant.qparams import QParams
+
+__all__ = ["quantize_dynamic_linear", "LINEAR_INT8_DYNAMIC"]
+
+LINEAR = torch.ops.fxopt.linear_act.default
+LINEAR_INT8_DYNAMIC = torch.ops.fxopt.linear_int8_dynamic.default
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class _Linear:
+    node: fx.Node
+    x: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    bias_node: fx.Node | None  # the fused op's bias attribute (reused, not copied)
+    residual: object
+    act: str
+    act_args: list
+    path: str
+
+
+def _candidate(gm: fx.GraphModule, n: fx.Node) -> _Linear | None:
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if type(m) is not nn.Linear or len(n.args) != 1 or n.kwargs \
+                or not isinstance(n.args[0], fx.Node) or m.weight.dtype != torch.float32:
+            return None
+        return _Linear(n, n.args[0], m.weight.detach(), None if m.bias is None else
+                       m.bias.detach(), None, None, "none", [], module_path(n) or str(n.target))
+    if n.op == "call_function" and n.target is LINEAR:
+        args = list(n.args)
+        w_node, b_node = args[1], args[2]
+        if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
+            return None
+        if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"):
+            return None
+        weight = get_attr_value(gm, w_node.target).detach()
+        if weight.dtype != torch.float32 or weight.dim() != 2:
+            return None
+        residual = args[3] if len(args) > 3 else n.kwargs.get("residual")
+        return _Linear(n, args[0], weight, None if b_node is None else
+                       get_attr_value(gm, b_node.target).detach(), b_node, residual,
+                       n.kwargs.get("act", "none"), list(n.kwargs.get("act_args", [])),
+                       module_path(n) or str(w_node.target).rpartition(".")[0] or n.name)
+    return None
+
+
+def _select(gm: fx.GraphModule, cfg: QuantConfig) -> tuple[list[_Linear], list[str]]:
+    """The layers to rewrite and the paths kept float (``keep_float``, first/last policy).
+
+    The policies count layers already rewritten by an earlier run, so a second run keeps
+    exactly what the first kept (idempotence)."""
+    order: list[_Linear | None] = []  # None: a layer that is int8 already
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is LINEAR_INT8_DYNAMIC:
+            order.append(None)
+            continue
+        c = _candidate(gm, n)
+        if c is not None:
+            order.append(c)
+    keep = {i for i, c in enumerate(order)
+            if c is not None and cfg.keeps_float(c.path, nn.Linear)}
+    if order and cfg.first_layer == "float":
+        keep.add(0)
+    if order and cfg.last_layer == "float":
+        keep.add(len(order) - 1)
+    chosen = [c for i, c in enumerate(order) if c is not None and i not in keep]
+    kept = [order[i].path for i in sorted(keep) if order[i] is not None]
+    return chosen, kept
+
+
+def _float_notes(gm: fx.GraphModule) -> list[str]:
+    """Why Linear work the pass cannot reach stays float: leaf modules, convolutions."""
+    notes, leaves, convs = [], [], 0
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if isinstance(m, _CONV_MODULES):
+                convs += 1
+            elif isinstance(m, nn.MultiheadAttention):
+                leaves.append(f"{n.target} (MultiheadAttention: its q/k/v input projection and "
+                              f"out_proj)")
+            elif type(m) is not nn.Linear and any(isinstance(s, nn.Linear) for s in m.modules()):
+                leaves.append(f"{n.target} ({type(m).__name__})")
+        elif n.op == "call_function" and n.target in (torch.ops.fxopt.conv1d_act.default,
+                                                       torch.ops.fxopt.conv2d_act.default):
+            convs += 1
+    if leaves:
+        notes.append("leaf modules are called whole, so the Linear layers inside them stay "
+                     "float: " + ", ".join(leaves))
+    if convs:
+        notes.append(f"dynamic mode quantizes Linear layers only: {convs} convolution(s) stay "
+                     f"float (quantize='int8' with calibration_data covers them)")
+    return notes
+
+
+# -- the rewrite ----------------------------------------------------------------------------
+def _attr(gm: fx.GraphModule, prefix: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    name = add_buffer(gm, prefix, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+    return node
+
+
+def _weight_qparams(layer: _Linear) -> QParams:
+    obs = PerChannelMinMaxObserver(axis=0, label=f"the weight of {layer.path}")
+    obs.observe(layer.weight)
+    return obs.qparams()
+
+
+def _rewrite(gm: fx.GraphModule, layer: _Linear, w_qp: QParams, reduce_range: bool,
+             replaced: dict) -> fx.Node:
+    g, n = gm.graph, layer.node
+    x = replaced.get(layer.x, layer.x)  # an earlier layer may have been rewritten already
+    residual = replaced.get(layer.residual, layer.residual)
+    base = layer.path.replace(".", "_")
+    w_q = _attr(gm, f"{base}_w_int8_", w_qp.quantize(layer.weight), n)
+    w_s = _attr(gm, f"{base}_w_scale_", w_qp.scale.clone(), n)
+    if layer.bias_node is not None:
+        b = layer.bias_node
+    else:
+        b = None if layer.bias is None else _attr(gm, f"{base}_bias_", layer.bias.clone(), n)
+    with g.inserting_before(n):
+        new = g.call_function(LINEAR_INT8_DYNAMIC, (x, w_q, w_s, b, residual),
+                              dict(act=layer.act, act_args=list(layer.act_args),
+                                   reduce_range=bool(reduce_range)))
+    copy_meta(new, n)
+    old_weight = n.args[1] if n.op == "call_function" else None
+    n.replace_all_uses_with(new)
+    g.erase_node(n)
+    replaced[n] = new
+    if isinstance(old_weight, fx.Node) and old_weight.op == "get_attr" and not old_weight.users:
+        g.erase_node(old_weight)
+    return new
+
+
+def _simulated(gm: fx.GraphModule, plans: list[tuple[str, QParams]], reduce_range: bool):
+    """A copy of the float graph with each planned layer's input fake-quantized on its
+    run-time grid and its weight fake-quantized (float math throughout). Also returns, per
+    fake-quant node, the largest dequantized weight of its layer."""
+    ref = copy.deepcopy(gm)
+    g = ref.graph
+    nodes = {n.name: n for n in g.nodes}
+    w_max = {}
+    for name, w_qp in plans:
+        n = nodes[name]
+        with g.inserting_before(n):
+            fq_x = g.call_function(fake_quantize_dynamic, (n.args[0], bool(reduce_range)))
+        w_max[fq_x.name] = float(w_qp.scale.max()) * w_qp.qmax
+        if n.op == "call_module":
+            m = ref.get_submodule(n.target)
+            w = _attr(ref, "fq_weight_", w_qp.fake_quantize(m.weight.detach()), n)
+            b = None if m.bias is None else _attr(ref, "fq_bias_", m.bias.detach().clone(), n)
+            with g.inserting_before(n):
+                new = g.call_function(F.linear, (fq_x, w, b))
+            copy_meta(new, n)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
+        else:
+            args = list(n.args)
+            weight = get_attr_value(ref, args[1].target).detach()
+            args[0] = fq_x
+            args[1] = _attr(ref, "fq_weight_", w_qp.fake_quantize(weight), n)
+            n.args = tuple(args)
+    g.lint()
+    remove_unused_attributes(ref)
+    ref.recompile()
+    return ref, w_max
+
+
+class _GridRecorder(fx.Interpreter):
+    """Runs the reference, noting the run-time input scale at each fake-quant node."""
+
+    def __init__(self, gm: fx.GraphModule, reduce_range: bool):
+        super().__init__(gm)
+        self.reduce_range, self.scales = reduce_range, {}
+
+    def run_node(self, n: fx.Node):
+        if n.op == "call_function" and n.target is fake_quantize_dynamic:
+            self.scales[n.name] = dynamic_qparams(self.env[n.args[0]], self.reduce_range)[0]
+        return super().run_node(n)
+
+
+# -- measures -------------------------------------------------------------------------------
+def _leaves(out) -> list[torch.Tensor]:
+    return [t.detach() for t in torch.utils._pytree.tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+
+
+def _flat(out) -> torch.Tensor:
+    leaves = _leaves(out)
+    return torch.cat([t.reshape(-1).double() for t in leaves]) if leaves \
+        else torch.zeros(0, dtype=torch.float64)
+
+
+def _output_step(out) -> float:
+    """One 8-bit step of the output's range: ``max over outputs of (max - min) / 255``."""
+    steps = [float(t.max() - t.min()) / 255.0 for t in _leaves(out)]
+    return max(steps, default=0.0)
+
+
+def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConfig) -> PassResult:
+    """Linear layers (plain or fused) become dynamic int8 ``linear_int8_dynamic`` calls."""
+    from fxopt.passes.quant.quantize import sqnr_db  # late: passes.quantize imports this module
+
+    layers, kept = _select(gm, cfg)
+    notes = _float_notes(gm)
+    if kept:
+        notes.append(f"kept in float: {', '.join(kept)}")
+    if not layers:
+        return PassResult(gm, modified=False, stats={"linear": 0, "kept_float": len(kept)},
+                          notes=notes)
+    inputs = tuple(ctx.example_inputs)
+    plans = [(layer.node.name, _weight_qparams(layer)) for layer in layers]
+    reference, w_max = _simulated(gm, plans, cfg.reduce_range)
+    grids = _GridRecorder(reference, cfg.reduce_range)
+    with torch.no_grad():
+        float_out = gm(*inputs)
+        ref_out = grids.run(*inputs)
+
+    replaced: dict[fx.Node, fx.Node] = {}
+    for layer, (_, w_qp) in zip(layers, plans):
+        _rewrite(gm, layer, w_qp, cfg.reduce_range, replaced)
+    remove_unused_attributes(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+    with torch.no_grad():
+        q_out = gm(*inputs)
+    f, q = _flat(float_out), _flat(q_out)
+    # Tolerance of the check against the simulated reference. The int8 graph and the reference
+    # share every grid decision but not the float rounding: the reference multiplies
+    # fake-quantized floats in float32 (F.linear), the op accumulates integers exactly. That
+    # ~1e-7 relative difference reaches the next quantized layer's input and can move a value
+    # across a rounding boundary of its run-time grid, which changes that layer's output by
+    # one input step times a weight ("a flip"); the flip reaches later layers' inputs and can
+    # flip codes there too. Over thousands of elements this happens on some inputs (1 run in
+    # 150 in test-sized blocks), so a float32 relative tolerance would fail correct graphs.
+    # The bound: one 8-bit step of the reference output's range (the static pass allows one
+    # step of its output grid) plus two flips, a flip being the largest one-code change any
+    # rewritten layer can make (its run-time input step times its largest weight), plus
+    # float32 slack. Measured over 150 random blocks: the one run with a flip was off by 0.66
+    # of an output step, 0.28 of this bound. A wrong weight, bias, activation or grid is
+    # many times the bound (test_check_catches_a_wrong_bias).
+    step = _output_step(ref_out)
+    flip = max((grids.scales[k] * w for k, w in w_max.items() if k in grids.scales), default=0.0)
+    tol = step + 2.0 * flip + 1e-5 * max((float(t.abs().max()) for t in _leaves(ref_out)),
+                                         default=0.0)
+    stats = {"linear": len(layers), "kept_float": len(kept),
+             "output_step": float(f"{step:.4g}"),
+             "sqnr_db": round(sqnr_db(f, q), 2),
+             "max_abs_err": float(f"{float((f - q).abs().max()):.4g}") if f.numel() else 0.0}
+    notes.insert(0, f"dynamic int8 on {len(layers)} Linear layer(s), inputs quantized at run time "
+                    f"(uint8, {'7' if cfg.reduce_range else '8'}-bit range); vs float on the "
+                    f"example inputs: SQNR {stats['sqnr_db']:.1f} dB, max abs error "
+                    f"{stats['max_abs_err']:.3g}")
+    return PassResult(gm, modified=True, stats=stats, notes=notes, reference=reference,
+                      max_abs_tolerance=tol)
