@@ -2,45 +2,34 @@
 
     >>> opt = fxopt.optimize(model.eval(), torch.randn(1, 3, 224, 224))
     >>> print(opt.report)
+
+The public names are re-exported here; ``ARCHITECTURE.md`` maps the packages behind them.
 """
-from fxopt import (
-                                  ops,  # noqa: E402,F401  (defines the torch.ops.fxopt namespace)
-                                  passes,  # noqa: E402,F401  (registers the built-in passes)
-)
+from fxopt import ops  # noqa: F401  (defines the torch.ops.fxopt namespace)
+from fxopt import passes  # noqa: F401  (registers the built-in passes)
 from fxopt.api import OptimizedModule, load, optimize
 from fxopt.errors import *  # noqa: F401,F403
 from fxopt.errors import __all__ as _errors_all
-from fxopt.export.onnx import OnnxExport, export_onnx  # noqa: E402
+from fxopt.export.onnx import OnnxExport, export_onnx
 from fxopt.infra.manager import Instrument, PassManager
-from fxopt.infra.registry import (
-                                  GROUPS,
-                                  PASSES,
-                                  PIPELINES,
-                                  PassContext,
-                                  PassResult,
-                                  expand_pipeline,
-                                  register_group,
-                                  register_pass,
-)
+from fxopt.infra.registry import (GROUPS, PASSES, PIPELINES, PassContext, PassResult,
+                                  expand_pipeline, register_group, register_pass)
 from fxopt.infra.report import PassRecord, Report
 from fxopt.ir.capture import capture
 from fxopt.ir.tolerances import TOLERANCES
 from fxopt.prune.channels import ChannelGraph, ChannelGroup, channel_groups
 from fxopt.prune.config import PruneConfig
 from fxopt.quant.config import QuantConfig
-from fxopt.tools.draw import draw  # noqa: E402  (matplotlib only when called: fxopt[draw])
+from fxopt.tools.draw import draw  # matplotlib only when called: fxopt[draw]
+from fxopt.train import qat  # noqa: F401  (fxopt.qat.convert)
 from fxopt.train.finetune import FinetuneResult, finetune
+from fxopt.train.qat import QATModel, prepare_qat
 
+__version__ = "0.1.0"
 __all__ = [
     "optimize", "OptimizedModule", "load", "capture", "PassManager", "Instrument",
     "register_pass", "register_group", "PassResult", "PassContext", "PASSES", "GROUPS",
     "PIPELINES", "expand_pipeline", "Report", "PassRecord", "TOLERANCES", *_errors_all,
-    "channel_groups", "ChannelGraph", "ChannelGroup", "PruneConfig", "finetune", "FinetuneResult",
+    "channel_groups", "ChannelGraph", "ChannelGroup", "PruneConfig", "QuantConfig", "finetune",
+    "FinetuneResult", "export_onnx", "OnnxExport", "draw", "prepare_qat", "QATModel",
 ]
-__all__ += ["export_onnx", "OnnxExport", "draw"]
-__version__ = "0.1.0"
-__all__ += ["QuantConfig"]
-from fxopt.train import qat  # noqa: E402,F401  (fxopt.qat.convert)
-from fxopt.train.qat import QATModel, prepare_qat  # noqa: E402  (quantization-aware fine-tuning)
-
-__all__ += ["prepare_qat", "QATModel"]

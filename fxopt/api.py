@@ -25,7 +25,6 @@ from fxopt.errors import (
     PipelineError,
     VerificationError,
 )
-from fxopt.infra import registry
 from fxopt.infra.manager import Instrument, PassManager, debug_level
 from fxopt.infra.registry import PASSES, PassContext, expand_pipeline
 from fxopt.infra.report import ModelStats, Report

@@ -41,13 +41,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fxopt.errors import InputError, NumericMismatchError, UnsupportedOpError
 from fxopt.export import qdq as _onnx_int8
 from fxopt.ir.capture import normalize_inputs
 from fxopt.ir.tolerances import ErrorStats, compare_outputs
-from fxopt.ops import fused as _ops
+from fxopt.ops.schema import is_fxopt_op, schema_of
 
 __all__ = ["export_onnx", "OnnxExport", "decompose_fused_ops", "DEFAULT_OPSET"]
 
@@ -67,39 +66,6 @@ class OnnxExport:
     output_step: float | None = None  # int8 (QDQ): the tolerance of the check, one output step
 
 
-# -- decomposition: the fused ops' reference math, out of place ---------------------------------
-def conv_act_decomposed(x, weight, bias, stride, padding, dilation, groups, residual=None, *,
-                        act="none", act_args=()):
-    """``act(conv(x) + bias + residual)`` with standard ops only (what ONNX receives)."""
-    conv = F.conv1d if x.dim() == 3 else F.conv2d
-    y = conv(x, weight, bias, list(stride), list(padding), list(dilation), groups)
-    if residual is not None:
-        y = y + residual
-    return _ops.apply_activation(y, act, act_args)
-
-
-def linear_act_decomposed(x, weight, bias, residual=None, *, act="none", act_args=()):
-    """``act(F.linear(x, weight, bias) + residual)`` with standard ops only."""
-    y = F.linear(x, weight, bias)
-    if residual is not None:
-        y = y + residual
-    return _ops.apply_activation(y, act, act_args)
-
-
-_DECOMPOSITIONS = {
-    torch.ops.fxopt.conv1d_act.default: ("conv1d_act", conv_act_decomposed),
-    torch.ops.fxopt.conv2d_act.default: ("conv2d_act", conv_act_decomposed),
-    torch.ops.fxopt.linear_act.default: ("linear_act", linear_act_decomposed),
-}
-
-
-def _is_fxopt_op(target) -> bool:
-    ns = getattr(target, "namespace", None)
-    if ns is None:  # an OpOverloadPacket: torch.ops.fxopt.x
-        ns = getattr(getattr(target, "default", None), "namespace", None)
-    return ns == "fxopt"
-
-
 def decompose_fused_ops(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int], list[str]]:
     """A copy of ``gm`` with the float fused ops decomposed (``gm`` is not touched).
 
@@ -112,13 +78,11 @@ def decompose_fused_ops(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, i
         if node.op != "call_function":
             continue
         target = node.target
-        if isinstance(target, torch._ops.OpOverloadPacket):
-            target = target.default
-        entry = _DECOMPOSITIONS.get(target)
-        if entry is not None:
-            node.target = entry[1]
-            translated[entry[0]] += 1
-        elif _is_fxopt_op(node.target) and node.target not in _onnx_int8.INT8_OPS:
+        schema = schema_of(target)
+        if schema is not None and schema.decompose is not None:
+            node.target = schema.decompose
+            translated[schema.name] += 1
+        elif is_fxopt_op(node.target) and node.target not in _onnx_int8.INT8_OPS:
             kept.append(f"{node.name} ({node.target})")
     if translated:
         gm.graph.lint()

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import fxopt.ops.int8  # noqa: F401  (defines the ops)
 import fxopt.ops.int8_dynamic  # noqa: F401
 from fxopt.ir.graph import get_attr_value
-from fxopt.ops.fused import apply_activation
+from fxopt.ir.activations import apply_activation
 
 __all__ = ["qdq_rewrite", "QDQRewrite", "is_int8_graph", "INT8_OPS", "QuantizeLinear", "DequantizeLinear",
            "MIN_QDQ_OPSET"]

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxopt.ops.fused import apply_activation
+from fxopt.ir.activations import apply_activation
 
 __all__ = ["dynamic_linear_qdq", "DynamicQuantizeLinear", "aten_dynamic_grid"]
 

@@ -47,9 +47,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from fxopt.ir.graph import get_attr_value, remove_unused_attributes, set_provenance
+from fxopt.ir.graph import get_attr_value, remove_unused_attributes, set_provenance, tensor_meta_of
 
 __all__ = [
     "Pattern", "Var", "module", "call", "Rule", "Match", "Builder", "RewriteResult",
@@ -256,7 +255,7 @@ class Builder:
         value = get_attr_value(self.gm, qualname)
         node = self._new(self.graph.get_attr(qualname))
         if isinstance(value, torch.Tensor):
-            node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+            node.meta["tensor_meta"] = tensor_meta_of(value)
         node.meta["fxopt_from"] = [node.name]
         node.meta["fxopt_path"] = qualname.rpartition(".")[0]
         return node

@@ -1,8 +1,9 @@
 """Canonical forms, so that passes match one pattern per computation.
 
-After capture every activation is one ``call_function`` of the function in ``ACTIVATIONS`` with
-all its parameters as keyword arguments (``F.leaky_relu(x, negative_slope=0.1)``), whichever way
-the user wrote it (``nn.LeakyReLU`` module, ``F.leaky_relu``, ``x.relu()``, in place or not);
+After capture every activation is one ``call_function`` of its canonical function (the table
+``fxopt.ir.activations``) with all its parameters as keyword arguments
+(``F.leaky_relu(x, negative_slope=0.1)``), whichever way the user wrote it (``nn.LeakyReLU``
+module, ``F.leaky_relu``, ``x.relu()``, in place or not);
 ``torch.add``/``x.add``/``+=`` become ``operator.add`` (likewise sub and mul); clamps become
 ``torch.clamp(x, min=, max=)``; flattens become ``torch.flatten(x, start_dim=, end_dim=)``
 (a ``view``/``reshape`` that is a flatten included); other views become ``torch.reshape``.
@@ -21,50 +22,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from fxopt.ir.activations import CAPTURE_FORMS
 from fxopt.ir.graph import copy_meta, get_attr_value, tensor_meta
 
-__all__ = ["ACTIVATIONS", "canonicalize", "activation_of", "is_size_of"]
+__all__ = ["canonicalize", "activation_of", "is_size_of"]
 
-# name -> (canonical function, parameters with defaults, in call order after the input)
-ACTIVATIONS: dict[str, tuple[Any, dict[str, Any]]] = {
-    "relu": (F.relu, {}),
-    "relu6": (F.relu6, {}),
-    "leaky_relu": (F.leaky_relu, {"negative_slope": 0.01}),
-    "hardtanh": (F.hardtanh, {"min_val": -1.0, "max_val": 1.0}),
-    "elu": (F.elu, {"alpha": 1.0}),
-    "gelu": (F.gelu, {"approximate": "none"}),
-    "silu": (F.silu, {}),
-    "mish": (F.mish, {}),
-    "hardswish": (F.hardswish, {}),
-    "hardsigmoid": (F.hardsigmoid, {}),
-    "sigmoid": (torch.sigmoid, {}),
-    "tanh": (torch.tanh, {}),
-}
-_CANONICAL_FN = {fn: name for name, (fn, _) in ACTIVATIONS.items()}
-
-# Module types, most specific first (ReLU6 is a Hardtanh subclass).
-_ACT_MODULES: list[tuple[type, str]] = [
-    (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.LeakyReLU, "leaky_relu"),
-    (nn.Hardtanh, "hardtanh"), (nn.ELU, "elu"), (nn.GELU, "gelu"), (nn.SiLU, "silu"),
-    (nn.Mish, "mish"), (nn.Hardswish, "hardswish"), (nn.Hardsigmoid, "hardsigmoid"),
-    (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"),
-]
-# function -> (name, in place?)
-_ACT_FUNCTIONS: dict[Any, tuple[str, bool]] = {
-    F.relu: ("relu", False), torch.relu: ("relu", False), torch.relu_: ("relu", True),
-    F.relu_: ("relu", True), F.relu6: ("relu6", False),
-    F.leaky_relu: ("leaky_relu", False), F.leaky_relu_: ("leaky_relu", True),
-    F.hardtanh: ("hardtanh", False), F.hardtanh_: ("hardtanh", True),
-    F.elu: ("elu", False), F.elu_: ("elu", True), F.gelu: ("gelu", False),
-    F.silu: ("silu", False), F.mish: ("mish", False), F.hardswish: ("hardswish", False),
-    F.hardsigmoid: ("hardsigmoid", False), torch.sigmoid: ("sigmoid", False),
-    F.sigmoid: ("sigmoid", False), torch.sigmoid_: ("sigmoid", True),
-    torch.tanh: ("tanh", False), F.tanh: ("tanh", False), torch.tanh_: ("tanh", True),
-}
-_ACT_METHODS = {"relu": ("relu", False), "relu_": ("relu", True), "sigmoid": ("sigmoid", False),
-                "sigmoid_": ("sigmoid", True), "tanh": ("tanh", False), "tanh_": ("tanh", True)}
+# Capture's view of the activation table: spelling -> (canonical name, writes in place?).
+_CANONICAL_FN = {row.canonical: name for name, row in CAPTURE_FORMS.items()}
+_ACT_MODULES = {cls: name for name, row in CAPTURE_FORMS.items() for cls in row.modules}
+_ACT_FUNCTIONS = {fn: (name, ip) for name, row in CAPTURE_FORMS.items()
+                  for fn, ip in row.functions.items()}
+_ACT_METHODS = {m: (name, ip) for name, row in CAPTURE_FORMS.items()
+                for m, ip in row.methods.items()}
 
 _BINARY_FUNCTIONS = {torch.add: ("add", False), torch.sub: ("sub", False),
                      torch.mul: ("mul", False), operator.iadd: ("add", True),
@@ -120,7 +90,7 @@ def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any])
 
 
 def _act_params(name: str, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
-    _, defaults = ACTIVATIONS[name]
+    defaults = CAPTURE_FORMS[name].defaults
     names = list(defaults) + ["inplace"]
     bound = _bind(args, kwargs, names, {**defaults, "inplace": False})
     inplace = bool(bound.pop("inplace"))
@@ -128,12 +98,11 @@ def _act_params(name: str, args: tuple, kwargs: dict) -> tuple[dict[str, Any], b
 
 
 def _module_act(mod: nn.Module) -> tuple[str, dict[str, Any], bool] | None:
-    for cls, name in _ACT_MODULES:
-        if type(mod) is cls:
-            _, defaults = ACTIVATIONS[name]
-            params = {k: getattr(mod, k) for k in defaults}
-            return name, params, bool(getattr(mod, "inplace", False))
-    return None
+    name = _ACT_MODULES.get(type(mod))  # exact types: a subclass may compute something else
+    if name is None:
+        return None
+    params = {k: getattr(mod, k) for k in CAPTURE_FORMS[name].defaults}
+    return name, params, bool(getattr(mod, "inplace", False))
 
 
 class _Rewriter:
@@ -209,7 +178,7 @@ def canonicalize(gm: fx.GraphModule) -> int:
             act = _module_act(mod)
             if act is not None and len(node.args) == 1 and not node.kwargs:
                 name, params, inplace = act
-                rw.replace(node, ACTIVATIONS[name][0], (node.args[0],), params,
+                rw.replace(node, CAPTURE_FORMS[name].canonical, (node.args[0],), params,
                            mutated=node.args[0] if inplace else None)
             elif type(mod) is nn.Flatten and len(node.args) == 1:
                 _flatten(rw, node, node.args[0], mod.start_dim, mod.end_dim)
@@ -228,8 +197,9 @@ def _canonicalize_call(rw: _Rewriter, node: fx.Node) -> None:
         name, inplace_form = act
         params, inplace_kw = _act_params(name, node.args[1:], node.kwargs)
         x = node.args[0]
-        if t is not ACTIVATIONS[name][0] or inplace_kw or inplace_form or dict(node.kwargs) != params:
-            rw.replace(node, ACTIVATIONS[name][0], (x,), params,
+        canonical = CAPTURE_FORMS[name].canonical
+        if t is not canonical or inplace_kw or inplace_form or dict(node.kwargs) != params:
+            rw.replace(node, canonical, (x,), params,
                        mutated=x if (inplace_kw or inplace_form) else None)
         return
     binary = _BINARY_FUNCTIONS.get(t) if is_fn else _BINARY_METHODS.get(t)

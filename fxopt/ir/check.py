@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from fxopt.ir.graph import module_path
+from fxopt.ir.graph import module_path, tensor_meta_of
 from fxopt.ir.tolerances import rel_err, tolerance_for
 
 __all__ = ["RecordedRun", "record_run", "first_divergence", "value_key", "describe_node"]
@@ -51,7 +50,7 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
-            meta = _extract_tensor_metadata(result)
+            meta = tensor_meta_of(result)
             old = n.meta.get("tensor_meta")
             if not self.refresh_meta and old is not None and hasattr(old, "shape") and (
                     tuple(old.shape) != tuple(meta.shape) or old.dtype != meta.dtype):
@@ -68,7 +67,7 @@ class _Recorder(fx.Interpreter):
                 n.meta.pop("tensor_meta", None)
                 if isinstance(result, (tuple, list)) and result and all(
                         isinstance(r, torch.Tensor) for r in result):
-                    n.meta["tensor_meta"] = tuple(_extract_tensor_metadata(r) for r in result)
+                    n.meta["tensor_meta"] = tuple(tensor_meta_of(r) for r in result)
                 else:
                     n.meta["fxopt_nontensor"] = True
         return result

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 __all__ = [
     "module_path",
@@ -28,7 +29,7 @@ __all__ = [
     "count_params",
     "count_bytes",
     "add_buffer",
-    "is_tensor_node",
+    "tensor_meta_of",
 ]
 
 
@@ -46,8 +47,10 @@ def tensor_meta(node: Any):
     return None
 
 
-def is_tensor_node(node: Any) -> bool:
-    return tensor_meta(node) is not None
+def tensor_meta_of(value: torch.Tensor):
+    """The ``TensorMetadata`` of a tensor value, as shape propagation records it (the one
+    place fxopt calls torch.fx's private helper)."""
+    return _extract_tensor_metadata(value)
 
 
 def copy_meta(new: fx.Node, old: fx.Node, *, with_tensor_meta: bool = True) -> fx.Node:

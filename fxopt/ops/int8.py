@@ -27,32 +27,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxopt.ir.metrics import MAC_COUNTERS, conv_weight_macs, linear_weight_macs
-from fxopt.ops.fused import LIB, _out_format, apply_activation
+from fxopt.ir.activations import apply_activation
+from fxopt.ops.schema import OpView, define_op, weight_macs
+from fxopt.ops.shapes import conv_out_shape, out_format
 
 __all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference",
            "dequantize_reference", "add_int8_reference", "adaptive_avg_pool2d_int8_reference",
-           "cat_int8_reference", "max_pool2d_int8_reference", "codes_dtype", "INT8_IR_OPS",
-           "CONV2D_INT8", "LINEAR_INT8", "QUANTIZE", "DEQUANTIZE", "ADD_INT8", "CAT_INT8",
-           "AVGPOOL_INT8", "MAXPOOL_INT8"]
-
-_TAIL = ("Tensor x_scale, Tensor x_zp, Tensor y_scale, Tensor y_zp, Tensor? residual=None, *, "
-         "str act='none', float[] act_args=[], int x_qmin=0, int x_qmax=255, int y_qmin=0, "
-         "int y_qmax=255, bool out_int8=False) -> Tensor")
-LIB.define("conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int[2] stride, "
-           "int[2] padding, int[2] dilation, int groups, " + _TAIL)
-LIB.define("linear_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, " + _TAIL)
-LIB.define("quantize(Tensor x, Tensor scale, Tensor zp, int qmin, int qmax) -> Tensor")
-LIB.define("dequantize(Tensor q, Tensor scale, Tensor zp) -> Tensor")
-LIB.define("add_int8(Tensor a, Tensor a_scale, Tensor a_zp, Tensor b, Tensor b_scale, "
-           "Tensor b_zp, Tensor y_scale, Tensor y_zp, *, str act='none', float[] act_args=[], "
-           "int y_qmin=0, int y_qmax=255) -> Tensor")
-LIB.define("adaptive_avg_pool2d_int8(Tensor q, int[2] output_size, Tensor scale, Tensor zp, "
-           "int qmin, int qmax) -> Tensor")
-LIB.define("max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
-           "int[2] dilation, bool ceil_mode) -> Tensor")
-LIB.define("cat_int8(Tensor[] qs, Tensor[] scales, Tensor[] zps, int dim, Tensor y_scale, "
-           "Tensor y_zp, int y_qmin, int y_qmax) -> Tensor")
+           "cat_int8_reference", "max_pool2d_int8_reference", "codes_dtype", "is_codes",
+           "INT8_IR_OPS", "CONV2D_INT8", "LINEAR_INT8", "QUANTIZE", "DEQUANTIZE", "ADD_INT8",
+           "CAT_INT8", "AVGPOOL_INT8", "MAXPOOL_INT8", "Conv2dInt8", "LinearInt8", "Int8Layer",
+           "Quantize", "Dequantize", "AddInt8", "CatInt8", "AvgPool2dInt8", "MaxPool2dInt8"]
 
 
 def codes_dtype(qmin: int) -> torch.dtype:
@@ -71,7 +55,8 @@ def _values(q, scale, zp) -> torch.Tensor:
     return (q.to(torch.int64) - zp).float() * scale.float()
 
 
-def _is_codes(x: torch.Tensor) -> bool:
+def is_codes(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds int8 codes (uint8 or int8), not float values."""
     return x.dtype in (torch.uint8, torch.int8)
 
 
@@ -129,7 +114,7 @@ def _exact_acc(xc: torch.Tensor, w: torch.Tensor, k: int, cmax: int, fn) -> torc
 
 
 def _centered(x, x_scale, x_zp, x_qmin, x_qmax) -> tuple[torch.Tensor, int]:
-    q = x.to(torch.int64) if _is_codes(x) else _quant(x, x_scale, x_zp, x_qmin, x_qmax)
+    q = x.to(torch.int64) if is_codes(x) else _quant(x, x_scale, x_zp, x_qmin, x_qmax)
     zp = int(x_zp)
     return q - zp, max(zp - x_qmin, x_qmax - zp)
 
@@ -142,13 +127,13 @@ def conv2d_int8_reference(x, w_q, w_scale, bias, stride, padding, dilation, grou
     float64; then the float32 epilogue."""
     k = w_q.shape[1] * w_q.shape[2] * w_q.shape[3]
     xc, cmax = _centered(x, x_scale, x_zp, x_qmin, x_qmax)
-    fmt = _out_format(x)
+    fmt = out_format(x)
     acc = _exact_acc(xc.contiguous(memory_format=fmt), w_q, k, cmax,
                      lambda a, w: F.conv2d(a, w, None, list(stride), list(padding),
                                            list(dilation), groups))
     q = _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin,
                   y_qmax, 1)
-    y = _finish(q, y_zp, y_scale, y_qmin, out_int8, torch.float32 if _is_codes(x) else x.dtype)
+    y = _finish(q, y_zp, y_scale, y_qmin, out_int8, torch.float32 if is_codes(x) else x.dtype)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
@@ -160,7 +145,7 @@ def linear_int8_reference(x, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, r
     q = _epilogue(acc, x_scale, w_scale, bias, residual, act, act_args, y_scale, y_zp, y_qmin,
                   y_qmax, -1)
     return _finish(q, y_zp, y_scale, y_qmin, out_int8,
-                   torch.float32 if _is_codes(x) else x.dtype).contiguous()
+                   torch.float32 if is_codes(x) else x.dtype).contiguous()
 
 
 def add_int8_reference(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none",
@@ -194,19 +179,15 @@ def cat_int8_reference(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax) -> t
 def _conv2d_int8_fake(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                       y_scale, y_zp, residual=None, *, act="none", act_args=(), x_qmin=0,
                       x_qmax=255, y_qmin=0, y_qmax=255, out_int8=False):
-    spatial = []
-    for i, (s, p, d) in enumerate(zip(stride, padding, dilation)):
-        size, k = x.shape[2 + i], w_q.shape[2 + i]
-        spatial.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-    dtype = codes_dtype(y_qmin) if out_int8 else (torch.float32 if _is_codes(x) else x.dtype)
-    return torch.empty([x.shape[0], w_q.shape[0], *spatial], dtype=dtype, device=x.device,
-                       memory_format=_out_format(x))
+    shape = conv_out_shape(x, w_q.shape[2:], w_q.shape[0], stride, padding, dilation)
+    dtype = codes_dtype(y_qmin) if out_int8 else (torch.float32 if is_codes(x) else x.dtype)
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=out_format(x))
 
 
 def _linear_int8_fake(x, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, residual=None, *,
                       act="none", act_args=(), x_qmin=0, x_qmax=255, y_qmin=0, y_qmax=255,
                       out_int8=False):
-    dtype = codes_dtype(y_qmin) if out_int8 else (torch.float32 if _is_codes(x) else x.dtype)
+    dtype = codes_dtype(y_qmin) if out_int8 else (torch.float32 if is_codes(x) else x.dtype)
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=dtype)
 
 
@@ -236,32 +217,57 @@ def _cat_int8_fake(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax):
     return torch.cat([torch.empty_like(q, dtype=codes_dtype(y_qmin)) for q in qs], dim)
 
 
-_IMPLS = {
-    "conv2d_int8": (conv2d_int8_reference, _conv2d_int8_fake),
-    "linear_int8": (linear_int8_reference, _linear_int8_fake),
-    "quantize": (quantize_reference, _quantize_fake),
-    "dequantize": (dequantize_reference, _dequantize_fake),
-    "add_int8": (add_int8_reference, _add_int8_fake),
-    "adaptive_avg_pool2d_int8": (adaptive_avg_pool2d_int8_reference, _avg_pool_fake),
-    "cat_int8": (cat_int8_reference, _cat_int8_fake),
-    "max_pool2d_int8": (max_pool2d_int8_reference, _max_pool_fake),
-}
-for _name, (_ref, _fake) in _IMPLS.items():
-    LIB.impl(_name, _ref, "CPU")
-    LIB.impl(_name, _ref, "CUDA")  # lower_to_triton replaces these with the Triton kernels
-    torch.library.register_fake(f"fxopt::{_name}", _fake, lib=LIB)
+# -- the ops ------------------------------------------------------------------------------------
+_TAIL = ("Tensor x_scale, Tensor x_zp, Tensor y_scale, Tensor y_zp, Tensor? residual=None, *, "
+         "str act='none', float[] act_args=[], int x_qmin=0, int x_qmax=255, int y_qmin=0, "
+         "int y_qmax=255, bool out_int8=False) -> Tensor")
+CONV2D_INT8 = define_op(
+    "conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int[2] stride, "
+    "int[2] padding, int[2] dilation, int groups, " + _TAIL,
+    family="int8", reference=conv2d_int8_reference, fake=_conv2d_int8_fake,
+    macs=weight_macs("w_q"))
+LINEAR_INT8 = define_op(
+    "linear_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, " + _TAIL,
+    family="int8", reference=linear_int8_reference, fake=_linear_int8_fake,
+    macs=weight_macs("w_q"))
+QUANTIZE = define_op("quantize(Tensor x, Tensor scale, Tensor zp, int qmin, int qmax) -> Tensor",
+                     family="int8", reference=quantize_reference, fake=_quantize_fake)
+DEQUANTIZE = define_op("dequantize(Tensor q, Tensor scale, Tensor zp) -> Tensor",
+                       family="int8", reference=dequantize_reference, fake=_dequantize_fake)
+ADD_INT8 = define_op(
+    "add_int8(Tensor a, Tensor a_scale, Tensor a_zp, Tensor b, Tensor b_scale, Tensor b_zp, "
+    "Tensor y_scale, Tensor y_zp, *, str act='none', float[] act_args=[], int y_qmin=0, "
+    "int y_qmax=255) -> Tensor",
+    family="int8", reference=add_int8_reference, fake=_add_int8_fake)
+AVGPOOL_INT8 = define_op(
+    "adaptive_avg_pool2d_int8(Tensor q, int[2] output_size, Tensor scale, Tensor zp, int qmin, "
+    "int qmax) -> Tensor",
+    family="int8", reference=adaptive_avg_pool2d_int8_reference, fake=_avg_pool_fake)
+MAXPOOL_INT8 = define_op(
+    "max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
+    "int[2] dilation, bool ceil_mode) -> Tensor",
+    family="int8", reference=max_pool2d_int8_reference, fake=_max_pool_fake)
+CAT_INT8 = define_op(
+    "cat_int8(Tensor[] qs, Tensor[] scales, Tensor[] zps, int dim, Tensor y_scale, Tensor y_zp, "
+    "int y_qmin, int y_qmax) -> Tensor",
+    family="int8", reference=cat_int8_reference, fake=_cat_int8_fake)
 
-INT8_IR_OPS = tuple(getattr(torch.ops.fxopt, name).default for name in _IMPLS)
-# The op handles the passes match and write (one definition: quantize, the lowerings).
-CONV2D_INT8 = torch.ops.fxopt.conv2d_int8.default
-LINEAR_INT8 = torch.ops.fxopt.linear_int8.default
-QUANTIZE = torch.ops.fxopt.quantize.default
-DEQUANTIZE = torch.ops.fxopt.dequantize.default
-ADD_INT8 = torch.ops.fxopt.add_int8.default
-CAT_INT8 = torch.ops.fxopt.cat_int8.default
-AVGPOOL_INT8 = torch.ops.fxopt.adaptive_avg_pool2d_int8.default
-MAXPOOL_INT8 = torch.ops.fxopt.max_pool2d_int8.default
+Conv2dInt8 = CONV2D_INT8.view
+LinearInt8 = LINEAR_INT8.view
+Quantize = QUANTIZE.view
+Dequantize = DEQUANTIZE.view
+AddInt8 = ADD_INT8.view
+AvgPool2dInt8 = AVGPOOL_INT8.view
+MaxPool2dInt8 = MAXPOOL_INT8.view
+CatInt8 = CAT_INT8.view
 
 
-MAC_COUNTERS[torch.ops.fxopt.conv2d_int8] = conv_weight_macs
-MAC_COUNTERS[torch.ops.fxopt.linear_int8] = linear_weight_macs
+class Int8Layer(OpView):
+    """``conv2d_int8`` / ``linear_int8``, read through the parameters they share (x, w_q,
+    w_scale, bias, the x and y grids, residual, act, act_args, out_int8)."""
+
+    ops = (CONV2D_INT8, LINEAR_INT8)
+
+
+INT8_IR_OPS = tuple(op.overload for op in (CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE,
+                                           ADD_INT8, AVGPOOL_INT8, CAT_INT8, MAXPOOL_INT8))

@@ -38,15 +38,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fxopt.ir.metrics import MAC_COUNTERS, linear_weight_macs
-from fxopt.ops.fused import LIB, _check_act, apply_activation
+from fxopt.ir.activations import apply_activation, check_activation
+from fxopt.ops.schema import define_op, weight_macs
 
 __all__ = ["dynamic_qparams", "fake_quantize_dynamic", "linear_int8_dynamic_reference",
-           "dynamic_fast_path_available", "clear_dynamic_packed_cache", "SMALL_SCALE_THRESHOLD"]
-
-LIB.define("linear_int8_dynamic(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
-           "Tensor? residual=None, *, str act='none', float[] act_args=[], "
-           "bool reduce_range=True) -> Tensor")
+           "dynamic_fast_path_available", "SMALL_SCALE_THRESHOLD", "LINEAR_INT8_DYNAMIC",
+           "LinearInt8Dynamic"]
 
 # fbgemm / ATen quant_utils: scales below fp16's smallest normal are raised to it.
 SMALL_SCALE_THRESHOLD = 6.1e-5
@@ -131,7 +128,7 @@ def linear_int8_dynamic_reference(x, w_q, w_scale, bias, residual=None, *, act="
                                   reduce_range=True) -> torch.Tensor:
     """Exact integer linear on the run-time grid: codes ``q - zp`` times ``w_q`` accumulated
     exactly, then ``fma(acc, x_scale * w_scale, bias)`` (+ residual), then the activation."""
-    _check_act(act, act_args)
+    check_activation(act, act_args)
     scale, zp = dynamic_qparams(x, reduce_range)
     xq = _codes(x, scale, zp) - zp
     # Every partial sum is bounded by k * max|x code| * 128; below 2**24 float32 is exact in
@@ -158,11 +155,6 @@ def linear_int8_dynamic_reference(x, w_q, w_scale, bias, residual=None, *, act="
 # (id(w_q), act) -> (weakrefs to w_q, w_scale, bias; their versions; packed params)
 _PACKED: dict[tuple, tuple] = {}
 _fast_state: dict[str, bool] = {}
-
-
-def clear_dynamic_packed_cache() -> None:
-    """Drop the cached prepacked weights (rebuilt on the next call)."""
-    _PACKED.clear()
 
 
 def _version(t) -> int:
@@ -237,7 +229,7 @@ def _linear_int8_dynamic_cpu(x, w_q, w_scale, bias, residual=None, *, act="none"
             or not dynamic_fast_path_available()):
         return linear_int8_dynamic_reference(x, w_q, w_scale, bias, residual, act=act,
                                              act_args=act_args, reduce_range=reduce_range)
-    _check_act(act, act_args)
+    check_activation(act, act_args)
     packed = _packed(w_q, w_scale, bias, act)
     fn = torch.ops.quantized.linear_relu_dynamic if act == "relu" \
         else torch.ops.quantized.linear_dynamic
@@ -252,9 +244,10 @@ def _linear_int8_dynamic_fake(x, w_q, w_scale, bias, residual=None, *, act="none
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
-LIB.impl("linear_int8_dynamic", _linear_int8_dynamic_cpu, "CPU")
-LIB.impl("linear_int8_dynamic", linear_int8_dynamic_reference, "CUDA")  # Triton replaces this
-torch.library.register_fake("fxopt::linear_int8_dynamic", _linear_int8_dynamic_fake, lib=LIB)
-
-
-MAC_COUNTERS[torch.ops.fxopt.linear_int8_dynamic] = linear_weight_macs
+LINEAR_INT8_DYNAMIC = define_op(
+    "linear_int8_dynamic(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
+    "Tensor? residual=None, *, str act='none', float[] act_args=[], "
+    "bool reduce_range=True) -> Tensor",
+    family="int8", reference=linear_int8_dynamic_reference, fake=_linear_int8_dynamic_fake,
+    cpu=_linear_int8_dynamic_cpu, macs=weight_macs("w_q"))
+LinearInt8Dynamic = LINEAR_INT8_DYNAMIC.view

@@ -35,14 +35,13 @@ These are inference ops: they have no autograd formula.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
 
-from fxopt.ir.graph import tensor_meta
-from fxopt.ir.metrics import MAC_COUNTERS, conv_weight_macs, linear_weight_macs
-from fxopt.ops.fused import LIB, conv_act_reference, linear_act_reference
+from fxopt.ops.fused import conv_act_reference, linear_act_reference
+from fxopt.ops.schema import define_op, weight_macs
+from fxopt.ops.shapes import conv_out_shape
 from fxopt.ops.int8 import (
     adaptive_avg_pool2d_int8_reference,
     add_int8_reference,
@@ -54,36 +53,12 @@ from fxopt.ops.int8 import (
     quantize_reference,
 )
 
-__all__ = ["TRITON_OPS", "triton_on_cpu", "ON_CPU_ENV"]
+__all__ = ["TRITON_OPS", "triton_on_cpu", "ON_CPU_ENV", "TRITON_CONV2D", "TRITON_DEPTHWISE_CONV2D",
+           "TRITON_LINEAR", "TRITON_QUANTIZE", "TRITON_DEQUANTIZE", "TRITON_CONV2D_INT8",
+           "TRITON_DEPTHWISE_CONV2D_INT8", "TRITON_LINEAR_INT8", "TRITON_ADD_INT8",
+           "TRITON_MAX_POOL2D_INT8", "TRITON_GLOBAL_AVG_POOL2D_INT8"]
 
 ON_CPU_ENV = "FXOPT_TRITON_ON_CPU"
-
-_ACT = "*, str act='none', float[] act_args=[]) -> Tensor"
-_INT8 = ("float x_scale, int x_zp, float y_scale, int y_zp, Tensor? residual=None, *, "
-         "str act='none', float[] act_args=[], int x_qmin=0, int x_qmax=255, int y_qmin=0, "
-         "int y_qmax=255, bool out_int8=False) -> Tensor")
-LIB.define("triton_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-           "int[2] dilation, int groups, Tensor? residual=None, " + _ACT)
-LIB.define("triton_depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] kernel_size, "
-           "int[2] stride, int[2] padding, int[2] dilation, Tensor? residual=None, " + _ACT)
-LIB.define("triton_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, " + _ACT)
-LIB.define("triton_quantize(Tensor x, float scale, int zp, int qmin, int qmax) -> Tensor")
-LIB.define("triton_dequantize(Tensor q, float scale, int zp) -> Tensor")
-LIB.define("triton_conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
-           "Tensor w_colsum, int[2] stride, int[2] padding, int[2] dilation, int groups, " + _INT8)
-LIB.define("triton_depthwise_conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
-           "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, " + _INT8)
-LIB.define("triton_linear_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
-           "Tensor w_colsum, " + _INT8)
-
-LIB.define("triton_add_int8(Tensor a, float a_scale, int a_zp, Tensor b, float b_scale, int b_zp, "
-           "float y_scale, int y_zp, *, str act='none', float[] act_args=[], int y_qmin=0, "
-           "int y_qmax=255) -> Tensor")
-LIB.define("triton_max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
-           "int[2] dilation, bool ceil_mode) -> Tensor")
-LIB.define("triton_global_avg_pool2d_int8(Tensor q, float scale, int zp, int qmin, int qmax) "
-           "-> Tensor")
-
 
 def triton_on_cpu() -> bool:
     """Whether CPU tensors go to the Triton launchers (interpreted): ``FXOPT_TRITON_ON_CPU=1``."""
@@ -132,10 +107,7 @@ def _nhwc(t):
 
 
 def _conv_shape(x, kh, kw, cout, stride, padding, dilation):
-    out = [x.shape[0], cout]
-    for size, k, s, p, d in zip(x.shape[2:], (kh, kw), stride, padding, dilation):
-        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-    return out
+    return conv_out_shape(x, (kh, kw), cout, stride, padding, dilation)
 
 
 def _residual(res, shape, fmt=None):
@@ -436,38 +408,58 @@ def _global_avg_pool_int8_fake(q, scale, zp, qmin, qmax):
                        memory_format=torch.channels_last)
 
 
-_IMPLS = {
-    "triton_conv2d": (_triton_conv2d, _conv_fake),
-    "triton_depthwise_conv2d": (_triton_depthwise_conv2d, _depthwise_fake),
-    "triton_linear": (_triton_linear, _linear_fake),
-    "triton_quantize": (_triton_quantize, _quantize_fake),
-    "triton_dequantize": (_triton_dequantize, _dequantize_fake),
-    "triton_conv2d_int8": (_triton_conv2d_int8, _conv_int8_fake),
-    "triton_depthwise_conv2d_int8": (_triton_depthwise_conv2d_int8, _depthwise_int8_fake),
-    "triton_linear_int8": (_triton_linear_int8, _linear_int8_fake),
-    "triton_add_int8": (_triton_add_int8, _add_int8_fake),
-    "triton_max_pool2d_int8": (_triton_max_pool2d_int8, _max_pool_int8_fake),
-    "triton_global_avg_pool2d_int8": (_triton_global_avg_pool2d_int8, _global_avg_pool_int8_fake),
-}
-for _name, (_impl, _fake) in _IMPLS.items():
-    LIB.impl(_name, _impl, "CPU")
-    LIB.impl(_name, _impl, "CUDA")
-    torch.library.register_fake(f"fxopt::{_name}", _fake, lib=LIB)
-
-TRITON_OPS = tuple(getattr(torch.ops.fxopt, _name).default for _name in _IMPLS)
+# -- the ops ------------------------------------------------------------------------------------
+_ACT = "*, str act='none', float[] act_args=[]) -> Tensor"
+_INT8 = ("float x_scale, int x_zp, float y_scale, int y_zp, Tensor? residual=None, *, "
+         "str act='none', float[] act_args=[], int x_qmin=0, int x_qmax=255, int y_qmin=0, "
+         "int y_qmax=255, bool out_int8=False) -> Tensor")
+_DEPTHWISE_MACS = weight_macs("weight", depthwise_kernel="weight")  # weight [KH*KW, C]
+_DEPTHWISE_INT8_MACS = weight_macs("w_q", depthwise_kernel="w_q")
 
 
-# -- MAC counts ---------------------------------------------------------------------------------
-def _depthwise_macs(node, gm) -> int:
-    out = tensor_meta(node)
-    w = tensor_meta(node.args[1])  # weight [KH*KW, C]
-    return math.prod(out.shape) * w.shape[0] if out is not None and w is not None else 0
+def _op(signature: str, impl, fake, macs=None):
+    return define_op(signature, family="triton", reference=impl, fake=fake, macs=macs)
 
 
-for _op, _fn in ((torch.ops.fxopt.triton_conv2d, conv_weight_macs),
-                 (torch.ops.fxopt.triton_conv2d_int8, conv_weight_macs),
-                 (torch.ops.fxopt.triton_depthwise_conv2d, _depthwise_macs),
-                 (torch.ops.fxopt.triton_depthwise_conv2d_int8, _depthwise_macs),
-                 (torch.ops.fxopt.triton_linear, linear_weight_macs),
-                 (torch.ops.fxopt.triton_linear_int8, linear_weight_macs)):
-    MAC_COUNTERS[_op] = _fn
+TRITON_CONV2D = _op(
+    "triton_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+    "int[2] dilation, int groups, Tensor? residual=None, " + _ACT,
+    _triton_conv2d, _conv_fake, weight_macs("weight"))
+TRITON_DEPTHWISE_CONV2D = _op(
+    "triton_depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] kernel_size, "
+    "int[2] stride, int[2] padding, int[2] dilation, Tensor? residual=None, " + _ACT,
+    _triton_depthwise_conv2d, _depthwise_fake, _DEPTHWISE_MACS)
+TRITON_LINEAR = _op(
+    "triton_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, " + _ACT,
+    _triton_linear, _linear_fake, weight_macs("weight"))
+TRITON_QUANTIZE = _op(
+    "triton_quantize(Tensor x, float scale, int zp, int qmin, int qmax) -> Tensor",
+    _triton_quantize, _quantize_fake)
+TRITON_DEQUANTIZE = _op("triton_dequantize(Tensor q, float scale, int zp) -> Tensor",
+                        _triton_dequantize, _dequantize_fake)
+TRITON_CONV2D_INT8 = _op(
+    "triton_conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor w_colsum, "
+    "int[2] stride, int[2] padding, int[2] dilation, int groups, " + _INT8,
+    _triton_conv2d_int8, _conv_int8_fake, weight_macs("w_q"))
+TRITON_DEPTHWISE_CONV2D_INT8 = _op(
+    "triton_depthwise_conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
+    "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, " + _INT8,
+    _triton_depthwise_conv2d_int8, _depthwise_int8_fake, _DEPTHWISE_INT8_MACS)
+TRITON_LINEAR_INT8 = _op(
+    "triton_linear_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor w_colsum, "
+    + _INT8, _triton_linear_int8, _linear_int8_fake, weight_macs("w_q"))
+TRITON_ADD_INT8 = _op(
+    "triton_add_int8(Tensor a, float a_scale, int a_zp, Tensor b, float b_scale, int b_zp, "
+    "float y_scale, int y_zp, *, str act='none', float[] act_args=[], int y_qmin=0, "
+    "int y_qmax=255) -> Tensor", _triton_add_int8, _add_int8_fake)
+TRITON_MAX_POOL2D_INT8 = _op(
+    "triton_max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
+    "int[2] dilation, bool ceil_mode) -> Tensor", _triton_max_pool2d_int8, _max_pool_int8_fake)
+TRITON_GLOBAL_AVG_POOL2D_INT8 = _op(
+    "triton_global_avg_pool2d_int8(Tensor q, float scale, int zp, int qmin, int qmax) -> Tensor",
+    _triton_global_avg_pool2d_int8, _global_avg_pool_int8_fake)
+
+TRITON_OPS = tuple(op.overload for op in (
+    TRITON_CONV2D, TRITON_DEPTHWISE_CONV2D, TRITON_LINEAR, TRITON_QUANTIZE, TRITON_DEQUANTIZE,
+    TRITON_CONV2D_INT8, TRITON_DEPTHWISE_CONV2D_INT8, TRITON_LINEAR_INT8, TRITON_ADD_INT8,
+    TRITON_MAX_POOL2D_INT8, TRITON_GLOBAL_AVG_POOL2D_INT8))

@@ -12,13 +12,8 @@
    int8 add with the activation, as PyTorch's quantized kernels and ONNX QDQ want it. A
    float value read by a quantized op is quantized on its observed grid (a region entry);
    an int8 value read by a float op is dequantized (an exit).
-3. :class:`SimulatedInt8`: the reference of DESIGN.md section 4, the float graph run with
-   fake quantization at every int8 value, every entry and every weight, in float. A layer's
-   sum of fake-quantized products is taken exactly (float64 over the centered codes, which
-   holds every such sum without rounding) and scaled in float32 as the int8 epilogue does:
-   a float32 convolution of fake-quantized values rounds each product and partial sum, and
-   in a deep network one value flipped to the neighbouring code at a tie grows, layer after
-   layer, past the one-step bound (ResNet-50 did). Same numbers, one rounding.
+3. ``fxopt.quant.simulate.SimulatedInt8``: the reference of DESIGN.md section 4, the float
+   graph run with fake quantization wherever the plan puts int8.
 
 Every grid comes from one calibration over all candidate values (:func:`observed_values`),
 so plans for different layer sets (the sensitivity search) share it.
@@ -37,17 +32,21 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fxopt.ops  # noqa: F401 - torch.ops.fxopt.*
 from fxopt.ir.graph import get_attr_value, module_path
-from fxopt.ops.fused import apply_activation
+from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT
+from fxopt.ops.schema import OpView
 from fxopt.quant.qparams import QParams
 
-__all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "SimulatedInt8",
-           "pass_kind", "PRE"]
+__all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
+           "QuantizableFused"]
 
-CONV2D = torch.ops.fxopt.conv2d_act.default
-LINEAR = torch.ops.fxopt.linear_act.default
 PRE = "pre"  # grids key ("pre", node): a residual layer's output before the add
+
+
+class QuantizableFused(OpView):
+    """The fused ops ``quantize_int8`` quantizes: ``conv2d_act`` and ``linear_act``."""
+
+    ops = (CONV2D_ACT, LINEAR_ACT)
 
 
 @dataclass
@@ -86,28 +85,24 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
                 layers.append(Layer(n, "linear", n.args[0], m.weight.detach(),
                                     None if m.bias is None else m.bias.detach(), None, None,
                                     "none", [], str(n.target), type(m)))
-        elif n.op == "call_function" and n.target in (CONV2D, LINEAR):
-            conv = n.target is CONV2D
-            nfixed = 7 if conv else 3
-            args = list(n.args)
-            w_node, b_node = args[1], args[2]
-            if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
+        elif (v := QuantizableFused.match(n)) is not None:
+            conv = v.schema is CONV2D_ACT
+            if not (isinstance(v.weight, fx.Node) and v.weight.op == "get_attr"):
                 continue
-            if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"):
+            if v.bias is not None and not (isinstance(v.bias, fx.Node) and v.bias.op == "get_attr"):
                 continue
-            residual = args[nfixed] if len(args) > nfixed else n.kwargs.get("residual")
-            if residual is not None and not isinstance(residual, fx.Node):
+            if v.residual is not None and not isinstance(v.residual, fx.Node):
                 continue
-            weight = get_attr_value(gm, w_node.target).detach()
-            bias = None if b_node is None else get_attr_value(gm, b_node.target).detach()
+            weight = get_attr_value(gm, v.weight.target).detach()
+            bias = None if v.bias is None else get_attr_value(gm, v.bias.target).detach()
             # A fused node carries its root's path (the activation's: "layer1.0.relu"); the
             # layer is the module that owns the weight ("layer1.0.conv1"), which keep_float
             # and the report name.
-            path = module_path(w_node) or module_path(n)
-            layers.append(Layer(n, "conv2d" if conv else "linear", args[0], weight, bias,
-                                tuple(args[3:7]) if conv else None, residual,
-                                n.kwargs.get("act", "none"), list(n.kwargs.get("act_args", [])),
-                                path, nn.Conv2d if conv else nn.Linear))
+            path = module_path(v.weight) or module_path(n)
+            layers.append(Layer(n, "conv2d" if conv else "linear", v.x, weight, bias,
+                                (v.stride, v.padding, v.dilation, v.groups) if conv else None,
+                                v.residual, v.act, list(v.act_args), path,
+                                nn.Conv2d if conv else nn.Linear))
     return [l for l in layers if l.weight.dtype == torch.float32 and isinstance(l.x, fx.Node)]
 
 
@@ -215,74 +210,3 @@ def make_plan(gm: fx.GraphModule, layers: list[Layer], grids: dict,
         elif _is_cat(n) and all(a in roles for a in n.args[0]) and n in grids:
             roles[n] = "cat"
     return Plan(by_node, roles, grids, {l.node: weights[l.node] for l in layers})
-
-
-# -- the simulated (fake-quant) model ---------------------------------------------------------
-def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x, float(qp.scale), int(qp.zero_point),
-                                                 qp.qmin, qp.qmax)
-
-
-class _Simulator(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, plan: Plan, fq_weights: dict):
-        super().__init__(gm)
-        self.plan, self.fq_weights = plan, fq_weights
-
-    def _entry(self, value_node: fx.Node) -> torch.Tensor:
-        v = self.env[value_node]
-        return v if self.plan.is_int8(value_node) else fake_quant(v, self.plan.grid(value_node))
-
-    def run_node(self, n):
-        layer = self.plan.layers.get(n)
-        if layer is None:
-            out = super().run_node(n)
-        else:
-            out = self._layer(n, layer)
-        if n in self.plan.roles:
-            out = fake_quant(out, self.plan.grid(n))
-        return out
-
-    def _layer(self, n: fx.Node, layer: Layer) -> torch.Tensor:
-        x = self._entry(layer.x)
-        x_qp = self.plan.grid(layer.x)
-        w_q, w_s = self.fq_weights[n]
-        # fake-quantized x times fake-quantized w, summed exactly: (x - zp) / s are the codes;
-        # float32 holds every partial sum below 2**24 exactly (depthwise convolutions, small
-        # layers: float64 convolutions are slow there), float64 the rest
-        zp = int(x_qp.zero_point)
-        k = w_q[0].numel()
-        exact32 = k * max(zp - x_qp.qmin, x_qp.qmax - zp) * 127 < 2 ** 24
-        dt = torch.float32 if exact32 else torch.float64
-        xc = (x_qp.quantize(x).to(torch.int64) - zp).to(dt)
-        w_q = w_q.to(dt)
-        if layer.kind == "conv2d":
-            stride, padding, dilation, groups = layer.conv
-            acc = F.conv2d(xc, w_q, None, list(stride), list(padding), list(dilation), groups)
-            shape = (1, -1) + (1,) * (acc.dim() - 2)
-        else:
-            acc = F.linear(xc, w_q)
-            shape = (-1,)
-        y = acc.float() * (x_qp.scale.float() * w_s).reshape(shape)
-        if layer.bias is not None:
-            y = y + layer.bias.float().reshape(shape)
-        if layer.residual is not None:
-            y = fake_quant(y, self.plan.grids[(PRE, n)]) + self._entry(layer.residual)
-        return apply_activation(y, layer.act, layer.act_args)
-
-
-class SimulatedInt8(nn.Module):
-    """The float graph with fake quantization wherever ``plan`` puts int8 (DESIGN.md section 4).
-
-    Holds the float graph without changing it; each call interprets it."""
-
-    def __init__(self, gm: fx.GraphModule, plan: Plan):
-        super().__init__()
-        self.gm = gm
-        self.plan = plan
-        # int8 weight codes and their per-channel scales
-        self._fq = {n: (qp.quantize(plan.layers[n].weight), qp.scale.float())
-                    for n, qp in plan.weights.items()}
-
-    def forward(self, *args):
-        with torch.no_grad():
-            return _Simulator(self.gm, self.plan, self._fq).run(*args)

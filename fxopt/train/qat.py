@@ -7,8 +7,9 @@ bring most of it back, the same way fine-tuning after pruning does.
 1. :func:`prepare_qat`: optimize a copy of the model with the default float pipeline (cleanup,
    BatchNorm folding, activation fusion), find the layers ``quantize_int8`` would quantize
    (the same ``QuantConfig`` selection: ``keep_float``, ``first_layer``/``last_layer``, the
-   CPU-kernel filter, the sensitivity fallback), calibrate the activation grids once
-   (``passes.quantize.calibrate``) and make the plan (``passes.quantize_plan.make_plan``).
+   CPU-kernel filter, the sensitivity fallback: ``fxopt.quant.select``), calibrate the
+   activation grids once (``fxopt.quant.calibrate``) and make the plan
+   (``fxopt.quant.plan.make_plan``).
    The result, a :class:`QATModel`, is a plain ``nn.Module``:
 
    - training mode: the fused float graph, interpreted with fake quantization at every point
@@ -17,10 +18,10 @@ bring most of it back, the same way fine-tuning after pruning does.
      the current weights (symmetric int8 per output channel, scale ``max|w_c| / 127``, as the
      pass does). ``torch.fake_quantize_*`` pass gradients straight through (STE, zero outside
      the clamp range), so the weights and biases, ``nn.Parameter`` s of the graph, train.
-   - eval mode: exactly :class:`~passes.quantize_plan.SimulatedInt8` for the plan with the
+   - eval mode: exactly :class:`~fxopt.quant.simulate.SimulatedInt8` for the plan with the
      current weights (the reference the int8 graph is checked against), without gradients.
 
-2. Training: ``fxopt.finetune(qat, ...)`` or ``fxopt.lightning.finetune_lightning(qat, ...,
+2. Training: ``fxopt.finetune(qat, ...)`` or ``fxopt.train.lightning.finetune_lightning(qat, ...,
    teacher=model)``: distillation from the float model works unchanged.
 
 3. :func:`convert`: the trained weights in the float fused graph, then the usual checked
@@ -46,38 +47,21 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fxopt.ops  # noqa: F401 - torch.ops.fxopt.*
 from fxopt.errors import InputError
+from fxopt.ir.activations import apply_activation
 from fxopt.ir.capture import normalize_inputs, propagate_shapes
 from fxopt.ir.graph import get_attr_value
-from fxopt.ops.fused import apply_activation
-from fxopt.passes.quant.quantize import (
-    _cpu_kernel,
-    _fallback,
-    _outputs,
-    _select,
-    calibrate,
-    calibration_inputs,
-)
+from fxopt.ops.fused import FusedLayer
+from fxopt.quant.calibrate import calibrate, calibration_inputs
 from fxopt.quant.config import QuantConfig
+from fxopt.quant.measure import outputs
 from fxopt.quant.observers import PerChannelMinMaxObserver
-from fxopt.quant.plan import (
-    PRE,
-    Layer,
-    Plan,
-    SimulatedInt8,
-    _Simulator,
-    fake_quant,
-    find_layers,
-    make_plan,
-)
+from fxopt.quant.plan import PRE, Layer, Plan, find_layers, make_plan
 from fxopt.quant.qparams import QParams
+from fxopt.quant.select import fallback, has_cpu_kernel, select_layers
+from fxopt.quant.simulate import SimulatedInt8, Simulator, fake_quant
 
-__all__ = ["prepare_qat", "convert", "QATModel"]
-
-CONV1D = torch.ops.fxopt.conv1d_act.default
-CONV2D = torch.ops.fxopt.conv2d_act.default
-LINEAR = torch.ops.fxopt.linear_act.default
+__all__ = ["prepare_qat", "convert", "QATModel", "weight_qparams"]
 
 
 def weight_qparams(w: torch.Tensor) -> QParams:
@@ -97,7 +81,7 @@ def _param_paths(gm: fx.GraphModule, layer: Layer) -> tuple[str, str | None]:
     return w.target, (b.target if b is not None else None)
 
 
-class _Trainer(_Simulator):
+class _Trainer(Simulator):
     """The training forward: every op differentiable (fake quantization with STE gradients;
     the fused ops, which have no autograd formula, as plain PyTorch ops)."""
 
@@ -109,7 +93,7 @@ class _Trainer(_Simulator):
         layer = self.plan.layers.get(n)
         if layer is not None:
             out = self._train_layer(n, layer)
-        elif n.op == "call_function" and n.target in (CONV1D, CONV2D, LINEAR):
+        elif FusedLayer.matches(n):
             out = self._float_fused(n)  # a layer kept in float
         else:
             out = fx.Interpreter.run_node(self, n)
@@ -118,22 +102,13 @@ class _Trainer(_Simulator):
         return out
 
     def _float_fused(self, n):
+        """A fused op as standard (differentiable) ops: its schema's decomposition."""
+        schema = FusedLayer.of(n).schema
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        args = list(args)
-        nfixed = 3 if n.target is LINEAR else 7
-        residual = args[nfixed] if len(args) > nfixed else kwargs.get("residual")
-        if n.target is LINEAR:
-            y = F.linear(args[0], args[1], args[2])
-        else:
-            conv = F.conv1d if n.target is CONV1D else F.conv2d
-            y = conv(args[0], args[1], args[2], list(args[3]), list(args[4]), list(args[5]),
-                     args[6])
-        if residual is not None:
-            y = y + residual
-        return apply_activation(y, kwargs.get("act", "none"), list(kwargs.get("act_args", [])))
+        return schema.decompose(*args, **kwargs)
 
     def _train_layer(self, n: fx.Node, layer: Layer) -> torch.Tensor:
-        x = self._entry(layer.x)
+        x = self.entry(layer.x)
         w_path, b_path = self.paths[n]
         w = get_attr_value(self.module, w_path)
         b = None if b_path is None else get_attr_value(self.module, b_path)
@@ -147,7 +122,7 @@ class _Trainer(_Simulator):
         else:
             y = F.linear(x, w_fq, b)
         if layer.residual is not None:
-            y = fake_quant(y, self.plan.grids[(PRE, n)]) + self._entry(layer.residual)
+            y = fake_quant(y, self.plan.grids[(PRE, n)]) + self.entry(layer.residual)
         return apply_activation(y, layer.act, layer.act_args)
 
 
@@ -249,10 +224,10 @@ def prepare_qat(model: nn.Module, example_inputs: Any, calibration_data: Any,
     gm = copy.deepcopy(gm)
     propagate_shapes(gm, inputs)
     all_layers = find_layers(gm)
-    layers, kept = _select(all_layers, cfg)
+    layers, kept = select_layers(all_layers, cfg)
     if target == "cpu" and cfg.float_without_kernel:
-        kept = kept + [l.label for l in layers if not _cpu_kernel(l)]
-        layers = [l for l in layers if _cpu_kernel(l)]
+        kept = kept + [l.label for l in layers if not has_cpu_kernel(l)]
+        layers = [l for l in layers if has_cpu_kernel(l)]
     if not layers:
         raise InputError("no layer to quantize: quantization-aware fine-tuning has nothing to "
                          "train", hint="check QuantConfig.keep_float / first_layer / last_layer")
@@ -260,10 +235,10 @@ def prepare_qat(model: nn.Module, example_inputs: Any, calibration_data: Any,
     grids, weights = calibrate(gm, layers, batches, cfg)
     by_sensitivity: list[str] = []
     if cfg.min_sqnr_db is not None or cfg.max_float_layers is not None:
-        float_outs = _outputs(gm, batches)
+        float_outs = outputs(gm, batches)
         sens = batches[:cfg.sensitivity_batches]
-        layers, moved, _ = _fallback(gm, layers, grids, weights, sens,
-                                     float_outs[:len(sens)], cfg)
+        layers, moved, _ = fallback(gm, layers, grids, weights, sens,
+                                    float_outs[:len(sens)], cfg)
         by_sensitivity = [l.label for l, _, _ in moved]
         kept = kept + by_sensitivity
         if not layers:

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxopt.infra.registry import PassContext, PassResult, register_group, register_pass
 from fxopt.ir.graph import (
@@ -40,6 +39,7 @@ from fxopt.ir.graph import (
     remove_unused_attributes,
     set_provenance,
     tensor_meta,
+    tensor_meta_of,
 )
 from fxopt.ir.purity import MutationInfo, erase_dead, has_side_effects, is_pure, may_alias_input
 from fxopt.passes.cleanup.noops import remove_noops
@@ -295,7 +295,7 @@ def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 new = graph.get_attr(name)
             copy_meta(new, b, with_tensor_meta=False)
             set_provenance(new, sub)
-            new.meta["tensor_meta"] = _extract_tensor_metadata(getattr(gm, name))
+            new.meta["tensor_meta"] = tensor_meta_of(getattr(gm, name))
             b.replace_all_uses_with(new)
             stats["folded"] += 1
         elif _inlinable(value):

@@ -10,7 +10,7 @@ activation after the layer), ``conv_add`` and ``linear_add`` (a residual added t
 output, either side of the ``+``), ``fused_act`` (an activation after a fused op that has none
 yet: ``act(conv(x) + y)`` is ``conv_add`` then ``fused_act``) and ``fused_add``. Layers are
 ``nn.Conv1d``/``nn.Conv2d`` (zero padding mode) and ``nn.Linear`` modules; activations are the
-canonical ones (``fxopt.canonical.ACTIVATIONS``) and ``torch.clamp``. The fused op reads the
+canonical ones (the activation table, ``fxopt.ir.activations``) and ``torch.clamp``. The fused op reads the
 layer's own weight and bias (``get_attr``), so parameters are shared, not copied.
 
 For the CPU target two more steps make the fused ops fast (options ``lower_convs`` and
@@ -39,23 +39,21 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fxopt.ops  # noqa: F401 - defines torch.ops.fxopt.*
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module
-from fxopt.ir.canonical import ACTIVATIONS, activation_of
+from fxopt.ir.activations import CAPTURE_FORMS, fused_activation
+from fxopt.ir.canonical import activation_of
 from fxopt.ir.graph import copy_meta, get_attr_value, tensor_meta
+from fxopt.ops.fused import CONV1D_ACT, CONV2D_ACT, FUSED_OPS, LINEAR_ACT, FusedLayer
 
-__all__ = ["fuse_act", "RULES", "LOWER_RULES", "FUSED_OPS", "act_spec", "to_channels_last"]
+__all__ = ["fuse_act", "RULES", "LOWER_RULES", "act_spec", "to_channels_last"]
 
-CONV1D = torch.ops.fxopt.conv1d_act.default
-CONV2D = torch.ops.fxopt.conv2d_act.default
-LINEAR = torch.ops.fxopt.linear_act.default
-FUSED_OPS = (CONV1D, CONV2D, LINEAR)
+CONV2D = CONV2D_ACT.overload
 
 _conv = module("conv", nn.Conv1d, nn.Conv2d)
 _conv2d = module("conv", nn.Conv2d)
 _linear = module("linear", nn.Linear)
-_act = call("act", *(fn for fn, _ in ACTIVATIONS.values()), torch.clamp)
+_act = call("act", *(row.canonical for row in CAPTURE_FORMS.values()), torch.clamp)
 _fused = call("fused", *FUSED_OPS)
 _add = call("add", operator.add)
 
@@ -67,7 +65,7 @@ _STRIDE_FUNCTIONS = {torch.as_strided, torch.Tensor.view, torch.Tensor.stride,
 # Ops that keep a channels-last input channels-last (only a hint for where to convert):
 # elementwise ops (a full-size input decides), pooling and per-channel ops (the first input).
 _ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.clamp,
-                *(fn for fn, _ in ACTIVATIONS.values())}
+                *(row.canonical for row in CAPTURE_FORMS.values())}
 _PER_CHANNEL = {F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                 F.adaptive_max_pool2d, F.batch_norm, F.interpolate}
 _PER_CHANNEL_MODULES = {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
@@ -96,20 +94,8 @@ def act_spec(node: fx.Node) -> tuple[str, list[float]] | str:
     found = activation_of(node)
     if found is None:
         return f"'{node.name}' is not an activation"
-    name, params = found
-    if name == "gelu":
-        approximate = params.get("approximate", "none")
-        if approximate not in ("none", "tanh"):
-            return f"gelu '{node.name}' has approximate={approximate!r}"
-        return ("gelu" if approximate == "none" else "gelu_tanh"), []
-    keys = {"leaky_relu": ["negative_slope"], "hardtanh": ["min_val", "max_val"],
-            "elu": ["alpha"]}.get(name, [])
-    if set(params) - set(keys) or not all(_number(params.get(k)) for k in keys):
-        return f"{name} '{node.name}' has parameters fxopt cannot fuse: {params}"
-    args = [float(params[k]) for k in keys]
-    if name == "hardtanh" and args[0] > args[1]:
-        return f"hardtanh '{node.name}' has min_val > max_val"
-    return name, args
+    spec = fused_activation(*found)
+    return f"{found[0]} '{node.name}' has {spec}" if isinstance(spec, str) else spec
 
 
 def _conv_params(conv: nn.Module) -> tuple[list, list, list, int] | str:
@@ -171,67 +157,47 @@ def _check_residual(m: Match, produced: fx.Node) -> bool:
         ty.dtype == tp.dtype
 
 
-def _fused_parts(node: fx.Node) -> tuple[list, dict]:
-    """(positional args without the residual, {"residual", "act", "act_args"}) of a fused call."""
-    n_fixed = 3 if node.target is LINEAR else 7
-    args = list(node.args[:n_fixed])
-    residual = node.args[n_fixed] if len(node.args) > n_fixed else node.kwargs.get("residual")
-    return args, {"residual": residual, "act": node.kwargs.get("act", "none"),
-                  "act_args": list(node.kwargs.get("act_args", []))}
-
-
-def _emit(b: Builder, target, args: list, residual, act: str, act_args: list, name: str) -> fx.Node:
-    if residual is not None:
-        args = args + [residual]
-    kwargs = {}
-    if act != "none":
-        kwargs["act"] = act
-    if act_args:
-        kwargs["act_args"] = act_args
-    return b.call_function(target, tuple(args), kwargs, name=name)
-
-
-def _layer_args(m: Match, b: Builder) -> tuple:
+def _layer_call(m: Match, b: Builder) -> tuple:
+    """(op schema, argument values, name) of the fused op for the matched layer module."""
     key = "conv" if "conv" in m.nodes else "linear"
     node = m.nodes[key]
     layer = m.module(key)
     weight = b.get_attr(f"{node.target}.weight")
     bias = b.get_attr(f"{node.target}.bias") if layer.bias is not None else None
+    values = {"x": node.args[0], "weight": weight, "bias": bias}
     if key == "linear":
-        return LINEAR, [node.args[0], weight, bias], node.name
+        return LINEAR_ACT, values, node.name
     stride, padding, dilation, groups = m.data["conv"]
-    target = CONV1D if isinstance(layer, nn.Conv1d) else CONV2D
-    return target, [node.args[0], weight, bias, stride, padding, dilation, groups], node.name
+    values.update(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return (CONV1D_ACT if isinstance(layer, nn.Conv1d) else CONV2D_ACT), values, node.name
 
 
 # -- rules --------------------------------------------------------------------------------------
 def _replace_layer_act(m: Match, b: Builder) -> fx.Node:
-    target, args, name = _layer_args(m, b)
+    op, values, name = _layer_call(m, b)
     act, act_args = m.data["act"]
-    return _emit(b, target, args, None, act, act_args, f"{name}_{act}")
+    return op.emit(b, name=f"{name}_{act}", **values, act=act, act_args=act_args)
 
 
 def _replace_layer_add(m: Match, b: Builder) -> fx.Node:
-    target, args, name = _layer_args(m, b)
-    return _emit(b, target, args, m["y"], "none", [], f"{name}_add")
+    op, values, name = _layer_call(m, b)
+    return op.emit(b, name=f"{name}_add", **values, residual=m["y"])
 
 
 def _replace_fused_act(m: Match, b: Builder) -> fx.Node:
-    fused = m.nodes["fused"]
-    args, extra = _fused_parts(fused)
+    fused = FusedLayer.of(m.nodes["fused"])
     act, act_args = m.data["act"]
-    return _emit(b, fused.target, args, extra["residual"], act, act_args, f"{fused.name}_{act}")
+    return fused.emit(b, name=f"{fused.node.name}_{act}", act=act, act_args=act_args)
 
 
 def _replace_fused_add(m: Match, b: Builder) -> fx.Node:
-    fused = m.nodes["fused"]
-    args, _ = _fused_parts(fused)
-    return _emit(b, fused.target, args, m["y"], "none", [], f"{fused.name}_add")
+    fused = FusedLayer.of(m.nodes["fused"])
+    return fused.emit(b, name=f"{fused.node.name}_add", residual=m["y"])
 
 
 def _fused_without(m: Match, *, residual: bool) -> bool:
-    _, extra = _fused_parts(m.nodes["fused"])
-    return extra["act"] == "none" and (not residual or extra["residual"] is None)
+    fused = FusedLayer.of(m.nodes["fused"])
+    return fused.act == "none" and (not residual or fused.residual is None)
 
 
 RULES = [
@@ -251,8 +217,8 @@ RULES = [
 
 
 def _replace_lower(m: Match, b: Builder) -> fx.Node:
-    target, args, name = _layer_args(m, b)
-    return _emit(b, target, args, None, "none", [], f"{name}_op")
+    op, values, name = _layer_call(m, b)
+    return op.emit(b, name=f"{name}_op", **values)
 
 
 # CPU: the remaining 2-D convolutions take the fused op too (oneDNN, prepacked weights).

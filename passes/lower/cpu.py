@@ -40,16 +40,11 @@ import torch.nn.functional as F
 
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import copy_meta, get_attr_value, module_path, remove_unused_attributes
-from fxopt.ops.int8 import (
-    ADD_INT8,
-    AVGPOOL_INT8,
-    CAT_INT8,
-    CONV2D_INT8,
-    DEQUANTIZE,
-    LINEAR_INT8,
-    MAXPOOL_INT8,
-    QUANTIZE,
-)
+from fxopt.ops import int8 as _int8_ops
+
+# TEMPORARY (layout refactor): op handles as overloads until this pass reads the schema
+(ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8, MAXPOOL_INT8, QUANTIZE) = (
+    getattr(_int8_ops, _n).overload for _n in ('ADD_INT8', 'AVGPOOL_INT8', 'CAT_INT8', 'CONV2D_INT8', 'DEQUANTIZE', 'LINEAR_INT8', 'MAXPOOL_INT8', 'QUANTIZE'))
 
 __all__ = ["lower_int8_cpu", "quantized_engine_available", "LockstepReference"]
 
@@ -368,7 +363,7 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "exact reference (slow); use QuantConfig(activation_symmetric=False) on CPU"])
     _quiet()
     reference = copy.deepcopy(gm)
-    from fxopt.passes.quant.rewrite import output_step as _output_step
+    from fxopt.quant.measure import output_step as _output_step
     exits = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE]
     step = _output_step(gm, exits)
     from fxopt.quant.config import QuantConfig

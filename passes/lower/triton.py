@@ -53,15 +53,11 @@ from fxopt.ir.graph import (
     module_path,
     remove_unused_attributes,
 )
-from fxopt.ops.int8 import (
-    ADD_INT8,
-    AVGPOOL_INT8,
-    CONV2D_INT8,
-    DEQUANTIZE,
-    LINEAR_INT8,
-    MAXPOOL_INT8,
-    QUANTIZE,
-)
+from fxopt.ops import int8 as _int8_ops
+
+# TEMPORARY (layout refactor): op handles as overloads until this pass reads the schema
+(ADD_INT8, AVGPOOL_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8, MAXPOOL_INT8, QUANTIZE) = (
+    getattr(_int8_ops, _n).overload for _n in ('ADD_INT8', 'AVGPOOL_INT8', 'CONV2D_INT8', 'DEQUANTIZE', 'LINEAR_INT8', 'MAXPOOL_INT8', 'QUANTIZE'))
 from fxopt.ops.triton import TRITON_OPS, triton_on_cpu
 
 __all__ = ["lower_to_triton", "triton_available"]
@@ -420,7 +416,7 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     exits = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE]
     step = 0.0
     if exits:
-        from fxopt.passes.quant.rewrite import output_step as _output_step
+        from fxopt.quant.measure import output_step as _output_step
         step = _output_step(gm, exits)
     low = _Lowering(gm)
     low.run()

@@ -5,7 +5,7 @@
 transformer blocks and other models whose activation ranges vary per input.
 
 1. Every ``nn.Linear`` call and every fused ``torch.ops.fxopt.linear_act`` whose weight is a
-   graph attribute becomes ``torch.ops.fxopt.linear_int8_dynamic`` (``fxopt.ops_int8_dynamic``)
+   graph attribute becomes ``torch.ops.fxopt.linear_int8_dynamic`` (``fxopt.ops.int8_dynamic``)
    with a per-channel symmetric int8 weight (``PerChannelMinMaxObserver``) and its scales as
    buffers; the bias, residual and activation of a fused op are kept. Each call picks its
    input's uint8 grid from the input's own min/max, as PyTorch's dynamic quantized linear does.
@@ -31,9 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-import fxopt.ops  # noqa: F401 - defines torch.ops.fxopt.*
 from fxopt.infra.registry import PassContext, PassResult
 from fxopt.ir.graph import (
     add_buffer,
@@ -41,16 +39,18 @@ from fxopt.ir.graph import (
     get_attr_value,
     module_path,
     remove_unused_attributes,
+    tensor_meta_of,
 )
-from fxopt.ops.int8_dynamic import dynamic_qparams, fake_quantize_dynamic
+from fxopt.ops.fused import FusedConv, FusedLinear
+from fxopt.ops.int8_dynamic import (LINEAR_INT8_DYNAMIC, LinearInt8Dynamic, dynamic_qparams,
+                                    fake_quantize_dynamic)
+from fxopt.quant.measure import sqnr_db
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.observers import PerChannelMinMaxObserver
 from fxopt.quant.qparams import QParams
 
-__all__ = ["quantize_dynamic_linear", "LINEAR_INT8_DYNAMIC"]
+__all__ = ["quantize_dynamic_linear"]
 
-LINEAR = torch.ops.fxopt.linear_act.default
-LINEAR_INT8_DYNAMIC = torch.ops.fxopt.linear_int8_dynamic.default
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -75,22 +75,21 @@ def _candidate(gm: fx.GraphModule, n: fx.Node) -> _Linear | None:
             return None
         return _Linear(n, n.args[0], m.weight.detach(), None if m.bias is None else
                        m.bias.detach(), None, None, "none", [], module_path(n) or str(n.target))
-    if n.op == "call_function" and n.target is LINEAR:
-        args = list(n.args)
-        w_node, b_node = args[1], args[2]
-        if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
-            return None
-        if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"):
-            return None
-        weight = get_attr_value(gm, w_node.target).detach()
-        if weight.dtype != torch.float32 or weight.dim() != 2:
-            return None
-        residual = args[3] if len(args) > 3 else n.kwargs.get("residual")
-        return _Linear(n, args[0], weight, None if b_node is None else
-                       get_attr_value(gm, b_node.target).detach(), b_node, residual,
-                       n.kwargs.get("act", "none"), list(n.kwargs.get("act_args", [])),
-                       module_path(n) or str(w_node.target).rpartition(".")[0] or n.name)
-    return None
+    v = FusedLinear.match(n)
+    if v is None:
+        return None
+    w_node, b_node = v.weight, v.bias
+    if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
+        return None
+    if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"):
+        return None
+    weight = get_attr_value(gm, w_node.target).detach()
+    if weight.dtype != torch.float32 or weight.dim() != 2:
+        return None
+    return _Linear(n, v.x, weight, None if b_node is None else
+                   get_attr_value(gm, b_node.target).detach(), b_node, v.residual, v.act,
+                   list(v.act_args),
+                   module_path(n) or str(w_node.target).rpartition(".")[0] or n.name)
 
 
 def _select(gm: fx.GraphModule, cfg: QuantConfig) -> tuple[list[_Linear], list[str]]:
@@ -100,7 +99,7 @@ def _select(gm: fx.GraphModule, cfg: QuantConfig) -> tuple[list[_Linear], list[s
     exactly what the first kept (idempotence)."""
     order: list[_Linear | None] = []  # None: a layer that is int8 already
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is LINEAR_INT8_DYNAMIC:
+        if LinearInt8Dynamic.matches(n):
             order.append(None)
             continue
         c = _candidate(gm, n)
@@ -130,8 +129,7 @@ def _float_notes(gm: fx.GraphModule) -> list[str]:
                               f"out_proj)")
             elif type(m) is not nn.Linear and any(isinstance(s, nn.Linear) for s in m.modules()):
                 leaves.append(f"{n.target} ({type(m).__name__})")
-        elif n.op == "call_function" and n.target in (torch.ops.fxopt.conv1d_act.default,
-                                                       torch.ops.fxopt.conv2d_act.default):
+        elif FusedConv.matches(n):
             convs += 1
     if leaves:
         notes.append("leaf modules are called whole, so the Linear layers inside them stay "
@@ -147,7 +145,7 @@ def _attr(gm: fx.GraphModule, prefix: str, value: torch.Tensor, before: fx.Node)
     name = add_buffer(gm, prefix, value)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
-    node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+    node.meta["tensor_meta"] = tensor_meta_of(value)
     return node
 
 
@@ -170,11 +168,11 @@ def _rewrite(gm: fx.GraphModule, layer: _Linear, w_qp: QParams, reduce_range: bo
     else:
         b = None if layer.bias is None else _attr(gm, f"{base}_bias_", layer.bias.clone(), n)
     with g.inserting_before(n):
-        new = g.call_function(LINEAR_INT8_DYNAMIC, (x, w_q, w_s, b, residual),
-                              dict(act=layer.act, act_args=list(layer.act_args),
-                                   reduce_range=bool(reduce_range)))
+        new = LINEAR_INT8_DYNAMIC.emit(g, x=x, w_q=w_q, w_scale=w_s, bias=b, residual=residual,
+                                       act=layer.act, act_args=list(layer.act_args),
+                                       reduce_range=bool(reduce_range))
     copy_meta(new, n)
-    old_weight = n.args[1] if n.op == "call_function" else None
+    old_weight = FusedLinear.of(n).weight if n.op == "call_function" else None
     n.replace_all_uses_with(new)
     g.erase_node(n)
     replaced[n] = new
@@ -193,8 +191,9 @@ def _simulated(gm: fx.GraphModule, plans: list[tuple[str, QParams]], reduce_rang
     w_max = {}
     for name, w_qp in plans:
         n = nodes[name]
+        x = n.args[0] if n.op == "call_module" else FusedLinear.of(n).x
         with g.inserting_before(n):
-            fq_x = g.call_function(fake_quantize_dynamic, (n.args[0], bool(reduce_range)))
+            fq_x = g.call_function(fake_quantize_dynamic, (x, bool(reduce_range)))
         w_max[fq_x.name] = float(w_qp.scale.max()) * w_qp.qmax
         if n.op == "call_module":
             m = ref.get_submodule(n.target)
@@ -206,11 +205,9 @@ def _simulated(gm: fx.GraphModule, plans: list[tuple[str, QParams]], reduce_rang
             n.replace_all_uses_with(new)
             g.erase_node(n)
         else:
-            args = list(n.args)
-            weight = get_attr_value(ref, args[1].target).detach()
-            args[0] = fq_x
-            args[1] = _attr(ref, "fq_weight_", w_qp.fake_quantize(weight), n)
-            n.args = tuple(args)
+            v = FusedLinear.of(n)
+            weight = get_attr_value(ref, v.weight.target).detach()
+            v.apply(x=fq_x, weight=_attr(ref, "fq_weight_", w_qp.fake_quantize(weight), n))
     g.lint()
     remove_unused_attributes(ref)
     ref.recompile()
@@ -250,8 +247,6 @@ def _output_step(out) -> float:
 
 def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConfig) -> PassResult:
     """Linear layers (plain or fused) become dynamic int8 ``linear_int8_dynamic`` calls."""
-    from fxopt.passes.quant.quantize import sqnr_db  # late: passes.quantize imports this module
-
     layers, kept = _select(gm, cfg)
     notes = _float_notes(gm)
     if kept:

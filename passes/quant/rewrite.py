@@ -1,35 +1,26 @@
 """The int8 rewrite of ``quantize_int8``: a :class:`~passes.quantize_plan.Plan` written into the
-graph as the int8 IR of ``fxopt.ops_int8``.
+graph as the int8 IR of ``fxopt.ops.int8``.
 
 ``Writer(gm, plan).run()`` walks the plan's int8 nodes in graph order: a layer becomes
 ``conv2d_int8`` / ``linear_int8`` writing codes (a residual layer: the conv on its pre-add grid,
 then ``add_int8`` with the activation); max pooling, average pooling, flatten, adds and cats of
 int8 values become their int8 forms; the first int8 reader of a float value gets a
 ``quantize``; every float reader of an int8 value gets one ``dequantize`` (an exit), which the
-pass returns to size its tolerance (:func:`output_step`).
+pass returns to size its tolerance (``fxopt.quant.measure.output_step``). Every call is written
+through the op schema, its arguments by name.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from fxopt.ir.graph import add_buffer, copy_meta, get_attr_value, module_path
-from fxopt.ops.int8 import (
-    ADD_INT8,
-    AVGPOOL_INT8,
-    CAT_INT8,
-    CONV2D_INT8,
-    DEQUANTIZE,
-    LINEAR_INT8,
-    MAXPOOL_INT8,
-    QUANTIZE,
-)
+from fxopt.ir.graph import add_buffer, copy_meta, module_path, tensor_meta_of
+from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE,
+                            LINEAR_INT8, MAXPOOL_INT8, QUANTIZE)
 from fxopt.quant.plan import PRE, Plan
 from fxopt.quant.qparams import QParams
 
-__all__ = ["Writer", "output_step"]
-
+__all__ = ["Writer"]
 
 
 def _label(n: fx.Node) -> str:
@@ -54,7 +45,7 @@ class Writer:
         first = next(n for n in self.g.nodes if n.op != "placeholder")
         with self.g.inserting_before(first):
             node = self.g.get_attr(name)
-        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        node.meta["tensor_meta"] = tensor_meta_of(value)
         if key is not None:
             self.attrs[key] = node
         return node
@@ -74,7 +65,7 @@ class Writer:
         q = self.entries.get(value)
         if q is None:
             with self.g.inserting_before(before):  # the first quantized reader
-                q = self.g.call_function(QUANTIZE, (value, s, z, qp.qmin, qp.qmax))
+                q = QUANTIZE.emit(self.g, x=value, scale=s, zp=z, qmin=qp.qmin, qmax=qp.qmax)
             copy_meta(q, value)
             self.entries[value] = q
             self.counts["quantize"] += 1
@@ -97,19 +88,17 @@ class Writer:
             y_qp = qp
         else:
             ys, yz, y_qp = self.grid_attrs(n, base)
-        kwargs = dict(act="none" if split else layer.act,
+        values = dict(x=x, w_q=w_q, w_scale=w_s, bias=b, x_scale=xs, x_zp=xz, y_scale=ys,
+                      y_zp=yz, act="none" if split else layer.act,
                       act_args=[] if split else list(layer.act_args), x_qmin=x_qp.qmin,
                       x_qmax=x_qp.qmax, y_qmin=y_qp.qmin, y_qmax=y_qp.qmax, out_int8=True)
+        op = LINEAR_INT8
         if layer.kind == "conv2d":
             stride, padding, dilation, groups = layer.conv
-            args = (x, w_q, w_s, b, list(stride), list(padding), list(dilation), groups,
-                    xs, xz, ys, yz)
-            target = CONV2D_INT8
-        else:
-            args = (x, w_q, w_s, b, xs, xz, ys, yz)
-            target = LINEAR_INT8
+            values.update(stride=stride, padding=padding, dilation=dilation, groups=groups)
+            op = CONV2D_INT8
         with self.g.inserting_before(n):
-            new = self.g.call_function(target, args, kwargs)
+            new = op.emit(self.g, **values)
         copy_meta(new, n)
         if layer.path:
             new.meta["fxopt_path"] = layer.path  # the conv / linear module, not the activation
@@ -119,9 +108,10 @@ class Writer:
         r, rs, rz, _ = self.input_codes(layer.residual, n)
         os_, oz, o_qp = self.grid_attrs(n, base)
         with self.g.inserting_before(n):
-            add = self.g.call_function(ADD_INT8, (new, ys, yz, r, rs, rz, os_, oz),
-                                       dict(act=layer.act, act_args=list(layer.act_args),
-                                            y_qmin=o_qp.qmin, y_qmax=o_qp.qmax))
+            add = ADD_INT8.emit(self.g, a=new, a_scale=ys, a_zp=yz, b=r, b_scale=rs, b_zp=rz,
+                                y_scale=os_, y_zp=oz, act=layer.act,
+                                act_args=list(layer.act_args), y_qmin=o_qp.qmin,
+                                y_qmax=o_qp.qmax)
         copy_meta(add, n)
         self.counts["add"] += 1
         return add
@@ -130,7 +120,9 @@ class Writer:
         src = n.args[0]
         if role == "maxpool":
             with self.g.inserting_before(n):
-                new = self.g.call_function(MAXPOOL_INT8, (self.codes[src], *_maxpool_args(self.gm, n)))
+                k, st, p, d, c = _maxpool_args(self.gm, n)
+                new = MAXPOOL_INT8.emit(self.g, q=self.codes[src], kernel_size=k, stride=st,
+                                        padding=p, dilation=d, ceil_mode=c)
             self.counts["pool"] += 1
         elif role in ("flatten", "identity"):
             args = (self.codes[src], *n.args[1:])
@@ -142,25 +134,26 @@ class Writer:
             s, z, qp = self.grid_attrs(src, _base(src))
             size = _avgpool_size(self.gm, n)
             with self.g.inserting_before(n):
-                new = self.g.call_function(AVGPOOL_INT8, (self.codes[src], size, s, z, qp.qmin,
-                                                          qp.qmax))
+                new = AVGPOOL_INT8.emit(self.g, q=self.codes[src], output_size=size, scale=s,
+                                        zp=z, qmin=qp.qmin, qmax=qp.qmax)
             self.counts["pool"] += 1
         elif role == "add":
             a, as_, az, _ = self.input_codes(n.args[0], n)
             b, bs, bz, _ = self.input_codes(n.args[1], n)
             ys, yz, qp = self.grid_attrs(n, _base(n))
             with self.g.inserting_before(n):
-                new = self.g.call_function(ADD_INT8, (a, as_, az, b, bs, bz, ys, yz),
-                                           dict(y_qmin=qp.qmin, y_qmax=qp.qmax))
+                new = ADD_INT8.emit(self.g, a=a, a_scale=as_, a_zp=az, b=b, b_scale=bs,
+                                    b_zp=bz, y_scale=ys, y_zp=yz, y_qmin=qp.qmin,
+                                    y_qmax=qp.qmax)
             self.counts["add"] += 1
         else:  # cat
             ins = [self.input_codes(v, n) for v in n.args[0]]
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
             ys, yz, qp = self.grid_attrs(n, _base(n))
             with self.g.inserting_before(n):
-                new = self.g.call_function(CAT_INT8, ([i[0] for i in ins], [i[1] for i in ins],
-                                                      [i[2] for i in ins], dim, ys, yz,
-                                                      qp.qmin, qp.qmax))
+                new = CAT_INT8.emit(self.g, qs=[i[0] for i in ins], scales=[i[1] for i in ins],
+                                    zps=[i[2] for i in ins], dim=dim, y_scale=ys, y_zp=yz,
+                                    y_qmin=qp.qmin, y_qmax=qp.qmax)
             self.counts["cat"] += 1
         copy_meta(new, n)
         return new
@@ -179,7 +172,7 @@ class Writer:
                 continue
             s, z, _ = self.grid_attrs(n, _base(n))
             with self.g.inserting_after(self.codes[n]):
-                deq = self.g.call_function(DEQUANTIZE, (self.codes[n], s, z))
+                deq = DEQUANTIZE.emit(self.g, q=self.codes[n], scale=s, zp=z)
             copy_meta(deq, n)
             self.counts["dequantize"] += 1
             exits.append(deq)
@@ -222,15 +215,3 @@ def _avgpool_size(gm, n: fx.Node) -> list[int]:
         size = (size, size)
     tm = n.meta.get("tensor_meta")
     return [int(s) if s is not None else int(tm.shape[-2 + i]) for i, s in enumerate(size)]
-
-
-def output_step(gm: fx.GraphModule, exits: list[fx.Node]) -> float:
-    """One quantization step of the output: the coarsest grid among the exits that reach the
-    graph output."""
-    reach: dict[fx.Node, bool] = {}
-    for n in reversed(list(gm.graph.nodes)):
-        reach[n] = n.op == "output" or any(reach.get(u, False) for u in n.users)
-    steps = [float(get_attr_value(gm, d.args[1].target)) for d in exits if reach.get(d)]
-    return max(steps) if steps else 0.0
-
-

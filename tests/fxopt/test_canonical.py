@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.ir.canonical import ACTIVATIONS, activation_of
+from fxopt.ir.activations import CAPTURE_FORMS
+from fxopt.ir.canonical import activation_of
 
 
 def calls(gm):
@@ -54,7 +55,7 @@ def test_activation_spellings_become_one_form(name, make, params):
     assert len(acts) == 1
     got_name, got_params = acts[0]
     assert got_name == name
-    expected = dict(ACTIVATIONS[name][1])
+    expected = dict(CAPTURE_FORMS[name].defaults)
     expected.update(params)
     assert got_params == expected
     assert not any(n.op == "call_module" and n.target == "act" for n in gm.graph.nodes)

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxopt.ops.fused as ops
+from fxopt.ir.activations import apply_activation
+from fxopt.ops import onednn
 from fxopt.ir.tolerances import rel_err, tolerance_for
 
 CL = torch.channels_last
@@ -89,10 +91,10 @@ def test_linear_act(act):
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.skipif(not ops.mkldnn_available(), reason="oneDNN is not available in this build")
+@pytest.mark.skipif(not onednn.mkldnn_available(), reason="oneDNN is not available in this build")
 def test_onednn_path_equals_reference_and_caches_packed_weights():
     x, w, b, r = _inputs(2, "channels_last", True)
-    ops.clear_weight_cache()
+    onednn.clear_weight_cache()
     for act in ACTS:
         args = ACTS[act][0]
         fast = torch.ops.fxopt.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, act=act,
@@ -100,12 +102,12 @@ def test_onednn_path_equals_reference_and_caches_packed_weights():
         slow = ops.conv_act_reference(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, act=act,
                                       act_args=args)
         assert rel_err(fast, slow) < 1e-5, act
-    assert len(ops._PACKED) == 1  # one packed copy of the weight, reused
+    assert onednn.packed_weights() == 1  # one packed copy of the weight, reused
     w.mul_(2)  # an in-place change to the weight is seen (the cache is keyed on its version)
     fast = torch.ops.fxopt.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, act="relu")
     assert rel_err(fast, F.relu(F.conv2d(x, w, b, 1, 1))) < 1e-5
     del w
-    assert len(ops._PACKED) == 0  # freed with the weight
+    assert onednn.packed_weights() == 0  # freed with the weight
 
 
 def test_inference_mode_tensors():
@@ -115,7 +117,7 @@ def test_inference_mode_tensors():
         out = torch.ops.fxopt.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, act="relu")
         ref = _reference64(x, w, b, [1, 1], [1, 1], [1, 1], 1, r, "relu")
     assert rel_err(out, ref) < 1e-5
-    assert ops.mkldnn_available() == (ops._MKLDNN is not None)
+    assert onednn.mkldnn_available() == (onednn._find_mkldnn_ops() is not None)
 
 
 def test_fake_implementation_gives_the_real_shapes_and_strides():
@@ -152,4 +154,4 @@ def test_bad_activation_is_a_clear_error():
 def test_apply_activation_in_place_equals_out_of_place():
     y = torch.randn(100)
     for act, (args, fn) in ACTS.items():
-        assert torch.allclose(ops.apply_activation(y.clone(), act, args, inplace=True), fn(y)), act
+        assert torch.allclose(apply_activation(y.clone(), act, args, inplace=True), fn(y)), act

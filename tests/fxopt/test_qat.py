@@ -6,9 +6,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxopt
-from fxopt.passes.quant.quantize import calibrate
+from fxopt.quant.calibrate import calibrate
 from fxopt.quant.config import QuantConfig
-from fxopt.quant.plan import SimulatedInt8, find_layers, make_plan
+from fxopt.quant.plan import find_layers, make_plan
+from fxopt.quant.simulate import SimulatedInt8
 from fxopt.tools import digits
 from fxopt.tools.recipes import _split_train
 from fxopt.train.qat import QATModel, convert, prepare_qat

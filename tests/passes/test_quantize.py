@@ -13,7 +13,7 @@ import fxopt
 from fxopt.errors import InputError, PreconditionError
 from fxopt.infra.manager import PassManager
 from fxopt.infra.registry import PassContext, expand_pipeline
-from fxopt.ops.int8 import conv2d_int8_reference, linear_int8_reference
+from fxopt.ops.int8 import AddInt8, Int8Layer, linear_int8_reference
 from fxopt.quant.config import QuantConfig
 from fxopt.tools import digits
 
@@ -88,10 +88,10 @@ def test_golden_after_fusion(net):
     assert targets.count(torch.ops.fxopt.dequantize.default) == 1
     int8 = [n for n in gm.graph.nodes if n.target in (INT8, LIN8)]
     # the residual layer is split: its conv writes a pre-add grid, add_int8 applies the relu
-    assert [n.kwargs["act"] for n in int8] == ["relu", "none", "none"]
-    assert all(n.kwargs["out_int8"] for n in int8)
+    assert [Int8Layer.of(n).act for n in int8] == ["relu", "none", "none"]
+    assert all(Int8Layer.of(n).out_int8 for n in int8)
     adds = [n for n in gm.graph.nodes if n.target is torch.ops.fxopt.add_int8.default]
-    assert len(adds) == 1 and adds[0].kwargs["act"] == "relu"
+    assert len(adds) == 1 and AddInt8.of(adds[0]).act == "relu"
     assert adds[0].args[0] is int8[1] and adds[0].args[3] is int8[0]  # both inputs are codes
     assert not [n for n in gm.graph.nodes if n.target in (torch.ops.fxopt.conv2d_act.default,
                                                          torch.ops.fxopt.linear_act.default)]

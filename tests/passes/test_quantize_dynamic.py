@@ -22,6 +22,7 @@ from fxopt.ir.metrics import count_macs
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.ir.verify import verify_structure
 from fxopt.ops.int8_dynamic import (
+    LinearInt8Dynamic,
     dynamic_fast_path_available,
     dynamic_qparams,
     fake_quantize_dynamic,
@@ -240,7 +241,7 @@ def test_golden_plain_layers(block):
     assert gm.fc1_w_int8_0.dtype == torch.int8 and gm.fc1_w_scale_0.shape == (64,)
     assert not hasattr(gm, "fc1")  # the float Linear is gone (remove_unused_attributes)
     node = next(n for n in gm.graph.nodes if n.target is DYN)
-    assert node.meta["fxopt_from"] == ["fc1"] and node.kwargs["reduce_range"] is True
+    assert node.meta["fxopt_from"] == ["fc1"] and LinearInt8Dynamic.of(node).reduce_range is True
 
 
 def test_golden_after_fusion(block, registered):
@@ -251,8 +252,8 @@ def test_golden_after_fusion(block, registered):
     assert rec.status == "ok" and rec.modified and rec.stats["linear"] == 3
     dyn = [n for n in gm.graph.nodes if n.target is DYN]
     assert len(dyn) == 3 and LINEAR_ACT not in _targets(gm)
-    acts = sorted(n.kwargs["act"] for n in dyn)
-    residuals = [n for n in dyn if n.args[4] is not None]
+    acts = sorted(LinearInt8Dynamic.of(n).act for n in dyn)
+    residuals = [n for n in dyn if LinearInt8Dynamic.of(n).residual is not None]
     assert acts == ["gelu", "none", "none"] and len(residuals) == 1  # epilogues carried over
     assert not [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]
 

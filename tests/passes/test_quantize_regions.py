@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
+from fxopt.ops.int8 import Int8Layer
 from fxopt.infra.manager import PassManager
 from fxopt.infra.registry import PassContext, expand_pipeline
 from fxopt.quant.config import QuantConfig
@@ -102,8 +103,8 @@ def test_golden_one_region(chain):
     assert node(gm, AVG8).args[0] is c2
     assert fc.args[0].op == "call_function" and fc.args[0].target is torch.flatten
     assert fc.args[0].args[0] is node(gm, AVG8)  # flatten on the codes
-    assert node(gm, DQ).args[0] is fc and all(n.kwargs["out_int8"] for n in (c1, c2, fc))
-    assert [n.kwargs["act"] for n in (c1, c2, fc)] == ["relu", "relu", "none"]
+    assert node(gm, DQ).args[0] is fc and all(Int8Layer.of(n).out_int8 for n in (c1, c2, fc))
+    assert [Int8Layer.of(n).act for n in (c1, c2, fc)] == ["relu", "relu", "none"]
     for n in (c1, c2, fc, node(gm, MAX8), node(gm, AVG8)):
         assert n.meta["tensor_meta"].dtype == torch.uint8, n
     assert rec.stats["quantize"] == 1 and rec.stats["dequantize"] == 1 and rec.stats["pool"] == 2

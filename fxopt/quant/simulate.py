@@ -1,0 +1,123 @@
+"""The reference of the int8 passes: the float graph with fake quantization where a plan puts int8.
+
+:class:`SimulatedInt8` (DESIGN.md section 4) runs the float graph with fake quantization at
+every int8 value, every region entry and every weight, in float. A layer's sum of
+fake-quantized products is taken exactly (over the centered integer codes: float32 where every
+partial sum stays below 2**24, float64 otherwise) and scaled in float32 as the int8 epilogue
+does: a float32 convolution of fake-quantized values rounds each product and partial sum, and
+in a deep network one value flipped to the neighbouring code at a tie grows, layer after layer,
+past the one-step bound (ResNet-50 did). Same numbers, one rounding.
+
+:class:`Simulator` is the interpreter behind it; quantization-aware training subclasses it to
+run the same plan with gradients.
+
+    >>> SimulatedInt8(gm, make_plan(gm, layers, grids, weights))(x)
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxopt.ir.activations import apply_activation
+from fxopt.quant.plan import PRE, Layer, Plan
+from fxopt.quant.qparams import QParams
+
+__all__ = ["fake_quant", "Simulator", "SimulatedInt8", "simulated_copy"]
+
+
+def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x, float(qp.scale), int(qp.zero_point),
+                                                 qp.qmin, qp.qmax)
+
+
+class Simulator(fx.Interpreter):
+    """Interprets the float graph with the plan's fake quantization (see the module doc)."""
+
+    def __init__(self, gm: fx.GraphModule, plan: Plan, fq_weights: dict):
+        super().__init__(gm)
+        self.plan, self.fq_weights = plan, fq_weights
+
+    def entry(self, value_node: fx.Node) -> torch.Tensor:
+        v = self.env[value_node]
+        return v if self.plan.is_int8(value_node) else fake_quant(v, self.plan.grid(value_node))
+
+    def run_node(self, n):
+        layer = self.plan.layers.get(n)
+        if layer is None:
+            out = super().run_node(n)
+        else:
+            out = self._layer(n, layer)
+        if n in self.plan.roles:
+            out = fake_quant(out, self.plan.grid(n))
+        return out
+
+    def _layer(self, n: fx.Node, layer: Layer) -> torch.Tensor:
+        x = self.entry(layer.x)
+        x_qp = self.plan.grid(layer.x)
+        w_q, w_s = self.fq_weights[n]
+        # fake-quantized x times fake-quantized w, summed exactly: (x - zp) / s are the codes;
+        # float32 holds every partial sum below 2**24 exactly (depthwise convolutions, small
+        # layers: float64 convolutions are slow there), float64 the rest
+        zp = int(x_qp.zero_point)
+        k = w_q[0].numel()
+        exact32 = k * max(zp - x_qp.qmin, x_qp.qmax - zp) * 127 < 2 ** 24
+        dt = torch.float32 if exact32 else torch.float64
+        xc = (x_qp.quantize(x).to(torch.int64) - zp).to(dt)
+        w_q = w_q.to(dt)
+        if layer.kind == "conv2d":
+            stride, padding, dilation, groups = layer.conv
+            acc = F.conv2d(xc, w_q, None, list(stride), list(padding), list(dilation), groups)
+            shape = (1, -1) + (1,) * (acc.dim() - 2)
+        else:
+            acc = F.linear(xc, w_q)
+            shape = (-1,)
+        y = acc.float() * (x_qp.scale.float() * w_s).reshape(shape)
+        if layer.bias is not None:
+            y = y + layer.bias.float().reshape(shape)
+        if layer.residual is not None:
+            y = fake_quant(y, self.plan.grids[(PRE, n)]) + self.entry(layer.residual)
+        return apply_activation(y, layer.act, layer.act_args)
+
+
+class SimulatedInt8(nn.Module):
+    """The float graph with fake quantization wherever ``plan`` puts int8 (DESIGN.md section 4).
+
+    Holds the float graph without changing it; each call interprets it."""
+
+    def __init__(self, gm: fx.GraphModule, plan: Plan):
+        super().__init__()
+        self.gm = gm
+        self.plan = plan
+        # int8 weight codes and their per-channel scales
+        self._fq = {n: (qp.quantize(plan.layers[n].weight), qp.scale.float())
+                    for n, qp in plan.weights.items()}
+
+    def forward(self, *args):
+        with torch.no_grad():
+            return Simulator(self.gm, self.plan, self._fq).run(*args)
+
+
+def simulated_copy(gm: fx.GraphModule, plan: Plan) -> SimulatedInt8:
+    """``SimulatedInt8`` of ``plan`` on a copy of the float graph (so that ``gm`` can then be
+    rewritten)."""
+    ref = copy.deepcopy(gm)
+    by_name = {n.name: n for n in ref.graph.nodes}
+
+    def m(key):
+        if isinstance(key, fx.Node):
+            return by_name[key.name]
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], fx.Node):
+            return (key[0], by_name[key[1].name])
+        return key
+
+    layers = {m(n): replace(l, node=m(l.node), x=m(l.x),
+                            residual=None if l.residual is None else m(l.residual))
+              for n, l in plan.layers.items()}
+    return SimulatedInt8(ref, Plan(layers, {m(k): v for k, v in plan.roles.items()},
+                                   {m(k): v for k, v in plan.grids.items()},
+                                   {m(k): v for k, v in plan.weights.items()}))
