@@ -12,11 +12,12 @@ from fxopt.errors import *  # noqa: F401,F403
 from fxopt.errors import __all__ as _errors_all
 from fxopt.export.onnx import OnnxExport, export_onnx
 from fxopt.infra.manager import Instrument, PassManager
-from fxopt.infra.registry import (GROUPS, PASSES, PIPELINES, PassContext, PassResult,
-                                  expand_pipeline, register_group, register_pass)
+from fxopt.infra.registry import (GROUPS, PASSES, PassContext, PassResult, register_group,
+                                  register_pass)
 from fxopt.infra.report import PassRecord, Report
 from fxopt.ir.capture import capture
 from fxopt.ir.tolerances import TOLERANCES
+from fxopt.pipelines import PIPELINES, build_pipeline, expand_pipeline
 from fxopt.prune.channels import ChannelGraph, ChannelGroup, channel_groups
 from fxopt.prune.config import PruneConfig
 from fxopt.quant.config import QuantConfig
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "optimize", "OptimizedModule", "load", "capture", "PassManager", "Instrument",
     "register_pass", "register_group", "PassResult", "PassContext", "PASSES", "GROUPS",
-    "PIPELINES", "expand_pipeline", "Report", "PassRecord", "TOLERANCES", *_errors_all,
+    "PIPELINES", "expand_pipeline", "build_pipeline", "Report", "PassRecord", "TOLERANCES", *_errors_all,
     "channel_groups", "ChannelGraph", "ChannelGroup", "PruneConfig", "QuantConfig", "finetune",
     "FinetuneResult", "export_onnx", "OnnxExport", "draw", "prepare_qat", "QATModel",
 ]

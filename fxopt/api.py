@@ -26,7 +26,8 @@ from fxopt.errors import (
     VerificationError,
 )
 from fxopt.infra.manager import Instrument, PassManager, debug_level
-from fxopt.infra.registry import PASSES, PassContext, expand_pipeline
+from fxopt.pipelines import FEATURE_PASSES, build_pipeline, expand_pipeline
+from fxopt.infra.registry import PASSES, PassContext
 from fxopt.infra.report import ModelStats, Report
 from fxopt.ir.capture import capture, check_model, normalize_inputs, run_eager
 from fxopt.ir.graph import count_bytes, count_nodes, count_params
@@ -38,10 +39,6 @@ __all__ = ["optimize", "OptimizedModule", "load", "TARGETS", "FORMAT_VERSION"]
 
 TARGETS = ("auto", "cpu", "cuda")
 FORMAT_VERSION = 1
-
-# What each optional feature needs registered; the issue that brings it registers the pass.
-_FEATURE_PASSES = {"prune": "prune_channels", "quantize": "quantize_int8"}
-
 
 class OptimizedModule(nn.Module):
     """The optimized model: an ``nn.Module`` holding the ``GraphModule`` and the report."""
@@ -133,31 +130,24 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     dtype = resolve_precision(precision, target, quantize)
     disable = list(disable)
     extra = list(passes or [])
-    options: dict[str, Any] = {}
+    configs = []
     for feature, value in (("prune", prune), ("quantize", quantize)):
         if value is None:
             continue
-        pass_name = _FEATURE_PASSES[feature]
-        if pass_name not in PASSES:
-            raise NotAvailableError(f"{feature}= is not available yet in this version of fxopt",
-                                    hint=f"leave {feature}= unset; it arrives with the "
-                                         f"'{pass_name}' pass")
-        options[feature] = value
+        info = PASSES.get(FEATURE_PASSES[feature])
+        if info is None:
+            raise NotAvailableError(f"{feature}= is not available in this build of fxopt",
+                                    hint=f"leave {feature}= unset; it needs the "
+                                         f"'{FEATURE_PASSES[feature]}' pass")
+        configs.append(info.config.coerce(value))  # the pass's typed config
     if calibration_data is not None and quantize is None and prune is None:
         raise InputError("calibration_data was given but neither quantize= nor prune= was",
                          hint="pass quantize='int8' (or prune= with importance='taylor') with "
                               "it, or drop calibration_data")
-    pipeline = pipeline if pipeline is not None else "default"
-    for feature, value in (("prune", prune), ("quantize", quantize)):
-        if value is not None or _FEATURE_PASSES[feature] in extra:
-            pipeline = _with_pass(pipeline, extra, _FEATURE_PASSES[feature])
-    if quantize is not None and target == "cpu" and "lower_to_triton" not in extra:
-        # The int8 IR onto PyTorch's quantized CPU kernels, last (after the final cleanup).
-        pipeline = _with_pass(pipeline, extra, "lower_int8_cpu")
-    if target == "cuda" or "lower_to_triton" in extra:
-        # The fused and int8 ops onto the Triton kernels, last (on the CPU: asked for, tests).
-        pipeline = _with_pass(pipeline, extra, "lower_to_triton")
-    steps = expand_pipeline(pipeline, extra=extra, disable=disable)
+    names = build_pipeline("default" if pipeline is None else pipeline, target=target,
+                           prune=prune is not None, quantize=quantize is not None,
+                           passes=extra, disable=disable)
+    steps = expand_pipeline(names, disable=disable)
     manager = PassManager(steps, check=check, on_mismatch=on_mismatch, instruments=instruments)
 
     work = copy.deepcopy(model)  # the one copy: nothing below can reach the user's model
@@ -172,7 +162,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         report = Report(target=target, capture_time_s=time.perf_counter() - t0)
         report.notes.extend(precision_notes)
         report.before = _model_stats(gm)
-        ctx = PassContext(example_inputs=inputs, target=target, options=options,
+        ctx = PassContext(example_inputs=inputs, target=target, configs=configs,
                           calibration_data=calibration_data, original=model, debug=debug_level())
         gm, report = manager.run(gm, ctx, report)
         report.after = _model_stats(gm)
@@ -205,40 +195,6 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
                     hint="run with check='each' to name the pass that changed the numbers")
     report.total_time_s = time.perf_counter() - t_start
     return OptimizedModule(gm, report, target)
-
-
-def _after_first_cleanup(names: list[str]) -> int:
-    # Pruning must see the graph before folding and fusion.
-    return names.index("cleanup") + 1 if "cleanup" in names else 0
-
-
-def _after_last_fusion(names: list[str]) -> int:
-    # Quantization sees the fused ops.
-    return len(names) - names[::-1].index("fuse_act") if "fuse_act" in names else len(names)
-
-
-# Where a feature's pass goes in a pipeline that does not name it already.
-_PLACEMENT = {"prune_channels": _after_first_cleanup, "quantize_int8": _after_last_fusion,
-              "lower_int8_cpu": len, "lower_to_triton": len}
-
-
-def _with_pass(pipeline: str | Sequence[str], extra: list[str], name: str) -> str | list[str]:
-    """The pipeline with the feature pass ``name`` at its place (``_PLACEMENT``), unless it has
-    it already. ``name`` asked for in ``passes=`` moves there from the end (``extra``)."""
-    from fxopt.infra.registry import PIPELINES
-
-    if isinstance(pipeline, str):
-        if pipeline not in PIPELINES:
-            return pipeline  # expand_pipeline names the unknown pipeline
-        names = list(PIPELINES[pipeline])
-    else:
-        names = list(pipeline)
-    while name in extra:
-        extra.remove(name)
-    if name in names:
-        return names
-    at = _PLACEMENT[name](names)
-    return names[:at] + [name] + names[at:]
 
 
 def _model_stats(gm: fx.GraphModule) -> ModelStats:

@@ -11,6 +11,7 @@ A failure raises (``on_mismatch="raise"``), restores the graph from before the p
 (``"rollback"``, recorded in the report), or keeps it with a warning (``"warn"``, numeric only).
 
     >>> pm = PassManager(expand_pipeline("default"), check="each", on_mismatch="rollback")
+    >>> # expand_pipeline: fxopt.pipelines
     >>> gm, report = pm.run(gm, ctx)
 
 Instruments get ``before_pass``/``after_pass`` calls (``FXOPT_DEBUG=1`` logs each pass, ``=2``
@@ -211,19 +212,11 @@ class PassManager:
 
     # -- checks -------------------------------------------------------------------------
     def _check_requires(self, info: PassInfo, gm: fx.GraphModule, ctx: PassContext) -> None:
-        for req in info.requires:
-            if req == "eval":
-                training = [n for n, m in gm.named_modules() if m.training]
-                if training:
-                    raise PreconditionError(
-                        f"pass '{info.name}' needs an eval-mode model; '{training[0] or 'the model'}' "
-                        f"is in training mode", hint="call model.eval() first")
-            elif req == "calibration_data" and ctx.calibration_data is None:
-                raise PreconditionError(f"pass '{info.name}' needs calibration data",
-                                        hint="pass calibration_data=[batch, ...] (a DataLoader works)")
-            elif req == "cuda" and ctx.target != "cuda":
-                raise PreconditionError(f"pass '{info.name}' runs only for target='cuda'",
-                                        hint="use target='cuda' or disable the pass")
+        for pre in info.requires:
+            problem = pre.check(gm, ctx)
+            if problem is not None:
+                raise PreconditionError(f"pass '{info.name}' needs {pre.doc}: {problem}",
+                                        hint=pre.hint)
 
     def _structural(self, label: str, problems: list[str]) -> VerificationError:
         before = ", ".join(self._ran) or "none"

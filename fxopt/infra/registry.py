@@ -1,50 +1,39 @@
-"""The pass registry: what each pass is called, needs, promises, and must equal.
+"""The pass registry: what each pass is called, needs, promises, configures and must equal.
 
 A pass is a plain function ``fn(gm, ctx) -> PassResult`` registered with its name, its
-preconditions, its reference kind and its ordering constraints::
+preconditions (``fxopt.infra.preconditions``), its typed config, its reference kind and its
+ordering constraints::
 
-    @register_pass("fold_bn", requires=("eval",), reference="exact", after=("cleanup",))
-    def fold_bn(gm, ctx):
-        \"\"\"Fold BatchNorm into the preceding convolution.\"\"\"
+    @register_pass("quantize_int8", requires=(EVAL_MODE,), config=QuantConfig,
+                   reference="returned", after=("fuse_act",))
+    def quantize_int8(gm, ctx):
+        \"\"\"Post-training int8.\"\"\"
+        cfg = ctx.config(QuantConfig)          # the user's quantize=, coerced; or the defaults
         ...
-        return PassResult(gm, modified=n > 0, stats={"folded": n})
+        return PassResult(gm, modified=n > 0, stats={"conv2d": n})
 
 Reference kinds (DESIGN.md section 4): ``"exact"`` (equal to the graph before the pass, to the
 dtype's float tolerance), ``"returned"`` (equal to ``PassResult.reference``, a module the pass
 builds itself: the masked model for pruning, the fake-quant model for int8) and ``"none"``.
 
-Groups are passes run together to a fixpoint (``cleanup``); pipelines are named literal lists
-of pass and group names.
+A config class has ``coerce(value)`` (the user's spelling: ``prune=0.5``, ``quantize="int8"``,
+a dict of fields or an instance; ``None``: the defaults). Groups are passes run together to a
+fixpoint (``cleanup``); the pipelines that order passes are in ``fxopt.pipelines``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.fx as fx
 
 from fxopt.errors import PipelineError
+from fxopt.infra.preconditions import PRECONDITIONS, Precondition, precondition
 
-__all__ = [
-    "register_pass",
-    "register_group",
-    "PassInfo",
-    "PassGroup",
-    "PassResult",
-    "PassContext",
-    "PASSES",
-    "GROUPS",
-    "PIPELINES",
-    "REQUIREMENTS",
-    "expand_pipeline",
-]
+__all__ = ["register_pass", "register_group", "PassInfo", "PassGroup", "PassResult", "PassContext",
+           "PASSES", "GROUPS", "REFERENCE_KINDS"]
 
-REQUIREMENTS = {
-    "eval": "the model is in eval mode",
-    "calibration_data": "calibration data was given",
-    "cuda": "a CUDA device is the target",
-}
 REFERENCE_KINDS = ("exact", "returned", "none")
 
 
@@ -66,25 +55,42 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """Read-only facts a pass may use. Passes never touch ``original`` (the eager copy)."""
+    """Read-only facts a pass may use. Passes never touch ``original`` (the eager copy).
+
+    ``configs``: the typed configs of this run (``optimize(prune=0.5)`` gives a
+    ``PruneConfig``), given as instances (or a dict keyed by class); a pass reads its own with
+    ``ctx.config(PruneConfig)``.
+    """
 
     example_inputs: tuple
     target: str = "cpu"
-    options: dict[str, Any] = field(default_factory=dict)  # prune=, quantize=, precision= ...
+    configs: Any = ()
     calibration_data: Any = None
     original: torch.nn.Module | None = None
     debug: int = 0
 
+    def __post_init__(self):
+        given = self.configs.values() if isinstance(self.configs, dict) else self.configs
+        self.configs = {type(c): c for c in given}
+
+    def config(self, cls: type[C]) -> C:
+        """The run's config of type ``cls``, or ``cls.coerce(None)`` (its defaults)."""
+        found = self.configs.get(cls)
+        return found if found is not None else cls.coerce(None)
+
 
 @dataclass(frozen=True)
 class PassInfo:
+    """A registered pass: its function and what it declared."""
+
     name: str
     fn: Callable[[fx.GraphModule, PassContext], PassResult]
     doc: str
-    requires: tuple[str, ...] = ()
+    requires: tuple[Precondition, ...] = ()
     reference: str = "exact"
     after: tuple[str, ...] = ()
     before: tuple[str, ...] = ()
+    config: type | None = None
 
     @property
     def summary(self) -> str:
@@ -105,97 +111,45 @@ class PassGroup:
         return self.doc.strip().splitlines()[0]
 
 
+C = TypeVar("C")
+
 PASSES: dict[str, PassInfo] = {}
 GROUPS: dict[str, PassGroup] = {}
-PIPELINES: dict[str, list[str]] = {
-    "cleanup": ["cleanup"],
-    "default": ["cleanup", "fold_bn", "fuse_act", "cleanup"],
-}
 
 
-def register_pass(name: str, *, requires: Sequence[str] = (), reference: str = "exact",
-                  after: Sequence[str] = (), before: Sequence[str] = ()):
-    """Decorator: register ``fn(gm, ctx) -> PassResult`` under ``name``; its docstring is its doc."""
-    unknown = set(requires) - set(REQUIREMENTS)
-    if unknown:
-        raise PipelineError(f"pass '{name}' requires unknown conditions {sorted(unknown)}",
-                            hint=f"known conditions: {sorted(REQUIREMENTS)}")
+def register_pass(name: str, *, requires: Sequence[str | Precondition] = (),
+                  reference: str = "exact", after: Sequence[str] = (),
+                  before: Sequence[str] = (), config: type | None = None):
+    """Decorator: register ``fn(gm, ctx) -> PassResult`` under ``name``; its docstring is its doc.
+
+    ``requires``: preconditions (objects, or names of ``PRECONDITIONS``); ``config``: the typed
+    config class the pass reads with ``ctx.config(cls)``; ``after``/``before``: pass names it
+    must follow or precede when both are in a pipeline."""
+    try:
+        pres = tuple(precondition(r) for r in requires)
+    except KeyError as e:
+        raise PipelineError(f"pass '{name}' requires unknown precondition {e.args[0]!r}",
+                            hint=f"known: {sorted(PRECONDITIONS)}, or pass a Precondition") from None
     if reference not in REFERENCE_KINDS:
         raise PipelineError(f"pass '{name}': reference must be one of {REFERENCE_KINDS}")
+    if config is not None and not callable(getattr(config, "coerce", None)):
+        raise PipelineError(f"pass '{name}': config {config!r} has no coerce(value) classmethod")
 
     def deco(fn):
         if name in PASSES or name in GROUPS:
             raise PipelineError(f"a pass or group named '{name}' is already registered")
-        PASSES[name] = PassInfo(name, fn, fn.__doc__ or "", tuple(requires), reference,
-                                tuple(after), tuple(before))
+        PASSES[name] = PassInfo(name, fn, fn.__doc__ or "", pres, reference, tuple(after),
+                                tuple(before), config)
         return fn
 
     return deco
 
 
-def register_group(name: str, members: Sequence[str], doc: str, *, max_iterations: int = 4) -> PassGroup:
+def register_group(name: str, members: Sequence[str], doc: str, *,
+                   max_iterations: int = 4) -> PassGroup:
+    """Register passes run in order, repeatedly, to a fixpoint, under one name."""
     if name in PASSES or name in GROUPS:
         raise PipelineError(f"a pass or group named '{name}' is already registered")
     group = PassGroup(name, tuple(members), doc, max_iterations)
     GROUPS[name] = group
     return group
-
-
-def _known() -> str:
-    return ", ".join(sorted(PASSES) + sorted(GROUPS))
-
-
-def expand_pipeline(pipeline: str | Sequence[str], *, extra: Sequence[str] = (),
-                    disable: Sequence[str] = ()) -> list[str | PassGroup]:
-    """Resolve a pipeline into steps (pass names and groups) and check its constraints.
-
-    ``extra`` names are appended; ``disable`` names (passes or groups) are dropped everywhere.
-    """
-    if isinstance(pipeline, str):
-        if pipeline not in PIPELINES:
-            raise PipelineError(f"unknown pipeline '{pipeline}'",
-                                hint=f"choose one of: {', '.join(sorted(PIPELINES))}")
-        names = list(PIPELINES[pipeline])
-    else:
-        names = list(pipeline)
-    names += list(extra)
-    for n in list(names) + list(disable):
-        if not isinstance(n, str) or (n not in PASSES and n not in GROUPS):
-            raise PipelineError(f"unknown pass or group '{n}'",
-                                hint=f"`fxopt passes` lists them: {_known()}")
-    disabled = set(disable)
-    steps: list[str | PassGroup] = []
-    for n in names:
-        if n in disabled:
-            continue
-        if n in GROUPS:
-            g = GROUPS[n]
-            members = tuple(m for m in g.members if m not in disabled)
-            if members:
-                steps.append(PassGroup(g.name, members, g.doc, g.max_iterations))
-        else:
-            steps.append(n)
-    _check_order(steps)
-    return steps
-
-
-def _check_order(steps: list[str | PassGroup]) -> None:
-    first: dict[str, int] = {}
-    for i, s in enumerate(steps):
-        members = s.members if isinstance(s, PassGroup) else (s,)
-        for m in members:
-            first.setdefault(m, i)
-        if isinstance(s, PassGroup):
-            first.setdefault(s.name, i)
-    for name, i in first.items():
-        info = PASSES.get(name)
-        if info is None:
-            continue
-        for a in info.after:
-            if a in first and first[a] > i:
-                raise PipelineError(f"pass '{name}' must run after '{a}', but the pipeline has it first",
-                                    hint=f"move '{name}' after '{a}' in the pipeline")
-        for b in info.before:
-            if b in first and first[b] < i:
-                raise PipelineError(f"pass '{name}' must run before '{b}', but the pipeline has it after",
-                                    hint=f"move '{name}' before '{b}' in the pipeline")

@@ -99,7 +99,9 @@ class QuantConfig:
 
     @classmethod
     def coerce(cls, value: Any) -> QuantConfig:
-        """``"int8"`` (defaults), a ``QuantConfig``, or a dict of its fields."""
+        """``"int8"`` or None (defaults), a ``QuantConfig``, or a dict of its fields."""
+        if value is None:
+            return cls()
         if isinstance(value, QuantConfig):
             return value
         if isinstance(value, str):

@@ -438,13 +438,14 @@ def cmd_passes(args) -> int:
 
     out = _console()
     passes = Table(title="passes", title_justify="left")
-    for col in ("name", "what it does", "reference", "requires", "order"):
+    for col in ("name", "what it does", "reference", "requires", "config", "order"):
         passes.add_column(col, overflow="fold")
     for name in sorted(fxopt.PASSES):
         info = fxopt.PASSES[name]
         order = ", ".join([f"after {a}" for a in info.after] + [f"before {b}" for b in info.before])
         passes.add_row(*_cells(name, info.summary, info.reference,
-                                ", ".join(info.requires) or "-", order or "-"))
+                                ", ".join(p.doc for p in info.requires) or "-",
+                                info.config.__name__ if info.config else "-", order or "-"))
     groups = Table(title="groups (run to a fixpoint)", title_justify="left")
     for col in ("name", "members", "what it does"):
         groups.add_column(col, overflow="fold")

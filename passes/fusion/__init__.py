@@ -1,2 +1,2 @@
-"""Fusion passes: ``fold_bn`` (BatchNorm into the layer before it) and ``fuse_act``."""
-from fxopt.passes.fusion import fold_bn, fuse_act  # noqa: F401  (register the passes)
+"""Fusion passes: ``fold_bn``, ``fuse_act`` and the CPU layout passes ``lower_convs``, ``to_channels_last``."""
+from fxopt.passes.fusion import fold_bn, fuse_act, layout  # noqa: F401  (register the passes)

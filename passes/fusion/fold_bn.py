@@ -41,6 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module
 from fxopt.ir.graph import get_attr_value, tensor_meta
@@ -230,7 +231,7 @@ RULES = [
 ]
 
 
-@register_pass("fold_bn", requires=("eval",), reference="exact")
+@register_pass("fold_bn", requires=(EVAL_MODE,), reference="exact")
 def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Fold BatchNorm (module or F.batch_norm) into the conv, transposed conv or linear before it."""
     result = apply_rules(gm, RULES)

@@ -38,7 +38,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
+from fxopt.quant.config import QuantConfig
 from fxopt.ir.graph import copy_meta, get_attr_value, module_path, remove_unused_attributes
 from fxopt.ops import int8 as _int8_ops
 
@@ -343,7 +345,7 @@ def _quiet_ctx():
     return _C()
 
 
-@register_pass("lower_int8_cpu", requires=("eval",), reference="returned",
+@register_pass("lower_int8_cpu", requires=(EVAL_MODE,), reference="returned",
                after=("quantize_int8",))
 def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """The int8 ops onto PyTorch's quantized CPU kernels (target='cpu')."""
@@ -366,8 +368,7 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     from fxopt.quant.measure import output_step as _output_step
     exits = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE]
     step = _output_step(gm, exits)
-    from fxopt.quant.config import QuantConfig
-    cfg = QuantConfig.coerce(ctx.options.get("quantize") or "int8")
+    cfg = ctx.config(QuantConfig)
     low = _Lowering(gm, cfg.cpu_engine)
     low.run()
     for n in reversed(list(gm.graph.nodes)):  # the weights now live in the packed params

@@ -45,6 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxopt.ops  # noqa: F401 - defines torch.ops.fxopt.* (int8 and triton ops included)
+from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import (
     add_buffer,
@@ -399,7 +400,7 @@ def _candidates(gm: fx.GraphModule) -> bool:
     return False
 
 
-@register_pass("lower_to_triton", requires=("eval",), reference="returned",
+@register_pass("lower_to_triton", requires=(EVAL_MODE,), reference="returned",
                after=("fuse_act", "quantize_int8"))
 def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Fused and int8 ops onto fxopt's Triton kernels (target='cuda'), weights prepared once."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
+from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.ir.metrics import count_macs
@@ -213,14 +214,14 @@ def _input_names(gm: fx.GraphModule, name: str) -> list[str]:
     return [name] + ins
 
 
-@register_pass("prune_channels", requires=("eval",), reference="returned",
+@register_pass("prune_channels", requires=(EVAL_MODE,), config=PruneConfig, reference="returned",
                before=("fold_bn", "fuse_act", "quantize_int8", "lower_to_triton"))
 def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Structured channel pruning: remove the least important channels of each channel group."""
     if gm.meta.get(PRUNED_MARK):
         return PassResult(gm, modified=False,
                           notes=[f"already pruned ({gm.meta[PRUNED_MARK]}); not pruned again"])
-    cfg = PruneConfig.coerce(ctx.options.get("prune"))
+    cfg = ctx.config(PruneConfig)
     analysis = analyze_channels(gm)
     ignored = _ignore(analysis, cfg.ignore)
     if cfg.ratio == 0.0 or not any(g.prunable for g in analysis.groups):

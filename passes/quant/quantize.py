@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxopt.errors import PreconditionError
+from fxopt.infra.preconditions import EVAL_MODE, Precondition
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
@@ -45,19 +45,28 @@ from fxopt.quant.plan import find_layers, make_plan
 from fxopt.quant.select import fallback, has_cpu_kernel, select_layers
 from fxopt.quant.simulate import simulated_copy
 
-__all__ = ["quantize_int8"]
+__all__ = ["quantize_int8", "CALIBRATED_IF_STATIC"]
 
 
-@register_pass("quantize_int8", requires=("eval",), reference="returned", after=("fuse_act",))
+def _calibrated_if_static(gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    if ctx.config(QuantConfig).mode == "dynamic" or ctx.calibration_data is not None:
+        return None
+    return "no calibration data was given"
+
+
+CALIBRATED_IF_STATIC = Precondition(
+    "calibration_data_if_static", "calibration data for static int8", _calibrated_if_static,
+    "pass calibration_data=[batch, ...] (a DataLoader works), or quantize='int8_dynamic' for "
+    "Linear layers without it")
+
+
+@register_pass("quantize_int8", requires=(EVAL_MODE, CALIBRATED_IF_STATIC), config=QuantConfig,
+               reference="returned", after=("fuse_act",))
 def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Post-training int8: calibrate, keep sensitive layers float, rewrite into int8 chains."""
-    cfg = QuantConfig.coerce(ctx.options.get("quantize") or "int8")
+    cfg = ctx.config(QuantConfig)
     if cfg.mode == "dynamic":
         return quantize_dynamic_linear(gm, ctx, cfg)
-    if ctx.calibration_data is None:
-        raise PreconditionError("static int8 quantization needs calibration data",
-                                hint="pass calibration_data=[batch, ...] (a DataLoader works), "
-                                     "or quantize='int8_dynamic' for Linear layers without it")
     all_layers = find_layers(gm)
     layers, kept = select_layers(all_layers, cfg)
     no_kernel = []

@@ -12,7 +12,9 @@ from fxopt.infra.registry import PassContext
 from fxopt.ir.metrics import count_macs
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.ir.verify import verify_structure
-from fxopt.passes.fusion.fuse_act import fuse_act
+from fxopt.infra.registry import PassResult
+from fxopt.passes.fusion.fuse_act import fuse_act, lower_convs
+from fxopt.passes.fusion.layout import to_channels_last
 
 CONV2D = torch.ops.fxopt.conv2d_act.default
 CONV1D = torch.ops.fxopt.conv1d_act.default
@@ -56,11 +58,22 @@ class LayerAct(nn.Module):
         return self.act(y) if self.act is not None else self.fn(y)
 
 
-def run(model, *inputs, target="cpu", **options):
+def run(model, *inputs, target="cpu", lower=None, channels_last=None):
+    """fuse_act, then the CPU pipeline's layout passes (on for target='cpu' unless turned off):
+    one PassResult with the stats and notes of all of them."""
     model = model.eval()
     gm = fxopt.capture(model, inputs)
     macs = count_macs(gm)
-    res = fuse_act(gm, PassContext(example_inputs=inputs, target=target, options=options))
+    ctx = PassContext(example_inputs=inputs, target=target)
+    res = fuse_act(gm, ctx)
+    cpu = target == "cpu"
+    for on, fn in ((cpu if lower is None else lower, lower_convs),
+                   (cpu if channels_last is None else channels_last, to_channels_last)):
+        if on:
+            more = fn(gm, ctx)
+            res = PassResult(gm, res.modified or more.modified, {**res.stats, **more.stats},
+                             res.notes + more.notes,
+                             shapes_changed=res.shapes_changed or more.shapes_changed)
     assert verify_structure(gm, require_meta=True) == []
     assert count_macs(gm) == macs  # fusion moves the work, never drops it
     with torch.no_grad():
@@ -190,7 +203,7 @@ def test_cpu_lowering_and_channels_last():
     # not lowered, nor converted, for other targets or when asked not to
     _, res = run(PlainConvs(), x, target="cuda")
     assert res.stats == {"conv_act": 1}
-    _, res = run(PlainConvs(), x, lower_convs=False, channels_last=False)
+    _, res = run(PlainConvs(), x, lower=False, channels_last=False)
     assert res.stats == {"conv_act": 1}
 
 

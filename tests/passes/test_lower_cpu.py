@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt.infra.manager import PassManager
-from fxopt.infra.registry import PassContext, expand_pipeline
+from fxopt.infra.registry import PassContext
+from fxopt.pipelines import expand_pipeline
 from fxopt.ops.int8 import INT8_IR_OPS
 from fxopt.quant.config import QuantConfig
 
@@ -46,7 +47,7 @@ def run(model, quantize="int8", steps=("fold_bn", "fuse_act", "quantize_int8"), 
     """The int8 graph (before lowering), and a copy lowered with the manager's checks."""
     x = torch.randn(2, 3, 8, 8)
     gm = fxopt.capture(model.eval(), x)
-    ctx = PassContext(example_inputs=(x,), options={"quantize": quantize},
+    ctx = PassContext(example_inputs=(x,), configs=[QuantConfig.coerce(quantize)],
                       calibration_data=_cal(), target=target)
     ir, _ = PassManager(expand_pipeline(list(steps)), check="each").run(gm, ctx)
     low, report = PassManager(expand_pipeline(["lower_int8_cpu"]), check="each").run(

@@ -14,7 +14,9 @@ import torch.nn as nn
 import fxopt
 from fxopt.errors import InputError, NumericMismatchError, PreconditionError
 from fxopt.infra.manager import PassManager
-from fxopt.infra.registry import PASSES, PassContext, expand_pipeline
+from fxopt.infra.registry import PASSES, PassContext
+from fxopt.pipelines import expand_pipeline
+from fxopt.prune.config import PruneConfig
 from fxopt.ir.tolerances import rel_err
 from fxopt.ir.verify import verify_structure
 from fxopt.prune.channels import analyze_channels
@@ -30,7 +32,7 @@ prune_mod = __import__("fxopt.passes.prune.prune_channels", fromlist=["prune_cha
 def run(model, x, prune=0.5, calibration_data=None, on_mismatch="raise"):
     gm = fxopt.capture(model, x)
     gm.eval()
-    ctx = PassContext(example_inputs=(x,), options={"prune": prune},
+    ctx = PassContext(example_inputs=(x,), configs=[PruneConfig.coerce(prune)],
                       calibration_data=calibration_data)
     pm = PassManager(expand_pipeline(["prune_channels"]), check="each", on_mismatch=on_mismatch)
     out, report = pm.run(gm, ctx)
@@ -40,7 +42,7 @@ def run(model, x, prune=0.5, calibration_data=None, on_mismatch="raise"):
 def call_pass(model, x, prune=0.5, calibration_data=None):
     gm = fxopt.capture(model, x)
     gm.eval()
-    ctx = PassContext(example_inputs=(x,), options={"prune": prune},
+    ctx = PassContext(example_inputs=(x,), configs=[PruneConfig.coerce(prune)],
                       calibration_data=calibration_data)
     return gm, PASSES["prune_channels"].fn(gm, ctx)
 
@@ -145,7 +147,7 @@ def test_negative_nothing_to_prune():
 def test_idempotent():
     model, x = zoo.make("residual")
     gm, res = call_pass(model, x)
-    ctx = PassContext(example_inputs=(x,), options={"prune": 0.5})
+    ctx = PassContext(example_inputs=(x,), configs=[PruneConfig(ratio=0.5)])
     again = PASSES["prune_channels"].fn(res.gm, ctx)
     assert again.modified is False and again.gm is res.gm
     assert "already pruned" in again.notes[0]

@@ -12,7 +12,9 @@ import torch
 
 import fxopt
 from fxopt.infra.manager import PassManager
-from fxopt.infra.registry import PassContext, expand_pipeline
+from fxopt.infra.registry import PassContext
+from fxopt.pipelines import expand_pipeline
+from fxopt.prune.config import PruneConfig
 from fxopt.ir.tolerances import rel_err
 
 torchvision = pytest.importorskip("torchvision")
@@ -56,7 +58,7 @@ def _prune(name):
     model = build(name)
     gm = fxopt.capture(model, X)
     gm.eval()
-    ctx = PassContext(example_inputs=(X,), options={"prune": 0.5})
+    ctx = PassContext(example_inputs=(X,), configs=[PruneConfig(ratio=0.5)])
     out, report = PassManager(expand_pipeline(["prune_channels"]), check="each").run(gm, ctx)
     rec = report.record("prune_channels")
     assert rec.status == "ok" and rec.modified, rec.notes

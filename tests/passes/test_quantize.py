@@ -12,7 +12,8 @@ import torch.nn as nn
 import fxopt
 from fxopt.errors import InputError, PreconditionError
 from fxopt.infra.manager import PassManager
-from fxopt.infra.registry import PassContext, expand_pipeline
+from fxopt.infra.registry import PassContext
+from fxopt.pipelines import expand_pipeline
 from fxopt.ops.int8 import AddInt8, Int8Layer, linear_int8_reference
 from fxopt.quant.config import QuantConfig
 from fxopt.tools import digits
@@ -48,7 +49,7 @@ def _cal(n=4, shape=(4, 3, 8, 8), seed=1):
 def run(model, x, steps=("quantize_int8",), cal=None, quantize="int8"):
     gm = fxopt.capture(model.eval(), x)
     gm.eval()
-    ctx = PassContext(example_inputs=(x,), options={"quantize": quantize},
+    ctx = PassContext(example_inputs=(x,), configs=[QuantConfig.coerce(quantize)],
                       calibration_data=_cal() if cal is None else cal)
     pm = PassManager(expand_pipeline(list(steps)), check="each")
     out, report = pm.run(gm, ctx)
@@ -109,7 +110,7 @@ def test_idempotent(net):
     m, x = net
     gm, _ = run(m, x)
     code = gm.code
-    res = quant.quantize_int8(gm, PassContext((x,), options={"quantize": "int8"},
+    res = quant.quantize_int8(gm, PassContext((x,), configs=[QuantConfig()],
                                               calibration_data=_cal()))
     assert res.modified is False and gm.code == code
 
@@ -178,7 +179,9 @@ def test_optimize_places_pass_after_fusion_and_saves(net, tmp_path):
     m, x = net
     opt = fxopt.optimize(m, x, quantize="int8", calibration_data=_cal())
     names = [r.name for r in opt.report.passes]
-    assert names.index("quantize_int8") == names.index("fuse_act") + 1
+    # after fusion and the CPU layout passes that follow it (fxopt.pipelines)
+    assert names.index("quantize_int8") == names.index("fuse_act") + 3
+    assert names[names.index("fuse_act") + 1:][:2] == ["lower_convs", "to_channels_last"]
     path = opt.save(tmp_path / "m.fxopt")
     again = fxopt.load(path)
     with torch.no_grad():

@@ -16,7 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxopt
 from fxopt.infra.manager import PassManager
-from fxopt.infra.registry import PASSES, PassContext, expand_pipeline, register_pass
+from fxopt.infra.registry import PASSES, PassContext, register_pass
+from fxopt.pipelines import expand_pipeline
 from fxopt.ir.check import record_run
 from fxopt.ir.metrics import count_macs
 from fxopt.ir.tolerances import compare_outputs
@@ -89,8 +90,8 @@ def _targets(gm):
 def registered():
     """``quantize_dynamic_linear`` as a registered pass (removed again after the test)."""
     def fn(gm, ctx):
-        return qd.quantize_dynamic_linear(gm, ctx, QuantConfig.coerce(
-            ctx.options.get("quantize") or "int8_dynamic"))
+        cfg = ctx.configs.get(QuantConfig) or QuantConfig(mode="dynamic")
+        return qd.quantize_dynamic_linear(gm, ctx, cfg)
     register_pass(TEST_PASS, requires=("eval",), reference="returned")(fn)
     yield TEST_PASS
     PASSES.pop(TEST_PASS, None)
@@ -98,7 +99,7 @@ def registered():
 
 def run(model, x, steps, quantize="int8_dynamic"):
     gm = fxopt.capture(model.eval(), (x,))
-    ctx = PassContext(example_inputs=(x,), options={"quantize": quantize})
+    ctx = PassContext(example_inputs=(x,), configs=[QuantConfig.coerce(quantize)])
     pm = PassManager(expand_pipeline(list(steps)), check="each")
     return pm.run(gm, ctx)
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import fxopt
 from fxopt.ops.int8 import Int8Layer
 from fxopt.infra.manager import PassManager
-from fxopt.infra.registry import PassContext, expand_pipeline
+from fxopt.infra.registry import PassContext
+from fxopt.pipelines import expand_pipeline
 from fxopt.quant.config import QuantConfig
 
 quant = __import__("fxopt.passes.quant.quantize", fromlist=["quantize"])
@@ -32,7 +33,7 @@ def _cal(shape, n=3, seed=1):
 
 def quantize(model, x, quantize="int8", steps=("fold_bn", "fuse_act", "quantize_int8")):
     gm = fxopt.capture(model.eval(), x)
-    ctx = PassContext(example_inputs=(x,), options={"quantize": quantize},
+    ctx = PassContext(example_inputs=(x,), configs=[QuantConfig.coerce(quantize)],
                       calibration_data=_cal((4, *x.shape[1:])))
     out, report = PassManager(expand_pipeline(list(steps)), check="each").run(gm, ctx)
     rec = report.record("quantize_int8")
@@ -188,7 +189,7 @@ def sensitive():
 
 def _fallback(m, x, **cfg):
     gm = fxopt.capture(m, x)
-    return quant.quantize_int8(gm, PassContext((x,), options={"quantize": QuantConfig(**cfg)},
+    return quant.quantize_int8(gm, PassContext((x,), configs=[QuantConfig(**cfg)],
                                                calibration_data=_cal((4, 3, 6, 6))))
 
 

@@ -1,0 +1,176 @@
+"""Pipelines: the one place passes are ordered, per target and per the user's options.
+
+``PIPELINES`` are named literal lists of pass and group names (DESIGN.md section 5). What
+``optimize`` runs is one of them (or the user's own list) put through a fixed sequence of
+phases, each a small function that says where its passes go, the way TVM builds a pipeline per
+target::
+
+    build_pipeline("default", target="cpu", prune=True, quantize=True)
+    # ['cleanup', 'prune_channels', 'fold_bn', 'fuse_act', 'lower_convs', 'to_channels_last',
+    #  'quantize_int8', 'cleanup', 'lower_int8_cpu']
+
+1. ``prune_phase``: ``prune_channels`` right after the first ``cleanup`` (pruning sees the graph
+   before folding and fusion, so the masked reference is the user's model).
+2. ``cpu_layout_phase``: on the CPU, after ``fuse_act``: ``lower_convs`` (every remaining 2-D
+   convolution becomes a fused op, so oneDNN runs it with a prepacked weight) and
+   ``to_channels_last`` (activations stay NHWC from one conv to the next).
+3. ``quantize_phase``: ``quantize_int8`` after the last fusion step (it quantizes fused ops).
+4. ``lowering_phase``: last, ``lower_int8_cpu`` (int8 on the CPU) or ``lower_to_triton``
+   (``target="cuda"``, or asked for by name on the CPU: tests under the Triton interpreter).
+
+A pass the user names in ``passes=`` goes to its phase's place; any other is appended.
+``expand_pipeline`` then resolves names into passes and groups, drops ``disable``\\ d ones and
+checks the passes' ``after``/``before`` constraints.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from fxopt.errors import PipelineError
+from fxopt.infra.registry import GROUPS, PASSES, PassGroup
+
+__all__ = ["PIPELINES", "FEATURE_PASSES", "build_pipeline", "expand_pipeline", "prune_phase",
+           "cpu_layout_phase", "quantize_phase", "lowering_phase"]
+
+PIPELINES: dict[str, list[str]] = {
+    "cleanup": ["cleanup"],
+    "default": ["cleanup", "fold_bn", "fuse_act", "cleanup"],
+}
+
+# optimize()'s feature options and the pass each turns on (its config class is the pass's).
+FEATURE_PASSES = {"prune": "prune_channels", "quantize": "quantize_int8"}
+CPU_LAYOUT_PASSES = ("lower_convs", "to_channels_last")
+
+
+# -- phases: (names, options) -> names ------------------------------------------------------------
+def _insert(names: list[str], at: int, new: Sequence[str]) -> list[str]:
+    new = [n for n in new if n not in names]
+    return names[:at] + new + names[at:]
+
+
+def _after_last(names: list[str], anchors: Sequence[str]) -> int | None:
+    found = [i for i, n in enumerate(names) if n in anchors]
+    return found[-1] + 1 if found else None
+
+
+def prune_phase(names: list[str], *, prune: bool) -> list[str]:
+    """``prune_channels`` after the first ``cleanup`` (first of all without one)."""
+    if not prune:
+        return names
+    at = names.index("cleanup") + 1 if "cleanup" in names else 0
+    return _insert(names, at, ["prune_channels"])
+
+
+def cpu_layout_phase(names: list[str], *, target: str, disable: Sequence[str] = ()) -> list[str]:
+    """On the CPU, the layout passes right after ``fuse_act`` (not when it is disabled)."""
+    at = _after_last(names, ("fuse_act",))
+    if target != "cpu" or at is None or "fuse_act" in disable:
+        return names
+    return _insert(names, at, CPU_LAYOUT_PASSES)
+
+
+def quantize_phase(names: list[str], *, quantize: bool) -> list[str]:
+    """``quantize_int8`` after the last fusion step (at the end without one)."""
+    if not quantize:
+        return names
+    at = _after_last(names, ("fuse_act",) + CPU_LAYOUT_PASSES)
+    return _insert(names, len(names) if at is None else at, ["quantize_int8"])
+
+
+def lowering_phase(names: list[str], *, target: str, quantize: bool,
+                   triton: bool = False) -> list[str]:
+    """The lowering last: Triton for ``target="cuda"`` (or when asked for by name), else the
+    int8 IR onto PyTorch's CPU kernels when quantizing for the CPU."""
+    if target == "cuda" or triton:
+        return _insert(names, len(names), ["lower_to_triton"])
+    if quantize and target == "cpu":
+        return _insert(names, len(names), ["lower_int8_cpu"])
+    return names
+
+
+def build_pipeline(pipeline: str | Sequence[str] = "default", *, target: str = "cpu",
+                   prune: bool = False, quantize: bool = False, passes: Sequence[str] = (),
+                   disable: Sequence[str] = ()) -> list[str]:
+    """The pass and group names ``optimize`` runs for ``pipeline`` (a name of ``PIPELINES``
+    or a list of names), the target and the options. ``passes``: names the user adds; a
+    phase's own pass among them goes to its place, the rest are appended. ``disable`` is
+    applied later (``expand_pipeline``); a phase only reads it to leave out passes that
+    depend on a disabled one."""
+    if isinstance(pipeline, str):
+        if pipeline not in PIPELINES:
+            raise PipelineError(f"unknown pipeline '{pipeline}'",
+                                hint=f"choose one of: {', '.join(sorted(PIPELINES))}")
+        names = list(PIPELINES[pipeline])
+    else:
+        names = list(pipeline)
+    extra = list(passes)
+    asked = set(extra)
+    names = prune_phase(names, prune=prune or "prune_channels" in asked)
+    names = cpu_layout_phase(names, target=target, disable=disable)
+    names = quantize_phase(names, quantize=quantize or "quantize_int8" in asked)
+    names = lowering_phase(names, target=target, quantize=quantize,
+                           triton="lower_to_triton" in asked)
+    placed = {"prune_channels", "quantize_int8", "lower_to_triton"} & set(names)
+    return names + [n for n in extra if n not in placed]
+
+
+# -- resolution ---------------------------------------------------------------------------------
+def _known() -> str:
+    return ", ".join(sorted(PASSES) + sorted(GROUPS))
+
+
+def expand_pipeline(pipeline: str | Sequence[str], *, extra: Sequence[str] = (),
+                    disable: Sequence[str] = ()) -> list[str | PassGroup]:
+    """Resolve a pipeline (a name of ``PIPELINES`` or a list of pass and group names) into
+    steps (pass names and groups) and check its constraints.
+
+    ``extra`` names are appended; ``disable`` names (passes or groups) are dropped everywhere.
+    """
+    if isinstance(pipeline, str):
+        if pipeline not in PIPELINES:
+            raise PipelineError(f"unknown pipeline '{pipeline}'",
+                                hint=f"choose one of: {', '.join(sorted(PIPELINES))}")
+        names = list(PIPELINES[pipeline])
+    else:
+        names = list(pipeline)
+    names += list(extra)
+    for n in list(names) + list(disable):
+        if not isinstance(n, str) or (n not in PASSES and n not in GROUPS):
+            raise PipelineError(f"unknown pass or group '{n}'",
+                                hint=f"`fxopt passes` lists them: {_known()}")
+    disabled = set(disable)
+    steps: list[str | PassGroup] = []
+    for n in names:
+        if n in disabled:
+            continue
+        if n in GROUPS:
+            g = GROUPS[n]
+            members = tuple(m for m in g.members if m not in disabled)
+            if members:
+                steps.append(PassGroup(g.name, members, g.doc, g.max_iterations))
+        else:
+            steps.append(n)
+    _check_order(steps)
+    return steps
+
+
+def _check_order(steps: list[str | PassGroup]) -> None:
+    first: dict[str, int] = {}
+    for i, s in enumerate(steps):
+        members = s.members if isinstance(s, PassGroup) else (s,)
+        for m in members:
+            first.setdefault(m, i)
+        if isinstance(s, PassGroup):
+            first.setdefault(s.name, i)
+    for name, i in first.items():
+        info = PASSES.get(name)
+        if info is None:
+            continue
+        for a in info.after:
+            if a in first and first[a] > i:
+                raise PipelineError(f"pass '{name}' must run after '{a}', but the pipeline has it first",
+                                    hint=f"move '{name}' after '{a}' in the pipeline")
+        for b in info.before:
+            if b in first and first[b] < i:
+                raise PipelineError(f"pass '{name}' must run before '{b}', but the pipeline has it after",
+                                    hint=f"move '{name}' before '{b}' in the pipeline")
