@@ -31,10 +31,17 @@ Semantics (what makes the result deterministic):
   one sweep. Sweeps repeat until nothing matches (``max_sweeps``).
 - The node returned by ``replace`` takes the root's users; a node it created also takes the
   root's ``tensor_meta`` and module path, and ``fxopt_from`` naming every matched node, the root
-  last (the node whose value it reproduces). Other nodes it created get their own name. Matched nodes and inputs left without users are erased; unused parameters,
-  buffers and submodules are deleted; the graph is linted and recompiled.
+  last (the node whose value it reproduces). Other nodes it created get their own name.
+  Matched nodes and inputs left without users are erased; unused parameters, buffers and
+  submodules are deleted; the graph is linted and recompiled.
 - ``m.reject("why")`` in a check records a note (reported once) unless another binding or
   rule rewrites that anchor.
+
+Tables of one-op rewrites (lowerings, exporters) use ``op_rule(name, targets, replace, check)``:
+a rule that matches one call of those targets whatever its arguments, read in ``check`` and
+``replace`` through the op schema (``Conv2dInt8.of(m.root).w_q``). State the table shares (a
+cache of prepared weights, say) travels as ``apply_rules(gm, rules, context=state)`` and is
+``m.context`` in the rule functions.
 """
 from __future__ import annotations
 
@@ -51,8 +58,8 @@ import torch.nn as nn
 from fxopt.ir.graph import get_attr_value, remove_unused_attributes, set_provenance, tensor_meta_of
 
 __all__ = [
-    "Pattern", "Var", "module", "call", "Rule", "Match", "Builder", "RewriteResult",
-    "apply_rules", "find_match",
+    "Pattern", "Var", "module", "call", "method", "op_rule", "Rule", "Match", "Builder",
+    "RewriteResult", "apply_rules", "find_match",
 ]
 
 _COMMUTATIVE = {operator.add, operator.mul}
@@ -130,6 +137,13 @@ class ModuleCall(_Call):
         return type(mod) in self.targets
 
 
+class MethodCall(_Call):
+    op = "call_method"
+
+    def node_ok(self, node, gm):
+        return node.op == "call_method" and node.target in self.targets
+
+
 class module:
     """``module("conv", nn.Conv1d, nn.Conv2d)(x)``: a call of a module of exactly these types."""
 
@@ -156,6 +170,27 @@ class call:
 
     def __call__(self, *args) -> FnCall:
         return FnCall(self.name, self.targets, args)
+
+
+class method:
+    """``method("c", "contiguous")(x)``: a call of one of these Tensor methods on ``x``."""
+
+    def __init__(self, name: str, *names: str):
+        if not names or not all(isinstance(n, str) for n in names):
+            raise TypeError("method(name, *method_names): give method names")
+        self.name, self.names = name, names
+
+    def __call__(self, *args) -> MethodCall:
+        return MethodCall(self.name, self.names, args)
+
+
+def op_rule(name: str, targets: Sequence[Any], replace: Callable[["Match", "Builder"], fx.Node],
+            check: Callable[["Match"], bool] | None = None) -> "Rule":
+    """A rule for one call of any of ``targets`` (functions or op overloads), whatever its
+    arguments: a row of a lowering or export table. ``m.root`` is the call (read its arguments
+    through the op schema's view); the rule's name is also the bound name."""
+    pattern = call(name, *targets)
+    return Rule(name, lambda: pattern(), replace, check)
 
 
 # -- rules and matches ------------------------------------------------------------------------
@@ -197,11 +232,12 @@ def _walk(p: Pattern) -> Iterator[Pattern]:
 
 
 class Match:
-    """One binding of a rule's pattern: ``m["x"]``, ``m.nodes["conv"]``, ``m.module("conv")``."""
+    """One binding of a rule's pattern: ``m["x"]``, ``m.nodes["conv"]``, ``m.module("conv")``;
+    ``m.context`` is what the caller passed to ``apply_rules`` (a lowering's state, say)."""
 
     def __init__(self, rule: Rule, gm: fx.GraphModule, root: fx.Node, bindings: dict[str, Any],
-                 calls: set[str]):
-        self.rule, self.gm, self.root = rule, gm, root
+                 calls: set[str], context: Any = None):
+        self.rule, self.gm, self.root, self.context = rule, gm, root, context
         self.nodes: dict[str, fx.Node] = {k: v for k, v in bindings.items() if k in calls}
         self.values: dict[str, Any] = {k: v for k, v in bindings.items() if k not in calls}
         self.reasons: list[str] = []
@@ -375,10 +411,10 @@ def _structurally_ok(m: Match) -> bool:
 
 
 def find_match(rule: Rule, anchor: fx.Node, gm: fx.GraphModule,
-               reasons: list[str] | None = None) -> Match | None:
+               reasons: list[str] | None = None, context: Any = None) -> Match | None:
     """The first binding of ``rule`` rooted at ``anchor`` that passes the checks, or None."""
     for b in _bind(rule.root, anchor, {}, gm):
-        m = Match(rule, gm, anchor, b, rule.call_names)
+        m = Match(rule, gm, anchor, b, rule.call_names, context)
         if not _structurally_ok(m):
             continue
         if rule.check is None or rule.check(m):
@@ -435,8 +471,13 @@ def _rewrite(m: Match, gm: fx.GraphModule, result: RewriteResult) -> fx.Node:
     return new
 
 
-def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule], *, max_sweeps: int = 8) -> RewriteResult:
-    """Rewrite ``gm`` in place with ``rules`` until none matches; see the module docstring."""
+def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule], *, max_sweeps: int = 8,
+                context: Any = None,
+                skip: Callable[[fx.Node], bool] | None = None) -> RewriteResult:
+    """Rewrite ``gm`` in place with ``rules`` until none matches; see the module docstring.
+
+    ``context`` is handed to every match (``m.context``); ``skip(node)`` leaves anchors alone
+    (a node whose value depends on when it is read, say)."""
     result = RewriteResult()
     for sweep in range(max_sweeps):
         result.sweeps = sweep + 1
@@ -444,9 +485,11 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule], *, max_sweeps: int = 
         for anchor in list(gm.graph.nodes):
             if getattr(anchor, "_erased", False) or anchor.op in ("placeholder", "output", "get_attr"):
                 continue
+            if skip is not None and skip(anchor):
+                continue
             reasons: list[str] = []
             for rule in rules:
-                m = find_match(rule, anchor, gm, reasons)
+                m = find_match(rule, anchor, gm, reasons, context)
                 if m is not None:
                     _rewrite(m, gm, result)
                     changed = True
