@@ -33,6 +33,7 @@ from fxopt.ir.capture import capture, check_model, normalize_inputs, run_eager
 from fxopt.ir.graph import count_bytes, count_nodes, count_params
 from fxopt.ir.metrics import count_macs
 from fxopt.ir.precision import resolve_precision, to_precision
+from fxopt.ops.triton import triton_on_cpu
 from fxopt.ir.tolerances import compare_outputs, strict_fp32
 
 __all__ = ["optimize", "OptimizedModule", "load", "TARGETS", "FORMAT_VERSION"]
@@ -127,7 +128,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     check_model(model)
     inputs = normalize_inputs(example_inputs)
     target = _resolve_target(target, inputs)
-    dtype = resolve_precision(precision, target, quantize)
+    dtype = resolve_precision(precision, target, quantize, reduced_on_cpu=triton_on_cpu())
     disable = list(disable)
     extra = list(passes or [])
     configs = []

@@ -11,12 +11,9 @@ precondition's message and hint. A new precondition is one object, no manager ch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch.fx as fx
-
-if TYPE_CHECKING:  # the context type only; the registry imports this module
-    from fxopt.infra.registry import PassContext
 
 __all__ = ["Precondition", "PRECONDITIONS", "EVAL_MODE", "CALIBRATION_DATA", "CUDA_TARGET",
            "precondition"]
@@ -24,11 +21,12 @@ __all__ = ["Precondition", "PRECONDITIONS", "EVAL_MODE", "CALIBRATION_DATA", "CU
 
 @dataclass(frozen=True)
 class Precondition:
-    """``check(gm, ctx)`` returns None when the precondition holds, else what is wrong."""
+    """``check(gm, ctx)`` returns None when the precondition holds, else what is wrong
+    (``ctx``: the pass's ``PassContext``; the registry imports this module, so not its type)."""
 
     name: str
     doc: str  # "the model is in eval mode": what holds when it is met
-    check: Callable[[fx.GraphModule, "PassContext"], str | None]
+    check: Callable[[fx.GraphModule, Any], str | None]
     hint: str  # how the user makes it hold
 
     def __repr__(self) -> str:

@@ -28,9 +28,12 @@ PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloa
                                       "fp32": torch.float32}
 
 
-def resolve_precision(precision: str | None, target: str,
-                      quantize: Any = None) -> torch.dtype | None:
-    """The dtype for ``precision`` (None: keep the model's own), or a typed error saying why not."""
+def resolve_precision(precision: str | None, target: str, quantize: Any = None, *,
+                      reduced_on_cpu: bool = False) -> torch.dtype | None:
+    """The dtype for ``precision`` (None: keep the model's own), or a typed error saying why not.
+
+    ``reduced_on_cpu``: fp16/bf16 are allowed on the CPU (the Triton kernels run there under
+    the interpreter, ``FXOPT_TRITON_ON_CPU=1``: tests)."""
     if precision is None:
         return None
     if not isinstance(precision, str) or precision not in PRECISIONS:
@@ -38,8 +41,7 @@ def resolve_precision(precision: str | None, target: str,
                             hint="pass precision='fp16', 'bf16' or 'fp32' (or leave it unset)")
     dtype = PRECISIONS[precision]
     if dtype != torch.float32 and target != "cuda":
-        from fxopt.ops.triton import triton_on_cpu
-        if not triton_on_cpu():
+        if not reduced_on_cpu:
             raise PipelineError(
                 f"precision='{precision}' is for target='cuda'; the target here is '{target}'",
                 hint="move the model and inputs to a CUDA device and pass target='cuda', or "
