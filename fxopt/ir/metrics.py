@@ -1,8 +1,9 @@
 """Multiply-accumulate counts read off the graph's shapes (``tensor_meta``).
 
 Counted: convolutions (module and functional, transposed too), linear layers, matmul family,
-``nn.MultiheadAttention`` leaves and ops that later passes register through ``MAC_COUNTERS``
-(fused and quantized ``fxopt`` ops). Everything else is taken as free, as the usual tools do.
+``nn.MultiheadAttention`` leaves, PyTorch's quantized CPU ops, and the ops registered in
+``MAC_COUNTERS`` (every ``fxopt`` op declares its counter in the op schema,
+``fxopt.ops.schema``). Everything else is taken as free, as the usual tools do.
 
     >>> count_macs(fxopt.capture(torchvision.models.resnet18().eval(), torch.randn(1, 3, 224, 224)))
     1814073344
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from fxopt.ir.graph import get_attr_value, tensor_meta
 
-__all__ = ["count_macs", "node_macs", "MAC_COUNTERS", "conv_weight_macs", "linear_weight_macs"]
+__all__ = ["count_macs", "node_macs", "MAC_COUNTERS"]
 
 # target (function or op overload packet) -> fn(node, gm) -> MACs; later passes add their ops.
 MAC_COUNTERS: dict[object, Callable[[fx.Node, fx.GraphModule], int]] = {}
@@ -42,20 +43,6 @@ def _conv_macs(out_shape, weight_shape, transposed: bool, in_shape=None) -> int:
 def _shape(node) -> tuple | None:
     tm = tensor_meta(node)
     return tuple(tm.shape) if tm is not None else None
-
-
-# MAC counters for the fxopt ops whose second argument is the weight (fused, int8, Triton ops
-# register these in MAC_COUNTERS).
-def conv_weight_macs(node: fx.Node, gm: fx.GraphModule) -> int:
-    """Output elements x weight elements per output channel (``[O, I/g, kh, kw]`` weights)."""
-    out, w = _shape(node), _shape(node.args[1])
-    return math.prod(out) * math.prod(w[1:]) if out and w else 0
-
-
-def linear_weight_macs(node: fx.Node, gm: fx.GraphModule) -> int:
-    """Output elements x in-features (``[N, K]`` weights)."""
-    out, w = _shape(node), _shape(node.args[1])
-    return math.prod(out) * w[-1] if out and w else 0
 
 
 def _module_macs(node: fx.Node, mod: nn.Module) -> int:
