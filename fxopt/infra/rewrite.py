@@ -1,9 +1,8 @@
-"""Declarative graph rewrites: rules as data, matched deterministically over a torch.fx graph.
+"""Declarative graph rewrites: rules as data, applied deterministically to a torch.fx graph.
 
-A rule is a pattern function, a replacement function, an optional check predicate and a name.
-The pattern is plain Python over pattern variables: its parameters are wildcards, ``module``
-and ``call`` make matchers that bind names, and torch functions and ``+``/``*`` work on
-pattern values as they do on tensors::
+A rule is a name, a pattern function, a replacement function, an optional check predicate
+and a one-line doc. The pattern is plain Python over pattern variables (the language is in
+``fxopt.infra.patterns``; every name of it is importable from here)::
 
     conv = module("conv", nn.Conv2d)                     # a call of an nn.Conv2d, bound as "conv"
     act = call("act", F.relu, torch.sigmoid)             # either function, bound as "act"
@@ -16,7 +15,7 @@ pattern values as they do on tensors::
         return b.call_function(my_op, (m["x"], w), name="conv_act")
 
     RULE = Rule("conv_act", pattern, replace, check=lambda m: m["x"].meta["tensor_meta"].dtype
-                == torch.float32 or m.reject("not float32"))
+                == torch.float32 or m.reject("not float32"), doc="conv then relu/sigmoid")
     result = apply_rules(gm, [RULE])                     # RewriteResult: counts, notes, rewrites
 
 Semantics (what makes the result deterministic):
@@ -25,212 +24,102 @@ Semantics (what makes the result deterministic):
   first). The first binding that passes the structural test and ``check`` is rewritten.
 - A matched node other than the root may have no user outside the match (its value would
   still be needed), unless the rule says ``allow_external_users=True`` (then ``check`` decides,
-  and such nodes stay in the graph for their other users).
+  and such nodes stay in the graph for their other users). It may never have side effects
+  (``fxopt.ir.purity.has_side_effects``: in-place writes, random draws, impure calls), nor be
+  a node the caller's ``skip`` leaves alone.
 - Nodes a rewrite creates are not anchors in the same sweep but can be matched as inputs by
   later anchors: back-to-back and chained rewrites (``conv + y`` then ``relu(fused)``) happen in
   one sweep. Sweeps repeat until nothing matches (``max_sweeps``).
-- The node returned by ``replace`` takes the root's users; a node it created also takes the
-  root's ``tensor_meta`` and module path, and ``fxopt_from`` naming every matched node, the root
-  last (the node whose value it reproduces). Other nodes it created get their own name.
-  Matched nodes and inputs left without users are erased; unused parameters, buffers and
+- ``replace`` returns the node that now stands for the root: a node it created, or an existing
+  one (``m["x"]`` for an identity). The root's users move to it and the root is erased. A node
+  ``replace`` created also takes the root's ``tensor_meta`` and module path, and ``fxopt_from``
+  naming every matched node, the root last (the node whose value it reproduces); an existing
+  node keeps its own. Other created nodes get their own name. Matched nodes and inputs left
+  without users are erased unless they have side effects (``fxopt.ir.purity.erase_dead``: the
+  ``x.size(0)`` of a reshape spec goes with the reshape); unused parameters, buffers and
   submodules are deleted; the graph is linted and recompiled.
 - ``m.reject("why")`` in a check records a note (reported once) unless another binding or
   rule rewrites that anchor.
 
-Tables of one-op rewrites (lowerings, exporters) use ``op_rule(name, targets, replace, check)``:
-a rule that matches one call of those targets whatever its arguments, read in ``check`` and
-``replace`` through the op schema (``Conv2dInt8.of(m.root).w_q``). State the table shares (a
-cache of prepared weights, say) travels as ``apply_rules(gm, rules, context=state)`` and is
-``m.context`` in the rule functions.
+Tables of one-op rewrites (no-ops, lowerings, exporters) use ``op_rule(name, targets, replace,
+check)``: a rule that matches one call of those targets whatever its arguments, read in
+``check`` and ``replace`` (through the op schema for fxopt ops: ``Conv2dInt8.of(m.root).w_q``).
+Targets may mix functions, Tensor method names and module types (``op`` patterns), so one row
+covers ``x * 1``, ``torch.mul(x, 1)`` and ``x.mul(1)``. State the table shares travels as
+``apply_rules(gm, rules, context=state)`` and is ``m.context`` in the rule functions;
+``skip(node)`` leaves nodes alone (no match is rooted at one or contains one);
+``before_sweep(gm)`` runs before every sweep, to refresh an analysis the previous sweep's
+rewrites made stale. ``remove_noops`` leaves alone every value something writes into in place,
+as its graph is now::
+
+    state = NoopContext(batch_is_one=False)              # .mutation: a MutationInfo, or None
+    apply_rules(gm, RULES, context=state, skip=state.written_in_place,
+                before_sweep=state.refresh)              # refresh: MutationInfo(gm.graph) again
 """
 from __future__ import annotations
 
 import inspect
-import itertools
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxopt.infra.patterns import CallPattern, Pattern, Var, bindings, call, method, module, op, walk
 from fxopt.ir.graph import get_attr_value, remove_unused_attributes, set_provenance, tensor_meta_of
+from fxopt.ir.purity import erase_dead, has_side_effects, node_inputs
 
 __all__ = [
-    "Pattern", "Var", "module", "call", "method", "op_rule", "Rule", "Match", "Builder",
+    "Pattern", "Var", "module", "call", "method", "op", "op_rule", "Rule", "Match", "Builder",
     "RewriteResult", "apply_rules", "find_match",
 ]
 
-_COMMUTATIVE = {operator.add, operator.mul}
 
-
-# -- patterns ---------------------------------------------------------------------------------
-class Pattern:
-    """A pattern value. Torch functions and ``+``/``*`` on it build call patterns."""
-
-    _auto = itertools.count()
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        # Only positional arguments are matched; ``check`` reads keyword arguments off the node.
-        return FnCall(f"{getattr(func, '__name__', 'fn')}#{next(cls._auto)}", (func,), args)
-
-    def __add__(self, other):
-        return FnCall(f"add#{next(Pattern._auto)}", (operator.add,), (self, other))
-
-    def __radd__(self, other):
-        return FnCall(f"add#{next(Pattern._auto)}", (operator.add,), (other, self))
-
-    def __mul__(self, other):
-        return FnCall(f"mul#{next(Pattern._auto)}", (operator.mul,), (self, other))
-
-    def __rmul__(self, other):
-        return FnCall(f"mul#{next(Pattern._auto)}", (operator.mul,), (other, self))
-
-
-class Var(Pattern):
-    """A wildcard: matches any value (a node or a constant) and binds it to ``name``."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __repr__(self):
-        return self.name
-
-
-class _Call(Pattern):
-    op = ""
-
-    def __init__(self, name: str, targets: tuple, args: tuple):
-        self.name, self.targets, self.args = name, targets, tuple(args)
-
-    def node_ok(self, node: fx.Node, gm: fx.GraphModule) -> bool:
-        raise NotImplementedError
-
-    @property
-    def commutative(self) -> bool:
-        return len(self.args) == 2 and all(t in _COMMUTATIVE for t in self.targets)
-
-    def __repr__(self):
-        return f"{self.name}({', '.join(map(repr, self.args))})"
-
-
-class FnCall(_Call):
-    op = "call_function"
-
-    def node_ok(self, node, gm):
-        return node.op == "call_function" and node.target in self.targets
-
-
-class ModuleCall(_Call):
-    op = "call_module"
-
-    def node_ok(self, node, gm):
-        if node.op != "call_module":
-            return False
-        try:
-            mod = get_attr_value(gm, node.target)
-        except AttributeError:
-            return False
-        # Exact types: a subclass may override forward (a leaf the user marked, say).
-        return type(mod) in self.targets
-
-
-class MethodCall(_Call):
-    op = "call_method"
-
-    def node_ok(self, node, gm):
-        return node.op == "call_method" and node.target in self.targets
-
-
-class module:
-    """``module("conv", nn.Conv1d, nn.Conv2d)(x)``: a call of a module of exactly these types."""
-
-    def __init__(self, name: str, *types: type):
-        if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-            raise TypeError("module(name, *types): give nn.Module subclasses")
-        self.name, self.types = name, types
-
-    def __call__(self, *args) -> ModuleCall:
-        return ModuleCall(self.name, self.types, args)
-
-
-class call:
-    """``call("act", F.relu, torch.tanh)(x)``: a call_function of one of these targets.
-
-    Only the leading positional arguments written in the pattern are matched; the rest (and the
-    kwargs) are for ``check`` and ``replace`` to read off the node.
-    """
-
-    def __init__(self, name: str, *targets: Any):
-        if not targets:
-            raise TypeError("call(name, *targets): give at least one target")
-        self.name, self.targets = name, targets
-
-    def __call__(self, *args) -> FnCall:
-        return FnCall(self.name, self.targets, args)
-
-
-class method:
-    """``method("c", "contiguous")(x)``: a call of one of these Tensor methods on ``x``."""
-
-    def __init__(self, name: str, *names: str):
-        if not names or not all(isinstance(n, str) for n in names):
-            raise TypeError("method(name, *method_names): give method names")
-        self.name, self.names = name, names
-
-    def __call__(self, *args) -> MethodCall:
-        return MethodCall(self.name, self.names, args)
-
-
-def op_rule(name: str, targets: Sequence[Any], replace: Callable[["Match", "Builder"], fx.Node],
-            check: Callable[["Match"], bool] | None = None) -> "Rule":
-    """A rule for one call of any of ``targets`` (functions or op overloads), whatever its
-    arguments: a row of a lowering or export table. ``m.root`` is the call (read its arguments
-    through the op schema's view); the rule's name is also the bound name."""
-    pattern = call(name, *targets)
-    return Rule(name, lambda: pattern(), replace, check)
-
-
-# -- rules and matches ------------------------------------------------------------------------
+# -- rules --------------------------------------------------------------------------------------
 @dataclass
 class Rule:
     """A rewrite rule. ``pattern(*vars) -> Pattern``; ``replace(match, builder) -> fx.Node``;
-    ``check(match) -> bool`` (call ``match.reject(reason)`` to say why not)."""
+    ``check(match) -> bool`` (call ``match.reject(reason)`` to say why not); ``doc``: what it
+    rewrites, in a line (``"x * 1, 1 * x"``), for tables read by people."""
 
     name: str
     pattern: Callable[..., Pattern]
     replace: Callable[["Match", "Builder"], fx.Node]
     check: Callable[["Match"], bool] | None = None
     allow_external_users: bool = False
-    root: Pattern = field(init=False, repr=False)
+    doc: str = ""
+    root: CallPattern = field(init=False, repr=False)
     var_names: tuple[str, ...] = field(init=False, repr=False)
     call_names: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self):
         names = tuple(inspect.signature(self.pattern).parameters)
         root = self.pattern(*(Var(n) for n in names))
-        if not isinstance(root, _Call):
-            raise TypeError(f"rule '{self.name}': the pattern must return a call pattern, got {root!r}")
+        if not isinstance(root, CallPattern):
+            raise TypeError(f"rule '{self.name}': the pattern must return a call pattern, "
+                            f"got {root!r}")
         self.root, self.var_names = root, names
         seen: set[str] = set()
-        for p in _walk(root):
-            if isinstance(p, _Call):
+        for p in walk(root):
+            if isinstance(p, CallPattern):
                 if p.name in seen:
                     raise TypeError(f"rule '{self.name}': pattern name '{p.name}' is used twice")
                 seen.add(p.name)
         self.call_names = frozenset(seen)
 
 
-def _walk(p: Pattern) -> Iterator[Pattern]:
-    yield p
-    if isinstance(p, _Call):
-        for a in p.args:
-            if isinstance(a, Pattern):
-                yield from _walk(a)
+def op_rule(name: str, targets: Sequence[Any], replace: Callable[["Match", "Builder"], fx.Node],
+            check: Callable[["Match"], bool] | None = None, *, doc: str = "") -> Rule:
+    """A rule for one call of any of ``targets`` (functions or op overloads, Tensor method names,
+    module types: see ``op``), whatever its arguments: a row of a one-op table. ``m.root`` is the
+    call (read its arguments through the op schema's view); the rule's name is also the bound
+    name."""
+    pattern = op(name, *targets)
+    return Rule(name, lambda: pattern(), replace, check, doc=doc)
 
 
+# -- matches and replacements ------------------------------------------------------------------
 class Match:
     """One binding of a rule's pattern: ``m["x"]``, ``m.nodes["conv"]``, ``m.module("conv")``;
     ``m.context`` is what the caller passed to ``apply_rules`` (a lowering's state, say)."""
@@ -278,11 +167,13 @@ class Builder:
         return self._new(self.graph.create_node("call_function", target, tuple(args),
                                                 dict(kwargs or {}), name=name))
 
-    def call_method(self, target: str, args=(), kwargs=None, *, name: str | None = None) -> fx.Node:
+    def call_method(self, target: str, args=(), kwargs=None, *,
+                    name: str | None = None) -> fx.Node:
         return self._new(self.graph.create_node("call_method", target, tuple(args),
                                                 dict(kwargs or {}), name=name))
 
-    def call_module(self, qualname: str, args=(), kwargs=None, *, name: str | None = None) -> fx.Node:
+    def call_module(self, qualname: str, args=(), kwargs=None, *,
+                    name: str | None = None) -> fx.Node:
         get_attr_value(self.gm, qualname)  # fail here, not at run time
         return self._new(self.graph.create_node("call_module", qualname, tuple(args),
                                                 dict(kwargs or {}), name=name))
@@ -356,54 +247,14 @@ class RewriteResult:
             self.notes.append(text)
 
 
-# -- matching ---------------------------------------------------------------------------------
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
-        return a is b
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except Exception:  # noqa: BLE001 - tensors and other odd constants compare by identity
-        return a is b
-
-
-def _bind(p: Any, v: Any, b: dict[str, Any], gm: fx.GraphModule) -> Iterator[dict[str, Any]]:
-    if isinstance(p, Var):
-        if p.name in b:
-            if _same(b[p.name], v):
-                yield b
-        else:
-            yield {**b, p.name: v}
-        return
-    if not isinstance(p, _Call):  # a constant in the pattern
-        if _same(p, v):
-            yield b
-        return
-    if not isinstance(v, fx.Node) or not p.node_ok(v, gm) or len(v.args) < len(p.args):
-        return
-    if p.name in b:
-        if b[p.name] is v:
-            yield b
-        return
-    b = {**b, p.name: v}
-    orders = [p.args] + ([p.args[::-1]] if p.commutative else [])
-    for pargs in orders:
-        yield from _bind_seq(pargs, v.args[:len(pargs)], b, gm)
-
-
-def _bind_seq(pats: Sequence, vals: Sequence, b, gm) -> Iterator[dict[str, Any]]:
-    if not pats:
-        yield b
-        return
-    for b2 in _bind(pats[0], vals[0], b, gm):
-        yield from _bind_seq(pats[1:], vals[1:], b2, gm)
-
-
-def _structurally_ok(m: Match) -> bool:
+# -- matching -----------------------------------------------------------------------------------
+def _structurally_ok(m: Match, skip: Callable[[fx.Node], bool] | None) -> bool:
     inside = set(m.nodes.values())
     for node in inside:
         if node is m.root:
             continue
-        if node.op in ("placeholder", "output") or node.is_impure():
+        # Bypassing a write or a draw inside the match would change the program.
+        if has_side_effects(node) or (skip is not None and skip(node)):
             return False
         if not m.rule.allow_external_users and any(u not in inside for u in node.users):
             return False
@@ -411,11 +262,13 @@ def _structurally_ok(m: Match) -> bool:
 
 
 def find_match(rule: Rule, anchor: fx.Node, gm: fx.GraphModule,
-               reasons: list[str] | None = None, context: Any = None) -> Match | None:
-    """The first binding of ``rule`` rooted at ``anchor`` that passes the checks, or None."""
-    for b in _bind(rule.root, anchor, {}, gm):
+               reasons: list[str] | None = None, context: Any = None,
+               skip: Callable[[fx.Node], bool] | None = None) -> Match | None:
+    """The first binding of ``rule`` rooted at ``anchor`` that passes the checks, or None.
+    (``skip`` is checked on the other matched nodes; the caller checks the anchor.)"""
+    for b in bindings(rule.root, anchor, gm):
         m = Match(rule, gm, anchor, b, rule.call_names, context)
-        if not _structurally_ok(m):
+        if not _structurally_ok(m, skip):
             continue
         if rule.check is None or rule.check(m):
             return m
@@ -424,28 +277,15 @@ def find_match(rule: Rule, anchor: fx.Node, gm: fx.GraphModule,
     return None
 
 
-# -- rewriting --------------------------------------------------------------------------------
-def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    """Erase ``nodes`` (reverse order) when unused, then inputs they leave unused."""
-    work = list(reversed(nodes))
-    while work:
-        node = work.pop(0)
-        if getattr(node, "_erased", False) or node.users or node.op in ("placeholder", "output"):
-            continue
-        if node.is_impure():
-            continue
-        inputs = [a for a in node.all_input_nodes]
-        graph.erase_node(node)
-        work.extend(inputs)
-
-
+# -- rewriting ----------------------------------------------------------------------------------
 def _rewrite(m: Match, gm: fx.GraphModule, result: RewriteResult) -> fx.Node:
     b = Builder(gm, m)
     matched = m.matched
     with gm.graph.inserting_before(m.root):
         new = m.rule.replace(m, b)
     if not isinstance(new, fx.Node):
-        raise TypeError(f"rule '{m.rule.name}': replace must return an fx.Node, got {type(new).__name__}")
+        raise TypeError(f"rule '{m.rule.name}': replace must return an fx.Node, "
+                        f"got {type(new).__name__}")
     root = m.root
     if new is root:
         raise TypeError(f"rule '{m.rule.name}': replace returned the matched root itself")
@@ -461,7 +301,11 @@ def _rewrite(m: Match, gm: fx.GraphModule, result: RewriteResult) -> fx.Node:
             node.meta["fxopt_from"] = [node.name]
             node.meta.setdefault("fxopt_path", root.meta.get("fxopt_path", ""))
     root.replace_all_uses_with(new)
-    _erase_dead(gm.graph, matched)
+    # The root goes even if it has side effects of its own: the rule vouched that ``new``
+    # reproduces it (an eval-mode ``stochastic_depth`` counts as a draw, but is the identity).
+    inputs = node_inputs(root)
+    gm.graph.erase_node(root)
+    erase_dead(gm.graph, [n for n in matched if n is not root] + inputs)
     result.counts[m.rule.name] = result.counts.get(m.rule.name, 0) + 1
     result.rewrites.append((m.rule.name, [n.name for n in matched], new.name))
     for text in b.notes:
@@ -472,24 +316,29 @@ def _rewrite(m: Match, gm: fx.GraphModule, result: RewriteResult) -> fx.Node:
 
 
 def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule], *, max_sweeps: int = 8,
-                context: Any = None,
-                skip: Callable[[fx.Node], bool] | None = None) -> RewriteResult:
+                context: Any = None, skip: Callable[[fx.Node], bool] | None = None,
+                before_sweep: Callable[[fx.GraphModule], Any] | None = None) -> RewriteResult:
     """Rewrite ``gm`` in place with ``rules`` until none matches; see the module docstring.
 
-    ``context`` is handed to every match (``m.context``); ``skip(node)`` leaves anchors alone
-    (a node whose value depends on when it is read, say)."""
+    ``context`` is handed to every match (``m.context``); ``skip(node)`` leaves nodes alone (a
+    node whose value depends on when it is read, say): no match is rooted at one or contains
+    one; ``before_sweep(gm)`` is called at the start of every sweep (to rebuild an analysis that
+    ``skip`` or the rules read)."""
     result = RewriteResult()
     for sweep in range(max_sweeps):
         result.sweeps = sweep + 1
+        if before_sweep is not None:
+            before_sweep(gm)
         changed = False
         for anchor in list(gm.graph.nodes):
-            if getattr(anchor, "_erased", False) or anchor.op in ("placeholder", "output", "get_attr"):
+            if getattr(anchor, "_erased", False) or \
+                    anchor.op in ("placeholder", "output", "get_attr"):
                 continue
             if skip is not None and skip(anchor):
                 continue
             reasons: list[str] = []
             for rule in rules:
-                m = find_match(rule, anchor, gm, reasons, context)
+                m = find_match(rule, anchor, gm, reasons, context, skip)
                 if m is not None:
                     _rewrite(m, gm, result)
                     changed = True

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module
+from fxopt.infra.rewrite import (Builder, Match, Rule, apply_rules, call, method, module, op,
+                                 op_rule)
 from fxopt.ir.graph import count_params
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.ir.verify import verify_structure
@@ -238,3 +239,117 @@ def test_replacement_may_return_an_existing_node():
     res = apply_rules(gm, [rule])
     assert res.count == 1 and _targets(gm) == [torch.neg]
     assert torch.equal(gm(x), -x)
+
+
+# -- one-op rows, mixed targets, docs -----------------------------------------------------------
+class ThreeSpellings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ident = nn.Identity()
+        self.mine = MyIdentity()
+
+    def forward(self, x):
+        return self.mine(self.ident(torch.neg(x).neg())).relu()
+
+
+class MyIdentity(nn.Identity):
+    pass
+
+
+def _graph_of(model):
+    # Identity modules stay leaves (fxopt.capture would inline them).
+    tracer = fx.Tracer()
+    tracer.is_leaf_module = lambda m, q: isinstance(m, nn.Identity)
+    return fx.GraphModule(model, tracer.trace(model))
+
+
+def test_op_rule_matches_functions_methods_and_module_types():
+    rule = op_rule("passthrough", (torch.neg, "neg", nn.Identity), lambda m, b: m.root.args[0],
+                   doc="drops the call (a toy: neg is not a no-op)")
+    assert rule.doc.startswith("drops") and Rule("r", lambda x: torch.neg(x), None).doc == ""
+    gm = _graph_of(ThreeSpellings())
+    res = apply_rules(gm, [rule])
+    # torch.neg, x.neg() and self.ident; MyIdentity is a subclass (its forward could differ)
+    assert res.counts == {"passthrough": 3}
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "call_method",
+                                              "output"]
+    assert not hasattr(gm, "ident") and hasattr(gm, "mine")
+
+
+def test_op_patterns_inside_a_pattern():
+    neg = op("neg", torch.neg, "neg")
+    inner = op("inner", torch.neg, "neg")
+    rule = Rule("double_neg", lambda x: neg(inner(x)), lambda m, b: m["x"])
+    gm = _graph_of(ThreeSpellings())
+    assert apply_rules(gm, [rule]).count == 1  # torch.neg(x).neg() -> x
+    assert not any(n.target in (torch.neg, "neg") for n in gm.graph.nodes)
+
+
+def test_op_pattern_definition_errors():
+    with pytest.raises(TypeError, match="at least one"):
+        op("nothing")
+    with pytest.raises(TypeError, match="nn.Module"):
+        op("bad", int)
+
+
+# -- sweeps, skip, erasure ----------------------------------------------------------------------
+def test_before_sweep_runs_before_every_sweep():
+    seen = []
+    x = torch.randn(4, 5)
+    gm = _capture(SiluTwice(), x)
+    res = apply_rules(gm, [SILU], before_sweep=lambda g: seen.append(len(g.graph.nodes)))
+    assert res.sweeps == 2 and len(seen) == 2
+    assert seen[0] > seen[1]  # the second sweep saw the graph the first one rewrote
+
+
+def test_skip_leaves_nodes_alone_inside_a_match_too():
+    rule = Rule("double_neg", lambda x: torch.neg(torch.neg(x)), lambda m, b: m["x"])
+    x = torch.randn(5)
+    for skipped in ("neg", "neg_1"):  # the inner call, then the root
+        gm = _capture(Chain(), x)
+        names = [n.name for n in gm.graph.nodes if n.target is torch.neg]
+        assert names == ["neg", "neg_1", "neg_2"]
+        res = apply_rules(gm, [rule], skip=lambda n: n.name == skipped)
+        # skipping "neg" rules out both (neg_1 <- neg) and (neg <- x): only (neg_2 <- neg_1)
+        # is left; skipping "neg_1" rules out every pair
+        assert res.count == (1 if skipped == "neg" else 0)
+
+
+def _hand_graph(build) -> fx.GraphModule:
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(build(graph, x))
+    gm = fx.GraphModule(nn.Module(), graph)
+    return gm
+
+
+def test_dead_inputs_go_unless_they_have_side_effects():
+    def build(g, x):
+        dead = g.call_function(torch.sin, (g.call_function(torch.cos, (x,)),))
+        noise = g.call_function(torch.randn_like, (x,))  # a draw: it advances the RNG
+        first = g.call_function(operator.add, (x, dead))
+        return g.call_function(operator.add, (first, noise))
+
+    gm = _hand_graph(build)
+    keep_first = op_rule("keep_first", (operator.add,), lambda m, b: m.root.args[0])
+    res = apply_rules(gm, [keep_first])
+    assert res.count == 2
+    # sin and cos went with the add that read them; the random draw stays
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [torch.randn_like]
+
+
+def test_a_side_effect_is_never_inside_a_match_but_a_root_may_be_one():
+    def build(g, x):
+        y = g.call_method("add_", (x, 1))  # writes into x
+        return g.call_function(torch.neg, (g.call_function(torch.rand_like, (y,)),))
+
+    gm = _hand_graph(build)
+    add_ = method("add_", "add_")
+    bypass = Rule("bypass_add_", lambda x: torch.neg(add_(x)), lambda m, b: m["x"])
+    assert apply_rules(gm, [bypass]).count == 0  # the write would be lost
+    # The root is the rule's to vouch for: a draw replaced by zeros goes.
+    zeros = op_rule("zeros", (torch.rand_like,),
+                    lambda m, b: b.call_function(torch.zeros_like, (m.root.args[0],)))
+    assert apply_rules(gm, [zeros]).count == 1
+    assert [n.target for n in gm.graph.nodes if n.op != "placeholder" and n.op != "output"] == \
+        ["add_", torch.zeros_like, torch.neg]

@@ -22,7 +22,8 @@ from fxopt.infra.registry import PassContext
 from fxopt.ir.check import record_run
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.ir.verify import verify_structure
-from fxopt.passes.cleanup.noops import RULES, NoopRule, apply_rules, remove_noops
+from fxopt.infra.rewrite import Rule, op_rule
+from fxopt.passes.cleanup.noops import RULES, apply_noop_rules, remove_noops
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -55,14 +56,17 @@ X1 = (1, 3, 4)
 
 # (id, module, input shape, {rule: times fired}, targets that must be gone, calls left)
 POSITIVE = [
-    ("dropout_module", Fn(lambda m, x: m.d(x) + 1, d=nn.Dropout(0.3)), X2, {"dropout_module": 1}, ["d"], 1),
+    ("dropout_module", Fn(lambda m, x: m.d(x) + 1, d=nn.Dropout(0.3)), X2,
+     {"dropout_module": 1}, ["d"], 1),
     ("dropout inplace module", Fn(lambda m, x: m.d(x.relu()), d=nn.Dropout(0.3, inplace=True)), X2,
      {"dropout_module": 1}, ["d"], 1),
-    ("dropout1d_module", Fn(lambda m, x: m.d(x), d=nn.Dropout1d(0.3)), X2, {"dropout_module": 1}, ["d"], 0),
+    ("dropout1d_module", Fn(lambda m, x: m.d(x), d=nn.Dropout1d(0.3)), X2,
+     {"dropout_module": 1}, ["d"], 0),
     ("dropout2d_module", Fn(lambda m, x: m.d(x.unsqueeze(1)), d=nn.Dropout2d(0.3)), X2,
      {"dropout_module": 1}, ["d"], 1),
     ("alpha_dropout_module", Fn(lambda m, x: m.a(m.f(x)), a=nn.AlphaDropout(0.2),
-                                f=nn.FeatureAlphaDropout(0.2)), X2, {"dropout_module": 2}, ["a", "f"], 0),
+                                f=nn.FeatureAlphaDropout(0.2)), X2,
+     {"dropout_module": 2}, ["a", "f"], 0),
     ("F.dropout", Fn(lambda m, x: F.dropout(x, 0.2, m.training) * 3), X2,
      {"dropout_function": 1}, [F.dropout], 1),
     ("F.dropout inplace", Fn(lambda m, x: F.dropout(x.relu(), 0.2, False, True)), X2,
@@ -80,12 +84,14 @@ POSITIVE = [
      {"identity_module": 2}, ["i", "j"], 1),
     ("x*1", Fn(lambda m, x: (x * 1).relu()), X2, {"mul_one": 1}, [operator.mul], 1),
     ("1*x", Fn(lambda m, x: (1.0 * x).relu()), X2, {"mul_one": 1}, [operator.mul], 1),
-    ("torch.mul(x, 1)", Fn(lambda m, x: torch.mul(x, 1).relu()), X2, {"mul_one": 1}, [operator.mul], 1),
+    ("torch.mul(x, 1)", Fn(lambda m, x: torch.mul(x, 1).relu()), X2, {"mul_one": 1},
+     [operator.mul], 1),
     ("x+0", Fn(lambda m, x: (x + 0).relu()), X2, {"add_zero": 1}, [operator.add], 1),
     ("0+x", Fn(lambda m, x: (0 + x).relu()), X2, {"add_zero": 1}, [operator.add], 1),
     ("x-0", Fn(lambda m, x: (x - 0).relu()), X2, {"sub_zero": 1}, [operator.sub], 1),
     ("x/1", Fn(lambda m, x: (x / 1).relu()), X2, {"div_one": 1}, [operator.truediv], 1),
-    ("torch.div(x, 1.0)", Fn(lambda m, x: torch.div(x, 1.0).relu()), X2, {"div_one": 1}, [torch.div], 1),
+    ("torch.div(x, 1.0)", Fn(lambda m, x: torch.div(x, 1.0).relu()), X2, {"div_one": 1},
+     [torch.div], 1),
     ("reshape(-1, 3, 4)", Fn(lambda m, x: x.reshape(-1, 3, 4).relu()), X2,
      {"reshape_identity": 1}, [torch.reshape], 1),
     ("reshape(size(0), 3, 4) -> flatten(2, 2)",
@@ -93,11 +99,13 @@ POSITIVE = [
      {"flatten_identity": 1}, [torch.flatten], 2),  # relu and the size() canonicalization left
     ("view(size(0), -1, 4)", Fn(lambda m, x: x.view(x.size(0), -1, 4).relu()), X2,
      {"reshape_identity": 1}, [torch.reshape, "size"], 1),
-    ("view(size(0), -1) -> flatten(1, 1)", Fn(lambda m, x: (lambda y: y.view(y.size(0), -1))(x.relu())),
+    ("view(size(0), -1) -> flatten(1, 1)",
+     Fn(lambda m, x: (lambda y: y.view(y.size(0), -1))(x.relu())),
      (2, 4), {"flatten_identity": 1}, [torch.flatten], 2),
     ("flatten(2, 2)", Fn(lambda m, x: x.flatten(2, -1).relu()), X2, {"flatten_identity": 1},
      [torch.flatten], 1),
-    ("contiguous", Fn(lambda m, x: x.relu().contiguous()), X2, {"contiguous": 1}, ["contiguous"], 1),
+    ("contiguous", Fn(lambda m, x: x.relu().contiguous()), X2, {"contiguous": 1},
+     ["contiguous"], 1),
     ("permute inverse", Fn(lambda m, x: x.permute(0, 2, 1).permute(0, 2, 1).relu()), X2,
      {"inverse_permute": 1}, ["permute"], 1),
     ("permute 3-cycle", Fn(lambda m, x: x.permute(2, 0, 1).permute(1, 2, 0).relu()), X1,
@@ -169,7 +177,8 @@ NEGATIVE = [
         memory_format=torch.channels_last)), X2, None),
     ("permute not inverse", Fn(lambda m, x: x.permute(0, 2, 1).permute(2, 1, 0)), (2, 3, 3), None),
     ("transpose different dims", Fn(lambda m, x: x.transpose(0, 1).transpose(1, 2)), X2, None),
-    ("reshape chain, inner used", Fn(lambda m, x: (lambda y: (y.reshape(-1, 6, 2), y))(x.reshape(-1, 12))),
+    ("reshape chain, inner used",
+     Fn(lambda m, x: (lambda y: (y.reshape(-1, 6, 2), y))(x.reshape(-1, 12))),
      X2, None),
 ]
 
@@ -235,24 +244,38 @@ def test_rules_table_is_data():
     assert {"dropout_module", "dropout_function", "stochastic_depth", "identity_module", "mul_one",
             "add_zero", "sub_zero", "div_one", "reshape_identity", "flatten_identity",
             "contiguous", "inverse_permute", "reshape_chain"} == set(names)
-    assert all(r.doc for r in RULES)
+    assert all(isinstance(r, Rule) and r.doc for r in RULES)  # rows of the shared engine
 
 
 def test_a_new_rule_is_one_row():
-    neg_neg = NoopRule(
-        "double_neg",
-        match=lambda n, env: n.target is torch.neg and isinstance(n.args[0], fx.Node)
-        and n.args[0].target is torch.neg and len(n.args[0].users) == 1,
-        replace=lambda n, env: n.args[0].args[0],
-        doc="-(-x)")
+    # A pattern row: -(-x) is x. The inner neg goes with the outer one (nothing else reads it).
+    neg_neg = Rule("double_neg", lambda x: torch.neg(torch.neg(x)), lambda m, b: m["x"],
+                   doc="-(-x)")
+    # A one-op row: x.float() of a float32 tensor hands back x itself.
+    to_float = op_rule("float_of_float", ("float",), lambda m, b: m.root.args[0],
+                       lambda m: m.root.args[0].meta["tensor_meta"].dtype == torch.float32,
+                       doc="x.float() of a float32 x")
     x = torch.randn(2, 3)
-    model = Fn(lambda m, x: torch.neg(torch.neg(x)).relu())
+    model = Fn(lambda m, x: torch.neg(torch.neg(x)).float().relu())
     gm = capture(model, x)
-    fired = apply_rules(gm, [neg_neg], (x,))
-    gm.recompile()
-    assert fired == {"double_neg": 1}
-    assert targets(gm) == [F.relu]  # the inner neg went with the outer one
+    result = apply_noop_rules(gm, [*RULES, neg_neg, to_float], (x,))
+    assert result.counts == {"double_neg": 1, "float_of_float": 1}
+    assert targets(gm) == [F.relu]
     assert torch.equal(gm(x), model(x))
+
+
+def test_a_new_rule_leaves_values_written_in_place_alone():
+    class M(nn.Module):
+        def forward(self, x):
+            y = torch.neg(torch.neg(x))  # a copy: the write below must not reach the result
+            x.mul_(0)
+            return y
+
+    neg_neg = Rule("double_neg", lambda x: torch.neg(torch.neg(x)), lambda m, b: m["x"])
+    x = torch.randn(2, 3)
+    gm = capture(M(), x)
+    code = gm.code
+    assert apply_noop_rules(gm, [neg_neg], (x,)).count == 0 and gm.code == code
 
 
 @settings(max_examples=25, deadline=None)
@@ -306,6 +329,7 @@ def test_efficientnet_stochastic_depth_and_dropout_go():
     opt = fxopt.optimize(model, x, pipeline=["remove_noops"])
     stats = opt.report.record("remove_noops").stats
     assert stats["stochastic_depth"] == 9 and stats["dropout_module"] == 1
-    assert not any(n.target is torchvision.ops.stochastic_depth for n in opt.graph_module.graph.nodes)
+    assert not any(n.target is torchvision.ops.stochastic_depth
+                   for n in opt.graph_module.graph.nodes)
     with torch.no_grad():
         assert compare_outputs(opt(x), model(x)).ok

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt.ir.graph import count_params
-from fxopt.passes.cleanup.cleanup import FOLD_MAX_ELEMENTS, constant_fold
+from fxopt.passes.cleanup.constant_folding import FOLD_MAX_ELEMENTS, constant_fold
 
-_spec = importlib.util.spec_from_file_location("pass_checks", Path(__file__).with_name("pass_checks.py"))
+_spec = importlib.util.spec_from_file_location("pass_checks",
+                                               Path(__file__).with_name("pass_checks.py"))
 pass_checks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pass_checks)
 capture, apply, assert_matches = pass_checks.capture, pass_checks.apply, pass_checks.assert_matches
