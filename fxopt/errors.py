@@ -7,6 +7,9 @@ The fix is also kept apart in ``err.hint`` so the command line can print it on i
         fxopt.optimize(model, x)
     except fxopt.PreconditionError as e:
         print(e.hint)          # "call model.eval() first"
+
+The kernel launchers (``fxopt.triton_kernels``) depend on torch and triton only, so they raise
+``TypeError`` / ``ValueError`` (with messages of the same kind), not these classes.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ __all__ = [
     "PassError",
     "VerificationError",
     "NumericMismatchError",
-    "KernelError",
 ]
 
 
@@ -60,7 +62,8 @@ class PipelineError(FxoptError, ValueError):
 
 
 class NotAvailableError(FxoptError, NotImplementedError):
-    """A feature that is designed but not built yet (asked for explicitly, never a silent no-op)."""
+    """A feature that is designed but not built yet (asked for explicitly, never a silent
+    no-op)."""
 
 
 class PassError(FxoptError):
@@ -74,7 +77,8 @@ class PassError(FxoptError):
 class VerificationError(FxoptError):
     """The structural verifier found a broken graph after a pass (lint, metadata, attributes)."""
 
-    def __init__(self, message: str, *, pass_name: str, problems: list[str], hint: str | None = None):
+    def __init__(self, message: str, *, pass_name: str, problems: list[str],
+                 hint: str | None = None):
         self.pass_name = pass_name
         self.problems = problems
         super().__init__(message, hint=hint)
@@ -98,7 +102,3 @@ class NumericMismatchError(FxoptError):
         self.node = node
         self.module_path = module_path
         super().__init__(message, hint=hint)
-
-
-class KernelError(FxoptError):
-    """A kernel launcher was given inputs it cannot handle (dtype, layout, device, shape)."""

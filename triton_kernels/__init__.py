@@ -22,11 +22,12 @@ do not have it set when ``triton`` itself is first imported.
 
     import os; os.environ["TRITON_INTERPRET"] = "1"
     from fxopt.triton_kernels import gemm
-    y = linear(torch.randn(17, 64), torch.randn(33, 64), act="relu")
+    y = gemm.linear(torch.randn(17, 64), torch.randn(33, 64), act="relu")
 """
 from fxopt.triton_kernels._runtime import interpreting
 from fxopt.triton_kernels.conv import conv2d, conv2d_int8, prepare_conv_weight
-from fxopt.triton_kernels.depthwise import (depthwise_conv2d, depthwise_conv2d_int8, prepare_depthwise_weight)
+from fxopt.triton_kernels.depthwise import (depthwise_conv2d, depthwise_conv2d_int8,
+                                            prepare_depthwise_weight)
 from fxopt.triton_kernels.elementwise import add_int8, global_avg_pool2d_int8, max_pool2d_int8
 from fxopt.triton_kernels.epilogue import ACTIVATIONS
 from fxopt.triton_kernels.gemm import linear, linear_int8, weight_colsum

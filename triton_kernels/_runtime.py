@@ -31,7 +31,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 __all__ = ["interpreting", "Kernel", "device_fn", "check_device", "as_float", "as_int",
-           "float_reciprocal", "FLOAT_DTYPES", "CODE_DTYPES", "code_range"]
+           "as_pair", "float_reciprocal", "FLOAT_DTYPES", "CODE_DTYPES", "code_range"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CODE_DTYPES = (torch.uint8, torch.int8)
@@ -50,8 +50,6 @@ def interpreting() -> bool:
 
 def _quick_bench(fn, quantiles=None, **_):
     """Autotuning timer: medians over ~10 ms after a ~2 ms warm-up (FXOPT_AUTOTUNE_REP_MS)."""
-    import os
-
     from triton.testing import do_bench
 
     rep = float(os.environ.get("FXOPT_AUTOTUNE_REP_MS", "10"))
@@ -153,8 +151,9 @@ def check_device(name: str, tensors: dict) -> torch.device:
                              f"{next(iter(devs))} is on {first}, {k} is on {d}")
     if first.type == "cuda":
         if interpreting():
-            raise ValueError(f"{name}: TRITON_INTERPRET=1 is set, so kernels run in the interpreter on "
-                             "the CPU; pass CPU tensors, or unset TRITON_INTERPRET for CUDA")
+            raise ValueError(f"{name}: TRITON_INTERPRET=1 is set, so kernels run in the "
+                             "interpreter on the CPU; pass CPU tensors, or unset TRITON_INTERPRET "
+                             "for CUDA")
     elif first.type == "cpu":
         if not interpreting():
             raise ValueError(f"{name}: CPU tensors run only in Triton's interpreter; set "
@@ -170,7 +169,8 @@ def as_float(v, what: str) -> float:
     lowering should pass numbers)."""
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
-            raise ValueError(f"{what} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+            raise ValueError(f"{what} must be a number or a one-element tensor, got shape "
+                             f"{tuple(v.shape)}")
         return float(v.item())
     if isinstance(v, (int, float)):
         return float(v)
@@ -180,13 +180,24 @@ def as_float(v, what: str) -> float:
 def as_int(v, what: str) -> int:
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
-            raise ValueError(f"{what} must be an int or a one-element tensor, got shape {tuple(v.shape)}")
+            raise ValueError(f"{what} must be an int or a one-element tensor, got shape "
+                             f"{tuple(v.shape)}")
         v = v.item()
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):
         raise TypeError(f"{what} must be an integer, got {v!r}")
     return v
+
+
+def as_pair(v, what: str) -> tuple[int, int]:
+    """``(h, w)`` from an int (both) or a pair of ints: a kernel size, stride, padding or
+    dilation as PyTorch takes it. ``what`` names it in the error (``"conv2d: stride"``)."""
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    raise TypeError(f"{what} must be an int or a pair of ints, got {v!r}")
 
 
 def float_reciprocal(scale: float) -> float:

@@ -28,12 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, check_device, interpreting)
-from fxopt.triton_kernels.epilogue import (check_residual, epilogue_kwargs, epilogue_reference, grouped_tile, store_epilogue)
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_pair,
+                                           check_device, interpreting)
+from fxopt.triton_kernels.epilogue import (check_residual, epilogue_kwargs, epilogue_reference,
+                                           grouped_tile, store_epilogue)
 from fxopt.triton_kernels.gemm import int8_scale_and_correction
 
 __all__ = ["conv2d", "conv2d_int8", "conv2d_reference", "conv2d_int8_reference",
-           "prepare_conv_weight", "conv_configs", "conv_output_size"]
+           "prepare_conv_weight", "conv_configs", "conv_output_size", "check_nhwc"]
 
 
 @triton.jit
@@ -131,15 +133,8 @@ _conv_half_kernel = Kernel(_conv_kernel, lambda: conv_configs(), _KEY, _INTERPRE
 _conv_fp32_kernel = Kernel(_conv_kernel, lambda: conv_configs(fp32=True), _KEY, _INTERPRET_META)
 
 
-def _pair(v, what, name):
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return tuple(v)
-    raise TypeError(f"{name}: {what} must be an int or a pair of ints, got {v!r}")
-
-
 def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """Output rows (or columns) of a convolution, as PyTorch computes them."""
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
@@ -149,10 +144,13 @@ def prepare_conv_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def check_nhwc(name: str, x, dtypes, what="x") -> None:
+    """A 4-D ``[B, C, H, W]`` tensor of one of ``dtypes`` in channels-last memory, or a readable
+    error (the conv and depthwise launchers take their activations so)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: {what} must be a tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
-        raise TypeError(f"{name}: {what} must be {', '.join(str(d) for d in dtypes)}, got {x.dtype}")
+        raise TypeError(f"{name}: {what} must be {', '.join(str(d) for d in dtypes)}, got "
+                        f"{x.dtype}")
     if x.dim() != 4:
         raise ValueError(f"{name}: {what} must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_contiguous(memory_format=torch.channels_last):
@@ -160,18 +158,19 @@ def check_nhwc(name: str, x, dtypes, what="x") -> None:
                          f"{what}.contiguous(memory_format=torch.channels_last)")
 
 
-def _conv_common(name, x, weight, stride, padding, dilation, groups, residual, out, out_dtype, wdtypes):
+def _conv_common(name, x, weight, stride, padding, dilation, groups, residual, out, out_dtype,
+                 wdtypes):
     if not isinstance(weight, torch.Tensor) or weight.dtype not in wdtypes:
-        raise TypeError(f"{name}: weight must be a {' or '.join(str(d) for d in wdtypes)} tensor, got "
-                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+        raise TypeError(f"{name}: weight must be a {' or '.join(str(d) for d in wdtypes)} "
+                        f"tensor, got {getattr(weight, 'dtype', type(weight).__name__)}")
     if weight.dim() != 4:
         raise ValueError(f"{name}: weight must be 4-D [C_out, C_in/groups, KH, KW], "
                          f"got {tuple(weight.shape)}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{name}: groups must be a positive int, got {groups!r}")
-    sh, sw = _pair(stride, "stride", name)
-    ph, pw = _pair(padding, "padding", name)
-    dh, dw = _pair(dilation, "dilation", name)
+    sh, sw = as_pair(stride, f"{name}: stride")
+    ph, pw = as_pair(padding, f"{name}: padding")
+    dh, dw = as_pair(dilation, f"{name}: dilation")
     if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError(f"{name}: need stride >= 1, dilation >= 1, padding >= 0; got stride "
                          f"{(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
@@ -186,17 +185,21 @@ def _conv_common(name, x, weight, stride, padding, dilation, groups, residual, o
     OW = conv_output_size(W, KW, sw, pw, dw)
     if OH < 1 or OW < 1:
         raise ValueError(f"{name}: the output would be empty ({OH}x{OW}) for input {H}x{W}, "
-                         f"kernel {KH}x{KW}, stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
+                         f"kernel {KH}x{KW}, stride {(sh, sw)}, padding {(ph, pw)}, "
+                         f"dilation {(dh, dw)}")
     out_shape = (B, CO, OH, OW)
     check_residual(name, residual, out_shape)
     if residual is not None:
         check_nhwc(name, residual, FLOAT_DTYPES, "residual")
     if out is not None:
-        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape or out.dtype != out_dtype
+        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape
+                or out.dtype != out_dtype
                 or not out.is_contiguous(memory_format=torch.channels_last)):
-            raise ValueError(f"{name}: out must be a channels-last {out_dtype} tensor of shape {out_shape}")
+            raise ValueError(f"{name}: out must be a channels-last {out_dtype} tensor of shape "
+                             f"{out_shape}")
     if max(x.numel(), B * CO * OH * OW) >= 2 ** 31:
-        raise ValueError(f"{name}: tensors with 2**31 or more elements are not supported (int32 offsets)")
+        raise ValueError(f"{name}: tensors with 2**31 or more elements are not supported "
+                         "(int32 offsets)")
     return (sh, sw), (ph, pw), (dh, dw), out_shape
 
 
@@ -209,7 +212,8 @@ def _launch(kernel, x, w, out, ep, *, stride, padding, dilation, groups, residua
     if M == 0:
         return
     sxb, sxc, sxh, sxw = x.stride()
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(NG, META["BLOCK_N"]), groups)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(NG, META["BLOCK_N"]),
+                         groups)
     kernel[grid](
         x_ptr=x, w_ptr=w, out_ptr=out, scale_ptr=out if scale is None else scale,
         res_ptr=out if residual is None else residual, corr_ptr=out if corr is None else corr,
@@ -237,18 +241,21 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     stride, padding, dilation, out_shape = _conv_common(
         name, x, weight, stride, padding, dilation, groups, residual, out, out_dtype, FLOAT_DTYPES)
     if weight.dtype != x.dtype:
-        raise TypeError(f"{name}: x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
-    device = check_device(name, {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out})
+        raise TypeError(f"{name}: x and weight must have the same dtype, got {x.dtype} and "
+                        f"{weight.dtype}")
+    device = check_device(name, {"x": x, "weight": weight, "bias": bias, "residual": residual,
+                                 "out": out})
     w = prepare_conv_weight(weight)
     ep = epilogue_kwargs(name, n=weight.shape[0], out_dtype=out_dtype, bias=bias, act=act,
                          act_args=act_args, y_scale=y_scale, y_zp=y_zp, y_qmin=y_qmin,
                          y_qmax=y_qmax, dummy=w)
     if out is None:
-        out = torch.empty(out_shape, dtype=out_dtype, device=device, memory_format=torch.channels_last)
+        out = torch.empty(out_shape, dtype=out_dtype, device=device,
+                          memory_format=torch.channels_last)
     kernel = _conv_fp32_kernel if x.dtype == torch.float32 else _conv_half_kernel
-    _launch(kernel, x, w, out, ep, stride=stride, padding=padding, dilation=dilation, groups=groups,
-            residual=residual, scale=None, corr=None, pad_code=0, is_int8=False, a_unsigned=False,
-            dot_precision="tf32" if allow_tf32 else "ieee")
+    _launch(kernel, x, w, out, ep, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, residual=residual, scale=None, corr=None, pad_code=0, is_int8=False,
+            a_unsigned=False, dot_precision="tf32" if allow_tf32 else "ieee")
     return out
 
 
@@ -273,7 +280,8 @@ def conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                          act_args=act_args, y_scale=y_scale, y_zp=y_zp, y_qmin=y_qmin,
                          y_qmax=y_qmax, dummy=scale)
     if out is None:
-        out = torch.empty(out_shape, dtype=out_dtype, device=device, memory_format=torch.channels_last)
+        out = torch.empty(out_shape, dtype=out_dtype, device=device,
+                          memory_format=torch.channels_last)
     _launch(_conv_int8_kernel, x, w, out, ep, stride=stride, padding=padding, dilation=dilation,
             groups=groups, residual=residual, scale=scale, corr=corr, pad_code=zp_eff,
             is_int8=True, a_unsigned=x.dtype == torch.uint8, dot_precision="ieee")
@@ -300,10 +308,11 @@ def conv2d_int8_reference(x, w_q, w_scale, bias=None, stride=1, padding=0, dilat
                           compute_dtype=torch.float64):
     """Exact integer conv of ``x - a_zp`` (zero padding == zero-point padding) in float64,
     the float32 scale product, the rest of the epilogue in ``compute_dtype``."""
-    acc = torch.nn.functional.conv2d(x.to(torch.float64) - float(a_zp), w_q.to(torch.float64), None,
-                                     stride, padding, dilation, groups)
-    scale = torch.tensor(float(a_scale), dtype=torch.float32, device=w_scale.device) * w_scale.float()
+    acc = torch.nn.functional.conv2d(x.to(torch.float64) - float(a_zp), w_q.to(torch.float64),
+                                     None, stride, padding, dilation, groups)
+    a_scale32 = torch.tensor(float(a_scale), dtype=torch.float32, device=w_scale.device)
+    scale = a_scale32 * w_scale.float()
     lo, hi = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
-    return epilogue_reference(acc.to(compute_dtype), scale, bias, residual, act, act_args, out_dtype,
-                              y_scale, y_zp, lo if y_qmin is None else y_qmin,
+    return epilogue_reference(acc.to(compute_dtype), scale, bias, residual, act, act_args,
+                              out_dtype, y_scale, y_zp, lo if y_qmin is None else y_qmin,
                               hi if y_qmax is None else y_qmax, channel_dim=1)

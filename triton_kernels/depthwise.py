@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device)
-from fxopt.triton_kernels.conv import _pair, check_nhwc, conv_output_size
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int,
+                                           as_pair, check_device)
+from fxopt.triton_kernels.conv import check_nhwc, conv_output_size
 from fxopt.triton_kernels.epilogue import check_residual, epilogue_kwargs, store_epilogue
 
 __all__ = ["depthwise_conv2d", "depthwise_conv2d_int8", "prepare_depthwise_weight",
@@ -108,8 +109,9 @@ def _prepare(name, x, weight, bias, stride, padding, dilation, residual, out, ou
         w2 = prepare_depthwise_weight(weight)
     elif weight.dim() == 2:
         if kernel_size is None:
-            raise ValueError(f"{name}: a prepared 2-D weight [KH*KW, C] needs kernel_size=(KH, KW)")
-        KH, KW = _pair(kernel_size, "kernel_size", name)
+            raise ValueError(f"{name}: a prepared 2-D weight [KH*KW, C] needs "
+                             "kernel_size=(KH, KW)")
+        KH, KW = as_pair(kernel_size, f"{name}: kernel_size")
         if tuple(weight.shape) != (KH * KW, C) or not weight.is_contiguous():
             raise ValueError(f"{name}: a prepared weight must be contiguous [KH*KW, C] = "
                              f"[{KH * KW}, {C}], got {tuple(weight.shape)}")
@@ -117,9 +119,9 @@ def _prepare(name, x, weight, bias, stride, padding, dilation, residual, out, ou
     else:
         raise ValueError(f"{name}: weight must be [C, 1, KH, KW] (or prepared [KH*KW, C]), "
                          f"got shape {tuple(weight.shape)}")
-    sh, sw = _pair(stride, "stride", name)
-    ph, pw = _pair(padding, "padding", name)
-    dh, dw = _pair(dilation, "dilation", name)
+    sh, sw = as_pair(stride, f"{name}: stride")
+    ph, pw = as_pair(padding, f"{name}: padding")
+    dh, dw = as_pair(dilation, f"{name}: dilation")
     if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError(f"{name}: need stride >= 1, dilation >= 1, padding >= 0")
     OH, OW = conv_output_size(H, KH, sh, ph, dh), conv_output_size(W, KW, sw, pw, dw)
@@ -132,9 +134,11 @@ def _prepare(name, x, weight, bias, stride, padding, dilation, residual, out, ou
     if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape
                             or out.dtype != out_dtype
                             or not out.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError(f"{name}: out must be a channels-last {out_dtype} tensor of shape {out_shape}")
+        raise ValueError(f"{name}: out must be a channels-last {out_dtype} tensor of shape "
+                         f"{out_shape}")
     if max(x.numel(), B * C * OH * OW) >= 2 ** 31:
-        raise ValueError(f"{name}: tensors with 2**31 or more elements are not supported (int32 offsets)")
+        raise ValueError(f"{name}: tensors with 2**31 or more elements are not supported "
+                         "(int32 offsets)")
     return w2, (KH, KW), (sh, sw), (ph, pw), (dh, dw), out_shape
 
 
@@ -166,12 +170,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     w2, ks, stride, padding, dilation, out_shape = _prepare(
         name, x, weight, bias, stride, padding, dilation, residual, out, out_dtype, kernel_size,
         FLOAT_DTYPES)
-    device = check_device(name, {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out})
+    device = check_device(name, {"x": x, "weight": weight, "bias": bias, "residual": residual,
+                                 "out": out})
     ep = epilogue_kwargs(name, n=x.shape[1], out_dtype=out_dtype, bias=bias, act=act,
                          act_args=act_args, y_scale=y_scale, y_zp=y_zp, y_qmin=y_qmin,
                          y_qmax=y_qmax, dummy=w2)
     if out is None:
-        out = torch.empty(out_shape, dtype=out_dtype, device=device, memory_format=torch.channels_last)
+        out = torch.empty(out_shape, dtype=out_dtype, device=device,
+                          memory_format=torch.channels_last)
     _launch(x, w2, ks, out, ep, stride, padding, dilation, residual, None, 0, False)
     return out
 
@@ -192,8 +198,10 @@ def depthwise_conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Ten
     device = check_device(name, {"x": x, "w_q": w_q, "w_scale": w_scale, "bias": bias,
                                  "residual": residual, "out": out})
     C = x.shape[1]
-    if not isinstance(w_scale, torch.Tensor) or w_scale.dtype not in FLOAT_DTYPES or w_scale.numel() != C:
-        raise ValueError(f"{name}: w_scale must be a float tensor with {C} elements (one per channel)")
+    if (not isinstance(w_scale, torch.Tensor) or w_scale.dtype not in FLOAT_DTYPES
+            or w_scale.numel() != C):
+        raise ValueError(f"{name}: w_scale must be a float tensor with {C} elements (one per "
+                         "channel)")
     zp = as_int(a_zp, f"{name}: a_zp")
     lo, hi = (0, 255) if x.dtype == torch.uint8 else (-128, 127)
     if not lo <= zp <= hi:
@@ -202,7 +210,8 @@ def depthwise_conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Ten
     ep = epilogue_kwargs(name, n=C, out_dtype=out_dtype, bias=bias, act=act, act_args=act_args,
                          y_scale=y_scale, y_zp=y_zp, y_qmin=y_qmin, y_qmax=y_qmax, dummy=scale)
     if out is None:
-        out = torch.empty(out_shape, dtype=out_dtype, device=device, memory_format=torch.channels_last)
+        out = torch.empty(out_shape, dtype=out_dtype, device=device,
+                          memory_format=torch.channels_last)
     _launch(x, w2, ks, out, ep, stride, padding, dilation, residual, scale, zp, True)
     return out
 

@@ -1,4 +1,4 @@
-"""Int8 elementwise and pooling kernels on codes: residual add, max pooling, global average pooling.
+"""Int8 elementwise and pooling kernels on codes: residual add, max and global average pooling.
 
 What sits between the int8 convolutions of a residual CNN, so that codes never leave the GPU as
 float tensors (one pass over memory each, no int64 temporaries):
@@ -29,9 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fxopt.triton_kernels._runtime import (CODE_DTYPES, Kernel, as_float, as_int, check_device, code_range, float_reciprocal)
-from fxopt.triton_kernels.conv import _pair
-from fxopt.triton_kernels.epilogue import (act_code, activation_reference, apply_act, quantize_reference, requantize)
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, Kernel, as_float, as_int, as_pair,
+                                           check_device, code_range, float_reciprocal)
+from fxopt.triton_kernels.epilogue import (act_code, activation_reference, apply_act,
+                                           quantize_reference, requantize)
 
 __all__ = ["add_int8", "max_pool2d_int8", "global_avg_pool2d_int8", "add_int8_reference",
            "max_pool2d_int8_reference", "global_avg_pool2d_int8_reference", "pool_output_size"]
@@ -252,10 +253,10 @@ def max_pool2d_int8(q: torch.Tensor, kernel_size, stride=None, padding=0, dilati
     _check_codes(name, q, "q")
     if q.dim() != 4:
         raise ValueError(f"{name}: q must be 4-D [B, C, H, W], got shape {tuple(q.shape)}")
-    KH, KW = _pair(kernel_size, "kernel_size", name)
-    sh, sw = (KH, KW) if stride is None or stride == [] else _pair(stride, "stride", name)
-    ph, pw = _pair(padding, "padding", name)
-    dh, dw = _pair(dilation, "dilation", name)
+    KH, KW = as_pair(kernel_size, f"{name}: kernel_size")
+    sh, sw = (KH, KW) if stride is None or stride == [] else as_pair(stride, f"{name}: stride")
+    ph, pw = as_pair(padding, f"{name}: padding")
+    dh, dw = as_pair(dilation, f"{name}: dilation")
     if min(KH, KW, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError(f"{name}: need kernel_size, stride, dilation >= 1 and padding >= 0, got "
                          f"kernel {KH, KW}, stride {sh, sw}, padding {ph, pw}, dilation {dh, dw}")

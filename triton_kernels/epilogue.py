@@ -5,60 +5,107 @@ Order (the same as ``fxopt``'s fused ops)::
     y = acc * scale[n]            # int8 paths: scale = a_scale * w_scale[n] (float32); float: none
     y = y + bias[n]               # optional
     y = y + residual[m, n]        # optional, float
-    y = act(y, arg0, arg1)        # ACTIVATIONS below
+    y = act(y, arg0, arg1)        # a row of ACTIVATIONS below
     out = y                       # float output (fp16/bf16/fp32), or requantized codes:
     out = clamp(rint(y * inv_y_scale) + y_zp, qmin, qmax)   # uint8 / int8
 
 ``inv_y_scale`` is ``torch.reciprocal(y_scale)`` in float32 and ``rint`` rounds half to even,
 as ``torch.round`` does, so the codes match PyTorch's quantization.
 
+The activations are one table, ``ACTIVATIONS``: name -> (``ACT`` code, number of arguments,
+PyTorch reference). ``act_code`` turns a name and its arguments into what a kernel takes,
+``activation_reference`` runs the reference; the device function ``apply_act`` has one branch
+per code (a ``tl.constexpr`` branch: it compiles to the one activation). The names and
+arguments are fxopt's (``fxopt.ir.activations``), but this package knows nothing of fxopt, so
+it keeps its own table; a test checks that the two agree.
+
 Example (reference side)::
 
+    ACTIVATIONS["leaky_relu"]          # KernelActivation(code=3, arity=1, reference=...)
+    act_code("leaky_relu", [0.1])      # (3, 0.1, 0.0): ACT, act_a0, act_a1 of a launch
     y = epilogue_reference(acc, scale, bias, residual, "leaky_relu", (0.1,), torch.float32)
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 import triton.language as tl
 
-from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, as_float, as_int, code_range, device_fn, float_reciprocal)
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, as_float, as_int, code_range,
+                                           device_fn, float_reciprocal)
 
-__all__ = ["ACTIVATIONS", "act_code", "epilogue_kwargs", "check_residual", "apply_act",
-           "requantize", "store_epilogue",
-           "activation_reference", "epilogue_reference", "quantize_reference"]
+__all__ = ["KernelActivation", "ACTIVATIONS", "act_code", "activation_reference",
+           "epilogue_kwargs", "check_residual", "grouped_tile", "apply_act", "requantize",
+           "store_epilogue", "epilogue_reference", "quantize_reference"]
 
-# name -> (code, number of arguments); argument meaning as in fxopt.ops
-ACTIVATIONS: dict[str, tuple[int, int]] = {
-    "none": (0, 0), "relu": (1, 0), "relu6": (2, 0), "leaky_relu": (3, 1), "hardtanh": (4, 2),
-    "clamp": (5, 2), "elu": (6, 1), "gelu": (7, 0), "gelu_tanh": (8, 0), "silu": (9, 0),
-    "mish": (10, 0), "hardswish": (11, 0), "hardsigmoid": (12, 0), "sigmoid": (13, 0),
-    "tanh": (14, 0),
+
+@dataclass(frozen=True)
+class KernelActivation:
+    """One activation the kernels fuse (a row of ``ACTIVATIONS``)."""
+
+    code: int  # the ACT constexpr: apply_act's branch for it
+    arity: int  # how many act_args it takes (arguments as in fxopt's activation table)
+    reference: Callable[[torch.Tensor, Sequence[float]], torch.Tensor]  # (y, act_args) -> y
+
+
+def _clamp(y: torch.Tensor, a: Sequence[float]) -> torch.Tensor:
+    # an infinite bound is an open side: torch.clamp takes None there
+    return y.clamp(None if a[0] == -math.inf else a[0], None if a[1] == math.inf else a[1])
+
+
+ACTIVATIONS: dict[str, KernelActivation] = {
+    "none": KernelActivation(0, 0, lambda y, a: y),
+    "relu": KernelActivation(1, 0, lambda y, a: torch.relu(y)),
+    "relu6": KernelActivation(2, 0, lambda y, a: F.hardtanh(y, 0.0, 6.0)),
+    "leaky_relu": KernelActivation(3, 1, lambda y, a: F.leaky_relu(y, a[0])),  # negative_slope
+    "hardtanh": KernelActivation(4, 2, lambda y, a: F.hardtanh(y, a[0], a[1])),  # min_val, max_val
+    "clamp": KernelActivation(5, 2, _clamp),  # min, max (+-inf: open)
+    "elu": KernelActivation(6, 1, lambda y, a: F.elu(y, a[0])),  # alpha
+    "gelu": KernelActivation(7, 0, lambda y, a: F.gelu(y)),
+    "gelu_tanh": KernelActivation(8, 0, lambda y, a: F.gelu(y, approximate="tanh")),
+    "silu": KernelActivation(9, 0, lambda y, a: F.silu(y)),
+    "mish": KernelActivation(10, 0, lambda y, a: F.mish(y)),
+    "hardswish": KernelActivation(11, 0, lambda y, a: F.hardswish(y)),
+    "hardsigmoid": KernelActivation(12, 0, lambda y, a: F.hardsigmoid(y)),
+    "sigmoid": KernelActivation(13, 0, lambda y, a: torch.sigmoid(y)),
+    "tanh": KernelActivation(14, 0, lambda y, a: torch.tanh(y)),
 }
+
+
+def _row(act: str) -> KernelActivation:
+    row = ACTIVATIONS.get(act) if isinstance(act, str) else None
+    if row is None:
+        raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
+    return row
+
 
 def act_code(act: str, act_args: Sequence[float] = ()) -> tuple[int, float, float]:
     """(code, arg0, arg1) for the kernels; checks the name and the number of arguments."""
-    if not isinstance(act, str) or act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
-    code, n = ACTIVATIONS[act]
+    row = _row(act)
     args = [float(a) for a in act_args]
-    if len(args) != n:
-        raise ValueError(f"activation '{act}' takes {n} argument(s), got {list(act_args)}")
-    if act == "relu6":
-        args = [0.0, 6.0]
-    args += [0.0] * (2 - len(args))
-    return code, args[0], args[1]
+    if len(args) != row.arity:
+        raise ValueError(f"activation '{act}' takes {row.arity} argument(s), got "
+                         f"{list(act_args)}")
+    args += [0.0] * (2 - len(args))  # unused arguments: the kernels take two, always
+    return row.code, args[0], args[1]
+
+
+def activation_reference(y: torch.Tensor, act: str,
+                         act_args: Sequence[float] = ()) -> torch.Tensor:
+    """The activation as PyTorch computes it (any float dtype; float64 for test references)."""
+    return _row(act).reference(y, list(act_args))
 
 
 def epilogue_kwargs(name: str, *, n: int, out_dtype: torch.dtype, bias, act: str, act_args,
                     y_scale, y_zp, y_qmin, y_qmax, dummy: torch.Tensor) -> dict:
     """Check the epilogue arguments of a launcher and turn them into kernel arguments."""
     if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES + CODE_DTYPES:
-        raise TypeError(f"{name}: out_dtype must be one of float16, bfloat16, float32 (float output) "
-                        f"or uint8, int8 (requantized codes), got {out_dtype}")
+        raise TypeError(f"{name}: out_dtype must be one of float16, bfloat16, float32 (float "
+                        f"output) or uint8, int8 (requantized codes), got {out_dtype}")
     quant = out_dtype in CODE_DTYPES
     inv, zp, qmin, qmax = 1.0, 0, 0, 0
     if quant:
@@ -95,7 +142,8 @@ def check_residual(name: str, residual, shape: tuple) -> None:
     if residual is None:
         return
     if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"{name}: residual must be a tensor or None, got {type(residual).__name__}")
+        raise TypeError(f"{name}: residual must be a tensor or None, got "
+                        f"{type(residual).__name__}")
     if residual.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: residual must be float16/bfloat16/float32, got {residual.dtype}")
     if tuple(residual.shape) != tuple(shape):
@@ -127,9 +175,11 @@ def _tanh(x):
 @device_fn
 def apply_act(y, ACT: tl.constexpr, a0, a1):
     """``y`` (float32) through activation ``ACT`` (a code of ``ACTIVATIONS``)."""
+    # One branch per row of ACTIVATIONS, by its code (0, none: no branch). The branch must be
+    # on the constexpr, so the device math cannot sit in the table: a new row needs one here.
     if ACT == 1:
         y = tl.maximum(y, 0.0)
-    elif ACT == 2:
+    elif ACT == 2:  # relu6: constant bounds (a0, a1 unused)
         y = tl.minimum(tl.maximum(y, 0.0), 6.0)
     elif ACT == 3:
         y = tl.where(y > 0.0, y, y * a0)
@@ -204,42 +254,6 @@ def store_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on,
 
 
 # -- the reference: plain PyTorch ---------------------------------------------------------------
-def activation_reference(y: torch.Tensor, act: str, act_args: Sequence[float] = ()) -> torch.Tensor:
-    """The activation as PyTorch computes it (any float dtype; float64 for test references)."""
-    a = list(act_args)
-    if act == "none":
-        return y
-    if act == "relu":
-        return torch.relu(y)
-    if act == "relu6":
-        return F.hardtanh(y, 0.0, 6.0)
-    if act == "leaky_relu":
-        return F.leaky_relu(y, a[0])
-    if act == "hardtanh":
-        return F.hardtanh(y, a[0], a[1])
-    if act == "clamp":
-        return y.clamp(None if a[0] == -math.inf else a[0], None if a[1] == math.inf else a[1])
-    if act == "elu":
-        return F.elu(y, a[0])
-    if act == "gelu":
-        return F.gelu(y)
-    if act == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    if act == "silu":
-        return F.silu(y)
-    if act == "mish":
-        return F.mish(y)
-    if act == "hardswish":
-        return F.hardswish(y)
-    if act == "hardsigmoid":
-        return F.hardsigmoid(y)
-    if act == "sigmoid":
-        return torch.sigmoid(y)
-    if act == "tanh":
-        return torch.tanh(y)
-    raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
-
-
 def quantize_reference(y: torch.Tensor, scale: float, zp: int, qmin: int, qmax: int,
                        dtype: torch.dtype) -> torch.Tensor:
     """PyTorch's arithmetic: round_half_even(y.float() * (1/scale)) + zp, clamped, as codes."""

@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device, interpreting)
-from fxopt.triton_kernels.epilogue import (check_residual, epilogue_kwargs, epilogue_reference, grouped_tile, store_epilogue)
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int,
+                                           check_device, interpreting)
+from fxopt.triton_kernels.epilogue import (check_residual, epilogue_kwargs, epilogue_reference,
+                                           grouped_tile, store_epilogue)
 
 __all__ = ["linear", "linear_int8", "linear_reference", "linear_int8_reference", "weight_colsum",
            "gemm_int8_configs", "gemm_float_configs"]
@@ -122,8 +124,8 @@ def _out_tensor(name, out, shape, dtype, device):
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}: out must be a tensor or None, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
-        raise ValueError(f"{name}: out must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(f"{name}: out must be a {dtype} tensor of shape {tuple(shape)} on "
+                         f"{device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     if not out.is_contiguous():
         raise ValueError(f"{name}: out must be contiguous")
     return out
@@ -133,13 +135,14 @@ def _check_weight(name, w, k, dtypes):
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name}: weight must be a tensor, got {type(w).__name__}")
     if w.dtype not in dtypes:
-        raise TypeError(f"{name}: weight must be {' or '.join(str(d) for d in dtypes)}, got {w.dtype}")
+        raise TypeError(f"{name}: weight must be {' or '.join(str(d) for d in dtypes)}, got "
+                        f"{w.dtype}")
     if w.dim() != 2 or w.shape[1] != k:
         raise ValueError(f"{name}: weight must have shape [N, K] with K={k} (the input's last "
                          f"dimension), got {tuple(w.shape)}")
     if w.stride(1) != 1:
-        raise ValueError(f"{name}: weight must be [N, K] with K contiguous (stride {tuple(w.stride())}); "
-                         "pass weight.contiguous() (prepare it once)")
+        raise ValueError(f"{name}: weight must be [N, K] with K contiguous (stride "
+                         f"{tuple(w.stride())}); pass weight.contiguous() (prepare it once)")
 
 
 def _as_rows(name, x, k_dim_name="K"):
@@ -157,7 +160,8 @@ def _launch(name, kernel, a2, w, out, *, scale, corr, residual, ep, is_int8, a_u
     out2 = out.view(M, N)
     res2 = residual.reshape(M, N) if residual is not None else None
     if max(a2.numel(), out2.numel(), w.numel()) >= 2 ** 31:
-        raise ValueError(f"{name}: tensors with 2**31 or more elements are not supported (int32 offsets)")
+        raise ValueError(f"{name}: tensors with 2**31 or more elements are not supported "
+                         "(int32 offsets)")
     if M == 0 or N == 0:
         return
     if K == 0:
@@ -191,12 +195,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                         "(int8 codes go to linear_int8)")
     _check_weight(name, weight, x.shape[-1] if x.dim() else -1, FLOAT_DTYPES)
     if weight.dtype != x.dtype:
-        raise TypeError(f"{name}: x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
+        raise TypeError(f"{name}: x and weight must have the same dtype, got {x.dtype} and "
+                        f"{weight.dtype}")
     a2 = _as_rows(name, x)
     N = weight.shape[0]
     out_shape = tuple(x.shape[:-1]) + (N,)
     check_residual(name, residual, out_shape)
-    device = check_device(name, {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out})
+    device = check_device(name, {"x": x, "weight": weight, "bias": bias, "residual": residual,
+                                 "out": out})
     out_dtype = x.dtype if out_dtype is None else out_dtype
     ep = epilogue_kwargs(name, n=N, out_dtype=out_dtype, bias=bias, act=act, act_args=act_args,
                          y_scale=y_scale, y_zp=y_zp, y_qmin=y_qmin, y_qmax=y_qmax, dummy=weight)
@@ -214,7 +220,8 @@ def weight_colsum(w_q: torch.Tensor) -> torch.Tensor:
 
 
 def int8_scale_and_correction(name, w_q, w_scale, a, a_scale, a_zp, w_colsum):
-    """(float32 scale[N] = a_scale * w_scale, int32 correction[N] or None, zp) for the int8 kernels."""
+    """(float32 scale[N] = a_scale * w_scale, int32 correction[N] or None, zp) for the int8
+    kernels."""
     n = w_q.shape[0]
     if not isinstance(w_scale, torch.Tensor) or w_scale.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: w_scale must be a float tensor of shape [{n}]")
@@ -235,7 +242,8 @@ def int8_scale_and_correction(name, w_q, w_scale, a, a_scale, a_zp, w_colsum):
         if w_colsum is None:
             w_colsum = weight_colsum(w_q)
         elif w_colsum.dtype != torch.int32 or w_colsum.numel() != n:
-            raise ValueError(f"{name}: w_colsum must be int32 with {n} elements (weight_colsum(w_q))")
+            raise ValueError(f"{name}: w_colsum must be int32 with {n} elements "
+                             "(weight_colsum(w_q))")
         corr = (w_colsum.reshape(-1) * zp_eff).to(torch.int32).contiguous()
     return scale, corr, zp_eff
 
@@ -292,8 +300,9 @@ def linear_int8_reference(a, w_q, w_scale, bias=None, residual=None, *, a_scale,
     """``linear_int8``'s math: exact integer accumulation (float64 holds it exactly), the scale
     product in float32 as the kernel forms it, the rest of the epilogue in ``compute_dtype``."""
     acc = (a.to(torch.float64) - float(a_zp)) @ w_q.to(torch.float64).T
-    scale = torch.tensor(float(a_scale), dtype=torch.float32, device=w_scale.device) * w_scale.float()
+    a_scale32 = torch.tensor(float(a_scale), dtype=torch.float32, device=w_scale.device)
+    scale = a_scale32 * w_scale.float()
     lo, hi = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
-    return epilogue_reference(acc.to(compute_dtype), scale, bias, residual, act, act_args, out_dtype,
-                              y_scale, y_zp, lo if y_qmin is None else y_qmin,
+    return epilogue_reference(acc.to(compute_dtype), scale, bias, residual, act, act_args,
+                              out_dtype, y_scale, y_zp, lo if y_qmin is None else y_qmin,
                               hi if y_qmax is None else y_qmax)

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int, check_device, code_range, float_reciprocal)
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int,
+                                           check_device, code_range, float_reciprocal)
 from fxopt.triton_kernels.epilogue import quantize_reference, requantize
 
 __all__ = ["quantize", "dequantize", "quantize_reference", "dequantize_reference"]
@@ -88,7 +89,8 @@ def quantize(x: torch.Tensor, scale, zero_point, dtype: torch.dtype = torch.uint
     qmin = lo if qmin is None else qmin
     qmax = hi if qmax is None else qmax
     if not lo <= qmin <= qmax <= hi:
-        raise ValueError(f"{name}: need {lo} <= qmin <= qmax <= {hi} for {dtype}, got {qmin}, {qmax}")
+        raise ValueError(f"{name}: need {lo} <= qmin <= qmax <= {hi} for {dtype}, got {qmin}, "
+                         f"{qmax}")
     out = _check_out(name, out, x, dtype)
     n = x.numel()
     if n:
@@ -121,5 +123,5 @@ def dequantize(q: torch.Tensor, scale, zero_point, *, out_dtype: torch.dtype = t
 
 def dequantize_reference(q: torch.Tensor, scale, zero_point) -> torch.Tensor:
     """PyTorch's dequantization: ``(q - zp).float() * scale`` (float32 scale)."""
-    return (q.to(torch.int32) - int(zero_point)).float() * torch.tensor(float(scale), dtype=torch.float32,
-                                                                        device=q.device)
+    scale32 = torch.tensor(float(scale), dtype=torch.float32, device=q.device)
+    return (q.to(torch.int32) - int(zero_point)).float() * scale32

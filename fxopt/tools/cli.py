@@ -1,7 +1,8 @@
 """The ``fxopt`` command line: optimize a model and show what every pass did.
 
-    $ fxopt optimize                                   # the built-in digits ResNet (trained once, cached):
-                                                       # pruned, fine-tuned, fused, then int8
+    $ fxopt optimize                                   # the built-in digits ResNet (trained
+                                                       # once, cached): pruned, fine-tuned,
+                                                       # fused, then int8
     $ fxopt optimize --model torchvision:resnet18      # random weights, input 1,3,224,224
     $ fxopt optimize --model my_model.py:build --input-shape 1,3,64,64 --out build/
     $ fxopt passes                                     # registered passes, groups, pipelines
@@ -122,7 +123,8 @@ def _ratio(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number between 0 and 1, got {text!r}") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
     return value
@@ -397,12 +399,14 @@ def _summary(spec: LoadedSpec, model: nn.Module, opt: nn.Module, example: torch.
     def ratio(b, a):
         return f"{a / b:.2f}x" if b else "-"
 
-    t.add_row("params", format_count(before.params), format_count(after.params), ratio(before.params, after.params))
+    t.add_row("params", format_count(before.params), format_count(after.params),
+              ratio(before.params, after.params))
     t.add_row(f"MACs (batch of {batch})", format_count(before.macs), format_count(after.macs),
               ratio(before.macs, after.macs))
     t.add_row("size (weights)", format_bytes(before.bytes), format_bytes(after.bytes),
               ratio(before.bytes, after.bytes))
-    t.add_row("graph nodes", str(before.nodes), str(after.nodes), f"{after.nodes - before.nodes:+d}")
+    t.add_row("graph nodes", str(before.nodes), str(after.nodes),
+              f"{after.nodes - before.nodes:+d}")
     if spec.test_loader is not None:
         from fxopt.tools.digits import evaluate
 
@@ -442,7 +446,8 @@ def cmd_passes(args) -> int:
         passes.add_column(col, overflow="fold")
     for name in sorted(fxopt.PASSES):
         info = fxopt.PASSES[name]
-        order = ", ".join([f"after {a}" for a in info.after] + [f"before {b}" for b in info.before])
+        order = ", ".join([f"after {a}" for a in info.after]
+                          + [f"before {b}" for b in info.before])
         passes.add_row(*_cells(name, info.summary, info.reference,
                                 ", ".join(p.doc for p in info.requires) or "-",
                                 info.config.__name__ if info.config else "-", order or "-"))

@@ -10,10 +10,10 @@ inside one), so a 50-layer ResNet fits on one page with labels that stay readabl
 (``get_attr``) are not drawn. Labels are short: what the node computes and its output channels
 (``conv3x3+add+relu 256``); a pruned layer shows kept/original channels (``conv3x3+relu 32/64``).
 
-Colours: fused ops orange, quantized ops purple (any op whose name says ``int8``, ``quantize``
-or ``quantized``: ``fxopt.conv2d_int8``, ``fxopt.quantize``, ``quantized.conv2d_relu``, ...),
-other convolution/linear layers blue, normalization pink, activations green, elementwise ops
-yellow, inputs/outputs grey; layers whose output channels pruning removed get a thick red border.
+Colours: fused ops orange, quantized ops purple (fxopt's int8 ops by their op schema, PyTorch's
+``quantized.conv2d_relu``, ``quantize_per_tensor``, ... by name: see ``draw_labels``), other
+convolution/linear layers blue, normalization pink, activations green, elementwise ops yellow,
+inputs/outputs grey; layers whose output channels pruning removed get a thick red border.
 
     >>> opt = fxopt.optimize(torchvision.models.resnet50().eval(), x, prune=0.5)
     >>> fxopt.draw(opt, "resnet50.png")        # .png, .svg or .pdf (matplotlib: fxopt[draw])
@@ -294,7 +294,7 @@ def draw(module: nn.Module, path: str | os.PathLike, *, title: str | None = None
     return save_figure(fig, path, fmt, dpi)
 
 
-# -- files (shared with fxopt.tradeoff) ---------------------------------------------------------
+# -- files (shared with fxopt.tools.tradeoff) ---------------------------------------------------
 def picture_path(path) -> tuple[Path, str]:
     """``path`` as a ``Path`` and its format (png, svg or pdf), its folder created; typed
     errors for anything else."""

@@ -1,23 +1,48 @@
 """What ``fxopt.draw`` writes in each box: the kind of a node (its colour) and its short label.
 
-``node_kind`` sorts a node into fused / quantized / layer / norm / activation / elementwise /
-io / other (quantized: any op whose name says ``int8``, ``quantize`` or ``quantized``, or whose
-output is an int8 tensor); ``node_label`` is what it computes and its output channels
-(``conv3x3/2+add+relu 256``); a pruned layer shows kept/original channels (``32/64``).
+Kinds: fused / quantized / layer / norm / activation / elementwise / io / other. Two sources,
+and names are read only where there is no schema to read:
 
-    >>> node_label(gm, node)      # 'conv3x3+relu 32/64'
+- fxopt's own ops are read through the op schema (``fxopt.ops.schema``). The family gives the
+  kind: ``fused`` -> fused, ``int8`` -> quantized, and a ``triton`` op is quantized when its
+  signature carries int8 data (codes ``q``/``qs``/``w_q`` or a zero point ``zp``/``*_zp``, the
+  names every int8 op uses), else fused. The label reads the call's arguments by name
+  (``view_of(node)``: ``weight``/``w_q``, ``stride``, ``residual``, ``act``), defaults filled in.
+  A newly declared op is drawn right without a change here.
+- PyTorch's own ops (``quantized::*``, ``aten``, torch functions, Tensor methods, modules) have
+  no fxopt schema: an op whose name says ``int8``/``quantize``/``quantized`` is quantized, the
+  activation table (``fxopt.ir.activations.ACTIVATIONS``, plus softmax) names the activations.
+
+Whatever the op, an output of int8 or quantized dtype makes a node quantized (a max-pool on
+``quint8`` data). A label is what the node computes and its output channels; ``fxopt.draw``
+adds kept/original channels to a pruned layer's label::
+
+    >>> node_kind(gm, node)       # torch.ops.fxopt.conv2d_int8 call -> 'quantized'
+    >>> node_label(gm, node)      # stride 2, a residual, act='relu' -> 'conv3x3/2+add+relu 32'
+    >>> pruned_of(node, pruned_layers(gm))   # (32, 64): 32 of the layer's 64 channels kept
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxopt.ir.activations import ACTIVATIONS
+from fxopt.ops.schema import OpSchema, schema_of, view_of
+
 __all__ = ["node_kind", "node_label", "pruned_layers", "pruned_of"]
 
+# Parameter names of int8 data in the op schema: codes and zero points (see the docstring).
+_CODE_PARAMS = frozenset({"q", "qs", "w_q", "zp", "zps"})
+# PyTorch's ops have no schema family: their names say quantized (quantized::add, x.dequantize)
 _QUANTIZED_WORDS = ("int8", "quantize", "quantized")
-_ACTIVATIONS = {"relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-                "leaky_relu", "elu", "mish", "hardtanh", "softmax", "clamp"}
+_QUANTIZED_DTYPES = (torch.quint8, torch.qint8, torch.qint32, torch.int8)
+# The table's rows ("none" is no activation) and softmax, which fxopt never fuses but draws
+# as an activation all the same. Modules: the table's own types, or a class of such a name.
+_ACTIVATION_NAMES = frozenset(ACTIVATIONS) - {"none"} | {"softmax"}
+_ACTIVATION_MODULES = tuple(m for row in ACTIVATIONS.values() for m in row.modules)
 _ELEMENTWISE = {"add", "iadd", "mul", "imul", "sub", "truediv", "cat", "concat", "stack"}
 _SHORT = {"conv1d": "conv", "conv2d": "conv", "batchnorm2d": "bn", "batchnorm1d": "bn",
           "layernorm": "ln", "adaptiveavgpool2d": "avgpool", "maxpool2d": "maxpool",
@@ -27,7 +52,21 @@ _SHORT = {"conv1d": "conv", "conv2d": "conv", "batchnorm2d": "bn", "batchnorm1d"
           "quantize_per_channel": "quantize"}
 
 
-# -- what a node is ---------------------------------------------------------------------------
+# -- fxopt's ops: the schema --------------------------------------------------------------------
+def _carries_int8(schema: OpSchema) -> bool:
+    return any(p.name in _CODE_PARAMS or p.name.endswith("_zp") for p in schema.params)
+
+
+def _fxopt_kind(schema: OpSchema) -> str:
+    return "quantized" if schema.family == "int8" or _carries_int8(schema) else "fused"
+
+
+def _weight_of(values: dict[str, Any]):
+    """A layer op's weight argument (float ``weight`` or int8 ``w_q``), else None."""
+    return values.get("weight", values.get("w_q"))
+
+
+# -- PyTorch's ops: names -----------------------------------------------------------------------
 def _module(gm: fx.GraphModule, target: str):
     try:
         return gm.get_submodule(target)
@@ -36,7 +75,7 @@ def _module(gm: fx.GraphModule, target: str):
 
 
 def _qualified_name(target) -> str | None:
-    """``fxopt::conv2d_int8`` for a torch op (an overload or an overload packet), else None."""
+    """``quantized::add`` for a torch op (an overload or an overload packet), else None."""
     schema = getattr(target, "_schema", None)
     if schema is not None:
         return schema.name
@@ -45,7 +84,7 @@ def _qualified_name(target) -> str | None:
 
 
 def _op_name(target) -> str:
-    """``conv2d_int8`` for ``torch.ops.fxopt.conv2d_int8.default``, ``relu`` for ``torch.relu``."""
+    """``add_relu`` for ``torch.ops.quantized.add_relu``, ``relu`` for ``torch.relu``."""
     qualified = _qualified_name(target)
     if qualified is not None:
         return qualified.split("::")[-1].lower()
@@ -58,17 +97,13 @@ def _namespace(target) -> str:
     return qualified.partition("::")[0] if qualified is not None else ""
 
 
-def _is_fxopt(target) -> bool:
-    return _namespace(target) == "fxopt" or "fxopt" in str(target)
-
-
-def _is_quantized(target) -> bool:
+def _named_quantized(target) -> bool:
     text = f"{target} {_namespace(target)} {_op_name(target)}".lower()
     return any(word in text for word in _QUANTIZED_WORDS)
 
 
-def _op_args(node: fx.Node) -> dict:
-    """A torch op call's arguments by name (its schema), positional ones included."""
+def _torch_op_args(node: fx.Node) -> dict:
+    """A torch op call's arguments by name (torch's own schema), positional ones included."""
     schema = getattr(node.target, "_schema", None)
     if schema is None:
         return dict(node.kwargs)
@@ -77,46 +112,52 @@ def _op_args(node: fx.Node) -> dict:
     return named
 
 
-_QUANTIZED_DTYPES = (torch.quint8, torch.qint8, torch.qint32, torch.int8)
-
-
-def node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
-    """One of ``KIND_COLORS``'s keys.
-
-    Quantized: an op whose name says int8 / quantize / quantized (``x.dequantize()`` too), or
-    any op whose output is an int8 or quantized tensor (a max-pool on ``quint8`` data).
-    """
-    if node.op in ("placeholder", "output"):
-        return "io"
-    if node.op in ("call_function", "call_method") and _is_quantized(node.target):
+def _module_kind(m) -> str:
+    if "quant" in type(m).__name__.lower() or "quant" in type(m).__module__:
         return "quantized"
-    if getattr(node.meta.get("tensor_meta"), "dtype", None) in _QUANTIZED_DTYPES:
-        return "quantized"
-    if node.op == "call_function" and _is_fxopt(node.target):
-        return "fused"
-    if node.op == "call_module":
-        m = _module(gm, node.target)
-        name = type(m).__name__.lower()
-        if "quant" in name or "quant" in type(m).__module__:
-            return "quantized"
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            return "layer"
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
-            return "norm"
-        return "activation" if name in _ACTIVATIONS else "other"
-    name = _op_name(node.target)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return "layer"
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        return "norm"
+    if type(m) in _ACTIVATION_MODULES or type(m).__name__.lower() in _ACTIVATION_NAMES:
+        return "activation"
+    return "other"
+
+
+def _function_kind(target) -> str:
+    name = _op_name(target).rstrip("_")  # relu_ is relu
     if name in ("conv1d", "conv2d", "linear"):
         return "layer"
     if name in ("batch_norm", "layer_norm"):
         return "norm"
-    if name.rstrip("_") in _ACTIVATIONS:
+    if name in _ACTIVATION_NAMES:
         return "activation"
-    if name.rstrip("_") in _ELEMENTWISE:
+    if name in _ELEMENTWISE:
         return "elementwise"
     return "other"
 
 
-# -- labels -----------------------------------------------------------------------------------
+# -- kinds --------------------------------------------------------------------------------------
+def node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    """One of ``fxopt.draw.KIND_COLORS``'s keys (see the module docstring for the rules)."""
+    if node.op in ("placeholder", "output"):
+        return "io"
+    schema = schema_of(node.target) if node.op == "call_function" else None
+    if schema is not None and _fxopt_kind(schema) == "quantized":
+        return "quantized"
+    if schema is None and node.op in ("call_function", "call_method") \
+            and _named_quantized(node.target):
+        return "quantized"
+    if getattr(node.meta.get("tensor_meta"), "dtype", None) in _QUANTIZED_DTYPES:
+        return "quantized"
+    if schema is not None:
+        return "fused"
+    if node.op == "call_module":
+        return _module_kind(_module(gm, node.target))
+    return _function_kind(node.target)
+
+
+# -- labels -------------------------------------------------------------------------------------
 def _channels(node: fx.Node) -> str:
     tm = node.meta.get("tensor_meta")
     shape = getattr(tm, "shape", None)
@@ -162,27 +203,29 @@ def _stride(value) -> int:
     return value if isinstance(value, int) else 1
 
 
-def _op_label(gm: fx.GraphModule, node: fx.Node) -> str:
-    """``conv3x3/2+add+relu`` for a fused or int8 conv, ``quantize``, ``add+relu``, ..."""
-    a = _op_args(node)
-    base = _op_name(node.target)
+def _op_label(gm: fx.GraphModule, node: fx.Node, name: str, args: dict[str, Any],
+              weight) -> str:
+    """``conv3x3/2+add+relu`` for a fused or int8 conv, ``quantize``, ``add+relu``, ...
+
+    ``name``: the op's name; ``args``: its arguments by name; ``weight``: its weight argument.
+    """
+    base = name
     for word in ("_int8", "_act", "2d", "1d"):
         base = base.replace(word, "")
     rest = ""
     if base.startswith("conv"):
-        weight = _attr_value(gm, a.get("weight", a.get("w_q")))
-        stride = _stride(a.get("stride", 1))
-        if weight is None and _namespace(node.target) == "quantized":
-            weight, stride = _packed_conv(gm, node)
-        head, rest = f"conv{_kernel(weight)}{'/' + str(stride) if stride > 1 else ''}", base[4:]
+        w, stride = _attr_value(gm, weight), _stride(args.get("stride", 1))
+        if w is None and _namespace(node.target) == "quantized":
+            w, stride = _packed_conv(gm, node)
+        head, rest = f"conv{_kernel(w)}{'/' + str(stride) if stride > 1 else ''}", base[4:]
     elif base.startswith("linear"):
         head, rest = "linear", base[6:]
     elif base.endswith("_relu"):  # quantized::add_relu
         head, rest = _SHORT.get(base[:-5], base[:-5]), "_relu"
     else:
         head = _SHORT.get(base, base)
-    parts = [head] + (["add"] if a.get("residual") is not None else [])
-    act = a.get("act", "none")
+    parts = [head] + (["add"] if args.get("residual") is not None else [])
+    act = args.get("act", "none")
     parts += [act] if isinstance(act, str) and act != "none" else []
     parts += [p for p in rest.split("_") if p]  # quantized::conv2d_relu -> conv+relu
     return "+".join(parts)
@@ -199,10 +242,15 @@ def node_label(gm: fx.GraphModule, node: fx.Node) -> str:
         m = _module(gm, node.target)
         name = type(m).__name__.lower()
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            return f"conv{_kernel(m.weight)}{'/' + str(m.stride[0]) if m.stride[0] > 1 else ''}{ch}"
+            stride = f"/{m.stride[0]}" if m.stride[0] > 1 else ""
+            return f"conv{_kernel(m.weight)}{stride}{ch}"
         return _SHORT.get(name, name) + ch
+    view = view_of(node)
+    if view is not None:
+        return _op_label(gm, node, view.name, view.values, _weight_of(view.values)) + ch
     if node.op == "call_function" and _qualified_name(node.target) is not None:
-        return _op_label(gm, node) + ch
+        args = _torch_op_args(node)
+        return _op_label(gm, node, _op_name(node.target), args, _weight_of(args)) + ch
     if node.op == "call_method":
         if node.target == "contiguous" and node.kwargs.get("memory_format") is torch.channels_last:
             return "to NHWC"
@@ -213,7 +261,7 @@ def node_label(gm: fx.GraphModule, node: fx.Node) -> str:
     return _SHORT.get(name, name.rstrip("_")) + ch
 
 
-# -- pruning ----------------------------------------------------------------------------------
+# -- pruning ------------------------------------------------------------------------------------
 def pruned_layers(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
     """``{module path or node name: (kept, original channels)}`` of the layers pruning cut."""
     out = {}
@@ -226,12 +274,14 @@ def pruned_layers(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
 
 
 def _layer_path(node: fx.Node) -> str | None:
+    """The module path of the layer a node is: its module, or the owner of an fxopt op's weight
+    (``layer1.0.conv1`` for a fused conv reading ``layer1.0.conv1.weight``)."""
     if node.op == "call_module":
         return node.target
-    if node.op == "call_function" and _is_fxopt(node.target) and len(node.args) > 1:
-        w = node.args[1]
-        if isinstance(w, fx.Node) and w.op == "get_attr":
-            return w.target.rpartition(".")[0]
+    view = view_of(node)
+    w = _weight_of(view.values) if view is not None else None
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        return w.target.rpartition(".")[0]
     return None
 
 
@@ -249,5 +299,3 @@ def pruned_of(node: fx.Node, pruned: dict) -> tuple[int, int] | None:
         if name in pruned:
             return pruned[name]
     return None
-
-

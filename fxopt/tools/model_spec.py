@@ -46,8 +46,8 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(d < 1 for d in shape):
-        raise InputError(f"--input-shape must be positive integers separated by commas, got {text!r}",
-                         hint="for example --input-shape 1,3,224,224")
+        raise InputError(f"--input-shape must be positive integers separated by commas, got "
+                         f"{text!r}", hint="for example --input-shape 1,3,224,224")
     return shape
 
 
@@ -62,8 +62,9 @@ def load_model_spec(spec: str, input_shape: str | None = None, *, epochs: int | 
                          hint="drop --epochs, or use --model digits")
     kind, sep, name = spec.rpartition(":")  # rpartition: a path may hold ':' (C:\...)
     if not sep or not kind or not name:
-        raise InputError(f"--model must be 'digits', 'torchvision:NAME' or 'path/to/file.py:factory', "
-                         f"got {spec!r}", hint="for example --model torchvision:resnet18")
+        raise InputError(f"--model must be 'digits', 'torchvision:NAME' or "
+                         f"'path/to/file.py:factory', got {spec!r}",
+                         hint="for example --model torchvision:resnet18")
     if kind == "torchvision":
         return _load_torchvision(name, shape or DEFAULT_TORCHVISION_SHAPE)
     return _load_from_file(Path(kind), name, shape)
@@ -76,7 +77,8 @@ def _load_digits(shape, epochs, progress, console) -> LoadedSpec:
     if shape is not None:
         if tuple(shape[1:]) != (1, 8, 8):
             raise InputError(f"the digits model takes inputs of shape N,1,8,8, got --input-shape "
-                             f"{','.join(map(str, shape))}", hint="pass --input-shape 8,1,8,8 or none")
+                             f"{','.join(map(str, shape))}",
+                             hint="pass --input-shape 8,1,8,8 or none")
         batch = shape[0]
     loaded = digits.load_or_train_default(progress=progress, console=console,
                                           epochs=epochs or digits.DEFAULT_EPOCHS)
@@ -96,10 +98,12 @@ def _load_torchvision(name: str, shape) -> LoadedSpec:
     try:
         model = torchvision.models.get_model(name, weights=None)
     except (ValueError, KeyError) as e:
-        some = ", ".join(n for n in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0",
-                                     "vit_b_16") if n in torchvision.models.list_models())
+        known = torchvision.models.list_models()
+        some = ", ".join(n for n in ("resnet18", "resnet50", "mobilenet_v3_small",
+                                     "efficientnet_b0", "vit_b_16") if n in known)
         raise InputError(f"torchvision has no model named {name!r} ({_one_line(e)})",
-                         hint=f"choose from torchvision.models.list_models(), e.g. {some}") from None
+                         hint=f"choose from torchvision.models.list_models(), e.g. {some}"
+                         ) from None
     return LoadedSpec(f"torchvision:{name}", model.eval(), _random_input(shape),
                       f"torchvision {name}, random weights",
                       calibration=[_random_input(shape, seed=s) for s in range(1, 5)])
@@ -127,21 +131,24 @@ def _load_from_file(path: Path, factory: str, shape) -> LoadedSpec:
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
                        and getattr(v, "__module__", None) == mod_name)
         raise InputError(f"{path} has no callable named {factory!r}",
-                         hint=f"name a function defined there: {', '.join(found) or '(none found)'}")
+                         hint="name a function defined there: "
+                              f"{', '.join(found) or '(none found)'}")
     try:
         model = fn()
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{path}:{factory}() failed: {type(e).__name__}: {e}",
                          hint="fix the factory (run with --debug for the traceback)") from e
     if not isinstance(model, nn.Module):
-        raise ModelTypeError(f"{path}:{factory}() returned {type(model).__name__}, not an nn.Module",
+        raise ModelTypeError(f"{path}:{factory}() returned {type(model).__name__}, not an "
+                             "nn.Module",
                              hint="make the factory return the torch.nn.Module to optimize")
     if shape is None:
         declared = getattr(module, "INPUT_SHAPE", None)
         if declared is None:
             raise InputError(f"--input-shape is required for a model from a file ({path})",
-                             hint="pass the shape of one input batch, e.g. --input-shape 1,3,224,224 "
-                                  "(or set INPUT_SHAPE = (1, 3, 224, 224) in the file)")
+                             hint="pass the shape of one input batch, e.g. --input-shape "
+                                  "1,3,224,224 (or set INPUT_SHAPE = (1, 3, 224, 224) in the "
+                                  "file)")
         shape = parse_input_shape(",".join(map(str, declared)))
     # The command line optimizes for inference: a factory that builds a fresh (training-mode)
     # model should not have to know that.

@@ -1,17 +1,18 @@
 """End-to-end recipes: prune, fine-tune with distillation, optimize, and measure each stage.
 
 ``prune_and_finetune_digits`` is what the default ``fxopt optimize`` run shows: the built-in
-digits ResNet (``fxopt.digits``) pruned, fine-tuned from the unpruned model as a teacher, then
-optimized with the full pipeline and (``quantize="int8"``) quantized to int8, with accuracy,
-parameters, size, MACs and CPU latency per stage::
+digits ResNet (``fxopt.tools.digits``) pruned, fine-tuned from the unpruned model as a teacher,
+then optimized with the full pipeline and (``quantize="int8"``) quantized to int8, with
+accuracy, parameters, size, MACs and CPU latency per stage::
 
-    >>> result = fxopt.recipes.prune_and_finetune_digits(prune=0.5, epochs=8, quantize="int8")
+    >>> from fxopt.tools.recipes import prune_and_finetune_digits
+    >>> result = prune_and_finetune_digits(prune=0.5, epochs=8, quantize="int8")
     >>> print(result)           # a table: original / pruned / fine-tuned / optimized / int8
     >>> result.final            # the OptimizedModule
     >>> result.rows[-1].accuracy
 
-The training split is cut 90/10 (fixed seed) into fine-tuning and validation data; the
-validation part drives early stopping, the test split only measures.
+The training split is cut 90/10 (``split_train``, fixed seed) into fine-tuning and validation
+data; the validation part drives early stopping, the test split only measures.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from fxopt.tools.latency import measure_latency
 from fxopt.train.finetune import FinetuneResult, finetune
 
 __all__ = ["StageRow", "PruneFinetuneResult", "prune_and_finetune_digits", "cpu_latency",
-           "stage_row"]
+           "stage_row", "split_train"]
 
 
 @dataclass
@@ -125,12 +126,19 @@ def _macs_per_image(model: nn.Module, x1: torch.Tensor) -> int:
         return 0
 
 
-def _split_train(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int):
+def split_train(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int):
+    """``((x, y) to train on, (x, y) to validate on)``: a random ``val_fraction`` of the
+    samples (at least one) held out, the same ones for the same ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=gen)
     n_val = max(1, int(round(len(x) * val_fraction)))
     va, tr = perm[:n_val], perm[n_val:]
     return (x[tr], y[tr]), (x[va], y[va])
+
+
+# The old private name, still imported by tests/fxopt/test_qat.py and bench/pruning.py (outside
+# this module's owners' files): remove it once they import split_train.
+_split_train = split_train
 
 
 def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs: int = 8,
@@ -148,7 +156,7 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
                               calibration_batches: int = 8) -> PruneFinetuneResult:
     """Prune the digits model, fine-tune it with distillation, optimize it; measure every stage.
 
-    ``model``: a trained digits model (default: ``fxopt.digits.load_or_train_default``).
+    ``model``: a trained digits model (default: ``digits.load_or_train_default``).
     ``prune``: ratio or ``PruneConfig``. ``pipeline``: what runs after fine-tuning (the default
     pipeline: folding and fusion). Rows: the original model, the pruned one before and after
     fine-tuning, and the optimized result; accuracy on the test split, MACs per image, batch-1
@@ -166,13 +174,14 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
                                              console=console).model
     model = model.eval()
     data = digits.load_digits_split()
-    (tx, ty), (vx, vy) = _split_train(data.train_x, data.train_y, 0.1, seed)
+    (tx, ty), (vx, vy) = split_train(data.train_x, data.train_y, 0.1, seed)
     train = DataLoader(TensorDataset(tx, ty), batch_size=batch_size, shuffle=True,
                        generator=torch.Generator().manual_seed(seed))
     val = DataLoader(TensorDataset(vx, vy), batch_size=256)
     test = digits.test_loader()
     x = digits.example_batch()
     x1 = x[:1]
+
     def row(stage: str, m: nn.Module) -> StageRow:
         return stage_row(stage, m, x1, digits.evaluate(m, test), latency_repeats, latency_threads)
 
@@ -181,9 +190,11 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
                           on_mismatch=on_mismatch)
     pruned = pruned_opt.graph_module
     rows.append(row("pruned", pruned))
-    shift = getattr(digits, "_shift", None)
     gen = torch.Generator().manual_seed(seed + 1)
-    augment = (lambda b: shift(b, gen)) if shift is not None else None
+
+    def augment(batch: torch.Tensor) -> torch.Tensor:
+        return digits.random_shift(batch, gen)
+
     ft = finetune(pruned, train, val, epochs=epochs, teacher=model, kd_alpha=kd_alpha,
                   kd_temperature=kd_temperature, lr=lr, weight_decay=weight_decay,
                   patience=patience, augment=augment, log_dir=log_dir, progress=progress,

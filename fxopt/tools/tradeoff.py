@@ -1,16 +1,16 @@
 """Accuracy against latency and size at several pruning ratios, measured and plotted.
 
-``measure_pruning_tradeoff`` runs the digits recipe (``fxopt.recipes``) once per ratio, short:
+``measure_pruning_tradeoff`` runs the digits recipe (``recipes``) once per ratio, short:
 prune the trained digits model, fine-tune it a couple of epochs with distillation from the
 unpruned model, optimize it with the default pipeline, then measure test accuracy, batch-1 CPU
-latency (``fxopt.latency``, one thread, as the recipe does) and parameters / bytes. Ratio 0 is
+latency (``latency``, one thread, as the recipe does) and parameters / bytes. Ratio 0 is
 the unpruned model, optimized, so every point went through the same pipeline. ``int8_ratios``
 adds an int8 point (``quantize="int8"``, calibrated on training batches) for those ratios.
 ``plot_tradeoff`` draws the rows: accuracy against latency, and against size, each point
 labelled with its ratio, int8 points as purple diamonds. ``fxopt optimize --out DIR`` writes
 ``DIR/tradeoff.png`` and ``DIR/tradeoff.json`` this way for the digits model.
 
-    >>> from fxopt.tradeoff import measure_pruning_tradeoff, plot_tradeoff
+    >>> from fxopt.tools.tradeoff import measure_pruning_tradeoff, plot_tradeoff
     >>> rows = measure_pruning_tradeoff((0.0, 0.25, 0.5, 0.75), epochs=2)
     >>> rows[2]   # {'ratio': 0.5, 'precision': 'fp32', 'accuracy': 0.986, 'latency_ms': ..., ...}
     >>> plot_tradeoff(rows, "tradeoff.png")      # .png, .svg or .pdf (matplotlib: fxopt[draw])
@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from fxopt.api import OptimizedModule, optimize
 from fxopt.errors import InputError, NotAvailableError
 from fxopt.ir.graph import count_bytes, count_params
-from fxopt.tools.draw import picture_path, save_figure
-from fxopt.tools.recipes import _split_train, cpu_latency
+from fxopt.tools.draw import node_kind, picture_path, save_figure
+from fxopt.tools.recipes import cpu_latency, split_train
 from fxopt.train.finetune import finetune
 
 __all__ = ["TRADEOFF_RATIOS", "TRADEOFF_EPOCHS", "ROW_FIELDS", "measure_pruning_tradeoff",
@@ -47,8 +47,6 @@ FLOAT_COLOR, INT8_COLOR = "#1f77b4", "#756bb1"
 
 def model_precision(model: nn.Module) -> str:
     """``"int8"`` when the graph holds quantized ops (as ``fxopt.draw`` marks them), else fp32."""
-    from fxopt.tools.draw import node_kind
-
     gm = getattr(model, "graph_module", model)
     graph = getattr(gm, "graph", None)
     if graph is None:
@@ -83,7 +81,7 @@ def measure_pruning_tradeoff(ratios: Sequence[float] = TRADEOFF_RATIOS, *,
                              console=None, cache_dir: str | None = None) -> list[dict[str, Any]]:
     """One row (a dict with ``ROW_FIELDS``) per pruning ratio, in ratio order.
 
-    ``model``: a trained digits model (default: ``fxopt.digits.load_or_train_default``); it is
+    ``model``: a trained digits model (default: ``digits.load_or_train_default``); it is
     never changed. ``epochs``: fine-tuning per ratio (short: the point is the shape of the
     curve, not the last tenth of a point). ``int8_ratios``: also an int8 row at these ratios.
     ``progress``: one line per point on ``console`` (stderr). ``num_threads``: torch's threads
@@ -104,7 +102,7 @@ def measure_pruning_tradeoff(ratios: Sequence[float] = TRADEOFF_RATIOS, *,
         torch.set_num_threads(num_threads)
     try:
         data = digits.load_digits_split()
-        (tx, ty), (vx, vy) = _split_train(data.train_x, data.train_y, 0.1, seed)
+        (tx, ty), (vx, vy) = split_train(data.train_x, data.train_y, 0.1, seed)
         test = digits.test_loader()
         x = digits.example_batch()
         calibration = digits.calibration_batches() if int8_ratios else None

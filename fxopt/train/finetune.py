@@ -29,7 +29,9 @@ import torch.nn.functional as F
 
 from fxopt.errors import InputError, NotAvailableError
 
-__all__ = ["finetune", "FinetuneResult", "distillation_loss", "evaluate_loss"]
+__all__ = ["finetune", "FinetuneResult", "distillation_loss", "evaluate_loss", "frozen_teacher",
+           "split_batch", "make_optimizer", "cosine_schedule", "check_settings", "OPTIMIZERS",
+           "SCHEDULES"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -65,13 +67,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return sum(parts)
 
 
-def _split(batch: Any, device) -> tuple[tuple, torch.Tensor | None]:
+def split_batch(batch: Any, device) -> tuple[tuple, torch.Tensor | None]:
+    """``(inputs, target)`` of a training batch, moved to ``device``: ``(x, y)`` or
+    ``(x1, x2, ..., y)`` pairs, or a bare input tensor (target None: distillation only)."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         *xs, y = batch
         return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in xs), y.to(device)
     if isinstance(batch, torch.Tensor):
         return (batch.to(device),), None
-    raise InputError(f"training batches must be (inputs, target) pairs, got {type(batch).__name__}",
+    raise InputError(f"training batches must be (inputs, target) pairs, got "
+                     f"{type(batch).__name__}",
                      hint="e.g. a DataLoader over a TensorDataset(x, y)")
 
 
@@ -85,7 +90,7 @@ def evaluate_loss(model: nn.Module, data: Iterable, device=None) -> tuple[float,
     loss = 0.0
     try:
         for batch in data:
-            xs, y = _split(batch, device)
+            xs, y = split_batch(batch, device)
             out = model(*xs)
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(dim=-1) == y).sum())
@@ -103,7 +108,9 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _make_optimizer(optimizer, params, lr: float, weight_decay: float):
+def make_optimizer(optimizer: str | Callable, params, lr: float, weight_decay: float):
+    """The optimizer named in ``OPTIMIZERS`` (``sgd``: momentum 0.9, Nesterov) over ``params``,
+    or ``optimizer(params)`` for a callable."""
     if callable(optimizer) and not isinstance(optimizer, str):
         return optimizer(params)
     if optimizer == "adam":
@@ -134,12 +141,20 @@ def _writer(log_dir):
         w.close()
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int):
+    """A per-step schedule from the optimizer's learning rate down to zero over ``total_steps``
+    (half a cosine), flat at zero after."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+
+
 @contextlib.contextmanager
-def _progress(enabled: bool, console, total: int | None):
-    if not enabled:
+def _progress(console, total: int | None):
+    """(bar, task) of a rich progress bar on ``console``; (None, None) without a console."""
+    if console is None:
         yield None, None
         return
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -148,13 +163,15 @@ def _progress(enabled: bool, console, total: int | None):
         TimeElapsedColumn,
     )
 
-    console = console if console is not None else Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=console.is_terminal) as bar:
         yield bar, bar.add_task("fine-tuning", total=total)
 
 
-def _check(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience, schedule):
+def check_settings(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience,
+                   schedule) -> None:
+    """``InputError`` naming the first fine-tuning setting out of range (the plain loop and
+    the Lightning module take the same ones)."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise InputError(f"epochs must be an integer >= 1, got {epochs!r}")
     if not 0.0 <= kd_alpha <= 1.0:
@@ -209,7 +226,7 @@ def frozen_teacher(teacher: nn.Module) -> nn.Module:
 def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_temperature, optimizer,
               lr, weight_decay, patience, schedule, augment, log_dir, progress, console, device,
               seed) -> FinetuneResult:
-    _check(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience, schedule)
+    check_settings(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience, schedule)
     if patience is not None and val_data is None:
         raise InputError("patience= needs val_data: early stopping watches the validation loss")
     if seed is not None:
@@ -221,16 +238,13 @@ def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_tempera
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InputError("the model has no trainable parameters")
-    opt = _make_optimizer(optimizer, params, lr, weight_decay)
+    opt = make_optimizer(optimizer, params, lr, weight_decay)
     try:
         steps_per_epoch = len(train_data)  # type: ignore[arg-type]
     except TypeError:
         steps_per_epoch = None
     total = steps_per_epoch * epochs if steps_per_epoch else None
-    sched = None
-    if schedule == "cosine" and total:
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+    sched = cosine_schedule(opt, total) if schedule == "cosine" and total else None
     result = FinetuneResult(model)
     best_state = None
     best_loss = math.inf
@@ -241,14 +255,14 @@ def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_tempera
     if progress:
         from rich.console import Console
         out_console = console if console is not None else Console(stderr=True)
-    with _writer(log_dir) as writer, _progress(progress, out_console, total) as (bar, task):
+    with _writer(log_dir) as writer, _progress(out_console, total) as (bar, task):
         for epoch in range(1, epochs + 1):
             model.train()
             te = time.perf_counter()
             run_loss = 0.0
             seen = 0
             for batch in train_data:
-                xs, y = _split(batch, device)
+                xs, y = split_batch(batch, device)
                 if augment is not None:
                     xs = (augment(xs[0]),) + xs[1:]
                 t_logits = None
@@ -271,8 +285,8 @@ def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_tempera
                 if writer is not None:
                     writer.add_scalar("train/step_loss", loss_value, step)
                 if bar is not None:
-                    bar.update(task, advance=1, description=f"fine-tuning (epoch {epoch}/{epochs}, "
-                                                            f"loss {loss_value:.3f})")
+                    bar.update(task, advance=1, description=f"fine-tuning (epoch {epoch}/"
+                                                            f"{epochs}, loss {loss_value:.3f})")
             entry = {"epoch": epoch, "train_loss": run_loss / max(seen, 1),
                      "lr": opt.param_groups[0]["lr"]}
             if val_data is not None:

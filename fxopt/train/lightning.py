@@ -22,7 +22,6 @@ Needs ``lightning`` (``pip install 'fxopt[lightning]'``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -32,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt.errors import InputError, NotAvailableError
-from fxopt.train.finetune import _check, _make_optimizer, _split, distillation_loss, frozen_teacher
+from fxopt.train.finetune import (check_settings, cosine_schedule, distillation_loss,
+                                  frozen_teacher, make_optimizer, split_batch)
 
 try:
     import lightning.pytorch as pl
@@ -76,7 +76,7 @@ if pl is not None:
                      weight_decay: float = 0.0, optimizer: str | Callable = "adamw",
                      schedule: str = "cosine"):
             super().__init__()
-            _check(1, kd_alpha, kd_temperature, lr, weight_decay, None, schedule)
+            check_settings(1, kd_alpha, kd_temperature, lr, weight_decay, None, schedule)
             self.student = student
             # a frozen copy: Lightning moves and flags it, never the caller's model
             self.teacher = frozen_teacher(teacher) if teacher is not None else None
@@ -96,7 +96,7 @@ if pl is not None:
                 self.teacher.eval()
 
         def training_step(self, batch, batch_idx):
-            xs, y = _split(batch, self.device)
+            xs, y = split_batch(batch, self.device)
             logits = self.student(*xs)
             teacher_logits = None
             if self.teacher is not None and self.kd_alpha > 0:
@@ -109,7 +109,7 @@ if pl is not None:
             return loss
 
         def validation_step(self, batch, batch_idx):
-            xs, y = _split(batch, self.device)
+            xs, y = split_batch(batch, self.device)
             logits = self.student(*xs)
             n = len(xs[0])
             self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True,
@@ -121,12 +121,10 @@ if pl is not None:
             params = [p for p in self.student.parameters() if p.requires_grad]
             if not params:
                 raise InputError("the student has no trainable parameters")
-            opt = _make_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
+            opt = make_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
             if self.schedule != "cosine":
                 return opt
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+            sched = cosine_schedule(opt, max(1, int(self.trainer.estimated_stepping_batches)))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     class _History(Callback):
@@ -164,7 +162,7 @@ def finetune_lightning(student: nn.Module, train: Iterable, val: Iterable | None
     ``precision=``, ``num_nodes=``, ...) go to ``lightning.pytorch.Trainer``.
     """
     _require()
-    _check(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience, schedule)
+    check_settings(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience, schedule)
     if not isinstance(student, nn.Module):
         raise InputError(f"student must be an nn.Module, got {type(student).__name__}")
     if patience is not None and val is None:

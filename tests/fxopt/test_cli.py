@@ -29,7 +29,8 @@ def shared_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def cache(shared_cache, monkeypatch):
     monkeypatch.setenv("FXOPT_CACHE_DIR", str(shared_cache))
-    monkeypatch.setattr(cli, "LATENCY_BUDGET_S", 0.0)  # 5 timed rounds: the tests are not benchmarks
+    # 5 timed rounds: the tests are not benchmarks
+    monkeypatch.setattr(cli, "LATENCY_BUDGET_S", 0.0)
     return shared_cache
 
 
@@ -143,7 +144,8 @@ def test_options_are_passed_through(capsys, monkeypatch):
 
     monkeypatch.setattr(fxopt, "optimize", spy)
     rc, _, err = _run(capsys, "optimize", *QUICK, "--no-progress", "--no-prune",
-                      "--pipeline", "cleanup", "--disable", "cse, dce", "--target", "cpu", "--check", "end",
+                      "--pipeline", "cleanup", "--disable", "cse, dce", "--target", "cpu",
+                      "--check", "end",
                       "--on-mismatch", "rollback", "--input-shape", "4,1,8,8")
     assert rc == 0, err
     assert seen["pipeline"] == "cleanup" and seen["disable"] == ["cse", "dce"]
@@ -216,7 +218,8 @@ def test_model_file_errors(capsys, model_file, tmp_path):
     rc, out, err = _run(capsys, "optimize", "--model", f"{model_file}:build")
     _assert_one_error(rc, out, err, "--input-shape is required")
     assert "  fix: " in err
-    rc, out, err = _run(capsys, "optimize", "--model", f"{model_file}:missing", "--input-shape", "1,3,8,8")
+    rc, out, err = _run(capsys, "optimize", "--model", f"{model_file}:missing",
+                        "--input-shape", "1,3,8,8")
     _assert_one_error(rc, out, err, "no callable named 'missing'")
     assert "build" in err  # the hint names what is there
     rc, out, err = _run(capsys, "optimize", "--model", f"{model_file}:not_a_module",
@@ -224,7 +227,8 @@ def test_model_file_errors(capsys, model_file, tmp_path):
     _assert_one_error(rc, out, err, "not an nn.Module")
     broken = tmp_path / "broken.py"
     broken.write_text("import torch\nraise RuntimeError('broken on import')\n")
-    rc, out, err = _run(capsys, "optimize", "--model", f"{broken}:build", "--input-shape", "1,3,8,8")
+    rc, out, err = _run(capsys, "optimize", "--model", f"{broken}:build",
+                        "--input-shape", "1,3,8,8")
     _assert_one_error(rc, out, err, "broken on import")
 
 

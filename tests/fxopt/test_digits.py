@@ -36,7 +36,8 @@ def test_split_reads_the_same_data_as_sklearn():
 
 
 def test_other_seed_gives_other_split():
-    assert not torch.equal(digits.load_digits_split(seed=1).test_y, digits.load_digits_split().test_y)
+    assert not torch.equal(digits.load_digits_split(seed=1).test_y,
+                           digits.load_digits_split().test_y)
 
 
 def test_loaders_and_batches():

@@ -1,5 +1,6 @@
 """Graph pictures: files exist, are real images, and mark fused, quantized and pruned nodes."""
 import struct
+import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +9,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxopt
+from fxopt.ir.activations import ACTIVATIONS
+from fxopt.ops.schema import OPS, define_op
 from fxopt.tools.draw import graph_layout, node_kind, node_label
 
 pytest.importorskip("matplotlib", reason="fxopt.draw needs matplotlib (pip install 'fxopt[draw]')")
@@ -175,6 +178,69 @@ def test_fxopt_int8_op_label():
     gm = fx.GraphModule(root, g)
     assert node_kind(gm, y) == "quantized"
     assert node_label(gm, y) == "conv3x3/2+add+relu"
+
+
+@pytest.fixture
+def declare_op():
+    """Declare throwaway fxopt ops (unique names: the torch.library namespace keeps them), and
+    take them out of ``OPS`` afterwards so tests that walk every declared op never see them."""
+    declared = []
+
+    def declare(signature: str, family: str):
+        # digits only: the label drops "1d"/"2d" from op names (conv2d -> conv)
+        name = f"{signature.partition('(')[0]}_{uuid.uuid4().int % 10 ** 8}"
+        op = define_op(name + signature[signature.index("("):], family=family,
+                       reference=lambda x, *args, **kwargs: x.clone(),
+                       fake=lambda x, *args, **kwargs: torch.empty_like(x))
+        declared.append(op)
+        return op
+
+    yield declare
+    for op in declared:
+        OPS.pop(op.name, None)
+
+
+@pytest.mark.parametrize("signature,family,kind", [
+    ("drawtest_fused(Tensor x, Tensor weight, *, str act='none') -> Tensor", "fused", "fused"),
+    ("drawtest_codes(Tensor x, Tensor scale, Tensor zp) -> Tensor", "int8", "quantized"),
+    ("drawtest_plain(Tensor x) -> Tensor", "int8", "quantized"),  # the family alone decides
+    ("drawtest_kernel(Tensor x, Tensor weight) -> Tensor", "triton", "fused"),
+    ("drawtest_kernel_codes(Tensor q, float scale, int zp) -> Tensor", "triton", "quantized"),
+])
+def test_new_fxopt_op_is_drawn_by_its_schema(declare_op, signature, family, kind):
+    """An op declared with define_op gets its family's kind and a label from its arguments by
+    name, with no change to draw_labels (the names here say nothing of int8)."""
+    op = declare_op(signature, family)
+    g = fx.Graph()
+    x = g.placeholder("x")
+    w = g.get_attr("w")
+    values = {op.params[0].name: x}
+    for p in op.params[1:]:
+        values[p.name] = {"Tensor": w, "float": 0.5, "int": 3}.get(p.type, "relu")
+    y = op.emit(g, **values)
+    g.output(y)
+    root = nn.Module()
+    root.register_buffer("w", torch.ones(4, 4, 3, 3))
+    gm = fx.GraphModule(root, g)
+    assert node_kind(gm, y) == kind
+    expected = op.name + ("+relu" if "act" in op.param_names else "")
+    assert node_label(gm, y) == expected
+
+
+def test_activation_modules_come_from_the_activation_table():
+    """Every module type the activation table lists is drawn as an activation (LeakyReLU too,
+    whose class name is not the table's row name), and softmax as well."""
+    types = [m for row in ACTIVATIONS.values() for m in row.modules] + [nn.Softmax]
+    root = nn.Module()
+    g = fx.Graph()
+    x = g.placeholder("x")
+    for i, t in enumerate(types):
+        root.add_module(f"act{i}", t())
+        x = g.call_module(f"act{i}", (x,))
+    g.output(x)
+    gm = fx.GraphModule(root, g)
+    kinds = {n.target: node_kind(gm, n) for n in gm.graph.nodes if n.op == "call_module"}
+    assert "act0" in kinds and set(kinds.values()) == {"activation"}
 
 
 def test_pruned_layers_show_kept_over_original(tmp_path):

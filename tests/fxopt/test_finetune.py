@@ -105,7 +105,8 @@ def test_optimizers_and_progress_output():
     from rich.console import Console
 
     buf = io.StringIO()
-    fxopt.finetune(mlp(), train, val, epochs=2, progress=True, console=Console(file=buf, width=100))
+    fxopt.finetune(mlp(), train, val, epochs=2, progress=True,
+                   console=Console(file=buf, width=100))
     text = buf.getvalue()
     assert "epoch 1/2" in text and "val acc" in text
 

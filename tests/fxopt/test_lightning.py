@@ -10,7 +10,8 @@ from fxopt.tools import digits
 from fxopt.train.lightning import finetune_lightning, lightning_available
 
 pytestmark = pytest.mark.skipif(
-    not lightning_available(), reason="lightning is not installed (pip install 'fxopt[lightning]')")
+    not lightning_available(),
+    reason="lightning is not installed (pip install 'fxopt[lightning]')")
 pytest.importorskip("tensorboard")
 
 

@@ -112,7 +112,8 @@ def test_measure_rows_have_the_fields(quick_model):
 
 def test_model_precision():
     assert model_precision(torch.nn.Linear(2, 2)) == "fp32"
-    assert model_precision(fxopt.capture(torch.nn.Linear(2, 2).eval(), torch.randn(1, 2))) == "fp32"
+    linear = fxopt.capture(torch.nn.Linear(2, 2).eval(), torch.randn(1, 2))
+    assert model_precision(linear) == "fp32"
 
 
 def _run(capsys, *argv):

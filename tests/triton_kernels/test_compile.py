@@ -14,25 +14,36 @@ from fxopt.triton_kernels import depthwise as D  # noqa: E402
 from fxopt.triton_kernels import elementwise as E  # noqa: E402
 from fxopt.triton_kernels import gemm as G  # noqa: E402
 from fxopt.triton_kernels import quant as Q  # noqa: E402
+from fxopt.triton_kernels.epilogue import ACTIVATIONS  # noqa: E402
 
 FLOAT_ARGS = {"act_a0", "act_a1", "y_inv_scale", "y_zp", "y_qmin", "y_qmax", "inv_scale", "zp",
               "qmin", "qmax", "scale", "a_scale", "b_scale", "count"}
-EP = dict(HAS_SCALE=True, HAS_BIAS=True, HAS_RES=True, ACT=8, QUANT_OUT=True)
-FLOAT_EP = dict(EP, HAS_SCALE=False, ACT=10, QUANT_OUT=False)
+# two of the longer activation branches, one per epilogue (codes from the kernels' table)
+EP = dict(HAS_SCALE=True, HAS_BIAS=True, HAS_RES=True, ACT=ACTIVATIONS["gelu_tanh"].code,
+          QUANT_OUT=True)
+FLOAT_EP = dict(EP, HAS_SCALE=False, ACT=ACTIVATIONS["mish"].code, QUANT_OUT=False)
 GEMM_T = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 CASES = {
-    "gemm_int8_u8out": (G._gemm_int8_kernel, dict(a_ptr="*u8", w_ptr="*i8", out_ptr="*u8", res_ptr="*bf16"),
+    "gemm_int8_u8out": (G._gemm_int8_kernel,
+                        dict(a_ptr="*u8", w_ptr="*i8", out_ptr="*u8", res_ptr="*bf16"),
                         dict(IS_INT8=True, A_UNSIGNED=True, HAS_CORR=True, **EP, **GEMM_T)),
-    "gemm_bf16": (G._gemm_half_kernel, dict(a_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", res_ptr="*bf16"),
+    "gemm_bf16": (G._gemm_half_kernel,
+                  dict(a_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", res_ptr="*bf16"),
                   dict(IS_INT8=False, A_UNSIGNED=False, HAS_CORR=False, **FLOAT_EP, **GEMM_T)),
-    "gemm_fp32": (G._gemm_fp32_kernel, dict(a_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", res_ptr="*fp32"),
-                  dict(IS_INT8=False, A_UNSIGNED=False, HAS_CORR=False, **FLOAT_EP, **dict(GEMM_T, BLOCK_K=32))),
-    "conv_int8": (C._conv_int8_kernel, dict(x_ptr="*u8", w_ptr="*i8", out_ptr="*u8", res_ptr="*fp16"),
-                  dict(IS_INT8=True, A_UNSIGNED=True, HAS_PAD_CODE=True, HAS_CORR=True, **EP, **GEMM_T)),
-    "conv_fp16": (C._conv_half_kernel, dict(x_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp16", res_ptr="*fp16"),
-                  dict(IS_INT8=False, A_UNSIGNED=False, HAS_PAD_CODE=False, HAS_CORR=False, **FLOAT_EP,
+    "gemm_fp32": (G._gemm_fp32_kernel,
+                  dict(a_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", res_ptr="*fp32"),
+                  dict(IS_INT8=False, A_UNSIGNED=False, HAS_CORR=False, **FLOAT_EP,
+                       **dict(GEMM_T, BLOCK_K=32))),
+    "conv_int8": (C._conv_int8_kernel,
+                  dict(x_ptr="*u8", w_ptr="*i8", out_ptr="*u8", res_ptr="*fp16"),
+                  dict(IS_INT8=True, A_UNSIGNED=True, HAS_PAD_CODE=True, HAS_CORR=True, **EP,
                        **GEMM_T)),
-    "depthwise_int8": (D._depthwise_kernel_l, dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*i8", res_ptr="*fp32"),
+    "conv_fp16": (C._conv_half_kernel,
+                  dict(x_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp16", res_ptr="*fp16"),
+                  dict(IS_INT8=False, A_UNSIGNED=False, HAS_PAD_CODE=False, HAS_CORR=False,
+                       **FLOAT_EP, **GEMM_T)),
+    "depthwise_int8": (D._depthwise_kernel_l,
+                       dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*i8", res_ptr="*fp32"),
                        dict(KH=3, KW=3, IS_INT8=True, **EP, BLOCK_M=32, BLOCK_C=64)),
     "depthwise_fp16": (D._depthwise_kernel_l, dict(x_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp16",
                                                    res_ptr="*fp16"),
@@ -65,6 +76,7 @@ def test_kernel_compiles_for_sm90(case):
             sig[name] = "*i32" if name == "corr_ptr" else "*fp32"
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    compiled = triton.compile(ASTSource(JITFunction(kernel.fn), sig, consts), target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(ASTSource(JITFunction(kernel.fn), sig, consts),
+                              target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4, "num_stages": 3})
     assert compiled.asm["ptx"]

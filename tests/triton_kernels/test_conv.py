@@ -27,8 +27,9 @@ def _inputs(case, device, dtype):
 
 
 def _out_shape(x, w, s, p, d):
-    ref = torch.nn.functional.conv2d(x[:, :1].float().contiguous(), torch.zeros(w.shape[0], 1, *w.shape[2:],
-                                     device=x.device), None, s, p, d)
+    ref = torch.nn.functional.conv2d(x[:, :1].float().contiguous(),
+                                     torch.zeros(w.shape[0], 1, *w.shape[2:], device=x.device),
+                                     None, s, p, d)
     return (x.shape[0], w.shape[0], ref.shape[2], ref.shape[3])
 
 
@@ -49,7 +50,8 @@ def test_conv2d_default_output_is_channels_last(device, tk):
     x, w, (s, p, d, g) = _inputs("3x3", device, torch.float32)
     y = C.conv2d(x, w, None, s, p, d, g, act="relu")
     assert y.shape == _out_shape(x, w, s, p, d) and y.is_contiguous(memory_format=CL)
-    tk.assert_float_close(y, torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), None, s, p, d, g)))
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), None, s, p, d, g)
+    tk.assert_float_close(y, torch.relu(ref))
 
 
 @pytest.mark.parametrize("a_dtype", [torch.uint8, torch.int8])
@@ -61,7 +63,8 @@ def test_conv2d_int8_accumulation_is_exact(device, tk, case, a_dtype):
     zp = 77 if a_dtype == torch.uint8 else -9
     shape = _out_shape(x, w, s, p, d)
     out = tk.poisoned(shape, torch.float32, device, channels_last=True)
-    C.conv2d_int8(x, w, torch.ones(Co, device=device), None, s, p, d, g, a_scale=1.0, a_zp=zp, out=out)
+    C.conv2d_int8(x, w, torch.ones(Co, device=device), None, s, p, d, g, a_scale=1.0, a_zp=zp,
+                  out=out)
     ref = torch.nn.functional.conv2d(x.double() - zp, w.double(), None, s, p, d, g)
     assert torch.equal(out.double(), ref)
 
@@ -114,7 +117,8 @@ def test_depthwise_float(device, tk, case, dtype):
     res = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=CL)
     out = tk.poisoned(shape, dtype, device, channels_last=True)
     D.depthwise_conv2d(x, w, b, s, p, d, res, act="hardswish", out=out)
-    tk.assert_float_close(out, D.depthwise_conv2d_reference(x, w, b, s, p, d, res, act="hardswish"))
+    tk.assert_float_close(out, D.depthwise_conv2d_reference(x, w, b, s, p, d, res,
+                                                            act="hardswish"))
 
 
 def test_depthwise_prepared_weight(device, tk):
@@ -133,7 +137,8 @@ def test_depthwise_int8(device, tk, case, a_dtype):
     zp = 200 if a_dtype == torch.uint8 else -20
     shape = _out_shape(x, w, s, p, d)
     out = tk.poisoned(shape, torch.float32, device, channels_last=True)
-    D.depthwise_conv2d_int8(x, w, torch.ones(Cc, device=device), None, s, p, d, a_scale=1.0, a_zp=zp, out=out)
+    D.depthwise_conv2d_int8(x, w, torch.ones(Cc, device=device), None, s, p, d, a_scale=1.0,
+                            a_zp=zp, out=out)
     exact = torch.nn.functional.conv2d(x.double() - zp, w.double(), None, s, p, d, Cc)
     assert torch.equal(out.double(), exact)
     # requantized, with bias, residual and an activation
@@ -146,7 +151,8 @@ def test_depthwise_int8(device, tk, case, a_dtype):
     kw.update(y_scale=y_scale, y_zp=y_zp, out_dtype=torch.uint8)
     out = tk.poisoned(shape, torch.uint8, device, channels_last=True)
     D.depthwise_conv2d_int8(x, w, w_scale, b, s, p, d, r, out=out, **kw)
-    tk.assert_codes_close(out, D.depthwise_conv2d_int8_reference(x, w, w_scale, b, s, p, d, r, **kw))
+    tk.assert_codes_close(out, D.depthwise_conv2d_int8_reference(x, w, w_scale, b, s, p, d, r,
+                                                                 **kw))
 
 
 # -- clear errors ------------------------------------------------------------------------------
@@ -189,4 +195,5 @@ def test_depthwise_errors(interp):
         D.depthwise_conv2d(x.contiguous(), torch.randn(4, 1, 3, 3))
     xq = torch.zeros(1, 4, 5, 5, dtype=torch.int8).contiguous(memory_format=CL)
     with pytest.raises(ValueError, match="w_scale must be a float tensor with 4 elements"):
-        D.depthwise_conv2d_int8(xq, torch.ones(4, 1, 3, 3, dtype=torch.int8), torch.ones(3), a_scale=1.0)
+        D.depthwise_conv2d_int8(xq, torch.ones(4, 1, 3, 3, dtype=torch.int8), torch.ones(3),
+                                a_scale=1.0)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from fxopt.triton_kernels import gemm as G
-from fxopt.triton_kernels.epilogue import ACTIVATIONS, activation_reference
+from fxopt.triton_kernels.epilogue import ACTIVATIONS, act_code, activation_reference
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
-ACT_ARGS = {"leaky_relu": (0.1,), "hardtanh": (-0.5, 0.7), "clamp": (-math.inf, 0.5), "elu": (0.8,)}
+ACT_ARGS = {"leaky_relu": (0.1,), "hardtanh": (-0.5, 0.7), "clamp": (-math.inf, 0.5),
+            "elu": (0.8,)}
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -92,12 +93,14 @@ def test_gemm_int8_epilogue(device, tk, a_dtype, out_dtype, act, with_res):
         y_scale, y_zp = tk.grid_for(yf, out_dtype)
         kw.update(y_scale=y_scale, y_zp=y_zp)
     out = tk.poisoned((M, N), out_dtype, device)
-    G.linear_int8(a, w, w_scale, b, r, out_dtype=out_dtype, w_colsum=G.weight_colsum(w), out=out, **kw)
+    G.linear_int8(a, w, w_scale, b, r, out_dtype=out_dtype, w_colsum=G.weight_colsum(w), out=out,
+                  **kw)
     ref = G.linear_int8_reference(a, w, w_scale, b, r, out_dtype=out_dtype, **kw)
     if out_dtype in (torch.uint8, torch.int8):
         tk.assert_codes_close(out, ref)
         # and against the float32 reference the kernel mirrors: one step at most too
-        tk.assert_codes_close(out, G.linear_int8_reference(a, w, w_scale, b, r, out_dtype=out_dtype,
+        tk.assert_codes_close(out, G.linear_int8_reference(a, w, w_scale, b, r,
+                                                         out_dtype=out_dtype,
                                                          compute_dtype=torch.float32, **kw))
     else:
         tk.assert_float_close(out, ref)
@@ -107,7 +110,8 @@ def test_gemm_int8_narrow_output_range(device, tk):
     a = tk.codes((17, 20), torch.uint8, device)
     w = tk.weight_codes((5, 20), device)
     ws = torch.full((5,), 0.01, device=device)
-    kw = dict(a_scale=0.05, a_zp=100, out_dtype=torch.uint8, y_scale=0.02, y_zp=10, y_qmin=5, y_qmax=120)
+    kw = dict(a_scale=0.05, a_zp=100, out_dtype=torch.uint8, y_scale=0.02, y_zp=10, y_qmin=5,
+              y_qmax=120)
     y = G.linear_int8(a, w, ws, **kw)
     assert int(y.min()) >= 5 and int(y.max()) <= 120
     tk.assert_codes_close(y, G.linear_int8_reference(a, w, ws, **kw))
@@ -116,11 +120,29 @@ def test_gemm_int8_narrow_output_range(device, tk):
 def test_activation_names_match_fxopt():
     from fxopt.ir.activations import ACTIVATIONS as FX
     from fxopt.ir.activations import apply_activation
-    assert {k: n for k, (_, n) in ACTIVATIONS.items()} == {k: len(r.params) for k, r in FX.items()}
+    assert ({k: r.arity for k, r in ACTIVATIONS.items()}
+            == {k: len(r.params) for k, r in FX.items()})
     y = torch.randn(1000, dtype=torch.float64) * 4
     for act in ACTIVATIONS:
         args = ACT_ARGS.get(act, ())
-        assert torch.allclose(activation_reference(y, act, args), apply_activation(y.clone(), act, args))
+        assert torch.allclose(activation_reference(y, act, args),
+                              apply_activation(y.clone(), act, args))
+
+
+def test_activation_table_codes_and_checks():
+    """One code per row, 0 (none) to the last, which apply_act branches on; act_code and
+    activation_reference read the same rows and check the name and the argument count."""
+    assert sorted(r.code for r in ACTIVATIONS.values()) == list(range(len(ACTIVATIONS)))
+    assert ACTIVATIONS["none"].code == 0
+    assert act_code("leaky_relu", [0.1]) == (ACTIVATIONS["leaky_relu"].code, 0.1, 0.0)
+    assert act_code("hardtanh", (-1, 2)) == (ACTIVATIONS["hardtanh"].code, -1.0, 2.0)
+    with pytest.raises(ValueError, match="takes 1 argument"):
+        act_code("elu", [])
+    for bad in ("swish", None):
+        with pytest.raises(ValueError, match="unknown activation"):
+            act_code(bad)
+        with pytest.raises(ValueError, match="unknown activation"):
+            activation_reference(torch.zeros(2), bad)
 
 
 # -- clear errors ------------------------------------------------------------------------------
@@ -154,7 +176,8 @@ def test_gemm_errors(interp):
 
 
 def test_gemm_int8_errors(interp):
-    a, w, ws = torch.zeros(4, 8, dtype=torch.uint8), torch.ones(3, 8, dtype=torch.int8), torch.ones(3)
+    a, w, ws = (torch.zeros(4, 8, dtype=torch.uint8), torch.ones(3, 8, dtype=torch.int8),
+                torch.ones(3))
     with pytest.raises(TypeError, match="uint8 or int8 codes"):
         G.linear_int8(a.float(), w, ws, a_scale=1.0)
     with pytest.raises(TypeError, match="weight must be torch.int8"):
@@ -166,7 +189,8 @@ def test_gemm_int8_errors(interp):
     with pytest.raises(TypeError, match="out_dtype must be one of"):
         G.linear_int8(a, w, ws, a_scale=1.0, out_dtype=torch.int32)
     with pytest.raises(ValueError, match=r"y_qmin <= y_qmax"):
-        G.linear_int8(a, w, ws, a_scale=1.0, out_dtype=torch.int8, y_scale=0.1, y_qmin=0, y_qmax=200)
+        G.linear_int8(a, w, ws, a_scale=1.0, out_dtype=torch.int8, y_scale=0.1, y_qmin=0,
+                      y_qmax=200)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
@@ -184,5 +208,6 @@ def test_interpreter_switch_set_before_import():
             "assert torch.allclose(tk.linear(x, w, act='relu'), torch.relu(x @ w.T), atol=1e-5)\n"
             "print('ok')\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

@@ -9,7 +9,8 @@ from fxopt.triton_kernels import quant as Q
 
 @pytest.mark.parametrize("qdtype", [torch.uint8, torch.int8])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape,channels_last", [((1,), False), ((17,), False), ((3, 5, 7, 9), True)])
+@pytest.mark.parametrize("shape,channels_last",
+                         [((1,), False), ((17,), False), ((3, 5, 7, 9), True)])
 def test_quantize_matches_pytorch(device, tk, qdtype, xdtype, shape, channels_last):
     x = (torch.randn(shape, device=device) * 4).to(xdtype)
     if channels_last:
