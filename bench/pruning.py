@@ -140,7 +140,7 @@ def bench_digits(ratio: float, epochs: int, seeds: int, progress: bool):
     from fxopt.train.finetune import finetune
 
     import fxopt
-    from fxopt.tools.recipes import _split_train
+    from fxopt.tools.recipes import split_train
     from torch.utils.data import DataLoader, TensorDataset
 
     loaded = digits.load_or_train_default(progress=progress)
@@ -151,7 +151,7 @@ def bench_digits(ratio: float, epochs: int, seeds: int, progress: bool):
     out = {"original": digits.evaluate(model, test), "fxopt": [], "TP": [], "params": {},
            "macs": {}}
     for seed in range(seeds):
-        (tx, ty), (vx, vy) = _split_train(data.train_x, data.train_y, 0.1, seed)
+        (tx, ty), (vx, vy) = split_train(data.train_x, data.train_y, 0.1, seed)
         for method in ("fxopt", "TP"):
             if method == "fxopt":
                 pruned = fxopt.optimize(model, x, prune=ratio, pipeline=["cleanup"]).graph_module
@@ -167,7 +167,7 @@ def bench_digits(ratio: float, epochs: int, seeds: int, progress: bool):
             t0 = time.perf_counter()
             finetune(pruned, train, val, epochs=epochs, teacher=model, kd_alpha=0.7,
                      kd_temperature=4.0, lr=2e-3, weight_decay=1e-4, patience=None,
-                     augment=lambda b: digits._shift(b, gen), progress=False, seed=seed,
+                     augment=lambda b: digits.random_shift(b, gen), progress=False, seed=seed,
                      num_threads=1)
             acc1 = digits.evaluate(pruned, test)
             out[method].append((acc0, acc1, time.perf_counter() - t0))

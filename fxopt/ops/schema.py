@@ -1,10 +1,11 @@
 """The op schema: every op in the ``fxopt`` torch.library namespace is declared here, once.
 
 A declaration is the op's signature (torch's schema language) with everything else fxopt needs
-to know about it: its family, its reference math (the CPU and CUDA implementation unless a
-faster one is given), its fake implementation (shapes, dtypes, strides for ``torch.compile``,
-``torch.export`` and ``FakeTensorMode``), how it decomposes into standard ops (the ONNX export
-and quantization-aware training run that), and its MAC count::
+to know about it: its family (and whether it works on int8 codes, ``quantized``), its
+reference math (the CPU and CUDA implementation unless a faster one is given), its fake
+implementation (shapes, dtypes, strides for ``torch.compile``, ``torch.export`` and
+``FakeTensorMode``), how it decomposes into standard ops (the ONNX export and
+quantization-aware training run that), and its MAC count::
 
     CONV2D_ACT = define_op(
         "conv2d_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
@@ -82,7 +83,7 @@ class OpSchema:
                  cpu: Callable | None = None, cuda: Callable | None = None,
                  decompose: Callable | None = None,
                  macs: Callable[["OpView", fx.GraphModule], int] | None = None,
-                 doc: str = ""):
+                 quantized: bool | None = None, doc: str = ""):
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
         parsed = torch._C.parse_schema(f"fxopt::{signature}")
@@ -91,6 +92,9 @@ class OpSchema:
             raise ValueError(f"fxopt op '{self.name}' is declared twice")
         self.signature = signature
         self.family = family
+        # Whether the op reads or writes int8 codes (the int8 IR, and the Triton ops that run
+        # it); the pictures colour these as quantized.
+        self.quantized = family == "int8" if quantized is None else bool(quantized)
         self.params = tuple(
             Param(a.name, str(a.type), a.kwarg_only,
                   a.default_value if a.has_default_value() else _NO_DEFAULT)

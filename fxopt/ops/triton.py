@@ -417,8 +417,9 @@ _DEPTHWISE_MACS = weight_macs("weight", depthwise_kernel="weight")  # weight [KH
 _DEPTHWISE_INT8_MACS = weight_macs("w_q", depthwise_kernel="w_q")
 
 
-def _op(signature: str, impl, fake, macs=None):
-    return define_op(signature, family="triton", reference=impl, fake=fake, macs=macs)
+def _op(signature: str, impl, fake, macs=None, *, quantized: bool = False):
+    return define_op(signature, family="triton", reference=impl, fake=fake, macs=macs,
+                     quantized=quantized)
 
 
 TRITON_CONV2D = _op(
@@ -434,30 +435,30 @@ TRITON_LINEAR = _op(
     _triton_linear, _linear_fake, weight_macs("weight"))
 TRITON_QUANTIZE = _op(
     "triton_quantize(Tensor x, float scale, int zp, int qmin, int qmax) -> Tensor",
-    _triton_quantize, _quantize_fake)
+    _triton_quantize, _quantize_fake, quantized=True)
 TRITON_DEQUANTIZE = _op("triton_dequantize(Tensor q, float scale, int zp) -> Tensor",
-                        _triton_dequantize, _dequantize_fake)
+                        _triton_dequantize, _dequantize_fake, quantized=True)
 TRITON_CONV2D_INT8 = _op(
     "triton_conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor w_colsum, "
     "int[2] stride, int[2] padding, int[2] dilation, int groups, " + _INT8,
-    _triton_conv2d_int8, _conv_int8_fake, weight_macs("w_q"))
+    _triton_conv2d_int8, _conv_int8_fake, weight_macs("w_q"), quantized=True)
 TRITON_DEPTHWISE_CONV2D_INT8 = _op(
     "triton_depthwise_conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
     "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, " + _INT8,
-    _triton_depthwise_conv2d_int8, _depthwise_int8_fake, _DEPTHWISE_INT8_MACS)
+    _triton_depthwise_conv2d_int8, _depthwise_int8_fake, _DEPTHWISE_INT8_MACS, quantized=True)
 TRITON_LINEAR_INT8 = _op(
     "triton_linear_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor w_colsum, "
-    + _INT8, _triton_linear_int8, _linear_int8_fake, weight_macs("w_q"))
+    + _INT8, _triton_linear_int8, _linear_int8_fake, weight_macs("w_q"), quantized=True)
 TRITON_ADD_INT8 = _op(
     "triton_add_int8(Tensor a, float a_scale, int a_zp, Tensor b, float b_scale, int b_zp, "
     "float y_scale, int y_zp, *, str act='none', float[] act_args=[], int y_qmin=0, "
-    "int y_qmax=255) -> Tensor", _triton_add_int8, _add_int8_fake)
+    "int y_qmax=255) -> Tensor", _triton_add_int8, _add_int8_fake, quantized=True)
 TRITON_MAX_POOL2D_INT8 = _op(
     "triton_max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
-    "int[2] dilation, bool ceil_mode) -> Tensor", _triton_max_pool2d_int8, _max_pool_int8_fake)
+    "int[2] dilation, bool ceil_mode) -> Tensor", _triton_max_pool2d_int8, _max_pool_int8_fake, quantized=True)
 TRITON_GLOBAL_AVG_POOL2D_INT8 = _op(
     "triton_global_avg_pool2d_int8(Tensor q, float scale, int zp, int qmin, int qmax) -> Tensor",
-    _triton_global_avg_pool2d_int8, _global_avg_pool_int8_fake)
+    _triton_global_avg_pool2d_int8, _global_avg_pool_int8_fake, quantized=True)
 
 TRITON_OPS = tuple(op.overload for op in (
     TRITON_CONV2D, TRITON_DEPTHWISE_CONV2D, TRITON_LINEAR, TRITON_QUANTIZE, TRITON_DEQUANTIZE,

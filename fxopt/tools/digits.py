@@ -263,10 +263,6 @@ def random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[:, 0][idx_n, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
-# The old private name, still used by bench/pruning.py (outside this module's owners' files):
-# remove it once bench uses random_shift.
-_shift = random_shift
-
 
 def train_digits_model(epochs: int = DEFAULT_EPOCHS, seed: int = DEFAULT_SEED,
                        progress: bool = True, console=None, arch: str = "resnet") -> TrainResult:

@@ -3,10 +3,9 @@
 Kinds: fused / quantized / layer / norm / activation / elementwise / io / other. Two sources,
 and names are read only where there is no schema to read:
 
-- fxopt's own ops are read through the op schema (``fxopt.ops.schema``). The family gives the
-  kind: ``fused`` -> fused, ``int8`` -> quantized, and a ``triton`` op is quantized when its
-  signature carries int8 data (codes ``q``/``qs``/``w_q`` or a zero point ``zp``/``*_zp``, the
-  names every int8 op uses), else fused. The label reads the call's arguments by name
+- fxopt's own ops are read through the op schema (``fxopt.ops.schema``): an op declared
+  ``quantized`` (the int8 family, and the Triton ops that run it) is quantized, any other
+  fused. The label reads the call's arguments by name
   (``view_of(node)``: ``weight``/``w_q``, ``stride``, ``residual``, ``act``), defaults filled in.
   A newly declared op is drawn right without a change here.
 - PyTorch's own ops (``quantized::*``, ``aten``, torch functions, Tensor methods, modules) have
@@ -35,7 +34,6 @@ from fxopt.ops.schema import OpSchema, schema_of, view_of
 __all__ = ["node_kind", "node_label", "pruned_layers", "pruned_of"]
 
 # Parameter names of int8 data in the op schema: codes and zero points (see the docstring).
-_CODE_PARAMS = frozenset({"q", "qs", "w_q", "zp", "zps"})
 # PyTorch's ops have no schema family: their names say quantized (quantized::add, x.dequantize)
 _QUANTIZED_WORDS = ("int8", "quantize", "quantized")
 _QUANTIZED_DTYPES = (torch.quint8, torch.qint8, torch.qint32, torch.int8)
@@ -53,12 +51,8 @@ _SHORT = {"conv1d": "conv", "conv2d": "conv", "batchnorm2d": "bn", "batchnorm1d"
 
 
 # -- fxopt's ops: the schema --------------------------------------------------------------------
-def _carries_int8(schema: OpSchema) -> bool:
-    return any(p.name in _CODE_PARAMS or p.name.endswith("_zp") for p in schema.params)
-
-
 def _fxopt_kind(schema: OpSchema) -> str:
-    return "quantized" if schema.family == "int8" or _carries_int8(schema) else "fused"
+    return "quantized" if schema.quantized else "fused"
 
 
 def _weight_of(values: dict[str, Any]):

@@ -136,10 +136,6 @@ def split_train(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int
     return (x[tr], y[tr]), (x[va], y[va])
 
 
-# The old private name, still imported by tests/fxopt/test_qat.py and bench/pruning.py (outside
-# this module's owners' files): remove it once they import split_train.
-_split_train = split_train
-
 
 def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs: int = 8,
                               kd_alpha: float = 0.7, kd_temperature: float = 4.0,

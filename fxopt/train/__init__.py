@@ -1,1 +1,2 @@
-"""Training an optimized model: fine-tuning with distillation, Lightning, quantization-aware training."""
+"""Training an optimized model: fine-tuning with distillation, Lightning, quantization-aware
+training."""

@@ -186,10 +186,11 @@ def declare_op():
     take them out of ``OPS`` afterwards so tests that walk every declared op never see them."""
     declared = []
 
-    def declare(signature: str, family: str):
+    def declare(signature: str, family: str, quantized: bool | None = None):
         # digits only: the label drops "1d"/"2d" from op names (conv2d -> conv)
         name = f"{signature.partition('(')[0]}_{uuid.uuid4().int % 10 ** 8}"
         op = define_op(name + signature[signature.index("("):], family=family,
+                       quantized=quantized,
                        reference=lambda x, *args, **kwargs: x.clone(),
                        fake=lambda x, *args, **kwargs: torch.empty_like(x))
         declared.append(op)
@@ -200,17 +201,19 @@ def declare_op():
         OPS.pop(op.name, None)
 
 
-@pytest.mark.parametrize("signature,family,kind", [
-    ("drawtest_fused(Tensor x, Tensor weight, *, str act='none') -> Tensor", "fused", "fused"),
-    ("drawtest_codes(Tensor x, Tensor scale, Tensor zp) -> Tensor", "int8", "quantized"),
-    ("drawtest_plain(Tensor x) -> Tensor", "int8", "quantized"),  # the family alone decides
-    ("drawtest_kernel(Tensor x, Tensor weight) -> Tensor", "triton", "fused"),
-    ("drawtest_kernel_codes(Tensor q, float scale, int zp) -> Tensor", "triton", "quantized"),
+@pytest.mark.parametrize("signature,family,quantized,kind", [
+    ("drawtest_fused(Tensor x, Tensor weight, *, str act='none') -> Tensor", "fused", None,
+     "fused"),
+    ("drawtest_codes(Tensor x, Tensor scale, Tensor zp) -> Tensor", "int8", None, "quantized"),
+    ("drawtest_plain(Tensor x) -> Tensor", "int8", None, "quantized"),  # the family decides
+    ("drawtest_kernel(Tensor x, Tensor weight) -> Tensor", "triton", None, "fused"),
+    ("drawtest_kernel_codes(Tensor q, float scale, int zp) -> Tensor", "triton", True,
+     "quantized"),  # declared quantized
 ])
-def test_new_fxopt_op_is_drawn_by_its_schema(declare_op, signature, family, kind):
-    """An op declared with define_op gets its family's kind and a label from its arguments by
-    name, with no change to draw_labels (the names here say nothing of int8)."""
-    op = declare_op(signature, family)
+def test_new_fxopt_op_is_drawn_by_its_schema(declare_op, signature, family, quantized, kind):
+    """An op declared with define_op gets its kind from its schema and a label from its
+    arguments by name, with no change to draw_labels (the names here say nothing of int8)."""
+    op = declare_op(signature, family, quantized)
     g = fx.Graph()
     x = g.placeholder("x")
     w = g.get_attr("w")

@@ -11,7 +11,7 @@ from fxopt.quant.config import QuantConfig
 from fxopt.quant.plan import find_layers, make_plan
 from fxopt.quant.simulate import SimulatedInt8
 from fxopt.tools import digits
-from fxopt.tools.recipes import _split_train
+from fxopt.tools.recipes import split_train
 from fxopt.train.qat import QATModel, convert, prepare_qat
 
 
@@ -33,7 +33,7 @@ def model():
 @pytest.fixture(scope="module")
 def loaders():
     d = digits.load_digits_split()
-    (tx, ty), (vx, vy) = _split_train(d.train_x, d.train_y, 0.1, 0)  # as recipes.py does
+    (tx, ty), (vx, vy) = split_train(d.train_x, d.train_y, 0.1, 0)  # as recipes.py does
     train = DataLoader(TensorDataset(tx, ty), batch_size=64, shuffle=True,
                        generator=torch.Generator().manual_seed(0))
     val = DataLoader(TensorDataset(vx, vy), batch_size=256)
