@@ -1,1 +1,14 @@
-"""Exports of optimized models: ONNX (float, and int8 as QDQ), checked in ONNX Runtime."""
+"""Exports of optimized models: ONNX (float, and int8 as QDQ), checked in ONNX Runtime.
+
+Modules, each depending only on the ones listed after it:
+
+- ``onnx``: ``export_onnx`` (decompose the fused float ops through the op schema, rewrite int8
+  graphs into QDQ, export, check in ONNX Runtime) and ``decompose_fused_ops``.
+- ``qdq``: the QDQ rewrite: ``RULES`` (both tables) run on the rewrite engine, what is kept,
+  the output step, the ONNX Runtime check within one step.
+- ``qdq_ir`` / ``qdq_cpu``: the rows, for the fxopt int8 IR and for the graph lowered onto
+  PyTorch's quantized CPU kernels.
+- ``qdq_state``: the state the rows share (grids of codes, constants) and the QDQ pieces.
+- ``onnx_ops``: the standard ONNX quantization operators as traceable torch functions.
+"""
+__all__: list[str] = []

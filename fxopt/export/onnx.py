@@ -1,4 +1,4 @@
-"""``fxopt.export_onnx``: an optimized float model as a standard ONNX file, checked in ONNX Runtime.
+"""``fxopt.export_onnx``: an optimized model as a standard ONNX file, checked in ONNX Runtime.
 
 The fxopt ops have no ONNX translation of their own. The exporter works on a copy of the graph
 in which every fused call is decomposed back into the standard ops it stands for (the op's own
@@ -11,7 +11,7 @@ then hands that copy to ``torch.onnx.export`` (the TorchScript exporter, ``dynam
 same result on torch 2.11 and 2.14). The file is written beside ``path`` and renamed into place
 only after ``onnx.checker`` accepted it and, when onnxruntime is installed, an
 ``InferenceSession`` (CPUExecutionProvider) reproduced the fxopt module's outputs on
-``example_inputs`` within the float tolerance table (``fxopt.tolerances``).
+``example_inputs`` within the float tolerance table (``fxopt.ir.tolerances``).
 
     >>> opt = fxopt.optimize(model.eval(), x, prune=0.5)
     >>> result = fxopt.export_onnx(opt, x, "model.onnx")
@@ -19,14 +19,15 @@ only after ``onnx.checker`` accepted it and, when onnxruntime is installed, an
     ({'conv2d_act': 20, 'linear_act': 1}, [], 3.1e-07)
 
 Int8 graphs (the fxopt int8 IR, or that IR lowered onto PyTorch's quantized CPU kernels) are
-rewritten into QDQ first (``fxopt.onnx_int8``: QuantizeLinear / DequantizeLinear around the
-float ops, int8 weights with per-channel scales) and checked within one quantization step of
-the output (``OnnxExport.output_step``) instead of the float tolerance.
+rewritten into QDQ first (``fxopt.export.qdq``, a table of one-op rewrites: QuantizeLinear /
+DequantizeLinear around the float ops, int8 weights with per-channel scales) and checked within
+one quantization step of the output (``OnnxExport.output_step``) instead of the float tolerance.
 
-``kept`` lists the graph ops that stay as they were because no standard translation is known
-(an fxopt op with no decomposition, an op on int8 codes with no QDQ meaning); each is also
-named in a warning, and the export then usually fails in ``torch.onnx.export`` with its own
-message.
+Where each op goes is read off two tables, never a list of names: an fxopt op whose schema has
+a ``decompose`` is decomposed; one the QDQ table has a row for is left to it; any other op is
+*kept*. ``kept`` lists the graph ops that stay as they were because no standard translation is
+known (an fxopt op with neither, an op on int8 codes with no QDQ row); each is also named in a
+warning, and the export then usually fails in ``torch.onnx.export`` with its own message.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxopt.errors import InputError, NumericMismatchError, UnsupportedOpError
-from fxopt.export import qdq as _onnx_int8
+from fxopt.export.qdq import (MIN_QDQ_OPSET, compare_within_step, drop_initializer_identities,
+                              has_rule, is_int8_graph, qdq_rewrite, untranslated)
 from fxopt.ir.capture import normalize_inputs
 from fxopt.ir.tolerances import ErrorStats, compare_outputs
 from fxopt.ops.schema import is_fxopt_op, schema_of
@@ -69,7 +71,9 @@ class OnnxExport:
 def decompose_fused_ops(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int], list[str]]:
     """A copy of ``gm`` with the float fused ops decomposed (``gm`` is not touched).
 
-    Returns (the copy, {op name: calls decomposed}, [ops kept as they were]).
+    Returns (the copy, {op name: calls decomposed}, [ops kept as they were]): an fxopt op is
+    decomposed when its schema has a ``decompose``, left for :func:`qdq_rewrite` when the QDQ
+    table has a row for it, and kept otherwise.
     """
     gm = copy.deepcopy(gm)
     translated: Counter = Counter()
@@ -82,7 +86,8 @@ def decompose_fused_ops(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, i
         if schema is not None and schema.decompose is not None:
             node.target = schema.decompose
             translated[schema.name] += 1
-        elif is_fxopt_op(node.target) and node.target not in _onnx_int8.INT8_OPS:
+        elif is_fxopt_op(target) and not has_rule(target):
+            # no standard form in the schema and no QDQ row: exported as it is
             kept.append(f"{node.name} ({node.target})")
     if translated:
         gm.graph.lint()
@@ -142,15 +147,15 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     step = None
     if isinstance(gm, fx.GraphModule):
         export_gm, translated, kept = decompose_fused_ops(gm)
-        if _onnx_int8.is_int8_graph(export_gm):
-            if opset < _onnx_int8.MIN_QDQ_OPSET:
-                raise InputError(f"int8 (QDQ) export needs opset >= {_onnx_int8.MIN_QDQ_OPSET} "
+        if is_int8_graph(export_gm):
+            if opset < MIN_QDQ_OPSET:
+                raise InputError(f"int8 (QDQ) export needs opset >= {MIN_QDQ_OPSET} "
                                  f"(per-channel DequantizeLinear), got {opset}",
                                  hint=f"export_onnx(..., opset={DEFAULT_OPSET})")
-            rewrite = _onnx_int8.qdq_rewrite(export_gm)
+            rewrite = qdq_rewrite(export_gm)
             export_gm, step = rewrite.gm, rewrite.output_step
             translated.update(rewrite.translated)
-            kept += rewrite.kept + _onnx_int8.untranslated(export_gm)
+            kept += rewrite.kept + untranslated(export_gm)
     else:
         export_gm, translated, kept = copy.deepcopy(gm), {}, []
     for what in kept:
@@ -176,7 +181,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
             raise UnsupportedOpError(f"torch.onnx.export failed: {e}".splitlines()[0],
                                      hint=hint) from e
         if step is not None:
-            _onnx_int8.drop_initializer_identities(tmp)
+            drop_initializer_identities(tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
         stats = None
         if check:
@@ -189,7 +194,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
                 ref_list = list(reference) if isinstance(reference, (tuple, list)) else [reference]
                 ref_list = [r.detach().cpu().contiguous() for r in ref_list]
                 stats = compare_outputs(ort_out, ref_list) if not step else \
-                    _onnx_int8.compare_within_step(ort_out, ref_list, step)
+                    compare_within_step(ort_out, ref_list, step)
                 if not stats.ok:
                     bound = f"rel err {stats.rel_err:.2e} > {stats.tolerance:.0e}" if not step \
                         else f"max abs err {stats.max_abs:.3g} > {stats.tolerance:.3g}"

@@ -1,407 +1,132 @@
-"""Int8 graphs as ONNX QDQ: QuantizeLinear / DequantizeLinear around standard float ops.
+"""Int8 graphs as ONNX QDQ: a table of one-op rewrites, run by the rewrite engine.
 
 ``export_onnx`` calls :func:`qdq_rewrite` on a copy of an int8 graph before handing it to
-``torch.onnx.export``. Both forms of an int8 graph are read:
+``torch.onnx.export``. Both forms of an int8 graph are read, each by its own rows:
 
-- the device-neutral int8 IR that ``quantize_int8`` writes (``fxopt.ops_int8``: codes between
-  ops, grids as ``get_attr`` buffers), and
+- the device-neutral int8 IR that ``quantize_int8`` / ``quantize_int8_dynamic`` write (codes
+  between ops, grids as buffers): ``fxopt.export.qdq_ir.IR_RULES``, one row per op of the
+  schema's int8 family, its arguments read through the op's view;
 - that IR lowered by ``lower_int8_cpu`` onto PyTorch's quantized CPU kernels (quantized tensors
-  between ops, weights prepacked into module attributes: unpacked here).
+  between ops, prepacked weights): ``fxopt.export.qdq_cpu.CPU_RULES``.
 
-Every int8 op becomes "dequantize the inputs, the float op, quantize the output", the pattern
-ONNX Runtime fuses back into its own int8 kernels (QLinearConv, QGemm, QLinearAdd, ...)::
+Every row turns one call into "dequantize the inputs, the float op, quantize the output", the
+pattern ONNX Runtime fuses back into its own int8 kernels. ``RULES`` is both tables, run with
+``apply_rules(gm, RULES, context=QDQState(gm))`` in one graph-order sweep: a row reads the grid
+of its input codes from the state (written there by the rows that produced them) and records
+the grid of the codes it writes. Codes still flow between the ops, so the ops that only move
+codes (flatten, reshape, ``contiguous``) stay as they are (``fxopt.export.qdq_state``). Weights
+become int8 initializers with per-output-channel scales (DequantizeLinear ``axis=0``, opset
+>= 13); biases stay float (fxopt adds them in float32).
 
-    conv2d_int8(q, w_q, w_s, b, ..., x_scale, x_zp, y_scale, y_zp, act="relu", out_int8=True)
-      ->  QuantizeLinear(Relu(Conv(DequantizeLinear(q, x_scale, x_zp),
-                                   DequantizeLinear(w_q, w_s, 0, axis=0), b)), y_scale, y_zp)
+Worked example, the int8 IR of a conv, a max pooling, a flatten and a linear (rows in [ ])::
 
-Codes still flow between the ops (uint8 for affine grids, int8 for symmetric ones), so the
-codes-preserving ops of the IR (flatten, reshape, ``contiguous``) run on them unchanged; max
-pooling, clamping and the poolings read and write one grid (DequantizeLinear, the float op,
-QuantizeLinear on the same scale and zero point). Weights stay int8 initializers with their
-per-output-channel scales (DequantizeLinear ``axis=0``, opset >= 13); biases stay float (fxopt
-adds them in float32). Dynamic int8 linear (``linear_int8_dynamic``) computes its run-time grid
-in the graph exactly as fxopt does (ReduceMin/ReduceMax, ATen's scale and zero point, 7-bit with
-``reduce_range``) and then runs QuantizeLinear / DequantizeLinear around a float MatMul.
+    q = quantize(x, s0, z0, 0, 255)                                        [quantize]
+        ->  Q(x; s0, z0)
+    c = conv2d_int8(q, w, ws, b, ..., s0, z0, s1, z1, act="relu", out_int8=True)  [conv2d_int8]
+        ->  Q(Relu(Conv(DQ(q; s0, z0), DQ(w; ws, 0, axis=0), b)); s1, z1)
+    p = max_pool2d_int8(c, [2, 2], [2, 2], [0, 0], [1, 1], False)          [max_pool2d_int8]
+        ->  Q(MaxPool(DQ(c; s1, z1)); s1, z1)        (the grid of its input codes)
+    f = flatten(p, 1)                                (no row: the codes move, grid s1, z1)
+    y = linear_int8(f, w2, ws2, b2, s1, z1, s2, z2)                        [linear_int8]
+        ->  DQ(Q(Gemm(DQ(f; s1, z1), DQ(w2; ws2, 0, axis=0), b2); s2, z2); s2, z2)
 
     >>> rw = qdq_rewrite(copy.deepcopy(opt.graph_module))
     >>> rw.translated, rw.kept, rw.output_step
-    ({'quantize': 1, 'conv2d_int8': 8, 'add_int8': 3, ...}, [], 0.0021)
+    ({'quantize': 1, 'conv2d_int8': 1, 'max_pool2d_int8': 1, 'linear_int8': 1}, [], 0.0021)
 
+``translated`` counts the rewrites per row (a row is named after its source op).
 ``output_step`` is the scale of the coarsest dequantized grid that reaches the graph output:
-ONNX Runtime's file must match the fxopt module within it. Ops consuming codes that have no
-QDQ translation are listed in ``kept`` (``export_onnx`` warns about each).
+ONNX Runtime's file must match the fxopt module within it. ``kept`` names the ops that read
+codes but have no row (``export_onnx`` warns about each). A new int8 op is a new row.
 """
 from __future__ import annotations
 
-import operator
-import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-import fxopt.ops.int8  # noqa: F401  (defines the ops)
-import fxopt.ops.int8_dynamic  # noqa: F401
-from fxopt.ir.graph import get_attr_value
-from fxopt.ir.activations import apply_activation
+from fxopt.export.qdq_cpu import CPU_RULES, quantized_op_name
+from fxopt.export.qdq_ir import IR_RULES
+from fxopt.export.qdq_state import QDQState, moves_codes
+from fxopt.infra.rewrite import Rule, apply_rules
+from fxopt.ir.graph import remove_unused_attributes
+from fxopt.ir.tolerances import ErrorStats, rel_err
+from fxopt.ops.schema import ops_of
 
-__all__ = ["qdq_rewrite", "QDQRewrite", "is_int8_graph", "INT8_OPS", "QuantizeLinear", "DequantizeLinear",
+__all__ = ["RULES", "QDQRewrite", "qdq_rewrite", "has_rule", "is_int8_op", "is_int8_graph",
+           "untranslated", "compare_within_step", "drop_initializer_identities",
            "MIN_QDQ_OPSET"]
 
 MIN_QDQ_OPSET = 13  # per-axis DequantizeLinear
 
-_F = torch.ops.fxopt
-_IR = {_F.quantize.default: "quantize", _F.dequantize.default: "dequantize",
-       _F.conv2d_int8.default: "conv2d_int8", _F.linear_int8.default: "linear_int8",
-       _F.add_int8.default: "add_int8", _F.cat_int8.default: "cat_int8",
-       _F.adaptive_avg_pool2d_int8.default: "adaptive_avg_pool2d_int8",
-       _F.max_pool2d_int8.default: "max_pool2d_int8",
-       _F.linear_int8_dynamic.default: "linear_int8_dynamic"}
-INT8_OPS = frozenset(_IR)  # what qdq_rewrite translates (decompose_fused_ops leaves them)
-_QUANTIZED = ("conv2d", "conv2d_relu", "linear", "linear_relu", "add", "add_relu", "cat")
-# ops that run on codes (or quantized tensors) and keep their grid: no values change
-_MOVES = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-          torch.transpose, operator.getitem, torch.Tensor.contiguous}
-_MOVE_METHODS = {"flatten", "reshape", "view", "contiguous", "squeeze", "unsqueeze", "permute",
-                 "transpose", "clone", "detach"}
-# float ops PyTorch runs on quantized tensors, requantized onto the input's grid
-_SAME_GRID = {F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, torch.clamp, F.hardtanh,
-              F.relu, torch.relu, torch.nn.functional.relu6}
-
-
-class QuantizeLinear(torch.autograd.Function):
-    """``clamp(round(x / scale) + zp)`` into the zero point's dtype; ONNX QuantizeLinear."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zp):
-        info = torch.iinfo(zp.dtype)
-        q = torch.round(x.float() * torch.reciprocal(scale.float())) + zp.float()
-        return q.clamp(info.min, info.max).to(zp.dtype)
-
-    @staticmethod
-    def symbolic(g, x, scale, zp):
-        return g.op("QuantizeLinear", x, scale, zp)
-
-
-class DequantizeLinear(torch.autograd.Function):
-    """``(q - zp) * scale``, per tensor, or per channel along ``axis``; ONNX DequantizeLinear."""
-
-    @staticmethod
-    def forward(ctx, q, scale, zp, axis):
-        if scale.dim() == 1:
-            shape = [1] * q.dim()
-            shape[axis] = -1
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
-        return (q.float() - zp.float()) * scale.float()
-
-    @staticmethod
-    def symbolic(g, q, scale, zp, axis):
-        if axis is None:
-            return g.op("DequantizeLinear", q, scale, zp)
-        return g.op("DequantizeLinear", q, scale, zp, axis_i=axis)
-
-
-def quantize_linear(x, scale, zp):
-    """fx-callable :class:`QuantizeLinear` (fx cannot name ``Function.apply``)."""
-    return QuantizeLinear.apply(x, scale, zp)
-
-
-def dequantize_linear(q, scale, zp, axis=None):
-    """fx-callable :class:`DequantizeLinear`."""
-    return DequantizeLinear.apply(q, scale, zp, axis)
-
-
-@dataclass(frozen=True)
-class Grid:
-    scale: float
-    zp: int
-    qmin: int = 0
-    qmax: int = 255
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.uint8 if self.qmin >= 0 else torch.int8
+RULES: tuple[Rule, ...] = IR_RULES + CPU_RULES
 
 
 @dataclass
 class QDQRewrite:
+    """What :func:`qdq_rewrite` did: the rewritten graph, rewrites per row, the ops on codes
+    that have no row, and the tolerance of the ONNX Runtime check."""
+
     gm: fx.GraphModule
     translated: dict[str, int] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
     output_step: float = 0.0
 
 
-def _op_name(target) -> str | None:
-    """'quantized::conv2d' for a quantized op (packet or overload), else None."""
-    name = getattr(target, "_qualified_op_name", None)
-    if name is None and isinstance(target, torch._ops.OpOverload):
-        name = target._schema.name
-    return name
+def has_rule(target) -> bool:
+    """Whether the QDQ table has a row for calls of ``target`` (a function or op overload)."""
+    return any(target in rule.root.targets for rule in RULES if rule.root.op == "call_function")
 
 
-def _short_name(n: fx.Node) -> str:
-    name = _op_name(n.target)
-    if name:
-        return name.split("::")[-1]
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+def is_int8_op(target) -> bool:
+    """Whether ``target`` is an int8 op of either form: the fxopt int8 IR (the schema's
+    ``int8`` family) or PyTorch's quantized CPU ops."""
+    return (target in ops_of(("int8",)) or target is torch.quantize_per_tensor
+            or (quantized_op_name(target) or "").startswith("quantized::"))
 
 
 def is_int8_graph(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` holds int8 ops of either form (fxopt int8 IR or PyTorch quantized)."""
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target in _IR or n.target is torch.quantize_per_tensor:
-            return True
-        name = _op_name(n.target)
-        if name and name.startswith("quantized::"):
-            return True
-    return False
+    return any(n.op == "call_function" and is_int8_op(n.target) for n in gm.graph.nodes)
 
 
-class _Writer:
-    def __init__(self, gm: fx.GraphModule):
-        self.gm, self.g = gm, gm.graph
-        self.grid: dict[fx.Node, Grid] = {}
-        self.translated: Counter = Counter()
-        self.kept: list[str] = []
-        self.exits: list[tuple[fx.Node, float]] = []  # activations dequantized, their step
-        self._consts: dict[tuple, fx.Node] = {}
-        self._n = 0
-
-    # -- constants (initializers in the file) ---------------------------------------------------
-    def const(self, key, value: torch.Tensor, name: str) -> fx.Node:
-        hit = self._consts.get(key)
-        if hit is not None:
-            return hit
-        self._n += 1
-        attr = f"_onnx_{name}_{self._n}"
-        self.gm.register_buffer(attr, value.detach().clone().contiguous())
-        first = next(n for n in self.g.nodes if n.op != "placeholder")
-        with self.g.inserting_before(first):
-            node = self.g.get_attr(attr)
-        self._consts[key] = node
-        return node
-
-    def _scale_zp(self, grid: Grid):
-        s = self.const(("s", grid.scale), torch.tensor(grid.scale, dtype=torch.float32), "scale")
-        z = self.const(("z", grid.zp, grid.dtype), torch.tensor(grid.zp, dtype=grid.dtype), "zp")
-        return s, z
-
-    def value(self, arg) -> torch.Tensor:
-        return get_attr_value(self.gm, arg.target) if isinstance(arg, fx.Node) else \
-            torch.as_tensor(arg)
-
-    def ir_grid(self, s, z, qmin=0, qmax=255) -> Grid:
-        return Grid(float(self.value(s)), int(self.value(z)), int(qmin), int(qmax))
-
-    # -- QDQ pieces ----------------------------------------------------------------------------
-    def q(self, x: fx.Node, grid: Grid) -> fx.Node:
-        info = torch.iinfo(grid.dtype)
-        if (grid.qmin, grid.qmax) != (info.min, info.max):  # a narrower range than the dtype's
-            lo, hi = (grid.qmin - grid.zp) * grid.scale, (grid.qmax - grid.zp) * grid.scale
-            x = self.g.call_function(torch.clamp, (x, lo, hi))
-        out = self.g.call_function(quantize_linear, (x, *self._scale_zp(grid)))
-        self.grid[out] = grid
-        return out
-
-    def dq(self, x: fx.Node, grid: Grid | None = None) -> fx.Node:
-        grid = grid or self.grid[x]
-        return self.g.call_function(dequantize_linear, (x, *self._scale_zp(grid), None))
-
-    def float_in(self, x, grid: Grid) -> fx.Node:
-        """``x`` as float values on ``grid``: dequantized codes, or float quantized first."""
-        if x in self.grid:
-            return self.dq(x)
-        return self.dq(self.q(x, grid))
-
-    def weight(self, w_q: torch.Tensor, w_scale: torch.Tensor, tag: str) -> fx.Node:
-        key = ("w", tag)
-        wq = self.const(key + ("q",), w_q.to(torch.int8), "w_int8")
-        ws = self.const(key + ("s",), w_scale.float().reshape(-1), "w_scale")
-        wz = self.const(key + ("z",), torch.zeros(w_scale.numel(), dtype=torch.int8), "w_zp")
-        return self.g.call_function(dequantize_linear, (wq, ws, wz, 0))
-
-    def layer(self, conv: bool, x, w_q, w_scale, bias, geometry, x_grid, y_grid, residual,
-              act, act_args, out_codes: bool, tag: str) -> fx.Node:
-        xf = self.float_in(x, x_grid)
-        wf = self.weight(w_q, w_scale, tag)
-        b = None if bias is None else self.const(("b", tag), bias.float(), "bias")
-        if conv:
-            stride, padding, dilation, groups = geometry
-            y = self.g.call_function(F.conv2d, (xf, wf, b, list(stride), list(padding),
-                                                list(dilation), groups))
-        else:
-            y = self.g.call_function(F.linear, (xf, wf, b))
-        if residual is not None:
-            y = self.g.call_function(operator.add, (y, residual))
-        if act != "none":
-            y = self.g.call_function(apply_activation, (y, act, tuple(act_args)))
-        codes = self.q(y, y_grid)
-        if out_codes:
-            return codes
-        out = self.dq(codes)
-        self.exits.append((out, y_grid.scale))
-        return out
-
-    def requant(self, fn, args, inputs, out_grid: Grid, kwargs=None) -> fx.Node:
-        """``Q(fn(DQ(inputs...), *args), out_grid)``: an op on dequantized values."""
-        y = self.g.call_function(fn, (*inputs, *args), kwargs or {})
-        return self.q(y, out_grid)
-
-    # -- the two forms -------------------------------------------------------------------------
-    def ir(self, n: fx.Node, kind: str) -> fx.Node | None:
-        a, kw, g = n.args, n.kwargs, self.g
-        if kind == "quantize":
-            return self.q(a[0], self.ir_grid(a[1], a[2], a[3], a[4]))
-        if kind == "dequantize":
-            out = self.dq(a[0], self.ir_grid(a[1], a[2]))
-            self.exits.append((out, float(self.value(a[1]))))
-            return out
-        if kind in ("conv2d_int8", "linear_int8"):
-            conv = kind == "conv2d_int8"
-            xs, xz, ys, yz = a[8:12] if conv else a[4:8]
-            ri = 12 if conv else 8
-            residual = a[ri] if len(a) > ri else kw.get("residual")
-            bias = None if a[3] is None else self.value(a[3])
-            return self.layer(conv, a[0], self.value(a[1]), self.value(a[2]), bias, a[4:8],
-                              self.ir_grid(xs, xz, kw.get("x_qmin", 0), kw.get("x_qmax", 255)),
-                              self.ir_grid(ys, yz, kw.get("y_qmin", 0), kw.get("y_qmax", 255)),
-                              residual, kw.get("act", "none"), kw.get("act_args", ()),
-                              kw.get("out_int8", False), n.name)
-        if kind == "add_int8":
-            ins = [self.float_in(a[0], self.ir_grid(a[1], a[2])),
-                   self.float_in(a[3], self.ir_grid(a[4], a[5]))]
-            y = g.call_function(operator.add, tuple(ins))
-            if kw.get("act", "none") != "none":
-                y = g.call_function(apply_activation, (y, kw["act"], tuple(kw.get("act_args", ()))))
-            return self.q(y, self.ir_grid(a[6], a[7], kw.get("y_qmin", 0), kw.get("y_qmax", 255)))
-        if kind == "cat_int8":
-            ins = [self.float_in(q, self.ir_grid(s, z)) for q, s, z in zip(a[0], a[1], a[2])]
-            return self.requant(torch.cat, (), [ins], self.ir_grid(a[4], a[5], a[6], a[7]),
-                                {"dim": a[3]})
-        if kind == "adaptive_avg_pool2d_int8":
-            grid = self.ir_grid(a[2], a[3], a[4], a[5])
-            return self.requant(F.adaptive_avg_pool2d, (list(a[1]),),
-                                [self.float_in(a[0], grid)], grid)
-        if kind == "max_pool2d_int8":
-            if a[0] not in self.grid:
-                return None
-            return self.requant(F.max_pool2d, tuple(list(v) if isinstance(v, (list, tuple))
-                                                    else v for v in a[1:6]),
-                                [self.dq(a[0])], self.grid[a[0]])
-        if kind == "linear_int8_dynamic":
-            from fxopt.export.qdq_dynamic import dynamic_linear_qdq
-            return dynamic_linear_qdq(self, n)
-        return None
-
-    def lowered(self, n: fx.Node) -> fx.Node | None:
-        a, g = n.args, self.g
-        t = n.target
-        if t is torch.quantize_per_tensor:
-            dtype = a[3] if len(a) > 3 else n.kwargs.get("dtype")
-            lo, hi = (0, 255) if dtype == torch.quint8 else (-128, 127)
-            return self.q(a[0], Grid(float(a[1]), int(a[2]), lo, hi))
-        name = _op_name(t)
-        if name and name.startswith("quantized::"):
-            op = name.split("::")[1]
-            ins = list(a[0]) if op == "cat" else list(a[:2]) if op.startswith("add") else [a[0]]
-            if op not in _QUANTIZED or any(x not in self.grid for x in ins):
-                return None
-            out_grid = Grid(float(a[-2]), int(a[-1]))
-            if op == "cat":
-                ins = [self.dq(q) for q in a[0]]
-                return self.requant(torch.cat, (), [ins], out_grid, {"dim": a[1]})
-            act = "relu" if op.endswith("_relu") else "none"
-            if op.startswith("add"):
-                y = g.call_function(operator.add, (self.dq(a[0]), self.dq(a[1])))
-                if act == "relu":
-                    y = g.call_function(torch.relu, (y,))
-                return self.q(y, out_grid)
-            packed = get_attr_value(self.gm, a[1].target)
-            conv = op.startswith("conv")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                w, bias = (torch.ops.quantized.conv2d_unpack if conv
-                           else torch.ops.quantized.linear_unpack)(packed)
-            if w.qscheme() not in (torch.per_channel_affine, torch.per_channel_symmetric) or \
-                    bool(w.q_per_channel_zero_points().ne(0).any()):
-                return None
-            geometry = (packed.stride(), packed.padding(), packed.dilation(), packed.groups()) \
-                if conv else ()
-            return self.layer(conv, a[0], w.int_repr(), w.q_per_channel_scales(), bias,
-                              geometry, self.grid[a[0]], out_grid, None, act, (), True, n.name)
-        if n.op == "call_method" and t == "dequantize" and a[0] in self.grid:
-            out = self.dq(a[0])
-            self.exits.append((out, self.grid[a[0]].scale))
-            return out
-        if t in _SAME_GRID and a and a[0] in self.grid:
-            grid = self.grid[a[0]]
-            return self.requant(t, a[1:], [self.dq(a[0])], grid, dict(n.kwargs))
-        return None
-
-    def run(self) -> None:
-        for n in list(self.g.nodes):
-            if n.op not in ("call_function", "call_method"):
-                continue
-            codes_in = [x for x in n.all_input_nodes if x in self.grid]
-            kind = _IR.get(n.target)
-            with self.g.inserting_before(n):
-                new = self.ir(n, kind) if kind else self.lowered(n)
-            if new is not None:
-                self.translated[kind or _short_name(n)] += 1
-                new.meta.update({k: v for k, v in n.meta.items() if k != "tensor_meta"})
-                n.replace_all_uses_with(new)
-                self.g.erase_node(n)
-                continue
-            if not codes_in:
-                continue
-            moves = n.target in _MOVES if n.op == "call_function" else n.target in _MOVE_METHODS
-            if moves:
-                self.grid[n] = self.grid[codes_in[0]]  # the codes move, the grid stays
-            else:
-                self.kept.append(f"{n.name} ({n.target})")
-
-    def output_step(self) -> float:
-        reach: dict[fx.Node, bool] = {}
-        for n in reversed(list(self.g.nodes)):
-            reach[n] = n.op == "output" or any(reach.get(u, False) for u in n.users)
-        steps = [s for node, s in self.exits if reach.get(node)]
-        return max(steps) if steps else 0.0
+def _kept(gm: fx.GraphModule, state: QDQState, sources: list[fx.Node]) -> list[str]:
+    """The source ops no row rewrote that read codes (other than the ops that move codes):
+    their meaning on codes is unknown, so they are exported as they are."""
+    alive = set(gm.graph.nodes)
+    return [f"{n.name} ({n.target})" for n in sources
+            if n in alive and not moves_codes(n)
+            and any(state.grid_of(x) is not None for x in n.all_input_nodes)]
 
 
 def qdq_rewrite(gm: fx.GraphModule) -> QDQRewrite:
     """Rewrite ``gm`` (in place: pass a copy) into float ops between QuantizeLinear and
     DequantizeLinear calls, ready for ``torch.onnx.export``."""
-    w = _Writer(gm)
-    w.run()
-    from fxopt.ir.graph import remove_unused_attributes
+    state = QDQState(gm)
+    sources = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    result = apply_rules(gm, RULES, context=state)
+    kept = _kept(gm, state, sources)
     gm.graph.eliminate_dead_code()
     remove_unused_attributes(gm)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, value in list(vars(gm).items()):  # the prepacked weights, unpacked above
+    for name, value in list(vars(gm).items()):  # the prepacked weights, unpacked by the rows
         if isinstance(value, torch.ScriptObject) and name not in used:
             delattr(gm, name)
     gm.graph.lint()
     gm.recompile()
-    return QDQRewrite(gm, dict(w.translated), w.kept, w.output_step())
+    return QDQRewrite(gm, dict(result.counts), kept, state.output_step())
 
 
 def untranslated(gm: fx.GraphModule) -> list[str]:
     """The int8 ops still in ``gm`` after :func:`qdq_rewrite` (no QDQ translation)."""
-    return [f"{n.name} ({n.target})" for n in gm.graph.nodes if n.op == "call_function"
-            and (n.target in _IR or n.target is torch.quantize_per_tensor
-                 or (_op_name(n.target) or "").startswith("quantized::"))]
+    return [f"{n.name} ({n.target})" for n in gm.graph.nodes
+            if n.op == "call_function" and is_int8_op(n.target)]
 
 
-def compare_within_step(out: list, ref: list, step: float):
+def compare_within_step(out: list, ref: list, step: float) -> ErrorStats:
     """ErrorStats of ``out`` against ``ref``: ok when every element is within one output
     quantization step (``step``; float slack 1e-4 relative plus 1e-6)."""
-    from fxopt.ir.tolerances import ErrorStats, rel_err
-
     stats = ErrorStats(tolerance=step * (1 + 1e-4) + 1e-6, dtype="int8 (one output step)")
     if len(out) != len(ref):
         stats.ok, stats.reason = False, f"{len(out)} outputs vs {len(ref)}"

@@ -135,3 +135,26 @@ def test_cli_onnx_and_pictures(tmp_path, capsys, monkeypatch):
     for name in ("graph_before.png", "graph_after.png"):
         data = (out_dir / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 20_000
+
+
+def test_decompose_keeps_ops_without_translation():
+    """An fxopt op is decomposed when its schema says how (``decompose``), left for the QDQ
+    table when that has a row for it, and otherwise kept as it is and reported."""
+    import torch.fx as fx
+
+    from fxopt.ops.fused import LINEAR_ACT
+    from fxopt.ops.int8 import QUANTIZE
+    from fxopt.ops.triton import TRITON_DEQUANTIZE
+
+    g = fx.Graph()
+    y = LINEAR_ACT.emit(g, x=g.placeholder("x"), weight=g.get_attr("w"), bias=None, act="relu")
+    q = QUANTIZE.emit(g, x=y, scale=g.get_attr("s"), zp=g.get_attr("z"), qmin=0, qmax=255)
+    g.output(TRITON_DEQUANTIZE.emit(g, q=q, scale=0.05, zp=128))
+    root = nn.Module()
+    root.register_buffer("w", torch.randn(4, 4))
+    root.register_buffer("s", torch.tensor(0.05))
+    root.register_buffer("z", torch.tensor(128))
+    plain, translated, kept = decompose_fused_ops(fx.GraphModule(root, g))
+    assert translated == {"linear_act": 1}
+    assert len(kept) == 1 and "triton_dequantize" in kept[0]  # quantize: the QDQ table's
+    assert sum(QUANTIZE.view.matches(n) for n in plain.graph.nodes) == 1

@@ -1,4 +1,4 @@
-"""Int8 ONNX export as QDQ: both int8 forms (the IR, the CPU-lowered graph), checked in ONNX Runtime.
+"""Int8 ONNX export as QDQ: both int8 forms (the IR, the CPU-lowered graph), run in ONNX Runtime.
 
 Each round trip runs the file in an ONNX Runtime session (CPUExecutionProvider, default graph
 optimizations: ORT fuses the QDQ groups into its own int8 kernels) and compares with the fxopt
@@ -16,9 +16,13 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt.export.onnx import export_onnx
-from fxopt.export.qdq import compare_within_step
-from fxopt.export.qdq_dynamic import aten_dynamic_grid
+from fxopt.export.qdq import compare_within_step, has_rule, qdq_rewrite, untranslated
+from fxopt.export.qdq_cpu import CPU_RULES
+from fxopt.export.qdq_ir import IR_RULES
+from fxopt.export.onnx_ops import aten_dynamic_grid
+from fxopt.ops.int8 import DEQUANTIZE, QUANTIZE
 from fxopt.ops.int8_dynamic import dynamic_qparams
+from fxopt.ops.schema import OPS
 from fxopt.tools import digits
 
 onnx = pytest.importorskip("onnx")
@@ -205,9 +209,9 @@ def test_codes_op_without_translation_is_reported(tmp_path):
     g = fx.Graph()
     x = g.placeholder("x")
     s, z = g.get_attr("s"), g.get_attr("z")
-    q = g.call_function(torch.ops.fxopt.quantize.default, (x, s, z, 0, 255))
+    q = QUANTIZE.emit(g, x=x, scale=s, zp=z, qmin=0, qmax=255)
     q = g.call_function(torch.abs, (q,))  # on the codes: no QDQ translation known
-    g.output(g.call_function(torch.ops.fxopt.dequantize.default, (q, s, z)))
+    g.output(DEQUANTIZE.emit(g, q=q, scale=s, zp=z))
     root = nn.Module()
     root.register_buffer("s", torch.tensor(0.05))
     root.register_buffer("z", torch.tensor(128))
@@ -242,3 +246,91 @@ def test_cli_int8_onnx(tmp_path, capsys, monkeypatch):
     assert f"wrote {path}" in out and "QDQ" in out
     model = onnx.load(str(path))
     _check_qdq(model, n_weights=9)
+
+
+# -- the QDQ table: every row fires, an op without a row is kept --------------------------------
+class RowNet(nn.Module):
+    """The int8 ops the quantization writes, each at least once: a conv with relu, a plain conv
+    into an add, an add with relu, max pooling, cat, average pooling, linear with relu, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        z = F.relu(self.c3(self.c2(y) + y) + y)
+        z = self.pool(z)
+        z = torch.cat([z, self.c4(z)], 1)
+        return self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(z, 1).flatten(1))))
+
+
+def _same_grid_graph() -> fx.GraphModule:
+    """The float ops PyTorch runs on quantized tensors (each keeps its input's grid), in a
+    hand-built lowered graph: quantize_per_tensor, relu (both spellings), relu6, hardtanh,
+    clamp, avg/max/adaptive pooling, then ``.dequantize()``."""
+    g = fx.Graph()
+    q = g.call_function(torch.quantize_per_tensor, (g.placeholder("x"), 0.05, 128, torch.quint8))
+    for fn, args in [(F.relu, ()), (torch.relu, ()), (F.relu6, ()), (F.hardtanh, (-1.0, 2.0)),
+                     (torch.clamp, (-0.5, 1.5)), (F.avg_pool2d, (2,)), (F.max_pool2d, (2,)),
+                     (F.adaptive_avg_pool2d, (1,))]:
+        q = g.call_function(fn, (q, *args))
+    g.output(g.call_method("dequantize", (q,)))
+    return fx.GraphModule(nn.Module(), g)
+
+
+@pytest.fixture(scope="module")
+def fired(tmp_path_factory):
+    """{form: translated counts} over small graphs exported in ONNX Runtime (each checked)."""
+    tmp = tmp_path_factory.mktemp("rows")
+    torch.manual_seed(0)
+    cal = _cal(3)
+    out = {"ir": Counter(), "cpu": Counter()}
+    for form in FORMS:
+        opt = fxopt.optimize(RowNet().eval(), cal[0], quantize="int8", calibration_data=cal,
+                             disable=FORMS[form])
+        result = export_onnx(opt, cal[0], tmp / f"rows_{form}.onnx")
+        assert result.kept == [] and result.check.ok, (form, result.kept)
+        out[form].update(result.translated)
+    x = torch.randn(4, 16)
+    opt = fxopt.optimize(_MLP().eval(), x, quantize="int8_dynamic")
+    result = export_onnx(opt, x, tmp / "rows_dyn.onnx")
+    assert result.check.ok
+    out["ir"].update(result.translated)
+    x = 2 * torch.randn(2, 3, 16, 16)
+    result = export_onnx(_same_grid_graph(), x, tmp / "rows_same_grid.onnx")
+    assert result.kept == [] and result.check.ok
+    out["cpu"].update(result.translated)
+    return out
+
+
+@pytest.mark.parametrize("form,row", [("ir", r.name) for r in IR_RULES]
+                         + [("cpu", r.name) for r in CPU_RULES])
+def test_every_row_fires(fired, form, row):
+    assert fired[form][row] > 0, (form, row, dict(fired[form]))
+
+
+def test_one_ir_row_per_int8_op():
+    """A new op of the schema's int8 family needs its row (named as the op)."""
+    assert sorted(r.name for r in IR_RULES) == sorted(op.name for op in OPS.values()
+                                                     if op.family == "int8")
+    assert all(has_rule(t) for op in OPS.values() if op.family == "int8"
+               for t in op.view.targets())
+
+
+def test_quantized_op_without_row_is_kept():
+    """A PyTorch quantized op the table has no row for (quantized::mul) stays as it is: named
+    in ``kept`` (it reads codes) and among the int8 ops left (``untranslated``)."""
+    g = fx.Graph()
+    q = g.call_function(torch.quantize_per_tensor, (g.placeholder("x"), 0.05, 128, torch.quint8))
+    m = g.call_function(torch.ops.quantized.mul, (q, q, 0.1, 128))
+    g.output(g.call_method("dequantize", (g.call_function(F.relu, (m,)),)))
+    rw = qdq_rewrite(fx.GraphModule(nn.Module(), g))
+    assert rw.translated == {"quantize_per_tensor": 1}
+    assert len(rw.kept) == 1 and "quantized.mul" in rw.kept[0]
+    assert untranslated(rw.gm) == rw.kept
+    # its output is not known to hold codes: the relu and dequantize after it are left alone
+    assert sum(n.target in (F.relu, "dequantize") for n in rw.gm.graph.nodes) == 2

@@ -1,0 +1,150 @@
+"""QDQ rows for an int8 graph lowered onto PyTorch's quantized CPU kernels (``lower_int8_cpu``).
+
+There, quantized tensors flow between PyTorch's own ops and weights are prepacked into module
+attributes (unpacked here). One row per source op::
+
+    quantize_per_tensor(x, s, zp, quint8)   ->  QuantizeLinear(x, s, zp)
+    quantized::conv2d_relu(q, packed, s, zp) ->  QuantizeLinear(Relu(Conv(DequantizeLinear(q),
+                                                     DequantizeLinear(w_int8, w_s, 0, axis=0),
+                                                     b)), s, zp)
+    quantized::add_relu(a, b, s, zp)         ->  QuantizeLinear(Relu(DQ(a) + DQ(b)), s, zp)
+    F.max_pool2d(q, 2)  (q quantized)        ->  QuantizeLinear(MaxPool(DQ(q)), q's s, q's zp)
+    q.dequantize()                           ->  DequantizeLinear(q)
+
+PyTorch's own ops are read by position (their schemas are PyTorch's, not fxopt's). A row's name
+is the source op's short name (the key of ``QDQRewrite.translated``); the quantized ops match
+their overload packet and every overload of it. A row whose inputs do not hold codes (a float
+``relu``, say) does not fire.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxopt.export.qdq_state import Grid
+from fxopt.infra.rewrite import Builder, Match, Rule, method, op_rule
+from fxopt.ir.graph import get_attr_value
+
+__all__ = ["CPU_RULES", "quantized_op_name", "quantized_targets"]
+
+
+def quantized_op_name(target) -> str | None:
+    """'quantized::conv2d' for an op of a torch library (packet or overload), else None."""
+    name = getattr(target, "_qualified_op_name", None)
+    if name is None and isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name
+    return name
+
+
+def quantized_targets(name: str) -> tuple:
+    """``torch.ops.quantized.<name>``: the packet and each of its overloads (what a row
+    matches: a lowered graph may call either)."""
+    packet = getattr(torch.ops.quantized, name)
+    return (packet, *(getattr(packet, o) for o in packet.overloads()))
+
+
+# -- the rows ---------------------------------------------------------------------------------
+def _on_codes(*xs) -> Callable:
+    """A check: the arguments at positions ``xs`` (a list for ``cat``) all hold codes."""
+
+    def check(m: Match) -> bool:
+        args = m.root.args
+        if len(args) <= max(xs):
+            return False
+        values = [v for i in xs for v in (args[i] if isinstance(args[i], (list, tuple))
+                                          else [args[i]])]
+        return all(m.context.grid_of(v) is not None for v in values)
+
+    return check
+
+
+def _quantize_per_tensor(m: Match, b: Builder) -> fx.Node:
+    a = m.root.args
+    dtype = a[3] if len(a) > 3 else m.root.kwargs.get("dtype")
+    lo, hi = (0, 255) if dtype == torch.quint8 else (-128, 127)
+    return m.context.q(b, a[0], Grid(float(a[1]), int(a[2]), lo, hi))
+
+
+def _dequantize(m: Match, b: Builder) -> fx.Node:
+    return m.context.dq_exit(b, m.root.args[0])
+
+
+def _out_grid(n: fx.Node) -> Grid:
+    """The output grid of a quantized:: op: its last two arguments."""
+    return Grid(float(n.args[-2]), int(n.args[-1]))
+
+
+def _layer_ok(m: Match) -> bool:
+    """The input holds codes and the prepacked weight is per-channel symmetric int8 (the only
+    weight form the QDQ layer writes); the unpacked weight goes to ``replace``."""
+    if not _on_codes(0)(m):
+        return False
+    packed = get_attr_value(m.gm, m.root.args[1].target)
+    conv = quantized_op_name(m.root.target).split("::")[1].startswith("conv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch deprecates quantized tensor creation
+        unpack = torch.ops.quantized.conv2d_unpack if conv else torch.ops.quantized.linear_unpack
+        w, bias = unpack(packed)
+    if w.qscheme() not in (torch.per_channel_affine, torch.per_channel_symmetric) or \
+            bool(w.q_per_channel_zero_points().ne(0).any()):
+        return m.reject(f"{m.root.name}: weight not per-channel symmetric int8: no QDQ form")
+    geometry = (packed.stride(), packed.padding(), packed.dilation(), packed.groups()) \
+        if conv else None
+    m.data.update(w=w, bias=bias, conv=geometry)
+    return True
+
+
+def _layer(m: Match, b: Builder) -> fx.Node:
+    n, st, w = m.root, m.context, m.data["w"]
+    act = "relu" if quantized_op_name(n.target).endswith("_relu") else "none"
+    return st.layer(b, x=n.args[0], w_q=w.int_repr(), w_scale=w.q_per_channel_scales(),
+                    bias=m.data["bias"], conv=m.data["conv"], x_grid=st.grid_of(n.args[0]),
+                    y_grid=_out_grid(n), act=act, out_codes=True, tag=n.name)
+
+
+def _add(m: Match, b: Builder) -> fx.Node:
+    n, st = m.root, m.context
+    y = b.call_function(operator.add, (st.dq(b, n.args[0]), st.dq(b, n.args[1])))
+    act = "relu" if quantized_op_name(n.target).endswith("_relu") else "none"
+    return st.q(b, st.activation(b, y, act), _out_grid(n))
+
+
+def _cat(m: Match, b: Builder) -> fx.Node:
+    n, st = m.root, m.context
+    ins = [st.dq(b, q) for q in n.args[0]]
+    return st.requant(b, torch.cat, (), [ins], _out_grid(n), {"dim": n.args[1]})
+
+
+def _same_grid(m: Match, b: Builder) -> fx.Node:
+    """A float op PyTorch runs on a quantized tensor, keeping its grid: requantized onto it."""
+    n, st = m.root, m.context
+    return st.requant(b, n.target, n.args[1:], [st.dq(b, n.args[0])], st.grid_of(n.args[0]),
+                      dict(n.kwargs))
+
+
+# The table: one row per source op (the row's name is the op's short name).
+CPU_RULES: tuple[Rule, ...] = (
+    op_rule("quantize_per_tensor", [torch.quantize_per_tensor], _quantize_per_tensor),
+    op_rule("conv2d", quantized_targets("conv2d"), _layer, _layer_ok),
+    op_rule("conv2d_relu", quantized_targets("conv2d_relu"), _layer, _layer_ok),
+    op_rule("linear", quantized_targets("linear"), _layer, _layer_ok),
+    op_rule("linear_relu", quantized_targets("linear_relu"), _layer, _layer_ok),
+    op_rule("add", quantized_targets("add"), _add, _on_codes(0, 1)),
+    op_rule("add_relu", quantized_targets("add_relu"), _add, _on_codes(0, 1)),
+    op_rule("cat", quantized_targets("cat"), _cat, _on_codes(0)),
+    # float ops PyTorch runs on quantized tensors, the result on the input's grid
+    op_rule("adaptive_avg_pool2d", [F.adaptive_avg_pool2d], _same_grid, _on_codes(0)),
+    op_rule("avg_pool2d", [F.avg_pool2d], _same_grid, _on_codes(0)),
+    op_rule("max_pool2d", [F.max_pool2d], _same_grid, _on_codes(0)),
+    op_rule("clamp", [torch.clamp], _same_grid, _on_codes(0)),
+    op_rule("hardtanh", [F.hardtanh], _same_grid, _on_codes(0)),
+    op_rule("relu", [F.relu, torch.relu], _same_grid, _on_codes(0)),
+    op_rule("relu6", [F.relu6], _same_grid, _on_codes(0)),
+    Rule("dequantize", lambda: method("dequantize", "dequantize")(), _dequantize,
+         _on_codes(0)),
+)
