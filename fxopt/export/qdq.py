@@ -76,7 +76,7 @@ class QDQRewrite:
 
 def has_rule(target) -> bool:
     """Whether the QDQ table has a row for calls of ``target`` (a function or op overload)."""
-    return any(target in rule.root.targets for rule in RULES if rule.root.op == "call_function")
+    return not isinstance(target, str) and any(target in rule.root.targets for rule in RULES)
 
 
 def is_int8_op(target) -> bool:
