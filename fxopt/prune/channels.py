@@ -1,19 +1,21 @@
 """Channel dependency analysis: which channels of a captured model must be removed together.
 
 Every tensor in the graph gets a *layout*: the dimension along which it may shrink (``pdim``)
-and, for each index along it, a *slot* (an integer naming one channel of one producer). Ops
-propagate layouts: a conv or linear layer creates fresh slots for its outputs; BatchNorm,
-activations, pooling and dropout pass them on; ``add`` and channel-wise ``mul`` unite the slots
-of their operands (a union-find); ``cat`` concatenates them and ``split``/``chunk``/slicing cut
-them; reshapes and permutes move them (a flatten before a Linear maps one channel to H*W input
-features); a grouped or depthwise conv unites its inputs and outputs group by group, and a
-GroupNorm unites the channels of each of its groups, so a whole group goes or stays.
-Union-find classes of slots are *units* (what pruning removes at once); the producers that
-share units, found with ``networkx`` connected components, are *channel groups*.
+and, for each index along it, a *slot* (an integer naming one channel of one producer). One walk
+over the graph (``fxopt.prune.walk``) applies each node's rule from the rule table
+(``fxopt.prune.rule_table``): a conv or linear layer creates fresh slots for its outputs;
+BatchNorm, activations, pooling and dropout pass them on; ``add`` and channel-wise ``mul``
+unite the slots of their operands (a union-find); ``cat`` concatenates them and
+``split``/``chunk``/slicing cut them; reshapes and permutes move them (a flatten before a Linear
+maps one channel to H*W input features); a grouped or depthwise conv unites its inputs and
+outputs group by group, and a GroupNorm unites the channels of each of its groups, so a whole
+group goes or stays. Union-find classes of slots are *units* (what pruning removes at once);
+the producers that share units, found with ``networkx`` connected components, are *channel
+groups* (this module).
 
-An op the analysis does not know freezes every unit that reaches it (and so does the model's
-output): frozen units are never removed. That is the safety rule: an unknown op costs pruning
-opportunity, never correctness.
+An op with no rule freezes every unit that reaches it (and so does the model's output): frozen
+units are never removed. That is the safety rule: an unknown op costs pruning opportunity,
+never correctness. A rule for a new op is one row (``register_channel_rule``).
 
     >>> model = torchvision.models.resnet18().eval()
     >>> graph = fxopt.channel_groups(model, torch.randn(1, 3, 64, 64))
@@ -21,12 +23,9 @@ opportunity, never correctness.
     >>> graph.groups[0].channels, graph.groups[0].couplings
     (64, ['residual', ...])
 
-The ``prune_channels`` pass (``fxopt.passes.prune``) ranks units, removes them physically and
-checks the result against the original model with the removed channels masked to zero.
-
-Modules: ``channel_records`` (layouts, groups, the union-find), ``channel_rules`` (what each op
-does to slots: the dispatch, with the rules in ``channel_rules_layers`` and
-``channel_rules_shapes`` and the op tables in ``channel_rule_tables``), this one (the analysis as a whole: groups, freezing, what a removal keeps).
+The ``prune_channels`` pass (``fxopt.passes.prune``) ranks units (``fxopt.prune.importance``),
+removes them physically and checks the result against the original model with the removed
+channels masked to zero.
 """
 from __future__ import annotations
 
@@ -37,66 +36,53 @@ import numpy as np
 import torch.fx as fx
 import torch.nn as nn
 
-from fxopt.prune.records import (
-    COUPLING_KINDS,
-    LAYER_KINDS,
-    ChannelGraph,
-    ChannelGroup,
-    Layout,
-    MacNode,
-    Rewrite,
-    Space,
-    UnionFind,
-)
-from fxopt.prune.rules import ChannelRules
+import fxopt.prune.rules_elementwise  # noqa: F401  (the built-in rows of the rule table)
+import fxopt.prune.rules_layers  # noqa: F401
+import fxopt.prune.rules_shapes  # noqa: F401
+from fxopt.ir.capture import capture
+from fxopt.prune.records import LAYER_KINDS, ChannelGroup
+from fxopt.prune.rule_table import CHANNEL_RULES, ChannelRuleTable
+from fxopt.prune.walk import ChannelWalk
 
-__all__ = [
-    "Layout", "Space", "ChannelGroup", "ChannelGraph", "ChannelAnalysis", "Rewrite",
-    "MacNode", "analyze_channels", "channel_groups", "COUPLING_KINDS",
-]
+__all__ = ["ChannelAnalysis", "ChannelGraph", "analyze_channels", "channel_groups"]
 
 
-class ChannelAnalysis(ChannelRules):
-    """Layouts of every node, the weights each unit touches, and the groups (see module doc)."""
+class ChannelAnalysis:
+    """Units, groups and frozen flags over one walk of ``gm`` (see the module doc).
 
-    def __init__(self, gm: fx.GraphModule):
+    ``walk`` is the finished ``ChannelWalk``; the records the pruner acts on (``layouts``,
+    ``params``, ``rewrites``, ...) are its own objects, shown here so the pruner reads one.
+    ``slot_root[s]`` is the unit (root slot) of slot ``s``; ``frozen_roots`` maps a frozen
+    unit to its reasons.
+    """
+
+    def __init__(self, gm: fx.GraphModule, rules: ChannelRuleTable = CHANNEL_RULES):
         self.gm = gm
-        self.uf = UnionFind()
-        self.spaces: list[Space] = []
-        self.layouts: dict[str, Layout] = {}
-        self.tuple_layouts: dict[str, list[Layout]] = {}
-        # param path -> dim -> slot vector (all requirements on one dim united)
-        self.params: dict[str, dict[int, np.ndarray]] = {}
-        # weight | bias | bn_weight | norm_weight | stat | constant
-        self.param_roles: dict[str, str] = {}
-        self.param_owner: dict[str, str] = {}  # param path -> layer path / node name shown to users
-        self.module_fixes: dict[str, tuple[str, str]] = {}  # module path -> (kind, node name)
-        self.rewrites: list[Rewrite] = []
-        self.norm_nodes: dict[str, int] = {}  # LayerNorm over the pruned dim: node -> dim
-        self.mac_nodes: list[MacNode] = []
-        self.events: list[tuple[str, str, np.ndarray]] = []
-        self.unknown_ops: dict[str, int] = {}
+        self.walk = w = ChannelWalk(gm).run(rules)
+        self.layouts, self.tuple_layouts = w.layouts, w.tuple_layouts
+        self.params, self.param_roles = w.params, w.param_roles
+        self.rewrites, self.module_fixes = w.rewrites, w.module_fixes
+        self.norm_nodes, self.mac_nodes = w.norm_nodes, w.mac_nodes
         self.graph: nx.Graph = nx.Graph()
         self.groups: list[ChannelGroup] = []
-        self._run()
-        self.finalize()
+        self.regroup()
 
-    def finalize(self) -> None:
+    def regroup(self) -> None:
         """Compute units, groups (networkx components of coupled producers) and frozen flags."""
-        nslots = len(self.uf.parent)
-        roots = np.array([self.uf.find(i) for i in range(nslots)], dtype=np.int64)
+        uf, spaces = self.walk.uf, self.walk.spaces
+        nslots = len(uf.parent)
+        roots = np.array([uf.find(i) for i in range(nslots)], dtype=np.int64)
         self.slot_root = roots
-        starts = np.array([s.start for s in self.spaces], dtype=np.int64)
+        starts = np.array([s.start for s in spaces], dtype=np.int64)
         space_of = np.searchsorted(starts, np.arange(nslots), side="right") - 1
-        self.slot_space = space_of
         frozen_roots: dict[int, list[str]] = {}
-        for s, reason in self.uf.frozen.items():
+        for s, reason in uf.frozen.items():
             lst = frozen_roots.setdefault(int(roots[s]), [])
             if reason not in lst:
                 lst.append(reason)
         self.frozen_roots = frozen_roots
         g = nx.Graph()
-        for sp in self.spaces:
+        for sp in spaces:
             g.add_node(sp.id, kind=sp.kind, node=sp.node, path=sp.path, size=sp.size)
         # producers that share a unit are one group
         if nslots:
@@ -107,33 +93,31 @@ class ChannelAnalysis(ChannelRules):
                 if f != sp:
                     g.add_edge(f, int(sp))
         self.graph = g
-        kinds_of: dict[int, set[str]] = {}
         comps = sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: c[0])
-        comp_arr = np.zeros(len(self.spaces), dtype=np.int64)
+        comp_arr = np.zeros(len(spaces), dtype=np.int64)
         for ci, comp in enumerate(comps):
             comp_arr[comp] = ci
-        comp_of = {sp: int(comp_arr[sp]) for sp in range(len(self.spaces))}
 
         def comps_of(slots: np.ndarray):
             slots = slots[slots >= 0]
             return np.unique(comp_arr[space_of[slots]]) if len(slots) else ()
 
-        for kind, _node, slots in self.events:
+        kinds_of: dict[int, set[str]] = {}
+        for kind, _node, slots in self.walk.events:
             for ci in comps_of(slots):
                 kinds_of.setdefault(int(ci), set()).add(kind)
         member_of: dict[int, set[str]] = {}
+        owner = self.walk.param_owner
         for path, dims in self.params.items():
             for vec in dims.values():
                 for ci in comps_of(vec):
-                    member_of.setdefault(int(ci), set()).add(self.param_owner.get(path, path))
-        self.comp_of = comp_of
+                    member_of.setdefault(int(ci), set()).add(owner.get(path, path))
         groups: list[ChannelGroup] = []
         for ci, comp in enumerate(comps):
-            layers = [self.spaces[sp] for sp in comp if self.spaces[sp].kind in LAYER_KINDS]
+            layers = [spaces[sp] for sp in comp if spaces[sp].kind in LAYER_KINDS]
             if not layers:
-                continue
-            slots = np.concatenate([np.arange(self.spaces[sp].start,
-                                              self.spaces[sp].start + self.spaces[sp].size)
+                continue  # constants alone: nothing produces these channels
+            slots = np.concatenate([np.arange(spaces[sp].start, spaces[sp].start + spaces[sp].size)
                                     for sp in comp])
             unit_roots = np.unique(roots[slots])
             # the reference layer: the producer covering the most units (first on ties)
@@ -160,18 +144,18 @@ class ChannelAnalysis(ChannelRules):
                 unit_roots=unit_roots, unit_widths=widths, spaces=list(comp)))
         self.groups = groups
 
-    # -- helpers for the pruner -----------------------------------------------------------
+    # -- for the pruner -------------------------------------------------------------------------
     def freeze_groups(self, groups: Iterable[ChannelGroup], reason: str) -> None:
+        """Freeze whole groups (``PruneConfig.ignore``) and group again."""
         for g in groups:
-            self.uf.freeze(g.unit_roots, reason)
-        self.finalize()
+            self.walk.freeze_slots(g.unit_roots, reason)
+        self.regroup()
 
     def freeze_nodes(self, names: Iterable[str], reason: str) -> None:
+        """Freeze what the named nodes carry (a node the rewrite got wrong) and group again."""
         for name in names:
-            self._freeze(self.layouts.get(name), reason)
-            for lay in self.tuple_layouts.get(name, ()):
-                self._freeze(lay, reason)
-        self.finalize()
+            self.walk.freeze_node(name, reason)
+        self.regroup()
 
     def removed_mask(self, vec: np.ndarray, removed: set[int] | np.ndarray) -> np.ndarray:
         """True where ``vec``'s slot belongs to a removed unit."""
@@ -183,6 +167,7 @@ class ChannelAnalysis(ChannelRules):
         return out
 
     def kept_count(self, vec: np.ndarray, removed) -> int:
+        """How many of ``vec``'s positions survive removing ``removed``."""
         return int(len(vec) - self.removed_mask(vec, removed).sum())
 
     def macs_after(self, removed) -> tuple[int, int]:
@@ -197,9 +182,60 @@ class ChannelAnalysis(ChannelRules):
         return before, int(after)
 
 
-def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
+def analyze_channels(gm: fx.GraphModule, rules: ChannelRuleTable = CHANNEL_RULES
+                     ) -> ChannelAnalysis:
     """Run the channel analysis over a captured graph (``tensor_meta`` on every node)."""
-    return ChannelAnalysis(gm)
+    return ChannelAnalysis(gm, rules)
+
+
+class ChannelGraph:
+    """What ``fxopt.channel_groups`` returns: the groups and the networkx graph behind them."""
+
+    def __init__(self, analysis: ChannelAnalysis):
+        self.analysis = analysis
+        self.graph: nx.Graph = analysis.graph
+        self.groups: list[ChannelGroup] = analysis.groups
+
+    @property
+    def frozen(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.frozen]
+
+    @property
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def group_of(self, layer: str) -> ChannelGroup | None:
+        """The group whose channels ``layer`` produces (a module path or node name)."""
+        for g in self.groups:
+            if layer in g.layers:
+                return g
+        return None
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=f"channel groups: {len(self.groups)} ({len(self.prunable)} prunable, "
+                        f"{len(self.frozen)} frozen)", title_justify="left")
+        for col in ("#", "layer", "layers", "channels", "units", "couplings", "status"):
+            t.add_column(col, overflow="fold")
+        for g in self.groups:
+            status = "frozen: " + "; ".join(g.reasons) if g.frozen else (
+                "prunable" if g.prunable else "single unit")
+            ch = f"{g.channels}" if g.kept is None else f"{g.channels}->{g.kept}"
+            t.add_row(str(g.id), g.name, str(len(g.layers)), ch, str(g.units),
+                      ", ".join(g.couplings), status)
+        return t
+
+    def __str__(self) -> str:
+        import io
+
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=160, color_system=None).print(self.table())
+        return buf.getvalue()
+
+    __repr__ = __str__
 
 
 def channel_groups(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Iterable = (),
@@ -209,8 +245,6 @@ def channel_groups(model: nn.Module, example_inputs: Any = None, *, leaf_modules
     ``model``: an eval-mode ``nn.Module`` (captured here on ``example_inputs``), or a
     ``GraphModule`` that ``fxopt.capture`` made (analysed as it is).
     """
-    from fxopt.ir.capture import capture
-
     if isinstance(model, fx.GraphModule) and all(
             "tensor_meta" in n.meta for n in model.graph.nodes if n.op == "placeholder"):
         gm = model  # already captured: shapes are on the nodes

@@ -1,12 +1,13 @@
 """``PruneConfig``: what the ``prune_channels`` pass removes, and how it chooses.
 
 ``optimize(..., prune=0.5)`` is ``PruneConfig(ratio=0.5)``: remove half of the channels of every
-prunable channel group (see ``fxopt.channels``), least important first by the L1 norm of their
-weights. Everything else is a field::
+prunable channel group (see ``fxopt.prune.channels``), least important first by the L1 norm of
+their weights. Everything else is a field::
 
     fxopt.optimize(model, x, prune=fxopt.PruneConfig(
         ratio=0.6, by="macs",          # remove 60% of the multiply-accumulates instead
-        importance="taylor",           # |sum w * dL/dw| over calibration batches
+        importance="taylor",           # |sum w * dL/dw| over calibration batches (or any
+                                       # criterion registered with register_importance)
         scope="global",                # one ranking over all groups instead of the same ratio each
         round_to=8,                    # kept channel counts are multiples of 8 (GPU kernels)
         ignore=["layer4.*"],           # never prune the outputs of these layers
@@ -20,10 +21,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
 from fxopt.errors import InputError
+from fxopt.prune.importance import IMPORTANCE
 
-__all__ = ["PruneConfig", "IMPORTANCES", "SCOPES", "RATIO_KINDS"]
+__all__ = ["PruneConfig", "SCOPES", "RATIO_KINDS"]
 
-IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
 SCOPES = ("uniform", "global")
 RATIO_KINDS = ("channels", "macs")
 
@@ -36,7 +37,8 @@ class PruneConfig:
         model's MACs (``by="macs"``, found by bisection on the channel ratio).
     importance: ``"l1"``, ``"l2"`` (weight magnitude over every tensor of the group),
         ``"bn_scale"`` (|BatchNorm gamma|; L1 where a group has no BatchNorm), ``"taylor"``
-        (first-order Taylor, needs labelled calibration data or ``loss``), ``"random"``.
+        (first-order Taylor, needs labelled calibration data or ``loss``), ``"random"``, or
+        any name registered with ``fxopt.prune.register_importance``.
     scope: ``"uniform"`` (the same ratio in every group) or ``"global"`` (one ranking of
         group-normalized importance over all groups, at most ``max_group_ratio`` per group).
     round_to: kept channel counts are multiples of this (where a group has at least that many).
@@ -71,7 +73,8 @@ class PruneConfig:
             raise InputError(f"prune ratio must be a number in [0, 1), got {self.ratio!r}",
                              hint="e.g. prune=0.5 removes half of the channels")
         _choice("by", self.by, RATIO_KINDS)
-        _choice("importance", self.importance, IMPORTANCES)
+        _choice("importance", self.importance, tuple(IMPORTANCE),
+                hint="add a criterion with fxopt.prune.register_importance(name)")
         _choice("scope", self.scope, SCOPES)
         for name in ("round_to", "min_channels", "max_batches"):
             v = getattr(self, name)
@@ -112,6 +115,7 @@ class PruneConfig:
         return ", ".join(parts)
 
 
-def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+def _choice(name: str, value: Any, allowed: Sequence[str], hint: str | None = None) -> None:
     if value not in allowed:
-        raise InputError(f"PruneConfig.{name} must be one of {list(allowed)}, got {value!r}")
+        raise InputError(f"PruneConfig.{name} must be one of {list(allowed)}, got {value!r}",
+                         hint=hint)

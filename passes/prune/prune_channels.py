@@ -1,12 +1,16 @@
 """``prune_channels``: structured channel pruning that makes the model physically smaller.
 
-1. ``fxopt.channels`` finds the channel groups (what must go together) and the frozen ones;
-2. ``prune_importance`` scores every unit (``l1``, ``l2``, ``bn_scale``, ``taylor``, ``random``);
+1. ``fxopt.prune.channels`` finds the channel groups (what must go together) and the frozen
+   ones;
+2. ``fxopt.prune.importance`` scores every unit with the criterion the config names (``l1``,
+   ``l2``, ``bn_scale``, ``taylor``, ``random``, or one registered with
+   ``register_importance``);
 3. a plan picks the units to remove: the same ratio in every group (``scope="uniform"``) or one
    ranking over all groups (``"global"``), by channels or by a MAC target (``by="macs"``,
    bisection on the channel ratio), with ``round_to`` and ``min_channels`` per group;
-4. ``prune_rewrite`` slices the weights, fixes modules and arguments, and checks every shape;
-   a node it cannot rewrite consistently freezes the groups there and the plan is made again;
+4. ``rewrite`` (this package) slices the weights, fixes modules and arguments, and checks every
+   shape; a node it cannot rewrite consistently freezes the groups there and the plan is made
+   again;
 5. the pass returns the masked model (the original with the removed channels zeroed in every
    tensor of their group) as its reference: the manager checks that the pruned model equals it.
 
@@ -29,10 +33,11 @@ from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.ir.metrics import count_macs
-from fxopt.passes.prune.importance import unit_scores
 from fxopt.passes.prune.rewrite import apply_removal, check_shapes, fork, masked_reference
-from fxopt.prune.channels import ChannelAnalysis, ChannelGroup, analyze_channels
+from fxopt.prune.channels import ChannelAnalysis, analyze_channels
 from fxopt.prune.config import PruneConfig
+from fxopt.prune.importance import unit_scores
+from fxopt.prune.records import ChannelGroup
 
 __all__ = ["prune_channels", "PrunePlan", "plan_removal", "PRUNED_MARK"]
 

@@ -26,9 +26,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxopt.ir.graph import add_buffer, copy_meta, get_attr_value, tensor_meta
-from fxopt.prune.channels import ChannelAnalysis, Rewrite
+from fxopt.prune.channels import ChannelAnalysis
+from fxopt.prune.records import Rewrite
 
-__all__ = ["apply_removal", "masked_reference", "check_shapes", "masked_layer_norm"]
+__all__ = ["apply_removal", "masked_reference", "check_shapes", "masked_layer_norm", "fork"]
 
 
 def fork(gm: fx.GraphModule) -> fx.GraphModule:
@@ -198,7 +199,8 @@ def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, rem
 
 def apply_removal(gm: fx.GraphModule, analysis: ChannelAnalysis, removed,
                   original: fx.GraphModule | None = None) -> int:
-    """Remove the units ``removed`` (union-find roots) from ``gm`` in place; returns tensors sliced.
+    """Remove the units ``removed`` (union-find roots) from ``gm`` in place; returns how many
+    tensors were sliced.
 
     ``original``: a module ``gm`` shares submodules with (see ``fork``); those are copied
     before they change, so ``original`` stays as it was.

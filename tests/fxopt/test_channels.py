@@ -14,7 +14,9 @@ import torch.nn as nn
 
 import fxopt
 from fxopt.prune.channels import analyze_channels, channel_groups
-from fxopt.prune.rules import segment_of
+from fxopt.prune.rule_table import CHANNEL_RULES, ChannelRuleTable, register_channel_rule
+from fxopt.prune.rules_layers import conv_module
+from fxopt.prune.rules_shapes import segment_of
 
 _spec = importlib.util.spec_from_file_location(
     "prune_zoo", Path(__file__).resolve().parents[1] / "passes" / "prune_zoo.py")
@@ -254,3 +256,77 @@ def test_channels_tied_to_a_model_input_freeze():
     assert g is graph.group_of("b.0") and g.name == "b.0"  # b covers all the units
     assert g.frozen and "cannot be removed" in " ".join(g.reasons)
     assert not graph.group_of("c.0").frozen  # the concat's other operand is independent
+
+
+# -- the rule table: an op with no rule freezes; a user's rule unfreezes ------------------------
+def custom_groups(rules=CHANNEL_RULES):
+    m = zoo.randomize(zoo.CustomOps())
+    gm = fxopt.capture(m, zoo.X, leaf_modules=[zoo.ChannelScale])
+    return analyze_channels(gm, rules)
+
+
+@pytest.fixture
+def user_rules():
+    """Register rules for the zoo's custom ops; take them out again after the test."""
+    @register_channel_rule(zoo.soft_gate)
+    def soft_gate_rule(walk, node):  # elementwise: the channels pass through
+        walk.set(node, walk.layout(node.args[0]))
+
+    @register_channel_rule(zoo.ChannelScale)
+    def channel_scale_rule(walk, node):  # one weight per channel: it shrinks with them
+        mod, x = walk.module_call(node)
+        lay = walk.layout(x)
+        if not lay.free and lay.pdim == 1:
+            walk.param(f"{node.target}.weight", 0, lay.vec, "bn_weight", node.target)
+        walk.set(node, lay)
+
+    yield soft_gate_rule, channel_scale_rule
+    CHANNEL_RULES.remove(zoo.soft_gate, zoo.ChannelScale)
+
+
+def test_op_with_no_rule_freezes():
+    a = custom_groups()
+    g = {gr.name: gr for gr in a.groups}
+    assert g["a.0"].frozen and g["a.0"].reasons == [
+        "unsupported op ChannelScale at 'scale' (scale)"]
+    assert g["b.0"].frozen and g["b.0"].reasons == ["unsupported op prune_zoo.soft_gate at "
+                                                    "'soft_gate'"]
+    assert a.walk.unknown_ops == {"ChannelScale": 1, "prune_zoo.soft_gate": 1}
+    # a table with the conv row alone: every other op is unknown, every group freezes
+    convs_only = ChannelRuleTable()
+    convs_only.register([nn.modules.conv._ConvNd], conv_module)
+    bare = custom_groups(convs_only)
+    assert len(bare.groups) == 3 and all(gr.frozen for gr in bare.groups)
+    assert {"BatchNorm2d", "F.relu", "ChannelScale"} <= set(bare.walk.unknown_ops)
+
+
+def test_user_rule_unfreezes_custom_ops(user_rules):
+    soft_gate_rule, channel_scale_rule = user_rules
+    assert CHANNEL_RULES.lookup(next(n for n in custom_groups().gm.graph.nodes
+                                     if n.target is zoo.soft_gate)).fn is soft_gate_rule
+    a = custom_groups()
+    g = {gr.name: gr for gr in a.groups}
+    assert g["a.0"].prunable and g["b.0"].prunable and not a.walk.unknown_ops
+    assert "scale" in g["a.0"].members  # the scale's weight shrinks with a.0's channels
+    assert np.array_equal(a.params["scale.weight"][0], a.layouts["a_0"].vec)
+    assert [gr.name for gr in a.groups if gr.frozen] == ["head"]
+
+
+def test_rule_table_rows_and_errors(user_rules):
+    assert zoo.soft_gate in CHANNEL_RULES and "view" in CHANNEL_RULES
+    assert torch.cat in CHANNEL_RULES and nn.Conv2d not in CHANNEL_RULES  # by _ConvNd
+    with pytest.raises(ValueError, match="already has the channel rule"):
+        register_channel_rule(zoo.soft_gate)(lambda walk, node: None)
+    with pytest.raises(TypeError, match="keyed by"):
+        register_channel_rule(42)(lambda walk, node: None)
+    table = ChannelRuleTable()
+
+    def freeze_all(walk, node):
+        walk.freeze_inputs(node.args, "mine")
+
+    register_channel_rule(torch.relu, table=table)(freeze_all)
+    register_channel_rule(torch.relu, table=table, override=True)(user_rules[0])
+    assert len(table) == 1 and [r.fn for r in table] == [user_rules[0]]
+    conv = nn.Conv2d(3, 4, 1)
+    node = fxopt.capture(nn.Sequential(conv).eval(), zoo.X).graph.find_nodes(op="call_module")[0]
+    assert CHANNEL_RULES.lookup(node, conv).name == "conv_module"  # a subclass of _ConvNd

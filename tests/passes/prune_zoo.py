@@ -237,6 +237,40 @@ class Unknown(nn.Module):
         return self.head(torch.einsum("nchw,cd->ndhw", self.b(self.a(x)), self.mix))
 
 
+def soft_gate(x):
+    """A user's elementwise op, traced as one call (``torch.fx.wrap``): no built-in rule."""
+    return x * torch.sigmoid(1.5 * x)
+
+
+torch.fx.wrap("soft_gate")
+
+
+class ChannelScale(nn.Module):
+    """A user's leaf module (traced as one call): one learned scale per channel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+class CustomOps(nn.Module):
+    """Ops the analysis has no rule for until a user registers one (capture with
+    ``leaf_modules=[ChannelScale]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.scale = ChannelScale(8)
+        self.b = cbr(8, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(soft_gate(self.b(self.scale(self.a(x)))))
+
+
 class MeanOverChannels(nn.Module):
     def __init__(self):
         super().__init__()

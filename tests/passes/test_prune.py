@@ -200,9 +200,11 @@ def test_manager_catches_a_wrong_pruning(monkeypatch):
 def test_round_to_and_min_channels():
     model, x = zoo.make("mlp")
     _, out, rec = run(model, x, prune=fxopt.PruneConfig(ratio=0.3, round_to=8))
-    assert (out.get_submodule("fc1").out_features, out.get_submodule("fc2").out_features) == (24, 8)
+    fc1, fc2 = out.get_submodule("fc1"), out.get_submodule("fc2")
+    assert (fc1.out_features, fc2.out_features) == (24, 8)
     _, out, _ = run(model, x, prune=fxopt.PruneConfig(ratio=0.95, min_channels=6))
-    assert out.get_submodule("fc1").out_features == 6 and out.get_submodule("fc2").out_features == 6
+    fc1, fc2 = out.get_submodule("fc1"), out.get_submodule("fc2")
+    assert fc1.out_features == 6 and fc2.out_features == 6
 
 
 def test_ignore_keeps_a_layer():
@@ -324,7 +326,8 @@ def test_unknown_op_model_prunes_the_rest():
     model = zoo.randomize(zoo.Unknown())
     _, out, rec = run(model, zoo.X)
     assert rec.status == "ok" and rec.stats["frozen"] == 2 and rec.stats["pruned"] == 1
-    assert out.get_submodule("a.0").out_channels == 4 and out.get_submodule("b.0").out_channels == 8
+    a0, b0 = out.get_submodule("a.0"), out.get_submodule("b.0")
+    assert a0.out_channels == 4 and b0.out_channels == 8
     assert any("unsupported op" in n for n in rec.notes)
 
 
@@ -383,7 +386,7 @@ def test_units_never_empty_a_tensor():
 
 
 def test_importance_scores_are_per_unit():
-    from fxopt.passes.prune.importance import unit_scores
+    from fxopt.prune.importance import unit_scores
 
     model, x = zoo.make("grouped")
     a = analyze_channels(fxopt.capture(model, x))
@@ -391,3 +394,77 @@ def test_importance_scores_are_per_unit():
     g = [gr for gr in a.groups if gr.name == "expand.0"][0]
     assert set(scores) == set(int(r) for r in g.unit_roots)
     assert all(np.isfinite(v) and v > 0 for v in scores.values())
+
+
+# -- what users extend: their own channel rules and importance criteria -------------------------
+def test_user_channel_rule_prunes_a_custom_op():
+    """A rule for a leaf module with one weight per channel: that weight is sliced too."""
+    from fxopt.prune.rule_table import CHANNEL_RULES, register_channel_rule
+
+    @register_channel_rule(zoo.ChannelScale)
+    def channel_scale_rule(walk, node):
+        mod, x = walk.module_call(node)
+        lay = walk.layout(x)
+        if not lay.free and lay.pdim == 1:
+            walk.param(f"{node.target}.weight", 0, lay.vec, "bn_weight", node.target)
+        walk.set(node, lay)
+
+    register_channel_rule(zoo.soft_gate)(lambda walk, node: walk.set(
+        node, walk.layout(node.args[0])))
+    try:
+        model, x = zoo.randomize(zoo.CustomOps()), zoo.X
+        gm = fxopt.capture(model, x, leaf_modules=[zoo.ChannelScale])
+        ctx = PassContext(example_inputs=(x,), configs=[PruneConfig(ratio=0.5)])
+        out, report = PassManager(expand_pipeline(["prune_channels"]), check="each").run(gm, ctx)
+    finally:
+        CHANNEL_RULES.remove(zoo.ChannelScale, zoo.soft_gate)
+    rec = report.record("prune_channels")
+    assert rec.status == "ok" and rec.rel_err <= rec.tolerance
+    assert rec.stats["pruned"] == 2 and rec.stats["frozen"] == 1
+    assert tuple(out.get_submodule("scale").weight.shape) == (4,)
+    assert out.get_submodule("b.0").in_channels == 4
+
+
+@pytest.fixture
+def smallest_first():
+    """A criterion that keeps the filters with the smallest L1 norm (the opposite of l1)."""
+    from fxopt.prune.importance import IMPORTANCE, register_importance
+
+    @register_importance("smallest_l1")
+    def smallest_l1(ctx):
+        total, count = ctx.magnitude(roles=("weight",), p=1)
+        return -total / np.maximum(count, 1)
+
+    yield smallest_l1
+    del IMPORTANCE["smallest_l1"]
+
+
+def test_user_importance_is_used(smallest_first):
+    model, x = zoo.make("sequential")
+    with torch.no_grad():
+        model.a[0].weight.mul_(0.01)
+        model.a[0].weight[[1, 3, 5, 6]] *= 1000.0  # the four filters l1 keeps
+    _, out, rec = run(model, x, prune=fxopt.PruneConfig(ratio=0.5, importance="smallest_l1"))
+    assert rec.status == "ok" and "smallest_l1" in rec.notes[0]
+    kept = out.get_submodule("a.0").weight
+    assert torch.equal(kept, model.a[0].weight[[0, 2, 4, 7]])
+
+
+def test_importance_registry_validation(smallest_first):
+    from fxopt.prune.importance import register_importance, unit_scores
+
+    assert fxopt.PruneConfig(importance="smallest_l1").importance == "smallest_l1"
+    with pytest.raises(ValueError, match="already registered"):
+        register_importance("l1")(smallest_first)
+    with pytest.raises(InputError, match="register_importance"):
+        fxopt.PruneConfig(importance="nope")
+
+    model, x = zoo.make("sequential")
+    a = analyze_channels(fxopt.capture(model, x))
+    register_importance("bad", override=True)(lambda ctx: np.zeros(3))
+    try:
+        with pytest.raises(InputError, match="one score per unit"):
+            unit_scores(a.gm, a, fxopt.PruneConfig(importance="bad"))
+    finally:
+        from fxopt.prune.importance import IMPORTANCE
+        del IMPORTANCE["bad"]
