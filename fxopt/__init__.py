@@ -20,6 +20,8 @@ from fxopt.ir.tolerances import TOLERANCES
 from fxopt.pipelines import PIPELINES, build_pipeline, expand_pipeline
 from fxopt.prune.channels import ChannelGraph, ChannelGroup, channel_groups
 from fxopt.prune.config import PruneConfig
+from fxopt.prune.importance import register_importance
+from fxopt.prune.rule_table import register_channel_rule
 from fxopt.quant.config import QuantConfig
 from fxopt.tools.draw import draw  # matplotlib only when called: fxopt[draw]
 from fxopt.train import qat  # noqa: F401  (fxopt.qat.convert)
@@ -33,4 +35,5 @@ __all__ = [
     "PIPELINES", "expand_pipeline", "build_pipeline", "Report", "PassRecord", "TOLERANCES", *_errors_all,
     "channel_groups", "ChannelGraph", "ChannelGroup", "PruneConfig", "QuantConfig", "finetune",
     "FinetuneResult", "export_onnx", "OnnxExport", "draw", "prepare_qat", "QATModel",
+    "register_channel_rule", "register_importance",
 ]

@@ -238,7 +238,8 @@ class PassManager:
         try:
             run = record_run(gm, inputs, keep_values=numeric, refresh_meta=result.shapes_changed)
         except Exception as e:  # noqa: BLE001
-            raise self._structural(label, [f"the graph no longer runs: {type(e).__name__}: {e}"]) from e
+            raise self._structural(
+                label, [f"the graph no longer runs: {type(e).__name__}: {e}"]) from e
         if run.stale_meta:
             raise self._structural(label, ["stale tensor_meta (say shapes_changed=True): " +
                                            "; ".join(run.stale_meta[:3])])

@@ -129,7 +129,8 @@ def register_pass(name: str, *, requires: Sequence[str | Precondition] = (),
         pres = tuple(precondition(r) for r in requires)
     except KeyError as e:
         raise PipelineError(f"pass '{name}' requires unknown precondition {e.args[0]!r}",
-                            hint=f"known: {sorted(PRECONDITIONS)}, or pass a Precondition") from None
+                            hint=f"known: {sorted(PRECONDITIONS)}, or pass a Precondition"
+                            ) from None
     if reference not in REFERENCE_KINDS:
         raise PipelineError(f"pass '{name}': reference must be one of {REFERENCE_KINDS}")
     if config is not None and not callable(getattr(config, "coerce", None)):

@@ -104,7 +104,8 @@ class Report:
             )
         t.add_section()
         t.add_row("total", _ms(self.total_time_s), f"{self.before.nodes}->{self.after.nodes}",
-                  f"{format_count(self.before.params)}->{format_count(self.after.params)}", "", _err(self.final_rel_err),
+                  f"{format_count(self.before.params)}->{format_count(self.after.params)}", "",
+                  _err(self.final_rel_err),
                   _err(self.final_max_abs_err), "vs eager",
                   f"MACs {format_count(self.before.macs)}->{format_count(self.after.macs)}, "
                   f"size {format_bytes(self.before.bytes)}->{format_bytes(self.after.bytes)}")
