@@ -32,7 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "optimize", "OptimizedModule", "load", "capture", "PassManager", "Instrument",
     "register_pass", "register_group", "PassResult", "PassContext", "PASSES", "GROUPS",
-    "PIPELINES", "expand_pipeline", "build_pipeline", "Report", "PassRecord", "TOLERANCES", *_errors_all,
+    "PIPELINES", "expand_pipeline", "build_pipeline", "Report", "PassRecord", "TOLERANCES",
+    *_errors_all,
     "channel_groups", "ChannelGraph", "ChannelGroup", "PruneConfig", "QuantConfig", "finetune",
     "FinetuneResult", "export_onnx", "OnnxExport", "draw", "prepare_qat", "QATModel",
     "register_channel_rule", "register_importance",

@@ -168,9 +168,11 @@ def _check_order(steps: list[str | PassGroup]) -> None:
             continue
         for a in info.after:
             if a in first and first[a] > i:
-                raise PipelineError(f"pass '{name}' must run after '{a}', but the pipeline has it first",
+                raise PipelineError(f"pass '{name}' must run after '{a}', but the pipeline has "
+                                    f"it first",
                                     hint=f"move '{name}' after '{a}' in the pipeline")
         for b in info.before:
             if b in first and first[b] < i:
-                raise PipelineError(f"pass '{name}' must run before '{b}', but the pipeline has it after",
+                raise PipelineError(f"pass '{name}' must run before '{b}', but the pipeline has "
+                                    f"it after",
                                     hint=f"move '{name}' before '{b}' in the pipeline")

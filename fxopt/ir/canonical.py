@@ -74,8 +74,9 @@ def is_size_of(node: Any, tensor: fx.Node, dim: int) -> bool:
     if node.op == "call_function" and node.target is operator.getitem and node.args[1] == dim:
         src = node.args[0]
         if isinstance(src, fx.Node) and src.args and src.args[0] is tensor:
-            return (src.op == "call_function" and src.target is getattr and src.args[1] == "shape") or (
-                src.op == "call_method" and src.target == "size" and len(src.args) == 1)
+            shape = src.op == "call_function" and src.target is getattr and src.args[1] == "shape"
+            size = src.op == "call_method" and src.target == "size" and len(src.args) == 1
+            return shape or size
     return False
 
 
@@ -235,7 +236,8 @@ def _canonicalize_call(rw: _Rewriter, node: fx.Node) -> None:
         x = node.args[0]
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        if is_fn and dict(node.kwargs) == {"start_dim": start, "end_dim": end} and len(node.args) == 1:
+        if is_fn and dict(node.kwargs) == {"start_dim": start, "end_dim": end} \
+                and len(node.args) == 1:
             return
         _flatten(rw, node, x, start, end)
         return

@@ -62,14 +62,16 @@ def normalize_inputs(example_inputs: Any) -> tuple:
             raise InputError("example_inputs is empty", hint="pass at least one input tensor")
         if not any(isinstance(x, torch.Tensor) for x in example_inputs):
             raise InputError(
-                f"example_inputs holds no tensor (got {[type(x).__name__ for x in example_inputs]})",
+                f"example_inputs holds no tensor "
+                f"(got {[type(x).__name__ for x in example_inputs]})",
                 hint="pass tensors, e.g. (torch.randn(1, 3, 224, 224),)",
             )
         return tuple(example_inputs)
     kind = type(example_inputs).__name__
     hint = "convert it with torch.from_numpy(...)" if kind == "ndarray" else \
         "pass a tensor or a tuple of tensors (keyword inputs: use concrete_args)"
-    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {kind}", hint=hint)
+    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {kind}",
+                     hint=hint)
 
 
 def _describe(inputs: tuple) -> str:

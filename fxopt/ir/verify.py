@@ -28,16 +28,20 @@ def verify_structure(gm: fx.GraphModule, *, require_meta: bool = True) -> list[s
             try:
                 get_attr_value(gm, node.target)
             except AttributeError:
-                problems.append(f"node '{node.name}' refers to '{node.target}', which does not exist")
+                problems.append(f"node '{node.name}' refers to '{node.target}', which does not "
+                                f"exist")
         if require_meta and node.op not in ("output",) and node.users:
-            if "tensor_meta" not in node.meta and "val" not in node.meta and _should_have_meta(node):
-                problems.append(f"node '{node.name}' ({node.op} {_tname(node.target)}) has no tensor_meta")
+            if "tensor_meta" not in node.meta and "val" not in node.meta \
+                    and _should_have_meta(node):
+                problems.append(f"node '{node.name}' ({node.op} {_tname(node.target)}) has no "
+                                f"tensor_meta")
     orphans = unused_tensors(gm)
     if orphans:
         shown = ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else "")
         problems.append(f"{len(orphans)} parameter/buffer(s) no node uses: {shown}")
     if getattr(gm, "_code", None) is not None and gm.code != gm.graph.python_code("self").src:
-        problems.append("generated code is stale: the pass changed the graph without gm.recompile()")
+        problems.append("generated code is stale: the pass changed the graph without "
+                        "gm.recompile()")
     return problems
 
 

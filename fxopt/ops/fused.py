@@ -51,7 +51,8 @@ def conv_act_reference(x, weight, bias, stride, padding, dilation, groups, resid
     return to_format(y, out_format(x))
 
 
-def linear_act_reference(x, weight, bias, residual=None, *, act="none", act_args=()) -> torch.Tensor:
+def linear_act_reference(x, weight, bias, residual=None, *, act="none",
+                         act_args=()) -> torch.Tensor:
     """``act(F.linear(x, weight, bias) + residual)`` with plain PyTorch ops (contiguous output)."""
     check_activation(act, act_args)
     y = F.linear(x, weight, bias)

@@ -17,10 +17,12 @@ and return codes on the ``y`` grid with ``out_int8=True``, else the dequantized 
 are int8 per output channel, symmetric (zero point 0); accumulation is exact; the epilogue
 (bias, float residual, activation, rounding onto the ``y`` grid) is float32, PyTorch's
 arithmetic (round half to even of ``v * (1/scale)``). Max pooling (``max_pool2d_int8``) and
-flatten/reshape keep the grid (flatten runs on the codes unchanged). Every op here has one implementation, the exact
-reference, on CPU and CUDA; speed comes from the lowering passes (``lower_int8_cpu`` to
-PyTorch's quantized x86 kernels, ``lower_to_triton`` on CUDA). That keeps the IR the single
-source of truth that the checks, the ONNX QDQ export and the lowerings all read.
+flatten/reshape keep the grid (flatten runs on the codes unchanged). Every op here has one
+implementation, the exact reference, on CPU and CUDA; speed comes from the lowering passes
+(``lower_int8_cpu`` to PyTorch's quantized x86 kernels, ``lower_to_triton`` on CUDA). That keeps
+the IR the single source of truth that the checks, the ONNX QDQ export and the lowerings all
+read. Each op is declared once in the op schema; read a call with its view
+(``Conv2dInt8.of(node).y_scale``) and write one by name (``CONV2D_INT8.emit(g, x=..., ...)``).
 """
 from __future__ import annotations
 

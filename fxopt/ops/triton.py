@@ -455,7 +455,8 @@ TRITON_ADD_INT8 = _op(
     "int y_qmax=255) -> Tensor", _triton_add_int8, _add_int8_fake, quantized=True)
 TRITON_MAX_POOL2D_INT8 = _op(
     "triton_max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
-    "int[2] dilation, bool ceil_mode) -> Tensor", _triton_max_pool2d_int8, _max_pool_int8_fake, quantized=True)
+    "int[2] dilation, bool ceil_mode) -> Tensor", _triton_max_pool2d_int8, _max_pool_int8_fake,
+    quantized=True)
 TRITON_GLOBAL_AVG_POOL2D_INT8 = _op(
     "triton_global_avg_pool2d_int8(Tensor q, float scale, int zp, int qmin, int qmax) -> Tensor",
     _triton_global_avg_pool2d_int8, _global_avg_pool_int8_fake, quantized=True)

@@ -51,7 +51,8 @@ def calibration_inputs(data, example_inputs: tuple, min_batches: int = 1) -> lis
         if len(args) != n:
             raise InputError(f"calibration batch {i} has {len(args)} inputs; the model takes {n}")
         for a, ex in zip(args, example_inputs):
-            if isinstance(ex, torch.Tensor) and (a.dim() != ex.dim() or a.shape[1:] != ex.shape[1:]):
+            if isinstance(ex, torch.Tensor) and (a.dim() != ex.dim()
+                                                 or a.shape[1:] != ex.shape[1:]):
                 raise InputError(f"calibration batch {i} has shape {tuple(a.shape)}, but the "
                                  f"example input has {tuple(ex.shape)} (only the batch size may "
                                  f"differ)", hint="calibrate on batches shaped like the model's "

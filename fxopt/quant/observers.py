@@ -284,7 +284,8 @@ class MSEObserver(_HistogramBased):
         err_lo = n2[k_lo] - 2 * clip_lo * n1[k_lo] + clip_lo ** 2 * cnt_lo
         width2 = float(edges[1] - edges[0]) ** 2 / 12.0
         inside = n0[-1] - cnt_hi - cnt_lo
-        return inside * s ** 2 / 12.0 + (err_hi + err_lo).clamp_min(0.0) + width2 * (cnt_hi + cnt_lo)
+        return (inside * s ** 2 / 12.0 + (err_hi + err_lo).clamp_min(0.0)
+                + width2 * (cnt_hi + cnt_lo))
 
     def range(self):
         self._require_data()
@@ -392,7 +393,8 @@ class PerChannelMinMaxObserver:
     def __init__(self, axis: int = 0, *, dtype: torch.dtype = torch.int8, symmetric: bool = True,
                  reduce_range: bool = False, label: str | None = None):
         quant_range(dtype, symmetric=symmetric, reduce_range=reduce_range)
-        self.axis, self.dtype, self.symmetric, self.reduce_range = axis, dtype, symmetric, reduce_range
+        self.axis, self.dtype = axis, dtype
+        self.symmetric, self.reduce_range = symmetric, reduce_range
         self.label = label or type(self).__name__
         self.reset()
 
@@ -416,7 +418,8 @@ class PerChannelMinMaxObserver:
             if lo.shape != self.min_val.shape:
                 raise InputError(f"{self.label} saw {self.min_val.numel()} channels before and "
                                  f"{lo.numel()} now (axis {self.axis})")
-            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
         self.batches += 1
         return x
 
@@ -434,7 +437,8 @@ class PerChannelMinMaxObserver:
                                   axis=self.axis, reduce_range=self.reduce_range)
 
     def __repr__(self) -> str:
-        return f"PerChannelMinMaxObserver(axis={self.axis}, label={self.label!r}, batches={self.batches})"
+        return (f"PerChannelMinMaxObserver(axis={self.axis}, label={self.label!r}, "
+                f"batches={self.batches})")
 
 
 # Per-tensor activation observers by name (QuantConfig will refer to them by these names).

@@ -76,7 +76,8 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
             m = gm.get_submodule(n.target)
             if len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
                 continue
-            if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            if type(m) is nn.Conv2d and m.padding_mode == "zeros" \
+                    and not isinstance(m.padding, str):
                 layers.append(Layer(n, "conv2d", n.args[0], m.weight.detach(),
                                     None if m.bias is None else m.bias.detach(),
                                     (list(m.stride), list(m.padding), list(m.dilation), m.groups),

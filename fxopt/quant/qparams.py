@@ -167,12 +167,14 @@ def qparams_from_range(min_val, max_val, *, dtype: torch.dtype = torch.int8,
     mn = mn.reshape(()) if axis is None else mn.reshape(-1)
     mx = mx.reshape(()) if axis is None else mx.reshape(-1)
     if mn.shape != mx.shape:
-        raise InputError(f"min and max have different shapes: {tuple(mn.shape)} vs {tuple(mx.shape)}")
+        raise InputError(f"min and max have different shapes: {tuple(mn.shape)} vs "
+                         f"{tuple(mx.shape)}")
     if not (bool(torch.isfinite(mn).all()) and bool(torch.isfinite(mx).all())):
         raise InputError("cannot build quantization parameters from a non-finite range",
                          hint="the calibration data holds NaN or inf; check the model and data")
     if bool((mn > mx).any()):
-        raise InputError(f"min_val > max_val in the quantization range ({mn.tolist()} > {mx.tolist()})")
+        raise InputError(f"min_val > max_val in the quantization range ({mn.tolist()} > "
+                         f"{mx.tolist()})")
     qmin, qmax = quant_range(dtype, symmetric=symmetric, reduce_range=reduce_range)
     mn_neg = torch.minimum(mn, torch.zeros_like(mn))
     mx_pos = torch.maximum(mx, torch.zeros_like(mx))

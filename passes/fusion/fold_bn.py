@@ -166,8 +166,9 @@ def _check(m: Match) -> bool:
         return m.reject(f"'{layer_node.target}' has no floating-point output metadata: "
                         f"'{stats.label}' left unfolded")
     if isinstance(layer, nn.Linear) and len(tm.shape) != 2:
-        return m.reject(f"'{stats.label}' after Linear '{layer_node.target}' on a {len(tm.shape)}-D "
-                        f"output normalizes dim 1, not the features: left unfolded")
+        return m.reject(f"'{stats.label}' after Linear '{layer_node.target}' on a "
+                        f"{len(tm.shape)}-D output normalizes dim 1, not the features: left "
+                        f"unfolded")
     channels = tm.shape[1]
     if stats.mean.numel() != channels or stats.var.numel() != channels or any(
             t is not None and t.numel() != channels for t in (stats.gamma, stats.beta)):
@@ -233,7 +234,8 @@ RULES = [
 
 @register_pass("fold_bn", requires=(EVAL_MODE,), reference="exact")
 def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Fold BatchNorm (module or F.batch_norm) into the conv, transposed conv or linear before it."""
+    """Fold BatchNorm (module or F.batch_norm) into the conv, transposed conv or linear before
+    it."""
     result = apply_rules(gm, RULES)
     return PassResult(gm, modified=result.count > 0,
                       stats={"folded": result.count,

@@ -10,8 +10,9 @@ activation after the layer), ``conv_add`` and ``linear_add`` (a residual added t
 output, either side of the ``+``), ``fused_act`` (an activation after a fused op that has none
 yet: ``act(conv(x) + y)`` is ``conv_add`` then ``fused_act``) and ``fused_add``. Layers are
 ``nn.Conv1d``/``nn.Conv2d`` (zero padding mode) and ``nn.Linear`` modules; activations are the
-canonical ones (the activation table, ``fxopt.ir.activations``) and ``torch.clamp``. The fused op reads the
-layer's own weight and bias (``get_attr``), so parameters are shared, not copied.
+canonical ones (the activation table, ``fxopt.ir.activations``) and ``torch.clamp``. The
+fused op reads the layer's own weight and bias (``get_attr``), so parameters are shared, not
+copied; it is written through the op schema (``CONV2D_ACT.emit``).
 
 The CPU pipeline (``fxopt.pipelines.cpu_layout_phase``) follows it with ``lower_convs`` (this
 module: every other ``nn.Conv2d`` becomes ``conv2d_act(..., act="none")``, rule ``lowered``, so

@@ -75,7 +75,8 @@ def _keeps_channels_last(gm: fx.GraphModule, node: fx.Node, cl: set[fx.Node]) ->
     if node.target in _ELEMENTWISE:
         tm = tensor_meta(node)
         return tm is not None and any(
-            a in cl and tensor_meta(a) is not None and tuple(tensor_meta(a).shape) == tuple(tm.shape)
+            a in cl and tensor_meta(a) is not None
+            and tuple(tensor_meta(a).shape) == tuple(tm.shape)
             for a in inputs)
     return False
 

@@ -57,7 +57,8 @@ class Writer:
         z = self.attr(f"{base}_zp_", qp.zero_point.clone(), (gid, "z"))
         return s, z, qp
 
-    def input_codes(self, value: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, QParams]:
+    def input_codes(self, value: fx.Node,
+                    before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, QParams]:
         """Codes of ``value`` (an int8 value's codes, or a quantize at a region entry)."""
         s, z, qp = self.grid_attrs(value, _base(value))
         if value in self.codes:
