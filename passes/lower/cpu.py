@@ -1,38 +1,53 @@
 """``lower_int8_cpu``: the int8 IR onto PyTorch's quantized CPU kernels (x86 / fbgemm / onednn).
 
 ``quantize_int8`` writes device-neutral ops that carry int8 codes between layers
-(``fxopt.ops_int8``). On ``target="cpu"`` this pass maps each onto PyTorch's quantized kernels,
-with quantized tensors (``torch.quint8``, the grid travels with the tensor) flowing between
-them, weights prepacked once into attributes of the module:
+(``fxopt.ops.int8``). On ``target="cpu"`` this pass maps each onto PyTorch's quantized kernels,
+with quantized tensors (``torch.quint8``: the grid travels with the tensor) flowing between
+them, weights prepacked once into attributes of the module. The lowering is a table, ``RULES``:
+one row per IR op (and case), run by the rewrite engine (``fxopt.infra.rewrite``), which tries
+the rows in order at each op and rewrites it with the first whose check passes:
 
-    fxopt.quantize(x, s, zp, 0, 255)            -> torch.quantize_per_tensor(x, s, zp, quint8)
-    fxopt.conv2d_int8(q, ..., act="relu")        -> quantized.conv2d_relu(q, packed, s_y, zp_y)
-    fxopt.conv2d_int8(q, ..., act="relu6")       -> quantized.conv2d(...), then hardtanh(0, 6)
-    fxopt.linear_int8(q, ...)                    -> quantized.linear(_relu)(q, packed, s_y, zp_y)
-    fxopt.add_int8(a, ..., b, ..., act="relu")   -> quantized.add_relu(a, b, s_y, zp_y)
-    fxopt.adaptive_avg_pool2d_int8(q, size, ...) -> F.adaptive_avg_pool2d(q, size)
-    fxopt.max_pool2d_int8(q, k, s, p, d, ceil)    -> F.max_pool2d(q, k, s, p, d, ceil)
-    fxopt.cat_int8(qs, ..., dim, s_y, zp_y)      -> quantized.cat(qs, dim, s_y, zp_y)
-    fxopt.dequantize(q, s, zp)                   -> q.dequantize()
+    row                       an fxopt op ...                       becomes
+    quantize                  quantize(x, s, zp, 0, 255)            quantize_per_tensor(x, s, zp)
+    dequantize                dequantize(q, s, zp)                  q.dequantize()
+    conv2d_int8               conv2d_int8(q, ..., act="relu")       quantized.conv2d_relu(q,
+                                                                      packed, s_y, zp_y)
+                              conv2d_int8(q, ..., act="relu6")      quantized.conv2d(...), then
+                                                                      clamp(0, 6)
+    linear_int8               linear_int8(q, ...)                   quantized.linear(_relu)(...)
+    add_int8                  add_int8(a, ..., b, ..., act="relu")  quantized.add_relu(a, b, ...)
+    adaptive_avg_pool2d_int8  adaptive_avg_pool2d_int8(q, size, ..) F.adaptive_avg_pool2d(q, ..)
+    max_pool2d_int8           max_pool2d_int8(q, k, s, p, d, ceil)  F.max_pool2d(q, k, s, ...)
+    cat_int8                  cat_int8(qs, ..., dim, s_y, zp_y)     quantized.cat(qs, dim, ...)
+    int8_layer_reference      a conv2d_int8 / linear_int8 no kernel row took: the fxopt op on the
+                              dequantized input, requantized (exact: dequantizing and requantizing
+                              on one grid is the identity)
+    add_int8_reference        an add_int8 no kernel row took: the fxopt op on the codes
+                              (``int_repr``), wrapped as a quantized tensor
 
-Flatten and reshape run on quantized tensors unchanged. An
-op PyTorch has no int8 kernel for (an activation other than relu/relu6/hardtanh/clamp in a
-layer's epilogue, a symmetric int8 grid) runs the fxopt reference on the dequantized input
-and quantizes its result (exact: dequantizing and requantizing on one grid is the identity);
-the report names each such op. PyTorch's kernels round their requantization in their own
-order, so a value at a tie can land one code away from the IR's; in a deep network such a
-flip spreads (ResNet-50: one flipped code in layer1 became six output steps by the logits).
-The pass's reference is therefore the int8 graph before it run in lockstep with the lowered
-graph (:class:`LockstepReference`): every lowered op is compared with its IR op on the same
-inputs, and where it is within one code of it the IR run carries on from the lowered codes.
-A kernel off by more than one code is not carried over, so its error reaches the output,
-which must equal the reference within one quantization step of the output.
+Which epilogues PyTorch's kernels take comes from the activation table
+(``ACTIVATIONS[act].quantized_cpu``: "fused" is ``quantized.conv2d_relu``, "clamp" is a clamp
+after the kernel, exact on the codes); an epilogue it lacks (silu, a float residual, a float
+output) is what the kernel rows ``reject`` and the two reference rows after them take. The
+report names each op run as the reference. Flatten and reshape run on quantized tensors
+unchanged. A new op is a row: ``op_rule(name, [SCHEMA.overload], replace, check)`` reading the
+op's arguments through its view (``Conv2dInt8.of(m.root).x_scale``).
+
+The pass's reference is the int8 graph before it run in lockstep with the lowered graph
+(``fxopt.passes.lower.lockstep``), which the engine's ``rewrites`` (IR node -> lowered node)
+make possible. Worked example (``tests/passes/test_lower_cpu.py``'s ``Net``: conv-relu, a
+residual block, global average pooling, a linear layer)::
+
+    >>> lower_int8_cpu(int8_graph, ctx).stats
+    {'quantize': 1, 'conv2d': 2, 'add': 1, 'pool': 1, 'linear': 1, 'dequantize': 1,
+     'fallback': 0, 'engine': 'x86', 'tie_flips': 0}
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -40,18 +55,39 @@ import torch.nn.functional as F
 
 from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
+from fxopt.infra.rewrite import Builder, Match, apply_rules, op_rule
+from fxopt.ir.activations import ACTIVATIONS
+from fxopt.ir.graph import copy_meta, get_attr_value, module_path, tensor_meta
+from fxopt.ops.int8 import (
+    ADD_INT8,
+    AVGPOOL_INT8,
+    CAT_INT8,
+    CONV2D_INT8,
+    DEQUANTIZE,
+    INT8_IR_OPS,
+    LINEAR_INT8,
+    MAXPOOL_INT8,
+    QUANTIZE,
+    AddInt8,
+    AvgPool2dInt8,
+    CatInt8,
+    Dequantize,
+    Int8Layer,
+    MaxPool2dInt8,
+    Quantize,
+)
+from fxopt.ops.schema import OpView, schema_of, view_of
+from fxopt.passes.lower.lockstep import LockstepReference
 from fxopt.quant.config import QuantConfig
-from fxopt.ir.graph import copy_meta, get_attr_value, module_path, remove_unused_attributes
-from fxopt.ops import int8 as _int8_ops
+from fxopt.quant.measure import output_step
 
-# TEMPORARY (layout refactor): op handles as overloads until this pass reads the schema
-(ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8, MAXPOOL_INT8, QUANTIZE) = (
-    getattr(_int8_ops, _n).overload for _n in ('ADD_INT8', 'AVGPOOL_INT8', 'CAT_INT8', 'CONV2D_INT8', 'DEQUANTIZE', 'LINEAR_INT8', 'MAXPOOL_INT8', 'QUANTIZE'))
+__all__ = ["lower_int8_cpu", "quantized_engine_available", "LockstepReference", "RULES",
+           "CpuLowering", "SMALL_MACS"]
 
-__all__ = ["lower_int8_cpu", "quantized_engine_available", "LockstepReference"]
-
-_QUANTIZED = {"none": "conv2d", "relu": "conv2d_relu"}
-_CLAMPS = ("relu6", "hardtanh", "clamp")
+# A layer with at most this many MACs per call is "small" (the digits model's are 0.1-0.3M;
+# a ResNet-18 layer at 224x224 has 100M+).
+SMALL_MACS = 2_000_000
+_UINT8 = (0, 255)  # PyTorch's quint8: the only activation grid its x86 kernels take
 
 
 def quantized_engine_available() -> bool:
@@ -62,49 +98,13 @@ def quantized_engine_available() -> bool:
         return False
 
 
+@contextlib.contextmanager
 def _quiet():
-    """PyTorch deprecates quantized tensor creation (the kernels stay): its warning is
-    printed once per process, so trigger it here, where it says nothing to the user."""
+    """PyTorch deprecates quantized tensor creation (the kernels stay) with a warning it prints
+    once per process: the pass creates quantized tensors under this, so the user never sees it."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
-        torch._make_per_tensor_quantized_tensor(torch.zeros(1, dtype=torch.uint8), 1.0, 0)
-
-
-def _value(gm, node) -> torch.Tensor:
-    return get_attr_value(gm, node.target)
-
-
-def _is_codes(node) -> bool:
-    """Whether ``node`` carries int8 codes (a quantized tensor once lowered): its meta says so."""
-    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tm is not None and getattr(tm, "dtype", None) in (torch.uint8, torch.quint8)
-
-
-def _affine_uint8_only(gm: fx.GraphModule) -> bool:
-    """Every int8 grid in the graph is uint8 [0, 255] (PyTorch's quint8); symmetric int8 grids
-    (``QuantConfig(activation_symmetric=True)``) have no x86 kernels for activations."""
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target is QUANTIZE and tuple(n.args[3:5]) != (0, 255):
-            return False
-        if n.target is AVGPOOL_INT8 and tuple(n.args[4:6]) != (0, 255):
-            return False
-        if n.target is CAT_INT8 and tuple(n.args[6:8]) != (0, 255):
-            return False
-        if n.target in (CONV2D_INT8, LINEAR_INT8, ADD_INT8) and \
-                (n.kwargs.get("y_qmin", 0), n.kwargs.get("y_qmax", 255)) != (0, 255):
-            return False
-    return True
-
-
-def _clamp_bounds(act: str, act_args) -> tuple[float, float] | None:
-    if act == "relu6":
-        return 0.0, 6.0
-    if act in ("hardtanh", "clamp"):
-        return float(act_args[0]), float(act_args[1])
-    return None
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+        yield
 
 
 @contextlib.contextmanager
@@ -124,7 +124,7 @@ def _auto_engine(n: fx.Node, w_q: torch.Tensor) -> str | None:
     lower: the digits model at batch 1 ran 0.22 ms against 0.28 ms with x86), else PyTorch's own
     choice (``x86``: oneDNN or fbgemm by its heuristics; faster on ResNet-scale layers, 4.2 ms
     against 5.7 ms for resnet18 at batch 1; both measured on the 2-core CPU machine)."""
-    tm = n.meta.get("tensor_meta")
+    tm = tensor_meta(n)
     shape = tuple(getattr(tm, "shape", ()) or ())
     if "fbgemm" not in torch.backends.quantized.supported_engines or len(shape) < 2:
         return None
@@ -134,224 +134,231 @@ def _auto_engine(n: fx.Node, w_q: torch.Tensor) -> str | None:
     return "fbgemm" if rows * w_q.numel() <= SMALL_MACS else None
 
 
-# A layer with at most this many MACs per call is "small" (the digits model's are 0.1-0.3M;
-# a ResNet-18 layer at 224x224 has 100M+).
-SMALL_MACS = 2_000_000
+@dataclass
+class CpuLowering:
+    """What the rows share (``m.context``): the engine to pack weights with (``QuantConfig``'s
+    ``cpu_engine``), the user's names of the ops run as the fxopt reference (for the report),
+    and those reference calls themselves, which are not IR ops to lower again (``skip``)."""
+
+    engine: str = "auto"
+    fallback: list[str] = field(default_factory=list)
+    references: set[fx.Node] = field(default_factory=set)
+
+    def skip(self, node: fx.Node) -> bool:
+        return node in self.references
 
 
-class _Lowering:
-    def __init__(self, gm: fx.GraphModule, engine: str = "auto"):
-        self.gm, self.g = gm, gm.graph
-        self.engine = engine
-        self.lowered: dict[str, int] = {}
-        self.fallback: list[str] = []
-        self.mapping: dict[str, str] = {}  # IR node name -> name of the node replacing it
+def _who(n: fx.Node) -> str:
+    return module_path(n) or n.name
 
-    def _const(self, name: str, value) -> fx.Node:
-        i = 0
-        while hasattr(self.gm, f"{name}{i}"):
-            i += 1
-        setattr(self.gm, f"{name}{i}", value)  # a ScriptObject: fx warns it is not a buffer
-        first = next(n for n in self.g.nodes if n.op != "placeholder")
-        with self.g.inserting_before(first), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
-            return self.g.get_attr(f"{name}{i}")
 
-    def _count(self, what: str) -> None:
-        self.lowered[what] = self.lowered.get(what, 0) + 1
+def _const(m: Match, node: fx.Node):
+    return get_attr_value(m.gm, node.target)
 
-    def _uint8(self, n: fx.Node, qmin_key: str = "y_qmin", qmax_key: str = "y_qmax") -> bool:
-        return n.kwargs.get(qmin_key, 0) == 0 and n.kwargs.get(qmax_key, 255) == 255
 
-    def node(self, n: fx.Node) -> fx.Node | None:
-        """The replacement of ``n`` (inserted before it), or None to leave it."""
-        t, a, g = n.target, n.args, self.g
-        if t is QUANTIZE:
-            if (a[3], a[4]) != (0, 255):
-                return None
-            self._count("quantize")
-            return g.call_function(torch.quantize_per_tensor,
-                                   (a[0], float(_value(self.gm, a[1])), int(_value(self.gm, a[2])),
-                                    torch.quint8))
-        if t is DEQUANTIZE:
-            self._count("dequantize")
-            return g.call_method("dequantize", (a[0],))
-        if t in (CONV2D_INT8, LINEAR_INT8):
-            return self._layer(n)
-        if t is ADD_INT8:
-            act = n.kwargs.get("act", "none")
-            if act not in ("none", "relu") or not self._uint8(n):
-                return self._fallback(n, [a[0], a[3]], [(a[1], a[2]), (a[4], a[5])], (a[6], a[7]))
-            self._count("add")
-            fn = torch.ops.quantized.add_relu if act == "relu" else torch.ops.quantized.add
-            return g.call_function(fn, (a[0], a[3], float(_value(self.gm, a[6])),
-                                        int(_value(self.gm, a[7]))))
-        if t is AVGPOOL_INT8:
-            if (a[4], a[5]) != (0, 255):
-                return None
-            self._count("pool")
-            return g.call_function(F.adaptive_avg_pool2d, (a[0], list(a[1])))
-        if t is MAXPOOL_INT8:
-            self._count("pool")
-            return g.call_function(F.max_pool2d, (a[0], list(a[1]), list(a[2]), list(a[3]),
-                                                  list(a[4]), a[5]))
-        if t is CAT_INT8:
-            if (a[6], a[7]) != (0, 255):
-                return None
-            self._count("cat")
-            return g.call_function(torch.ops.quantized.cat,
-                                   (list(a[0]), a[3], float(_value(self.gm, a[4])),
-                                    int(_value(self.gm, a[5]))))
-        return None
+def _grid(m: Match, scale: fx.Node, zp: fx.Node) -> tuple[float, int]:
+    """A grid's scale and zero point as the numbers PyTorch's kernels take."""
+    return float(_const(m, scale)), int(_const(m, zp))
 
-    def _layer(self, n: fx.Node) -> fx.Node | None:
-        kw, a, g = n.kwargs, n.args, self.g
-        conv = n.target is CONV2D_INT8
-        xs, xz, ys, yz = a[8:12] if conv else a[4:8]
-        residual = (a[12] if len(a) > 12 else kw.get("residual")) if conv else \
-            (a[8] if len(a) > 8 else kw.get("residual"))
-        act, act_args = kw.get("act", "none"), list(kw.get("act_args", []))
-        out_int8 = kw.get("out_int8", False)
-        clamp = _clamp_bounds(act, act_args)
-        ok = (residual is None and out_int8 and self._uint8(n) and self._uint8(n, "x_qmin", "x_qmax")
-              and (act in _QUANTIZED or clamp is not None) and _is_codes(a[0]))
-        if not ok:
-            return self._fallback(n, [a[0]], [(xs, xz)], (ys, yz) if out_int8 else None)
-        w_q, w_s = _value(self.gm, a[1]), _value(self.gm, a[2])
-        bias = None if a[3] is None else _value(self.gm, a[3]).float()
-        engine = _auto_engine(n, w_q) if self.engine == "auto" else self.engine
-        with _quiet_ctx(), _engine(engine):
+
+def _is_codes(node) -> bool:
+    """Whether ``node`` carries int8 codes (a quantized tensor once lowered): its meta says so."""
+    return getattr(tensor_meta(node), "dtype", None) in (torch.uint8, torch.quint8)
+
+
+def _quantized_cpu(act: str) -> str | None:
+    row = ACTIVATIONS.get(act)
+    return None if row is None else row.quantized_cpu
+
+
+def _kernel(kind: str, act: str):
+    """``quantized.<kind>``, or ``quantized.<kind>_<act>`` where the kernel fuses ``act``."""
+    fused = act != "none" and _quantized_cpu(act) == "fused"
+    return getattr(torch.ops.quantized, f"{kind}_{act}" if fused else kind)
+
+
+def _reject(m: Match, why: str) -> bool:
+    return m.reject(f"{schema_of(m.root.target).name} ({_who(m.root)}): {why}")
+
+
+# -- quantize, dequantize, pooling, cat: one call each -----------------------------------------
+def _uint8(m: Match, lo: int, hi: int) -> bool:
+    return (lo, hi) == _UINT8 or _reject(m, f"grid [{lo}, {hi}] (the kernels take quint8 only)")
+
+
+def _uint8_grid(view: type[OpView], qmin: str, qmax: str):
+    """A check: the op's ``qmin``/``qmax`` arguments are PyTorch's quint8 grid."""
+
+    def check(m: Match) -> bool:
+        v = view.of(m.root)
+        return _uint8(m, v.get(qmin), v.get(qmax))
+
+    return check
+
+
+def _quantize(m: Match, b: Builder) -> fx.Node:
+    v = Quantize.of(m.root)
+    b.tally("quantize")
+    return b.call_function(torch.quantize_per_tensor, (v.x, *_grid(m, v.scale, v.zp),
+                                                       torch.quint8))
+
+
+def _dequantize(m: Match, b: Builder) -> fx.Node:
+    b.tally("dequantize")
+    return b.call_method("dequantize", (Dequantize.of(m.root).q,))
+
+
+def _avg_pool(m: Match, b: Builder) -> fx.Node:
+    v = AvgPool2dInt8.of(m.root)
+    b.tally("pool")
+    return b.call_function(F.adaptive_avg_pool2d, (v.q, list(v.output_size)))
+
+
+def _max_pool(m: Match, b: Builder) -> fx.Node:
+    v = MaxPool2dInt8.of(m.root)
+    b.tally("pool")
+    return b.call_function(F.max_pool2d, (v.q, list(v.kernel_size), list(v.stride),
+                                          list(v.padding), list(v.dilation), v.ceil_mode))
+
+
+def _cat(m: Match, b: Builder) -> fx.Node:
+    v = CatInt8.of(m.root)
+    b.tally("cat")
+    return b.call_function(torch.ops.quantized.cat, (list(v.qs), v.dim,
+                                                     *_grid(m, v.y_scale, v.y_zp)))
+
+
+def _add(m: Match, b: Builder) -> fx.Node:
+    v = AddInt8.of(m.root)
+    b.tally("add")
+    return b.call_function(_kernel("add", v.act), (v.a, v.b, *_grid(m, v.y_scale, v.y_zp)))
+
+
+def _add_fits(m: Match) -> bool:
+    v = AddInt8.of(m.root)
+    if _quantized_cpu(v.act) != "fused":
+        return _reject(m, f"no quantized add with activation {v.act}")
+    return _uint8(m, v.y_qmin, v.y_qmax)
+
+
+# -- conv2d_int8 / linear_int8: prepacked weights ---------------------------------------------
+def _layer_fits(m: Match) -> bool:
+    v = Int8Layer.of(m.root)
+    if v.residual is not None:
+        return _reject(m, "a float residual")
+    if not v.out_int8:
+        return _reject(m, "a float output")
+    if not (_uint8(m, v.y_qmin, v.y_qmax) and _uint8(m, v.x_qmin, v.x_qmax)):
+        return False
+    if _quantized_cpu(v.act) is None:
+        return _reject(m, f"activation {v.act}")
+    if not _is_codes(v.x):
+        return _reject(m, "a float input")
+    return True
+
+
+def _packed(b: Builder, base: str, packed) -> fx.Node:
+    """A get_attr of ``packed`` (a ScriptObject, not a tensor: it is set, not registered)."""
+    i = 0
+    while hasattr(b.gm, f"{base}_packed_{i}"):
+        i += 1
+    setattr(b.gm, f"{base}_packed_{i}", packed)
+    with warnings.catch_warnings():  # fx warns that a ScriptObject is not a buffer
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
+        return b.get_attr(f"{base}_packed_{i}")
+
+
+def _layer(kind: str):
+    """The replacement of a conv2d_int8 (``kind="conv2d"``) or linear_int8 (``"linear"``)."""
+
+    def replace(m: Match, b: Builder) -> fx.Node:
+        v, n = Int8Layer.of(m.root), m.root
+        w_q, w_s = _const(m, v.w_q), _const(m, v.w_scale)
+        bias = None if v.bias is None else _const(m, v.bias).float()
+        engine = _auto_engine(n, w_q) if m.context.engine == "auto" else m.context.engine
+        with _quiet(), _engine(engine):
             wq = torch._make_per_channel_quantized_tensor(
                 w_q.to(torch.int8), w_s.double(), torch.zeros_like(w_s, dtype=torch.int64), 0)
-            if conv:
-                stride, padding, dilation, groups = a[4], a[5], a[6], a[7]
-                packed = torch.ops.quantized.conv2d_prepack(wq, bias, list(stride), list(padding),
-                                                            list(dilation), groups)
+            if kind == "conv2d":
+                packed = torch.ops.quantized.conv2d_prepack(
+                    wq, bias, list(v.stride), list(v.padding), list(v.dilation), v.groups)
             else:
                 packed = torch.ops.quantized.linear_prepack(wq, bias)
-        base = (module_path(n) or n.name).replace(".", "_")
-        p = self._const(f"{base}_packed_", packed)
-        kind = "conv2d" if conv else "linear"
-        name = _QUANTIZED.get(act, "conv2d")
-        if not conv:
-            name = name.replace("conv2d", "linear")
-        fn = getattr(torch.ops.quantized, name)
-        s, z = float(_value(self.gm, ys)), int(_value(self.gm, yz))
-        out = g.call_function(fn, (a[0], p, s, z))
-        self._count(kind)
-        if clamp is not None:
-            copy_meta(out, n)
-            out = g.call_function(torch.clamp, (out, clamp[0], clamp[1]))
-        return out
-
-    def _fallback(self, n, code_args, grids, out_grid) -> fx.Node:
-        """``n`` on the dequantized inputs (float in, float out), requantized when its output
-        is int8: the fxopt reference, exact. ``add_int8`` reads the codes themselves."""
-        g = self.g
-        args = list(n.args)
-        if n.target is ADD_INT8:
-            for i in (0, 3):
-                args[i] = g.call_method("int_repr", (args[i],))
-            codes = g.call_function(n.target, tuple(args), dict(n.kwargs))
-            self.fallback.append(module_path(n) or n.name)
-            s, z = float(_value(self.gm, args[6])), int(_value(self.gm, args[7]))
-            return g.call_function(torch._make_per_tensor_quantized_tensor, (codes, s, z))
-        for x in code_args:
-            deq = g.call_method("dequantize", (x,))
-            if x.meta.get("tensor_meta") is not None:
-                deq.meta["tensor_meta"] = x.meta["tensor_meta"]
-            idx = args.index(x)
-            args[idx] = deq
-        kwargs = dict(n.kwargs)
-        kwargs["out_int8"] = False
-        y = g.call_function(n.target, tuple(args), kwargs)
-        self.fallback.append(module_path(n) or n.name)
-        if out_grid is None:
-            return y
-        s, z = float(_value(self.gm, out_grid[0])), int(_value(self.gm, out_grid[1]))
-        return g.call_function(torch.quantize_per_tensor, (y, s, z, torch.quint8))
-
-    def run(self) -> None:
-        for n in list(self.g.nodes):
-            if n.op != "call_function":
-                continue
-            with self.g.inserting_before(n):
-                new = self.node(n)
-            if new is None:
-                continue
-            copy_meta(new, n)
-            self.mapping[n.name] = new.name
-            n.replace_all_uses_with(new)
-            self.g.erase_node(n)
-
-
-class _Follow(fx.Interpreter):
-    """Runs the int8 IR graph, taking over the lowered graph's codes wherever a lowered op is
-    within one code of the IR op on the same inputs."""
-
-    def __init__(self, gm, lowered_env: dict, mapping: dict):
-        super().__init__(gm)
-        self.lowered_env, self.mapping = lowered_env, mapping
-        self.flips, self.off = 0, {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        low = self.lowered_env.get(self.mapping.get(n.name))
-        if not (isinstance(low, torch.Tensor) and low.is_quantized and isinstance(out, torch.Tensor)
-                and out.dtype in (torch.uint8, torch.int8) and low.shape == out.shape):
+        p = _packed(b, _who(n).replace(".", "_"), packed)
+        out = b.call_function(_kernel(kind, v.act), (v.x, p, *_grid(m, v.y_scale, v.y_zp)))
+        b.tally(kind)
+        bounds = ACTIVATIONS[v.act].bounds(v.act_args)
+        if bounds is None:
             return out
-        codes = low.int_repr()
-        diff = int((codes.to(torch.int64) - out.to(torch.int64)).abs().max()) if out.numel() else 0
-        if diff > 1:  # not a tie rounded the other way: let the error reach the output
-            self.off[module_path(n) or n.name] = diff
-            return out
-        self.flips += int((codes != out).sum())
-        return codes.to(out.dtype)
+        copy_meta(out, n)
+        return b.call_function(torch.clamp, (out, *bounds))  # exact on the codes
+
+    return replace
 
 
-class LockstepReference(torch.nn.Module):
-    """The int8 IR graph ``ir`` run in lockstep with its lowering ``lowered`` (``mapping``: IR
-    node name -> lowered node name). After a call, ``flips`` counts the codes a lowered op put
-    one step away from its IR op (ties), ``off`` names the ops off by more, with the codes."""
-
-    def __init__(self, ir: fx.GraphModule, lowered: fx.GraphModule, mapping: dict):
-        super().__init__()
-        self.ir = ir
-        self.__dict__["lowered"] = lowered  # not a submodule: the pass's own result
-        self.mapping = dict(mapping)
-        self.flips, self.off = 0, {}
-
-    def forward(self, *args):
-        with torch.no_grad():
-            low = fx.Interpreter(self.lowered, garbage_collect_values=False)
-            low.run(*args)
-            follow = _Follow(self.ir, {n.name: v for n, v in low.env.items()}, self.mapping)
-            out = follow.run(*args)
-        self.flips, self.off = follow.flips, follow.off
-        return out
+# -- the fxopt reference where PyTorch has no kernel ------------------------------------------
+def _layer_reference(m: Match, b: Builder) -> fx.Node:
+    """The op on the dequantized input (float in, float out), requantized when its output is
+    int8 codes: the fxopt reference, exact."""
+    v = Int8Layer.of(m.root)
+    x = b.call_method("dequantize", (v.x,))
+    if tensor_meta(v.x) is not None:
+        x.meta["tensor_meta"] = v.x.meta["tensor_meta"]
+    y = v.emit(b, x=x, out_int8=False)
+    m.context.references.add(y)
+    m.context.fallback.append(_who(m.root))
+    if not v.out_int8:
+        return y
+    return b.call_function(torch.quantize_per_tensor, (y, *_grid(m, v.y_scale, v.y_zp),
+                                                       torch.quint8))
 
 
-def _quiet_ctx():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+def _add_reference(m: Match, b: Builder) -> fx.Node:
+    """``add_int8`` reads codes: the op on the quantized inputs' codes, its codes wrapped as a
+    quantized tensor on the output grid."""
+    v = AddInt8.of(m.root)
+    codes = v.emit(b, a=b.call_method("int_repr", (v.a,)), b=b.call_method("int_repr", (v.b,)))
+    m.context.references.add(codes)
+    m.context.fallback.append(_who(m.root))
+    return b.call_function(torch._make_per_tensor_quantized_tensor,
+                           (codes, *_grid(m, v.y_scale, v.y_zp)))
 
-    class _C:
-        def __enter__(self):
-            return self
 
-        def __exit__(self, *exc):
-            return ctx.__exit__(*exc)
-    return _C()
+# -- the table ----------------------------------------------------------------------------------
+RULES = [
+    op_rule("quantize", [QUANTIZE.overload], _quantize, _uint8_grid(Quantize, "qmin", "qmax")),
+    op_rule("dequantize", [DEQUANTIZE.overload], _dequantize),
+    op_rule("conv2d_int8", [CONV2D_INT8.overload], _layer("conv2d"), _layer_fits),
+    op_rule("linear_int8", [LINEAR_INT8.overload], _layer("linear"), _layer_fits),
+    op_rule("add_int8", [ADD_INT8.overload], _add, _add_fits),
+    op_rule("adaptive_avg_pool2d_int8", [AVGPOOL_INT8.overload], _avg_pool,
+            _uint8_grid(AvgPool2dInt8, "qmin", "qmax")),
+    op_rule("max_pool2d_int8", [MAXPOOL_INT8.overload], _max_pool),
+    op_rule("cat_int8", [CAT_INT8.overload], _cat, _uint8_grid(CatInt8, "y_qmin", "y_qmax")),
+    # after the kernel rows: what they rejected runs the fxopt reference
+    op_rule("int8_layer_reference", [CONV2D_INT8.overload, LINEAR_INT8.overload],
+            _layer_reference),
+    op_rule("add_int8_reference", [ADD_INT8.overload], _add_reference),
+]
+
+
+# -- the pass -----------------------------------------------------------------------------------
+def _affine_uint8_only(gm: fx.GraphModule) -> bool:
+    """Every output grid in the int8 IR is uint8 [0, 255] (PyTorch's quint8); symmetric int8
+    grids (``QuantConfig(activation_symmetric=True)``) have no x86 kernels for activations."""
+    for n in gm.graph.nodes:
+        v = view_of(n) if n.op == "call_function" and n.target in INT8_IR_OPS else None
+        for lo, hi in (("qmin", "qmax"), ("y_qmin", "y_qmax")):
+            if v is not None and lo in v.values and (v.get(lo), v.get(hi)) != _UINT8:
+                return False
+    return True
 
 
 @register_pass("lower_int8_cpu", requires=(EVAL_MODE,), reference="returned",
                after=("quantize_int8",))
 def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """The int8 ops onto PyTorch's quantized CPU kernels (target='cpu')."""
-    has_int8 = any(n.op == "call_function" and n.target in (QUANTIZE, CONV2D_INT8, LINEAR_INT8)
-                   for n in gm.graph.nodes)
-    if not has_int8:
+    if not any(Quantize.matches(n) or Int8Layer.matches(n) for n in gm.graph.nodes):
         return PassResult(gm, modified=False)
     if ctx.target != "cpu":
         return PassResult(gm, modified=False, notes=[f"target is {ctx.target}: nothing to do"])
@@ -363,30 +370,24 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, modified=False, notes=[
             "symmetric int8 activation grids have no PyTorch CPU kernels: the int8 ops run the "
             "exact reference (slow); use QuantConfig(activation_symmetric=False) on CPU"])
-    _quiet()
+    with _quiet():  # spend PyTorch's once-per-process warning here, where it says nothing
+        torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
     reference = copy.deepcopy(gm)
-    from fxopt.quant.measure import output_step as _output_step
-    exits = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE]
-    step = _output_step(gm, exits)
-    cfg = ctx.config(QuantConfig)
-    low = _Lowering(gm, cfg.cpu_engine)
-    low.run()
-    for n in reversed(list(gm.graph.nodes)):  # the weights now live in the packed params
-        if n.op == "get_attr" and not n.users:
-            gm.graph.erase_node(n)
-    remove_unused_attributes(gm)
-    gm.graph.lint()
-    gm.recompile()
-    lockstep = LockstepReference(reference, gm, low.mapping)
+    step = output_step(gm)
+    state = CpuLowering(engine=ctx.config(QuantConfig).cpu_engine)
+    result = apply_rules(gm, RULES, context=state, skip=state.skip)
+    mapping = {matched[-1]: new for _, matched, new in result.rewrites}
+    lockstep = LockstepReference(reference, gm, mapping)
     lockstep(*ctx.example_inputs)
     notes = []
     if lockstep.off:
         notes.append("lowered ops more than one code from the int8 IR on the example inputs: "
                      + ", ".join(f"{k} ({v} codes)" for k, v in lockstep.off.items()))
-    if low.fallback:
+    if state.fallback:
         notes.append(f"no PyTorch int8 kernel, fxopt reference on dequantized input: "
-                     f"{', '.join(low.fallback)}")
-    stats = {**low.lowered, "fallback": len(low.fallback),
+                     f"{', '.join(state.fallback)}")
+    notes += [f"not lowered: {r}" for r in result.rejected]
+    stats = {**result.tallies, "fallback": len(state.fallback),
              "engine": torch.backends.quantized.engine,
              "tie_flips": lockstep.flips}  # codes one step from the IR's, example inputs
     return PassResult(gm, modified=True, stats=stats, notes=notes, reference=lockstep,

@@ -2,20 +2,24 @@
 
 Golden (quantized.* ops in, fxopt int8 ops out), equal to the int8 graph before it within
 one output step on fresh inputs, fallbacks named in the report, relu6, symmetric grids left
-alone, save/load, deepcopy, target="cuda" untouched.
+alone, save/load, deepcopy, target="cuda" untouched; the table itself (``RULES``): every row
+fires, a rejected case stays and is named, an op without a row is left alone.
 """
 import copy
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
 from fxopt.infra.manager import PassManager
 from fxopt.infra.registry import PassContext
+from fxopt.infra.rewrite import apply_rules
 from fxopt.pipelines import expand_pipeline
-from fxopt.ops.int8 import INT8_IR_OPS
+from fxopt.ops.fused import LINEAR_ACT
+from fxopt.ops.int8 import INT8_IR_OPS, QUANTIZE
 from fxopt.quant.config import QuantConfig
 
 lower = __import__("fxopt.passes.lower.cpu", fromlist=["cpu"])
@@ -185,3 +189,94 @@ def test_add_fallback_reads_codes_and_functional_max_pool():
     assert torch.ops.fxopt.max_pool2d_int8.default in targets(ir)
     for x in _cal(n=2, seed=8):
         assert _close(low(x), ir(x), _step(rec))
+
+
+# -- the table ------------------------------------------------------------------------------------
+ROWS = {rule.name: rule for rule in lower.RULES}
+
+
+class EveryOp(nn.Module):
+    """An op for every row: conv-relu, conv-hardswish (no kernel), a residual add with relu and
+    one with silu (no kernel), cat, max pool, a depthwise conv-relu6 (conv then clamp), global
+    average pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c4 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c5 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        a = F.hardswish(self.c2(y))
+        b = torch.relu(self.c3(y) + y)
+        c = F.silu(self.c4(b) + b)
+        y = F.relu6(self.c5(F.max_pool2d(torch.cat([a, c], 1), 2)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def _table(gm, rules=lower.RULES):
+    """The table run on a copy of ``gm`` as the pass runs it: (RewriteResult, shared state)."""
+    state = lower.CpuLowering()
+    return apply_rules(copy.deepcopy(gm), rules, context=state, skip=state.skip), state
+
+
+def test_every_row_fires():
+    ir, low, rec = run(EveryOp(), quantize=QuantConfig(float_without_kernel=False))
+    result, state = _table(ir)
+    assert result.counts == {"quantize": 1, "conv2d_int8": 4, "int8_layer_reference": 1,
+                             "add_int8": 1, "add_int8_reference": 1, "cat_int8": 1,
+                             "max_pool2d_int8": 1, "adaptive_avg_pool2d_int8": 1,
+                             "linear_int8": 1, "dequantize": 1}
+    assert set(result.counts) == set(ROWS)
+    # the stats are the rows' tallies; the reference rows' ops are named, and not lowered again
+    assert result.tallies == {k: v for k, v in rec.stats.items()
+                              if k not in ("fallback", "engine", "tie_flips")}
+    assert rec.stats["fallback"] == len(state.fallback) == 2 and "c2" in state.fallback
+    assert len(result.rewrites) == result.count and result.notes == []
+    assert rec.status == "ok"
+    for x in _cal(n=2, seed=9):
+        assert _close(low(x), ir(x), _step(rec))
+
+
+def _tiny_graph(emit, **buffers) -> fx.GraphModule:
+    """``emit(graph, x, *get_attrs)``: one op on an input ``x`` and constant buffers."""
+    root = nn.Module()
+    for name, value in buffers.items():
+        root.register_buffer(name, value)
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(emit(g, x, *(g.get_attr(name) for name in buffers)))
+    return fx.GraphModule(root, g)
+
+
+def test_rejected_case_stays_and_is_named():
+    gm = _tiny_graph(lambda g, x, s, z: QUANTIZE.emit(g, x=x, scale=s, zp=z, qmin=-128,
+                                                      qmax=127, name="q"),
+                     s=torch.tensor(0.1), z=torch.tensor(0))
+    code = gm.code
+    result = apply_rules(gm, lower.RULES, context=lower.CpuLowering())
+    assert result.count == 0 and gm.code == code
+    assert result.rejected == ["quantize (q): grid [-128, 127] (the kernels take quint8 only)"]
+
+
+def test_kernel_row_rejects_and_the_reference_row_takes_it():
+    ir, _, _ = run(ResidualSiLU(), quantize=QuantConfig(float_without_kernel=False))
+    kernel_only, _ = _table(ir, [ROWS["add_int8"]])
+    assert kernel_only.count == 0
+    assert kernel_only.rejected == ["add_int8 (add_int8_default): no quantized add with "
+                                    "activation silu"]
+    both, state = _table(ir, [ROWS["add_int8"], ROWS["add_int8_reference"]])
+    assert both.counts == {"add_int8_reference": 1} and both.rejected == []
+    assert state.fallback == ["add_int8_default"]
+
+
+def test_op_without_a_row_is_left_alone():
+    gm = _tiny_graph(lambda g, x, w: LINEAR_ACT.emit(g, x=x, weight=w, bias=None, act="relu"),
+                     w=torch.randn(4, 3))
+    code = gm.code
+    result = apply_rules(gm, lower.RULES, context=lower.CpuLowering())
+    assert result.count == 0 and result.notes == [] and gm.code == code

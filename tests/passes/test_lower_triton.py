@@ -9,16 +9,29 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
 from fxopt.errors import NotAvailableError, PipelineError
+from fxopt.infra.manager import PassManager
 from fxopt.infra.registry import PassContext
+from fxopt.infra.rewrite import apply_rules
 from fxopt.ir.tolerances import compare_outputs
+from fxopt.ops.int8 import AVGPOOL_INT8, CAT_INT8
+from fxopt.ops.schema import view_of
+from fxopt.ops.triton import (
+    TRITON_ADD_INT8,
+    TRITON_CONV2D,
+    TRITON_CONV2D_INT8,
+    TRITON_DEPTHWISE_CONV2D_INT8,
+    TRITON_MAX_POOL2D_INT8,
+)
+from fxopt.pipelines import expand_pipeline
 
 pytest.importorskip("triton")
-from fxopt.passes.lower.triton import lower_to_triton  # noqa: E402
+from fxopt.passes.lower.triton import RULES, TritonLowering, lower_to_triton  # noqa: E402
 
 OPS = torch.ops.fxopt
 
@@ -112,8 +125,8 @@ def test_float_golden(float_opt):
                                "triton_linear": 1}
     assert not any(n.target in (OPS.conv2d_act.default, OPS.linear_act.default)
                    for n in gm.graph.nodes)
-    residual = [n for n in gm.graph.nodes if n.target is OPS.triton_conv2d.default
-                and n.args[7] is not None]
+    residual = [n for n in gm.graph.nodes if TRITON_CONV2D.view.matches(n)
+                and TRITON_CONV2D.view.of(n).residual is not None]
     assert len(residual) == 1  # the residual add stayed fused
     stats = _record(opt).stats
     assert stats["conv2d"] == 3 and stats["depthwise_conv2d"] == 1 and stats["linear"] == 1
@@ -185,16 +198,16 @@ def test_int8_golden_codes_between_layers(int8_opts):
     assert new["triton_conv2d_int8"] + new["triton_depthwise_conv2d_int8"] == old["conv2d_int8"]
     assert new["triton_depthwise_conv2d_int8"] == 1 and new["triton_linear_int8"] == 1
     assert new["triton_conv2d"] + new["triton_depthwise_conv2d"] == old["conv2d_act"]
-    left = {str(n.target).split(".")[1] for n in gm.graph.nodes if n.op == "call_function"
-            and str(n.target).startswith("fxopt.") and not str(n.target).startswith("fxopt.triton")}
+    views = [view_of(n) for n in gm.graph.nodes]
+    left = {v.name for v in views if v is not None and v.schema.family != "triton"}
     assert left <= {"add_int8", "cat_int8", "adaptive_avg_pool2d_int8", "max_pool2d_int8"}
-    codes = [n for n in gm.graph.nodes if n.target in (OPS.triton_conv2d_int8.default,
-                                                       OPS.triton_depthwise_conv2d_int8.default)]
+    codes = [n for n in gm.graph.nodes if TRITON_CONV2D_INT8.view.matches(n)
+             or TRITON_DEPTHWISE_CONV2D_INT8.view.matches(n)]
     assert len(codes) >= 2
     for n in codes:  # int8 codes flow between quantized layers, grids are plain numbers
-        assert n.kwargs["out_int8"] is True and n.meta["tensor_meta"].dtype == torch.uint8
-        assert isinstance(n.args[8 if n.target is OPS.triton_depthwise_conv2d_int8.default
-                                 else 9], float)
+        v = (TRITON_CONV2D_INT8.view.match(n) or TRITON_DEPTHWISE_CONV2D_INT8.view.of(n))
+        assert v.out_int8 is True and n.meta["tensor_meta"].dtype == torch.uint8
+        assert isinstance(v.x_scale, float) and isinstance(v.x_zp, int)
     assert result.stats["layout_copies"] == 0
     # the residual add runs on the codes too
     assert new["triton_add_int8"] == old["add_int8"] >= 1 and "add_int8" not in left
@@ -299,12 +312,15 @@ def test_int8_resnet_adds_and_pools_lowered(resnet_int8):
     assert (st["add_int8"], st["max_pool2d_int8"], st["global_avg_pool2d_int8"]) == (2, 1, 1)
     assert st["on_pytorch"] == 0 and st["layout_copies"] == 0
     assert not any("left on PyTorch" in n or "not lowered" in n for n in result.notes)
-    adds = [n for n in gm.graph.nodes if n.target is OPS.triton_add_int8.default]
-    for n in adds:  # grids as numbers, the block's relu fused, codes out
-        assert isinstance(n.args[1], float) and isinstance(n.args[2], int)
-        assert n.kwargs["act"] == "relu" and n.meta["tensor_meta"].dtype == torch.uint8
-    pool = next(n for n in gm.graph.nodes if n.target is OPS.triton_max_pool2d_int8.default)
-    assert pool.args[1:] == ([3, 3], [2, 2], [1, 1], [1, 1], False)
+    adds = [TRITON_ADD_INT8.view.of(n) for n in gm.graph.nodes
+            if TRITON_ADD_INT8.view.matches(n)]
+    for v in adds:  # grids as numbers, the block's relu fused, codes out
+        assert isinstance(v.a_scale, float) and isinstance(v.a_zp, int)
+        assert v.act == "relu" and v.node.meta["tensor_meta"].dtype == torch.uint8
+    pool = next(TRITON_MAX_POOL2D_INT8.view.of(n) for n in gm.graph.nodes
+                if TRITON_MAX_POOL2D_INT8.view.matches(n))
+    assert (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) == \
+        ([3, 3], [2, 2], [1, 1], [1, 1], False)
     again = copy.deepcopy(gm)
     code = again.code
     assert not lower_to_triton(again, PassContext(example_inputs=(x,), target="cpu")).modified
@@ -355,6 +371,84 @@ def test_triton_add_int8_op_layouts_and_broadcast(on_cpu):
                                                    b[:1].expand_as(a).contiguous(),
                                                    *(torch.tensor(v) for v in args[2:]),
                                                    act="relu"))
+
+
+# -- the table: every row fires, a rejected case stays and is named, other ops are left alone --
+class FloatLayers(nn.Module):
+    """A depthwise and a plain convolution and a linear layer, each followed by an activation
+    (fused: conv2d_act / linear_act; captured as they are: nn.Conv2d / nn.Linear calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.c(F.relu(self.dw(x))))
+        return F.relu(self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1)))
+
+
+def _rows(gm) -> tuple:
+    """The table run on a copy of ``gm``: (counts per row, the result)."""
+    result = apply_rules(copy.deepcopy(gm), RULES, context=TritonLowering())
+    return result.counts, result
+
+
+def test_every_row_fires(int8_opts, resnet_int8):
+    x = torch.randn(2, 3, 8, 8)
+    captured = fxopt.capture(FloatLayers().eval(), x)
+    fused, _ = PassManager(expand_pipeline(["fuse_act"])).run(
+        copy.deepcopy(captured), PassContext(example_inputs=(x,)))
+    counts = Counter()
+    for gm in (captured, fused, int8_opts[0], resnet_int8[1]):
+        counts.update(_rows(gm)[0])
+    assert set(counts) == {rule.name for rule in RULES}
+    assert counts["Conv2d -> triton_depthwise_conv2d"] == 1 == counts["Conv2d -> triton_conv2d"]
+    assert counts["conv2d_act -> triton_depthwise_conv2d"] >= 1
+    assert counts["Linear -> triton_linear"] >= 1 and counts["linear_act -> triton_linear"] == 1
+    module_rows, result = _rows(captured)
+    assert module_rows == {"Conv2d -> triton_depthwise_conv2d": 1, "Conv2d -> triton_conv2d": 1,
+                           "Linear -> triton_linear": 1}
+    assert result.tallies == {"depthwise_conv2d": 1, "conv2d": 1, "linear": 1}  # the stats
+
+
+def _grid_graph(emit) -> fx.GraphModule:
+    """A tiny graph: ``emit(graph, q, scale, zp)`` on an input of uint8 codes."""
+    root = nn.Module()
+    root.register_buffer("s", torch.tensor(0.1))
+    root.register_buffer("z", torch.tensor(3))
+    g = fx.Graph()
+    q, s, z = g.placeholder("q"), g.get_attr("s"), g.get_attr("z")
+    g.output(emit(g, q, s, z))
+    return fx.GraphModule(root, g)
+
+
+def test_rejected_case_stays_and_is_named():
+    def pool(size):
+        return _grid_graph(lambda g, q, s, z: AVGPOOL_INT8.emit(
+            g, q=q, output_size=size, scale=s, zp=z, qmin=0, qmax=255, name="pool"))
+
+    gm = pool([2, 2])
+    code = gm.code
+    result = apply_rules(gm, RULES, context=TritonLowering())
+    assert result.count == 0 and gm.code == code
+    assert result.rejected == ["adaptive_avg_pool2d_int8 (pool): output size [2, 2] (the "
+                               "kernel pools to 1x1)"]
+    result = apply_rules(pool([1, 1]), RULES, context=TritonLowering())
+    assert result.counts == {"adaptive_avg_pool2d_int8 -> triton_global_avg_pool2d_int8": 1}
+
+
+def test_op_without_a_row_is_left_alone(on_cpu):
+    gm = _grid_graph(lambda g, q, s, z: CAT_INT8.emit(
+        g, qs=[q, q], scales=[s, s], zps=[z, z], dim=1, y_scale=s, y_zp=z, y_qmin=0,
+        y_qmax=255))
+    code = gm.code
+    result = apply_rules(gm, RULES, context=TritonLowering())
+    assert result.count == 0 and result.notes == [] and gm.code == code
+    res = lower_to_triton(gm, PassContext(example_inputs=(torch.zeros(1, 2, 3, 3),),
+                                          target="cpu"))
+    assert res.modified is False and res.notes == [] and gm.code == code
 
 
 # -- contract -------------------------------------------------------------------------------------

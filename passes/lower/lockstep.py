@@ -1,0 +1,73 @@
+"""The reference of ``lower_int8_cpu``: the int8 IR run in lockstep with its lowering.
+
+PyTorch's quantized kernels round their requantization in their own order, so a value at a
+tie can land one code away from the IR's; in a deep network such a flip spreads (ResNet-50: one
+flipped code in layer1 became six output steps by the logits). Comparing the lowered graph with
+the IR graph end to end would blame the kernels for ties. Instead both graphs run together:
+every lowered op is compared with its IR op on the same inputs, and where it is within one code
+the IR run carries on from the lowered codes. A kernel off by more than one code is not carried
+over, so its error reaches the output, which must equal the reference within one quantization
+step of the output.
+
+    ref = LockstepReference(ir_copy, lowered, {"conv2d_int8": "conv2d_relu", ...})
+    ref(x)                 # the IR's output, following the lowered codes where they tie
+    ref.flips, ref.off     # codes one step away (ties); ops further off, by name: codes
+
+The mapping (IR node name -> name of the lowered node standing for it) is what the rewrite
+engine reports as ``RewriteResult.rewrites``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir.graph import module_path
+
+__all__ = ["LockstepReference"]
+
+
+class _Follow(fx.Interpreter):
+    """Runs the int8 IR graph, taking over the lowered graph's codes wherever a lowered op is
+    within one code of the IR op on the same inputs."""
+
+    def __init__(self, gm, lowered_env: dict, mapping: dict):
+        super().__init__(gm)
+        self.lowered_env, self.mapping = lowered_env, mapping
+        self.flips, self.off = 0, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        low = self.lowered_env.get(self.mapping.get(n.name))
+        if not (isinstance(low, torch.Tensor) and low.is_quantized
+                and isinstance(out, torch.Tensor) and out.dtype in (torch.uint8, torch.int8)
+                and low.shape == out.shape):
+            return out
+        codes = low.int_repr()
+        diff = int((codes.to(torch.int64) - out.to(torch.int64)).abs().max()) if out.numel() else 0
+        if diff > 1:  # not a tie rounded the other way: let the error reach the output
+            self.off[module_path(n) or n.name] = diff
+            return out
+        self.flips += int((codes != out).sum())
+        return codes.to(out.dtype)
+
+
+class LockstepReference(torch.nn.Module):
+    """The int8 IR graph ``ir`` run in lockstep with its lowering ``lowered`` (``mapping``: IR
+    node name -> lowered node name). After a call, ``flips`` counts the codes a lowered op put
+    one step away from its IR op (ties), ``off`` names the ops off by more, with the codes."""
+
+    def __init__(self, ir: fx.GraphModule, lowered: fx.GraphModule, mapping: dict):
+        super().__init__()
+        self.ir = ir
+        self.__dict__["lowered"] = lowered  # not a submodule: the pass's own result
+        self.mapping = dict(mapping)
+        self.flips, self.off = 0, {}
+
+    def forward(self, *args):
+        with torch.no_grad():
+            low = fx.Interpreter(self.lowered, garbage_collect_values=False)
+            low.run(*args)
+            follow = _Follow(self.ir, {n.name: v for n, v in low.env.items()}, self.mapping)
+            out = follow.run(*args)
+        self.flips, self.off = follow.flips, follow.off
+        return out
