@@ -134,18 +134,32 @@ def _auto_engine(n: fx.Node, w_q: torch.Tensor) -> str | None:
     return "fbgemm" if rows * w_q.numel() <= SMALL_MACS else None
 
 
+def _reads_lowered(value, method: str) -> bool:
+    return isinstance(value, fx.Node) and value.op == "call_method" and value.target == method
+
+
+def is_reference_call(node: fx.Node) -> bool:
+    """Whether ``node`` is an fxopt reference call a fallback row wrote: an int8 layer on a
+    dequantized quantized tensor, or an int8 add on the codes of quantized tensors (not an IR
+    op to lower again, in this run or a later one)."""
+    v = Int8Layer.match(node)
+    if v is not None:
+        return _reads_lowered(v.x, "dequantize")
+    v = AddInt8.match(node)
+    return v is not None and _reads_lowered(v.a, "int_repr")
+
+
 @dataclass
 class CpuLowering:
     """What the rows share (``m.context``): the engine to pack weights with (``QuantConfig``'s
-    ``cpu_engine``), the user's names of the ops run as the fxopt reference (for the report),
-    and those reference calls themselves, which are not IR ops to lower again (``skip``)."""
+    ``cpu_engine``) and the user's names of the ops run as the fxopt reference (for the
+    report). The reference calls are not IR ops to lower again (``skip``)."""
 
     engine: str = "auto"
     fallback: list[str] = field(default_factory=list)
-    references: set[fx.Node] = field(default_factory=set)
 
     def skip(self, node: fx.Node) -> bool:
-        return node in self.references
+        return is_reference_call(node)
 
 
 def _who(n: fx.Node) -> str:
@@ -305,7 +319,6 @@ def _layer_reference(m: Match, b: Builder) -> fx.Node:
     if tensor_meta(v.x) is not None:
         x.meta["tensor_meta"] = v.x.meta["tensor_meta"]
     y = v.emit(b, x=x, out_int8=False)
-    m.context.references.add(y)
     m.context.fallback.append(_who(m.root))
     if not v.out_int8:
         return y
@@ -318,7 +331,6 @@ def _add_reference(m: Match, b: Builder) -> fx.Node:
     quantized tensor on the output grid."""
     v = AddInt8.of(m.root)
     codes = v.emit(b, a=b.call_method("int_repr", (v.a,)), b=b.call_method("int_repr", (v.b,)))
-    m.context.references.add(codes)
     m.context.fallback.append(_who(m.root))
     return b.call_function(torch._make_per_tensor_quantized_tensor,
                            (codes, *_grid(m, v.y_scale, v.y_zp)))
@@ -358,7 +370,8 @@ def _affine_uint8_only(gm: fx.GraphModule) -> bool:
                after=("quantize_int8",))
 def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """The int8 ops onto PyTorch's quantized CPU kernels (target='cpu')."""
-    if not any(Quantize.matches(n) or Int8Layer.matches(n) for n in gm.graph.nodes):
+    if not any((Quantize.matches(n) or Int8Layer.matches(n)) and not is_reference_call(n)
+               for n in gm.graph.nodes):
         return PassResult(gm, modified=False)
     if ctx.target != "cpu":
         return PassResult(gm, modified=False, notes=[f"target is {ctx.target}: nothing to do"])

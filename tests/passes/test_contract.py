@@ -92,6 +92,19 @@ class Redundant(nn.Module):
         return self.id(a + b) * 1
 
 
+class SiLUNet(nn.Module):
+    """Layers PyTorch's int8 CPU kernels cannot run (conv + SiLU, a residual add + SiLU): the
+    CPU lowering's reference rows take them."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = F.silu(self.c1(x))
+        return F.silu(self.c2(y) + y)
+
+
 class Linears(nn.Module):
     """Nothing for the convolution passes to do; float32 only (no int8 graph)."""
 
@@ -113,6 +126,8 @@ def _calibration():
 
 @dataclass
 class Case:
+    """A pass's contract case; ``CASES`` keys are the pass name, or ``name[variant]``."""
+
     model: Callable[[], nn.Module]
     inputs: Callable[[], tuple]
     fired: set[str]  # stats keys that must be > 0
@@ -163,6 +178,11 @@ CASES: dict[str, Case] = {
     "lower_int8_cpu": Case(ConvNet, lambda: (_x(),), {"conv2d"},
                            {"conv2d_int8": 0, "quantize_per_tensor": 1}, _lin, before=_INT8,
                            calibration=True),
+    "lower_int8_cpu[reference rows]": Case(
+        SiLUNet, lambda: (_x(),), {"fallback"},
+        {"conv2d_int8": 1, "add_int8": 1, "conv2d": 1, "quantize_per_tensor": 2},
+        _red, before=_INT8, calibration=True,
+        configs=(QuantConfig(float_without_kernel=False),)),
     "lower_to_triton": Case(ConvNet, lambda: (_x(),), {"conv2d"},
                             {"triton_conv2d": 3, "conv2d_act": 0},
                             lambda: (nn.Sequential(nn.Flatten(start_dim=0)).eval(),
@@ -171,8 +191,12 @@ CASES: dict[str, Case] = {
 }
 
 
+def _pass(key: str) -> str:
+    return key.partition("[")[0]
+
+
 def test_every_pass_has_a_contract_case():
-    missing = sorted(set(PASSES) - set(CASES))
+    missing = sorted(set(PASSES) - {_pass(k) for k in CASES})
     assert missing == [], f"registered passes with no contract case: {missing}; add them to CASES"
 
 
@@ -189,9 +213,9 @@ def _prepared(case: Case, model: nn.Module, inputs: tuple):
     return gm, ctx
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_pass_contract(name, monkeypatch):
-    case = CASES[name]
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_pass_contract(key, monkeypatch):
+    case, name = CASES[key], _pass(key)
     for k, v in case.env.items():
         monkeypatch.setenv(k, v)
     torch.manual_seed(0)
@@ -217,9 +241,9 @@ def test_pass_contract(name, monkeypatch):
     assert out.shape == ref.shape
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_pass_leaves_a_graph_alone(name, monkeypatch):
-    case = CASES[name]
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_pass_leaves_a_graph_alone(key, monkeypatch):
+    case, name = CASES[key], _pass(key)
     for k, v in case.env.items():
         monkeypatch.setenv(k, v)
     model, inputs = case.negative()
