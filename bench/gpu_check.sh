@@ -44,7 +44,7 @@ timeout -k 5 170 $PY -m pytest -q $xdist -m "not gpu" -p no:cacheprovider \
 default_pid=$!
 
 # GPU tests: the lowering and the pipeline end to end first, then the kernels.
-timeout -k 5 75 $PY -m pytest -q -m gpu -p no:cacheprovider tests/passes/test_lower_triton.py \
+timeout -k 5 75 $PY -m pytest -q -m gpu -p no:cacheprovider tests/passes/lower/test_triton.py \
   tests/fxopt/test_gpu.py > "$OUT/pytest_gpu_lowering.txt" 2>&1
 step "gpu tests (lowering, pipeline): exit $? -- $(tail -1 "$OUT/pytest_gpu_lowering.txt")"
 

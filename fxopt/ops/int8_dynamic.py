@@ -24,7 +24,7 @@ accumulation (float32 while every partial sum stays below 2**24, else float64), 
 epilogue ``fma(acc, float32(x_scale * w_scale), bias)`` rounded once to float32, then the
 residual and the activation in float32. The two paths use the same grid, the same integer
 products and the same epilogue rounding: on an AVX-512 machine they were bit-identical on
-every shape tried (tests/passes/test_quantize_dynamic.py checks this to 1e-7 relative).
+every shape tried (tests/passes/quant/test_dynamic.py checks this to 1e-7 relative).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ to the launchers too, which run the kernels in Triton's interpreter (``TRITON_IN
 set for the duration of the call when it is not set already). That is how the lowering is
 tested without a GPU::
 
-    FXOPT_TRITON_ON_CPU=1 TRITON_INTERPRET=1 python -m pytest tests/passes/test_lower_triton.py
+    FXOPT_TRITON_ON_CPU=1 TRITON_INTERPRET=1 python -m pytest tests/passes/lower/test_triton.py
 
 These are inference ops: they have no autograd formula.
 """

@@ -35,7 +35,7 @@ op's arguments through its view (``Conv2dInt8.of(m.root).x_scale``).
 
 The pass's reference is the int8 graph before it run in lockstep with the lowered graph
 (``fxopt.passes.lower.lockstep``), which the engine's ``rewrites`` (IR node -> lowered node)
-make possible. Worked example (``tests/passes/test_lower_cpu.py``'s ``Net``: conv-relu, a
+make possible. Worked example (``tests/passes/lower/test_cpu.py``'s ``Net``: conv-relu, a
 residual block, global average pooling, a linear layer)::
 
     >>> lower_int8_cpu(int8_graph, ctx).stats

@@ -39,7 +39,7 @@ output dtype's tolerance (fp16/bf16 1e-2, fp32 1e-5, TF32 where PyTorch allows i
 within one quantization step of the output (the epilogue's float rounding may differ at ties).
 
 Runs for ``target="cuda"``; on the CPU only with ``FXOPT_TRITON_ON_CPU=1`` (the kernels then run
-in Triton's interpreter: tests, CI). Worked example, ``tests/passes/test_lower_triton.py``'s
+in Triton's interpreter: tests, CI). Worked example, ``tests/passes/lower/test_triton.py``'s
 ``Net`` (conv-bn-relu, a residual block, depthwise + pointwise, max pool, a plain Linear)::
 
     FXOPT_TRITON_ON_CPU=1 python -c "import fxopt; fxopt.optimize(m, x, target='cpu',

@@ -3,8 +3,6 @@
 What the groups must be, which units move together, what freezes and why. The pruning itself
 is tested in tests/passes/test_prune.py on the same models.
 """
-import importlib.util
-from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -18,10 +16,7 @@ from fxopt.prune.rule_table import CHANNEL_RULES, ChannelRuleTable, register_cha
 from fxopt.prune.rules_layers import conv_module
 from fxopt.prune.rules_shapes import segment_of
 
-_spec = importlib.util.spec_from_file_location(
-    "prune_zoo", Path(__file__).resolve().parents[1] / "passes" / "prune_zoo.py")
-zoo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(zoo)
+import prune_zoo as zoo  # noqa: E402  (tests/support, on the path from tests/conftest.py)
 
 
 def groups_of(name_or_model, x=None):

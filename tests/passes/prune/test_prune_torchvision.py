@@ -4,8 +4,6 @@ Acceptance (issue 4): at ratio 0.5 each model prunes, passes the masked-referenc
 reports its pruned and frozen groups; resnet18, resnet50, mobilenet_v2 and vgg11_bn freeze only
 the classifier. BatchNorm statistics are randomized so that the pruned channels matter.
 """
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +17,7 @@ from fxopt.ir.tolerances import rel_err
 
 torchvision = pytest.importorskip("torchvision")
 
-_spec = importlib.util.spec_from_file_location("prune_zoo",
-                                               Path(__file__).with_name("prune_zoo.py"))
-zoo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(zoo)
+import prune_zoo as zoo  # noqa: E402  (tests/support, on the path from tests/conftest.py)
 
 ONLY_CLASSIFIER_FROZEN = {"resnet18": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1",
                           "vgg11_bn": "classifier.6"}

@@ -1,6 +1,4 @@
 """constant_fold: golden, negative, idempotence and numeric tests (DESIGN.md section 8)."""
-import importlib.util
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -10,10 +8,7 @@ import fxopt
 from fxopt.ir.graph import count_params
 from fxopt.passes.cleanup.constant_folding import FOLD_MAX_ELEMENTS, constant_fold
 
-_spec = importlib.util.spec_from_file_location("pass_checks",
-                                               Path(__file__).with_name("pass_checks.py"))
-pass_checks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pass_checks)
+import pass_checks  # noqa: E402  (tests/support, on the path from tests/conftest.py)
 capture, apply, assert_matches = pass_checks.capture, pass_checks.apply, pass_checks.assert_matches
 assert_idempotent, assert_untouched = pass_checks.assert_idempotent, pass_checks.assert_untouched
 calls, ops = pass_checks.calls, pass_checks.ops

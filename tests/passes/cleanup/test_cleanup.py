@@ -8,10 +8,8 @@ Models are tiny and built here; passes are called directly on a captured graph, 
 from __future__ import annotations
 
 import gc
-import importlib.util
 import operator
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,10 +29,7 @@ from fxopt.passes.cleanup.common_subexpressions import arg_key
 torch.manual_seed(0)
 
 
-_spec = importlib.util.spec_from_file_location("pass_checks",
-                                               Path(__file__).with_name("pass_checks.py"))
-pass_checks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pass_checks)
+import pass_checks  # noqa: E402  (tests/support, on the path from tests/conftest.py)
 capture, apply, assert_matches = pass_checks.capture, pass_checks.apply, pass_checks.assert_matches
 assert_idempotent, assert_untouched = pass_checks.assert_idempotent, pass_checks.assert_untouched
 assert_group_fixpoint, calls, ops = (pass_checks.assert_group_fixpoint, pass_checks.calls,

@@ -3,8 +3,6 @@
 Each coupling kind has a tiny model in prune_zoo.py; the pass runs under the pass manager with
 check="each", so the pruned graph is compared with the masked model after the pass.
 """
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +19,7 @@ from fxopt.ir.tolerances import rel_err
 from fxopt.ir.verify import verify_structure
 from fxopt.prune.channels import analyze_channels
 
-_spec = importlib.util.spec_from_file_location("prune_zoo",
-                                               Path(__file__).with_name("prune_zoo.py"))
-zoo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(zoo)
+import prune_zoo as zoo  # noqa: E402  (tests/support, on the path from tests/conftest.py)
 
 prune_mod = __import__("fxopt.passes.prune.prune_channels", fromlist=["prune_channels"])
 
