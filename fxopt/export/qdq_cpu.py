@@ -8,6 +8,9 @@ attributes (unpacked here). One row per source op::
                                                      DequantizeLinear(w_int8, w_s, 0, axis=0),
                                                      b)), s, zp)
     quantized::add_relu(a, b, s, zp)         ->  QuantizeLinear(Relu(DQ(a) + DQ(b)), s, zp)
+    fxopt.onednn_conv2d_int8(q, ..., act="hardswish")  ->  QuantizeLinear(HardSwish(Conv(
+                                                     DQ(q), DQ(w_int8, w_s, 0, axis=0), b)), ..)
+    q.int_repr(), _make_per_tensor_quantized_tensor(codes, s, zp)  ->  the codes themselves
     F.max_pool2d(q, 2)  (q quantized)        ->  QuantizeLinear(MaxPool(DQ(q)), q's s, q's zp)
     q.dequantize()                           ->  DequantizeLinear(q)
 
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 from fxopt.export.qdq_state import Grid
 from fxopt.infra.rewrite import Builder, Match, Rule, method, op_rule
 from fxopt.ir.graph import get_attr_value
+from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
+from fxopt.ops.schema import view_of
 
 __all__ = ["CPU_RULES", "quantized_op_name", "quantized_targets"]
 
@@ -127,6 +132,31 @@ def _same_grid(m: Match, b: Builder) -> fx.Node:
                       dict(n.kwargs))
 
 
+def _onednn_layer(m: Match, b: Builder) -> fx.Node:
+    """An fxopt oneDNN int8 layer (``fxopt.ops.cpu``): its arguments by name."""
+    v, st = view_of(m.root), m.context
+    conv = (v.stride, v.padding, v.dilation, v.groups) if "stride" in v.values else None
+    return st.layer(b, x=v.q, w_q=st.value(v.w_q), w_scale=st.value(v.w_scale),
+                    bias=None if v.bias is None else st.value(v.bias), conv=conv,
+                    x_grid=Grid(float(v.x_scale), int(v.x_zp)),
+                    y_grid=Grid(float(v.y_scale), int(v.y_zp)), act=v.act,
+                    act_args=tuple(v.act_args), out_codes=True, tag=m.root.name)
+
+
+def _codes(m: Match, b: Builder) -> fx.Node:
+    """``q.int_repr()``: the codes of a quantized tensor, which the QDQ graph carries as is."""
+    return m.root.args[0]
+
+
+def _wrap_ok(m: Match) -> bool:
+    """``_make_per_tensor_quantized_tensor(codes, s, zp)`` on the codes' own grid."""
+    grid = m.context.grid_of(m.root.args[0])
+    if grid is None:
+        return False
+    return (grid.scale, grid.zp) == (float(m.root.args[1]), int(m.root.args[2])) or \
+        m.reject(f"{m.root.name}: codes given another grid than theirs: no QDQ form")
+
+
 # The table: one row per source op (the row's name is the op's short name).
 CPU_RULES: tuple[Rule, ...] = (
     op_rule("quantize_per_tensor", [torch.quantize_per_tensor], _quantize_per_tensor),
@@ -147,4 +177,10 @@ CPU_RULES: tuple[Rule, ...] = (
     op_rule("relu6", [F.relu6], _same_grid, _on_codes(0)),
     Rule("dequantize", lambda: method("dequantize", "dequantize")(), _dequantize,
          _on_codes(0)),
+    # oneDNN's int8 layers and the quantized tensor <-> codes steps around them
+    op_rule("onednn_conv2d_int8", [ONEDNN_CONV2D_INT8.overload], _onednn_layer, _on_codes(0)),
+    op_rule("onednn_linear_int8", [ONEDNN_LINEAR_INT8.overload], _onednn_layer, _on_codes(0)),
+    Rule("int_repr", lambda: method("int_repr", "int_repr")(), _codes, _on_codes(0)),
+    op_rule("_make_per_tensor_quantized_tensor", [torch._make_per_tensor_quantized_tensor],
+            _codes, _wrap_ok),
 )

@@ -3,9 +3,9 @@
 A row says how users spell the activation (modules, functions, methods: what capture turns
 into the one canonical call), its canonical function and parameters, the ``act=`` name and
 ``act_args`` the fused and int8 ops take for it, its reference math, and what the CPU kernels
-can fuse (oneDNN's unary post-op, PyTorch's quantized kernels). Capture (``canonical``), the
-fused ops (``fxopt.ops``), ``fuse_act``, the lowerings, the exporters and the pictures all read
-this table; nothing else lists activations. (The Triton kernels keep their own numeric codes:
+can fuse (oneDNN's float and int8 post-ops, PyTorch's quantized kernels). Capture
+(``canonical``), the fused ops (``fxopt.ops``), ``fuse_act``, the quantizer, the lowerings, the
+exporters and the pictures all read this table; nothing else lists activations. (The Triton kernels keep their own numeric codes:
 they know nothing of fxopt; a test checks that their table and this one name the same
 activations with the same arities.)
 
@@ -56,8 +56,20 @@ class Activation:
     # CPU kernels: oneDNN's unary post-op (attr, scalars(act_args), algorithm) when it fuses one
     onednn: tuple[str, Callable[[Sequence[float]], list], str | None] | None = None
     # PyTorch's quantized CPU kernels: "fused" (conv2d_relu), "clamp" (a clamp after the
-    # kernel, exact on the codes), None (no int8 kernel: the layer stays float on the CPU)
+    # kernel, exact on the codes), None (no such kernel)
     quantized_cpu: str | None = None
+    # oneDNN's int8 kernels where PyTorch's quantized ones stop: layer kind ("conv2d",
+    # "linear") -> (post-op, scalars(act_args), algorithm) of qconv2d/qlinear_pointwise
+    onednn_int8: dict[str, tuple[str, Callable[[Sequence[float]], list], str]] = \
+        field(default_factory=dict)
+
+    def cpu_int8_kernel(self, layer_kind: str, residual: bool) -> bool:
+        """Whether an int8 ``layer_kind`` layer ending in this activation runs on a CPU int8
+        kernel: PyTorch's quantized ones (a residual layer is the layer then ``add``/
+        ``add_relu``), else oneDNN's with a fused post-op (no residual)."""
+        if residual:
+            return self.quantized_cpu == "fused"
+        return self.quantized_cpu is not None or layer_kind in self.onednn_int8
 
     def bounds(self, act_args: Sequence[float]) -> tuple[float, float] | None:
         """(lo, hi) for the clamp-like activations (relu6, hardtanh, clamp), else None."""
@@ -85,7 +97,8 @@ ACTIVATIONS: dict[str, Activation] = {r.name: r for r in (
     _row("leaky_relu", lambda y, a, ip: F.leaky_relu(y, a[0], inplace=ip), ("negative_slope",),
          canonical=F.leaky_relu, defaults={"negative_slope": 0.01}, modules=(nn.LeakyReLU,),
          functions={F.leaky_relu: False, F.leaky_relu_: True},
-         onednn=("leaky_relu", lambda a: [a[0]], None)),
+         onednn=("leaky_relu", lambda a: [a[0]], None),
+         onednn_int8={"linear": ("leaky_relu", lambda a: [a[0]], "")}),
     _row("hardtanh", lambda y, a, ip: F.hardtanh(y, a[0], a[1], inplace=ip),
          ("min_val", "max_val"), canonical=F.hardtanh,
          defaults={"min_val": -1.0, "max_val": 1.0}, modules=(nn.Hardtanh,),
@@ -97,16 +110,22 @@ ACTIVATIONS: dict[str, Activation] = {r.name: r for r in (
          defaults={"alpha": 1.0}, modules=(nn.ELU,), functions={F.elu: False, F.elu_: True}),
     _row("gelu", lambda y, a, ip: F.gelu(y), canonical=F.gelu,
          defaults={"approximate": "none"}, modules=(nn.GELU,), functions={F.gelu: False},
-         onednn=("gelu", lambda a: [], "none")),
+         onednn=("gelu", lambda a: [], "none"),
+         onednn_int8={"linear": ("gelu", lambda a: [], "none")}),
     _row("gelu_tanh", lambda y, a, ip: F.gelu(y, approximate="tanh"),
-         onednn=("gelu", lambda a: [], "tanh")),
+         onednn=("gelu", lambda a: [], "tanh"),
+         onednn_int8={"linear": ("gelu", lambda a: [], "tanh")}),
     _row("silu", lambda y, a, ip: F.silu(y, inplace=ip), canonical=F.silu, modules=(nn.SiLU,),
-         functions={F.silu: False}, onednn=("swish", lambda a: [], None)),
+         functions={F.silu: False}, onednn=("swish", lambda a: [], None),
+         onednn_int8={"conv2d": ("swish", lambda a: [], ""),
+                      "linear": ("swish", lambda a: [], "")}),
     _row("mish", lambda y, a, ip: F.mish(y, inplace=ip), canonical=F.mish, modules=(nn.Mish,),
          functions={F.mish: False}),
     _row("hardswish", lambda y, a, ip: F.hardswish(y, inplace=ip), canonical=F.hardswish,
          modules=(nn.Hardswish,), functions={F.hardswish: False},
-         onednn=("hardswish", lambda a: [], None)),
+         onednn=("hardswish", lambda a: [], None),
+         onednn_int8={"conv2d": ("hardswish", lambda a: [], ""),
+                      "linear": ("hardswish", lambda a: [], "")}),
     _row("hardsigmoid", lambda y, a, ip: F.hardsigmoid(y, inplace=ip), canonical=F.hardsigmoid,
          modules=(nn.Hardsigmoid,), functions={F.hardsigmoid: False},
          onednn=("hardsigmoid", lambda a: [], None)),
@@ -117,7 +136,8 @@ ACTIVATIONS: dict[str, Activation] = {r.name: r for r in (
          onednn=("sigmoid", lambda a: [], None)),
     _row("tanh", lambda y, a, ip: y.tanh_() if ip else torch.tanh(y), canonical=torch.tanh,
          modules=(nn.Tanh,), functions={torch.tanh: False, F.tanh: False, torch.tanh_: True},
-         methods={"tanh": False, "tanh_": True}, onednn=("tanh", lambda a: [], None)),
+         methods={"tanh": False, "tanh_": True}, onednn=("tanh", lambda a: [], None),
+         onednn_int8={"linear": ("tanh", lambda a: [], "")}),
 )}
 
 # The rows capture writes: canonical name -> row.

@@ -1,4 +1,5 @@
-"""The CPU fast path of ``conv2d_act``: oneDNN's fused convolution kernels.
+"""oneDNN on the CPU: the fast path of ``conv2d_act``, and int8 convolution and linear with a
+fused post-op (what ``fxopt.onednn_conv2d_int8`` / ``onednn_linear_int8`` run).
 
 A channels-last float32 input takes ``torch.ops.mkldnn._convolution_pointwise`` (the kernels
 Inductor uses): conv + bias + activation in one pass (the activations oneDNN fuses are the
@@ -8,6 +9,13 @@ version (an in-place update of the weight repacks). A case this build cannot run
 path off for the process with a warning; the reference runs from then on.
 
     >>> y = conv2d_act_onednn(x, w, b, [1, 1], [1, 1], [1, 1], 1, None, "relu", [])  # or None
+
+Int8 (``conv2d_int8_onednn``, ``linear_int8_onednn``): uint8 codes in, uint8 codes out,
+``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise`` with the post-op of the
+activation table's ``onednn_int8`` column (hardswish, SiLU, ... where PyTorch's quantized kernels
+have none). oneDNN's packed int8 weights are opaque tensors that can be neither copied nor saved,
+so the module keeps the plain int8 weight and this module packs it once per weight, grid and
+input shape, cached like the float weights.
 """
 from __future__ import annotations
 
@@ -19,7 +27,8 @@ import torch
 from fxopt.ir.activations import ACTIVATIONS, apply_activation
 from fxopt.ops.shapes import conv_out_shape, strictly_channels_last
 
-__all__ = ["mkldnn_available", "clear_weight_cache", "conv2d_act_onednn", "packed_weights"]
+__all__ = ["mkldnn_available", "clear_weight_cache", "conv2d_act_onednn", "packed_weights",
+           "int8_post_op", "conv2d_int8_onednn", "linear_int8_onednn", "onednn_int8_available"]
 
 
 def _find_mkldnn_ops():
@@ -123,3 +132,98 @@ def _run(x, weight, bias, stride, padding, dilation, groups, residual, act, act_
     y = conv_binary(x, residual, packed, bias, padding, stride, dilation, groups, "add", None,
                     unary, [], None)
     return y if unary is not None else apply_activation(y, act, act_args, inplace=True)
+
+
+# -- int8 ---------------------------------------------------------------------------------------
+def _find_int8_ops():
+    try:
+        ops = torch.ops.onednn
+        return (ops.qconv_prepack.default, ops.qconv2d_pointwise.default,
+                ops.qlinear_prepack.default, ops.qlinear_pointwise.default)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_INT8 = _find_int8_ops()
+_int8_state = {"failed": _INT8 is None or not torch.backends.mkldnn.is_available()}
+# (id(w_q), kind, grid, conv params, input shape)
+#   -> (weakref to w_q, its version, packed weight, zero points)
+_INT8_PACKED: dict[tuple, tuple] = {}
+
+
+def onednn_int8_available() -> bool:
+    """Whether oneDNN's int8 convolution and linear kernels can run here."""
+    return not _int8_state["failed"]
+
+
+def int8_post_op(kind: str, act: str, act_args) -> tuple[str, list, str] | None:
+    """(oneDNN post-op, scalars, algorithm) for a ``kind`` ("conv2d"/"linear") layer ending in
+    ``act``, from the activation table; None when oneDNN's int8 kernel has no such post-op."""
+    entry = ACTIVATIONS[act].onednn_int8.get(kind)
+    if entry is None:
+        return None
+    name, scalars, algorithm = entry
+    return name, scalars(act_args), algorithm
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+def _packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack) -> tuple:
+    """(packed weight, int32 zero points) for ``w_q``, packed on the first call (per call
+    site: this runs for every layer of every forward, so it does as little as it can)."""
+    full = (id(w_q), kind, key)
+    hit = _INT8_PACKED.get(full)
+    if hit is not None and hit[0]() is w_q and hit[1] == _version(w_q):
+        return hit[2], hit[3]
+    packed = pack()
+    if len(_INT8_PACKED) > 4096:  # many models in one process: start over
+        _INT8_PACKED.clear()
+    zeros = torch.zeros(w_q.shape[0], dtype=torch.int32)
+    _INT8_PACKED[full] = (weakref.ref(w_q), _version(w_q), packed, zeros)
+    return packed, zeros
+
+
+def _run_int8(fn):
+    try:
+        return fn()
+    except RuntimeError as e:  # an unsupported case in this build: the reference from now on
+        _int8_state["failed"] = True
+        warnings.warn(f"fxopt: oneDNN int8 kernel failed ({e}); using the reference "
+                      f"implementation", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
+                       y_scale, y_zp, post_op):
+    """uint8 codes of ``post(conv2d(q) * x_scale * w_scale + bias)`` on the y grid, or None
+    when oneDNN refuses it here. Output channels-last."""
+    prepack, conv, _, _ = _INT8
+    key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
+    name, scalars, algorithm = post_op
+
+    def go():
+        packed, zeros = _packed_int8("conv2d", w_q, key, lambda: prepack(
+            w_q.detach(), w_scale.detach().float(), float(x_scale), int(x_zp), list(stride),
+            list(padding), list(dilation), groups, list(q.shape)))
+        return conv(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
+                    None if bias is None else bias.float(), list(stride), list(padding),
+                    list(dilation), groups, float(y_scale), int(y_zp), None, name, scalars,
+                    algorithm)
+    return _run_int8(go)
+
+
+def linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, post_op):
+    """uint8 codes of ``post(linear(q) * x_scale * w_scale + bias)`` on the y grid, or None
+    when oneDNN refuses it here."""
+    _, _, prepack, linear = _INT8
+    name, scalars, algorithm = post_op
+
+    def go():
+        packed, zeros = _packed_int8("linear", w_q, q.shape,
+                                     lambda: prepack(w_q.detach(), list(q.shape)))
+        return linear(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
+                      None if bias is None else bias.float(), float(y_scale), int(y_zp), None,
+                      name, scalars, algorithm)
+    return _run_int8(go)

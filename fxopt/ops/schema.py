@@ -45,7 +45,9 @@ __all__ = ["LIB", "OpSchema", "OpView", "Param", "define_op", "OPS", "schema_of"
            "is_fxopt_op", "weight_macs", "ops_of", "FAMILIES"]
 
 LIB = torch.library.Library("fxopt", "FRAGMENT")
-FAMILIES = ("fused", "int8", "triton")
+# fused: float layers with their epilogue; int8: the device-neutral int8 IR; triton and cpu:
+# what the lowerings write (fxopt's Triton kernels; oneDNN int8 kernels on the CPU).
+FAMILIES = ("fused", "int8", "triton", "cpu")
 _NO_DEFAULT = object()
 
 

@@ -1,8 +1,9 @@
 """Which layers are quantized: the user's choices, the CPU kernels, the sensitivity fallback.
 
 ``select_layers`` applies ``QuantConfig.keep_float`` and the first/last-layer policies;
-``has_cpu_kernel`` says whether PyTorch's int8 CPU kernels can run a layer's epilogue (the
-``quantized_cpu`` column of the activation table); ``fallback`` measures each layer's
+``has_cpu_kernel`` says whether a CPU int8 kernel can run a layer's epilogue (the
+``quantized_cpu`` and ``onednn_int8`` columns of the activation table); ``fallback`` measures
+each layer's
 sensitivity (the SQNR of the simulated model with only that layer quantized) and moves the
 most sensitive layers to float until ``min_sqnr_db`` holds or ``max_float_layers`` are float.
 
@@ -26,12 +27,9 @@ __all__ = ["select_layers", "has_cpu_kernel", "sensitivity", "fallback"]
 
 
 def has_cpu_kernel(layer: Layer) -> bool:
-    """Whether ``lower_int8_cpu`` can map ``layer`` onto a PyTorch int8 kernel: relu fused,
-    clamps after the kernel; a residual layer becomes the conv and ``add`` / ``add_relu``."""
-    kind = ACTIVATIONS[layer.act].quantized_cpu
-    if layer.residual is not None:
-        return kind == "fused"  # quantized.add / add_relu
-    return kind is not None
+    """Whether ``lower_int8_cpu`` can map ``layer`` onto a CPU int8 kernel (the activation
+    table says which: PyTorch's quantized kernels, else oneDNN's with a fused post-op)."""
+    return ACTIVATIONS[layer.act].cpu_int8_kernel(layer.kind, layer.residual is not None)
 
 
 def select_layers(layers: list[Layer], cfg: QuantConfig) -> tuple[list[Layer], list[str]]:

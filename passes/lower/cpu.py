@@ -19,16 +19,23 @@ the rows in order at each op and rewrites it with the first whose check passes:
     adaptive_avg_pool2d_int8  adaptive_avg_pool2d_int8(q, size, ..) F.adaptive_avg_pool2d(q, ..)
     max_pool2d_int8           max_pool2d_int8(q, k, s, p, d, ceil)  F.max_pool2d(q, k, s, ...)
     cat_int8                  cat_int8(qs, ..., dim, s_y, zp_y)     quantized.cat(qs, dim, ...)
+    conv2d_int8_onednn        conv2d_int8(q, ..., act="hardswish")  fxopt.onednn_conv2d_int8(
+                                                                      q.int_repr(), ...), codes
+                                                                      wrapped as quint8 again
+    linear_int8_onednn        linear_int8(q, ..., act="gelu")       fxopt.onednn_linear_int8(..)
+    codes_of_wrapped_codes    wrap(codes, s, zp).int_repr()         codes (oneDNN to oneDNN)
     int8_layer_reference      a conv2d_int8 / linear_int8 no kernel row took: the fxopt op on the
                               dequantized input, requantized (exact: dequantizing and requantizing
                               on one grid is the identity)
     add_int8_reference        an add_int8 no kernel row took: the fxopt op on the codes
                               (``int_repr``), wrapped as a quantized tensor
 
-Which epilogues PyTorch's kernels take comes from the activation table
+Which epilogues the kernels take comes from the activation table
 (``ACTIVATIONS[act].quantized_cpu``: "fused" is ``quantized.conv2d_relu``, "clamp" is a clamp
-after the kernel, exact on the codes); an epilogue it lacks (silu, a float residual, a float
-output) is what the kernel rows ``reject`` and the two reference rows after them take. The
+after the kernel, exact on the codes; ``onednn_int8``: the post-ops of oneDNN's int8 kernels,
+``fxopt.ops.cpu``, for hardswish, SiLU, GELU, ...); an epilogue none of them has (a float
+residual, a float output, sigmoid) is what the kernel rows ``reject`` and the two reference rows
+after them take. The
 report names each op run as the reference. Flatten and reshape run on quantized tensors
 unchanged. A new op is a row: ``op_rule(name, [SCHEMA.overload], replace, check)`` reading the
 op's arguments through its view (``Conv2dInt8.of(m.root).x_scale``).
@@ -55,7 +62,7 @@ import torch.nn.functional as F
 
 from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
-from fxopt.infra.rewrite import Builder, Match, apply_rules, op_rule
+from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, method, op_rule
 from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ir.graph import copy_meta, get_attr_value, module_path, tensor_meta
 from fxopt.ops.int8 import (
@@ -76,6 +83,8 @@ from fxopt.ops.int8 import (
     MaxPool2dInt8,
     Quantize,
 )
+from fxopt.ops import onednn
+from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
 from fxopt.ops.schema import OpView, schema_of, view_of
 from fxopt.passes.lower.lockstep import LockstepReference
 from fxopt.quant.config import QuantConfig
@@ -336,6 +345,48 @@ def _add_reference(m: Match, b: Builder) -> fx.Node:
                            (codes, *_grid(m, v.y_scale, v.y_zp)))
 
 
+# -- oneDNN's int8 kernels: the post-ops PyTorch's quantized kernels lack ---------------------
+def _onednn_fits(kind: str):
+    def check(m: Match) -> bool:
+        v = Int8Layer.of(m.root)
+        if v.residual is not None or not v.out_int8:
+            return _reject(m, "a float residual or output")
+        if not (_uint8(m, v.y_qmin, v.y_qmax) and _uint8(m, v.x_qmin, v.x_qmax)):
+            return False
+        if not _is_codes(v.x):
+            return _reject(m, "a float input")
+        if onednn.int8_post_op(kind, v.act, v.act_args) is None:
+            return _reject(m, f"no int8 kernel with activation {v.act}")
+        if not onednn.onednn_int8_available():
+            return _reject(m, "oneDNN's int8 kernels are not available here")
+        return True
+
+    return check
+
+
+def _onednn_layer(kind: str):
+    """conv2d_int8 / linear_int8 onto oneDNN's int8 kernel with the activation as its post-op:
+    the codes of the quantized input in, codes out, wrapped as a quantized tensor again."""
+    op = ONEDNN_CONV2D_INT8 if kind == "conv2d" else ONEDNN_LINEAR_INT8
+
+    def replace(m: Match, b: Builder) -> fx.Node:
+        v = Int8Layer.of(m.root)
+        (xs, xz), (ys, yz) = _grid(m, v.x_scale, v.x_zp), _grid(m, v.y_scale, v.y_zp)
+        values = dict(q=b.call_method("int_repr", (v.x,)), w_q=v.w_q, w_scale=v.w_scale,
+                      bias=v.bias, x_scale=xs, x_zp=xz, y_scale=ys, y_zp=yz, act=v.act,
+                      act_args=list(v.act_args))
+        if kind == "conv2d":
+            values.update(stride=v.stride, padding=v.padding, dilation=v.dilation,
+                          groups=v.groups)
+        codes = op.emit(b, **values)
+        b.tally(f"onednn_{kind}")
+        return b.call_function(torch._make_per_tensor_quantized_tensor, (codes, ys, yz))
+
+    return replace
+
+
+_WRAP = torch._make_per_tensor_quantized_tensor
+
 # -- the table ----------------------------------------------------------------------------------
 RULES = [
     op_rule("quantize", [QUANTIZE.overload], _quantize, _uint8_grid(Quantize, "qmin", "qmax")),
@@ -347,6 +398,14 @@ RULES = [
             _uint8_grid(AvgPool2dInt8, "qmin", "qmax")),
     op_rule("max_pool2d_int8", [MAXPOOL_INT8.overload], _max_pool),
     op_rule("cat_int8", [CAT_INT8.overload], _cat, _uint8_grid(CatInt8, "y_qmin", "y_qmax")),
+    op_rule("conv2d_int8_onednn", [CONV2D_INT8.overload], _onednn_layer("conv2d"),
+            _onednn_fits("conv2d")),
+    op_rule("linear_int8_onednn", [LINEAR_INT8.overload], _onednn_layer("linear"),
+            _onednn_fits("linear")),
+    # between two oneDNN layers the codes stay plain: no re-wrap, no copy
+    Rule("codes_of_wrapped_codes",
+         lambda c, s, z: method("codes", "int_repr")(call("wrap", _WRAP)(c, s, z)),
+         lambda m, b: m["c"], allow_external_users=True),
     # after the kernel rows: what they rejected runs the fxopt reference
     op_rule("int8_layer_reference", [CONV2D_INT8.overload, LINEAR_INT8.overload],
             _layer_reference),

@@ -92,16 +92,16 @@ class Redundant(nn.Module):
         return self.id(a + b) * 1
 
 
-class SiLUNet(nn.Module):
-    """Layers PyTorch's int8 CPU kernels cannot run (conv + SiLU, a residual add + SiLU): the
-    CPU lowering's reference rows take them."""
+class NoKernelNet(nn.Module):
+    """Layers no CPU int8 kernel runs (conv + sigmoid, a residual add + SiLU): the CPU
+    lowering's reference rows take them."""
 
     def __init__(self):
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x):
-        y = F.silu(self.c1(x))
+        y = torch.sigmoid(self.c1(x))
         return F.silu(self.c2(y) + y)
 
 
@@ -179,7 +179,7 @@ CASES: dict[str, Case] = {
                            {"conv2d_int8": 0, "quantize_per_tensor": 1}, _lin, before=_INT8,
                            calibration=True),
     "lower_int8_cpu[reference rows]": Case(
-        SiLUNet, lambda: (_x(),), {"fallback"},
+        NoKernelNet, lambda: (_x(),), {"fallback"},
         {"conv2d_int8": 1, "add_int8": 1, "conv2d": 1, "quantize_per_tensor": 2},
         _red, before=_INT8, calibration=True,
         configs=(QuantConfig(float_without_kernel=False),)),

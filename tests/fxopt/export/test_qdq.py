@@ -268,6 +268,20 @@ class RowNet(nn.Module):
         return self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(z, 1).flatten(1))))
 
 
+class OneDNNNet(nn.Module):
+    """Layers whose activation only oneDNN's int8 kernels fuse on the CPU (hardswish, SiLU,
+    GELU): the CPU lowering writes fxopt.onednn_*_int8 between int_repr and a re-wrap."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = F.silu(self.c2(F.hardswish(self.c1(x))))
+        return F.gelu(self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1)))
+
+
 def _same_grid_graph() -> fx.GraphModule:
     """The float ops PyTorch runs on quantized tensors (each keeps its input's grid), in a
     hand-built lowered graph: quantize_per_tensor, relu (both spellings), relu6, hardtanh,
@@ -295,6 +309,10 @@ def fired(tmp_path_factory):
         result = export_onnx(opt, cal[0], tmp / f"rows_{form}.onnx")
         assert result.kept == [] and result.check.ok, (form, result.kept)
         out[form].update(result.translated)
+    opt = fxopt.optimize(OneDNNNet().eval(), cal[0], quantize="int8", calibration_data=cal)
+    result = export_onnx(opt, cal[0], tmp / "rows_onednn.onnx")
+    assert result.kept == [] and result.check.ok, result.kept
+    out["cpu"].update(result.translated)
     x = torch.randn(4, 16)
     opt = fxopt.optimize(_MLP().eval(), x, quantize="int8_dynamic")
     result = export_onnx(opt, x, tmp / "rows_dyn.onnx")

@@ -18,6 +18,7 @@ from fxopt.infra.manager import PassManager
 from fxopt.infra.registry import PassContext
 from fxopt.infra.rewrite import apply_rules
 from fxopt.pipelines import expand_pipeline
+from fxopt.ops import onednn
 from fxopt.ops.fused import LINEAR_ACT
 from fxopt.ops.int8 import INT8_IR_OPS, QUANTIZE
 from fxopt.quant.config import QuantConfig
@@ -92,9 +93,9 @@ def test_equal_to_int8_graph_on_fresh_inputs():
             assert _close(low(x), ir(x), _step(rec))
 
 
-@pytest.mark.parametrize("act", [nn.SiLU, nn.Hardswish])
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Mish])
 def test_no_kernel_stays_float_on_cpu_and_says_so(act):
-    """Default on target='cpu': a layer with no PyTorch int8 kernel stays float (named)."""
+    """Default on target='cpu': a layer with no CPU int8 kernel stays float (named)."""
     x = torch.randn(2, 3, 8, 8)
     opt = fxopt.optimize(Net(act).eval(), x, quantize="int8", calibration_data=_cal())
     q, rec = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
@@ -107,7 +108,7 @@ def test_no_kernel_stays_float_on_cpu_and_says_so(act):
     assert QOPS.add_relu in targets(low)  # the rest is int8 on PyTorch's kernels
 
 
-@pytest.mark.parametrize("act", [nn.SiLU, nn.Hardswish])
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Mish])
 def test_no_kernel_falls_back_and_says_so(act):
     ir, low, rec = run(Net(act), quantize=QuantConfig(float_without_kernel=False))
     assert rec.status == "ok" and rec.stats["fallback"] == 1
@@ -167,6 +168,47 @@ def test_save_load_and_deepcopy(tmp_path):
             assert torch.equal(again(xb), want) and torch.equal(dup(xb), want)
 
 
+class MobileBlock(nn.Module):
+    """MobileNetV3 / EfficientNet / transformer epilogues PyTorch's quantized kernels lack:
+    conv + hardswish, a depthwise conv + SiLU, linear + GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1, stride=2)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = F.silu(self.dw(F.hardswish(self.c1(x))))
+        return self.fc2(F.gelu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))))
+
+
+@pytest.mark.skipif(not onednn.onednn_int8_available(), reason="no oneDNN int8 kernels")
+def test_hardswish_silu_gelu_run_int8_on_onednn(tmp_path):
+    """Every layer int8 on the CPU (none kept float for want of a kernel): the three
+    epilogues on oneDNN's int8 kernels, within one output step of the int8 graph, and the
+    module saves, loads and copies with the same outputs."""
+    torch.manual_seed(0)
+    m, x = MobileBlock().eval(), torch.randn(2, 3, 16, 16)
+    cal = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    opt = fxopt.optimize(m, x, quantize="int8", calibration_data=cal)
+    q, rec = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
+    assert "no_cpu_kernel" not in q.stats and q.stats["kept_float"] == 0
+    assert q.stats["conv2d"] == 2 and q.stats["linear"] == 2
+    assert rec.status == "ok" and rec.stats["fallback"] == 0
+    assert rec.stats["onednn_conv2d"] == 2 and rec.stats["onednn_linear"] == 1
+    assert q.stats["sqnr_db"] > 25
+    ir = fxopt.optimize(m, x, quantize="int8", calibration_data=cal,
+                        disable=["lower_int8_cpu"])
+    again = fxopt.load(opt.save(tmp_path / "mobile.fxopt"))
+    dup = copy.deepcopy(opt)
+    for xb in cal:
+        with torch.no_grad():
+            want = opt(xb)
+            assert _close(want, ir(xb), rec.tolerance)
+            assert torch.equal(again(xb), want) and torch.equal(dup(xb), want)
+
+
 class ResidualSiLU(nn.Module):
     """A residual add followed by SiLU (add_int8 with no x86 kernel) and a functional max pool."""
 
@@ -196,9 +238,10 @@ ROWS = {rule.name: rule for rule in lower.RULES}
 
 
 class EveryOp(nn.Module):
-    """An op for every row: conv-relu, conv-hardswish (no kernel), a residual add with relu and
-    one with silu (no kernel), cat, max pool, a depthwise conv-relu6 (conv then clamp), global
-    average pool, linear."""
+    """An op for every row: conv-relu, conv-sigmoid (no kernel), two conv-hardswish in a row
+    and linear-gelu (oneDNN's int8 kernels: codes stay plain between the two), adds (plain,
+    with relu, and a residual one with silu: no kernel), cat, max pool, a depthwise conv-relu6
+    (conv then clamp), global average pool, linear."""
 
     def __init__(self):
         super().__init__()
@@ -207,15 +250,16 @@ class EveryOp(nn.Module):
         self.c3 = nn.Conv2d(8, 8, 3, padding=1)
         self.c4 = nn.Conv2d(8, 8, 3, padding=1)
         self.c5 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-        self.fc = nn.Linear(16, 10)
+        self.c6, self.c7 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 10)
 
     def forward(self, x):
         y = torch.relu(self.c1(x))
-        a = F.hardswish(self.c2(y))
+        a = torch.sigmoid(self.c2(y)) + F.hardswish(self.c7(F.hardswish(self.c6(y))))
         b = torch.relu(self.c3(y) + y)
         c = F.silu(self.c4(b) + b)
         y = F.relu6(self.c5(F.max_pool2d(torch.cat([a, c], 1), 2)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+        return self.fc2(F.gelu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))))
 
 
 def _table(gm, rules=lower.RULES):
@@ -228,9 +272,10 @@ def test_every_row_fires():
     ir, low, rec = run(EveryOp(), quantize=QuantConfig(float_without_kernel=False))
     result, state = _table(ir)
     assert result.counts == {"quantize": 1, "conv2d_int8": 4, "int8_layer_reference": 1,
-                             "add_int8": 1, "add_int8_reference": 1, "cat_int8": 1,
-                             "max_pool2d_int8": 1, "adaptive_avg_pool2d_int8": 1,
-                             "linear_int8": 1, "dequantize": 1}
+                             "conv2d_int8_onednn": 2, "codes_of_wrapped_codes": 1,
+                             "linear_int8_onednn": 1, "add_int8": 2,
+                             "add_int8_reference": 1, "cat_int8": 1, "max_pool2d_int8": 1,
+                             "adaptive_avg_pool2d_int8": 1, "linear_int8": 1, "dequantize": 1}
     assert set(result.counts) == set(ROWS)
     # the stats are the rows' tallies; the reference rows' ops are named, and not lowered again
     assert result.tallies == {k: v for k, v in rec.stats.items()
