@@ -5,9 +5,9 @@ into the one canonical call), its canonical function and parameters, the ``act=`
 ``act_args`` the fused and int8 ops take for it, its reference math, and what the CPU kernels
 can fuse (oneDNN's float and int8 post-ops, PyTorch's quantized kernels). Capture
 (``canonical``), the fused ops (``fxopt.ops``), ``fuse_act``, the quantizer, the lowerings, the
-exporters and the pictures all read this table; nothing else lists activations. (The Triton kernels keep their own numeric codes:
-they know nothing of fxopt; a test checks that their table and this one name the same
-activations with the same arities.)
+exporters and the pictures all read this table; nothing else lists activations. (The Triton
+kernels keep their own numeric codes: they know nothing of fxopt; a test checks that their table
+and this one name the same activations with the same arities.)
 
     >>> ACTIVATIONS["leaky_relu"].params                 # act_args, in order
     ('negative_slope',)
