@@ -18,13 +18,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxopt.errors import (
-    InputError,
-    NotAvailableError,
-    NumericMismatchError,
-    PipelineError,
-    VerificationError,
-)
+from fxopt.errors import (InputError, NotAvailableError, NumericMismatchError, PipelineError,
+                          VerificationError)
 from fxopt.infra.manager import Instrument, PassManager, debug_level
 from fxopt.pipelines import FEATURE_PASSES, build_pipeline, expand_pipeline
 from fxopt.infra.registry import PASSES, PassContext

@@ -29,8 +29,8 @@ from typing import Sequence
 from fxopt.errors import PipelineError
 from fxopt.infra.registry import GROUPS, PASSES, PassGroup
 
-__all__ = ["PIPELINES", "FEATURE_PASSES", "build_pipeline", "expand_pipeline", "prune_phase",
-           "cpu_layout_phase", "quantize_phase", "lowering_phase"]
+__all__ = ["PIPELINES", "FEATURE_PASSES", "build_pipeline", "expand_pipeline", "pipeline_names",
+           "prune_phase", "cpu_layout_phase", "quantize_phase", "lowering_phase"]
 
 PIPELINES: dict[str, list[str]] = {
     "cleanup": ["cleanup"],
@@ -40,6 +40,16 @@ PIPELINES: dict[str, list[str]] = {
 # optimize()'s feature options and the pass each turns on (its config class is the pass's).
 FEATURE_PASSES = {"prune": "prune_channels", "quantize": "quantize_int8"}
 CPU_LAYOUT_PASSES = ("lower_convs", "to_channels_last")
+
+
+def pipeline_names(pipeline: str | Sequence[str]) -> list[str]:
+    """The names in ``pipeline``: a name of ``PIPELINES`` (its list), or a list of names."""
+    if isinstance(pipeline, str):
+        if pipeline not in PIPELINES:
+            raise PipelineError(f"unknown pipeline '{pipeline}'",
+                                hint=f"choose one of: {', '.join(sorted(PIPELINES))}")
+        return list(PIPELINES[pipeline])
+    return list(pipeline)
 
 
 # -- phases: (names, options) -> names ------------------------------------------------------------
@@ -96,13 +106,7 @@ def build_pipeline(pipeline: str | Sequence[str] = "default", *, target: str = "
     phase's own pass among them goes to its place, the rest are appended. ``disable`` is
     applied later (``expand_pipeline``); a phase only reads it to leave out passes that
     depend on a disabled one."""
-    if isinstance(pipeline, str):
-        if pipeline not in PIPELINES:
-            raise PipelineError(f"unknown pipeline '{pipeline}'",
-                                hint=f"choose one of: {', '.join(sorted(PIPELINES))}")
-        names = list(PIPELINES[pipeline])
-    else:
-        names = list(pipeline)
+    names = pipeline_names(pipeline)
     extra = list(passes)
     asked = set(extra)
     names = prune_phase(names, prune=prune or "prune_channels" in asked)
@@ -126,13 +130,7 @@ def expand_pipeline(pipeline: str | Sequence[str], *, extra: Sequence[str] = (),
 
     ``extra`` names are appended; ``disable`` names (passes or groups) are dropped everywhere.
     """
-    if isinstance(pipeline, str):
-        if pipeline not in PIPELINES:
-            raise PipelineError(f"unknown pipeline '{pipeline}'",
-                                hint=f"choose one of: {', '.join(sorted(PIPELINES))}")
-        names = list(PIPELINES[pipeline])
-    else:
-        names = list(pipeline)
+    names = pipeline_names(pipeline)
     names += list(extra)
     for n in list(names) + list(disable):
         if not isinstance(n, str) or (n not in PASSES and n not in GROUPS):

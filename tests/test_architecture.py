@@ -96,7 +96,8 @@ def import_graph() -> nx.DiGraph:
 def _layer(name: str) -> str | None:
     best = None
     for layer in LAYERS:
-        if (name == layer or name.startswith(layer + ".")) and (best is None or len(layer) > len(best)):
+        inside = name == layer or name.startswith(layer + ".")
+        if inside and (best is None or len(layer) > len(best)):
             best = layer
     return best
 

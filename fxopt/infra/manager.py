@@ -28,14 +28,8 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 
-from fxopt.errors import (
-    FxoptError,
-    NumericMismatchError,
-    PassError,
-    PipelineError,
-    PreconditionError,
-    VerificationError,
-)
+from fxopt.errors import (FxoptError, NumericMismatchError, PassError, PipelineError,
+                          PreconditionError, VerificationError)
 from fxopt.infra.registry import PASSES, PassContext, PassGroup, PassInfo, PassResult
 from fxopt.infra.report import PassRecord, Report
 from fxopt.ir.check import RecordedRun, describe_node, first_divergence, record_run

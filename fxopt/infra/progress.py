@@ -34,13 +34,8 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
         yield from items
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
 
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]

@@ -42,16 +42,9 @@ import torch
 from fxopt.ops.fused import conv_act_reference, linear_act_reference
 from fxopt.ops.schema import define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape
-from fxopt.ops.int8 import (
-    adaptive_avg_pool2d_int8_reference,
-    add_int8_reference,
-    codes_dtype,
-    conv2d_int8_reference,
-    dequantize_reference,
-    linear_int8_reference,
-    max_pool2d_int8_reference,
-    quantize_reference,
-)
+from fxopt.ops.int8 import (adaptive_avg_pool2d_int8_reference, add_int8_reference, codes_dtype,
+                            conv2d_int8_reference, dequantize_reference, linear_int8_reference,
+                            max_pool2d_int8_reference, quantize_reference)
 
 __all__ = ["TRITON_OPS", "triton_on_cpu", "ON_CPU_ENV", "TRITON_CONV2D", "TRITON_DEPTHWISE_CONV2D",
            "TRITON_LINEAR", "TRITON_QUANTIZE", "TRITON_DEQUANTIZE", "TRITON_CONV2D_INT8",

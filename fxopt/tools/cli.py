@@ -353,14 +353,8 @@ def _write_tradeoff(out, err, args, model: nn.Module, example: torch.Tensor, pru
     import json
 
     from fxopt.tools.digits import test_loader
-    from fxopt.tools.tradeoff import (
-        TRADEOFF_EPOCHS,
-        measure_pruning_tradeoff,
-        model_precision,
-        plot_tradeoff,
-        tradeoff_row,
-        tradeoff_table,
-    )
+    from fxopt.tools.tradeoff import (TRADEOFF_EPOCHS, measure_pruning_tradeoff, model_precision,
+                                      plot_tradeoff, tradeoff_row, tradeoff_table)
 
     ratio = float(prune or 0.0)
     int8 = model_precision(opt) == "int8"

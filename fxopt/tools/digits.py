@@ -333,13 +333,8 @@ def _progress_bar(enabled: bool, console, description: str, total: int) -> Itera
         yield lambda _desc=None: None
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
 
     console = console if console is not None else Console(stderr=True)
     with Progress(TextColumn("{task.description}", markup=False), BarColumn(),

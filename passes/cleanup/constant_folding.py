@@ -30,14 +30,8 @@ import torch
 import torch.fx as fx
 
 from fxopt.infra.registry import PassContext, PassResult, register_pass
-from fxopt.ir.graph import (
-    add_buffer,
-    copy_meta,
-    get_attr_value,
-    remove_unused_attributes,
-    set_provenance,
-    tensor_meta_of,
-)
+from fxopt.ir.graph import (add_buffer, copy_meta, get_attr_value, remove_unused_attributes,
+                            set_provenance, tensor_meta_of)
 from fxopt.ir.purity import MutationInfo, erase_dead, is_pure, may_alias_input
 from fxopt.passes.cleanup.common_subexpressions import merge_duplicates
 

@@ -65,24 +65,9 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, method, op_rule
 from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ir.graph import copy_meta, get_attr_value, module_path, tensor_meta
-from fxopt.ops.int8 import (
-    ADD_INT8,
-    AVGPOOL_INT8,
-    CAT_INT8,
-    CONV2D_INT8,
-    DEQUANTIZE,
-    INT8_IR_OPS,
-    LINEAR_INT8,
-    MAXPOOL_INT8,
-    QUANTIZE,
-    AddInt8,
-    AvgPool2dInt8,
-    CatInt8,
-    Dequantize,
-    Int8Layer,
-    MaxPool2dInt8,
-    Quantize,
-)
+from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE, INT8_IR_OPS,
+                            LINEAR_INT8, MAXPOOL_INT8, QUANTIZE, AddInt8, AvgPool2dInt8, CatInt8,
+                            Dequantize, Int8Layer, MaxPool2dInt8, Quantize)
 from fxopt.ops import onednn
 from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
 from fxopt.ops.schema import OpView, schema_of, view_of

@@ -63,36 +63,15 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, module, op_rule
 from fxopt.ir.graph import add_buffer, get_attr_value, tensor_meta
 from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT, FusedLayer
-from fxopt.ops.int8 import (
-    ADD_INT8,
-    AVGPOOL_INT8,
-    CONV2D_INT8,
-    DEQUANTIZE,
-    LINEAR_INT8,
-    MAXPOOL_INT8,
-    QUANTIZE,
-    AddInt8,
-    AvgPool2dInt8,
-    Dequantize,
-    Int8Layer,
-    MaxPool2dInt8,
-    Quantize,
-)
+from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8,
+                            MAXPOOL_INT8, QUANTIZE, AddInt8, AvgPool2dInt8, Dequantize, Int8Layer,
+                            MaxPool2dInt8, Quantize)
 from fxopt.ops.schema import OpSchema
-from fxopt.ops.triton import (
-    TRITON_ADD_INT8,
-    TRITON_CONV2D,
-    TRITON_CONV2D_INT8,
-    TRITON_DEPTHWISE_CONV2D,
-    TRITON_DEPTHWISE_CONV2D_INT8,
-    TRITON_DEQUANTIZE,
-    TRITON_GLOBAL_AVG_POOL2D_INT8,
-    TRITON_LINEAR,
-    TRITON_LINEAR_INT8,
-    TRITON_MAX_POOL2D_INT8,
-    TRITON_QUANTIZE,
-    triton_on_cpu,
-)
+from fxopt.ops.triton import (TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
+                              TRITON_DEPTHWISE_CONV2D, TRITON_DEPTHWISE_CONV2D_INT8,
+                              TRITON_DEQUANTIZE, TRITON_GLOBAL_AVG_POOL2D_INT8, TRITON_LINEAR,
+                              TRITON_LINEAR_INT8, TRITON_MAX_POOL2D_INT8, TRITON_QUANTIZE,
+                              triton_on_cpu)
 from fxopt.passes.lower.triton_report import layout_copies, left_on_pytorch, op_name, user_name
 from fxopt.quant.measure import output_step
 

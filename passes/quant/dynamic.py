@@ -33,14 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt.infra.registry import PassContext, PassResult
-from fxopt.ir.graph import (
-    add_buffer,
-    copy_meta,
-    get_attr_value,
-    module_path,
-    remove_unused_attributes,
-    tensor_meta_of,
-)
+from fxopt.ir.graph import (add_buffer, copy_meta, get_attr_value, module_path,
+                            remove_unused_attributes, tensor_meta_of)
 from fxopt.ops.fused import FusedConv, FusedLinear
 from fxopt.ops.int8_dynamic import (LINEAR_INT8_DYNAMIC, LinearInt8Dynamic, dynamic_qparams,
                                     fake_quantize_dynamic)

@@ -9,15 +9,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxopt.ir.purity import (
-    MutationInfo,
-    erase_dead,
-    has_side_effects,
-    is_inplace,
-    is_pure,
-    is_pure_module,
-    is_random,
-)
+from fxopt.ir.purity import (MutationInfo, erase_dead, has_side_effects, is_inplace, is_pure,
+                             is_pure_module, is_random)
 
 
 def _graph(build) -> tuple[fx.GraphModule, dict[str, fx.Node]]:

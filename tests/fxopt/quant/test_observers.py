@@ -9,16 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxopt.errors import InputError, PipelineError
-from fxopt.quant.observers import (
-    OBSERVERS,
-    HistogramObserver,
-    MinMaxObserver,
-    MovingAverageMinMaxObserver,
-    MSEObserver,
-    PercentileObserver,
-    PerChannelMinMaxObserver,
-    make_observer,
-)
+from fxopt.quant.observers import (OBSERVERS, HistogramObserver, MinMaxObserver,
+                                   MovingAverageMinMaxObserver, MSEObserver, PercentileObserver,
+                                   PerChannelMinMaxObserver, make_observer)
 from fxopt.quant.qparams import QParams, qparams_from_range, quant_range
 
 VALUES = torch.tensor([-1.0, 0.0, 1.0, 2.0, 3.0])  # values -1..3

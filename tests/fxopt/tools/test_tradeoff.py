@@ -14,13 +14,8 @@ import torch
 
 import fxopt
 from fxopt.tools import cli, digits
-from fxopt.tools.tradeoff import (
-    ROW_FIELDS,
-    measure_pruning_tradeoff,
-    model_precision,
-    plot_tradeoff,
-    tradeoff_table,
-)
+from fxopt.tools.tradeoff import (ROW_FIELDS, measure_pruning_tradeoff, model_precision,
+                                  plot_tradeoff, tradeoff_table)
 
 pytest.importorskip("matplotlib", reason="plots need matplotlib (pip install 'fxopt[draw]')")
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -21,13 +21,8 @@ from fxopt.infra.rewrite import apply_rules
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.ops.int8 import AVGPOOL_INT8, CAT_INT8
 from fxopt.ops.schema import view_of
-from fxopt.ops.triton import (
-    TRITON_ADD_INT8,
-    TRITON_CONV2D,
-    TRITON_CONV2D_INT8,
-    TRITON_DEPTHWISE_CONV2D_INT8,
-    TRITON_MAX_POOL2D_INT8,
-)
+from fxopt.ops.triton import (TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
+                              TRITON_DEPTHWISE_CONV2D_INT8, TRITON_MAX_POOL2D_INT8)
 from fxopt.pipelines import expand_pipeline
 
 pytest.importorskip("triton")

@@ -22,13 +22,9 @@ from fxopt.ir.check import record_run
 from fxopt.ir.metrics import count_macs
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.ir.verify import verify_structure
-from fxopt.ops.int8_dynamic import (
-    LinearInt8Dynamic,
-    dynamic_fast_path_available,
-    dynamic_qparams,
-    fake_quantize_dynamic,
-    linear_int8_dynamic_reference,
-)
+from fxopt.ops.int8_dynamic import (LinearInt8Dynamic, dynamic_fast_path_available,
+                                    dynamic_qparams, fake_quantize_dynamic,
+                                    linear_int8_dynamic_reference)
 from fxopt.quant.config import QuantConfig
 
 qd = __import__("fxopt.passes.quant.dynamic", fromlist=["dynamic"])
