@@ -9,8 +9,9 @@ output allocation, grid) and a plain PyTorch reference of the same math:
   stride/padding/dilation/groups;
 - ``depthwise``: ``depthwise_conv2d`` / ``depthwise_conv2d_int8``, a direct NHWC kernel;
 - ``quant``: ``quantize`` / ``dequantize`` (per tensor, PyTorch's rounding);
-- ``elementwise``: ``add_int8`` (residual add of codes, requantized), ``max_pool2d_int8`` and
-  ``global_avg_pool2d_int8`` (pooling of codes, NHWC);
+- ``elementwise``: ``add`` (float residual add, activation fused), ``add_int8`` (residual add
+  of codes, requantized), ``max_pool2d_int8`` and ``global_avg_pool2d_int8`` (pooling of codes,
+  NHWC);
 - ``epilogue``: scale, bias, residual, activation (``ACTIVATIONS``), float or requantized
   output, shared by all of the above.
 
@@ -28,12 +29,13 @@ from fxopt.triton_kernels._runtime import interpreting
 from fxopt.triton_kernels.conv import conv2d, conv2d_int8, prepare_conv_weight
 from fxopt.triton_kernels.depthwise import (depthwise_conv2d, depthwise_conv2d_int8,
                                             prepare_depthwise_weight)
-from fxopt.triton_kernels.elementwise import add_int8, global_avg_pool2d_int8, max_pool2d_int8
+from fxopt.triton_kernels.elementwise import (add, add_int8, global_avg_pool2d_int8,
+                                             max_pool2d_int8)
 from fxopt.triton_kernels.epilogue import ACTIVATIONS
 from fxopt.triton_kernels.gemm import linear, linear_int8, weight_colsum
 from fxopt.triton_kernels.quant import dequantize, quantize
 
 __all__ = ["interpreting", "ACTIVATIONS", "linear", "linear_int8", "weight_colsum", "conv2d",
            "conv2d_int8", "prepare_conv_weight", "depthwise_conv2d", "depthwise_conv2d_int8",
-           "prepare_depthwise_weight", "quantize", "dequantize", "add_int8", "max_pool2d_int8",
-           "global_avg_pool2d_int8"]
+           "prepare_depthwise_weight", "quantize", "dequantize", "add", "add_int8",
+           "max_pool2d_int8", "global_avg_pool2d_int8"]

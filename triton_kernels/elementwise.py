@@ -1,8 +1,14 @@
-"""Int8 elementwise and pooling kernels on codes: residual add, max and global average pooling.
+"""Elementwise and pooling kernels: the float residual add; on int8 codes, the residual add,
+max and global average pooling.
 
-What sits between the int8 convolutions of a residual CNN, so that codes never leave the GPU as
-float tensors (one pass over memory each, no int64 temporaries):
+What sits between the convolutions of a residual CNN (one pass over memory each, no int64
+temporaries; the int8 ones keep codes on the GPU, never float tensors):
 
+- ``add``: ``act(a + b)`` of two fp16/bf16/fp32 tensors of one dtype, summed in float32 and
+  rounded once to that dtype (so ``none``/``relu`` equal PyTorch's ``a + b`` bit for bit).
+  Flat over ``a``'s storage: ``a`` dense (contiguous, channels-last, any dense permutation), the
+  output with its strides; ``b`` broadcasts to ``a``'s shape with any strides (read in place,
+  no copy: its strides are collapsed onto ``a``'s memory order, up to 4 dimensions).
 - ``add_int8``: ``act((a - a_zp) * a_scale + (b - b_zp) * b_scale)`` requantized onto the
   ``y`` grid, the arithmetic of ``fxopt.add_int8`` (float32 products and sum, activation,
   ``clamp(rint(y * (1/y_scale)) + y_zp, y_qmin, y_qmax)`` with the float32 reciprocal and round
@@ -17,6 +23,7 @@ float tensors (one pass over memory each, no int64 temporaries):
   PyTorch sums the float values instead, so a code can differ by one where the mean sits
   within float32 rounding of a half-way point.
 
+    y = add(x_nhwc, r_nhwc, act="relu")                                   # float, a's layout
     y = add_int8(a, 0.05, 128, b, 0.04, 120, 0.06, 0, act="relu")           # uint8 codes
     p = max_pool2d_int8(q_nhwc, 3, stride=2, padding=1)
     g = global_avg_pool2d_int8(q_nhwc, 0.06, 0, qmin=0, qmax=255)          # [B, C, 1, 1]
@@ -29,15 +36,37 @@ import torch
 import triton
 import triton.language as tl
 
-from fxopt.triton_kernels._runtime import (CODE_DTYPES, Kernel, as_float, as_int, as_pair,
-                                           check_device, code_range, float_reciprocal)
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int,
+                                           as_pair, check_device, code_range, float_reciprocal)
 from fxopt.triton_kernels.epilogue import (act_code, activation_reference, apply_act,
                                            quantize_reference, requantize)
 
-__all__ = ["add_int8", "max_pool2d_int8", "global_avg_pool2d_int8", "add_int8_reference",
-           "max_pool2d_int8_reference", "global_avg_pool2d_int8_reference", "pool_output_size"]
+__all__ = ["add", "add_int8", "max_pool2d_int8", "global_avg_pool2d_int8", "add_reference",
+           "add_int8_reference", "max_pool2d_int8_reference", "global_avg_pool2d_int8_reference",
+           "pool_output_size"]
 
 # -- kernels ----------------------------------------------------------------------------------
+@triton.jit
+def _add_float_kernel(a_ptr, b_ptr, out_ptr, n, D1, D2, D3, sb0, sb1, sb2, sb3, act_a0, act_a1,
+                      B_FLAT: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # offs: the offset in a's (and out's) storage. b: the same offsets when it has a's layout
+    # (B_FLAT), else the index in a's memory order [D0, D1, D2, D3] through b's strides
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    if B_FLAT:
+        b_offs = offs
+    else:
+        i3 = offs % D3
+        t = offs // D3
+        i2 = t % D2
+        t = t // D2
+        b_offs = (t // D1) * sb0 + (t % D1) * sb1 + i2 * sb2 + i3 * sb3
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + b_offs, mask=mask, other=0.0).to(tl.float32)
+    y = apply_act(a + b, ACT, act_a0, act_a1)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _add_int8_kernel(a_ptr, b_ptr, out_ptr, n, a_scale, a_zp, b_scale, b_zp,
                      act_a0, act_a1, y_inv_scale, y_zp, y_qmin, y_qmax,
@@ -127,6 +156,7 @@ def _gap_configs():
             for bh, bc, w in [(8, 128, 4), (16, 64, 4), (4, 256, 4), (32, 128, 8), (16, 256, 8)]]
 
 
+_add_float = Kernel(_add_float_kernel, _add_configs, ["n"], {"BLOCK": 256})
 _add = Kernel(_add_int8_kernel, _add_configs, ["n"], {"BLOCK": 256},
               do_not_specialize=["a_zp", "b_zp"])
 _max_pool = Kernel(_max_pool_kernel, _pool_configs, ["M", "C", "H", "W"],
@@ -199,6 +229,71 @@ def _small(name, *numels):
 
 
 # -- launchers --------------------------------------------------------------------------------
+def _b_index(a: torch.Tensor, b: torch.Tensor):
+    """How the kernel reads ``b`` (broadcast to ``a``'s shape) at each offset of ``a``'s dense
+    storage: ``(b, flat, [D1, D2, D3], [s0, s1, s2, s3])``. ``a``'s dims in its memory order,
+    size-1 dims dropped, neighbours merged where ``b``'s strides allow; ``flat`` when ``b`` is
+    laid out as ``a`` (same offsets). More than 4 dims left (rare): ``b`` copied to a's layout."""
+    bb = b.expand(a.shape)
+    dims = sorted((d for d in range(a.dim()) if a.shape[d] != 1), key=lambda d: -a.stride(d))
+    sizes, strides = [a.shape[d] for d in dims], [bb.stride(d) for d in dims]
+    i = len(sizes) - 1
+    while i > 0:  # merge dim i into dim i-1 when b steps through both as one
+        if strides[i - 1] == strides[i] * sizes[i]:
+            sizes[i - 1] *= sizes.pop(i)
+            strides.pop(i - 1)
+        i -= 1
+    if len(sizes) > 4:
+        bb, sizes, strides = torch.empty_like(a).copy_(bb), [a.numel()], [1]
+    if len(sizes) <= 1 and strides in ([], [1]):
+        return bb, True, [1, 1, 1], [0, 0, 0, 0]
+    sizes, strides = [1] * (4 - len(sizes)) + sizes, [0] * (4 - len(strides)) + strides
+    return bb, False, sizes[1:], strides
+
+
+def add(a: torch.Tensor, b: torch.Tensor, *, act: str = "none", act_args=(),
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(a + b)`` for fp16/bf16/fp32 tensors of one dtype, in ``a``'s layout. ``a`` must be
+    dense (contiguous, channels-last, any dense permutation); ``b`` broadcasts to ``a``'s shape,
+    any strides. The sum is float32, rounded once to the dtype; ``act`` is any of
+    ``ACTIVATIONS``. ``out`` (optional) has ``a``'s shape, dtype and strides, and is neither
+    input."""
+    name = "add"
+    for what, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: {what} must be a float16, bfloat16 or float32 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name}: a and b must have one dtype, got {a.dtype} and {b.dtype} "
+                        "(convert one first)")
+    try:
+        fits = tuple(torch.broadcast_shapes(a.shape, b.shape)) == tuple(a.shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name}: b must broadcast to a's shape (a is not broadcast), got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if not _is_dense(a):
+        raise ValueError(f"{name}: a must be dense (got strides {a.stride()} for shape "
+                         f"{tuple(a.shape)}); pass a.contiguous(memory_format=...)")
+    check_device(name, {"a": a, "b": b, "out": out})
+    code, a0, a1 = act_code(act, act_args)
+    _small(name, a.numel())
+    out = _check_out(name, out, a.shape, a.dtype, a.stride())
+    if out is None:
+        out = torch.empty_like(a)  # dense input: keeps its strides
+    elif out.numel() and any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                             for t in (a, b)):
+        raise ValueError(f"{name}: out must not share memory with a or b (autotuning runs the "
+                         "kernel several times)")
+    n = a.numel()
+    if n:
+        b2, flat, (d1, d2, d3), (s0, s1, s2, s3) = _b_index(a, b)
+        _add_float[lambda META: (triton.cdiv(n, META["BLOCK"]),)](
+            a, b2, out, n, d1, d2, d3, s0, s1, s2, s3, a0, a1, B_FLAT=flat, ACT=code)
+    return out
+
+
 def add_int8(a: torch.Tensor, a_scale, a_zp, b: torch.Tensor, b_scale, b_zp, y_scale, y_zp, *,
              act: str = "none", act_args=(), y_qmin: int | None = None,
              y_qmax: int | None = None, out_dtype: torch.dtype | None = None,
@@ -311,6 +406,13 @@ def global_avg_pool2d_int8(q: torch.Tensor, scale, zp, qmin: int | None = None,
 
 
 # -- references: plain PyTorch ----------------------------------------------------------------
+def add_reference(a, b, *, act="none", act_args=()) -> torch.Tensor:
+    """The kernel's math: ``a + b`` in float32 (float64 inputs: float64, the test reference),
+    the activation, rounded once to ``a``'s dtype."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return activation_reference(a.to(acc) + b.to(acc), act, act_args).to(a.dtype)
+
+
 def _values(q, scale, zp):
     return (q.to(torch.int32) - int(zp)).float() * torch.tensor(float(scale), dtype=torch.float32,
                                                                 device=q.device)

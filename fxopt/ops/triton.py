@@ -6,6 +6,7 @@ held as a buffer) and its grids as plain numbers (no device sync per call):
     y = torch.ops.fxopt.triton_conv2d(x, w_nhwc, b, [1, 1], [1, 1], [1, 1], 1, res, act="relu")
     y = torch.ops.fxopt.triton_depthwise_conv2d(x, w_khkw_c, b, [3, 3], [2, 2], [1, 1], [1, 1])
     y = torch.ops.fxopt.triton_linear(x, w_nk, b, act="gelu")
+    y = torch.ops.fxopt.triton_add(y, r, act="relu")          # float residual add, b broadcasts
     q = torch.ops.fxopt.triton_quantize(x, 0.02, 128, 0, 255)                  # float -> codes
     q = torch.ops.fxopt.triton_conv2d_int8(q, w_q_nhwc, w_s, b, colsum, [1, 1], [1, 1], [1, 1], 1,
                                            0.02, 128, 0.05, 0, act="relu", out_int8=True)
@@ -16,8 +17,9 @@ held as a buffer) and its grids as plain numbers (no device sync per call):
 
 Same math as ``conv2d_act`` / ``linear_act`` / the int8 IR of ``fxopt.ops_int8`` (the global
 average pooling sums the codes exactly where the IR sums float32 values: one code apart at
-rounding ties). Convolution and pooling outputs are always channels-last (the kernels write
-NHWC), an int8 add keeps its first input's layout, so a chain of convolutions carries NHWC
+rounding ties); ``triton_add`` is ``act(a + b)`` (the sum rounded once to the dtype, as PyTorch
+adds). Convolution and pooling outputs are always channels-last (the kernels write NHWC), an add
+(float or int8) keeps its first input's layout, so a chain of convolutions carries NHWC
 activations (and int8 codes between quantized layers) without layout copies; an input that is
 not channels-last is converted on entry (the pass reports where that would happen).
 
@@ -39,6 +41,7 @@ import os
 
 import torch
 
+from fxopt.ir.activations import apply_activation
 from fxopt.ops.fused import conv_act_reference, linear_act_reference
 from fxopt.ops.schema import define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape
@@ -47,9 +50,9 @@ from fxopt.ops.int8 import (adaptive_avg_pool2d_int8_reference, add_int8_referen
                             max_pool2d_int8_reference, quantize_reference)
 
 __all__ = ["TRITON_OPS", "triton_on_cpu", "ON_CPU_ENV", "TRITON_CONV2D", "TRITON_DEPTHWISE_CONV2D",
-           "TRITON_LINEAR", "TRITON_QUANTIZE", "TRITON_DEQUANTIZE", "TRITON_CONV2D_INT8",
-           "TRITON_DEPTHWISE_CONV2D_INT8", "TRITON_LINEAR_INT8", "TRITON_ADD_INT8",
-           "TRITON_MAX_POOL2D_INT8", "TRITON_GLOBAL_AVG_POOL2D_INT8"]
+           "TRITON_LINEAR", "TRITON_ADD", "TRITON_QUANTIZE", "TRITON_DEQUANTIZE",
+           "TRITON_CONV2D_INT8", "TRITON_DEPTHWISE_CONV2D_INT8", "TRITON_LINEAR_INT8",
+           "TRITON_ADD_INT8", "TRITON_MAX_POOL2D_INT8", "TRITON_GLOBAL_AVG_POOL2D_INT8"]
 
 ON_CPU_ENV = "FXOPT_TRITON_ON_CPU"
 
@@ -170,6 +173,14 @@ def _triton_linear(x, weight, bias, residual=None, *, act="none", act_args=()):
     res = _residual(residual, (*x.shape[:-1], weight.shape[0]))
     return _run(x, lambda tk: tk.linear(x, weight, bias, res, act=act, act_args=list(act_args),
                                         allow_tf32=_tf32(x, False)))
+
+
+def _triton_add(a, b, *, act="none", act_args=()):
+    fmt = _add_format(a)
+    if _kernels(a) is None:  # what the graph ran before: a + b in the dtype, then act
+        return apply_activation(a + b, act, list(act_args)).contiguous(memory_format=fmt)
+    return _run(a, lambda tk: tk.add(a.contiguous(memory_format=fmt), b, act=act,
+                                     act_args=list(act_args)))
 
 
 # -- int8 -------------------------------------------------------------------------------------
@@ -349,6 +360,10 @@ def _linear_fake(x, weight, bias, residual=None, *, act="none", act_args=()):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _add_fake(a, b, *, act="none", act_args=()):
+    return torch.empty(a.shape, dtype=a.dtype, device=a.device, memory_format=_add_format(a))
+
+
 def _quantize_fake(x, scale, zp, qmin, qmax):
     return torch.empty_like(x, dtype=codes_dtype(qmin))
 
@@ -426,6 +441,7 @@ TRITON_DEPTHWISE_CONV2D = _op(
 TRITON_LINEAR = _op(
     "triton_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, " + _ACT,
     _triton_linear, _linear_fake, weight_macs("weight"))
+TRITON_ADD = _op("triton_add(Tensor a, Tensor b, " + _ACT, _triton_add, _add_fake)
 TRITON_QUANTIZE = _op(
     "triton_quantize(Tensor x, float scale, int zp, int qmin, int qmax) -> Tensor",
     _triton_quantize, _quantize_fake, quantized=True)
@@ -455,6 +471,6 @@ TRITON_GLOBAL_AVG_POOL2D_INT8 = _op(
     _triton_global_avg_pool2d_int8, _global_avg_pool_int8_fake, quantized=True)
 
 TRITON_OPS = tuple(op.overload for op in (
-    TRITON_CONV2D, TRITON_DEPTHWISE_CONV2D, TRITON_LINEAR, TRITON_QUANTIZE, TRITON_DEQUANTIZE,
-    TRITON_CONV2D_INT8, TRITON_DEPTHWISE_CONV2D_INT8, TRITON_LINEAR_INT8, TRITON_ADD_INT8,
-    TRITON_MAX_POOL2D_INT8, TRITON_GLOBAL_AVG_POOL2D_INT8))
+    TRITON_CONV2D, TRITON_DEPTHWISE_CONV2D, TRITON_LINEAR, TRITON_ADD, TRITON_QUANTIZE,
+    TRITON_DEQUANTIZE, TRITON_CONV2D_INT8, TRITON_DEPTHWISE_CONV2D_INT8, TRITON_LINEAR_INT8,
+    TRITON_ADD_INT8, TRITON_MAX_POOL2D_INT8, TRITON_GLOBAL_AVG_POOL2D_INT8))

@@ -7,12 +7,14 @@ source's arguments through its op view, prepares the weight once into the layout
 reads (a new buffer of the module, shared by every op reading that weight), and writes the
 kernel op by name through its schema (``fxopt.ops.triton``), grids as plain numbers:
 
-    source (fxopt. or nn.)          kernel (fxopt.)                  weight as
+    source (fxopt., nn., operator.) kernel (fxopt.)                  weight as
     conv2d_act, depthwise           triton_depthwise_conv2d          [KH*KW, C]
     conv2d_act                      triton_conv2d                    channels-last
     linear_act                      triton_linear                    [N, K], contiguous
     Conv2d (depthwise), Conv2d      the same two, act="none"
     Linear                          triton_linear
+    a + b, float, one dtype         triton_add(a, b)                 (b broadcasts to a, or swapped)
+    act(triton_add(a, b))           triton_add(a, b, act=...)        (the activation fused)
     quantize(x, s, zp, lo, hi)      triton_quantize(x, float(s), int(zp), lo, hi)
     dequantize(q, s, zp)            triton_dequantize(q, float(s), int(zp))
     conv2d_int8, depthwise          triton_depthwise_conv2d_int8     [KH*KW, C]
@@ -24,15 +26,18 @@ kernel op by name through its schema (``fxopt.ops.triton``), grids as plain numb
 
 ("depthwise": ``groups`` equal to the input and output channels, one input channel per group.)
 A case a kernel cannot take is ``m.reject(why)`` in its row's check: the op stays on PyTorch
-and the notes say why. A new kernel is a row: ``_row(SOURCE, TRITON_KERNEL, values, check)``;
+and the notes say why. A new kernel is a row: ``_row(SOURCE, TRITON_KERNEL, values, check)``
+(``SOURCE``: an fxopt op, an ``nn.Module`` type or a PyTorch function such as ``operator.add``);
 its stats key is the kernel's name without ``triton_``.
 
 The convolution kernels write channels-last outputs, so activations stay NHWC from the graph's
 entry (``fuse_act`` puts the one conversion there) to its exit, and int8 codes flow between
 quantized layers; ``stats["layout_copies"]`` counts the kernel inputs that would still need a
 conversion. The residual adds and the pooling of an int8 CNN run on the codes too (one pass
-each, outputs channels-last). Ops with no row (``cat_int8``, ``conv1d_act``, float pooling, ...)
-stay on PyTorch; the notes name each of them.
+each, outputs channels-last); a float residual add that ``fuse_act`` could not fold into a
+convolution (after an activation, a broadcast operand) is one kernel, its activation fused.
+Ops with no row (``cat_int8``, ``conv1d_act``, float pooling, ...) stay on PyTorch; the notes
+name each of them.
 
 Reference (DESIGN.md section 4): the graph before the pass. Float graphs must equal it to the
 output dtype's tolerance (fp16/bf16 1e-2, fp32 1e-5, TF32 where PyTorch allows it); int8 graphs
@@ -51,6 +56,7 @@ in Triton's interpreter: tests, CI). Worked example, ``tests/passes/lower/test_t
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -60,18 +66,20 @@ import torch.nn as nn
 
 from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
-from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, module, op_rule
+from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module, op_rule
+from fxopt.ir.activations import CAPTURE_FORMS
 from fxopt.ir.graph import add_buffer, get_attr_value, tensor_meta
 from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT, FusedLayer
 from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8,
                             MAXPOOL_INT8, QUANTIZE, AddInt8, AvgPool2dInt8, Dequantize, Int8Layer,
                             MaxPool2dInt8, Quantize)
 from fxopt.ops.schema import OpSchema
-from fxopt.ops.triton import (TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
+from fxopt.ops.triton import (TRITON_ADD, TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
                               TRITON_DEPTHWISE_CONV2D, TRITON_DEPTHWISE_CONV2D_INT8,
                               TRITON_DEQUANTIZE, TRITON_GLOBAL_AVG_POOL2D_INT8, TRITON_LINEAR,
                               TRITON_LINEAR_INT8, TRITON_MAX_POOL2D_INT8, TRITON_QUANTIZE,
                               triton_on_cpu)
+from fxopt.passes.fusion.fuse_act import act_spec
 from fxopt.passes.lower.triton_report import layout_copies, left_on_pytorch, op_name, user_name
 from fxopt.quant.measure import output_step
 
@@ -199,6 +207,69 @@ def _linear_values(m: Match, b: Builder) -> dict[str, Any]:
     return args
 
 
+# -- float residual adds: a + b (after fuse_act, the adds it could not fold into a layer) ---------
+def _nhwc(tm) -> bool:
+    """Whether recorded tensor metadata ``tm`` is channels-last 4-D memory."""
+    return len(tm.shape) == 4 and torch.empty_strided(
+        tuple(tm.shape), tuple(tm.stride), device="meta").is_contiguous(
+            memory_format=torch.channels_last)
+
+
+def _float_add_fits(m: Match) -> bool:
+    """Two tensors of one float dtype, one of them of the output's shape: it is ``a`` (``b``
+    broadcasts to it; ``+`` commutes exactly, so the operands may swap), the channels-last one
+    if only one is (the output takes ``a``'s layout: NHWC stays NHWC between the convolutions)."""
+    n = m.root
+    if len(n.args) != 2 or n.kwargs or not all(isinstance(v, fx.Node) for v in n.args):
+        return False  # a number added, or not a plain call: not a residual add
+    (x, y), (tx, ty), out = n.args, (tensor_meta(v) for v in n.args), tensor_meta(n)
+    if tx is None or ty is None or out is None:
+        return False  # not tensors (shape arithmetic)
+    if tx.dtype not in _FLOATS or ty.dtype not in _FLOATS:
+        return _skip(m, f"dtypes {tx.dtype}, {ty.dtype} (the kernel adds fp16, bf16, fp32)")
+    if tx.dtype != ty.dtype:
+        return _skip(m, f"dtypes {tx.dtype} and {ty.dtype} (the kernel adds one dtype)")
+    if tuple(tx.shape) == tuple(out.shape) and not (_nhwc(ty) and not _nhwc(tx)
+                                                    and tuple(ty.shape) == tuple(out.shape)):
+        m.data["ab"] = (x, y)
+    elif tuple(ty.shape) == tuple(out.shape):
+        m.data["ab"] = (y, x)
+    else:
+        return _skip(m, f"both operands broadcast ({tuple(tx.shape)} + {tuple(ty.shape)})")
+    return True
+
+
+def _float_add_values(m: Match, b: Builder) -> dict[str, Any]:
+    a, other = m.data["ab"]
+    return {"a": a, "b": other}
+
+
+_act = call("act", *(row.canonical for row in CAPTURE_FORMS.values()), torch.clamp)
+_lowered_add = call("add", TRITON_ADD.overload)
+
+
+def _add_act_fits(m: Match) -> bool:
+    """The activation after a ``triton_add`` with none yet, one the kernel's epilogue runs."""
+    from fxopt.triton_kernels.epilogue import act_code
+
+    if TRITON_ADD.view.of(m.nodes["add"]).act != "none":
+        return False
+    spec = act_spec(m.nodes["act"])
+    if isinstance(spec, str):
+        return _skip(m, f"not fused into triton_add: {spec}")
+    try:
+        act_code(*spec)
+    except ValueError as e:
+        return _skip(m, str(e))
+    m.data["act"] = spec
+    return True
+
+
+def _add_act(m: Match, b: Builder) -> fx.Node:
+    act, act_args = m.data["act"]
+    return TRITON_ADD.view.of(m.nodes["add"]).emit(b, act=act, act_args=act_args)
+
+
 # -- int8 layers --------------------------------------------------------------------------------
 def _int8_layer(m: Match) -> bool:
     v = Int8Layer.of(m.root)
@@ -322,11 +393,12 @@ def _avg_pool_values(m: Match, b: Builder) -> dict[str, Any]:
 
 
 # -- the table ----------------------------------------------------------------------------------
-def _row(source: OpSchema | type[nn.Module], kernel: OpSchema,
+def _row(source: OpSchema | type[nn.Module] | Callable, kernel: OpSchema,
          values: Callable[[Match, Builder], dict[str, Any]],
          check: Callable[[Match], bool] | None = None) -> Rule:
-    """Calls of ``source`` (an fxopt op, or an ``nn.Module`` type) onto ``kernel`` where
-    ``check`` passes; ``values(m, b)`` are the kernel's arguments by name."""
+    """Calls of ``source`` (an fxopt op, an ``nn.Module`` type, or a function such as
+    ``operator.add``) onto ``kernel`` where ``check`` passes; ``values(m, b)`` are the kernel's
+    arguments by name."""
 
     def replace(m: Match, b: Builder) -> fx.Node:
         b.tally(kernel.name.removeprefix("triton_"))  # the stats key
@@ -334,6 +406,8 @@ def _row(source: OpSchema | type[nn.Module], kernel: OpSchema,
 
     if isinstance(source, OpSchema):
         return op_rule(f"{source.name} -> {kernel.name}", [source.overload], replace, check)
+    if not isinstance(source, type):  # a function (capture's canonical form: operator.add)
+        return op_rule(f"{source.__name__} -> {kernel.name}", [source], replace, check)
     layer = module(f"{source.__name__} -> {kernel.name}", source)
     return Rule(layer.name, lambda x: layer(x), replace, check)
 
@@ -350,6 +424,7 @@ RULES = [
     _row(nn.Conv2d, TRITON_DEPTHWISE_CONV2D, _depthwise_values, _and(_float_layer, _depthwise)),
     _row(nn.Conv2d, TRITON_CONV2D, _conv_values, _float_layer),
     _row(nn.Linear, TRITON_LINEAR, _linear_values, _float_layer),
+    _row(operator.add, TRITON_ADD, _float_add_values, _float_add_fits),
     # int8
     _row(QUANTIZE, TRITON_QUANTIZE, _quantize_values, _quantize_fits),
     _row(DEQUANTIZE, TRITON_DEQUANTIZE, _dequantize_values, _dequantize_fits),
@@ -360,6 +435,9 @@ RULES = [
     _row(ADD_INT8, TRITON_ADD_INT8, _add_values, _add_fits),
     _row(MAXPOOL_INT8, TRITON_MAX_POOL2D_INT8, _max_pool_values, _max_pool_fits),
     _row(AVGPOOL_INT8, TRITON_GLOBAL_AVG_POOL2D_INT8, _avg_pool_values, _avg_pool_fits),
+    # epilogue: an activation after a lowered add (the add's row fired first, in graph order)
+    Rule("act(triton_add) -> triton_add", lambda x: _act(_lowered_add(x)), _add_act,
+         _add_act_fits),
 ]
 
 
@@ -385,9 +463,9 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     reference = copy.deepcopy(gm)
     step = output_step(gm)
     result = apply_rules(gm, RULES, context=TritonLowering())
-    if result.count == 0:  # every candidate was rejected: the graph is as it was
-        return PassResult(gm, modified=False, notes=["no op could be lowered: " +
-                                                     "; ".join(result.rejected)])
+    if result.count == 0:  # every candidate was rejected (or none fit): the graph is as it was
+        return PassResult(gm, modified=False, notes=["no op could be lowered: " + "; ".join(
+            result.rejected)] if result.rejected else [])
     copies, left = layout_copies(gm), left_on_pytorch(gm)
     notes = []
     if result.rejected:

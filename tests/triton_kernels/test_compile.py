@@ -50,6 +50,8 @@ CASES = {
                        dict(KH=3, KW=3, IS_INT8=False, **FLOAT_EP, BLOCK_M=32, BLOCK_C=64)),
     "quantize": (Q._quantize, dict(x_ptr="*bf16", q_ptr="*i8"), dict(BLOCK=1024)),
     "dequantize": (Q._dequantize, dict(q_ptr="*u8", x_ptr="*fp32"), dict(BLOCK=1024)),
+    "add_bf16": (E._add_float, dict(a_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16"),
+                 dict(B_FLAT=False, ACT=ACTIVATIONS["silu"].code, BLOCK=1024)),
     "add_int8": (E._add, dict(a_ptr="*u8", b_ptr="*u8", out_ptr="*u8", a_zp="i32", b_zp="i32"),
                  dict(ACT=1, BLOCK=1024)),
     "max_pool_int8": (E._max_pool, dict(x_ptr="*u8", out_ptr="*u8"),

@@ -1,4 +1,9 @@
-"""add_int8 / max_pool2d_int8 / global_avg_pool2d_int8 kernels against fxopt's int8 IR references.
+"""The float ``add`` against a float64 reference; add_int8 / max_pool2d_int8 /
+global_avg_pool2d_int8 against fxopt's int8 IR references.
+
+``add`` (fp32/fp16/bf16): within the dtype's tolerance of the float64 sum, and equal to
+PyTorch's ``a + b`` (then relu) bit for bit, except bf16 under the interpreter, whose float32 ->
+bfloat16 conversion truncates (compiled kernels round to nearest even).
 
 Exactness: ``add_int8`` with the piecewise-linear activations (none, relu, relu6, leaky_relu,
 hardtanh) and ``max_pool2d_int8`` equal the references code for code (same float32 operations;
@@ -7,11 +12,14 @@ one code. ``global_avg_pool2d_int8`` sums exactly in int32 where PyTorch sums fl
 it may differ from ``adaptive_avg_pool2d_int8_reference`` by one code where the mean falls within
 float32 rounding of a half-way point (it equals its own exact-sum reference bit for bit).
 """
+import math
+
 import pytest
 import torch
 
 from fxopt.ops import int8 as IR
 from fxopt.triton_kernels import elementwise as E
+from fxopt.triton_kernels.epilogue import ACTIVATIONS
 
 
 def _t(v, dtype=torch.float32):
@@ -29,6 +37,105 @@ SHAPES = [((1,), False), ((17,), False), ((127,), False), ((1001,), False),
           ((2, 17, 5, 7), True), ((2, 17, 5, 7), False), ((1, 3, 1, 1), True)]
 
 
+# -- float add ------------------------------------------------------------------------------------
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _floats(shape, dtype, device, channels_last=False):
+    t = torch.randn(shape, device=device).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def _exact(dtype, device) -> bool:
+    """Whether the kernel rounds as PyTorch does (bf16 under the interpreter truncates)."""
+    return dtype != torch.bfloat16 or device.type == "cuda"
+
+
+def _f64(t):
+    return t.cpu().double()
+
+
+@pytest.mark.parametrize("shape,cl", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_add(device, tk, shape, cl, dtype, act):
+    a, b = _floats(shape, dtype, device, cl), _floats(shape, dtype, device, cl)
+    out = tk.poisoned(shape, dtype, device, channels_last=cl)
+    y = E.add(a, b, act=act, out=out)
+    assert y is out and y.dtype == dtype
+    tk.assert_float_close(y.cpu(), E.add_reference(_f64(a), _f64(b), act=act), dtype)
+    if _exact(dtype, device):
+        assert torch.equal(y, E.add_reference(a, b, act=act))
+        assert torch.equal(y, torch.relu(a + b) if act == "relu" else a + b)
+
+
+@pytest.mark.parametrize("a_shape,b_shape,a_cl,b_cl", [
+    ((2, 17, 5, 7), (17, 1, 1), True, False),      # a per-channel term, NHWC a
+    ((2, 17, 5, 7), (1, 17, 1, 1), False, False),
+    ((2, 17, 5, 7), (2, 1, 5, 7), True, False),    # broadcast over the channels
+    ((2, 17, 5, 7), (), True, False),              # a 0-d tensor
+    ((2, 17, 5, 7), (2, 17, 5, 7), True, False),   # one shape, two layouts: b read by strides
+    ((2, 17, 5, 7), (2, 17, 5, 7), False, True),
+    ((3, 33), (33,), False, False),
+    ((2, 3, 4, 5, 6), (3, 1, 5, 1), False, False),  # 5 dims left after merging: b copied
+], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_add_broadcast_and_layouts(device, tk, a_shape, b_shape, a_cl, b_cl, dtype):
+    a = _floats(a_shape, dtype, device, a_cl)
+    b = _floats(b_shape, dtype, device, b_cl)
+    out = tk.poisoned(a_shape, dtype, device, channels_last=a_cl)
+    y = E.add(a, b, act="relu", out=out)
+    assert y is out and E._same_layout(a_shape, y.stride(), a.stride())
+    tk.assert_float_close(y.cpu(), E.add_reference(_f64(a), _f64(b), act="relu"), dtype)
+    assert torch.equal(y, torch.relu(a + b))
+    # without out=: the output takes a's strides
+    assert E._same_layout(a_shape, E.add(a, b).stride(), a.stride())
+
+
+ACT_ARGS = {"leaky_relu": (0.1,), "hardtanh": (-0.5, 2.0), "clamp": (-math.inf, 1.0),
+            "elu": (0.7,)}
+
+
+@pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a not in ("none", "relu")])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_add_activations(device, tk, act, dtype):
+    a, b = _floats((3, 67), dtype, device), _floats((67,), dtype, device)
+    args = ACT_ARGS.get(act, ())
+    out = tk.poisoned((3, 67), dtype, device)
+    y = E.add(a, b, act=act, act_args=args, out=out)
+    tk.assert_float_close(y.cpu(), E.add_reference(_f64(a), _f64(b), act=act, act_args=args),
+                          dtype)
+
+
+def test_add_errors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(TypeError, match="a must be a float16, bfloat16 or float32 tensor"):
+        E.add(x.long(), x.long())
+    with pytest.raises(TypeError, match="b must be a float16, bfloat16 or float32 tensor"):
+        E.add(x, x.double())
+    with pytest.raises(TypeError, match="one dtype, got torch.float32 and torch.float16"):
+        E.add(x, x.half())
+    with pytest.raises(ValueError, match="b must broadcast to a's shape"):
+        E.add(x[:, :1], x)
+    with pytest.raises(ValueError, match="b must broadcast to a's shape"):
+        E.add(x, x[..., :3])
+    with pytest.raises(ValueError, match="a must be dense"):
+        E.add(x[..., ::2], x[..., ::2])
+    with pytest.raises(ValueError, match="out must not share memory"):
+        E.add(x, x.clone(), out=x)
+    with pytest.raises(ValueError, match="out must be a torch.float32 tensor of shape"):
+        E.add(x, x, out=torch.empty_like(x, memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match="unknown activation"):
+        E.add(x, x, act="swish2")
+    with pytest.raises(ValueError, match="takes 1 argument"):
+        E.add(x, x, act="leaky_relu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CPU tensors run only in Triton's interpreter"):
+        E.add(x, x)
+
+
+# -- int8 add --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,cl", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtypes", [(torch.uint8, torch.uint8, torch.uint8),
                                     (torch.uint8, torch.int8, torch.int8)], ids=["u8", "mixed"])

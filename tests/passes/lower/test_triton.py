@@ -5,6 +5,7 @@ launchers, which run the kernels in Triton's interpreter); the ``gpu`` tests run
 CUDA. The optimized models are built once per module (the interpreter is slow).
 """
 import copy
+import operator
 from collections import Counter
 
 import pytest
@@ -21,7 +22,7 @@ from fxopt.infra.rewrite import apply_rules
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.ops.int8 import AVGPOOL_INT8, CAT_INT8
 from fxopt.ops.schema import view_of
-from fxopt.ops.triton import (TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
+from fxopt.ops.triton import (TRITON_ADD, TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
                               TRITON_DEPTHWISE_CONV2D_INT8, TRITON_MAX_POOL2D_INT8)
 from fxopt.pipelines import expand_pipeline
 
@@ -170,6 +171,124 @@ def test_conv1d_stays_on_pytorch_and_is_reported(on_cpu):
     assert "conv1d_act x1" in " ".join(rec.notes)
     with torch.no_grad():
         assert compare_outputs(opt(x), m(x)).ok
+
+
+# -- float residual adds that fuse_act cannot fold into a convolution ------------------------------
+class ActResBlock(nn.Module):
+    """A float ResNet-like block whose adds stay after fuse_act: the branch ends in its own
+    activation (so the add cannot be a convolution's residual), then a per-channel shift (a
+    broadcast parameter, written first) and a 1x1 convolution reading the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.shift = nn.Parameter(torch.randn(8, 1, 1))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+        y = F.relu(x + y)             # relu(add): one triton_add(act="relu")
+        return self.head(self.shift + y)  # b broadcasts to a: the operands swap
+
+
+def _act_res(precision=None):
+    torch.manual_seed(8)
+    m = ActResBlock().eval()
+    for bn in (m.bn, m.b1, m.b2):
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def float_res(on_cpu):
+    """(x, the float graph before lower_to_triton, the graph after, the pass's result)."""
+    x = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(9))
+    before = fxopt.optimize(_act_res(), x, target="cpu", disable=["lower_to_triton"])
+    gm = copy.deepcopy(before.graph_module)
+    result = lower_to_triton(gm, PassContext(example_inputs=(x,), target="cpu"))
+    return x, before.graph_module, gm, result
+
+
+def test_float_residual_adds_lowered(float_res):
+    x, before, gm, result = float_res
+    assert sum(n.target is operator.add for n in before.graph.nodes) == 2  # what fuse_act left
+    assert _triton_ops(gm) == {"triton_conv2d": 4, "triton_add": 2}
+    adds = [TRITON_ADD.view.of(n) for n in gm.graph.nodes if TRITON_ADD.view.matches(n)]
+    assert [(v.act, v.node.meta["tensor_meta"].dtype) for v in adds] == \
+        [("relu", torch.float32), ("none", torch.float32)]
+    # the broadcast parameter is b (swapped); a stays NHWC, so the 1x1 convolution reads NHWC
+    assert adds[1].b.op == "get_attr" and adds[1].a is adds[0].node
+    st = result.stats
+    assert st["add"] == 2 and st["on_pytorch"] == 0 and st["layout_copies"] == 0
+    assert not any("left on PyTorch" in n or "not lowered" in n for n in result.notes)
+
+
+def test_float_residual_adds_equal_the_graph_before(float_res, monkeypatch):
+    x, before, gm, result = float_res
+    with torch.no_grad():
+        ref = before(x)
+        st = compare_outputs(gm(x), ref)  # the kernels, interpreted
+        assert st.ok and st.rel_err < 1e-5, st
+        monkeypatch.setenv("FXOPT_TRITON_ON_CPU", "0")  # the ops' PyTorch reference
+        assert compare_outputs(gm(x), ref).rel_err < 1e-6
+
+
+@pytest.mark.parametrize("precision", [None, "fp16"])
+def test_float_residual_adds_through_optimize(on_cpu, precision):
+    x = torch.randn(1, 3, 5, 4, generator=torch.Generator().manual_seed(10))
+    opt = fxopt.optimize(_act_res(), x, target="cpu", precision=precision,
+                         passes=["lower_to_triton"])
+    rec = _record(opt)
+    assert rec.status == "ok" and rec.stats["add"] == 2
+    assert _triton_ops(opt.graph_module)["triton_add"] == 2
+    dtype = torch.float16 if precision else torch.float32
+    with torch.no_grad():
+        out = opt(x.to(dtype))
+        ref = _act_res().to(dtype)(x.to(dtype))
+    assert out.dtype == dtype and compare_outputs(out, ref).ok
+
+
+class NotFloatAdds(nn.Module):
+    def forward(self, x, i):
+        return x.half() + x, i + i, x + 1.0, x + x.float()
+
+
+def test_add_of_ints_or_of_two_dtypes_is_left_alone(on_cpu):
+    x, i = torch.randn(2, 3), torch.arange(6).reshape(2, 3)
+    gm = fxopt.capture(NotFloatAdds().eval(), (x, i))
+    code = gm.code
+    result = apply_rules(copy.deepcopy(gm), RULES, context=TritonLowering())
+    # x + 1.0 (a number) is no residual add: nothing said; x + x.float() is lowered
+    assert result.counts == {"add -> triton_add": 1}
+    assert len(result.rejected) == 2
+    assert "dtypes torch.float16 and torch.float32 (the kernel adds one dtype)" in \
+        result.rejected[0]
+    assert "dtypes torch.int64, torch.int64 (the kernel adds fp16, bf16, fp32)" in \
+        result.rejected[1]
+    res = lower_to_triton(gm, PassContext(example_inputs=(x, i), target="cpu"))
+    assert res.modified and "not lowered" in res.notes[0] and "int64" in res.notes[0]
+    ops = Counter(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
+                  if n.op == "call_function")
+    assert ops["add"] == 3 and _triton_ops(gm) == {"triton_add": 1} and gm.code != code
+    with torch.no_grad():
+        for got, want in zip(gm(x, i), NotFloatAdds()(x, i)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_triton_add_op_layouts_and_fallback(on_cpu, monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(2, 5, 3, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(5, 1, 1, generator=g)
+    y = OPS.triton_add(a, b, act="leaky_relu", act_args=[0.2])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, F.leaky_relu(a + b, 0.2))
+    assert OPS.triton_add(a.contiguous(), b).is_contiguous()
+    monkeypatch.setenv("FXOPT_TRITON_ON_CPU", "0")  # the reference: the same, any device
+    assert torch.equal(OPS.triton_add(a, b, act="leaky_relu", act_args=[0.2]), y)
 
 
 # -- int8 -----------------------------------------------------------------------------------------
@@ -390,13 +509,13 @@ def _rows(gm) -> tuple:
     return result.counts, result
 
 
-def test_every_row_fires(int8_opts, resnet_int8):
+def test_every_row_fires(int8_opts, resnet_int8, float_res):
     x = torch.randn(2, 3, 8, 8)
     captured = fxopt.capture(FloatLayers().eval(), x)
     fused, _ = PassManager(expand_pipeline(["fuse_act"])).run(
         copy.deepcopy(captured), PassContext(example_inputs=(x,)))
     counts = Counter()
-    for gm in (captured, fused, int8_opts[0], resnet_int8[1]):
+    for gm in (captured, fused, int8_opts[0], resnet_int8[1], float_res[1]):
         counts.update(_rows(gm)[0])
     assert set(counts) == {rule.name for rule in RULES}
     assert counts["Conv2d -> triton_depthwise_conv2d"] == 1 == counts["Conv2d -> triton_conv2d"]
