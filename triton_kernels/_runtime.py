@@ -30,7 +30,7 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-__all__ = ["interpreting", "Kernel", "device_fn", "check_device", "as_float", "as_int",
+__all__ = ["interpreting", "Kernel", "KERNELS", "device_fn", "check_device", "as_float", "as_int",
            "as_pair", "float_reciprocal", "FLOAT_DTYPES", "CODE_DTYPES", "code_range"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,6 +56,9 @@ def _quick_bench(fn, quantiles=None, **_):
     return do_bench(fn, warmup=max(1, int(rep / 5)), rep=int(rep), quantiles=quantiles)
 
 
+KERNELS: list["Kernel"] = []  # every kernel declared, in declaration order
+
+
 class Kernel:
     """A Triton kernel whose compiled-or-interpreted form is chosen at launch.
 
@@ -65,7 +68,8 @@ class Kernel:
     """
 
     def __init__(self, fn: Callable, configs: Callable[[], list], key: Sequence[str],
-                 interpret_meta: dict, do_not_specialize: Sequence[str] = ()):
+                 interpret_meta: dict, do_not_specialize: Sequence[str] = (),
+                 compile_cases: dict[str, tuple[dict, dict]] | None = None):
         # accept the @triton.jit-decorated function: keep the plain Python function under it
         while not inspect.isfunction(fn) and hasattr(fn, "fn"):
             fn = fn.fn
@@ -77,6 +81,10 @@ class Kernel:
         self._compiled = None
         self._interpreted = None
         self.__name__ = fn.__name__
+        # name -> (pointer dtypes by argument, constexprs): the specializations that must
+        # compile for sm_90 (tests/triton_kernels/test_compile.py compiles every KERNELS entry's)
+        self.compile_cases = dict(compile_cases or {})
+        KERNELS.append(self)
 
     def compiled(self):
         if self._compiled is None:

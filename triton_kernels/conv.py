@@ -30,7 +30,8 @@ import triton.language as tl
 
 from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_pair,
                                            check_device, interpreting)
-from fxopt.triton_kernels.epilogue import (check_residual, epilogue_kwargs, epilogue_reference,
+from fxopt.triton_kernels.epilogue import (COMPILE_EPILOGUE, COMPILE_FLOAT_EPILOGUE,
+                                           check_residual, epilogue_kwargs, epilogue_reference,
                                            grouped_tile, store_epilogue)
 from fxopt.triton_kernels.gemm import int8_scale_and_correction
 
@@ -127,10 +128,22 @@ def conv_configs(int8: bool = False, fp32: bool = False) -> list:
 
 _INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
 _KEY = ["M", "NG", "CG", "KH", "KW"]
+_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)  # compile cases
 _conv_int8_kernel = Kernel(_conv_kernel, lambda: conv_configs(int8=True), _KEY, _INTERPRET_META,
-                           do_not_specialize=["pad_code"])
-_conv_half_kernel = Kernel(_conv_kernel, lambda: conv_configs(), _KEY, _INTERPRET_META)
-_conv_fp32_kernel = Kernel(_conv_kernel, lambda: conv_configs(fp32=True), _KEY, _INTERPRET_META)
+                           do_not_specialize=["pad_code"], compile_cases={
+    "conv_int8": (dict(x_ptr="*u8", w_ptr="*i8", out_ptr="*u8", res_ptr="*fp16"),
+                  dict(IS_INT8=True, A_UNSIGNED=True, HAS_PAD_CODE=True, HAS_CORR=True,
+                       **COMPILE_EPILOGUE, **_TILE))})
+_conv_half_kernel = Kernel(_conv_kernel, lambda: conv_configs(), _KEY, _INTERPRET_META,
+                           compile_cases={
+    "conv_fp16": (dict(x_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp16", res_ptr="*fp16"),
+                  dict(IS_INT8=False, A_UNSIGNED=False, HAS_PAD_CODE=False, HAS_CORR=False,
+                       **COMPILE_FLOAT_EPILOGUE, **_TILE))})
+_conv_fp32_kernel = Kernel(_conv_kernel, lambda: conv_configs(fp32=True), _KEY, _INTERPRET_META,
+                           compile_cases={
+    "conv_fp32": (dict(x_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", res_ptr="*fp32"),
+                  dict(IS_INT8=False, A_UNSIGNED=False, HAS_PAD_CODE=False, HAS_CORR=False,
+                       **COMPILE_FLOAT_EPILOGUE, **dict(_TILE, BLOCK_K=32)))})
 
 
 def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:

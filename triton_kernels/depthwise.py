@@ -24,7 +24,8 @@ import triton.language as tl
 from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int,
                                            as_pair, check_device)
 from fxopt.triton_kernels.conv import check_nhwc, conv_output_size
-from fxopt.triton_kernels.epilogue import check_residual, epilogue_kwargs, store_epilogue
+from fxopt.triton_kernels.epilogue import (COMPILE_EPILOGUE, COMPILE_FLOAT_EPILOGUE,
+                                           check_residual, epilogue_kwargs, store_epilogue)
 
 __all__ = ["depthwise_conv2d", "depthwise_conv2d_int8", "prepare_depthwise_weight",
            "depthwise_conv2d_reference", "depthwise_conv2d_int8_reference", "depthwise_configs"]
@@ -86,7 +87,13 @@ def depthwise_configs() -> list:
 _INTERPRET_META = {"BLOCK_M": 32, "BLOCK_C": 32}
 _KEY = ["M", "C", "H", "W"]
 _depthwise_kernel_l = Kernel(_depthwise_kernel, depthwise_configs, _KEY, _INTERPRET_META,
-                             do_not_specialize=["a_zp"])
+                             do_not_specialize=["a_zp"], compile_cases={
+    "depthwise_int8": (dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*i8", res_ptr="*fp32"),
+                       dict(KH=3, KW=3, IS_INT8=True, **COMPILE_EPILOGUE, BLOCK_M=32,
+                            BLOCK_C=64)),
+    "depthwise_fp16": (dict(x_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp16", res_ptr="*fp16"),
+                       dict(KH=3, KW=3, IS_INT8=False, **COMPILE_FLOAT_EPILOGUE, BLOCK_M=32,
+                            BLOCK_C=64))})
 
 
 def prepare_depthwise_weight(weight: torch.Tensor) -> torch.Tensor:

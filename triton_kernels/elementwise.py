@@ -38,8 +38,8 @@ import triton.language as tl
 
 from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int,
                                            as_pair, check_device, code_range, float_reciprocal)
-from fxopt.triton_kernels.epilogue import (act_code, activation_reference, apply_act,
-                                           quantize_reference, requantize)
+from fxopt.triton_kernels.epilogue import (ACTIVATIONS, act_code, activation_reference,
+                                           apply_act, quantize_reference, requantize)
 
 __all__ = ["add", "add_int8", "max_pool2d_int8", "global_avg_pool2d_int8", "add_reference",
            "add_int8_reference", "max_pool2d_int8_reference", "global_avg_pool2d_int8_reference",
@@ -156,13 +156,21 @@ def _gap_configs():
             for bh, bc, w in [(8, 128, 4), (16, 64, 4), (4, 256, 4), (32, 128, 8), (16, 256, 8)]]
 
 
-_add_float = Kernel(_add_float_kernel, _add_configs, ["n"], {"BLOCK": 256})
+_add_float = Kernel(_add_float_kernel, _add_configs, ["n"], {"BLOCK": 256}, compile_cases={
+    "add_bf16": (dict(a_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16"),
+                 dict(B_FLAT=False, ACT=ACTIVATIONS["silu"].code, BLOCK=1024))})
 _add = Kernel(_add_int8_kernel, _add_configs, ["n"], {"BLOCK": 256},
-              do_not_specialize=["a_zp", "b_zp"])
+              do_not_specialize=["a_zp", "b_zp"], compile_cases={
+    "add_int8": (dict(a_ptr="*u8", b_ptr="*u8", out_ptr="*u8", a_zp="i32", b_zp="i32"),
+                 dict(ACT=1, BLOCK=1024))})
 _max_pool = Kernel(_max_pool_kernel, _pool_configs, ["M", "C", "H", "W"],
-                   {"BLOCK_M": 16, "BLOCK_C": 32})
+                   {"BLOCK_M": 16, "BLOCK_C": 32}, compile_cases={
+    "max_pool_int8": (dict(x_ptr="*u8", out_ptr="*u8"),
+                      dict(KH=3, KW=3, LOWEST=0, BLOCK_M=32, BLOCK_C=64))})
 _gap = Kernel(_global_avg_pool_kernel, _gap_configs, ["C", "HW"], {"BLOCK_HW": 16, "BLOCK_C": 32},
-              do_not_specialize=["zp"])
+              do_not_specialize=["zp"], compile_cases={
+    "global_avg_pool_int8": (dict(x_ptr="*u8", out_ptr="*u8", zp="i32"),
+                             dict(BLOCK_HW=16, BLOCK_C=64))})
 
 
 # -- checks -----------------------------------------------------------------------------------

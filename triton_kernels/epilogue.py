@@ -38,7 +38,7 @@ import triton.language as tl
 from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, as_float, as_int, code_range,
                                            device_fn, float_reciprocal)
 
-__all__ = ["KernelActivation", "ACTIVATIONS", "act_code", "activation_reference",
+__all__ = ["KernelActivation", "ACTIVATIONS", "COMPILE_EPILOGUE", "COMPILE_FLOAT_EPILOGUE", "act_code", "activation_reference",
            "epilogue_kwargs", "check_residual", "grouped_tile", "apply_act", "requantize",
            "store_epilogue", "epilogue_reference", "quantize_reference"]
 
@@ -81,6 +81,14 @@ def _row(act: str) -> KernelActivation:
     if row is None:
         raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
     return row
+
+
+# Constexprs of two of the longer epilogue branches (int8 in with codes out; float), for the
+# kernels' sm_90 compile cases (``Kernel(compile_cases=...)``).
+COMPILE_EPILOGUE = dict(HAS_SCALE=True, HAS_BIAS=True, HAS_RES=True,
+                        ACT=ACTIVATIONS["gelu_tanh"].code, QUANT_OUT=True)
+COMPILE_FLOAT_EPILOGUE = dict(COMPILE_EPILOGUE, HAS_SCALE=False, ACT=ACTIVATIONS["mish"].code,
+                              QUANT_OUT=False)
 
 
 def act_code(act: str, act_args: Sequence[float] = ()) -> tuple[int, float, float]:

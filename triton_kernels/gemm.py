@@ -24,7 +24,8 @@ import triton.language as tl
 
 from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int,
                                            check_device, interpreting)
-from fxopt.triton_kernels.epilogue import (check_residual, epilogue_kwargs, epilogue_reference,
+from fxopt.triton_kernels.epilogue import (COMPILE_EPILOGUE, COMPILE_FLOAT_EPILOGUE,
+                                           check_residual, epilogue_kwargs, epilogue_reference,
                                            grouped_tile, store_epilogue)
 
 __all__ = ["linear", "linear_int8", "linear_reference", "linear_int8_reference", "weight_colsum",
@@ -109,9 +110,19 @@ def _gemm_fp32_configs() -> list:
 
 _INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 _KEY = ["M", "N", "K"]
-_gemm_int8_kernel = Kernel(_gemm_kernel, gemm_int8_configs, _KEY, _INTERPRET_META)
-_gemm_half_kernel = Kernel(_gemm_kernel, gemm_float_configs, _KEY, _INTERPRET_META)
-_gemm_fp32_kernel = Kernel(_gemm_kernel, _gemm_fp32_configs, _KEY, _INTERPRET_META)
+_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)  # compile cases
+_gemm_int8_kernel = Kernel(_gemm_kernel, gemm_int8_configs, _KEY, _INTERPRET_META, compile_cases={
+    "gemm_int8_u8out": (dict(a_ptr="*u8", w_ptr="*i8", out_ptr="*u8", res_ptr="*bf16"),
+                        dict(IS_INT8=True, A_UNSIGNED=True, HAS_CORR=True, **COMPILE_EPILOGUE,
+                             **_TILE))})
+_gemm_half_kernel = Kernel(_gemm_kernel, gemm_float_configs, _KEY, _INTERPRET_META, compile_cases={
+    "gemm_bf16": (dict(a_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", res_ptr="*bf16"),
+                  dict(IS_INT8=False, A_UNSIGNED=False, HAS_CORR=False,
+                       **COMPILE_FLOAT_EPILOGUE, **_TILE))})
+_gemm_fp32_kernel = Kernel(_gemm_kernel, _gemm_fp32_configs, _KEY, _INTERPRET_META, compile_cases={
+    "gemm_fp32": (dict(a_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", res_ptr="*fp32"),
+                  dict(IS_INT8=False, A_UNSIGNED=False, HAS_CORR=False,
+                       **COMPILE_FLOAT_EPILOGUE, **dict(_TILE, BLOCK_K=32)))})
 
 
 def _grid(M, N):

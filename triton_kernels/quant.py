@@ -46,8 +46,10 @@ def _configs():
     return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(1024, 4), (2048, 8), (4096, 8)]]
 
 
-_quantize = Kernel(_quantize_kernel, _configs, ["n"], {"BLOCK": 256})
-_dequantize = Kernel(_dequantize_kernel, _configs, ["n"], {"BLOCK": 256})
+_quantize = Kernel(_quantize_kernel, _configs, ["n"], {"BLOCK": 256}, compile_cases={
+    "quantize": (dict(x_ptr="*bf16", q_ptr="*i8"), dict(BLOCK=1024))})
+_dequantize = Kernel(_dequantize_kernel, _configs, ["n"], {"BLOCK": 256}, compile_cases={
+    "dequantize": (dict(q_ptr="*u8", x_ptr="*fp32"), dict(BLOCK=1024))})
 
 
 def _dense(name, t, what):

@@ -49,7 +49,7 @@ from fxopt.ops.int8 import (adaptive_avg_pool2d_int8_reference, add_int8_referen
                             conv2d_int8_reference, dequantize_reference, linear_int8_reference,
                             max_pool2d_int8_reference, quantize_reference)
 
-__all__ = ["TRITON_OPS", "triton_on_cpu", "ON_CPU_ENV", "TRITON_CONV2D", "TRITON_DEPTHWISE_CONV2D",
+__all__ = ["triton_on_cpu", "ON_CPU_ENV", "TRITON_CONV2D", "TRITON_DEPTHWISE_CONV2D",
            "TRITON_LINEAR", "TRITON_ADD", "TRITON_QUANTIZE", "TRITON_DEQUANTIZE",
            "TRITON_CONV2D_INT8", "TRITON_DEPTHWISE_CONV2D_INT8", "TRITON_LINEAR_INT8",
            "TRITON_ADD_INT8", "TRITON_MAX_POOL2D_INT8", "TRITON_GLOBAL_AVG_POOL2D_INT8"]
@@ -149,7 +149,7 @@ def _triton_conv2d(x, weight, bias, stride, padding, dilation, groups, residual=
         return _cl(conv_act_reference(x, weight, bias, stride, padding, dilation, groups,
                                       residual, act=act, act_args=act_args))
     res = _residual(residual, shape, torch.channels_last)
-    return _run(x, lambda tk: tk.conv2d(_nhwc(x), weight, bias, list(stride), list(padding),
+    return _run(x, lambda tk: tk.conv.conv2d(_nhwc(x), weight, bias, list(stride), list(padding),
                                         list(dilation), groups, res, act=act,
                                         act_args=list(act_args), allow_tf32=_tf32(x, True)))
 
@@ -162,7 +162,7 @@ def _triton_depthwise_conv2d(x, weight, bias, kernel_size, stride, padding, dila
                                       residual, act=act, act_args=act_args))
     shape = _conv_shape(x, kernel_size[0], kernel_size[1], x.shape[1], stride, padding, dilation)
     res = _residual(residual, shape, torch.channels_last)
-    return _run(x, lambda tk: tk.depthwise_conv2d(
+    return _run(x, lambda tk: tk.depthwise.depthwise_conv2d(
         _nhwc(x), weight, bias, list(stride), list(padding), list(dilation), res, act=act,
         act_args=list(act_args), kernel_size=list(kernel_size)))
 
@@ -171,7 +171,7 @@ def _triton_linear(x, weight, bias, residual=None, *, act="none", act_args=()):
     if _kernels(x) is None:
         return linear_act_reference(x, weight, bias, residual, act=act, act_args=act_args)
     res = _residual(residual, (*x.shape[:-1], weight.shape[0]))
-    return _run(x, lambda tk: tk.linear(x, weight, bias, res, act=act, act_args=list(act_args),
+    return _run(x, lambda tk: tk.gemm.linear(x, weight, bias, res, act=act, act_args=list(act_args),
                                         allow_tf32=_tf32(x, False)))
 
 
@@ -179,7 +179,7 @@ def _triton_add(a, b, *, act="none", act_args=()):
     fmt = _add_format(a)
     if _kernels(a) is None:  # what the graph ran before: a + b in the dtype, then act
         return apply_activation(a + b, act, list(act_args)).contiguous(memory_format=fmt)
-    return _run(a, lambda tk: tk.add(a.contiguous(memory_format=fmt), b, act=act,
+    return _run(a, lambda tk: tk.elementwise.add(a.contiguous(memory_format=fmt), b, act=act,
                                      act_args=list(act_args)))
 
 
@@ -188,7 +188,7 @@ def _triton_quantize(x, scale, zp, qmin, qmax):
     if _kernels(x) is None:
         s, z = _grid(scale, zp, x.device)
         return quantize_reference(x, s, z, qmin, qmax)
-    return _run(x, lambda tk: tk.quantize(x if x.is_contiguous() else _nhwc(x), scale, zp,
+    return _run(x, lambda tk: tk.quant.quantize(x if x.is_contiguous() else _nhwc(x), scale, zp,
                                           codes_dtype(qmin), qmin=qmin, qmax=qmax))
 
 
@@ -196,7 +196,7 @@ def _triton_dequantize(q, scale, zp):
     if _kernels(q) is None:
         s, z = _grid(scale, zp, q.device)
         return dequantize_reference(q, s, z)
-    return _run(q, lambda tk: tk.dequantize(q if q.is_contiguous() else _nhwc(q), scale, zp))
+    return _run(q, lambda tk: tk.quant.dequantize(q if q.is_contiguous() else _nhwc(q), scale, zp))
 
 
 def _is_codes(x) -> bool:
@@ -215,12 +215,12 @@ def _int8_layer(x, launch, reference, x_scale, x_zp, y_scale, y_zp, x_qmin, x_qm
     def go(tk):
         codes = x
         if not _is_codes(x):
-            codes = tk.quantize(_nhwc(x) if conv else x.contiguous(), x_scale, x_zp,
+            codes = tk.quant.quantize(_nhwc(x) if conv else x.contiguous(), x_scale, x_zp,
                                 codes_dtype(x_qmin), qmin=x_qmin, qmax=x_qmax)
         q = launch(tk, _nhwc(codes) if conv else codes, codes_dtype(y_qmin))
         if out_int8:
             return q
-        return tk.dequantize(q, y_scale, y_zp,
+        return tk.quant.dequantize(q, y_scale, y_zp,
                              out_dtype=torch.float32 if _is_codes(x) else x.dtype)
     return _run(x, go)
 
@@ -232,7 +232,7 @@ def _triton_conv2d_int8(x, w_q, w_scale, bias, w_colsum, stride, padding, dilati
     res = _residual(residual, shape, torch.channels_last)
 
     def launch(tk, codes, ydt):
-        return tk.conv2d_int8(codes, w_q, w_scale, bias, list(stride), list(padding),
+        return tk.conv.conv2d_int8(codes, w_q, w_scale, bias, list(stride), list(padding),
                               list(dilation), groups, res, a_scale=x_scale, a_zp=x_zp, act=act,
                               act_args=list(act_args), out_dtype=ydt, y_scale=y_scale, y_zp=y_zp,
                               y_qmin=y_qmin, y_qmax=y_qmax, w_colsum=w_colsum)
@@ -254,7 +254,7 @@ def _triton_depthwise_conv2d_int8(x, w_q, w_scale, bias, kernel_size, stride, pa
     res = _residual(residual, shape, torch.channels_last)
 
     def launch(tk, codes, ydt):
-        return tk.depthwise_conv2d_int8(
+        return tk.depthwise.depthwise_conv2d_int8(
             codes, w_q, w_scale, bias, list(stride), list(padding), list(dilation), res,
             a_scale=x_scale, a_zp=x_zp, act=act, act_args=list(act_args), out_dtype=ydt,
             y_scale=y_scale, y_zp=y_zp, y_qmin=y_qmin, y_qmax=y_qmax,
@@ -276,7 +276,7 @@ def _triton_linear_int8(x, w_q, w_scale, bias, w_colsum, x_scale, x_zp, y_scale,
     res = _residual(residual, (*x.shape[:-1], w_q.shape[0]))
 
     def launch(tk, codes, ydt):
-        return tk.linear_int8(codes, w_q, w_scale, bias, res, a_scale=x_scale, a_zp=x_zp,
+        return tk.gemm.linear_int8(codes, w_q, w_scale, bias, res, a_scale=x_scale, a_zp=x_zp,
                               act=act, act_args=list(act_args), out_dtype=ydt, y_scale=y_scale,
                               y_zp=y_zp, y_qmin=y_qmin, y_qmax=y_qmax, w_colsum=w_colsum)
 
@@ -322,7 +322,7 @@ def _triton_add_int8(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="
                                y_qmin=y_qmin, y_qmax=y_qmax)
         return y.contiguous(memory_format=_add_format(a))
     a2, b2 = _add_operands(a, b)
-    return _run(a, lambda tk: tk.add_int8(a2, a_scale, a_zp, b2, b_scale, b_zp, y_scale, y_zp,
+    return _run(a, lambda tk: tk.elementwise.add_int8(a2, a_scale, a_zp, b2, b_scale, b_zp, y_scale, y_zp,
                                           act=act, act_args=list(act_args), y_qmin=y_qmin,
                                           y_qmax=y_qmax, out_dtype=codes_dtype(y_qmin)))
 
@@ -331,7 +331,7 @@ def _triton_max_pool2d_int8(q, kernel_size, stride, padding, dilation, ceil_mode
     if _kernels(q) is None:
         return _cl(max_pool2d_int8_reference(q, kernel_size, stride, padding, dilation,
                                              ceil_mode))
-    return _run(q, lambda tk: tk.max_pool2d_int8(q, list(kernel_size), list(stride),
+    return _run(q, lambda tk: tk.elementwise.max_pool2d_int8(q, list(kernel_size), list(stride),
                                                  list(padding), list(dilation), bool(ceil_mode)))
 
 
@@ -339,7 +339,7 @@ def _triton_global_avg_pool2d_int8(q, scale, zp, qmin, qmax):
     if _kernels(q) is None:
         s, z = _grid(scale, zp, q.device)
         return _cl(adaptive_avg_pool2d_int8_reference(q, [1, 1], s, z, qmin, qmax))
-    return _run(q, lambda tk: tk.global_avg_pool2d_int8(q, scale, zp, qmin, qmax))
+    return _run(q, lambda tk: tk.elementwise.global_avg_pool2d_int8(q, scale, zp, qmin, qmax))
 
 
 # -- fake implementations: shapes, dtypes, strides ----------------------------------------------
@@ -470,7 +470,3 @@ TRITON_GLOBAL_AVG_POOL2D_INT8 = _op(
     "triton_global_avg_pool2d_int8(Tensor q, float scale, int zp, int qmin, int qmax) -> Tensor",
     _triton_global_avg_pool2d_int8, _global_avg_pool_int8_fake, quantized=True)
 
-TRITON_OPS = tuple(op.overload for op in (
-    TRITON_CONV2D, TRITON_DEPTHWISE_CONV2D, TRITON_LINEAR, TRITON_ADD, TRITON_QUANTIZE,
-    TRITON_DEQUANTIZE, TRITON_CONV2D_INT8, TRITON_DEPTHWISE_CONV2D_INT8, TRITON_LINEAR_INT8,
-    TRITON_ADD_INT8, TRITON_MAX_POOL2D_INT8, TRITON_GLOBAL_AVG_POOL2D_INT8))

@@ -22,7 +22,7 @@ from fxopt.ir.graph import module_path, tensor_meta
 from fxopt.ops.schema import OpSchema, schema_of
 from fxopt.ops.triton import (TRITON_CONV2D, TRITON_CONV2D_INT8, TRITON_DEPTHWISE_CONV2D,
                               TRITON_DEPTHWISE_CONV2D_INT8, TRITON_GLOBAL_AVG_POOL2D_INT8,
-                              TRITON_MAX_POOL2D_INT8, TRITON_OPS)
+                              TRITON_MAX_POOL2D_INT8)
 
 __all__ = ["layout_copies", "left_on_pytorch", "op_name", "user_name"]
 
@@ -88,7 +88,7 @@ def left_on_pytorch(gm: fx.GraphModule) -> Counter:
     for n in gm.graph.nodes:
         if n.op not in ("call_function", "call_method", "call_module"):
             continue
-        if n.op == "call_function" and n.target in TRITON_OPS:
+        if n.op == "call_function" and getattr(schema_of(n.target), "family", None) == "triton":
             continue
         name = op_name(n)
         if name not in _FREE:
