@@ -8,6 +8,7 @@ attributes (unpacked here). One row per source op::
                                                      DequantizeLinear(w_int8, w_s, 0, axis=0),
                                                      b)), s, zp)
     quantized::add_relu(a, b, s, zp)         ->  QuantizeLinear(Relu(DQ(a) + DQ(b)), s, zp)
+    quantized::mul(a, b, s, zp)              ->  QuantizeLinear(DQ(a) * DQ(b), s, zp)
     fxopt.onednn_conv2d_int8(q, ..., act="hardswish")  ->  QuantizeLinear(HardSwish(Conv(
                                                      DQ(q), DQ(w_int8, w_s, 0, axis=0), b)), ..)
     q.int_repr(), _make_per_tensor_quantized_tensor(codes, s, zp)  ->  the codes themselves
@@ -112,11 +113,16 @@ def _layer(m: Match, b: Builder) -> fx.Node:
                     y_grid=_out_grid(n), act=act, out_codes=True, tag=n.name)
 
 
-def _add(m: Match, b: Builder) -> fx.Node:
-    n, st = m.root, m.context
-    y = b.call_function(operator.add, (st.dq(b, n.args[0]), st.dq(b, n.args[1])))
-    act = "relu" if quantized_op_name(n.target).endswith("_relu") else "none"
-    return st.q(b, st.activation(b, y, act), _out_grid(n))
+def _binary(fn):
+    """quantized::add(_relu) / quantized::mul(_relu): ``Q(act(fn(DQ(a), DQ(b))))``."""
+
+    def replace(m: Match, b: Builder) -> fx.Node:
+        n, st = m.root, m.context
+        y = b.call_function(fn, (st.dq(b, n.args[0]), st.dq(b, n.args[1])))
+        act = "relu" if quantized_op_name(n.target).endswith("_relu") else "none"
+        return st.q(b, st.activation(b, y, act), _out_grid(n))
+
+    return replace
 
 
 def _cat(m: Match, b: Builder) -> fx.Node:
@@ -164,8 +170,10 @@ CPU_RULES: tuple[Rule, ...] = (
     op_rule("conv2d_relu", quantized_targets("conv2d_relu"), _layer, _layer_ok),
     op_rule("linear", quantized_targets("linear"), _layer, _layer_ok),
     op_rule("linear_relu", quantized_targets("linear_relu"), _layer, _layer_ok),
-    op_rule("add", quantized_targets("add"), _add, _on_codes(0, 1)),
-    op_rule("add_relu", quantized_targets("add_relu"), _add, _on_codes(0, 1)),
+    op_rule("add", quantized_targets("add"), _binary(operator.add), _on_codes(0, 1)),
+    op_rule("add_relu", quantized_targets("add_relu"), _binary(operator.add), _on_codes(0, 1)),
+    op_rule("mul", quantized_targets("mul"), _binary(operator.mul), _on_codes(0, 1)),
+    op_rule("mul_relu", quantized_targets("mul_relu"), _binary(operator.mul), _on_codes(0, 1)),
     op_rule("cat", quantized_targets("cat"), _cat, _on_codes(0)),
     # float ops PyTorch runs on quantized tensors, the result on the input's grid
     op_rule("adaptive_avg_pool2d", [F.adaptive_avg_pool2d], _same_grid, _on_codes(0)),

@@ -3,7 +3,7 @@
 ``quantize_int8`` writes the device-neutral int8 IR (``fxopt.ops.int8``: codes between ops,
 grids as buffers); ``quantize_int8_dynamic`` writes ``linear_int8_dynamic``. Each row turns one
 call into standard ops between QuantizeLinear and DequantizeLinear, the pattern ONNX Runtime
-fuses back into its own int8 kernels (QLinearConv, QGemm, QLinearAdd, ...)::
+fuses back into its own int8 kernels (QLinearConv, QGemm, QLinearAdd, QLinearMul, ...)::
 
     conv2d_int8(q, w_q, w_s, b, ..., x_scale, x_zp, y_scale, y_zp, act="relu", out_int8=True)
       ->  QuantizeLinear(Relu(Conv(DequantizeLinear(q, x_scale, x_zp),
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from fxopt.export.onnx_ops import (aten_dynamic_grid, dequantize_linear,
                                    dynamic_quantize_linear, quantize_linear)
 from fxopt.infra.rewrite import Builder, Match, Rule, op_rule
-from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, CatInt8, Conv2dInt8, Dequantize, Int8Layer,
-                            LinearInt8, MaxPool2dInt8, Quantize)
+from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, BinaryInt8, CatInt8, Conv2dInt8, Dequantize,
+                            Int8Layer, LinearInt8, MaxPool2dInt8, MulInt8, Quantize)
 from fxopt.ops.int8_dynamic import LinearInt8Dynamic
 from fxopt.ops.schema import OpView
 
@@ -68,12 +68,17 @@ def _layer(m: Match, b: Builder) -> fx.Node:
                     out_codes=v.out_int8, tag=m.root.name)
 
 
-def _add(m: Match, b: Builder) -> fx.Node:
-    v, st = AddInt8.of(m.root), m.context
-    y = b.call_function(operator.add, (st.float_in(b, v.a, st.ir_grid(v.a_scale, v.a_zp)),
-                                       st.float_in(b, v.b, st.ir_grid(v.b_scale, v.b_zp))))
-    y = st.activation(b, y, v.act, v.act_args)
-    return st.q(b, y, st.ir_grid(v.y_scale, v.y_zp, v.y_qmin, v.y_qmax))
+def _binary(fn):
+    """add_int8 / mul_int8: ``Q(act(fn(DQ(a), DQ(b))))`` (ONNX's Add / Mul broadcast)."""
+
+    def replace(m: Match, b: Builder) -> fx.Node:
+        v, st = BinaryInt8.of(m.root), m.context
+        y = b.call_function(fn, (st.float_in(b, v.a, st.ir_grid(v.a_scale, v.a_zp)),
+                                 st.float_in(b, v.b, st.ir_grid(v.b_scale, v.b_zp))))
+        y = st.activation(b, y, v.act, v.act_args)
+        return st.q(b, y, st.ir_grid(v.y_scale, v.y_zp, v.y_qmin, v.y_qmax))
+
+    return replace
 
 
 def _cat(m: Match, b: Builder) -> fx.Node:
@@ -127,7 +132,8 @@ IR_RULES: tuple[Rule, ...] = (
     ir_row(Dequantize, _dequantize),
     ir_row(Conv2dInt8, _layer),
     ir_row(LinearInt8, _layer),
-    ir_row(AddInt8, _add),
+    ir_row(AddInt8, _binary(operator.add)),
+    ir_row(MulInt8, _binary(operator.mul)),
     ir_row(CatInt8, _cat),
     ir_row(AvgPool2dInt8, _avg_pool),
     ir_row(MaxPool2dInt8, _max_pool, _max_pool_on_codes),

@@ -9,6 +9,7 @@ at ``fxopt.dequantize``; in between no float tensor is materialized.
     y  = torch.ops.fxopt.conv2d_int8(q, w_q, w_s, b, [1, 1], [1, 1], [1, 1], 1,
                                      s_x, zp_x, s_y, zp_y, act="relu", out_int8=True)
     z  = torch.ops.fxopt.add_int8(y, s_y, zp_y, r, s_r, zp_r, s_z, zp_z, act="relu")
+    g  = torch.ops.fxopt.mul_int8(z, s_z, zp_z, gate, s_g, zp_g, s_m, zp_m)  # gate [N, C, 1, 1]
     p  = torch.ops.fxopt.adaptive_avg_pool2d_int8(z, [1, 1], s_z, zp_z, 0, 255)
     out = torch.ops.fxopt.dequantize(p, s_z, zp_z)                        # codes -> float32
 
@@ -34,11 +35,13 @@ from fxopt.ops.schema import OpView, define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape, out_format
 
 __all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference",
-           "dequantize_reference", "add_int8_reference", "adaptive_avg_pool2d_int8_reference",
-           "cat_int8_reference", "max_pool2d_int8_reference", "codes_dtype", "is_codes",
+           "dequantize_reference", "add_int8_reference", "mul_int8_reference",
+           "adaptive_avg_pool2d_int8_reference", "cat_int8_reference",
+           "max_pool2d_int8_reference", "codes_dtype", "is_codes",
            "INT8_IR_OPS", "CONV2D_INT8", "LINEAR_INT8", "QUANTIZE", "DEQUANTIZE", "ADD_INT8",
-           "CAT_INT8", "AVGPOOL_INT8", "MAXPOOL_INT8", "Conv2dInt8", "LinearInt8", "Int8Layer",
-           "Quantize", "Dequantize", "AddInt8", "CatInt8", "AvgPool2dInt8", "MaxPool2dInt8"]
+           "MUL_INT8", "CAT_INT8", "AVGPOOL_INT8", "MAXPOOL_INT8", "Conv2dInt8", "LinearInt8",
+           "Int8Layer", "Quantize", "Dequantize", "AddInt8", "MulInt8", "BinaryInt8", "CatInt8",
+           "AvgPool2dInt8", "MaxPool2dInt8"]
 
 
 def codes_dtype(qmin: int) -> torch.dtype:
@@ -158,6 +161,15 @@ def add_int8_reference(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act
     return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
 
 
+def mul_int8_reference(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none",
+                       act_args=(), y_qmin=0, y_qmax=255) -> torch.Tensor:
+    """``act(a * b)`` of two code tensors (broadcast: a squeeze-excitation gate ``[N, C, 1, 1]``)
+    onto the ``y`` grid (PyTorch's quantized mul: the float32 product of the dequantized inputs,
+    requantized)."""
+    y = apply_activation(_values(a, a_scale, a_zp) * _values(b, b_scale, b_zp), act, act_args)
+    return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
+
+
 def adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax) -> torch.Tensor:
     """Average pooling of codes, rounded back onto the same grid."""
     y = F.adaptive_avg_pool2d(_values(q, scale, zp), list(output_size))
@@ -206,6 +218,13 @@ def _add_int8_fake(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="no
     return torch.empty_like(a, dtype=codes_dtype(y_qmin))
 
 
+def _mul_int8_fake(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none",
+                   act_args=(), y_qmin=0, y_qmax=255):
+    # the broadcast shape and the layout the reference's elementwise product picks
+    y = torch.empty_like(a, dtype=torch.float32) * torch.empty_like(b, dtype=torch.float32)
+    return torch.empty_like(y, dtype=codes_dtype(y_qmin))
+
+
 def _avg_pool_fake(q, output_size, scale, zp, qmin, qmax):
     return q.new_empty((*q.shape[:-2], *output_size), dtype=codes_dtype(qmin))
 
@@ -241,6 +260,11 @@ ADD_INT8 = define_op(
     "Tensor y_scale, Tensor y_zp, *, str act='none', float[] act_args=[], int y_qmin=0, "
     "int y_qmax=255) -> Tensor",
     family="int8", reference=add_int8_reference, fake=_add_int8_fake)
+MUL_INT8 = define_op(
+    "mul_int8(Tensor a, Tensor a_scale, Tensor a_zp, Tensor b, Tensor b_scale, Tensor b_zp, "
+    "Tensor y_scale, Tensor y_zp, *, str act='none', float[] act_args=[], int y_qmin=0, "
+    "int y_qmax=255) -> Tensor",
+    family="int8", reference=mul_int8_reference, fake=_mul_int8_fake)
 AVGPOOL_INT8 = define_op(
     "adaptive_avg_pool2d_int8(Tensor q, int[2] output_size, Tensor scale, Tensor zp, int qmin, "
     "int qmax) -> Tensor",
@@ -259,6 +283,7 @@ LinearInt8 = LINEAR_INT8.view
 Quantize = QUANTIZE.view
 Dequantize = DEQUANTIZE.view
 AddInt8 = ADD_INT8.view
+MulInt8 = MUL_INT8.view
 AvgPool2dInt8 = AVGPOOL_INT8.view
 MaxPool2dInt8 = MAXPOOL_INT8.view
 CatInt8 = CAT_INT8.view
@@ -271,5 +296,13 @@ class Int8Layer(OpView):
     ops = (CONV2D_INT8, LINEAR_INT8)
 
 
+class BinaryInt8(OpView):
+    """``add_int8`` / ``mul_int8``, read through the parameters they share (a, b and their
+    grids, the y grid, act, act_args)."""
+
+    ops = (ADD_INT8, MUL_INT8)
+
+
 INT8_IR_OPS = tuple(op.overload for op in (CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE,
-                                           ADD_INT8, AVGPOOL_INT8, CAT_INT8, MAXPOOL_INT8))
+                                           ADD_INT8, MUL_INT8, AVGPOOL_INT8, CAT_INT8,
+                                           MAXPOOL_INT8))

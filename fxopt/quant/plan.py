@@ -6,8 +6,9 @@
    fused ``conv2d_act`` / ``linear_act`` ops, grouped and depthwise convolutions included).
 2. :func:`make_plan` for a chosen set of layers: which values are int8. A quantized layer's
    output is int8; max pooling, flatten/reshape and adaptive average pooling of an int8 value
-   stay int8 on its grid; an add of two int8 values, or a concatenation of int8 values, is
-   int8 on its own observed grid. A layer with a fused residual (``act(conv(x) + r)``) is
+   stay int8 on its grid; an add of two int8 values, a product of two int8 values
+   (broadcasting: a squeeze-excitation gate ``x * gate``), or a concatenation of int8 values,
+   is int8 on its own observed grid. A layer with a fused residual (``act(conv(x) + r)``) is
    split: the convolution writes int8 on a grid of its own (the *pre-add* value), then an
    int8 add with the activation, as PyTorch's quantized kernels and ONNX QDQ want it. A
    float value read by a quantized op is quantized on its observed grid (a region entry);
@@ -145,6 +146,20 @@ def _is_add(n: fx.Node) -> bool:
             and _same_shape(n.args[0], n.args[1]))
 
 
+def _is_mul(n: fx.Node) -> bool:
+    """``a * b`` of two tensors (capture writes ``torch.mul`` / ``x.mul`` / ``*=`` as
+    ``operator.mul``); broadcasting allowed, scalars not (that is a rescale, not a product of
+    two grids)."""
+    return (n.op == "call_function" and n.target is operator.mul and len(n.args) == 2
+            and not n.kwargs and all(isinstance(a, fx.Node) and _is_float_tensor(a)
+                                     for a in n.args))
+
+
+def _is_float_tensor(a: fx.Node) -> bool:
+    tm = a.meta.get("tensor_meta")
+    return getattr(tm, "dtype", None) in (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _is_cat(n: fx.Node) -> bool:
     if n.op != "call_function" or n.target is not torch.cat or not n.args:
         return False
@@ -160,7 +175,8 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
 
 def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
     """The value keys a calibration must observe for any plan over ``layers``: every layer's
-    input, residual and output, every residual layer's pre-add value, every add and cat."""
+    input, residual and output, every residual layer's pre-add value, every add, mul and
+    cat."""
     keys, pre = set(), set()
     for l in layers:
         keys.update([l.node, l.x])
@@ -168,7 +184,7 @@ def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
             keys.add(l.residual)
             pre.add(l.node)
     for n in gm.graph.nodes:
-        if _is_add(n):
+        if _is_add(n) or _is_mul(n):
             keys.update([n, *n.args])
         elif _is_cat(n):
             keys.update([n, *n.args[0]])
@@ -178,7 +194,7 @@ def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
 @dataclass
 class Plan:
     """``roles``: original node -> its int8 role (``layer``, ``maxpool``, ``flatten``,
-    ``avgpool``, ``identity``, ``add``, ``cat``); ``grid(node)`` its grid."""
+    ``avgpool``, ``identity``, ``add``, ``mul``, ``cat``); ``grid(node)`` its grid."""
 
     layers: dict[fx.Node, Layer]
     roles: dict[fx.Node, str]
@@ -208,6 +224,8 @@ def make_plan(gm: fx.GraphModule, layers: list[Layer], grids: dict,
             roles[n] = kind
         elif _is_add(n) and all(a in roles for a in n.args) and n in grids:
             roles[n] = "add"
+        elif _is_mul(n) and all(a in roles for a in n.args) and n in grids:
+            roles[n] = "mul"
         elif _is_cat(n) and all(a in roles for a in n.args[0]) and n in grids:
             roles[n] = "cat"
     return Plan(by_node, roles, grids, {l.node: weights[l.node] for l in layers})

@@ -16,6 +16,8 @@ the rows in order at each op and rewrites it with the first whose check passes:
                                                                       clamp(0, 6)
     linear_int8               linear_int8(q, ...)                   quantized.linear(_relu)(...)
     add_int8                  add_int8(a, ..., b, ..., act="relu")  quantized.add_relu(a, b, ...)
+    mul_int8                  mul_int8(a, ..., b, ..., act="none")  quantized.mul(a, b, ...)
+                              (broadcasting: an SE gate [N, C, 1, 1]; within one code of the IR)
     adaptive_avg_pool2d_int8  adaptive_avg_pool2d_int8(q, size, ..) F.adaptive_avg_pool2d(q, ..)
     max_pool2d_int8           max_pool2d_int8(q, k, s, p, d, ceil)  F.max_pool2d(q, k, s, ...)
     cat_int8                  cat_int8(qs, ..., dim, s_y, zp_y)     quantized.cat(qs, dim, ...)
@@ -29,13 +31,14 @@ the rows in order at each op and rewrites it with the first whose check passes:
                               on one grid is the identity)
     add_int8_reference        an add_int8 no kernel row took: the fxopt op on the codes
                               (``int_repr``), wrapped as a quantized tensor
+    mul_int8_reference        likewise a mul_int8 (an activation quantized.mul does not fuse)
 
 Which epilogues the kernels take comes from the activation table
 (``ACTIVATIONS[act].quantized_cpu``: "fused" is ``quantized.conv2d_relu``, "clamp" is a clamp
 after the kernel, exact on the codes; ``onednn_int8``: the post-ops of oneDNN's int8 kernels,
 ``fxopt.ops.cpu``, for hardswish, SiLU, GELU, ...); an epilogue none of them has (a float
-residual, a float output, sigmoid) is what the kernel rows ``reject`` and the two reference rows
-after them take. The
+residual, a float output, sigmoid) is what the kernel rows ``reject`` and the reference rows after
+them take. The
 report names each op run as the reference. Flatten and reshape run on quantized tensors
 unchanged. A new op is a row: ``op_rule(name, [SCHEMA.overload], replace, check)`` reading the
 op's arguments through its view (``Conv2dInt8.of(m.root).x_scale``).
@@ -66,8 +69,8 @@ from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, method,
 from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ir.graph import copy_meta, get_attr_value, module_path, tensor_meta
 from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE, INT8_IR_OPS,
-                            LINEAR_INT8, MAXPOOL_INT8, QUANTIZE, AddInt8, AvgPool2dInt8, CatInt8,
-                            Dequantize, Int8Layer, MaxPool2dInt8, Quantize)
+                            LINEAR_INT8, MAXPOOL_INT8, MUL_INT8, QUANTIZE, AvgPool2dInt8,
+                            BinaryInt8, CatInt8, Dequantize, Int8Layer, MaxPool2dInt8, Quantize)
 from fxopt.ops import onednn
 from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
 from fxopt.ops.schema import OpView, schema_of, view_of
@@ -134,12 +137,12 @@ def _reads_lowered(value, method: str) -> bool:
 
 def is_reference_call(node: fx.Node) -> bool:
     """Whether ``node`` is an fxopt reference call a fallback row wrote: an int8 layer on a
-    dequantized quantized tensor, or an int8 add on the codes of quantized tensors (not an IR
-    op to lower again, in this run or a later one)."""
+    dequantized quantized tensor, or an int8 add or mul on the codes of quantized tensors (not
+    an IR op to lower again, in this run or a later one)."""
     v = Int8Layer.match(node)
     if v is not None:
         return _reads_lowered(v.x, "dequantize")
-    v = AddInt8.match(node)
+    v = BinaryInt8.match(node)
     return v is not None and _reads_lowered(v.a, "int_repr")
 
 
@@ -236,17 +239,26 @@ def _cat(m: Match, b: Builder) -> fx.Node:
                                                      *_grid(m, v.y_scale, v.y_zp)))
 
 
-def _add(m: Match, b: Builder) -> fx.Node:
-    v = AddInt8.of(m.root)
-    b.tally("add")
-    return b.call_function(_kernel("add", v.act), (v.a, v.b, *_grid(m, v.y_scale, v.y_zp)))
+def _binary(kind: str):
+    """add_int8 (``kind="add"``) / mul_int8 (``"mul"``) onto ``quantized.<kind>(_relu)``, which
+    broadcast as the IR does."""
+
+    def replace(m: Match, b: Builder) -> fx.Node:
+        v = BinaryInt8.of(m.root)
+        b.tally(kind)
+        return b.call_function(_kernel(kind, v.act), (v.a, v.b, *_grid(m, v.y_scale, v.y_zp)))
+
+    return replace
 
 
-def _add_fits(m: Match) -> bool:
-    v = AddInt8.of(m.root)
-    if _quantized_cpu(v.act) != "fused":
-        return _reject(m, f"no quantized add with activation {v.act}")
-    return _uint8(m, v.y_qmin, v.y_qmax)
+def _binary_fits(kind: str):
+    def check(m: Match) -> bool:
+        v = BinaryInt8.of(m.root)
+        if _quantized_cpu(v.act) != "fused":
+            return _reject(m, f"no quantized {kind} with activation {v.act}")
+        return _uint8(m, v.y_qmin, v.y_qmax)
+
+    return check
 
 
 # -- conv2d_int8 / linear_int8: prepacked weights ---------------------------------------------
@@ -320,10 +332,10 @@ def _layer_reference(m: Match, b: Builder) -> fx.Node:
                                                        torch.quint8))
 
 
-def _add_reference(m: Match, b: Builder) -> fx.Node:
-    """``add_int8`` reads codes: the op on the quantized inputs' codes, its codes wrapped as a
-    quantized tensor on the output grid."""
-    v = AddInt8.of(m.root)
+def _binary_reference(m: Match, b: Builder) -> fx.Node:
+    """``add_int8`` / ``mul_int8`` read codes: the op on the quantized inputs' codes, its codes
+    wrapped as a quantized tensor on the output grid."""
+    v = BinaryInt8.of(m.root)
     codes = v.emit(b, a=b.call_method("int_repr", (v.a,)), b=b.call_method("int_repr", (v.b,)))
     m.context.fallback.append(_who(m.root))
     return b.call_function(torch._make_per_tensor_quantized_tensor,
@@ -378,7 +390,8 @@ RULES = [
     op_rule("dequantize", [DEQUANTIZE.overload], _dequantize),
     op_rule("conv2d_int8", [CONV2D_INT8.overload], _layer("conv2d"), _layer_fits),
     op_rule("linear_int8", [LINEAR_INT8.overload], _layer("linear"), _layer_fits),
-    op_rule("add_int8", [ADD_INT8.overload], _add, _add_fits),
+    op_rule("add_int8", [ADD_INT8.overload], _binary("add"), _binary_fits("add")),
+    op_rule("mul_int8", [MUL_INT8.overload], _binary("mul"), _binary_fits("mul")),
     op_rule("adaptive_avg_pool2d_int8", [AVGPOOL_INT8.overload], _avg_pool,
             _uint8_grid(AvgPool2dInt8, "qmin", "qmax")),
     op_rule("max_pool2d_int8", [MAXPOOL_INT8.overload], _max_pool),
@@ -394,7 +407,8 @@ RULES = [
     # after the kernel rows: what they rejected runs the fxopt reference
     op_rule("int8_layer_reference", [CONV2D_INT8.overload, LINEAR_INT8.overload],
             _layer_reference),
-    op_rule("add_int8_reference", [ADD_INT8.overload], _add_reference),
+    op_rule("add_int8_reference", [ADD_INT8.overload], _binary_reference),
+    op_rule("mul_int8_reference", [MUL_INT8.overload], _binary_reference),
 ]
 
 

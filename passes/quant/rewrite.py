@@ -3,11 +3,11 @@ graph as the int8 IR of ``fxopt.ops.int8``.
 
 ``Writer(gm, plan).run()`` walks the plan's int8 nodes in graph order: a layer becomes
 ``conv2d_int8`` / ``linear_int8`` writing codes (a residual layer: the conv on its pre-add grid,
-then ``add_int8`` with the activation); max pooling, average pooling, flatten, adds and cats of
-int8 values become their int8 forms; the first int8 reader of a float value gets a
-``quantize``; every float reader of an int8 value gets one ``dequantize`` (an exit), which the
-pass returns to size its tolerance (``fxopt.quant.measure.output_step``). Every call is written
-through the op schema, its arguments by name.
+then ``add_int8`` with the activation); max pooling, average pooling, flatten, adds, products
+(``mul_int8``) and cats of int8 values become their int8 forms; the first int8 reader of a
+float value gets a ``quantize``; every float reader of an int8 value gets one ``dequantize``
+(an exit), which the pass returns to size its tolerance (``fxopt.quant.measure.output_step``).
+Every call is written through the op schema, its arguments by name.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from fxopt.ir.graph import add_buffer, copy_meta, module_path, tensor_meta_of
 from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE,
-                            LINEAR_INT8, MAXPOOL_INT8, QUANTIZE)
+                            LINEAR_INT8, MAXPOOL_INT8, MUL_INT8, QUANTIZE)
 from fxopt.quant.plan import PRE, Plan
 from fxopt.quant.qparams import QParams
 
@@ -35,8 +35,8 @@ class Writer:
         self.codes: dict[fx.Node, fx.Node] = {}   # original int8 node -> node of its codes
         self.entries: dict[fx.Node, fx.Node] = {}  # float value -> its quantize node
         self.attrs: dict = {}
-        self.counts = {"conv2d": 0, "linear": 0, "add": 0, "cat": 0, "pool": 0, "quantize": 0,
-                       "dequantize": 0}
+        self.counts = {"conv2d": 0, "linear": 0, "add": 0, "mul": 0, "cat": 0, "pool": 0,
+                       "quantize": 0, "dequantize": 0}
 
     def attr(self, prefix: str, value: torch.Tensor, key=None) -> fx.Node:
         if key is not None and key in self.attrs:
@@ -138,15 +138,15 @@ class Writer:
                 new = AVGPOOL_INT8.emit(self.g, q=self.codes[src], output_size=size, scale=s,
                                         zp=z, qmin=qp.qmin, qmax=qp.qmax)
             self.counts["pool"] += 1
-        elif role == "add":
+        elif role in ("add", "mul"):
             a, as_, az, _ = self.input_codes(n.args[0], n)
             b, bs, bz, _ = self.input_codes(n.args[1], n)
             ys, yz, qp = self.grid_attrs(n, _base(n))
+            op = ADD_INT8 if role == "add" else MUL_INT8
             with self.g.inserting_before(n):
-                new = ADD_INT8.emit(self.g, a=a, a_scale=as_, a_zp=az, b=b, b_scale=bs,
-                                    b_zp=bz, y_scale=ys, y_zp=yz, y_qmin=qp.qmin,
-                                    y_qmax=qp.qmax)
-            self.counts["add"] += 1
+                new = op.emit(self.g, a=a, a_scale=as_, a_zp=az, b=b, b_scale=bs, b_zp=bz,
+                              y_scale=ys, y_zp=yz, y_qmin=qp.qmin, y_qmax=qp.qmax)
+            self.counts[role] += 1
         else:  # cat
             ins = [self.input_codes(v, n) for v in n.args[0]]
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)

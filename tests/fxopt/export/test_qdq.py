@@ -251,7 +251,8 @@ def test_cli_int8_onnx(tmp_path, capsys, monkeypatch):
 # -- the QDQ table: every row fires, an op without a row is kept --------------------------------
 class RowNet(nn.Module):
     """The int8 ops the quantization writes, each at least once: a conv with relu, a plain conv
-    into an add, an add with relu, max pooling, cat, average pooling, linear with relu, linear."""
+    into an add, an add with relu, max pooling, a product with a pooled gate (broadcast), cat,
+    average pooling, linear with relu, linear."""
 
     def __init__(self):
         super().__init__()
@@ -264,7 +265,7 @@ class RowNet(nn.Module):
         y = F.relu(self.c1(x))
         z = F.relu(self.c3(self.c2(y) + y) + y)
         z = self.pool(z)
-        z = torch.cat([z, self.c4(z)], 1)
+        z = torch.cat([z, self.c4(z) * F.adaptive_avg_pool2d(z, 1)], 1)
         return self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(z, 1).flatten(1))))
 
 
@@ -280,6 +281,19 @@ class OneDNNNet(nn.Module):
     def forward(self, x):
         y = F.silu(self.c2(F.hardswish(self.c1(x))))
         return F.gelu(self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1)))
+
+
+def _mul_relu_graph() -> fx.GraphModule:
+    """quantized.mul_relu of a quantized input and its pooled gate (lower_int8_cpu writes it for
+    a mul_int8 with act="relu", which quantize_int8 does not write)."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.quantize_per_tensor, (x, 0.05, 128, torch.quint8))
+    p = g.call_function(F.adaptive_avg_pool2d, (x, 1))
+    b = g.call_function(torch.quantize_per_tensor, (p, 0.01, 100, torch.quint8))
+    m = g.call_function(torch.ops.quantized.mul_relu, (a, b, 0.002, 0))
+    g.output(g.call_method("dequantize", (m,)))
+    return fx.GraphModule(nn.Module(), g)
 
 
 def _same_grid_graph() -> fx.GraphModule:
@@ -322,6 +336,9 @@ def fired(tmp_path_factory):
     result = export_onnx(_same_grid_graph(), x, tmp / "rows_same_grid.onnx")
     assert result.kept == [] and result.check.ok
     out["cpu"].update(result.translated)
+    result = export_onnx(_mul_relu_graph(), x, tmp / "rows_mul_relu.onnx")
+    assert result.kept == [] and result.check.ok
+    out["cpu"].update(result.translated)
     return out
 
 
@@ -340,15 +357,15 @@ def test_one_ir_row_per_int8_op():
 
 
 def test_quantized_op_without_row_is_kept():
-    """A PyTorch quantized op the table has no row for (quantized::mul) stays as it is: named
-    in ``kept`` (it reads codes) and among the int8 ops left (``untranslated``)."""
+    """A PyTorch quantized op the table has no row for (quantized::hardswish) stays as it is:
+    named in ``kept`` (it reads codes) and among the int8 ops left (``untranslated``)."""
     g = fx.Graph()
     q = g.call_function(torch.quantize_per_tensor, (g.placeholder("x"), 0.05, 128, torch.quint8))
-    m = g.call_function(torch.ops.quantized.mul, (q, q, 0.1, 128))
+    m = g.call_function(torch.ops.quantized.hardswish, (q, 0.1, 128))
     g.output(g.call_method("dequantize", (g.call_function(F.relu, (m,)),)))
     rw = qdq_rewrite(fx.GraphModule(nn.Module(), g))
     assert rw.translated == {"quantize_per_tensor": 1}
-    assert len(rw.kept) == 1 and "quantized.mul" in rw.kept[0]
+    assert len(rw.kept) == 1 and "quantized.hardswish" in rw.kept[0]
     assert untranslated(rw.gm) == rw.kept
     # its output is not known to hold codes: the relu and dequantize after it are left alone
     assert sum(n.target in (F.relu, "dequantize") for n in rw.gm.graph.nodes) == 2
