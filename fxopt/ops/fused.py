@@ -10,10 +10,17 @@ table ``fxopt.ir.activations``, its parameters in ``act_args``: ``leaky_relu``
 [negative_slope], ``hardtanh``/``clamp`` [min, max] with +-inf for a missing clamp bound,
 ``elu`` [alpha]).
 
-Layout contract: the output of ``conv2d_act`` is channels-last when the input is (strictly)
+``conv_transpose2d_act`` is the same epilogue after a transposed convolution; its parameters
+are ``F.conv_transpose2d``'s, in its order (stride, padding, output_padding, groups, dilation)::
+
+    y = torch.ops.fxopt.conv_transpose2d_act(x, w, b, [2, 2], [1, 1], [1, 1], 1, [1, 1],
+                                             act="silu")
+    # == silu(F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation))
+
+Layout contract: the output of a conv op is channels-last when the input is (strictly)
 channels-last, contiguous otherwise. On the CPU a channels-last float32 ``conv2d_act`` runs
-oneDNN's fused kernels (``fxopt.ops.onednn``); everything else runs the reference,
-``F.conv2d`` then the epilogue in place on its output. ``decompose`` is the same math with
+oneDNN's fused kernels (``fxopt.ops.onednn``); everything else runs the reference, the
+convolution then the epilogue in place on its output. ``decompose`` is the same math with
 standard ops only and no in-place update: what the ONNX export and quantization-aware training
 run.
 
@@ -21,18 +28,22 @@ run.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from fxopt.ir.activations import apply_activation, check_activation
+from fxopt.ir.graph import tensor_meta
 from fxopt.ops import onednn
 from fxopt.ops.schema import OpView, define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape, out_format, to_format
 
-__all__ = ["CONV1D_ACT", "CONV2D_ACT", "LINEAR_ACT", "FusedConv", "FusedLinear", "FusedLayer",
-           "FUSED_OPS",
-           "conv_act_reference", "linear_act_reference", "conv_act_decomposed",
-           "linear_act_decomposed"]
+__all__ = ["CONV1D_ACT", "CONV2D_ACT", "CONV_TRANSPOSE2D_ACT", "LINEAR_ACT", "FusedConv",
+           "FusedLinear", "FusedLayer", "FUSED_OPS",
+           "conv_act_reference", "conv_transpose_act_reference", "linear_act_reference",
+           "conv_act_decomposed", "conv_transpose_act_decomposed", "linear_act_decomposed"]
 
 
 def _conv_fn(ndim: int):
@@ -45,6 +56,20 @@ def conv_act_reference(x, weight, bias, stride, padding, dilation, groups, resid
     """``act(conv(x) + bias + residual)`` with plain PyTorch ops, in the op's output layout."""
     check_activation(act, act_args)
     y = _conv_fn(x.dim())(x, weight, bias, list(stride), list(padding), list(dilation), groups)
+    if residual is not None:
+        y.add_(residual)
+    y = apply_activation(y, act, act_args, inplace=True)
+    return to_format(y, out_format(x))
+
+
+def conv_transpose_act_reference(x, weight, bias, stride, padding, output_padding, groups,
+                                 dilation, residual=None, *, act="none",
+                                 act_args=()) -> torch.Tensor:
+    """``act(conv_transpose2d(x) + bias + residual)`` with plain PyTorch ops, in the op's output
+    layout."""
+    check_activation(act, act_args)
+    y = F.conv_transpose2d(x, weight, bias, list(stride), list(padding), list(output_padding),
+                           groups, list(dilation))
     if residual is not None:
         y.add_(residual)
     y = apply_activation(y, act, act_args, inplace=True)
@@ -67,6 +92,16 @@ def conv_act_decomposed(x, weight, bias, stride, padding, dilation, groups, resi
                         act="none", act_args=()):
     """``act(conv(x) + bias + residual)`` with standard ops only (what ONNX receives)."""
     y = _conv_fn(x.dim())(x, weight, bias, list(stride), list(padding), list(dilation), groups)
+    if residual is not None:
+        y = y + residual
+    return apply_activation(y, act, act_args)
+
+
+def conv_transpose_act_decomposed(x, weight, bias, stride, padding, output_padding, groups,
+                                  dilation, residual=None, *, act="none", act_args=()):
+    """``act(conv_transpose2d(x) + bias + residual)`` with standard ops only."""
+    y = F.conv_transpose2d(x, weight, bias, list(stride), list(padding), list(output_padding),
+                           groups, list(dilation))
     if residual is not None:
         y = y + residual
     return apply_activation(y, act, act_args)
@@ -100,8 +135,28 @@ def _conv_act_fake(x, weight, bias, stride, padding, dilation, groups, residual=
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
 
 
+def _conv_transpose_act_fake(x, weight, bias, stride, padding, output_padding, groups,
+                             dilation, residual=None, *, act="none", act_args=()):
+    # weight: [C_in, C_out / groups, kh, kw]
+    shape = [x.shape[0], weight.shape[1] * groups]
+    for size, k, s, p, op, d in zip(x.shape[2:], weight.shape[2:], stride, padding,
+                                    output_padding, dilation):
+        shape.append((size - 1) * s - 2 * p + d * (k - 1) + op + 1)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
+
+
 def _linear_act_fake(x, weight, bias, residual=None, *, act="none", act_args=()):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# -- MAC counts ---------------------------------------------------------------------------------
+def _conv_transpose_macs(view, gm: fx.GraphModule) -> int:
+    """Every input element scatters into ``C_out / groups * kh * kw`` outputs (weight
+    ``[C_in, C_out / groups, kh, kw]``): input elements times ``prod(weight.shape[1:])``."""
+    x, w = tensor_meta(view.x), tensor_meta(view.weight)
+    if x is None or w is None:
+        return 0
+    return math.prod(x.shape) * math.prod(w.shape[1:])
 
 
 # -- the ops ------------------------------------------------------------------------------------
@@ -117,6 +172,11 @@ CONV2D_ACT = define_op(
     "int[2] dilation, int groups, " + _TAIL,
     family="fused", reference=conv_act_reference, fake=_conv_act_fake, cpu=_conv2d_act_cpu,
     decompose=conv_act_decomposed, macs=weight_macs("weight"))
+CONV_TRANSPOSE2D_ACT = define_op(
+    "conv_transpose2d_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+    "int[2] output_padding, int groups, int[2] dilation, " + _TAIL,
+    family="fused", reference=conv_transpose_act_reference, fake=_conv_transpose_act_fake,
+    decompose=conv_transpose_act_decomposed, macs=_conv_transpose_macs)
 LINEAR_ACT = define_op(
     "linear_act(Tensor x, Tensor weight, Tensor? bias, " + _TAIL,
     family="fused", reference=linear_act_reference, fake=_linear_act_fake,
@@ -138,9 +198,11 @@ class FusedLinear(OpView):
 
 class FusedLayer(OpView):
     """Any fused op, read through the parameters they all have (x, weight, bias, residual,
-    act, act_args); ``view.schema`` says which op it is."""
+    act, act_args); ``view.schema`` says which op it is. ``conv_transpose2d_act`` is not a
+    ``FusedConv`` (its weight is ``[C_in, C_out / groups, kh, kw]``, its parameters differ):
+    its other arguments are read through its own view, ``CONV_TRANSPOSE2D_ACT.view``."""
 
-    ops = (CONV1D_ACT, CONV2D_ACT, LINEAR_ACT)
+    ops = (CONV1D_ACT, CONV2D_ACT, CONV_TRANSPOSE2D_ACT, LINEAR_ACT)
 
 
-FUSED_OPS = (CONV1D_ACT.overload, CONV2D_ACT.overload, LINEAR_ACT.overload)
+FUSED_OPS = tuple(op.overload for op in FusedLayer.ops)

@@ -4,12 +4,16 @@
                                                          groups, act="relu")
     act(conv(x) + y)      ->  torch.ops.fxopt.conv2d_act(x, w, b, ..., y, act="relu")
     act(linear(x) [+ y])  ->  torch.ops.fxopt.linear_act(x, w, b[, y], act=...)
+    act(deconv(x) [+ y])  ->  torch.ops.fxopt.conv_transpose2d_act(x, w, b, stride, padding,
+                                  output_padding, groups, dilation[, y], act=...)
 
-Rules (``RULES``, tried in this order at each node): ``conv_act`` and ``linear_act`` (an
-activation after the layer), ``conv_add`` and ``linear_add`` (a residual added to the layer's
-output, either side of the ``+``), ``fused_act`` (an activation after a fused op that has none
-yet: ``act(conv(x) + y)`` is ``conv_add`` then ``fused_act``) and ``fused_add``. Layers are
-``nn.Conv1d``/``nn.Conv2d`` (zero padding mode) and ``nn.Linear`` modules; activations are the
+Rules (``RULES``, tried in this order at each node): ``conv_act``, ``conv_transpose_act`` and
+``linear_act`` (an activation after the layer), ``conv_add``, ``conv_transpose_add`` and
+``linear_add`` (a residual added to the layer's output, either side of the ``+``),
+``fused_act`` (an activation after a fused op that has none yet: ``act(conv(x) + y)`` is
+``conv_add`` then ``fused_act``) and ``fused_add``. Layers are ``nn.Conv1d``/``nn.Conv2d``/
+``nn.ConvTranspose2d`` (zero padding mode; a transposed conv called with ``output_size`` is
+left alone) and ``nn.Linear`` modules, each onto its op (``_CONVS``); activations are the
 canonical ones (the activation table, ``fxopt.ir.activations``) and ``torch.clamp``. The
 fused op reads the layer's own weight and bias (``get_attr``), so parameters are shared, not
 copied; it is written through the op schema (``CONV2D_ACT.emit``).
@@ -37,12 +41,14 @@ from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module
 from fxopt.ir.activations import CAPTURE_FORMS, fused_activation
 from fxopt.ir.canonical import activation_of
 from fxopt.ir.graph import tensor_meta
-from fxopt.ops.fused import CONV1D_ACT, CONV2D_ACT, FUSED_OPS, LINEAR_ACT, FusedLayer
+from fxopt.ops.fused import (CONV1D_ACT, CONV2D_ACT, CONV_TRANSPOSE2D_ACT, FUSED_OPS,
+                              LINEAR_ACT, FusedLayer)
 
 __all__ = ["fuse_act", "lower_convs", "RULES", "LOWER_RULES", "act_spec"]
 
 _conv = module("conv", nn.Conv1d, nn.Conv2d)
 _conv2d = module("conv", nn.Conv2d)
+_conv_transpose = module("conv", nn.ConvTranspose2d)
 _linear = module("linear", nn.Linear)
 _act = call("act", *(row.canonical for row in CAPTURE_FORMS.values()), torch.clamp)
 _fused = call("fused", *FUSED_OPS)
@@ -74,7 +80,8 @@ def act_spec(node: fx.Node) -> tuple[str, list[float]] | str:
     return f"{found[0]} '{node.name}' has {spec}" if isinstance(spec, str) else spec
 
 
-def _conv_params(conv: nn.Module) -> tuple[list, list, list, int] | str:
+def _conv_params(conv: nn.Module) -> dict | str:
+    """The op's stride, padding, dilation and groups for a Conv1d/Conv2d module, or why not."""
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r}"
     k, d = conv.kernel_size, conv.dilation
@@ -87,7 +94,25 @@ def _conv_params(conv: nn.Module) -> tuple[list, list, list, int] | str:
         padding = [t // 2 for t in total]
     else:
         padding = list(conv.padding)
-    return list(conv.stride), padding, list(d), conv.groups
+    return dict(stride=list(conv.stride), padding=padding, dilation=list(d), groups=conv.groups)
+
+
+def _conv_transpose_params(conv: nn.Module) -> dict | str:
+    """The op's stride, padding, output_padding, groups and dilation for a ConvTranspose2d."""
+    if conv.padding_mode != "zeros":  # PyTorch refuses to run it: not ours to make it run
+        return f"padding_mode={conv.padding_mode!r}"
+    return dict(stride=list(conv.stride), padding=list(conv.padding),
+                output_padding=list(conv.output_padding), groups=conv.groups,
+                dilation=list(conv.dilation))
+
+
+# Convolution module -> (its fused op, the op's arguments from the module or why not, the
+# input's rank). Matched by exact type: a subclass may compute something else.
+_CONVS = {
+    nn.Conv1d: (CONV1D_ACT, _conv_params, 3),
+    nn.Conv2d: (CONV2D_ACT, _conv_params, 4),
+    nn.ConvTranspose2d: (CONV_TRANSPOSE2D_ACT, _conv_transpose_params, 4),
+}
 
 
 def _float_input(node, ndim: int | None) -> bool:
@@ -99,17 +124,19 @@ def _check_layer(m: Match) -> bool:
     """The layer call is plain and its input is a batched floating tensor."""
     key = "conv" if "conv" in m.nodes else "linear"
     node = m.nodes[key]
-    if len(node.args) != 1 or node.kwargs:
-        return False
     layer = m.module(key)
+    if len(node.args) != 1 or node.kwargs:
+        if isinstance(layer, nn.ConvTranspose2d):  # output_size picks output_padding per call
+            return m.reject(f"'{node.target}' is not fused: called with output_size")
+        return False
     if key == "conv":
-        params = _conv_params(layer)
+        op, params_of, ndim = _CONVS[type(layer)]
+        params = params_of(layer)
         if isinstance(params, str):
             return m.reject(f"'{node.target}' is not fused: {params}")
-        ndim = 3 if isinstance(layer, nn.Conv1d) else 4
         if not _float_input(node.args[0], ndim):
             return False  # unbatched or non-float input: not this op's business
-        m.data["conv"] = params
+        m.data["conv"] = op, params
     elif not _float_input(node.args[0], None):
         return False
     return True
@@ -143,9 +170,8 @@ def _layer_call(m: Match, b: Builder) -> tuple:
     values = {"x": node.args[0], "weight": weight, "bias": bias}
     if key == "linear":
         return LINEAR_ACT, values, node.name
-    stride, padding, dilation, groups = m.data["conv"]
-    values.update(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    return (CONV1D_ACT if isinstance(layer, nn.Conv1d) else CONV2D_ACT), values, node.name
+    op, params = m.data["conv"]
+    return op, {**values, **params}, node.name
 
 
 # -- rules --------------------------------------------------------------------------------------
@@ -179,9 +205,13 @@ def _fused_without(m: Match, *, residual: bool) -> bool:
 RULES = [
     Rule("conv_act", lambda x: _act(_conv(x)), _replace_layer_act,
          lambda m: _check_layer(m) and _check_act(m)),
+    Rule("conv_transpose_act", lambda x: _act(_conv_transpose(x)), _replace_layer_act,
+         lambda m: _check_layer(m) and _check_act(m)),
     Rule("linear_act", lambda x: _act(_linear(x)), _replace_layer_act,
          lambda m: _check_layer(m) and _check_act(m)),
     Rule("conv_add", lambda x, y: _add(_conv(x), y), _replace_layer_add,
+         lambda m: _check_layer(m) and _check_residual(m, m.nodes["conv"])),
+    Rule("conv_transpose_add", lambda x, y: _add(_conv_transpose(x), y), _replace_layer_add,
          lambda m: _check_layer(m) and _check_residual(m, m.nodes["conv"])),
     Rule("linear_add", lambda x, y: _add(_linear(x), y), _replace_layer_add,
          lambda m: _check_layer(m) and _check_residual(m, m.nodes["linear"])),

@@ -155,3 +155,108 @@ def test_apply_activation_in_place_equals_out_of_place():
     y = torch.randn(100)
     for act, (args, fn) in ACTS.items():
         assert torch.allclose(apply_activation(y.clone(), act, args, inplace=True), fn(y)), act
+
+
+# -- conv_transpose2d_act -------------------------------------------------------------------------
+# (in_ch, out_ch, kernel, stride, padding, output_padding, groups, dilation, input H, W)
+DECONVS = {
+    "plain": (4, 6, 3, [1, 1], [1, 1], [0, 0], 1, [1, 1], (5, 5)),
+    "stride2_output_padding": (4, 6, 3, [2, 2], [1, 1], [1, 1], 1, [1, 1], (5, 4)),
+    "grouped_dilated": (4, 6, 3, [2, 1], [2, 1], [1, 0], 2, [2, 1], (4, 5)),
+    "depthwise_k4": (4, 4, 4, [2, 2], [1, 1], [0, 0], 4, [1, 1], (3, 3)),
+}
+
+
+def _deconv_inputs(case, layout="contiguous", residual=False, seed=0):
+    cin, cout, k, stride, padding, out_pad, groups, dilation, hw = DECONVS[case]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cin, *hw, generator=g)
+    w = torch.randn(cin, cout // groups, k, k, generator=g) * 0.3
+    b = torch.randn(cout, generator=g)
+    shape = F.conv_transpose2d(x, w, b, stride, padding, out_pad, groups, dilation).shape
+    r = torch.randn(*shape, generator=g) if residual else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+        r = r.contiguous(memory_format=CL) if r is not None else None
+    return (x, w, b, stride, padding, out_pad, groups, dilation), r
+
+
+def _deconv_reference64(args, residual, act):
+    x, w, b, stride, padding, out_pad, groups, dilation = args
+    y = F.conv_transpose2d(x.double(), w.double(), b.double(), stride, padding, out_pad, groups,
+                           dilation)
+    return ACTS[act][1](y if residual is None else y + residual.double())
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "leaky_relu", "clamp", "gelu", "silu",
+                                 "hardswish", "sigmoid"])
+@pytest.mark.parametrize("case", sorted(DECONVS))
+@pytest.mark.parametrize("layout,residual", [("contiguous", False), ("channels_last", True)])
+def test_conv_transpose2d_act_matches_float64_reference(act, case, layout, residual):
+    args, r = _deconv_inputs(case, layout, residual)
+    out = torch.ops.fxopt.conv_transpose2d_act(*args, r, act=act, act_args=ACTS[act][0])
+    ref = _deconv_reference64(args, r, act)
+    assert out.shape == ref.shape and rel_err(out, ref) < tolerance_for(torch.float32)
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)  # the conv ops' layout contract
+
+
+@pytest.mark.parametrize("case", sorted(DECONVS))
+def test_conv_transpose2d_act_decomposition_is_the_op_and_differentiable(case):
+    args, r = _deconv_inputs(case, residual=True)
+    w = args[1].clone().requires_grad_(True)
+    args = (args[0], w, *args[2:])
+    op = ops.CONV_TRANSPOSE2D_ACT
+    y = op.decompose(*args, r, act="elu", act_args=[0.5])
+    with torch.no_grad():
+        assert rel_err(y, op(*args, r, act="elu", act_args=[0.5])) < 1e-6
+    y.square().sum().backward()  # QAT runs the decomposition: the weight gets a gradient
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", sorted(DECONVS))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_transpose2d_act_fake_gives_the_real_shapes_and_strides(case, layout):
+    args, _ = _deconv_inputs(case, layout)
+    real = torch.ops.fxopt.conv_transpose2d_act(*args, act="relu")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = torch.ops.fxopt.conv_transpose2d_act(*fake_args, act="relu")
+    assert fake.shape == real.shape and fake.stride() == real.stride()
+
+
+@pytest.mark.parametrize("case,layout,residual,kwargs", [
+    ("plain", "contiguous", False, {}),
+    ("stride2_output_padding", "channels_last", True, {"act": "silu"}),
+    ("grouped_dilated", "contiguous", True, {"act": "leaky_relu", "act_args": [0.1]}),
+])
+def test_conv_transpose2d_act_opcheck(case, layout, residual, kwargs):
+    args, r = _deconv_inputs(case, layout, residual)
+    torch.library.opcheck(torch.ops.fxopt.conv_transpose2d_act.default, (*args, r), kwargs)
+
+
+def test_conv_transpose2d_act_macs_and_views():
+    import torch.fx as fx
+    from fxopt.ir.graph import tensor_meta_of
+    from fxopt.ir.metrics import count_macs
+    from fxopt.ops.schema import view_of
+
+    args, _ = _deconv_inputs("grouped_dilated")
+    x, w = args[0], args[1]
+    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    gm.register_buffer("w", w)
+    g = gm.graph
+    xn, wn = g.placeholder("x"), g.get_attr("w")
+    node = ops.CONV_TRANSPOSE2D_ACT.emit(g, x=xn, weight=wn, bias=None, stride=args[3],
+                                         padding=args[4], output_padding=args[5],
+                                         groups=args[6], dilation=args[7], act="relu")
+    g.output(node)
+    gm.recompile()
+    for n, value in ((xn, x), (wn, w), (node, gm(x))):
+        n.meta["tensor_meta"] = tensor_meta_of(value)
+    # each input element scatters into C_out/groups * kh * kw outputs
+    assert count_macs(gm) == x.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+    v = ops.FusedLayer.of(node)  # QAT reads any fused op through FusedLayer
+    assert v.schema is ops.CONV_TRANSPOSE2D_ACT and v.act == "relu" and v.residual is None
+    assert view_of(node).output_padding == [1, 0] and not ops.FusedConv.matches(node)
+    assert node.target in ops.FUSED_OPS
