@@ -1,6 +1,6 @@
 """Latency as the CPU benchmarks measure it: variants interleaved round by round, medians.
 
-A thin layer over ``fxopt.latency.measure_latency`` that keys the figures by variant name and
+A thin layer over ``fxopt.tools.latency.measure_latency`` that keys the figures by variant name and
 picks how many back-to-back calls make a round (enough that a round lasts a set time).
 """
 from __future__ import annotations

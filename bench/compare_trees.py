@@ -13,7 +13,9 @@ the other, so a slow spell on a shared machine hits both; the load average is in
 
 ``--before`` / ``--after``: a folder put first on ``PYTHONPATH`` (a ``pip install --target``
 of that tree), or ``installed`` for the fxopt this Python imports (the default for
-``--after``). The bench script itself is always this checkout's.
+``--after``). The new tree runs this checkout's bench script; the old one too, unless
+``--before-bench`` names the old checkout's ``bench/`` (when the script imports modules that
+moved between the two).
 """
 from __future__ import annotations
 
@@ -32,11 +34,11 @@ __all__ = ["main"]
 HERE = Path(__file__).resolve().parent
 
 
-def _run(site: str, script_args: list[str]) -> str:
+def _run(site: str, bench: Path, script_args: list[str]) -> str:
     env = dict(os.environ)
     if site != "installed":
         env["PYTHONPATH"] = site + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, str(HERE / script_args[0]), *script_args[1:], "--out", "-"]
+    cmd = [sys.executable, str(bench / script_args[0]), *script_args[1:], "--out", "-"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/tmp")
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -92,6 +94,9 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", required=True, help="folder of the old tree, or 'installed'")
     p.add_argument("--after", default="installed", help="folder of the new tree, or 'installed'")
+    p.add_argument("--before-bench", default=str(HERE),
+                   help="the bench/ folder whose script the old tree runs (its own checkout's, "
+                        "when the scripts import modules that moved; default: this one)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="markdown file ('-': print only)")
     p.add_argument("script", nargs=argparse.REMAINDER, help="-- <bench script> [its arguments]")
@@ -101,8 +106,9 @@ def main(argv=None) -> str:
         p.error("give the bench script after --")
     before, after = [], []
     for i in range(args.repeats):
-        for site, runs in ((args.before, before), (args.after, after)):
-            runs.append(_tables(_run(site, script)))
+        for site, bench, runs in ((args.before, Path(args.before_bench), before),
+                                  (args.after, HERE, after)):
+            runs.append(_tables(_run(site, bench, script)))
             print(f"[{i + 1}/{args.repeats}] {'before' if runs is before else 'after'} done "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
     if {len(r) for r in before + after} != {len(before[0])}:

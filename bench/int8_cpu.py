@@ -12,7 +12,7 @@ is torch.ao's time over fxopt's (above 1: fxopt faster; the aim is at least 1 on
 Part 2, accuracy, the digits ResNet (``fxopt.digits``, trained; the ``fxopt optimize`` default
 model): both int8 models calibrated on the same batches of the training split, evaluated on the
 test split: top-1 accuracy of float and both int8 models, and SQNR (dB) of their logits against
-the float model's (``fxopt.passes.quantize.sqnr_db``).
+the float model's (``fxopt.quant.measure.sqnr_db``).
 
     python bench/int8_cpu.py                     # writes bench/results/int8_cpu-<date>.md
     python bench/int8_cpu.py --quick             # smoke run: resnet18 b1, few rounds, prints only
@@ -81,7 +81,7 @@ def _ao_int8(model, example, batches, notes: list[str], warned: list[str], label
 
 
 def _sqnr(ref, out) -> float:
-    from fxopt.passes.quant.quantize import sqnr_db
+    from fxopt.quant.measure import sqnr_db
 
     return sqnr_db(ref, out)
 
