@@ -119,6 +119,13 @@ def test_dependencies_point_one_way():
     assert wrong == []
 
 
+def test_nothing_outside_the_passes_imports_a_particular_pass():
+    # the core reaches passes through the registry; importing the package registers them all
+    wrong = [f"{a}:{data['line']} imports {b}" for a, b, data in import_graph().edges(data=True)
+             if b.startswith("fxopt.passes.") and not a.startswith("fxopt.passes")]
+    assert wrong == []
+
+
 def test_no_private_name_is_imported_across_modules():
     crossing = [f"{name}:{line} imports {n} from {mod}"
                 for name in MODULES for mod, names, line in _imports(name)
