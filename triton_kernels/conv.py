@@ -36,7 +36,8 @@ from fxopt.triton_kernels.epilogue import (COMPILE_EPILOGUE, COMPILE_FLOAT_EPILO
 from fxopt.triton_kernels.gemm import int8_scale_and_correction
 
 __all__ = ["conv2d", "conv2d_int8", "conv2d_reference", "conv2d_int8_reference",
-           "prepare_conv_weight", "conv_configs", "conv_output_size", "check_nhwc"]
+           "prepare_conv_weight", "conv_configs", "conv_output_size", "check_nhwc",
+           "check_conv_output"]
 
 
 @triton.jit
@@ -201,19 +202,26 @@ def _conv_common(name, x, weight, stride, padding, dilation, groups, residual, o
                          f"kernel {KH}x{KW}, stride {(sh, sw)}, padding {(ph, pw)}, "
                          f"dilation {(dh, dw)}")
     out_shape = (B, CO, OH, OW)
+    check_conv_output(name, x, residual, out, out_shape, out_dtype)
+    return (sh, sw), (ph, pw), (dh, dw), out_shape
+
+
+def check_conv_output(name: str, x: torch.Tensor, residual, out, out_shape: tuple,
+                      out_dtype: torch.dtype) -> None:
+    """The residual and the caller's ``out`` fit an NHWC output of ``out_shape``, and every
+    offset fits the kernels' int32 arithmetic (shared by the conv and depthwise launchers)."""
     check_residual(name, residual, out_shape)
     if residual is not None:
         check_nhwc(name, residual, FLOAT_DTYPES, "residual")
-    if out is not None:
-        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape
-                or out.dtype != out_dtype
-                or not out.is_contiguous(memory_format=torch.channels_last)):
-            raise ValueError(f"{name}: out must be a channels-last {out_dtype} tensor of shape "
-                             f"{out_shape}")
-    if max(x.numel(), B * CO * OH * OW) >= 2 ** 31:
+    if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape
+                            or out.dtype != out_dtype
+                            or not out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"{name}: out must be a channels-last {out_dtype} tensor of shape "
+                         f"{out_shape}")
+    numel = out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3]
+    if max(x.numel(), numel) >= 2 ** 31:
         raise ValueError(f"{name}: tensors with 2**31 or more elements are not supported "
                          "(int32 offsets)")
-    return (sh, sw), (ph, pw), (dh, dw), out_shape
 
 
 def _launch(kernel, x, w, out, ep, *, stride, padding, dilation, groups, residual, scale, corr,

@@ -23,9 +23,9 @@ import triton.language as tl
 
 from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as_float, as_int,
                                            as_pair, check_device)
-from fxopt.triton_kernels.conv import check_nhwc, conv_output_size
+from fxopt.triton_kernels.conv import check_conv_output, check_nhwc, conv_output_size
 from fxopt.triton_kernels.epilogue import (COMPILE_EPILOGUE, COMPILE_FLOAT_EPILOGUE,
-                                           check_residual, epilogue_kwargs, store_epilogue)
+                                           epilogue_kwargs, store_epilogue)
 
 __all__ = ["depthwise_conv2d", "depthwise_conv2d_int8", "prepare_depthwise_weight",
            "depthwise_conv2d_reference", "depthwise_conv2d_int8_reference", "depthwise_configs"]
@@ -135,17 +135,7 @@ def _prepare(name, x, weight, bias, stride, padding, dilation, residual, out, ou
     if OH < 1 or OW < 1:
         raise ValueError(f"{name}: the output would be empty ({OH}x{OW})")
     out_shape = (B, C, OH, OW)
-    check_residual(name, residual, out_shape)
-    if residual is not None:
-        check_nhwc(name, residual, FLOAT_DTYPES, "residual")
-    if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape
-                            or out.dtype != out_dtype
-                            or not out.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError(f"{name}: out must be a channels-last {out_dtype} tensor of shape "
-                         f"{out_shape}")
-    if max(x.numel(), B * C * OH * OW) >= 2 ** 31:
-        raise ValueError(f"{name}: tensors with 2**31 or more elements are not supported "
-                         "(int32 offsets)")
+    check_conv_output(name, x, residual, out, out_shape, out_dtype)
     return w2, (KH, KW), (sh, sw), (ph, pw), (dh, dw), out_shape
 
 

@@ -38,7 +38,8 @@ import triton.language as tl
 from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, as_float, as_int, code_range,
                                            device_fn, float_reciprocal)
 
-__all__ = ["KernelActivation", "ACTIVATIONS", "COMPILE_EPILOGUE", "COMPILE_FLOAT_EPILOGUE", "act_code", "activation_reference",
+__all__ = ["KernelActivation", "ACTIVATIONS", "COMPILE_EPILOGUE", "COMPILE_FLOAT_EPILOGUE",
+           "act_code", "activation_reference",
            "epilogue_kwargs", "check_residual", "grouped_tile", "apply_act", "requantize",
            "store_epilogue", "epilogue_reference", "quantize_reference"]
 

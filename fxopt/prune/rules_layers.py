@@ -208,14 +208,18 @@ def batch_norm_functional(walk: ChannelWalk, n: fx.Node) -> None:
     per_channel(walk, n, n.args[0], 1, [p for p in names if p], module_path(n) or n.name)
 
 
+def _affine_params(n: fx.Node, mod: nn.Module) -> tuple[str | None, str | None]:
+    """The attribute paths of a norm module's weight and bias (None where it has none)."""
+    w = f"{n.target}.weight" if getattr(mod, "weight", None) is not None else None
+    b = f"{n.target}.bias" if getattr(mod, "bias", None) is not None else None
+    return w, b
+
+
 @register_channel_rule(nn.LayerNorm)
 def layer_norm_module(walk: ChannelWalk, n: fx.Node) -> None:
     mod, x = walk.module_call(n)
-    path = n.target
-    w = f"{path}.weight" if mod.weight is not None else None
-    b = f"{path}.bias" if getattr(mod, "bias", None) is not None else None
-    layer_norm(walk, n, x, mod.normalized_shape, w, b, None)
-    walk.fix_module(path, "layer_norm", n)
+    layer_norm(walk, n, x, mod.normalized_shape, *_affine_params(n, mod), None)
+    walk.fix_module(n.target, "layer_norm", n)
 
 
 @register_channel_rule(F.layer_norm)
@@ -227,11 +231,8 @@ def layer_norm_functional(walk: ChannelWalk, n: fx.Node) -> None:
 @register_channel_rule(nn.GroupNorm)
 def group_norm_module(walk: ChannelWalk, n: fx.Node) -> None:
     mod, x = walk.module_call(n)
-    path = n.target
-    w = f"{path}.weight" if mod.weight is not None else None
-    b = f"{path}.bias" if mod.bias is not None else None
-    group_norm(walk, n, x, mod.num_groups, w, b, None)
-    walk.fix_module(path, "group_norm", n)
+    group_norm(walk, n, x, mod.num_groups, *_affine_params(n, mod), None)
+    walk.fix_module(n.target, "group_norm", n)
 
 
 @register_channel_rule(F.group_norm)
