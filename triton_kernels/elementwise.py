@@ -1,5 +1,5 @@
-"""Elementwise and pooling kernels: the float residual add; on int8 codes, the residual add,
-max and global average pooling.
+"""Elementwise and pooling kernels: the float residual add and gate multiply; on int8 codes, the
+residual add, max and global average pooling.
 
 What sits between the convolutions of a residual CNN (one pass over memory each, no int64
 temporaries; the int8 ones keep codes on the GPU, never float tensors):
@@ -9,6 +9,10 @@ temporaries; the int8 ones keep codes on the GPU, never float tensors):
   Flat over ``a``'s storage: ``a`` dense (contiguous, channels-last, any dense permutation), the
   output with its strides; ``b`` broadcasts to ``a``'s shape with any strides (read in place,
   no copy: its strides are collapsed onto ``a``'s memory order, up to 4 dimensions).
+- ``mul``: ``act(a * b)``, the same kernel, layouts and broadcasting as ``add`` (one constexpr
+  ``OP`` picks the arithmetic): the squeeze-excitation gate ``x * gate`` (gate ``[N, C, 1, 1]``
+  read in place), or a product of two tensors of one shape. The float32 product of two
+  fp16/bf16 values is exact, so rounded once it equals PyTorch's ``a * b`` bit for bit too.
 - ``add_int8``: ``act((a - a_zp) * a_scale + (b - b_zp) * b_scale)`` requantized onto the
   ``y`` grid, the arithmetic of ``fxopt.add_int8`` (float32 products and sum, activation,
   ``clamp(rint(y * (1/y_scale)) + y_zp, y_qmin, y_qmax)`` with the float32 reciprocal and round
@@ -24,6 +28,7 @@ temporaries; the int8 ones keep codes on the GPU, never float tensors):
   within float32 rounding of a half-way point.
 
     y = add(x_nhwc, r_nhwc, act="relu")                                   # float, a's layout
+    y = mul(x_nhwc, gate)                                  # gate [N, C, 1, 1] broadcast over H, W
     y = add_int8(a, 0.05, 128, b, 0.04, 120, 0.06, 0, act="relu")           # uint8 codes
     p = max_pool2d_int8(q_nhwc, 3, stride=2, padding=1)
     g = global_avg_pool2d_int8(q_nhwc, 0.06, 0, qmin=0, qmax=255)          # [B, C, 1, 1]
@@ -41,16 +46,22 @@ from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, Kernel, as
 from fxopt.triton_kernels.epilogue import (ACTIVATIONS, act_code, activation_reference,
                                            apply_act, quantize_reference, requantize)
 
-__all__ = ["add", "add_int8", "max_pool2d_int8", "global_avg_pool2d_int8", "add_reference",
-           "add_int8_reference", "max_pool2d_int8_reference", "global_avg_pool2d_int8_reference",
-           "pool_output_size"]
+__all__ = ["add", "mul", "add_int8", "max_pool2d_int8", "global_avg_pool2d_int8", "add_reference",
+           "mul_reference", "add_int8_reference", "max_pool2d_int8_reference",
+           "global_avg_pool2d_int8_reference", "pool_output_size"]
 
 # -- kernels ----------------------------------------------------------------------------------
+# The float binary ops: the OP constexpr of _float_binary_kernel (one kernel, the op compiled in)
+_FLOAT_OPS = {"add": 0, "mul": 1}
+
+
 @triton.jit
-def _add_float_kernel(a_ptr, b_ptr, out_ptr, n, D1, D2, D3, sb0, sb1, sb2, sb3, act_a0, act_a1,
-                      B_FLAT: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    # offs: the offset in a's (and out's) storage. b: the same offsets when it has a's layout
-    # (B_FLAT), else the index in a's memory order [D0, D1, D2, D3] through b's strides
+def _float_binary_kernel(a_ptr, b_ptr, out_ptr, n, D1, D2, D3, sb0, sb1, sb2, sb3, act_a0,
+                         act_a1, B_FLAT: tl.constexpr, OP: tl.constexpr, ACT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    # act(a OP b), OP a code of _FLOAT_OPS. offs: the offset in a's (and out's) storage. b: the
+    # same offsets when it has a's layout (B_FLAT), else the index in a's memory order
+    # [D0, D1, D2, D3] through b's strides
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     if B_FLAT:
@@ -63,7 +74,11 @@ def _add_float_kernel(a_ptr, b_ptr, out_ptr, n, D1, D2, D3, sb0, sb1, sb2, sb3, 
         b_offs = (t // D1) * sb0 + (t % D1) * sb1 + i2 * sb2 + i3 * sb3
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + b_offs, mask=mask, other=0.0).to(tl.float32)
-    y = apply_act(a + b, ACT, act_a0, act_a1)
+    if OP == 1:  # mul
+        y = a * b
+    else:  # add
+        y = a + b
+    y = apply_act(y, ACT, act_a0, act_a1)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -156,9 +171,13 @@ def _gap_configs():
             for bh, bc, w in [(8, 128, 4), (16, 64, 4), (4, 256, 4), (32, 128, 8), (16, 256, 8)]]
 
 
-_add_float = Kernel(_add_float_kernel, _add_configs, ["n"], {"BLOCK": 256}, compile_cases={
+_float_binary = Kernel(_float_binary_kernel, _add_configs, ["n"], {"BLOCK": 256}, compile_cases={
     "add_bf16": (dict(a_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16"),
-                 dict(B_FLAT=False, ACT=ACTIVATIONS["silu"].code, BLOCK=1024))})
+                 dict(B_FLAT=False, OP=_FLOAT_OPS["add"], ACT=ACTIVATIONS["silu"].code,
+                      BLOCK=1024)),
+    "mul_fp16": (dict(a_ptr="*fp16", b_ptr="*fp16", out_ptr="*fp16"),  # the SE gate
+                 dict(B_FLAT=False, OP=_FLOAT_OPS["mul"], ACT=ACTIVATIONS["none"].code,
+                      BLOCK=1024))})
 _add = Kernel(_add_int8_kernel, _add_configs, ["n"], {"BLOCK": 256},
               do_not_specialize=["a_zp", "b_zp"], compile_cases={
     "add_int8": (dict(a_ptr="*u8", b_ptr="*u8", out_ptr="*u8", a_zp="i32", b_zp="i32"),
@@ -259,14 +278,11 @@ def _b_index(a: torch.Tensor, b: torch.Tensor):
     return bb, False, sizes[1:], strides
 
 
-def add(a: torch.Tensor, b: torch.Tensor, *, act: str = "none", act_args=(),
-        out: torch.Tensor | None = None) -> torch.Tensor:
-    """``act(a + b)`` for fp16/bf16/fp32 tensors of one dtype, in ``a``'s layout. ``a`` must be
-    dense (contiguous, channels-last, any dense permutation); ``b`` broadcasts to ``a``'s shape,
-    any strides. The sum is float32, rounded once to the dtype; ``act`` is any of
-    ``ACTIVATIONS``. ``out`` (optional) has ``a``'s shape, dtype and strides, and is neither
-    input."""
-    name = "add"
+def _float_binary_launch(op: str, a: torch.Tensor, b: torch.Tensor, act, act_args,
+                         out: torch.Tensor | None) -> torch.Tensor:
+    """``act(a op b)`` (``op`` in ``_FLOAT_OPS``): the checks, the output and the launch that
+    ``add`` and ``mul`` share; messages name ``op``."""
+    name = op
     for what, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: {what} must be a float16, bfloat16 or float32 tensor, got "
@@ -297,9 +313,28 @@ def add(a: torch.Tensor, b: torch.Tensor, *, act: str = "none", act_args=(),
     n = a.numel()
     if n:
         b2, flat, (d1, d2, d3), (s0, s1, s2, s3) = _b_index(a, b)
-        _add_float[lambda META: (triton.cdiv(n, META["BLOCK"]),)](
-            a, b2, out, n, d1, d2, d3, s0, s1, s2, s3, a0, a1, B_FLAT=flat, ACT=code)
+        _float_binary[lambda META: (triton.cdiv(n, META["BLOCK"]),)](
+            a, b2, out, n, d1, d2, d3, s0, s1, s2, s3, a0, a1, B_FLAT=flat, OP=_FLOAT_OPS[op],
+            ACT=code)
     return out
+
+
+def add(a: torch.Tensor, b: torch.Tensor, *, act: str = "none", act_args=(),
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(a + b)`` for fp16/bf16/fp32 tensors of one dtype, in ``a``'s layout. ``a`` must be
+    dense (contiguous, channels-last, any dense permutation); ``b`` broadcasts to ``a``'s shape,
+    any strides. The sum is float32, rounded once to the dtype; ``act`` is any of
+    ``ACTIVATIONS``. ``out`` (optional) has ``a``'s shape, dtype and strides, and is neither
+    input."""
+    return _float_binary_launch("add", a, b, act, act_args, out)
+
+
+def mul(a: torch.Tensor, b: torch.Tensor, *, act: str = "none", act_args=(),
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(a * b)``, as ``add`` (same dtypes, layouts, broadcasting, ``out``): the
+    squeeze-excitation gate ``mul(x, gate)`` with ``gate`` ``[N, C, 1, 1]`` read in place. The
+    product is float32, rounded once to the dtype."""
+    return _float_binary_launch("mul", a, b, act, act_args, out)
 
 
 def add_int8(a: torch.Tensor, a_scale, a_zp, b: torch.Tensor, b_scale, b_zp, y_scale, y_zp, *,
@@ -414,11 +449,21 @@ def global_avg_pool2d_int8(q: torch.Tensor, scale, zp, qmin: int | None = None,
 
 
 # -- references: plain PyTorch ----------------------------------------------------------------
+def _float_binary_reference(fn, a, b, act, act_args) -> torch.Tensor:
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return activation_reference(fn(a.to(acc), b.to(acc)), act, act_args).to(a.dtype)
+
+
 def add_reference(a, b, *, act="none", act_args=()) -> torch.Tensor:
     """The kernel's math: ``a + b`` in float32 (float64 inputs: float64, the test reference),
     the activation, rounded once to ``a``'s dtype."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return activation_reference(a.to(acc) + b.to(acc), act, act_args).to(a.dtype)
+    return _float_binary_reference(torch.add, a, b, act, act_args)
+
+
+def mul_reference(a, b, *, act="none", act_args=()) -> torch.Tensor:
+    """The kernel's math: ``a * b`` in float32 (float64 inputs: float64), the activation,
+    rounded once to ``a``'s dtype."""
+    return _float_binary_reference(torch.mul, a, b, act, act_args)
 
 
 def _values(q, scale, zp):

@@ -7,6 +7,7 @@ held as a buffer) and its grids as plain numbers (no device sync per call):
     y = torch.ops.fxopt.triton_depthwise_conv2d(x, w_khkw_c, b, [3, 3], [2, 2], [1, 1], [1, 1])
     y = torch.ops.fxopt.triton_linear(x, w_nk, b, act="gelu")
     y = torch.ops.fxopt.triton_add(y, r, act="relu")          # float residual add, b broadcasts
+    y = torch.ops.fxopt.triton_mul(y, gate)                    # float SE gate [N, C, 1, 1]
     q = torch.ops.fxopt.triton_quantize(x, 0.02, 128, 0, 255)                  # float -> codes
     q = torch.ops.fxopt.triton_conv2d_int8(q, w_q_nhwc, w_s, b, colsum, [1, 1], [1, 1], [1, 1], 1,
                                            0.02, 128, 0.05, 0, act="relu", out_int8=True)
@@ -17,9 +18,10 @@ held as a buffer) and its grids as plain numbers (no device sync per call):
 
 Same math as ``conv2d_act`` / ``linear_act`` / the int8 IR of ``fxopt.ops_int8`` (the global
 average pooling sums the codes exactly where the IR sums float32 values: one code apart at
-rounding ties); ``triton_add`` is ``act(a + b)`` (the sum rounded once to the dtype, as PyTorch
-adds). Convolution and pooling outputs are always channels-last (the kernels write NHWC), an add
-(float or int8) keeps its first input's layout, so a chain of convolutions carries NHWC
+rounding ties); ``triton_add`` / ``triton_mul`` are ``act(a + b)`` / ``act(a * b)`` (rounded once
+to the dtype, as PyTorch adds and multiplies; ``b`` broadcasts to ``a``). Convolution and pooling
+outputs are always channels-last (the kernels write NHWC), an add or a product (float or int8)
+keeps its first input's layout, so a chain of convolutions carries NHWC
 activations (and int8 codes between quantized layers) without layout copies; an input that is
 not channels-last is converted on entry (the pass reports where that would happen).
 
@@ -37,6 +39,7 @@ These are inference ops: they have no autograd formula.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 
 import torch
@@ -50,7 +53,7 @@ from fxopt.ops.int8 import (adaptive_avg_pool2d_int8_reference, add_int8_referen
                             max_pool2d_int8_reference, quantize_reference)
 
 __all__ = ["triton_on_cpu", "ON_CPU_ENV", "TRITON_CONV2D", "TRITON_DEPTHWISE_CONV2D",
-           "TRITON_LINEAR", "TRITON_ADD", "TRITON_QUANTIZE", "TRITON_DEQUANTIZE",
+           "TRITON_LINEAR", "TRITON_ADD", "TRITON_MUL", "TRITON_QUANTIZE", "TRITON_DEQUANTIZE",
            "TRITON_CONV2D_INT8", "TRITON_DEPTHWISE_CONV2D_INT8", "TRITON_LINEAR_INT8",
            "TRITON_ADD_INT8", "TRITON_MAX_POOL2D_INT8", "TRITON_GLOBAL_AVG_POOL2D_INT8"]
 
@@ -175,12 +178,22 @@ def _triton_linear(x, weight, bias, residual=None, *, act="none", act_args=()):
                                         allow_tf32=_tf32(x, False)))
 
 
-def _triton_add(a, b, *, act="none", act_args=()):
+def _float_binary(a, b, act, act_args, fn, launcher):
+    """``act(fn(a, b))`` in ``a``'s layout: ``launcher(tk.elementwise)`` on Triton, else what the
+    graph ran before (``fn`` in the dtype, then ``act``)."""
     fmt = _add_format(a)
-    if _kernels(a) is None:  # what the graph ran before: a + b in the dtype, then act
-        return apply_activation(a + b, act, list(act_args)).contiguous(memory_format=fmt)
-    return _run(a, lambda tk: tk.elementwise.add(a.contiguous(memory_format=fmt), b, act=act,
-                                     act_args=list(act_args)))
+    if _kernels(a) is None:
+        return apply_activation(fn(a, b), act, list(act_args)).contiguous(memory_format=fmt)
+    return _run(a, lambda tk: launcher(tk.elementwise)(a.contiguous(memory_format=fmt), b,
+                                                       act=act, act_args=list(act_args)))
+
+
+def _triton_add(a, b, *, act="none", act_args=()):
+    return _float_binary(a, b, act, act_args, operator.add, lambda E: E.add)
+
+
+def _triton_mul(a, b, *, act="none", act_args=()):
+    return _float_binary(a, b, act, act_args, operator.mul, lambda E: E.mul)
 
 
 # -- int8 -------------------------------------------------------------------------------------
@@ -322,9 +335,9 @@ def _triton_add_int8(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="
                                y_qmin=y_qmin, y_qmax=y_qmax)
         return y.contiguous(memory_format=_add_format(a))
     a2, b2 = _add_operands(a, b)
-    return _run(a, lambda tk: tk.elementwise.add_int8(a2, a_scale, a_zp, b2, b_scale, b_zp, y_scale, y_zp,
-                                          act=act, act_args=list(act_args), y_qmin=y_qmin,
-                                          y_qmax=y_qmax, out_dtype=codes_dtype(y_qmin)))
+    return _run(a, lambda tk: tk.elementwise.add_int8(
+        a2, a_scale, a_zp, b2, b_scale, b_zp, y_scale, y_zp, act=act, act_args=list(act_args),
+        y_qmin=y_qmin, y_qmax=y_qmax, out_dtype=codes_dtype(y_qmin)))
 
 
 def _triton_max_pool2d_int8(q, kernel_size, stride, padding, dilation, ceil_mode):
@@ -360,7 +373,7 @@ def _linear_fake(x, weight, bias, residual=None, *, act="none", act_args=()):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _add_fake(a, b, *, act="none", act_args=()):
+def _float_binary_fake(a, b, *, act="none", act_args=()):
     return torch.empty(a.shape, dtype=a.dtype, device=a.device, memory_format=_add_format(a))
 
 
@@ -441,7 +454,8 @@ TRITON_DEPTHWISE_CONV2D = _op(
 TRITON_LINEAR = _op(
     "triton_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, " + _ACT,
     _triton_linear, _linear_fake, weight_macs("weight"))
-TRITON_ADD = _op("triton_add(Tensor a, Tensor b, " + _ACT, _triton_add, _add_fake)
+TRITON_ADD = _op("triton_add(Tensor a, Tensor b, " + _ACT, _triton_add, _float_binary_fake)
+TRITON_MUL = _op("triton_mul(Tensor a, Tensor b, " + _ACT, _triton_mul, _float_binary_fake)
 TRITON_QUANTIZE = _op(
     "triton_quantize(Tensor x, float scale, int zp, int qmin, int qmax) -> Tensor",
     _triton_quantize, _quantize_fake, quantized=True)

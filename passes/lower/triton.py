@@ -14,7 +14,9 @@ kernel op by name through its schema (``fxopt.ops.triton``), grids as plain numb
     Conv2d (depthwise), Conv2d      the same two, act="none"
     Linear                          triton_linear
     a + b, float, one dtype         triton_add(a, b)                 (b broadcasts to a, or swapped)
+    a * b, float, one dtype         triton_mul(a, b)                 (the same; SE gates x * gate)
     act(triton_add(a, b))           triton_add(a, b, act=...)        (the activation fused)
+    act(triton_mul(a, b))           triton_mul(a, b, act=...)        (the activation fused)
     quantize(x, s, zp, lo, hi)      triton_quantize(x, float(s), int(zp), lo, hi)
     dequantize(q, s, zp)            triton_dequantize(q, float(s), int(zp))
     conv2d_int8, depthwise          triton_depthwise_conv2d_int8     [KH*KW, C]
@@ -35,7 +37,8 @@ entry (``fuse_act`` puts the one conversion there) to its exit, and int8 codes f
 quantized layers; ``stats["layout_copies"]`` counts the kernel inputs that would still need a
 conversion. The residual adds and the pooling of an int8 CNN run on the codes too (one pass
 each, outputs channels-last); a float residual add that ``fuse_act`` could not fold into a
-convolution (after an activation, a broadcast operand) is one kernel, its activation fused.
+convolution (after an activation, a broadcast operand) is one kernel, its activation fused; so
+is a float product of two tensors (a squeeze-excitation gate ``x * gate``, gate ``[N, C, 1, 1]``).
 Ops with no row (``cat_int8``, ``conv1d_act``, float pooling, ...) stay on PyTorch; the notes
 name each of them.
 
@@ -77,8 +80,8 @@ from fxopt.ops.schema import OpSchema
 from fxopt.ops.triton import (TRITON_ADD, TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
                               TRITON_DEPTHWISE_CONV2D, TRITON_DEPTHWISE_CONV2D_INT8,
                               TRITON_DEQUANTIZE, TRITON_GLOBAL_AVG_POOL2D_INT8, TRITON_LINEAR,
-                              TRITON_LINEAR_INT8, TRITON_MAX_POOL2D_INT8, TRITON_QUANTIZE,
-                              triton_on_cpu)
+                              TRITON_LINEAR_INT8, TRITON_MAX_POOL2D_INT8, TRITON_MUL,
+                              TRITON_QUANTIZE, triton_on_cpu)
 from fxopt.passes.fusion.fuse_act import act_spec
 from fxopt.passes.lower.triton_report import layout_copies, left_on_pytorch, op_name, user_name
 from fxopt.quant.measure import output_step
@@ -207,7 +210,7 @@ def _linear_values(m: Match, b: Builder) -> dict[str, Any]:
     return args
 
 
-# -- float residual adds: a + b (after fuse_act, the adds it could not fold into a layer) ---------
+# -- float residual adds and gate products: a + b, a * b (what fuse_act could not fold) ----------
 def _nhwc(tm) -> bool:
     """Whether recorded tensor metadata ``tm`` is channels-last 4-D memory."""
     return len(tm.shape) == 4 and torch.empty_strided(
@@ -215,59 +218,72 @@ def _nhwc(tm) -> bool:
             memory_format=torch.channels_last)
 
 
-def _float_add_fits(m: Match) -> bool:
+# how the notes say what the kernel does: operator -> (verb, symbol)
+_FLOAT_BINARY = {operator.add: ("adds", "+"), operator.mul: ("multiplies", "*")}
+
+
+def _float_binary_fits(m: Match) -> bool:
     """Two tensors of one float dtype, one of them of the output's shape: it is ``a`` (``b``
-    broadcasts to it; ``+`` commutes exactly, so the operands may swap), the channels-last one
-    if only one is (the output takes ``a``'s layout: NHWC stays NHWC between the convolutions)."""
+    broadcasts to it; ``+`` and ``*`` commute exactly, so the operands may swap), the
+    channels-last one if only one is (the output takes ``a``'s layout: NHWC stays NHWC between
+    the convolutions)."""
     n = m.root
+    verb, symbol = _FLOAT_BINARY[n.target]
     if len(n.args) != 2 or n.kwargs or not all(isinstance(v, fx.Node) for v in n.args):
-        return False  # a number added, or not a plain call: not a residual add
+        return False  # a number added or multiplied, or not a plain call: nothing to say
     (x, y), (tx, ty), out = n.args, (tensor_meta(v) for v in n.args), tensor_meta(n)
     if tx is None or ty is None or out is None:
         return False  # not tensors (shape arithmetic)
     if tx.dtype not in _FLOATS or ty.dtype not in _FLOATS:
-        return _skip(m, f"dtypes {tx.dtype}, {ty.dtype} (the kernel adds fp16, bf16, fp32)")
+        return _skip(m, f"dtypes {tx.dtype}, {ty.dtype} (the kernel {verb} fp16, bf16, fp32)")
     if tx.dtype != ty.dtype:
-        return _skip(m, f"dtypes {tx.dtype} and {ty.dtype} (the kernel adds one dtype)")
+        return _skip(m, f"dtypes {tx.dtype} and {ty.dtype} (the kernel {verb} one dtype)")
     if tuple(tx.shape) == tuple(out.shape) and not (_nhwc(ty) and not _nhwc(tx)
                                                     and tuple(ty.shape) == tuple(out.shape)):
         m.data["ab"] = (x, y)
     elif tuple(ty.shape) == tuple(out.shape):
         m.data["ab"] = (y, x)
     else:
-        return _skip(m, f"both operands broadcast ({tuple(tx.shape)} + {tuple(ty.shape)})")
+        return _skip(m, f"both operands broadcast ({tuple(tx.shape)} {symbol} "
+                        f"{tuple(ty.shape)})")
     return True
 
 
-def _float_add_values(m: Match, b: Builder) -> dict[str, Any]:
+def _float_binary_values(m: Match, b: Builder) -> dict[str, Any]:
     a, other = m.data["ab"]
     return {"a": a, "b": other}
 
 
 _act = call("act", *(row.canonical for row in CAPTURE_FORMS.values()), torch.clamp)
-_lowered_add = call("add", TRITON_ADD.overload)
 
 
-def _add_act_fits(m: Match) -> bool:
-    """The activation after a ``triton_add`` with none yet, one the kernel's epilogue runs."""
-    from fxopt.triton_kernels.epilogue import act_code
+def _act_rule(kernel: OpSchema) -> Rule:
+    """``act(kernel(a, b))`` -> ``kernel(a, b, act=...)``: the activation after a lowered float
+    add or product with none yet, one the kernel's epilogue runs (its row fired first, in graph
+    order)."""
+    from_kernel = call("op", kernel.overload)
 
-    if TRITON_ADD.view.of(m.nodes["add"]).act != "none":
-        return False
-    spec = act_spec(m.nodes["act"])
-    if isinstance(spec, str):
-        return _skip(m, f"not fused into triton_add: {spec}")
-    try:
-        act_code(*spec)
-    except ValueError as e:
-        return _skip(m, str(e))
-    m.data["act"] = spec
-    return True
+    def fits(m: Match) -> bool:
+        from fxopt.triton_kernels.epilogue import act_code
 
+        if kernel.view.of(m.nodes["op"]).act != "none":
+            return False
+        spec = act_spec(m.nodes["act"])
+        if isinstance(spec, str):
+            return _skip(m, f"not fused into {kernel.name}: {spec}")
+        try:
+            act_code(*spec)
+        except ValueError as e:
+            return _skip(m, str(e))
+        m.data["act"] = spec
+        return True
 
-def _add_act(m: Match, b: Builder) -> fx.Node:
-    act, act_args = m.data["act"]
-    return TRITON_ADD.view.of(m.nodes["add"]).emit(b, act=act, act_args=act_args)
+    def replace(m: Match, b: Builder) -> fx.Node:
+        act, act_args = m.data["act"]
+        return kernel.view.of(m.nodes["op"]).emit(b, act=act, act_args=act_args)
+
+    return Rule(f"act({kernel.name}) -> {kernel.name}", lambda x: _act(from_kernel(x)), replace,
+                fits)
 
 
 # -- int8 layers --------------------------------------------------------------------------------
@@ -424,7 +440,8 @@ RULES = [
     _row(nn.Conv2d, TRITON_DEPTHWISE_CONV2D, _depthwise_values, _and(_float_layer, _depthwise)),
     _row(nn.Conv2d, TRITON_CONV2D, _conv_values, _float_layer),
     _row(nn.Linear, TRITON_LINEAR, _linear_values, _float_layer),
-    _row(operator.add, TRITON_ADD, _float_add_values, _float_add_fits),
+    _row(operator.add, TRITON_ADD, _float_binary_values, _float_binary_fits),
+    _row(operator.mul, TRITON_MUL, _float_binary_values, _float_binary_fits),
     # int8
     _row(QUANTIZE, TRITON_QUANTIZE, _quantize_values, _quantize_fits),
     _row(DEQUANTIZE, TRITON_DEQUANTIZE, _dequantize_values, _dequantize_fits),
@@ -435,9 +452,9 @@ RULES = [
     _row(ADD_INT8, TRITON_ADD_INT8, _add_values, _add_fits),
     _row(MAXPOOL_INT8, TRITON_MAX_POOL2D_INT8, _max_pool_values, _max_pool_fits),
     _row(AVGPOOL_INT8, TRITON_GLOBAL_AVG_POOL2D_INT8, _avg_pool_values, _avg_pool_fits),
-    # epilogue: an activation after a lowered add (the add's row fired first, in graph order)
-    Rule("act(triton_add) -> triton_add", lambda x: _act(_lowered_add(x)), _add_act,
-         _add_act_fits),
+    # epilogue: an activation after a lowered add or product
+    _act_rule(TRITON_ADD),
+    _act_rule(TRITON_MUL),
 ]
 
 

@@ -1,9 +1,11 @@
-"""The float ``add`` against a float64 reference; add_int8 / max_pool2d_int8 /
+"""The float ``add`` and ``mul`` against a float64 reference; add_int8 / max_pool2d_int8 /
 global_avg_pool2d_int8 against fxopt's int8 IR references.
 
-``add`` (fp32/fp16/bf16): within the dtype's tolerance of the float64 sum, and equal to
-PyTorch's ``a + b`` (then relu) bit for bit, except bf16 under the interpreter, whose float32 ->
-bfloat16 conversion truncates (compiled kernels round to nearest even).
+``add`` and ``mul`` (fp32/fp16/bf16; one kernel, the op a constexpr): within the dtype's
+tolerance of the float64 sum or product, and equal to PyTorch's ``a + b`` / ``a * b`` (then
+relu) bit for bit, except bf16 under the interpreter, whose float32 -> bfloat16 conversion
+truncates (compiled kernels round to nearest even). ``mul`` as a squeeze-excitation gate:
+``x * gate``, gate ``[N, C, 1, 1]`` read in place, NHWC or NCHW, with tails.
 
 Exactness: ``add_int8`` with the piecewise-linear activations (none, relu, relu6, leaky_relu,
 hardtanh) and ``max_pool2d_int8`` equal the references code for code (same float32 operations;
@@ -13,6 +15,7 @@ it may differ from ``adaptive_avg_pool2d_int8_reference`` by one code where the 
 float32 rounding of a half-way point (it equals its own exact-sum reference bit for bit).
 """
 import math
+import operator
 
 import pytest
 import torch
@@ -37,8 +40,11 @@ SHAPES = [((1,), False), ((17,), False), ((127,), False), ((1001,), False),
           ((2, 17, 5, 7), True), ((2, 17, 5, 7), False), ((1, 3, 1, 1), True)]
 
 
-# -- float add ------------------------------------------------------------------------------------
+# -- float add and mul ----------------------------------------------------------------------------
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+# op -> (the launcher, the kernel's math in PyTorch, PyTorch's own op)
+BINARY = {"add": (E.add, E.add_reference, operator.add),
+          "mul": (E.mul, E.mul_reference, operator.mul)}
 
 
 def _floats(shape, dtype, device, channels_last=False):
@@ -58,15 +64,17 @@ def _f64(t):
 @pytest.mark.parametrize("shape,cl", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("act", ["none", "relu"])
-def test_add(device, tk, shape, cl, dtype, act):
+@pytest.mark.parametrize("op", BINARY)
+def test_float_binary(device, tk, op, shape, cl, dtype, act):
+    launch, reference, torch_op = BINARY[op]
     a, b = _floats(shape, dtype, device, cl), _floats(shape, dtype, device, cl)
     out = tk.poisoned(shape, dtype, device, channels_last=cl)
-    y = E.add(a, b, act=act, out=out)
+    y = launch(a, b, act=act, out=out)
     assert y is out and y.dtype == dtype
-    tk.assert_float_close(y.cpu(), E.add_reference(_f64(a), _f64(b), act=act), dtype)
+    tk.assert_float_close(y.cpu(), reference(_f64(a), _f64(b), act=act), dtype)
     if _exact(dtype, device):
-        assert torch.equal(y, E.add_reference(a, b, act=act))
-        assert torch.equal(y, torch.relu(a + b) if act == "relu" else a + b)
+        assert torch.equal(y, reference(a, b, act=act))
+        assert torch.equal(y, torch.relu(torch_op(a, b)) if act == "relu" else torch_op(a, b))
 
 
 @pytest.mark.parametrize("a_shape,b_shape,a_cl,b_cl", [
@@ -80,16 +88,42 @@ def test_add(device, tk, shape, cl, dtype, act):
     ((2, 3, 4, 5, 6), (3, 1, 5, 1), False, False),  # 5 dims left after merging: b copied
 ], ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_add_broadcast_and_layouts(device, tk, a_shape, b_shape, a_cl, b_cl, dtype):
+@pytest.mark.parametrize("op", BINARY)
+def test_float_binary_broadcast_and_layouts(device, tk, op, a_shape, b_shape, a_cl, b_cl,
+                                            dtype):
+    launch, reference, torch_op = BINARY[op]
     a = _floats(a_shape, dtype, device, a_cl)
     b = _floats(b_shape, dtype, device, b_cl)
     out = tk.poisoned(a_shape, dtype, device, channels_last=a_cl)
-    y = E.add(a, b, act="relu", out=out)
+    y = launch(a, b, act="relu", out=out)
     assert y is out and E._same_layout(a_shape, y.stride(), a.stride())
-    tk.assert_float_close(y.cpu(), E.add_reference(_f64(a), _f64(b), act="relu"), dtype)
-    assert torch.equal(y, torch.relu(a + b))
+    tk.assert_float_close(y.cpu(), reference(_f64(a), _f64(b), act="relu"), dtype)
+    assert torch.equal(y, torch.relu(torch_op(a, b)))
     # without out=: the output takes a's strides
-    assert E._same_layout(a_shape, E.add(a, b).stride(), a.stride())
+    assert E._same_layout(a_shape, launch(a, b).stride(), a.stride())
+
+
+# a [N, C, H, W] (block tails: 1190, 1960, 24 and 14112 elements against blocks of 256 here)
+SE_SHAPES = [(2, 17, 5, 7), (1, 40, 7, 7), (3, 8, 1, 1), (1, 72, 14, 14)]
+
+
+@pytest.mark.parametrize("shape", SE_SHAPES, ids=str)
+@pytest.mark.parametrize("a_cl,gate_cl", [(True, True), (True, False), (False, False)],
+                         ids=["nhwc", "nhwc-a", "nchw"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_mul_se_gate(device, tk, shape, a_cl, gate_cl, dtype):
+    """``x * gate``: the gate [N, C, 1, 1] (channels-last as a convolution writes it, or not)
+    broadcast over H, W and read in place, the output in x's layout."""
+    x = _floats(shape, dtype, device, a_cl)
+    gate = torch.sigmoid(_floats((shape[0], shape[1], 1, 1), torch.float32, device,
+                                 gate_cl)).to(dtype)
+    assert E._b_index(x, gate)[0].data_ptr() == gate.data_ptr()  # no copy of the gate
+    out = tk.poisoned(shape, dtype, device, channels_last=a_cl)
+    y = E.mul(x, gate, out=out)
+    assert y is out and E._same_layout(shape, y.stride(), x.stride())
+    tk.assert_float_close(y.cpu(), E.mul_reference(_f64(x), _f64(gate)), dtype)
+    if _exact(dtype, device):
+        assert torch.equal(y, x * gate)
 
 
 ACT_ARGS = {"leaky_relu": (0.1,), "hardtanh": (-0.5, 2.0), "clamp": (-math.inf, 1.0),
@@ -98,13 +132,23 @@ ACT_ARGS = {"leaky_relu": (0.1,), "hardtanh": (-0.5, 2.0), "clamp": (-math.inf, 
 
 @pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a not in ("none", "relu")])
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_add_activations(device, tk, act, dtype):
+@pytest.mark.parametrize("op", BINARY)
+def test_float_binary_activations(device, tk, op, act, dtype):
+    launch, reference, _ = BINARY[op]
     a, b = _floats((3, 67), dtype, device), _floats((67,), dtype, device)
     args = ACT_ARGS.get(act, ())
     out = tk.poisoned((3, 67), dtype, device)
-    y = E.add(a, b, act=act, act_args=args, out=out)
-    tk.assert_float_close(y.cpu(), E.add_reference(_f64(a), _f64(b), act=act, act_args=args),
-                          dtype)
+    y = launch(a, b, act=act, act_args=args, out=out)
+    tk.assert_float_close(y.cpu(), reference(_f64(a), _f64(b), act=act, act_args=args), dtype)
+
+
+def test_mul_errors_name_mul(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(TypeError, match="^mul: a must be a float16, bfloat16 or float32 tensor"):
+        E.mul(x.long(), x.long())
+    with pytest.raises(ValueError, match="^mul: b must broadcast to a's shape"):
+        E.mul(x[:, :, :1, :1], x)  # the gate must be b
 
 
 def test_add_errors(monkeypatch):

@@ -23,7 +23,7 @@ from fxopt.ir.tolerances import compare_outputs
 from fxopt.ops.int8 import AVGPOOL_INT8, CAT_INT8
 from fxopt.ops.schema import view_of
 from fxopt.ops.triton import (TRITON_ADD, TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
-                              TRITON_DEPTHWISE_CONV2D_INT8, TRITON_MAX_POOL2D_INT8)
+                              TRITON_DEPTHWISE_CONV2D_INT8, TRITON_MAX_POOL2D_INT8, TRITON_MUL)
 from fxopt.pipelines import expand_pipeline
 
 pytest.importorskip("triton")
@@ -291,6 +291,119 @@ def test_triton_add_op_layouts_and_fallback(on_cpu, monkeypatch):
     assert torch.equal(OPS.triton_add(a, b, act="leaky_relu", act_args=[0.2]), y)
 
 
+# -- float products: a squeeze-excitation gate, a same-shape gate then relu --------------------
+class SEBlock(nn.Module):
+    """conv-bn-relu, then a squeeze-excitation gate (pool, 1x1 conv-relu, 1x1 conv-sigmoid)
+    times its input (the gate [N, C, 1, 1] written first), then a same-shape gate and a relu,
+    then a 1x1 convolution: fuse_act leaves both products (and the relu) to the lowering."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.attn, self.head = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.stem(x)))
+        g = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        y = g * y                                       # the SE gate: the operands swap
+        y = F.relu(y * torch.sigmoid(self.attn(y)))     # one triton_mul(act="relu")
+        return self.head(y)
+
+
+def _se():
+    torch.manual_seed(12)
+    m = SEBlock().eval()
+    m.bn.running_mean.uniform_(-0.3, 0.3)
+    m.bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def float_se(on_cpu):
+    """(x, the float SE graph before lower_to_triton, the graph after, the pass's result)."""
+    x = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(13))
+    before = fxopt.optimize(_se(), x, target="cpu", disable=["lower_to_triton"])
+    gm = copy.deepcopy(before.graph_module)
+    result = lower_to_triton(gm, PassContext(example_inputs=(x,), target="cpu"))
+    return x, before.graph_module, gm, result
+
+
+def test_float_se_gate_lowered(float_se):
+    x, before, gm, result = float_se
+    assert sum(n.target is operator.mul for n in before.graph.nodes) == 2  # what fuse_act left
+    assert _triton_ops(gm) == {"triton_conv2d": 5, "triton_mul": 2}
+    muls = [TRITON_MUL.view.of(n) for n in gm.graph.nodes if TRITON_MUL.view.matches(n)]
+    assert [(v.act, v.node.meta["tensor_meta"].dtype) for v in muls] == \
+        [("none", torch.float32), ("relu", torch.float32)]
+    # the gate [N, C, 1, 1] is b (swapped); a, the stem's NHWC output, gives the layout
+    gate, y = muls[0].b.meta["tensor_meta"], muls[0].a.meta["tensor_meta"]
+    assert tuple(gate.shape) == (2, 8, 1, 1) and tuple(y.shape) == (2, 8, 7, 6)
+    assert muls[1].a is muls[0].node
+    st = result.stats
+    assert st["mul"] == 2 and st["layout_copies"] == 0 and st["on_pytorch"] == 1
+    assert result.notes == ["left on PyTorch (no Triton kernel): adaptive_avg_pool2d x1"]
+
+
+def test_float_se_gate_equals_the_graph_before(float_se, monkeypatch):
+    x, before, gm, result = float_se
+    with torch.no_grad():
+        ref = before(x)
+        st = compare_outputs(gm(x), ref)  # the kernels, interpreted
+        assert st.ok and st.rel_err < 1e-5, st
+        monkeypatch.setenv("FXOPT_TRITON_ON_CPU", "0")  # the ops' PyTorch reference
+        assert compare_outputs(gm(x), ref).rel_err < 1e-6
+
+
+@pytest.mark.parametrize("precision", [None, "fp16"])
+def test_float_se_gate_through_optimize(on_cpu, precision):
+    x = torch.randn(1, 3, 5, 4, generator=torch.Generator().manual_seed(14))
+    opt = fxopt.optimize(_se(), x, target="cpu", precision=precision,
+                         passes=["lower_to_triton"])
+    rec = _record(opt)
+    assert rec.status == "ok" and rec.stats["mul"] == 2  # checked against the graph before
+    dtype = torch.float16 if precision else torch.float32
+    with torch.no_grad():
+        out = opt(x.to(dtype))
+        ref = _se().to(dtype)(x.to(dtype))
+    assert out.dtype == dtype and compare_outputs(out, ref).ok
+
+
+class NotFloatMuls(nn.Module):
+    def forward(self, x, i):
+        return x * 2.0, 3 * x, i * i, i * 2, x.half() * x, x * x.float()
+
+
+def test_mul_by_a_number_or_of_ints_is_left_alone(on_cpu):
+    x, i = torch.randn(2, 3), torch.arange(6).reshape(2, 3)
+    gm = fxopt.capture(NotFloatMuls().eval(), (x, i))
+    result = apply_rules(copy.deepcopy(gm), RULES, context=TritonLowering())
+    # a number times a tensor is no gate: nothing said; x * x.float() is lowered
+    assert result.counts == {"mul -> triton_mul": 1}
+    assert result.rejected == [
+        "mul (mul_2): dtypes torch.int64, torch.int64 (the kernel multiplies fp16, bf16, fp32)",
+        "mul (mul_4): dtypes torch.float16 and torch.float32 (the kernel multiplies one dtype)"]
+    res = lower_to_triton(gm, PassContext(example_inputs=(x, i), target="cpu"))
+    ops = Counter(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
+                  if n.op == "call_function")
+    assert res.modified and ops["mul"] == 5 and _triton_ops(gm) == {"triton_mul": 1}
+    with torch.no_grad():
+        for got, want in zip(gm(x, i), NotFloatMuls()(x, i)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_triton_mul_op_layouts_and_fallback(on_cpu, monkeypatch):
+    g = torch.Generator().manual_seed(15)
+    a = torch.randn(2, 5, 3, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    gate = torch.sigmoid(torch.randn(2, 5, 1, 1, generator=g))
+    y = OPS.triton_mul(a, gate, act="hardtanh", act_args=[-0.5, 0.5])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, F.hardtanh(a * gate, -0.5, 0.5))
+    assert OPS.triton_mul(a.contiguous(), gate).is_contiguous()
+    monkeypatch.setenv("FXOPT_TRITON_ON_CPU", "0")  # the reference: the same, any device
+    assert torch.equal(OPS.triton_mul(a, gate, act="hardtanh", act_args=[-0.5, 0.5]), y)
+
+
 # -- int8 -----------------------------------------------------------------------------------------
 def test_int8_within_one_step_of_the_int8_graph(int8_opts, x):
     before, lowered, result = int8_opts
@@ -509,13 +622,13 @@ def _rows(gm) -> tuple:
     return result.counts, result
 
 
-def test_every_row_fires(int8_opts, resnet_int8, float_res):
+def test_every_row_fires(int8_opts, resnet_int8, float_res, float_se):
     x = torch.randn(2, 3, 8, 8)
     captured = fxopt.capture(FloatLayers().eval(), x)
     fused, _ = PassManager(expand_pipeline(["fuse_act"])).run(
         copy.deepcopy(captured), PassContext(example_inputs=(x,)))
     counts = Counter()
-    for gm in (captured, fused, int8_opts[0], resnet_int8[1], float_res[1]):
+    for gm in (captured, fused, int8_opts[0], resnet_int8[1], float_res[1], float_se[1]):
         counts.update(_rows(gm)[0])
     assert set(counts) == {rule.name for rule in RULES}
     assert counts["Conv2d -> triton_depthwise_conv2d"] == 1 == counts["Conv2d -> triton_conv2d"]
