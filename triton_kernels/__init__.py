@@ -1,19 +1,13 @@
 """Triton kernels for fxopt's fused and quantized ops (depends on torch and triton only).
 
-One module per kernel family, each with the ``@triton.jit`` kernel, its launcher (checks,
-output allocation, grid) and a plain PyTorch reference of the same math:
-
-- ``gemm``: ``linear`` (fp16/bf16/fp32, fp32 accumulation) and ``linear_int8`` (uint8/int8 codes x
-  int8 weight [N, K], int32 accumulation), both with the fused epilogue;
-- ``conv``: ``conv2d`` / ``conv2d_int8``, implicit GEMM on channels-last activations,
-  stride/padding/dilation/groups;
-- ``depthwise``: ``depthwise_conv2d`` / ``depthwise_conv2d_int8``, a direct NHWC kernel;
-- ``quant``: ``quantize`` / ``dequantize`` (per tensor, PyTorch's rounding);
-- ``elementwise``: ``add`` (float residual add, activation fused), ``add_int8`` (residual add
-  of codes, requantized), ``max_pool2d_int8`` and ``global_avg_pool2d_int8`` (pooling of codes,
-  NHWC);
-- ``epilogue``: scale, bias, residual, activation (``ACTIVATIONS``), float or requantized
-  output, shared by all of the above.
+One module per kernel family, each with its ``@triton.jit`` kernels, their launchers (checks,
+output allocation, grid) and a plain PyTorch reference of the same math, and each kernel's
+sm_90 compile cases beside it (``Kernel(compile_cases=...)``): ``gemm`` (linear layers, float and
+int8), ``conv`` (implicit-GEMM convolution on channels-last activations), ``depthwise``,
+``quant`` (quantize / dequantize), ``elementwise`` (int8 and float residual adds and gates,
+int8 pooling) and ``epilogue`` (scale, bias, residual, activation, requantization, shared by
+all). fxopt's ops call a launcher through its family module (``elementwise.mul``); the names
+below are re-exported for users of the kernels alone.
 
 The interpreter switch is ``TRITON_INTERPRET`` *at call time* (see ``_runtime``): with
 ``TRITON_INTERPRET=1`` the launchers take CPU tensors and run the kernels in Triton's
