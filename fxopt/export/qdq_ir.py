@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from fxopt.export.onnx_ops import (aten_dynamic_grid, dequantize_linear,
                                    dynamic_quantize_linear, quantize_linear)
 from fxopt.infra.rewrite import Builder, Match, Rule, op_rule
-from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, BinaryInt8, CatInt8, Conv2dInt8, Dequantize,
-                            Int8Layer, LinearInt8, MaxPool2dInt8, MulInt8, Quantize)
+from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, AvgPool2dWindowInt8, BinaryInt8, CatInt8,
+                            Conv2dInt8, Dequantize, Int8Layer, LinearInt8, MaxPool2dInt8, MulInt8,
+                            Quantize)
 from fxopt.ops.int8_dynamic import LinearInt8Dynamic
 from fxopt.ops.schema import OpView
 
@@ -95,6 +96,16 @@ def _avg_pool(m: Match, b: Builder) -> fx.Node:
                       [st.float_in(b, v.q, grid)], grid)
 
 
+def _avg_pool2d(m: Match, b: Builder) -> fx.Node:
+    """``Q(AveragePool(DQ(q)))`` on the input's grid (ONNX's ceil_mode and count_include_pad
+    are PyTorch's; ONNX Runtime can fuse it into QLinearAveragePool)."""
+    v, st = AvgPool2dWindowInt8.of(m.root), m.context
+    grid = st.ir_grid(v.scale, v.zp, v.qmin, v.qmax)
+    args = (list(v.kernel_size), list(v.stride), list(v.padding), v.ceil_mode,
+            v.count_include_pad)
+    return st.requant(b, F.avg_pool2d, args, [st.float_in(b, v.q, grid)], grid)
+
+
 def _max_pool_on_codes(m: Match) -> bool:
     # max_pool2d_int8 carries no grid of its own: it keeps the one its input codes are on
     return m.context.grid_of(MaxPool2dInt8.of(m.root).q) is not None or \
@@ -136,6 +147,7 @@ IR_RULES: tuple[Rule, ...] = (
     ir_row(MulInt8, _binary(operator.mul)),
     ir_row(CatInt8, _cat),
     ir_row(AvgPool2dInt8, _avg_pool),
+    ir_row(AvgPool2dWindowInt8, _avg_pool2d),
     ir_row(MaxPool2dInt8, _max_pool, _max_pool_on_codes),
     ir_row(LinearInt8Dynamic, _dynamic_linear),
 )

@@ -10,6 +10,8 @@ at ``fxopt.dequantize``; in between no float tensor is materialized.
                                      s_x, zp_x, s_y, zp_y, act="relu", out_int8=True)
     z  = torch.ops.fxopt.add_int8(y, s_y, zp_y, r, s_r, zp_r, s_z, zp_z, act="relu")
     g  = torch.ops.fxopt.mul_int8(z, s_z, zp_z, gate, s_g, zp_g, s_m, zp_m)  # gate [N, C, 1, 1]
+    t  = torch.ops.fxopt.avg_pool2d_int8(g, [2, 2], [2, 2], [0, 0], False, True, s_m, zp_m,
+                                         0, 255)                          # DenseNet transition
     p  = torch.ops.fxopt.adaptive_avg_pool2d_int8(z, [1, 1], s_z, zp_z, 0, 255)
     out = torch.ops.fxopt.dequantize(p, s_z, zp_z)                        # codes -> float32
 
@@ -18,7 +20,8 @@ and return codes on the ``y`` grid with ``out_int8=True``, else the dequantized 
 are int8 per output channel, symmetric (zero point 0); accumulation is exact; the epilogue
 (bias, float residual, activation, rounding onto the ``y`` grid) is float32, PyTorch's
 arithmetic (round half to even of ``v * (1/scale)``). Max pooling (``max_pool2d_int8``) and
-flatten/reshape keep the grid (flatten runs on the codes unchanged). Every op here has one
+flatten/reshape keep the grid (flatten runs on the codes unchanged); average pooling
+(``avg_pool2d_int8``, ``adaptive_avg_pool2d_int8``) rounds back onto it. Every op here has one
 implementation, the exact reference, on CPU and CUDA; speed comes from the lowering passes
 (``lower_int8_cpu`` to PyTorch's quantized x86 kernels, ``lower_to_triton`` on CUDA). That keeps
 the IR the single source of truth that the checks, the ONNX QDQ export and the lowerings all
@@ -36,12 +39,12 @@ from fxopt.ops.shapes import conv_out_shape, out_format
 
 __all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference",
            "dequantize_reference", "add_int8_reference", "mul_int8_reference",
-           "adaptive_avg_pool2d_int8_reference", "cat_int8_reference",
-           "max_pool2d_int8_reference", "codes_dtype", "is_codes",
+           "adaptive_avg_pool2d_int8_reference", "avg_pool2d_int8_reference",
+           "cat_int8_reference", "max_pool2d_int8_reference", "codes_dtype", "is_codes",
            "INT8_IR_OPS", "CONV2D_INT8", "LINEAR_INT8", "QUANTIZE", "DEQUANTIZE", "ADD_INT8",
-           "MUL_INT8", "CAT_INT8", "AVGPOOL_INT8", "MAXPOOL_INT8", "Conv2dInt8", "LinearInt8",
-           "Int8Layer", "Quantize", "Dequantize", "AddInt8", "MulInt8", "BinaryInt8", "CatInt8",
-           "AvgPool2dInt8", "MaxPool2dInt8"]
+           "MUL_INT8", "CAT_INT8", "AVGPOOL_INT8", "AVG_POOL2D_INT8", "MAXPOOL_INT8",
+           "Conv2dInt8", "LinearInt8", "Int8Layer", "Quantize", "Dequantize", "AddInt8", "MulInt8",
+           "BinaryInt8", "CatInt8", "AvgPool2dInt8", "AvgPool2dWindowInt8", "MaxPool2dInt8"]
 
 
 def codes_dtype(qmin: int) -> torch.dtype:
@@ -176,6 +179,36 @@ def adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax) ->
     return quantize_reference(y, scale, zp, qmin, qmax)
 
 
+def _window_sizes(n_in: int, n_out: int, k: int, s: int, p: int, include_pad: bool,
+                  device) -> torch.Tensor:
+    """The divisor of each pooling window along one axis: its span clipped to the padded input
+    (``include_pad``), or to the input itself (PyTorch's rule, ceil_mode's last window too)."""
+    start = torch.arange(n_out, device=device) * s - p
+    end = torch.clamp(start + k, max=n_in + p)
+    if include_pad:
+        return end - start
+    return end.clamp(max=n_in) - start.clamp(min=0)
+
+
+def avg_pool2d_int8_reference(q, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                              scale, zp, qmin, qmax) -> torch.Tensor:
+    """Average pooling of codes, on their own grid, as PyTorch's quantized kernel computes it
+    (channels-last, bit for bit): the exact sum of each window's centered codes (padding adds
+    zeros), times the float32 ``1 / divisor``, rounded half to even once. A float average of
+    the values would round each sum first and put a tie (``sum % 4 == 2`` in a 2x2 window) on
+    either side of it. ``scale`` only names the grid: in and out are the same."""
+    k, s, p = list(kernel_size), list(stride), list(padding)
+    z = zp.to(torch.int64)
+    exact32 = k[0] * k[1] * (qmax - qmin) < 2 ** 24  # float32 sums of integers are exact there
+    c = (q.to(torch.int64) - z).to(torch.float32 if exact32 else torch.float64)
+    acc = F.avg_pool2d(c, k, s, p, ceil_mode, count_include_pad, divisor_override=1)
+    sizes = [_window_sizes(c.shape[d], acc.shape[d], k[i], s[i], p[i], count_include_pad,
+                           q.device) for i, d in enumerate((-2, -1))]
+    divisor = (sizes[0][:, None] * sizes[1][None, :]).float()
+    y = torch.round(acc.float() * (1.0 / divisor)) + z
+    return y.clamp_(qmin, qmax).to(codes_dtype(qmin))
+
+
 def max_pool2d_int8_reference(q, kernel_size, stride, padding, dilation, ceil_mode):
     """Max pooling of codes (exact: the max of codes is the code of the max). Runs in float32
     because PyTorch's uint8 max pooling fails on large channels-last inputs."""
@@ -229,6 +262,13 @@ def _avg_pool_fake(q, output_size, scale, zp, qmin, qmax):
     return q.new_empty((*q.shape[:-2], *output_size), dtype=codes_dtype(qmin))
 
 
+def _avg_pool2d_fake(q, kernel_size, stride, padding, ceil_mode, count_include_pad, scale, zp,
+                     qmin, qmax):
+    return F.avg_pool2d(torch.empty_like(q, dtype=torch.float32), list(kernel_size),
+                        list(stride), list(padding), ceil_mode,
+                        count_include_pad).to(codes_dtype(qmin))
+
+
 def _max_pool_fake(q, kernel_size, stride, padding, dilation, ceil_mode):
     return F.max_pool2d(torch.empty_like(q, dtype=torch.float32), list(kernel_size), list(stride),
                         list(padding), list(dilation), ceil_mode).to(q.dtype)
@@ -269,6 +309,11 @@ AVGPOOL_INT8 = define_op(
     "adaptive_avg_pool2d_int8(Tensor q, int[2] output_size, Tensor scale, Tensor zp, int qmin, "
     "int qmax) -> Tensor",
     family="int8", reference=adaptive_avg_pool2d_int8_reference, fake=_avg_pool_fake)
+AVG_POOL2D_INT8 = define_op(
+    "avg_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
+    "bool ceil_mode, bool count_include_pad, Tensor scale, Tensor zp, int qmin, int qmax) "
+    "-> Tensor",
+    family="int8", reference=avg_pool2d_int8_reference, fake=_avg_pool2d_fake)
 MAXPOOL_INT8 = define_op(
     "max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
     "int[2] dilation, bool ceil_mode) -> Tensor",
@@ -284,7 +329,8 @@ Quantize = QUANTIZE.view
 Dequantize = DEQUANTIZE.view
 AddInt8 = ADD_INT8.view
 MulInt8 = MUL_INT8.view
-AvgPool2dInt8 = AVGPOOL_INT8.view
+AvgPool2dInt8 = AVGPOOL_INT8.view  # adaptive_avg_pool2d_int8
+AvgPool2dWindowInt8 = AVG_POOL2D_INT8.view  # avg_pool2d_int8
 MaxPool2dInt8 = MAXPOOL_INT8.view
 CatInt8 = CAT_INT8.view
 
@@ -304,5 +350,5 @@ class BinaryInt8(OpView):
 
 
 INT8_IR_OPS = tuple(op.overload for op in (CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE,
-                                           ADD_INT8, MUL_INT8, AVGPOOL_INT8, CAT_INT8,
-                                           MAXPOOL_INT8))
+                                           ADD_INT8, MUL_INT8, AVGPOOL_INT8, AVG_POOL2D_INT8,
+                                           CAT_INT8, MAXPOOL_INT8))

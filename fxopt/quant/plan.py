@@ -5,14 +5,15 @@
 1. :func:`find_layers`: the quantizable layers (``nn.Conv2d`` / ``nn.Linear`` calls and the
    fused ``conv2d_act`` / ``linear_act`` ops, grouped and depthwise convolutions included).
 2. :func:`make_plan` for a chosen set of layers: which values are int8. A quantized layer's
-   output is int8; max pooling, flatten/reshape and adaptive average pooling of an int8 value
-   stay int8 on its grid; an add of two int8 values, a product of two int8 values
-   (broadcasting: a squeeze-excitation gate ``x * gate``), or a concatenation of int8 values,
-   is int8 on its own observed grid. A layer with a fused residual (``act(conv(x) + r)``) is
-   split: the convolution writes int8 on a grid of its own (the *pre-add* value), then an
-   int8 add with the activation, as PyTorch's quantized kernels and ONNX QDQ want it. A
-   float value read by a quantized op is quantized on its observed grid (a region entry);
-   an int8 value read by a float op is dequantized (an exit).
+   output is int8; max pooling, flatten/reshape and average pooling (windowed, as DenseNet's
+   transitions, or adaptive) of an int8 value stay int8 on its grid; an add of two int8
+   values, a product of two int8 values (broadcasting: a squeeze-excitation gate
+   ``x * gate``), or a concatenation of int8 values, is int8 on its own observed grid. A
+   layer with a fused residual (``act(conv(x) + r)``) is split: the convolution writes int8
+   on a grid of its own (the *pre-add* value), then an int8 add with the activation, as
+   PyTorch's quantized kernels and ONNX QDQ want it. A float value read by a quantized op is
+   quantized on its observed grid (a region entry); an int8 value read by a float op is
+   dequantized (an exit).
 3. ``fxopt.quant.simulate.SimulatedInt8``: the reference of DESIGN.md section 4, the float
    graph run with fake quantization wherever the plan puts int8.
 
@@ -39,9 +40,11 @@ from fxopt.ops.schema import OpView
 from fxopt.quant.qparams import QParams
 
 __all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
-           "QuantizableFused"]
+           "QuantizableFused", "SAME_GRID_ROLES", "avg_pool2d_args"]
 
 PRE = "pre"  # grids key ("pre", node): a residual layer's output before the add
+# roles whose value is on its input's grid (``Plan.grid`` resolves them to the input)
+SAME_GRID_ROLES = ("maxpool", "flatten", "avgpool", "avg_pool2d", "identity")
 
 
 class QuantizableFused(OpView):
@@ -114,9 +117,10 @@ _METHOD_FLATTENS = ("flatten", "reshape", "view")
 
 
 def pass_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
-    """``"maxpool"``, ``"flatten"``, ``"avgpool"`` or ``"identity"`` when ``n`` maps its first
-    argument onto the same grid (max pooling and reshapes exactly; average pooling with one
-    rounding), else None."""
+    """``"maxpool"``, ``"flatten"``, ``"avgpool"`` (adaptive), ``"avg_pool2d"`` or
+    ``"identity"`` when ``n`` maps its first argument onto the same grid (max pooling and
+    reshapes exactly; average pooling with one rounding), else None. An average pooling with a
+    ``divisor_override`` is not an average: it stays float."""
     if not n.args or not isinstance(n.args[0], fx.Node):
         return None
     if n.op == "call_module":
@@ -125,6 +129,8 @@ def pass_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
             return "maxpool"
         if isinstance(m, nn.AdaptiveAvgPool2d) and len(n.args) == 1:
             return "avgpool"
+        if isinstance(m, nn.AvgPool2d) and len(n.args) == 1 and m.divisor_override is None:
+            return "avg_pool2d"
         if isinstance(m, (nn.Identity, nn.Flatten)) and len(n.args) == 1:
             return "identity" if isinstance(m, nn.Identity) else "flatten"
         return None
@@ -133,11 +139,39 @@ def pass_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
             return "maxpool"
         if n.target is F.adaptive_avg_pool2d:
             return "avgpool"
+        if n.target is F.avg_pool2d and avg_pool2d_args(gm, n)[-1] is None:
+            return "avg_pool2d"
         if n.target in _FLATTENS:
             return "flatten"
     if n.op == "call_method" and n.target in _METHOD_FLATTENS:
         return "flatten"
     return None
+
+
+def avg_pool2d_args(gm: fx.GraphModule, n: fx.Node) -> tuple:
+    """(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override) of an
+    ``nn.AvgPool2d`` call or an ``F.avg_pool2d`` one, sizes as pairs (stride defaults to the
+    kernel)."""
+
+    def pair(v):
+        return list(v) * (2 // len(v)) if isinstance(v, (tuple, list)) else [v, v]
+
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        a = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                 ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
+                 divisor_override=m.divisor_override)
+    else:  # F.avg_pool2d is a builtin: name its parameters here
+        names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override")
+        a = dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None)
+        a.update(zip(names, n.args))
+        a.update(n.kwargs)
+    k = pair(a["kernel_size"])
+    s = k if a["stride"] in (None, [], ()) else pair(a["stride"])
+    return (k, s, pair(a["padding"]), bool(a["ceil_mode"]), bool(a["count_include_pad"]),
+            a["divisor_override"])
 
 
 def _is_add(n: fx.Node) -> bool:
@@ -194,7 +228,8 @@ def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
 @dataclass
 class Plan:
     """``roles``: original node -> its int8 role (``layer``, ``maxpool``, ``flatten``,
-    ``avgpool``, ``identity``, ``add``, ``mul``, ``cat``); ``grid(node)`` its grid."""
+    ``avgpool``, ``avg_pool2d``, ``identity``, ``add``, ``mul``, ``cat``); ``grid(node)`` its
+    grid."""
 
     layers: dict[fx.Node, Layer]
     roles: dict[fx.Node, str]
@@ -202,8 +237,7 @@ class Plan:
     weights: dict[fx.Node, QParams] = field(default_factory=dict)
 
     def grid(self, key) -> QParams:
-        while isinstance(key, fx.Node) and \
-                self.roles.get(key) in ("maxpool", "flatten", "avgpool", "identity"):
+        while isinstance(key, fx.Node) and self.roles.get(key) in SAME_GRID_ROLES:
             key = key.args[0]
         return self.grids[key]
 

@@ -6,7 +6,10 @@ fake-quantized products is taken exactly (over the centered integer codes: float
 partial sum stays below 2**24, float64 otherwise) and scaled in float32 as the int8 epilogue
 does: a float32 convolution of fake-quantized values rounds each product and partial sum, and
 in a deep network one value flipped to the neighbouring code at a tie grows, layer after layer,
-past the one-step bound (ResNet-50 did). Same numbers, one rounding.
+past the one-step bound (ResNet-50 did). Same numbers, one rounding. For the same reason a
+windowed average pooling (``avg_pool2d_int8``) is simulated on the codes, as the int8 op
+averages: a float average of fake-quantized values lands a 2x2 window's ties either side
+(conv -> AvgPool2d(2) -> conv was two output steps off).
 
 :class:`Simulator` is the interpreter behind it; quantization-aware training subclasses it to
 run the same plan with gradients.
@@ -24,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt.ir.activations import apply_activation
-from fxopt.quant.plan import PRE, Layer, Plan
+from fxopt.ops.int8 import avg_pool2d_int8_reference
+from fxopt.quant.plan import PRE, Layer, Plan, avg_pool2d_args
 from fxopt.quant.qparams import QParams
 
 __all__ = ["fake_quant", "Simulator", "SimulatedInt8", "simulated_copy"]
@@ -48,13 +52,23 @@ class Simulator(fx.Interpreter):
 
     def run_node(self, n):
         layer = self.plan.layers.get(n)
-        if layer is None:
-            out = super().run_node(n)
-        else:
+        if layer is not None:
             out = self._layer(n, layer)
+        elif self.plan.roles.get(n) == "avg_pool2d":
+            out = self._avg_pool2d(n)
+        else:
+            out = super().run_node(n)
         if n in self.plan.roles:
             out = fake_quant(out, self.plan.grid(n))
         return out
+
+    def _avg_pool2d(self, n: fx.Node) -> torch.Tensor:
+        """The int8 op on the input's codes (an int8 value: on its grid already)."""
+        qp = self.plan.grid(n.args[0])
+        k, s, p, ceil, cip, _ = avg_pool2d_args(self.module, n)
+        codes = avg_pool2d_int8_reference(qp.quantize(self.env[n.args[0]]), k, s, p, ceil, cip,
+                                          qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+        return qp.dequantize(codes)
 
     def _layer(self, n: fx.Node, layer: Layer) -> torch.Tensor:
         x = self.entry(layer.x)

@@ -19,6 +19,9 @@ the rows in order at each op and rewrites it with the first whose check passes:
     mul_int8                  mul_int8(a, ..., b, ..., act="none")  quantized.mul(a, b, ...)
                               (broadcasting: an SE gate [N, C, 1, 1]; within one code of the IR)
     adaptive_avg_pool2d_int8  adaptive_avg_pool2d_int8(q, size, ..) F.adaptive_avg_pool2d(q, ..)
+    avg_pool2d_int8           avg_pool2d_int8(q, k, s, p, ceil, ..) F.avg_pool2d(q, k, s, ...)
+                              (bit for bit on channels-last codes; contiguous ones round a tie
+                              after adding the zero point: within one code)
     max_pool2d_int8           max_pool2d_int8(q, k, s, p, d, ceil)  F.max_pool2d(q, k, s, ...)
     cat_int8                  cat_int8(qs, ..., dim, s_y, zp_y)     quantized.cat(qs, dim, ...)
     conv2d_int8_onednn        conv2d_int8(q, ..., act="hardswish")  fxopt.onednn_conv2d_int8(
@@ -68,9 +71,10 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, method, op_rule
 from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ir.graph import copy_meta, get_attr_value, module_path, tensor_meta
-from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE, INT8_IR_OPS,
-                            LINEAR_INT8, MAXPOOL_INT8, MUL_INT8, QUANTIZE, AvgPool2dInt8,
-                            BinaryInt8, CatInt8, Dequantize, Int8Layer, MaxPool2dInt8, Quantize)
+from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8,
+                            DEQUANTIZE, INT8_IR_OPS, LINEAR_INT8, MAXPOOL_INT8, MUL_INT8, QUANTIZE,
+                            AvgPool2dInt8, AvgPool2dWindowInt8, BinaryInt8, CatInt8, Dequantize,
+                            Int8Layer, MaxPool2dInt8, Quantize)
 from fxopt.ops import onednn
 from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
 from fxopt.ops.schema import OpView, schema_of, view_of
@@ -223,6 +227,13 @@ def _avg_pool(m: Match, b: Builder) -> fx.Node:
     v = AvgPool2dInt8.of(m.root)
     b.tally("pool")
     return b.call_function(F.adaptive_avg_pool2d, (v.q, list(v.output_size)))
+
+
+def _avg_pool2d(m: Match, b: Builder) -> fx.Node:
+    v = AvgPool2dWindowInt8.of(m.root)
+    b.tally("pool")
+    return b.call_function(F.avg_pool2d, (v.q, list(v.kernel_size), list(v.stride),
+                                          list(v.padding), v.ceil_mode, v.count_include_pad))
 
 
 def _max_pool(m: Match, b: Builder) -> fx.Node:
@@ -394,6 +405,8 @@ RULES = [
     op_rule("mul_int8", [MUL_INT8.overload], _binary("mul"), _binary_fits("mul")),
     op_rule("adaptive_avg_pool2d_int8", [AVGPOOL_INT8.overload], _avg_pool,
             _uint8_grid(AvgPool2dInt8, "qmin", "qmax")),
+    op_rule("avg_pool2d_int8", [AVG_POOL2D_INT8.overload], _avg_pool2d,
+            _uint8_grid(AvgPool2dWindowInt8, "qmin", "qmax")),
     op_rule("max_pool2d_int8", [MAXPOOL_INT8.overload], _max_pool),
     op_rule("cat_int8", [CAT_INT8.overload], _cat, _uint8_grid(CatInt8, "y_qmin", "y_qmax")),
     op_rule("conv2d_int8_onednn", [CONV2D_INT8.overload], _onednn_layer("conv2d"),

@@ -3,11 +3,12 @@ graph as the int8 IR of ``fxopt.ops.int8``.
 
 ``Writer(gm, plan).run()`` walks the plan's int8 nodes in graph order: a layer becomes
 ``conv2d_int8`` / ``linear_int8`` writing codes (a residual layer: the conv on its pre-add grid,
-then ``add_int8`` with the activation); max pooling, average pooling, flatten, adds, products
-(``mul_int8``) and cats of int8 values become their int8 forms; the first int8 reader of a
-float value gets a ``quantize``; every float reader of an int8 value gets one ``dequantize``
-(an exit), which the pass returns to size its tolerance (``fxopt.quant.measure.output_step``).
-Every call is written through the op schema, its arguments by name.
+then ``add_int8`` with the activation); max pooling, average pooling (``avg_pool2d_int8``,
+``adaptive_avg_pool2d_int8``), flatten, adds, products (``mul_int8``) and cats of int8 values
+become their int8 forms; the first int8 reader of a float value gets a ``quantize``; every
+float reader of an int8 value gets one ``dequantize`` (an exit), which the pass returns to size
+its tolerance (``fxopt.quant.measure.output_step``). Every call is written through the op
+schema, its arguments by name.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.graph import add_buffer, copy_meta, module_path, tensor_meta_of
-from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE,
-                            LINEAR_INT8, MAXPOOL_INT8, MUL_INT8, QUANTIZE)
-from fxopt.quant.plan import PRE, Plan
+from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8,
+                            DEQUANTIZE, LINEAR_INT8, MAXPOOL_INT8, MUL_INT8, QUANTIZE)
+from fxopt.quant.plan import PRE, Plan, avg_pool2d_args
 from fxopt.quant.qparams import QParams
 
 __all__ = ["Writer"]
@@ -137,6 +138,14 @@ class Writer:
             with self.g.inserting_before(n):
                 new = AVGPOOL_INT8.emit(self.g, q=self.codes[src], output_size=size, scale=s,
                                         zp=z, qmin=qp.qmin, qmax=qp.qmax)
+            self.counts["pool"] += 1
+        elif role == "avg_pool2d":
+            s, z, qp = self.grid_attrs(src, _base(src))
+            k, st, p, ceil, cip, _ = avg_pool2d_args(self.gm, n)
+            with self.g.inserting_before(n):
+                new = AVG_POOL2D_INT8.emit(self.g, q=self.codes[src], kernel_size=k, stride=st,
+                                           padding=p, ceil_mode=ceil, count_include_pad=cip,
+                                           scale=s, zp=z, qmin=qp.qmin, qmax=qp.qmax)
             self.counts["pool"] += 1
         elif role in ("add", "mul"):
             a, as_, az, _ = self.input_codes(n.args[0], n)
