@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -36,15 +37,15 @@ import torch.nn.functional as F
 
 from fxopt.ir.graph import get_attr_value, module_path
 from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT
-from fxopt.ops.schema import OpView
+from fxopt.ops.int8 import AVG_POOL2D_INT8, AVGPOOL_INT8, MAXPOOL_INT8
+from fxopt.ops.schema import OpSchema, OpView
 from fxopt.quant.qparams import QParams
 
 __all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
-           "QuantizableFused", "SAME_GRID_ROLES", "avg_pool2d_args"]
+           "QuantizableFused", "SAME_GRID", "SameGridRole", "same_grid_role",
+           "avg_pool2d_args", "maxpool_args"]
 
 PRE = "pre"  # grids key ("pre", node): a residual layer's output before the add
-# roles whose value is on its input's grid (``Plan.grid`` resolves them to the input)
-SAME_GRID_ROLES = ("maxpool", "flatten", "avgpool", "avg_pool2d", "identity")
 
 
 class QuantizableFused(OpView):
@@ -111,67 +112,152 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
     return [l for l in layers if l.weight.dtype == torch.float32 and isinstance(l.x, fx.Node)]
 
 
-# -- ops that keep a value int8 ------------------------------------------------------------
-_FLATTENS = (torch.flatten, torch.reshape)
-_METHOD_FLATTENS = ("flatten", "reshape", "view")
+# -- ops that keep a value int8: one row per role ---------------------------------------------
+@dataclass(frozen=True)
+class SameGridRole:
+    """A float op that maps an int8 value onto its own grid, and the int8 IR op it becomes.
+
+    ``match(gm, n)`` recognises the float call (its first argument is the value); ``args(gm,
+    n)`` gives the int8 op's arguments other than the codes ``q`` (and the grid, when
+    ``on_grid``: ``scale``, ``zp``, ``qmin``, ``qmax``, for an op that rounds). ``op=None``
+    re-issues the same call on the codes (reshapes); ``passthrough`` hands the codes on
+    (``nn.Identity``). ``exact_on_codes``: the simulation runs the op's reference on the
+    codes, as the int8 op computes it (an average whose float form would round differently),
+    rather than the float op. ``count`` names the rewrite's counter. The rewrite
+    (``passes/quant/rewrite.py``) and the simulation (``fxopt.quant.simulate``) read the row;
+    a new same-grid int8 op is a row here."""
+
+    name: str
+    match: Callable[[fx.GraphModule, fx.Node], bool]
+    op: OpSchema | None = None
+    args: Callable[[fx.GraphModule, fx.Node], dict] = lambda gm, n: {}
+    on_grid: bool = False
+    exact_on_codes: bool = False
+    passthrough: bool = False
+    count: str = "pool"
 
 
-def pass_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
-    """``"maxpool"``, ``"flatten"``, ``"avgpool"`` (adaptive), ``"avg_pool2d"`` or
-    ``"identity"`` when ``n`` maps its first argument onto the same grid (max pooling and
-    reshapes exactly; average pooling with one rounding), else None. An average pooling with a
-    ``divisor_override`` is not an average: it stays float."""
-    if not n.args or not isinstance(n.args[0], fx.Node):
+SAME_GRID: dict[str, SameGridRole] = {}
+
+
+def same_grid_role(name: str, match, **kw) -> SameGridRole:
+    """Registers a :class:`SameGridRole` (a name is declared once)."""
+    if name in SAME_GRID:
+        raise ValueError(f"same-grid role {name!r} is declared twice")
+    SAME_GRID[name] = row = SameGridRole(name, match, **kw)
+    return row
+
+
+def _module(gm: fx.GraphModule, n: fx.Node, cls) -> nn.Module | None:
+    """The ``cls`` module a one-argument ``call_module`` node calls, else None."""
+    if n.op != "call_module" or len(n.args) != 1:
         return None
-    if n.op == "call_module":
-        m = gm.get_submodule(n.target)
-        if isinstance(m, nn.MaxPool2d) and not m.return_indices and len(n.args) == 1:
-            return "maxpool"
-        if isinstance(m, nn.AdaptiveAvgPool2d) and len(n.args) == 1:
-            return "avgpool"
-        if isinstance(m, nn.AvgPool2d) and len(n.args) == 1 and m.divisor_override is None:
-            return "avg_pool2d"
-        if isinstance(m, (nn.Identity, nn.Flatten)) and len(n.args) == 1:
-            return "identity" if isinstance(m, nn.Identity) else "flatten"
-        return None
-    if n.op == "call_function":
-        if n.target is F.max_pool2d and not n.kwargs.get("return_indices", False):
-            return "maxpool"
-        if n.target is F.adaptive_avg_pool2d:
-            return "avgpool"
-        if n.target is F.avg_pool2d and avg_pool2d_args(gm, n)[-1] is None:
-            return "avg_pool2d"
-        if n.target in _FLATTENS:
-            return "flatten"
-    if n.op == "call_method" and n.target in _METHOD_FLATTENS:
-        return "flatten"
-    return None
+    m = gm.get_submodule(n.target)
+    return m if isinstance(m, cls) else None
 
 
-def avg_pool2d_args(gm: fx.GraphModule, n: fx.Node) -> tuple:
-    """(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override) of an
-    ``nn.AvgPool2d`` call or an ``F.avg_pool2d`` one, sizes as pairs (stride defaults to the
-    kernel)."""
+def _function(n: fx.Node, *targets) -> bool:
+    return n.op == "call_function" and n.target in targets
 
-    def pair(v):
-        return list(v) * (2 // len(v)) if isinstance(v, (tuple, list)) else [v, v]
 
-    if n.op == "call_module":
-        m = gm.get_submodule(n.target)
+def _pair(v) -> list:
+    return list(v) * (2 // len(v)) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def _named(n: fx.Node, names: tuple, defaults: dict) -> dict:
+    """A builtin functional's arguments by name (``F.max_pool2d`` and ``F.avg_pool2d`` are
+    declared ``(*args, **kwargs)``: name their parameters here)."""
+    a = dict(defaults)
+    a.update(zip(names, n.args))
+    a.update(n.kwargs)
+    return a
+
+
+def maxpool_args(gm: fx.GraphModule, n: fx.Node) -> dict:
+    """``max_pool2d_int8``'s arguments of an ``nn.MaxPool2d`` or ``F.max_pool2d`` call (sizes
+    as pairs; the stride defaults to the kernel)."""
+    m = _module(gm, n, nn.MaxPool2d)
+    if m is not None:
+        a = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                 dilation=m.dilation, ceil_mode=m.ceil_mode)
+    else:
+        a = _named(n, ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+                   {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False})
+    k = _pair(a["kernel_size"])
+    s = k if a["stride"] in (None, [], ()) else _pair(a["stride"])
+    return dict(kernel_size=k, stride=s, padding=_pair(a["padding"]),
+                dilation=_pair(a["dilation"]), ceil_mode=bool(a["ceil_mode"]))
+
+
+def avg_pool2d_args(gm: fx.GraphModule, n: fx.Node) -> dict:
+    """``avg_pool2d_int8``'s arguments of an ``nn.AvgPool2d`` or ``F.avg_pool2d`` call, and its
+    ``divisor_override`` (sizes as pairs; the stride defaults to the kernel)."""
+    m = _module(gm, n, nn.AvgPool2d)
+    if m is not None:
         a = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
                  ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
                  divisor_override=m.divisor_override)
-    else:  # F.avg_pool2d is a builtin: name its parameters here
-        names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                 "divisor_override")
-        a = dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-                 divisor_override=None)
-        a.update(zip(names, n.args))
-        a.update(n.kwargs)
-    k = pair(a["kernel_size"])
-    s = k if a["stride"] in (None, [], ()) else pair(a["stride"])
-    return (k, s, pair(a["padding"]), bool(a["ceil_mode"]), bool(a["count_include_pad"]),
-            a["divisor_override"])
+    else:
+        a = _named(n, ("input", "kernel_size", "stride", "padding", "ceil_mode",
+                       "count_include_pad", "divisor_override"),
+                   dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                        divisor_override=None))
+    k = _pair(a["kernel_size"])
+    s = k if a["stride"] in (None, [], ()) else _pair(a["stride"])
+    return dict(kernel_size=k, stride=s, padding=_pair(a["padding"]),
+                ceil_mode=bool(a["ceil_mode"]), count_include_pad=bool(a["count_include_pad"]),
+                divisor_override=a["divisor_override"])
+
+
+def _adaptive_size(gm: fx.GraphModule, n: fx.Node) -> dict:
+    m = _module(gm, n, nn.AdaptiveAvgPool2d)
+    if m is not None:
+        size = m.output_size
+    else:
+        size = n.args[1] if len(n.args) > 1 else n.kwargs["output_size"]
+    if isinstance(size, int):
+        size = (size, size)
+    tm = n.meta.get("tensor_meta")
+    return {"output_size": [int(s) if s is not None else int(tm.shape[-2 + i])
+                            for i, s in enumerate(size)]}
+
+
+same_grid_role(
+    "maxpool",
+    lambda gm, n: ((m := _module(gm, n, nn.MaxPool2d)) is not None and not m.return_indices)
+    or (_function(n, F.max_pool2d) and not n.kwargs.get("return_indices", False)),
+    op=MAXPOOL_INT8, args=maxpool_args)
+same_grid_role(
+    "avgpool",  # adaptive
+    lambda gm, n: _module(gm, n, nn.AdaptiveAvgPool2d) is not None
+    or _function(n, F.adaptive_avg_pool2d),
+    op=AVGPOOL_INT8, args=_adaptive_size, on_grid=True)
+same_grid_role(
+    # a divisor_override is not an average: it stays float
+    "avg_pool2d",
+    lambda gm, n: (_module(gm, n, nn.AvgPool2d) is not None or _function(n, F.avg_pool2d))
+    and avg_pool2d_args(gm, n)["divisor_override"] is None,
+    op=AVG_POOL2D_INT8, on_grid=True, exact_on_codes=True,
+    args=lambda gm, n: {k: v for k, v in avg_pool2d_args(gm, n).items()
+                        if k != "divisor_override"})
+same_grid_role("identity", lambda gm, n: _module(gm, n, nn.Identity) is not None,
+               passthrough=True, count="")
+same_grid_role(
+    "flatten",
+    lambda gm, n: _module(gm, n, nn.Flatten) is not None
+    or _function(n, torch.flatten, torch.reshape)
+    or (n.op == "call_method" and n.target in ("flatten", "reshape", "view")),
+    count="")
+
+
+def pass_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    """The :data:`SAME_GRID` role of ``n`` (``"maxpool"``, ``"avgpool"`` (adaptive),
+    ``"avg_pool2d"``, ``"identity"``, ``"flatten"``, ...): ``n`` maps its first argument onto
+    the same grid (max pooling and reshapes exactly; average pooling with one rounding); None
+    otherwise."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    return next((r.name for r in SAME_GRID.values() if r.match(gm, n)), None)
 
 
 def _is_add(n: fx.Node) -> bool:
@@ -227,9 +313,8 @@ def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
 
 @dataclass
 class Plan:
-    """``roles``: original node -> its int8 role (``layer``, ``maxpool``, ``flatten``,
-    ``avgpool``, ``avg_pool2d``, ``identity``, ``add``, ``mul``, ``cat``); ``grid(node)`` its
-    grid."""
+    """``roles``: original node -> its int8 role (``layer``, a :data:`SAME_GRID` row's name,
+    ``add``, ``mul``, ``cat``); ``grid(node)`` its grid."""
 
     layers: dict[fx.Node, Layer]
     roles: dict[fx.Node, str]
@@ -237,7 +322,7 @@ class Plan:
     weights: dict[fx.Node, QParams] = field(default_factory=dict)
 
     def grid(self, key) -> QParams:
-        while isinstance(key, fx.Node) and self.roles.get(key) in SAME_GRID_ROLES:
+        while isinstance(key, fx.Node) and self.roles.get(key) in SAME_GRID:
             key = key.args[0]
         return self.grids[key]
 

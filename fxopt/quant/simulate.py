@@ -7,7 +7,8 @@ partial sum stays below 2**24, float64 otherwise) and scaled in float32 as the i
 does: a float32 convolution of fake-quantized values rounds each product and partial sum, and
 in a deep network one value flipped to the neighbouring code at a tie grows, layer after layer,
 past the one-step bound (ResNet-50 did). Same numbers, one rounding. For the same reason a
-windowed average pooling (``avg_pool2d_int8``) is simulated on the codes, as the int8 op
+windowed average pooling (``avg_pool2d_int8``, a same-grid role with ``exact_on_codes``) is
+simulated on the codes, as the int8 op
 averages: a float average of fake-quantized values lands a 2x2 window's ties either side
 (conv -> AvgPool2d(2) -> conv was two output steps off).
 
@@ -27,8 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt.ir.activations import apply_activation
-from fxopt.ops.int8 import avg_pool2d_int8_reference
-from fxopt.quant.plan import PRE, Layer, Plan, avg_pool2d_args
+from fxopt.quant.plan import PRE, SAME_GRID, Layer, Plan, SameGridRole
 from fxopt.quant.qparams import QParams
 
 __all__ = ["fake_quant", "Simulator", "SimulatedInt8", "simulated_copy"]
@@ -54,20 +54,23 @@ class Simulator(fx.Interpreter):
         layer = self.plan.layers.get(n)
         if layer is not None:
             out = self._layer(n, layer)
-        elif self.plan.roles.get(n) == "avg_pool2d":
-            out = self._avg_pool2d(n)
+        elif getattr(SAME_GRID.get(self.plan.roles.get(n)), "exact_on_codes", False):
+            out = self._on_codes(n, SAME_GRID[self.plan.roles[n]])
         else:
             out = super().run_node(n)
         if n in self.plan.roles:
             out = fake_quant(out, self.plan.grid(n))
         return out
 
-    def _avg_pool2d(self, n: fx.Node) -> torch.Tensor:
-        """The int8 op on the input's codes (an int8 value: on its grid already)."""
+    def _on_codes(self, n: fx.Node, row: SameGridRole) -> torch.Tensor:
+        """The row's int8 op (its reference) on the input's codes (an int8 value: on its grid
+        already)."""
         qp = self.plan.grid(n.args[0])
-        k, s, p, ceil, cip, _ = avg_pool2d_args(self.module, n)
-        codes = avg_pool2d_int8_reference(qp.quantize(self.env[n.args[0]]), k, s, p, ceil, cip,
-                                          qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+        values = row.args(self.module, n)
+        if row.on_grid:
+            values.update(scale=qp.scale, zp=qp.zero_point, qmin=qp.qmin, qmax=qp.qmax)
+        codes = row.op.reference(**row.op.bind({"q": qp.quantize(self.env[n.args[0]]),
+                                                **values}))
         return qp.dequantize(codes)
 
     def _layer(self, n: fx.Node, layer: Layer) -> torch.Tensor:

@@ -16,9 +16,9 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.graph import add_buffer, copy_meta, module_path, tensor_meta_of
-from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8,
-                            DEQUANTIZE, LINEAR_INT8, MAXPOOL_INT8, MUL_INT8, QUANTIZE)
-from fxopt.quant.plan import PRE, Plan, avg_pool2d_args
+from fxopt.ops.int8 import (ADD_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8, MUL_INT8,
+                            QUANTIZE)
+from fxopt.quant.plan import PRE, SAME_GRID, Plan
 from fxopt.quant.qparams import QParams
 
 __all__ = ["Writer"]
@@ -120,33 +120,20 @@ class Writer:
 
     def other(self, n: fx.Node, role: str) -> fx.Node:
         src = n.args[0]
-        if role == "maxpool":
+        row = SAME_GRID.get(role)
+        if row is not None and row.passthrough:
+            return self.codes[src]
+        if row is not None and row.op is None:  # a reshape: the same call on the codes
             with self.g.inserting_before(n):
-                k, st, p, d, c = _maxpool_args(self.gm, n)
-                new = MAXPOOL_INT8.emit(self.g, q=self.codes[src], kernel_size=k, stride=st,
-                                        padding=p, dilation=d, ceil_mode=c)
-            self.counts["pool"] += 1
-        elif role in ("flatten", "identity"):
-            args = (self.codes[src], *n.args[1:])
+                new = self.g.create_node(n.op, n.target, (self.codes[src], *n.args[1:]),
+                                         dict(n.kwargs))
+        elif row is not None:
+            values = row.args(self.gm, n)
+            if row.on_grid:
+                s, z, qp = self.grid_attrs(src, _base(src))
+                values.update(scale=s, zp=z, qmin=qp.qmin, qmax=qp.qmax)
             with self.g.inserting_before(n):
-                new = self.g.create_node(n.op, n.target, args, dict(n.kwargs))
-            if role == "identity":
-                return self.codes[src]
-        elif role == "avgpool":
-            s, z, qp = self.grid_attrs(src, _base(src))
-            size = _avgpool_size(self.gm, n)
-            with self.g.inserting_before(n):
-                new = AVGPOOL_INT8.emit(self.g, q=self.codes[src], output_size=size, scale=s,
-                                        zp=z, qmin=qp.qmin, qmax=qp.qmax)
-            self.counts["pool"] += 1
-        elif role == "avg_pool2d":
-            s, z, qp = self.grid_attrs(src, _base(src))
-            k, st, p, ceil, cip, _ = avg_pool2d_args(self.gm, n)
-            with self.g.inserting_before(n):
-                new = AVG_POOL2D_INT8.emit(self.g, q=self.codes[src], kernel_size=k, stride=st,
-                                           padding=p, ceil_mode=ceil, count_include_pad=cip,
-                                           scale=s, zp=z, qmin=qp.qmin, qmax=qp.qmax)
-            self.counts["pool"] += 1
+                new = row.op.emit(self.g, q=self.codes[src], **values)
         elif role in ("add", "mul"):
             a, as_, az, _ = self.input_codes(n.args[0], n)
             b, bs, bz, _ = self.input_codes(n.args[1], n)
@@ -155,7 +142,6 @@ class Writer:
             with self.g.inserting_before(n):
                 new = op.emit(self.g, a=a, a_scale=as_, a_zp=az, b=b, b_scale=bs, b_zp=bz,
                               y_scale=ys, y_zp=yz, y_qmin=qp.qmin, y_qmax=qp.qmax)
-            self.counts[role] += 1
         else:  # cat
             ins = [self.input_codes(v, n) for v in n.args[0]]
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
@@ -164,8 +150,10 @@ class Writer:
                 new = CAT_INT8.emit(self.g, qs=[i[0] for i in ins], scales=[i[1] for i in ins],
                                     zps=[i[2] for i in ins], dim=dim, y_scale=ys, y_zp=yz,
                                     y_qmin=qp.qmin, y_qmax=qp.qmax)
-            self.counts["cat"] += 1
         copy_meta(new, n)
+        count = role if row is None else row.count
+        if count:
+            self.counts[count] += 1
         return new
 
     def run(self) -> list[fx.Node]:
@@ -195,33 +183,3 @@ class Writer:
 
 def _base(n: fx.Node) -> str:
     return (_label(n)).replace(".", "_")
-
-
-def _maxpool_args(gm, n: fx.Node) -> tuple:
-    """(kernel_size, stride, padding, dilation, ceil_mode) of a max pooling, as pairs."""
-
-    def pair(v):
-        return list(v) if isinstance(v, (tuple, list)) else [v, v]
-
-    if n.op == "call_module":
-        m = gm.get_submodule(n.target)
-        k, s, p, d, c = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
-    else:  # F.max_pool2d is declared (*args, **kwargs): name its parameters here
-        names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
-        a = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
-        a.update(zip(names, n.args))
-        a.update(n.kwargs)
-        k, s, p, d, c = a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]
-    s = s if s not in (None, [], ()) else k
-    return pair(k), pair(s), pair(p), pair(d), bool(c)
-
-
-def _avgpool_size(gm, n: fx.Node) -> list[int]:
-    if n.op == "call_module":
-        size = gm.get_submodule(n.target).output_size
-    else:
-        size = n.args[1] if len(n.args) > 1 else n.kwargs["output_size"]
-    if isinstance(size, int):
-        size = (size, size)
-    tm = n.meta.get("tensor_meta")
-    return [int(s) if s is not None else int(tm.shape[-2 + i]) for i, s in enumerate(size)]
