@@ -36,7 +36,9 @@ class Writer:
         self.codes: dict[fx.Node, fx.Node] = {}   # original int8 node -> node of its codes
         self.entries: dict[fx.Node, fx.Node] = {}  # float value -> its quantize node
         self.attrs: dict = {}
+        # a counter per role, the same-grid rows' own (``SameGridRole.count``) included
         self.counts = {"conv2d": 0, "linear": 0, "add": 0, "mul": 0, "cat": 0, "pool": 0,
+                       **{r.count: 0 for r in SAME_GRID.values() if r.count},
                        "quantize": 0, "dequantize": 0}
 
     def attr(self, prefix: str, value: torch.Tensor, key=None) -> fx.Node:
