@@ -7,8 +7,8 @@ then ``add_int8`` with the activation); max pooling, average pooling (``avg_pool
 ``adaptive_avg_pool2d_int8``), flatten, adds, products (``mul_int8``) and cats of int8 values
 become their int8 forms; the first int8 reader of a float value gets a ``quantize``; every
 float reader of an int8 value gets one ``dequantize`` (an exit), which the pass returns to size
-its tolerance (``fxopt.quant.measure.output_step``). Every call is written through the op
-schema, its arguments by name.
+its tolerance (``fxopt.quant.measure.output_step``); a reader of its shape only reads the codes.
+Every call is written through the op schema, its arguments by name.
 """
 from __future__ import annotations
 
@@ -168,6 +168,9 @@ class Writer:
         exits = []
         for n in order:
             float_users = [u for u in n.users if u not in converted]
+            for u in [u for u in float_users if _reads_shape(u)]:
+                u.replace_input_with(n, self.codes[n])  # the codes have the value's shape
+            float_users = [u for u in float_users if not _reads_shape(u)]
             if not float_users:
                 continue
             s, z, _ = self.grid_attrs(n, _base(n))
@@ -181,6 +184,13 @@ class Writer:
         for n in reversed(order):
             self.g.erase_node(n)
         return exits
+
+
+def _reads_shape(u: fx.Node) -> bool:
+    """``v.shape``, ``v.size(...)``, ``v.dim()``: a reader of the shape only (FPN's
+    ``F.interpolate(top, size=lateral.shape[-2:])``), which needs no dequantize."""
+    return (u.op == "call_function" and u.target is getattr and u.args[1:] == ("shape",)) or \
+        (u.op == "call_method" and u.target in ("size", "dim"))
 
 
 def _base(n: fx.Node) -> str:
