@@ -13,6 +13,7 @@ attributes (unpacked here). One row per source op::
                                                      DQ(q), DQ(w_int8, w_s, 0, axis=0), b)), ..)
     q.int_repr(), _make_per_tensor_quantized_tensor(codes, s, zp)  ->  the codes themselves
     F.max_pool2d(q, 2)  (q quantized)        ->  QuantizeLinear(MaxPool(DQ(q)), q's s, q's zp)
+    F.interpolate(q, scale_factor=2)         ->  QuantizeLinear(Resize(DQ(q)), q's s, q's zp)
     q.dequantize()                           ->  DequantizeLinear(q)
 
 PyTorch's own ops are read by position (their schemas are PyTorch's, not fxopt's). A row's name
@@ -179,6 +180,7 @@ CPU_RULES: tuple[Rule, ...] = (
     op_rule("adaptive_avg_pool2d", [F.adaptive_avg_pool2d], _same_grid, _on_codes(0)),
     op_rule("avg_pool2d", [F.avg_pool2d], _same_grid, _on_codes(0)),
     op_rule("max_pool2d", [F.max_pool2d], _same_grid, _on_codes(0)),
+    op_rule("interpolate", [F.interpolate], _same_grid, _on_codes(0)),
     op_rule("clamp", [torch.clamp], _same_grid, _on_codes(0)),
     op_rule("hardtanh", [F.hardtanh], _same_grid, _on_codes(0)),
     op_rule("relu", [F.relu, torch.relu], _same_grid, _on_codes(0)),

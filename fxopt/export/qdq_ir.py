@@ -34,7 +34,7 @@ from fxopt.export.onnx_ops import (aten_dynamic_grid, dequantize_linear,
 from fxopt.infra.rewrite import Builder, Match, Rule, op_rule
 from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, AvgPool2dWindowInt8, BinaryInt8, CatInt8,
                             Conv2dInt8, Dequantize, Int8Layer, LinearInt8, MaxPool2dInt8, MulInt8,
-                            Quantize)
+                            Quantize, UpsampleNearest2dInt8)
 from fxopt.ops.int8_dynamic import LinearInt8Dynamic
 from fxopt.ops.schema import OpView
 
@@ -118,6 +118,15 @@ def _max_pool(m: Match, b: Builder) -> fx.Node:
     return st.requant(b, F.max_pool2d, args, [st.dq(b, v.q)], st.grid_of(v.q))
 
 
+def _upsample_nearest(m: Match, b: Builder) -> fx.Node:
+    """``Q(Resize(DQ(q)))``, nearest, on the input's grid (ONNX Runtime's nearest Resize is
+    PyTorch's for a size and for an integer scale factor)."""
+    v, st = UpsampleNearest2dInt8.of(m.root), m.context
+    grid = st.ir_grid(v.scale, v.zp, v.qmin, v.qmax)
+    return st.requant(b, F.interpolate, (), [st.float_in(b, v.q, grid)], grid,
+                      dict(size=v.output_size, scale_factor=v.scale_factors, mode="nearest"))
+
+
 def _dynamic_linear(m: Match, b: Builder) -> fx.Node:
     v, st = LinearInt8Dynamic.of(m.root), m.context
     if v.reduce_range:  # 7-bit codes: ATen's grid in the graph, then a fixed-range Q/DQ
@@ -149,5 +158,6 @@ IR_RULES: tuple[Rule, ...] = (
     ir_row(AvgPool2dInt8, _avg_pool),
     ir_row(AvgPool2dWindowInt8, _avg_pool2d),
     ir_row(MaxPool2dInt8, _max_pool, _max_pool_on_codes),
+    ir_row(UpsampleNearest2dInt8, _upsample_nearest),
     ir_row(LinearInt8Dynamic, _dynamic_linear),
 )

@@ -12,6 +12,7 @@ at ``fxopt.dequantize``; in between no float tensor is materialized.
     g  = torch.ops.fxopt.mul_int8(z, s_z, zp_z, gate, s_g, zp_g, s_m, zp_m)  # gate [N, C, 1, 1]
     t  = torch.ops.fxopt.avg_pool2d_int8(g, [2, 2], [2, 2], [0, 0], False, True, s_m, zp_m,
                                          0, 255)                          # DenseNet transition
+    u  = torch.ops.fxopt.upsample_nearest2d_int8(t, None, [2.0, 2.0], s_m, zp_m, 0, 255)  # FPN
     p  = torch.ops.fxopt.adaptive_avg_pool2d_int8(z, [1, 1], s_z, zp_z, 0, 255)
     out = torch.ops.fxopt.dequantize(p, s_z, zp_z)                        # codes -> float32
 
@@ -20,7 +21,8 @@ and return codes on the ``y`` grid with ``out_int8=True``, else the dequantized 
 are int8 per output channel, symmetric (zero point 0); accumulation is exact; the epilogue
 (bias, float residual, activation, rounding onto the ``y`` grid) is float32, PyTorch's
 arithmetic (round half to even of ``v * (1/scale)``). Max pooling (``max_pool2d_int8``) and
-flatten/reshape keep the grid (flatten runs on the codes unchanged); average pooling
+flatten/reshape keep the grid (flatten runs on the codes unchanged), as does nearest-neighbour
+upsampling (``upsample_nearest2d_int8``: a gather of codes); average pooling
 (``avg_pool2d_int8``, ``adaptive_avg_pool2d_int8``) rounds back onto it. Every op here has one
 implementation, the exact reference, on CPU and CUDA; speed comes from the lowering passes
 (``lower_int8_cpu`` to PyTorch's quantized x86 kernels, ``lower_to_triton`` on CUDA). That keeps
@@ -30,19 +32,23 @@ read. Each op is declared once in the op schema; read a call with its view
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from fxopt.ir.activations import apply_activation
 from fxopt.ops.schema import OpView, define_op, weight_macs
-from fxopt.ops.shapes import conv_out_shape, out_format
+from fxopt.ops.shapes import conv_out_shape, out_format, to_format
 
 __all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference",
            "dequantize_reference", "add_int8_reference", "mul_int8_reference",
            "adaptive_avg_pool2d_int8_reference", "avg_pool2d_int8_reference",
-           "cat_int8_reference", "max_pool2d_int8_reference", "codes_dtype", "is_codes",
+           "cat_int8_reference", "max_pool2d_int8_reference", "upsample_nearest2d_int8_reference",
+           "codes_dtype", "is_codes",
            "INT8_IR_OPS", "CONV2D_INT8", "LINEAR_INT8", "QUANTIZE", "DEQUANTIZE", "ADD_INT8",
            "MUL_INT8", "CAT_INT8", "AVGPOOL_INT8", "AVG_POOL2D_INT8", "MAXPOOL_INT8",
+           "UPSAMPLE_NEAREST2D_INT8", "UpsampleNearest2dInt8",
            "Conv2dInt8", "LinearInt8", "Int8Layer", "Quantize", "Dequantize", "AddInt8", "MulInt8",
            "BinaryInt8", "CatInt8", "AvgPool2dInt8", "AvgPool2dWindowInt8", "MaxPool2dInt8"]
 
@@ -217,6 +223,50 @@ def max_pool2d_int8_reference(q, kernel_size, stride, padding, dilation, ceil_mo
     return y.to(q.dtype)
 
 
+def _nearest_sources(n_in: int, n_out: int, scale: float | None, device) -> torch.Tensor:
+    """The input index each output index copies along one axis, as PyTorch's float CPU kernel
+    (ATen's ``nearest_idx``): itself when the size is kept, ``i >> 1`` when it doubles, else
+    ``floor(i * s)`` in float32, ``s`` the float32 of ``1 / scale`` where a scale factor is
+    given and positive, else of ``n_in / n_out``, clamped to the last input index. PyTorch's
+    quantized kernel has no such shortcuts: a scale factor that keeps or doubles the size
+    without being exactly 1 or 2 (one in (1, 1.5) or (2, 2.5), on a small enough input) it
+    indexes one pixel differently; ``lower_int8_cpu`` leaves those to the reference."""
+    i = torch.arange(n_out, device=device)
+    if n_out == n_in:
+        return i
+    if n_out == 2 * n_in:
+        return i >> 1
+    f32 = dict(dtype=torch.float32, device=device)
+    s = torch.tensor(1.0 / scale, **f32) if scale is not None and scale > 0 else \
+        torch.tensor(float(n_in), **f32) / torch.tensor(float(n_out), **f32)
+    return torch.floor(i.to(torch.float32) * s).to(torch.int64).clamp_(max=n_in - 1)
+
+
+def _upsample_size(q, output_size, scale_factors) -> list[int]:
+    """The output's spatial size: ``output_size``, else ``floor(size * scale)`` per axis (as
+    ``F.interpolate`` computes it)."""
+    if output_size is not None:
+        return [int(v) for v in output_size]
+    return [math.floor(float(n) * float(f)) for n, f in zip(q.shape[-2:], scale_factors)]
+
+
+def upsample_nearest2d_int8_reference(q, output_size, scale_factors, scale, zp, qmin,
+                                      qmax) -> torch.Tensor:
+    """Nearest-neighbour upsampling (or downsampling) of codes, ``aten::upsample_nearest2d``'s
+    arguments: an output size or a scale factor per axis (the quantizer writes one; a size
+    wins), indexed as PyTorch's float kernel indexes (:func:`_nearest_sources`). Each output
+    pixel is a copy of one input code: the grid is kept and nothing rounds. ``scale`` ...
+    ``qmax`` only name the grid (in and out are the same; the ONNX row and the CPU lowering's
+    reference row read it). Same layout as the input (channels-last in, channels-last out, as
+    PyTorch's kernels)."""
+    oh, ow = _upsample_size(q, output_size, scale_factors)
+    sh, sw = (None, None) if output_size is not None else (float(f) for f in scale_factors)
+    rows = _nearest_sources(q.shape[-2], oh, sh, q.device)
+    cols = _nearest_sources(q.shape[-1], ow, sw, q.device)
+    y = q.index_select(-2, rows).index_select(-1, cols)
+    return to_format(y, out_format(q))
+
+
 def cat_int8_reference(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax) -> torch.Tensor:
     y = torch.cat([_values(q, s, z) for q, s, z in zip(qs, scales, zps)], dim)
     return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
@@ -274,6 +324,11 @@ def _max_pool_fake(q, kernel_size, stride, padding, dilation, ceil_mode):
                         list(padding), list(dilation), ceil_mode).to(q.dtype)
 
 
+def _upsample_nearest2d_fake(q, output_size, scale_factors, scale, zp, qmin, qmax):
+    shape = (*q.shape[:-2], *_upsample_size(q, output_size, scale_factors))
+    return torch.empty(shape, dtype=q.dtype, device=q.device, memory_format=out_format(q))
+
+
 def _cat_int8_fake(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax):
     return torch.cat([torch.empty_like(q, dtype=codes_dtype(y_qmin)) for q in qs], dim)
 
@@ -318,6 +373,10 @@ MAXPOOL_INT8 = define_op(
     "max_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
     "int[2] dilation, bool ceil_mode) -> Tensor",
     family="int8", reference=max_pool2d_int8_reference, fake=_max_pool_fake)
+UPSAMPLE_NEAREST2D_INT8 = define_op(
+    "upsample_nearest2d_int8(Tensor q, SymInt[]? output_size, float[]? scale_factors, "
+    "Tensor scale, Tensor zp, int qmin, int qmax) -> Tensor",
+    family="int8", reference=upsample_nearest2d_int8_reference, fake=_upsample_nearest2d_fake)
 CAT_INT8 = define_op(
     "cat_int8(Tensor[] qs, Tensor[] scales, Tensor[] zps, int dim, Tensor y_scale, Tensor y_zp, "
     "int y_qmin, int y_qmax) -> Tensor",
@@ -332,6 +391,7 @@ MulInt8 = MUL_INT8.view
 AvgPool2dInt8 = AVGPOOL_INT8.view  # adaptive_avg_pool2d_int8
 AvgPool2dWindowInt8 = AVG_POOL2D_INT8.view  # avg_pool2d_int8
 MaxPool2dInt8 = MAXPOOL_INT8.view
+UpsampleNearest2dInt8 = UPSAMPLE_NEAREST2D_INT8.view
 CatInt8 = CAT_INT8.view
 
 
@@ -351,4 +411,4 @@ class BinaryInt8(OpView):
 
 INT8_IR_OPS = tuple(op.overload for op in (CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE,
                                            ADD_INT8, MUL_INT8, AVGPOOL_INT8, AVG_POOL2D_INT8,
-                                           CAT_INT8, MAXPOOL_INT8))
+                                           CAT_INT8, MAXPOOL_INT8, UPSAMPLE_NEAREST2D_INT8))

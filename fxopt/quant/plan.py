@@ -5,13 +5,14 @@
 1. :func:`find_layers`: the quantizable layers (``nn.Conv2d`` / ``nn.Linear`` calls and the
    fused ``conv2d_act`` / ``linear_act`` ops, grouped and depthwise convolutions included).
 2. :func:`make_plan` for a chosen set of layers: which values are int8. A quantized layer's
-   output is int8; max pooling, flatten/reshape and average pooling (windowed, as DenseNet's
-   transitions, or adaptive) of an int8 value stay int8 on its grid; an add of two int8
-   values, a product of two int8 values (broadcasting: a squeeze-excitation gate
-   ``x * gate``), or a concatenation of int8 values, is int8 on its own observed grid. A
-   layer with a fused residual (``act(conv(x) + r)``) is split: the convolution writes int8
-   on a grid of its own (the *pre-add* value), then an int8 add with the activation, as
-   PyTorch's quantized kernels and ONNX QDQ want it. A float value read by a quantized op is
+   output is int8; max pooling, flatten/reshape, average pooling (windowed, as DenseNet's
+   transitions, or adaptive) and nearest-neighbour upsampling (FPN and U-Net decoders, YOLO
+   necks) of an int8 value stay int8 on its grid; an add of two int8 values, a product of two
+   int8 values (broadcasting: a squeeze-excitation gate ``x * gate``), or a concatenation of
+   int8 values, is int8 on its own observed grid. A layer with a fused residual
+   (``act(conv(x) + r)``) is split: the convolution writes int8 on a grid of its own (the
+   *pre-add* value), then an int8 add with the activation, as PyTorch's quantized kernels and
+   ONNX QDQ want it. A float value read by a quantized op is
    quantized on its observed grid (a region entry); an int8 value read by a float op is
    dequantized (an exit).
 3. ``fxopt.quant.simulate.SimulatedInt8``: the reference of DESIGN.md section 4, the float
@@ -37,13 +38,13 @@ import torch.nn.functional as F
 
 from fxopt.ir.graph import get_attr_value, module_path
 from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT
-from fxopt.ops.int8 import AVG_POOL2D_INT8, AVGPOOL_INT8, MAXPOOL_INT8
+from fxopt.ops.int8 import AVG_POOL2D_INT8, AVGPOOL_INT8, MAXPOOL_INT8, UPSAMPLE_NEAREST2D_INT8
 from fxopt.ops.schema import OpSchema, OpView
 from fxopt.quant.qparams import QParams
 
 __all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
            "QuantizableFused", "SAME_GRID", "SameGridRole", "same_grid_role",
-           "avg_pool2d_args", "maxpool_args"]
+           "avg_pool2d_args", "maxpool_args", "upsample_nearest_args"]
 
 PRE = "pre"  # grids key ("pre", node): a residual layer's output before the add
 
@@ -119,13 +120,13 @@ class SameGridRole:
 
     ``match(gm, n)`` recognises the float call (its first argument is the value); ``args(gm,
     n)`` gives the int8 op's arguments other than the codes ``q`` (and the grid, when
-    ``on_grid``: ``scale``, ``zp``, ``qmin``, ``qmax``, for an op that rounds). ``op=None``
-    re-issues the same call on the codes (reshapes); ``passthrough`` hands the codes on
-    (``nn.Identity``). ``exact_on_codes``: the simulation runs the op's reference on the
-    codes, as the int8 op computes it (an average whose float form would round differently),
-    rather than the float op. ``count`` names the rewrite's counter. The rewrite
-    (``passes/quant/rewrite.py``) and the simulation (``fxopt.quant.simulate``) read the row;
-    a new same-grid int8 op is a row here."""
+    ``on_grid``: ``scale``, ``zp``, ``qmin``, ``qmax``, for an op that rounds or names its
+    grid). ``op=None`` re-issues the same call on the codes (reshapes); ``passthrough`` hands
+    the codes on (``nn.Identity``). ``exact_on_codes``: the simulation runs the op's reference
+    on the codes, as the int8 op computes it (an average whose float form would round
+    differently), rather than the float op. ``count`` names the rewrite's counter (a new
+    name is a new counter). The rewrite (``passes/quant/rewrite.py``) and the simulation
+    (``fxopt.quant.simulate``) read the row; a new same-grid int8 op is a row here."""
 
     name: str
     match: Callable[[fx.GraphModule, fx.Node], bool]
@@ -240,6 +241,54 @@ same_grid_role(
     op=AVG_POOL2D_INT8, on_grid=True, exact_on_codes=True,
     args=lambda gm, n: {k: v for k, v in avg_pool2d_args(gm, n).items()
                         if k != "divisor_override"})
+
+
+def _interpolate_args(gm: fx.GraphModule, n: fx.Node) -> dict | None:
+    """``F.interpolate``'s arguments of an ``nn.Upsample`` call (``nn.UpsamplingNearest2d``
+    too) or an ``F.interpolate`` one, else None."""
+    m = _module(gm, n, nn.Upsample)
+    if m is not None:
+        return dict(size=m.size, scale_factor=m.scale_factor, mode=m.mode,
+                    align_corners=m.align_corners,
+                    recompute_scale_factor=m.recompute_scale_factor)
+    if not _function(n, F.interpolate):
+        return None
+    return _named(n, ("input", "size", "scale_factor", "mode", "align_corners",
+                      "recompute_scale_factor", "antialias"),
+                  dict(size=None, scale_factor=None, mode="nearest", align_corners=None,
+                       recompute_scale_factor=None, antialias=False))
+
+
+def _is_4d(n: fx.Node) -> bool:
+    return len(getattr(n.meta.get("tensor_meta"), "shape", ())) == 4
+
+
+def _upsample_nearest(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """A 2-D nearest-neighbour interpolation with a size or a scale factor. A recomputed scale
+    factor (``recompute_scale_factor=True``: the size is derived, then the scale dropped) stays
+    float."""
+    a = _interpolate_args(gm, n)
+    return a is not None and a["mode"] == "nearest" and not a["recompute_scale_factor"] \
+        and (a["size"] is None) != (a["scale_factor"] is None) and _is_4d(n.args[0])
+
+
+def upsample_nearest_args(gm: fx.GraphModule, n: fx.Node) -> dict:
+    """``upsample_nearest2d_int8``'s ``output_size`` and ``scale_factors`` (one of them None)
+    of an ``nn.Upsample`` or ``F.interpolate`` call; a size may be a value of the graph
+    (``x.shape[-2:]``, FPN's)."""
+    a = _interpolate_args(gm, n)
+    size, factor = a["size"], a["scale_factor"]
+    if isinstance(size, int):
+        size = [size, size]
+    elif isinstance(size, (tuple, list)):
+        size = list(size)
+    if factor is not None:
+        factor = [float(f) for f in _pair(factor)]
+    return dict(output_size=size, scale_factors=factor)
+
+
+same_grid_role("upsample_nearest2d", _upsample_nearest, op=UPSAMPLE_NEAREST2D_INT8,
+               args=upsample_nearest_args, on_grid=True, count="upsample")
 same_grid_role("identity", lambda gm, n: _module(gm, n, nn.Identity) is not None,
                passthrough=True, count="")
 same_grid_role(

@@ -23,6 +23,10 @@ the rows in order at each op and rewrites it with the first whose check passes:
                               (bit for bit on channels-last codes; contiguous ones round a tie
                               after adding the zero point: within one code)
     max_pool2d_int8           max_pool2d_int8(q, k, s, p, d, ceil)  F.max_pool2d(q, k, s, ...)
+    upsample_nearest2d_int8   upsample_nearest2d_int8(q, size, sf,  F.interpolate(q, size, sf,
+                                ...)                                  mode="nearest")
+                              (bit for bit, but for a scale factor in (1, 1.5) or (2, 2.5): see
+                              the reference row)
     cat_int8                  cat_int8(qs, ..., dim, s_y, zp_y)     quantized.cat(qs, dim, ...)
     conv2d_int8_onednn        conv2d_int8(q, ..., act="hardswish")  fxopt.onednn_conv2d_int8(
                                                                       q.int_repr(), ...), codes
@@ -35,6 +39,11 @@ the rows in order at each op and rewrites it with the first whose check passes:
     add_int8_reference        an add_int8 no kernel row took: the fxopt op on the codes
                               (``int_repr``), wrapped as a quantized tensor
     mul_int8_reference        likewise a mul_int8 (an activation quantized.mul does not fuse)
+    upsample_nearest2d_int8_reference
+                              an upsample_nearest2d_int8 whose scale factor PyTorch's quantized
+                              kernel indexes unlike its float one (it lacks the float kernel's
+                              exact cases for a kept or doubled size): the float F.interpolate
+                              on the dequantized input, requantized (exact)
 
 Which epilogues the kernels take comes from the activation table
 (``ACTIVATIONS[act].quantized_cpu``: "fused" is ``quantized.conv2d_relu``, "clamp" is a clamp
@@ -73,8 +82,9 @@ from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ir.graph import copy_meta, get_attr_value, module_path, tensor_meta
 from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8,
                             DEQUANTIZE, INT8_IR_OPS, LINEAR_INT8, MAXPOOL_INT8, MUL_INT8, QUANTIZE,
-                            AvgPool2dInt8, AvgPool2dWindowInt8, BinaryInt8, CatInt8, Dequantize,
-                            Int8Layer, MaxPool2dInt8, Quantize)
+                            UPSAMPLE_NEAREST2D_INT8, AvgPool2dInt8, AvgPool2dWindowInt8,
+                            BinaryInt8, CatInt8, Dequantize, Int8Layer, MaxPool2dInt8, Quantize,
+                            UpsampleNearest2dInt8)
 from fxopt.ops import onednn
 from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
 from fxopt.ops.schema import OpView, schema_of, view_of
@@ -243,6 +253,38 @@ def _max_pool(m: Match, b: Builder) -> fx.Node:
                                           list(v.padding), list(v.dilation), v.ceil_mode))
 
 
+def _upsample_kwargs(v: OpView) -> dict:
+    return dict(size=v.output_size, scale_factor=v.scale_factors, mode="nearest")
+
+
+def _upsample_nearest(m: Match, b: Builder) -> fx.Node:
+    v = UpsampleNearest2dInt8.of(m.root)
+    b.tally("upsample")
+    return b.call_function(F.interpolate, (v.q,), _upsample_kwargs(v))
+
+
+def _upsample_indexes_alike(m: Match) -> bool:
+    """PyTorch's quantized nearest kernel computes ``floor(i * float32(1 / scale))`` for every
+    size; its float kernel (the IR's rule) copies a kept size and halves the index of a doubled
+    one. They differ where a scale factor keeps or doubles a size without being 1 or 2: in
+    (1, 1.5) or (2, 2.5) (a size given is always alike)."""
+    v = UpsampleNearest2dInt8.of(m.root)
+    odd = [f for f in (v.scale_factors or []) if 1 < f < 1.5 or 2 < f < 2.5]
+    return _uint8(m, v.qmin, v.qmax) and (not odd or _reject(
+        m, f"scale factor {odd[0]}: PyTorch's quantized kernel indexes it differently"))
+
+
+def _upsample_reference(m: Match, b: Builder) -> fx.Node:
+    """The float kernel on the dequantized input, requantized on the same grid (exact: each
+    output is an input value, which requantizes to its own code)."""
+    v = UpsampleNearest2dInt8.of(m.root)
+    y = b.call_function(F.interpolate, (b.call_method("dequantize", (v.q,)),),
+                        _upsample_kwargs(v))
+    m.context.fallback.append(_who(m.root))
+    return b.call_function(torch.quantize_per_tensor, (y, *_grid(m, v.scale, v.zp),
+                                                       torch.quint8))
+
+
 def _cat(m: Match, b: Builder) -> fx.Node:
     v = CatInt8.of(m.root)
     b.tally("cat")
@@ -408,6 +450,8 @@ RULES = [
     op_rule("avg_pool2d_int8", [AVG_POOL2D_INT8.overload], _avg_pool2d,
             _uint8_grid(AvgPool2dWindowInt8, "qmin", "qmax")),
     op_rule("max_pool2d_int8", [MAXPOOL_INT8.overload], _max_pool),
+    op_rule("upsample_nearest2d_int8", [UPSAMPLE_NEAREST2D_INT8.overload], _upsample_nearest,
+            _upsample_indexes_alike),
     op_rule("cat_int8", [CAT_INT8.overload], _cat, _uint8_grid(CatInt8, "y_qmin", "y_qmax")),
     op_rule("conv2d_int8_onednn", [CONV2D_INT8.overload], _onednn_layer("conv2d"),
             _onednn_fits("conv2d")),
@@ -422,6 +466,8 @@ RULES = [
             _layer_reference),
     op_rule("add_int8_reference", [ADD_INT8.overload], _binary_reference),
     op_rule("mul_int8_reference", [MUL_INT8.overload], _binary_reference),
+    op_rule("upsample_nearest2d_int8_reference", [UPSAMPLE_NEAREST2D_INT8.overload],
+            _upsample_reference),
 ]
 
 
