@@ -51,8 +51,8 @@ from fxopt.errors import UnsupportedOpError
 from fxopt.ir.graph import tensor_meta
 from fxopt.ir.metrics import MAC_COUNTERS
 
-__all__ = ["LIB", "QAT_HINT", "OpSchema", "OpView", "Param", "define_op", "OPS", "schema_of", "view_of",
-           "is_fxopt_op", "weight_macs", "ops_of", "FAMILIES"]
+__all__ = ["LIB", "QAT_HINT", "OpSchema", "OpView", "Param", "define_op", "OPS", "schema_of",
+           "view_of", "is_fxopt_op", "weight_macs", "ops_of", "FAMILIES"]
 
 LIB = torch.library.Library("fxopt", "FRAGMENT")
 # fused: float layers with their epilogue; int8: the device-neutral int8 IR; triton and cpu:

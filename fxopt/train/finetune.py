@@ -40,8 +40,8 @@ from fxopt.ir.graph import packed_weights
 from fxopt.ops.schema import QAT_HINT, schema_of
 
 __all__ = ["finetune", "FinetuneResult", "distillation_loss", "evaluate_loss", "frozen_teacher",
-           "split_batch", "as_batches", "check_trainable", "make_optimizer", "cosine_schedule", "check_settings", "OPTIMIZERS",
-           "SCHEDULES"]
+           "split_batch", "as_batches", "check_trainable", "make_optimizer", "cosine_schedule",
+           "check_settings", "OPTIMIZERS", "SCHEDULES", "DEFAULT_BATCH_SIZE"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
