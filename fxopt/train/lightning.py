@@ -160,7 +160,8 @@ def finetune_lightning(student: nn.Module, train: Iterable, val: Iterable | None
 
     ``train``/``val``: DataLoaders of ``(x, y)``, or the tensors ``(inputs, targets)`` (batched
     by ``batch_size``, the training set shuffled with ``seed``). ``patience``: early stopping
-    on ``val_loss`` (needs ``val``; ``None``: off). The best epoch (lowest ``val_loss``) is restored at the end.
+    on ``val_loss`` (needs ``val``; ``None``: off). The best epoch (lowest ``val_loss``) is
+    restored at the end.
     ``accelerator``/``devices``/``strategy`` and ``trainer_kwargs`` (``limit_train_batches=``,
     ``precision=``, ``num_nodes=``, ...) go to ``lightning.pytorch.Trainer``.
     """
