@@ -135,7 +135,7 @@ def test_finetune_takes_inputs_and_targets_tensors():
     """``finetune(model, (X, y))`` batches the tensors (it used to iterate over the pair and
     feed the targets to the model: "Input type (long int) and bias type (float)")."""
     x, y = _digits_tensors(128)
-    a, b = digits.DigitsCNN(), None
+    a = digits.DigitsCNN()
     b = copy.deepcopy(a)
     fxopt.finetune(a, (x, y), (x[:32], y[:32]), epochs=1, progress=False, batch_size=32)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32,
