@@ -22,7 +22,8 @@ channels-last, contiguous otherwise. On the CPU a channels-last float32 ``conv2d
 oneDNN's fused kernels (``fxopt.ops.onednn``); everything else runs the reference, the
 convolution then the epilogue in place on its output. ``decompose`` is the same math with
 standard ops only and no in-place update: what the ONNX export and quantization-aware training
-run.
+run, and the ops' gradient (its vjp, registered by the schema): a fused graph trains as the
+layers it replaced, on the oneDNN path too.
 
     >>> FusedConv.of(node).residual          # the arguments of a call, by name
 """

@@ -4,8 +4,10 @@ fused post-op (what ``fxopt.onednn_conv2d_int8`` / ``onednn_linear_int8`` run).
 A channels-last float32 input takes ``torch.ops.mkldnn._convolution_pointwise`` (the kernels
 Inductor uses): conv + bias + activation in one pass (the activations oneDNN fuses are the
 ``onednn`` column of the activation table), or conv + bias + residual (+ relu). Weights are
-reordered once into oneDNN's blocked format and cached, keyed by the weight tensor and its
-version (an in-place update of the weight repacks). A case this build cannot run turns the
+reordered once into oneDNN's blocked format and cached, keyed by the weight tensor, its storage
+and its version: an in-place update of the weight (an optimizer step, ``load_state_dict``)
+repacks and drops the copies of the old values, so training through the op holds one packed
+copy per weight and never runs a stale one. A case this build cannot run turns the
 path off for the process with a warning; the reference runs from then on.
 
     >>> y = conv2d_act_onednn(x, w, b, [1, 1], [1, 1], [1, 1], 1, None, "relu", [])  # or None
@@ -28,6 +30,7 @@ from fxopt.ir.activations import ACTIVATIONS, apply_activation
 from fxopt.ops.shapes import conv_out_shape, strictly_channels_last
 
 __all__ = ["mkldnn_available", "clear_weight_cache", "conv2d_act_onednn", "packed_weights",
+           "packed_copies",
            "int8_post_op", "conv2d_int8_onednn", "linear_int8_onednn", "onednn_int8_available"]
 
 
@@ -45,7 +48,8 @@ def _find_mkldnn_ops():
 _MKLDNN = _find_mkldnn_ops()
 _state = {"failed": False}
 
-# id(weight) -> (weakref to the weight, {(version, conv params, input shape): packed weight}).
+# id(weight) -> (weakref to the weight, (data_ptr, version) packed from,
+#               {(conv params, input shape): packed weight}).
 # A few shapes per weight are kept (batch sizes, or one module called at several sites).
 _PACKED: dict[int, tuple[weakref.ref, dict]] = {}
 _SHAPES_PER_WEIGHT = 4
@@ -66,6 +70,11 @@ def packed_weights() -> int:
     return len(_PACKED)
 
 
+def packed_copies() -> int:
+    """How many packed copies are cached, every weight and shape (tests)."""
+    return sum(len(entry[2]) for entry in _PACKED.values())
+
+
 def _forget(key: int, ref: weakref.ref) -> None:
     entry = _PACKED.get(key)
     if entry is not None and entry[0] is ref:
@@ -73,21 +82,25 @@ def _forget(key: int, ref: weakref.ref) -> None:
 
 
 def _packed_weight(weight: torch.Tensor, padding, stride, dilation, groups, x: torch.Tensor):
+    pack = lambda: _MKLDNN[2](weight.detach(), list(padding), list(stride),  # noqa: E731
+                              list(dilation), groups, list(x.shape))
     key = id(weight)
-    # Inference tensors have no version counter (and cannot change outside inference mode).
-    version = -1 if weight.is_inference() else weight._version
-    params = (version, tuple(padding), tuple(stride), tuple(dilation), groups, tuple(x.shape))
+    # What the packed copy was made from: the storage and its version (an in-place update, an
+    # optimizer step or load_state_dict, bumps the version; ``weight.data = t`` moves the
+    # storage). Inference tensors have no version counter (and cannot change outside inference
+    # mode). Only ``weight.data.<op>_()`` escapes both: call clear_weight_cache() after it.
+    made_from = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+    params = (tuple(padding), tuple(stride), tuple(dilation), groups, tuple(x.shape))
     entry = _PACKED.get(key)
-    if entry is None or entry[0]() is not weight:
+    if entry is None or entry[0]() is not weight or entry[1] != made_from:
         ref = weakref.ref(weight, lambda r, k=key: _forget(k, r))
-        entry = _PACKED[key] = (ref, {})
-    packed = entry[1].get(params)
+        entry = _PACKED[key] = (ref, made_from, {})  # a changed weight drops every old copy
+    packed = entry[2].get(params)
     if packed is None:
-        packed = _MKLDNN[2](weight.detach(), list(padding), list(stride), list(dilation), groups,
-                            list(x.shape))
-        if len(entry[1]) >= _SHAPES_PER_WEIGHT:
-            entry[1].pop(next(iter(entry[1])))
-        entry[1][params] = packed
+        packed = pack()
+        if len(entry[2]) >= _SHAPES_PER_WEIGHT:
+            entry[2].pop(next(iter(entry[2])))
+        entry[2][params] = packed
     return packed
 
 

@@ -5,7 +5,7 @@ to know about it: its family (and whether it works on int8 codes, ``quantized``)
 reference math (the CPU and CUDA implementation unless a faster one is given), its fake
 implementation (shapes, dtypes, strides for ``torch.compile``, ``torch.export`` and
 ``FakeTensorMode``), how it decomposes into standard ops (the ONNX export and
-quantization-aware training run that), and its MAC count::
+quantization-aware training run that), its gradient, and its MAC count::
 
     CONV2D_ACT = define_op(
         "conv2d_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
@@ -25,6 +25,15 @@ Nobody reads a call's arguments by position. A view names them, defaults filled 
     CONV2D_ACT.emit(graph, x=x, weight=w, bias=None, stride=[1, 1], padding=[0, 0],
                     dilation=[1, 1], groups=1)          # a new call, arguments by name
 
+Gradients come from the declaration too (``torch.library.register_autograd``, once per op): a
+float op's backward is the vector-Jacobian product (``torch.func.vjp``) of its differentiable
+form, ``differentiable=`` or else ``decompose``, recomputed from the saved inputs (one extra
+forward of the layer per backward, as activation checkpointing does), so training through an
+optimized graph gives eager's gradients for the input, weight, bias and residual. An op on int8
+codes (``quantized``) has no gradient: its backward raises ``UnsupportedOpError`` pointing at
+quantization-aware training (``fxopt.prepare_qat``), and so does a float op declared with no
+differentiable form. Nothing trains silently wrong.
+
 Emitted calls have one spelling: positional parameters by position up to the last one that
 differs from its default, keyword-only ones as keywords when they differ from their default.
 """
@@ -38,11 +47,12 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 import torch.fx as fx
 
+from fxopt.errors import UnsupportedOpError
 from fxopt.ir.graph import tensor_meta
 from fxopt.ir.metrics import MAC_COUNTERS
 
-__all__ = ["LIB", "OpSchema", "OpView", "Param", "define_op", "OPS", "schema_of", "view_of",
-           "is_fxopt_op", "weight_macs", "ops_of", "FAMILIES"]
+__all__ = ["LIB", "QAT_HINT", "OpSchema", "OpView", "Param", "define_op", "OPS", "schema_of",
+           "view_of", "is_fxopt_op", "weight_macs", "ops_of", "FAMILIES"]
 
 LIB = torch.library.Library("fxopt", "FRAGMENT")
 # fused: float layers with their epilogue; int8: the device-neutral int8 IR; triton and cpu:
@@ -83,7 +93,7 @@ class OpSchema:
 
     def __init__(self, signature: str, *, family: str, reference: Callable, fake: Callable,
                  cpu: Callable | None = None, cuda: Callable | None = None,
-                 decompose: Callable | None = None,
+                 decompose: Callable | None = None, differentiable: Callable | None = None,
                  macs: Callable[["OpView", fx.GraphModule], int] | None = None,
                  quantized: bool | None = None, doc: str = ""):
         if family not in FAMILIES:
@@ -103,11 +113,14 @@ class OpSchema:
             for a in parsed.arguments)
         self.param_names = tuple(p.name for p in self.params)
         self.reference, self.fake, self.decompose, self.doc = reference, fake, decompose, doc
+        # The same math in differentiable standard ops (the backward's formula); None for int8.
+        self.differentiable = None if self.quantized else (differentiable or decompose)
         self._macs = macs
         LIB.define(signature)
         LIB.impl(self.name, cpu or reference, "CPU")
         LIB.impl(self.name, cuda or reference, "CUDA")
         torch.library.register_fake(f"fxopt::{self.name}", fake, lib=LIB)
+        _register_autograd(self)
         self.packet = getattr(torch.ops.fxopt, self.name)
         self.overload = self.packet.default
         self.view = type(_camel(self.name), (OpView,), {"ops": (self,), "__slots__": ()})
@@ -189,6 +202,55 @@ _BY_TARGET: dict[Any, OpSchema] = {}
 
 def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in re.split(r"_+", name)) + "View"
+
+
+# -- gradients ---------------------------------------------------------------------------------
+QAT_HINT = ("train the float model, or the int8 model with fake quantization: "
+            "qat = fxopt.prepare_qat(model, x, calibration_data=batches), fxopt.finetune(qat, "
+            "...), then fxopt.qat.convert(qat)")
+
+
+def _register_autograd(op: OpSchema) -> None:
+    """The op's backward: the vjp of its differentiable form, or a typed refusal."""
+    def setup(ctx, inputs, output, keyword_only_inputs=None):
+        tensors = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
+        ctx.save_for_backward(*(inputs[i] for i in tensors))
+        ctx.fxopt_tensors = tensors
+        ctx.fxopt_others = [None if isinstance(v, torch.Tensor) else v for v in inputs]
+        ctx.fxopt_kwargs = dict(keyword_only_inputs or {})
+
+    def backward(ctx, grad):
+        if op.differentiable is None:
+            raise _no_gradient(op)
+        args = list(ctx.fxopt_others)
+        for i, t in zip(ctx.fxopt_tensors, ctx.saved_tensors):
+            args[i] = t
+        wanted = [i for i in ctx.fxopt_tensors if ctx.needs_input_grad[i]]
+
+        def form(*diff):
+            full = list(args)
+            for i, t in zip(wanted, diff):
+                full[i] = t
+            return op.differentiable(*full, **ctx.fxopt_kwargs)
+
+        _, vjp = torch.func.vjp(form, *(args[i] for i in wanted))
+        grads = [None] * len(args)
+        for i, g in zip(wanted, vjp(grad)):
+            grads[i] = g
+        return tuple(grads)
+
+    torch.library.register_autograd(f"fxopt::{op.name}", backward, lib=LIB, setup_context=setup)
+
+
+def _no_gradient(op: OpSchema) -> UnsupportedOpError:
+    if op.quantized:
+        return UnsupportedOpError(
+            f"fxopt.{op.name} runs on int8 codes and has no gradient: an int8 graph cannot be "
+            f"trained by backpropagation", hint=QAT_HINT)
+    return UnsupportedOpError(
+        f"fxopt.{op.name} declares no differentiable form, so it has no gradient",
+        hint=f"declare it with define_op(..., decompose=...) or differentiable=..., or "
+             f"fine-tune the model before the pass that wrote fxopt.{op.name}")
 
 
 def define_op(signature: str, **kw) -> OpSchema:

@@ -34,7 +34,9 @@ tested without a GPU::
 
     FXOPT_TRITON_ON_CPU=1 TRITON_INTERPRET=1 python -m pytest tests/passes/lower/test_triton.py
 
-These are inference ops: they have no autograd formula.
+Gradients: the float ops' backward is the vjp of the same math in standard ops (their
+``differentiable`` forms below, declared through the schema); the int8 ops refuse backward with
+``UnsupportedOpError`` (quantization-aware training: ``fxopt.prepare_qat``).
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ import os
 import torch
 
 from fxopt.ir.activations import apply_activation
-from fxopt.ops.fused import conv_act_reference, linear_act_reference
+from fxopt.ops.fused import (conv_act_decomposed, conv_act_reference, linear_act_decomposed,
+                             linear_act_reference)
 from fxopt.ops.schema import define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape
 from fxopt.ops.int8 import (adaptive_avg_pool2d_int8_reference, add_int8_reference, codes_dtype,
@@ -194,6 +197,21 @@ def _triton_add(a, b, *, act="none", act_args=()):
 
 def _triton_mul(a, b, *, act="none", act_args=()):
     return _float_binary(a, b, act, act_args, operator.mul, lambda E: E.mul)
+
+
+# -- the float ops' differentiable forms (standard ops, out of place): their backward --------
+def _depthwise_differentiable(x, weight, bias, kernel_size, stride, padding, dilation,
+                              residual=None, *, act="none", act_args=()):
+    return conv_act_decomposed(x, _depthwise_weight4(weight, kernel_size), bias, stride, padding,
+                               dilation, x.shape[1], residual, act=act, act_args=act_args)
+
+
+def _add_differentiable(a, b, *, act="none", act_args=()):
+    return apply_activation(a + b, act, list(act_args))
+
+
+def _mul_differentiable(a, b, *, act="none", act_args=()):
+    return apply_activation(a * b, act, list(act_args))
 
 
 # -- int8 -------------------------------------------------------------------------------------
@@ -438,24 +456,28 @@ _DEPTHWISE_MACS = weight_macs("weight", depthwise_kernel="weight")  # weight [KH
 _DEPTHWISE_INT8_MACS = weight_macs("w_q", depthwise_kernel="w_q")
 
 
-def _op(signature: str, impl, fake, macs=None, *, quantized: bool = False):
+def _op(signature: str, impl, fake, macs=None, *, quantized: bool = False,
+        differentiable=None):
     return define_op(signature, family="triton", reference=impl, fake=fake, macs=macs,
-                     quantized=quantized)
+                     quantized=quantized, differentiable=differentiable)
 
 
 TRITON_CONV2D = _op(
     "triton_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
     "int[2] dilation, int groups, Tensor? residual=None, " + _ACT,
-    _triton_conv2d, _conv_fake, weight_macs("weight"))
+    _triton_conv2d, _conv_fake, weight_macs("weight"), differentiable=conv_act_decomposed)
 TRITON_DEPTHWISE_CONV2D = _op(
     "triton_depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] kernel_size, "
     "int[2] stride, int[2] padding, int[2] dilation, Tensor? residual=None, " + _ACT,
-    _triton_depthwise_conv2d, _depthwise_fake, _DEPTHWISE_MACS)
+    _triton_depthwise_conv2d, _depthwise_fake, _DEPTHWISE_MACS,
+    differentiable=_depthwise_differentiable)
 TRITON_LINEAR = _op(
     "triton_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, " + _ACT,
-    _triton_linear, _linear_fake, weight_macs("weight"))
-TRITON_ADD = _op("triton_add(Tensor a, Tensor b, " + _ACT, _triton_add, _float_binary_fake)
-TRITON_MUL = _op("triton_mul(Tensor a, Tensor b, " + _ACT, _triton_mul, _float_binary_fake)
+    _triton_linear, _linear_fake, weight_macs("weight"), differentiable=linear_act_decomposed)
+TRITON_ADD = _op("triton_add(Tensor a, Tensor b, " + _ACT, _triton_add, _float_binary_fake,
+                 differentiable=_add_differentiable)
+TRITON_MUL = _op("triton_mul(Tensor a, Tensor b, " + _ACT, _triton_mul, _float_binary_fake,
+                 differentiable=_mul_differentiable)
 TRITON_QUANTIZE = _op(
     "triton_quantize(Tensor x, float scale, int zp, int qmin, int qmax) -> Tensor",
     _triton_quantize, _quantize_fake, quantized=True)

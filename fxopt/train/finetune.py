@@ -11,8 +11,13 @@ The validation loss (plain cross-entropy) picks the best epoch and stops early a
     ...                         lr=1e-3, patience=3, log_dir="runs/prune50")
     >>> result.history[-1]      # {'epoch': 10, 'train_loss': ..., 'val_loss': ..., ...}
 
-Fine-tune the pruned graph before BatchNorm folding and fusion (``pipeline=["cleanup"]`` with
-``prune=`` stops there), then optimize the fine-tuned model with the full pipeline.
+The data: a DataLoader (or any iterable) of ``(x, y)`` batches, or simply the tensors
+``(inputs, targets)``, which are batched here (``batch_size``, shuffled with ``seed``).
+
+Any float graph trains: the optimized one (``fxopt.optimize(model, x, prune=0.5).graph_module``,
+fused ops and all: they have gradients, see ``fxopt.ops.schema``) gives the same weights as the
+pruned model before fusion, so fine-tune whichever you have. An int8 graph is refused with the
+way to train it (``fxopt.prepare_qat``).
 """
 from __future__ import annotations
 
@@ -24,17 +29,25 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxopt.errors import InputError, NotAvailableError
+from torch.utils.data import DataLoader, TensorDataset
+
+from fxopt.errors import InputError, NotAvailableError, UnsupportedOpError
+from fxopt.ir.graph import packed_weights
+from fxopt.ops.schema import QAT_HINT, schema_of
 
 __all__ = ["finetune", "FinetuneResult", "distillation_loss", "evaluate_loss", "frozen_teacher",
-           "split_batch", "make_optimizer", "cosine_schedule", "check_settings", "OPTIMIZERS",
-           "SCHEDULES"]
+           "split_batch", "as_batches", "check_trainable", "make_optimizer", "cosine_schedule",
+           "check_settings", "OPTIMIZERS", "SCHEDULES", "DEFAULT_BATCH_SIZE"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+DEFAULT_BATCH_SIZE = 64
+_DATA_HINT = ("pass a DataLoader of (inputs, targets) batches, or the tensors themselves: "
+              "(inputs, targets) with targets the class indices (an integer tensor [N])")
 
 
 @dataclass
@@ -78,6 +91,59 @@ def split_batch(batch: Any, device) -> tuple[tuple, torch.Tensor | None]:
     raise InputError(f"training batches must be (inputs, target) pairs, got "
                      f"{type(batch).__name__}",
                      hint="e.g. a DataLoader over a TensorDataset(x, y)")
+
+
+def _is_tensor_dataset(data: Any) -> bool:
+    """``(inputs, ..., targets)``: tensors of one length, the targets integer class indices."""
+    if not (isinstance(data, (tuple, list)) and len(data) >= 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        return False
+    y = data[-1]
+    return (y.dim() == 1 and not y.is_floating_point() and not y.is_complex()
+            and all(t.dim() >= 1 and t.shape[0] == y.shape[0] for t in data))
+
+
+def as_batches(data: Any, *, name: str = "train_data", batch_size: int = DEFAULT_BATCH_SIZE,
+               shuffle: bool = False, seed: int | None = 0) -> Iterable | None:
+    """``data`` as an iterable of batches: ``(inputs, targets)`` tensors become a DataLoader
+    over a TensorDataset (``shuffle``d with ``seed``); a DataLoader or other iterable of batches
+    is returned as it is; a lone tensor, a dict, a string or a non-iterable is an
+    ``InputError`` saying what to pass. None stays None."""
+    if data is None:
+        return None
+    if _is_tensor_dataset(data):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}",
+                             hint="e.g. batch_size=64")
+        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        return DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=shuffle,
+                          generator=gen if shuffle else None)
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor)
+                                                        for t in data):
+        shapes = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in data)
+        raise InputError(f"{name} is a {type(data).__name__} of tensors ({shapes}) that is not "
+                         f"(inputs, targets): the tensors must have one length and the targets "
+                         f"be integer class indices [N]", hint=_DATA_HINT)
+    if isinstance(data, (torch.Tensor, dict, str, bytes)) or not hasattr(data, "__iter__"):
+        raise InputError(f"{name} must be batches of (inputs, targets), got "
+                         f"{type(data).__name__}", hint=_DATA_HINT)
+    return data
+
+
+def check_trainable(model: nn.Module) -> None:
+    """``UnsupportedOpError`` when ``model`` holds int8 ops or packed int8 weights (they have
+    no gradient), ``InputError`` when it has no trainable parameters."""
+    int8 = [f"fxopt.{sch.name}" for m in model.modules() if isinstance(m, fx.GraphModule)
+            for n in m.graph.nodes if n.op == "call_function"
+            for sch in [schema_of(n.target)] if sch is not None and sch.quantized]
+    if int8 or next(iter(packed_weights(model)), None) is not None:
+        what = ", ".join(sorted(set(int8))) or "packed int8 weights"
+        raise UnsupportedOpError(f"the model is an int8 graph ({what}): int8 ops have no "
+                                 f"gradient, so it cannot be fine-tuned", hint=QAT_HINT)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise InputError("the model has no trainable parameters",
+                         hint="pass the float model (or set requires_grad=True on the "
+                              "parameters to train)")
 
 
 @torch.no_grad()
@@ -188,8 +254,11 @@ def finetune(model: nn.Module, train_data: Iterable, val_data: Iterable | None =
              augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
              log_dir: str | None = None, progress: bool = True, console=None,
              device: str | torch.device | None = None, seed: int | None = 0,
-             num_threads: int | None = None) -> FinetuneResult:
-    """Train ``model`` in place on ``train_data`` (batches ``(x, y)``) and return it in eval mode.
+             num_threads: int | None = None,
+             batch_size: int = DEFAULT_BATCH_SIZE) -> FinetuneResult:
+    """Train ``model`` in place on ``train_data`` (batches ``(x, y)``, or the tensors
+    ``(inputs, targets)``: batched by ``batch_size``, shuffled with ``seed``) and return it in
+    eval mode.
 
     teacher / kd_alpha / kd_temperature: knowledge distillation from ``teacher`` (the unpruned
     model); ``kd_alpha=0`` or no teacher is plain cross-entropy. optimizer: ``"adam"``,
@@ -201,6 +270,9 @@ def finetune(model: nn.Module, train_data: Iterable, val_data: Iterable | None =
     one line of metrics per epoch on ``console`` (stderr by default). num_threads: torch's CPU
     threads while training (restored after); small models train faster on one.
     """
+    train_data = as_batches(train_data, name="train_data", batch_size=batch_size, shuffle=True,
+                            seed=seed)
+    val_data = as_batches(val_data, name="val_data", batch_size=batch_size)
     before = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -230,9 +302,8 @@ def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_tempera
     model.to(device)
     if teacher is not None:
         teacher = frozen_teacher(teacher).to(device)
+    check_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise InputError("the model has no trainable parameters")
     opt = make_optimizer(optimizer, params, lr, weight_decay)
     try:
         steps_per_epoch = len(train_data)  # type: ignore[arg-type]

@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt.errors import InputError, NotAvailableError
-from fxopt.train.finetune import (check_settings, cosine_schedule, distillation_loss,
+from fxopt.train.finetune import (DEFAULT_BATCH_SIZE, as_batches, check_settings,
+                                  check_trainable, cosine_schedule, distillation_loss,
                                   frozen_teacher, make_optimizer, split_batch)
 
 try:
@@ -153,11 +154,14 @@ def finetune_lightning(student: nn.Module, train: Iterable, val: Iterable | None
                        schedule: str = "cosine", patience: int | None = 3,
                        accelerator: str = "auto", devices: Any = "auto", strategy: Any = "auto",
                        seed: int | None = 0, progress: bool = False,
+                       batch_size: int = DEFAULT_BATCH_SIZE,
                        **trainer_kwargs) -> LightningResult:
     """Fine-tune ``student`` in place with Lightning; returns it in eval mode with the history.
 
-    ``train``/``val``: DataLoaders of ``(x, y)``. ``patience``: early stopping on ``val_loss``
-    (needs ``val``; ``None``: off). The best epoch (lowest ``val_loss``) is restored at the end.
+    ``train``/``val``: DataLoaders of ``(x, y)``, or the tensors ``(inputs, targets)`` (batched
+    by ``batch_size``, the training set shuffled with ``seed``). ``patience``: early stopping
+    on ``val_loss`` (needs ``val``; ``None``: off). The best epoch (lowest ``val_loss``) is
+    restored at the end.
     ``accelerator``/``devices``/``strategy`` and ``trainer_kwargs`` (``limit_train_batches=``,
     ``precision=``, ``num_nodes=``, ...) go to ``lightning.pytorch.Trainer``.
     """
@@ -165,6 +169,9 @@ def finetune_lightning(student: nn.Module, train: Iterable, val: Iterable | None
     check_settings(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience, schedule)
     if not isinstance(student, nn.Module):
         raise InputError(f"student must be an nn.Module, got {type(student).__name__}")
+    train = as_batches(train, name="train", batch_size=batch_size, shuffle=True, seed=seed)
+    val = as_batches(val, name="val", batch_size=batch_size)
+    check_trainable(student)
     if patience is not None and val is None:
         raise InputError("patience= needs val: early stopping watches the validation loss",
                          hint="pass val=... or patience=None")

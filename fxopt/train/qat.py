@@ -83,7 +83,8 @@ def _param_paths(gm: fx.GraphModule, layer: Layer) -> tuple[str, str | None]:
 
 class _Trainer(Simulator):
     """The training forward: every op differentiable (fake quantization with STE gradients;
-    the fused ops, which have no autograd formula, as plain PyTorch ops)."""
+    the float fused ops as their decompositions: plain PyTorch ops, whose backward needs no
+    second forward, where the ops' own gradient recomputes one)."""
 
     def __init__(self, gm: fx.GraphModule, plan: Plan, paths: dict):
         super().__init__(gm, plan, {})
