@@ -24,11 +24,11 @@ arithmetic (round half to even of ``v * (1/scale)``). Max pooling (``max_pool2d_
 flatten/reshape keep the grid (flatten runs on the codes unchanged); windowed average pooling
 (``avg_pool2d_int8``) rounds back onto it; adaptive (global) average pooling
 (``adaptive_avg_pool2d_int8``) rounds onto the output grid it is given (``y_scale`` /
-``y_zp``; ``quantize_int8`` gives it its own observed grid), else onto its input's. Every op here has one
-implementation, the exact reference, on CPU and CUDA; speed comes from the lowering passes
-(``lower_int8_cpu`` to PyTorch's quantized x86 kernels, ``lower_to_triton`` on CUDA). That keeps
-the IR the single source of truth that the checks, the ONNX QDQ export and the lowerings all
-read. Each op is declared once in the op schema; read a call with its view
+``y_zp``; ``quantize_int8`` gives it its own observed grid), else onto its input's. Every op
+here has one implementation, the exact reference, on CPU and CUDA; speed comes from the
+lowering passes (``lower_int8_cpu`` to PyTorch's quantized x86 kernels, ``lower_to_triton`` on
+CUDA). That keeps the IR the single source of truth that the checks, the ONNX QDQ export
+and the lowerings all read. Each op is declared once in the op schema; read a call with its view
 (``Conv2dInt8.of(node).y_scale``) and write one by name (``CONV2D_INT8.emit(g, x=..., ...)``).
 """
 from __future__ import annotations
