@@ -5,8 +5,8 @@ graph as the int8 IR of ``fxopt.ops.int8``.
 ``conv2d_int8`` / ``linear_int8`` writing codes (a residual layer: the conv on its pre-add grid,
 then ``add_int8`` with the activation); max pooling, average pooling (``avg_pool2d_int8``,
 ``adaptive_avg_pool2d_int8``, the latter onto its own grid), flatten, adds, products
-(``mul_int8``) and cats of int8 values become their int8 forms; the first int8 reader of a float value gets a ``quantize``; every
-float reader of an int8 value gets one ``dequantize`` (an exit), which the pass returns to size
+(``mul_int8``) and cats of int8 values become their int8 forms; the first int8 reader of a
+float value gets a ``quantize``; every float reader of an int8 value gets one ``dequantize`` (an exit), which the pass returns to size
 its tolerance (``fxopt.quant.measure.output_step``). Every call is written through the op
 schema, its arguments by name.
 """
