@@ -6,8 +6,9 @@ graph as the int8 IR of ``fxopt.ops.int8``.
 then ``add_int8`` with the activation); max pooling, average pooling (``avg_pool2d_int8``,
 ``adaptive_avg_pool2d_int8``, the latter onto its own grid), flatten, adds, products
 (``mul_int8``) and cats of int8 values become their int8 forms; the first int8 reader of a
-float value gets a ``quantize``; every float reader of an int8 value gets one ``dequantize`` (an exit), which the pass returns to size
-its tolerance (``fxopt.quant.measure.output_step``). Every call is written through the op
+float value gets a ``quantize``; every float reader of an int8 value gets one ``dequantize`` (an
+exit), which the pass returns to size its tolerance (``fxopt.quant.measure.output_step``).
+Every call is written through the op
 schema, its arguments by name.
 """
 from __future__ import annotations
