@@ -203,3 +203,30 @@ def test_config_fields_are_checked(bad):
     with pytest.raises(InputError) as e:
         QuantConfig(**bad)
     assert e.value.hint
+
+
+@pytest.mark.parametrize("dtype,grid,y_grid", [
+    (torch.uint8, (0.05, 3, 0, 255), (0.004, 0)),      # a finer output grid, as after a relu
+    (torch.int8, (0.02, 0, -128, 127), (0.01, 5)),
+])
+def test_triton_global_pool_kernel_onto_an_output_grid(monkeypatch, dtype, grid, y_grid):
+    """The Triton kernel (here under Triton's interpreter) requantizes onto ``y_scale`` /
+    ``y_zp`` as the IR op does: within one code at float32 ties."""
+    pytest.importorskip("triton")
+    from fxopt.ops.int8 import adaptive_avg_pool2d_int8_reference
+    from fxopt.triton_kernels import elementwise as E
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    scale, zp, lo, hi = grid
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(lo, hi + 1, (2, 40, 6, 5), generator=g).to(dtype)
+    q = q.contiguous(memory_format=torch.channels_last)
+    y = E.global_avg_pool2d_int8(q, scale, zp, lo, hi, y_scale=y_grid[0], y_zp=y_grid[1])
+    ir = adaptive_avg_pool2d_int8_reference(
+        q, [1, 1], torch.tensor(scale), torch.tensor(zp), lo, hi,
+        y_scale=torch.tensor(y_grid[0]), y_zp=torch.tensor(y_grid[1]))
+    same = adaptive_avg_pool2d_int8_reference(q, [1, 1], torch.tensor(scale), torch.tensor(zp),
+                                              lo, hi)
+    diff = (y.to(torch.int32) - ir.to(torch.int32)).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.9
+    assert not torch.equal(ir, same)  # the output grid was used
