@@ -31,12 +31,21 @@ import torch
 from fxopt.errors import Int8AccuracyWarning
 from fxopt.quant.config import QuantConfig
 
-__all__ = ["split_held_out", "batches_needed", "sqnr_floor", "check_floor", "NOT_HELD_OUT_NOTE"]
+__all__ = ["split_held_out", "batches_needed", "sqnr_floor", "check_floor", "NOT_HELD_OUT_NOTE",
+           "not_held_out_note"]
 
 NOT_HELD_OUT_NOTE = (
-    "int8 figures measured on the calibration batches themselves (no data held out: pass at "
-    "least {need} calibration batches, or example inputs that are not one of them): they "
-    "overstate the accuracy on fresh data")
+    "int8 figures measured on the calibration batches themselves (no data held out: {how}): "
+    "they overstate the accuracy on fresh data")
+
+
+def not_held_out_note(cfg: QuantConfig) -> str:
+    """The report's note when the figures come from the calibration batches."""
+    need = batches_needed(cfg)
+    how = (f"pass at least {need} calibration batches, or example inputs that are not one of "
+           f"them" if need else "QuantConfig.holdout_fraction=0; example inputs that are not a "
+           "calibration batch would be measured on")
+    return NOT_HELD_OUT_NOTE.format(how=how)
 
 
 def _same_batch(a: tuple, b: tuple) -> bool:

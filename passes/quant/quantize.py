@@ -44,8 +44,7 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
 from fxopt.passes.quant.rewrite import Writer
-from fxopt.quant.accuracy import (NOT_HELD_OUT_NOTE, batches_needed, check_floor,
-                                  split_held_out, sqnr_floor)
+from fxopt.quant.accuracy import check_floor, not_held_out_note, split_held_out, sqnr_floor
 from fxopt.quant.calibrate import calibrate, calibration_inputs
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import compare, output_step, outputs
@@ -133,7 +132,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                  + (f", top-1 agreement {stats['top1_agreement']:.3f}"
                     if "top1_agreement" in stats else ""))
     if measured_on == "calibration":
-        notes.insert(1, NOT_HELD_OUT_NOTE.format(need=batches_needed(cfg)))
+        notes.insert(1, not_held_out_note(cfg))
     floor = sqnr_floor(cfg)
     if floor is not None:
         stats["sqnr_floor_db"] = floor

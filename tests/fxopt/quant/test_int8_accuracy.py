@@ -230,3 +230,13 @@ def test_triton_global_pool_kernel_onto_an_output_grid(monkeypatch, dtype, grid,
     diff = (y.to(torch.int32) - ir.to(torch.int32)).abs()
     assert diff.max() <= 1 and (diff == 0).float().mean() > 0.9
     assert not torch.equal(ir, same)  # the output grid was used
+
+
+def test_holdout_fraction_zero_calibrates_on_every_batch_and_says_so():
+    m = _net()
+    cal = _batches(5, hw=8)
+    opt, _ = _int8_warnings(lambda: fxopt.optimize(
+        m, cal[0], quantize=QuantConfig(holdout_fraction=0), calibration_data=cal))
+    st = opt.report.int8
+    assert st["calibration_batches"] == 5 and st["measured_on"] == "calibration"
+    assert any("holdout_fraction=0" in n for n in opt.report.record("quantize_int8").notes)
