@@ -25,6 +25,7 @@ __all__ = [
     "PassError",
     "VerificationError",
     "NumericMismatchError",
+    "Int8AccuracyWarning",
 ]
 
 
@@ -102,3 +103,16 @@ class NumericMismatchError(FxoptError):
         self.node = node
         self.module_path = module_path
         super().__init__(message, hint=hint)
+
+
+class Int8AccuracyWarning(UserWarning):
+    """An int8 model's SQNR against float fell under the floor (``QuantConfig.min_sqnr_db``, else
+    ``QuantConfig.warn_sqnr_db``, 20 dB by default). Carries ``sqnr_db``, ``floor_db``,
+    ``worst_layers`` (``(module path, SQNR dB with only that layer int8)``, worst first) and
+    ``hint`` (the fix: ``QuantConfig(min_sqnr_db=...)`` keeps the worst layers in float)."""
+
+    def __init__(self, message: str, *, sqnr_db: float, floor_db: float,
+                 worst_layers: list, hint: str):
+        self.message, self.hint = message, hint
+        self.sqnr_db, self.floor_db, self.worst_layers = sqnr_db, floor_db, list(worst_layers)
+        super().__init__(f"{message}\n  fix: {hint}")

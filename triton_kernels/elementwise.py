@@ -420,17 +420,20 @@ def max_pool2d_int8(q: torch.Tensor, kernel_size, stride=None, padding=0, dilati
 
 
 def global_avg_pool2d_int8(q: torch.Tensor, scale, zp, qmin: int | None = None,
-                           qmax: int | None = None, *,
+                           qmax: int | None = None, *, y_scale=None, y_zp=None,
                            out: torch.Tensor | None = None) -> torch.Tensor:
-    """``adaptive_avg_pool2d(q, 1)`` on the grid ``scale``/``zp`` (same grid in and out, as
-    ``fxopt.adaptive_avg_pool2d_int8``), clamped to ``[qmin, qmax]``; any input strides
-    (channels-last reads coalesced), output ``[B, C, 1, 1]`` channels-last."""
+    """``adaptive_avg_pool2d(q, 1)`` of the codes on the grid ``scale``/``zp``, requantized
+    onto the grid ``y_scale``/``y_zp`` (default: the same grid in and out), clamped to
+    ``[qmin, qmax]``, as ``fxopt.adaptive_avg_pool2d_int8``; any input strides (channels-last
+    reads coalesced), output ``[B, C, 1, 1]`` channels-last."""
     name = "global_avg_pool2d_int8"
     _check_codes(name, q, "q")
     if q.dim() != 4:
         raise ValueError(f"{name}: q must be 4-D [B, C, H, W], got shape {tuple(q.shape)}")
     check_device(name, {"q": q, "out": out})
     s, z, lo, hi = _grid_args(name, q.dtype, scale, zp, qmin, qmax, "")
+    ys, yz = (s, z) if y_scale is None else \
+        _grid_args(name, q.dtype, y_scale, z if y_zp is None else y_zp, lo, hi)[:2]
     B, C, H, W = q.shape
     if H * W == 0:
         raise ValueError(f"{name}: cannot average an empty {H}x{W} plane")
@@ -444,7 +447,7 @@ def global_avg_pool2d_int8(q: torch.Tensor, scale, zp, qmin: int | None = None,
         sxb, sxc, sxh, sxw = q.stride()
         _gap[lambda META: (B, triton.cdiv(C, META["BLOCK_C"]))](
             q, out, C, H * W, W, sxb, sxc, sxh, sxw, z, s, float(H * W),
-            float_reciprocal(s), float(z), float(lo), float(hi))
+            float_reciprocal(ys), float(yz), float(lo), float(hi))
     return out
 
 

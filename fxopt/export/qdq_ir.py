@@ -90,10 +90,12 @@ def _cat(m: Match, b: Builder) -> fx.Node:
 
 
 def _avg_pool(m: Match, b: Builder) -> fx.Node:
+    """``Q(GlobalAveragePool(DQ(q)))``: onto its own grid (``y_scale``), else its input's."""
     v, st = AvgPool2dInt8.of(m.root), m.context
-    grid = st.ir_grid(v.scale, v.zp, v.qmin, v.qmax)  # rounded back onto its input's grid
+    grid = st.ir_grid(v.scale, v.zp, v.qmin, v.qmax)
+    out = grid if v.y_scale is None else st.ir_grid(v.y_scale, v.y_zp, v.qmin, v.qmax)
     return st.requant(b, F.adaptive_avg_pool2d, (list(v.output_size),),
-                      [st.float_in(b, v.q, grid)], grid)
+                      [st.float_in(b, v.q, grid)], out)
 
 
 def _avg_pool2d(m: Match, b: Builder) -> fx.Node:

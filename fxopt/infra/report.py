@@ -64,6 +64,25 @@ class Report:
         return None
 
     @property
+    def int8(self) -> dict[str, Any] | None:
+        """The int8 figures of the run (``quantize_int8``'s record), None without one:
+        ``sqnr_db``, ``max_abs_err``, ``top1_agreement`` (int8 against float), ``measured_on``
+        (``"held_out"``: batches held out of calibration; ``"example_inputs"``; or
+        ``"calibration"``: the calibration batches themselves, which overstate the accuracy on
+        fresh data), ``held_out`` (whether the data was not calibrated on),
+        ``measured_batches``, ``calibration_batches``, ``sqnr_floor_db`` (under it the run
+        warned) and ``worst_layers_db`` (when it did)."""
+        rec = self.record("quantize_int8")
+        if rec is None or "sqnr_db" not in rec.stats:
+            return None
+        keys = ("sqnr_db", "max_abs_err", "top1_agreement", "measured_on", "measured_batches",
+                "calibration_batches", "sqnr_floor_db", "worst_layers_db")
+        out = {k: rec.stats[k] for k in keys if k in rec.stats}
+        if "measured_on" in out:
+            out["held_out"] = out["measured_on"] != "calibration"
+        return out
+
+    @property
     def rolled_back(self) -> list[str]:
         return [r.name for r in self.passes if r.status == "rolled back"]
 

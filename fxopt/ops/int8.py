@@ -13,8 +13,9 @@ at ``fxopt.dequantize``; in between no float tensor is materialized.
     t  = torch.ops.fxopt.avg_pool2d_int8(g, [2, 2], [2, 2], [0, 0], False, True, s_m, zp_m,
                                          0, 255)                          # DenseNet transition
     u  = torch.ops.fxopt.upsample_nearest2d_int8(t, None, [2.0, 2.0], s_m, zp_m, 0, 255)  # FPN
-    p  = torch.ops.fxopt.adaptive_avg_pool2d_int8(z, [1, 1], s_z, zp_z, 0, 255)
-    out = torch.ops.fxopt.dequantize(p, s_z, zp_z)                        # codes -> float32
+    p  = torch.ops.fxopt.adaptive_avg_pool2d_int8(z, [1, 1], s_z, zp_z, 0, 255,
+                                                  y_scale=s_p, y_zp=zp_p)  # its own grid
+    out = torch.ops.fxopt.dequantize(p, s_p, zp_p)                        # codes -> float32
 
 ``conv2d_int8`` / ``linear_int8`` take float input (quantized inside on ``x``'s grid) or codes,
 and return codes on the ``y`` grid with ``out_int8=True``, else the dequantized float. Weights
@@ -22,12 +23,14 @@ are int8 per output channel, symmetric (zero point 0); accumulation is exact; th
 (bias, float residual, activation, rounding onto the ``y`` grid) is float32, PyTorch's
 arithmetic (round half to even of ``v * (1/scale)``). Max pooling (``max_pool2d_int8``) and
 flatten/reshape keep the grid (flatten runs on the codes unchanged), as does nearest-neighbour
-upsampling (``upsample_nearest2d_int8``: a gather of codes); average pooling
-(``avg_pool2d_int8``, ``adaptive_avg_pool2d_int8``) rounds back onto it. Every op here has one
-implementation, the exact reference, on CPU and CUDA; speed comes from the lowering passes
-(``lower_int8_cpu`` to PyTorch's quantized x86 kernels, ``lower_to_triton`` on CUDA). That keeps
-the IR the single source of truth that the checks, the ONNX QDQ export and the lowerings all
-read. Each op is declared once in the op schema; read a call with its view
+upsampling (``upsample_nearest2d_int8``: a gather of codes); windowed average pooling
+(``avg_pool2d_int8``) rounds back onto it; adaptive (global) average pooling
+(``adaptive_avg_pool2d_int8``) rounds onto the output grid it is given (``y_scale`` /
+``y_zp``; ``quantize_int8`` gives it its own observed grid), else onto its input's. Every op
+here has one implementation, the exact reference, on CPU and CUDA; speed comes from the
+lowering passes (``lower_int8_cpu`` to PyTorch's quantized x86 kernels, ``lower_to_triton`` on
+CUDA). That keeps the IR the single source of truth that the checks, the ONNX QDQ export
+and the lowerings all read. Each op is declared once in the op schema; read a call with its view
 (``Conv2dInt8.of(node).y_scale``) and write one by name (``CONV2D_INT8.emit(g, x=..., ...)``).
 """
 from __future__ import annotations
@@ -179,10 +182,17 @@ def mul_int8_reference(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act
     return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
 
 
-def adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax) -> torch.Tensor:
-    """Average pooling of codes, rounded back onto the same grid."""
+def adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax, *, y_scale=None,
+                                       y_zp=None) -> torch.Tensor:
+    """Average pooling of codes (the float32 average of their values), rounded once onto the
+    ``y`` grid (``y_scale`` / ``y_zp``; the same ``qmin`` / ``qmax``), or back onto the input's
+    grid when none is given. A global pool needs a grid of its own: the average of a wide,
+    sparse activation spans a small part of its input's range, and on the input's grid most
+    pooled codes equal the zero point."""
     y = F.adaptive_avg_pool2d(_values(q, scale, zp), list(output_size))
-    return quantize_reference(y, scale, zp, qmin, qmax)
+    if y_scale is None:
+        return quantize_reference(y, scale, zp, qmin, qmax)
+    return quantize_reference(y, y_scale, zp if y_zp is None else y_zp, qmin, qmax)
 
 
 def _window_sizes(n_in: int, n_out: int, k: int, s: int, p: int, include_pad: bool,
@@ -308,7 +318,7 @@ def _mul_int8_fake(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="no
     return torch.empty_like(y, dtype=codes_dtype(y_qmin))
 
 
-def _avg_pool_fake(q, output_size, scale, zp, qmin, qmax):
+def _avg_pool_fake(q, output_size, scale, zp, qmin, qmax, *, y_scale=None, y_zp=None):
     return q.new_empty((*q.shape[:-2], *output_size), dtype=codes_dtype(qmin))
 
 
@@ -362,7 +372,7 @@ MUL_INT8 = define_op(
     family="int8", reference=mul_int8_reference, fake=_mul_int8_fake)
 AVGPOOL_INT8 = define_op(
     "adaptive_avg_pool2d_int8(Tensor q, int[2] output_size, Tensor scale, Tensor zp, int qmin, "
-    "int qmax) -> Tensor",
+    "int qmax, *, Tensor? y_scale=None, Tensor? y_zp=None) -> Tensor",
     family="int8", reference=adaptive_avg_pool2d_int8_reference, fake=_avg_pool_fake)
 AVG_POOL2D_INT8 = define_op(
     "avg_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "

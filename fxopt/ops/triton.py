@@ -366,11 +366,15 @@ def _triton_max_pool2d_int8(q, kernel_size, stride, padding, dilation, ceil_mode
                                                  list(padding), list(dilation), bool(ceil_mode)))
 
 
-def _triton_global_avg_pool2d_int8(q, scale, zp, qmin, qmax):
+def _triton_global_avg_pool2d_int8(q, scale, zp, qmin, qmax, *, y_scale=None, y_zp=None):
+    own = y_scale is not None  # onto the output grid y_scale / y_zp, else the input's
     if _kernels(q) is None:
         s, z = _grid(scale, zp, q.device)
-        return _cl(adaptive_avg_pool2d_int8_reference(q, [1, 1], s, z, qmin, qmax))
-    return _run(q, lambda tk: tk.elementwise.global_avg_pool2d_int8(q, scale, zp, qmin, qmax))
+        ys, yz = _grid(y_scale, y_zp, q.device) if own else (None, None)
+        return _cl(adaptive_avg_pool2d_int8_reference(q, [1, 1], s, z, qmin, qmax, y_scale=ys,
+                                                      y_zp=yz))
+    return _run(q, lambda tk: tk.elementwise.global_avg_pool2d_int8(
+        q, scale, zp, qmin, qmax, y_scale=y_scale if own else None, y_zp=y_zp if own else None))
 
 
 # -- fake implementations: shapes, dtypes, strides ----------------------------------------------
@@ -442,7 +446,7 @@ def _max_pool_int8_fake(q, kernel_size, stride, padding, dilation, ceil_mode):
     return torch.empty(shape, dtype=q.dtype, device=q.device, memory_format=torch.channels_last)
 
 
-def _global_avg_pool_int8_fake(q, scale, zp, qmin, qmax):
+def _global_avg_pool_int8_fake(q, scale, zp, qmin, qmax, *, y_scale=None, y_zp=None):
     return torch.empty((q.shape[0], q.shape[1], 1, 1), dtype=q.dtype, device=q.device,
                        memory_format=torch.channels_last)
 
@@ -503,6 +507,7 @@ TRITON_MAX_POOL2D_INT8 = _op(
     "int[2] dilation, bool ceil_mode) -> Tensor", _triton_max_pool2d_int8, _max_pool_int8_fake,
     quantized=True)
 TRITON_GLOBAL_AVG_POOL2D_INT8 = _op(
-    "triton_global_avg_pool2d_int8(Tensor q, float scale, int zp, int qmin, int qmax) -> Tensor",
+    "triton_global_avg_pool2d_int8(Tensor q, float scale, int zp, int qmin, int qmax, *, "
+    "float? y_scale=None, int? y_zp=None) -> Tensor",
     _triton_global_avg_pool2d_int8, _global_avg_pool_int8_fake, quantized=True)
 

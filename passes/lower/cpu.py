@@ -19,6 +19,8 @@ the rows in order at each op and rewrites it with the first whose check passes:
     mul_int8                  mul_int8(a, ..., b, ..., act="none")  quantized.mul(a, b, ...)
                               (broadcasting: an SE gate [N, C, 1, 1]; within one code of the IR)
     adaptive_avg_pool2d_int8  adaptive_avg_pool2d_int8(q, size, ..) F.adaptive_avg_pool2d(q, ..)
+                              (on its own grid, y_scale=: quantize_per_tensor(F.adaptive_avg_
+                              pool2d(q.dequantize(), ..), s_y, zp_y), the IR's arithmetic)
     avg_pool2d_int8           avg_pool2d_int8(q, k, s, p, ceil, ..) F.avg_pool2d(q, k, s, ...)
                               (bit for bit on channels-last codes; contiguous ones round a tie
                               after adding the zero point: within one code)
@@ -236,7 +238,14 @@ def _dequantize(m: Match, b: Builder) -> fx.Node:
 def _avg_pool(m: Match, b: Builder) -> fx.Node:
     v = AvgPool2dInt8.of(m.root)
     b.tally("pool")
-    return b.call_function(F.adaptive_avg_pool2d, (v.q, list(v.output_size)))
+    if v.y_scale is None:  # on its input's grid: PyTorch's quantized pooling keeps it
+        return b.call_function(F.adaptive_avg_pool2d, (v.q, list(v.output_size)))
+    # onto its own grid: the float average of the dequantized codes, quantized once (the IR's
+    # arithmetic; a quantized pool then a requantize would round twice)
+    y = b.call_function(F.adaptive_avg_pool2d, (b.call_method("dequantize", (v.q,)),
+                                                list(v.output_size)))
+    return b.call_function(torch.quantize_per_tensor, (y, *_grid(m, v.y_scale, v.y_zp),
+                                                       torch.quint8))
 
 
 def _avg_pool2d(m: Match, b: Builder) -> fx.Node:

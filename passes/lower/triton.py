@@ -399,13 +399,17 @@ def _avg_pool_fits(m: Match) -> bool:
     v = AvgPool2dInt8.of(m.root)
     if list(v.output_size) != [1, 1]:
         return _skip(m, f"output size {list(v.output_size)} (the kernel pools to 1x1)")
+    if v.y_scale is not None and not (_is_const(v.y_scale) and _is_const(v.y_zp)):
+        return _skip(m, "output grid is not a constant")
     return (_is_const(v.scale) and _is_const(v.zp)) or _skip(m, "grid is not a constant")
 
 
 def _avg_pool_values(m: Match, b: Builder) -> dict[str, Any]:
     v = AvgPool2dInt8.of(m.root)
+    own = {} if v.y_scale is None else {"y_scale": _scalar(m, v.y_scale, float),
+                                        "y_zp": _scalar(m, v.y_zp, int)}
     return {"q": v.q, "scale": _scalar(m, v.scale, float), "zp": _scalar(m, v.zp, int),
-            "qmin": v.qmin, "qmax": v.qmax}
+            "qmin": v.qmin, "qmax": v.qmax, **own}
 
 
 # -- the table ----------------------------------------------------------------------------------

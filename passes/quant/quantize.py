@@ -4,12 +4,13 @@ The analysis is the quantization library's (``fxopt.quant``); this pass drives i
 rewrites the graph.
 
 1. Calibrate (``fxopt.quant.calibrate``): run ``ctx.calibration_data`` (tensors, ``(x, y)``
-   tuples, a DataLoader) through the float graph once, with a progress bar; one observer per
-   candidate value, one per-channel min/max observer per weight.
+   tuples, a DataLoader; less the batches held out, step 5) through the float graph once,
+   with a progress bar; one observer per candidate value, one per-channel min/max observer per
+   weight.
 2. Select (``fxopt.quant.select``): ``keep_float`` and the first/last-layer policies, the CPU
    kernel filter, and the sensitivity fallback (``QuantConfig(min_sqnr_db=,
    max_float_layers=)``): the most sensitive layers go back to float, one at a time, until
-   the budget holds.
+   the budget holds, judged on the batches the report's figures come from (step 5).
 3. Plan the int8 regions (``fxopt.quant.plan.make_plan``) and rewrite them
    (``passes/quant/rewrite.py``) into the int8 IR of
    ``fxopt.ops.int8``: ``quantize`` at each region entry, ``conv2d_int8`` / ``linear_int8``
@@ -20,7 +21,12 @@ rewrites the graph.
    the same points. The int8 graph must equal it within one quantization step of the output
    (``PassResult.max_abs_tolerance``).
 5. Report: SQNR (dB), max abs error and top-1 agreement of the int8 graph against the float
-   graph on the calibration batches (``stats``), the layers kept in float and why.
+   graph on data held out of calibration (``fxopt.quant.accuracy``: the last 20% of the
+   calibration batches when there are 5 or more, else the example inputs when they are not a
+   calibration batch, else the calibration batches, with a note saying so): ``stats`` with
+   ``measured_on`` / ``measured_batches``; the layers kept in float and why. Under the SQNR
+   floor (``QuantConfig.min_sqnr_db``, else ``warn_sqnr_db``, 20 dB) the pass warns
+   (``fxopt.Int8AccuracyWarning``) with the worst layers and the fix.
 
     >>> res = quantize_int8(gm, PassContext((x,), calibration_data=batches))
     >>> res.stats["conv2d"], res.stats["sqnr_db"]
@@ -38,12 +44,13 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
 from fxopt.passes.quant.rewrite import Writer
+from fxopt.quant.accuracy import check_floor, not_held_out_note, split_held_out, sqnr_floor
 from fxopt.quant.calibrate import calibrate, calibration_inputs
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import compare, output_step, outputs
 from fxopt.quant.plan import find_layers, make_plan
-from fxopt.quant.select import fallback, has_cpu_kernel, select_layers
-from fxopt.quant.simulate import simulated_copy
+from fxopt.quant.select import fallback, has_cpu_kernel, select_layers, sensitivity
+from fxopt.quant.simulate import SimulatedInt8, simulated_copy
 
 __all__ = ["quantize_int8", "CALIBRATED_IF_STATIC"]
 
@@ -78,13 +85,15 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, modified=False, stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
+    batches, held, measured_on = split_held_out(batches, ctx.example_inputs, cfg)
     grids, weights = calibrate(gm, layers, batches, cfg)
-    float_outs = outputs(gm, batches)
+    held_float = outputs(gm, held)
     notes, stats = [], {}
     if cfg.min_sqnr_db is not None or cfg.max_float_layers is not None:
-        sens_batches = batches[:cfg.sensitivity_batches]
+        # judged on the held-out data (the figure the floor is checked on), when there is some
+        sens_batches = held[:cfg.sensitivity_batches]
         layers, moved, sens = fallback(gm, layers, grids, weights, sens_batches,
-                                       float_outs[:len(sens_batches)], cfg)
+                                       held_float[:len(sens_batches)], cfg)
         stats["sensitivity_db"] = {l.label: round(v, 2) for l, v in
                                    ((l, sens[l.node]) for l in all_layers if l.node in sens)}
         stats["fallback"] = [{"layer": l.label, "sensitivity_db": round(s, 2),
@@ -111,14 +120,27 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     gm.recompile()
 
     step = output_step(gm, exits)
-    q_outs = outputs(gm, batches)
     stats = {**{k: v for k, v in writer.counts.items() if v}, "kept_float": len(kept),
-             "calibration_batches": len(batches), "output_step": float(f"{step:.4g}"), **stats}
-    stats.update(compare(float_outs, q_outs))
-    notes.insert(0, f"int8 vs float on {len(batches)} calibration batches: SQNR "
+             "calibration_batches": len(batches), "output_step": float(f"{step:.4g}"),
+             "measured_on": measured_on, "measured_batches": len(held), **stats}
+    stats.update(compare(held_float, outputs(gm, held)))
+    where = {"held_out": f"{len(held)} batches held out of calibration",
+             "example_inputs": "the example inputs (not a calibration batch)",
+             "calibration": f"the {len(held)} calibration batches"}[measured_on]
+    notes.insert(0, f"int8 vs float on {where}: SQNR "
                     f"{stats['sqnr_db']:.1f} dB, max abs error {stats['max_abs_err']:.3g}"
                  + (f", top-1 agreement {stats['top1_agreement']:.3f}"
                     if "top1_agreement" in stats else ""))
+    if measured_on == "calibration":
+        notes.insert(1, not_held_out_note(cfg))
+    floor = sqnr_floor(cfg)
+    if floor is not None:
+        stats["sqnr_floor_db"] = floor
+        if stats["sqnr_db"] < floor:
+            w = check_floor(stats["sqnr_db"], measured_on, cfg,
+                            _worst_layers(reference, held, held_float, cfg))
+            stats["worst_layers_db"] = dict(w.worst_layers)
+            notes.append(f"{w.message}; fix: {w.hint}")
     explicit = [k for k in kept if k not in {l.label for l in no_kernel}]
     if explicit:
         notes.append(f"kept in float: {', '.join(explicit)}")
@@ -130,3 +152,15 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=True, stats=stats, notes=notes, reference=reference,
                       max_abs_tolerance=step * (1 + 1e-4),  # one code, float slack
                       shapes_changed=True)  # codes are uint8 now
+
+
+def _worst_layers(reference: SimulatedInt8, held: list, held_float: list, cfg: QuantConfig,
+                  n: int = 3) -> list[tuple[str, float]]:
+    """The ``n`` quantized layers whose int8 form alone hurts most: ``(module path, SQNR dB of
+    the simulated model with only that layer int8)``, measured on (some of) the held-out
+    batches, worst first."""
+    plan, k = reference.plan, cfg.sensitivity_batches
+    sens = sensitivity(reference.gm, list(plan.layers.values()), plan.grids, plan.weights,
+                       held[:k], held_float[:k])
+    worst = sorted(plan.layers.values(), key=lambda l: sens[l.node])[:n]
+    return [(l.label, round(sens[l.node], 2)) for l in worst]

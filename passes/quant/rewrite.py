@@ -4,11 +4,12 @@ graph as the int8 IR of ``fxopt.ops.int8``.
 ``Writer(gm, plan).run()`` walks the plan's int8 nodes in graph order: a layer becomes
 ``conv2d_int8`` / ``linear_int8`` writing codes (a residual layer: the conv on its pre-add grid,
 then ``add_int8`` with the activation); max pooling, average pooling (``avg_pool2d_int8``,
-``adaptive_avg_pool2d_int8``), flatten, adds, products (``mul_int8``) and cats of int8 values
-become their int8 forms; the first int8 reader of a float value gets a ``quantize``; every
-float reader of an int8 value gets one ``dequantize`` (an exit), which the pass returns to size
-its tolerance (``fxopt.quant.measure.output_step``); a reader of its shape only reads the codes.
-Every call is written through the op schema, its arguments by name.
+``adaptive_avg_pool2d_int8``, the latter onto its own grid), flatten, adds, products
+(``mul_int8``) and cats of int8 values become their int8 forms; the first int8 reader of a
+float value gets a ``quantize``; every float reader of an int8 value gets one ``dequantize`` (an
+exit), which the pass returns to size its tolerance (``fxopt.quant.measure.output_step``); a
+reader of its shape only reads the codes. Every call is written through the op schema, its
+arguments by name.
 """
 from __future__ import annotations
 
@@ -134,6 +135,9 @@ class Writer:
             if row.on_grid:
                 s, z, qp = self.grid_attrs(src, _base(src))
                 values.update(scale=s, zp=z, qmin=qp.qmin, qmax=qp.qmax)
+            if row.own_grid:  # requantized onto its own observed grid
+                ys, yz, _ = self.grid_attrs(n, _base(n))
+                values.update(y_scale=ys, y_zp=yz)
             with self.g.inserting_before(n):
                 new = row.op.emit(self.g, q=self.codes[src], **values)
         elif role in ("add", "mul"):
