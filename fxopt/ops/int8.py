@@ -182,7 +182,7 @@ def mul_int8_reference(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act
     return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
 
 
-def adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax, *, y_scale=None,
+def adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax, y_scale=None,
                                        y_zp=None) -> torch.Tensor:
     """Average pooling of codes (the float32 average of their values), rounded once onto the
     ``y`` grid (``y_scale`` / ``y_zp``; the same ``qmin`` / ``qmax``), or back onto the input's
@@ -318,7 +318,7 @@ def _mul_int8_fake(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="no
     return torch.empty_like(y, dtype=codes_dtype(y_qmin))
 
 
-def _avg_pool_fake(q, output_size, scale, zp, qmin, qmax, *, y_scale=None, y_zp=None):
+def _avg_pool_fake(q, output_size, scale, zp, qmin, qmax, y_scale=None, y_zp=None):
     return q.new_empty((*q.shape[:-2], *output_size), dtype=codes_dtype(qmin))
 
 
@@ -372,7 +372,7 @@ MUL_INT8 = define_op(
     family="int8", reference=mul_int8_reference, fake=_mul_int8_fake)
 AVGPOOL_INT8 = define_op(
     "adaptive_avg_pool2d_int8(Tensor q, int[2] output_size, Tensor scale, Tensor zp, int qmin, "
-    "int qmax, *, Tensor? y_scale=None, Tensor? y_zp=None) -> Tensor",
+    "int qmax, Tensor? y_scale=None, Tensor? y_zp=None) -> Tensor",
     family="int8", reference=adaptive_avg_pool2d_int8_reference, fake=_avg_pool_fake)
 AVG_POOL2D_INT8 = define_op(
     "avg_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "

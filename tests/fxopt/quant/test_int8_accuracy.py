@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import fxopt
 from fxopt.errors import InputError
+from fxopt.ops.int8 import AvgPool2dInt8
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import sqnr_db
 
@@ -80,8 +81,9 @@ def test_global_pool_ir_carries_the_output_grid():
                          disable=["lower_int8_cpu"])
     (pool,) = [n for n in opt.graph_module.graph.nodes if n.target is POOL8]
     gm = opt.graph_module
-    y_scale = getattr(gm, pool.kwargs["y_scale"].target)
-    x_scale = getattr(gm, pool.args[2].target)
+    v = AvgPool2dInt8.of(pool)
+    y_scale = getattr(gm, v.y_scale.target)
+    x_scale = getattr(gm, v.scale.target)
     assert float(y_scale) < float(x_scale) / 4  # a finer grid than the conv's
     # the pooled codes spread over the grid instead of sitting on the zero point
     codes = {}
@@ -95,7 +97,7 @@ def test_global_pool_ir_carries_the_output_grid():
 
     with torch.no_grad():
         Grab(gm).run(cal[-1])
-    p, zp = codes["p"].long(), int(getattr(gm, pool.kwargs["y_zp"].target))
+    p, zp = codes["p"].long(), int(getattr(gm, v.y_zp.target))
     assert (p == zp).float().mean() < 0.5 and p.unique().numel() > 20
 
 
