@@ -249,6 +249,8 @@ def _dense_strides(shape, stride) -> bool:
     return True
 
 
+_TYPES = {"torch.Tensor": torch.Tensor, "int": int, "float": float, "bool": bool, "str": str}
+_TYPE_NAMES = {v: k for k, v in _TYPES.items()}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")  # fx quotes a part as "{part}"
 _PLACEHOLDER = re.compile(r"\*{0,2}[A-Za-z_][A-Za-z0-9_]*")
@@ -417,8 +419,11 @@ def _target(n: fx.Node, gm: fx.GraphModule) -> Any:
 def _encode_graph(gm: fx.GraphModule, w: _Writer) -> dict:
     nodes = []
     for n in gm.graph.nodes:
-        nodes.append({"name": n.name, "op": n.op, "target": _target(n, gm),
-                      "args": w.value(n.args, n.name), "kwargs": w.value(n.kwargs, n.name)})
+        node = {"name": n.name, "op": n.op, "target": _target(n, gm),
+                "args": w.value(n.args, n.name), "kwargs": w.value(n.kwargs, n.name)}
+        if n.type is not None and n.type in _TYPE_NAMES:  # annotations: simple types only
+            node["type"] = _TYPE_NAMES[n.type]
+        nodes.append(node)
     graph = {"nodes": nodes}
     codegen = gm.graph._codegen
     if type(codegen) is not fx.graph.CodeGen:
@@ -758,9 +763,11 @@ class _Reader:
                                           and _public(args[1])):
                 raise _bad(self.path, f"node {n['name']!r} reads a private attribute "
                            f"({args[1:2]!r}): refused")
-            node = graph.create_node(n["op"], target, args, kwargs, name=n["name"])
+            node = graph.create_node(n["op"], target, args, kwargs, name=n["name"],
+                                     type_expr=_TYPES.get(n.get("type")))
             if node.name != n["name"]:
-                raise _bad(self.path, f"node name {n['name']!r} is used twice")
+                raise _bad(self.path, f"node name {n['name']!r} is not a plain name, or "
+                           "is used twice: refused, nothing was run")
             self.env[node.name] = node
         if "pytree" in g:
             from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
