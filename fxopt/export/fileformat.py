@@ -242,7 +242,7 @@ _OTHER_BY_NAME = {k: {str(v).removeprefix("torch."): v for v in vs} for k, vs in
 def _dense_strides(shape, stride) -> bool:
     """Whether a tensor of ``shape`` with ``stride`` covers its memory exactly once."""
     expected = 1
-    for size, st in sorted((s, st) for s, st in zip(shape, stride) if s != 1):
+    for st, size in sorted((st, s) for s, st in zip(shape, stride) if s != 1):
         if st != expected:
             return False
         expected *= size
@@ -291,7 +291,8 @@ class _Writer:
         key = f"t{len(self.tensors)}"
         self._keys[id(t)] = key
         self._keep.append(t)
-        data = t.detach().to("cpu").contiguous()
+        # a copy: safetensors refuses tensors that share memory (a weight and its view)
+        data = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
         entry = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                  "parameter": isinstance(t, nn.Parameter), "requires_grad": t.requires_grad,
                  "device": str(t.device)}
@@ -330,11 +331,6 @@ class _Writer:
 
     def module(self, m: nn.Module, where: str) -> dict:
         cls = type(m)
-        if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
-            raise FileFormatError(
-                f"the submodule '{where}' is a {cls.__qualname__} defined in __main__ or a "
-                "function: load could not name its class",
-                hint="define the class in an importable module, or keep it out of leaf_modules")
         state = m.__getstate__()
         if not isinstance(state, dict):
             raise FileFormatError(

@@ -270,6 +270,36 @@ def test_torchvision(arch, size, tmp_path):
         roundtrip(opt, [torch.randn(2, 3, size, size)], tmp_path, name="q.fxopt")
 
 
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        return x * self.p
+
+
+def test_shared_strided_and_tied_tensors(tmp_path):
+    """A channels-last buffer, a strided non-persistent view of it, a parameter under two
+    names, a plain tensor attribute: the same objects, strides and kinds after loading."""
+    gm = torch.fx.symbolic_trace(Tied())
+    gm.register_buffer("w", torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+    gm.register_buffer("v", gm.w[0], persistent=False)
+    gm.q = gm.p
+    gm.c = torch.arange(3)
+    path = fileformat.write_module(tmp_path / "g.fxopt", gm, target="cpu", report={"a": (1, 2)})
+    saved = fileformat.read_module(path)
+    back = saved.graph_module
+    assert saved.report == {"a": (1, 2)} and back.code == gm.code
+    assert back.p is back.q and isinstance(back.p, nn.Parameter) and back.p.requires_grad
+    assert back.w.stride() == gm.w.stride() and back.v.stride() == gm.v.stride()
+    assert torch.equal(back.w, gm.w) and torch.equal(back.v, gm.v)
+    assert back._non_persistent_buffers_set == {"v"} and "c" not in dict(back.named_buffers())
+    assert torch.equal(back.c, gm.c)
+    x = torch.randn(3, 5)
+    assert torch.equal(back(x), gm(x))
+
+
 # -- save errors ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def opt():
