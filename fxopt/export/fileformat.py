@@ -128,6 +128,8 @@ def _build_allowlist() -> dict[str, Any]:
             out[f"math.{name}"] = getattr(math, name)
     for name in _BUILTINS:
         out[f"builtins.{name}"] = getattr(builtins, name)
+    from torch.fx import _symbolic_trace  # what concrete_args=None inserts: an assertion
+    out["torch.fx._symbolic_trace._assert_is_none"] = _symbolic_trace._assert_is_none
     return out
 
 
@@ -440,6 +442,7 @@ def _encode_root(gm: fx.GraphModule, w: _Writer) -> dict:
     """The GraphModule's own state: its parameters, buffers, submodules, and the plain
     attributes its get_attr nodes read (prepacked weights, constants)."""
     internal = set(fx.GraphModule(nn.Module(), fx.Graph()).__dict__)
+    internal |= {"_in_spec", "_out_spec"}  # recompile() sets them from the graph's codegen
     state = {k: v for k, v in gm.__dict__.items() if k not in internal}
     for k in ("training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
         state[k] = gm.__dict__[k]

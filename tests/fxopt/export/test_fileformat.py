@@ -300,6 +300,35 @@ def test_shared_strided_and_tied_tensors(tmp_path):
     assert torch.equal(back(x), gm(x))
 
 
+class Pairs(nn.Module):
+    def forward(self, xs):
+        a, b = xs
+        return {"s": a + b, "d": [a - b, a.shape[0]]}
+
+
+class MaybeBias(nn.Module):
+    def forward(self, x, z=None):
+        return x if z is None else x + z
+
+
+def test_pytree_inputs_outputs_and_constant_arguments(tmp_path):
+    """concrete_args: a None argument (fx asserts it) and a tuple input (pytree code)."""
+    gm = torch.fx.symbolic_trace(Pairs(), concrete_args={"xs": (torch.fx.PH, torch.fx.PH)})
+    assert type(gm.graph._codegen).__name__ == "_PyTreeCodeGen"
+    path = fileformat.write_module(tmp_path / "p.fxopt", gm, target="cpu", report={})
+    back = fileformat.read_module(path).graph_module
+    xs = (torch.randn(3), torch.randn(3))
+    assert back.code == gm.code
+    want, got = gm(xs), back(xs)
+    assert torch.equal(want["s"], got["s"]) and torch.equal(want["d"][0], got["d"][0])
+    assert got["d"][1] == 3
+    gm = torch.fx.symbolic_trace(MaybeBias(), concrete_args={"z": None})
+    assert "_assert_is_none" in gm.code
+    back = fileformat.read_module(fileformat.write_module(tmp_path / "n.fxopt", gm, target="cpu",
+                                                          report={})).graph_module
+    assert back.code == gm.code and torch.equal(back(xs[0]), xs[0])
+
+
 # -- save errors ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def opt():
