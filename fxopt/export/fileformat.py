@@ -70,8 +70,9 @@ TENSORS = "fxopt/tensors.safetensors"
 ENGINE_META = "fxopt_engine"  # get_attr node meta: the quantized engine a weight was packed for
 _MAX_MANIFEST = 256 << 20
 
-_UNSAFE_HINT = ("load only files written by OptimizedModule.save of this or an older fxopt (format "
-                f"2 to {FORMAT_VERSION}); a file edited by hand or from elsewhere may be crafted")
+_UNSAFE_HINT = ("load only files written by OptimizedModule.save (fxopt file format "
+                f"{FORMAT_VERSION} or older): this one was edited, damaged or crafted; save the "
+                "module again")
 
 # -- the allowlist of call targets ----------------------------------------------------------------
 _OP_NAMESPACES = ("aten", "fxopt", "quantized", "onednn", "prims", "quantized_decomposed")
@@ -392,6 +393,8 @@ class _Writer:
         for kind, values in _OTHER.items():
             if any(v is x for x in values):
                 return {kind: str(v).removeprefix("torch.")}
+        if callable(v) and function_name(v) is not None:  # F.relu kept by a TransformerLayer
+            return {"fn": function_name(v)}
         raise FileFormatError(f"'{where or '(graph)'}' holds a {type(v).__qualname__}, which "
                               "the file format cannot hold as data",
                               hint="the file holds tensors, modules of torch.nn, numbers, "
@@ -708,6 +711,12 @@ class _Reader:
             self.engine_of[id(obj)] = used
             self.keep.append(obj)
             return obj
+        if tag == "fn":
+            fn = allowed_function(x)
+            if fn is None:
+                raise _bad(self.path, f"a value names the function {x!r}, which is not on "
+                           "fxopt's allowlist: refused, nothing was run")
+            return fn
         if tag == "size":
             return torch.Size([int(i) for i in x])
         if tag == "dtype" and x in _DTYPES:

@@ -246,6 +246,16 @@ def test_lstm_leaf_module(tmp_path):
         [p.data_ptr() for p in lstm.parameters()]  # the flat weights are the parameters
 
 
+def test_transformer_layer_with_a_function_attribute(tmp_path):
+    """nn.TransformerEncoderLayer keeps ``activation=F.gelu``: saved as an allowlisted name."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.0, activation=F.gelu, batch_first=True)).eval()
+    opt = fxopt.optimize(m, torch.randn(2, 5, 16))
+    back, _ = roundtrip(opt, [torch.randn(3, 4, 16)], tmp_path)
+    assert any(getattr(mod, "activation", None) is F.gelu for mod in back.modules())
+
+
 def test_user_leaf_module_needs_the_class_from_the_caller(tmp_path):
     torch.manual_seed(0)
     opt = fxopt.optimize(WithScale().eval(), torch.randn(1, 3, 8, 8), leaf_modules=[Scale])
