@@ -255,7 +255,8 @@ def _dense_strides(shape, stride) -> bool:
 _TYPES = {"torch.Tensor": torch.Tensor, "int": int, "float": float, "bool": bool, "str": str}
 _TYPE_NAMES = {v: k for k, v in _TYPES.items()}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")  # fx quotes a part as "{part}"
+# attribute paths: fx quotes a part as "{part}"; no dunder part (``m.__class__``)
+_DOTTED = re.compile(r"(?!__)[A-Za-z0-9_]+(\.(?!__)[A-Za-z0-9_]+)*")
 _PLACEHOLDER = re.compile(r"\*{0,2}[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -570,6 +571,8 @@ def _read_archive(path: Path) -> tuple[bytes, bytes]:
             info = z.getinfo(MANIFEST)
             if info.file_size > _MAX_MANIFEST:
                 raise _bad(path, f"its manifest is {info.file_size} bytes, too large")
+            if any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist()):
+                raise _bad(path, "it has compressed members (save writes them stored)")
             manifest = z.read(MANIFEST)
             tensors = z.read(TENSORS) if TENSORS in names else None
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
@@ -746,7 +749,8 @@ class _Reader:
                            "on fxopt's allowlist of functions: refused, nothing was run")
             return fn
         # fx writes these names into the module's Python source: identifiers only
-        pattern = {"placeholder": _PLACEHOLDER, "output": _IDENT}.get(op, _DOTTED)
+        pattern = {"placeholder": _PLACEHOLDER, "output": _IDENT, "call_method": _IDENT}.get(
+            op, _DOTTED)
         if not isinstance(target, str) or not pattern.fullmatch(target):
             raise _bad(self.path, f"node {n.get('name')!r} has the target {str(target)[:60]!r}, "
                        "not a name: refused, nothing was run")
@@ -820,6 +824,9 @@ def _build(reader: _Reader, manifest: dict) -> fx.GraphModule:
                        "does not hold") from e
         if n.op == "call_module" and not isinstance(value, nn.Module):
             raise _bad(reader.path, f"node {n.name!r} calls {n.target!r}, not a module")
+        if not isinstance(value, (torch.Tensor, torch.ScriptObject, nn.Module)):
+            raise _bad(reader.path, f"node {n.name!r} reads {n.target!r}, a "
+                       f"{type(value).__name__}: only tensors, packed weights and modules")
         if id(value) in reader.engine_of:
             n.meta[ENGINE_META] = reader.engine_of[id(value)]
     return gm

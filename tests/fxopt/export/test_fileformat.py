@@ -396,6 +396,13 @@ def _rewrite(path: Path, out: Path, manifest=None, tensors=None, drop=()):
     return out
 
 
+def _deflated(path: Path, out: Path) -> Path:
+    with zipfile.ZipFile(path) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as o:
+        for n in z.namelist():
+            o.writestr(n, z.read(n))
+    return out
+
+
 def _without_t0(path: Path) -> bytes:
     from safetensors.torch import load, save
     with zipfile.ZipFile(path) as z:
@@ -463,6 +470,7 @@ def _cases(good: Path, tmp: Path):
          "not defined"),
         ("bad value", _rewrite(good, tmp / "bv.fxopt", lambda m: _first(m, "call_function")
                                .__setitem__("args", {"pickle": "x"})), "malformed value"),
+        ("deflated", _deflated(good, tmp / "deflated.fxopt"), "compressed"),
         ("missing key", _rewrite(good, tmp / "mk.fxopt", lambda m: m.pop("graph")),
          "malformed manifest"),
     ]
@@ -536,10 +544,17 @@ def test_crafted_manifests_are_refused_and_run_nothing(opt, tmp_path):
     def root_attribute(m):
         m["root"]["forward"] = 1
 
+    def dunder_attribute(m):
+        _first(m, "get_attr")["target"] = "__class__"
+
+    def not_a_tensor(m):
+        _first(m, "get_attr")["target"] = "training"
+
     for i, change in enumerate((system, placeholder, get_attr, kwargs, private, module_class,
-                                node_name, root_attribute)):
+                                node_name, root_attribute, dunder_attribute, not_a_tensor)):
         path = _rewrite(good, tmp_path / f"c{i}.fxopt", change)
-        with pytest.raises(fxopt.FileFormatError, match="refused|neither|not allowed") as e:
+        refused = "refused|neither|not allowed|only tensors"
+        with pytest.raises(fxopt.FileFormatError, match=refused) as e:
             back = fxopt.load(path)
             back(torch.randn(1, 3, 8, 8))
         assert e.value.hint, change.__name__
