@@ -13,14 +13,22 @@ Values in the manifest are JSON; what JSON lacks is a one-key object: ``{"node":
 argument that is another node's value), ``{"tensor": key}``, ``{"tuple": [...]}``,
 ``{"dtype": "float32"}``, ``{"device": "cpu"}``, ``{"size": [...]}``, ``{"slice": [a, b, c]}``,
 ``{"ellipsis": null}``, ``{"float": "inf"}``, ``{"module": {...}}``, ``{"packed": {...}}`` (a
-prepacked int8 weight) and a few more (``_encode``).
+prepacked int8 weight), ``{"fn": name}`` (an allowlisted function kept as a module attribute)
+and a few more (``_Writer.value`` writes them, ``_Reader.value`` reads them). Saved, a small
+float convolution's node reads::
+
+    {"name": "c1_bn_relu", "op": "call_function",
+     "target": "torch.ops.fxopt.conv2d_act.default",
+     "args": {"tuple": [{"node": "contiguous"}, {"node": "c1_weight"}, ...]}, "kwargs": ...}
 
 Safety. Loading reads JSON, zip and safetensors: nothing in the file is unpickled, ``eval``'d or
 imported. A call target is a qualified name looked up in an allowlist built from the running
 torch (``torch.*`` tensor ops, ``torch.nn.functional.*``, ``torch.ops`` overloads of the aten,
 fxopt, quantized, onednn, prims and quantized_decomposed namespaces, Tensor methods,
 ``operator.*``, ``math.*``, a few builtins); ``getattr`` in a graph may read public attributes
-only, and a method call names a public Tensor method. Module classes must be ``torch.nn``'s
+only, and a method call names a public Tensor method; every name fx writes into the module's
+Python source (placeholders, attribute paths, keywords, node names) must be a plain identifier,
+so no string from the file becomes code. Module classes must be ``torch.nn``'s
 (or ``torch.ao.nn``'s), or classes the caller passes to ``load(path, modules=[...])``: the file
 names a class, it never brings one. Anything else is a :class:`FileFormatError`, as is every
 malformed file (empty, truncated, not a zip, a ``torch.save`` pickle, bad JSON, a newer format,
