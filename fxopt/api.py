@@ -18,8 +18,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxopt.errors import (InputError, NotAvailableError, NumericMismatchError, PipelineError,
-                          VerificationError)
+from fxopt.errors import (FileFormatError, InputError, NotAvailableError, NumericMismatchError,
+                          PipelineError, VerificationError)
+from fxopt.export.fileformat import FORMAT_VERSION, read_module, write_module
 from fxopt.infra.manager import Instrument, PassManager, debug_level
 from fxopt.pipelines import FEATURE_PASSES, build_pipeline, expand_pipeline
 from fxopt.infra.registry import PASSES, PassContext
@@ -34,7 +35,6 @@ from fxopt.ir.tolerances import compare_outputs, strict_fp32
 __all__ = ["optimize", "OptimizedModule", "load", "TARGETS", "FORMAT_VERSION"]
 
 TARGETS = ("auto", "cpu", "cuda")
-FORMAT_VERSION = 1
 
 class OptimizedModule(nn.Module):
     """The optimized model: an ``nn.Module`` holding the ``GraphModule`` and the report."""
@@ -55,35 +55,27 @@ class OptimizedModule(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write the module (graph, weights, report) to ``path``; ``fxopt.load`` restores it.
 
-        The file is a pickle (like ``torch.save`` of any module): load only files you trust.
+        The file holds data only, no pickle (``fxopt.export.fileformat``): loading it never runs
+        code from it. A module that cannot be written as data raises ``FileFormatError``.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"fxopt_format": FORMAT_VERSION, "graph_module": self.graph_module,
-                   "report": self.report.to_dict(), "target": self.target,
-                   "torch": torch.__version__}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # no half-written file on failure
-        return path
+        return write_module(path, self.graph_module, target=self.target,
+                            report=self.report.to_dict())
 
 
-def load(path: str | Path) -> OptimizedModule:
-    """Restore a module written by ``OptimizedModule.save`` (outputs are bitwise the same)."""
-    from fxopt import ops  # noqa: F401 - registers the fxopt op namespace the graph may call
+def load(path: str | Path, *, modules: Iterable[type] = ()) -> OptimizedModule:
+    """Restore a module written by ``OptimizedModule.save`` (outputs are bitwise the same).
 
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"no such file: {path}", hint="check the path given to save()")
-    payload = torch.load(path, weights_only=False, map_location="cpu")
-    if not isinstance(payload, dict) or "fxopt_format" not in payload:
-        raise InputError(f"{path} is not an fxopt module file",
-                         hint="write it with OptimizedModule.save(path)")
-    if payload["fxopt_format"] > FORMAT_VERSION:
-        raise InputError(f"{path} was written by a newer fxopt (format {payload['fxopt_format']})",
-                         hint="upgrade fxopt")
-    return OptimizedModule(payload["graph_module"], Report.from_dict(payload["report"]),
-                           payload.get("target", "cpu"))
+    Nothing in the file is run: its graph names only allowlisted torch functions and torch.nn
+    module classes. ``modules``: your own leaf module classes the file may name (your code, not
+    the file's). A malformed, old (pickle) or unsafe file raises ``FileFormatError``.
+    """
+    saved = read_module(path, modules=modules)
+    try:
+        report = Report.from_dict(saved.report)
+    except (TypeError, ValueError, KeyError) as e:
+        raise FileFormatError(f"{path}: the saved report is malformed ({e})",
+                              hint="save the module again with OptimizedModule.save") from e
+    return OptimizedModule(saved.graph_module, report, saved.target)
 
 
 def _resolve_target(target: str, inputs: tuple) -> str:

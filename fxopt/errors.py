@@ -17,6 +17,7 @@ __all__ = [
     "FxoptError",
     "CaptureError",
     "InputError",
+    "FileFormatError",
     "ModelTypeError",
     "UnsupportedOpError",
     "PreconditionError",
@@ -44,6 +45,12 @@ class CaptureError(FxoptError):
 
 class InputError(FxoptError, ValueError):
     """Example inputs or calibration data missing, of the wrong type or of the wrong shape."""
+
+
+class FileFormatError(InputError):
+    """A module file that cannot be written or read: a missing, empty, truncated or malformed
+    file, an old (pickle) or newer format, or anything the file format does not allow (a call
+    outside its allowlist, a module whose state is not data)."""
 
 
 class ModelTypeError(FxoptError, TypeError):

@@ -10,5 +10,8 @@ Modules, each depending only on the ones listed after it:
   PyTorch's quantized CPU kernels.
 - ``qdq_state``: the state the rows share (grids of codes, constants) and the QDQ pieces.
 - ``onnx_ops``: the standard ONNX quantization operators as traceable torch functions.
+- ``fileformat``: the ``.fxopt`` file (``OptimizedModule.save`` / ``fxopt.load``): the graph and
+  modules as JSON, the tensors as safetensors, no pickle; it sits below ``fxopt.api`` (it
+  imports ``fxopt.ir``, ``fxopt.ops`` and ``fxopt.errors`` only).
 """
 __all__: list[str] = []

@@ -359,6 +359,7 @@ def _layer(kind: str):
         bias = None if v.bias is None else _const(m, v.bias).float()
         engine = _auto_engine(n, w_q) if m.context.engine == "auto" else m.context.engine
         with _quiet(), _engine(engine):
+            packed_for = torch.backends.quantized.engine
             wq = torch._make_per_channel_quantized_tensor(
                 w_q.to(torch.int8), w_s.double(), torch.zeros_like(w_s, dtype=torch.int64), 0)
             if kind == "conv2d":
@@ -367,6 +368,7 @@ def _layer(kind: str):
             else:
                 packed = torch.ops.quantized.linear_prepack(wq, bias)
         p = _packed(b, _who(n).replace(".", "_"), packed)
+        p.meta["fxopt_engine"] = packed_for  # saved with the weights, packed again under it
         out = b.call_function(_kernel(kind, v.act), (v.x, p, *_grid(m, v.y_scale, v.y_zp)))
         b.tally(kind)
         bounds = ACTIVATIONS[v.act].bounds(v.act_args)
