@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt.errors import InputError, NotAvailableError
-from fxopt.train.finetune import (check_settings, cosine_schedule, distillation_loss,
+from fxopt.train.finetune import (check_models, check_settings, cosine_schedule, distillation_loss,
                                   frozen_teacher, make_optimizer, split_batch)
 
 try:
@@ -163,8 +163,7 @@ def finetune_lightning(student: nn.Module, train: Iterable, val: Iterable | None
     """
     _require()
     check_settings(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience, schedule)
-    if not isinstance(student, nn.Module):
-        raise InputError(f"student must be an nn.Module, got {type(student).__name__}")
+    check_models(student, teacher, "student")
     if patience is not None and val is None:
         raise InputError("patience= needs val: early stopping watches the validation loss",
                          hint="pass val=... or patience=None")
