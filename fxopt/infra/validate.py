@@ -181,7 +181,14 @@ def calibration_arg(data: Any, example_inputs: tuple) -> None:
                              f"(inputs..., target) tuple of tensors",
                              hint="pass batches like the example inputs, e.g. "
                                   "calibration_data=[torch.randn(8, 3, 224, 224), ...]")
+        if len(args) != n:
+            raise InputError(f"calibration batch {i} has {len(args)} inputs; the model takes {n}",
+                             hint="give each batch as (input1, ..., input{n}) or "
+                                  "(input1, ..., input{n}, target)".replace("{n}", str(n)))
         for a, ex in zip(args, example_inputs):
+            if isinstance(ex, torch.Tensor) and a.numel() == 0:
+                raise InputError(f"calibration batch {i} is empty (shape {tuple(a.shape)})",
+                                 hint="drop empty batches from calibration_data")
             if isinstance(ex, torch.Tensor) and (a.dim() != ex.dim()
                                                  or a.shape[1:] != ex.shape[1:]):
                 raise InputError(f"calibration batch {i} has shape {tuple(a.shape)}, but the "

@@ -61,6 +61,24 @@ class Deconv(nn.Module):
         return self.up(x)
 
 
+class TwoIn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, a, b):
+        return self.fc(a + b)
+
+
+def two_in() -> nn.Module:
+    torch.manual_seed(0)
+    return TwoIn().eval()
+
+
+def two_inputs() -> tuple:
+    return torch.randn(2, 4), torch.randn(2, 4)
+
+
 def tiny() -> nn.Module:
     torch.manual_seed(0)
     m = Tiny()
@@ -331,6 +349,13 @@ CASES: dict[str, Case] = {
         _opt(quantize="int8", calibration_data=[torch.randn(2, 3, 5)]), InputError),
     "optimize/calibration-strings": Case(
         _opt(quantize="int8", calibration_data=[("a", "b")]), InputError),
+    "optimize/calibration-one-of-two-inputs": Case(
+        _opt(quantize="int8", calibration_data=[torch.randn(2, 4)]), InputError, model=two_in,
+        inputs=two_inputs),
+    "optimize/calibration-empty-batch": Case(
+        _opt(quantize="int8", calibration_data=[torch.randn(0, 3, 8, 8)]), InputError),
+    "optimize/calibration-generator-of-None": Case(
+        _opt(quantize="int8", calibration_data=(None for _ in range(2))), InputError),
     "optimize/calibration-without-quantize": Case(
         _opt(calibration_data=[torch.randn(2, 3, 8, 8)]), InputError),
     # --- optimize: capture options, instruments ------------------------------------------------
@@ -400,6 +425,9 @@ CASES: dict[str, Case] = {
     "finetune/data-strings": Case(_ft(train_data=[("a", "b")]), InputError, xfail=_FT_DATA),
     "finetune/data-wrong-shape": Case(_ft(train_data=_data(shape=(4, 2, 8, 8))), InputError,
                                       xfail=_FT_DATA),
+    "finetune/val-empty": Case(_ft(val_data=[]), InputError, xfail=_FT_DATA),
+    "finetune/no-targets-no-teacher": Case(_ft(train_data=[torch.randn(4, 3, 8, 8)]),
+                                           InputError, xfail=_FT_DATA),
     "finetune_lightning/epochs-zero": Case(_ftl(epochs=0), InputError),
     "finetune_lightning/student-None": Case(_ftl(), ModelTypeError, model=lambda: None),
     "finetune_lightning/patience-without-val": Case(_ftl(patience=3), InputError),
@@ -575,14 +603,18 @@ CLI_CASES = {
     "torchvision-unknown": ["optimize", "--model", "torchvision:resnet_nope"],
     "input-shape-text": ["optimize", "--model", "torchvision:resnet18", "--input-shape", "1,x"],
     "epochs-not-digits": ["optimize", "--model", "torchvision:resnet18", "--epochs", "2"],
-    "quantize-and-no-quantize": ["optimize", "--model", "torchvision:resnet18", "--input-shape",
-                                 "1,3,8,8", "--quantize", "int8", "--no-quantize"],
+    "quantize-and-no-quantize": ["optimize", "--quantize", "int8", "--no-quantize"],
+    "prune-and-no-prune": ["optimize", "--prune", "0.5", "--no-prune"],
+    "onnx-is-a-folder": ["optimize", "--onnx", "{tmp}"],
+    "out-is-a-file": ["optimize", "--out", "{tmp}/file.txt"],
+    "log-dir-is-a-file": ["optimize", "--log-dir", "{tmp}/file.txt"],
 }
 
 
 @pytest.mark.parametrize("name", sorted(CLI_CASES))
-def test_cli_bad_arguments(name, capsys):
-    rc = cli_main(CLI_CASES[name])
+def test_cli_bad_arguments(name, capsys, tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    rc = cli_main([a.replace("{tmp}", str(tmp_path)) for a in CLI_CASES[name]])
     out, err = capsys.readouterr()
     assert rc != 0
     assert "Traceback" not in out + err
