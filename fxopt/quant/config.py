@@ -33,6 +33,7 @@ types left in float. ``first_layer`` / ``last_layer``: ``"quantize"`` or ``"floa
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -98,6 +99,7 @@ class QuantConfig:
             raise InputError(f"QuantConfig.observer_options must be a dict of keyword options, "
                              f"got {type(self.observer_options).__name__}",
                              hint="e.g. observer_options={'percentile': 99.99}")
+        _check_observer_options(self.activation_observer, self.observer_options)
         if self.max_float_layers is not None:
             _count("max_float_layers", self.max_float_layers, 0, "or None for no limit")
         if self.min_sqnr_db is not None and (isinstance(self.min_sqnr_db, bool) or not isinstance(
@@ -155,3 +157,31 @@ def _count(name: str, value: Any, low: int, more: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InputError(f"QuantConfig.{name} must be an integer >= {low}, got {value!r}",
                          hint=f"e.g. {name}={max(low, 2)} {more}".rstrip())
+
+
+# Set by the calibration itself, never by the user (fxopt.quant.calibrate.activation_observer).
+_SET_BY_CALIBRATION = ("self", "label", "dtype", "symmetric", "reduce_range")
+
+
+def _check_observer_options(name: str, options: dict) -> None:
+    """``observer_options`` must be keyword options the observer's constructor takes."""
+    accepted: list[str] = []
+    for klass in OBSERVERS[name].__mro__:  # a subclass passes **kw on to its base
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        try:
+            params = inspect.signature(vars(klass)["__init__"]).parameters
+        except (TypeError, ValueError):
+            return
+        accepted += [p for p, v in params.items() if p not in _SET_BY_CALIBRATION
+                     and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+        if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
+            break
+    else:
+        return  # **kw all the way up: nothing to check against
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise InputError(f"QuantConfig.observer_options {unknown} are not options of the "
+                         f"{name!r} observer",
+                         hint=f"it takes: {', '.join(accepted)}" if accepted else
+                         f"the {name!r} observer takes no options: drop observer_options")

@@ -317,6 +317,9 @@ CASES: dict[str, Case] = {
     "optimize/target-unknown": Case(_opt(target="tpu"), PipelineError),
     "optimize/target-None": Case(_opt(target=None), PipelineError),
     "optimize/target-device": Case(_opt(target=torch.device("cpu")), PipelineError),
+    "optimize/target-cuda-without-cuda": Case(
+        _opt(target="cuda"), PipelineError,
+        marks=[pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")]),
     "optimize/precision-fp8": Case(_opt(precision="fp8"), PipelineError),
     "optimize/precision-int": Case(_opt(precision=16), PipelineError),
     "optimize/precision-dtype": Case(_opt(precision=torch.float16), PipelineError),
@@ -451,6 +454,11 @@ CASES: dict[str, Case] = {
                                         InputError),
     "QuantConfig/observer-options": Case(lambda m, x, t: QuantConfig(observer_options=5),
                                          InputError),
+    "QuantConfig/observer-option-unknown": Case(
+        lambda m, x, t: QuantConfig(observer_options={"percentile": 99.9}), InputError),
+    "optimize/quantize-observer-option-unknown": Case(
+        _opt(quantize={"activation_observer": "percentile", "observer_options": {"window": 8}},
+             calibration_data=[torch.randn(2, 3, 8, 8)]), InputError),
     "QuantConfig/symmetric-str": Case(lambda m, x, t: QuantConfig(activation_symmetric="yes"),
                                       InputError),
     "PruneConfig/ratio-nan": Case(lambda m, x, t: PruneConfig(ratio=math.nan), InputError),
