@@ -109,7 +109,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     """Optimize a copy of ``model`` for inference; every pass is checked against its reference.
 
     ``pipeline``: a name from ``fxopt.PIPELINES`` (default ``"default"``) or a list of pass names;
-    ``passes``: pass names appended to it; ``disable``: pass or group names to skip.
+    ``passes``: pass names appended to it; ``disable``: pass or group names to skip (each one
+    name or a list of names).
     ``prune=`` / ``quantize=`` / ``calibration_data=``: pruning ratio or config, ``"int8"`` or a
     config, and the batches to calibrate on. ``check``: ``"each"`` (default), ``"end"``,
     ``"none"``; ``on_mismatch``: ``"raise"``, ``"rollback"``, ``"warn"``.
@@ -142,7 +143,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         raise InputError("calibration_data was given but neither quantize= nor prune= was",
                          hint="pass quantize='int8' (or prune= with importance='taylor') with "
                               "it, or drop calibration_data")
-    names = build_pipeline(pipeline, target=target,
+    names = build_pipeline("default" if pipeline is None else pipeline, target=target,
                            prune=prune is not None, quantize=quantize is not None,
                            passes=extra, disable=disable)
     steps = expand_pipeline(names, disable=disable)
