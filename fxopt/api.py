@@ -21,10 +21,12 @@ import torch.nn as nn
 from fxopt.errors import (FileFormatError, InputError, NotAvailableError, NumericMismatchError,
                           PipelineError, VerificationError)
 from fxopt.export.fileformat import FORMAT_VERSION, read_module, write_module
-from fxopt.infra.manager import Instrument, PassManager, debug_level
+from fxopt.infra.manager import CHECK_MODES, MISMATCH_MODES, Instrument, PassManager, debug_level
 from fxopt.pipelines import FEATURE_PASSES, build_pipeline, expand_pipeline
 from fxopt.infra.registry import PASSES, PassContext
 from fxopt.infra.report import ModelStats, Report
+from fxopt.infra.validate import (calibration_arg, choice_arg, concrete_args_arg,
+                                  instruments_arg, leaf_modules_arg, names_arg, pipeline_arg)
 from fxopt.ir.capture import capture, check_model, normalize_inputs, run_eager
 from fxopt.ir.graph import count_bytes, count_nodes, count_params
 from fxopt.ir.metrics import count_macs
@@ -79,8 +81,7 @@ def load(path: str | Path, *, modules: Iterable[type] = ()) -> OptimizedModule:
 
 
 def _resolve_target(target: str, inputs: tuple) -> str:
-    if target not in TARGETS:
-        raise PipelineError(f"target must be one of {TARGETS}, got {target!r}")
+    choice_arg(target, "target", TARGETS)
     on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
     if target == "auto":
         return "cuda" if on_cuda else "cpu"
@@ -100,7 +101,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     """Optimize a copy of ``model`` for inference; every pass is checked against its reference.
 
     ``pipeline``: a name from ``fxopt.PIPELINES`` (default ``"default"``) or a list of pass names;
-    ``passes``: pass names appended to it; ``disable``: pass or group names to skip.
+    ``passes``: pass names appended to it; ``disable``: pass or group names to skip (each one
+    name or a list of names).
     ``prune=`` / ``quantize=`` / ``calibration_data=``: pruning ratio or config, ``"int8"`` or a
     config, and the batches to calibrate on. ``check``: ``"each"`` (default), ``"end"``,
     ``"none"``; ``on_mismatch``: ``"raise"``, ``"rollback"``, ``"warn"``.
@@ -114,10 +116,11 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     t_start = time.perf_counter()
     check_model(model)
     inputs = normalize_inputs(example_inputs)
+    pipeline, extra, disable, leaf_modules, concrete_args, instruments = _check_options(
+        model, inputs, pipeline, passes, disable, check, on_mismatch, leaf_modules,
+        concrete_args, instruments, calibration_data)
     target = _resolve_target(target, inputs)
     dtype = resolve_precision(precision, target, quantize, reduced_on_cpu=triton_on_cpu())
-    disable = list(disable)
-    extra = list(passes or [])
     configs = []
     for feature, value in (("prune", prune), ("quantize", quantize)):
         if value is None:
@@ -183,6 +186,18 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
                     hint="run with check='each' to name the pass that changed the numbers")
     report.total_time_s = time.perf_counter() - t_start
     return OptimizedModule(gm, report, target)
+
+
+def _check_options(model, inputs, pipeline, passes, disable, check, on_mismatch, leaf_modules,
+                   concrete_args, instruments, calibration_data):
+    """``optimize``'s options checked and normalized before anything runs (infra/validate.py):
+    (pipeline, passes, disable, leaf_modules, concrete_args, instruments)."""
+    choice_arg(check, "check", CHECK_MODES)
+    choice_arg(on_mismatch, "on_mismatch", MISMATCH_MODES)
+    calibration_arg(calibration_data, inputs)
+    return (pipeline_arg(pipeline), names_arg(passes, "passes"), names_arg(disable, "disable"),
+            leaf_modules_arg(leaf_modules), concrete_args_arg(model, concrete_args),
+            instruments_arg(instruments))
 
 
 def _model_stats(gm: fx.GraphModule) -> ModelStats:

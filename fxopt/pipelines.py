@@ -24,10 +24,12 @@ checks the passes' ``after``/``before`` constraints.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Sequence
 
 from fxopt.errors import PipelineError
 from fxopt.infra.registry import GROUPS, PASSES, PassGroup
+from fxopt.infra.validate import names_arg, pipeline_arg
 
 __all__ = ["PIPELINES", "FEATURE_PASSES", "build_pipeline", "expand_pipeline", "pipeline_names",
            "prune_phase", "cpu_layout_phase", "quantize_phase", "lowering_phase"]
@@ -44,6 +46,7 @@ CPU_LAYOUT_PASSES = ("lower_convs", "to_channels_last")
 
 def pipeline_names(pipeline: str | Sequence[str]) -> list[str]:
     """The names in ``pipeline``: a name of ``PIPELINES`` (its list), or a list of names."""
+    pipeline = pipeline_arg(pipeline)
     if isinstance(pipeline, str):
         if pipeline not in PIPELINES:
             raise PipelineError(f"unknown pipeline '{pipeline}'",
@@ -107,7 +110,8 @@ def build_pipeline(pipeline: str | Sequence[str] = "default", *, target: str = "
     applied later (``expand_pipeline``); a phase only reads it to leave out passes that
     depend on a disabled one."""
     names = pipeline_names(pipeline)
-    extra = list(passes)
+    extra = names_arg(passes, "passes")
+    disable = names_arg(disable, "disable")
     asked = set(extra)
     names = prune_phase(names, prune=prune or "prune_channels" in asked)
     names = cpu_layout_phase(names, target=target, disable=disable)
@@ -131,11 +135,14 @@ def expand_pipeline(pipeline: str | Sequence[str], *, extra: Sequence[str] = (),
     ``extra`` names are appended; ``disable`` names (passes or groups) are dropped everywhere.
     """
     names = pipeline_names(pipeline)
-    names += list(extra)
+    names += names_arg(extra, "passes")
+    disable = names_arg(disable, "disable")
     for n in list(names) + list(disable):
         if not isinstance(n, str) or (n not in PASSES and n not in GROUPS):
+            near = difflib.get_close_matches(str(n), list(PASSES) + list(GROUPS), n=1)
             raise PipelineError(f"unknown pass or group '{n}'",
-                                hint=f"`fxopt passes` lists them: {_known()}")
+                                hint=(f"did you mean '{near[0]}'? " if near else "")
+                                + f"`fxopt passes` lists them: {_known()}")
     disabled = set(disable)
     steps: list[str | PassGroup] = []
     for n in names:

@@ -50,9 +50,14 @@ from fxopt.ir.capture import normalize_inputs
 from fxopt.ir.tolerances import ErrorStats, compare_outputs
 from fxopt.ops.schema import is_fxopt_op, schema_of
 
-__all__ = ["export_onnx", "OnnxExport", "decompose_fused_ops", "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "OnnxExport", "decompose_fused_ops", "DEFAULT_OPSET", "MIN_OPSET",
+           "MAX_OPSET"]
 
 DEFAULT_OPSET = 17
+# The opsets the TorchScript exporter writes (torch.onnx's own bounds where it states them).
+MIN_OPSET = 9
+MAX_OPSET = getattr(getattr(torch.onnx, "_constants", None), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET",
+                    20)
 
 
 @dataclass
@@ -116,13 +121,62 @@ def _check_path(path) -> Path:
     return path
 
 
+def _check_options(opset, check, input_names, output_names) -> None:
+    if isinstance(opset, bool) or not isinstance(opset, int) or \
+            not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET} (what "
+                         f"torch.onnx.export writes), got {opset!r}",
+                         hint=f"leave it unset (opset={DEFAULT_OPSET})")
+    if not isinstance(check, bool):
+        raise InputError(f"check must be True or False, got {check!r}",
+                         hint="check=True runs the file in ONNX Runtime; check=False does not")
+    for what, names in (("input_names", input_names), ("output_names", output_names)):
+        if names is not None and (not isinstance(names, (list, tuple))
+                                  or not all(isinstance(n, str) for n in names)):
+            raise InputError(f"{what} must be a list of strings, got {names!r}",
+                             hint=f"e.g. {what}=['{what[:-6]}']")
+
+
+def _reference(module: nn.Module, inputs: tuple) -> Any:
+    """The module's outputs on ``inputs`` in eval mode, as it is exported: a module left in
+    training mode is switched to eval for this one call (its BatchNorm statistics are not
+    updated) and every training flag is put back after, on error too."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            return module(*inputs)
+    except Exception as e:  # noqa: BLE001 - any failure here is about the inputs
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"the module failed on the example inputs: {type(e).__name__}: {first}",
+                         hint="pass inputs of the shape, dtype and device the module takes (the "
+                              "ones it was optimized with)") from e
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def _ort_outputs(model_path: Path, inputs: tuple) -> list:
+    """The file run in ONNX Runtime on ``inputs``; a file ORT refuses (an InvalidArgument or
+    Fail at session creation, an error while running) is an UnsupportedOpError."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), tensors)}
-    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # its errors come back as the exception below
+        session = ort.InferenceSession(str(model_path), options,
+                                       providers=["CPUExecutionProvider"])
+        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), tensors)}
+        return [torch.from_numpy(o) for o in session.run(None, feeds)]
+    except Exception as e:  # noqa: BLE001 - ORT's errors are pybind classes of its own
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnsupportedOpError(
+            f"ONNX Runtime cannot run the exported file ({type(e).__name__}): {first}",
+            hint="onnx.checker accepted the file but ONNX Runtime refuses it: change the "
+                 "layer ORT names (e.g. a ConvTranspose2d whose output_padding is not below its "
+                 "stride), or export with check=False to keep the file for another "
+                 "runtime") from e
 
 
 def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
@@ -141,7 +195,9 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         raise InputError(f"module must be an nn.Module, got {type(module).__name__}",
                          hint="pass the OptimizedModule that fxopt.optimize returned")
     inputs = normalize_inputs(example_inputs)
+    _check_options(opset, check, input_names, output_names)
     path = _check_path(path)
+    reference = _reference(module, inputs)
     gm = _graph_module_of(module)
     notes: list[str] = []
     step = None
@@ -162,8 +218,6 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         warnings.warn(f"fxopt.export_onnx: no ONNX translation for {what}; kept as is",
                       UserWarning, stacklevel=2)
     export_gm.eval()
-    with torch.no_grad():
-        reference = module(*inputs)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         try:
@@ -182,7 +236,14 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
                                      hint=hint) from e
         if step is not None:
             drop_initializer_identities(tmp)
-        onnx.checker.check_model(str(tmp), full_check=True)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, ...
+            raise UnsupportedOpError(
+                f"torch.onnx.export wrote a file that onnx.checker refuses: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                hint=f"try another opset (opset={DEFAULT_OPSET} is tested), or export the "
+                     f"float model (pipeline=['cleanup']) to find the op") from e
         stats = None
         if check:
             try:

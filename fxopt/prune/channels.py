@@ -39,6 +39,7 @@ import torch.nn as nn
 import fxopt.prune.rules_elementwise  # noqa: F401  (the built-in rows of the rule table)
 import fxopt.prune.rules_layers  # noqa: F401
 import fxopt.prune.rules_shapes  # noqa: F401
+from fxopt.infra.validate import concrete_args_arg, leaf_modules_arg
 from fxopt.ir.capture import capture
 from fxopt.prune.records import LAYER_KINDS, ChannelGroup
 from fxopt.prune.rule_table import CHANNEL_RULES, ChannelRuleTable
@@ -245,6 +246,9 @@ def channel_groups(model: nn.Module, example_inputs: Any = None, *, leaf_modules
     ``model``: an eval-mode ``nn.Module`` (captured here on ``example_inputs``), or a
     ``GraphModule`` that ``fxopt.capture`` made (analysed as it is).
     """
+    leaf_modules = leaf_modules_arg(leaf_modules)
+    if isinstance(model, nn.Module):
+        concrete_args = concrete_args_arg(model, concrete_args)
     if isinstance(model, fx.GraphModule) and all(
             "tensor_meta" in n.meta for n in model.graph.nodes if n.op == "placeholder"):
         gm = model  # already captured: shapes are on the nodes

@@ -67,7 +67,16 @@ class PruneConfig:
         if isinstance(self.ignore, str):
             object.__setattr__(self, "ignore", (self.ignore,))
         else:
-            object.__setattr__(self, "ignore", tuple(self.ignore))
+            try:
+                object.__setattr__(self, "ignore", tuple(self.ignore))
+            except TypeError:
+                raise InputError(f"PruneConfig.ignore must be a list of module paths or "
+                                 f"patterns, got {type(self.ignore).__name__}",
+                                 hint="e.g. ignore=['fc', 'layer4.*']") from None
+        bad = [p for p in self.ignore if not isinstance(p, str)]
+        if bad:
+            raise InputError(f"PruneConfig.ignore holds module paths or fnmatch patterns, not "
+                             f"{type(bad[0]).__name__}", hint="e.g. ignore=['fc', 'layer4.*']")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or \
                 not 0.0 <= float(self.ratio) < 1.0:
             raise InputError(f"prune ratio must be a number in [0, 1), got {self.ratio!r}",
@@ -79,12 +88,18 @@ class PruneConfig:
         for name in ("round_to", "min_channels", "max_batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"PruneConfig.{name} must be an integer >= 1, got {v!r}")
-        if not 0.0 < float(self.max_group_ratio) <= 1.0:
-            raise InputError(f"PruneConfig.max_group_ratio must be in (0, 1], got "
-                             f"{self.max_group_ratio!r}")
+                raise InputError(f"PruneConfig.{name} must be an integer >= 1, got {v!r}",
+                                 hint=f"e.g. {name}={8 if name == 'round_to' else 1}")
+        g = self.max_group_ratio
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 < float(g) <= 1.0:
+            raise InputError(f"PruneConfig.max_group_ratio must be a number in (0, 1], got "
+                             f"{g!r}", hint="e.g. max_group_ratio=0.9 (at most 90% of a group)")
         if self.loss is not None and not callable(self.loss):
-            raise InputError("PruneConfig.loss must be callable: loss(output, target) -> scalar")
+            raise InputError("PruneConfig.loss must be callable: loss(output, target) -> scalar",
+                             hint="e.g. loss=torch.nn.functional.cross_entropy")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError(f"PruneConfig.seed must be an integer, got {self.seed!r}",
+                             hint="e.g. seed=0")
 
     @classmethod
     def coerce(cls, value: Any) -> "PruneConfig":
@@ -116,6 +131,7 @@ class PruneConfig:
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str], hint: str | None = None) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
+        choices = " or ".join(repr(a) for a in allowed)
         raise InputError(f"PruneConfig.{name} must be one of {list(allowed)}, got {value!r}",
-                         hint=hint)
+                         hint=f"pass {name}={choices}" + (f"; or {hint}" if hint else ""))

@@ -47,9 +47,12 @@ def calibration_inputs(data, example_inputs: tuple, min_batches: int = 1) -> lis
             args = tuple(batch[:n])  # (x, y): the inputs first, targets ignored
         else:
             raise InputError(f"calibration batch {i} is a {type(batch).__name__}; expected a "
-                             f"tensor or an (inputs..., target) tuple of tensors")
+                             f"tensor or an (inputs..., target) tuple of tensors",
+                             hint="pass batches like the example inputs, e.g. "
+                                  "calibration_data=[torch.randn(8, 3, 224, 224), ...]")
         if len(args) != n:
-            raise InputError(f"calibration batch {i} has {len(args)} inputs; the model takes {n}")
+            raise InputError(f"calibration batch {i} has {len(args)} inputs; the model takes {n}",
+                             hint=f"give each batch as the model's {n} inputs (then a target)")
         for a, ex in zip(args, example_inputs):
             if isinstance(ex, torch.Tensor) and (a.dim() != ex.dim()
                                                  or a.shape[1:] != ex.shape[1:]):
@@ -58,7 +61,8 @@ def calibration_inputs(data, example_inputs: tuple, min_batches: int = 1) -> lis
                                  f"differ)", hint="calibrate on batches shaped like the model's "
                                                   "inputs")
             if isinstance(ex, torch.Tensor) and a.numel() == 0:
-                raise InputError(f"calibration batch {i} is empty")
+                raise InputError(f"calibration batch {i} is empty",
+                                 hint="drop empty batches from calibration_data")
         batches.append(tuple(a.to(ex.device) if isinstance(ex, torch.Tensor) else a
                              for a, ex in zip(args, example_inputs)))
     if len(batches) < min_batches:

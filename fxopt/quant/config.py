@@ -42,6 +42,9 @@ types left in float. ``first_layer`` / ``last_layer``: ``"quantize"`` or ``"floa
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -84,26 +87,37 @@ class QuantConfig:
             raise InputError(f"unknown weight observer {self.weight_observer!r}",
                              hint=f"use one of: {', '.join(_WEIGHT_OBSERVERS)}")
         for name in ("first_layer", "last_layer"):
-            if getattr(self, name) not in _LAYER_POLICIES:
-                raise InputError(f"QuantConfig.{name} must be one of {_LAYER_POLICIES}, got "
-                                 f"{getattr(self, name)!r}")
+            _choice(name, getattr(self, name), _LAYER_POLICIES)
         if isinstance(self.keep_float, (str, type)):
             self.keep_float = [self.keep_float]
-        self.keep_float = list(self.keep_float)
+        try:
+            self.keep_float = list(self.keep_float)
+        except TypeError:
+            raise InputError(f"QuantConfig.keep_float must be a list, got "
+                             f"{type(self.keep_float).__name__}",
+                             hint="e.g. keep_float=['fc', nn.Conv1d]") from None
         for k in self.keep_float:
             if not isinstance(k, (str, type)):
                 raise InputError(f"QuantConfig.keep_float holds module paths or types, not "
-                                 f"{type(k).__name__}")
-        if self.mode not in _MODES:
-            raise InputError(f"QuantConfig.mode must be one of {_MODES}, got {self.mode!r}")
-        if self.cpu_engine not in _ENGINES:
-            raise InputError(f"QuantConfig.cpu_engine must be one of {_ENGINES}, got "
-                             f"{self.cpu_engine!r}")
-        if self.max_float_layers is not None and int(self.max_float_layers) < 0:
-            raise InputError("QuantConfig.max_float_layers must be 0 or more")
-        if self.min_sqnr_db is not None and not isinstance(self.min_sqnr_db, (int, float)):
+                                 f"{type(k).__name__}",
+                                 hint="e.g. keep_float=['layer1.0.conv1', nn.Conv1d]")
+        _choice("mode", self.mode, _MODES)
+        _choice("cpu_engine", self.cpu_engine, _ENGINES)
+        for name in ("activation_symmetric", "reduce_range", "float_without_kernel"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"QuantConfig.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}", hint=f"e.g. {name}=True")
+        if not isinstance(self.observer_options, dict):
+            raise InputError(f"QuantConfig.observer_options must be a dict of keyword options, "
+                             f"got {type(self.observer_options).__name__}",
+                             hint="e.g. observer_options={'percentile': 99.99}")
+        _check_observer_options(self.activation_observer, self.observer_options)
+        if self.max_float_layers is not None:
+            _count("max_float_layers", self.max_float_layers, 0, "or None for no limit")
+        if self.min_sqnr_db is not None and (isinstance(self.min_sqnr_db, bool) or not isinstance(
+                self.min_sqnr_db, (int, float)) or not math.isfinite(self.min_sqnr_db)):
             raise InputError(f"QuantConfig.min_sqnr_db is a number of dB, not "
-                             f"{type(self.min_sqnr_db).__name__}", hint="e.g. min_sqnr_db=30")
+                             f"{self.min_sqnr_db!r}", hint="e.g. min_sqnr_db=30")
         if self.warn_sqnr_db is not None and (isinstance(self.warn_sqnr_db, bool) or
                                               not isinstance(self.warn_sqnr_db, (int, float))):
             raise InputError(f"QuantConfig.warn_sqnr_db is a number of dB or None, not "
@@ -113,10 +127,8 @@ class QuantConfig:
                 not 0 <= self.holdout_fraction < 1:
             raise InputError(f"QuantConfig.holdout_fraction must be a number in [0, 1), got "
                              f"{self.holdout_fraction!r}", hint="e.g. holdout_fraction=0.2")
-        if int(self.sensitivity_batches) < 1:
-            raise InputError("QuantConfig.sensitivity_batches must be at least 1")
-        if int(self.min_batches) < 1:
-            raise InputError("QuantConfig.min_batches must be at least 1")
+        _count("sensitivity_batches", self.sensitivity_batches, 1)
+        _count("min_batches", self.min_batches, 1)
 
     @classmethod
     def coerce(cls, value: Any) -> QuantConfig:
@@ -132,15 +144,18 @@ class QuantConfig:
                 return cls(mode="dynamic")
             raise InputError(f"quantize={value!r} is not supported",
                              hint="use quantize='int8', 'int8_dynamic' or a QuantConfig")
+        hint = "use quantize='int8', 'int8_dynamic', a QuantConfig(...) or a dict of its fields"
         if isinstance(value, dict):
             known = {f.name for f in fields(cls)}
             unknown = set(value) - known
             if unknown:
+                near = [difflib.get_close_matches(str(u), known, n=1) for u in sorted(unknown)]
+                guess = f"did you mean {near[0][0]!r}? " if near[0] else ""
                 raise InputError(f"unknown QuantConfig fields {sorted(unknown)}",
-                                 hint=f"known: {', '.join(sorted(known))}")
+                                 hint=f"{guess}known: {', '.join(sorted(known))}")
             return cls(**value)
         raise InputError(f"quantize= takes 'int8', a QuantConfig or a dict, not "
-                         f"{type(value).__name__}")
+                         f"{type(value).__name__} ({value!r})", hint=hint)
 
     def keeps_float(self, path: str, module_type: type | None) -> bool:
         """Whether the layer at ``path`` (of ``module_type``) is to stay in float."""
@@ -151,3 +166,43 @@ class QuantConfig:
             elif module_type is not None and issubclass(module_type, k):
                 return True
         return False
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise InputError(f"QuantConfig.{name} must be one of {allowed}, got {value!r}",
+                         hint=f"pass {name}=" + " or ".join(repr(a) for a in allowed))
+
+
+def _count(name: str, value: Any, low: int, more: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"QuantConfig.{name} must be an integer >= {low}, got {value!r}",
+                         hint=f"e.g. {name}={max(low, 2)} {more}".rstrip())
+
+
+# Set by the calibration itself, never by the user (fxopt.quant.calibrate.activation_observer).
+_SET_BY_CALIBRATION = ("self", "label", "dtype", "symmetric", "reduce_range")
+
+
+def _check_observer_options(name: str, options: dict) -> None:
+    """``observer_options`` must be keyword options the observer's constructor takes."""
+    accepted: list[str] = []
+    for klass in OBSERVERS[name].__mro__:  # a subclass passes **kw on to its base
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        try:
+            params = inspect.signature(vars(klass)["__init__"]).parameters
+        except (TypeError, ValueError):
+            return
+        accepted += [p for p, v in params.items() if p not in _SET_BY_CALIBRATION
+                     and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+        if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
+            break
+    else:
+        return  # **kw all the way up: nothing to check against
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise InputError(f"QuantConfig.observer_options {unknown} are not options of the "
+                         f"{name!r} observer",
+                         hint=f"it takes: {', '.join(accepted)}" if accepted else
+                         f"the {name!r} observer takes no options: drop observer_options")

@@ -205,6 +205,7 @@ def cmd_optimize(args) -> int:
     # Fail on a misspelt pipeline or pass name before (possibly) training for seconds.
     fxopt.expand_pipeline(args.pipeline, disable=disable)
     _check_tradeoff_args(args)
+    _check_output_args(args)
     target = args.target
     if target == "cuda" and not torch.cuda.is_available():
         raise PipelineError("--target cuda but no CUDA device is available",
@@ -218,9 +219,6 @@ def cmd_optimize(args) -> int:
     if spec.name == "digits" and quantize is None and not args.no_quantize \
             and not args.no_prune and target != "cuda":
         quantize = "int8"  # the default run shows the whole pipeline, int8 last
-    if args.no_quantize and args.quantize:
-        raise InputError("--quantize and --no-quantize contradict each other",
-                         hint="pass one of them")
     calibration = None
     if quantize == "int8":
         calibration = [b.to(device) for b in spec.calibration]
@@ -317,6 +315,22 @@ def _write_pictures(out, model: nn.Module, example: torch.Tensor, opt, out_dir: 
     fxopt.draw(opt, out_dir / "graph_after.png", title="after")
     out.print(f"wrote {out_dir / 'graph_before.png'} and {out_dir / 'graph_after.png'}",
               markup=False)
+
+
+def _check_output_args(args) -> None:
+    """Contradicting flags and unusable output paths fail before the model is loaded."""
+    if args.no_quantize and args.quantize:
+        raise InputError("--quantize and --no-quantize contradict each other",
+                         hint="pass one of them")
+    if args.prune is not None and args.no_prune:
+        raise InputError("--prune and --no-prune contradict each other", hint="pass one of them")
+    for flag, value in (("--out", args.out), ("--log-dir", args.log_dir)):
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise InputError(f"cannot write to {flag} {value}: it is a file, not a folder",
+                             hint=f"pass a folder for {flag} (it is created if missing)")
+    if args.onnx and Path(args.onnx).is_dir():
+        raise InputError(f"--onnx {args.onnx} is a folder; it names the file to write",
+                         hint=f"e.g. --onnx {Path(args.onnx) / 'model.onnx'}")
 
 
 def _check_tradeoff_args(args) -> None:

@@ -35,13 +35,13 @@ import torch.nn.functional as F
 
 from torch.utils.data import DataLoader, TensorDataset
 
-from fxopt.errors import InputError, NotAvailableError, UnsupportedOpError
+from fxopt.errors import InputError, ModelTypeError, NotAvailableError, UnsupportedOpError
 from fxopt.ir.graph import packed_weights
 from fxopt.ops.schema import QAT_HINT, schema_of
 
 __all__ = ["finetune", "FinetuneResult", "distillation_loss", "evaluate_loss", "frozen_teacher",
            "split_batch", "as_batches", "check_trainable", "make_optimizer", "cosine_schedule",
-           "check_settings", "OPTIMIZERS", "SCHEDULES", "DEFAULT_BATCH_SIZE"]
+           "check_settings", "check_models", "OPTIMIZERS", "SCHEDULES", "DEFAULT_BATCH_SIZE"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -187,7 +187,8 @@ def make_optimizer(optimizer: str | Callable, params, lr: float, weight_decay: f
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay,
                                nesterov=True)
     raise InputError(f"optimizer must be one of {OPTIMIZERS} or a callable(params), "
-                     f"got {optimizer!r}")
+                     f"got {optimizer!r}",
+                     hint="e.g. optimizer='adamw', or optimizer=lambda p: torch.optim.SGD(p, 0.1)")
 
 
 @contextlib.contextmanager
@@ -231,20 +232,36 @@ def _progress(console, total: int | None):
 
 def check_settings(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience,
                    schedule) -> None:
-    """``InputError`` naming the first fine-tuning setting out of range (the plain loop and
-    the Lightning module take the same ones)."""
+    """``InputError`` naming the first fine-tuning setting out of range, with a hint (the plain
+    loop and the Lightning module take the same ones)."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise InputError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if not 0.0 <= kd_alpha <= 1.0:
-        raise InputError(f"kd_alpha must be in [0, 1], got {kd_alpha!r}")
-    if not kd_temperature > 0:
-        raise InputError(f"kd_temperature must be > 0, got {kd_temperature!r}")
-    if not lr > 0 or weight_decay < 0:
-        raise InputError(f"lr must be > 0 and weight_decay >= 0, got {lr!r}, {weight_decay!r}")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise InputError(f"patience must be an integer >= 1 or None, got {patience!r}")
+        raise InputError(f"epochs must be an integer >= 1, got {epochs!r}", hint="e.g. epochs=5")
+    _number("kd_alpha", kd_alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1]",
+            "e.g. kd_alpha=0.5 (0: no distillation)")
+    _number("kd_temperature", kd_temperature, lambda v: v > 0, "> 0", "e.g. kd_temperature=4.0")
+    _number("lr", lr, lambda v: v > 0, "> 0", "e.g. lr=1e-3")
+    _number("weight_decay", weight_decay, lambda v: v >= 0, ">= 0", "e.g. weight_decay=1e-4")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)
+                                 or patience < 1):
+        raise InputError(f"patience must be an integer >= 1 or None, got {patience!r}",
+                         hint="e.g. patience=3 (None: no early stopping)")
     if schedule not in SCHEDULES:
-        raise InputError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise InputError(f"schedule must be one of {SCHEDULES}, got {schedule!r}",
+                         hint="pass schedule=" + " or ".join(repr(k) for k in SCHEDULES))
+
+
+def _number(name: str, value, ok: Callable[[float], bool], what: str, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not ok(value):
+        raise InputError(f"{name} must be a number {what}, got {value!r}", hint=hint)
+
+
+def check_models(model, teacher, what: str = "model") -> None:
+    """``ModelTypeError`` unless ``model`` (and ``teacher``, when given) is an ``nn.Module``."""
+    for name, m in ((what, model), ("teacher", teacher)):
+        if (m is not None or name == what) and not isinstance(m, nn.Module):
+            raise ModelTypeError(f"{name} must be an nn.Module, got {type(m).__name__}",
+                                 hint=f"pass the torch.nn.Module to train as {name}=")
 
 
 def finetune(model: nn.Module, train_data: Iterable, val_data: Iterable | None = None, *,
@@ -294,8 +311,10 @@ def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_tempera
               lr, weight_decay, patience, schedule, augment, log_dir, progress, console, device,
               seed) -> FinetuneResult:
     check_settings(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience, schedule)
+    check_models(model, teacher)
     if patience is not None and val_data is None:
-        raise InputError("patience= needs val_data: early stopping watches the validation loss")
+        raise InputError("patience= needs val_data: early stopping watches the validation loss",
+                         hint="pass val_data=... or patience=None")
     if seed is not None:
         torch.manual_seed(seed)
     device = torch.device(device) if device is not None else _device_of(model)
@@ -304,6 +323,9 @@ def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_tempera
         teacher = frozen_teacher(teacher).to(device)
     check_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("the model has no trainable parameters",
+                         hint="unfreeze what should train: model.requires_grad_(True)")
     opt = make_optimizer(optimizer, params, lr, weight_decay)
     try:
         steps_per_epoch = len(train_data)  # type: ignore[arg-type]

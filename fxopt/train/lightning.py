@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt.errors import InputError, NotAvailableError
-from fxopt.train.finetune import (DEFAULT_BATCH_SIZE, as_batches, check_settings,
+from fxopt.train.finetune import (DEFAULT_BATCH_SIZE, as_batches, check_models, check_settings,
                                   check_trainable, cosine_schedule, distillation_loss,
                                   frozen_teacher, make_optimizer, split_batch)
 
@@ -167,8 +167,7 @@ def finetune_lightning(student: nn.Module, train: Iterable, val: Iterable | None
     """
     _require()
     check_settings(epochs, kd_alpha, kd_temperature, lr, weight_decay, patience, schedule)
-    if not isinstance(student, nn.Module):
-        raise InputError(f"student must be an nn.Module, got {type(student).__name__}")
+    check_models(student, teacher, "student")
     train = as_batches(train, name="train", batch_size=batch_size, shuffle=True, seed=seed)
     val = as_batches(val, name="val", batch_size=batch_size)
     check_trainable(student)
