@@ -85,6 +85,11 @@ def split_batch(batch: Any, device) -> tuple[tuple, torch.Tensor | None]:
     ``(x1, x2, ..., y)`` pairs, or a bare input tensor (target None: distillation only)."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         *xs, y = batch
+        if not isinstance(y, torch.Tensor) or not any(isinstance(x, torch.Tensor) for x in xs):
+            raise InputError(f"training batches must be (inputs, target) tensors, got "
+                             f"({', '.join(type(v).__name__ for v in batch)})",
+                             hint="e.g. a DataLoader over a TensorDataset(x, y), or the tensors "
+                                  "(x, y)")
         return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in xs), y.to(device)
     if isinstance(batch, torch.Tensor):
         return (batch.to(device),), None
@@ -164,7 +169,8 @@ def evaluate_loss(model: nn.Module, data: Iterable, device=None) -> tuple[float,
     finally:
         model.train(was)
     if total == 0:
-        raise InputError("the validation data is empty")
+        raise InputError("the validation data is empty",
+                         hint="pass val_data=None, or batches (inputs, targets)")
     return loss / total, correct / total
 
 
@@ -307,6 +313,37 @@ def frozen_teacher(teacher: nn.Module) -> nn.Module:
     return copy.deepcopy(teacher).eval().requires_grad_(False)
 
 
+def _preflight(model: nn.Module, train_data, val_data, device) -> None:
+    """Fail before training changes anything: empty validation data, or a first training batch
+    the model cannot run on (wrong shape, dtype, not tensors). The first batch is run once in
+    eval mode without gradients (no BatchNorm statistics move; every training flag is put back);
+    a one-pass iterator is not read ahead."""
+    if val_data is not None and hasattr(val_data, "__len__") and len(val_data) == 0:
+        raise InputError("the validation data is empty",
+                         hint="pass val_data=None, or batches (inputs, targets)")
+    if iter(train_data) is train_data:  # a generator: reading ahead would lose a batch
+        return
+    first = next(iter(train_data), None)
+    if first is None:
+        raise InputError("the training data is empty",
+                         hint="pass batches (inputs, targets), or the tensors (inputs, targets)")
+    dev = torch.device(device) if device is not None else _device_of(model)
+    xs, _ = split_batch(first, dev)
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*xs)
+    except Exception as e:
+        raise InputError(f"the model cannot run on the first training batch: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                         hint="each batch is (inputs, targets), the inputs shaped like the "
+                              "model's example inputs") from e
+    finally:
+        for m, t in flags.items():
+            m.training = t
+
+
 def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_temperature, optimizer,
               lr, weight_decay, patience, schedule, augment, log_dir, progress, console, device,
               seed) -> FinetuneResult:
@@ -315,6 +352,7 @@ def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_tempera
     if patience is not None and val_data is None:
         raise InputError("patience= needs val_data: early stopping watches the validation loss",
                          hint="pass val_data=... or patience=None")
+    _preflight(model, train_data, val_data, device)
     if seed is not None:
         torch.manual_seed(seed)
     device = torch.device(device) if device is not None else _device_of(model)

@@ -267,8 +267,6 @@ def _gm_bad_code():
     return gm.eval()
 
 
-_FXOPT_DYNAMO = "typed by the fileformat branch"  # save/load rows: the safe-format rewrite
-_FT_DATA = "typed by the finetune (X, y) branch"  # finetune data rows
 
 CASES: dict[str, Case] = {
     # --- optimize: the model -------------------------------------------------------------------
@@ -424,13 +422,12 @@ CASES: dict[str, Case] = {
     "finetune/frozen-teacher-type": Case(_ft(teacher="resnet"), ModelTypeError),
     "finetune/no-trainable-params": Case(_ft(), InputError,
                                          model=lambda: tiny().requires_grad_(False)),
-    "finetune/data-int": Case(_ft(train_data=5), InputError, xfail=_FT_DATA),
-    "finetune/data-strings": Case(_ft(train_data=[("a", "b")]), InputError, xfail=_FT_DATA),
-    "finetune/data-wrong-shape": Case(_ft(train_data=_data(shape=(4, 2, 8, 8))), InputError,
-                                      xfail=_FT_DATA),
-    "finetune/val-empty": Case(_ft(val_data=[]), InputError, xfail=_FT_DATA),
+    "finetune/data-int": Case(_ft(train_data=5), InputError),
+    "finetune/data-strings": Case(_ft(train_data=[("a", "b")]), InputError),
+    "finetune/data-wrong-shape": Case(_ft(train_data=_data(shape=(4, 2, 8, 8))), InputError),
+    "finetune/val-empty": Case(_ft(val_data=[]), InputError),
     "finetune/no-targets-no-teacher": Case(_ft(train_data=[torch.randn(4, 3, 8, 8)]),
-                                           InputError, xfail=_FT_DATA),
+                                           InputError),
     "finetune_lightning/epochs-zero": Case(_ftl(epochs=0), InputError),
     "finetune_lightning/student-None": Case(_ftl(), ModelTypeError, model=lambda: None),
     "finetune_lightning/patience-without-val": Case(_ftl(patience=3), InputError),
@@ -475,17 +472,14 @@ CASES: dict[str, Case] = {
     "PruneConfig/ignore-int": Case(lambda m, x, t: PruneConfig(ignore=[3]), InputError),
     "PruneConfig/seed": Case(lambda m, x, t: PruneConfig(seed="x"), InputError),
     # --- save / load ---------------------------------------------------------------------------
-    "save/directory": Case(_save(lambda tmp: tmp), InputError, model=optimized,
-                           xfail=_FXOPT_DYNAMO),
-    "save/None": Case(_save(lambda tmp: None), InputError, model=optimized,
-                      xfail=_FXOPT_DYNAMO),
+    "save/directory": Case(_save(lambda tmp: tmp), InputError, model=optimized),
+    "save/None": Case(_save(lambda tmp: None), InputError, model=optimized),
     "load/missing": Case(_load(lambda tmp: tmp / "nope.fxopt"), InputError),
-    "load/directory": Case(_load(lambda tmp: tmp), InputError, xfail=_FXOPT_DYNAMO),
-    "load/None": Case(_load(lambda tmp: None), InputError, xfail=_FXOPT_DYNAMO),
-    "load/empty": Case(_load(_file("empty.fxopt", b"")), InputError, xfail=_FXOPT_DYNAMO),
-    "load/text": Case(_load(_file("text.fxopt", b"hello, world\n")), InputError,
-                      xfail=_FXOPT_DYNAMO),
-    "load/truncated": Case(_load(_truncated), InputError, xfail=_FXOPT_DYNAMO),
+    "load/directory": Case(_load(lambda tmp: tmp), InputError),
+    "load/None": Case(_load(lambda tmp: None), InputError),
+    "load/empty": Case(_load(_file("empty.fxopt", b"")), InputError),
+    "load/text": Case(_load(_file("text.fxopt", b"hello, world\n")), InputError),
+    "load/truncated": Case(_load(_truncated), InputError),
 }
 
 
