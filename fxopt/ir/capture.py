@@ -352,6 +352,19 @@ def _bind_concrete_args(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
             graph.erase_node(node)
 
 
+def _none_guards_as_asserts(graph: fx.Graph) -> None:
+    """fx guards an argument specialized to None with a private helper; ``torch._assert`` of
+    ``operator.is_`` says the same, and every pass knows to keep it (it has an effect)."""
+    helper = getattr(fx._symbolic_trace, "_assert_is_none", None)
+    for node in list(graph.find_nodes(op="call_function", target=helper) if helper else []):
+        value, message = node.args[0], node.args[1] if len(node.args) > 1 else ""
+        with graph.inserting_before(node):
+            test = graph.call_function(_operator.is_, (value, None))
+            guard = graph.call_function(torch._assert, (test, message))
+        node.replace_all_uses_with(guard)
+        graph.erase_node(node)
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence) -> None:
     """Fill ``tensor_meta`` on every tensor node by running ``inputs`` through ``gm``.
 
@@ -426,6 +439,7 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
         raise _trace_error(tracer, e, hooks) from e
     stripped = _strip_hooks(work)  # the graph computes them now: leaf modules must not rerun them
     name = type(work).__name__
+    _none_guards_as_asserts(graph)
     if concrete_args:
         _bind_concrete_args(graph, concrete_args)
     gm = fx.GraphModule(tracer.root, graph, name)

@@ -19,7 +19,8 @@ import torch.fx as fx
 from fxopt.ir.graph import module_path, tensor_meta_of
 from fxopt.ir.tolerances import CONDITIONING_FACTOR, plain_structure, rel_err, tolerance_for
 
-__all__ = ["RecordedRun", "record_run", "clone_inputs", "conditioning_floors", "first_divergence", "value_key", "describe_node"]
+__all__ = ["RecordedRun", "record_run", "clone_inputs", "conditioning_floors", "first_divergence",
+           "value_key", "describe_node"]
 
 
 def value_key(node: fx.Node) -> str:
