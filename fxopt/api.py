@@ -9,7 +9,6 @@ The user's model is copied once at this boundary; nothing below touches it, on s
 """
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ from fxopt.infra.manager import Instrument, PassManager, debug_level
 from fxopt.pipelines import FEATURE_PASSES, build_pipeline, expand_pipeline
 from fxopt.infra.registry import PASSES, PassContext
 from fxopt.infra.report import ModelStats, Report
-from fxopt.ir.capture import capture_model, check_model, normalize_inputs
+from fxopt.ir.capture import capture_model, check_model, copy_model, normalize_inputs
 from fxopt.ir.check import clone_inputs, conditioning_floors
 from fxopt.ir.graph import count_bytes, count_nodes, count_params
 from fxopt.ir.metrics import count_macs
@@ -152,7 +151,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     steps = expand_pipeline(names, disable=disable)
     manager = PassManager(steps, check=check, on_mismatch=on_mismatch, instruments=instruments)
 
-    work = copy.deepcopy(model)  # the one copy: nothing below can reach the user's model
+    work = copy_model(model)  # the one copy: nothing below can reach the user's model
     user_inputs = inputs
     work, inputs, calibration_data, precision_notes = to_precision(work, inputs, calibration_data,
                                                                    dtype)

@@ -40,8 +40,9 @@ from fxopt.errors import CaptureError, InputError, ModelTypeError, PreconditionE
 from fxopt.ir.canonical import canonicalize
 from fxopt.ir.graph import remove_unused_attributes
 
-__all__ = ["capture", "capture_model", "Captured", "normalize_inputs", "check_model", "run_eager",
-           "check_finite", "DEFAULT_LEAF_MODULES", "propagate_shapes"]
+__all__ = ["capture", "capture_model", "Captured", "copy_model", "normalize_inputs", "check_model",
+           "run_eager", "check_finite", "constant_inputs", "DEFAULT_LEAF_MODULES",
+           "propagate_shapes"]
 
 # Modules traced as one call: their forward branches on tensor properties, and the passes
 # treat them whole (MACs are counted for MultiheadAttention).
@@ -126,6 +127,25 @@ def run_eager(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = N
         ) from e
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, fxopt's only one. Tensors a hook derived with autograd
+    (``torch.nn.utils.prune``'s ``weight = weight_orig * mask``, old-style weight norm) cannot be
+    deep-copied; the copy gets them detached (the hooks recompute them on the next call)."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:  # noqa: BLE001 - a model that cannot be copied is refused, typed
+        raise CaptureError(
+            f"the model cannot be copied (fxopt never touches the user's model, so it works on "
+            f"a deep copy): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            hint="make the model deep-copyable (copy.deepcopy(model) must work): no open "
+                 "files, locks or generators among its attributes") from e
+
+
 def check_finite(values: Any, what: str) -> None:
     """InputError unless every floating tensor among ``values`` (nested) is finite."""
     import torch.utils._pytree as pytree
@@ -177,6 +197,41 @@ def _strip_hooks(model: nn.Module) -> list[tuple[Any, Any]]:
 def _restore_hooks(removed: list[tuple[Any, Any]]) -> None:
     for container, saved in removed:
         container.update(saved)
+
+
+class _HookProbe:
+    """Wraps the hooks of fxopt's copy while the eager model runs, to learn which ones are
+    observers (they returned None on every call: feature taps, loggers). Those are left out
+    of the trace (``drop_observers``): run on fx proxies they would hand proxies to the user's
+    own lists, and their side effects cannot live in a graph anyway."""
+
+    def __init__(self, model: nn.Module):
+        self.returned: dict[int, bool] = {}
+        self.originals: list[tuple[dict, Any, Any]] = []
+        for mod in model.modules():
+            for attr in _HOOK_DICTS:
+                hooks = getattr(mod, attr, {})
+                for key, fn in list(hooks.items()):
+                    self.originals.append((hooks, key, fn))
+                    hooks[key] = self._wrap(key, fn)
+
+    def _wrap(self, key, fn):
+        def probe(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            self.returned[key] = self.returned.get(key, False) or result is not None
+            return result
+        return probe
+
+    def drop_observers(self) -> list[str]:
+        """Put the hooks back, less the observers; returns the observers' names."""
+        dropped = []
+        for hooks, key, fn in self.originals:
+            if self.returned.get(key, True):
+                hooks[key] = fn
+            else:
+                del hooks[key]
+                dropped.append(getattr(fn, "__qualname__", None) or type(fn).__name__)
+        return dropped
 
 
 def _refuse_global_hooks() -> None:
@@ -400,7 +455,7 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
     """
     check_model(model)
     inputs = normalize_inputs(example_inputs)
-    return capture_model(copy.deepcopy(model), inputs, leaf_modules=leaf_modules,
+    return capture_model(copy_model(model), inputs, leaf_modules=leaf_modules,
                          concrete_args=concrete_args, check=check).gm
 
 
@@ -416,9 +471,13 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
     if check:
         check_finite(inputs, "the example inputs")
     hooks = _hooked_modules(work)
-    if eager_output is None:
-        # A clear InputError for wrong inputs first; concrete_args are forward's arguments too.
-        eager_output = run_eager(work, inputs, concrete_args)
+    probe = _HookProbe(work) if hooks else None
+    try:
+        if eager_output is None or probe is not None:
+            # A clear InputError for wrong inputs first; concrete_args are forward's arguments.
+            eager_output = run_eager(work, inputs, concrete_args)
+    finally:
+        observers = probe.drop_observers() if probe is not None else []
     if check:
         check_finite(eager_output, "the model's output on the example inputs")
     notes = []
@@ -428,8 +487,10 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
         notes.append("capture: the graph is specialized on the non-tensor example inputs " +
                      ", ".join(f"{k}={v!r}" for k, v in auto.items()))
     if hooks:
-        notes.append("capture: forward hooks traced into the graph: " + "; ".join(
-            f"'{p or type(work).__name__}': {', '.join(h)}" for p, h in hooks.items()))
+        notes.append("capture: forward hooks traced into the graph: " + _describe_hooks(hooks))
+    if observers:
+        notes.append("capture: hooks that returned None (observers) are not part of the "
+                     "optimized model: " + ", ".join(observers))
     tracer = _Tracer(types, names)
     try:
         graph = _trace(tracer, work, {**auto, **(concrete_args or {})} or None)

@@ -60,6 +60,25 @@ def test_hooks_on_leaf_submodules_are_traced_in_once():
     assert_same(gm, m, X)
 
 
+def test_observer_hooks_are_left_out_and_never_see_proxies():
+    m = conv_net()
+    seen = []
+    m[0].register_forward_hook(lambda mod, args, out: seen.append(out))  # returns None
+    opt = fxopt.optimize(m, X)
+    assert_same(opt, m, X)
+    assert seen and all(isinstance(t, torch.Tensor) for t in seen)
+    assert any("observers" in n for n in opt.report.notes)
+
+
+def test_torch_prune_reparametrization_hook():
+    import torch.nn.utils.prune as prune
+
+    m = conv_net()
+    prune.l1_unstructured(m[0], "weight", amount=0.5)  # a forward pre-hook recomputes weight
+    opt = fxopt.optimize(m, X)
+    assert_same(opt, m, X)
+
+
 def test_untraceable_hook_is_a_capture_error_naming_it():
     m = conv_net()
 
