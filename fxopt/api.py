@@ -25,7 +25,7 @@ from fxopt.pipelines import FEATURE_PASSES, build_pipeline, expand_pipeline
 from fxopt.infra.registry import PASSES, PassContext
 from fxopt.infra.report import ModelStats, Report
 from fxopt.ir.capture import capture_model, check_model, copy_model, normalize_inputs
-from fxopt.ir.check import clone_inputs, conditioning_floors
+from fxopt.ir.check import clone_inputs, conditioning_floors, seeded
 from fxopt.ir.graph import count_bytes, count_nodes, count_params
 from fxopt.ir.metrics import count_macs
 from fxopt.ir.precision import resolve_precision, to_precision
@@ -160,7 +160,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         t0 = time.perf_counter()
         # The capture is checked against eager like a pass (CaptureError naming the cause).
         captured = capture_model(work, inputs, leaf_modules=leaf_modules,
-                                 concrete_args=concrete_args, check=manager.check != "none")
+                                 concrete_args=concrete_args, check=manager.check != "none",
+                                 pristine=model)
         gm, eager_out = captured.gm, captured.eager_output
         # Only when a comparison fails: how much this model amplifies its own rounding.
         manager.conditioning = lambda: conditioning_floors(model, user_inputs, eager_out,
@@ -172,7 +173,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
                           calibration_data=calibration_data, original=model, debug=debug_level())
         gm, report = manager.run(gm, ctx, report)
         report.after = _model_stats(gm)
-        with torch.no_grad():
+        with torch.no_grad(), seeded(inputs):
             final_out = gm(*clone_inputs(inputs))
         if manager.last_output is not None:
             # The module's generated code must compute what the checked graph computed.

@@ -40,7 +40,7 @@ from fxopt.errors import (FxoptError, NumericMismatchError, PassError, PipelineE
 from fxopt.infra.registry import PASSES, PassContext, PassGroup, PassInfo, PassResult
 from fxopt.infra.report import PassRecord, Report
 from fxopt.ir.check import (RecordedRun, clone_inputs, describe_node, first_divergence,
-                             record_run)
+                             record_run, seeded)
 from fxopt.ir.graph import count_nodes, count_params, module_path
 from fxopt.ir.tolerances import CONDITIONING_FACTOR, compare_outputs
 from fxopt.ir.verify import verify_structure as verify_structure_fn
@@ -335,7 +335,7 @@ class PassManager:
 def _call(module, inputs):
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), seeded(inputs):
         return module(*clone_inputs(inputs))
 
 

@@ -105,11 +105,11 @@ def run_eager(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = N
     hand) cannot be captured faithfully: the graph would freeze the value seen while tracing.
     That gets a warning naming the buffers.
     """
-    from fxopt.ir.check import clone_inputs  # check imports nothing from capture
+    from fxopt.ir.check import clone_inputs, seeded  # check imports nothing from capture
 
     before = {k: v.clone() for k, v in model.named_buffers()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), seeded(inputs):
             out = model(*clone_inputs(inputs), **(kwargs or {}))  # forward may write into x
         changed = [k for k, v in model.named_buffers()
                    if k in before and (v.shape != before[k].shape or not torch.equal(v, before[k]))]
@@ -197,6 +197,29 @@ def _strip_hooks(model: nn.Module) -> list[tuple[Any, Any]]:
 def _restore_hooks(removed: list[tuple[Any, Any]]) -> None:
     for container, saved in removed:
         container.update(saved)
+
+
+class _StateGuard:
+    """Puts back the parameters and buffers a forward wrote into (their version counters moved)
+    from the pristine model, so every run starts from the user's state."""
+
+    def __init__(self, work: nn.Module, pristine: nn.Module | None):
+        self.tensors = dict(work.named_parameters())
+        self.tensors.update(work.named_buffers())
+        self.versions = {k: t._version for k, t in self.tensors.items()}
+        self.pristine = pristine
+
+    def reset(self) -> None:
+        moved = [k for k, t in self.tensors.items() if t._version != self.versions[k]]
+        if not moved or self.pristine is None:
+            return
+        source = dict(self.pristine.named_parameters())
+        source.update(self.pristine.named_buffers())
+        with torch.no_grad():
+            for k in moved:
+                if k in source and source[k].shape == self.tensors[k].shape:
+                    self.tensors[k].copy_(source[k])
+                    self.versions[k] = self.tensors[k]._version
 
 
 class _HookProbe:
@@ -456,21 +479,25 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
     check_model(model)
     inputs = normalize_inputs(example_inputs)
     return capture_model(copy_model(model), inputs, leaf_modules=leaf_modules,
-                         concrete_args=concrete_args, check=check).gm
+                         concrete_args=concrete_args, check=check, pristine=model).gm
 
 
 def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = (),
                   concrete_args: dict[str, Any] | None = None, check: bool = True,
-                  eager_output: Any = None) -> Captured:
+                  eager_output: Any = None, pristine: nn.Module | None = None) -> Captured:
     """``capture`` of fxopt's own copy ``work`` (its hooks are removed once traced in).
 
     ``eager_output``: the eager model's output on ``inputs`` when the caller has it already.
+    ``pristine``: the model ``work`` was copied from (read only): a forward that writes into its
+    own parameters or buffers (a counter) gets them reset from it after every run, so the graph
+    is compared with eager from the same state and starts from the user's.
     """
     types, names = _split_leaves(leaf_modules)
     _refuse_global_hooks()
     if check:
         check_finite(inputs, "the example inputs")
     hooks = _hooked_modules(work)
+    state = _StateGuard(work, pristine)
     probe = _HookProbe(work) if hooks else None
     try:
         if eager_output is None or probe is not None:
@@ -478,6 +505,7 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
             eager_output = run_eager(work, inputs, concrete_args)
     finally:
         observers = probe.drop_observers() if probe is not None else []
+    state.reset()
     if check:
         check_finite(eager_output, "the model's output on the example inputs")
     notes = []
@@ -511,6 +539,7 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
     # Tensor shapes first: canonicalization reads them (flatten/reshape).
     try:
         propagate_shapes(gm, inputs)
+        state.reset()
     except Exception as e:  # noqa: BLE001
         raise CaptureError(
             f"the traced graph does not run on the example inputs: {type(e).__name__}: "
@@ -521,7 +550,8 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
     remove_unused_attributes(gm)
     gm.recompile()
     if check:
-        _check_against_eager(gm, work, inputs, eager_output, hooks, stripped, concrete_args)
+        _check_against_eager(gm, work, inputs, eager_output, hooks, stripped, concrete_args,
+                             state)
     return Captured(gm, eager_output, notes)
 
 
@@ -571,13 +601,14 @@ def _causes(work: nn.Module, hooks: dict, inputs: tuple, gm: fx.GraphModule | No
 
 
 def _check_against_eager(gm: fx.GraphModule, work: nn.Module, inputs: tuple, eager_output: Any,
-                         hooks: dict, stripped: list, concrete_args: dict | None) -> None:
+                         hooks: dict, stripped: list, concrete_args: dict | None,
+                         state: "_StateGuard") -> None:
     """CaptureError unless the captured graph computes what the eager model computed."""
-    from fxopt.ir.check import clone_inputs
+    from fxopt.ir.check import clone_inputs, seeded
     from fxopt.ir.tolerances import compare_outputs
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), seeded(inputs):
             out = gm(*clone_inputs(inputs))
     except Exception as e:  # noqa: BLE001
         raise CaptureError(
@@ -585,6 +616,7 @@ def _check_against_eager(gm: fx.GraphModule, work: nn.Module, inputs: tuple, eag
             f"{str(e).splitlines()[0] if str(e) else ''}" + _causes(work, hooks, inputs, gm),
             hint="mark the module that misbehaves under tracing as a leaf "
                  "(leaf_modules=[...])") from e
+    state.reset()
     stats = compare_outputs(out, eager_output)
     if stats.ok:
         return
@@ -595,6 +627,7 @@ def _check_against_eager(gm: fx.GraphModule, work: nn.Module, inputs: tuple, eag
         again = compare_outputs(run_eager(work, inputs, concrete_args), eager_output)
     finally:
         _strip_hooks(work)
+        state.reset()
     if not again.ok:
         raise CaptureError(
             f"the model is not deterministic: two eager runs on the same inputs differ "

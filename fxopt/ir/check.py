@@ -9,6 +9,7 @@ intermediate values so that a mismatch can be traced to the first node that dive
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,8 @@ import torch.fx as fx
 from fxopt.ir.graph import module_path, tensor_meta_of
 from fxopt.ir.tolerances import CONDITIONING_FACTOR, plain_structure, rel_err, tolerance_for
 
-__all__ = ["RecordedRun", "record_run", "clone_inputs", "conditioning_floors", "first_divergence",
-           "value_key", "describe_node"]
+__all__ = ["RecordedRun", "record_run", "clone_inputs", "seeded", "conditioning_floors",
+           "first_divergence", "value_key", "describe_node"]
 
 
 def value_key(node: fx.Node) -> str:
@@ -76,6 +77,18 @@ class _Recorder(fx.Interpreter):
         return result
 
 
+@contextlib.contextmanager
+def seeded(inputs: tuple = ()):
+    """Every run fxopt compares starts from the same random state (restored after), so a model
+    that draws random numbers in forward (``torch.rand_like``) is compared with itself, not with
+    another draw; the caller's random state is left as it was."""
+    devices = sorted({x.device.index or 0 for x in inputs
+                      if isinstance(x, torch.Tensor) and x.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
+
+
 def clone_inputs(inputs: tuple) -> tuple:
     """Fresh copies of the tensors among ``inputs`` (other values as they are).
 
@@ -90,7 +103,7 @@ def record_run(gm: fx.GraphModule, inputs: tuple, *, keep_values: bool = True,
     """Run ``gm`` on copies of ``inputs`` under no_grad, recording node values and checking
     metadata."""
     rec = _Recorder(gm, keep_values, refresh_meta)
-    with torch.no_grad():
+    with torch.no_grad(), seeded(inputs):
         out = rec.run(*clone_inputs(inputs))
     return RecordedRun(plain_structure(out), rec.values, rec.by_node, rec.stale)
 
@@ -134,7 +147,7 @@ def conditioning_floors(model: Any, inputs: tuple, output: Any,
 
     try:
         model64 = copy.deepcopy(model).to(torch.float64)
-        with torch.no_grad():
+        with torch.no_grad(), seeded(inputs):
             out64 = model64(*(to64(x) for x in clone_inputs(inputs)), **(kwargs or {}))
     except Exception:  # noqa: BLE001 - a model that only runs in its own dtype: no allowance
         return None

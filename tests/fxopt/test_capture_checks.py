@@ -135,13 +135,26 @@ def test_overridden_call_of_a_leaf_is_caught_by_the_check():
     assert_same(fxopt.optimize(m, X), m, X)  # traced through (not a leaf): right
 
 
-def test_nondeterministic_model_is_named():
+def test_random_ops_are_compared_under_one_seed_and_python_state_is_named():
     class Noisy(nn.Module):
         def forward(self, x):
             return x + torch.rand_like(x)
 
+    state = torch.random.get_rng_state()
+    fxopt.optimize(Noisy().eval(), X)  # the checks draw the same numbers each run
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's state untouched
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * self.calls
+
     with pytest.raises(fxopt.CaptureError, match="not deterministic"):
-        fxopt.optimize(Noisy().eval(), X)
+        fxopt.optimize(Counter().eval(), X)
 
 
 # -- constant example inputs ----------------------------------------------------------------------
