@@ -32,7 +32,7 @@ TF32_TOLERANCE = 5e-4
 # two float32 evaluations of it that differ only in summation order can differ by far more
 # than 1e-5. Its own rounding error is measured as the spread between a float64 and a float32
 # eager run; a check that fails the table tolerance then allows CONDITIONING_FACTOR times that
-# spread (DESIGN.md section 7), which still catches any real bug above the model's noise.
+# spread, which still catches any real bug above the model's noise.
 CONDITIONING_FACTOR = 10.0
 
 
