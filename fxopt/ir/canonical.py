@@ -9,8 +9,12 @@ module, ``F.leaky_relu``, ``x.relu()``, in place or not);
 (a ``view``/``reshape`` that is a flatten included); other views become ``torch.reshape``.
 
 In-place forms are made out-of-place; uses of the mutated tensor after the in-place op are
-redirected to its result, which is what the in-place op meant. An in-place op on a view whose
-base is used again is left alone (changing it would lose the write through the view).
+redirected to its result, which is what the in-place op meant. So are the later uses of every
+other name for the same tensor: ops that may hand back their input itself (eval-mode
+``Dropout``, ``Identity``, ``.contiguous()`` of a contiguous tensor, a ``.to()`` that changes
+nothing, ``.detach()``) are followed both ways (``_same_tensor``). An in-place op on a view
+whose base (or another view of it) is used again is left alone (changing it would lose the
+write through the view); so is one that writes into an input or a weight.
 
     >>> activation_of(node)      # ("leaky_relu", {"negative_slope": 0.1}) or None
 """
@@ -121,11 +125,12 @@ class _Rewriter:
         copy_meta(new, old)
         old.replace_all_uses_with(new)
         if mutated is not None:
-            # Later readers of the mutated tensor meant the mutated value.
+            # Later readers of the mutated tensor, under any of its names, meant the new value.
             pos = self.order[old]
-            for user in list(mutated.users):
-                if user is not new and self.order.get(user, -1) > pos:
-                    user.replace_input_with(mutated, new)
+            for name in _same_tensor(mutated):
+                for user in list(name.users):
+                    if user is not new and self.order.get(user, -1) > pos:
+                        user.replace_input_with(name, new)
         self.order[new] = self.order[old]
         name = old.name
         self.graph.erase_node(old)
@@ -133,15 +138,16 @@ class _Rewriter:
         self.count += 1
 
     def _safe_to_functionalize(self, node: fx.Node, mutated: fx.Node) -> bool:
-        if mutated.op in ("placeholder", "get_attr"):
+        names = _same_tensor(mutated)
+        if any(n.op in ("placeholder", "get_attr") for n in names):
             # Mutating an input or a weight in place is a side effect the caller may see.
             return False
         # Writing into a tensor also writes into every view of it and into its base: if any
-        # alias other than the mutated node is read after this op, an out-of-place rewrite
-        # would lose that write.
+        # alias other than a name of the tensor itself is read after this op, an out-of-place
+        # rewrite would lose that write.
         pos = self.order[node]
         for alias in _aliases(mutated):
-            if alias is not mutated and any(self.order.get(u, -1) > pos for u in alias.users):
+            if alias not in names and any(self.order.get(u, -1) > pos for u in alias.users):
                 return False
         return True
 
@@ -157,16 +163,84 @@ def _is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
 
 
+_MAY_RETURN_INPUT_METHODS = {"contiguous", "to", "type", "float", "double", "half", "bfloat16",
+                              "detach", "type_as", "cpu", "cuda"}
+_MAY_RETURN_INPUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                             nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
+_MAY_RETURN_INPUT_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d,
+                               torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
+                               torch.nn.functional.alpha_dropout, torch.detach}
+
+
+def _returns_input(node: fx.Node, *, certain: bool = False) -> bool:
+    """True when ``node`` may hand back its first argument itself (or a same-shape alias of
+    it): in eval mode ``Dropout`` and ``Identity`` do, ``.contiguous()`` of a contiguous tensor
+    and a ``.to()`` that changes nothing do, ``.detach()`` shares the storage. ``certain``: a
+    conversion only counts when the recorded metadata shows it changed nothing (same shape,
+    dtype and strides, no device argument)."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        if node.target not in _MAY_RETURN_INPUT_METHODS:
+            return False
+        if not certain or node.target == "detach":
+            return True
+        if node.target in ("cpu", "cuda") or any(
+                isinstance(a, (str, torch.device, fx.Node))
+                for a in (*node.args[1:], *node.kwargs.values())):
+            return False
+        a, b = tensor_meta(node.args[0]), tensor_meta(node)
+        return a is not None and b is not None and (tuple(a.shape), a.dtype, tuple(a.stride)) \
+            == (tuple(b.shape), b.dtype, tuple(b.stride))
+    if node.op == "call_function":
+        if node.target not in _MAY_RETURN_INPUT_FUNCTIONS:
+            return False
+        if not certain or node.target is torch.detach:
+            return True
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+        return training is False
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        try:
+            mod = owner.get_submodule(node.target) if owner is not None else None
+        except AttributeError:
+            return False
+        return isinstance(mod, _MAY_RETURN_INPUT_MODULES) and not (certain and mod.training
+                                                                   and type(mod) is not nn.Identity)
+    return False
+
+
+def _same_tensor(node: fx.Node) -> list[fx.Node]:
+    """``node`` and every other node that may be the same tensor object (``_returns_input``,
+    followed to the source and to the users)."""
+    root = node
+    while _returns_input(root, certain=True):
+        root = root.args[0]
+    out, todo = [], [root]
+    while todo:
+        n = todo.pop()
+        if n in out:
+            continue
+        out.append(n)
+        todo.extend(u for u in n.users if _returns_input(u, certain=True) and u.args[0] is n)
+    return out
+
+
 def _aliases(node: fx.Node) -> list[fx.Node]:
-    """Nodes that may share storage with ``node``: its view ancestors and their view descendants."""
+    """Nodes that may share storage with ``node``: its view (or same-tensor) ancestors and their
+    view (or same-tensor) descendants."""
     base = node
-    while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+    while (_is_view(base) or _returns_input(base)) and base.args \
+            and isinstance(base.args[0], fx.Node):
         base = base.args[0]
     out, todo = [], [base]
     while todo:
         n = todo.pop()
+        if n in out:
+            continue
         out.append(n)
-        todo.extend(u for u in n.users if _is_view(u) and u.args and u.args[0] is n)
+        todo.extend(u for u in n.users
+                    if (_is_view(u) or _returns_input(u)) and u.args and u.args[0] is n)
     return out
 
 
@@ -245,6 +319,9 @@ def _canonicalize_call(rw: _Rewriter, node: fx.Node) -> None:
         x = node.args[0]
         if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
             shape = tuple(node.args[1])
+        elif len(node.args) == 2 and isinstance(node.args[1], fx.Node) \
+                and node.args[1].meta.get("fxopt_nontensor") != "int":
+            return  # x.reshape(y.shape): the argument is the whole shape (a torch.Size)
         elif not is_fn:
             shape = tuple(node.args[1:])
         else:

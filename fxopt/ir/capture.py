@@ -4,15 +4,32 @@ The captured module is a deep copy: nothing fxopt does afterwards can reach the 
 parameters, buffers or training flags. Every tensor node carries ``tensor_meta`` (shapes from
 running the example inputs), ``fxopt_path`` (the user's module path) and ``fxopt_from``.
 
+The capture is a checked step, like a pass: the captured graph is run on (copies of) the example
+inputs and compared with the eager model; a divergence is a ``CaptureError`` that names the
+likely cause. Where torch.fx alone would diverge, capture does what eager does:
+
+- forward hooks and pre-hooks (of the model and of its submodules, leaf ones included) are
+  traced into the graph, and removed from the captured copy (global module hooks are refused);
+- a model that overrides ``__call__`` is traced through its ``__call__``;
+- non-tensor example inputs (``None``, numbers, strings, flags) become ``concrete_args``: the
+  graph is specialized on them (fx guards the value) instead of tracing them as proxies;
+- in-place ops are made out-of-place with every alias redirected (``canonical.py``).
+
+Non-finite example inputs, or a model whose eager output on them is not finite, are refused
+(``InputError``): no check can compare NaNs.
+
     >>> gm = fxopt.capture(model.eval(), torch.randn(1, 3, 224, 224), leaf_modules=[MyBlock])
     >>> gm.graph.print_tabular()
 """
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import operator as _operator
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -23,7 +40,9 @@ from fxopt.errors import CaptureError, InputError, ModelTypeError, PreconditionE
 from fxopt.ir.canonical import canonicalize
 from fxopt.ir.graph import remove_unused_attributes
 
-__all__ = ["capture", "normalize_inputs", "check_model", "DEFAULT_LEAF_MODULES", "propagate_shapes"]
+__all__ = ["capture", "capture_model", "Captured", "copy_model", "normalize_inputs", "check_model",
+           "run_eager", "check_finite", "constant_inputs", "DEFAULT_LEAF_MODULES",
+           "propagate_shapes"]
 
 # Modules traced as one call: their forward branches on tensor properties, and the passes
 # treat them whole (MACs are counted for MultiheadAttention).
@@ -79,17 +98,19 @@ def _describe(inputs: tuple) -> str:
                      if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
 
 
-def run_eager(model: nn.Module, inputs: tuple) -> Any:
+def run_eager(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None) -> Any:
     """Run ``model`` on the example inputs; a failure becomes an InputError saying so.
 
     A forward that writes into its own buffers (a step counter, running statistics kept by
     hand) cannot be captured faithfully: the graph would freeze the value seen while tracing.
     That gets a warning naming the buffers.
     """
+    from fxopt.ir.check import clone_inputs, seeded  # check imports nothing from capture
+
     before = {k: v.clone() for k, v in model.named_buffers()}
     try:
-        with torch.no_grad():
-            out = model(*inputs)
+        with torch.no_grad(), seeded(inputs):
+            out = model(*clone_inputs(inputs), **(kwargs or {}))  # forward may write into x
         changed = [k for k, v in model.named_buffers()
                    if k in before and (v.shape != before[k].shape or not torch.equal(v, before[k]))]
         if changed:
@@ -106,7 +127,158 @@ def run_eager(model: nn.Module, inputs: tuple) -> Any:
         ) from e
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, fxopt's only one. Tensors a hook derived with autograd
+    (``torch.nn.utils.prune``'s ``weight = weight_orig * mask``, old-style weight norm) cannot be
+    deep-copied; the copy gets them detached (the hooks recompute them on the next call)."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:  # noqa: BLE001 - a model that cannot be copied is refused, typed
+        raise CaptureError(
+            f"the model cannot be copied (fxopt never touches the user's model, so it works on "
+            f"a deep copy): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            hint="make the model deep-copyable (copy.deepcopy(model) must work): no open "
+                 "files, locks or generators among its attributes") from e
+
+
+def check_finite(values: Any, what: str) -> None:
+    """InputError unless every floating tensor among ``values`` (nested) is finite."""
+    import torch.utils._pytree as pytree
+
+    for leaf in pytree.tree_leaves(values):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.numel() \
+                and not bool(torch.isfinite(leaf).all()):
+            bad = int((~torch.isfinite(leaf)).sum())
+            raise InputError(
+                f"{what} holds {bad} NaN/Inf value(s) (a tensor of shape {tuple(leaf.shape)}): "
+                f"fxopt checks every step by comparing outputs, and NaN/Inf cannot be compared",
+                hint="pass finite example inputs (e.g. a real batch, or torch.randn of its "
+                     "shape); if the model itself overflows on them, scale the inputs down")
+
+
+# -- hooks ----------------------------------------------------------------------------------------
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+_HOOK_SETS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called")
+
+
+def _hooks_of(mod: nn.Module) -> list[str]:
+    """``mod``'s forward hooks and pre-hooks, described (kind and function name)."""
+    found = []
+    for kind in _HOOK_DICTS:
+        for fn in getattr(mod, kind, {}).values():
+            name = getattr(fn, "__qualname__", None) or type(fn).__name__
+            found.append(f"{kind[1:-1].replace('_', ' ')} {name}")
+    return found
+
+
+def _hooked_modules(model: nn.Module) -> dict[str, list[str]]:
+    return {path: hooks for path, mod in model.named_modules() if (hooks := _hooks_of(mod))}
+
+
+def _strip_hooks(model: nn.Module) -> list[tuple[Any, Any]]:
+    """Remove the forward hooks of the captured copy: the graph now computes them. Returns
+    what was removed (``_restore_hooks`` puts it back)."""
+    removed = []
+    for mod in model.modules():
+        for attr in _HOOK_DICTS + _HOOK_SETS:
+            container = getattr(mod, attr, None)
+            if container:
+                removed.append((container, copy.copy(container)))
+                container.clear()
+    return removed
+
+
+def _restore_hooks(removed: list[tuple[Any, Any]]) -> None:
+    for container, saved in removed:
+        container.update(saved)
+
+
+class _StateGuard:
+    """Puts back the parameters and buffers a forward wrote into (their version counters moved)
+    from the pristine model, so every run starts from the user's state."""
+
+    def __init__(self, work: nn.Module, pristine: nn.Module | None):
+        self.tensors = dict(work.named_parameters())
+        self.tensors.update(work.named_buffers())
+        self.versions = {k: t._version for k, t in self.tensors.items()}
+        self.pristine = pristine
+
+    def reset(self) -> None:
+        moved = [k for k, t in self.tensors.items() if t._version != self.versions[k]]
+        if not moved or self.pristine is None:
+            return
+        source = dict(self.pristine.named_parameters())
+        source.update(self.pristine.named_buffers())
+        with torch.no_grad():
+            for k in moved:
+                if k in source and source[k].shape == self.tensors[k].shape:
+                    self.tensors[k].copy_(source[k])
+                    self.versions[k] = self.tensors[k]._version
+
+
+class _HookProbe:
+    """Wraps the hooks of fxopt's copy while the eager model runs, to learn which ones are
+    observers (they returned None on every call: feature taps, loggers). Those are left out
+    of the trace (``drop_observers``): run on fx proxies they would hand proxies to the user's
+    own lists, and their side effects cannot live in a graph anyway."""
+
+    def __init__(self, model: nn.Module):
+        self.returned: dict[int, bool] = {}
+        self.originals: list[tuple[dict, Any, Any]] = []
+        for mod in model.modules():
+            for attr in _HOOK_DICTS:
+                hooks = getattr(mod, attr, {})
+                for key, fn in list(hooks.items()):
+                    self.originals.append((hooks, key, fn))
+                    hooks[key] = self._wrap(key, fn)
+
+    def _wrap(self, key, fn):
+        def probe(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            self.returned[key] = self.returned.get(key, False) or result is not None
+            return result
+        return probe
+
+    def drop_observers(self) -> list[str]:
+        """Put the hooks back, less the observers; returns the observers' names."""
+        dropped = []
+        for hooks, key, fn in self.originals:
+            if self.returned.get(key, True):
+                hooks[key] = fn
+            else:
+                del hooks[key]
+                dropped.append(getattr(fn, "__qualname__", None) or type(fn).__name__)
+        return dropped
+
+
+def _refuse_global_hooks() -> None:
+    module_mod = torch.nn.modules.module
+    names = [n for n in ("_global_forward_pre_hooks", "_global_forward_hooks")
+             if getattr(module_mod, n, None)]
+    if names:
+        raise CaptureError(
+            "global module hooks are registered (torch.nn.modules.module."
+            "register_module_forward_hook / _pre_hook): they run on every module call, so a "
+            "graph cannot reproduce them", hint="remove them (handle.remove()) before optimize")
+
+
+def _overrides_call(mod: nn.Module) -> bool:
+    return type(mod).__call__ is not nn.Module.__call__
+
+
 class _Tracer(fx.Tracer):
+    """fx's tracer with fxopt's leaf modules; it traces forward hooks into the graph.
+
+    Hooks of a traced-through module run on the proxies already (fx calls the module's
+    ``__call__``); those of a leaf module run here around its ``call_module`` node.
+    """
+
     # Defaults: saved GraphModules re-create their tracer class when they are loaded.
     def __init__(self, leaf_types: tuple[type, ...] = DEFAULT_LEAF_MODULES,
                  leaf_names: frozenset[str] = frozenset()):
@@ -115,9 +287,83 @@ class _Tracer(fx.Tracer):
         self.leaf_names = set(leaf_names)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if m is getattr(self, "root", None):
+            return False  # the root is traced through when fxopt traces its __call__
         if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
             return True
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if m is self.root or not _hooks_of(m) or not self.is_leaf_module(m, self.path_of_module(m)):
+            return super().call_module(m, forward, args, kwargs)
+        outer = super()
+
+        def leaf(*a, **k):
+            return outer.call_module(m, forward, a, k)  # the call_module node, hooks apart
+
+        m.forward = leaf  # _call_impl reads self.forward: hooks run on proxies around the node
+        try:
+            return nn.Module._call_impl(m, *args, **kwargs)
+        finally:
+            del m.forward
+
+
+def _trace(tracer: _Tracer, work: nn.Module, concrete_args: dict | None) -> fx.Graph:
+    """Trace ``work`` the way eager calls it: through ``__call__`` (hooks, an overridden
+    ``__call__``) when plain ``forward`` would miss something."""
+    cls = type(work)
+    if not (_hooks_of(work) or _overrides_call(work)):
+        return tracer.trace(work, concrete_args=concrete_args)
+    forward = cls.forward
+    if inspect.unwrap(forward).__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+        raise CaptureError(
+            f"{cls.__name__} has forward hooks or overrides __call__, and its forward takes "
+            f"*args/**kwargs: fxopt cannot trace its __call__",
+            hint="give forward named arguments, or move what the hooks / __call__ do into "
+                 "forward")
+
+    @functools.wraps(forward)  # fx reads forward's signature through __wrapped__
+    def traced_call(self, *args, **kwargs):
+        return cls.__call__(self, *args, **kwargs)  # fx has patched nn.Module.__call__ by now
+
+    sub = type(cls.__name__, (cls,), {"_fxopt_traced_call": traced_call,
+                                      "__module__": cls.__module__})
+    tracer.traced_func_name = "_fxopt_traced_call"
+    work.__class__ = sub
+    try:
+        return tracer.trace(work, concrete_args=concrete_args)
+    finally:
+        work.__class__ = cls
+        tracer.traced_func_name = "forward"
+
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _is_constant(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_constant(v) for v in value)
+    return isinstance(value, _CONSTANT_TYPES)
+
+
+def constant_inputs(model: nn.Module, inputs: tuple) -> dict[str, Any]:
+    """The example inputs that are constants (``None``, numbers, strings, flags), by the name
+    of the ``forward`` parameter they bind: fx would trace them as proxies (``if z is None``
+    then takes the wrong branch), so capture specializes the graph on them."""
+    if all(not _is_constant(x) for x in inputs):
+        return {}
+    try:
+        params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    params = params[1:]  # self
+    out = {}
+    for p, value in zip(params, inputs):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        if _is_constant(value):
+            out[p.name] = value
+    return out
 
 
 def _split_leaves(leaf_modules: Iterable) -> tuple[tuple[type, ...], set[str]]:
@@ -184,6 +430,19 @@ def _bind_concrete_args(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
             graph.erase_node(node)
 
 
+def _none_guards_as_asserts(graph: fx.Graph) -> None:
+    """fx guards an argument specialized to None with a private helper; ``torch._assert`` of
+    ``operator.is_`` says the same, and every pass knows to keep it (it has an effect)."""
+    helper = getattr(fx._symbolic_trace, "_assert_is_none", None)
+    for node in list(graph.find_nodes(op="call_function", target=helper) if helper else []):
+        value, message = node.args[0], node.args[1] if len(node.args) > 1 else ""
+        with graph.inserting_before(node):
+            test = graph.call_function(_operator.is_, (value, None))
+            guard = graph.call_function(torch._assert, (test, message))
+        node.replace_all_uses_with(guard)
+        graph.erase_node(node)
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence) -> None:
     """Fill ``tensor_meta`` on every tensor node by running ``inputs`` through ``gm``.
 
@@ -197,39 +456,79 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence) -> None:
     record_run(gm, tuple(inputs), keep_values=False, refresh_meta=True)
 
 
+@dataclass
+class Captured:
+    """What ``capture_model`` hands back: the checked graph, the eager output it was compared
+    with, and notes for the report (hooks traced in, inputs specialized on)."""
+
+    gm: fx.GraphModule
+    eager_output: Any
+    notes: list[str] = field(default_factory=list)
+
+
 def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
-            concrete_args: dict[str, Any] | None = None, _copy: bool = True,
-            _eager_checked: bool = False) -> fx.GraphModule:
+            concrete_args: dict[str, Any] | None = None, check: bool = True) -> fx.GraphModule:
     """Trace a copy of ``model`` into a canonical ``GraphModule`` with full metadata.
 
     ``leaf_modules``: module types or module paths traced as single calls (for modules whose
     forward has data-dependent control flow). ``concrete_args``: forward arguments fixed to
-    constants while tracing (flags such as ``return_loss=False``).
+    constants while tracing (flags such as ``return_loss=False``). ``check``: compare the
+    captured graph with the eager model on the example inputs (``CaptureError`` when they
+    differ).
     """
     check_model(model)
     inputs = normalize_inputs(example_inputs)
+    return capture_model(copy_model(model), inputs, leaf_modules=leaf_modules,
+                         concrete_args=concrete_args, check=check, pristine=model).gm
+
+
+def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = (),
+                  concrete_args: dict[str, Any] | None = None, check: bool = True,
+                  eager_output: Any = None, pristine: nn.Module | None = None) -> Captured:
+    """``capture`` of fxopt's own copy ``work`` (its hooks are removed once traced in).
+
+    ``eager_output``: the eager model's output on ``inputs`` when the caller has it already.
+    ``pristine``: the model ``work`` was copied from (read only): a forward that writes into its
+    own parameters or buffers (a counter) gets them reset from it after every run, so the graph
+    is compared with eager from the same state and starts from the user's.
+    """
     types, names = _split_leaves(leaf_modules)
-    work = copy.deepcopy(model) if _copy else model
-    if not _eager_checked:
-        run_eager(work, inputs)  # a clear InputError for wrong inputs, before tracing
+    _refuse_global_hooks()
+    if check:
+        check_finite(inputs, "the example inputs")
+    hooks = _hooked_modules(work)
+    state = _StateGuard(work, pristine)
+    probe = _HookProbe(work) if hooks else None
+    try:
+        if eager_output is None or probe is not None:
+            # A clear InputError for wrong inputs first; concrete_args are forward's arguments.
+            eager_output = run_eager(work, inputs, concrete_args)
+    finally:
+        observers = probe.drop_observers() if probe is not None else []
+    state.reset()
+    if check:
+        check_finite(eager_output, "the model's output on the example inputs")
+    notes = []
+    auto = {k: v for k, v in constant_inputs(work, inputs).items()
+            if k not in (concrete_args or {})}
+    if auto:
+        notes.append("capture: the graph is specialized on the non-tensor example inputs " +
+                     ", ".join(f"{k}={v!r}" for k, v in auto.items()))
+    if hooks:
+        notes.append("capture: forward hooks traced into the graph: " + _describe_hooks(hooks))
+    if observers:
+        notes.append("capture: hooks that returned None (observers) are not part of the "
+                     "optimized model: " + ", ".join(observers))
     tracer = _Tracer(types, names)
     try:
-        graph = tracer.trace(work, concrete_args=concrete_args)
+        graph = _trace(tracer, work, {**auto, **(concrete_args or {})} or None)
+    except CaptureError:
+        raise
     except Exception as e:  # noqa: BLE001 - every trace failure gets a typed error and a hint
-        where = _innermost(tracer)
-        loc = f" in module '{where[0]}' ({where[1]})" if where and where[0] else ""
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, fx.proxy.TraceError) or "symbolically traced variables" in str(e):
-            msg = f"data-dependent control flow{loc} cannot be traced: {first}"
-        else:
-            msg = f"tracing failed{loc}: {type(e).__name__}: {first}"
-        if where and where[0]:
-            hint = f"mark the module as a leaf: leaf_modules=[{where[1]}] (or ['{where[0]}'])"
-        else:
-            hint = "fix the branch with concrete_args={...}, or move it into a submodule and " \
-                   "pass that module in leaf_modules"
-        raise CaptureError(msg, hint=hint) from e
+        raise _trace_error(tracer, e, hooks) from e
+    stripped = _strip_hooks(work)  # the graph computes them now: leaf modules must not rerun them
     name = type(work).__name__
+    _none_guards_as_asserts(graph)
     if concrete_args:
         _bind_concrete_args(graph, concrete_args)
     gm = fx.GraphModule(tracer.root, graph, name)
@@ -240,12 +539,105 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (
     # Tensor shapes first: canonicalization reads them (flatten/reshape).
     try:
         propagate_shapes(gm, inputs)
+        state.reset()
     except Exception as e:  # noqa: BLE001
         raise CaptureError(
-            f"the traced graph does not run on the example inputs: {type(e).__name__}: {e}",
+            f"the traced graph does not run on the example inputs: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}" + _causes(work, hooks, inputs, gm),
             hint="mark the module that misbehaves under tracing as a leaf (leaf_modules=[...])",
         ) from e
     canonicalize(gm)  # rewritten nodes carry over the tensor_meta of the nodes they replace
     remove_unused_attributes(gm)
     gm.recompile()
-    return gm
+    if check:
+        _check_against_eager(gm, work, inputs, eager_output, hooks, stripped, concrete_args,
+                             state)
+    return Captured(gm, eager_output, notes)
+
+
+def _trace_error(tracer: _Tracer, e: Exception, hooks: dict) -> CaptureError:
+    where = _innermost(tracer)
+    loc = f" in module '{where[0]}' ({where[1]})" if where and where[0] else ""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, fx.proxy.TraceError) or "symbolically traced variables" in str(e):
+        msg = f"data-dependent control flow{loc} cannot be traced: {first}"
+    else:
+        msg = f"tracing failed{loc}: {type(e).__name__}: {first}"
+    if hooks:
+        msg += "; the model has forward hooks, traced with it: " + _describe_hooks(hooks)
+        return CaptureError(msg, hint="remove the hooks (handle.remove()) or make them "
+                                      "traceable by torch.fx (no Python branches on tensors)")
+    if where and where[0]:
+        hint = f"mark the module as a leaf: leaf_modules=[{where[1]}] (or ['{where[0]}'])"
+    else:
+        hint = "fix the branch with concrete_args={...}, or move it into a submodule and " \
+               "pass that module in leaf_modules"
+    return CaptureError(msg, hint=hint)
+
+
+def _describe_hooks(hooks: dict[str, list[str]]) -> str:
+    return "; ".join(f"'{p or '(the model)'}': {', '.join(h)}" for p, h in hooks.items())
+
+
+def _causes(work: nn.Module, hooks: dict, inputs: tuple, gm: fx.GraphModule | None) -> str:
+    """What fxopt knows can make a traced graph differ from eager, as a sentence."""
+    found = []
+    if hooks:
+        found.append("forward hooks (" + _describe_hooks(hooks) + ")")
+    calls = sorted({type(m).__name__ for m in work.modules() if _overrides_call(m)})
+    if calls:
+        found.append(f"modules overriding __call__ ({', '.join(calls)})")
+    others = [type(x).__name__ for x in inputs
+              if not isinstance(x, torch.Tensor) and not _is_constant(x)]
+    if others:
+        found.append(f"non-tensor example inputs traced as proxies ({', '.join(others)})")
+    if gm is not None:
+        kept = [n.name for n in gm.graph.nodes if n.op in ("call_method", "call_function")
+                and isinstance(n.target, str) and n.target.endswith("_")
+                and not n.target.startswith("__")]
+        if kept:
+            found.append(f"in-place ops on aliased tensors left in place ({', '.join(kept[:5])})")
+    return ("; possible causes: " + "; ".join(found)) if found else ""
+
+
+def _check_against_eager(gm: fx.GraphModule, work: nn.Module, inputs: tuple, eager_output: Any,
+                         hooks: dict, stripped: list, concrete_args: dict | None,
+                         state: "_StateGuard") -> None:
+    """CaptureError unless the captured graph computes what the eager model computed."""
+    from fxopt.ir.check import clone_inputs, seeded
+    from fxopt.ir.tolerances import compare_outputs
+
+    try:
+        with torch.no_grad(), seeded(inputs):
+            out = gm(*clone_inputs(inputs))
+    except Exception as e:  # noqa: BLE001
+        raise CaptureError(
+            f"the captured graph does not run on the example inputs: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}" + _causes(work, hooks, inputs, gm),
+            hint="mark the module that misbehaves under tracing as a leaf "
+                 "(leaf_modules=[...])") from e
+    state.reset()
+    stats = compare_outputs(out, eager_output)
+    if stats.ok:
+        return
+    detail = stats.reason or f"rel err {stats.rel_err:.2e} (max abs {stats.max_abs:.2e}) above " \
+                             f"the {stats.dtype} tolerance {stats.tolerance:.0e}"
+    _restore_hooks(stripped)  # eager again, as the user runs it: is the model deterministic?
+    try:
+        again = compare_outputs(run_eager(work, inputs, concrete_args), eager_output)
+    finally:
+        _strip_hooks(work)
+        state.reset()
+    if not again.ok:
+        raise CaptureError(
+            f"the model is not deterministic: two eager runs on the same inputs differ "
+            f"({again.reason or f'rel err {again.rel_err:.2e}'}), so no graph can be checked "
+            f"against it", hint="remove the randomness from forward (torch.rand*, training-mode "
+                                "dropout in functional form: F.dropout(x, training=self.training))")
+    causes = _causes(work, hooks, inputs, gm)
+    raise CaptureError(
+        f"the captured graph differs from the eager model on the example inputs: {detail}"
+        + (causes or "; torch.fx traced forward into something else (Python state, "
+                     "non-tensor control flow, or mutation it cannot see)"),
+        hint="move what hooks or __call__ do into forward, pass non-tensor arguments through "
+             "concrete_args, or mark the module that misbehaves as a leaf (leaf_modules=[...])")

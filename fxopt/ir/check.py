@@ -9,6 +9,8 @@ intermediate values so that a mismatch can be traced to the first node that dive
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +18,10 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.graph import module_path, tensor_meta_of
-from fxopt.ir.tolerances import rel_err, tolerance_for
+from fxopt.ir.tolerances import CONDITIONING_FACTOR, plain_structure, rel_err, tolerance_for
 
-__all__ = ["RecordedRun", "record_run", "first_divergence", "value_key", "describe_node"]
+__all__ = ["RecordedRun", "record_run", "clone_inputs", "seeded", "conditioning_floors",
+           "first_divergence", "value_key", "describe_node"]
 
 
 def value_key(node: fx.Node) -> str:
@@ -69,17 +72,40 @@ class _Recorder(fx.Interpreter):
                         isinstance(r, torch.Tensor) for r in result):
                     n.meta["tensor_meta"] = tuple(tensor_meta_of(r) for r in result)
                 else:
-                    n.meta["fxopt_nontensor"] = True
+                    # The value's type: canonicalization tells a size (torch.Size) from an int.
+                    n.meta["fxopt_nontensor"] = type(result).__name__
         return result
+
+
+@contextlib.contextmanager
+def seeded(inputs: tuple = ()):
+    """Every run fxopt compares starts from the same random state (restored after), so a model
+    that draws random numbers in forward (``torch.rand_like``) is compared with itself, not with
+    another draw; the caller's random state is left as it was."""
+    devices = sorted({x.device.index or 0 for x in inputs
+                      if isinstance(x, torch.Tensor) and x.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
+
+
+def clone_inputs(inputs: tuple) -> tuple:
+    """Fresh copies of the tensors among ``inputs`` (other values as they are).
+
+    Every run fxopt makes of a model or a graph takes copies: a forward that writes into its
+    input (``x.mul_(2)``) must neither change the caller's tensors nor the next run's input.
+    """
+    return tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 def record_run(gm: fx.GraphModule, inputs: tuple, *, keep_values: bool = True,
                refresh_meta: bool = False) -> RecordedRun:
-    """Run ``gm`` on ``inputs`` under no_grad, recording node values and checking metadata."""
+    """Run ``gm`` on copies of ``inputs`` under no_grad, recording node values and checking
+    metadata."""
     rec = _Recorder(gm, keep_values, refresh_meta)
-    with torch.no_grad():
-        out = rec.run(*inputs)
-    return RecordedRun(out, rec.values, rec.by_node, rec.stale)
+    with torch.no_grad(), seeded(inputs):
+        out = rec.run(*clone_inputs(inputs))
+    return RecordedRun(plain_structure(out), rec.values, rec.by_node, rec.stale)
 
 
 def first_divergence(gm: fx.GraphModule, by_node: dict[str, Any],
@@ -107,3 +133,32 @@ def first_divergence(gm: fx.GraphModule, by_node: dict[str, Any],
 def describe_node(node: fx.Node) -> str:
     path = module_path(node)
     return f"'{node.name}'" + (f" ({path})" if path else "")
+
+
+def conditioning_floors(model: Any, inputs: tuple, output: Any,
+                        kwargs: dict[str, Any] | None = None) -> list[float] | None:
+    """Per output leaf, ``CONDITIONING_FACTOR`` times the relative error of ``output`` (the
+    model's own float32 output) against a float64 run of a copy of ``model``: how much this
+    model amplifies rounding. None when the model does not run in float64."""
+    import torch.utils._pytree as pytree
+
+    def to64(v):
+        return v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    try:
+        model64 = copy.deepcopy(model).to(torch.float64)
+        with torch.no_grad(), seeded(inputs):
+            out64 = model64(*(to64(x) for x in clone_inputs(inputs)), **(kwargs or {}))
+    except Exception:  # noqa: BLE001 - a model that only runs in its own dtype: no allowance
+        return None
+    leaves = pytree.tree_leaves(plain_structure(output))
+    leaves64 = pytree.tree_leaves(plain_structure(out64))
+    if len(leaves) != len(leaves64):
+        return None
+    floors = []
+    for a, b in zip(leaves, leaves64):
+        ok = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and a.is_floating_point() and a.numel() > 0
+        err = rel_err(a, b) if ok else 0.0
+        floors.append(CONDITIONING_FACTOR * err if err == err else 0.0)
+    return floors

@@ -146,3 +146,42 @@ def test_view_with_constant_batch_is_not_a_flatten():
     gm = fxopt.capture(M().eval(), x)
     assert not any(n.target is torch.flatten for n in calls(gm))
     assert torch.equal(gm(x), x.view(2, -1))
+
+
+class InplaceThroughAlias(nn.Module):
+    """``z`` is ``y`` itself (eval Dropout, contiguous of a contiguous tensor): ``z.relu_()``
+    changes ``y`` too."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.2)
+        self.how = how
+
+    def forward(self, x):
+        y = self.lin(x)
+        z = self.drop(y) if self.how == "dropout" else y.contiguous()
+        z.relu_()
+        return y * 2 + z
+
+
+@pytest.mark.parametrize("how", ["dropout", "contiguous"])
+def test_inplace_op_on_a_same_tensor_alias_redirects_the_alias(how):
+    m = InplaceThroughAlias(how).eval()
+    x = torch.randn(3, 4)
+    gm = fxopt.capture(m, x, check=False)  # canonicalization alone must get it right
+    assert not any(isinstance(n.target, str) and n.target == "relu_" for n in calls(gm))
+    mul = next(n for n in calls(gm) if n.target is operator.mul)
+    assert activation_of(mul.args[0]) is not None  # y's later use reads the relu
+    torch.testing.assert_close(gm(x), m(x))
+
+
+def test_reshape_to_a_size_object_is_left_alone():
+    class R(nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape) + x.view(x.size(0), -1).sum() + x.view(x.numel())[0]
+
+    m = R().eval()
+    x = torch.randn(3, 4)
+    gm = fxopt.capture(m, x)
+    torch.testing.assert_close(gm(x), m(x))
