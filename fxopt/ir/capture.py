@@ -151,6 +151,10 @@ def check_finite(values: Any, what: str) -> None:
     import torch.utils._pytree as pytree
 
     for leaf in pytree.tree_leaves(values):
+        if isinstance(leaf, torch.Tensor) and leaf.is_meta:
+            raise InputError(f"{what} holds a tensor on the meta device (shape "
+                             f"{tuple(leaf.shape)}), which has no values to compare",
+                             hint="pass real tensors on the CPU or a CUDA device")
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.numel() \
                 and not bool(torch.isfinite(leaf).all()):
             bad = int((~torch.isfinite(leaf)).sum())

@@ -6,7 +6,10 @@ elementwise, pooling or ``cat`` op over such outputs) gets it converted
 ``.contiguous()`` back, so outputs keep eager's layout. The op keeps its input's layout, so
 activations stay channels-last from one conv to the next, and oneDNN's fused kernels take
 them (``fxopt.ops.onednn``). A graph that reads strides (``view``, ``as_strided``,
-``stride()``, ``data_ptr``, ...) keeps its layout, with a note. The CPU pipeline runs it after
+``stride()``, ``data_ptr``, ...) keeps its layout, with a note. A value written in place
+(``x.mul_(2)`` on an input) keeps its layout (a copy taken before the write would miss it), and
+normalizations that lose accuracy on channels-last input (GroupNorm, InstanceNorm, LayerNorm on
+the CPU) read a contiguous copy. The CPU pipeline runs it after
 ``fuse_act`` and ``lower_convs`` (``fxopt.pipelines.cpu_layout_phase``).
 
     >>> to_channels_last(gm, PassContext(example_inputs=(x,))).stats      # resnet18
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.activations import CAPTURE_FORMS
 from fxopt.ir.graph import copy_meta, get_attr_value, tensor_meta
+from fxopt.ir.purity import is_inplace
 from fxopt.ops.fused import CONV2D_ACT
 
 __all__ = ["to_channels_last", "convert_to_channels_last"]
@@ -43,6 +47,24 @@ _PER_CHANNEL = {F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                 F.adaptive_max_pool2d, F.batch_norm, F.interpolate}
 _PER_CHANNEL_MODULES = {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
                         nn.Dropout, nn.Identity, nn.BatchNorm2d, nn.Upsample}
+# Ops that lose accuracy on channels-last input: PyTorch's channels-last GroupNorm on the CPU
+# sums in another order, 30-300x further from float64 than the contiguous kernel (measured on a
+# conv -> GroupNorm(16, 16) whose activations sit far from zero: rel err 1e-4 against eager).
+# Their channels-last inputs get ``.contiguous()`` back.
+_CONTIGUOUS_FUNCTIONS = {F.group_norm, F.instance_norm, F.layer_norm}
+_CONTIGUOUS_MODULES = {nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm}
+
+
+def _wants_contiguous(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(get_attr_value(gm, node.target)) in _CONTIGUOUS_MODULES
+    return node.op == "call_function" and node.target in _CONTIGUOUS_FUNCTIONS
+
+
+def _written_in_place(x: fx.Node) -> bool:
+    """``x`` is mutated by one of its users (``x.mul_(2)`` on an input): a channels-last copy
+    taken before the write would miss it, so ``x`` keeps its layout."""
+    return any(is_inplace(u) and u.args and u.args[0] is x for u in x.users)
 
 
 def _is_to_channels_last(node) -> bool:
@@ -104,7 +126,7 @@ def convert_to_channels_last(gm: fx.GraphModule) -> tuple[int, int, list[str]]:
             cl.add(node)
         elif node.op == "call_function" and node.target is CONV2D:
             x = node.args[0]
-            if isinstance(x, fx.Node) and x not in cl:
+            if isinstance(x, fx.Node) and x not in cl and not _written_in_place(x):
                 conv_in = converted.get(x)
                 if conv_in is None:
                     where = x
@@ -119,6 +141,13 @@ def convert_to_channels_last(gm: fx.GraphModule) -> tuple[int, int, list[str]]:
                     added += 1
                 node.replace_input_with(x, conv_in)
             cl.add(node)
+        elif _wants_contiguous(gm, node) and node.args and node.args[0] in cl:
+            x = node.args[0]
+            with gm.graph.inserting_before(node):
+                back = gm.graph.call_method("contiguous", (x,))
+            copy_meta(back, x)
+            node.replace_input_with(x, back)
+            added += 1
         elif _keeps_channels_last(gm, node, cl):
             cl.add(node)
     outputs = _outputs_contiguous(gm) if added else 0
