@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import platform
+import re
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +36,7 @@ class Summary:
     jobs: int
     seconds: float = 0.0
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # check -> outcome -> n
+    ok_kinds: dict[str, dict[str, int]] = field(default_factory=dict)  # check -> what ok said
     failures: dict[str, list[int]] = field(default_factory=dict)  # signature -> seeds
     refusals: dict[str, list[int]] = field(default_factory=dict)  # reason -> seeds
     details: dict[str, str] = field(default_factory=dict)  # signature -> first detail
@@ -67,6 +69,11 @@ def minimize_one(args: tuple[int, str, tuple[str, ...], CheckResult]) -> str:
     return reproduction(small, check, result)
 
 
+def _kind(detail: str) -> str:
+    """What an ``ok`` said, without its numbers ("nothing pruned", "params", "bitwise: float")."""
+    return re.split(r"\s[\d(]", detail, maxsplit=1)[0].strip(" :-") or "ok"
+
+
 def _key(sig: tuple[str, str, str]) -> str:
     return " | ".join(s for s in sig if s)
 
@@ -80,6 +87,7 @@ def run_campaign(seeds: Iterable[int], *, checks: Sequence[str] = CHECKS,
     summary = Summary(seeds, checks, exclude, jobs, machine=platform.processor() or
                       platform.machine(), torch=torch.__version__)
     counts: dict[str, Counter] = {c: Counter() for c in checks}
+    ok_kinds: dict[str, Counter] = {c: Counter() for c in checks}
     first: dict[str, tuple[int, str, CheckResult]] = {}
     failures: dict[str, list[int]] = defaultdict(list)
     refusals: dict[str, list[int]] = defaultdict(list)
@@ -92,6 +100,8 @@ def run_campaign(seeds: Iterable[int], *, checks: Sequence[str] = CHECKS,
         for seed, res in progress(results, describe, total=len(work)):
             for r in res:
                 counts[r.check][r.outcome] += 1
+                if r.outcome == "ok":
+                    ok_kinds[r.check][_kind(r.detail)] += 1
                 if r.outcome in FAILURES:
                     key = _key(signature(r))
                     failures[key].append(seed)
@@ -108,6 +118,7 @@ def run_campaign(seeds: Iterable[int], *, checks: Sequence[str] = CHECKS,
         if pool:
             pool.shutdown()
     summary.counts = {c: {o: counts[c][o] for o in OUTCOMES if counts[c][o]} for c in checks}
+    summary.ok_kinds = {c: dict(ok_kinds[c].most_common()) for c in checks}
     summary.failures = dict(failures)
     summary.refusals = dict(refusals)
     summary.details = {k: v[2].detail for k, v in first.items()}
@@ -124,6 +135,9 @@ def format_summary(s: Summary, repros: bool = True) -> str:
         lines.append(f"excluded features: {', '.join(s.exclude)}")
     for check, outcomes in s.counts.items():
         lines.append(f"  {check:8s} " + "  ".join(f"{o} {k}" for o, k in outcomes.items()))
+        kinds = s.ok_kinds.get(check, {})
+        if len(kinds) > 1:
+            lines.append(" " * 11 + "ok: " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
     if s.refusals:
         lines.append("refusals (typed, with a hint):")
         for why, seeds in sorted(s.refusals.items(), key=lambda kv: -len(kv[1])):

@@ -15,14 +15,14 @@ import re
 from typing import Callable
 
 from fxopt.fuzz.grammar import Network, source
-from fxopt.fuzz.oracle import FAILURES, CheckResult, check_network
+from fxopt.fuzz.oracle import FAILURES, CheckResult, check_network, prune_config
 
 __all__ = ["signature", "minimize", "ddmin", "reproduction", "CALLS"]
 
 # The call each check makes, as the reproduction writes it (after ``model`` and ``x``).
 CALLS = {
     "default": "opt = fxopt.optimize(model, x)\nprint(opt(x) - model(x))",
-    "prune": "opt = fxopt.optimize(model, x, prune=0.5)",
+    "prune": "opt = fxopt.optimize(model, x, prune=fxopt.{config!r})",
     "int8": ("calib = [torch.randn_like(x) for _ in range(6)]\n"
              "opt = fxopt.optimize(model, x, quantize='int8', calibration_data=calib)\n"
              "held = torch.randn_like(x)\n"
@@ -101,5 +101,5 @@ def reproduction(net: Network, check: str, result: CheckResult | None = None) ->
     head = f"# fxopt.fuzz: seed {net.seed}, check '{check}'"
     if result is not None:
         head += f": {result.outcome}: {result.detail}"
-    return "\n".join([head, "import fxopt", "import fxopt.quant.measure", source(net),
-                      CALLS[check], ""])
+    call = CALLS[check].format(config=prune_config(net)) if check == "prune" else CALLS[check]
+    return "\n".join([head, "import fxopt", "import fxopt.quant.measure", source(net), call, ""])

@@ -10,7 +10,8 @@ network that writes into its input still has a clean reference):
 - ``default``: ``fxopt.optimize(model, x)`` equals eager on ``x`` and on held-out batches
   (``compare_outputs``: the float tolerance), and leaves the user's model and ``x`` bitwise
   untouched.
-- ``prune``: ``optimize(model, x, prune=0.5)`` equals the pass's own reference (the graph that
+- ``prune``: ``optimize(model, x, prune=prune_config(net))`` (a ratio, scope, criterion, ratio
+  kind and rounding drawn from the seed) equals the pass's own reference (the graph that
   reached ``prune_channels`` with the removed channels masked to zero: the pass is run again,
   through the public registry, on the graph an ``Instrument`` saw) on held-out batches, not only
   on ``x`` where the manager already checked it.
@@ -34,6 +35,7 @@ import contextlib
 import copy
 import io
 import os
+import random
 import sys
 import tempfile
 import time
@@ -51,7 +53,7 @@ from fxopt.ir.tolerances import compare_outputs
 from fxopt.quant.measure import sqnr_db
 
 __all__ = ["CHECKS", "OUTCOMES", "FAILURES", "SQNR_FLOOR_DB", "CheckResult", "NetworkResult",
-           "check_network", "classify", "run_check"]
+           "check_network", "classify", "run_check", "prune_config"]
 
 CHECKS = ("default", "prune", "int8", "save", "onnx")
 OUTCOMES = ("ok", "refused", "caught", "untyped", "mismatch", "low_sqnr", "skipped")
@@ -59,7 +61,6 @@ FAILURES = ("caught", "untyped", "mismatch", "low_sqnr")
 SQNR_FLOOR_DB = 15.0
 HELD_OUT = 3
 CALIBRATION = 6
-PRUNE_RATIO = 0.5
 REFUSALS = (fxopt.UnsupportedOpError, fxopt.PreconditionError, fxopt.NotAvailableError,
             fxopt.CaptureError, fxopt.InputError, fxopt.ModelTypeError, fxopt.PipelineError)
 
@@ -105,6 +106,16 @@ def classify(err: BaseException) -> tuple[str, str]:
     where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
     at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
     return "untyped", f"{type(err).__name__}{at}: {first}"
+
+
+def prune_config(net: Network) -> fxopt.PruneConfig:
+    """The pruning settings the ``prune`` check uses for ``net`` (drawn from its seed)."""
+    r = random.Random(net.seed * 31 + 17)
+    return fxopt.PruneConfig(ratio=r.choice((0.25, 0.5, 0.5, 0.75)),
+                             by=r.choice(("channels", "channels", "macs")),
+                             importance=r.choice(("l1", "l1", "l2", "bn_scale", "random")),
+                             scope=r.choice(("uniform", "uniform", "global")),
+                             round_to=r.choice((1, 1, 2, 4)), seed=r.randrange(100))
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -202,12 +213,13 @@ class _Run:
     def prune(self) -> str:
         model = self.model()
         keep = _Keep("prune_channels")
-        opt = fxopt.optimize(model, self.x.clone(), prune=PRUNE_RATIO, instruments=[keep])
+        config = prune_config(self.net)
+        opt = fxopt.optimize(model, self.x.clone(), prune=config, instruments=[keep])
         rec = next((r for r in opt.report.passes if r.name.endswith("prune_channels")), None)
         if keep.gm is None or rec is None:
             return "prune_channels did not run"
         ctx = fxopt.PassContext(example_inputs=(self.x.clone(),), target="cpu",
-                                configs=[fxopt.PruneConfig(ratio=PRUNE_RATIO)], original=model)
+                                configs=[config], original=model)
         again = fxopt.PASSES["prune_channels"].fn(keep.gm, ctx)
         if not again.modified or again.reference is None:
             return f"nothing pruned ({rec.stats.get('pruned', 0)} groups)"

@@ -1,9 +1,10 @@
 """The differential fuzzer (fxopt/fuzz/): the generator, the oracles over a few hundred graphs,
 the minimizer on an injected bug, and the command line.
 
-The cheap oracle (the default pipeline against eager) runs on 300 fixed seeds; the expensive
-ones (pruning's masked reference, int8 held-out SQNR, save/load, ONNX Runtime) on a subset that
-rotates with the date (``FXOPT_FUZZ_BASE`` fixes it), so CI covers new graphs every day. A
+The cheap oracle (the default pipeline against eager) runs on 300 seeds; the expensive ones
+rotate over them (pruning's masked reference on every third graph, int8 held-out SQNR, save/load
+and ONNX Runtime each on a tenth or a fifth). ``FXOPT_FUZZ_BASE=S`` moves the window to seeds
+S..S+299. Every failure outcome counts (``caught``, ``untyped``, ``mismatch``, ``low_sqnr``); a
 failure prints the seed and a minimized reproduction.
 
 ``KNOWN_OPEN``: grammar features that hit bugs other branches of issue 12 fix (an in-place op
@@ -13,7 +14,6 @@ those land; ``python -m fxopt.fuzz`` keeps them in.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 
@@ -29,8 +29,7 @@ from fxopt.fuzz.grammar import ACTIVATION_SPELLINGS, LAYER_KINDS
 from fxopt.fuzz.oracle import FAILURES, classify
 
 KNOWN_OPEN = ("alias_inplace", "input_inplace", "convt_outpad_dilation")
-MUST_NOT = ("untyped", "mismatch")
-BASE = int(os.environ.get("FXOPT_FUZZ_BASE", 10_000 + datetime.date.today().toordinal() % 97 * 100))
+BASE = int(os.environ.get("FXOPT_FUZZ_BASE", "0"))
 
 
 def _report(bad) -> str:
@@ -42,16 +41,6 @@ def _report(bad) -> str:
                   reproduction(small, res.check, res)]
     return "\n".join(lines) + f"\n({len(bad)} failures; rerun one with python -m fxopt.fuzz " \
                               f"--seed S --n 1)"
-
-
-def _fuzz(seeds, checks):
-    bad, seen = [], []
-    for seed in seeds:
-        for res in check_network(generate(seed, exclude=KNOWN_OPEN), checks).checks:
-            seen.append(res.outcome)
-            if res.outcome in MUST_NOT:
-                bad.append((seed, res))
-    return bad, seen
 
 
 # ---- the generator --------------------------------------------------------------------------
@@ -114,22 +103,25 @@ def test_the_grammar_reaches_every_construct_and_every_network_runs():
 
 # ---- the oracles ----------------------------------------------------------------------------
 
-def test_default_pipeline_equals_eager_on_300_graphs():
-    bad, seen = _fuzz(range(300), ("default",))
+def _checks_of(i: int) -> tuple[str, ...]:
+    """The cheap oracle on every graph; the expensive ones each on their own slice."""
+    extra = {1: ("int8",), 2: ("save",), 4: ("onnx",), 7: ("int8", "save")}.get(i % 10, ())
+    return ("default",) + (("prune",) if i % 3 == 0 else ()) + extra
+
+
+def test_300_graphs_through_every_oracle():
+    bad, seen = [], []
+    for i in range(300):
+        seed = BASE + i
+        for res in check_network(generate(seed, exclude=KNOWN_OPEN), _checks_of(i)).checks:
+            seen.append((res.check, res.outcome))
+            if res.outcome in FAILURES:
+                bad.append((seed, res))
     assert not bad, _report(bad)
-    assert seen.count("ok") >= 290
-
-
-def test_pruning_equals_its_masked_reference_on_held_out_data():
-    bad, seen = _fuzz(range(BASE, BASE + 40), ("prune",))
-    assert not bad, _report(bad)
-    assert seen.count("ok") >= 30
-
-
-def test_int8_save_load_and_onnx_on_a_rotating_subset():
-    bad, seen = _fuzz(range(BASE + 50, BASE + 70), ("int8", "save", "onnx"))
-    assert not bad, _report(bad)
-    assert seen.count("ok") >= 40
+    ok = {c: sum(1 for check, o in seen if check == c and o == "ok") for c in CHECKS}
+    # the oracles really ran (a few ONNX exports are refused on purpose: adaptive pools)
+    assert ok["default"] == 300 and ok["prune"] == 100 and ok["int8"] == 60
+    assert ok["save"] == 60 and ok["onnx"] >= 25
 
 
 def test_outcomes_of_errors():
@@ -137,7 +129,7 @@ def test_outcomes_of_errors():
     assert classify(fxopt.UnsupportedOpError("no", hint="do x"))[0] == "refused"
     assert classify(fxopt.UnsupportedOpError("no"))[0] == "caught"  # a refusal needs a hint
     assert classify(fxopt.PassError("crash", pass_name="p", hint="h"))[0] == "caught"
-    assert set(MUST_NOT) <= set(FAILURES)
+    assert set(FAILURES) == {"caught", "untyped", "mismatch", "low_sqnr"}
 
 
 # ---- the minimizer, on a bug put there on purpose -------------------------------------------
