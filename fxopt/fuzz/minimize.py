@@ -17,7 +17,7 @@ from typing import Callable
 from fxopt.fuzz.grammar import Network, source
 from fxopt.fuzz.oracle import FAILURES, CheckResult, check_network, prune_config
 
-__all__ = ["signature", "minimize", "ddmin", "reproduction", "CALLS"]
+__all__ = ["signature", "minimize", "ddmin", "reproduction", "checks_for", "CALLS"]
 
 # The call each check makes, as the reproduction writes it (after ``model`` and ``x``).
 CALLS = {
@@ -29,8 +29,22 @@ CALLS = {
              "print(fxopt.quant.measure.sqnr_db(model(held), opt(held)))"),
     "save": ("opt = fxopt.optimize(model, x)\nopt.save('/tmp/repro.fxopt')\n"
              "print(fxopt.load('/tmp/repro.fxopt')(x) - opt(x))"),
+    "save_int8": ("calib = [torch.randn_like(x) for _ in range(6)]\n"
+                  "opt = fxopt.optimize(model, x, quantize='int8', calibration_data=calib)\n"
+                  "opt.save('/tmp/repro.fxopt')\n"
+                  "held = torch.randn_like(x)\n"
+                  "print(fxopt.load('/tmp/repro.fxopt')(held) - opt(held))"),
     "onnx": "opt = fxopt.optimize(model, x)\nfxopt.export_onnx(opt, x, '/tmp/repro.onnx')",
 }
+
+
+def _int8_save(check: str, result: CheckResult | None) -> bool:
+    return check == "save" and result is not None and result.detail.startswith("int8")
+
+
+def checks_for(check: str, result: CheckResult | None = None) -> tuple[str, ...]:
+    """The checks to run to see ``result`` again (an int8 save needs the int8 module)."""
+    return ("int8", "save") if _int8_save(check, result) else (check,)
 
 
 def signature(res: CheckResult) -> tuple[str, str, str]:
@@ -85,7 +99,8 @@ def minimize(net: Network, check: str, target: CheckResult | None = None,
         if tests[0] >= max_tests:
             return False
         tests[0] += 1
-        res = check_network(candidate, (check,)).checks
+        res = [r for r in check_network(candidate, checks_for(check, target)).checks
+               if r.check == check]
         return bool(res) and signature(res[0]) == want
 
     if net.input_inplace:
@@ -101,5 +116,7 @@ def reproduction(net: Network, check: str, result: CheckResult | None = None) ->
     head = f"# fxopt.fuzz: seed {net.seed}, check '{check}'"
     if result is not None:
         head += f": {result.outcome}: {result.detail}"
-    call = CALLS[check].format(config=prune_config(net)) if check == "prune" else CALLS[check]
+    call = CALLS["save_int8" if _int8_save(check, result) else check]
+    if check == "prune":
+        call = call.format(config=prune_config(net))
     return "\n".join([head, "import fxopt", "import fxopt.quant.measure", source(net), call, ""])
