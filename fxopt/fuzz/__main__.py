@@ -26,7 +26,9 @@ def _names(value: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fxopt.fuzz", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fxopt.fuzz", description=(
+        "fxopt's differential fuzzer: random eval-mode networks, each from its seed, checked "
+        "against eager (default pipeline, pruning, int8, save/load, ONNX Runtime)"))
     p.add_argument("--n", type=int, default=100, help="number of graphs (default 100)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")

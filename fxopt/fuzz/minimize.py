@@ -56,7 +56,7 @@ def signature(res: CheckResult) -> tuple[str, str, str]:
     elif res.outcome == "untyped":
         key = d.split(":")[0]
     elif res.outcome == "mismatch":
-        key = re.sub(r"\d+", "#", d.split(":")[0])
+        key = re.sub(r"\b\d+(\.\d+)?\b", "#", d.split(":")[0])
         key = re.sub(r" (batch|on) .*", "", key)
     else:
         key = ""
