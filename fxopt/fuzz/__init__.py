@@ -11,7 +11,7 @@ in worker processes. It uses fxopt's public API only, like ``fxopt.tools``.
     python -m fxopt.fuzz --n 1000 --jobs 2 --out results.json
 
     >>> from fxopt.fuzz import generate, check_network
-    >>> check_network(generate(7)).failures
+    >>> check_network(generate(5)).failures
     []
 """
 from fxopt.fuzz.campaign import Summary, format_summary, run_campaign

@@ -9,7 +9,7 @@ a spatial layer after ``flatten`` is left out). So every sub-list of layers is a
 network, which is what the minimizer (``fxopt.fuzz.minimize``) relies on, and the source *is*
 the network: :func:`build` executes it, and a failure prints it as the reproduction.
 
-    >>> net = generate(7)
+    >>> net = generate(5)
     >>> model = build(net)              # nn.Module in eval mode, weights from the layer seeds
     >>> x = example_input(net)          # the same tensor for the same seed
     >>> print(source(net))              # standalone: imports, helpers, the class, the input

@@ -1,6 +1,6 @@
 """The oracles: what must hold for every generated network, each check run on its own.
 
-    >>> result = check_network(generate(7), checks=("default", "save"))
+    >>> result = check_network(generate(5), checks=("default", "save"))
     >>> [(c.check, c.outcome) for c in result.checks]
     [('default', 'ok'), ('save', 'ok')]
 
