@@ -47,6 +47,7 @@ from fxopt.errors import InputError, NumericMismatchError, UnsupportedOpError
 from fxopt.export.qdq import (MIN_QDQ_OPSET, compare_within_step, drop_initializer_identities,
                               has_rule, is_int8_graph, qdq_rewrite, untranslated)
 from fxopt.ir.capture import normalize_inputs
+from fxopt.ir.check import clone_inputs
 from fxopt.ir.tolerances import ErrorStats, compare_outputs
 from fxopt.ops.schema import is_fxopt_op, schema_of
 
@@ -194,10 +195,12 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     if not isinstance(module, nn.Module):
         raise InputError(f"module must be an nn.Module, got {type(module).__name__}",
                          hint="pass the OptimizedModule that fxopt.optimize returned")
-    inputs = normalize_inputs(example_inputs)
+    # Every run takes copies: a forward that writes into its input (x.mul_(gate)) must change
+    # neither the caller's tensors nor the inputs of the next run (the trace, ONNX Runtime).
+    inputs = clone_inputs(normalize_inputs(example_inputs))
     _check_options(opset, check, input_names, output_names)
     path = _check_path(path)
-    reference = _reference(module, inputs)
+    reference = _reference(module, clone_inputs(inputs))
     gm = _graph_module_of(module)
     notes: list[str] = []
     step = None
@@ -223,7 +226,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-                torch.onnx.export(export_gm, inputs, str(tmp), opset_version=opset,
+                torch.onnx.export(export_gm, clone_inputs(inputs), str(tmp), opset_version=opset,
                                   input_names=input_names, output_names=output_names,
                                   dynamo=False, do_constant_folding=True)
         except Exception as e:  # noqa: BLE001 - the exporter raises many kinds

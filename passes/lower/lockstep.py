@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxopt.ir.check import clone_inputs
 from fxopt.ir.graph import module_path
 
 __all__ = ["LockstepReference"]
@@ -66,8 +67,10 @@ class LockstepReference(torch.nn.Module):
     def forward(self, *args):
         with torch.no_grad():
             low = fx.Interpreter(self.lowered, garbage_collect_values=False)
-            low.run(*args)
+            # each run on copies: a graph that writes into its input (x.mul_(gate)) must not
+            # hand the other run a changed input
+            low.run(*clone_inputs(args))
             follow = _Follow(self.ir, {n.name: v for n, v in low.env.items()}, self.mapping)
-            out = follow.run(*args)
+            out = follow.run(*clone_inputs(args))
         self.flips, self.off = follow.flips, follow.off
         return out

@@ -7,10 +7,9 @@ and ONNX Runtime each on a tenth or a fifth). ``FXOPT_FUZZ_BASE=S`` moves the wi
 S..S+299. Every failure outcome counts (``caught``, ``untyped``, ``mismatch``, ``low_sqnr``); a
 failure prints the seed and a minimized reproduction.
 
-``KNOWN_OPEN``: grammar features that hit bugs other branches of issue 12 fix (an in-place op
-through an alias or on the input: capture, ``fxopt/ir``; ConvTranspose2d output_padding >=
-stride: ONNX Runtime's refusal is not yet a typed error). The default run leaves them out until
-those land; ``python -m fxopt.fuzz`` keeps them in.
+``KNOWN_OPEN``: grammar features left out of the default run while a bug they hit is open
+(empty: the in-place ops through an alias or on the input, and ConvTranspose2d output_padding
+>= stride, were fixed on main; bench/results/fuzz-findings-2026-12-06.md).
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ from fxopt.fuzz.__main__ import main
 from fxopt.fuzz.grammar import ACTIVATION_SPELLINGS, LAYER_KINDS
 from fxopt.fuzz.oracle import FAILURES, classify
 
-KNOWN_OPEN = ("alias_inplace", "input_inplace", "convt_outpad_dilation")
+KNOWN_OPEN: tuple[str, ...] = ()
 BASE = int(os.environ.get("FXOPT_FUZZ_BASE", "0"))
 
 
