@@ -7,12 +7,14 @@ leaving it on PyTorch; a product with a float input left alone.
 """
 import copy
 import operator
+from functools import partial
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from int8_op_checks import calibration, check_triton_leaves_on_pytorch, codes, count, quantize_ir, t
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -33,16 +35,13 @@ AVG8 = OPS.adaptive_avg_pool2d_int8.default
 Q, DQ = OPS.quantize.default, OPS.dequantize.default
 G = torch.Generator().manual_seed(5)
 NO_FLOAT_GATE = QuantConfig(float_without_kernel=False)  # conv + sigmoid: the gate int8 too
+_t, _count = t, count
+_codes = partial(codes, generator=G)
+_cal = partial(calibration, shape=(4, 3, 8, 8))
 
 
-def _t(v, dtype=torch.float32):
-    return torch.tensor(v, dtype=dtype)
-
-
-def _codes(shape, lo=0, hi=255, dtype=torch.uint8, channels_last=False):
-    q = torch.randint(lo, hi + 1, shape, generator=G).to(dtype)
-    return q.contiguous(memory_format=torch.channels_last) if channels_last and q.dim() == 4 \
-        else q
+def _quantize(model, x, cfg=NO_FLOAT_GATE):
+    return quantize_ir(model, x, cfg, _cal())
 
 
 class SE(nn.Module):
@@ -60,29 +59,6 @@ class SE(nn.Module):
         y = torch.relu(self.stem(x))
         g = torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
         return self.head(g * y if self.gate_first else y * g)
-
-
-def _cal(n=3, seed=1, shape=(4, 3, 8, 8)):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g) for _ in range(n)]
-
-
-def _quantize(model, x, cfg=NO_FLOAT_GATE):
-    """The int8 graph (the manager checks it against the simulation on ``x``), its record, the
-    context and the float graph it was made from."""
-    gm = fxopt.capture(model.eval(), x)
-    ctx = PassContext(example_inputs=(x,), configs=[cfg], calibration_data=_cal())
-    steps = ["fold_bn", "fuse_act", "lower_convs", "to_channels_last"]
-    before, _ = PassManager(expand_pipeline(steps), check="each").run(gm, ctx)
-    out, report = PassManager(expand_pipeline(["quantize_int8"]), check="each").run(
-        copy.deepcopy(before), ctx)
-    rec = report.record("quantize_int8")
-    assert rec.status == "ok", rec.notes
-    return out, rec, ctx, before
-
-
-def _count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.target is target)
 
 
 # -- the op ---------------------------------------------------------------------------------------
@@ -287,16 +263,6 @@ def test_onnx_export_both_forms(tmp_path, form, row, onnx_mul):
 
 # -- the Triton lowering: no kernel, left on PyTorch and named -----------------------------------
 def test_triton_lowering_leaves_mul_int8_on_pytorch(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("FXOPT_TRITON_ON_CPU", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from fxopt.passes.lower.triton import lower_to_triton
-
     x = torch.randn(1, 3, 8, 8)
     ir, _, _, _ = _quantize(SE(), x)
-    gm = copy.deepcopy(ir)
-    result = lower_to_triton(gm, PassContext(example_inputs=(x,), target="cpu"))
-    assert result.modified and _count(gm, MUL8) == 1
-    assert "mul_int8 x1" in " ".join(result.notes)
-    with torch.no_grad():
-        assert (gm(x) - ir(x)).abs().max().item() <= result.max_abs_tolerance
+    check_triton_leaves_on_pytorch(monkeypatch, ir, x, MUL8, "mul_int8")

@@ -8,17 +8,25 @@ quantized kernel indexes differently); the ONNX QDQ export of both forms in ONNX
 Triton lowering leaving it on PyTorch and naming it; the cases left float.
 """
 import copy
-import warnings
+from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from int8_op_checks import (
+    calibration,
+    check_triton_leaves_on_pytorch,
+    codes,
+    count,
+    quantize_ir,
+    quantized,
+    t,
+)
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxopt
 from fxopt.infra.manager import PassManager
-from fxopt.infra.registry import PassContext
 from fxopt.infra.rewrite import apply_rules
 from fxopt.ops.int8 import UpsampleNearest2dInt8
 from fxopt.pipelines import expand_pipeline
@@ -31,21 +39,12 @@ UP8, CONV8, ADD8 = (OPS.upsample_nearest2d_int8.default, OPS.conv2d_int8.default
                     OPS.add_int8.default)
 Q, DQ = OPS.quantize.default, OPS.dequantize.default
 G = torch.Generator().manual_seed(12)
+_t, _count, _quantized, _cal = t, count, quantized, calibration
+_codes = partial(codes, generator=G)
 
 
-def _t(v, dtype=torch.float32):
-    return torch.tensor(v, dtype=dtype)
-
-
-def _codes(shape, lo=0, hi=255, dtype=torch.uint8, channels_last=False):
-    q = torch.randint(lo, hi + 1, shape, generator=G).to(dtype)
-    return q.contiguous(memory_format=torch.channels_last) if channels_last else q
-
-
-def _quantized(q, s, z):
-    with warnings.catch_warnings():  # PyTorch deprecates the creation, not the kernels
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
-        return torch._make_per_tensor_quantized_tensor(q, s, z)
+def _quantize(model, x, cfg=QuantConfig()):
+    return quantize_ir(model, x, cfg)
 
 
 def _up(q, size, factors, lo=0, hi=255):
@@ -182,30 +181,6 @@ class LeftAlone(nn.Module):
         return F.interpolate(z, scale_factor=2)            # 1-D nearest
 
 
-def _cal(n=3, seed=1, shape=(4, 3, 16, 16)):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g) for _ in range(n)]
-
-
-def _quantize(model, x, cfg=QuantConfig()):
-    """The int8 graph (the manager checks it against the simulation on ``x``), its record, the
-    context and the float graph it was made from."""
-    torch.manual_seed(0)
-    gm = fxopt.capture(model.eval(), x)
-    ctx = PassContext(example_inputs=(x,), configs=[cfg], calibration_data=_cal())
-    steps = ["fold_bn", "fuse_act", "lower_convs", "to_channels_last"]
-    before, _ = PassManager(expand_pipeline(steps), check="each").run(gm, ctx)
-    out, report = PassManager(expand_pipeline(["quantize_int8"]), check="each").run(
-        copy.deepcopy(before), ctx)
-    rec = report.record("quantize_int8")
-    assert rec.status == "ok", rec.notes
-    return out, rec, ctx, before
-
-
-def _count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.target is target)
-
-
 def _float_upsamples(gm) -> int:
     return sum(1 for n in gm.graph.nodes if n.target is F.interpolate
                or (n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Upsample)))
@@ -316,16 +291,6 @@ def test_onnx_export_both_forms(tmp_path, net, form, row):
 
 # -- the Triton lowering: no kernel, left on PyTorch and named -----------------------------------
 def test_triton_lowering_leaves_upsample_nearest2d_int8_on_pytorch(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("FXOPT_TRITON_ON_CPU", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from fxopt.passes.lower.triton import lower_to_triton
-
     x = torch.randn(1, 3, 16, 16)
     ir, _, _, _ = _quantize(Decoder(), x)
-    gm = copy.deepcopy(ir)
-    result = lower_to_triton(gm, PassContext(example_inputs=(x,), target="cpu"))
-    assert result.modified and _count(gm, UP8) == 1
-    assert "upsample_nearest2d_int8 x1" in " ".join(result.notes)
-    with torch.no_grad():
-        assert (gm(x) - ir(x)).abs().max().item() <= result.max_abs_tolerance
+    check_triton_leaves_on_pytorch(monkeypatch, ir, x, UP8, "upsample_nearest2d_int8")
