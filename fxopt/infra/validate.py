@@ -22,7 +22,7 @@ import torch.nn as nn
 from fxopt.errors import InputError, PipelineError
 
 __all__ = ["names_arg", "pipeline_arg", "choice_arg", "leaf_modules_arg", "concrete_args_arg",
-           "instruments_arg", "calibration_arg", "INSTRUMENT_METHODS"]
+           "instruments_arg", "calibration_arg", "calibration_batch", "INSTRUMENT_METHODS"]
 
 INSTRUMENT_METHODS = ("on_start", "before_pass", "after_pass", "on_end")
 
@@ -170,28 +170,37 @@ def calibration_arg(data: Any, example_inputs: tuple) -> None:
     if not data:
         raise InputError("calibration_data is empty",
                          hint="pass at least one batch shaped like the example inputs")
-    n = len(example_inputs)
     for i, batch in enumerate(data):
-        args = (batch,) if isinstance(batch, torch.Tensor) else \
-            tuple(batch[:n]) if isinstance(batch, (tuple, list)) else None
-        if args is None or not args or not all(isinstance(a, torch.Tensor) for a in args):
-            got = type(batch).__name__ if args is None else \
-                f"({', '.join(type(a).__name__ for a in batch)})"
-            raise InputError(f"calibration batch {i} is {got}; expected a tensor or an "
-                             f"(inputs..., target) tuple of tensors",
-                             hint="pass batches like the example inputs, e.g. "
-                                  "calibration_data=[torch.randn(8, 3, 224, 224), ...]")
-        if len(args) != n:
-            raise InputError(f"calibration batch {i} has {len(args)} inputs; the model takes {n}",
-                             hint="give each batch as (input1, ..., input{n}) or "
-                                  "(input1, ..., input{n}, target)".replace("{n}", str(n)))
-        for a, ex in zip(args, example_inputs):
-            if isinstance(ex, torch.Tensor) and a.numel() == 0:
-                raise InputError(f"calibration batch {i} is empty (shape {tuple(a.shape)})",
-                                 hint="drop empty batches from calibration_data")
-            if isinstance(ex, torch.Tensor) and (a.dim() != ex.dim()
-                                                 or a.shape[1:] != ex.shape[1:]):
-                raise InputError(f"calibration batch {i} has shape {tuple(a.shape)}, but the "
-                                 f"example input has {tuple(ex.shape)} (only the batch size may "
-                                 f"differ)",
-                                 hint="calibrate on batches shaped like the model's inputs")
+        calibration_batch(batch, i, example_inputs)
+
+
+def calibration_batch(batch: Any, i: int, example_inputs: tuple) -> tuple:
+    """The model's arguments in calibration batch ``i`` (a tensor, or ``(inputs..., target)``),
+    checked against the example inputs (tensors, as many, shaped alike up to the batch size, not
+    empty); an ``InputError`` with a hint otherwise. ``calibration_data=`` lists are checked with
+    it up front, and the quantizer reads every batch through it."""
+    n = len(example_inputs)
+    args = (batch,) if isinstance(batch, torch.Tensor) else \
+        tuple(batch[:n]) if isinstance(batch, (tuple, list)) else None
+    if args is None or not args or not all(isinstance(a, torch.Tensor) for a in args):
+        got = type(batch).__name__ if args is None else \
+            f"({', '.join(type(a).__name__ for a in batch)})"
+        raise InputError(f"calibration batch {i} is {got}; expected a tensor or an "
+                         f"(inputs..., target) tuple of tensors",
+                         hint="pass batches like the example inputs, e.g. "
+                              "calibration_data=[torch.randn(8, 3, 224, 224), ...]")
+    if len(args) != n:
+        raise InputError(f"calibration batch {i} has {len(args)} inputs; the model takes {n}",
+                         hint="give each batch as (input1, ..., input{n}) or "
+                              "(input1, ..., input{n}, target)".replace("{n}", str(n)))
+    for a, ex in zip(args, example_inputs):
+        if isinstance(ex, torch.Tensor) and a.numel() == 0:
+            raise InputError(f"calibration batch {i} is empty (shape {tuple(a.shape)})",
+                             hint="drop empty batches from calibration_data")
+        if isinstance(ex, torch.Tensor) and (a.dim() != ex.dim()
+                                             or a.shape[1:] != ex.shape[1:]):
+            raise InputError(f"calibration batch {i} has shape {tuple(a.shape)}, but the "
+                             f"example input has {tuple(ex.shape)} (only the batch size may "
+                             f"differ)",
+                             hint="calibrate on batches shaped like the model's inputs")
+    return args

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from fxopt.errors import InputError
 from fxopt.infra.progress import progress
+from fxopt.infra.validate import calibration_batch
 from fxopt.ir.graph import module_path
 from fxopt.ops.schema import schema_of
 from fxopt.quant.config import QuantConfig
@@ -37,32 +38,9 @@ def calibration_inputs(data, example_inputs: tuple, min_batches: int = 1) -> lis
     except TypeError:
         raise InputError(f"calibration_data must be an iterable of batches, not "
                          f"{type(data).__name__}", hint="pass a list of tensors or a DataLoader")
-    n = len(example_inputs)
     batches = []
     for i, batch in enumerate(it):
-        if isinstance(batch, torch.Tensor):
-            args = (batch,)
-        elif isinstance(batch, (tuple, list)) and batch and \
-                all(isinstance(b, torch.Tensor) for b in batch[:n]):
-            args = tuple(batch[:n])  # (x, y): the inputs first, targets ignored
-        else:
-            raise InputError(f"calibration batch {i} is a {type(batch).__name__}; expected a "
-                             f"tensor or an (inputs..., target) tuple of tensors",
-                             hint="pass batches like the example inputs, e.g. "
-                                  "calibration_data=[torch.randn(8, 3, 224, 224), ...]")
-        if len(args) != n:
-            raise InputError(f"calibration batch {i} has {len(args)} inputs; the model takes {n}",
-                             hint=f"give each batch as the model's {n} inputs (then a target)")
-        for a, ex in zip(args, example_inputs):
-            if isinstance(ex, torch.Tensor) and (a.dim() != ex.dim()
-                                                 or a.shape[1:] != ex.shape[1:]):
-                raise InputError(f"calibration batch {i} has shape {tuple(a.shape)}, but the "
-                                 f"example input has {tuple(ex.shape)} (only the batch size may "
-                                 f"differ)", hint="calibrate on batches shaped like the model's "
-                                                  "inputs")
-            if isinstance(ex, torch.Tensor) and a.numel() == 0:
-                raise InputError(f"calibration batch {i} is empty",
-                                 hint="drop empty batches from calibration_data")
+        args = calibration_batch(batch, i, example_inputs)
         batches.append(tuple(a.to(ex.device) if isinstance(ex, torch.Tensor) else a
                              for a, ex in zip(args, example_inputs)))
     if len(batches) < min_batches:
