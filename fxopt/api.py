@@ -50,7 +50,13 @@ class OptimizedModule(nn.Module):
         self.train(False)  # an inference module: optimize(opt, x) and check_model accept it
 
     def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **kwargs)
+        if torch.is_grad_enabled():
+            return self.graph_module(*args, **kwargs)
+        # No gradient wanted (torch.no_grad): skip the autograd layer, which every fxopt op has
+        # (its gradient formula) and which costs ~13 us a call even when no gradient is taken:
+        # 0.53 -> 0.43 ms on 8 fused convs at 8x8 (one thread). inference_mode skips it anyway.
+        with torch._C._AutoDispatchBelowAutograd():
+            return self.graph_module(*args, **kwargs)
 
     @property
     def code(self) -> str:
