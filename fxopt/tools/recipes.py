@@ -217,7 +217,12 @@ def prune_and_finetune_digits(prune: float | PruneConfig | dict = 0.5, *, epochs
                  + (" (stopped early)" if ft.stopped_early else "") + f", {ft.seconds:.1f} s")
     q = final.report.record("quantize_int8") if quantize is not None else None
     if q is not None and q.stats.get("sqnr_db") is not None:
+        on = {"held_out": "batches held out of calibration",
+              "example_inputs": "the example inputs (not a calibration batch)",
+              "calibration": "the calibration batches themselves (nothing held out)"}.get(
+            q.stats.get("measured_on"), "calibration batches")
         notes.append(f"int8: SQNR {q.stats['sqnr_db']:.1f} dB against the float model on "
-                     f"{q.stats.get('calibration_batches', 0)} calibration batches; "
+                     f"{q.stats.get('measured_batches', '?')} {on} (calibrated on "
+                     f"{q.stats.get('calibration_batches', 0)}); "
                      f"{q.stats.get('kept_float', 0)} layers kept in float")
     return PruneFinetuneResult(rows, final, pruned_opt.report, ft, cfg, notes, float_final)
