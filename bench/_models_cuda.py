@@ -3,10 +3,13 @@
 Per model and batch, in one run: eager fp32, eager fp16 channels-last, ``torch.compile`` fp16
 (channels-last, ``dynamic=False``: compiled per batch size), fxopt fp16
 (``optimize(target="cuda", precision="fp16")``) and fxopt int8 (``quantize="int8"``, random
-calibration batches). Times are ``triton.testing.do_bench`` medians after a first untimed call
-(autotuning, compilation); fp16 variants get a channels-last fp16 input, the int8 one a
-channels-last fp32 input, eager fp32 a plain NCHW one. Beside them: the error of each variant
-against eager fp32 (reported, not asserted: random weights and inputs), the time
+calibration batches); at batch 1 only (host-bound: launch overhead), the same with CUDA graphs:
+``torch.compile(mode="reduce-overhead")`` fp16 and fxopt fp16 / int8 ``.with_cuda_graphs()``
+(the modules optimized above, no second optimize). Times are ``triton.testing.do_bench``
+medians after a first untimed call (autotuning, compilation, graph capture); fp16 variants
+get a channels-last fp16 input, the int8 one a channels-last fp32 input, eager fp32 a plain
+NCHW one. Beside them: the error of each variant against eager fp32 (reported, not asserted:
+random weights and inputs), the time
 ``fxopt.optimize`` took (once per model, on the first batch size; the optimized module serves
 every batch size) and torch.compile's first call per batch size.
 
@@ -31,9 +34,13 @@ from _env import header
 
 __all__ = ["run_cuda", "VARIANTS"]
 
-VARIANTS = ["eager_fp32", "eager_fp16", "compile_fp16", "fxopt_fp16", "fxopt_int8"]
+VARIANTS = ["eager_fp32", "eager_fp16", "compile_fp16", "fxopt_fp16", "fxopt_int8",
+            "compile_fp16_cg", "fxopt_fp16_cg", "fxopt_int8_cg"]
 _TITLES = {"eager_fp32": "eager fp32", "eager_fp16": "eager fp16 CL", "compile_fp16":
-           "torch.compile fp16", "fxopt_fp16": "fxopt fp16", "fxopt_int8": "fxopt int8"}
+           "torch.compile fp16", "fxopt_fp16": "fxopt fp16", "fxopt_int8": "fxopt int8",
+           "compile_fp16_cg": "torch.compile fp16 CG", "fxopt_fp16_cg": "fxopt fp16 CG",
+           "fxopt_int8_cg": "fxopt int8 CG"}
+CG_BATCHES = (1,)  # CUDA-graph variants: only where the host bounds the time
 _CL = torch.channels_last
 # A dry run of this script's logic on the CPU (Triton interpreted, no timing that means anything):
 # FXOPT_BENCH_DEVICE=cpu FXOPT_TRITON_ON_CPU=1 with a tiny model. For checking the script only.
@@ -93,12 +100,20 @@ class _Model:
             return self.fp32, x32, None
         if variant == "eager_fp16":
             return self.fp16, x16, None
-        if variant == "compile_fp16":
+        if variant.endswith("_cg") and DEVICE != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        if variant in ("compile_fp16", "compile_fp16_cg"):
             torch._dynamo.reset()  # a fresh first compile per batch size
-            compiled = torch.compile(self.fp16, dynamic=False)
+            mode = "reduce-overhead" if variant.endswith("_cg") else None  # CUDA graphs
+            compiled = torch.compile(self.fp16, dynamic=False, mode=mode)
             with torch.no_grad():
                 secs = _sync_time(lambda: compiled(x16))
             return compiled, x16, secs
+        if variant.endswith("_cg"):  # the module optimized above, replayed from CUDA graphs
+            if variant[:-3] not in self.opt:
+                raise RuntimeError(f"{variant[:-3]} did not run or failed: nothing to graph")
+            x = x16 if variant == "fxopt_fp16_cg" else x32.contiguous(memory_format=_CL)
+            return self.opt[variant[:-3]].with_cuda_graphs(), x, None
         if variant not in self.opt:
             t0 = time.perf_counter()
             if variant == "fxopt_fp16":
@@ -129,24 +144,28 @@ def _table(args, rows, prep, notes, elapsed, done: bool) -> str:
              f"`torch.no_grad()`. `triton.testing.do_bench` medians (rep {args.rep_ms} ms) after "
              f"one untimed call. Error: relative norm error of the output against eager fp32.", "",
              "| model | batch | " + " | ".join(f"{_TITLES[v]} ms" for v in args.variants) +
-             " | fxopt fp16 vs compile | fxopt int8 vs compile | error (" +
+             " | fxopt fp16 vs compile | fxopt int8 vs compile | fxopt fp16 CG vs compile CG "
+             "| fxopt int8 CG vs compile CG | error (" +
              ", ".join(_TITLES[v] for v in args.variants if v != "eager_fp32") + ") |",
-             "|---|---|" + "---:|" * len(args.variants) + "---:|---:|---|"]
+             "|---|---|" + "---:|" * len(args.variants) + "---:|---:|---:|---:|---|"]
     for (name, batch), res in rows.items():
         cells = []
         for v in args.variants:
             r = res.get(v)
             cells.append(f"{r['ms']:.2f}" if r and "ms" in r else (r or {}).get("skip", "-"))
         c = res.get("compile_fp16", {}).get("ms")
-        ratio = [f"{c / res[v]['ms']:.2f}x" if c and "ms" in res.get(v, {}) else "-"
-                 for v in ("fxopt_fp16", "fxopt_int8")]
+        ccg = res.get("compile_fp16_cg", {}).get("ms")
+        ratio = [f"{ref / res[v]['ms']:.2f}x" if ref and "ms" in res.get(v, {}) else "-"
+                 for ref, v in ((c, "fxopt_fp16"), (c, "fxopt_int8"), (ccg, "fxopt_fp16_cg"),
+                                (ccg, "fxopt_int8_cg"))]
         errs = ", ".join(f"{res[v]['err']:.1e}" if "err" in res.get(v, {}) else "-"
                          for v in args.variants if v != "eager_fp32")
-        lines.append(f"| {name} | {batch} | " + " | ".join(cells) + f" | {ratio[0]} | {ratio[1]} "
+        lines.append(f"| {name} | {batch} | " + " | ".join(cells) + f" | {' | '.join(ratio)} "
                      f"| {errs} |")
     lines += ["", "Ratios: torch.compile fp16 time / fxopt time (above 1: fxopt faster). Aims "
               "(issue 6): batch 256 int8 >= 1.3x, fp16 >= 1.0x; optimize time <= half of "
-              "torch.compile's first compile.", "",
+              "torch.compile's first compile. CG: CUDA graphs, batch 1 only (torch.compile "
+              "mode='reduce-overhead' / fxopt with_cuda_graphs()); aim (issue 14): >= 1.0x.", "",
               "| model | preparation | seconds |", "|---|---|---:|"]
     for (name, what), secs in prep.items():
         lines.append(f"| {name} | {what} | {secs:.1f} |")
@@ -196,6 +215,9 @@ def run_cuda(args, build) -> str | None:
             with torch.no_grad():
                 ref = model.fp32(x32).float()
             for v in args.variants:
+                if v.endswith("_cg") and batch not in CG_BATCHES:
+                    res[v] = {"skip": "-"}
+                    continue
                 if time.monotonic() > deadline:
                     res[v] = {"skip": "skipped (budget)"}
                     continue
@@ -205,8 +227,15 @@ def run_cuda(args, build) -> str | None:
                         out = fn(x)  # the untimed first call (autotuning, compilation)
                         res[v] = {"err": _rel(out.float(), ref)}
                         res[v]["ms"] = _bench(lambda: fn(x), args.rep_ms)
+                    graphs = getattr(fn, "cuda_graphs", None)  # fxopt *_cg: did it replay?
+                    if graphs is not None and (graphs.disabled or not graphs.replays):
+                        res[v]["ms_note"] = "no graph"
+                        notes.append(f"{name} b{batch} {v}: ran WITHOUT CUDA graphs "
+                                     f"({graphs.disabled or 'never replayed'}); its time is the "
+                                     f"plain module's")
                     if secs is not None:
-                        what = (f"torch.compile first call, batch {batch}" if v == "compile_fp16"
+                        what = (f"{_TITLES[v]} first call, batch {batch}"
+                                if v.startswith("compile")
                                 else f"fxopt.optimize {v[6:]} (example batch {batch})")
                         prep[(name, what)] = secs
                 except Exception as e:  # noqa: BLE001 - a failing variant is a row, not the end

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared call on a CUDA machine (no network), about 5-6 minutes on one H200: install fxopt
+# One prepared call on a CUDA machine (no network), about 6 minutes on one H200: install fxopt
 # without dependencies; the default (CPU) test suite in the background while the GPU tests (the
 # lowering and pipeline first, then the kernels) and the command line with --target cuda run;
 # then the benchmarks, alone on the machine: bench/models.py --target cuda (ResNet-50) and
@@ -44,9 +44,11 @@ timeout -k 5 170 $PY -m pytest -q $xdist -m "not gpu" -p no:cacheprovider \
 default_pid=$!
 
 # GPU tests: the lowering and the pipeline end to end first, then the kernels.
-timeout -k 5 75 $PY -m pytest -q -m gpu -p no:cacheprovider tests/passes/lower/test_triton.py \
-  tests/fxopt/test_gpu.py > "$OUT/pytest_gpu_lowering.txt" 2>&1
-step "gpu tests (lowering, pipeline): exit $? -- $(tail -1 "$OUT/pytest_gpu_lowering.txt")"
+# (CUDA graphs: ResNet-18 fp16/int8 at batch 1 and 2, bitwise against the plain module; the
+# extra time overlaps the default suite, which runs ~170 s in the background.)
+timeout -k 5 105 $PY -m pytest -q -m gpu -p no:cacheprovider tests/passes/lower/test_triton.py \
+  tests/fxopt/test_gpu.py tests/fxopt/infra/test_cudagraph.py > "$OUT/pytest_gpu_lowering.txt" 2>&1
+step "gpu tests (lowering, pipeline, CUDA graphs): exit $? -- $(tail -1 "$OUT/pytest_gpu_lowering.txt")"
 
 # The command line end to end on the GPU.
 FXOPT_CACHE_DIR=/tmp/fxopt-cache timeout -k 5 40 $PY -m fxopt optimize --target cuda --epochs 1 \
@@ -61,7 +63,9 @@ wait $default_pid
 step "default suite (not gpu): exit $? -- $(tail -1 "$OUT/pytest_default.txt")"
 
 # Benchmarks, alone on the machine (batch 256 first: the aims are stated there).
-timeout -k 5 130 $PY bench/models.py --target cuda --batches 256 64 1 --budget-s 105 \
+# Batch 1 also runs the CUDA-graph variants (torch.compile reduce-overhead, fxopt
+# with_cuda_graphs): about 30 s more, most of it torch.compile's second first compile.
+timeout -k 5 160 $PY bench/models.py --target cuda --batches 256 64 1 --budget-s 135 \
   --rep-ms 100 --calib-batches 2 --out "$OUT" > "$OUT/models_cuda.log" 2>&1
 step "models --target cuda: exit $?"
 grep -E "^\| resnet|^- resnet" "$OUT"/models-cuda-*.md 2>/dev/null | cut -c1-400

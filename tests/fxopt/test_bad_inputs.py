@@ -235,6 +235,10 @@ def _save(path_of):
     return lambda m, x, tmp: m.save(path_of(tmp))
 
 
+def _graphs(*args, **kw):
+    return lambda m, x, tmp: m.with_cuda_graphs(*args, **kw)
+
+
 def _load(path_of):
     return lambda m, x, tmp: fxopt.load(path_of(tmp))
 
@@ -480,6 +484,14 @@ CASES: dict[str, Case] = {
     "load/empty": Case(_load(_file("empty.fxopt", b"")), InputError),
     "load/text": Case(_load(_file("text.fxopt", b"hello, world\n")), InputError),
     "load/truncated": Case(_load(_truncated), InputError),
+    # --- OptimizedModule.with_cuda_graphs (the module is checked before any capture) -----------
+    "with_cuda_graphs/cpu-module": Case(_graphs(), PipelineError, model=optimized),
+    "with_cuda_graphs/enabled-string": Case(_graphs("yes"), InputError, model=optimized),
+    "with_cuda_graphs/enabled-None": Case(_graphs(None), InputError, model=optimized),
+    "with_cuda_graphs/enabled-int": Case(_graphs(1), InputError, model=optimized),
+    "with_cuda_graphs/max-graphs-zero": Case(_graphs(max_graphs=0), InputError, model=optimized),
+    "with_cuda_graphs/max-graphs-float": Case(_graphs(max_graphs=2.0), InputError,
+                                              model=optimized),
 }
 
 
