@@ -23,6 +23,16 @@ rewritten into QDQ first (``fxopt.export.qdq``, a table of one-op rewrites: Quan
 DequantizeLinear around the float ops, int8 weights with per-channel scales) and checked within
 one quantization step of the output (``OnnxExport.output_step``) instead of the float tolerance.
 
+The batch is dynamic by default (``dynamic_batch=True``): dim 0 of every tensor input, and of
+every output that follows it, is the symbolic ``batch`` (``dynamic_axes``; inputs and outputs
+are named ``input``/``output``, ``input_1``, ... unless ``input_names``/``output_names`` say
+otherwise). A file that only looks dynamic (a Reshape holding the traced batch size) is caught
+by running it a second time, at the example batch plus one (the first sample repeated), against
+the module at that batch: a file that fails or differs there is an ``UnsupportedOpError`` whose
+hint is ``dynamic_batch=False``, never a file written that only runs at one batch. A module that
+itself only runs at the example batch gets the same error. ``dynamic_batch=False`` writes the
+example shapes as they are.
+
 Where each op goes is read off two tables, never a list of names: an fxopt op whose schema has
 a ``decompose`` is decomposed; one the QDQ table has a row for is left to it; any other op is
 *kept*. ``kept`` lists the graph ops that stay as they were because no standard translation is
@@ -72,6 +82,8 @@ class OnnxExport:
     check: ErrorStats | None = None  # ONNX Runtime vs the fxopt module; None: not run
     notes: list[str] = field(default_factory=list)
     output_step: float | None = None  # int8 (QDQ): the tolerance of the check, one output step
+    dynamic_batch: bool = False  # dim 0 of the inputs (and the outputs that follow it): "batch"
+    batches: tuple[int, ...] = ()  # the batch sizes the file was run at in ONNX Runtime
 
 
 def decompose_fused_ops(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int], list[str]]:
@@ -122,7 +134,7 @@ def _check_path(path) -> Path:
     return path
 
 
-def _check_options(opset, check, input_names, output_names) -> None:
+def _check_options(opset, check, input_names, output_names, dynamic_batch) -> None:
     if isinstance(opset, bool) or not isinstance(opset, int) or \
             not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET} (what "
@@ -131,6 +143,10 @@ def _check_options(opset, check, input_names, output_names) -> None:
     if not isinstance(check, bool):
         raise InputError(f"check must be True or False, got {check!r}",
                          hint="check=True runs the file in ONNX Runtime; check=False does not")
+    if not isinstance(dynamic_batch, bool):
+        raise InputError(f"dynamic_batch must be True or False, got {dynamic_batch!r}",
+                         hint="dynamic_batch=True (the default) makes dim 0 a symbolic batch; "
+                              "dynamic_batch=False keeps the example inputs' shapes")
     for what, names in (("input_names", input_names), ("output_names", output_names)):
         if names is not None and (not isinstance(names, (list, tuple))
                                   or not all(isinstance(n, str) for n in names)):
@@ -157,19 +173,26 @@ def _reference(module: nn.Module, inputs: tuple) -> Any:
             m.training = training
 
 
-def _ort_outputs(model_path: Path, inputs: tuple) -> list:
-    """The file run in ONNX Runtime on ``inputs``; a file ORT refuses (an InvalidArgument or
-    Fail at session creation, an error while running) is an UnsupportedOpError."""
+def _ort_outputs(model_path: Path, inputs: tuple, other: tuple | None = None) -> tuple:
+    """The file run in ONNX Runtime on ``inputs`` and, when given, on ``other`` (the second
+    batch): (outputs, outputs on ``other`` or None). A file ORT refuses (an InvalidArgument or
+    Fail at session creation, an error while running) is an UnsupportedOpError; one that runs at
+    the example batch only, an UnsupportedOpError that says ``dynamic_batch=False``."""
     import onnxruntime as ort
+
+    def run(session, feed_inputs, quiet=False):
+        tensors = [x for x in feed_inputs if isinstance(x, torch.Tensor)]
+        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), tensors)}
+        run_options = ort.RunOptions()
+        run_options.log_severity_level = 4 if quiet else 3  # a failure here is expected news
+        return [torch.from_numpy(o) for o in session.run(None, feeds, run_options)]
 
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # its errors come back as the exception below
         session = ort.InferenceSession(str(model_path), options,
                                        providers=["CPUExecutionProvider"])
-        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), tensors)}
-        return [torch.from_numpy(o) for o in session.run(None, feeds)]
+        out = run(session, inputs)
     except Exception as e:  # noqa: BLE001 - ORT's errors are pybind classes of its own
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UnsupportedOpError(
@@ -178,17 +201,105 @@ def _ort_outputs(model_path: Path, inputs: tuple) -> list:
                  "layer ORT names (e.g. a ConvTranspose2d whose output_padding is not below its "
                  "stride), or export with check=False to keep the file for another "
                  "runtime") from e
+    if other is None:
+        return out, None
+    try:
+        return out, run(session, other, quiet=True)
+    except Exception as e:  # noqa: BLE001 - as above
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnsupportedOpError(
+            f"the exported file runs at the example batch {_batch_of(inputs)} but ONNX Runtime "
+            f"fails at batch {_batch_of(other)} ({type(e).__name__}): {first}",
+            hint=_FIXED_BATCH_HINT) from e
+
+
+def _compare(out: list, ref: list, step: float | None) -> ErrorStats:
+    ref = [r.detach().cpu().contiguous() for r in ref]
+    return compare_outputs(out, ref) if not step else compare_within_step(out, ref, step)
+
+
+def _bound(stats: ErrorStats, step: float | None) -> str:
+    """What a failed comparison exceeded, in words."""
+    if stats.reason:
+        return stats.reason
+    return f"rel err {stats.rel_err:.2e} > {stats.tolerance:.0e}" if not step \
+        else f"max abs err {stats.max_abs:.3g} > {stats.tolerance:.3g}"
+
+
+# -- the batch dimension ------------------------------------------------------------------------
+_FIXED_BATCH_HINT = ("the graph holds the batch size as a constant (e.g. x.view(int(x.size(0)), "
+                     "-1) or a shape computed in Python): export_onnx(..., dynamic_batch=False) "
+                     "writes a file for the example batch only, or flatten with "
+                     "x.flatten(1) / x.view(x.size(0), -1)")
+
+
+def _batch_of(inputs: tuple) -> int | None:
+    """Dim 0 of the first tensor input with a dimension (None: no such input)."""
+    return next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+
+
+def _grown(inputs: tuple) -> tuple:
+    """The inputs at one more sample (the first repeated at the end): the second batch."""
+    return tuple(torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                 for x in inputs)
+
+
+def _outputs_list(reference: Any) -> list:
+    return list(reference) if isinstance(reference, (tuple, list)) else [reference]
+
+
+def _io_names(inputs: tuple, outputs: list, input_names, output_names) -> tuple[list, list]:
+    """The names the file's inputs and outputs get: the user's, then input/input_1/... for the
+    tensor inputs and output/output_1/... for the outputs beyond them."""
+    def defaults(stem, n):
+        return [stem if i == 0 else f"{stem}_{i}" for i in range(n)]
+
+    n_in = sum(isinstance(x, torch.Tensor) for x in inputs)
+    ins = list(input_names or []) + defaults("input", n_in)[len(input_names or []):]
+    outs = list(output_names or [])
+    if all(isinstance(o, torch.Tensor) for o in outputs):  # flat: one file output per tensor
+        outs += defaults("output", len(outputs))[len(outs):]
+    return ins, outs
+
+
+def _dynamic_axes(inputs, in_names, ref, ref2, out_names) -> dict:
+    """{name: {0: "batch"}} for the tensor inputs with a dim 0 and the outputs whose dim 0 is
+    the batch (it grows with the inputs': ``ref`` at the example batch, ``ref2`` at the
+    second)."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    axes = {name: {0: "batch"} for name, x in zip(in_names, tensors) if x.dim() > 0}
+    batch, batch2 = _batch_of(inputs), _batch_of(_grown(inputs))
+    for name, o, o2 in zip(out_names, ref, ref2):
+        if isinstance(o, torch.Tensor) and isinstance(o2, torch.Tensor) and o.dim() > 0 \
+                and o2.dim() > 0 and (o.shape[0], o2.shape[0]) == (batch, batch2):
+            axes[name] = {0: "batch"}
+    return axes
+
+
+def _reference_at_second_batch(module: nn.Module, inputs: tuple) -> Any:
+    try:
+        return _reference(module, clone_inputs(inputs))
+    except InputError as e:
+        raise UnsupportedOpError(
+            f"the module runs at the example batch but not at batch {_batch_of(inputs)}, so its "
+            f"file cannot have a dynamic batch: "
+            f"{e.message.replace('the module failed on the example inputs: ', '')}",
+            hint="export_onnx(..., dynamic_batch=False) writes a file for the example batch "
+                 "only") from e
 
 
 def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 opset: int = DEFAULT_OPSET, check: bool = True,
                 input_names: list[str] | None = None,
-                output_names: list[str] | None = None) -> OnnxExport:
+                output_names: list[str] | None = None,
+                dynamic_batch: bool = True) -> OnnxExport:
     """Export ``module`` (an ``OptimizedModule``, a ``GraphModule`` or any module) to ``path``.
 
     ``check``: run the file in ONNX Runtime (when installed) and raise
     ``NumericMismatchError`` if it differs from ``module`` beyond the float tolerance; the file
-    is then not written. ``onnx.checker`` always runs.
+    is then not written. ``onnx.checker`` always runs. ``dynamic_batch``: dim 0 of the inputs
+    and outputs is the symbolic ``batch`` (checked at a second batch size, see the module
+    docstring); False writes the example inputs' shapes.
     """
     import onnx
 
@@ -198,9 +309,16 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     # Every run takes copies: a forward that writes into its input (x.mul_(gate)) must change
     # neither the caller's tensors nor the inputs of the next run (the trace, ONNX Runtime).
     inputs = clone_inputs(normalize_inputs(example_inputs))
-    _check_options(opset, check, input_names, output_names)
+    _check_options(opset, check, input_names, output_names, dynamic_batch)
     path = _check_path(path)
-    reference = _reference(module, clone_inputs(inputs))
+    reference = _outputs_list(_reference(module, clone_inputs(inputs)))
+    dynamic_batch = dynamic_batch and _batch_of(inputs) is not None
+    inputs2 = _grown(inputs) if dynamic_batch else None
+    reference2 = _outputs_list(_reference_at_second_batch(module, inputs2)) \
+        if dynamic_batch else None
+    in_names, out_names = _io_names(inputs, reference, input_names, output_names)
+    dynamic_axes = _dynamic_axes(inputs, in_names, reference, reference2, out_names) \
+        if dynamic_batch else None
     gm = _graph_module_of(module)
     notes: list[str] = []
     step = None
@@ -227,8 +345,9 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
                 torch.onnx.export(export_gm, clone_inputs(inputs), str(tmp), opset_version=opset,
-                                  input_names=input_names, output_names=output_names,
-                                  dynamo=False, do_constant_folding=True)
+                                  input_names=in_names, output_names=out_names or None,
+                                  dynamic_axes=dynamic_axes, dynamo=False,
+                                  do_constant_folding=True)
         except Exception as e:  # noqa: BLE001 - the exporter raises many kinds
             counts = Counter(k.split("(")[-1].rstrip(")") for k in kept)
             hint = ("no ONNX translation yet for " + ", ".join(
@@ -247,30 +366,35 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                 hint=f"try another opset (opset={DEFAULT_OPSET} is tested), or export the "
                      f"float model (pipeline=['cleanup']) to find the op") from e
-        stats = None
+        stats, batches = None, ()
         if check:
             try:
                 import onnxruntime  # noqa: F401
             except ImportError:
                 notes.append("onnxruntime is not installed: the file was not run")
             else:
-                ort_out = _ort_outputs(tmp, inputs)
-                ref_list = list(reference) if isinstance(reference, (tuple, list)) else [reference]
-                ref_list = [r.detach().cpu().contiguous() for r in ref_list]
-                stats = compare_outputs(ort_out, ref_list) if not step else \
-                    compare_within_step(ort_out, ref_list, step)
+                ort_out, ort_out2 = _ort_outputs(tmp, inputs, inputs2)
+                stats = _compare(ort_out, reference, step)
                 if not stats.ok:
-                    bound = f"rel err {stats.rel_err:.2e} > {stats.tolerance:.0e}" if not step \
-                        else f"max abs err {stats.max_abs:.3g} > {stats.tolerance:.3g}"
                     raise NumericMismatchError(
-                        f"ONNX Runtime's outputs differ from the fxopt module's: {bound} "
-                        f"{stats.reason}".strip(),
+                        f"ONNX Runtime's outputs differ from the fxopt module's: "
+                        f"{_bound(stats, step)}",
                         pass_name="export_onnx", passes_before=[], max_abs=stats.max_abs,
                         rel_err=stats.rel_err, tolerance=stats.tolerance, node=None,
                         module_path=None, hint="export with check=False to inspect the file")
+                batches = (_batch_of(inputs),)
+                if ort_out2 is not None:
+                    stats2 = _compare(ort_out2, reference2, step)
+                    if not stats2.ok:
+                        raise UnsupportedOpError(
+                            f"the exported file matches the module at the example batch "
+                            f"{batches[0]} but not at batch {_batch_of(inputs2)}: "
+                            f"{_bound(stats2, step)}", hint=_FIXED_BATCH_HINT)
+                    batches += (_batch_of(inputs2),)
         tmp.replace(path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return OnnxExport(path=path, opset=opset, translated=translated, kept=kept, check=stats,
-                      notes=notes, output_step=step)
+                      notes=notes, output_step=step, dynamic_batch=dynamic_batch,
+                      batches=batches)

@@ -393,6 +393,8 @@ CASES: dict[str, Case] = {
         model=_train_mode),
     "export_onnx/input-names-string": Case(
         lambda m, x, tmp: export_onnx(m, x, tmp / "a.onnx", input_names="x"), InputError),
+    "export_onnx/dynamic-batch-string": Case(
+        lambda m, x, tmp: export_onnx(m, x, tmp / "a.onnx", dynamic_batch="yes"), InputError),
     "export_onnx/ort-refuses-file": Case(
         lambda m, x, tmp: export_onnx(m, x, tmp / "a.onnx"), UnsupportedOpError,
         model=lambda: Deconv().eval(), inputs=lambda: torch.randn(1, 3, 5, 5)),
