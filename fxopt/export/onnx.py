@@ -57,7 +57,7 @@ from fxopt.errors import InputError, NumericMismatchError, UnsupportedOpError
 from fxopt.export.qdq import (MIN_QDQ_OPSET, compare_within_step, drop_initializer_identities,
                               has_rule, is_int8_graph, qdq_rewrite, untranslated)
 from fxopt.ir.capture import normalize_inputs
-from fxopt.ir.check import clone_inputs
+from fxopt.ir.check import clone_inputs, run_in_eval
 from fxopt.ir.tolerances import ErrorStats, compare_outputs
 from fxopt.ops.schema import is_fxopt_op, schema_of
 
@@ -158,19 +158,9 @@ def _reference(module: nn.Module, inputs: tuple) -> Any:
     """The module's outputs on ``inputs`` in eval mode, as it is exported: a module left in
     training mode is switched to eval for this one call (its BatchNorm statistics are not
     updated) and every training flag is put back after, on error too."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        module.eval()
-        with torch.no_grad():
-            return module(*inputs)
-    except Exception as e:  # noqa: BLE001 - any failure here is about the inputs
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise InputError(f"the module failed on the example inputs: {type(e).__name__}: {first}",
-                         hint="pass inputs of the shape, dtype and device the module takes (the "
-                              "ones it was optimized with)") from e
-    finally:
-        for m, training in flags:
-            m.training = training
+    return run_in_eval(module, inputs, what="the module failed on the example inputs",
+                       hint="pass inputs of the shape, dtype and device the module takes (the "
+                            "ones it was optimized with)")
 
 
 def _ort_outputs(model_path: Path, inputs: tuple, other: tuple | None = None) -> tuple:

@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
+from fxopt.errors import InputError
 from fxopt.ir.graph import module_path, tensor_meta_of
 from fxopt.ir.tolerances import CONDITIONING_FACTOR, plain_structure, rel_err, tolerance_for
 
-__all__ = ["RecordedRun", "record_run", "clone_inputs", "seeded", "conditioning_floors",
-           "first_divergence", "value_key", "describe_node"]
+__all__ = ["RecordedRun", "record_run", "clone_inputs", "run_in_eval", "seeded",
+           "conditioning_floors", "first_divergence", "value_key", "describe_node"]
 
 
 def value_key(node: fx.Node) -> str:
@@ -87,6 +89,23 @@ def seeded(inputs: tuple = ()):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
         yield
+
+
+def run_in_eval(module: nn.Module, inputs: tuple, *, what: str, hint: str) -> Any:
+    """``module(*inputs)`` once in eval mode without gradients (no BatchNorm statistics move),
+    every submodule's training flag put back after, on error too; a failure of the run is an
+    ``InputError`` (``what`` failed, ``hint``) that keeps it as the cause."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            return module(*inputs)
+    except Exception as e:  # noqa: BLE001 - any failure here is about the inputs
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"{what}: {type(e).__name__}: {first}", hint=hint) from e
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 def clone_inputs(inputs: tuple) -> tuple:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fxopt.errors import InputError, ModelTypeError, NotAvailableError, UnsupportedOpError
+from fxopt.ir.check import run_in_eval
 from fxopt.ir.graph import packed_weights
 from fxopt.ops.schema import QAT_HINT, schema_of
 
@@ -329,19 +330,9 @@ def _preflight(model: nn.Module, train_data, val_data, device) -> None:
                          hint="pass batches (inputs, targets), or the tensors (inputs, targets)")
     dev = torch.device(device) if device is not None else _device_of(model)
     xs, _ = split_batch(first, dev)
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*xs)
-    except Exception as e:
-        raise InputError(f"the model cannot run on the first training batch: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                         hint="each batch is (inputs, targets), the inputs shaped like the "
-                              "model's example inputs") from e
-    finally:
-        for m, t in flags.items():
-            m.training = t
+    run_in_eval(model, xs, what="the model cannot run on the first training batch",
+                hint="each batch is (inputs, targets), the inputs shaped like the model's example "
+                     "inputs")
 
 
 def _finetune(model, train_data, val_data, epochs, teacher, kd_alpha, kd_temperature, optimizer,
