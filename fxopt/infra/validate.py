@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from fxopt.errors import InputError, PipelineError
+from fxopt.errors import FxoptError, InputError, PipelineError
 
 __all__ = ["names_arg", "pipeline_arg", "choice_arg", "leaf_modules_arg", "concrete_args_arg",
            "instruments_arg", "calibration_arg", "calibration_batch", "INSTRUMENT_METHODS"]
@@ -67,13 +67,17 @@ def pipeline_arg(value: Any) -> str | list[str]:
                              f"({_LISTING})")
 
 
-def choice_arg(value: Any, what: str, allowed: Sequence[str]) -> str:
-    """One of ``allowed`` (``check=``, ``on_mismatch=``, ``target=``), or a PipelineError."""
+def choice_arg(value: Any, what: str, allowed: Sequence[str], *,
+               error: type[FxoptError] = PipelineError, also: str | None = None) -> str:
+    """One of ``allowed`` (``check=``, ``on_mismatch=``, ``target=``, a config's field named
+    ``what``), or ``error`` with a hint listing them (``also``: another way out)."""
     if not isinstance(value, str) or value not in allowed:
         near = [a for a in allowed if isinstance(value, str) and a[:2] == value[:2]]
-        guess = f"did you mean {what}={near[0]!r}? " if near else ""
-        raise PipelineError(f"{what} must be one of {tuple(allowed)}, got {value!r}",
-                            hint=f"{guess}pass {what}=" + " or ".join(repr(a) for a in allowed))
+        guess = f"did you mean {what.split('.')[-1]}={near[0]!r}? " if near else ""
+        choices = " or ".join(repr(a) for a in allowed)
+        raise error(f"{what} must be one of {tuple(allowed)}, got {value!r}",
+                    hint=f"{guess}pass {what.split('.')[-1]}={choices}"
+                         + (f"; or {also}" if also else ""))
     return value
 
 

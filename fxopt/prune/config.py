@@ -18,9 +18,10 @@ The classifier's output (any channel that reaches the model's output) is never p
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from fxopt.errors import InputError
+from fxopt.infra.validate import choice_arg
 from fxopt.prune.importance import IMPORTANCE
 
 __all__ = ["PruneConfig", "SCOPES", "RATIO_KINDS"]
@@ -81,10 +82,10 @@ class PruneConfig:
                 not 0.0 <= float(self.ratio) < 1.0:
             raise InputError(f"prune ratio must be a number in [0, 1), got {self.ratio!r}",
                              hint="e.g. prune=0.5 removes half of the channels")
-        _choice("by", self.by, RATIO_KINDS)
-        _choice("importance", self.importance, tuple(IMPORTANCE),
-                hint="add a criterion with fxopt.prune.register_importance(name)")
-        _choice("scope", self.scope, SCOPES)
+        choice_arg(self.by, "PruneConfig.by", RATIO_KINDS, error=InputError)
+        choice_arg(self.importance, "PruneConfig.importance", tuple(IMPORTANCE), error=InputError,
+                   also="add a criterion with fxopt.prune.register_importance(name)")
+        choice_arg(self.scope, "PruneConfig.scope", SCOPES, error=InputError)
         for name in ("round_to", "min_channels", "max_batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -129,9 +130,3 @@ class PruneConfig:
             parts.append(f"round_to {self.round_to}")
         return ", ".join(parts)
 
-
-def _choice(name: str, value: Any, allowed: Sequence[str], hint: str | None = None) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        choices = " or ".join(repr(a) for a in allowed)
-        raise InputError(f"PruneConfig.{name} must be one of {list(allowed)}, got {value!r}",
-                         hint=f"pass {name}={choices}" + (f"; or {hint}" if hint else ""))

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fxopt.errors import InputError
+from fxopt.infra.validate import choice_arg
 from fxopt.quant.observers import OBSERVERS
 
 __all__ = ["QuantConfig"]
@@ -87,7 +88,8 @@ class QuantConfig:
             raise InputError(f"unknown weight observer {self.weight_observer!r}",
                              hint=f"use one of: {', '.join(_WEIGHT_OBSERVERS)}")
         for name in ("first_layer", "last_layer"):
-            _choice(name, getattr(self, name), _LAYER_POLICIES)
+            choice_arg(getattr(self, name), f"QuantConfig.{name}", _LAYER_POLICIES,
+                       error=InputError)
         if isinstance(self.keep_float, (str, type)):
             self.keep_float = [self.keep_float]
         try:
@@ -101,8 +103,8 @@ class QuantConfig:
                 raise InputError(f"QuantConfig.keep_float holds module paths or types, not "
                                  f"{type(k).__name__}",
                                  hint="e.g. keep_float=['layer1.0.conv1', nn.Conv1d]")
-        _choice("mode", self.mode, _MODES)
-        _choice("cpu_engine", self.cpu_engine, _ENGINES)
+        choice_arg(self.mode, "QuantConfig.mode", _MODES, error=InputError)
+        choice_arg(self.cpu_engine, "QuantConfig.cpu_engine", _ENGINES, error=InputError)
         for name in ("activation_symmetric", "reduce_range", "float_without_kernel"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"QuantConfig.{name} must be True or False, got "
@@ -168,10 +170,6 @@ class QuantConfig:
         return False
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise InputError(f"QuantConfig.{name} must be one of {allowed}, got {value!r}",
-                         hint=f"pass {name}=" + " or ".join(repr(a) for a in allowed))
 
 
 def _count(name: str, value: Any, low: int, more: str = "") -> None:
