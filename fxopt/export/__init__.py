@@ -13,5 +13,7 @@ Modules, each depending only on the ones listed after it:
 - ``fileformat``: the ``.fxopt`` file (``OptimizedModule.save`` / ``fxopt.load``): the graph and
   modules as JSON, the tensors as safetensors, no pickle; it sits below ``fxopt.api`` (it
   imports ``fxopt.ir``, ``fxopt.ops`` and ``fxopt.errors`` only).
+- ``allowlist``: what a ``.fxopt`` file may call: call targets named and resolved by
+  qualified name, built from the running torch (below ``fileformat``).
 """
 __all__: list[str] = []

@@ -22,17 +22,17 @@ float convolution's node reads::
      "args": {"tuple": [{"node": "contiguous"}, {"node": "c1_weight"}, ...]}, "kwargs": ...}
 
 Safety. Loading reads JSON, zip and safetensors: nothing in the file is unpickled, ``eval``'d or
-imported. A call target is a qualified name looked up in an allowlist built from the running
-torch (``torch.*`` tensor ops, ``torch.nn.functional.*``, ``torch.ops`` overloads of the aten,
-fxopt, quantized, onednn, prims and quantized_decomposed namespaces, Tensor methods,
-``operator.*``, ``math.*``, a few builtins); ``getattr`` in a graph may read public attributes
-only, and a method call names a public Tensor method; every name fx writes into the module's
-Python source (placeholders, attribute paths, keywords, node names) must be a plain identifier,
-so no string from the file becomes code. Module classes must be ``torch.nn``'s
-(or ``torch.ao.nn``'s), or classes the caller passes to ``load(path, modules=[...])``: the file
-names a class, it never brings one. Anything else is a :class:`FileFormatError`, as is every
-malformed file (empty, truncated, not a zip, a ``torch.save`` pickle, bad JSON, a newer format,
-a tensor missing or of the wrong shape or dtype).
+imported. A call target is a qualified name looked up in an allowlist built from the running torch
+(``torch.*`` tensor ops, ``torch.nn.functional.*``, ``torch.ops`` overloads of the aten, fxopt,
+quantized, onednn, prims and quantized_decomposed namespaces, Tensor methods, ``operator.*``,
+``math.*``, a few builtins: ``fxopt.export.allowlist``); ``getattr`` in a graph may read public
+attributes only, and a method call names a public Tensor method; every name fx writes into the
+module's Python source (placeholders, attribute paths, keywords, node names) must be a plain
+identifier, so no string from the file becomes code. Module classes must be ``torch.nn``'s (or
+``torch.ao.nn``'s), or classes the caller passes to ``load(path, modules=[...])``: the file names a
+class, it never brings one. Anything else is a :class:`FileFormatError`, as is every malformed file
+(empty, truncated, not a zip, a ``torch.save`` pickle, bad JSON, a newer format, a tensor missing
+or of the wrong shape or dtype).
 
 Int8 weights prepacked for PyTorch's quantized CPU kernels (``Conv2dPackedParamsBase``,
 ``LinearPackedParamsBase``) are written as their int8 codes, scales and zero points with the
@@ -46,13 +46,11 @@ data, a function the allowlist does not know) is a ``FileFormatError`` at ``save
 """
 from __future__ import annotations
 
-import builtins
 import contextlib
 import importlib.metadata
 import io
 import json
 import math
-import operator
 import os
 import re
 import sys
@@ -65,9 +63,10 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fxopt.errors import FileFormatError
+from fxopt.export.allowlist import (allowed_function, function_name, public_name,
+                                    tensor_method_allowed)
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "TENSORS", "ENGINE_META", "write_module", "read_module",
            "allowed_function", "SavedModule"]
@@ -81,126 +80,6 @@ _MAX_MANIFEST = 256 << 20
 _UNSAFE_HINT = ("load only files written by OptimizedModule.save (fxopt file format "
                 f"{FORMAT_VERSION} or older): this one was edited, damaged or crafted; save the "
                 "module again")
-
-# -- the allowlist of call targets ----------------------------------------------------------------
-_OP_NAMESPACES = ("aten", "fxopt", "quantized", "onednn", "prims", "quantized_decomposed")
-_DENY = {"from_file", "load", "save", "set_default_device", "set_default_dtype",
-         "set_default_tensor_type", "set_printoptions", "set_num_threads", "manual_seed", "seed",
-         "use_deterministic_algorithms", "set_flush_denormal"}
-_OPERATOR_DENY = {"attrgetter", "itemgetter", "methodcaller", "call"}
-_BUILTINS = ("getattr", "len", "int", "float", "bool", "abs", "min", "max", "range", "slice",
-             "tuple", "list", "round", "divmod", "pow", "sum", "all", "any")
-_DUNDERS = {f"__{n}__" for n in (
-    "add radd iadd sub rsub isub mul rmul imul truediv rtruediv itruediv floordiv rfloordiv "
-    "ifloordiv mod rmod pow rpow matmul rmatmul and rand iand or ror ior xor rxor ixor lshift "
-    "rshift neg pos abs invert eq ne lt le gt ge getitem setitem len contains").split()}
-_TORCH_EXTRA = ("_assert", "sym_int", "sym_float", "sym_max", "sym_min", "sym_not")
-
-_ALLOWED: dict[str, Any] | None = None
-_NAMES: dict[int, str] | None = None
-
-
-def _public(name: str) -> bool:
-    return not name.startswith("_")
-
-
-def _tensor_method_ok(name: str) -> bool:
-    return (_public(name) or name in _DUNDERS) and callable(getattr(torch.Tensor, name, None))
-
-
-def _build_allowlist() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in dir(torch._C._VariableFunctions):
-        obj = getattr(torch, name, None)
-        if not name.startswith("__") and name not in _DENY and callable(obj):
-            out[f"torch.{name}"] = obj
-    for name in (*torch.functional.__all__, *_TORCH_EXTRA):
-        if hasattr(torch, name):
-            out[f"torch.{name}"] = getattr(torch, name)
-    for name in dir(torch._C._nn):
-        obj = getattr(torch._C._nn, name)
-        if _public(name) and callable(obj):
-            out[f"torch._C._nn.{name}"] = obj
-    for name in dir(F):
-        obj = getattr(F, name)
-        if _public(name) and (getattr(obj, "__module__", None) == F.__name__
-                              or type(obj).__name__ == "builtin_function_or_method"):
-            out[f"torch.nn.functional.{name}"] = obj
-    for name in dir(torch.Tensor):
-        if _tensor_method_ok(name):
-            out[f"torch.Tensor.{name}"] = getattr(torch.Tensor, name)
-    for name in dir(operator):
-        if _public(name) and name not in _OPERATOR_DENY:
-            out[f"operator.{name}"] = getattr(operator, name)
-    for name in dir(math):
-        if _public(name) and callable(getattr(math, name)):
-            out[f"math.{name}"] = getattr(math, name)
-    for name in _BUILTINS:
-        out[f"builtins.{name}"] = getattr(builtins, name)
-    from torch.fx import _symbolic_trace  # what concrete_args=None inserts: an assertion
-    out["torch.fx._symbolic_trace._assert_is_none"] = _symbolic_trace._assert_is_none
-    return out
-
-
-def _allowlist() -> tuple[dict[str, Any], dict[int, str]]:
-    global _ALLOWED, _NAMES
-    if _ALLOWED is None:
-        from fxopt import ops  # noqa: F401 - the torch.ops.fxopt namespace
-        allowed = _build_allowlist()
-        names: dict[int, str] = {}
-        for name, obj in allowed.items():  # the first (shortest-lived) name wins: torch.* first
-            names.setdefault(id(obj), name)
-        _ALLOWED, _NAMES = allowed, names
-    return _ALLOWED, _NAMES
-
-
-def _op_name(target) -> str | None:
-    """``torch.ops.<ns>.<op>[.<overload>]`` for an op of an allowed namespace, else None."""
-    if isinstance(target, torch._ops.OpOverload):
-        ns, rest = target.name().split("::", 1)
-        op, _, overload = rest.partition(".")
-        name = f"torch.ops.{ns}.{op}.{overload or 'default'}"
-    elif isinstance(target, torch._ops.OpOverloadPacket):
-        ns, op = target._qualified_op_name.split("::", 1)
-        name = f"torch.ops.{ns}.{op}"
-    else:
-        return None
-    return name if ns in _OP_NAMESPACES and op not in _DENY else None
-
-
-def _resolve_op(name: str):
-    parts = name.split(".")
-    if len(parts) not in (4, 5) or parts[2] not in _OP_NAMESPACES or not all(
-            p.isidentifier() and not p.startswith("__") for p in parts[3:]):
-        return None
-    if parts[3] in _DENY:
-        return None
-    try:
-        obj = getattr(getattr(torch.ops, parts[2]), parts[3])
-        if len(parts) == 5:
-            obj = getattr(obj, parts[4])
-    except (AttributeError, RuntimeError):
-        return None
-    kind = torch._ops.OpOverload if len(parts) == 5 else torch._ops.OpOverloadPacket
-    return obj if isinstance(obj, kind) else None
-
-
-def function_name(target) -> str | None:
-    """The allowlisted qualified name of a call_function target, or None."""
-    name = _op_name(target)
-    if name is not None:
-        return name
-    return _allowlist()[1].get(id(target))
-
-
-def allowed_function(name: str):
-    """The callable an allowlisted qualified name stands for, or None (never imports)."""
-    if not isinstance(name, str):
-        return None
-    if name.startswith("torch.ops."):
-        return _resolve_op(name)
-    return _allowlist()[0].get(name)
-
 
 # -- module classes -------------------------------------------------------------------------------
 _HOOKS = ("_backward_hooks", "_backward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
@@ -420,7 +299,7 @@ def _target(n: fx.Node, gm: fx.GraphModule) -> Any:
                 "torch, operator and math functions", hint="save graphs of torch ops (fxopt's "
                 "passes write only those), or wrap the call in a leaf module of torch.nn")
         return name
-    if n.op == "call_method" and not _tensor_method_ok(n.target):
+    if n.op == "call_method" and not tensor_method_allowed(n.target):
         raise FileFormatError(f"node '{n.name}' calls the method {n.target!r}, which is not a "
                               "public Tensor method", hint="use a torch function instead")
     return n.target
@@ -762,7 +641,7 @@ class _Reader:
         if not isinstance(target, str) or not pattern.fullmatch(target):
             raise _bad(self.path, f"node {n.get('name')!r} has the target {str(target)[:60]!r}, "
                        "not a name: refused, nothing was run")
-        if op == "call_method" and not _tensor_method_ok(target):
+        if op == "call_method" and not tensor_method_allowed(target):
             raise _bad(self.path, f"node {n.get('name')!r} calls the method {target!r}, which "
                        "is not a public Tensor method: refused, nothing was run")
         if op not in ("placeholder", "get_attr", "call_method", "call_module", "output"):
@@ -780,7 +659,7 @@ class _Reader:
                 raise _bad(self.path, f"node {n['name']!r} has keyword names that are not "
                            "identifiers: refused, nothing was run")
             if target is getattr and not (len(args) >= 2 and isinstance(args[1], str)
-                                          and _public(args[1])):
+                                          and public_name(args[1])):
                 raise _bad(self.path, f"node {n['name']!r} reads a private attribute "
                            f"({args[1:2]!r}): refused")
             node = graph.create_node(n["op"], target, args, kwargs, name=n["name"],

@@ -22,6 +22,7 @@ from fxopt.ops import onednn
 from fxopt.ops.fused import LINEAR_ACT
 from fxopt.ops.int8 import INT8_IR_OPS, QUANTIZE
 from fxopt.quant.config import QuantConfig
+from small_nets import MobileBlock  # tests/support (tests/conftest.py)
 
 lower = __import__("fxopt.passes.lower.cpu", fromlist=["cpu"])
 pytestmark = pytest.mark.skipif(not lower.quantized_engine_available(),
@@ -169,21 +170,6 @@ def test_save_load_and_deepcopy(tmp_path):
         with torch.no_grad():
             want = opt(xb)
             assert torch.equal(again(xb), want) and torch.equal(dup(xb), want)
-
-
-class MobileBlock(nn.Module):
-    """MobileNetV3 / EfficientNet / transformer epilogues PyTorch's quantized kernels lack:
-    conv + hardswish, a depthwise conv + SiLU, linear + GELU."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, padding=1, stride=2)
-        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 10)
-
-    def forward(self, x):
-        y = F.silu(self.dw(F.hardswish(self.c1(x))))
-        return self.fc2(F.gelu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))))
 
 
 @pytest.mark.skipif(not onednn.onednn_int8_available(), reason="no oneDNN int8 kernels")
