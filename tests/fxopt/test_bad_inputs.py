@@ -6,9 +6,7 @@ is a non-empty string, and that the user's objects are bitwise untouched: parame
 buffers (values, dtype, device, identity), the training flag of every submodule,
 ``requires_grad`` of every parameter, the hook dictionaries, and the example input tensors.
 
-The command line gets its own small table: a bad argument exits non-zero with one
-``fxopt: error:`` line (``fix:`` where fxopt knows the fix) or argparse's usage error, never a
-traceback.
+The command line's bad arguments are in ``tests/fxopt/tools/test_cli_bad_arguments.py``.
 """
 from __future__ import annotations
 
@@ -30,7 +28,6 @@ from fxopt.export.onnx import export_onnx
 from fxopt.prune.channels import channel_groups
 from fxopt.prune.config import PruneConfig
 from fxopt.quant.config import QuantConfig
-from fxopt.tools.cli import main as cli_main
 from fxopt.train.finetune import finetune
 from fxopt.train.lightning import finetune_lightning, lightning_available
 
@@ -596,49 +593,6 @@ def test_concrete_args_that_exist_still_work():
     m, x = Flag().eval(), torch.randn(2, 4)
     opt = fxopt.optimize(m, x, concrete_args={"double": False})
     torch.testing.assert_close(opt(x), m(x))
-
-
-# -- the command line -------------------------------------------------------------------------
-CLI_CASES = {
-    "no-command": [],
-    "unknown-command": ["compile"],
-    "unknown-flag": ["optimize", "--fast"],
-    "prune-two": ["optimize", "--prune", "2"],
-    "prune-text": ["optimize", "--prune", "half"],
-    "quantize-int4": ["optimize", "--quantize", "int4"],
-    "target-tpu": ["optimize", "--target", "tpu"],
-    "check-typo": ["optimize", "--check", "every"],
-    "on-mismatch-typo": ["optimize", "--on-mismatch", "ignore"],
-    "epochs-zero": ["optimize", "--epochs", "0"],
-    "finetune-epochs-text": ["optimize", "--finetune-epochs", "many"],
-    "pipeline-unknown": ["optimize", "--pipeline", "fastest"],
-    "disable-unknown": ["optimize", "--disable", "fold_bns"],
-    "tradeoff-without-out": ["optimize", "--tradeoff"],
-    "model-spec-unknown": ["optimize", "--model", "resnet18"],
-    "model-file-missing": ["optimize", "--model", "no_such_file.py:build"],
-    "torchvision-unknown": ["optimize", "--model", "torchvision:resnet_nope"],
-    "input-shape-text": ["optimize", "--model", "torchvision:resnet18", "--input-shape", "1,x"],
-    "epochs-not-digits": ["optimize", "--model", "torchvision:resnet18", "--epochs", "2"],
-    "quantize-and-no-quantize": ["optimize", "--quantize", "int8", "--no-quantize"],
-    "prune-and-no-prune": ["optimize", "--prune", "0.5", "--no-prune"],
-    "onnx-is-a-folder": ["optimize", "--onnx", "{tmp}"],
-    "out-is-a-file": ["optimize", "--out", "{tmp}/file.txt"],
-    "log-dir-is-a-file": ["optimize", "--log-dir", "{tmp}/file.txt"],
-}
-
-
-@pytest.mark.parametrize("name", sorted(CLI_CASES))
-def test_cli_bad_arguments(name, capsys, tmp_path):
-    (tmp_path / "file.txt").write_text("not a folder\n")
-    rc = cli_main([a.replace("{tmp}", str(tmp_path)) for a in CLI_CASES[name]])
-    out, err = capsys.readouterr()
-    assert rc != 0
-    assert "Traceback" not in out + err
-    if rc == 2 and name != "no-command":  # argparse's usage error
-        assert "usage:" in err and "error:" in err
-    elif rc == 1:
-        assert err.startswith("fxopt: error: ") and "\n  fix: " in err, err
-        assert "unexpected" not in err
 
 
 def test_numpy_inputs_hint_says_how_to_convert():
