@@ -4,17 +4,16 @@ For every row the test asserts the error type (a subclass of ``fxopt.FxoptError`
 ``fxopt.errors`` also derives from ``ValueError`` / ``TypeError`` stay so), that ``err.hint``
 is a non-empty string, and that the user's objects are bitwise untouched: parameters and
 buffers (values, dtype, device, identity), the training flag of every submodule,
-``requires_grad`` of every parameter, the hook dictionaries, and the example input tensors.
+``requires_grad`` of every parameter, the hook dictionaries, and the example input tensors
+(``tests/support/untouched.py``).
 
-The command line gets its own small table: a bad argument exits non-zero with one
-``fxopt: error:`` line (``fix:`` where fxopt knows the fix) or argparse's usage error, never a
-traceback.
+The command line's bad arguments are in ``tests/fxopt/tools/test_cli_bad_arguments.py``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from untouched import assert_same, snapshot
 
 import fxopt
 from fxopt.errors import (FxoptError, InputError, ModelTypeError, PipelineError,
@@ -30,7 +30,6 @@ from fxopt.export.onnx import export_onnx
 from fxopt.prune.channels import channel_groups
 from fxopt.prune.config import PruneConfig
 from fxopt.quant.config import QuantConfig
-from fxopt.tools.cli import main as cli_main
 from fxopt.train.finetune import finetune
 from fxopt.train.lightning import finetune_lightning, lightning_available
 
@@ -100,72 +99,6 @@ def optimized() -> fxopt.OptimizedModule:
     if "opt" not in _OPT_CACHE:
         _OPT_CACHE["opt"] = fxopt.optimize(tiny(), example())
     return _OPT_CACHE["opt"]
-
-
-# -- the snapshot -------------------------------------------------------------------------------
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-               "_state_dict_hooks", "_load_state_dict_pre_hooks")
-
-
-def _tensor_state(t: torch.Tensor) -> tuple:
-    return (id(t), t.detach().clone(), t.dtype, t.device, t.requires_grad)
-
-
-def snapshot(obj: Any) -> Any:
-    """Everything of ``obj`` (a module, a tensor, or a tuple/list/dict of them) a bad call
-    must leave alone."""
-    if isinstance(obj, nn.Module):
-        return {
-            "params": {k: _tensor_state(p) for k, p in obj.named_parameters()},
-            "buffers": {k: _tensor_state(b) for k, b in obj.named_buffers()},
-            "training": {k: m.training for k, m in obj.named_modules()},
-            "hooks": {k: {d: [(h, id(f)) for h, f in getattr(m, d, {}).items()]
-                          for d in _HOOK_DICTS} for k, m in obj.named_modules()},
-            "type": type(obj),
-        }
-    if isinstance(obj, torch.Tensor):
-        return _tensor_state(obj)
-    if isinstance(obj, (tuple, list)):
-        return [snapshot(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    return None
-
-
-def assert_same(before: Any, after_obj: Any, where: str = "") -> None:
-    now = snapshot(after_obj)
-    if isinstance(before, tuple):  # one tensor
-        assert now[0] == before[0], f"{where}: a different tensor object"
-        assert now[2] == before[2] and now[3] == before[3], f"{where}: dtype/device changed"
-        assert now[4] == before[4], f"{where}: requires_grad changed"
-        assert now[1].shape == before[1].shape, f"{where}: shape changed"
-        if now[3].type != "meta":
-            assert torch.equal(now[1], before[1]), f"{where}: values changed"
-        return
-    if isinstance(before, dict) and "params" in before:
-        assert now["type"] is before["type"]
-        for kind in ("params", "buffers"):
-            assert list(now[kind]) == list(before[kind]), f"{where}: {kind} added or removed"
-            for k in before[kind]:
-                assert_same(before[kind][k], dict(obj_tensors(after_obj, kind))[k],
-                            f"{where}{k}")
-        assert now["training"] == before["training"], f"{where}: a training flag changed"
-        assert now["hooks"] == before["hooks"], f"{where}: hooks changed"
-        return
-    if isinstance(before, list):
-        assert len(now) == len(before)
-        for i, (b, o) in enumerate(zip(before, after_obj)):
-            assert_same(b, o, f"{where}[{i}]")
-        return
-    if isinstance(before, dict):
-        assert list(now) == list(before)
-        for k in before:
-            assert_same(before[k], after_obj[k], f"{where}[{k!r}]")
-
-
-def obj_tensors(module: nn.Module, kind: str):
-    return module.named_parameters() if kind == "params" else module.named_buffers()
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -596,49 +529,6 @@ def test_concrete_args_that_exist_still_work():
     m, x = Flag().eval(), torch.randn(2, 4)
     opt = fxopt.optimize(m, x, concrete_args={"double": False})
     torch.testing.assert_close(opt(x), m(x))
-
-
-# -- the command line -------------------------------------------------------------------------
-CLI_CASES = {
-    "no-command": [],
-    "unknown-command": ["compile"],
-    "unknown-flag": ["optimize", "--fast"],
-    "prune-two": ["optimize", "--prune", "2"],
-    "prune-text": ["optimize", "--prune", "half"],
-    "quantize-int4": ["optimize", "--quantize", "int4"],
-    "target-tpu": ["optimize", "--target", "tpu"],
-    "check-typo": ["optimize", "--check", "every"],
-    "on-mismatch-typo": ["optimize", "--on-mismatch", "ignore"],
-    "epochs-zero": ["optimize", "--epochs", "0"],
-    "finetune-epochs-text": ["optimize", "--finetune-epochs", "many"],
-    "pipeline-unknown": ["optimize", "--pipeline", "fastest"],
-    "disable-unknown": ["optimize", "--disable", "fold_bns"],
-    "tradeoff-without-out": ["optimize", "--tradeoff"],
-    "model-spec-unknown": ["optimize", "--model", "resnet18"],
-    "model-file-missing": ["optimize", "--model", "no_such_file.py:build"],
-    "torchvision-unknown": ["optimize", "--model", "torchvision:resnet_nope"],
-    "input-shape-text": ["optimize", "--model", "torchvision:resnet18", "--input-shape", "1,x"],
-    "epochs-not-digits": ["optimize", "--model", "torchvision:resnet18", "--epochs", "2"],
-    "quantize-and-no-quantize": ["optimize", "--quantize", "int8", "--no-quantize"],
-    "prune-and-no-prune": ["optimize", "--prune", "0.5", "--no-prune"],
-    "onnx-is-a-folder": ["optimize", "--onnx", "{tmp}"],
-    "out-is-a-file": ["optimize", "--out", "{tmp}/file.txt"],
-    "log-dir-is-a-file": ["optimize", "--log-dir", "{tmp}/file.txt"],
-}
-
-
-@pytest.mark.parametrize("name", sorted(CLI_CASES))
-def test_cli_bad_arguments(name, capsys, tmp_path):
-    (tmp_path / "file.txt").write_text("not a folder\n")
-    rc = cli_main([a.replace("{tmp}", str(tmp_path)) for a in CLI_CASES[name]])
-    out, err = capsys.readouterr()
-    assert rc != 0
-    assert "Traceback" not in out + err
-    if rc == 2 and name != "no-command":  # argparse's usage error
-        assert "usage:" in err and "error:" in err
-    elif rc == 1:
-        assert err.startswith("fxopt: error: ") and "\n  fix: " in err, err
-        assert "unexpected" not in err
 
 
 def test_numpy_inputs_hint_says_how_to_convert():

@@ -56,6 +56,16 @@ def quantize_ir(model, x, cfg=None, cal=None):
     return out, rec, ctx, before
 
 
+def lower_cpu(ir, ctx):
+    """``lower_int8_cpu`` run by the manager (checked against the int8 IR) on a copy of ``ir``:
+    the lowered graph and its record, which must be ok."""
+    low, report = PassManager(expand_pipeline(["lower_int8_cpu"]), check="each").run(
+        copy.deepcopy(ir), ctx)
+    rec = report.record("lower_int8_cpu")
+    assert rec.status == "ok", rec.notes
+    return low, rec
+
+
 def count(gm, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.target is target)
 

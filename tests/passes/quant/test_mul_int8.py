@@ -14,15 +14,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from int8_op_checks import calibration, check_triton_leaves_on_pytorch, codes, count, quantize_ir, t
+from int8_op_checks import (calibration, check_triton_leaves_on_pytorch, codes, count, lower_cpu,
+                            quantize_ir, t)
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 import fxopt
-from fxopt.infra.manager import PassManager
 from fxopt.infra.registry import PassContext
 from fxopt.ops.int8 import DEQUANTIZE, MUL_INT8, QUANTIZE, MulInt8, mul_int8_reference
-from fxopt.pipelines import expand_pipeline
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.qparams import QParams
 from fxopt.quant.simulate import fake_quant
@@ -183,19 +182,11 @@ def test_mul_with_a_float_input_is_left_alone():
 
 
 # -- the CPU lowering ---------------------------------------------------------------------------
-def _lower(ir, ctx):
-    low, report = PassManager(expand_pipeline(["lower_int8_cpu"]), check="each").run(
-        copy.deepcopy(ir), ctx)
-    rec = report.record("lower_int8_cpu")
-    assert rec.status == "ok", rec.notes
-    return low, rec
-
-
 @pytest.mark.skipif(not lower.quantized_engine_available(), reason="no quantized CPU engine")
 def test_cpu_lowering_runs_quantized_mul_within_one_step():
     x = torch.randn(2, 3, 8, 8)
     ir, _, ctx, _ = _quantize(SE(), x)
-    low, rec = _lower(ir, ctx)
+    low, rec = lower_cpu(ir, ctx)
     targets = [n.target for n in low.graph.nodes]
     assert targets.count(torch.ops.quantized.mul) == 1 and MUL8 not in targets
     assert rec.stats["mul"] == 1 and rec.stats["fallback"] == 1  # fc2 (sigmoid) only
@@ -233,7 +224,7 @@ def test_cpu_rows_for_activations(act, kernel, row):
     ir = _ir_graph(act)
     x = torch.randn(2, 8, 5, 5)
     ctx = PassContext(example_inputs=(x,))
-    low, rec = _lower(ir, ctx)
+    low, rec = lower_cpu(ir, ctx)
     assert kernel in [n.target for n in low.graph.nodes]
     assert rec.stats["fallback"] == (row == "mul_int8_reference")
     for xb in _cal(n=2, seed=9, shape=(3, 8, 5, 5)):

@@ -19,6 +19,7 @@ from int8_op_checks import (
     check_triton_leaves_on_pytorch,
     codes,
     count,
+    lower_cpu,
     quantize_ir,
     quantized,
     t,
@@ -26,10 +27,8 @@ from int8_op_checks import (
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxopt
-from fxopt.infra.manager import PassManager
 from fxopt.infra.rewrite import apply_rules
 from fxopt.ops.int8 import UpsampleNearest2dInt8
-from fxopt.pipelines import expand_pipeline
 from fxopt.quant.config import QuantConfig
 
 lower = __import__("fxopt.passes.lower.cpu", fromlist=["cpu"])
@@ -225,10 +224,7 @@ def test_float_input_bilinear_recomputed_and_1d_are_left_alone():
 
 # -- the CPU lowering ---------------------------------------------------------------------------
 def _cpu(ir, ctx):
-    low, report = PassManager(expand_pipeline(["lower_int8_cpu"]), check="each").run(
-        copy.deepcopy(ir), ctx)
-    rec = report.record("lower_int8_cpu")
-    assert rec.status == "ok", rec.notes
+    low, rec = lower_cpu(ir, ctx)
     assert not any("more than one code" in note for note in rec.notes), rec.notes
     return low, rec
 
