@@ -138,7 +138,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats["sqnr_floor_db"] = floor
         if stats["sqnr_db"] < floor:
             w = check_floor(stats["sqnr_db"], measured_on, cfg,
-                            _worst_layers(reference, held, held_float, cfg))
+                            _worst_layers(reference, held, held_float, cfg,
+                                          stats.get("sensitivity_db")))
             stats["worst_layers_db"] = dict(w.worst_layers)
             notes.append(f"{w.message}; fix: {w.hint}")
     explicit = [k for k in kept if k not in {l.label for l in no_kernel}]
@@ -155,12 +156,15 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def _worst_layers(reference: SimulatedInt8, held: list, held_float: list, cfg: QuantConfig,
-                  n: int = 3) -> list[tuple[str, float]]:
+                  known: dict[str, float] | None = None, n: int = 3) -> list[tuple[str, float]]:
     """The ``n`` quantized layers whose int8 form alone hurts most: ``(module path, SQNR dB of
     the simulated model with only that layer int8)``, measured on (some of) the held-out
-    batches, worst first."""
+    batches, worst first. ``known``: the figures the sensitivity fallback already measured on
+    the same batches (by module path), used instead of measuring again."""
     plan, k = reference.plan, cfg.sensitivity_batches
-    sens = sensitivity(reference.gm, list(plan.layers.values()), plan.grids, plan.weights,
-                       held[:k], held_float[:k])
-    worst = sorted(plan.layers.values(), key=lambda l: sens[l.node])[:n]
-    return [(l.label, round(sens[l.node], 2)) for l in worst]
+    layers = list(plan.layers.values())
+    if known is None or any(l.label not in known for l in layers):
+        sens = sensitivity(reference.gm, layers, plan.grids, plan.weights, held[:k],
+                           held_float[:k])
+        known = {l.label: round(sens[l.node], 2) for l in layers}
+    return sorted(((l.label, known[l.label]) for l in layers), key=lambda t: t[1])[:n]
