@@ -210,28 +210,11 @@ def _returns_input(node: fx.Node, *, certain: bool = False) -> bool:
     return False
 
 
-def _same_tensor(node: fx.Node) -> list[fx.Node]:
-    """``node`` and every other node that may be the same tensor object (``_returns_input``,
-    followed to the source and to the users)."""
-    root = node
-    while _returns_input(root, certain=True):
-        root = root.args[0]
-    out, todo = [], [root]
-    while todo:
-        n = todo.pop()
-        if n in out:
-            continue
-        out.append(n)
-        todo.extend(u for u in n.users if _returns_input(u, certain=True) and u.args[0] is n)
-    return out
-
-
-def _aliases(node: fx.Node) -> list[fx.Node]:
-    """Nodes that may share storage with ``node``: its view (or same-tensor) ancestors and their
-    view (or same-tensor) descendants."""
+def _linked(node: fx.Node, follows) -> list[fx.Node]:
+    """``node``'s source (followed up ``args[0]`` while ``follows`` holds) and every node reached
+    from it down through users that ``follows`` and read it as ``args[0]``."""
     base = node
-    while (_is_view(base) or _returns_input(base)) and base.args \
-            and isinstance(base.args[0], fx.Node):
+    while follows(base) and base.args and isinstance(base.args[0], fx.Node):
         base = base.args[0]
     out, todo = [], [base]
     while todo:
@@ -239,9 +222,20 @@ def _aliases(node: fx.Node) -> list[fx.Node]:
         if n in out:
             continue
         out.append(n)
-        todo.extend(u for u in n.users
-                    if (_is_view(u) or _returns_input(u)) and u.args and u.args[0] is n)
+        todo.extend(u for u in n.users if follows(u) and u.args and u.args[0] is n)
     return out
+
+
+def _same_tensor(node: fx.Node) -> list[fx.Node]:
+    """``node`` and every other node that may be the same tensor object (``_returns_input``,
+    followed to the source and to the users)."""
+    return _linked(node, lambda n: _returns_input(n, certain=True))
+
+
+def _aliases(node: fx.Node) -> list[fx.Node]:
+    """Nodes that may share storage with ``node``: its view (or same-tensor) ancestors and their
+    view (or same-tensor) descendants."""
+    return _linked(node, lambda n: _is_view(n) or _returns_input(n))
 
 
 def canonicalize(gm: fx.GraphModule) -> int:
