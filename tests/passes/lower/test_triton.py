@@ -25,6 +25,7 @@ from fxopt.ops.schema import view_of
 from fxopt.ops.triton import (TRITON_ADD, TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
                               TRITON_DEPTHWISE_CONV2D_INT8, TRITON_MAX_POOL2D_INT8, TRITON_MUL)
 from fxopt.pipelines import expand_pipeline
+from seeded_models import with_bn_stats  # tests/support, on the path from tests/conftest.py
 
 pytest.importorskip("triton")
 from fxopt.passes.lower.triton import RULES, TritonLowering, lower_to_triton  # noqa: E402
@@ -56,17 +57,19 @@ class Net(nn.Module):
 
 
 def _net():
-    torch.manual_seed(0)
-    m = Net().eval()
-    for bn in (m.b1, m.b2):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-    return m
+    return with_bn_stats(Net, 0, 0.5, (0.5, 2.0), lambda m: (m.b1, m.b2))
 
 
 def _triton_ops(gm) -> Counter:
     return Counter(str(n.target).split(".")[1] for n in gm.graph.nodes
                    if n.op == "call_function" and str(n.target).startswith("fxopt.triton_"))
+
+
+def _lowered(before, x):
+    """(x, ``before``'s graph, a copy of it after lower_to_triton, the pass's result)."""
+    gm = copy.deepcopy(before.graph_module)
+    result = lower_to_triton(gm, PassContext(example_inputs=(x,), target="cpu"))
+    return x, before.graph_module, gm, result
 
 
 def _record(opt, name="lower_to_triton"):
@@ -98,9 +101,7 @@ def int8_opts(on_cpu, x):
     cal = [torch.randn(2, 3, 12, 12, generator=g) for _ in range(3)]
     before = fxopt.optimize(_net(), x, quantize="int8", calibration_data=cal, target="cpu",
                             disable=["lower_int8_cpu"])
-    gm = copy.deepcopy(before.graph_module)
-    result = lower_to_triton(gm, PassContext(example_inputs=(x,), target="cpu"))
-    return before.graph_module, gm, result
+    return _lowered(before, x)[1:]
 
 
 # -- float ----------------------------------------------------------------------------------------
@@ -195,12 +196,7 @@ class ActResBlock(nn.Module):
 
 
 def _act_res(precision=None):
-    torch.manual_seed(8)
-    m = ActResBlock().eval()
-    for bn in (m.bn, m.b1, m.b2):
-        bn.running_mean.uniform_(-0.3, 0.3)
-        bn.running_var.uniform_(0.5, 2.0)
-    return m
+    return with_bn_stats(ActResBlock, 8, 0.3, (0.5, 2.0), lambda m: (m.bn, m.b1, m.b2))
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +204,7 @@ def float_res(on_cpu):
     """(x, the float graph before lower_to_triton, the graph after, the pass's result)."""
     x = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(9))
     before = fxopt.optimize(_act_res(), x, target="cpu", disable=["lower_to_triton"])
-    gm = copy.deepcopy(before.graph_module)
-    result = lower_to_triton(gm, PassContext(example_inputs=(x,), target="cpu"))
-    return x, before.graph_module, gm, result
+    return _lowered(before, x)
 
 
 def test_float_residual_adds_lowered(float_res):
@@ -312,11 +306,7 @@ class SEBlock(nn.Module):
 
 
 def _se():
-    torch.manual_seed(12)
-    m = SEBlock().eval()
-    m.bn.running_mean.uniform_(-0.3, 0.3)
-    m.bn.running_var.uniform_(0.5, 2.0)
-    return m
+    return with_bn_stats(SEBlock, 12, 0.3, (0.5, 2.0), lambda m: (m.bn,))
 
 
 @pytest.fixture(scope="module")
@@ -324,9 +314,7 @@ def float_se(on_cpu):
     """(x, the float SE graph before lower_to_triton, the graph after, the pass's result)."""
     x = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(13))
     before = fxopt.optimize(_se(), x, target="cpu", disable=["lower_to_triton"])
-    gm = copy.deepcopy(before.graph_module)
-    result = lower_to_triton(gm, PassContext(example_inputs=(x,), target="cpu"))
-    return x, before.graph_module, gm, result
+    return _lowered(before, x)
 
 
 def test_float_se_gate_lowered(float_se):
@@ -497,12 +485,7 @@ class MiniResNet(nn.Module):
 
 
 def _mini(pool_size=1):
-    torch.manual_seed(4)
-    m = MiniResNet(pool_size).eval()
-    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.3, 0.3)
-        bn.running_var.uniform_(0.5, 2.0)
-    return m
+    return with_bn_stats(lambda: MiniResNet(pool_size), 4, 0.3, (0.5, 2.0))
 
 
 def _mini_int8(pool_size=1, size=23):
@@ -511,9 +494,7 @@ def _mini_int8(pool_size=1, size=23):
     cal = [torch.randn(2, 3, size, size, generator=g) for _ in range(3)]
     before = fxopt.optimize(_mini(pool_size), x, quantize="int8", calibration_data=cal,
                             target="cpu", disable=["lower_int8_cpu"])
-    gm = copy.deepcopy(before.graph_module)
-    return x, before.graph_module, gm, lower_to_triton(gm, PassContext(example_inputs=(x,),
-                                                                       target="cpu"))
+    return _lowered(before, x)
 
 
 @pytest.fixture(scope="module")
