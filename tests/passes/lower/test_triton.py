@@ -22,8 +22,9 @@ from fxopt.infra.rewrite import apply_rules
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.ops.int8 import AVGPOOL_INT8, CAT_INT8
 from fxopt.ops.schema import view_of
-from fxopt.ops.triton import (TRITON_ADD, TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
-                              TRITON_DEPTHWISE_CONV2D_INT8, TRITON_MAX_POOL2D_INT8, TRITON_MUL)
+from fxopt.ops.triton import TRITON_ADD, TRITON_CONV2D, TRITON_MUL
+from fxopt.ops.triton_int8 import (TRITON_ADD_INT8, TRITON_CONV2D_INT8,
+                                   TRITON_DEPTHWISE_CONV2D_INT8, TRITON_MAX_POOL2D_INT8)
 from fxopt.pipelines import expand_pipeline
 from seeded_models import with_bn_stats  # tests/support, on the path from tests/conftest.py
 
