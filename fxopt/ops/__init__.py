@@ -5,4 +5,5 @@ run, print, save and load. The families: ``fused`` (float conv/linear with their
 ``int8`` (the device-neutral int8 IR), ``int8_dynamic``, ``triton`` (what ``lower_to_triton``
 writes) and ``cpu`` (the oneDNN int8 ops ``lower_int8_cpu`` writes).
 """
-from fxopt.ops import cpu, fused, int8, int8_dynamic, triton  # noqa: F401  (define the ops)
+# importing defines the ops
+from fxopt.ops import cpu, fused, int8, int8_dynamic, triton, triton_int8  # noqa: F401

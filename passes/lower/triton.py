@@ -5,7 +5,8 @@ The lowering is a table, ``RULES``: one row per source op and case, named
 rows in order at each op and rewrites it with the first whose check passes. A row reads the
 source's arguments through its op view, prepares the weight once into the layout its kernel
 reads (a new buffer of the module, shared by every op reading that weight), and writes the
-kernel op by name through its schema (``fxopt.ops.triton``), grids as plain numbers:
+kernel op by name through its schema (``fxopt.ops.triton``, ``fxopt.ops.triton_int8``),
+grids as plain numbers:
 
     source (fxopt., nn., operator.) kernel (fxopt.)                  weight as
     conv2d_act, depthwise           triton_depthwise_conv2d          [KH*KW, C]
@@ -77,11 +78,12 @@ from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CONV2D_INT8, DEQUANTIZE, LIN
                             MAXPOOL_INT8, QUANTIZE, AddInt8, AvgPool2dInt8, Dequantize, Int8Layer,
                             MaxPool2dInt8, Quantize)
 from fxopt.ops.schema import OpSchema
-from fxopt.ops.triton import (TRITON_ADD, TRITON_ADD_INT8, TRITON_CONV2D, TRITON_CONV2D_INT8,
-                              TRITON_DEPTHWISE_CONV2D, TRITON_DEPTHWISE_CONV2D_INT8,
-                              TRITON_DEQUANTIZE, TRITON_GLOBAL_AVG_POOL2D_INT8, TRITON_LINEAR,
-                              TRITON_LINEAR_INT8, TRITON_MAX_POOL2D_INT8, TRITON_MUL,
-                              TRITON_QUANTIZE, triton_on_cpu)
+from fxopt.ops.triton import (TRITON_ADD, TRITON_CONV2D, TRITON_DEPTHWISE_CONV2D, TRITON_LINEAR,
+                              TRITON_MUL, triton_on_cpu)
+from fxopt.ops.triton_int8 import (TRITON_ADD_INT8, TRITON_CONV2D_INT8,
+                                   TRITON_DEPTHWISE_CONV2D_INT8, TRITON_DEQUANTIZE,
+                                   TRITON_GLOBAL_AVG_POOL2D_INT8, TRITON_LINEAR_INT8,
+                                   TRITON_MAX_POOL2D_INT8, TRITON_QUANTIZE)
 from fxopt.passes.fusion.fuse_act import act_spec
 from fxopt.passes.lower.triton_report import layout_copies, left_on_pytorch, op_name, user_name
 from fxopt.quant.measure import output_step

@@ -20,9 +20,9 @@ import torch.fx as fx
 
 from fxopt.ir.graph import module_path, tensor_meta
 from fxopt.ops.schema import OpSchema, schema_of
-from fxopt.ops.triton import (TRITON_CONV2D, TRITON_CONV2D_INT8, TRITON_DEPTHWISE_CONV2D,
-                              TRITON_DEPTHWISE_CONV2D_INT8, TRITON_GLOBAL_AVG_POOL2D_INT8,
-                              TRITON_MAX_POOL2D_INT8)
+from fxopt.ops.triton import TRITON_CONV2D, TRITON_DEPTHWISE_CONV2D
+from fxopt.ops.triton_int8 import (TRITON_CONV2D_INT8, TRITON_DEPTHWISE_CONV2D_INT8,
+                                   TRITON_GLOBAL_AVG_POOL2D_INT8, TRITON_MAX_POOL2D_INT8)
 
 __all__ = ["layout_copies", "left_on_pytorch", "op_name", "user_name"]
 

@@ -144,7 +144,7 @@ def test_decompose_keeps_ops_without_translation():
 
     from fxopt.ops.fused import LINEAR_ACT
     from fxopt.ops.int8 import QUANTIZE
-    from fxopt.ops.triton import TRITON_DEQUANTIZE
+    from fxopt.ops.triton_int8 import TRITON_DEQUANTIZE
 
     g = fx.Graph()
     y = LINEAR_ACT.emit(g, x=g.placeholder("x"), weight=g.get_attr("w"), bias=None, act="relu")

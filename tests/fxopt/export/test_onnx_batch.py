@@ -13,6 +13,7 @@ import fxopt
 from fxopt.export.onnx import export_onnx
 from fxopt.export.qdq import compare_within_step
 from fxopt.ir.tolerances import compare_outputs
+from seeded_models import with_bn_stats  # tests/support, on the path from tests/conftest.py
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -33,11 +34,7 @@ class FlattenCNN(nn.Module):
 
 
 def _model():
-    torch.manual_seed(0)
-    m = FlattenCNN().eval()
-    m.bn.running_mean.uniform_(-0.2, 0.2)
-    m.bn.running_var.uniform_(0.5, 1.5)
-    return m
+    return with_bn_stats(FlattenCNN, 0, 0.2, (0.5, 1.5), lambda m: (m.bn,))
 
 
 def _dims(value_info):
