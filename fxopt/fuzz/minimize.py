@@ -1,6 +1,6 @@
 """Shrinking a failing network to a small standalone reproduction (delta debugging).
 
-Every sub-list of a network's layers is again a valid network (``fxopt.fuzz.grammar``), so
+Every sub-list of a network's layers is again a valid network (``fxopt.fuzz.emit``), so
 ``ddmin`` (Zeller and Hildebrandt) removes chunks of layers, then single layers, while the same
 failure persists: the same check with the same outcome and the same signature (the pass a
 ``caught`` error names, the exception type of an ``untyped`` one, the kind of ``mismatch``).
@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from fxopt.fuzz.grammar import Network, source
+from fxopt.fuzz.emit import source
+from fxopt.fuzz.grammar import Network
 from fxopt.fuzz.oracle import FAILURES, CheckResult, check_network, prune_config
 
 __all__ = ["signature", "minimize", "ddmin", "reproduction", "checks_for", "CALLS"]

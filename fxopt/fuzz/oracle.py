@@ -49,7 +49,8 @@ import torch
 import torch.fx as fx
 
 import fxopt
-from fxopt.fuzz.grammar import Network, batches, build, example_input
+from fxopt.fuzz.emit import batches, build, example_input
+from fxopt.fuzz.grammar import Network
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.quant.measure import sqnr_db
 

@@ -39,6 +39,8 @@ import torch.nn as nn
 from fxopt.errors import CaptureError, InputError, ModelTypeError, PreconditionError
 from fxopt.ir.canonical import canonicalize
 from fxopt.ir.graph import remove_unused_attributes
+from fxopt.ir.hooks import (HookProbe, describe_hooks, hooked_modules, hooks_of,
+                             refuse_global_hooks, restore_hooks, strip_hooks)
 
 __all__ = ["capture", "capture_model", "Captured", "copy_model", "normalize_inputs", "check_model",
            "run_eager", "check_finite", "constant_inputs", "DEFAULT_LEAF_MODULES",
@@ -165,44 +167,6 @@ def check_finite(values: Any, what: str) -> None:
                      "shape); if the model itself overflows on them, scale the inputs down")
 
 
-# -- hooks ----------------------------------------------------------------------------------------
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
-_HOOK_SETS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called")
-
-
-def _hooks_of(mod: nn.Module) -> list[str]:
-    """``mod``'s forward hooks and pre-hooks, described (kind and function name)."""
-    found = []
-    for kind in _HOOK_DICTS:
-        for fn in getattr(mod, kind, {}).values():
-            name = getattr(fn, "__qualname__", None) or type(fn).__name__
-            found.append(f"{kind[1:-1].replace('_', ' ')} {name}")
-    return found
-
-
-def _hooked_modules(model: nn.Module) -> dict[str, list[str]]:
-    return {path: hooks for path, mod in model.named_modules() if (hooks := _hooks_of(mod))}
-
-
-def _strip_hooks(model: nn.Module) -> list[tuple[Any, Any]]:
-    """Remove the forward hooks of the captured copy: the graph now computes them. Returns
-    what was removed (``_restore_hooks`` puts it back)."""
-    removed = []
-    for mod in model.modules():
-        for attr in _HOOK_DICTS + _HOOK_SETS:
-            container = getattr(mod, attr, None)
-            if container:
-                removed.append((container, copy.copy(container)))
-                container.clear()
-    return removed
-
-
-def _restore_hooks(removed: list[tuple[Any, Any]]) -> None:
-    for container, saved in removed:
-        container.update(saved)
-
-
 class _StateGuard:
     """Puts back the parameters and buffers a forward wrote into (their version counters moved)
     from the pristine model, so every run starts from the user's state."""
@@ -224,52 +188,6 @@ class _StateGuard:
                 if k in source and source[k].shape == self.tensors[k].shape:
                     self.tensors[k].copy_(source[k])
                     self.versions[k] = self.tensors[k]._version
-
-
-class _HookProbe:
-    """Wraps the hooks of fxopt's copy while the eager model runs, to learn which ones are
-    observers (they returned None on every call: feature taps, loggers). Those are left out
-    of the trace (``drop_observers``): run on fx proxies they would hand proxies to the user's
-    own lists, and their side effects cannot live in a graph anyway."""
-
-    def __init__(self, model: nn.Module):
-        self.returned: dict[int, bool] = {}
-        self.originals: list[tuple[dict, Any, Any]] = []
-        for mod in model.modules():
-            for attr in _HOOK_DICTS:
-                hooks = getattr(mod, attr, {})
-                for key, fn in list(hooks.items()):
-                    self.originals.append((hooks, key, fn))
-                    hooks[key] = self._wrap(key, fn)
-
-    def _wrap(self, key, fn):
-        def probe(*args, **kwargs):
-            result = fn(*args, **kwargs)
-            self.returned[key] = self.returned.get(key, False) or result is not None
-            return result
-        return probe
-
-    def drop_observers(self) -> list[str]:
-        """Put the hooks back, less the observers; returns the observers' names."""
-        dropped = []
-        for hooks, key, fn in self.originals:
-            if self.returned.get(key, True):
-                hooks[key] = fn
-            else:
-                del hooks[key]
-                dropped.append(getattr(fn, "__qualname__", None) or type(fn).__name__)
-        return dropped
-
-
-def _refuse_global_hooks() -> None:
-    module_mod = torch.nn.modules.module
-    names = [n for n in ("_global_forward_pre_hooks", "_global_forward_hooks")
-             if getattr(module_mod, n, None)]
-    if names:
-        raise CaptureError(
-            "global module hooks are registered (torch.nn.modules.module."
-            "register_module_forward_hook / _pre_hook): they run on every module call, so a "
-            "graph cannot reproduce them", hint="remove them (handle.remove()) before optimize")
 
 
 def _overrides_call(mod: nn.Module) -> bool:
@@ -298,7 +216,7 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
-        if m is self.root or not _hooks_of(m) or not self.is_leaf_module(m, self.path_of_module(m)):
+        if m is self.root or not hooks_of(m) or not self.is_leaf_module(m, self.path_of_module(m)):
             return super().call_module(m, forward, args, kwargs)
         outer = super()
 
@@ -316,7 +234,7 @@ def _trace(tracer: _Tracer, work: nn.Module, concrete_args: dict | None) -> fx.G
     """Trace ``work`` the way eager calls it: through ``__call__`` (hooks, an overridden
     ``__call__``) when plain ``forward`` would miss something."""
     cls = type(work)
-    if not (_hooks_of(work) or _overrides_call(work)):
+    if not (hooks_of(work) or _overrides_call(work)):
         return tracer.trace(work, concrete_args=concrete_args)
     forward = cls.forward
     if inspect.unwrap(forward).__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
@@ -497,12 +415,12 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
     is compared with eager from the same state and starts from the user's.
     """
     types, names = _split_leaves(leaf_modules)
-    _refuse_global_hooks()
+    refuse_global_hooks()
     if check:
         check_finite(inputs, "the example inputs")
-    hooks = _hooked_modules(work)
+    hooks = hooked_modules(work)
     state = _StateGuard(work, pristine)
-    probe = _HookProbe(work) if hooks else None
+    probe = HookProbe(work) if hooks else None
     try:
         if eager_output is None or probe is not None:
             # A clear InputError for wrong inputs first; concrete_args are forward's arguments.
@@ -519,7 +437,7 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
         notes.append("capture: the graph is specialized on the non-tensor example inputs " +
                      ", ".join(f"{k}={v!r}" for k, v in auto.items()))
     if hooks:
-        notes.append("capture: forward hooks traced into the graph: " + _describe_hooks(hooks))
+        notes.append("capture: forward hooks traced into the graph: " + describe_hooks(hooks))
     if observers:
         notes.append("capture: hooks that returned None (observers) are not part of the "
                      "optimized model: " + ", ".join(observers))
@@ -530,7 +448,7 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
         raise
     except Exception as e:  # noqa: BLE001 - every trace failure gets a typed error and a hint
         raise _trace_error(tracer, e, hooks) from e
-    stripped = _strip_hooks(work)  # the graph computes them now: leaf modules must not rerun them
+    stripped = strip_hooks(work)  # the graph computes them now: leaf modules must not rerun them
     name = type(work).__name__
     _none_guards_as_asserts(graph)
     if concrete_args:
@@ -568,7 +486,7 @@ def _trace_error(tracer: _Tracer, e: Exception, hooks: dict) -> CaptureError:
     else:
         msg = f"tracing failed{loc}: {type(e).__name__}: {first}"
     if hooks:
-        msg += "; the model has forward hooks, traced with it: " + _describe_hooks(hooks)
+        msg += "; the model has forward hooks, traced with it: " + describe_hooks(hooks)
         return CaptureError(msg, hint="remove the hooks (handle.remove()) or make them "
                                       "traceable by torch.fx (no Python branches on tensors)")
     if where and where[0]:
@@ -579,15 +497,11 @@ def _trace_error(tracer: _Tracer, e: Exception, hooks: dict) -> CaptureError:
     return CaptureError(msg, hint=hint)
 
 
-def _describe_hooks(hooks: dict[str, list[str]]) -> str:
-    return "; ".join(f"'{p or '(the model)'}': {', '.join(h)}" for p, h in hooks.items())
-
-
 def _causes(work: nn.Module, hooks: dict, inputs: tuple, gm: fx.GraphModule | None) -> str:
     """What fxopt knows can make a traced graph differ from eager, as a sentence."""
     found = []
     if hooks:
-        found.append("forward hooks (" + _describe_hooks(hooks) + ")")
+        found.append("forward hooks (" + describe_hooks(hooks) + ")")
     calls = sorted({type(m).__name__ for m in work.modules() if _overrides_call(m)})
     if calls:
         found.append(f"modules overriding __call__ ({', '.join(calls)})")
@@ -626,11 +540,11 @@ def _check_against_eager(gm: fx.GraphModule, work: nn.Module, inputs: tuple, eag
         return
     detail = stats.reason or f"rel err {stats.rel_err:.2e} (max abs {stats.max_abs:.2e}) above " \
                              f"the {stats.dtype} tolerance {stats.tolerance:.0e}"
-    _restore_hooks(stripped)  # eager again, as the user runs it: is the model deterministic?
+    restore_hooks(stripped)  # eager again, as the user runs it: is the model deterministic?
     try:
         again = compare_outputs(run_eager(work, inputs, concrete_args), eager_output)
     finally:
-        _strip_hooks(work)
+        strip_hooks(work)
         state.reset()
     if not again.ok:
         raise CaptureError(
