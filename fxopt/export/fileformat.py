@@ -1,7 +1,8 @@
 """The ``.fxopt`` file: an optimized module as data, with no pickle in it.
 
 ``OptimizedModule.save`` writes, and ``fxopt.load`` reads, one zip archive (stored, not
-compressed) holding two members:
+compressed; the container, written atomically and checked before anything in it is decoded,
+is ``fxopt.export.archive``) holding two members:
 
 - ``fxopt/manifest.json``: the format (``"format": "fxopt"``, ``"format_version"``), the fxopt
   and torch versions that wrote it, the target, the report, the graph as a list of nodes
@@ -48,15 +49,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import io
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -65,21 +63,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxopt.errors import FileFormatError
+from fxopt.export.archive import (FORMAT_VERSION, MANIFEST, TENSORS, bad, read_archive,
+                                  write_archive)
 from fxopt.export.allowlist import (allowed_function, function_name, public_name,
                                     tensor_method_allowed)
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "TENSORS", "ENGINE_META", "write_module", "read_module",
            "allowed_function", "SavedModule"]
 
-FORMAT_VERSION = 2  # 1 was a pickle (torch.save of the GraphModule): refused
-MANIFEST = "fxopt/manifest.json"
-TENSORS = "fxopt/tensors.safetensors"
 ENGINE_META = "fxopt_engine"  # get_attr node meta: the quantized engine a weight was packed for
-_MAX_MANIFEST = 256 << 20
-
-_UNSAFE_HINT = ("load only files written by OptimizedModule.save (fxopt file format "
-                f"{FORMAT_VERSION} or older): this one was edited, damaged or crafted; save the "
-                "module again")
 
 # -- module classes -------------------------------------------------------------------------------
 _HOOKS = ("_backward_hooks", "_backward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
@@ -345,24 +337,6 @@ def _encode_root(gm: fx.GraphModule, w: _Writer) -> dict:
     return {k: w.value(v, k) for k, v in state.items()}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise FileFormatError(f"cannot write {path}: {e.strerror or e}",
-                              hint="save to a writable folder") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise FileFormatError(f"cannot write {path}: {e.strerror or e}",
-                              hint="save to a writable file path (not a folder)") from e
-
-
 def _fxopt_version() -> str:
     try:
         return importlib.metadata.version("fxopt")
@@ -403,11 +377,7 @@ def write_module(path: str | os.PathLike, gm: fx.GraphModule, *, target: str,
     except (TypeError, ValueError) as e:
         raise FileFormatError(f"the module's report or state is not JSON data: {e}",
                               hint="report it: fxopt writes JSON-able reports") from e
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-        z.writestr(MANIFEST, text)
-        z.writestr(TENSORS, st_save(w.tensors) if w.tensors else b"")
-    _atomic_write(path, buf.getvalue())
+    write_archive(path, text, st_save(w.tensors) if w.tensors else b"")
     return path
 
 
@@ -420,69 +390,13 @@ class SavedModule:
                                                                       report, manifest)
 
 
-def _bad(path: Path, what: str, hint: str = _UNSAFE_HINT) -> FileFormatError:
-    return FileFormatError(f"{path}: {what}", hint=hint)
-
-
-def _read_archive(path: Path) -> tuple[bytes, bytes]:
-    if not path.exists():
-        raise FileFormatError(f"no such file: {path}", hint="check the path given to save()")
-    if path.is_dir():
-        raise FileFormatError(f"{path} is a folder, not an fxopt file",
-                              hint="pass the file OptimizedModule.save wrote")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise FileFormatError(f"cannot read {path}: {e.strerror or e}",
-                              hint="check the file's permissions") from e
-    if not raw:
-        raise _bad(path, "the file is empty", "save the module again: the file holds nothing")
-    if raw[:1] == b"\x80":
-        raise _bad(path, "not an fxopt module file: it is a pickle, which fxopt does not load "
-                   "(loading one can run any code in it)", _OLD_HINT)
-    try:
-        z = zipfile.ZipFile(io.BytesIO(raw))
-        names = z.namelist()
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise _bad(path, "not an fxopt module file (not a zip archive, or a truncated one)",
-                   "save the module again with OptimizedModule.save") from e
-    with z:
-        if MANIFEST not in names:
-            if any(n.endswith("data.pkl") for n in names):
-                raise _bad(path, "not an fxopt module file: it is a torch.save pickle (fxopt "
-                           "format 1, or another file), which fxopt does not load (loading one "
-                           "can run any code in it)", _OLD_HINT)
-            raise _bad(path, "not an fxopt module file (no fxopt/manifest.json in it)",
-                       "pass a file written by OptimizedModule.save")
-        try:
-            info = z.getinfo(MANIFEST)
-            if info.file_size > _MAX_MANIFEST:
-                raise _bad(path, f"its manifest is {info.file_size} bytes, too large")
-            if any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist()):
-                raise _bad(path, "it has compressed members (save writes them stored)")
-            manifest = z.read(MANIFEST)
-            tensors = z.read(TENSORS) if TENSORS in names else None
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-            raise _bad(path, f"the archive is corrupt or truncated ({e})",
-                       "save the module again with OptimizedModule.save") from e
-    if tensors is None:
-        raise _bad(path, f"{TENSORS} is missing from the archive")
-    return manifest, tensors
-
-
-_OLD_HINT = ("if you wrote the file yourself with an older fxopt and trust it, convert it once: "
-             "m = torch.load(path, weights_only=False) (this runs code from the file); "
-             "fxopt.OptimizedModule(m['graph_module'], fxopt.Report.from_dict(m['report']), "
-             "m['target']).save(new_path)")
-
-
 class _Reader:
     def __init__(self, path: Path, manifest: dict, tensors: dict[str, torch.Tensor],
                  classes: dict[str, type]):
         self.path, self.manifest, self.raw, self.classes = path, manifest, tensors, classes
         self.table = manifest.get("tensors")
         if not isinstance(self.table, dict):
-            raise _bad(path, "the manifest has no tensor table")
+            raise bad(path, "the manifest has no tensor table")
         self.done: dict[str, torch.Tensor] = {}
         self.env: dict[str, fx.Node] = {}
         self.engine_of: dict[int, str] = {}  # id of a packed weight -> its engine
@@ -493,18 +407,18 @@ class _Reader:
             return self.done[key]
         entry = self.table.get(key) if isinstance(key, str) else None
         if entry is None:
-            raise _bad(self.path, f"tensor {key!r} is not in the manifest's tensor table")
+            raise bad(self.path, f"tensor {key!r} is not in the manifest's tensor table")
         if key not in self.raw:
-            raise _bad(self.path, f"tensor {key!r} is missing from {TENSORS}")
+            raise bad(self.path, f"tensor {key!r} is missing from {TENSORS}")
         t = self.raw[key]
         dtype = _DTYPES.get(entry.get("dtype"))
         if dtype is None or t.dtype != dtype or list(t.shape) != list(entry.get("shape", ())):
-            raise _bad(self.path, f"tensor {key!r} is {t.dtype} {list(t.shape)} in {TENSORS}, "
+            raise bad(self.path, f"tensor {key!r} is {t.dtype} {list(t.shape)} in {TENSORS}, "
                        f"the manifest says {entry.get('dtype')} {entry.get('shape')}")
         if entry.get("stride") is not None:
             stride = [int(s) for s in entry["stride"]]
             if len(stride) != t.dim() or not _dense_strides(t.shape, stride):
-                raise _bad(self.path, f"tensor {key!r} has strides {stride} that do not fit it")
+                raise bad(self.path, f"tensor {key!r} has strides {stride} that do not fit it")
             t = torch.empty_strided(t.shape, stride, dtype=t.dtype).copy_(t)
         if entry.get("parameter"):
             t = nn.Parameter(t, requires_grad=bool(entry.get("requires_grad")))
@@ -517,7 +431,7 @@ class _Reader:
         codes = self.value(q["int_repr"])
         want = {"qint8": torch.int8, "quint8": torch.uint8, "qint32": torch.int32}
         if q.get("dtype") not in want or codes.dtype != want[q["dtype"]]:
-            raise _bad(self.path, f"a quantized tensor of dtype {q.get('dtype')} has codes of "
+            raise bad(self.path, f"a quantized tensor of dtype {q.get('dtype')} has codes of "
                        f"dtype {codes.dtype}")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
@@ -530,7 +444,7 @@ class _Reader:
     def packed(self, p: dict):
         w, b = self.value(p["weight"]), self.value(p["bias"])
         if not isinstance(w, torch.Tensor) or not w.is_quantized:
-            raise _bad(self.path, "a packed weight without int8 codes")
+            raise bad(self.path, "a packed weight without int8 codes")
         engine = p.get("engine")
         with _packing_engine(engine) as used, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
@@ -549,19 +463,19 @@ class _Reader:
             elif p["kind"] == "linear":
                 obj = torch.ops.quantized.linear_prepack(w, b)
             else:
-                raise _bad(self.path, f"unknown packed weight kind {p['kind']!r}")
+                raise bad(self.path, f"unknown packed weight kind {p['kind']!r}")
         return obj, used
 
     def module(self, m: dict) -> nn.Module:
         name = m.get("class")
         cls = _resolve_class(name, self.classes) if isinstance(name, str) else None
         if cls is None:
-            raise _bad(self.path, f"a submodule of class {name!r}, which is neither torch.nn's "
+            raise bad(self.path, f"a submodule of class {name!r}, which is neither torch.nn's "
                        "nor one passed in modules=",
                        f"if you trust the class, pass it: fxopt.load(path, modules=[{name}])"
                        .replace(":", "."))
         if not isinstance(m.get("state"), dict):
-            raise _bad(self.path, f"the state of a {name} is not a dict of names")
+            raise bad(self.path, f"the state of a {name} is not a dict of names")
         state = {k: self.value(v, k) for k, v in m["state"].items()}
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
@@ -574,11 +488,11 @@ class _Reader:
         if isinstance(v, list):
             return [self.value(x, where) for x in v]
         if not isinstance(v, dict) or len(v) != 1:
-            raise _bad(self.path, f"malformed value {str(v)[:80]!r} in the manifest")
+            raise bad(self.path, f"malformed value {str(v)[:80]!r} in the manifest")
         (tag, x), = v.items()
         if tag == "node":
             if x not in self.env:
-                raise _bad(self.path, f"an argument names node {x!r}, not defined before it")
+                raise bad(self.path, f"an argument names node {x!r}, not defined before it")
             return self.env[x]
         if tag == "tensor":
             return self.tensor(x)
@@ -604,7 +518,7 @@ class _Reader:
         if tag == "fn":
             fn = allowed_function(x)
             if fn is None:
-                raise _bad(self.path, f"a value names the function {x!r}, which is not on "
+                raise bad(self.path, f"a value names the function {x!r}, which is not on "
                            "fxopt's allowlist: refused, nothing was run")
             return fn
         if tag == "size":
@@ -625,27 +539,27 @@ class _Reader:
             return complex(*x)
         if tag in _OTHER_BY_NAME and x in _OTHER_BY_NAME[tag]:
             return _OTHER_BY_NAME[tag][x]
-        raise _bad(self.path, f"malformed value {{{tag!r}: {str(x)[:60]!r}}} in the manifest")
+        raise bad(self.path, f"malformed value {{{tag!r}: {str(x)[:60]!r}}} in the manifest")
 
     def node_target(self, n: dict):
         op, target = n["op"], n["target"]
         if op == "call_function":
             fn = allowed_function(target)
             if fn is None:
-                raise _bad(self.path, f"node {n.get('name')!r} calls {target!r}, which is not "
+                raise bad(self.path, f"node {n.get('name')!r} calls {target!r}, which is not "
                            "on fxopt's allowlist of functions: refused, nothing was run")
             return fn
         # fx writes these names into the module's Python source: identifiers only
         pattern = {"placeholder": _PLACEHOLDER, "output": _IDENT, "call_method": _IDENT}.get(
             op, _DOTTED)
         if not isinstance(target, str) or not pattern.fullmatch(target):
-            raise _bad(self.path, f"node {n.get('name')!r} has the target {str(target)[:60]!r}, "
+            raise bad(self.path, f"node {n.get('name')!r} has the target {str(target)[:60]!r}, "
                        "not a name: refused, nothing was run")
         if op == "call_method" and not tensor_method_allowed(target):
-            raise _bad(self.path, f"node {n.get('name')!r} calls the method {target!r}, which "
+            raise bad(self.path, f"node {n.get('name')!r} calls the method {target!r}, which "
                        "is not a public Tensor method: refused, nothing was run")
         if op not in ("placeholder", "get_attr", "call_method", "call_module", "output"):
-            raise _bad(self.path, f"node {n.get('name')!r} has an unknown op {op!r}")
+            raise bad(self.path, f"node {n.get('name')!r} has an unknown op {op!r}")
         return target
 
     def graph(self, g: dict) -> fx.Graph:
@@ -654,18 +568,18 @@ class _Reader:
             target = self.node_target(n)
             args, kwargs = self.value(n["args"], n["name"]), self.value(n["kwargs"], n["name"])
             if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-                raise _bad(self.path, f"node {n['name']!r}: args must be a tuple, kwargs a dict")
+                raise bad(self.path, f"node {n['name']!r}: args must be a tuple, kwargs a dict")
             if not all(isinstance(k, str) and _IDENT.fullmatch(k) for k in kwargs):
-                raise _bad(self.path, f"node {n['name']!r} has keyword names that are not "
+                raise bad(self.path, f"node {n['name']!r} has keyword names that are not "
                            "identifiers: refused, nothing was run")
             if target is getattr and not (len(args) >= 2 and isinstance(args[1], str)
                                           and public_name(args[1])):
-                raise _bad(self.path, f"node {n['name']!r} reads a private attribute "
+                raise bad(self.path, f"node {n['name']!r} reads a private attribute "
                            f"({args[1:2]!r}): refused")
             node = graph.create_node(n["op"], target, args, kwargs, name=n["name"],
                                      type_expr=_TYPES.get(n.get("type")))
             if node.name != n["name"]:
-                raise _bad(self.path, f"node name {n['name']!r} is not a plain name, or "
+                raise bad(self.path, f"node name {n['name']!r} is not a plain name, or "
                            "is used twice: refused, nothing was run")
             self.env[node.name] = node
         if "pytree" in g:
@@ -673,7 +587,7 @@ class _Reader:
             from torch.utils._pytree import treespec_loads
             p = g["pytree"]
             if not all(isinstance(a, str) and _IDENT.fullmatch(a) for a in p["orig_args"]):
-                raise _bad(self.path, "the graph's argument names are not identifiers")
+                raise bad(self.path, "the graph's argument names are not identifiers")
             graph._codegen = _PyTreeCodeGen(_PyTreeInfo(
                 list(p["orig_args"]), None if p["in_spec"] is None else
                 treespec_loads(p["in_spec"]),
@@ -685,20 +599,20 @@ class _Reader:
 def _build(reader: _Reader, manifest: dict) -> fx.GraphModule:
     graph = reader.graph(manifest["graph"])
     if not isinstance(manifest["root"], dict):
-        raise _bad(reader.path, "the manifest's root state is not a dict")
+        raise bad(reader.path, "the manifest's root state is not a dict")
     root = {k: reader.value(v, k) for k, v in manifest["root"].items()}
     gm = fx.GraphModule(nn.Module(), fx.Graph())
     for k in ("_parameters", "_buffers", "_modules"):
         entry = root.pop(k, {})
         if not isinstance(entry, dict):
-            raise _bad(reader.path, f"the root's {k} is not a dict")
+            raise bad(reader.path, f"the root's {k} is not a dict")
         getattr(gm, k).update(entry)
     gm._non_persistent_buffers_set = set(root.pop("_non_persistent_buffers_set", set()))
     gm.training = bool(root.pop("training", False))
     for k, v in root.items():
         if not _IDENT.fullmatch(k) or k.startswith("__") or k in gm.__dict__ \
                 or hasattr(type(gm), k):
-            raise _bad(reader.path, f"the root's attribute {k!r} is not allowed")
+            raise bad(reader.path, f"the root's attribute {k!r} is not allowed")
         setattr(gm, k, v)
     gm.graph = graph  # recompiles
     for n in graph.nodes:
@@ -707,12 +621,12 @@ def _build(reader: _Reader, manifest: dict) -> fx.GraphModule:
         try:
             value = _get_attr(gm, n.target)
         except AttributeError as e:
-            raise _bad(reader.path, f"node {n.name!r} reads {n.target!r}, which the file "
+            raise bad(reader.path, f"node {n.name!r} reads {n.target!r}, which the file "
                        "does not hold") from e
         if n.op == "call_module" and not isinstance(value, nn.Module):
-            raise _bad(reader.path, f"node {n.name!r} calls {n.target!r}, not a module")
+            raise bad(reader.path, f"node {n.name!r} calls {n.target!r}, not a module")
         if not isinstance(value, (torch.Tensor, torch.ScriptObject, nn.Module)):
-            raise _bad(reader.path, f"node {n.name!r} reads {n.target!r}, a "
+            raise bad(reader.path, f"node {n.name!r} reads {n.target!r}, a "
                        f"{type(value).__name__}: only tensors, packed weights and modules")
         if id(value) in reader.engine_of:
             n.meta[ENGINE_META] = reader.engine_of[id(value)]
@@ -743,16 +657,16 @@ def read_module(path: str | os.PathLike, *, modules: Iterable[type] = ()) -> Sav
             raise FileFormatError(f"modules= takes nn.Module subclasses, got {cls!r}",
                                   hint="fxopt.load(path, modules=[MyBlock])")
         classes[_class_name(cls)] = cls
-    text, blob = _read_archive(path)
+    text, blob = read_archive(path)
     try:
         manifest = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(path, f"its manifest is not valid JSON ({e})") from e
+        raise bad(path, f"its manifest is not valid JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != "fxopt":
-        raise _bad(path, "not an fxopt module file (the manifest does not say format 'fxopt')")
+        raise bad(path, "not an fxopt module file (the manifest does not say format 'fxopt')")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version < 2:
-        raise _bad(path, f"unknown format version {version!r}")
+        raise bad(path, f"unknown format version {version!r}")
     if version > FORMAT_VERSION:
         raise FileFormatError(f"{path} was written by a newer fxopt ({manifest.get('fxopt')}, "
                               f"format {version}; this fxopt reads up to {FORMAT_VERSION})",
@@ -760,7 +674,7 @@ def read_module(path: str | os.PathLike, *, modules: Iterable[type] = ()) -> Sav
     try:
         tensors = st_load(blob) if blob else {}
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:
-        raise _bad(path, f"its tensors are corrupt ({e})",
+        raise bad(path, f"its tensors are corrupt ({e})",
                    "save the module again with OptimizedModule.save") from e
     reader = _Reader(path, manifest, tensors, classes)
     try:
@@ -768,13 +682,13 @@ def read_module(path: str | os.PathLike, *, modules: Iterable[type] = ()) -> Sav
     except FileFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
-        raise _bad(path, f"malformed manifest ({type(e).__name__}: {e})") from e
+        raise bad(path, f"malformed manifest ({type(e).__name__}: {e})") from e
     try:
         report = reader.value(manifest.get("report", {"dict": []}), "report")
     except FileFormatError:
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise _bad(path, f"malformed report ({type(e).__name__}: {e})") from e
+        raise bad(path, f"malformed report ({type(e).__name__}: {e})") from e
     if not isinstance(report, dict):
-        raise _bad(path, "the manifest's report is not a dict")
+        raise bad(path, "the manifest's report is not a dict")
     return SavedModule(gm, str(manifest.get("target", "cpu")), report, manifest)
