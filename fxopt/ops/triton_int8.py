@@ -255,7 +255,7 @@ TRITON_QUANTIZE = triton_op(
     "triton_quantize(Tensor x, float scale, int zp, int qmin, int qmax) -> Tensor",
     _triton_quantize, _quantize_fake, quantized=True)
 TRITON_DEQUANTIZE = triton_op("triton_dequantize(Tensor q, float scale, int zp) -> Tensor",
-                        _triton_dequantize, _dequantize_fake, quantized=True)
+                              _triton_dequantize, _dequantize_fake, quantized=True)
 TRITON_CONV2D_INT8 = triton_op(
     "triton_conv2d_int8(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor w_colsum, "
     "int[2] stride, int[2] padding, int[2] dilation, int groups, " + _INT8,

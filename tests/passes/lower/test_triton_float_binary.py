@@ -42,8 +42,11 @@ def test_float_residual_adds_lowered(float_res):
     assert not any("left on PyTorch" in n or "not lowered" in n for n in result.notes)
 
 
-def test_float_residual_adds_equal_the_graph_before(float_res, monkeypatch):
-    x, before, gm, result = float_res
+@pytest.mark.parametrize("lowered_net", ["float_res", "float_se"])
+def test_float_rows_equal_the_graph_before(lowered_net, request, monkeypatch):
+    """The residual adds and the squeeze-excitation gate, lowered: the kernels (interpreted)
+    and the ops' PyTorch reference each equal the graph before."""
+    x, before, gm, result = request.getfixturevalue(lowered_net)
     with torch.no_grad():
         ref = before(x)
         st = compare_outputs(gm(x), ref)  # the kernels, interpreted
@@ -121,16 +124,6 @@ def test_float_se_gate_lowered(float_se):
     st = result.stats
     assert st["mul"] == 2 and st["layout_copies"] == 0 and st["on_pytorch"] == 1
     assert result.notes == ["left on PyTorch (no Triton kernel): adaptive_avg_pool2d x1"]
-
-
-def test_float_se_gate_equals_the_graph_before(float_se, monkeypatch):
-    x, before, gm, result = float_se
-    with torch.no_grad():
-        ref = before(x)
-        st = compare_outputs(gm(x), ref)  # the kernels, interpreted
-        assert st.ok and st.rel_err < 1e-5, st
-        monkeypatch.setenv("FXOPT_TRITON_ON_CPU", "0")  # the ops' PyTorch reference
-        assert compare_outputs(gm(x), ref).rel_err < 1e-6
 
 
 @pytest.mark.parametrize("precision", [None, "fp16"])
