@@ -19,11 +19,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxopt.errors import (FileFormatError, InputError, NotAvailableError, NumericMismatchError,
-                          PipelineError, VerificationError)
+                          PipelineError, UnsupportedOpError, VerificationError)
+from fxopt.export.engines import (Engine, check_engine_options, deploy, installed_engines,
+                                  measure, require_engine)
 from fxopt.export.fileformat import FORMAT_VERSION, read_module, write_module
 from fxopt.infra.cudagraph import MAX_GRAPHS, CudaGraphRunner
 from fxopt.infra.manager import CHECK_MODES, MISMATCH_MODES, Instrument, PassManager, debug_level
-from fxopt.pipelines import FEATURE_PASSES, build_pipeline, expand_pipeline
+from fxopt.pipelines import ENGINE_TARGETS, FEATURE_PASSES, build_pipeline, expand_pipeline
 from fxopt.infra.registry import PASSES, PassContext
 from fxopt.infra.report import ModelStats, Report
 from fxopt.infra.validate import (calibration_arg, choice_arg, concrete_args_arg,
@@ -38,20 +40,32 @@ from fxopt.ir.tolerances import compare_outputs, strict_fp32
 
 __all__ = ["optimize", "OptimizedModule", "load", "TARGETS", "FORMAT_VERSION"]
 
-TARGETS = ("auto", "cpu", "cuda")
+# "auto": cpu or cuda from the inputs' device, never by timing (a timed default would make every
+# run nondeterministic and could hand back an engine, which does not train); "best" times fxopt's
+# cpu path and each installed engine (ENGINE_TARGETS) and keeps the fastest.
+TARGETS = ("auto", "cpu", "cuda") + ENGINE_TARGETS + ("best",)
 
 class OptimizedModule(nn.Module):
-    """The optimized model: an ``nn.Module`` holding the ``GraphModule`` and the report."""
+    """The optimized model: an ``nn.Module`` holding the ``GraphModule`` and the report.
 
-    def __init__(self, graph_module: fx.GraphModule, report: Report, target: str = "cpu"):
+    With an ``engine`` (``target="openvino"``/``"onnxruntime"``, ``fxopt.export.engines``) the
+    engine runs the calls in eval mode whose inputs need no gradient; in training mode, for
+    inputs that need a gradient, or once the graph's weights changed, the graph runs."""
+
+    def __init__(self, graph_module: fx.GraphModule, report: Report, target: str = "cpu",
+                 engine: Engine | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
         self.target = target
         self.cuda_graphs: CudaGraphRunner | None = None  # see with_cuda_graphs
+        self.engine = engine
         self.train(False)  # an inference module: optimize(opt, x) and check_model accept it
 
     def forward(self, *args, **kwargs):
+        if self.engine is not None and not self.training and \
+                self.engine.serves(self.graph_module, args, kwargs, self.report.notes):
+            return self.engine(*args)
         if torch.is_grad_enabled():
             return self.graph_module(*args, **kwargs)
         if self.cuda_graphs is not None:
@@ -139,6 +153,8 @@ def load(path: str | Path, *, modules: Iterable[type] = ()) -> OptimizedModule:
 
 def _resolve_target(target: str, inputs: tuple) -> str:
     choice_arg(target, "target", TARGETS)
+    if target in ENGINE_TARGETS:
+        require_engine(target)  # NotAvailableError with the pip hint, before anything runs
     on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
     if target == "auto":
         return "cuda" if on_cuda else "cpu"
@@ -166,7 +182,21 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     ``precision``: ``"fp16"``, ``"bf16"`` or ``"fp32"``, the dtype the model is converted to first
     (``target="cuda"``; see ``fxopt.precision``); with ``target="cuda"`` the pipeline ends with
     ``lower_to_triton`` (the fused and int8 ops onto the Triton kernels).
+
+    ``target``: ``"auto"`` (default: ``"cuda"`` for inputs on a CUDA device, else ``"cpu"``;
+    never chosen by timing, so the default is deterministic and its result trains), ``"cpu"``,
+    ``"cuda"``, ``"openvino"`` / ``"onnxruntime"`` (the CPU pipeline, then the checked graph
+    exported to ONNX and run by that engine behind the same module; the graph stays inside
+    for save, training and export; ``precision="bf16"`` is OpenVINO's inference precision
+    there; ``fxopt.export.engines``), or ``"best"``: fxopt's ``"cpu"`` path and each installed
+    engine, timed briefly on the example inputs, the fastest kept (``report.engine["timings_ms"]``).
     """
+    if target == "best":
+        return _optimize_best(model, example_inputs, dict(
+            pipeline=pipeline, passes=passes, disable=disable, precision=precision, prune=prune,
+            quantize=quantize, calibration_data=calibration_data, check=check,
+            on_mismatch=on_mismatch, leaf_modules=leaf_modules, concrete_args=concrete_args,
+            instruments=instruments))
     from fxopt import ops  # noqa: F401 - the fxopt op namespace
     from fxopt import passes as _passes  # noqa: F401 - registers the built-in passes
 
@@ -180,7 +210,11 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         model, inputs, pipeline, passes, disable, check, on_mismatch, leaf_modules,
         concrete_args, instruments, calibration_data)
     target = _resolve_target(target, inputs)
-    dtype = resolve_precision(precision, target, quantize, reduced_on_cpu=triton_on_cpu())
+    engine_target = target in ENGINE_TARGETS
+    if engine_target:  # the precision is the engine's; the pipeline runs in float32
+        check_engine_options(target, precision, quantize)
+    dtype = resolve_precision(None if engine_target else precision, target, quantize,
+                              reduced_on_cpu=triton_on_cpu())
     configs = []
     for feature, value in (("prune", prune), ("quantize", quantize)):
         if value is None:
@@ -243,8 +277,52 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         report.final_max_abs_err, report.final_rel_err = final.max_abs, final.rel_err
         if check != "none" and exact_only and not final.ok:
             _final_mismatch(final, report, on_mismatch, check)
+    engine = None
+    if engine_target:
+        engine = deploy(gm, inputs, target, precision=precision, float_model=model)
+        report.engine = dict(engine.info)
     report.total_time_s = time.perf_counter() - t_start
-    return OptimizedModule(gm, report, target)
+    return OptimizedModule(gm, report, target, engine)
+
+
+def _float_model(model: nn.Module) -> nn.Module:
+    return model.graph_module if isinstance(model, OptimizedModule) else model
+
+
+def _optimize_best(model: nn.Module, example_inputs: Any, options: dict) -> OptimizedModule:
+    """``target="best"``: fxopt's cpu path and each installed engine (one pipeline run serves
+    all engines), timed on the example inputs; the fastest, with the timings in its report. An
+    engine that cannot take the model is left out with a note."""
+    inputs = clone_inputs(normalize_inputs(example_inputs))
+    data = options["calibration_data"]
+    if data is not None and iter(data) is data:  # an iterator: read once, used by each run
+        options = dict(options, calibration_data=list(data))
+    found = {"cpu": optimize(model, example_inputs, target="cpu", **options)}
+    notes = []
+    shared = None
+    for name in installed_engines():
+        try:
+            if shared is None:
+                found[name] = shared = optimize(model, example_inputs, target=name, **options)
+                continue
+            check_engine_options(name, options["precision"], options["quantize"])
+            engine = deploy(shared.graph_module, inputs, name, precision=options["precision"],
+                            float_model=_float_model(model))
+        except (NotAvailableError, NumericMismatchError, UnsupportedOpError) as e:
+            notes.append(f"target='best': {name} left out: {e.message}")
+            continue
+        report = Report.from_dict(shared.report.to_dict())
+        report.target, report.engine = name, dict(engine.info)
+        found[name] = OptimizedModule(shared.graph_module, report, name, engine)
+    timings = measure({k: m for k, m in found.items()}, inputs)
+    best = min(timings, key=timings.get)
+    chosen = found[best]
+    chosen.report.engine = dict(chosen.report.engine, chosen_by="best",
+                                timings_ms={k: round(v, 3) for k, v in timings.items()})
+    chosen.report.notes.extend(notes + [
+        "target='best': " + ", ".join(f"{k} {v:.2f} ms" for k, v in timings.items())
+        + f" (median on the example inputs); {best} kept"])
+    return chosen
 
 
 def _check_options(model, inputs, pipeline, passes, disable, check, on_mismatch, leaf_modules,

@@ -17,6 +17,8 @@ target::
 3. ``quantize_phase``: ``quantize_int8`` after the last fusion step (it quantizes fused ops).
 4. ``lowering_phase``: last, ``lower_int8_cpu`` (int8 on the CPU) or ``lower_to_triton``
    (``target="cuda"``, or asked for by name on the CPU: tests under the Triton interpreter).
+   The engine targets (``ENGINE_TARGETS``: ``"openvino"``, ``"onnxruntime"``) run the CPU
+   pipeline up to here and have no lowering: the engine runs the graph's ONNX export.
 
 A pass the user names in ``passes=`` goes to its phase's place; any other is appended.
 ``expand_pipeline`` then resolves names into passes and groups, drops ``disable``\\ d ones and
@@ -31,8 +33,8 @@ from fxopt.errors import PipelineError
 from fxopt.infra.registry import GROUPS, PASSES, PassGroup
 from fxopt.infra.validate import names_arg, pipeline_arg
 
-__all__ = ["PIPELINES", "FEATURE_PASSES", "build_pipeline", "expand_pipeline", "pipeline_names",
-           "prune_phase", "cpu_layout_phase", "quantize_phase", "lowering_phase"]
+__all__ = ["PIPELINES", "FEATURE_PASSES", "ENGINE_TARGETS", "build_pipeline", "expand_pipeline",
+           "pipeline_names", "prune_phase", "cpu_layout_phase", "quantize_phase", "lowering_phase"]
 
 PIPELINES: dict[str, list[str]] = {
     "cleanup": ["cleanup"],
@@ -42,6 +44,8 @@ PIPELINES: dict[str, list[str]] = {
 # optimize()'s feature options and the pass each turns on (its config class is the pass's).
 FEATURE_PASSES = {"prune": "prune_channels", "quantize": "quantize_int8"}
 CPU_LAYOUT_PASSES = ("lower_convs", "to_channels_last")
+# Inference engines on the CPU (fxopt.export.engines): the CPU pipeline without its lowering.
+ENGINE_TARGETS = ("openvino", "onnxruntime")
 
 
 def pipeline_names(pipeline: str | Sequence[str]) -> list[str]:
@@ -77,7 +81,7 @@ def prune_phase(names: list[str], *, prune: bool) -> list[str]:
 def cpu_layout_phase(names: list[str], *, target: str, disable: Sequence[str] = ()) -> list[str]:
     """On the CPU, the layout passes right after ``fuse_act`` (not when it is disabled)."""
     at = _after_last(names, ("fuse_act",))
-    if target != "cpu" or at is None or "fuse_act" in disable:
+    if target not in ("cpu",) + ENGINE_TARGETS or at is None or "fuse_act" in disable:
         return names
     return _insert(names, at, CPU_LAYOUT_PASSES)
 

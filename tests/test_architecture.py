@@ -35,10 +35,13 @@ LAYERS = {
     "fxopt.export.archive": ["fxopt.errors"],
     "fxopt.export.fileformat": ["fxopt.export.allowlist", "fxopt.export.archive", "fxopt.ir",
                                 "fxopt.ops", "fxopt.errors"],
-    "fxopt.api": ["fxopt.export.fileformat", "fxopt.pipelines", "fxopt.passes", "fxopt.quant",
-                  "fxopt.prune", "fxopt.infra", "fxopt.ir", "fxopt.ops", "fxopt.errors"],
-    "fxopt.export": ["fxopt.api", "fxopt.quant", "fxopt.infra", "fxopt.ir", "fxopt.ops",
-                     "fxopt.errors"],
+    # the ONNX export and the engines it feeds (fxopt.export.engines) sit below the api:
+    # optimize(target="openvino") deploys through them
+    "fxopt.export": ["fxopt.export.fileformat", "fxopt.quant", "fxopt.infra", "fxopt.ir",
+                     "fxopt.ops", "fxopt.errors"],
+    "fxopt.api": ["fxopt.export", "fxopt.export.fileformat", "fxopt.pipelines", "fxopt.passes",
+                  "fxopt.quant", "fxopt.prune", "fxopt.infra", "fxopt.ir", "fxopt.ops",
+                  "fxopt.errors"],
     "fxopt.train": ["fxopt.api", "fxopt.pipelines", "fxopt.quant", "fxopt.prune",
                     "fxopt.infra", "fxopt.ir", "fxopt.ops", "fxopt.errors"],
     "fxopt.tools": ["fxopt.train", "fxopt.export", "fxopt.api", "fxopt.pipelines",

@@ -56,6 +56,9 @@ class Report:
     final_max_abs_err: float | None = None
     final_rel_err: float | None = None
     notes: list[str] = field(default_factory=list)
+    # the engine that runs the model (target="openvino"/"onnxruntime"/"best"): its name,
+    # version, precision, threads, the check against the graph, and target="best"'s timings
+    engine: dict[str, Any] = field(default_factory=dict)
 
     def record(self, name: str) -> PassRecord | None:
         for r in self.passes:
@@ -135,6 +138,9 @@ class Report:
 
         buf = io.StringIO()
         Console(file=buf, width=140, color_system=None).print(self.table())
+        if self.engine:
+            buf.write("engine: " + ", ".join(f"{k} {v}" for k, v in self.engine.items()
+                                             if k != "onnx_ops") + "\n")
         for n in self.notes:
             buf.write(f"note: {n}\n")
         return buf.getvalue()

@@ -1,0 +1,341 @@
+"""Engine-backed runtimes: the checked graph run by OpenVINO or ONNX Runtime on the CPU.
+
+``fxopt.optimize(model, x, target="openvino")`` (or ``"onnxruntime"``) runs the CPU pipeline
+(pruning, folding, fusion, int8 calibration and plan) and then, instead of lowering onto
+PyTorch's kernels, hands the checked graph to an inference engine the user already runs:
+
+1. ``export_onnx`` writes the graph as ONNX (float ops decomposed, int8 as QDQ, dynamic batch)
+   into a temporary folder; its own ONNX Runtime run is skipped, the engine's check below is
+   the one that counts.
+2. The engine loads the file: ``openvino.Core().read_model`` + ``compile_model(..., "CPU")``
+   with ``INFERENCE_PRECISION_HINT`` ``f32`` (``bf16`` only for ``precision="bf16"``), or
+   ``onnxruntime.InferenceSession`` on the ``CPUExecutionProvider``; both with as many threads
+   as ``torch.get_num_threads()``.
+3. The engine is checked against the graph it was built from like any lowering, at the
+   example batch and at one more sample (the batch is dynamic): float within the float32
+   tolerance (bf16's with ``precision="bf16"``), int8 within one output step. A mismatch is a
+   ``NumericMismatchError`` whose ``pass_name`` names the engine (``deploy:openvino``).
+
+   One allowance for int8, measured: ONNX Runtime reproduces fxopt's int8 graph bit for bit,
+   but OpenVINO turns each QuantizeLinear into its own FakeQuantize arithmetic, which rounds
+   some codes the other way at every layer; over a ResNet-18 those add up to 3-6 output steps
+   (its error against the float model is the same as fxopt's: 25.55 against 25.59 dB). So an
+   int8 engine that is not within one output step passes when ``float_model`` is given and its
+   relative error against the float model is at most ``INT8_ACCURACY_SLACK`` times that of the
+   graph (an engine no less accurate than fxopt's int8, up to rounding); a real fault (a wrong
+   scale, zero point or layout) is far outside that and still fails. ``info["check"]`` says
+   which bound held (``measure``).
+
+The result is an :class:`Engine`: called with tensors like the module (tensors out, in the
+dtype and on the device of the first floating-point input). ``OptimizedModule`` keeps the
+``GraphModule`` beside it for save, training and export, and runs the engine in eval mode for
+inputs that need no gradient while the graph's weights are the ones it was built from
+(:meth:`Engine.serves`).
+
+    >>> eng = deploy(opt.graph_module, (x,), "openvino")
+    >>> eng(x).shape, eng.info["version"], eng.info["check"]["max_abs"]
+
+:func:`measure` times candidates (interleaved medians on the example inputs) for
+``target="best"``. The default ``target="auto"`` never times anything (see ``fxopt.api``).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from fxopt.errors import InputError, NotAvailableError, NumericMismatchError, UnsupportedOpError
+from fxopt.export.onnx import DEFAULT_OPSET, export_onnx
+from fxopt.export.qdq import compare_within_step
+from fxopt.ir.check import clone_inputs, run_in_eval
+from fxopt.ir.tolerances import ErrorStats, compare_outputs, rel_err
+
+__all__ = ["ENGINES", "INT8_ACCURACY_SLACK", "Engine", "deploy", "installed_engines",
+           "require_engine", "check_engine_options", "engine_version", "measure"]
+
+INT8_ACCURACY_SLACK = 1.5
+
+# target name -> (module to import, how a user installs it)
+ENGINES: dict[str, tuple[str, str]] = {
+    "openvino": ("openvino", "pip install 'fxopt[deploy]' (or: pip install openvino)"),
+    "onnxruntime": ("onnxruntime", "pip install onnxruntime"),
+}
+_TITLES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+
+
+def require_engine(name: str):
+    """The engine's Python module, imported; ``NotAvailableError`` with a pip hint if absent."""
+    module, pip = ENGINES[name]
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise NotAvailableError(f"target='{name}' runs the model on {_TITLES[name]}, which is "
+                                f"not installed ({e})",
+                                hint=f"{pip}; or use target='cpu'") from e
+
+
+def installed_engines() -> list[str]:
+    """The engines of ``ENGINES`` that import here, in table order."""
+    out = []
+    for name in ENGINES:
+        try:
+            require_engine(name)
+        except NotAvailableError:
+            continue
+        out.append(name)
+    return out
+
+
+def engine_version(name: str) -> str:
+    return str(getattr(require_engine(name), "__version__", "unknown"))
+
+
+def check_engine_options(name: str, precision: str | None, quantize: Any) -> None:
+    """Refuse what an engine target cannot do, before anything runs: ``precision`` other than
+    fp32/bf16 (bf16 on OpenVINO only), or a reduced precision together with int8."""
+    if precision in (None, "fp32"):
+        return
+    if precision != "bf16" or name != "openvino":
+        raise NotAvailableError(f"precision='{precision}' is not available on target='{name}'",
+                                hint="use precision='bf16' with target='openvino', or leave "
+                                     "precision unset (float32)")
+    if quantize is not None:
+        raise NotAvailableError("precision='bf16' together with quantize= is not supported on "
+                                "an engine (the int8 check is within one output step of float32)",
+                                hint="use quantize='int8' without precision, or precision alone")
+
+
+# -- the engines --------------------------------------------------------------------------------
+def _open_openvino(path: Path, precision: str | None, threads: int) -> Callable:
+    ov = require_engine("openvino")
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+              "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    request = compiled.create_infer_request()
+    outputs = list(compiled.outputs)
+
+    def run(feeds: list) -> list:
+        result = request.infer(dict(enumerate(feeds)))
+        return [result[o] for o in outputs]
+
+    return run
+
+
+def _open_onnxruntime(path: Path, precision: str | None, threads: int) -> Callable:
+    ort = require_engine("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(feeds: list) -> list:
+        return session.run(None, dict(zip(names, feeds)))
+
+    return run
+
+
+_OPEN = {"openvino": _open_openvino, "onnxruntime": _open_onnxruntime}
+
+
+class Engine:
+    """An ONNX file compiled by an engine, called like the module it came from.
+
+    ``info``: the engine, its version, precision, threads, opset and the check's figures (what
+    ``optimize`` puts in ``report.engine``). Immutable once built, so a deep copy of the module
+    holding it shares it.
+    """
+
+    def __init__(self, name: str, run: Callable, spec: pytree.TreeSpec, n_inputs: int,
+                 weights: list[torch.Tensor], info: dict):
+        self.name, self.info = name, info
+        self._run, self._spec, self._n_inputs = run, spec, n_inputs
+        self._weights = [(t, t._version) for t in weights]
+        self._warned = False
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self) -> str:
+        return f"Engine({self.name} {self.info.get('version', '')}, " \
+               f"{self.info.get('precision', 'f32')})"
+
+    def __call__(self, *args) -> Any:
+        tensors = [x for x in args if isinstance(x, torch.Tensor)]
+        if len(tensors) != len(args) or len(args) != self._n_inputs:
+            raise InputError(f"the {_TITLES[self.name]} engine takes {self._n_inputs} tensor "
+                             f"input(s), got {len(args)} argument(s)",
+                             hint="call it with the inputs the model was optimized with")
+        like = next((x for x in tensors if x.is_floating_point()), None)
+        feeds = [(x.detach().float() if x.is_floating_point() else x.detach()).cpu().numpy()
+                 for x in tensors]
+        outs = [torch.from_numpy(o) for o in self._run(feeds)]
+        if like is not None:
+            outs = [o.to(like.device, like.dtype) if o.is_floating_point() else o.to(like.device)
+                    for o in outs]
+        return pytree.tree_unflatten(outs, self._spec)
+
+    def serves(self, graph_module: nn.Module, args: tuple, kwargs: dict,
+               notes: list | None = None) -> bool:
+        """Whether a call with ``args`` may run on the engine rather than the graph: tensor
+        inputs only, none needing a gradient, and the graph's weights still the ones the engine
+        was built from (else the graph runs, with one warning: the engine is stale)."""
+        if kwargs or len(args) != self._n_inputs or not all(
+                isinstance(x, torch.Tensor) and not x.requires_grad for x in args):
+            return False
+        current = list(graph_module.parameters()) + list(graph_module.buffers())
+        if len(current) == len(self._weights) and all(
+                t is w and t._version == v for t, (w, v) in zip(current, self._weights)):
+            return True
+        if not self._warned:
+            self._warned = True
+            message = (f"the weights changed since the {_TITLES[self.name]} engine was built; "
+                       f"the PyTorch graph runs instead (optimize again with "
+                       f"target='{self.name}' to rebuild the engine)")
+            if notes is not None:
+                notes.append(message)
+            warnings.warn(f"fxopt: {message}", stacklevel=3)
+        return False
+
+
+def _grown(inputs: tuple) -> tuple:
+    """The inputs at one more sample (the first repeated): the check's second batch."""
+    return tuple(torch.cat([x, x[:1]]) if x.dim() > 0 else x for x in inputs)
+
+
+def _flat(value) -> list:
+    return [t.detach().cpu() for t in pytree.tree_leaves(value)]
+
+
+def _compare(out: list, ref: list, step: float | None, precision: str | None) -> ErrorStats:
+    if step:
+        return compare_within_step(out, ref, step)
+    if precision == "bf16":
+        return compare_outputs([o.to(torch.bfloat16) for o in out],
+                               [r.to(torch.bfloat16) for r in ref])
+    return compare_outputs(out, ref)
+
+
+def _as_accurate(out: list, ref: list, float_model: nn.Module | None, batch: tuple,
+                 stats: ErrorStats) -> ErrorStats:
+    """The int8 allowance (module docstring): ``out`` against the float model's outputs no
+    worse than ``INT8_ACCURACY_SLACK`` times ``ref``'s; ``stats`` updated to say so."""
+    if float_model is None or stats.reason:
+        return stats
+    exact = _flat(run_in_eval(float_model, clone_inputs(batch), what="the float model failed",
+                              hint="pass inputs the model takes"))
+    if len(exact) != len(out):
+        return stats
+    ours = max(rel_err(r, e) for r, e in zip(ref, exact))
+    theirs = max(rel_err(o, e) for o, e in zip(out, exact))
+    bound = INT8_ACCURACY_SLACK * ours + 1e-6
+    return ErrorStats(max_abs=stats.max_abs, rel_err=theirs, tolerance=bound, ok=theirs <= bound,
+                      dtype=f"int8: rel err vs the float model {theirs:.3g} <= "
+                            f"{INT8_ACCURACY_SLACK} x fxopt's {ours:.3g} (max abs vs the graph "
+                            f"{stats.max_abs:.3g}, {stats.max_abs / stats.tolerance:.1f} steps)",
+                      reason="" if theirs <= bound else
+                      f"rel err against the float model {theirs:.3g} > {INT8_ACCURACY_SLACK} x "
+                      f"fxopt's int8 {ours:.3g}, and max abs {stats.max_abs:.3g} > one output "
+                      f"step {stats.tolerance:.3g}")
+
+
+def _check(engine: Engine, module: nn.Module, inputs: tuple, step: float | None,
+           precision: str | None, float_model: nn.Module | None = None) -> dict:
+    """The engine against ``module`` at the example batch and one more sample; figures of the
+    worse, or ``NumericMismatchError`` naming the engine."""
+    title = _TITLES[engine.name]
+    worst, batches = ErrorStats(), []
+    for batch in (inputs, _grown(inputs)):
+        ref = _flat(run_in_eval(module, clone_inputs(batch), what="the graph failed",
+                                hint="optimize with target='cpu' to see why"))
+        with torch.no_grad():
+            out = _flat(engine(*clone_inputs(batch)))
+        stats = _compare(out, ref, step, precision)
+        if step and not stats.ok:
+            stats = _as_accurate(out, ref, float_model, batch, stats)
+        batches.append(int(batch[0].shape[0]) if batch[0].dim() else 1)
+        if not stats.ok:
+            bound = stats.reason or (f"max abs err {stats.max_abs:.3g} > one output step "
+                                     f"{stats.tolerance:.3g}" if step else
+                                     f"rel err {stats.rel_err:.2e} > {stats.tolerance:.0e}")
+            raise NumericMismatchError(
+                f"{title}'s outputs differ from the checked graph's at batch {batches[-1]}: "
+                f"{bound}", pass_name=f"deploy:{engine.name}", passes_before=[],
+                max_abs=stats.max_abs, rel_err=stats.rel_err, tolerance=stats.tolerance,
+                node=None, module_path=None,
+                hint="use target='cpu' (fxopt's own kernels), or export the file with "
+                     "fxopt.export_onnx and report the engine's difference")
+        if stats.max_abs >= worst.max_abs or not worst.dtype:
+            worst = stats
+    return {"max_abs": worst.max_abs, "rel_err": worst.rel_err, "tolerance": worst.tolerance,
+            "measure": worst.dtype, "batches": batches}
+
+
+def deploy(module: nn.Module, inputs: tuple, name: str, *, precision: str | None = None,
+           threads: int | None = None, float_model: nn.Module | None = None) -> Engine:
+    """``module`` (the checked ``GraphModule``) exported to ONNX, compiled by engine ``name``
+    (a key of ``ENGINES``) and checked against ``module`` on ``inputs`` (a tuple of tensors).
+    ``float_model``: the model before quantization, for the int8 allowance (module docstring);
+    it is run in eval mode without gradients and not changed."""
+    if name not in ENGINES:
+        raise InputError(f"unknown engine {name!r}", hint=f"choose one of {tuple(ENGINES)}")
+    require_engine(name)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise NotAvailableError(f"target='{name}' needs tensor inputs only (the file takes "
+                                f"tensors; other arguments would be baked in)",
+                                hint="pass tensors as example inputs, or use target='cpu'")
+    threads = threads or torch.get_num_threads()
+    reference = run_in_eval(module, clone_inputs(inputs), what="the graph failed",
+                            hint="optimize with target='cpu' to see why")
+    leaves, spec = pytree.tree_flatten(reference)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise NotAvailableError(f"target='{name}' needs a model whose outputs are tensors "
+                                f"(in tuples, lists or dicts)",
+                                hint="use target='cpu'")
+    title = _TITLES[name]
+    with tempfile.TemporaryDirectory(prefix="fxopt-deploy-") as folder:
+        path = Path(folder) / "model.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # kept ops come back as the engine's refusal
+            export = export_onnx(module, inputs, path, check=False)
+        try:
+            run = _OPEN[name](path, precision, threads)
+        except NotAvailableError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the engines raise classes of their own
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnsupportedOpError(f"{title} cannot load fxopt's ONNX file: {first}",
+                                     hint="use target='cpu', or the other engine") from e
+    weights = list(module.parameters()) + list(module.buffers())
+    info = {"engine": name, "version": engine_version(name), "threads": threads,
+            "precision": "bf16" if precision == "bf16" else "f32", "opset": DEFAULT_OPSET,
+            "int8": export.output_step is not None,
+            "onnx_ops": dict(export.translated)}
+    engine = Engine(name, run, spec, len(inputs), weights, info)
+    info["check"] = _check(engine, module, inputs, export.output_step, precision, float_model)
+    return engine
+
+
+def measure(candidates: dict[str, Callable], inputs: tuple, *, repeats: int = 5,
+            warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds per call of each candidate on ``inputs``, interleaved (one call of
+    each in turn, so load on the machine falls on all alike), without gradients."""
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            for key, fn in candidates.items():
+                args = clone_inputs(inputs)
+                t0 = time.perf_counter()
+                fn(*args)
+                if i >= warmup:
+                    times[key].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
