@@ -58,7 +58,7 @@ from fxopt.ir.check import clone_inputs, run_in_eval
 from fxopt.ir.tolerances import ErrorStats, compare_outputs, rel_err
 
 __all__ = ["ENGINES", "INT8_ACCURACY_SLACK", "Engine", "deploy", "installed_engines",
-           "require_engine", "check_engine_options", "engine_version", "measure"]
+           "require_engine", "check_engine", "check_engine_options", "engine_version", "measure"]
 
 INT8_ACCURACY_SLACK = 1.5
 
@@ -248,11 +248,14 @@ def _as_accurate(out: list, ref: list, float_model: nn.Module | None, batch: tup
                       f"step {stats.tolerance:.3g}")
 
 
-def _check(engine: Engine, module: nn.Module, inputs: tuple, step: float | None,
-           precision: str | None, float_model: nn.Module | None = None) -> dict:
-    """The engine against ``module`` at the example batch and one more sample; figures of the
-    worse, or ``NumericMismatchError`` naming the engine."""
+def check_engine(engine: Engine, module: nn.Module, inputs: tuple, *,
+                 float_model: nn.Module | None = None) -> dict:
+    """The engine against ``module`` at the example batch and one more sample (float: the
+    tolerance of its precision; int8: one output step, or the allowance of the module
+    docstring); the figures of the worse, or ``NumericMismatchError`` naming the engine."""
     title = _TITLES[engine.name]
+    step = engine.info.get("output_step")
+    precision = engine.info.get("precision")
     worst, batches = ErrorStats(), []
     for batch in (inputs, _grown(inputs)):
         ref = _flat(run_in_eval(module, clone_inputs(batch), what="the graph failed",
@@ -318,10 +321,10 @@ def deploy(module: nn.Module, inputs: tuple, name: str, *, precision: str | None
     weights = list(module.parameters()) + list(module.buffers())
     info = {"engine": name, "version": engine_version(name), "threads": threads,
             "precision": "bf16" if precision == "bf16" else "f32", "opset": DEFAULT_OPSET,
-            "int8": export.output_step is not None,
+            "int8": export.output_step is not None, "output_step": export.output_step,
             "onnx_ops": dict(export.translated)}
     engine = Engine(name, run, spec, len(inputs), weights, info)
-    info["check"] = _check(engine, module, inputs, export.output_step, precision, float_model)
+    info["check"] = check_engine(engine, module, inputs, float_model=float_model)
     return engine
 
 

@@ -1,0 +1,212 @@
+"""target="openvino" / "onnxruntime" / "best": the checked graph run by an inference engine.
+
+Real torchvision ResNet-18 (at 32x32, so the default run stays short), float and int8, on each
+installed engine: the module's outputs equal the graph's at two batch sizes (float: the float32
+tolerance; int8: one output step, or OpenVINO's allowance: no less accurate than fxopt's int8
+against the float model), in the input's dtype; the user's model is unchanged; a missing engine
+is a NotAvailableError with a pip hint; a check that fails names the engine.
+"""
+import copy
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import fxopt
+from fxopt.errors import NotAvailableError, NumericMismatchError
+from fxopt.export.engines import INT8_ACCURACY_SLACK, check_engine, deploy, installed_engines
+from fxopt.export.qdq import compare_within_step
+from fxopt.ir.tolerances import compare_outputs, rel_err
+
+ENGINES = [pytest.param("onnxruntime"),
+           pytest.param("openvino", marks=pytest.mark.skipif(
+               "openvino" not in installed_engines(), reason="openvino is not installed"))]
+
+
+def _resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 32, 32, generator=g) for _ in range(3)]
+
+
+_CACHE = {}
+
+
+def _optimized(engine, quant):
+    key = (engine, quant)
+    if key not in _CACHE:
+        model = _resnet18()
+        cal = _batches()
+        kw = dict(quantize="int8", calibration_data=cal) if quant else {}
+        _CACHE[key] = model, fxopt.optimize(model, cal[0][:2], target=engine, **kw)
+    return _CACHE[key]
+
+
+@pytest.mark.parametrize("quant", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["float", "int8"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_module_equals_its_graph_at_two_batches(engine, quant):
+    model, opt = _optimized(engine, quant)
+    assert opt.target == engine and opt.engine is not None
+    info = opt.report.engine
+    assert info["engine"] == engine and info["version"] and info["int8"] == quant
+    assert info["check"]["batches"] == [2, 3]
+    assert engine in str(opt.report)
+    if quant:
+        assert "lower_int8_cpu" not in opt.report.pipeline  # the engine runs the int8 IR
+    g = torch.Generator().manual_seed(5)
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 32, 32, generator=g)
+        with torch.no_grad():
+            got = opt(x.clone())
+            ref = opt.graph_module(x.clone())
+            exact = model(x.clone())
+        assert got.shape == (batch, 10) and got.dtype == torch.float32
+        if not quant:
+            assert compare_outputs(got, ref).ok
+        elif engine == "onnxruntime":  # ORT's int8 kernels reproduce fxopt's grids
+            assert compare_within_step([got], [ref], info["output_step"]).ok
+        else:  # OpenVINO rounds some codes its own way (fxopt.export.engines docstring)
+            assert rel_err(got, exact) <= INT8_ACCURACY_SLACK * rel_err(ref, exact) + 1e-6
+    # float64 in, float64 out; no torch.no_grad needed
+    y = opt(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    assert y.dtype == torch.float64 and not y.requires_grad
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_users_model_is_unchanged(engine):
+    model = _resnet18().train()
+    before = copy.deepcopy(model.state_dict())
+    x = _batches()[0][:2]
+    model.eval()
+    fxopt.optimize(model, x, target=engine)
+    assert not model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_and_changed_weights_run_the_graph():
+    model, opt = _optimized("onnxruntime", False)
+    opt = copy.copy(opt)  # the shared module of the other tests is left as it was
+    opt.graph_module = copy.deepcopy(opt.graph_module)
+    opt.report = copy.deepcopy(opt.report)
+    x = torch.randn(2, 3, 32, 32)
+    opt.train()
+    assert opt(x).requires_grad  # the graph, with gradients
+    opt.eval()
+    with torch.no_grad():
+        next(opt.graph_module.parameters()).mul_(2)
+        with pytest.warns(UserWarning, match="weights changed"):
+            got = opt(x)
+        assert torch.equal(got, opt.graph_module(x))
+    assert any("weights changed" in n for n in opt.report.notes)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_failed_check_names_the_engine(engine):
+    _, opt = _optimized(engine, False)
+    x = torch.randn(2, 3, 32, 32)
+    other = copy.deepcopy(opt.graph_module)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.01)
+    with pytest.raises(NumericMismatchError) as e:
+        check_engine(opt.engine, other, (x,))
+    assert e.value.pass_name == f"deploy:{engine}"
+    assert ("OpenVINO" if engine == "openvino" else "ONNX Runtime") in str(e.value)
+    assert e.value.hint
+
+
+@pytest.mark.parametrize("engine, module", [("openvino", "openvino"),
+                                            ("onnxruntime", "onnxruntime")])
+def test_a_missing_engine_is_not_available_with_a_pip_hint(monkeypatch, engine, module):
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(NotAvailableError) as e:
+        fxopt.optimize(_resnet18(), torch.randn(1, 3, 32, 32), target=engine)
+    assert "pip install" in e.value.hint and engine in str(e.value)
+    assert engine not in installed_engines()
+
+
+def test_precision_options_on_engines():
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(NotAvailableError, match="precision='bf16'"):
+        fxopt.optimize(_resnet18(), x, target="onnxruntime", precision="bf16")
+    with pytest.raises(NotAvailableError, match="quantize"):
+        fxopt.optimize(_resnet18(), x, target="openvino", precision="bf16", quantize="int8",
+                       calibration_data=_batches())
+
+
+@pytest.mark.skipif("openvino" not in installed_engines(), reason="openvino is not installed")
+def test_openvino_bf16_is_checked_with_the_bf16_tolerance():
+    model = _resnet18()
+    x = _batches()[0][:2]
+    opt = fxopt.optimize(model, x, target="openvino", precision="bf16")
+    assert opt.report.engine["precision"] == "bf16"
+    assert opt.report.engine["check"]["tolerance"] == pytest.approx(1e-2)
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) < 1e-2
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_best_times_cpu_and_every_engine_and_keeps_the_fastest():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    opt = fxopt.optimize(model, x, target="best")
+    timings = opt.report.engine["timings_ms"]
+    assert set(timings) == {"cpu", *installed_engines()}
+    assert opt.target == min(timings, key=timings.get)
+    assert any("target='best'" in n for n in opt.report.notes)
+    with torch.no_grad():
+        assert compare_outputs(opt(x), model(x)).ok
+
+
+def test_auto_does_not_time_or_pick_an_engine():
+    opt = fxopt.optimize(SmallCNN().eval(), torch.randn(2, 3, 8, 8))
+    assert opt.target == "cpu" and opt.engine is None and not opt.report.engine
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_small_int8_cnn_on_the_engine_is_within_one_output_step(engine):
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    g = torch.Generator().manual_seed(2)
+    cal = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(3)]
+    opt = fxopt.optimize(model, cal[0][:2], target=engine, quantize="int8",
+                         calibration_data=cal)
+    step = opt.report.engine["output_step"]
+    assert opt.report.engine["int8"] and step > 0
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 8, 8, generator=g)
+        with torch.no_grad():
+            assert compare_within_step([opt(x)], [opt.graph_module(x)], step).ok
+
+
+def test_deploy_refuses_non_tensor_inputs():
+    gm = fxopt.optimize(SmallCNN().eval(), torch.randn(2, 3, 8, 8)).graph_module
+    with pytest.raises(NotAvailableError, match="tensor inputs"):
+        deploy(gm, (torch.randn(2, 3, 8, 8), 3), "onnxruntime")
+
+
+def test_save_and_load_keep_the_graph(tmp_path):
+    _, opt = _optimized("onnxruntime", False)
+    x = torch.randn(2, 3, 32, 32)
+    loaded = fxopt.load(opt.save(tmp_path / "m.fxopt"))
+    assert loaded.engine is None  # the graph; optimize again to run on the engine
+    with torch.no_grad():
+        assert torch.equal(loaded(x), opt.graph_module(x))
