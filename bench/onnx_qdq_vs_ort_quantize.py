@@ -1,0 +1,175 @@
+"""ONNX Runtime on fxopt's QDQ export against ORT's own ``quantize_static`` of the same model.
+
+For each model (torchvision, random weights with BatchNorm statistics randomized as in
+``bench/models.py``, 224x224, batch 1): the float model is optimized by
+``fxopt.optimize(model, x, quantize="int8", calibration_data=batches)`` and written by
+``fxopt.export_onnx`` (QDQ, dynamic batch); the same float model is exported by
+``torch.onnx.export``, pre-processed (``quant_pre_process``) and quantized by
+``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
+MinMax) on the same calibration batches. Both files run in ONNX Runtime, 1 intra-op thread,
+interleaved round by round (medians), with SQNR of each against the float model on a batch
+neither calibrated on.
+
+    python bench/onnx_qdq_vs_ort_quantize.py   # bench/results/onnx-qdq-vs-ort-quantize-<date>.md
+    python bench/onnx_qdq_vs_ort_quantize.py --models resnet18 --rounds 10 --out -
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import header, write_result  # noqa: E402
+
+import fxopt  # noqa: E402
+from fxopt.export.onnx import export_onnx  # noqa: E402
+
+
+def _sqnr(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return 10 * math.log10((ref ** 2).sum() / max(((out - ref) ** 2).sum(), 1e-30))
+
+
+def _session(path, ort):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _ort_graph(path, ort) -> dict:
+    """Op counts of the graph ONNX Runtime runs after its optimizations (QDQ fusion): what
+    decides the speed, independent of the machine's load."""
+    import onnx
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(path.with_name(path.stem + ".ort-optimized.onnx"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return dict(sorted(Counter(n.op_type for n in onnx.load(so.optimized_model_filepath)
+                               .graph.node).items()))
+
+
+def _ort_quantize(model, x, batches, folder, ort):
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    float_path, pre, out = folder / "float.onnx", folder / "pre.onnx", folder / "ort_int8.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, x, str(float_path), input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    quant_pre_process(str(float_path), str(pre))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": b.numpy()} for b in batches])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
+
+
+def run(models, rounds, size):
+    import onnxruntime as ort
+
+    torch.set_num_threads(1)
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        for mod in model.modules():  # trained-like statistics, as bench/models.py
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randn(2, 3, size, size, generator=g) for _ in range(4)]
+        held = torch.randn(4, 3, size, size, generator=g)
+        x1 = held[:1]
+        with tempfile.TemporaryDirectory() as d:
+            folder = Path(d)
+            opt = fxopt.optimize(model, batches[0], quantize="int8", calibration_data=batches)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_onnx(opt, batches[0], folder / "fxopt_int8.onnx")
+            ort_path = _ort_quantize(model, batches[0], batches, folder, ort)
+            files = {"fxopt QDQ": folder / "fxopt_int8.onnx", "ORT quantize_static": ort_path}
+            graphs = {k: _ort_graph(f, ort) for k, f in files.items()}
+            sessions = {k: _session(f, ort) for k, f in files.items()}
+            with torch.no_grad():
+                ref = model(held).numpy()
+            sqnr = {k: _sqnr(s.run(None, {s.get_inputs()[0].name: held.numpy()})[0], ref)
+                    for k, s in sessions.items()}
+            feeds = {k: {s.get_inputs()[0].name: x1.numpy()} for k, s in sessions.items()}
+            times = {k: [] for k in sessions}
+            for i in range(rounds + 3):
+                for k, s in sessions.items():
+                    t = time.perf_counter()
+                    s.run(None, feeds[k])
+                    if i >= 3:
+                        times[k].append((time.perf_counter() - t) * 1e3)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append((name, med, sqnr, graphs))
+            print(name, med, sqnr, flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--out", default=None, help="output file ('-': print only)")
+    a = p.parse_args(argv)
+    import onnxruntime as ort
+
+    load = os.getloadavg()
+    rows = run(a.models, a.rounds, a.size)
+    load_after = os.getloadavg()
+    flags = subprocess.run(["grep", "-m1", "-o", "-w", "-e", "avx512_vnni", "-e", "avx512_bf16",
+                            "/proc/cpuinfo"], capture_output=True, text=True).stdout.split()
+    text = header("ONNX Runtime: fxopt's QDQ export vs ORT's quantize_static (1 thread, bs 1)")
+    text += (f"- onnxruntime: {ort.__version__}; fxopt QDQ from `fxopt.export_onnx` (opset 17)\n"
+             f"- CPU flags seen: {', '.join(sorted(set(flags))) or 'n/a'}\n"
+             f"- load average before / after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} / "
+             f"{load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}\n"
+             f"- input {a.size}x{a.size}, random weights, 4 calibration batches of 2 (random), "
+             f"SQNR on 4 held-out random images against the float model; "
+             f"{a.rounds} interleaved rounds, medians\n\n")
+    text += ("| model | fxopt QDQ (ms) | ORT quantize_static (ms) | fxopt / ORT | "
+             "SQNR fxopt / ORT (dB) |\n|---|---|---|---|---|\n")
+    for name, med, sqnr, _ in rows:
+        f, o = med["fxopt QDQ"], med["ORT quantize_static"]
+        text += (f"| {name} | {f:.2f} | {o:.2f} | {f / o:.2f} | "
+                 f"{sqnr['fxopt QDQ']:.1f} / {sqnr['ORT quantize_static']:.1f} |\n")
+    text += ("\nThe graphs ONNX Runtime runs after its QDQ fusion "
+             "(`SessionOptions.optimized_model_filepath`, op counts):\n\n")
+    for name, _, _, graphs in rows:
+        same = graphs["fxopt QDQ"] == graphs["ORT quantize_static"]
+        text += f"- {name}: {'the same for both files' if same else 'they differ'}: "
+        text += "; ".join(f"{k} {v}" for k, v in graphs.items()) if not same else \
+            str(graphs["fxopt QDQ"])
+        text += "\n"
+    write_result(text, a.out, "onnx-qdq-vs-ort-quantize")
+
+
+if __name__ == "__main__":
+    main()
