@@ -297,9 +297,13 @@ def _optimize_best(model: nn.Module, example_inputs: Any, options: dict) -> Opti
     data = options["calibration_data"]
     if data is not None and iter(data) is data:  # an iterator: read once, used by each run
         options = dict(options, calibration_data=list(data))
-    found = {"cpu": optimize(model, example_inputs, target="cpu", **options)}
-    notes = []
-    shared = None
+    found, notes, shared = {}, [], None
+    try:
+        found["cpu"] = optimize(model, example_inputs, target="cpu", **options)
+    except (NotAvailableError, PipelineError) as e:  # e.g. a precision the cpu path lacks
+        if not installed_engines():
+            raise
+        notes.append(f"target='best': cpu left out: {e.message}")
     for name in installed_engines():
         try:
             if shared is None:
@@ -314,7 +318,10 @@ def _optimize_best(model: nn.Module, example_inputs: Any, options: dict) -> Opti
         report = Report.from_dict(shared.report.to_dict())
         report.target, report.engine = name, dict(engine.info)
         found[name] = OptimizedModule(shared.graph_module, report, name, engine)
-    timings = measure({k: m for k, m in found.items()}, inputs)
+    if not found:
+        raise NotAvailableError("target='best' found no path that takes this model: "
+                                + "; ".join(notes), hint="use target='cpu' to see why")
+    timings = measure(found, inputs)
     best = min(timings, key=timings.get)
     chosen = found[best]
     chosen.report.engine = dict(chosen.report.engine, chosen_by="best",

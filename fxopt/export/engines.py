@@ -176,8 +176,8 @@ class Engine:
                              f"input(s), got {len(args)} argument(s)",
                              hint="call it with the inputs the model was optimized with")
         like = next((x for x in tensors if x.is_floating_point()), None)
-        feeds = [(x.detach().float() if x.is_floating_point() else x.detach()).cpu().numpy()
-                 for x in tensors]
+        feeds = [(x.detach().float() if x.is_floating_point() else x.detach()).cpu()
+                 .contiguous().numpy() for x in tensors]
         outs = [torch.from_numpy(o) for o in self._run(feeds)]
         if like is not None:
             outs = [o.to(like.device, like.dtype) if o.is_floating_point() else o.to(like.device)

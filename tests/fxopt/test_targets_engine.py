@@ -195,6 +195,8 @@ def test_small_int8_cnn_on_the_engine_is_within_one_output_step(engine):
         x = torch.randn(batch, 3, 8, 8, generator=g)
         with torch.no_grad():
             assert compare_within_step([opt(x)], [opt.graph_module(x)], step).ok
+            nhwc = x.to(memory_format=torch.channels_last)  # the engine takes any layout
+            assert torch.equal(opt(nhwc), opt(x))
 
 
 def test_deploy_refuses_non_tensor_inputs():
