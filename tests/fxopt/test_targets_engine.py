@@ -93,9 +93,7 @@ def test_the_users_model_is_unchanged(engine):
 
 def test_training_and_changed_weights_run_the_graph():
     model, opt = _optimized("onnxruntime", False)
-    opt = copy.copy(opt)  # the shared module of the other tests is left as it was
-    opt.graph_module = copy.deepcopy(opt.graph_module)
-    opt.report = copy.deepcopy(opt.report)
+    opt = copy.deepcopy(opt)  # the shared module of the other tests is left as it was
     x = torch.randn(2, 3, 32, 32)
     opt.train()
     assert opt(x).requires_grad  # the graph, with gradients
@@ -106,6 +104,18 @@ def test_training_and_changed_weights_run_the_graph():
             got = opt(x)
         assert torch.equal(got, opt.graph_module(x))
     assert any("weights changed" in n for n in opt.report.notes)
+
+
+def test_a_deep_copy_runs_on_the_shared_engine_and_watches_its_own_weights():
+    _, opt = _optimized("onnxruntime", False)
+    twin = copy.deepcopy(opt)
+    assert twin.engine is not opt.engine and twin.engine.serves(twin.graph_module, (torch.randn(
+        1, 3, 32, 32),), {})
+    with torch.no_grad():
+        next(twin.graph_module.parameters()).mul_(2)
+    assert opt.engine.serves(opt.graph_module, (torch.randn(1, 3, 32, 32),), {})
+    with pytest.warns(UserWarning, match="weights changed"):
+        assert not twin.engine.serves(twin.graph_module, (torch.randn(1, 3, 32, 32),), {})
 
 
 @pytest.mark.parametrize("engine", ENGINES)
