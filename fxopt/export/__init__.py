@@ -1,7 +1,11 @@
 """Exports of optimized models: ONNX (float, and int8 as QDQ), checked in ONNX Runtime.
 
-Modules, each depending only on the ones listed after it:
+The package sits below ``fxopt.api`` (nothing in it imports the api). Modules, each depending
+only on the ones listed after it:
 
+- ``engines``: ``optimize(target="openvino"/"onnxruntime"/"best")``: the checked graph exported
+  by ``onnx``, loaded by OpenVINO or ONNX Runtime, checked against the graph, and called like
+  the module (``Engine``); the timing of ``"best"``.
 - ``onnx``: ``export_onnx`` (decompose the fused float ops through the op schema, rewrite int8
   graphs into QDQ, export, check in ONNX Runtime) and ``decompose_fused_ops``.
 - ``qdq``: the QDQ rewrite: ``RULES`` (both tables) run on the rewrite engine, what is kept,
