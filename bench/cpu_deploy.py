@@ -186,7 +186,7 @@ def _ov_size(ctx: Context, ov_model, stem: str) -> int:
     import openvino as ov
 
     xml = ctx.tmp / f"{stem}.xml"
-    ov.save_model(ov_model, str(xml))  # its default: float weights stored as fp16
+    ov.save_model(ov_model.clone(), str(xml))  # its default: float weights stored as fp16
     return _file_size(xml, xml.with_suffix(".bin"))
 
 
@@ -287,7 +287,7 @@ def _ov_nncf_int8(ctx):
     dataset = nncf.Dataset(ctx.calib, lambda t: t.numpy())
     kw = {"model_type": nncf.ModelType.TRANSFORMER} if ctx.name in TRANSFORMERS else {}
     with _quiet():
-        q = nncf.quantize(_ov_model(ctx), dataset, subset_size=len(ctx.calib), **kw)
+        q = nncf.quantize(_ov_model(ctx).clone(), dataset, subset_size=len(ctx.calib), **kw)
     return Built(_ov_runner(ctx, q), _ov_size(ctx, q, "ov_nncf"),
                  "nncf.quantize(ov_model)" + (", model_type=TRANSFORMER" if kw else ""))
 
