@@ -552,7 +552,7 @@ def _git_commit() -> str:
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno", "--",
                                 "fxopt", "passes", "triton_kernels", "bench"],
                                capture_output=True, text=True, check=True).stdout.strip()
         branch = subprocess.run(["git", "-C", str(root), "rev-parse", "--abbrev-ref", "HEAD"],
