@@ -226,20 +226,21 @@ def _optimize(ctx: Context, **kw):
         raise NotApplicable(_first_line(e)) from e
 
 
-def _fxopt_runner(opt) -> Callable[[int], Callable]:
-    """An fxopt module as a function of a float32 input: a reduced-precision module that wants
-    its own dtype gets the input converted (as a user's code would), float32 out."""
-    def runner(batch: int):
-        def run(x):
-            try:
-                out = opt(x)
-            except Exception:  # noqa: BLE001 - a bf16 module that wants bf16 inputs
-                out = opt(x.to(next(iter(opt.parameters()), x).dtype))
-            return out.float()
+def _fxopt_runner(opt, x) -> Callable[[int], Callable]:
+    """An fxopt module as a function of a float32 input, float32 out. A module that takes float32
+    is given it; one that refuses it (a reduced-precision module without boundary casts) gets the
+    input in its parameters' dtype, as a user's code would convert it."""
+    dtype = torch.float32
+    try:
+        with torch.inference_mode():
+            opt(x)
+    except Exception:  # noqa: BLE001 - the probe: float32 refused
+        dtype = next((p.dtype for p in opt.parameters() if p.is_floating_point()), dtype)
 
-        return run
+    def run(inp):
+        return opt(inp if dtype == torch.float32 else inp.to(dtype)).float()
 
-    return runner
+    return lambda batch: run
 
 
 def _fxopt_size(ctx: Context, opt, stem: str) -> int | None:
@@ -400,7 +401,7 @@ def _fxopt_variant(target: str, precision: str):
         else:
             opt, note = _optimize(ctx, target=target, precision=precision)
         stem = f"fxopt_{target}_{precision}"
-        return Built(_fxopt_runner(opt), _fxopt_size(ctx, opt, stem), note, seconds)
+        return Built(_fxopt_runner(opt, ctx.x), _fxopt_size(ctx, opt, stem), note, seconds)
 
     return build
 
