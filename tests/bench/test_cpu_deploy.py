@@ -92,3 +92,12 @@ def test_quick_run_against_openvino_nncf_and_ort(tmp_path):
         assert float(row[4]) > 20 if v in ("ov", "ort_fp32") else float(row[4]) > 10, row
     summary = _row(text, "resnet18")  # the Done-when row: every comparison made
     assert summary[1] == "fxopt_int8" and "n/a" not in summary[2:5], summary
+
+
+def test_zero_initialized_head_is_redrawn_so_sqnr_means_something():
+    # torchvision's ViT zero-inits its head: every output 0, every SQNR "inf" before the fix
+    model, redrawn = _load()._model("vit_b_16")
+    assert redrawn == ["heads.head"]
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert out.abs().max() > 0 and out.std() > 0
