@@ -1,0 +1,826 @@
+"""CPU deployment benchmark (issue 13 item 7): fxopt against what a user would deploy instead.
+
+For each torchvision model (random weights seeded, BatchNorm statistics randomized as in
+``bench/models.py``; 224x224 random inputs) every variant is built once, checked on held-out
+inputs and timed at each batch size:
+
+- ``eager`` float32; ``compile``: ``torch.compile`` (default mode, ``dynamic=False``: one static
+  graph per batch size).
+- ``ao_int8``: torch.ao FX post-training int8 (``prepare_fx``/``convert_fx``,
+  ``get_default_qconfig_mapping("x86")``; ``bench/_int8_baselines.py``).
+- ``ov``: OpenVINO's default, ``ov.convert_model(model, example_input=x)`` then
+  ``core.compile_model(m, "CPU")`` (reshaped to each batch size first; on a CPU with AVX-512
+  BF16 or AMX its default inference precision is bf16, the notes say which it chose).
+  ``ov_nncf_int8``: ``nncf.quantize`` of that OpenVINO model over an ``nncf.Dataset`` of the
+  calibration batches (NNCF's OpenVINO-backend recipe; ``model_type=TRANSFORMER`` for ViT).
+- ``ort_fp32``: ONNX Runtime on fxopt's float export (``fxopt.export_onnx`` of
+  ``fxopt.optimize(model, x)``, dynamic batch); ``ort_fp32_torch``: on ``torch.onnx.export`` of
+  the eager model. ``ort_int8``: ORT's ``quantize_static`` (after ``quant_pre_process``) of
+  fxopt's float file, QDQ, per-channel int8 weights, uint8 activations (U8S8, what ORT advises
+  on x86); ``ort_int8_s8``: the same with int8 activations (S8S8, ``quantize_static``'s default
+  in ORT 1.32); ``ort_int8_fxopt``: fxopt's own QDQ export of its int8 model.
+- ``fxopt_fp32`` / ``fxopt_bf16`` / ``fxopt_int8``: ``fxopt.optimize(model, x, target="cpu",
+  precision=..., quantize=..., calibration_data=...)``, fxopt's own PyTorch path.
+- ``fxopt_{ov,ort,best}_{fp32,bf16,int8}``: the same through ``target="openvino"``,
+  ``"onnxruntime"`` and ``"best"``. Where this build of fxopt refuses an option (no such target
+  yet, bf16 not supported there) the cell is ``n/a`` with fxopt's reason.
+
+All int8 variants calibrate on the same images (16 by default, one per batch); SQNR is measured
+on other, held-out images against eager float32. Latency: after warm-up the variants take turns
+call by call (round-robin, so a burst of load on a shared machine hits them alike), up to
+``--reps`` rounds or about ``--budget`` seconds per variant per batch size, and the figure is
+the median. Size: the file each engine deploys from (OpenVINO's ``save_model`` .xml + .bin with
+its default fp16 weight compression for float models, the .onnx, ``torch.save`` of the
+state_dict, ``OptimizedModule.save``). A variant that fails to build or run is a cell with the
+error's first line; the run goes on.
+
+    python bench/cpu_deploy.py                       # 8 models: bench/results/cpu-deploy-<date>.md
+    python bench/cpu_deploy.py --models resnet18 mobilenet_v2 --threads 2
+    python bench/cpu_deploy.py --quick --out -       # smoke run: resnet18, 64x64, few reps
+
+``--out X.md`` writes X.md and X.json (every figure, raw); ``--out -`` prints only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _int8_baselines import ao_fx_int8, quiet_quant_warnings  # noqa: E402
+from models import _build  # noqa: E402 - the same torchvision models as bench/models.py
+
+__all__ = ["main", "VARIANTS", "MODELS"]
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+          "regnet_x_400mf", "convnext_tiny", "vit_b_16"]
+TRANSFORMERS = {"vit_b_16", "vit_b_32", "vit_l_16", "swin_t", "swin_s", "swin_b"}
+ENGINE_TARGETS = {"ov": "openvino", "ort": "onnxruntime", "best": "best"}
+FXOPT_FLOAT = ["fxopt_fp32", "fxopt_bf16"] + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
+                                              for p in ("fp32", "bf16")]
+FXOPT_INT8 = ["fxopt_int8"] + [f"fxopt_{e}_int8" for e in ENGINE_TARGETS]
+VARIANTS = ["eager", "compile", "ao_int8", "ov", "ov_nncf_int8", "ort_fp32", "ort_fp32_torch",
+            "ort_int8", "ort_int8_s8", "ort_int8_fxopt", "fxopt_fp32", "fxopt_bf16",
+            "fxopt_int8"] + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
+                             for p in ("fp32", "bf16", "int8")]
+CPU_FLAGS = ("avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "avx_vnni")
+
+
+class NotApplicable(Exception):
+    """A variant this build cannot make (fxopt refused the option): an ``n/a`` cell."""
+
+
+@dataclass
+class Built:
+    """One variant, ready to run: ``runner(batch)`` gives a function of an NCHW float tensor
+    returning a float tensor (engines that compile per shape compile there)."""
+
+    runner: Callable[[int], Callable]
+    size: int | None = None
+    note: str = ""
+    build_s: float | None = None  # None: the time the builder took
+
+
+@dataclass
+class Cell:
+    status: str = "ok"  # ok, n/a, error
+    reason: str = ""
+    build_s: float = 0.0
+    size: int | None = None
+    sqnr: float | None = None
+    ms: dict = field(default_factory=dict)  # batch -> median ms, or an error string
+    rounds: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {' '.join(line.split())[:160]}"
+
+
+def _file_size(*paths) -> int:
+    return sum(Path(p).stat().st_size for p in paths)
+
+
+class Context:
+    """One model's shared pieces, made once and reused by the variants that need them."""
+
+    def __init__(self, name: str, model, x, calib, tmp: Path, threads: int, check: str):
+        self.name, self.model, self.x, self.calib = name, model, x, calib
+        self.tmp, self.threads, self.check = tmp, threads, check
+        self._cache: dict = {}
+        self.seconds: dict[str, float] = {}  # what making each shared piece took
+
+    def once(self, key: str, make: Callable):
+        if key not in self._cache:
+            t0 = time.perf_counter()
+            try:
+                self._cache[key] = (True, make())
+            except Exception as e:  # noqa: BLE001 - remembered: every user of it fails alike
+                self._cache[key] = (False, e)
+            self.seconds[key] = time.perf_counter() - t0
+        ok, value = self._cache[key]
+        if not ok:
+            raise value
+        return value
+
+
+# ---- helpers per engine -------------------------------------------------------------------------
+
+def _torch_runner(module) -> Callable[[int], Callable]:
+    return lambda batch: module
+
+
+def _state_dict_size(module, path: Path) -> int:
+    torch.save(module.state_dict(), path)
+    return _file_size(path)
+
+
+def _ov_runner(ctx: Context, ov_model) -> Callable[[int], Callable]:
+    import openvino as ov
+
+    def runner(batch: int):
+        m = ov_model.clone()
+        m.reshape([batch, *ctx.x.shape[1:]])
+        compiled = ov.Core().compile_model(m, "CPU", {"INFERENCE_NUM_THREADS": ctx.threads})
+        request = compiled.create_infer_request()
+
+        def run(x):
+            request.infer([x.numpy()])
+            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        run.precision = getattr(hint, "type_name", None) or str(hint)
+        return run
+
+    return runner
+
+
+def _ov_model(ctx: Context):
+    """``(ov_model, note)``: ``ov.convert_model(model, example_input=x)``; where its TorchScript
+    tracing fails (torchvision's ViT: the trace check), OpenVINO's other documented input,
+    ``ov.convert_model(torch.export.export(model, (x,)))``, and the note says so."""
+    import openvino as ov
+
+    def make():
+        with _quiet():
+            try:
+                return ov.convert_model(copy.deepcopy(ctx.model), example_input=ctx.x), ""
+            except Exception as e:  # noqa: BLE001 - the torch.export front end instead
+                first = _first_line(e)
+            ep = torch.export.export(copy.deepcopy(ctx.model), (ctx.x,))
+            return ov.convert_model(ep), f"converted from torch.export ({first[:80]})"
+
+    return ctx.once("ov_model", make)
+
+
+def _ov_size(ctx: Context, ov_model, stem: str) -> int:
+    import openvino as ov
+
+    xml = ctx.tmp / f"{stem}.xml"
+    ov.save_model(ov_model.clone(), str(xml))  # its default: float weights stored as fp16
+    return _file_size(xml, xml.with_suffix(".bin"))
+
+
+def _ort_runner(ctx: Context, path: Path) -> Callable[[int], Callable]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = ctx.threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(x):
+        return torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+
+    return lambda batch: run
+
+
+def _optimize(ctx: Context, **kw):
+    """``fxopt.optimize`` of the model; an option fxopt refuses is NotApplicable. When the
+    checked build fails a numeric check it is built again with ``check="none"`` (noted)."""
+    import fxopt
+    from fxopt.errors import FxoptError, NumericMismatchError
+
+    if kw.get("quantize"):
+        kw["calibration_data"] = ctx.calib
+    try:
+        return fxopt.optimize(ctx.model, ctx.x, check=ctx.check, **kw), ""
+    except NumericMismatchError as e:
+        if ctx.check == "none":
+            raise
+        note = f"check={ctx.check!r} failed ({_first_line(e)}); built with check='none'"
+        return fxopt.optimize(ctx.model, ctx.x, check="none", **kw), note
+    except (FxoptError, ValueError, NotImplementedError) as e:
+        raise NotApplicable(_first_line(e)) from e
+
+
+def _fxopt_runner(opt, x) -> Callable[[int], Callable]:
+    """An fxopt module as a function of a float32 input, float32 out. A module that takes float32
+    is given it; one that refuses it (a reduced-precision module without boundary casts) gets the
+    input in its parameters' dtype, as a user's code would convert it."""
+    dtype = torch.float32
+    try:
+        with torch.inference_mode():
+            opt(x)
+    except Exception:  # noqa: BLE001 - the probe: float32 refused
+        dtype = next((p.dtype for p in opt.parameters() if p.is_floating_point()), dtype)
+
+    def run(inp):
+        return opt(inp if dtype == torch.float32 else inp.to(dtype)).float()
+
+    return lambda batch: run
+
+
+def _fxopt_size(ctx: Context, opt, stem: str) -> int | None:
+    path = ctx.tmp / f"{stem}.fxopt"
+    try:
+        opt.save(path)
+    except Exception:  # noqa: BLE001 - an engine-backed module may not save (size n/a)
+        return None
+    return _file_size(path)
+
+
+# ---- the variants -------------------------------------------------------------------------------
+
+def _eager(ctx):
+    return Built(_torch_runner(ctx.model), _state_dict_size(ctx.model, ctx.tmp / "eager.pt"))
+
+
+def _compile(ctx):
+    compiled: dict[int, Callable] = {}
+
+    def runner(batch: int):
+        if batch not in compiled:  # compiled here, not in the timed warm-up
+            compiled[batch] = torch.compile(ctx.model, dynamic=False)
+            with torch.inference_mode():
+                compiled[batch](ctx.x.expand(batch, *ctx.x.shape[1:]).contiguous())
+        return compiled[batch]
+
+    runner(ctx.x.shape[0])  # the build time includes the first compile
+    return Built(runner, _state_dict_size(ctx.model, ctx.tmp / "eager.pt"),
+                 "torch.compile(model, dynamic=False), default mode; build s: the first "
+                 "batch size's compile")
+
+
+def _ao_int8(ctx):
+    q, _, _ = ao_fx_int8(ctx.model, ctx.x, ctx.calib)
+    return Built(_torch_runner(q), _state_dict_size(q, ctx.tmp / "ao.pt"))
+
+
+def _ov(ctx):
+    m, note = _ov_model(ctx)
+    return Built(_ov_runner(ctx, m), _ov_size(ctx, m, "ov"), note)
+
+
+def _ov_nncf_int8(ctx):
+    import nncf
+
+    dataset = nncf.Dataset(ctx.calib, lambda t: t.numpy())
+    kw = {"model_type": nncf.ModelType.TRANSFORMER} if ctx.name in TRANSFORMERS else {}
+    with _quiet():
+        m, note = _ov_model(ctx)
+        q = nncf.quantize(m.clone(), dataset, subset_size=len(ctx.calib), **kw)
+    return Built(_ov_runner(ctx, q), _ov_size(ctx, q, "ov_nncf"), "; ".join(filter(None, [
+        "nncf.quantize(ov_model)" + (", model_type=TRANSFORMER" if kw else ""), note])))
+
+
+def _fxopt_float(ctx):
+    return ctx.once("fxopt_fp32", lambda: _optimize(ctx, target="cpu"))
+
+
+def _fxopt_int8_module(ctx):
+    return ctx.once("fxopt_int8", lambda: _optimize(ctx, target="cpu", quantize="int8"))
+
+
+def _float_onnx(ctx) -> Path:
+    def make():
+        import fxopt
+
+        path = ctx.tmp / "fxopt_fp32.onnx"
+        fxopt.export_onnx(_fxopt_float(ctx)[0], ctx.x, path)
+        return path
+
+    return ctx.once("float_onnx", make)
+
+
+def _ort_fp32(ctx):
+    path = _float_onnx(ctx)
+    return Built(_ort_runner(ctx, path), _file_size(path), "fxopt.export_onnx(fxopt fp32)")
+
+
+def _ort_fp32_torch(ctx):
+    path = ctx.tmp / "torch_fp32.onnx"
+    with _quiet():
+        torch.onnx.export(copy.deepcopy(ctx.model), (ctx.x,), str(path), dynamo=False,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
+    return Built(_ort_runner(ctx, path), _file_size(path), "torch.onnx.export(eager)")
+
+
+def _ort_int8_variant(activations: str):
+    """ORT's ``quantize_static`` of fxopt's float file: QDQ, per-channel int8 weights,
+    activations ``"u8"`` (U8S8, what ORT's docs advise on x86) or ``"s8"`` (S8S8, the default
+    of ``quantize_static`` in recent ORT)."""
+    def build(ctx):
+        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                              quant_pre_process, quantize_static)
+        import onnxruntime as ort
+
+        act = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[activations]
+        recipe = f"quantize_static(QDQ, per_channel, {activations.upper()}S8)"
+        src = _float_onnx(ctx)
+        pre = ctx.tmp / "ort_pre.onnx"
+
+        def preprocess():
+            with _quiet():
+                quant_pre_process(str(src), str(pre))
+            return pre
+
+        try:
+            pre, note = ctx.once("ort_pre", preprocess), f"{recipe} after quant_pre_process"
+        except Exception as e:  # noqa: BLE001 - quantize the file as it is
+            pre, note = src, f"{recipe}; quant_pre_process failed: {_first_line(e)}"
+        sess = ort.InferenceSession(str(pre), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(ctx.calib)
+
+            def get_next(self):
+                b = next(self.it, None)
+                return None if b is None else {name: b.numpy()}
+
+        out = ctx.tmp / f"ort_int8_{activations}.onnx"
+        with _quiet():
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=act, weight_type=QuantType.QInt8)
+        return Built(_ort_runner(ctx, out), _file_size(out), note)
+
+    return build
+
+
+def _ort_int8_fxopt(ctx):
+    import fxopt
+
+    from fxopt.errors import NumericMismatchError
+
+    opt, note = _fxopt_int8_module(ctx)
+    path = ctx.tmp / "fxopt_int8.onnx"
+    notes = [note, "fxopt.export_onnx(fxopt int8)"]
+    try:
+        fxopt.export_onnx(opt, ctx.x, path)
+    except NumericMismatchError as e:  # timed anyway: the file's speed is what is measured
+        fxopt.export_onnx(opt, ctx.x, path, check=False)
+        notes.append(f"its check failed ({_first_line(e)}); written with check=False")
+    return Built(_ort_runner(ctx, path), _file_size(path), "; ".join(filter(None, notes)))
+
+
+def _fxopt_variant(target: str, precision: str):
+    def build(ctx):
+        seconds = None
+        if target == "cpu" and precision == "fp32":
+            opt, note = _fxopt_float(ctx)
+            seconds = ctx.seconds["fxopt_fp32"]
+        elif target == "cpu" and precision == "int8":
+            opt, note = _fxopt_int8_module(ctx)
+            seconds = ctx.seconds["fxopt_int8"]
+        elif precision == "int8":
+            opt, note = _optimize(ctx, target=target, quantize="int8")
+        else:
+            opt, note = _optimize(ctx, target=target, precision=precision)
+        stem = f"fxopt_{target}_{precision}"
+        return Built(_fxopt_runner(opt, ctx.x), _fxopt_size(ctx, opt, stem), note, seconds)
+
+    return build
+
+
+BUILDERS: dict[str, Callable[[Context], Built]] = {
+    "eager": _eager, "compile": _compile, "ao_int8": _ao_int8, "ov": _ov,
+    "ov_nncf_int8": _ov_nncf_int8, "ort_fp32": _ort_fp32, "ort_fp32_torch": _ort_fp32_torch,
+    "ort_int8": _ort_int8_variant("u8"), "ort_int8_s8": _ort_int8_variant("s8"),
+    "ort_int8_fxopt": _ort_int8_fxopt,
+    "fxopt_fp32": _fxopt_variant("cpu", "fp32"), "fxopt_bf16": _fxopt_variant("cpu", "bf16"),
+    "fxopt_int8": _fxopt_variant("cpu", "int8"),
+    **{f"fxopt_{e}_{p}": _fxopt_variant(t, p) for e, t in ENGINE_TARGETS.items()
+       for p in ("fp32", "bf16", "int8")},
+}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the libraries' own progress bars and warnings while a variant builds."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            yield
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    from fxopt.quant.measure import sqnr_db
+
+    return sqnr_db(ref, out)
+
+
+def _time(fns: dict[str, Callable], x, reps: int, budget: float, warmup: int) -> dict:
+    """Median ms of each function, taking turns call by call; ``reps`` rounds at most, stopping
+    after about ``budget`` seconds per function (at least 3 rounds). A function that raises is
+    dropped and its entry is the error's first line."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    errors: dict[str, str] = {}
+    live = dict(fns)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for k, f in list(live.items()):
+                try:
+                    f(x)
+                except Exception as e:  # noqa: BLE001
+                    errors[k] = _first_line(e)
+                    del live[k]
+        start, rounds = time.perf_counter(), 0
+        while live and rounds < reps and (rounds < 3 or
+                                           time.perf_counter() - start < budget * len(live)):
+            for k, f in list(live.items()):
+                t0 = time.perf_counter()
+                try:
+                    f(x)
+                except Exception as e:  # noqa: BLE001
+                    errors[k] = _first_line(e)
+                    del live[k]
+                    continue
+                times[k].append(time.perf_counter() - t0)
+            rounds += 1
+    out = {k: (statistics.median(v) * 1e3, len(v)) for k, v in times.items() if k in live}
+    out.update({k: (e, 0) for k, e in errors.items()})
+    return out
+
+
+def _model(name: str) -> tuple[torch.nn.Module, list[str]]:
+    """The torchvision model as ``bench/models.py`` builds it, with every conv/linear weight that
+    is all zeros at initialization (torchvision's ViT zero-inits its head: constant outputs,
+    no SQNR to measure) drawn from N(0, 0.02) instead, seeded; the names are returned."""
+    model = _build(name)
+    gen = torch.Generator().manual_seed(2)
+    redrawn = []
+    with torch.no_grad():
+        for path, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not w.any():
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
+                redrawn.append(path)
+    return model, redrawn
+
+
+def _bench_model(name: str, args, variants: list[str], log) -> dict:
+    model, redrawn = _model(name)
+    if redrawn:
+        log(f"[{name}] zero-initialized weights redrawn from N(0, 0.02): {', '.join(redrawn)}")
+    gen = torch.Generator().manual_seed(1)
+    shape = (3, args.size, args.size)
+    calib = [torch.randn(1, *shape, generator=gen) for _ in range(args.calib)]
+    held = torch.randn(args.heldout, *shape, generator=gen)
+    xs = {b: torch.randn(b, *shape, generator=gen) for b in args.batch}
+    cells: dict[str, Cell] = {}
+    built: dict[str, Built] = {}
+    tmp = Path(tempfile.mkdtemp(prefix=f"cpu_deploy_{name}_"))
+    try:
+        ctx = Context(name, model, calib[0].clone(), calib, tmp, args.threads, args.fxopt_check)
+        b_sq = min(args.batch)
+        n_held = held.shape[0] - held.shape[0] % b_sq
+        with torch.inference_mode():  # the reference in the chunks the variants run
+            ref = torch.cat([model(c) for c in held[:n_held].split(b_sq)])
+        for v in variants:
+            cell = cells[v] = Cell()
+            t0 = time.perf_counter()
+            try:
+                built[v] = BUILDERS[v](ctx)
+                cell.size, cell.note = built[v].size, built[v].note
+            except NotApplicable as e:
+                cell.status, cell.reason = "n/a", str(e)
+            except Exception as e:  # noqa: BLE001 - a cell, not the end of the run
+                cell.status, cell.reason = "error", _first_line(e)
+            cell.build_s = time.perf_counter() - t0
+            if v in built and built[v].build_s is not None:  # made for a variant before it
+                cell.build_s = built[v].build_s
+            log(f"[{name}] built {v:16s} {cell.build_s:6.1f} s  {cell.status} {cell.reason}")
+        runners: dict[int, dict[str, Callable]] = {}
+        for b in args.batch:
+            runners[b] = {}
+            for v, bl in built.items():
+                try:
+                    runners[b][v] = bl.runner(b)
+                except Exception as e:  # noqa: BLE001
+                    cells[v].ms[b] = f"error: {_first_line(e)}"
+        # SQNR on the held-out images, in chunks of the smallest batch size.
+        for v in list(built):
+            f = runners[b_sq].get(v)
+            if f is None:
+                continue
+            try:
+                with torch.inference_mode():
+                    out = torch.cat([f(c) for c in held[:n_held].split(b_sq)])
+                cells[v].sqnr = _sqnr(ref, out.float())
+                prec = getattr(f, "precision", None)
+                if prec:
+                    cells[v].note = "; ".join(filter(None, [cells[v].note,
+                                                            f"inference precision {prec}"]))
+            except Exception as e:  # noqa: BLE001
+                cells[v].status, cells[v].reason = "error", f"run: {_first_line(e)}"
+                for b in args.batch:
+                    runners[b].pop(v, None)
+        for b in args.batch:
+            fns = {v: f for v, f in runners[b].items() if cells[v].status == "ok"}
+            log(f"[{name}] timing bs {b}: {len(fns)} variants, up to {args.reps} rounds, "
+                f"load {os.getloadavg()[0]:.2f}")
+            for v, (ms, n) in _time(fns, xs[b], args.reps, args.budget, args.warmup).items():
+                cells[v].ms[b] = ms if n else f"error: {ms}"
+                cells[v].rounds[b] = n
+            log(f"[{name}] bs {b}: " + "  ".join(
+                f"{v} {_fmt_ms(cells[v].ms.get(b))}" for v in fns))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"model": name, "cells": {v: c.__dict__ for v, c in cells.items()},
+            "load_after": os.getloadavg()[0], "redrawn": redrawn}
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+def _fmt_ms(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if v < 100 else f"{v:.1f}"
+    return "error" if v else "n/a"
+
+
+def _git_commit() -> str:
+    import fxopt
+
+    root = Path(fxopt.__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno", "--",
+                                "fxopt", "passes", "triton_kernels", "bench"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        branch = subprocess.run(["git", "-C", str(root), "rev-parse", "--abbrev-ref", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        return f"{rev} ({branch}{', uncommitted changes' if dirty else ''}; {root})"
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown ({root})"
+
+
+def _machine() -> dict:
+    model, flags = platform.processor() or "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("Flags:"):
+                flags = set(line.split(":", 1)[1].split())
+    return {"cpu": model, "cores": os.cpu_count(),
+            "flags": {f: f in flags for f in CPU_FLAGS}}
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "openvino", "nncf", "onnxruntime", "onnx"):
+        try:  # the installed distribution's version, without importing it (nncf takes seconds)
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    out["fxopt"] = _git_commit()
+    return out
+
+
+def _best(cells: dict, names: list[str], batch) -> tuple[str | None, float | None]:
+    got = [(c["ms"][batch], v) for v in names if (c := cells.get(v)) and c["status"] == "ok"
+           and isinstance(c["ms"].get(batch), float)]
+    if not got:
+        return None, None
+    ms, v = min(got)
+    return v, ms
+
+
+def _aims(results: list[dict], batch) -> tuple[list[str], dict]:
+    """The issue's "Done when", model by model, at ``batch``."""
+    rows, counts = [], {"int8_speed": 0, "int8_within": 0, "sqnr": 0, "float": 0, "ao": 0,
+                        "ao_best": 0}
+
+    def ms(cells, v):
+        c = cells.get(v)
+        return c["ms"].get(batch) if c and isinstance(c["ms"].get(batch), float) else None
+
+    for r in results:
+        cells = r["cells"]
+        q_v, q_ms = _best(cells, FXOPT_INT8, batch)
+        f_v, f_ms = _best(cells, FXOPT_FLOAT, batch)
+        nncf, ov, ao = ms(cells, "ov_nncf_int8"), ms(cells, "ov"), ms(cells, "ao_int8")
+        own = ms(cells, "fxopt_int8")
+        q_sq = cells[q_v]["sqnr"] if q_v else None
+        n_sq = cells.get("ov_nncf_int8", {}).get("sqnr")
+
+        def le(a, b, slack=1.0):
+            return None if a is None or b is None else a <= b * slack
+
+        checks = {"int8_speed": le(q_ms, nncf), "int8_within": le(q_ms, nncf, 1.1),
+                  "sqnr": le(n_sq, q_sq), "float": le(f_ms, ov), "ao": le(own, ao),
+                  "ao_best": le(q_ms, ao)}
+        for k, ok in checks.items():
+            counts[k] += bool(ok)
+
+        def yn(ok, a, b, unit="ms"):
+            if ok is None:
+                return "n/a"
+            db = "" if unit == "ms" else " dB"
+            return f"{'yes' if ok else 'no'} ({_num(a)} vs {_num(b)}{db})"
+
+        within = {None: "n/a", True: "yes", False: "no"}[checks["int8_within"]]
+        rows.append(
+            f"| {r['model']} | {q_v or 'n/a'} | {yn(checks['int8_speed'], q_ms, nncf)} | {within}"
+            f" | {yn(checks['sqnr'], q_sq, n_sq, 'dB')} | {f_v or 'n/a'} | "
+            f"{yn(checks['float'], f_ms, ov)} | {yn(checks['ao'], own, ao)} | "
+            f"{yn(checks['ao_best'], q_ms, ao)} |")
+    return rows, counts
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else (f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}")
+
+
+def _markdown(meta: dict, results: list[dict], args) -> str:
+    m, ver = meta["machine"], meta["versions"]
+    flags = ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in m["flags"].items())
+    lines = [f"# CPU deployment: fxopt against torch.compile, torch.ao, OpenVINO(+NNCF) and "
+             f"ONNX Runtime{' (' + args.label + ')' if args.label else ''}", "",
+             f"- date: {meta['date']}",
+             f"- machine: {m['cpu']}, {m['cores']} cores; flags: {flags}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if k != "fxopt"),
+             f"- fxopt commit: {ver['fxopt']}",
+             f"- threads: {args.threads} (torch.set_num_threads, OpenVINO INFERENCE_NUM_THREADS, "
+             f"ORT intra_op_num_threads)",
+             f"- load average (1, 5, 15 min) before: {meta['load_before']}, after: "
+             f"{meta['load_after']}",
+             f"- command: `{meta['command']}`",
+             f"- duration: {meta['duration_s'] / 60:.1f} min", "",
+             f"Inputs {args.size}x{args.size}, random torchvision weights (seeded, BatchNorm "
+             f"statistics randomized). Int8 variants calibrated on the same {args.calib} random "
+             f"images (batches of 1); SQNR of each variant's output against eager float32 on "
+             f"{args.heldout} other (held-out) images. Latency: median ms per call, variants "
+             f"interleaved round by round (up to {args.reps} rounds or ~{args.budget:g} s per "
+             f"variant and batch size, after {args.warmup} warm-up calls); `x eager`: eager's "
+             f"time over the variant's at batch {min(args.batch)}. Size: the deployed file "
+             f"(see bench/cpu_deploy.py's docstring). `n/a`: fxopt refused the option (the reason "
+             f"is in the last column); `error`: the variant failed (first line of the error).", ""]
+    for r in results:
+        lines += _model_table(r, args)
+    b1 = 1 if 1 in args.batch else min(args.batch)
+    rows, counts = _aims(results, b1)
+    n = len(results)
+    lines += [f"## Issue 13 \"Done when\" at batch {b1}", "",
+              "Best fxopt int8 = the fastest of " + ", ".join(FXOPT_INT8) + "; best fxopt float "
+              "= the fastest of " + ", ".join(FXOPT_FLOAT) + ". SQNR: of that fastest fxopt int8 "
+              "variant.", "",
+              "| model | best fxopt int8 | <= OV+NNCF int8 | within 1.1x | SQNR >= NNCF's | "
+              "best fxopt float | <= OV default | fxopt_int8 (cpu) <= torch.ao | "
+              "best fxopt int8 <= torch.ao |",
+              "|---|---|---|---|---|---|---|---|---|", *rows, "",
+              f"- fxopt int8 (best target) <= OpenVINO+NNCF int8: {counts['int8_speed']} of {n} "
+              f"(aim: 6 of 8, the rest within 1.1x; within 1.1x: {counts['int8_within']} of {n})",
+              f"- SQNR >= NNCF's: {counts['sqnr']} of {n} (aim: 6 of 8)",
+              f"- best fxopt float <= OpenVINO default: {counts['float']} of {n} (aim: 6 of 8)",
+              f"- fxopt int8 (target cpu) <= torch.ao int8: {counts['ao']} of {n}; best fxopt "
+              f"int8 <= torch.ao: {counts['ao_best']} of {n} (aim: every model)", ""]
+    return "\n".join(lines)
+
+
+def _model_table(r: dict, args) -> list[str]:
+    cells = r["cells"]
+    b0 = min(args.batch)
+    eager = cells.get("eager", {}).get("ms", {}).get(b0)
+    head = "| variant | " + " | ".join(f"bs {b} ms" for b in args.batch) + \
+        " | x eager | SQNR dB | size MB | build s | notes |"
+    out = [f"## {r['model']}", ""]
+    if r.get("redrawn"):
+        out += [f"Zero-initialized weights redrawn from N(0, 0.02) (seeded) so the outputs are "
+                f"not constant: {', '.join(r['redrawn'])}.", ""]
+    out += [head, "|" + "---|" * (len(args.batch) + 6)]
+    for v, c in cells.items():
+        if c["status"] != "ok":
+            out.append(f"| {v} | " + " | ".join(c["status"] for _ in args.batch) +
+                       f" | | | | {c['build_s']:.1f} | {c['status']}: {_md(c['reason'])} |")
+            continue
+        ms = [c["ms"].get(b) for b in args.batch]
+        errs = [f"bs {b}: {x}" for b, x in zip(args.batch, ms) if isinstance(x, str)]
+        t0 = ms[0] if isinstance(ms[0], float) else None
+        ratio = f"{eager / t0:.2f}x" if eager and t0 else ""
+        size = f"{c['size'] / 1e6:.1f}" if c["size"] else "n/a"
+        sq = "" if c["sqnr"] is None else ("inf" if c["sqnr"] == float("inf") else
+                                           f"{c['sqnr']:.1f}")
+        note = "; ".join(filter(None, [c["note"], *errs]))
+        out.append(f"| {v} | " + " | ".join(_fmt_ms(x) for x in ms) +
+                   f" | {ratio} | {sq} | {size} | {c['build_s']:.1f} | {_md(note)} |")
+    return out + [""]
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(MODELS)}")
+    p.add_argument("--batch", nargs="+", type=int, default=None, help="default: 1 8")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=None, help="timed rounds at most (default 50)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds per variant per batch size before timing stops (default 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated, default all: " + ",".join(VARIANTS))
+    p.add_argument("--size", type=int, default=None, help="image side (default 224)")
+    p.add_argument("--calib", type=int, default=None, help="calibration images (default 16)")
+    p.add_argument("--heldout", type=int, default=None, help="held-out images (default 8)")
+    p.add_argument("--fxopt-check", default="each", choices=["each", "end", "none"],
+                   help="fxopt.optimize(check=...); a failed numeric check is rebuilt with "
+                        "'none' and noted")
+    p.add_argument("--label", default="", help="a note for the title (e.g. 'partial, noisy')")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: resnet18, 64x64, batch 1 and 2, 4 calibration images, 3 reps")
+    p.add_argument("--out", default=None, help="markdown file (and .json beside it); '-': "
+                   "print only; default bench/results/cpu-deploy-<date>.md")
+    args = p.parse_args(argv)
+    quick = dict(models=["resnet18"], batch=[1, 2], reps=3, budget=0.2, warmup=1, size=64,
+                 calib=4, heldout=2)
+    full = dict(models=MODELS, batch=[1, 8], reps=50, budget=2.0, warmup=3, size=224, calib=16,
+                heldout=8)
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    variants = VARIANTS if args.variants is None else [
+        v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in BUILDERS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if "eager" not in variants:
+        variants = ["eager", *variants]
+
+    quiet_quant_warnings()
+    torch.set_num_threads(args.threads)
+    torch.backends.quantized.engine = "x86"
+    t_start = time.perf_counter()
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": _machine(), "versions": _versions(),
+            "load_before": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv[:1] + (
+                list(argv) if argv is not None else sys.argv[1:]))}
+    print(f"cpu_deploy: {len(args.models)} models x {len(variants)} variants, batch "
+          f"{args.batch}, {args.threads} threads, load {meta['load_before']}", flush=True)
+    results = []
+    for name in args.models:
+        try:
+            results.append(_bench_model(name, args, variants,
+                                        lambda s: print(s, flush=True)))
+        except Exception as e:  # noqa: BLE001 - the model itself failed to build
+            print(f"[{name}] failed: {_first_line(e)}", flush=True)
+            results.append({"model": name, "cells": {"eager": Cell(
+                "error", _first_line(e)).__dict__}, "load_after": os.getloadavg()[0]})
+    meta["load_after"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    meta["duration_s"] = time.perf_counter() - t_start
+    text = _markdown(meta, results, args)
+    if args.out != "-":
+        path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
+            f"cpu-deploy-{datetime.date.today().isoformat()}.md")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.with_suffix(".json").write_text(json.dumps(
+            {"meta": meta, "args": vars(args), "results": results}, indent=1, default=str))
+        print(f"wrote {path} and {path.with_suffix('.json').name}")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
