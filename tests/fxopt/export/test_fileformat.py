@@ -334,3 +334,48 @@ def test_pytree_inputs_outputs_and_constant_arguments(tmp_path):
                                                           report={})).graph_module
     assert back.code == gm.code and torch.equal(back(xs[0]), xs[0])
 
+
+
+class SmallCNN(nn.Module):
+    """stem, a residual block, cat of two branches, max pool, an SE gate, global pool, fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.c2(torch.relu(self.c1(y))) + y)
+        y = torch.cat([F.relu(self.b1(y)), F.relu6(self.b2(y))], 1)
+        y = F.max_pool2d(y, 2)
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y * g, 1), 1))
+
+
+@pytest.mark.skipif(not QUANTIZED, reason="PyTorch's quantized CPU engine is not available")
+def test_int8_file_within_a_quarter_of_torch_ao_state_dict(tmp_path):
+    """The saved int8 module (manifest and tensors) is at most 1.25x torch.ao FX's int8
+    state_dict of the same model saved with torch.save (x86 qconfig): int8 weights, no float
+    copy of a quantized layer, no packed blobs; sizes are deterministic. (resnet18 and
+    mobilenet_v2: bench/results/int8-plain-lowering-2026-12-06.md.)"""
+    import copy
+    import io
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    model, cal = SmallCNN().eval(), _batches(n=4, shape=(2, 3, 16, 16))
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (cal[0],))
+    with torch.no_grad():
+        for x in cal:
+            prepared(x)
+    buf = io.BytesIO()
+    torch.save(convert_fx(prepared).state_dict(), buf)
+    opt = fxopt.optimize(model, cal[0], quantize="int8", calibration_data=cal)
+    size = opt.save(tmp_path / "small.fxopt").stat().st_size
+    assert size <= 1.25 * buf.tell(), (size, buf.tell())
