@@ -251,9 +251,9 @@ def _residual_cases() -> list[tuple[str, dict]]:
                 [1, 1], 1)
         qx = _q(x)
 
-        def conv(**kw):
+        def conv(x=x, w=w, ws=ws, b=b):
             return OPS.onednn_conv2d_int8(x, w, ws, b, [1, 1], [1, 1], [1, 1], 1, 0.05, 10,
-                                          0.06, 128, **kw)
+                                          0.06, 128)
 
         out.append((f"[1, {ci}, {hw}, {hw}] 3x3", {
             "quantized:: conv2d + add_relu": lambda pk=packed, qx=qx, qr=qr:

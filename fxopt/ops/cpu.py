@@ -25,6 +25,8 @@ lockstep check allows (one code).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -100,6 +102,7 @@ def _quantized_layer(kind: str, q, w_q, w_scale, bias, geometry, x_scale, x_zp, 
     """``quantized.<kind>(_relu)`` packed under ``engine`` (once per weight), on a view of
     the codes; a clamp-like activation is a clamp of the quantized output (exact)."""
     def pack():
+        _spend_deprecation_warning()
         before = torch.backends.quantized.engine
         torch.backends.quantized.engine = engine
         try:
@@ -200,8 +203,22 @@ OnednnLinearInt8 = ONEDNN_LINEAR_INT8.view
 # viewed back as uint8 codes: the kernels' speed, with no quantized tensor in the graph (so a
 # lowered module saves as plain tensors, torch.export's and torch.compile's: they see an fxopt op
 # and its fake). Elsewhere (another grid, another dtype) the reference runs.
+_DEPRECATION = {"spent": False}
+
+
+def _spend_deprecation_warning() -> None:
+    """PyTorch warns once per process that creating quantized tensors is deprecated (the kernels
+    stay); these ops create them only as views inside, so the warning is spent here, unseen."""
+    if not _DEPRECATION["spent"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
+        _DEPRECATION["spent"] = True
+
+
 def as_quantized(codes: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
     """A ``quint8`` tensor over ``codes``' memory (uint8, no copy) on the grid (scale, zp)."""
+    _spend_deprecation_warning()
     q = torch._empty_affine_quantized([0], scale=float(scale), zero_point=int(zp),
                                       dtype=torch.quint8)
     return q.set_(codes.untyped_storage(), codes.storage_offset(), codes.shape, codes.stride())
@@ -225,6 +242,7 @@ def _f(t) -> float:
 def _quantize_cpu(x, scale, zp, qmin, qmax):
     if qmin != 0 or qmax != 255 or x.dtype != torch.float32:
         return quantize_reference(x, scale, zp, qmin, qmax)
+    _spend_deprecation_warning()
     return codes_of(torch.quantize_per_tensor(x, _f(scale), int(zp), torch.quint8))
 
 
