@@ -134,7 +134,6 @@ def part_layers(rounds: int) -> str:
              "| plain onednn | plain fbgemm | plain auto (the lowering) | plain per-layer best "
              "| layers won: onednn / fbgemm (plain) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    from fxopt.passes.lower.cpu import SMALL_MACS  # noqa: F401 - the auto rule's threshold
     for name in MODELS:
         layers = _conv_layers(name)
         sums: dict[str, float] = {}
