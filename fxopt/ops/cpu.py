@@ -88,13 +88,15 @@ def _fast(q, w_q, kind: str, act: str, act_args):
 # PyTorch's quantized engines a layer may name (``engine=``): their packed kernels on views of
 # the codes. "onednn" (the default) is oneDNN's ``qconv2d_pointwise`` / ``qlinear_pointwise``.
 ENGINES = ("onednn", "fbgemm", "x86")
+# PyTorch's quantized engines in this build, read once (the property costs microseconds a call)
+_SUPPORTED = frozenset(torch.backends.quantized.supported_engines)
 
 
 def _engine_fits(engine: str, act: str, residual) -> bool:
     """Whether PyTorch's quantized kernels of ``engine`` run this layer: no residual, an
     activation they fuse or clamp after (the activation table's ``quantized_cpu``)."""
-    return (engine != "onednn" and engine in torch.backends.quantized.supported_engines
-            and residual is None and ACTIVATIONS[act].quantized_cpu is not None)
+    return (engine != "onednn" and engine in _SUPPORTED and residual is None
+            and ACTIVATIONS[act].quantized_cpu is not None)
 
 
 def _quantized_layer(kind: str, q, w_q, w_scale, bias, geometry, x_scale, x_zp, y_scale, y_zp,
