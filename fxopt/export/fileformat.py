@@ -176,9 +176,15 @@ class _Writer:
         self._keep.append(t)
         # a copy: safetensors refuses tensors that share memory (a weight and its view)
         data = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-        entry = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                 "parameter": isinstance(t, nn.Parameter), "requires_grad": t.requires_grad,
-                 "device": str(t.device)}
+        # what is not the default (a plain CPU buffer) is written: a small int8 network's
+        # scales and zero points are many small tensors, their entries a large part of the file
+        entry = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        if isinstance(t, nn.Parameter):
+            entry["parameter"] = True
+        if t.requires_grad:
+            entry["requires_grad"] = True
+        if t.device.type != "cpu":
+            entry["device"] = str(t.device)
         if not t.is_contiguous() and _dense_strides(t.shape, t.stride()):
             entry["stride"] = list(t.stride())
         self.tensors[key], self.table[key] = data, entry
@@ -373,7 +379,7 @@ def write_module(path: str | os.PathLike, gm: fx.GraphModule, *, target: str,
                 "report": _report(w, report),
                 "graph": graph, "root": root, "tensors": w.table}
     try:
-        text = json.dumps(manifest, allow_nan=False)
+        text = json.dumps(manifest, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise FileFormatError(f"the module's report or state is not JSON data: {e}",
                               hint="report it: fxopt writes JSON-able reports") from e

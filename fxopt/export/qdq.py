@@ -6,8 +6,9 @@
 - the device-neutral int8 IR that ``quantize_int8`` / ``quantize_int8_dynamic`` write (codes
   between ops, grids as buffers): ``fxopt.export.qdq_ir.IR_RULES``, one row per op of the
   schema's int8 family, its arguments read through the op's view;
-- that IR lowered by ``lower_int8_cpu`` onto PyTorch's quantized CPU kernels (quantized tensors
-  between ops, prepacked weights): ``fxopt.export.qdq_cpu.CPU_RULES``.
+- that IR lowered by ``lower_int8_cpu`` onto PyTorch's int8 CPU kernels (fxopt's CPU ops on
+  plain codes; before them, quantized tensors and prepacked weights):
+  ``fxopt.export.qdq_cpu.CPU_RULES``.
 
 Every row turns one call into "dequantize the inputs, the float op, quantize the output", the
 pattern ONNX Runtime fuses back into its own int8 kernels. ``RULES`` is both tables, run with
@@ -80,9 +81,9 @@ def has_rule(target) -> bool:
 
 
 def is_int8_op(target) -> bool:
-    """Whether ``target`` is an int8 op of either form: the fxopt int8 IR (the schema's
-    ``int8`` family) or PyTorch's quantized CPU ops."""
-    return (target in ops_of(("int8",)) or target is torch.quantize_per_tensor
+    """Whether ``target`` is an int8 op of any form: the fxopt int8 IR (the schema's
+    ``int8`` family), the CPU lowering's ops on codes (``cpu``) or PyTorch's quantized ops."""
+    return (target in ops_of(("int8", "cpu")) or target is torch.quantize_per_tensor
             or (quantized_op_name(target) or "").startswith("quantized::"))
 
 

@@ -1,7 +1,11 @@
-"""QDQ rows for an int8 graph lowered onto PyTorch's quantized CPU kernels (``lower_int8_cpu``).
+"""QDQ rows for an int8 graph lowered onto PyTorch's int8 CPU kernels (``lower_int8_cpu``).
 
-There, quantized tensors flow between PyTorch's own ops and weights are prepacked into module
-attributes (unpacked here). One row per source op::
+Today's lowering writes fxopt's CPU ops on plain uint8 codes (``fxopt.ops.cpu``): oneDNN's
+layers (with a fused residual: ``Q(act(Conv(...) + DQ(residual)))``) and the IR ops' CPU twins
+(``cpu_quantize``, ``cpu_add_int8``, ...), which take their IR op's arguments and so use its
+row (``fxopt.export.qdq_ir``). Graphs lowered before it (and files saved then) hold quantized
+tensors between PyTorch's own ops, weights prepacked into module attributes (unpacked here).
+One row per source op::
 
     quantize_per_tensor(x, s, zp, quint8)   ->  QuantizeLinear(x, s, zp)
     quantized::conv2d_relu(q, packed, s, zp) ->  QuantizeLinear(Relu(Conv(DequantizeLinear(q),
@@ -31,11 +35,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxopt.export.qdq_ir import IR_RULES
 from fxopt.export.qdq_state import Grid
 from fxopt.infra.rewrite import Builder, Match, Rule, method, op_rule
 from fxopt.ir.graph import get_attr_value
-from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
-from fxopt.ops.schema import view_of
+from fxopt.ops.cpu import CPU_OF, ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
+from fxopt.ops.schema import schema_of, view_of
 
 __all__ = ["CPU_RULES", "quantized_op_name", "quantized_targets"]
 
@@ -143,11 +148,22 @@ def _onednn_layer(m: Match, b: Builder) -> fx.Node:
     """An fxopt oneDNN int8 layer (``fxopt.ops.cpu``): its arguments by name."""
     v, st = view_of(m.root), m.context
     conv = (v.stride, v.padding, v.dilation, v.groups) if "stride" in v.values else None
-    return st.layer(b, x=v.q, w_q=st.value(v.w_q), w_scale=st.value(v.w_scale),
-                    bias=None if v.bias is None else st.value(v.bias), conv=conv,
-                    x_grid=Grid(float(v.x_scale), int(v.x_zp)),
-                    y_grid=Grid(float(v.y_scale), int(v.y_zp)), act=v.act,
-                    act_args=tuple(v.act_args), out_codes=True, tag=m.root.name)
+    layer = dict(x=v.q, w_q=st.value(v.w_q), w_scale=st.value(v.w_scale),
+                 bias=None if v.bias is None else st.value(v.bias), conv=conv,
+                 x_grid=Grid(float(v.x_scale), int(v.x_zp)), out_codes=True, tag=m.root.name)
+    y_grid = Grid(float(v.y_scale), int(v.y_zp))
+    if v.get("residual") is None:
+        return st.layer(b, **layer, y_grid=y_grid, act=v.act, act_args=tuple(v.act_args))
+    # a residual add fused into the conv (oneDNN's sum post-op): written as the IR had it, the
+    # conv onto its own grid, then Q(act(DQ(conv) + DQ(residual))), ONNX Runtime's QLinearConv
+    # and QLinearAdd pattern; with no grid recorded, the sum is added in float
+    residual = st.dq(b, v.residual, Grid(float(v.residual_scale), int(v.residual_zp)))
+    if not v.conv_scale:
+        return st.layer(b, **layer, y_grid=y_grid, residual=residual, act=v.act,
+                        act_args=tuple(v.act_args))
+    codes = st.layer(b, **layer, y_grid=Grid(float(v.conv_scale), int(v.conv_zp)))
+    y = b.call_function(operator.add, (st.dq(b, codes), residual))
+    return st.q(b, st.activation(b, y, v.act, tuple(v.act_args)), y_grid)
 
 
 def _codes(m: Match, b: Builder) -> fx.Node:
@@ -164,8 +180,15 @@ def _wrap_ok(m: Match) -> bool:
         m.reject(f"{m.root.name}: codes given another grid than theirs: no QDQ form")
 
 
+def _twin_rows() -> tuple[Rule, ...]:
+    """A row for each CPU twin of an IR op (``fxopt.ops.cpu.CPU_OF``): its IR op's row."""
+    ir = {r.name: r for r in IR_RULES}
+    return tuple(op_rule(op.name, [op.overload], ir[schema_of(target).name].replace,
+                         ir[schema_of(target).name].check) for target, op in CPU_OF.items())
+
+
 # The table: one row per source op (the row's name is the op's short name).
-CPU_RULES: tuple[Rule, ...] = (
+CPU_RULES: tuple[Rule, ...] = _twin_rows() + (
     op_rule("quantize_per_tensor", [torch.quantize_per_tensor], _quantize_per_tensor),
     op_rule("conv2d", quantized_targets("conv2d"), _layer, _layer_ok),
     op_rule("conv2d_relu", quantized_targets("conv2d_relu"), _layer, _layer_ok),

@@ -10,7 +10,9 @@ fuses back into its own int8 kernels (QLinearConv, QGemm, QLinearAdd, QLinearMul
                                    DequantizeLinear(w_q, w_s, 0, axis=0), b)), y_scale, y_zp)
 
 A row is ``op_rule(<schema name>, <view>.targets(), replace, check)``: the row's name is the op's
-name (the key of ``QDQRewrite.translated``), ``replace`` reads the call as ``View.of(m.root)``
+name (the key of ``QDQRewrite.translated``), ``replace`` reads the call through its view
+(``view_of(m.root)``: the same rows then serve the CPU lowering's twins of these ops, which
+take the same arguments, ``fxopt.export.qdq_cpu``)
 and builds with the shared :class:`~fxopt.export.qdq_state.QDQState` (``m.context``). A new int8
 op is one more row here.
 
@@ -32,11 +34,11 @@ import torch.nn.functional as F
 from fxopt.export.onnx_ops import (aten_dynamic_grid, dequantize_linear,
                                    dynamic_quantize_linear, quantize_linear)
 from fxopt.infra.rewrite import Builder, Match, Rule, op_rule
-from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, AvgPool2dWindowInt8, BinaryInt8, CatInt8,
-                            Conv2dInt8, Dequantize, Int8Layer, LinearInt8, MaxPool2dInt8, MulInt8,
+from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, AvgPool2dWindowInt8, CatInt8, Conv2dInt8,
+                            Dequantize, Int8Layer, LinearInt8, MaxPool2dInt8, MulInt8,
                             Quantize, UpsampleNearest2dInt8)
 from fxopt.ops.int8_dynamic import LinearInt8Dynamic
-from fxopt.ops.schema import OpView
+from fxopt.ops.schema import OpView, view_of
 
 __all__ = ["IR_RULES", "ir_row"]
 
@@ -49,12 +51,12 @@ def ir_row(view: type[OpView], replace: Callable[[Match, Builder], fx.Node],
 
 
 def _quantize(m: Match, b: Builder) -> fx.Node:
-    v, st = Quantize.of(m.root), m.context
+    v, st = view_of(m.root), m.context
     return st.q(b, v.x, st.ir_grid(v.scale, v.zp, v.qmin, v.qmax))
 
 
 def _dequantize(m: Match, b: Builder) -> fx.Node:
-    v, st = Dequantize.of(m.root), m.context
+    v, st = view_of(m.root), m.context
     return st.dq_exit(b, v.q, st.ir_grid(v.scale, v.zp))
 
 
@@ -73,7 +75,7 @@ def _binary(fn):
     """add_int8 / mul_int8: ``Q(act(fn(DQ(a), DQ(b))))`` (ONNX's Add / Mul broadcast)."""
 
     def replace(m: Match, b: Builder) -> fx.Node:
-        v, st = BinaryInt8.of(m.root), m.context
+        v, st = view_of(m.root), m.context
         y = b.call_function(fn, (st.float_in(b, v.a, st.ir_grid(v.a_scale, v.a_zp)),
                                  st.float_in(b, v.b, st.ir_grid(v.b_scale, v.b_zp))))
         y = st.activation(b, y, v.act, v.act_args)
@@ -83,7 +85,7 @@ def _binary(fn):
 
 
 def _cat(m: Match, b: Builder) -> fx.Node:
-    v, st = CatInt8.of(m.root), m.context
+    v, st = view_of(m.root), m.context
     ins = [st.float_in(b, q, st.ir_grid(s, z)) for q, s, z in zip(v.qs, v.scales, v.zps)]
     return st.requant(b, torch.cat, (), [ins], st.ir_grid(v.y_scale, v.y_zp, v.y_qmin, v.y_qmax),
                       {"dim": v.dim})
@@ -91,7 +93,7 @@ def _cat(m: Match, b: Builder) -> fx.Node:
 
 def _avg_pool(m: Match, b: Builder) -> fx.Node:
     """``Q(GlobalAveragePool(DQ(q)))``: onto its own grid (``y_scale``), else its input's."""
-    v, st = AvgPool2dInt8.of(m.root), m.context
+    v, st = view_of(m.root), m.context
     grid = st.ir_grid(v.scale, v.zp, v.qmin, v.qmax)
     out = grid if v.y_scale is None else st.ir_grid(v.y_scale, v.y_zp, v.qmin, v.qmax)
     return st.requant(b, F.adaptive_avg_pool2d, (list(v.output_size),),
@@ -101,7 +103,7 @@ def _avg_pool(m: Match, b: Builder) -> fx.Node:
 def _avg_pool2d(m: Match, b: Builder) -> fx.Node:
     """``Q(AveragePool(DQ(q)))`` on the input's grid (ONNX's ceil_mode and count_include_pad
     are PyTorch's; ONNX Runtime can fuse it into QLinearAveragePool)."""
-    v, st = AvgPool2dWindowInt8.of(m.root), m.context
+    v, st = view_of(m.root), m.context
     grid = st.ir_grid(v.scale, v.zp, v.qmin, v.qmax)
     args = (list(v.kernel_size), list(v.stride), list(v.padding), v.ceil_mode,
             v.count_include_pad)
@@ -110,12 +112,12 @@ def _avg_pool2d(m: Match, b: Builder) -> fx.Node:
 
 def _max_pool_on_codes(m: Match) -> bool:
     # max_pool2d_int8 carries no grid of its own: it keeps the one its input codes are on
-    return m.context.grid_of(MaxPool2dInt8.of(m.root).q) is not None or \
+    return m.context.grid_of(view_of(m.root).q) is not None or \
         m.reject(f"{m.root.name}: max_pool2d_int8 on a value with no known grid")
 
 
 def _max_pool(m: Match, b: Builder) -> fx.Node:
-    v, st = MaxPool2dInt8.of(m.root), m.context
+    v, st = view_of(m.root), m.context
     args = (list(v.kernel_size), list(v.stride), list(v.padding), list(v.dilation), v.ceil_mode)
     return st.requant(b, F.max_pool2d, args, [st.dq(b, v.q)], st.grid_of(v.q))
 
@@ -123,7 +125,7 @@ def _max_pool(m: Match, b: Builder) -> fx.Node:
 def _upsample_nearest(m: Match, b: Builder) -> fx.Node:
     """``Q(Resize(DQ(q)))``, nearest, on the input's grid (ONNX Runtime's nearest Resize is
     PyTorch's for a size and for an integer scale factor)."""
-    v, st = UpsampleNearest2dInt8.of(m.root), m.context
+    v, st = view_of(m.root), m.context
     grid = st.ir_grid(v.scale, v.zp, v.qmin, v.qmax)
     return st.requant(b, F.interpolate, (), [st.float_in(b, v.q, grid)], grid,
                       dict(size=v.output_size, scale_factor=v.scale_factors, mode="nearest"))

@@ -1,10 +1,15 @@
-"""Ops the CPU int8 lowering writes where PyTorch's quantized kernels stop.
+"""The ops the CPU int8 lowering writes: every one on plain uint8 codes, no quantized tensor.
 
-PyTorch's quantized CPU kernels fuse relu and nothing else; a conv + hardswish (MobileNetV3),
-conv + SiLU (EfficientNet) or linear + GELU (transformers) used to stay float on the CPU.
-oneDNN's int8 kernels fuse those post-ops (``torch.ops.onednn.qconv2d_pointwise`` /
-``qlinear_pointwise``, what Inductor emits for PT2E models); these ops run them on plain uint8
-codes::
+``lower_int8_cpu`` writes these ops only, so a lowered int8 module holds plain tensors (it
+saves as int8 weights and scales), ``torch.export``s and ``torch.compile``s (every op has a fake
+implementation; Inductor calls it as an extern kernel). Layers run oneDNN's int8 kernels
+(``torch.ops.onednn.qconv2d_pointwise`` / ``.binary`` / ``qlinear_pointwise``, what Inductor
+emits for PT2E models) with their fused post-ops (relu, relu6 as hardtanh, hardswish, SiLU,
+GELU, ...) and a residual add as oneDNN's ``sum`` post-op; ``engine="fbgemm"`` runs
+PyTorch's quantized fbgemm kernel instead, packed once per weight and run on a view of the
+codes (faster on small layers: measured in ``bench/int8_plain.py``). The ops between the layers
+(``cpu_quantize`` ... ``cpu_upsample_nearest2d_int8``, below) are the IR's, run on PyTorch's
+quantized kernels through views of the codes::
 
     y = torch.ops.fxopt.onednn_conv2d_int8(q, w_q, w_scale, b, [1, 1], [1, 1], [1, 1], 1,
                                            0.03, 128, 0.02, 100, act="hardswish")
@@ -20,14 +25,28 @@ lockstep check allows (one code).
 """
 from __future__ import annotations
 
-import torch
+import warnings
 
+import torch
+import torch.nn.functional as F
+
+from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ops import onednn
-from fxopt.ops.int8 import conv2d_int8_reference, linear_int8_reference
+from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, CAT_INT8, DEQUANTIZE,
+                            MAXPOOL_INT8, MUL_INT8, QUANTIZE, UPSAMPLE_NEAREST2D_INT8,
+                            adaptive_avg_pool2d_int8_reference, add_int8_reference,
+                            avg_pool2d_int8_reference, cat_int8_reference, conv2d_int8_reference,
+                            dequantize_reference, linear_int8_reference,
+                            max_pool2d_int8_reference, mul_int8_reference, quantize_reference,
+                            upsample_nearest2d_int8_reference)
 from fxopt.ops.schema import define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape, to_format
 
-__all__ = ["ONEDNN_CONV2D_INT8", "ONEDNN_LINEAR_INT8", "OnednnConv2dInt8", "OnednnLinearInt8"]
+__all__ = ["ONEDNN_CONV2D_INT8", "ONEDNN_LINEAR_INT8", "OnednnConv2dInt8", "OnednnLinearInt8",
+           "as_quantized", "codes_of", "quantized_nearest_alike", "CPU_OF", "CPU_QUANTIZE",
+           "CPU_DEQUANTIZE", "CPU_ADD_INT8", "CPU_MUL_INT8", "CPU_CAT_INT8",
+           "CPU_ADAPTIVE_AVG_POOL2D_INT8", "CPU_AVG_POOL2D_INT8", "CPU_MAX_POOL2D_INT8",
+           "CPU_UPSAMPLE_NEAREST2D_INT8"]
 
 
 def _grid(scale: float, zp: int, device):
@@ -36,15 +55,23 @@ def _grid(scale: float, zp: int, device):
 
 
 def _conv_reference(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
-                    y_scale, y_zp, *, act="none", act_args=()):
+                    y_scale, y_zp, residual=None, residual_scale=1.0, residual_zp=0,
+                    conv_scale=0.0, conv_zp=0, *, act="none", act_args=(), engine="onednn"):
+    """The IR's conv2d_int8 on codes; a residual (codes) is added in float before ``act``,
+    with no rounding of the convolution's own output in between (oneDNN's sum post-op).
+    ``conv_scale`` / ``conv_zp`` only record the grid the IR rounded the convolution's output
+    onto before the add (0: none): the QDQ export writes that rounding back, so ONNX Runtime
+    sees its QLinearConv then QLinearAdd pattern."""
+    r = None if residual is None else dequantize_reference(
+        residual, *_grid(residual_scale, residual_zp, q.device))
     y = conv2d_int8_reference(q, w_q, w_scale, bias, stride, padding, dilation, groups,
                               *_grid(x_scale, x_zp, q.device), *_grid(y_scale, y_zp, q.device),
-                              act=act, act_args=act_args, out_int8=True)
+                              r, act=act, act_args=act_args, out_int8=True)
     return to_format(y, torch.channels_last)
 
 
 def _linear_reference(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="none",
-                      act_args=()):
+                      act_args=(), engine="onednn"):
     return linear_int8_reference(q, w_q, w_scale, bias, *_grid(x_scale, x_zp, q.device),
                                  *_grid(y_scale, y_zp, q.device), act=act, act_args=act_args,
                                  out_int8=True)
@@ -58,20 +85,77 @@ def _fast(q, w_q, kind: str, act: str, act_args):
     return onednn.int8_post_op(kind, act, act_args)
 
 
+# PyTorch's quantized engines a layer may name (``engine=``): their packed kernels on views of
+# the codes. "onednn" (the default) is oneDNN's ``qconv2d_pointwise`` / ``qlinear_pointwise``.
+ENGINES = ("onednn", "fbgemm", "x86")
+# PyTorch's quantized engines in this build, read once (the property costs microseconds a call)
+_SUPPORTED = frozenset(torch.backends.quantized.supported_engines)
+
+
+def _engine_fits(engine: str, act: str, residual) -> bool:
+    """Whether PyTorch's quantized kernels of ``engine`` run this layer: no residual, an
+    activation they fuse or clamp after (the activation table's ``quantized_cpu``)."""
+    return (engine != "onednn" and engine in _SUPPORTED and residual is None
+            and ACTIVATIONS[act].quantized_cpu is not None)
+
+
+def _quantized_layer(kind: str, q, w_q, w_scale, bias, geometry, x_scale, x_zp, y_scale, y_zp,
+                     act, act_args, engine):
+    """``quantized.<kind>(_relu)`` packed under ``engine`` (once per weight), on a view of
+    the codes; a clamp-like activation is a clamp of the quantized output (exact)."""
+    def pack():
+        _spend_deprecation_warning()
+        before = torch.backends.quantized.engine
+        torch.backends.quantized.engine = engine
+        try:
+            wq = torch._make_per_channel_quantized_tensor(
+                w_q.detach(), w_scale.detach().double(),
+                torch.zeros(w_q.shape[0], dtype=torch.int64), 0)
+            b = None if bias is None else bias.detach().float()
+            if kind == "conv2d":
+                stride, padding, dilation, groups = geometry
+                return torch.ops.quantized.conv2d_prepack(wq, b, list(stride), list(padding),
+                                                          list(dilation), groups)
+            return torch.ops.quantized.linear_prepack(wq, b)
+        finally:
+            torch.backends.quantized.engine = before
+
+    packed = onednn.packed_int8(f"{kind}_{engine}", w_q, (geometry,), pack)
+    fused = "relu" if act == "relu" else None
+    fn = getattr(torch.ops.quantized, f"{kind}_{fused}" if fused else kind)
+    y = fn(as_quantized(q, x_scale, x_zp), packed, float(y_scale), int(y_zp))
+    bounds = ACTIVATIONS[act].bounds(act_args)
+    if bounds is not None:
+        y = torch.clamp(y, *bounds)
+    return codes_of(y)
+
+
 def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, y_scale,
-              y_zp, *, act="none", act_args=()):
+              y_zp, residual=None, residual_scale=1.0, residual_zp=0, conv_scale=0.0, conv_zp=0, *,
+              act="none", act_args=(), engine="onednn"):
+    if q.dim() == 4 and _engine_fits(engine, act, residual) and _quint8(q):
+        return _quantized_layer("conv2d", q, w_q, w_scale, bias,
+                                (tuple(stride), tuple(padding), tuple(dilation), groups),
+                                x_scale, x_zp, y_scale, y_zp, act, act_args, engine)
     post = _fast(q, w_q, "conv2d", act, act_args) if q.dim() == 4 else None
+    if residual is not None and (act not in ("none", "relu") or residual.dtype != torch.uint8):
+        post = None  # oneDNN fuses only relu after its sum post-op
     if post is not None:
         y = onednn.conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
-                                      x_scale, x_zp, y_scale, y_zp, post)
+                                      x_scale, x_zp, y_scale, y_zp, post, residual,
+                                      (residual_scale, residual_zp))
         if y is not None:
             return y
     return _conv_reference(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale,
-                           x_zp, y_scale, y_zp, act=act, act_args=act_args)
+                           x_zp, y_scale, y_zp, residual, residual_scale, residual_zp, act=act,
+                           act_args=act_args)
 
 
 def _linear_cpu(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="none",
-                act_args=()):
+                act_args=(), engine="onednn"):
+    if q.dim() >= 2 and _engine_fits(engine, act, None) and _quint8(q):
+        return _quantized_layer("linear", q.contiguous(), w_q, w_scale, bias, None, x_scale,
+                                x_zp, y_scale, y_zp, act, act_args, engine)
     post = _fast(q, w_q, "linear", act, act_args) if q.dim() >= 2 else None
     if post is not None:
         y = onednn.linear_int8_onednn(q.contiguous(), w_q, w_scale, bias, x_scale, x_zp,
@@ -83,22 +167,26 @@ def _linear_cpu(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="non
 
 
 def _conv_fake(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, y_scale,
-               y_zp, *, act="none", act_args=()):
+               y_zp, residual=None, residual_scale=1.0, residual_zp=0, conv_scale=0.0, conv_zp=0,
+               *, act="none", act_args=(), engine="onednn"):
     shape = conv_out_shape(q, w_q.shape[2:], w_q.shape[0], stride, padding, dilation)
     return torch.empty(shape, dtype=torch.uint8, device=q.device,
                        memory_format=torch.channels_last)
 
 
 def _linear_fake(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="none",
-                 act_args=()):
+                 act_args=(), engine="onednn"):
     return q.new_empty((*q.shape[:-1], w_q.shape[0]), dtype=torch.uint8)
 
 
 _GRIDS = "float x_scale, int x_zp, float y_scale, int y_zp, *, str act='none', " \
-         "float[] act_args=[]) -> Tensor"
+         "float[] act_args=[], str engine='onednn') -> Tensor"
 ONEDNN_CONV2D_INT8 = define_op(
     "onednn_conv2d_int8(Tensor q, Tensor w_q, Tensor w_scale, Tensor? bias, int[2] stride, "
-    "int[2] padding, int[2] dilation, int groups, " + _GRIDS,
+    "int[2] padding, int[2] dilation, int groups, float x_scale, int x_zp, float y_scale, "
+    "int y_zp, Tensor? residual=None, float residual_scale=1.0, int residual_zp=0, "
+    "float conv_scale=0.0, int conv_zp=0, *, "
+    "str act='none', float[] act_args=[], str engine='onednn') -> Tensor",
     family="cpu", quantized=True, reference=_conv_reference, cpu=_conv_cpu, fake=_conv_fake,
     macs=weight_macs("w_q"))
 ONEDNN_LINEAR_INT8 = define_op(
@@ -108,3 +196,153 @@ ONEDNN_LINEAR_INT8 = define_op(
 
 OnednnConv2dInt8 = ONEDNN_CONV2D_INT8.view
 OnednnLinearInt8 = ONEDNN_LINEAR_INT8.view
+
+
+# -- the ops between the layers: the int8 IR's, on PyTorch's quantized kernels -------------------
+# Each ``cpu_<op>`` has its IR op's signature, reference and fake: plain uint8 codes in and out,
+# grids as tensors. Inside, where the grid is PyTorch's quint8 ([0, 255]), the codes are viewed
+# as a quantized tensor (no copy) for one of PyTorch's quantized kernels, and its result's memory
+# viewed back as uint8 codes: the kernels' speed, with no quantized tensor in the graph (so a
+# lowered module saves as plain tensors, torch.export's and torch.compile's: they see an fxopt op
+# and its fake). Elsewhere (another grid, another dtype) the reference runs.
+_DEPRECATION = {"spent": False}
+
+
+def _spend_deprecation_warning() -> None:
+    """PyTorch warns once per process that creating quantized tensors is deprecated (the kernels
+    stay); these ops create them only as views inside, so the warning is spent here, unseen."""
+    if not _DEPRECATION["spent"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
+        _DEPRECATION["spent"] = True
+
+
+def as_quantized(codes: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    """A ``quint8`` tensor over ``codes``' memory (uint8, no copy) on the grid (scale, zp)."""
+    _spend_deprecation_warning()
+    q = torch._empty_affine_quantized([0], scale=float(scale), zero_point=int(zp),
+                                      dtype=torch.quint8)
+    return q.set_(codes.untyped_storage(), codes.storage_offset(), codes.shape, codes.stride())
+
+
+def codes_of(q: torch.Tensor) -> torch.Tensor:
+    """The uint8 codes of a ``quint8`` tensor, over its memory (no copy, unlike ``int_repr``)."""
+    return torch.empty(0, dtype=torch.uint8, device=q.device).set_(
+        q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+
+
+def _quint8(*codes, grid=(0, 255)) -> bool:
+    return tuple(int(g) for g in grid) == (0, 255) and all(
+        c.dtype == torch.uint8 and c.device.type == "cpu" for c in codes)
+
+
+def _f(t) -> float:
+    return float(t)
+
+
+def _quantize_cpu(x, scale, zp, qmin, qmax):
+    if qmin != 0 or qmax != 255 or x.dtype != torch.float32:
+        return quantize_reference(x, scale, zp, qmin, qmax)
+    _spend_deprecation_warning()
+    return codes_of(torch.quantize_per_tensor(x, _f(scale), int(zp), torch.quint8))
+
+
+def _dequantize_cpu(q, scale, zp):
+    if not _quint8(q):
+        return dequantize_reference(q, scale, zp)
+    return as_quantized(q, _f(scale), int(zp)).dequantize()
+
+
+def _binary_cpu(kind: str, reference):
+    """add_int8 / mul_int8 on ``quantized.<kind>(_relu)`` (they broadcast as the IR does)."""
+
+    def run(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none", act_args=(),
+            y_qmin=0, y_qmax=255):
+        if act not in ("none", "relu") or not _quint8(a, b, grid=(y_qmin, y_qmax)):
+            return reference(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, act=act,
+                             act_args=act_args, y_qmin=y_qmin, y_qmax=y_qmax)
+        fn = getattr(torch.ops.quantized, kind if act == "none" else f"{kind}_relu")
+        return codes_of(fn(as_quantized(a, _f(a_scale), int(a_zp)),
+                           as_quantized(b, _f(b_scale), int(b_zp)), _f(y_scale), int(y_zp)))
+
+    return run
+
+
+def _cat_cpu(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax):
+    if not _quint8(*qs, grid=(y_qmin, y_qmax)):
+        return cat_int8_reference(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax)
+    views = [as_quantized(q, _f(s), int(z)) for q, s, z in zip(qs, scales, zps)]
+    return codes_of(torch.ops.quantized.cat(views, dim, _f(y_scale), int(y_zp)))
+
+
+def _adaptive_avg_pool_cpu(q, output_size, scale, zp, qmin, qmax, y_scale=None, y_zp=None):
+    if not _quint8(q, grid=(qmin, qmax)):
+        return adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax,
+                                                  y_scale, y_zp)
+    x = as_quantized(q, _f(scale), int(zp))
+    if y_scale is None:  # on its input's grid: PyTorch's quantized pooling keeps it
+        return codes_of(F.adaptive_avg_pool2d(x, list(output_size)))
+    # onto its own grid: the float average of the values, quantized once (the IR's arithmetic;
+    # a quantized pool then a requantize would round twice)
+    y = F.adaptive_avg_pool2d(x.dequantize(), list(output_size))
+    return codes_of(torch.quantize_per_tensor(y, _f(y_scale), int(zp if y_zp is None else y_zp),
+                                              torch.quint8))
+
+
+def _avg_pool2d_cpu(q, kernel_size, stride, padding, ceil_mode, count_include_pad, scale, zp,
+                    qmin, qmax):
+    """Bit for bit on channels-last codes; contiguous ones round a tie after adding the zero
+    point (within one code)."""
+    if not _quint8(q, grid=(qmin, qmax)):
+        return avg_pool2d_int8_reference(q, kernel_size, stride, padding, ceil_mode,
+                                         count_include_pad, scale, zp, qmin, qmax)
+    return codes_of(F.avg_pool2d(as_quantized(q, _f(scale), int(zp)), list(kernel_size),
+                                 list(stride), list(padding), ceil_mode, count_include_pad))
+
+
+def _max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode):
+    if not _quint8(q):
+        return max_pool2d_int8_reference(q, kernel_size, stride, padding, dilation, ceil_mode)
+    return codes_of(F.max_pool2d(as_quantized(q, 1.0, 0), list(kernel_size), list(stride),
+                                 list(padding), list(dilation), ceil_mode))
+
+
+def quantized_nearest_alike(scale_factors) -> bool:
+    """Whether PyTorch's quantized nearest kernel indexes as its float one (the IR's rule) for
+    these scale factors: it computes ``floor(i * float32(1 / scale))`` for every size, the float
+    kernel copies a kept size and halves the index of a doubled one, so they differ for a scale
+    factor in (1, 1.5) or (2, 2.5) (a size given is always alike)."""
+    return not any(1 < f < 1.5 or 2 < f < 2.5 for f in (scale_factors or []))
+
+
+def _upsample_nearest_cpu(q, output_size, scale_factors, scale, zp, qmin, qmax):
+    if not (_quint8(q, grid=(qmin, qmax)) and quantized_nearest_alike(scale_factors)):
+        return upsample_nearest2d_int8_reference(q, output_size, scale_factors, scale, zp, qmin,
+                                                 qmax)
+    return codes_of(F.interpolate(as_quantized(q, _f(scale), int(zp)), size=output_size,
+                                  scale_factor=scale_factors, mode="nearest"))
+
+
+def _on_quantized_kernels(ir, fast):
+    """``cpu_<ir op>``: the IR op's signature, reference and fake; ``fast`` on the CPU."""
+    return define_op("cpu_" + ir.signature, family="cpu", quantized=True,
+                     reference=ir.reference, fake=ir.fake, cpu=fast)
+
+
+CPU_QUANTIZE = _on_quantized_kernels(QUANTIZE, _quantize_cpu)
+CPU_DEQUANTIZE = _on_quantized_kernels(DEQUANTIZE, _dequantize_cpu)
+CPU_ADD_INT8 = _on_quantized_kernels(ADD_INT8, _binary_cpu("add", add_int8_reference))
+CPU_MUL_INT8 = _on_quantized_kernels(MUL_INT8, _binary_cpu("mul", mul_int8_reference))
+CPU_CAT_INT8 = _on_quantized_kernels(CAT_INT8, _cat_cpu)
+CPU_ADAPTIVE_AVG_POOL2D_INT8 = _on_quantized_kernels(AVGPOOL_INT8, _adaptive_avg_pool_cpu)
+CPU_AVG_POOL2D_INT8 = _on_quantized_kernels(AVG_POOL2D_INT8, _avg_pool2d_cpu)
+CPU_MAX_POOL2D_INT8 = _on_quantized_kernels(MAXPOOL_INT8, _max_pool_cpu)
+CPU_UPSAMPLE_NEAREST2D_INT8 = _on_quantized_kernels(UPSAMPLE_NEAREST2D_INT8,
+                                                    _upsample_nearest_cpu)
+# the IR op -> the op that runs it on plain codes on the CPU (same arguments)
+CPU_OF = {ir.overload: op for ir, op in (
+    (QUANTIZE, CPU_QUANTIZE), (DEQUANTIZE, CPU_DEQUANTIZE), (ADD_INT8, CPU_ADD_INT8),
+    (MUL_INT8, CPU_MUL_INT8), (CAT_INT8, CPU_CAT_INT8),
+    (AVGPOOL_INT8, CPU_ADAPTIVE_AVG_POOL2D_INT8), (AVG_POOL2D_INT8, CPU_AVG_POOL2D_INT8),
+    (MAXPOOL_INT8, CPU_MAX_POOL2D_INT8), (UPSAMPLE_NEAREST2D_INT8, CPU_UPSAMPLE_NEAREST2D_INT8))}

@@ -31,7 +31,8 @@ from fxopt.ops.shapes import conv_out_shape, strictly_channels_last
 
 __all__ = ["mkldnn_available", "clear_weight_cache", "conv2d_act_onednn", "packed_weights",
            "packed_copies",
-           "int8_post_op", "conv2d_int8_onednn", "linear_int8_onednn", "onednn_int8_available"]
+           "int8_post_op", "conv2d_int8_onednn", "linear_int8_onednn", "onednn_int8_available",
+           "packed_int8"]
 
 
 def _find_mkldnn_ops():
@@ -152,7 +153,8 @@ def _find_int8_ops():
     try:
         ops = torch.ops.onednn
         return (ops.qconv_prepack.default, ops.qconv2d_pointwise.default,
-                ops.qlinear_prepack.default, ops.qlinear_pointwise.default)
+                ops.qlinear_prepack.default, ops.qlinear_pointwise.default,
+                ops.qconv2d_pointwise.binary)
     except (AttributeError, RuntimeError):
         return None
 
@@ -171,12 +173,20 @@ def onednn_int8_available() -> bool:
 
 def int8_post_op(kind: str, act: str, act_args) -> tuple[str, list, str] | None:
     """(oneDNN post-op, scalars, algorithm) for a ``kind`` ("conv2d"/"linear") layer ending in
-    ``act``, from the activation table; None when oneDNN's int8 kernel has no such post-op."""
-    entry = ACTIVATIONS[act].onednn_int8.get(kind)
-    if entry is None:
-        return None
-    name, scalars, algorithm = entry
-    return name, scalars(act_args), algorithm
+    ``act``, from the activation table: its ``onednn_int8`` column, else what its
+    ``quantized_cpu`` column says every int8 kernel runs (``"fused"``: none and relu, oneDNN's
+    post-ops of the same name; ``"clamp"``: relu6, hardtanh, clamp, oneDNN's ``hardtanh`` on
+    the row's bounds); None when oneDNN's int8 kernel has no such post-op."""
+    row = ACTIVATIONS[act]
+    entry = row.onednn_int8.get(kind)
+    if entry is not None:
+        name, scalars, algorithm = entry
+        return name, scalars(act_args), algorithm
+    if row.quantized_cpu == "fused":
+        return row.name, [], ""
+    if row.quantized_cpu == "clamp":
+        return "hardtanh", list(row.bounds(act_args)), ""
+    return None
 
 
 def _version(t: torch.Tensor) -> int:
@@ -198,6 +208,13 @@ def _packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack) -> tuple:
     return packed, zeros
 
 
+def packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack):
+    """What ``pack()`` returns for ``w_q`` under ``kind`` and ``key``, made on the first call and
+    cached like oneDNN's packed weights (``fxopt.ops.cpu`` keeps PyTorch's quantized packed
+    params here: kind ``"conv2d_fbgemm"``, ...)."""
+    return _packed_int8(kind, w_q, key, pack)[0]
+
+
 def _run_int8(fn):
     try:
         return fn()
@@ -209,10 +226,13 @@ def _run_int8(fn):
 
 
 def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
-                       y_scale, y_zp, post_op):
-    """uint8 codes of ``post(conv2d(q) * x_scale * w_scale + bias)`` on the y grid, or None
-    when oneDNN refuses it here. Output channels-last."""
-    prepack, conv, _, _ = _INT8
+                       y_scale, y_zp, post_op, residual=None, residual_grid=(1.0, 0)):
+    """uint8 codes of ``post(conv2d(q) * x_scale * w_scale + bias [+ residual])`` on the y
+    grid, or None when oneDNN refuses it here. Output channels-last. A ``residual`` (uint8
+    codes on ``residual_grid``, the conv's output shape) is oneDNN's ``sum`` post-op
+    (``qconv2d_pointwise.binary``), which writes into its accumulator: it gets a copy, the
+    caller's codes stay as they were; ``post_op`` then runs after the sum (none or relu)."""
+    prepack, conv, _, _, conv_binary = _INT8
     key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
     name, scalars, algorithm = post_op
 
@@ -220,17 +240,25 @@ def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
         packed, zeros = _packed_int8("conv2d", w_q, key, lambda: prepack(
             w_q.detach(), w_scale.detach().float(), float(x_scale), int(x_zp), list(stride),
             list(padding), list(dilation), groups, list(q.shape)))
-        return conv(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
-                    None if bias is None else bias.float(), list(stride), list(padding),
-                    list(dilation), groups, float(y_scale), int(y_zp), None, name, scalars,
-                    algorithm)
+        b = None if bias is None else bias.float()
+        if residual is None:
+            return conv(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros, b,
+                        list(stride), list(padding), list(dilation), groups, float(y_scale),
+                        int(y_zp), None, name, scalars, algorithm)
+        accum = residual.contiguous(memory_format=torch.channels_last)
+        accum = accum.clone(memory_format=torch.channels_last) if accum is residual else accum
+        return conv_binary(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros, accum,
+                           b, list(stride), list(padding), list(dilation), groups,
+                           float(y_scale), int(y_zp), None, float(residual_grid[0]),
+                           int(residual_grid[1]), "sum", 1.0,
+                           None if name == "none" else name, scalars, algorithm or None)
     return _run_int8(go)
 
 
 def linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, post_op):
     """uint8 codes of ``post(linear(q) * x_scale * w_scale + bias)`` on the y grid, or None
     when oneDNN refuses it here."""
-    _, _, prepack, linear = _INT8
+    _, _, prepack, linear, _ = _INT8
     name, scalars, algorithm = post_op
 
     def go():

@@ -33,9 +33,10 @@ at 20 dB the noise is 10% of the signal's rms, where top-1 classes start to flip
 kernel for (an epilogue activation other than relu / relu6 / hardtanh / clamp, a residual add
 with an activation other than relu): run as int8 they would take the slow exact reference.
 The report names them. ``False`` quantizes them anyway.
-``cpu_engine``: which PyTorch quantized engine packs each layer's weights on the CPU:
-``"x86"``, ``"fbgemm"``, ``"onednn"``, or ``"auto"`` (per layer, by problem size; see
-``passes/lower_cpu.py``).
+``cpu_engine``: which int8 kernel each layer runs on the CPU: ``"onednn"`` (oneDNN's
+``qconv2d_pointwise`` / ``qlinear_pointwise``), ``"fbgemm"`` / ``"x86"`` (that quantized engine's
+kernel where it has the layer's activation, else oneDNN's), or ``"auto"`` (fbgemm for small
+layers, oneDNN for the rest; see ``passes/lower/cpu.py``).
 ``keep_float``: module paths (``"layer1.0.conv1"``, a prefix covers its children) or module
 types left in float. ``first_layer`` / ``last_layer``: ``"quantize"`` or ``"float"``
 (the first / last quantizable layer in graph order).

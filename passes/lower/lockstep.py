@@ -1,6 +1,6 @@
 """The reference of ``lower_int8_cpu``: the int8 IR run in lockstep with its lowering.
 
-PyTorch's quantized kernels round their requantization in their own order, so a value at a
+PyTorch's int8 kernels round their requantization in their own order, so a value at a
 tie can land one code away from the IR's; in a deep network such a flip spreads (ResNet-50: one
 flipped code in layer1 became six output steps by the logits). Comparing the lowered graph with
 the IR graph end to end would blame the kernels for ties. Instead both graphs run together:
@@ -39,11 +39,11 @@ class _Follow(fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         low = self.lowered_env.get(self.mapping.get(n.name))
-        if not (isinstance(low, torch.Tensor) and low.is_quantized
-                and isinstance(out, torch.Tensor) and out.dtype in (torch.uint8, torch.int8)
-                and low.shape == out.shape):
+        codes = low.int_repr() if isinstance(low, torch.Tensor) and low.is_quantized else low
+        if not (isinstance(codes, torch.Tensor) and isinstance(out, torch.Tensor)
+                and out.dtype in (torch.uint8, torch.int8) and codes.dtype == out.dtype
+                and codes.shape == out.shape):
             return out
-        codes = low.int_repr()
         diff = int((codes.to(torch.int64) - out.to(torch.int64)).abs().max()) if out.numel() else 0
         if diff > 1:  # not a tie rounded the other way: let the error reach the output
             self.off[module_path(n) or n.name] = diff

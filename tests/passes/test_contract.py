@@ -177,11 +177,11 @@ CASES: dict[str, Case] = {
                           before=_INT8[:-1], calibration=True),
     # quantize_per_tensor: the entry, and the global pool onto its own grid
     "lower_int8_cpu": Case(ConvNet, lambda: (_x(),), {"conv2d"},
-                           {"conv2d_int8": 0, "quantize_per_tensor": 2}, _lin, before=_INT8,
+                           {"conv2d_int8": 0, "cpu_quantize": 1}, _lin, before=_INT8,
                            calibration=True),
-    "lower_int8_cpu[reference rows]": Case(
+    "lower_int8_cpu[left to the IR]": Case(
         NoKernelNet, lambda: (_x(),), {"fallback"},
-        {"conv2d_int8": 1, "add_int8": 1, "conv2d": 1, "quantize_per_tensor": 2},
+        {"conv2d_int8": 1, "add_int8": 1, "onednn_conv2d_int8": 1, "cpu_quantize": 1},
         _red, before=_INT8, calibration=True,
         configs=(QuantConfig(float_without_kernel=False),)),
     "lower_to_triton": Case(ConvNet, lambda: (_x(),), {"conv2d"},

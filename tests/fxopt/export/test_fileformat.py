@@ -1,5 +1,6 @@
 """The ``.fxopt`` file format (``fxopt.export.fileformat``): bitwise round trips (code, state,
-packed int8 weights and their engines, report and outputs the same after load); malformed and
+int8 weights as plain tensors, legacy packed ones and their engines, report and outputs the same
+after load); malformed and
 crafted files are ``test_fileformat_errors.py``."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 import fxopt
 from fxopt.export import fileformat
 from fxopt.export.fileformat import ENGINE_META, MANIFEST, TENSORS
+from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
 from small_nets import MobileBlock, Net, Scale, WithScale  # tests/support (tests/conftest.py)
 
 QUANTIZED = "fbgemm" in torch.backends.quantized.supported_engines or \
@@ -126,22 +128,39 @@ def test_pruned(tmp_path):
     roundtrip(opt, _batches(seed=6), tmp_path)
 
 
+def _layers(gm) -> dict:
+    """Each lowered int8 layer's kernel engine (a call argument), by node name."""
+    return {n.name: n.kwargs.get("engine", "onednn") for n in gm.graph.nodes
+            if n.target in (ONEDNN_CONV2D_INT8.overload, ONEDNN_LINEAR_INT8.overload)}
+
+
 @pytest.mark.skipif(not QUANTIZED, reason="PyTorch's quantized CPU engine is not available")
-def test_cpu_int8_packed_weights_keep_their_engine(tmp_path):
-    """Small layers are packed under fbgemm (the lowering's choice), the rest under the global
-    engine: the file records which, load packs each under it again: outputs bitwise equal."""
+def test_cpu_int8_is_plain_int8_tensors(tmp_path):
+    """The lowered int8 module holds plain tensors (no packed ScriptObject, no quantized
+    dtype): the file stores each layer's int8 weight, its scales and no float copy of it; the
+    layers pack for their kernels on the first call after load: outputs bitwise equal, each
+    layer on the engine it was lowered to."""
     torch.manual_seed(0)
     opt = fxopt.optimize(Net().eval(), torch.randn(2, 3, 8, 8), quantize="int8",
                          calibration_data=_batches(), target="cpu")
-    packed = _packed(opt.graph_module)
-    assert packed and all(engine is not None for engine, _ in packed.values())
+    gm = opt.graph_module
+    assert not _packed(gm) and set(_layers(gm).values()) <= {"onednn", "fbgemm"}
+    assert not any(t.is_quantized for t in gm.state_dict().values())
     inputs = _batches(n=8, seed=9) + [torch.randn(1, 3, 8, 8) * 4]
-    roundtrip(opt, inputs, tmp_path)
+    back, path = roundtrip(opt, inputs, tmp_path)
+    assert _layers(back.graph_module) == _layers(gm)
+    with zipfile.ZipFile(path) as z:
+        table = json.loads(z.read(MANIFEST))["tensors"]
+    dtypes = sorted({e["dtype"] for e in table.values()})
+    assert "int8" in dtypes and not any(d.startswith("q") for d in dtypes)
+    # every conv/linear weight is int8; the float tensors are biases and grids (1-D or scalars)
+    assert all(e["dtype"] == "int8" or len(e["shape"]) <= 1 for e in table.values())
 
 
 @pytest.mark.skipif(not QUANTIZED, reason="PyTorch's quantized CPU engine is not available")
 def test_cpu_int8_under_another_global_engine(tmp_path):
-    """Loaded while the process's engine is another one, the weights still pack as saved."""
+    """Loaded and run while the process's engine is another one, each layer still runs the
+    kernel it was lowered to (the engine is the call's argument): outputs bitwise equal."""
     torch.manual_seed(1)
     opt = fxopt.optimize(Net().eval(), torch.randn(2, 3, 8, 8), quantize="int8",
                          calibration_data=_batches(), target="cpu")
@@ -155,13 +174,46 @@ def test_cpu_int8_under_another_global_engine(tmp_path):
     try:
         back = fxopt.load(path)
         assert torch.backends.quantized.engine == others[0]
+        assert _layers(back.graph_module) == _layers(opt.graph_module)
+        for x in _batches(n=4, seed=3):
+            with torch.no_grad():
+                assert torch.equal(back(x), opt(x))
     finally:
         torch.backends.quantized.engine = before
-    assert {k: e for k, (e, _) in _packed(back.graph_module).items()} == \
-        {k: e for k, (e, _) in _packed(opt.graph_module).items()}
-    for x in _batches(n=4, seed=3):
-        with torch.no_grad():
-            assert torch.equal(back(x), opt(x))
+
+
+@pytest.mark.skipif(not QUANTIZED, reason="PyTorch's quantized CPU engine is not available")
+def test_legacy_packed_weights_repack_under_their_engine(tmp_path):
+    """A graph of PyTorch's quantized ops with prepacked weights (what lower_int8_cpu wrote
+    before 2026-12-06, and files saved then) still saves and loads: the weights are written as
+    codes with their engine and packed again under it."""
+    g = torch.Generator().manual_seed(2)
+    w = torch._make_per_channel_quantized_tensor(
+        torch.randint(-127, 128, (8, 3, 3, 3), dtype=torch.int8, generator=g),
+        torch.rand(8, generator=g, dtype=torch.float64) * 0.01 + 1e-3,
+        torch.zeros(8, dtype=torch.int64), 0)
+    root, graph = torch.nn.Module(), torch.fx.Graph()
+    engine = "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else None
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine or before
+    try:
+        root.c1_packed_0 = torch.ops.quantized.conv2d_prepack(w, torch.randn(8, generator=g),
+                                                              [1, 1], [1, 1], [1, 1], 1)
+    finally:
+        torch.backends.quantized.engine = before
+    q = graph.call_function(torch.quantize_per_tensor,
+                            (graph.placeholder("x"), 0.05, 128, torch.quint8))
+    packed = graph.get_attr("c1_packed_0")
+    packed.meta[ENGINE_META] = engine or before
+    y = graph.call_function(torch.ops.quantized.conv2d_relu, (q, packed, 0.1, 0))
+    graph.output(graph.call_method("dequantize", (y,)))
+    gm = torch.fx.GraphModule(root, graph)
+    path = fileformat.write_module(tmp_path / "legacy.fxopt", gm, target="cpu", report={})
+    back = fileformat.read_module(path).graph_module
+    (name, (eng, obj)), = _packed(back).items()
+    assert eng == (engine or before) and _same(_unpack(obj), _unpack(root.c1_packed_0))
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    assert torch.equal(back(x), gm(x))
 
 
 @pytest.mark.skipif(not QUANTIZED, reason="PyTorch's quantized CPU engine is not available")
@@ -282,3 +334,48 @@ def test_pytree_inputs_outputs_and_constant_arguments(tmp_path):
                                                           report={})).graph_module
     assert back.code == gm.code and torch.equal(back(xs[0]), xs[0])
 
+
+
+class SmallCNN(nn.Module):
+    """stem, a residual block, cat of two branches, max pool, an SE gate, global pool, fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.c2(torch.relu(self.c1(y))) + y)
+        y = torch.cat([F.relu(self.b1(y)), F.relu6(self.b2(y))], 1)
+        y = F.max_pool2d(y, 2)
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y * g, 1), 1))
+
+
+@pytest.mark.skipif(not QUANTIZED, reason="PyTorch's quantized CPU engine is not available")
+def test_int8_file_within_a_quarter_of_torch_ao_state_dict(tmp_path):
+    """The saved int8 module (manifest and tensors) is at most 1.25x torch.ao FX's int8
+    state_dict of the same model saved with torch.save (x86 qconfig): int8 weights, no float
+    copy of a quantized layer, no packed blobs; sizes are deterministic. (resnet18 and
+    mobilenet_v2: bench/results/int8-plain-lowering-2026-12-06.md.)"""
+    import copy
+    import io
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    model, cal = SmallCNN().eval(), _batches(n=4, shape=(2, 3, 16, 16))
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (cal[0],))
+    with torch.no_grad():
+        for x in cal:
+            prepared(x)
+    buf = io.BytesIO()
+    torch.save(convert_fx(prepared).state_dict(), buf)
+    opt = fxopt.optimize(model, cal[0], quantize="int8", calibration_data=cal)
+    size = opt.save(tmp_path / "small.fxopt").stat().st_size
+    assert size <= 1.25 * buf.tell(), (size, buf.tell())

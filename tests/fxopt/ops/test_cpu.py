@@ -1,6 +1,8 @@
-"""oneDNN's int8 layers (fxopt.onednn_conv2d_int8 / onednn_linear_int8) against the int8 IR's
-exact reference, on random codes, grids and weights: within one code (oneDNN's float epilogue
-may round a tie the other way), and equal where it refuses (the reference runs)."""
+"""The ops the CPU int8 lowering writes (``fxopt.ops.cpu``): oneDNN's int8 layers
+(fxopt.onednn_conv2d_int8 / onednn_linear_int8, also on fbgemm and with a fused residual) and
+the IR ops' CPU twins against the int8 IR's exact reference, on random codes, grids and
+weights: within one code (a float epilogue may round a tie the other way), and equal where a
+kernel refuses (the reference runs); their fakes agree with them (opcheck)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +10,11 @@ import torch
 
 from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ops import onednn
-from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
+from fxopt.ops.cpu import (CPU_ADAPTIVE_AVG_POOL2D_INT8, CPU_ADD_INT8, CPU_AVG_POOL2D_INT8,
+                           CPU_CAT_INT8, CPU_DEQUANTIZE, CPU_MAX_POOL2D_INT8, CPU_MUL_INT8, CPU_OF,
+                           CPU_QUANTIZE, CPU_UPSAMPLE_NEAREST2D_INT8, ONEDNN_CONV2D_INT8,
+                           ONEDNN_LINEAR_INT8)
+from fxopt.ops.schema import OPS
 
 pytestmark = pytest.mark.skipif(not onednn.onednn_int8_available(),
                                 reason="oneDNN's int8 kernels are not available in this build")
@@ -85,3 +91,105 @@ def test_fake_and_opcheck():
     torch.library.opcheck(ONEDNN_LINEAR_INT8.overload,
                           (_codes((3, 8), 12), lw_q, lw_s, lb, 0.05, 128, 0.02, 100),
                           {"act": "gelu"})
+
+
+# -- what the lowering writes besides: every activation, fbgemm, a fused residual, the twins -----
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "hardtanh"])
+@pytest.mark.parametrize("engine", ["onednn", "fbgemm"])
+def test_conv_and_linear_on_either_engine_within_one_code(act, engine):
+    """The activations PyTorch's quantized kernels have too (fused or a clamp of the codes),
+    on oneDNN's kernel or fbgemm's (packed once per weight, run on a view of the codes)."""
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"no {engine} here")
+    act_args = [-0.5, 2.0] if act == "hardtanh" else []
+    q = _codes((2, 8, 9, 9), 13).contiguous(memory_format=torch.channels_last)
+    w_q, w_s, b = _weights((16, 8, 3, 3), 14)
+    args = (q, w_q, w_s, b, [1, 1], [1, 1], [1, 1], 1, 0.04, 120, 0.03, 90)
+    y = torch.ops.fxopt.onednn_conv2d_int8(*args, act=act, act_args=act_args, engine=engine)
+    ref = ONEDNN_CONV2D_INT8.reference(*args, act=act, act_args=act_args)
+    assert y.dtype == torch.uint8 and y.is_contiguous(memory_format=torch.channels_last)
+    assert int((y.int() - ref.int()).abs().max()) <= 1
+    lq, (lw, ls, lb) = _codes((3, 24), 15), _weights((12, 24), 16)
+    largs = (lq, lw, ls, lb, 0.05, 128, 0.02, 100)
+    y = torch.ops.fxopt.onednn_linear_int8(*largs, act=act, act_args=act_args, engine=engine)
+    ref = ONEDNN_LINEAR_INT8.reference(*largs, act=act, act_args=act_args)
+    assert int((y.int() - ref.int()).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_residual_sum_post_op_within_one_code_and_leaves_the_residual(act):
+    """A residual (codes on its own grid) added before the activation, oneDNN's sum post-op:
+    within one code of the reference (the float sum, rounded once), the caller's residual
+    codes untouched (the kernel writes into a copy)."""
+    q = _codes((2, 8, 9, 9), 17).contiguous(memory_format=torch.channels_last)
+    r = _codes((2, 16, 9, 9), 18).contiguous(memory_format=torch.channels_last)
+    before = r.clone()
+    w_q, w_s, b = _weights((16, 8, 3, 3), 19)
+    args = (q, w_q, w_s, b, [1, 1], [1, 1], [1, 1], 1, 0.04, 120, 0.05, 30, r, 0.03, 128)
+    y = torch.ops.fxopt.onednn_conv2d_int8(*args, act=act)
+    ref = ONEDNN_CONV2D_INT8.reference(*args, act=act)
+    assert torch.equal(r, before) and y.shape == r.shape
+    diff = (y.int() - ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+    torch.library.opcheck(ONEDNN_CONV2D_INT8.overload, args, {"act": act})
+
+
+def _t(v, dtype=torch.float32):
+    return torch.tensor(v, dtype=dtype)
+
+
+S, Z, SY, ZY = _t(0.05), _t(120, torch.int64), _t(0.07), _t(100, torch.int64)
+_X = _codes((2, 8, 6, 6), 20).contiguous(memory_format=torch.channels_last)
+_G = _codes((2, 8, 1, 1), 21)
+TWINS = {  # op -> (args, kwargs): a case of each on uint8 codes
+    CPU_QUANTIZE: ((torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last) * 3,
+                    S, Z, 0, 255), {}),
+    CPU_DEQUANTIZE: ((_X, S, Z), {}),
+    CPU_ADD_INT8: ((_X, S, Z, _X.flip(0), _t(0.04), _t(3, torch.int64), SY, ZY),
+                   {"act": "relu"}),
+    CPU_MUL_INT8: ((_X, S, Z, _G, _t(1 / 256), _t(0, torch.int64), SY, ZY), {}),
+    CPU_CAT_INT8: (([_X, _X.flip(0)], [S, _t(0.06)], [Z, _t(7, torch.int64)], 1, SY, ZY, 0,
+                    255), {}),
+    CPU_ADAPTIVE_AVG_POOL2D_INT8: ((_X, [1, 1], S, Z, 0, 255, SY, ZY), {}),
+    CPU_AVG_POOL2D_INT8: ((_X, [2, 2], [2, 2], [0, 0], False, True, S, Z, 0, 255), {}),
+    CPU_MAX_POOL2D_INT8: ((_X, [3, 3], [2, 2], [1, 1], [1, 1], False), {}),
+    CPU_UPSAMPLE_NEAREST2D_INT8: ((_X, None, [2.0, 2.0], S, Z, 0, 255), {}),
+}
+
+
+def test_every_op_of_the_cpu_family_has_a_case_here():
+    assert {op.name for op in TWINS} | {"onednn_conv2d_int8", "onednn_linear_int8"} == \
+        {op.name for op in OPS.values() if op.family == "cpu"}
+    assert set(CPU_OF.values()) == set(TWINS)
+
+
+@pytest.mark.parametrize("op", list(TWINS), ids=lambda op: op.name)
+def test_twin_on_views_of_the_codes_equals_its_ir_op(op):
+    """Each IR op's CPU twin (PyTorch's quantized kernel on a view of the codes, no copy in or
+    out) against the IR op on the same plain codes: dtype, shape and layout equal, codes within
+    one (equal but for the global pool back on its input's grid, a tie)."""
+    args, kwargs = TWINS[op]
+    y = op.overload(*args, **kwargs)
+    ir = next(t for t, twin in CPU_OF.items() if twin is op)
+    ref = ir(*args, **kwargs)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    if y.dim() == 4 and y.shape[-1] > 1:
+        assert y.stride() == ref.stride()
+    tol = 0 if y.dtype == torch.float32 else 1
+    assert float((y.double() - ref.double()).abs().max()) <= tol * (1 if tol else 0)
+    assert torch.equal(y, ref) or op is CPU_ADD_INT8 or op is CPU_ADAPTIVE_AVG_POOL2D_INT8
+
+
+@pytest.mark.parametrize("op", list(TWINS), ids=lambda op: op.name)
+def test_twin_fake_and_opcheck(op):
+    """The fake (torch.export's, torch.compile's) agrees with the real op."""
+    args, kwargs = TWINS[op]
+    torch.library.opcheck(op.overload, args, kwargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_grid_the_kernels_lack_runs_the_reference():
+    """Symmetric int8 codes (a grid of [-128, 127]) have no quantized kernel: the reference."""
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.equal(CPU_QUANTIZE(x, S, _t(0, torch.int64), -128, 127),
+                       torch.ops.fxopt.quantize(x, S, _t(0, torch.int64), -128, 127))

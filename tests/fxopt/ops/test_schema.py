@@ -35,7 +35,8 @@ def test_every_op_is_declared_once_and_reachable_by_its_target():
         assert schema_of(schema.overload) is schema and schema_of(schema.packet) is schema
         assert getattr(torch.ops.fxopt, name).default is schema.overload
         assert schema.quantized == (schema.family == "int8" or name.endswith("_int8")
-                                    or name in ("triton_quantize", "triton_dequantize"))
+                                    or name in ("triton_quantize", "triton_dequantize",
+                                                "cpu_quantize", "cpu_dequantize"))
 
 
 def test_emit_writes_one_canonical_spelling():

@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fxopt
 from fxopt.infra.manager import PassManager
 from fxopt.infra.rewrite import apply_rules
+from fxopt.ops.cpu import CPU_AVG_POOL2D_INT8
 from fxopt.ops.int8 import AvgPool2dWindowInt8
 from fxopt.pipelines import expand_pipeline
 from fxopt.quant.config import QuantConfig
@@ -211,14 +212,13 @@ def test_divisor_override_and_float_input_are_left_alone():
 @pytest.mark.parametrize("net", [Transition, Functional])
 def test_cpu_row_runs_pytorchs_avg_pool2d_within_one_step(net):
     ir, _, ctx, _ = _quantize(net(), torch.randn(2, 3, 16, 16))
-    state = lower.CpuLowering()
-    table = apply_rules(copy.deepcopy(ir), lower.RULES, context=state, skip=state.skip)
-    assert table.counts["avg_pool2d_int8"] == 1 and state.fallback == []
+    table = apply_rules(copy.deepcopy(ir), lower.RULES, context=lower.CpuLowering())
+    assert table.counts["avg_pool2d_int8"] == 1 and table.rejected == []
     low, report = PassManager(expand_pipeline(["lower_int8_cpu"]), check="each").run(
         copy.deepcopy(ir), ctx)
     rec = report.record("lower_int8_cpu")
     assert rec.status == "ok" and rec.stats["pool"] == 1 and rec.stats["fallback"] == 0
-    assert _count(low, F.avg_pool2d) == 1 and _count(low, AVG8) == 0
+    assert _count(low, CPU_AVG_POOL2D_INT8.overload) == 1 and _count(low, AVG8) == 0
     assert not any("more than one code" in note for note in rec.notes), rec.notes
     for xb in _cal(n=3, seed=8, shape=(4, 3, 18, 14)):
         with torch.no_grad():
@@ -227,10 +227,10 @@ def test_cpu_row_runs_pytorchs_avg_pool2d_within_one_step(net):
 
 # -- ONNX QDQ export, both forms ------------------------------------------------------------------
 @pytest.mark.parametrize("net", [Transition, Functional])
-@pytest.mark.parametrize("form,row", [("ir", "avg_pool2d_int8"), ("cpu", "avg_pool2d")])
+@pytest.mark.parametrize("form,row", [("ir", "avg_pool2d_int8"), ("cpu", "cpu_avg_pool2d_int8")])
 def test_onnx_export_both_forms(tmp_path, net, form, row):
-    """The IR row (``qdq_ir``) and, once lowered, the CPU table's same-grid ``F.avg_pool2d``
-    row (``qdq_cpu``, already there) each write one AveragePool between Q and DQ."""
+    """The IR row (``qdq_ir``) and, once lowered, the CPU twin's row (``qdq_cpu``: the IR
+    row) each write one AveragePool between Q and DQ."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from fxopt.export.onnx import export_onnx

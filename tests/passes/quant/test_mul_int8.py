@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import fxopt
 from fxopt.infra.registry import PassContext
+from fxopt.ops.cpu import CPU_MUL_INT8
 from fxopt.ops.int8 import DEQUANTIZE, MUL_INT8, QUANTIZE, MulInt8, mul_int8_reference
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.qparams import QParams
@@ -188,7 +189,7 @@ def test_cpu_lowering_runs_quantized_mul_within_one_step():
     ir, _, ctx, _ = _quantize(SE(), x)
     low, rec = lower_cpu(ir, ctx)
     targets = [n.target for n in low.graph.nodes]
-    assert targets.count(torch.ops.quantized.mul) == 1 and MUL8 not in targets
+    assert targets.count(CPU_MUL_INT8.overload) == 1 and MUL8 not in targets
     assert rec.stats["mul"] == 1 and rec.stats["fallback"] == 1  # fc2 (sigmoid) only
     for xb in _cal(n=3, seed=8, shape=(4, 3, 12, 12)):  # another spatial size too
         with torch.no_grad():
@@ -217,8 +218,8 @@ def _ir_graph(act: str) -> fx.GraphModule:
 
 @pytest.mark.skipif(not lower.quantized_engine_available(), reason="no quantized CPU engine")
 @pytest.mark.parametrize("act,kernel,row", [
-    ("relu", torch.ops.quantized.mul_relu, "mul_int8"),
-    ("silu", MUL8, "mul_int8_reference"),  # no quantized mul_silu: the reference on the codes
+    ("relu", CPU_MUL_INT8.overload, "mul_int8"),  # quantized.mul_relu on views of the codes
+    ("silu", MUL8, None),  # no quantized mul_silu: the IR op stays, its reference on the codes
 ])
 def test_cpu_rows_for_activations(act, kernel, row):
     ir = _ir_graph(act)
@@ -226,7 +227,7 @@ def test_cpu_rows_for_activations(act, kernel, row):
     ctx = PassContext(example_inputs=(x,))
     low, rec = lower_cpu(ir, ctx)
     assert kernel in [n.target for n in low.graph.nodes]
-    assert rec.stats["fallback"] == (row == "mul_int8_reference")
+    assert rec.stats["fallback"] == (row is None)
     for xb in _cal(n=2, seed=9, shape=(3, 8, 5, 5)):
         with torch.no_grad():
             assert (low(xb) - ir(xb)).abs().max().item() <= rec.tolerance
@@ -235,7 +236,8 @@ def test_cpu_rows_for_activations(act, kernel, row):
 
 
 # -- ONNX QDQ export, both forms ------------------------------------------------------------------
-@pytest.mark.parametrize("form,row,onnx_mul", [("ir", "mul_int8", 1), ("cpu", "mul", 1)])
+@pytest.mark.parametrize("form,row,onnx_mul", [("ir", "mul_int8", 1),
+                                                ("cpu", "cpu_mul_int8", 1)])
 def test_onnx_export_both_forms(tmp_path, form, row, onnx_mul):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

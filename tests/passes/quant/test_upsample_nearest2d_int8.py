@@ -36,6 +36,7 @@ quant = __import__("fxopt.passes.quant.quantize", fromlist=["quantize"])
 OPS = torch.ops.fxopt
 UP8, CONV8, ADD8 = (OPS.upsample_nearest2d_int8.default, OPS.conv2d_int8.default,
                     OPS.add_int8.default)
+CPU_UP8 = OPS.cpu_upsample_nearest2d_int8.default
 Q, DQ = OPS.quantize.default, OPS.dequantize.default
 G = torch.Generator().manual_seed(12)
 _t, _count, _quantized, _cal = t, count, quantized, calibration
@@ -231,29 +232,28 @@ def _cpu(ir, ctx):
 
 @pytest.mark.skipif(not lower.quantized_engine_available(), reason="no quantized CPU engine")
 @pytest.mark.parametrize("net", [Decoder, Functional, TopDown])
-def test_cpu_row_runs_pytorchs_interpolate_on_quantized_tensors(net):
+def test_cpu_row_runs_pytorchs_interpolate_on_views_of_the_codes(net):
     ir, _, ctx, _ = _quantize(net(), torch.randn(2, 3, 16, 16))
-    state = lower.CpuLowering()
-    table = apply_rules(copy.deepcopy(ir), lower.RULES, context=state, skip=state.skip)
-    assert table.counts["upsample_nearest2d_int8"] == 1 and state.fallback == []
+    table = apply_rules(copy.deepcopy(ir), lower.RULES, context=lower.CpuLowering())
+    assert table.counts["upsample_nearest2d_int8"] == 1 and table.rejected == []
     low, rec = _cpu(ir, ctx)
     assert rec.stats["upsample"] == 1 and rec.stats["fallback"] == 0
-    assert _count(low, F.interpolate) == 1 and _count(low, UP8) == 0
+    assert _count(low, CPU_UP8) == 1 and _count(low, UP8) == 0
     for xb in _cal(n=3, seed=8, shape=(4, 3, 18, 14)):
         with torch.no_grad():
             assert (low(xb) - ir(xb)).abs().max().item() <= rec.tolerance
 
 
 @pytest.mark.skipif(not lower.quantized_engine_available(), reason="no quantized CPU engine")
-def test_cpu_reference_row_takes_a_scale_factor_the_kernel_indexes_differently():
-    """scale_factor=1.25: the kernel row rejects it, the reference row (named in the notes) runs
-    the float kernel on the dequantized codes and requantizes: the IR's codes exactly."""
+def test_a_scale_factor_the_kernel_indexes_differently_stays_the_ir_op():
+    """scale_factor=1.25: the kernel row rejects it, the IR op stays (named in the notes) and
+    runs its reference on the codes: the IR's codes exactly."""
     ir, _, ctx, _ = _quantize(Decoder(factor=1.25), torch.randn(2, 3, 16, 16))
     low, rec = _cpu(ir, ctx)
     assert rec.stats["fallback"] == 1 and "upsample" not in rec.stats
     assert any(note.startswith("no PyTorch int8 kernel") and note.endswith(": up")
                for note in rec.notes), rec.notes
-    assert _count(low, UP8) == 0 and _count(low, F.interpolate) == 1
+    assert _count(low, UP8) == 1 and _count(low, CPU_UP8) == 0
     for xb in _cal(n=2, seed=9, shape=(2, 3, 2, 8)) + _cal(n=2, seed=9, shape=(2, 3, 13, 9)):
         with torch.no_grad():  # 2x8: 1.25 keeps the height, where the kernel's rows differ
             assert torch.equal(low(xb), ir(xb))
@@ -261,10 +261,11 @@ def test_cpu_reference_row_takes_a_scale_factor_the_kernel_indexes_differently()
 
 # -- ONNX QDQ export, both forms ------------------------------------------------------------------
 @pytest.mark.parametrize("net", [Decoder, Functional])
-@pytest.mark.parametrize("form,row", [("ir", "upsample_nearest2d_int8"), ("cpu", "interpolate")])
+@pytest.mark.parametrize("form,row", [("ir", "upsample_nearest2d_int8"),
+                                      ("cpu", "cpu_upsample_nearest2d_int8")])
 def test_onnx_export_both_forms(tmp_path, net, form, row):
-    """The IR row (``qdq_ir``) and, once lowered, the CPU table's same-grid ``F.interpolate``
-    row (``qdq_cpu``) each write one nearest Resize between Q and DQ, checked in ORT."""
+    """The IR row (``qdq_ir``) and, once lowered, the CPU twin's row (``qdq_cpu``: the IR
+    row) each write one nearest Resize between Q and DQ, checked in ORT."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from fxopt.export.onnx import export_onnx
