@@ -24,6 +24,7 @@ from fxopt.export.engines import (Engine, check_engine_options, deploy, installe
                                   measure, require_engine)
 from fxopt.export.fileformat import FORMAT_VERSION, read_module, write_module
 from fxopt.infra.cudagraph import MAX_GRAPHS, CudaGraphRunner
+from fxopt.infra.direct import DirectRunner
 from fxopt.infra.manager import CHECK_MODES, MISMATCH_MODES, Instrument, PassManager, debug_level
 from fxopt.pipelines import ENGINE_TARGETS, FEATURE_PASSES, build_pipeline, expand_pipeline
 from fxopt.infra.registry import PASSES, PassContext
@@ -60,6 +61,7 @@ class OptimizedModule(nn.Module):
         self.target = target
         self.cuda_graphs: CudaGraphRunner | None = None  # see with_cuda_graphs
         self.engine = engine
+        self.direct = DirectRunner(report.notes)  # fxopt ops called past the dispatcher
         self.train(False)  # an inference module: optimize(opt, x) and check_model accept it
 
     def forward(self, *args, **kwargs):
@@ -76,8 +78,9 @@ class OptimizedModule(nn.Module):
         # No gradient wanted (torch.no_grad): skip the autograd layer, which every fxopt op has
         # (its gradient formula) and which costs ~13 us a call even when no gradient is taken:
         # 0.53 -> 0.43 ms on 8 fused convs at 8x8 (one thread). inference_mode skips it anyway.
+        # The CPU kernels are called directly where that is safe (fxopt.infra.direct).
         with torch._C._AutoDispatchBelowAutograd():
-            return self.graph_module(*args, **kwargs)
+            return self.direct(self.graph_module, args, kwargs)
 
     def with_cuda_graphs(self, enabled: bool = True, *,
                          max_graphs: int = MAX_GRAPHS) -> "OptimizedModule":

@@ -117,7 +117,8 @@ class OpSchema:
         self.differentiable = None if self.quantized else (differentiable or decompose)
         self._macs = macs
         LIB.define(signature)
-        LIB.impl(self.name, cpu or reference, "CPU")
+        self.cpu_impl = cpu or reference  # the CPU kernel, also what a direct call runs
+        LIB.impl(self.name, self.cpu_impl, "CPU")
         LIB.impl(self.name, cuda or reference, "CUDA")
         torch.library.register_fake(f"fxopt::{self.name}", fake, lib=LIB)
         _register_autograd(self)
