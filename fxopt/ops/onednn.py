@@ -1,7 +1,7 @@
 """oneDNN on the CPU: the fast path of ``conv2d_act``, and int8 convolution and linear with a
 fused post-op (what ``fxopt.onednn_conv2d_int8`` / ``onednn_linear_int8`` run).
 
-A channels-last float32 input takes ``torch.ops.mkldnn._convolution_pointwise`` (the kernels
+A channels-last float32 (or bfloat16: ``precision="bf16"``) input takes ``torch.ops.mkldnn._convolution_pointwise`` (the kernels
 Inductor uses): conv + bias + activation in one pass (the activations oneDNN fuses are the
 ``onednn`` column of the activation table), or conv + bias + residual (+ relu). Weights are
 reordered once into oneDNN's blocked format and cached, keyed by the weight tensor, its storage
@@ -104,11 +104,18 @@ def _packed_weight(weight: torch.Tensor, padding, stride, dilation, groups, x: t
     return packed
 
 
+# The float dtypes the fused kernels take: bfloat16 is ``precision="bf16"`` on the CPU (a
+# CPU without native bf16 is refused before: ``fxopt.ir.precision.cpu_native_bf16``).
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
 def applies(x, weight, bias, residual) -> bool:
-    """Whether the oneDNN path takes this call (float32, channels-last, 2-D)."""
-    return (mkldnn_available() and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32) and strictly_channels_last(x)
-            and weight.dim() == 4 and (residual is None or residual.dtype == torch.float32))
+    """Whether the oneDNN path takes this call (float32 or bfloat16 throughout, channels-last,
+    2-D)."""
+    dtype = x.dtype
+    return (mkldnn_available() and dtype in _FLOATS and weight.dtype == dtype
+            and (bias is None or bias.dtype == dtype) and strictly_channels_last(x)
+            and weight.dim() == 4 and (residual is None or residual.dtype == dtype))
 
 
 def conv2d_act_onednn(x, weight, bias, stride, padding, dilation, groups, residual, act,
