@@ -2,8 +2,9 @@
 fused post-op (what ``fxopt.onednn_conv2d_int8`` / ``onednn_linear_int8`` run).
 
 A channels-last float32 (or bfloat16: ``precision="bf16"``) input takes
-``torch.ops.mkldnn._convolution_pointwise`` (the kernels Inductor uses): conv + bias + activation in one pass (the activations oneDNN fuses are the
-``onednn`` column of the activation table), or conv + bias + residual (+ relu). Weights are
+``torch.ops.mkldnn._convolution_pointwise`` (the kernels Inductor uses): conv + bias +
+activation in one pass (the activations oneDNN fuses are the ``onednn`` column of the
+activation table), or conv + bias + residual (+ relu). Weights are
 reordered once into oneDNN's blocked format and cached, keyed by the weight tensor, its storage
 and its version: an in-place update of the weight (an optimizer step, ``load_state_dict``)
 repacks and drops the copies of the old values, so training through the op holds one packed
