@@ -117,8 +117,24 @@ def linear_act_decomposed(x, weight, bias, residual=None, *, act="none", act_arg
 
 
 # -- CPU: oneDNN where it applies ---------------------------------------------------------------
+def _is_gemv_conv(x, weight, bias, padding, groups, residual) -> bool:
+    """A bfloat16 1x1 convolution of a 1x1 image (the squeeze-excitation layers): a matrix
+    product. PyTorch's bf16 convolution reorders the weight on every call for it (61 us a call
+    on a 96 -> 4 layer, one thread, against 3.4 us for ``F.linear``; float32 takes a direct
+    path and stays as it is)."""
+    return (x.dtype == torch.bfloat16 and x.dim() == 4 and x.shape[2:] == (1, 1)
+            and weight.shape[2:] == (1, 1) and groups == 1 and residual is None
+            and not any(padding) and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype))
+
+
 def _conv2d_act_cpu(x, weight, bias, stride, padding, dilation, groups, residual=None, *,
                     act="none", act_args=()):
+    if _is_gemv_conv(x, weight, bias, padding, groups, residual):
+        check_activation(act, act_args)
+        y = F.linear(x.reshape(x.shape[0], x.shape[1]), weight.reshape(weight.shape[:2]), bias)
+        return apply_activation(y, act, act_args, inplace=True).reshape(
+            x.shape[0], weight.shape[0], 1, 1)
     if onednn.applies(x, weight, bias, residual):
         check_activation(act, act_args)
         y = onednn.conv2d_act_onednn(x, weight, bias, stride, padding, dilation, groups,
