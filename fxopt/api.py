@@ -244,7 +244,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         report.final_max_abs_err, report.final_rel_err = final.max_abs, final.rel_err
         if check != "none" and exact_only and not final.ok:
             _final_mismatch(final, report, on_mismatch, check)
-        if dtype is not None and target == "cpu" and not triton_on_cpu():
+        if dtype == torch.bfloat16 and target == "cpu" and not triton_on_cpu():
             # bf16 on the CPU: float32 in, float32 out (casts at the boundary; ir/precision.py)
             report.notes.extend(finish_cpu_precision(gm, dtype, user_inputs, model))
     report.total_time_s = time.perf_counter() - t_start

@@ -120,6 +120,30 @@ def test_bf16_inputs_pass_through():
     assert compare_outputs(out.to(torch.bfloat16), _eager_bf16(model, x)).ok
 
 
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, index):
+        y = F.relu(self.conv(x))
+        return y, y.flatten(1)[:, index], index + 1
+
+
+@needs_bf16
+def test_bf16_casts_only_float_tensors():
+    """An integer input stays as it is; every bf16 output (4-D ones contiguous, as eager's) is
+    cast back to float32, an integer output is not."""
+    model, x, index = _model(TwoOutputs), _x(2, 3, 6, 6), torch.tensor([0, 5, 7])
+    opt = fxopt.optimize(model, (x, index), precision="bf16")
+    with torch.no_grad():
+        y, picked, nxt = opt(x, index)
+        ref = model(x, index)
+    assert (y.dtype, picked.dtype, nxt.dtype) == (torch.float32, torch.float32, torch.int64)
+    assert y.is_contiguous() and torch.equal(nxt, ref[2])
+    assert rel_err(y, ref[0]) < BF16 and rel_err(picked, ref[1]) < BF16
+
+
 @needs_bf16
 @pytest.mark.parametrize("act", ["silu", "sigmoid", "none"])
 def test_bf16_conv_of_a_1x1_image_is_a_matrix_product(act):
