@@ -136,6 +136,42 @@ def _variants(name: str, model, x, want: set[str], notes: list[str]) -> dict:
     return fns
 
 
+def _render(rows, cols, notes, args, load) -> str:
+    text = header("bf16 on the CPU: fxopt fp32 / bf16, eager bf16, torch.compile bf16, OpenVINO")
+    flags = " ".join(sorted({f for f in Path("/proc/cpuinfo").read_text().split()
+                             if f in ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni",
+                                      "avx512_fp16", "amx_tile")}))
+    try:
+        import openvino as ov
+        ov_version = ov.get_version()
+    except ImportError:
+        ov_version = "not installed"
+    text += (f"- cpu flags: {flags}\n- openvino: {ov_version}\n"
+             f"- load average at start (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} "
+             f"{load[2]:.2f}; at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n"
+             f"- rounds {args.rounds}, about {args.seconds} s each, variants interleaved\n\n")
+    text += ("Median ms per call (float32 in, float32 out). ov/bf16: OpenVINO's time over "
+             "fxopt-bf16's (above 1: fxopt faster).\n\n")
+    text += "| model | bs | threads | " + " | ".join(cols) + " | ov/bf16 |\n"
+    text += "|---" * (len(cols) + 4) + "|\n"
+    for name, bs, threads, ms, _, _ in rows:
+        ratio = (f"{ms['openvino'] / ms['fxopt-bf16']:.2f}"
+                 if "openvino" in ms and "fxopt-bf16" in ms else "")
+        text += (f"| {name} | {bs} | {threads} | "
+                 + " | ".join(f"{ms[c]:.2f}" if c in ms else "-" for c in cols)
+                 + f" | {ratio} |\n")
+    text += "\nRel err against the float32 eager model (first batch size and thread count):\n\n"
+    text += "| model | " + " | ".join(cols) + " | openvino precision |\n"
+    text += "|---" * (len(cols) + 2) + "|\n"
+    for name, _, _, _, errs, prec in rows:
+        if errs:
+            text += (f"| {name} | " + " | ".join(f"{errs[c]:.1e}" if c in errs else "-"
+                                                 for c in cols) + f" | {prec} |\n")
+    if notes:
+        text += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in dict.fromkeys(notes))
+    return text
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS)
@@ -177,38 +213,10 @@ def main(argv=None) -> str:
                 rows.append((name, bs, threads, ms, errs,
                              ov.precision if ov is not None else ""))
                 print(name, bs, threads, {k: round(v, 2) for k, v in ms.items()}, flush=True)
-    text = header("bf16 on the CPU: fxopt fp32 / bf16, eager bf16, torch.compile bf16, OpenVINO")
-    flags = " ".join(sorted({f for f in Path("/proc/cpuinfo").read_text().split()
-                             if f in ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni",
-                                      "avx512_fp16", "amx_tile")}))
-    try:
-        import openvino as ov
-        ov_version = ov.get_version()
-    except ImportError:
-        ov_version = "not installed"
-    text += (f"- cpu flags: {flags}\n- openvino: {ov_version}\n"
-             f"- load average at start (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} "
-             f"{load[2]:.2f}; at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n"
-             f"- rounds {args.rounds}, about {args.seconds} s each, variants interleaved\n\n")
-    text += ("Median ms per call (float32 in, float32 out). ov/bf16: OpenVINO's time over "
-             "fxopt-bf16's (above 1: fxopt faster).\n\n")
-    text += "| model | bs | threads | " + " | ".join(cols) + " | ov/bf16 |\n"
-    text += "|---" * (len(cols) + 4) + "|\n"
-    for name, bs, threads, ms, _, _ in rows:
-        ratio = (f"{ms['openvino'] / ms['fxopt-bf16']:.2f}"
-                 if "openvino" in ms and "fxopt-bf16" in ms else "")
-        text += (f"| {name} | {bs} | {threads} | "
-                 + " | ".join(f"{ms[c]:.2f}" if c in ms else "-" for c in cols)
-                 + f" | {ratio} |\n")
-    text += "\nRel err against the float32 eager model (first batch size and thread count):\n\n"
-    text += "| model | " + " | ".join(cols) + " | openvino precision |\n"
-    text += "|---" * (len(cols) + 2) + "|\n"
-    for name, _, _, _, errs, prec in rows:
-        if errs:
-            text += (f"| {name} | " + " | ".join(f"{errs[c]:.1e}" if c in errs else "-"
-                                                 for c in cols) + f" | {prec} |\n")
-    if notes:
-        text += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in dict.fromkeys(notes))
+            if args.out != "-":  # the figures so far, in case the run is cut short
+                Path(args.out or "/tmp/cpu-bf16-partial.md").write_text(
+                    _render(rows, cols, notes, args, load))
+    text = _render(rows, cols, notes, args, load)
     write_result(text, args.out, "cpu-bf16")
     return text
 
