@@ -145,6 +145,15 @@ def _conv2d_act_cpu(x, weight, bias, stride, padding, dilation, groups, residual
                               act=act, act_args=act_args)
 
 
+def _linear_act_cpu(x, weight, bias, residual=None, *, act="none", act_args=()):
+    if onednn.linear_applies(x, weight, bias, residual):
+        check_activation(act, act_args)
+        y = onednn.linear_act_onednn(x, weight, bias, act, act_args)
+        if y is not None:
+            return y
+    return linear_act_reference(x, weight, bias, residual, act=act, act_args=act_args)
+
+
 # -- fake implementations: shapes and strides --------------------------------------------------
 def _conv_act_fake(x, weight, bias, stride, padding, dilation, groups, residual=None, *,
                    act="none", act_args=()):
@@ -196,7 +205,7 @@ CONV_TRANSPOSE2D_ACT = define_op(
     decompose=conv_transpose_act_decomposed, macs=_conv_transpose_macs)
 LINEAR_ACT = define_op(
     "linear_act(Tensor x, Tensor weight, Tensor? bias, " + _TAIL,
-    family="fused", reference=linear_act_reference, fake=_linear_act_fake,
+    family="fused", reference=linear_act_reference, fake=_linear_act_fake, cpu=_linear_act_cpu,
     decompose=linear_act_decomposed, macs=weight_macs("weight"))
 
 

@@ -14,7 +14,7 @@ import fxopt.ir.precision as precision
 from fxopt.errors import NotAvailableError, PipelineError
 from fxopt.ir.tolerances import TOLERANCES, compare_outputs, rel_err
 from fxopt.ops import onednn
-from fxopt.ops.fused import CONV2D_ACT, conv_act_reference
+from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT, conv_act_reference, linear_act_reference
 
 BF16 = TOLERANCES[torch.bfloat16]
 needs_bf16 = pytest.mark.skipif(not precision.cpu_native_bf16(),
@@ -156,6 +156,26 @@ def test_bf16_conv_of_a_1x1_image_is_a_matrix_product(act):
                              act=act)
     assert y.dtype == torch.bfloat16 and y.shape == (3, 6, 1, 1) and y.is_contiguous()
     assert rel_err(y, ref) < BF16
+
+
+@needs_bf16
+@pytest.mark.parametrize("act, act_args", [("none", []), ("gelu", []), ("gelu_tanh", []),
+                                           ("relu", []), ("hardswish", []), ("elu", [1.0])])
+@pytest.mark.parametrize("shape", [(4, 16), (2, 3, 5, 16)])
+def test_bf16_linear_act_on_onednn(act, act_args, shape):
+    """bf16 ``linear_act`` runs oneDNN's matmul on a packed weight (the activation as its
+    post-op, or after it where the table has none): equal to the float64 reference within the
+    bf16 tolerance, contiguous, any leading dims, a transposed input too."""
+    x = _x(*shape).to(torch.bfloat16)
+    w, b = _x(24, 16).to(torch.bfloat16), _x(24).to(torch.bfloat16)
+    onednn.clear_weight_cache()
+    for xx in (x, x.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        y = LINEAR_ACT.overload(xx, w, b, act=act, act_args=act_args)
+        ref = linear_act_reference(xx.double(), w.double(), b.double(), act=act,
+                                   act_args=act_args)
+        assert y.dtype == torch.bfloat16 and y.shape == ref.shape and y.is_contiguous()
+        assert rel_err(y, ref) < BF16
+    assert onednn.packed_weights() == 1
 
 
 # -- refusals (every CPU) -------------------------------------------------------------------------
