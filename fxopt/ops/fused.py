@@ -119,7 +119,8 @@ def linear_act_decomposed(x, weight, bias, residual=None, *, act="none", act_arg
 # -- CPU: oneDNN where it applies ---------------------------------------------------------------
 def _is_gemv_conv(x, weight, bias, padding, groups, residual) -> bool:
     """A bfloat16 1x1 convolution of a 1x1 image (the squeeze-excitation layers): a matrix
-    product. PyTorch's bf16 convolution reorders the weight on every call for it (61 us a call
+    product, run as the bf16 linear (the packed oneDNN matmul, or ``F.linear`` for a small
+    weight). PyTorch's bf16 convolution reorders the weight on every call for it (61 us a call
     on a 96 -> 4 layer, one thread, against 3.4 us for ``F.linear``; float32 takes a direct
     path and stays as it is)."""
     return (x.dtype == torch.bfloat16 and x.dim() == 4 and x.shape[2:] == (1, 1)
@@ -132,9 +133,13 @@ def _conv2d_act_cpu(x, weight, bias, stride, padding, dilation, groups, residual
                     act="none", act_args=()):
     if _is_gemv_conv(x, weight, bias, padding, groups, residual):
         check_activation(act, act_args)
-        y = F.linear(x.reshape(x.shape[0], x.shape[1]), weight.reshape(weight.shape[:2]), bias)
-        return apply_activation(y, act, act_args, inplace=True).reshape(
-            x.shape[0], weight.shape[0], 1, 1)
+        x2 = x.reshape(x.shape[0], x.shape[1])
+        y = onednn.linear_act_onednn(x2, weight, bias, act, act_args) \
+            if onednn.linear_applies(x2, weight, bias, None) else None
+        if y is None:
+            y = F.linear(x2, weight.reshape(weight.shape[:2]), bias)
+            y = apply_activation(y, act, act_args, inplace=True)
+        return y.reshape(x.shape[0], weight.shape[0], 1, 1)
     if onednn.applies(x, weight, bias, residual):
         check_activation(act, act_args)
         y = onednn.conv2d_act_onednn(x, weight, bias, stride, padding, dilation, groups,

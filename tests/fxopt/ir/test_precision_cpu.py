@@ -146,16 +146,18 @@ def test_bf16_casts_only_float_tensors():
 
 @needs_bf16
 @pytest.mark.parametrize("act", ["silu", "sigmoid", "none"])
-def test_bf16_conv_of_a_1x1_image_is_a_matrix_product(act):
-    """The SE layers' 1x1 convolutions of a 1x1 image run as F.linear in bf16 (same math)."""
-    x = _x(3, 24, 1, 1).to(torch.bfloat16)
-    w, b = _x(6, 24, 1, 1).to(torch.bfloat16), _x(6).to(torch.bfloat16)
+@pytest.mark.parametrize("c_in, c_out", [(24, 6), (256, 64)])  # F.linear; the packed matmul
+def test_bf16_conv_of_a_1x1_image_is_a_matrix_product(act, c_in, c_out):
+    """The SE layers' 1x1 convolutions of a 1x1 image run as a linear layer in bf16."""
+    x = _x(3, c_in, 1, 1).to(torch.bfloat16)
+    w, b = _x(c_out, c_in, 1, 1).to(torch.bfloat16), _x(c_out).to(torch.bfloat16)
     args = (x, w, b, [1, 1], [0, 0], [1, 1], 1)
     y = CONV2D_ACT.overload(*args, act=act)
     ref = conv_act_reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args),
                              act=act)
-    assert y.dtype == torch.bfloat16 and y.shape == (3, 6, 1, 1) and y.is_contiguous()
+    assert y.dtype == torch.bfloat16 and y.shape == (3, c_out, 1, 1) and y.is_contiguous()
     assert rel_err(y, ref) < BF16
+    assert onednn.linear_applies(x.flatten(1), w, b, None) == (c_in * c_out >= 8192)
 
 
 @needs_bf16
@@ -166,8 +168,8 @@ def test_bf16_linear_act_on_onednn(act, act_args, shape):
     """bf16 ``linear_act`` runs oneDNN's matmul on a packed weight (the activation as its
     post-op, or after it where the table has none): equal to the float64 reference within the
     bf16 tolerance, contiguous, any leading dims, a transposed input too."""
-    x = _x(*shape).to(torch.bfloat16)
-    w, b = _x(24, 16).to(torch.bfloat16), _x(24).to(torch.bfloat16)
+    x = _x(*shape[:-1], 128).to(torch.bfloat16)
+    w, b = _x(96, 128).to(torch.bfloat16), _x(96).to(torch.bfloat16)  # packed: >= 8192 weights
     onednn.clear_weight_cache()
     for xx in (x, x.transpose(-1, -2).contiguous().transpose(-1, -2)):
         y = LINEAR_ACT.overload(xx, w, b, act=act, act_args=act_args)
