@@ -35,7 +35,7 @@ from fxopt.ir.capture import capture_model, check_model, copy_model, normalize_i
 from fxopt.ir.check import clone_inputs, conditioning_floors, seeded
 from fxopt.ir.graph import count_bytes, count_nodes, count_params
 from fxopt.ir.metrics import count_macs
-from fxopt.ir.precision import resolve_precision, to_precision
+from fxopt.ir.precision import finish_cpu_precision, resolve_precision, to_precision
 from fxopt.ops.triton import triton_on_cpu
 from fxopt.ir.tolerances import compare_outputs, strict_fp32
 
@@ -183,7 +183,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     config, and the batches to calibrate on. ``check``: ``"each"`` (default), ``"end"``,
     ``"none"``; ``on_mismatch``: ``"raise"``, ``"rollback"``, ``"warn"``.
     ``precision``: ``"fp16"``, ``"bf16"`` or ``"fp32"``, the dtype the model is converted to first
-    (``target="cuda"``; see ``fxopt.precision``); with ``target="cuda"`` the pipeline ends with
+    (``target="cuda"``, or ``"bf16"`` on a CPU with native bf16, where the module still takes
+    and returns float32; see ``fxopt.ir.precision``); with ``target="cuda"`` the pipeline ends with
     ``lower_to_triton`` (the fused and int8 ops onto the Triton kernels).
 
     ``target``: ``"auto"`` (default: ``"cuda"`` for inputs on a CUDA device, else ``"cpu"``;
@@ -280,6 +281,9 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         report.final_max_abs_err, report.final_rel_err = final.max_abs, final.rel_err
         if check != "none" and exact_only and not final.ok:
             _final_mismatch(final, report, on_mismatch, check)
+        if dtype == torch.bfloat16 and target == "cpu" and not triton_on_cpu():
+            # bf16 on the CPU: float32 in, float32 out (casts at the boundary; ir/precision.py)
+            report.notes.extend(finish_cpu_precision(gm, dtype, user_inputs, model))
     engine = None
     if engine_target:
         engine = deploy(gm, inputs, target, precision=precision, float_model=model)
