@@ -131,10 +131,12 @@ class ChannelWalk:
         self.mac_nodes: list[MacNode] = []
         self.events: list[tuple[str, str, np.ndarray]] = []
         self.unknown_ops: dict[str, int] = {}  # op name -> nodes the safety rule froze
+        self.rules = None  # the table of the current run (a rule may visit a node again)
 
     # -- the walk -----------------------------------------------------------------------------
     def run(self, rules) -> "ChannelWalk":
         """Visit every node in order with its rule from ``rules`` (a ``ChannelRuleTable``)."""
+        self.rules = rules
         for n in self.gm.graph.nodes:
             try:
                 self.visit(n, rules)

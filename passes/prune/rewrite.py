@@ -19,6 +19,7 @@ whose shape is not the original one with the removed channels taken out (or that
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import torch
@@ -165,7 +166,7 @@ def _set_arg(node: fx.Node, pos: tuple, value) -> None:
         node.args = tuple(args)
     else:
         kwargs = dict(node.kwargs)
-        kwargs[head] = replace(kwargs[head], rest, value)
+        kwargs[head] = replace(kwargs[head], rest, value) if rest else value
         node.kwargs = kwargs
 
 
@@ -183,6 +184,10 @@ def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, rem
         stop = int((~mask[:rw.stop]).sum())
         _set_arg(node, rw.pos, slice(start if old.start is not None else None,
                                      stop if old.stop is not None else None, old.step))
+    elif rw.kind == "value":
+        _set_arg(node, rw.pos, rw.value)
+    elif rw.kind == "mean":
+        _mean_as_sum(gm, node, rw.value)
     elif rw.kind == "split":
         sizes = [analysis.kept_count(p, removed) for p in rw.pieces]
         g = gm.graph
@@ -195,6 +200,23 @@ def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, rem
         new._rename(name)
     else:
         raise ValueError(f"unknown rewrite {rw.kind}")
+
+
+def _mean_as_sum(gm: fx.GraphModule, node: fx.Node, count: int) -> None:
+    """``x.mean(dims)`` over a pruned dim -> ``x.sum(dims) / count`` (the original count)."""
+    g = gm.graph
+    x, dims = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    with g.inserting_before(node):
+        total = g.call_function(torch.sum, (x,) if dims is None else (x, dims),
+                                {} if dims is None else {"keepdim": keepdim})
+        new = g.call_function(operator.truediv, (total, float(count)))
+    copy_meta(total, node)
+    copy_meta(new, node)
+    node.replace_all_uses_with(new)
+    name = node.name
+    g.erase_node(node)
+    new._rename(name)
 
 
 def apply_removal(gm: fx.GraphModule, analysis: ChannelAnalysis, removed,
