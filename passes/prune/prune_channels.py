@@ -35,8 +35,8 @@ from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.ir.metrics import count_macs
-from fxopt.passes.prune.attention import open_attention
 from fxopt.passes.prune.rewrite import apply_removal, check_shapes, fork, masked_reference
+from fxopt.prune.attention import open_attention
 from fxopt.prune.channels import ChannelAnalysis, analyze_channels
 from fxopt.prune.config import PruneConfig
 from fxopt.prune.importance import unit_scores
