@@ -36,7 +36,8 @@ import numpy as np
 import torch.fx as fx
 import torch.nn as nn
 
-import fxopt.prune.rules_attention  # noqa: F401  (the built-in rows of the rule table)
+import fxopt.prune.rules_aten  # noqa: F401  (the built-in rows of the rule table)
+import fxopt.prune.rules_attention  # noqa: F401
 import fxopt.prune.rules_elementwise  # noqa: F401
 import fxopt.prune.rules_layers  # noqa: F401
 import fxopt.prune.rules_shapes  # noqa: F401

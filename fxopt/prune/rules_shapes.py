@@ -46,10 +46,15 @@ RESHAPE_OPS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, tor
 
 
 # -- reshapes -----------------------------------------------------------------------------------
+# reshapes whose second argument is the shape (ATen's from a torch.export capture too)
+_SHAPE_LIST_OPS = (torch.reshape, "view", "reshape", torch.ops.aten.view.default,
+                   torch.ops.aten.reshape.default)
+
+
 def _shape_entries(n: fx.Node, out_nd: int):
     """The shape argument's entry for each output dim and where it sits (or None, None)."""
     t = n.target
-    if t in (torch.reshape, "view", "reshape") or (n.op == "call_module"):
+    if t in _SHAPE_LIST_OPS or (n.op == "call_module"):
         if n.op == "call_module":
             return None, None
         if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)):

@@ -125,6 +125,8 @@ def _fix_modules(gm, analysis: ChannelAnalysis, removed, original=None) -> None:
             mod.out_features, mod.in_features = mod.weight.shape
         elif kind == "prelu":
             mod.num_parameters = mod.weight.shape[0]
+        elif kind == "embedding":
+            mod.embedding_dim = mod.weight.shape[1]
         else:
             node = next((n for n in gm.graph.nodes if n.name == node_name), None)
             src = node.args[0] if node is not None else None
