@@ -54,3 +54,11 @@ def test_a_call_it_cannot_open_stays_a_leaf_and_freezes():
     assert k == 0 and same is gm
     g = {gr.name: gr for gr in analyze_channels(gm).groups}
     assert g["fc"].frozen
+
+
+def test_pruned_opened_attention_saves_and_loads(tmp_path):
+    model, x = zoo.make("attention_mha")
+    opt = fxopt.optimize(model, x, prune=0.5)
+    back = fxopt.load(opt.save(tmp_path / "vit.fxopt"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), opt(x))
