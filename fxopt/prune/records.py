@@ -81,6 +81,7 @@ class Rewrite:
     ``norm_shape`` (``normalized_shape`` at ``pos`` from ``vec``),
     ``groups`` (an int at ``pos``: kept slots of ``vec`` // ``block``),
     ``value`` (the argument at ``pos`` becomes ``value``: a default that depends on a size),
+    ``scale_rows`` (the first kept rows of tensor ``value`` times ``sqrt(kept / len(vec))``),
     ``mean`` (a mean over the pruned dim ``dim`` becomes a sum divided by the original count
     ``value``: the removed channels are zeros in the masked reference).
     ``pos`` is a path into ``node.args`` (ints) or a kwarg name first.

@@ -17,6 +17,7 @@ All four are one rule: an einsum. Every operand dim gets a letter; a letter the 
 ``q[...le], k[...se], v[...sv] -> [...lv]`` plus a softmax over ``s`` (never pruned: a token
 dim) and a mask over ``ls``. SDPA's default scale is ``1/sqrt(E)`` of ``q``'s last dim: when that
 dim is pruned, the rule writes the original scale into the call (a ``Rewrite("value")``).
+torchvision's ``shifted_window_attention`` (Swin) has a rule of its own (see its doc).
 
     >>> # a = q @ k.transpose(-2, -1); q, k: Layout(3, [0..63]) (head dims)
     >>> matmul(walk, node)   # q's slot i united with k's; a: FREE (the head dim was summed)
@@ -34,12 +35,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxopt.ir.graph import module_path
 from fxopt.prune.nodes import arg, arg_path, describe, ndim_of, shape_of
 from fxopt.prune.records import FREE, Layout, Rewrite
 from fxopt.prune.rule_table import register_channel_rule
 from fxopt.prune.walk import ChannelWalk, Unsupported
 
-__all__ = ["contract", "parse_einsum", "matmul", "einsum", "scaled_dot_product_attention"]
+__all__ = ["contract", "parse_einsum", "matmul", "einsum", "scaled_dot_product_attention",
+           "shifted_window_attention"]
 
 
 def contract(walk: ChannelWalk, n: fx.Node, operands: list, letters: list[str], out: str) -> None:
@@ -164,3 +167,62 @@ def scaled_dot_product_attention(walk: ChannelWalk, n: fx.Node) -> None:
     if "e" in pruned and arg(n, 6, "scale") is None:
         walk.rewrite(Rewrite("value", n.name, ("scale",) if len(n.args) <= 6 else
                              arg_path(n, 6, "scale"), value=1.0 / math.sqrt(shape_of(q)[-1])))
+
+
+def _swin_attention():
+    try:
+        from torchvision.models.swin_transformer import shifted_window_attention
+        return (shifted_window_attention,)
+    except Exception:  # noqa: BLE001 - torchvision is optional
+        return ()
+
+
+def shifted_window_attention(walk: ChannelWalk, n: fx.Node) -> None:
+    """torchvision's Swin attention: its head dim is ``C // num_heads`` of the input width C.
+
+    The inner width must shrink with the stream, by whole head dims: stream channel
+    ``h * d + j`` goes with head dim ``j`` of every head in q, k, v (one unit: ``num_heads``
+    stream channels and head dim ``j`` everywhere). The reference zeroes the removed qkv rows
+    (they are inside the call); Swin-V1's scale ``d ** -0.5`` follows the pruned ``d``, so the
+    kept q rows are rescaled by ``sqrt(d' / d)`` (a ``Rewrite("scale_rows")``).
+    """
+    from fxopt.prune.rules_layers import param_target  # layers rows: one level up
+
+    x, heads = n.args[0], arg(n, 5, "num_heads")
+    wq, wp = param_target(n, 1, "qkv_weight"), param_target(n, 2, "proj_weight")
+    bq, bp = param_target(n, 9, "qkv_bias"), param_target(n, 10, "proj_bias")
+    c = shape_of(x)[-1]
+    if wq is None or wp is None or not isinstance(heads, int) or c % heads:
+        raise Unsupported("")
+    d = c // heads
+    vin = walk.channel_vector(n, x, ndim_of(x) - 1, c)
+    if (vin < 0).any():
+        walk.freeze_slots(vin, f"the width of {describe(n)} is tied to a channel that stays")
+        raise Unsupported("its input width cannot shrink")
+    for j in range(d):  # stream channels of one head dim go together
+        walk.unite_all(vin[j::d])
+    owner = module_path(n) or n.name
+    rows = np.concatenate([vin] * 3)
+    walk.param(wq, 0, rows, "weight", owner)
+    walk.param(wq, 1, vin, "weight", owner)
+    walk.param(wp, 1, vin, "weight", owner)
+    if bq is not None:
+        walk.param(bq, 0, rows, "bias", owner)
+    out = walk.fresh(n, tuple(walk.attr(wp).shape)[0], "linear", owner)
+    walk.param(wp, 0, out, "weight", owner)
+    if bp is not None:
+        walk.param(bp, 0, out, "bias", owner)
+    for p in (wq, bq):
+        if p is not None:
+            walk.zero_in_reference(p)
+    if arg(n, 11, "logit_scale") is None:  # V1: q * d ** -0.5
+        for p in (wq, bq):
+            if p is not None:
+                walk.rewrite(Rewrite("scale_rows", n.name, vec=vin, value=p))
+    walk.event("attention", n, np.concatenate([vin, out]))
+    walk.set(n, Layout(ndim_of(n) - 1, out))
+    walk.record_layer(n, out, vin)
+
+
+if _swin_attention():
+    register_channel_rule(_swin_attention()[0])(shifted_window_attention)

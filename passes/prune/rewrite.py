@@ -172,7 +172,8 @@ def _set_arg(node: fx.Node, pos: tuple, value) -> None:
         node.kwargs = kwargs
 
 
-def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, removed) -> None:
+def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, removed,
+                   original=None) -> None:
     if rw.kind == "shape":
         _set_arg(node, rw.pos, analysis.kept_count(rw.vec, removed))
     elif rw.kind == "norm_shape":
@@ -190,6 +191,12 @@ def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, rem
         _set_arg(node, rw.pos, rw.value)
     elif rw.kind == "mean":
         _mean_as_sum(gm, node, rw.value)
+    elif rw.kind == "scale_rows":  # Swin-V1's q * d ** -0.5: keep the original scale
+        kept = analysis.kept_count(rw.vec, removed)
+        if kept < len(rw.vec):
+            t = get_attr_value(gm, rw.value).detach().clone()
+            t[:kept] *= (kept / len(rw.vec)) ** 0.5
+            _set_tensor(gm, rw.value, t, original)
     elif rw.kind == "split":
         sizes = [analysis.kept_count(p, removed) for p in rw.pieces]
         g = gm.graph
@@ -235,7 +242,7 @@ def apply_removal(gm: fx.GraphModule, analysis: ChannelAnalysis, removed,
     for rw in analysis.rewrites:
         node = by_name.get(rw.node)
         if node is not None:
-            _apply_rewrite(gm, node, rw, analysis, removed)
+            _apply_rewrite(gm, node, rw, analysis, removed, original)
     gm.graph.lint()
     gm.recompile()
     return sliced
@@ -361,6 +368,15 @@ def masked_reference(gm: fx.GraphModule, analysis: ChannelAnalysis, removed) -> 
             masked = g.call_method("masked_fill", (node, m, 0))
         masked.meta["tensor_meta"] = node.meta.get("tensor_meta")
         node.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked)
+    # 3. weights read inside one call (Swin's qkv): zeroed at the removed slots
+    for path in analysis.walk.zeroed:
+        t = get_attr_value(ref, path).detach().clone()
+        for dim, vec in analysis.params.get(path, {}).items():
+            drop = analysis.removed_mask(vec, removed)
+            if drop.any():
+                idx = torch.from_numpy(np.nonzero(drop)[0]).to(t.device)
+                t.index_fill_(dim, idx, 0)
+        _set_tensor(ref, path, t, gm)
     # parameters the masked LayerNorms no longer read through their modules
     g.lint()
     ref.recompile()

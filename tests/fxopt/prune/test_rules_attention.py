@@ -96,3 +96,38 @@ def test_parse_einsum(eq, ndims, letters, out):
 def test_parse_einsum_refuses_a_trace():
     with pytest.raises(Unsupported):
         parse_einsum("ii->i", [2])
+
+
+class SwinBlock(nn.Module):
+    """torchvision's shifted window attention (V1: the scale follows the head dim) on a
+    channels-last stream, shifted windows and their mask included."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+        self.stem = nn.Linear(3, c)
+        self.norm = nn.LayerNorm(c)
+        self.attn = ShiftedWindowAttention(c, [4, 4], [2, 2], heads)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        s = self.stem(x)
+        s = s + self.attn(self.norm(s))
+        return self.head(s.mean((1, 2)))
+
+
+def test_swin_window_attention_prunes_head_dims_with_the_stream():
+    pytest.importorskip("torchvision")
+    model = zoo.randomize(SwinBlock())
+    with torch.no_grad():  # a non-zero relative position bias
+        model.attn.relative_position_bias_table.normal_(0, 0.5)
+    x = torch.randn(2, 8, 8, 3, generator=torch.Generator().manual_seed(0))
+    graph = channel_groups(model, x)
+    g = {gr.name: gr for gr in graph.groups}
+    assert not g["stem"].frozen and g["stem"].units == 8  # head dim j of both heads
+    opt = fxopt.optimize(model, x, pipeline=["prune_channels"], prune=0.5)
+    rec = opt.report.record("prune_channels")
+    assert rec.status == "ok" and rec.modified and rec.rel_err <= rec.tolerance
+    params = dict(opt.graph_module.named_parameters())
+    assert params["attn.qkv.weight"].shape == (24, 8)  # 2 heads of dim 4, q/k/v
