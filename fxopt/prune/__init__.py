@@ -16,6 +16,7 @@ The analysis is kept apart from the pruning actions (the ``prune_channels`` pass
 
 Modules, lowest first: ``records`` (layouts, spaces, groups: plain values), ``nodes``
 (reading fx nodes), ``walk`` (``ChannelWalk``: the walk state and the API rules use),
+``attention`` (opens ``nn.MultiheadAttention`` leaves into layers the rules know),
 ``rule_table`` (the rows and ``register_channel_rule``), the rule rows by what they do
 (``rules_elementwise``: unary, n-ary, spatial, reductions; ``rules_shapes``: reshapes,
 permutes, cat/split, indexing; ``rules_layers``: conv, linear, norms), ``channels`` (units,

@@ -36,11 +36,14 @@ import numpy as np
 import torch.fx as fx
 import torch.nn as nn
 
-import fxopt.prune.rules_elementwise  # noqa: F401  (the built-in rows of the rule table)
+import fxopt.prune.rules_aten  # noqa: F401  (the built-in rows of the rule table)
+import fxopt.prune.rules_attention  # noqa: F401
+import fxopt.prune.rules_elementwise  # noqa: F401
 import fxopt.prune.rules_layers  # noqa: F401
 import fxopt.prune.rules_shapes  # noqa: F401
 from fxopt.infra.validate import concrete_args_arg, leaf_modules_arg
-from fxopt.ir.capture import capture
+from fxopt.ir.capture import capture, normalize_inputs
+from fxopt.prune.attention import open_attention
 from fxopt.prune.records import LAYER_KINDS, ChannelGroup
 from fxopt.prune.rule_table import CHANNEL_RULES, ChannelRuleTable
 from fxopt.prune.walk import ChannelWalk
@@ -243,7 +246,8 @@ def channel_groups(model: nn.Module, example_inputs: Any = None, *, leaf_modules
                    concrete_args: dict | None = None) -> ChannelGraph:
     """The channel groups of ``model``: which channels pruning must remove together.
 
-    ``model``: an eval-mode ``nn.Module`` (captured here on ``example_inputs``), or a
+    ``model``: an eval-mode ``nn.Module`` (captured here on ``example_inputs``, its
+    ``nn.MultiheadAttention`` leaves opened as the ``prune_channels`` pass opens them), or a
     ``GraphModule`` that ``fxopt.capture`` made (analysed as it is).
     """
     leaf_modules = leaf_modules_arg(leaf_modules)
@@ -255,4 +259,6 @@ def channel_groups(model: nn.Module, example_inputs: Any = None, *, leaf_modules
     else:
         gm = capture(model, example_inputs, leaf_modules=leaf_modules,
                      concrete_args=concrete_args)
+        # what the prune_channels pass analyses: attention leaves opened into their heads
+        gm, _ = open_attention(gm, normalize_inputs(example_inputs))
     return ChannelGraph(analyze_channels(gm))

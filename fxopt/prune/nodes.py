@@ -14,14 +14,14 @@ fxopt's own ops are read through their schema views (``fxopt.ops``), never throu
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch.fx as fx
 
 from fxopt.ir.graph import get_attr_value, module_path, tensor_meta
 
 __all__ = ["shape_of", "ndim_of", "normalize_dim", "arg", "arg_path", "tensor_inputs",
-           "describe", "op_name"]
+           "describe", "op_name", "segment_of"]
 
 
 def shape_of(node: Any) -> tuple | None:
@@ -75,3 +75,30 @@ def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
     name = getattr(t, "__name__", str(t))
     return f"{mod.replace('torch._C._nn', 'F').replace('torch.nn.functional', 'F')}.{name}" \
         if mod else name
+
+
+def segment_of(a: Sequence[int], b: Sequence[int], dim: int):
+    """The dims ``(i0, i1), (o0, o1)`` of a reshape from shape ``a`` to ``b`` that hold ``a[dim]``.
+
+    Walks both shapes with running products, the way a reshape factors into independent
+    segments (``[N, C, H, W] -> [N, C*H*W]``: ``[N]->[N]`` and ``[C, H, W]->[C*H*W]``).
+    """
+    i = j = 0
+    while i < len(a):
+        si, sj = i, j
+        if j >= len(b):
+            return None
+        pa, pb = a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                pa *= a[i]
+                i += 1
+            elif pb < pa and j < len(b):
+                pb *= b[j]
+                j += 1
+            else:
+                return None
+        if si <= dim < i:
+            return (si, i), (sj, j)
+    return None

@@ -27,7 +27,7 @@ __all__ = ["Layout", "FREE", "Space", "MacNode", "Rewrite", "ChannelGroup", "COU
 # what a group's ``couplings`` may name (the events the rules record)
 COUPLING_KINDS = ("residual", "channel-mul", "elementwise", "constant", "concat", "split",
                   "slice", "flatten", "reshape", "shuffle", "depthwise", "grouped", "norm",
-                  "shared")
+                  "shared", "reduce", "attention")
 # the spaces that are layers (a group needs one): the rest are constants
 LAYER_KINDS = ("conv", "linear")
 
@@ -79,7 +79,11 @@ class Rewrite:
     ``split`` (chunk/split: become ``torch.split`` with the kept sizes of ``pieces``),
     ``slice`` (a basic-index slice at ``pos`` along the pruned dim of ``vec``),
     ``norm_shape`` (``normalized_shape`` at ``pos`` from ``vec``),
-    ``groups`` (an int at ``pos``: kept slots of ``vec`` // ``block``).
+    ``groups`` (an int at ``pos``: kept slots of ``vec`` // ``block``),
+    ``value`` (the argument at ``pos`` becomes ``value``: a default that depends on a size),
+    ``scale_rows`` (the first kept rows of tensor ``value`` times ``sqrt(kept / len(vec))``),
+    ``mean`` (a mean over the pruned dim ``dim`` becomes a sum divided by the original count
+    ``value``: the removed channels are zeros in the masked reference).
     ``pos`` is a path into ``node.args`` (ints) or a kwarg name first.
     """
 
@@ -92,6 +96,7 @@ class Rewrite:
     block: int = 1
     start: int | None = None
     stop: int | None = None
+    value: Any = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ over the kept channels in the reference; a GroupNorm unites the channels of each
 
 Rows: ``nn.modules.conv._ConvNd``, ``F.conv1d/2d/3d``, ``nn.Linear``, ``F.linear``,
 ``_BatchNorm``/``_InstanceNorm``, ``F.batch_norm``, ``nn.LayerNorm``, ``F.layer_norm``,
-``nn.GroupNorm``, ``F.group_norm``, ``nn.PReLU``.
+``nn.GroupNorm``, ``F.group_norm``, ``nn.Embedding``, ``nn.PReLU``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ __all__ = ["conv", "linear", "per_channel", "layer_norm", "group_norm", "param_t
            "conv_module", "conv_functional", "linear_module", "linear_functional",
            "batch_norm_module", "batch_norm_functional", "layer_norm_module",
            "layer_norm_functional", "group_norm_module", "group_norm_functional",
-           "prelu_module"]
+           "embedding_module", "prelu_module"]
 
 
 def param_target(n: fx.Node, pos: int, name: str) -> str | None:
@@ -239,6 +239,18 @@ def group_norm_module(walk: ChannelWalk, n: fx.Node) -> None:
 def group_norm_functional(walk: ChannelWalk, n: fx.Node) -> None:
     group_norm(walk, n, n.args[0], arg(n, 1, "num_groups"), param_target(n, 2, "weight"),
                param_target(n, 3, "bias"), arg_path(n, 1, "num_groups"))
+
+
+@register_channel_rule(nn.Embedding)
+def embedding_module(walk: ChannelWalk, n: fx.Node) -> None:
+    """A lookup table: its columns are channels of their own (the start of a token stream)."""
+    mod, idx = walk.module_call(n)
+    if not walk.layout(idx).free:
+        raise Unsupported("indices that carry channels")
+    out = walk.fresh(n, mod.embedding_dim, "constant", n.target)
+    walk.param(f"{n.target}.weight", 1, out, "constant", n.target)
+    walk.fix_module(n.target, "embedding", n)
+    walk.set(n, Layout(ndim_of(n) - 1, out))
 
 
 @register_channel_rule(nn.PReLU)

@@ -5,12 +5,17 @@ These rules make no slots; they carry a layout to the dim where the channels lan
 - reshape/view/flatten: the reshape factors into independent segments (``segment_of``); the
   channel dim's segment decides where the slots go. A flatten before a Linear maps channel c to
   its H*W input features; a channel shuffle (view, transpose, view) unites the channels that
-  share a column; a literal size in the shape argument becomes a ``Rewrite``;
+  share a column; the size of the pruned dim in the shape argument (a literal or one the
+  graph computes) becomes a ``Rewrite`` to the kept count;
 - permute/transpose/t: the pruned dim moves; ``expand``: a literal size of it is rewritten;
 - cat along the pruned dim concatenates the operands' slots (they stay independent); along
   another dim the operands meet element for element, as in an ``add``;
 - split/chunk along the pruned dim cut it into pieces (rewritten as ``torch.split`` with the
-  kept sizes); ``x[:, a:b]`` slices it; an integer index or advanced indexing into it freezes.
+  kept sizes); ``x[:, a:b]`` slices it; an integer index or advanced indexing into it freezes;
+- stack: the operands meet element for element (united) and the pruned dim moves past the new
+  dim; unbind along another dim: every piece keeps the layout (the qkv of an attention:
+  ``q, k, v = qkv.unbind(0)``), along the pruned dim it freezes; ``expand_as`` is an
+  elementwise meeting of its two operands (the output takes ``other``'s shape).
 
     >>> # y = x.flatten(1), x: [N, 8, 4, 4] with Layout(1, [0..7])
     >>> reshape(walk, node)   # y: Layout(1, [0]*16 + [1]*16 + ... + [7]*16)   ("flatten")
@@ -18,7 +23,6 @@ These rules make no slots; they carry a layout to the dim where the channels lan
 from __future__ import annotations
 
 import operator
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,14 +30,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxopt.ir.graph import tensor_meta
-from fxopt.prune.nodes import arg, describe, ndim_of, normalize_dim, shape_of
+from fxopt.prune.nodes import arg, describe, ndim_of, normalize_dim, segment_of, shape_of
 from fxopt.prune.records import FREE, Layout, Rewrite
 from fxopt.prune.rule_table import register_channel_rule
 from fxopt.prune.rules_elementwise import elementwise
 from fxopt.prune.walk import ChannelWalk, Unsupported
 
 __all__ = ["RESHAPE_OPS", "segment_of", "reshape", "reshape_module", "permute", "transpose",
-           "matrix_transpose", "expand", "cat", "split", "getitem"]
+           "matrix_transpose", "expand", "expand_as", "cat", "stack", "split", "unbind",
+           "getitem"]
 
 RESHAPE_OPS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten,
                "view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as",
@@ -41,37 +46,15 @@ RESHAPE_OPS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, tor
 
 
 # -- reshapes -----------------------------------------------------------------------------------
-def segment_of(a: Sequence[int], b: Sequence[int], dim: int):
-    """The dims ``(i0, i1), (o0, o1)`` of a reshape from shape ``a`` to ``b`` that hold ``a[dim]``.
-
-    Walks both shapes with running products, the way a reshape factors into independent
-    segments (``[N, C, H, W] -> [N, C*H*W]``: ``[N]->[N]`` and ``[C, H, W]->[C*H*W]``).
-    """
-    i = j = 0
-    while i < len(a):
-        si, sj = i, j
-        if j >= len(b):
-            return None
-        pa, pb = a[i], b[j]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb and i < len(a):
-                pa *= a[i]
-                i += 1
-            elif pb < pa and j < len(b):
-                pb *= b[j]
-                j += 1
-            else:
-                return None
-        if si <= dim < i:
-            return (si, i), (sj, j)
-    return None
+# reshapes whose second argument is the shape (ATen's from a torch.export capture too)
+_SHAPE_LIST_OPS = (torch.reshape, "view", "reshape", torch.ops.aten.view.default,
+                   torch.ops.aten.reshape.default)
 
 
 def _shape_entries(n: fx.Node, out_nd: int):
     """The shape argument's entry for each output dim and where it sits (or None, None)."""
     t = n.target
-    if t in (torch.reshape, "view", "reshape") or (n.op == "call_module"):
+    if t in _SHAPE_LIST_OPS or (n.op == "call_module"):
         if n.op == "call_module":
             return None, None
         if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)):
@@ -133,7 +116,9 @@ def reshape(walk: ChannelWalk, n: fx.Node) -> None:
     pdim = o0 + pk
     if entries is not None:
         e = entries[pdim]
-        if isinstance(e, int) and e != -1:
+        # a size the graph computes may be another tensor's (``reshape(B, N, C)`` with C the
+        # block's input width, not the attention's): the kept count is a constant, write it
+        if (isinstance(e, int) and e != -1) or isinstance(e, fx.Node):
             walk.rewrite(Rewrite("shape", n.name, paths[pdim], vec=moved[:, 0]))
     walk.set(n, Layout(pdim, np.ascontiguousarray(moved[:, 0])))
 
@@ -205,6 +190,12 @@ def expand(walk: ChannelWalk, n: fx.Node) -> None:
     walk.set(n, Layout(pd, lay.vec))
 
 
+@register_channel_rule("expand_as")
+def expand_as(walk: ChannelWalk, n: fx.Node) -> None:
+    # only other's shape is read, but it must shrink with x: the same meeting as an add
+    elementwise(walk, n, [n.args[0], arg(n, 1, "other")], "channel-mul")
+
+
 # -- concatenation, splits, indexing ------------------------------------------------------------
 @register_channel_rule(torch.cat, torch.concat, torch.concatenate)
 def cat(walk: ChannelWalk, n: fx.Node) -> None:
@@ -224,6 +215,44 @@ def cat(walk: ChannelWalk, n: fx.Node) -> None:
         return
     # concatenation along a dim that keeps its size: the operands stay aligned elementwise
     elementwise(walk, n, list(tensors), "elementwise")
+
+
+@register_channel_rule(torch.stack)
+def stack(walk: ChannelWalk, n: fx.Node) -> None:
+    tensors = list(arg(n, 0, "tensors"))
+    nd = ndim_of(n)
+    d = normalize_dim(arg(n, 1, "dim", 0), nd)
+    lays = [walk.layout(a) for a in tensors]
+    live = [lay for lay in lays if not lay.free]
+    if not live:
+        walk.set(n, FREE)
+        return
+    pd = live[0].pdim
+    if len(live) < len(lays) or any(lay.pdim != pd for lay in live):
+        for lay in live:
+            walk.freeze(lay, f"stacked with a tensor that cannot shrink at {describe(n)}")
+        walk.set(n, FREE)
+        return
+    for lay in live[1:]:
+        walk.unite(live[0].vec, lay.vec)
+    walk.event("elementwise", n, np.concatenate([lay.vec for lay in live]))
+    walk.set(n, Layout(pd if pd < d else pd + 1, live[0].vec))
+
+
+@register_channel_rule(torch.unbind, "unbind")
+def unbind(walk: ChannelWalk, n: fx.Node) -> None:
+    x = n.args[0]
+    lay = walk.layout(x)
+    metas = n.meta.get("tensor_meta")
+    if not isinstance(metas, tuple):
+        raise Unsupported("unknown pieces")
+    d = normalize_dim(arg(n, 1, "dim", 0), ndim_of(x))
+    if lay.free:
+        walk.set_pieces(n, [FREE] * len(metas))
+    elif lay.pdim == d:
+        raise Unsupported("unbind along the pruned dim")
+    else:
+        walk.set_pieces(n, [Layout(lay.pdim - (lay.pdim > d), lay.vec)] * len(metas))
 
 
 @register_channel_rule(torch.split, torch.chunk, "split", "chunk")

@@ -12,7 +12,8 @@ layouts of the node's inputs and writes the node's own through this small API:
 - layouts: ``set(node, layout)``, ``set_pieces(node, layouts)``;
 - records for the pruner: ``param(path, dim, slots, role, owner)`` (a weight indexed by the
   slots), ``rewrite(Rewrite)``, ``fix_module(path, kind, node)``, ``norm_over_channels(node,
-  dim)``, ``record_layer(node, out, inp)`` (MACs), ``event(kind, node, slots)`` (a coupling).
+  dim)``, ``record_layer(node, out, inp)`` (MACs), ``event(kind, node, slots)`` (a coupling),
+  ``zero_in_reference(path)`` (a weight whose removed slots only a call's inside sees).
 
 A rule that cannot reason about a node raises ``Unsupported("why")``; any other exception is
 caught too. Either way the walk applies the safety rule: every slot the node reads is frozen
@@ -131,10 +132,13 @@ class ChannelWalk:
         self.mac_nodes: list[MacNode] = []
         self.events: list[tuple[str, str, np.ndarray]] = []
         self.unknown_ops: dict[str, int] = {}  # op name -> nodes the safety rule froze
+        self.zeroed: list[str] = []  # params the reference zeroes at removed slots (inside a call)
+        self.rules = None  # the table of the current run (a rule may visit a node again)
 
     # -- the walk -----------------------------------------------------------------------------
     def run(self, rules) -> "ChannelWalk":
         """Visit every node in order with its rule from ``rules`` (a ``ChannelRuleTable``)."""
+        self.rules = rules
         for n in self.gm.graph.nodes:
             try:
                 self.visit(n, rules)
@@ -286,6 +290,12 @@ class ChannelWalk:
             self.event("shared", path, vec)
         else:
             dims[dim] = vec
+
+    def zero_in_reference(self, path: str) -> None:
+        """Tensor ``path`` is read inside one call (no graph tensor carries its slots): the
+        masked reference zeroes it at the removed slots."""
+        if path not in self.zeroed:
+            self.zeroed.append(path)
 
     def rewrite(self, rw: Rewrite) -> None:
         """An argument of a node that spells a channel count (the pruner updates it)."""

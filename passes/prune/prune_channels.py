@@ -1,5 +1,7 @@
 """``prune_channels``: structured channel pruning that makes the model physically smaller.
 
+0. ``nn.MultiheadAttention`` self-attention leaves are opened into layers the rules know
+   (``attention``: in_proj, SDPA, out_proj), so that whole heads can go;
 1. ``fxopt.prune.channels`` finds the channel groups (what must go together) and the frozen
    ones;
 2. ``fxopt.prune.importance`` scores every unit with the criterion the config names (``l1``,
@@ -34,6 +36,7 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.ir.metrics import count_macs
 from fxopt.passes.prune.rewrite import apply_removal, check_shapes, fork, masked_reference
+from fxopt.prune.attention import open_attention
 from fxopt.prune.channels import ChannelAnalysis, analyze_channels
 from fxopt.prune.config import PruneConfig
 from fxopt.prune.importance import unit_scores
@@ -227,12 +230,14 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, modified=False,
                           notes=[f"already pruned ({gm.meta[PRUNED_MARK]}); not pruned again"])
     cfg = ctx.config(PruneConfig)
+    original = gm
+    gm, opened = open_attention(gm, ctx.example_inputs)
     analysis = analyze_channels(gm)
     ignored = _ignore(analysis, cfg.ignore)
     if cfg.ratio == 0.0 or not any(g.prunable for g in analysis.groups):
         stats, notes = _summary(analysis, None, cfg)
         notes.append("nothing to prune" if cfg.ratio else "ratio 0: nothing to prune")
-        return PassResult(gm, modified=False, stats=stats, notes=notes)
+        return PassResult(original, modified=False, stats=stats, notes=notes)
     scores = unit_scores(gm, analysis, cfg, cfg.calibration_data if cfg.calibration_data
                          is not None else ctx.calibration_data)
     total_macs = count_macs(gm)
@@ -241,14 +246,14 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         plan = plan_removal(analysis, scores, cfg, total_macs)
         if not plan.removed:
             stats, notes = _summary(analysis, None, cfg)
-            return PassResult(gm, modified=False, stats=stats,
+            return PassResult(original, modified=False, stats=stats,
                               notes=notes + retries + ["no channel left to remove"])
         pruned = fork(gm)
         try:
             apply_removal(pruned, analysis, plan.removed, original=gm)
         except Exception as e:  # noqa: BLE001 - a rewrite that fails leaves the model whole
             stats, notes = _summary(analysis, None, cfg)
-            return PassResult(gm, modified=False, stats=stats, notes=notes + retries + [
+            return PassResult(original, modified=False, stats=stats, notes=notes + retries + [
                 f"gave up: the rewrite failed ({type(e).__name__}: {e}); please report it"])
         bad = check_shapes(pruned, analysis, plan.removed, ctx.example_inputs)
         if bad is None:
@@ -260,11 +265,11 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if sum(g.frozen for g in analysis.groups) == before:
             retries.append(f"gave up: {reason}")
             stats, notes = _summary(analysis, None, cfg)
-            return PassResult(gm, modified=False, stats=stats, notes=notes + retries)
+            return PassResult(original, modified=False, stats=stats, notes=notes + retries)
         retries.append(f"froze the groups at {reason}")
     else:
         stats, notes = _summary(analysis, None, cfg)
-        return PassResult(gm, modified=False, stats=stats,
+        return PassResult(original, modified=False, stats=stats,
                           notes=notes + retries + ["gave up: no consistent pruning found"])
     reference = masked_reference(gm, analysis, plan.removed)
     remove_unused_attributes(pruned)
@@ -272,6 +277,10 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     stats, notes = _summary(analysis, plan, cfg)
     if ignored:
         stats["ignored"] = ignored
+    if opened:
+        stats["attention_opened"] = opened
+        notes.append(f"opened {opened} nn.MultiheadAttention call(s) into in_proj, SDPA and "
+                     f"out_proj so that their heads can be pruned")
     stats["macs_est_ratio"] = (round(plan.macs_after / plan.macs_before, 4)
                                if plan.macs_before else 1.0)
     pruned.meta[PRUNED_MARK] = cfg.describe()

@@ -19,6 +19,7 @@ whose shape is not the original one with the removed channels taken out (or that
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import torch
@@ -124,6 +125,8 @@ def _fix_modules(gm, analysis: ChannelAnalysis, removed, original=None) -> None:
             mod.out_features, mod.in_features = mod.weight.shape
         elif kind == "prelu":
             mod.num_parameters = mod.weight.shape[0]
+        elif kind == "embedding":
+            mod.embedding_dim = mod.weight.shape[1]
         else:
             node = next((n for n in gm.graph.nodes if n.name == node_name), None)
             src = node.args[0] if node is not None else None
@@ -165,11 +168,12 @@ def _set_arg(node: fx.Node, pos: tuple, value) -> None:
         node.args = tuple(args)
     else:
         kwargs = dict(node.kwargs)
-        kwargs[head] = replace(kwargs[head], rest, value)
+        kwargs[head] = replace(kwargs[head], rest, value) if rest else value
         node.kwargs = kwargs
 
 
-def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, removed) -> None:
+def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, removed,
+                   original=None) -> None:
     if rw.kind == "shape":
         _set_arg(node, rw.pos, analysis.kept_count(rw.vec, removed))
     elif rw.kind == "norm_shape":
@@ -183,6 +187,16 @@ def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, rem
         stop = int((~mask[:rw.stop]).sum())
         _set_arg(node, rw.pos, slice(start if old.start is not None else None,
                                      stop if old.stop is not None else None, old.step))
+    elif rw.kind == "value":
+        _set_arg(node, rw.pos, rw.value)
+    elif rw.kind == "mean":
+        _mean_as_sum(gm, node, rw.value)
+    elif rw.kind == "scale_rows":  # Swin-V1's q * d ** -0.5: keep the original scale
+        kept = analysis.kept_count(rw.vec, removed)
+        if kept < len(rw.vec):
+            t = get_attr_value(gm, rw.value).detach().clone()
+            t[:kept] *= (kept / len(rw.vec)) ** 0.5
+            _set_tensor(gm, rw.value, t, original)
     elif rw.kind == "split":
         sizes = [analysis.kept_count(p, removed) for p in rw.pieces]
         g = gm.graph
@@ -195,6 +209,23 @@ def _apply_rewrite(gm: fx.GraphModule, node: fx.Node, rw: Rewrite, analysis, rem
         new._rename(name)
     else:
         raise ValueError(f"unknown rewrite {rw.kind}")
+
+
+def _mean_as_sum(gm: fx.GraphModule, node: fx.Node, count: int) -> None:
+    """``x.mean(dims)`` over a pruned dim -> ``x.sum(dims) / count`` (the original count)."""
+    g = gm.graph
+    x, dims = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    with g.inserting_before(node):
+        total = g.call_function(torch.sum, (x,) if dims is None else (x, dims),
+                                {} if dims is None else {"keepdim": keepdim})
+        new = g.call_function(operator.truediv, (total, float(count)))
+    copy_meta(total, node)
+    copy_meta(new, node)
+    node.replace_all_uses_with(new)
+    name = node.name
+    g.erase_node(node)
+    new._rename(name)
 
 
 def apply_removal(gm: fx.GraphModule, analysis: ChannelAnalysis, removed,
@@ -211,7 +242,7 @@ def apply_removal(gm: fx.GraphModule, analysis: ChannelAnalysis, removed,
     for rw in analysis.rewrites:
         node = by_name.get(rw.node)
         if node is not None:
-            _apply_rewrite(gm, node, rw, analysis, removed)
+            _apply_rewrite(gm, node, rw, analysis, removed, original)
     gm.graph.lint()
     gm.recompile()
     return sliced
@@ -337,6 +368,15 @@ def masked_reference(gm: fx.GraphModule, analysis: ChannelAnalysis, removed) -> 
             masked = g.call_method("masked_fill", (node, m, 0))
         masked.meta["tensor_meta"] = node.meta.get("tensor_meta")
         node.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked)
+    # 3. weights read inside one call (Swin's qkv): zeroed at the removed slots
+    for path in analysis.walk.zeroed:
+        t = get_attr_value(ref, path).detach().clone()
+        for dim, vec in analysis.params.get(path, {}).items():
+            drop = analysis.removed_mask(vec, removed)
+            if drop.any():
+                idx = torch.from_numpy(np.nonzero(drop)[0]).to(t.device)
+                t.index_fill_(dim, idx, 0)
+        _set_tensor(ref, path, t, gm)
     # parameters the masked LayerNorms no longer read through their modules
     g.lint()
     ref.recompile()

@@ -224,17 +224,16 @@ class Shared(nn.Module):
 
 
 class Unknown(nn.Module):
-    """An op the analysis does not know (an einsum that mixes the channels)."""
+    """An op the analysis does not know (a flip that reorders the channels)."""
 
     def __init__(self):
         super().__init__()
         self.a = cbr(3, 8)
         self.b = cbr(8, 8)
-        self.mix = nn.Parameter(torch.rand(8, 8))
         self.head = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        return self.head(torch.einsum("nchw,cd->ndhw", self.b(self.a(x)), self.mix))
+        return self.head(torch.flip(self.b(self.a(x)), dims=(1,)))
 
 
 def soft_gate(x):
@@ -283,6 +282,14 @@ class MeanOverChannels(nn.Module):
         return self.head(y - y.mean(dim=1, keepdim=True))
 
 
+class MaxOverChannels(MeanOverChannels):
+    """A max over the channels: a removed channel (a zero in the reference) could be the max."""
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        return self.head(y - y.amax(dim=1, keepdim=True))
+
+
 class InputResidual(nn.Module):
     def __init__(self):
         super().__init__()
@@ -317,6 +324,120 @@ class MLP(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.bn(self.fc1(x))))))
 
 
+# -- attention and the other ops of transformers (fxopt/prune/rules_attention.py) -------------
+class Attention(nn.Module):
+    """timm's ViT attention: one qkv Linear, reshape to heads, unbind, q @ k^T, softmax, @ v."""
+
+    def __init__(self, dim=16, heads=2, sdpa=False, einsum=False):
+        super().__init__()
+        self.heads, self.sdpa, self.einsum = heads, sdpa, einsum
+        self.scale = (dim // heads) ** -0.5  # a constant, as in timm (not from x.shape)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads) \
+            .permute(2, 0, 3, 1, 4).unbind(0)
+        if self.sdpa:
+            o = F.scaled_dot_product_attention(q, k, v)
+        elif self.einsum:
+            a = torch.einsum("bhid,bhjd->bhij", q, k) * self.scale
+            o = torch.einsum("bhij,bhjd->bhid", a.softmax(-1), v)
+        else:
+            o = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+class ViTBlock(nn.Module):
+    """Tokens from a conv stem, a class token (expand + cat), a position embedding, one
+    pre-norm block (attention + MLP, residuals), the class token to the head."""
+
+    def __init__(self, attn_factory=Attention, dim=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 5, dim))
+        self.ln1, self.ln2, self.ln = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = attn_factory()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        t = t + self.attn(self.ln1(t))
+        t = t + self.fc2(F.gelu(self.fc1(self.ln2(t))))
+        return self.head(self.ln(t)[:, 0])
+
+
+class MHA(nn.Module):
+    """torchvision's ViT attention: an nn.MultiheadAttention leaf, (x, x, x)."""
+
+    def __init__(self, dim=16, heads=4, batch_first=True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        y, _ = self.mha(x, x, x, need_weights=False)
+        return y if self.batch_first else y.transpose(0, 1)
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet: two branches stacked, summed, a softmax over the branches gates each."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.b1, self.b2 = cbr(8, 8), cbr(8, 8, k=1)
+        self.fc = nn.Conv2d(8, 16, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = torch.stack([self.b1(s), self.b2(s)], dim=1)  # [N, 2, C, H, W]
+        a = self.fc(y.sum(1).mean((2, 3), keepdim=True)).view(x.shape[0], 2, 8, 1, 1)
+        return self.head((y * a.softmax(1)).sum(1))
+
+
+class ExpandAsGate(nn.Module):
+    """A squeeze-excite gate broadcast with ``expand_as`` (timm's ECA/SE variants)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        g = torch.sigmoid(self.se(y.mean((2, 3), keepdim=True)))
+        return self.head(y * g.expand_as(y))
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN, channels-last: a norm over space, a mean over the channels, and
+    weights reshaped with ``view``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.weight = nn.Parameter(torch.rand(8) + 0.5)
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x).permute(0, 2, 3, 1)
+        g = y.norm(p=2, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        y = y + torch.addcmul(self.bias.view(1, 1, 1, -1), self.weight.view(1, 1, 1, -1), y * n)
+        return self.head(self.fc(y).mean((1, 2)))
+
+
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 X_FLAT = torch.randn(4, 12, generator=torch.Generator().manual_seed(2))
 
@@ -337,6 +458,15 @@ ZOO = {
     "functional": (Functional, X, "grouped"),
     "shared": (Shared, X, "shared"),
     "mlp": (MLP, X_FLAT, None),
+    "mean_over_channels": (MeanOverChannels, X, "reduce"),
+    "attention_matmul": (ViTBlock, X, "norm"),
+    "attention_sdpa": (lambda: ViTBlock(lambda: Attention(sdpa=True)), X, "norm"),
+    "attention_einsum": (lambda: ViTBlock(lambda: Attention(einsum=True)), X, "norm"),
+    "attention_mha": (lambda: ViTBlock(MHA), X, "norm"),
+    "attention_mha_seq_first": (lambda: ViTBlock(lambda: MHA(batch_first=False)), X, "norm"),
+    "stack": (SelectiveKernel, X, "elementwise"),
+    "expand_as": (ExpandAsGate, X, "channel-mul"),
+    "grn": (GlobalResponseNorm, X, "constant"),
 }
 
 

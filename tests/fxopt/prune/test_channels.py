@@ -153,7 +153,7 @@ def test_slice_and_functional_and_shared():
 
 @pytest.mark.parametrize("factory, frozen, reason", [
     (zoo.Unknown, "b.0", "unsupported op"),
-    (zoo.MeanOverChannels, "b.0", "reduction over channels"),
+    (zoo.MaxOverChannels, "b.0", "reduction over channels"),
     (zoo.InputResidual, "a.0", "cannot shrink"),
 ])
 def test_what_it_cannot_reason_about_freezes(factory, frozen, reason):

@@ -1,0 +1,121 @@
+"""Hugging Face ``transformers`` models through fxopt: capture, the default pipeline, pruning
+(heads, MLP hidden units, the residual stream; checked against the masked reference by the
+pass manager) and int8.
+
+Models are built from tiny configs with random weights (no downloads). ``transformers`` 5 has no
+fx tracer of its own and plain ``symbolic_trace`` fails on its models, so these go through the
+``torch.export`` front end (``capture="export"``); the module is skipped where that front end is
+not there. The models return ``ModelOutput`` objects: a two-line wrapper hands fxopt the logits
+(``capture="export"`` takes a tensor or a flat tuple). The small cases run by default, the rest
+are ``slow``.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxopt
+from fxopt.ir.tolerances import rel_err
+
+T = pytest.importorskip("transformers")
+pytest.importorskip("fxopt.ir.export_capture")  # capture="export"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class Logits(nn.Module):
+    """The tensor users read: ``.logits``, or ``.last_hidden_state`` for a bare encoder."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _tokens():
+    return torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _image():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _bert(cls):
+    return cls(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=32, num_labels=3)), _tokens()
+
+
+MODELS = {
+    "bert": lambda: _bert(T.BertModel),
+    "bert_cls": lambda: _bert(T.BertForSequenceClassification),
+    "vit": lambda: (T.ViTForImageClassification(T.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=5)), _image()),
+    "resnet": lambda: (T.ResNetForImageClassification(T.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5)), _image()),
+    "llama": lambda: (T.LlamaForCausalLM(T.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)), _tokens()),
+    "gpt2": lambda: (T.GPT2LMHeadModel(T.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
+        eos_token_id=0)), _tokens()),
+}
+FAST = {("bert_cls", "default"), ("bert_cls", "prune"), ("vit", "prune"),
+        ("vit", "int8_dynamic")}
+# parameters left by prune=0.5 (the classifier/LM head and, for a bare encoder, the stream
+# that reaches the output stay): well below 1 wherever there is something to prune
+MAX_PARAMS_LEFT = {"bert": 0.7, "bert_cls": 0.4, "vit": 0.4, "resnet": 0.5, "llama": 0.4,
+                   "gpt2": 0.4}
+
+
+def make(name):
+    torch.manual_seed(0)
+    model, x = MODELS[name]()
+    return Logits(model.eval()).eval(), x
+
+
+def _cases(modes):
+    return [pytest.param(name, mode, marks=() if (name, mode) in FAST else pytest.mark.slow)
+            for name in MODELS for mode in modes]
+
+
+@pytest.mark.parametrize("name, mode", _cases(["default", "int8_dynamic"]))
+def test_default_pipeline_and_dynamic_int8_match_eager(name, mode):
+    model, x = make(name)
+    with torch.no_grad():
+        ref = model(x)
+    kwargs = {} if mode == "default" else {"quantize": "int8_dynamic"}
+    opt = fxopt.optimize(model, x, capture="export", **kwargs)
+    with torch.no_grad():
+        out = opt(x)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < (1e-4 if mode == "default" else 0.1)
+
+
+@pytest.mark.parametrize("name, mode", _cases(["prune"]))
+def test_prune_removes_heads_and_hidden_units(name, mode):
+    model, x = make(name)
+    opt = fxopt.optimize(model, x, capture="export", prune=0.5)
+    rec = opt.report.record("prune_channels")
+    assert rec.status == "ok" and rec.modified
+    assert rec.rel_err is not None and rec.rel_err <= rec.tolerance  # the masked reference
+    assert rec.params_after / rec.params_before < MAX_PARAMS_LEFT[name]
+    assert rec.stats["frozen"] == 1  # only what reaches the output
+    with torch.no_grad():
+        assert opt(x).shape == model(x).shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "bert_cls", "vit", "resnet"])
+def test_static_int8_within_bounds(name):
+    model, x = make(name)
+    with torch.no_grad():
+        ref = model(x)
+    opt = fxopt.optimize(model, x, capture="export", quantize="int8", calibration_data=[x])
+    with torch.no_grad():
+        assert rel_err(opt(x), ref) < 0.1
