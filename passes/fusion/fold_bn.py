@@ -15,7 +15,11 @@ affine parameters folds with gamma = 1, beta = 0.
 
 Never silently wrong:
 - a layer whose output has another user besides the BN is left alone (folding would change
-  what that user sees; a second convolution would cost more than the BN): a note says so;
+  what that user sees; a second convolution would cost more than the BN): a note says so.
+  Users that read only its shape, rank, dtype or device (``x.shape``, ``x.size(1)``,
+  ``getattr(x, "ndim")`` of timm's ``_assert``; ``fxopt.ir.graph.is_shape_read``) are not in
+  the way: the folded layer's output has the same ``tensor_meta``, so they read it instead (the
+  folded call takes the layer's place in the graph, before them);
 - a layer module called at more than one site (pytorch issue 104593, where
   ``torch.fx.experimental.optimization.fuse`` folds one site's BN into every site) is folded
   into a private copy for that site; the note names it and what it costs (the copy's
@@ -44,7 +48,7 @@ import torch.nn.functional as F
 from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module
-from fxopt.ir.graph import get_attr_value, tensor_meta
+from fxopt.ir.graph import get_attr_value, is_shape_read, tensor_meta
 
 __all__ = ["fold_bn", "RULES", "fold_weights", "LAYER_TYPES", "BN_TYPES"]
 
@@ -157,7 +161,8 @@ def _check(m: Match) -> bool:
     stats = _bn_stats(m)
     if isinstance(stats, str):
         return m.reject(stats)
-    others = [u.name for u in layer_node.users if u is not bn_node]
+    others = [u.name for u in layer_node.users
+              if u is not bn_node and not is_shape_read(u, layer_node)]
     if others:
         return m.reject(f"'{layer_node.target}' output is also used by {', '.join(others)}: "
                         f"'{stats.label}' left unfolded (folding would change what they see)")
@@ -222,7 +227,13 @@ def _replace(m: Match, b: Builder) -> fx.Node:
         b.note(f"'{path}' is used at more than one site: folded '{stats.label}' into a private "
                f"copy '{target}' for the call '{layer_node.name}' ({extra} more parameters, "
                f"one BN less)")
-    return b.call_module(target, layer_node.args, layer_node.kwargs, name=f"{layer_node.name}_bn")
+    new = b.call_module(target, layer_node.args, layer_node.kwargs, name=f"{layer_node.name}_bn")
+    readers = [u for u in layer_node.users if u is not m.nodes["bn"]]
+    if readers:  # shape reads (checked): they read the folded output, so it moves up to them
+        layer_node.append(new)
+        for user in readers:
+            user.replace_input_with(layer_node, new)
+    return new
 
 
 RULES = [
