@@ -56,6 +56,9 @@ class Report:
     final_max_abs_err: float | None = None
     final_rel_err: float | None = None
     notes: list[str] = field(default_factory=list)
+    # how the model was captured: "method" ("symbolic_trace" or "export") and "opaque" (the
+    # modules made leaves automatically: path, type, reason, layers inside, params)
+    capture: dict[str, Any] = field(default_factory=dict)
 
     def record(self, name: str) -> PassRecord | None:
         for r in self.passes:
