@@ -450,7 +450,9 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
             lambda found: _Tracer(types, frozenset(names | found)),
             lambda tracer: _trace(tracer, work, fixed), work, enabled=auto_leaves and not hooks)
     except AutoLeafFailure as failure:  # every trace failure gets a typed error and a hint
-        raise _trace_error(failure.tracer, failure.error, hooks) from failure.error
+        error = _trace_error(failure.tracer, failure.error, hooks)
+        error.trace_failure = True  # capture="auto" may try torch.export on it
+        raise error from failure.error
     if leaves:
         notes.append(opaque_note(leaves))
     stripped = strip_hooks(work)  # the graph computes them now: leaf modules must not rerun them
