@@ -19,6 +19,12 @@ conventions the passes read, so every pass runs unchanged:
 - ``fxopt_path`` from export's ``nn_module_stack``, ``fxopt_from``, ``tensor_meta`` from a run,
   then ``canonicalize`` and the check against eager, as for a symbolic trace.
 
+``capture="auto"`` uses it twice (``capture_with``): each module symbolic tracing had to make
+an opaque leaf (``fxopt.ir.leaves``) is exported on the inputs it saw and inlined in place of its
+call (``inline_leaves``: its layers are folded, fused, pruned and quantized like the others; one
+that cannot be exported stays a leaf), and the whole model is exported when its own forward
+cannot be traced or the leaves left hide over half of the parameters.
+
 ``dynamic_batch=True`` exports dim 0 of every tensor input as a symbolic ``batch`` dimension
 (the graph keeps ``sym_size`` reads). Refused with a typed error (``NotAvailableError``) for
 now: outputs that are not a tensor or a flat tuple/list of tensors, graphs that mutate buffers
@@ -30,6 +36,7 @@ now: outputs that are not a tensor or a flat tuple/list of tensors, graphs that 
 """
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any
 
@@ -44,7 +51,7 @@ from fxopt.ir.capture import (Captured, annotate_paths, check_against_eager, che
                               propagate_shapes, run_eager)
 from fxopt.ir.graph import remove_unused_attributes
 
-__all__ = ["capture_exported", "capture_with", "export_graph", "CAPTURE_METHODS",
+__all__ = ["capture_exported", "capture_with", "inline_leaves", "export_graph", "CAPTURE_METHODS",
            "EXPORT_FALLBACK_SHARE"]
 
 CAPTURE_METHODS = ("auto", "symbolic_trace", "export")
@@ -233,7 +240,8 @@ def capture_with(method: str, work: nn.Module, inputs: tuple, *, leaf_modules=()
                  concrete_args: dict | None = None, check: bool = True,
                  pristine: nn.Module | None = None) -> Captured:
     """Capture by ``method``: ``"symbolic_trace"`` (automatic leaves), ``"export"``, or
-    ``"auto"``: symbolic trace, then torch.export when the trace fails in the model's own
+    ``"auto"``: symbolic trace, its automatic leaves inlined through torch.export where export
+    takes them (``inline_leaves``), then torch.export when the trace fails in the model's own
     forward (no module to make a leaf) or the leaves it needed hide more than
     ``EXPORT_FALLBACK_SHARE`` of the parameters, and export succeeds (a note says which; when
     export fails too, the symbolic trace's result or error stands)."""
@@ -259,6 +267,8 @@ def capture_with(method: str, work: nn.Module, inputs: tuple, *, leaf_modules=()
         exported.notes.append(f"capture: symbolic tracing failed ({str(e).splitlines()[0]}); "
                               f"captured with torch.export instead")
         return exported
+    if method == "auto":
+        captured = _inline_or_keep(captured, work, inputs, check)
     total = sum(p.numel() for p in work.parameters()) or 1
     hidden = sum(leaf.params for leaf in captured.leaves)
     if method != "auto" or hidden / total <= EXPORT_FALLBACK_SHARE or leaf_modules \
@@ -275,3 +285,108 @@ def capture_with(method: str, work: nn.Module, inputs: tuple, *, leaf_modules=()
     exported.notes.append(f"capture: symbolic tracing needed leaves holding {hidden / total:.0%} "
                           f"of the parameters; captured with torch.export instead")
     return exported
+
+
+def _inline_or_keep(captured: Captured, work: nn.Module, inputs: tuple,
+                    check: bool) -> Captured:
+    """``inline_leaves`` on a copy of the capture; the capture as it was when that fails."""
+    if not captured.leaves:
+        return captured
+    saved = copy.deepcopy(captured.gm)
+    try:
+        return inline_leaves(captured, work, inputs, check=check)
+    except Exception as e:  # noqa: BLE001 - the leaves stay leaves
+        captured.gm = saved
+        captured.notes.append(f"capture: inlining the leaves through torch.export failed "
+                              f"({type(e).__name__}): they stay opaque")
+        return captured
+
+
+def _leaf_inputs(work: nn.Module, inputs: tuple, paths: list[str]) -> dict[str, tuple]:
+    """The positional tensor arguments each leaf module is called with on ``inputs`` (a module
+    called more than once, or with keyword arguments, is left out)."""
+    from fxopt.ir.check import clone_inputs, seeded
+
+    seen: dict[str, list] = {p: [] for p in paths}
+    handles = []
+    for path in paths:
+        def hook(mod, args, kwargs, path=path):
+            seen[path].append(None if kwargs else tuple(
+                a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args))
+        handles.append(work.get_submodule(path).register_forward_pre_hook(hook,
+                                                                          with_kwargs=True))
+    try:
+        with torch.no_grad(), seeded(inputs):
+            work(*clone_inputs(inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: v[0] for p, v in seen.items()
+            if len(v) == 1 and v[0] is not None and all(isinstance(a, torch.Tensor) for a in v[0])}
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, path: str) -> bool:
+    """Replace the call of leaf ``path`` by ``sub``'s graph (targets under ``path``)."""
+    out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+    if not isinstance(out, fx.Node):
+        return False
+    env: dict[fx.Node, Any] = {}
+    args = iter(node.args)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        for n in sub.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = next(args)
+                continue
+            if n.op == "output":
+                break
+            new = graph.node_copy(n, lambda a: env[a])
+            if n.op in ("get_attr", "call_module"):
+                new.target = f"{path}.{n.target}"
+            new.meta = dict(n.meta)
+            inner = n.meta.get("fxopt_path", "")
+            new.meta["fxopt_path"] = f"{path}.{inner}" if inner else path
+            new.meta["fxopt_from"] = [new.name]
+            env[n] = new
+    node.replace_all_uses_with(env[out])
+    graph.erase_node(node)
+    return True
+
+
+def inline_leaves(captured: Captured, work: nn.Module, inputs: tuple, *,
+                  check: bool = True) -> Captured:
+    """Each opaque leaf of a symbolic trace is captured by torch.export on the inputs it saw
+    and inlined in place of its call, so the passes see its layers; a leaf export cannot take
+    (or whose output is not one tensor) stays a leaf. The whole graph is checked again."""
+    paths = [leaf.path for leaf in captured.leaves]
+    if not paths:
+        return captured
+    gm = captured.gm
+    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in paths}
+    seen = _leaf_inputs(work, inputs, paths)
+    done = []
+    for path in paths:
+        node = calls.get(path)
+        if node is None or path not in seen or node.kwargs or len(node.args) != len(seen[path]):
+            continue
+        try:
+            sub = capture_exported(work.get_submodule(path), seen[path], check=check).gm
+        except Exception:  # noqa: BLE001 - the leaf stays a leaf
+            continue
+        if _inline(gm, node, sub, path):
+            done.append(path)
+    if not done:
+        return captured
+    gm.graph.lint()
+    gm.recompile()
+    propagate_shapes(gm, inputs)
+    canonicalize(gm)
+    remove_unused_attributes(gm)
+    gm.recompile()
+    if check:
+        check_against_eager(gm, work, inputs, captured.eager_output)
+    captured.leaves = [leaf for leaf in captured.leaves if leaf.path not in done]
+    captured.notes.append(f"capture: {len(done)} module(s) symbolic tracing could not go "
+                          f"through were captured with torch.export and inlined: " +
+                          ", ".join(done))
+    return captured

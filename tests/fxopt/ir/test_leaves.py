@@ -97,7 +97,7 @@ def test_failure_in_the_model_itself_still_raises():
 
 def test_optimize_reports_the_opaque_module_and_its_cost():
     m = model()
-    opt = fxopt.optimize(m, X)
+    opt = fxopt.optimize(m, X, capture="symbolic_trace")  # "auto" inlines it (below)
     report = opt.report
     assert report.capture["method"] == "symbolic_trace"
     assert [d["path"] for d in report.capture["opaque"]] == ["block.inner"]
@@ -112,7 +112,7 @@ def test_prune_freezes_the_leaf_boundary():
     """Channels into and out of the leaf are frozen: the leaf's conv keeps its shape, the
     rest is pruned, and the pruned model matches its masked reference (optimize checks it)."""
     m = model()
-    opt = fxopt.optimize(m, X, prune=0.5)
+    opt = fxopt.optimize(m, X, prune=0.5, capture="symbolic_trace")
     gm = opt.graph_module
     assert gm.get_submodule("block.inner").conv.weight.shape == (16, 16, 3, 3)
     assert opt.report.after.params < opt.report.before.params  # head/fc pruned around it
@@ -122,11 +122,30 @@ def test_prune_freezes_the_leaf_boundary():
 def test_int8_quantizes_around_the_leaf():
     m = model()
     batches = [torch.randn(2, 3, 16, 16) for _ in range(4)]
-    opt = fxopt.optimize(m, X, quantize="int8", calibration_data=batches)
+    opt = fxopt.optimize(m, X, quantize="int8", calibration_data=batches,
+                         capture="symbolic_trace")
     gm = opt.graph_module
     assert "block.inner" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
     assert opt.report.int8 is not None and opt.report.int8["sqnr_db"] > 15
     assert layer_counts(gm.get_submodule("block.inner"))["conv"] == 1  # stays float inside
+
+
+def test_auto_inlines_the_leaf_through_export():
+    """capture="auto": the leaf is captured with torch.export on the inputs it saw and inlined,
+    so its conv is fused and quantized like the others."""
+    m = model()
+    opt = fxopt.optimize(m, X)
+    assert opt.report.capture == {"method": "symbolic_trace", "opaque": []}
+    assert any("inlined: block.inner" in n for n in opt.report.notes)
+    gm = opt.graph_module
+    assert "block.inner" not in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert any(n.meta.get("fxopt_path", "").startswith("block.inner") and n.op == "call_function"
+               and "conv2d_act" in str(n.target) for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert torch.allclose(opt(X), m(X), atol=1e-4)
+    batches = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    q = fxopt.optimize(m, X, quantize="int8", calibration_data=batches)
+    assert q.report.record("quantize_int8").stats["conv2d"] == 4  # the leaf's conv too
 
 
 TIMM_UNTRACEABLE = ["tf_efficientnet_b0", "vgg11_bn", "mobilevit_xxs", "efficientvit_b0"]
