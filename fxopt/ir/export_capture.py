@@ -75,6 +75,10 @@ _TORCH = {
 _METHODS = {aten.relu_.default: "relu_", aten.add_.Tensor: "add_", aten.mul_.Tensor: "mul_",
             aten.sub_.Tensor: "sub_", aten.sigmoid_.default: "sigmoid_",
             aten.clamp_.default: "clamp_", aten.hardtanh_.default: "hardtanh_"}
+# in-place aten activation -> its F function, called with inplace=True
+_INPLACE_F = {aten.silu_.default: F.silu, aten.hardswish_.default: F.hardswish,
+              aten.hardsigmoid_.default: F.hardsigmoid, aten.elu_.default: F.elu,
+              aten.leaky_relu_.default: F.leaky_relu}
 _LAYERS = {aten.conv2d.default: nn.Conv2d, aten.conv1d.default: nn.Conv1d,
            aten.linear.default: nn.Linear}
 
@@ -145,6 +149,8 @@ def _rewrite(graph: fx.Graph, attrs: dict[fx.Node, str], work: nn.Module) -> Non
             node.target = _TORCH[node.target]
         elif node.target in _METHODS and not node.kwargs:
             node.op, node.target = "call_method", _METHODS[node.target]
+        elif node.target in _INPLACE_F and not node.kwargs and len(node.args) == 1:
+            node.target, node.kwargs = _INPLACE_F[node.target], {"inplace": True}
 
 
 def _lifted(ep, work: nn.Module) -> tuple[fx.GraphModule, dict[fx.Node, str]]:

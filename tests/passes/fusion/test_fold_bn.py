@@ -385,3 +385,29 @@ def test_timm_bn_act_all_folded(name):
     left = [n for n in left if not n.meta.get("fxopt_path", "").endswith(".identity")]
     assert left == [], f"{len(left)} BN left"
     assert opt.report.record("fold_bn").stats["left"] == 0
+
+
+class FunctionalConvBN(nn.Module):
+    """A conv written as ``F.conv2d`` on the module's own weight (what torch.export's inlined
+    leaves and timm's padded ``Conv2dSame`` look like), then BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.2)
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Parameter(torch.randn(8, 1, 3, 3) * 0.2)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = F.relu(self.bn(F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, 2)))
+        return self.bn2(F.conv2d(y, self.dw, None, 1, 1, 1, 8))
+
+
+def test_fold_bn_into_functional_conv_with_constant_weights():
+    """Failed on main (folded 0): the call is kept, on new folded constants (groups too)."""
+    model = randomize_bn(FunctionalConvBN())
+    gm, res, _ = run_fold(model, torch.randn(2, 3, 9, 9))
+    assert res.stats["folded"] == 2 and res.stats["left"] == 0
+    assert not any(n.target is F.batch_norm for n in gm.graph.nodes)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
