@@ -9,7 +9,8 @@ conventions the passes read, so every pass runs unchanged:
 
 - the root is fxopt's copy of the model (``fx.GraphModule(work, graph)``): submodules keep
   their paths and types, parameters and buffers are ``get_attr`` nodes of their own paths
-  (lifted constants become buffers under ``_export_constants``);
+  (lifted constants become buffers under ``_export_constants``, the subgraphs of higher-order
+  ops such as an autocast region submodules under ``_export_submodules``);
 - ``aten.conv1d/conv2d`` and ``aten.linear`` whose weight and bias are a module's own
   parameters, with that module's settings, become ``call_module`` of the module (fold_bn,
   fuse_act, pruning and int8 match modules); ``aten.batch_norm`` becomes ``F.batch_norm`` on
@@ -171,7 +172,7 @@ def _lifted(ep, work: nn.Module) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
             targets[spec.arg.name] = spec.target
         elif spec.kind == InputKind.CONSTANT_TENSOR:
             if holder is None:
-                holder = nn.Module()
+                holder = nn.Module().eval()
                 work.add_module("_export_constants", holder)
             key = spec.target.replace(".", "_")
             holder.register_buffer(key, ep.constants[spec.target].detach().clone())
@@ -181,6 +182,13 @@ def _lifted(ep, work: nn.Module) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
         if target is not None:
             new = graph.get_attr(target)
             attrs[new] = target
+        elif node.op == "get_attr":  # a higher-order op's subgraph (an autocast region)
+            new = graph.node_copy(node, lambda n: env[n])
+            if not hasattr(work, "_export_submodules"):
+                work.add_module("_export_submodules", nn.Module().eval())
+            work._export_submodules.add_module(node.target, getattr(ep.graph_module,
+                                                                    node.target).eval())
+            new.target = f"_export_submodules.{node.target}"
         elif node.op == "output":
             outs = node.args[0]
             out = outs[0] if _single_output(ep) else tuple(env[o] for o in outs)
