@@ -223,7 +223,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
                                                            concrete_args)
         report = Report(target=target, capture_time_s=time.perf_counter() - t0)
         report.notes.extend(precision_notes + captured.notes)
-        report.capture = {"method": captured.method,
+        report.capture = {"method": captured.method, "inlined": captured.inlined,
                           "opaque": [leaf.to_dict() for leaf in captured.leaves]}
         report.before = _model_stats(gm)
         ctx = PassContext(example_inputs=inputs, target=target, configs=configs,

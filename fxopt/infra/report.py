@@ -56,8 +56,9 @@ class Report:
     final_max_abs_err: float | None = None
     final_rel_err: float | None = None
     notes: list[str] = field(default_factory=list)
-    # how the model was captured: "method" ("symbolic_trace" or "export") and "opaque" (the
-    # modules made leaves automatically: path, type, reason, layers inside, params)
+    # how the model was captured: "method" ("symbolic_trace" or "export"), "inlined" (modules
+    # symbolic tracing could not go through, captured with torch.export and inlined) and
+    # "opaque" (the modules left as leaves: path, type, reason, layers inside, params)
     capture: dict[str, Any] = field(default_factory=dict)
 
     def record(self, name: str) -> PassRecord | None:

@@ -383,6 +383,7 @@ class Captured:
     notes: list[str] = field(default_factory=list)
     leaves: list[OpaqueLeaf] = field(default_factory=list)  # made leaves automatically
     method: str = "symbolic_trace"  # or "export" (ir/export_capture.py)
+    inlined: list[str] = field(default_factory=list)  # leaves inlined through torch.export
 
 
 def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),

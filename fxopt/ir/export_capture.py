@@ -400,6 +400,7 @@ def inline_leaves(captured: Captured, work: nn.Module, inputs: tuple, *,
     if check:
         check_against_eager(gm, work, inputs, captured.eager_output)
     captured.leaves = [leaf for leaf in captured.leaves if leaf.path not in done]
+    captured.inlined = done
     captured.notes.append(f"capture: {len(done)} module(s) symbolic tracing could not go "
                           f"through were captured with torch.export and inlined: " +
                           ", ".join(done))

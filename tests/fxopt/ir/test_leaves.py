@@ -135,7 +135,8 @@ def test_auto_inlines_the_leaf_through_export():
     so its conv is fused and quantized like the others."""
     m = model()
     opt = fxopt.optimize(m, X)
-    assert opt.report.capture == {"method": "symbolic_trace", "opaque": []}
+    assert opt.report.capture == {"method": "symbolic_trace", "opaque": [],
+                                  "inlined": ["block.inner"]}
     assert any("inlined: block.inner" in n for n in opt.report.notes)
     gm = opt.graph_module
     assert "block.inner" not in {n.target for n in gm.graph.nodes if n.op == "call_module"}
@@ -154,16 +155,21 @@ TIMM_UNTRACEABLE = ["tf_efficientnet_b0", "vgg11_bn", "mobilevit_xxs", "efficien
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TIMM_UNTRACEABLE)
 def test_timm_models_that_stopped_at_capture(name):
-    """Issue 15: these stopped at capture; now the default pipeline, prune=0.5 and int8 run
-    (vgg11_bn's ConvMlp holds most of its parameters: capture="auto" takes torch.export)."""
+    """Issue 15: these stopped at capture; now the default pipeline, prune=0.5 and int8 run,
+    with the untraceable modules (Conv2dSame, ConvMlp, MobileVitBlock, LiteMLA) inlined through
+    torch.export. symbolic_trace alone keeps them opaque leaves."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False).eval()
     x = torch.randn(1, 3, 64, 64)
     opt = fxopt.optimize(m, x)
     cap = opt.report.capture
-    assert cap["opaque"] or cap["method"] == "export", "expected automatic leaves or export"
+    assert cap["opaque"] == []  # each leaf inlined through torch.export
+    assert cap["inlined"] or cap["method"] == "export"
+    assert opt.report.record("fold_bn").stats["left"] == 0
     pruned = fxopt.optimize(m, x, prune=0.5)
     assert pruned.report.after.params <= pruned.report.before.params
     q = fxopt.optimize(m, x, quantize="int8", calibration_data=[x])
     assert q.report.int8 is not None
+    leaves = fxopt.optimize(m, x, capture="symbolic_trace").report.capture["opaque"]
+    assert leaves and all(d["path"] for d in leaves)
