@@ -31,7 +31,8 @@ from fxopt.infra.registry import PASSES, PassContext
 from fxopt.infra.report import ModelStats, Report
 from fxopt.infra.validate import (calibration_arg, choice_arg, concrete_args_arg,
                                   instruments_arg, leaf_modules_arg, names_arg, pipeline_arg)
-from fxopt.ir.capture import capture_model, check_model, copy_model, normalize_inputs
+from fxopt.ir.capture import check_model, copy_model, normalize_inputs
+from fxopt.ir.export_capture import CAPTURE_METHODS, capture_with
 from fxopt.ir.check import clone_inputs, conditioning_floors, seeded
 from fxopt.ir.graph import count_bytes, count_nodes, count_params
 from fxopt.ir.metrics import count_macs
@@ -173,7 +174,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
              calibration_data: Any = None,
              check: str = "each", on_mismatch: str = "raise", leaf_modules: Iterable = (),
              concrete_args: dict | None = None,
-             instruments: Sequence[Instrument] = ()) -> OptimizedModule:
+             instruments: Sequence[Instrument] = (), capture: str = "auto") -> OptimizedModule:
     """Optimize a copy of ``model`` for inference; every pass is checked against its reference.
 
     ``pipeline``: a name from ``fxopt.PIPELINES`` (default ``"default"``) or a list of pass names;
@@ -194,13 +195,16 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     for save, training and export; ``precision="bf16"`` is OpenVINO's inference precision
     there; ``fxopt.export.engines``), or ``"best"``: fxopt's ``"cpu"`` path and each installed
     engine, timed briefly on the example inputs, the fastest kept (``report.engine["timings_ms"]``).
+    ``capture``: ``"auto"`` (default: symbolic trace, untraceable submodules as leaves, and
+    torch.export when those would hide over half the parameters), ``"symbolic_trace"`` or
+    ``"export"`` (``fxopt.ir.export_capture``); ``report.capture`` says what was done.
     """
     if target == "best":
         return _optimize_best(model, example_inputs, dict(
             pipeline=pipeline, passes=passes, disable=disable, precision=precision, prune=prune,
             quantize=quantize, calibration_data=calibration_data, check=check,
             on_mismatch=on_mismatch, leaf_modules=leaf_modules, concrete_args=concrete_args,
-            instruments=instruments))
+            instruments=instruments, capture=capture))
     from fxopt import ops  # noqa: F401 - the fxopt op namespace
     from fxopt import passes as _passes  # noqa: F401 - registers the built-in passes
 
@@ -213,6 +217,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     pipeline, extra, disable, leaf_modules, concrete_args, instruments = _check_options(
         model, inputs, pipeline, passes, disable, check, on_mismatch, leaf_modules,
         concrete_args, instruments, calibration_data)
+    choice_arg(capture, "capture", CAPTURE_METHODS)
     target = _resolve_target(target, inputs)
     engine_target = target in ENGINE_TARGETS
     if engine_target:  # the precision is the engine's; the pipeline runs in float32
@@ -247,15 +252,17 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     with strict_fp32(target == "cuda"):
         t0 = time.perf_counter()
         # The capture is checked against eager like a pass (CaptureError naming the cause).
-        captured = capture_model(work, inputs, leaf_modules=leaf_modules,
-                                 concrete_args=concrete_args, check=manager.check != "none",
-                                 pristine=model)
+        captured = capture_with(capture, work, inputs, leaf_modules=leaf_modules,
+                                concrete_args=concrete_args, check=manager.check != "none",
+                                pristine=model)
         gm, eager_out = captured.gm, captured.eager_output
         # Only when a comparison fails: how much this model amplifies its own rounding.
         manager.conditioning = lambda: conditioning_floors(model, user_inputs, eager_out,
                                                            concrete_args)
         report = Report(target=target, capture_time_s=time.perf_counter() - t0)
         report.notes.extend(precision_notes + captured.notes)
+        report.capture = {"method": captured.method, "inlined": captured.inlined,
+                          "opaque": [leaf.to_dict() for leaf in captured.leaves]}
         report.before = _model_stats(gm)
         ctx = PassContext(example_inputs=inputs, target=target, configs=configs,
                           calibration_data=calibration_data, original=model, debug=debug_level())

@@ -59,6 +59,10 @@ class Report:
     # the engine that runs the model (target="openvino"/"onnxruntime"/"best"): its name,
     # version, precision, threads, the check against the graph, and target="best"'s timings
     engine: dict[str, Any] = field(default_factory=dict)
+    # how the model was captured: "method" ("symbolic_trace" or "export"), "inlined" (modules
+    # symbolic tracing could not go through, captured with torch.export and inlined) and
+    # "opaque" (the modules left as leaves: path, type, reason, layers inside, params)
+    capture: dict[str, Any] = field(default_factory=dict)
 
     def record(self, name: str) -> PassRecord | None:
         for r in self.passes:

@@ -7,6 +7,10 @@ module, ``F.leaky_relu``, ``x.relu()``, in place or not);
 ``torch.add``/``x.add``/``+=`` become ``operator.add`` (likewise sub and mul); clamps become
 ``torch.clamp(x, min=, max=)``; flattens become ``torch.flatten(x, start_dim=, end_dim=)``
 (a ``view``/``reshape`` that is a flatten included); other views become ``torch.reshape``.
+A tensor's rank read in the graph (``x.ndim``, ``x.dim()``: timm's
+``_assert(x.ndim == 4)`` after every conv) becomes the constant from its ``tensor_meta``: the
+rank of every tensor is fixed once the input's is (only the batch size may vary), and a
+rank read left on a conv's output would be a second user that keeps it from folding and fusing.
 
 In-place forms are made out-of-place; uses of the mutated tensor after the in-place op are
 redirected to its result, which is what the in-place op meant. So are the later uses of every
@@ -258,9 +262,30 @@ def canonicalize(gm: fx.GraphModule) -> int:
     return rw.count
 
 
+def _rank_read(node: fx.Node) -> int | None:
+    """The rank ``x.ndim`` / ``x.dim()`` / ``x.ndimension()`` reads, from ``x``'s tensor_meta."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+            and node.args[1] == "ndim" and not node.kwargs:
+        tm = tensor_meta(node.args[0])
+    elif node.op == "call_method" and node.target in ("dim", "ndimension") \
+            and len(node.args) == 1 and not node.kwargs:
+        tm = tensor_meta(node.args[0])
+    else:
+        return None
+    return None if tm is None else len(tm.shape)
+
+
 def _canonicalize_call(rw: _Rewriter, node: fx.Node) -> None:
     t = node.target
     is_fn = node.op == "call_function"
+    rank = _rank_read(node)
+    if rank is not None:
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: rank if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: rank if a is node else a)
+        rw.graph.erase_node(node)
+        rw.count += 1
+        return
     act = _ACT_FUNCTIONS.get(t) if is_fn else _ACT_METHODS.get(t)
     if act is not None and node.args:
         name, inplace_form = act

@@ -41,10 +41,11 @@ from fxopt.ir.canonical import canonicalize
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.ir.hooks import (HookProbe, describe_hooks, hooked_modules, hooks_of,
                              refuse_global_hooks, restore_hooks, strip_hooks)
+from fxopt.ir.leaves import AutoLeafFailure, OpaqueLeaf, innermost_module, trace_with_auto_leaves
 
 __all__ = ["capture", "capture_model", "Captured", "copy_model", "normalize_inputs", "check_model",
            "run_eager", "check_finite", "constant_inputs", "DEFAULT_LEAF_MODULES",
-           "propagate_shapes"]
+           "propagate_shapes", "annotate_paths", "check_against_eager", "opaque_note"]
 
 # Modules traced as one call: their forward branches on tensor properties, and the passes
 # treat them whole (MACs are counted for MultiheadAttention).
@@ -303,15 +304,9 @@ def _split_leaves(leaf_modules: Iterable) -> tuple[tuple[type, ...], set[str]]:
     return tuple(types), names
 
 
-def _innermost(tracer: _Tracer) -> tuple[str, str] | None:
-    stack = getattr(tracer, "module_stack", None)
-    if not stack:
-        return None
-    path, typ = list(stack.values())[-1]
-    return path, getattr(typ, "__name__", str(typ))
-
-
-def _annotate(gm: fx.GraphModule) -> None:
+def annotate_paths(gm: fx.GraphModule) -> None:
+    """``fxopt_path`` (the module path, from the node or its ``nn_module_stack``) and
+    ``fxopt_from`` on every node."""
     for node in gm.graph.nodes:
         if node.op == "call_module":
             path = node.target
@@ -386,33 +381,42 @@ class Captured:
     gm: fx.GraphModule
     eager_output: Any
     notes: list[str] = field(default_factory=list)
+    leaves: list[OpaqueLeaf] = field(default_factory=list)  # made leaves automatically
+    method: str = "symbolic_trace"  # or "export" (ir/export_capture.py)
+    inlined: list[str] = field(default_factory=list)  # leaves inlined through torch.export
 
 
 def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),
-            concrete_args: dict[str, Any] | None = None, check: bool = True) -> fx.GraphModule:
+            concrete_args: dict[str, Any] | None = None, check: bool = True,
+            auto_leaves: bool = True) -> fx.GraphModule:
     """Trace a copy of ``model`` into a canonical ``GraphModule`` with full metadata.
 
     ``leaf_modules``: module types or module paths traced as single calls (for modules whose
     forward has data-dependent control flow). ``concrete_args``: forward arguments fixed to
     constants while tracing (flags such as ``return_loss=False``). ``check``: compare the
     captured graph with the eager model on the example inputs (``CaptureError`` when they
-    differ).
+    differ). ``auto_leaves``: a submodule whose forward cannot be traced becomes a leaf by
+    itself (``fxopt.ir.leaves``); False raises the trace error instead.
     """
     check_model(model)
     inputs = normalize_inputs(example_inputs)
     return capture_model(copy_model(model), inputs, leaf_modules=leaf_modules,
-                         concrete_args=concrete_args, check=check, pristine=model).gm
+                         concrete_args=concrete_args, check=check, pristine=model,
+                         auto_leaves=auto_leaves).gm
 
 
 def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = (),
                   concrete_args: dict[str, Any] | None = None, check: bool = True,
-                  eager_output: Any = None, pristine: nn.Module | None = None) -> Captured:
+                  eager_output: Any = None, pristine: nn.Module | None = None,
+                  auto_leaves: bool = True) -> Captured:
     """``capture`` of fxopt's own copy ``work`` (its hooks are removed once traced in).
 
     ``eager_output``: the eager model's output on ``inputs`` when the caller has it already.
     ``pristine``: the model ``work`` was copied from (read only): a forward that writes into its
     own parameters or buffers (a counter) gets them reset from it after every run, so the graph
     is compared with eager from the same state and starts from the user's.
+    ``auto_leaves``: a submodule symbolic tracing cannot go through becomes a leaf
+    (``fxopt.ir.leaves``; named in ``Captured.leaves`` and the notes); False: the trace error.
     """
     types, names = _split_leaves(leaf_modules)
     refuse_global_hooks()
@@ -441,13 +445,17 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
     if observers:
         notes.append("capture: hooks that returned None (observers) are not part of the "
                      "optimized model: " + ", ".join(observers))
-    tracer = _Tracer(types, names)
-    try:
-        graph = _trace(tracer, work, {**auto, **(concrete_args or {})} or None)
-    except CaptureError:
-        raise
-    except Exception as e:  # noqa: BLE001 - every trace failure gets a typed error and a hint
-        raise _trace_error(tracer, e, hooks) from e
+    fixed = {**auto, **(concrete_args or {})} or None
+    try:  # a submodule that cannot be traced becomes a leaf (ir/leaves.py), hooks apart
+        tracer, graph, leaves = trace_with_auto_leaves(
+            lambda found: _Tracer(types, frozenset(names | found)),
+            lambda tracer: _trace(tracer, work, fixed), work, enabled=auto_leaves and not hooks)
+    except AutoLeafFailure as failure:  # every trace failure gets a typed error and a hint
+        error = _trace_error(failure.tracer, failure.error, hooks)
+        error.trace_failure = True  # capture="auto" may try torch.export on it
+        raise error from failure.error
+    if leaves:
+        notes.append(opaque_note(leaves))
     stripped = strip_hooks(work)  # the graph computes them now: leaf modules must not rerun them
     name = type(work).__name__
     _none_guards_as_asserts(graph)
@@ -457,7 +465,7 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
     # fx re-creates the containers on module paths (Sequential, blocks) as fresh nn.Modules,
     # which start in training mode; every real module is in eval mode (check_model above).
     gm.train(False)
-    _annotate(gm)
+    annotate_paths(gm)
     # Tensor shapes first: canonicalization reads them (flatten/reshape).
     try:
         propagate_shapes(gm, inputs)
@@ -474,11 +482,21 @@ def capture_model(work: nn.Module, inputs: tuple, *, leaf_modules: Iterable = ()
     if check:
         _check_against_eager(gm, work, inputs, eager_output, hooks, stripped, concrete_args,
                              state)
-    return Captured(gm, eager_output, notes)
+    return Captured(gm, eager_output, notes, leaves)
+
+
+def opaque_note(leaves: list[OpaqueLeaf]) -> str:
+    """The report's note on the modules made leaves, and what they cost."""
+    kept = {k: sum(leaf.layers[k] for leaf in leaves) for k in ("conv", "linear", "bn")}
+    cost = ", ".join(f"{n} {k}" for k, n in kept.items() if n) or "no conv/linear/BN"
+    return (f"capture: {len(leaves)} module(s) could not be traced and run as opaque leaves "
+            f"(their eager forward): " + "; ".join(leaf.describe() for leaf in leaves) +
+            f". Their layers ({cost}) are not folded, fused, pruned or quantized; pruning "
+            f"freezes the channels at their boundary and int8 runs them in float")
 
 
 def _trace_error(tracer: _Tracer, e: Exception, hooks: dict) -> CaptureError:
-    where = _innermost(tracer)
+    where = innermost_module(tracer)
     loc = f" in module '{where[0]}' ({where[1]})" if where and where[0] else ""
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, fx.proxy.TraceError) or "symbolically traced variables" in str(e):
@@ -516,6 +534,12 @@ def _causes(work: nn.Module, hooks: dict, inputs: tuple, gm: fx.GraphModule | No
         if kept:
             found.append(f"in-place ops on aliased tensors left in place ({', '.join(kept[:5])})")
     return ("; possible causes: " + "; ".join(found)) if found else ""
+
+
+def check_against_eager(gm: fx.GraphModule, work: nn.Module, inputs: tuple,
+                        eager_output: Any) -> None:
+    """CaptureError unless ``gm`` computes ``eager_output`` (a model without hooks)."""
+    _check_against_eager(gm, work, inputs, eager_output, {}, [], None, _StateGuard(work, None))
 
 
 def _check_against_eager(gm: fx.GraphModule, work: nn.Module, inputs: tuple, eager_output: Any,

@@ -30,7 +30,15 @@ __all__ = [
     "count_bytes",
     "add_buffer",
     "tensor_meta_of",
+    "is_shape_read",
+    "SHAPE_ATTRIBUTES",
 ]
+
+# Attributes of a tensor that say nothing about its values: a reader of only these sees the same
+# thing from any tensor of the same shape, dtype and device (``_assert(x.ndim == 4)``).
+SHAPE_ATTRIBUTES = frozenset({"ndim", "shape", "dtype", "device", "is_cuda", "layout"})
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "get_device", "is_floating_point",
+                            "is_complex", "numel"})
 
 
 def module_path(node: fx.Node) -> str:
@@ -45,6 +53,18 @@ def tensor_meta(node: Any):
         if tm is not None and hasattr(tm, "shape"):
             return tm
     return None
+
+
+def is_shape_read(user: fx.Node, tensor: fx.Node) -> bool:
+    """True when ``user`` reads only the shape, rank, dtype or device of ``tensor``
+    (``getattr(x, "ndim")``, ``x.shape``, ``x.size(1)``, ``x.dim()``), never its values: it
+    reads the same from any tensor with the same ``tensor_meta``."""
+    if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
+        return user.args[0] is tensor and user.args[1] in SHAPE_ATTRIBUTES
+    if user.op == "call_method" and user.target in _SHAPE_METHODS and user.args:
+        rest = list(user.args[1:]) + list(user.kwargs.values())
+        return user.args[0] is tensor and not any(isinstance(a, fx.Node) for a in rest)
+    return False
 
 
 def tensor_meta_of(value: torch.Tensor):

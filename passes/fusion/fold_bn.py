@@ -7,7 +7,9 @@ In eval mode BatchNorm is a per-channel affine map, so it folds into the layer b
     b' = (b - running_mean) * s + beta
 
 Rules (``RULES``): ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (any groups) or ``Linear`` (2-D
-output only: BatchNorm1d on [N, L, C] normalizes L, not the features), followed by a
+output only: BatchNorm1d on [N, L, C] normalizes L, not the features), or a
+``torch.conv1d/2d/3d`` / ``F.linear`` call whose weight and bias are graph constants (rules
+``fn_layer_*``: the call is kept, on new folded constants), followed by a
 ``BatchNorm1d/2d/3d``/``SyncBatchNorm`` module or by ``F.batch_norm`` whose statistics and
 affine parameters are graph constants. Stride, dilation, groups, padding and padding mode stay
 as they were (the folded layer is a copy of the old one with new weight and bias); BN without
@@ -15,7 +17,11 @@ affine parameters folds with gamma = 1, beta = 0.
 
 Never silently wrong:
 - a layer whose output has another user besides the BN is left alone (folding would change
-  what that user sees; a second convolution would cost more than the BN): a note says so;
+  what that user sees; a second convolution would cost more than the BN): a note says so.
+  Users that read only its shape, rank, dtype or device (``x.shape``, ``x.size(1)``,
+  ``getattr(x, "ndim")`` of timm's ``_assert``; ``fxopt.ir.graph.is_shape_read``) are not in
+  the way: the folded layer's output has the same ``tensor_meta``, so they read it instead (the
+  folded call takes the layer's place in the graph, before them);
 - a layer module called at more than one site (pytorch issue 104593, where
   ``torch.fx.experimental.optimization.fuse`` folds one site's BN into every site) is folded
   into a private copy for that site; the note names it and what it costs (the copy's
@@ -44,7 +50,7 @@ import torch.nn.functional as F
 from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module
-from fxopt.ir.graph import get_attr_value, tensor_meta
+from fxopt.ir.graph import add_buffer, get_attr_value, is_shape_read, tensor_meta
 
 __all__ = ["fold_bn", "RULES", "fold_weights", "LAYER_TYPES", "BN_TYPES"]
 
@@ -55,6 +61,9 @@ BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 _layer = module("layer", *LAYER_TYPES)
 _bn_module = module("bn", *BN_TYPES)
+# conv/linear calls whose weight and bias are graph constants (torch.export's inlined leaves,
+# timm's computed weights once folded): folded into new constants
+_layer_fn = call("layer", torch.conv1d, torch.conv2d, torch.conv3d, F.linear)
 _bn_function = call("bn", F.batch_norm)
 _BN_SIGNATURE = inspect.signature(F.batch_norm)
 
@@ -151,29 +160,56 @@ def _bn_stats(m: Match) -> BNStats | str:
                    float(a["eps"]), node.name)
 
 
+def _fn_weights(m: Match) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    """(weight, bias) values of a functional conv/linear whose weight and bias are graph
+    constants, or why not."""
+    node = m.nodes["layer"]
+    names = ("input", "weight", "bias")
+    a = {"bias": None, **dict(zip(names, node.args)), **node.kwargs}
+    if len(node.args) < 2 or set(node.kwargs) - {"bias", "stride", "padding", "dilation",
+                                                 "groups"}:
+        return f"'{node.name}' has arguments fxopt cannot read"
+    values = []
+    for key in ("weight", "bias"):
+        ok, value = _constant(m.gm, a[key])
+        if not ok or (key == "weight" and value is None):
+            return f"'{node.name}': its {key} is computed in the graph, not a constant"
+        values.append(value)
+    return values[0], values[1]
+
+
 def _check(m: Match) -> bool:
     layer_node, bn_node = m.nodes["layer"], m.nodes["bn"]
-    layer = m.module("layer")
     stats = _bn_stats(m)
     if isinstance(stats, str):
         return m.reject(stats)
-    others = [u.name for u in layer_node.users if u is not bn_node]
+    if layer_node.op == "call_function":
+        found = _fn_weights(m)
+        if isinstance(found, str):
+            return m.reject(f"{found}: '{stats.label}' left unfolded")
+        m.data["fn_weights"] = found
+        is_linear = layer_node.target is F.linear
+    else:
+        is_linear = isinstance(m.module("layer"), nn.Linear)
+    where = layer_node.target if layer_node.op == "call_module" else layer_node.name
+    others = [u.name for u in layer_node.users
+              if u is not bn_node and not is_shape_read(u, layer_node)]
     if others:
-        return m.reject(f"'{layer_node.target}' output is also used by {', '.join(others)}: "
+        return m.reject(f"'{where}' output is also used by {', '.join(others)}: "
                         f"'{stats.label}' left unfolded (folding would change what they see)")
     tm = tensor_meta(layer_node)
     if tm is None or not tm.dtype.is_floating_point:
-        return m.reject(f"'{layer_node.target}' has no floating-point output metadata: "
+        return m.reject(f"'{where}' has no floating-point output metadata: "
                         f"'{stats.label}' left unfolded")
-    if isinstance(layer, nn.Linear) and len(tm.shape) != 2:
-        return m.reject(f"'{stats.label}' after Linear '{layer_node.target}' on a "
+    if is_linear and len(tm.shape) != 2:
+        return m.reject(f"'{stats.label}' after Linear '{where}' on a "
                         f"{len(tm.shape)}-D output normalizes dim 1, not the features: left "
                         f"unfolded")
     channels = tm.shape[1]
     if stats.mean.numel() != channels or stats.var.numel() != channels or any(
             t is not None and t.numel() != channels for t in (stats.gamma, stats.beta)):
         return m.reject(f"'{stats.label}' statistics do not match the {channels} channels of "
-                        f"'{layer_node.target}': left unfolded")
+                        f"'{where}': left unfolded")
     m.data["stats"] = stats
     return True
 
@@ -206,8 +242,34 @@ def _folded_copy(layer: nn.Module, stats: BNStats) -> nn.Module:
     return new
 
 
+def _replace_fn(m: Match, b: Builder) -> fx.Node:
+    """A functional conv/linear with constant weight and bias: the same call on new folded
+    constants."""
+    layer_node = m.nodes["layer"]
+    weight, bias = m.data["fn_weights"]
+    stats: BNStats = m.data["stats"]
+    groups = layer_node.kwargs.get("groups", layer_node.args[6] if len(layer_node.args) > 6
+                                   else 1)
+    w, bias_new = fold_weights(weight, bias, stats, groups=groups)
+    prefix = (layer_node.args[1].target.replace(".", "_") if isinstance(
+        layer_node.args[1], fx.Node) else layer_node.name) + "_bn"
+    w_node = b.get_attr(add_buffer(m.gm, prefix, w))
+    b_node = b.get_attr(add_buffer(m.gm, prefix, bias_new))
+    kwargs = {k: v for k, v in layer_node.kwargs.items() if k != "bias"}
+    args = (layer_node.args[0], w_node, b_node) + tuple(layer_node.args[3:])
+    new = b.call_function(layer_node.target, args, kwargs, name=f"{layer_node.name}_bn")
+    readers = [u for u in layer_node.users if u is not m.nodes["bn"]]
+    if readers:
+        layer_node.append(new)
+        for user in readers:
+            user.replace_input_with(layer_node, new)
+    return new
+
+
 def _replace(m: Match, b: Builder) -> fx.Node:
     layer_node = m.nodes["layer"]
+    if layer_node.op == "call_function":
+        return _replace_fn(m, b)
     layer = m.module("layer")
     stats: BNStats = m.data["stats"]
     folded = _folded_copy(layer, stats)
@@ -222,12 +284,22 @@ def _replace(m: Match, b: Builder) -> fx.Node:
         b.note(f"'{path}' is used at more than one site: folded '{stats.label}' into a private "
                f"copy '{target}' for the call '{layer_node.name}' ({extra} more parameters, "
                f"one BN less)")
-    return b.call_module(target, layer_node.args, layer_node.kwargs, name=f"{layer_node.name}_bn")
+    new = b.call_module(target, layer_node.args, layer_node.kwargs, name=f"{layer_node.name}_bn")
+    readers = [u for u in layer_node.users if u is not m.nodes["bn"]]
+    if readers:  # shape reads (checked): they read the folded output, so it moves up to them
+        layer_node.append(new)
+        for user in readers:
+            user.replace_input_with(layer_node, new)
+    return new
 
 
 RULES = [
     Rule("layer_bn", lambda x: _bn_module(_layer(x)), _replace, _check, allow_external_users=True),
     Rule("layer_batch_norm", lambda x: _bn_function(_layer(x)), _replace, _check,
+         allow_external_users=True),
+    Rule("fn_layer_bn", lambda x: _bn_module(_layer_fn(x)), _replace, _check,
+         allow_external_users=True),
+    Rule("fn_layer_batch_norm", lambda x: _bn_function(_layer_fn(x)), _replace, _check,
          allow_external_users=True),
 ]
 

@@ -13,7 +13,11 @@ Rules (``RULES``, tried in this order at each node): ``conv_act``, ``conv_transp
 ``fused_act`` (an activation after a fused op that has none yet: ``act(conv(x) + y)`` is
 ``conv_add`` then ``fused_act``) and ``fused_add``. Layers are ``nn.Conv1d``/``nn.Conv2d``/
 ``nn.ConvTranspose2d`` (zero padding mode; a transposed conv called with ``output_size`` is
-left alone) and ``nn.Linear`` modules, each onto its op (``_CONVS``); activations are the
+left alone) and ``nn.Linear`` modules, each onto its op (``_CONVS``), and ``torch.conv1d``/
+``torch.conv2d`` (= ``F.conv2d``) calls whose weight and bias are graph constants
+(``get_attr``): timm's ``ScaledStdConv2d`` computes its weight in forward, which constant
+folding turns into such a call (rules ``conv_fn_act``, ``conv_fn_add``; ``lowered_fn`` in
+``lower_convs``); activations are the
 canonical ones (the activation table, ``fxopt.ir.activations``) and ``torch.clamp``. The
 fused op reads the layer's own weight and bias (``get_attr``), so parameters are shared, not
 copied; it is written through the op schema (``CONV2D_ACT.emit``).
@@ -49,6 +53,7 @@ __all__ = ["fuse_act", "lower_convs", "RULES", "LOWER_RULES", "act_spec"]
 _conv = module("conv", nn.Conv1d, nn.Conv2d)
 _conv2d = module("conv", nn.Conv2d)
 _conv_transpose = module("conv", nn.ConvTranspose2d)
+_conv_fn = call("conv", torch.conv1d, torch.conv2d)  # F.conv2d is torch.conv2d
 _linear = module("linear", nn.Linear)
 _act = call("act", *(row.canonical for row in CAPTURE_FORMS.values()), torch.clamp)
 _fused = call("fused", *FUSED_OPS)
@@ -115,6 +120,43 @@ _CONVS = {
 }
 
 
+_FN_OPS = {torch.conv1d: (CONV1D_ACT, 3), torch.conv2d: (CONV2D_ACT, 4)}
+
+
+def _conv_fn_params(node: fx.Node) -> tuple[dict, fx.Node, fx.Node | None] | str:
+    """(op arguments, weight, bias) of a functional conv with constant weight and bias, or why
+    not."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    if len(node.args) > len(names) or set(node.kwargs) - set(names[1:]):
+        return "unexpected arguments"
+    a = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
+         **dict(zip(names, node.args)), **node.kwargs}
+    weight, bias = a["weight"], a["bias"]
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or not (
+            bias is None or isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return "its weight or bias is computed in the graph (not a constant)"
+    tm = tensor_meta(weight)
+    if tm is None:
+        return "its weight has no shape metadata"
+    k = list(tm.shape[2:])
+    def spread(v):
+        return [v] * len(k) if isinstance(v, int) else list(v)
+    if any(isinstance(a[key], fx.Node) for key in ("stride", "padding", "dilation", "groups")):
+        return "its settings are computed in the graph"
+    d = spread(a["dilation"])
+    if a["padding"] == "valid":
+        padding = [0] * len(k)
+    elif a["padding"] == "same":
+        total = [di * (ki - 1) for di, ki in zip(d, k)]
+        if any(t % 2 for t in total):
+            return "padding='same' with asymmetric padding"
+        padding = [t // 2 for t in total]
+    else:
+        padding = spread(a["padding"])
+    params = dict(stride=spread(a["stride"]), padding=padding, dilation=d, groups=a["groups"])
+    return params, weight, bias
+
+
 def _float_input(node, ndim: int | None) -> bool:
     tm = tensor_meta(node)
     return tm is not None and tm.dtype.is_floating_point and (ndim is None or len(tm.shape) == ndim)
@@ -124,6 +166,16 @@ def _check_layer(m: Match) -> bool:
     """The layer call is plain and its input is a batched floating tensor."""
     key = "conv" if "conv" in m.nodes else "linear"
     node = m.nodes[key]
+    if node.op == "call_function":  # torch.conv1d/conv2d with constant weight and bias
+        op, ndim = _FN_OPS[node.target]
+        found = _conv_fn_params(node)
+        if isinstance(found, str):
+            return m.reject(f"'{node.name}' is not fused: {found}")
+        if not _float_input(node.args[0], ndim):
+            return False
+        m.data["conv"] = op, found[0]
+        m.data["fn_weights"] = found[1:]
+        return True
     layer = m.module(key)
     if len(node.args) != 1 or node.kwargs:
         if isinstance(layer, nn.ConvTranspose2d):  # output_size picks output_padding per call
@@ -164,6 +216,10 @@ def _layer_call(m: Match, b: Builder) -> tuple:
     """(op schema, argument values, name) of the fused op for the matched layer module."""
     key = "conv" if "conv" in m.nodes else "linear"
     node = m.nodes[key]
+    if node.op == "call_function":  # the call's own constant weight and bias nodes
+        weight, bias = m.data["fn_weights"]
+        op, params = m.data["conv"]
+        return op, {"x": node.args[0], "weight": weight, "bias": bias, **params}, node.name
     layer = m.module(key)
     weight = b.get_attr(f"{node.target}.weight")
     bias = b.get_attr(f"{node.target}.bias") if layer.bias is not None else None
@@ -215,6 +271,10 @@ RULES = [
          lambda m: _check_layer(m) and _check_residual(m, m.nodes["conv"])),
     Rule("linear_add", lambda x, y: _add(_linear(x), y), _replace_layer_add,
          lambda m: _check_layer(m) and _check_residual(m, m.nodes["linear"])),
+    Rule("conv_fn_act", lambda x: _act(_conv_fn(x)), _replace_layer_act,
+         lambda m: _check_layer(m) and _check_act(m)),
+    Rule("conv_fn_add", lambda x, y: _add(_conv_fn(x), y), _replace_layer_add,
+         lambda m: _check_layer(m) and _check_residual(m, m.nodes["conv"])),
     Rule("fused_act", lambda x: _act(_fused(x)), _replace_fused_act,
          lambda m: _fused_without(m, residual=False) and _check_act(m)),
     Rule("fused_add", lambda x, y: _add(_fused(x), y), _replace_fused_add,
@@ -228,7 +288,9 @@ def _replace_lower(m: Match, b: Builder) -> fx.Node:
 
 
 # CPU: the remaining 2-D convolutions take the fused op too (oneDNN, prepacked weights).
-LOWER_RULES = [Rule("lowered", lambda x: _conv2d(x), _replace_lower, _check_layer)]
+LOWER_RULES = [Rule("lowered", lambda x: _conv2d(x), _replace_lower, _check_layer),
+               Rule("lowered_fn", lambda x: call("conv", torch.conv2d)(x), _replace_lower,
+                    _check_layer)]
 
 
 # -- the pass -----------------------------------------------------------------------------------

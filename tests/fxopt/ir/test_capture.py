@@ -140,8 +140,8 @@ def test_wrong_shape_says_what_was_given():
 def test_control_flow_names_module_and_suggests_leaf():
     m = HasBranchy().eval()
     snap = snapshot(m)
-    with pytest.raises(fxopt.CaptureError, match="inner") as e:
-        fxopt.capture(m, torch.randn(1, 3, 4, 4))
+    with pytest.raises(fxopt.CaptureError, match="inner") as e:  # automatic leaves off
+        fxopt.capture(m, torch.randn(1, 3, 4, 4), auto_leaves=False)
     assert "leaf_modules=[Branchy]" in e.value.hint
     assert_unchanged(m, snap)
     # ...and the hint works.

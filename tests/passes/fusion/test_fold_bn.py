@@ -326,3 +326,88 @@ def test_fuse_from_torch_fx_vs_fxopt_on_shared_conv():
         assert compare_outputs(gm(x), ref).ok
     # informational: torch.fx's fuse is wrong here in the torch versions we support
     print("torch.fx fuse rel err on a shared conv:", rel_err(theirs, ref))
+
+
+class ShapeReadBlock(nn.Module):
+    """timm's BatchNormAct2d: the conv output's shape is read (asserts) beside the BN."""
+
+    def __init__(self, read_values=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.read_values = read_values
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "expected 4D input")
+        torch._assert(y.shape[1] == 8, "expected 8 channels")
+        n = y.size(0)
+        out = torch.relu(self.bn(y)).reshape(n, -1)
+        return out + y.mean() if self.read_values else out
+
+
+def test_fold_bn_through_shape_reads():
+    """Users that read only the conv output's shape do not keep the BN unfolded (failed on main:
+    'left': 1); the folded conv takes the old conv's place and feeds them."""
+    model = randomize_bn(ShapeReadBlock())
+    gm, res, _ = run_fold(model, torch.randn(2, 3, 8, 8))
+    assert res.stats["folded"] == 1 and res.stats["left"] == 0
+    assert not any(n.op == "call_function" and n.target is F.batch_norm for n in gm.graph.nodes)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    conv = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert len(conv) == 1 and len(conv[0].users) >= 2  # the shape reads read the folded conv
+
+
+def test_fold_bn_value_reader_still_blocks():
+    """A second user that reads the values (``y.mean()``) still keeps the BN unfolded."""
+    model = randomize_bn(ShapeReadBlock(read_values=True))
+    gm, res, _ = run_fold(model, torch.randn(2, 3, 8, 8))
+    assert res.stats["folded"] == 0 and res.stats["left"] == 1
+    assert any("also used by" in n for n in res.notes)
+
+
+TIMM_BN_MODELS = ["mobilenetv2_050", "regnetx_002", "efficientnet_b0", "cspresnet50", "repvgg_a0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_BN_MODELS)
+def test_timm_bn_act_all_folded(name):
+    """timm's BatchNormAct2d reads ``x.ndim`` beside the BN: every BN after a conv folds (issue
+    15). RepVGG's identity-branch BNs have no layer before them (only RepVGG's own branch merge,
+    ``reparameterize``, removes them): they are the only ones left."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False).eval()
+    opt = fxopt.optimize(model, torch.randn(1, 3, 64, 64))
+    left = [n for n in opt.graph_module.graph.nodes
+            if (n.op == "call_function" and n.target is F.batch_norm)
+            or (n.op == "call_module"
+                and isinstance(opt.graph_module.get_submodule(n.target), nn.BatchNorm2d))]
+    left = [n for n in left if not n.meta.get("fxopt_path", "").endswith(".identity")]
+    assert left == [], f"{len(left)} BN left"
+    assert opt.report.record("fold_bn").stats["left"] == 0
+
+
+class FunctionalConvBN(nn.Module):
+    """A conv written as ``F.conv2d`` on the module's own weight (what torch.export's inlined
+    leaves and timm's padded ``Conv2dSame`` look like), then BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.2)
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Parameter(torch.randn(8, 1, 3, 3) * 0.2)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = F.relu(self.bn(F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, 2)))
+        return self.bn2(F.conv2d(y, self.dw, None, 1, 1, 1, 8))
+
+
+def test_fold_bn_into_functional_conv_with_constant_weights():
+    """Failed on main (folded 0): the call is kept, on new folded constants (groups too)."""
+    model = randomize_bn(FunctionalConvBN())
+    gm, res, _ = run_fold(model, torch.randn(2, 3, 9, 9))
+    assert res.stats["folded"] == 2 and res.stats["left"] == 0
+    assert not any(n.target is F.batch_norm for n in gm.graph.nodes)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())

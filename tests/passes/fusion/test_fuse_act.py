@@ -234,3 +234,67 @@ def test_runs_under_torch_compile_inductor(optimized):
     compiled = torch.compile(opt.graph_module, fullgraph=True)
     with torch.no_grad():
         assert compare_outputs(compiled(x), model(x)).ok
+
+
+class StdConv(nn.Conv2d):
+    """timm's ScaledStdConv2d in short: the weight is standardized in forward (a computed
+    weight, constant once folded) and the conv is a functional call."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) * (w[0].numel() ** -0.5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = StdConv(3, 8, 3, padding=1)
+        self.b = StdConv(8, 8, 3, padding="same")
+        self.c = StdConv(8, 8, 1, bias=False)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y = F.relu(self.b(y) + y)
+        return self.c(y)
+
+
+def test_computed_weight_convs_fuse_and_quantize():
+    """Functional convs whose weight constant folding computed (failed on main: fuse_act {},
+    lower_convs {}, no int8 conv): fused like conv modules, and so quantized."""
+    torch.manual_seed(0)
+    model, x = StdNet().eval(), torch.randn(2, 3, 8, 8)
+    opt = fxopt.optimize(model, x)
+    assert opt.report.record("fuse_act").stats == {"conv_fn_act": 1, "conv_fn_add": 1,
+                                                   "fused_act": 1}  # relu(conv + y)
+    assert opt.report.record("lower_convs").stats == {"lowered_fn": 1}
+    assert not any(n.target is torch.conv2d for n in opt.graph_module.graph.nodes)
+    with torch.no_grad():
+        assert torch.allclose(opt(x), model(x), atol=1e-5)
+    q = fxopt.optimize(model, x, quantize="int8", calibration_data=[x])
+    assert q.report.record("quantize_int8").stats["conv2d"] == 3
+
+
+def test_conv_with_a_weight_computed_from_the_input_is_left_alone():
+    class Dynamic(nn.Module):
+        def forward(self, x, w):
+            return F.relu(F.conv2d(x, w))
+
+    gm = fxopt.capture(Dynamic().eval(), (torch.randn(1, 2, 5, 5), torch.randn(4, 2, 3, 3)))
+    res = fuse_act(gm, PassContext(example_inputs=()))
+    assert res.stats == {}
+    assert any("computed in the graph" in n for n in res.notes)
+
+
+@pytest.mark.slow
+def test_nf_resnet26_computed_weight_convs():
+    """timm nf_resnet26 (ScaledStdConv2d): 0 of 29 convs fused before, all 29 now; int8 30/30."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("nf_resnet26", pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+    opt = fxopt.optimize(model, x, quantize="int8", calibration_data=[x])
+    fused = opt.report.record("fuse_act").stats
+    assert fused.get("conv_fn_act", 0) + fused.get("conv_fn_add", 0) == 20
+    assert opt.report.record("lower_convs").stats == {"lowered_fn": 9}
+    stats = opt.report.record("quantize_int8").stats
+    assert stats["conv2d"] == 29 and stats["linear"] == 1
