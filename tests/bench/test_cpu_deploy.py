@@ -25,7 +25,13 @@ def _load():
     if name not in sys.modules:  # registered first: its dataclasses look their module up
         spec = importlib.util.spec_from_file_location(name, BENCH)
         sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
+        path = list(sys.path)
+        try:
+            spec.loader.exec_module(sys.modules[name])
+        finally:
+            # the script puts bench/ first on sys.path for its own imports; left there, its
+            # kernels.py would shadow the `kernels` package that transformers looks for
+            sys.path[:] = path
     return sys.modules[name]
 
 
