@@ -13,8 +13,11 @@ symmetric int8 grid per output channel (``weight_observer="per_channel_minmax"``
 ``mode``: ``"static"`` (calibrated activation grids; needs ``calibration_data``) or
 ``"dynamic"`` (Linear layers only: int8 weights, activations quantized at run time from their
 own range; no calibration data, for transformer blocks and the like).
-``reduce_range``: 7-bit uint8 activation grids (default ``True``, what the x86/fbgemm kernels
-need on CPUs without VNNI; torch.ao's x86 default does the same).
+``reduce_range``: 7-bit uint8 activation grids (``True``: what the x86/fbgemm kernels need on
+CPUs without VNNI, torch.ao's x86 default), full 8-bit ones (``False``), or ``"auto"`` (the
+default): full 8-bit where the int8 kernels sum in int32 (a CPU with AVX-512 VNNI or AMX, any
+GPU), 7-bit elsewhere (``fxopt.quant.isa``); resolved at calibration and recorded in the
+report (``stats["reduce_range"]``).
 ``min_sqnr_db`` / ``max_float_layers``: sensitivity-guided fallback. Each layer's sensitivity is
 the SQNR (dB, against float) of the model with only that layer quantized; the most sensitive
 layers are kept in float, one at a time, until the whole model's SQNR reaches ``min_sqnr_db``
@@ -45,11 +48,12 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from fxopt.errors import InputError
 from fxopt.infra.validate import choice_arg
+from fxopt.quant.isa import resolve_reduce_range
 from fxopt.quant.observers import OBSERVERS
 
 __all__ = ["QuantConfig"]
@@ -71,7 +75,7 @@ class QuantConfig:
     observer_options: dict = field(default_factory=dict)  # keyword options for the observer
     min_batches: int = 1
     mode: str = "static"
-    reduce_range: bool = True
+    reduce_range: bool | str = "auto"
     min_sqnr_db: float | None = None
     max_float_layers: int | None = None
     sensitivity_batches: int = 2
@@ -105,7 +109,12 @@ class QuantConfig:
                                  hint="e.g. keep_float=['layer1.0.conv1', nn.Conv1d]")
         choice_arg(self.mode, "QuantConfig.mode", _MODES, error=InputError)
         choice_arg(self.cpu_engine, "QuantConfig.cpu_engine", _ENGINES, error=InputError)
-        for name in ("activation_symmetric", "reduce_range", "float_without_kernel"):
+        if self.reduce_range != "auto" and not isinstance(self.reduce_range, bool):
+            raise InputError(f"QuantConfig.reduce_range must be True, False or 'auto', got "
+                             f"{self.reduce_range!r}",
+                             hint="reduce_range='auto' picks 8-bit grids where the CPU has "
+                                  "VNNI/AMX, 7-bit elsewhere")
+        for name in ("activation_symmetric", "float_without_kernel"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"QuantConfig.{name} must be True or False, got "
                                  f"{getattr(self, name)!r}", hint=f"e.g. {name}=True")
@@ -158,6 +167,14 @@ class QuantConfig:
             return cls(**value)
         raise InputError(f"quantize= takes 'int8', a QuantConfig or a dict, not "
                          f"{type(value).__name__} ({value!r})", hint=hint)
+
+    def resolved(self, target: str = "cpu") -> QuantConfig:
+        """This config with ``reduce_range="auto"`` decided for ``target`` on this machine
+        (``fxopt.quant.isa.resolve_reduce_range``); a bool is kept as given."""
+        if isinstance(self.reduce_range, bool):
+            return self
+        return replace(self, reduce_range=resolve_reduce_range(
+            self.reduce_range, target=target, cpu_engine=self.cpu_engine))
 
     def keeps_float(self, path: str, module_type: type | None) -> bool:
         """Whether the layer at ``path`` (of ``module_type``) is to stay in float."""

@@ -132,11 +132,15 @@ def _engine(name: str | None):
         torch.backends.quantized.engine = before
 
 
-def _auto_engine(n: fx.Node, w_q: torch.Tensor) -> str | None:
+def _auto_engine(n: fx.Node, w_q: torch.Tensor, groups: int = 1) -> str | None:
     """The engine to pack ``n``'s weights with: fbgemm for tiny layers (its per-call cost is
     lower: the digits model at batch 1 ran 0.22 ms against 0.28 ms with x86), else PyTorch's own
     choice (``x86``: oneDNN or fbgemm by its heuristics; faster on ResNet-scale layers, 4.2 ms
-    against 5.7 ms for resnet18 at batch 1; both measured on the 2-core CPU machine)."""
+    against 5.7 ms for resnet18 at batch 1; both measured on the 2-core CPU machine).
+    Grouped convolutions go to oneDNN: fbgemm's (which ``x86`` picks above 100 groups) sum
+    u8 x s8 pairs in int16 and saturate on full 8-bit activation grids (``fxopt.quant.isa``)."""
+    if groups > 1 and "onednn" in torch.backends.quantized.supported_engines:
+        return "onednn"
     tm = tensor_meta(n)
     shape = tuple(getattr(tm, "shape", ()) or ())
     if "fbgemm" not in torch.backends.quantized.supported_engines or len(shape) < 2:
@@ -357,7 +361,8 @@ def _layer(kind: str):
         v, n = Int8Layer.of(m.root), m.root
         w_q, w_s = _const(m, v.w_q), _const(m, v.w_scale)
         bias = None if v.bias is None else _const(m, v.bias).float()
-        engine = _auto_engine(n, w_q) if m.context.engine == "auto" else m.context.engine
+        engine = _auto_engine(n, w_q, v.groups if kind == "conv2d" else 1) \
+            if m.context.engine == "auto" else m.context.engine
         with _quiet(), _engine(engine):
             packed_for = torch.backends.quantized.engine
             wq = torch._make_per_channel_quantized_tensor(

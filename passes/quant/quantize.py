@@ -71,7 +71,7 @@ CALIBRATED_IF_STATIC = Precondition(
                reference="returned", after=("fuse_act",))
 def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Post-training int8: calibrate, keep sensitive layers float, rewrite into int8 chains."""
-    cfg = ctx.config(QuantConfig)
+    cfg = ctx.config(QuantConfig).resolved(ctx.target)  # reduce_range="auto" decided here
     if cfg.mode == "dynamic":
         return quantize_dynamic_linear(gm, ctx, cfg)
     all_layers = find_layers(gm)
@@ -87,8 +87,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
     batches, held, measured_on = split_held_out(batches, ctx.example_inputs, cfg)
     grids, weights = calibrate(gm, layers, batches, cfg)
-    held_float = outputs(gm, held)
     notes, stats = [], {}
+    held_float = outputs(gm, held)
     if cfg.min_sqnr_db is not None or cfg.max_float_layers is not None:
         # judged on the held-out data (the figure the floor is checked on), when there is some
         sens_batches = held[:cfg.sensitivity_batches]
@@ -122,7 +122,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     step = output_step(gm, exits)
     stats = {**{k: v for k, v in writer.counts.items() if v}, "kept_float": len(kept),
              "calibration_batches": len(batches), "output_step": float(f"{step:.4g}"),
-             "measured_on": measured_on, "measured_batches": len(held), **stats}
+             "measured_on": measured_on, "measured_batches": len(held),
+             "reduce_range": cfg.reduce_range, **stats}
     stats.update(compare(held_float, outputs(gm, held)))
     where = {"held_out": f"{len(held)} batches held out of calibration",
              "example_inputs": "the example inputs (not a calibration batch)",
