@@ -18,6 +18,10 @@ CPUs without VNNI, torch.ao's x86 default), full 8-bit ones (``False``), or ``"a
 default): full 8-bit where the int8 kernels sum in int32 (a CPU with AVX-512 VNNI or AMX, any
 GPU), 7-bit elsewhere (``fxopt.quant.isa``); resolved at calibration and recorded in the
 report (``stats["reduce_range"]``).
+``bias_correction`` (default ``True``): after the weights are quantized, each conv/linear
+bias absorbs the mean per-channel error the int8 weights cause on the calibration data (the
+float layer's output less the layer's with int8 weights, on the same float input; NNCF's fast
+bias correction): ``fxopt.quant.bias``.
 ``min_sqnr_db`` / ``max_float_layers``: sensitivity-guided fallback. Each layer's sensitivity is
 the SQNR (dB, against float) of the model with only that layer quantized; the most sensitive
 layers are kept in float, one at a time, until the whole model's SQNR reaches ``min_sqnr_db``
@@ -76,6 +80,7 @@ class QuantConfig:
     min_batches: int = 1
     mode: str = "static"
     reduce_range: bool | str = "auto"
+    bias_correction: bool = True
     min_sqnr_db: float | None = None
     max_float_layers: int | None = None
     sensitivity_batches: int = 2
@@ -114,7 +119,7 @@ class QuantConfig:
                              f"{self.reduce_range!r}",
                              hint="reduce_range='auto' picks 8-bit grids where the CPU has "
                                   "VNNI/AMX, 7-bit elsewhere")
-        for name in ("activation_symmetric", "float_without_kernel"):
+        for name in ("activation_symmetric", "float_without_kernel", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"QuantConfig.{name} must be True or False, got "
                                  f"{getattr(self, name)!r}", hint=f"e.g. {name}=True")

@@ -7,6 +7,8 @@ rewrites the graph.
    tuples, a DataLoader; less the batches held out, step 5) through the float graph once,
    with a progress bar; one observer per candidate value, one per-channel min/max observer per
    weight.
+   Bias correction (``fxopt.quant.bias``, ``QuantConfig.bias_correction``, on by default):
+   each layer's bias absorbs the mean per-channel error of its int8 form on those batches.
 2. Select (``fxopt.quant.select``): ``keep_float`` and the first/last-layer policies, the CPU
    kernel filter, and the sensitivity fallback (``QuantConfig(min_sqnr_db=,
    max_float_layers=)``): the most sensitive layers go back to float, one at a time, until
@@ -45,6 +47,7 @@ from fxopt.ir.graph import remove_unused_attributes
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
 from fxopt.passes.quant.rewrite import Writer
 from fxopt.quant.accuracy import check_floor, not_held_out_note, split_held_out, sqnr_floor
+from fxopt.quant.bias import bias_corrections, with_corrected_bias
 from fxopt.quant.calibrate import calibrate, calibration_inputs
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import compare, output_step, outputs
@@ -88,6 +91,10 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     batches, held, measured_on = split_held_out(batches, ctx.example_inputs, cfg)
     grids, weights = calibrate(gm, layers, batches, cfg)
     notes, stats = [], {}
+    if cfg.bias_correction:  # before the fallback, so that it judges the corrected layers
+        layers = with_corrected_bias(layers, bias_corrections(gm, layers, grids, weights,
+                                                              batches))
+        stats["bias_corrected"] = len(layers)
     held_float = outputs(gm, held)
     if cfg.min_sqnr_db is not None or cfg.max_float_layers is not None:
         # judged on the held-out data (the figure the floor is checked on), when there is some
