@@ -22,6 +22,10 @@ report (``stats["reduce_range"]``).
 bias absorbs the mean per-channel error the int8 weights cause on the calibration data (the
 float layer's output less the layer's with int8 weights, on the same float input; NNCF's fast
 bias correction): ``fxopt.quant.bias``.
+``linear_residual_add`` (default ``"float"``): the residual add fused into a Linear layer (a
+transformer block's ``x + proj(...)``, ``x + fc2(...)``) stays float, so the residual stream
+is never quantized (``passes/quant/residual.py``: timm vit_tiny 8.4 -> 28 dB); ``"int8"``
+quantizes it as a convolution's residual add is.
 ``min_sqnr_db`` / ``max_float_layers``: sensitivity-guided fallback. Each layer's sensitivity is
 the SQNR (dB, against float) of the model with only that layer quantized; the most sensitive
 layers are kept in float, one at a time, until the whole model's SQNR reaches ``min_sqnr_db``
@@ -81,6 +85,7 @@ class QuantConfig:
     mode: str = "static"
     reduce_range: bool | str = "auto"
     bias_correction: bool = True
+    linear_residual_add: str = "float"
     min_sqnr_db: float | None = None
     max_float_layers: int | None = None
     sensitivity_batches: int = 2
@@ -113,6 +118,8 @@ class QuantConfig:
                                  f"{type(k).__name__}",
                                  hint="e.g. keep_float=['layer1.0.conv1', nn.Conv1d]")
         choice_arg(self.mode, "QuantConfig.mode", _MODES, error=InputError)
+        choice_arg(self.linear_residual_add, "QuantConfig.linear_residual_add",
+                   ("float", "int8"), error=InputError)
         choice_arg(self.cpu_engine, "QuantConfig.cpu_engine", _ENGINES, error=InputError)
         if self.reduce_range != "auto" and not isinstance(self.reduce_range, bool):
             raise InputError(f"QuantConfig.reduce_range must be True, False or 'auto', got "

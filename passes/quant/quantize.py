@@ -45,6 +45,7 @@ from fxopt.infra.preconditions import EVAL_MODE, Precondition
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
+from fxopt.passes.quant.residual import split_linear_residuals
 from fxopt.passes.quant.rewrite import Writer
 from fxopt.quant.accuracy import check_floor, not_held_out_note, split_held_out, sqnr_floor
 from fxopt.quant.bias import bias_corrections, with_corrected_bias
@@ -77,6 +78,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config(QuantConfig).resolved(ctx.target)  # reduce_range="auto" decided here
     if cfg.mode == "dynamic":
         return quantize_dynamic_linear(gm, ctx, cfg)
+    # a transformer's residual stream stays float
+    split = split_linear_residuals(gm) if cfg.linear_residual_add == "float" else 0
     all_layers = find_layers(gm)
     layers, kept = select_layers(all_layers, cfg)
     no_kernel = []
@@ -85,7 +88,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = [l for l in layers if has_cpu_kernel(l)]
         kept = kept + [l.label for l in no_kernel]
     if not layers:
-        return PassResult(gm, modified=False, stats={"kept_float": len(kept)},
+        return PassResult(gm, modified=bool(split), stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
     batches, held, measured_on = split_held_out(batches, ctx.example_inputs, cfg)
@@ -113,7 +116,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                          f"{cfg.max_float_layers}")
         kept = kept + [l.label for l, _, _ in moved]
         if not layers:
-            return PassResult(gm, modified=False, stats={**stats, "kept_float": len(kept)},
+            return PassResult(gm, modified=bool(split),
+                              stats={**stats, "kept_float": len(kept)},
                               notes=notes)
     plan = make_plan(gm, layers, grids, weights)
     reference = simulated_copy(gm, plan)
@@ -127,6 +131,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     gm.recompile()
 
     step = output_step(gm, exits)
+    if split:
+        stats["float_residual_adds"] = split
     stats = {**{k: v for k, v in writer.counts.items() if v}, "kept_float": len(kept),
              "calibration_batches": len(batches), "output_step": float(f"{step:.4g}"),
              "measured_on": measured_on, "measured_batches": len(held),
