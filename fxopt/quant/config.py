@@ -26,6 +26,10 @@ bias correction): ``fxopt.quant.bias``.
 transformer block's ``x + proj(...)``, ``x + fc2(...)``) stays float, so the residual stream
 is never quantized (``passes/quant/residual.py``: timm vit_tiny 8.4 -> 28 dB); ``"int8"``
 quantizes it as a convolution's residual add is.
+``smooth_quant`` (default ``0.5``; ``None`` turns it off): SmoothQuant's migration strength
+``alpha``: a LayerNorm read only by quantized Linear layers hands its channel scales to their
+weights before calibration (``fxopt.quant.smooth``), for trained transformers' outlier
+channels.
 ``min_sqnr_db`` / ``max_float_layers``: sensitivity-guided fallback. Each layer's sensitivity is
 the SQNR (dB, against float) of the model with only that layer quantized; the most sensitive
 layers are kept in float, one at a time, until the whole model's SQNR reaches ``min_sqnr_db``
@@ -86,6 +90,7 @@ class QuantConfig:
     reduce_range: bool | str = "auto"
     bias_correction: bool = True
     linear_residual_add: str = "float"
+    smooth_quant: float | None = 0.5
     min_sqnr_db: float | None = None
     max_float_layers: int | None = None
     sensitivity_batches: int = 2
@@ -118,6 +123,11 @@ class QuantConfig:
                                  f"{type(k).__name__}",
                                  hint="e.g. keep_float=['layer1.0.conv1', nn.Conv1d]")
         choice_arg(self.mode, "QuantConfig.mode", _MODES, error=InputError)
+        sq = self.smooth_quant
+        if sq is not None and (isinstance(sq, bool) or not isinstance(sq, (int, float))
+                               or not 0 <= sq <= 1):
+            raise InputError(f"QuantConfig.smooth_quant is SmoothQuant's alpha in [0, 1] or None, "
+                             f"not {self.smooth_quant!r}", hint="e.g. smooth_quant=0.5")
         choice_arg(self.linear_residual_add, "QuantConfig.linear_residual_add",
                    ("float", "int8"), error=InputError)
         choice_arg(self.cpu_engine, "QuantConfig.cpu_engine", _ENGINES, error=InputError)

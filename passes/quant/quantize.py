@@ -55,6 +55,7 @@ from fxopt.quant.measure import compare, output_step, outputs
 from fxopt.quant.plan import find_layers, make_plan
 from fxopt.quant.select import fallback, has_cpu_kernel, select_layers, sensitivity
 from fxopt.quant.simulate import SimulatedInt8, simulated_copy
+from fxopt.quant.smooth import smooth_layernorms
 
 __all__ = ["quantize_int8", "CALIBRATED_IF_STATIC"]
 
@@ -92,8 +93,15 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
     batches, held, measured_on = split_held_out(batches, ctx.example_inputs, cfg)
-    grids, weights = calibrate(gm, layers, batches, cfg)
     notes, stats = [], {}
+    if cfg.smooth_quant is not None:
+        smoothed = smooth_layernorms(gm, layers, batches, cfg.smooth_quant)
+        if smoothed:  # the layers' weights are new tensors now
+            labels = {l.label for l in layers}
+            all_layers = find_layers(gm)
+            layers = [l for l in all_layers if l.label in labels]
+            stats["smoothed_layernorms"] = smoothed
+    grids, weights = calibrate(gm, layers, batches, cfg)
     if cfg.bias_correction:  # before the fallback, so that it judges the corrected layers
         layers = with_corrected_bias(layers, bias_corrections(gm, layers, grids, weights,
                                                               batches))
