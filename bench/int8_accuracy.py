@@ -6,7 +6,8 @@ images: SQNR (dB) of the int8 model's logits against the float model's
 
 Models: torchvision classifiers with seeded random weights and BatchNorm statistics and affine
 parameters randomized as in ``tests/passes/quant/test_quantize_torchvision.py`` (the defaults
-make many outputs degenerate), plus timm's vit_tiny / deit_tiny with ``--timm``. Images:
+make many outputs degenerate; torchvision's ViT head, zero at init, drawn from N(0, 0.02)), plus
+timm's vit_tiny / deit_tiny with ``--timm`` and any other torchvision name (``swin_t``). Images:
 ImageNet-like, smooth random images (Gaussian noise at 1/8 resolution, bilinearly upsampled,
 mapped to [0, 1] and normalized with ImageNet's mean and std), seeded; not real photographs.
 
@@ -17,8 +18,9 @@ Columns:
 - ``+8-bit``: full 8-bit activation grids (``reduce_range=False``; what ``"auto"`` picks on a
   CPU with VNNI/AMX).
 - ``+bias corr.``: and bias correction.
-- ``+float res.``: and a Linear's residual add in float (``linear_residual_add="float"``):
-  the new defaults (``QuantConfig()`` on a VNNI CPU).
+- ``+float res.``: and a Linear's residual add in float (``linear_residual_add="float"``).
+- ``+SmoothQuant``: and SmoothQuant scale migration from LayerNorms into the Linear layers
+  reading them (``smooth_quant=0.5``): the new defaults (``QuantConfig()`` on a VNNI CPU).
 - ``NNCF``: ``nncf.quantize`` of the OpenVINO model (``openvino.convert_model`` of the
   float model), default preset (``model_type=TRANSFORMER`` for the ViTs, as NNCF's docs ask),
   ``subset_size=16``; run by OpenVINO on the CPU with ``INFERENCE_PRECISION_HINT=f32`` (so
@@ -30,7 +32,7 @@ Columns:
 fxopt rows run ``fxopt.optimize(..., target="cpu", check="none")`` with ``holdout_fraction=0``
 (all 16 images calibrate, as for the other two); the lowering's checks are the tests' job.
 
-    python bench/int8_accuracy.py                         # writes bench/results/int8-accuracy-<date>.md
+    python bench/int8_accuracy.py          # writes bench/results/int8-accuracy-<date>.md
     python bench/int8_accuracy.py --models resnet18 --size 128 --out -
 """
 from __future__ import annotations
@@ -57,10 +59,15 @@ MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficie
 TIMM = ["vit_tiny_patch16_224", "deit_tiny_patch16_224"]
 TRANSFORMERS = ("vit_b_16", "swin_t", "vit_tiny_patch16_224", "deit_tiny_patch16_224")
 FXOPT_VARIANTS = {
-    "fxopt 7-bit": dict(reduce_range=True, bias_correction=False, linear_residual_add="int8"),
-    "+8-bit": dict(reduce_range=False, bias_correction=False, linear_residual_add="int8"),
-    "+bias corr.": dict(reduce_range=False, bias_correction=True, linear_residual_add="int8"),
-    "+float res.": dict(reduce_range=False, bias_correction=True, linear_residual_add="float"),
+    "fxopt 7-bit": dict(reduce_range=True, bias_correction=False, linear_residual_add="int8",
+                        smooth_quant=None),
+    "+8-bit": dict(reduce_range=False, bias_correction=False, linear_residual_add="int8",
+                   smooth_quant=None),
+    "+bias corr.": dict(reduce_range=False, bias_correction=True, linear_residual_add="int8",
+                        smooth_quant=None),
+    "+float res.": dict(reduce_range=False, bias_correction=True, linear_residual_add="float",
+                        smooth_quant=None),
+    "+SmoothQuant": dict(reduce_range=False),  # the defaults on a VNNI CPU
 }
 
 
@@ -74,6 +81,9 @@ def build(name: str, size: int) -> torch.nn.Module:
 
     kw = {"image_size": size} if name.startswith("vit_") else {}
     m = torchvision.models.get_model(name, weights=None, **kw).eval()
+    if name.startswith("vit_"):  # torchvision zeroes the head: every output would be 0
+        with torch.no_grad():
+            m.heads.head.weight.normal_(0, 0.02)
     for mod in m.modules():
         if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
             mod.running_mean.uniform_(-0.2, 0.2)
