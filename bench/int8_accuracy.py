@@ -135,7 +135,16 @@ def nncf_int8(model, cal, held, name: str):
     import nncf
     import openvino as ov
 
-    ov_model = ov.convert_model(model, example_input=cal[0])
+    try:
+        ov_model = ov.convert_model(model, example_input=cal[0])
+    except RuntimeError:  # OpenVINO's TorchScript trace refuses some models (vit_b_16): ONNX
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "f32.onnx")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (cal[0],), path, input_names=["x"],
+                                  output_names=["y"], opset_version=17, dynamo=False)
+            ov_model = ov.Core().read_model(path)
     kw = {"model_type": nncf.ModelType.TRANSFORMER} if name in TRANSFORMERS else {}
     q = nncf.quantize(ov_model, nncf.Dataset([x.numpy() for x in cal]), subset_size=len(cal),
                       **kw)
