@@ -78,7 +78,7 @@ def activation_observer(cfg: QuantConfig, label: str):
         return make_observer(cfg.activation_observer, label=label, dtype=torch.int8,
                              symmetric=True, **kw)
     return make_observer(cfg.activation_observer, label=label, dtype=torch.uint8,
-                         reduce_range=cfg.reduce_range, **kw)
+                         reduce_range=cfg.resolved().reduce_range, **kw)
 
 
 def grid_of(obs) -> QParams:

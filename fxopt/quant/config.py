@@ -13,8 +13,23 @@ symmetric int8 grid per output channel (``weight_observer="per_channel_minmax"``
 ``mode``: ``"static"`` (calibrated activation grids; needs ``calibration_data``) or
 ``"dynamic"`` (Linear layers only: int8 weights, activations quantized at run time from their
 own range; no calibration data, for transformer blocks and the like).
-``reduce_range``: 7-bit uint8 activation grids (default ``True``, what the x86/fbgemm kernels
-need on CPUs without VNNI; torch.ao's x86 default does the same).
+``reduce_range``: 7-bit uint8 activation grids (``True``: what the x86/fbgemm kernels need on
+CPUs without VNNI, torch.ao's x86 default), full 8-bit ones (``False``), or ``"auto"`` (the
+default): full 8-bit where the int8 kernels sum in int32 (a CPU with AVX-512 VNNI or AMX, any
+GPU), 7-bit elsewhere (``fxopt.quant.isa``); resolved at calibration and recorded in the
+report (``stats["reduce_range"]``).
+``bias_correction`` (default ``True``): after the weights are quantized, each conv/linear
+bias absorbs the mean per-channel error the int8 weights cause on the calibration data (the
+float layer's output less the layer's with int8 weights, on the same float input; NNCF's fast
+bias correction): ``fxopt.quant.bias``.
+``linear_residual_add`` (default ``"float"``): the residual add fused into a Linear layer (a
+transformer block's ``x + proj(...)``, ``x + fc2(...)``) stays float, so the residual stream
+is never quantized (``passes/quant/residual.py``: timm vit_tiny 8.4 -> 28 dB); ``"int8"``
+quantizes it as a convolution's residual add is.
+``smooth_quant`` (default ``0.5``; ``None`` turns it off): SmoothQuant's migration strength
+``alpha``: a LayerNorm read only by quantized Linear layers hands its channel scales to their
+weights before calibration (``fxopt.quant.smooth``), for trained transformers' outlier
+channels.
 ``min_sqnr_db`` / ``max_float_layers``: sensitivity-guided fallback. Each layer's sensitivity is
 the SQNR (dB, against float) of the model with only that layer quantized; the most sensitive
 layers are kept in float, one at a time, until the whole model's SQNR reaches ``min_sqnr_db``
@@ -46,11 +61,12 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from fxopt.errors import InputError
 from fxopt.infra.validate import choice_arg
+from fxopt.quant.isa import resolve_reduce_range
 from fxopt.quant.observers import OBSERVERS
 
 __all__ = ["QuantConfig"]
@@ -72,7 +88,10 @@ class QuantConfig:
     observer_options: dict = field(default_factory=dict)  # keyword options for the observer
     min_batches: int = 1
     mode: str = "static"
-    reduce_range: bool = True
+    reduce_range: bool | str = "auto"
+    bias_correction: bool = True
+    linear_residual_add: str = "float"
+    smooth_quant: float | None = 0.5
     min_sqnr_db: float | None = None
     max_float_layers: int | None = None
     sensitivity_batches: int = 2
@@ -105,8 +124,20 @@ class QuantConfig:
                                  f"{type(k).__name__}",
                                  hint="e.g. keep_float=['layer1.0.conv1', nn.Conv1d]")
         choice_arg(self.mode, "QuantConfig.mode", _MODES, error=InputError)
+        sq = self.smooth_quant
+        if sq is not None and (isinstance(sq, bool) or not isinstance(sq, (int, float))
+                               or not 0 <= sq <= 1):
+            raise InputError(f"QuantConfig.smooth_quant is SmoothQuant's alpha in [0, 1] or None, "
+                             f"not {self.smooth_quant!r}", hint="e.g. smooth_quant=0.5")
+        choice_arg(self.linear_residual_add, "QuantConfig.linear_residual_add",
+                   ("float", "int8"), error=InputError)
         choice_arg(self.cpu_engine, "QuantConfig.cpu_engine", _ENGINES, error=InputError)
-        for name in ("activation_symmetric", "reduce_range", "float_without_kernel"):
+        if self.reduce_range != "auto" and not isinstance(self.reduce_range, bool):
+            raise InputError(f"QuantConfig.reduce_range must be True, False or 'auto', got "
+                             f"{self.reduce_range!r}",
+                             hint="reduce_range='auto' picks 8-bit grids where the CPU has "
+                                  "VNNI/AMX, 7-bit elsewhere")
+        for name in ("activation_symmetric", "float_without_kernel", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"QuantConfig.{name} must be True or False, got "
                                  f"{getattr(self, name)!r}", hint=f"e.g. {name}=True")
@@ -159,6 +190,14 @@ class QuantConfig:
             return cls(**value)
         raise InputError(f"quantize= takes 'int8', a QuantConfig or a dict, not "
                          f"{type(value).__name__} ({value!r})", hint=hint)
+
+    def resolved(self, target: str = "cpu") -> QuantConfig:
+        """This config with ``reduce_range="auto"`` decided for ``target`` on this machine
+        (``fxopt.quant.isa.resolve_reduce_range``); a bool is kept as given."""
+        if isinstance(self.reduce_range, bool):
+            return self
+        return replace(self, reduce_range=resolve_reduce_range(
+            self.reduce_range, target=target, cpu_engine=self.cpu_engine))
 
     def keeps_float(self, path: str, module_type: type | None) -> bool:
         """Whether the layer at ``path`` (of ``module_type``) is to stay in float."""

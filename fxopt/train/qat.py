@@ -213,7 +213,7 @@ def prepare_qat(model: nn.Module, example_inputs: Any, calibration_data: Any,
     """
     from fxopt.api import optimize
 
-    cfg = QuantConfig.coerce(quantize or "int8")
+    cfg = QuantConfig.coerce(quantize or "int8").resolved(target)
     if cfg.mode != "static":
         raise InputError("quantization-aware fine-tuning needs static int8 (calibrated "
                          "activation grids)", hint="pass quantize='int8' or a static QuantConfig")

@@ -205,13 +205,17 @@ def _macs(n: fx.Node, w_q: torch.Tensor) -> int:
 def _engine(m: Match, v, w_q: torch.Tensor) -> str:
     """The kernel a layer runs: ``cpu_engine`` "onednn" everywhere; "fbgemm" / "x86": that
     engine's quantized kernel wherever it has the activation; "auto": fbgemm for small layers
-    (its per-call cost is lower: bench/int8_plain.py), oneDNN for the rest."""
+    (its per-call cost is lower: bench/int8_plain.py), oneDNN for the rest and for every
+    grouped convolution: fbgemm's grouped/depthwise kernels sum u8 x s8 pairs in int16 and
+    saturate on full 8-bit activation grids (``fxopt.quant.isa``; up to 52 codes off)."""
     choice = m.context.engine
+    grouped = (getattr(v, "groups", 1) or 1) > 1
     quantized = ACTIVATIONS[v.act].quantized_cpu is not None and \
         choice in torch.backends.quantized.supported_engines
     if choice == "auto":
         small = _macs(m.root, w_q) <= SMALL_MACS
-        choice = "fbgemm" if small and "fbgemm" in torch.backends.quantized.supported_engines \
+        choice = "fbgemm" if small and not grouped \
+            and "fbgemm" in torch.backends.quantized.supported_engines \
             and ACTIVATIONS[v.act].quantized_cpu is not None else "onednn"
     elif not quantized:
         choice = "onednn"

@@ -284,7 +284,7 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
     flip = max((grids.scales[k] * w for k, w in w_max.items() if k in grids.scales), default=0.0)
     tol = step + 2.0 * flip + 1e-5 * max((float(t.abs().max()) for t in _leaves(ref_out)),
                                          default=0.0)
-    stats = {"linear": len(layers), "kept_float": len(kept),
+    stats = {"linear": len(layers), "kept_float": len(kept), "reduce_range": cfg.reduce_range,
              "output_step": float(f"{step:.4g}"),
              "sqnr_db": round(sqnr_db(f, q), 2),
              "max_abs_err": float(f"{float((f - q).abs().max()):.4g}") if f.numel() else 0.0}

@@ -7,6 +7,8 @@ rewrites the graph.
    tuples, a DataLoader; less the batches held out, step 5) through the float graph once,
    with a progress bar; one observer per candidate value, one per-channel min/max observer per
    weight.
+   Bias correction (``fxopt.quant.bias``, ``QuantConfig.bias_correction``, on by default):
+   each layer's bias absorbs the mean per-channel error of its int8 form on those batches.
 2. Select (``fxopt.quant.select``): ``keep_float`` and the first/last-layer policies, the CPU
    kernel filter, and the sensitivity fallback (``QuantConfig(min_sqnr_db=,
    max_float_layers=)``): the most sensitive layers go back to float, one at a time, until
@@ -43,14 +45,17 @@ from fxopt.infra.preconditions import EVAL_MODE, Precondition
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
+from fxopt.passes.quant.residual import split_linear_residuals
 from fxopt.passes.quant.rewrite import Writer
 from fxopt.quant.accuracy import check_floor, not_held_out_note, split_held_out, sqnr_floor
+from fxopt.quant.bias import bias_corrections, with_corrected_bias
 from fxopt.quant.calibrate import calibrate, calibration_inputs
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import compare, output_step, outputs
 from fxopt.quant.plan import find_layers, make_plan
 from fxopt.quant.select import fallback, has_cpu_kernel, select_layers, sensitivity
 from fxopt.quant.simulate import SimulatedInt8, simulated_copy
+from fxopt.quant.smooth import smooth_layernorms
 
 __all__ = ["quantize_int8", "CALIBRATED_IF_STATIC"]
 
@@ -71,9 +76,11 @@ CALIBRATED_IF_STATIC = Precondition(
                reference="returned", after=("fuse_act",))
 def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Post-training int8: calibrate, keep sensitive layers float, rewrite into int8 chains."""
-    cfg = ctx.config(QuantConfig)
+    cfg = ctx.config(QuantConfig).resolved(ctx.target)  # reduce_range="auto" decided here
     if cfg.mode == "dynamic":
         return quantize_dynamic_linear(gm, ctx, cfg)
+    # a transformer's residual stream stays float
+    split = split_linear_residuals(gm) if cfg.linear_residual_add == "float" else 0
     all_layers = find_layers(gm)
     layers, kept = select_layers(all_layers, cfg)
     no_kernel = []
@@ -82,13 +89,24 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = [l for l in layers if has_cpu_kernel(l)]
         kept = kept + [l.label for l in no_kernel]
     if not layers:
-        return PassResult(gm, modified=False, stats={"kept_float": len(kept)},
+        return PassResult(gm, modified=bool(split), stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
     batches, held, measured_on = split_held_out(batches, ctx.example_inputs, cfg)
-    grids, weights = calibrate(gm, layers, batches, cfg)
-    held_float = outputs(gm, held)
     notes, stats = [], {}
+    if cfg.smooth_quant is not None:
+        smoothed = smooth_layernorms(gm, layers, batches, cfg.smooth_quant)
+        if smoothed:  # the layers' weights are new tensors now
+            labels = {l.label for l in layers}
+            all_layers = find_layers(gm)
+            layers = [l for l in all_layers if l.label in labels]
+            stats["smoothed_layernorms"] = smoothed
+    grids, weights = calibrate(gm, layers, batches, cfg)
+    if cfg.bias_correction:  # before the fallback, so that it judges the corrected layers
+        layers = with_corrected_bias(layers, bias_corrections(gm, layers, grids, weights,
+                                                              batches))
+        stats["bias_corrected"] = len(layers)
+    held_float = outputs(gm, held)
     if cfg.min_sqnr_db is not None or cfg.max_float_layers is not None:
         # judged on the held-out data (the figure the floor is checked on), when there is some
         sens_batches = held[:cfg.sensitivity_batches]
@@ -106,7 +124,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                          f"{cfg.max_float_layers}")
         kept = kept + [l.label for l, _, _ in moved]
         if not layers:
-            return PassResult(gm, modified=False, stats={**stats, "kept_float": len(kept)},
+            return PassResult(gm, modified=bool(split),
+                              stats={**stats, "kept_float": len(kept)},
                               notes=notes)
     plan = make_plan(gm, layers, grids, weights)
     reference = simulated_copy(gm, plan)
@@ -120,9 +139,12 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     gm.recompile()
 
     step = output_step(gm, exits)
+    if split:
+        stats["float_residual_adds"] = split
     stats = {**{k: v for k, v in writer.counts.items() if v}, "kept_float": len(kept),
              "calibration_batches": len(batches), "output_step": float(f"{step:.4g}"),
-             "measured_on": measured_on, "measured_batches": len(held), **stats}
+             "measured_on": measured_on, "measured_batches": len(held),
+             "reduce_range": cfg.reduce_range, **stats}
     stats.update(compare(held_float, outputs(gm, held)))
     where = {"held_out": f"{len(held)} batches held out of calibration",
              "example_inputs": "the example inputs (not a calibration batch)",

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
+from fxopt.quant.config import QuantConfig
 from fxopt.export.onnx import export_onnx
 from fxopt.export.qdq import compare_within_step, has_rule, qdq_rewrite, untranslated
 from fxopt.export.qdq_cpu import CPU_RULES
@@ -184,17 +185,22 @@ class _MLP(nn.Module):
         return self.c(torch.relu(self.b(h) + h))
 
 
-def test_dynamic_int8_linear(tmp_path):
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_dynamic_int8_linear(tmp_path, reduce_range):
     torch.manual_seed(0)
     x = torch.randn(8, 16)
-    opt = fxopt.optimize(_MLP().eval(), x, quantize="int8_dynamic")
+    opt = fxopt.optimize(_MLP().eval(), x,
+                         quantize=QuantConfig(mode="dynamic", reduce_range=reduce_range))
     result = export_onnx(opt, x, tmp_path / "dyn.onnx")
     assert result.translated == {"linear_int8_dynamic": 3} and result.kept == []
     assert result.check.ok and result.check.max_abs < 1e-5
     model = onnx.load(str(result.path))
-    _check_qdq(model, n_weights=3)
     ops = _ops(model)
-    assert ops["QuantizeLinear"] == 3 and ops["ReduceMin"] == 3 and ops["Gemm"] == 3
+    if reduce_range:  # 7-bit: ATen's grid in standard ops, then QuantizeLinear
+        _check_qdq(model, n_weights=3)
+        assert ops["QuantizeLinear"] == 3 and ops["ReduceMin"] == 3 and ops["Gemm"] == 3
+    else:  # 8-bit (the default on a VNNI CPU): ONNX's own dynamic grid
+        assert ops["DynamicQuantizeLinear"] == 3 and ops["Gemm"] == 3
     x2 = 3 * torch.randn(8, 16)  # another range: another run-time grid, computed in the file
     with torch.no_grad():
         assert (_ort(result.path, x2) - opt(x2)).abs().max() < 1e-5
