@@ -332,7 +332,8 @@ def test_the_table_on_a_network_of_every_kind_of_op():
     assert result.tallies == {k: v for k, v in rec.stats.items()
                               if k not in ("fallback", "engine", "tie_flips")}
     left = [n.name for n in table.graph.nodes if n.target in INT8_IR_OPS]
-    assert rec.stats["fallback"] == len(left) == 2 and "c2" in rec.notes[0]
+    assert rec.stats["fallback"] == len(left) == 2
+    assert any("c2" in n and "no PyTorch int8 kernel" in n for n in rec.notes)
     assert len(result.rewrites) == result.count
     assert result.rejected == ["conv2d_int8 (c2): no int8 kernel with activation sigmoid",
                                "add_int8 (add_int8_default_2): no int8 add_int8 kernel with "
