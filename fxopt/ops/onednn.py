@@ -208,13 +208,19 @@ def _run_int8(fn):
         return None
 
 
+_FLOAT_OUT = ("none", [], "")  # no post-op: the kernel's float output, for a float epilogue
+
+
 def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                        y_scale, y_zp, post_op):
     """uint8 codes of ``post(conv2d(q) * x_scale * w_scale + bias)`` on the y grid, or None
-    when oneDNN refuses it here. Output channels-last."""
+    when oneDNN refuses it here. Output channels-last. ``post_op=None``: the float32 value of
+    ``conv2d(q) * x_scale * w_scale + bias`` instead (no post-op, no requantize: the caller
+    applies an activation oneDNN cannot fuse, then quantizes)."""
     prepack, conv, _, _ = _INT8
     key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
-    name, scalars, algorithm = post_op
+    name, scalars, algorithm = post_op or _FLOAT_OUT
+    y_scale, y_zp, dtype = (1.0, 0, torch.float32) if post_op is None else (y_scale, y_zp, None)
 
     def go():
         packed, zeros = _packed_int8("conv2d", w_q, key, lambda: prepack(
@@ -222,21 +228,22 @@ def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
             list(padding), list(dilation), groups, list(q.shape)))
         return conv(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
                     None if bias is None else bias.float(), list(stride), list(padding),
-                    list(dilation), groups, float(y_scale), int(y_zp), None, name, scalars,
+                    list(dilation), groups, float(y_scale), int(y_zp), dtype, name, scalars,
                     algorithm)
     return _run_int8(go)
 
 
 def linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, post_op):
     """uint8 codes of ``post(linear(q) * x_scale * w_scale + bias)`` on the y grid, or None
-    when oneDNN refuses it here."""
+    when oneDNN refuses it here; ``post_op=None``: the float32 value before any activation."""
     _, _, prepack, linear = _INT8
-    name, scalars, algorithm = post_op
+    name, scalars, algorithm = post_op or _FLOAT_OUT
+    y_scale, y_zp, dtype = (1.0, 0, torch.float32) if post_op is None else (y_scale, y_zp, None)
 
     def go():
         packed, zeros = _packed_int8("linear", w_q, q.shape,
                                      lambda: prepack(w_q.detach(), list(q.shape)))
         return linear(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
-                      None if bias is None else bias.float(), float(y_scale), int(y_zp), None,
+                      None if bias is None else bias.float(), float(y_scale), int(y_zp), dtype,
                       name, scalars, algorithm)
     return _run_int8(go)

@@ -34,6 +34,9 @@ the rows in order at each op and rewrites it with the first whose check passes:
                                                                       q.int_repr(), ...), codes
                                                                       wrapped as quint8 again
     linear_int8_onednn        linear_int8(q, ..., act="gelu")       fxopt.onednn_linear_int8(..)
+                              (every activation: the ``onednn_int8`` column's post-op, else
+                              sigmoid, hardsigmoid, tanh, ... on the kernel's float32 output,
+                              then quantized: the layer stays int8)
     codes_of_wrapped_codes    wrap(codes, s, zp).int_repr()         codes (oneDNN to oneDNN)
     int8_layer_reference      a conv2d_int8 / linear_int8 no kernel row took: the fxopt op on the
                               dequantized input, requantized (exact: dequantizing and requantizing
@@ -416,8 +419,6 @@ def _onednn_fits(kind: str):
             return False
         if not _is_codes(v.x):
             return _reject(m, "a float input")
-        if onednn.int8_post_op(kind, v.act, v.act_args) is None:
-            return _reject(m, f"no int8 kernel with activation {v.act}")
         if not onednn.onednn_int8_available():
             return _reject(m, "oneDNN's int8 kernels are not available here")
         return True
