@@ -42,6 +42,7 @@ import torch.fx as fx
 from fxopt.infra.preconditions import EVAL_MODE, Precondition
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
+from fxopt.passes.quant.attention import decompose_attention
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
 from fxopt.passes.quant.rewrite import Writer
 from fxopt.quant.accuracy import check_floor, not_held_out_note, split_held_out, sqnr_floor
@@ -74,6 +75,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config(QuantConfig)
     if cfg.mode == "dynamic":
         return quantize_dynamic_linear(gm, ctx, cfg)
+    original = gm
+    gm, attention, attention_notes = decompose_attention(gm, ctx.example_inputs)
     all_layers = find_layers(gm)
     layers, kept = select_layers(all_layers, cfg)
     no_kernel = []
@@ -82,7 +85,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = [l for l in layers if has_cpu_kernel(l)]
         kept = kept + [l.label for l in no_kernel]
     if not layers:
-        return PassResult(gm, modified=False, stats={"kept_float": len(kept)},
+        return PassResult(original, modified=False, stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
     batches, held, measured_on = split_held_out(batches, ctx.example_inputs, cfg)
@@ -106,7 +109,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                          f"{cfg.max_float_layers}")
         kept = kept + [l.label for l, _, _ in moved]
         if not layers:
-            return PassResult(gm, modified=False, stats={**stats, "kept_float": len(kept)},
+            return PassResult(original, modified=False,
+                              stats={**stats, "kept_float": len(kept)},
                               notes=notes)
     plan = make_plan(gm, layers, grids, weights)
     reference = simulated_copy(gm, plan)
@@ -145,6 +149,11 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     explicit = [k for k in kept if k not in {l.label for l in no_kernel}]
     if explicit:
         notes.append(f"kept in float: {', '.join(explicit)}")
+    if attention:
+        stats["attention_decomposed"] = len(attention)
+        notes.append(f"{len(attention)} MultiheadAttention call(s) decomposed (in_proj, "
+                     f"scaled_dot_product_attention, out_proj) so their projections are int8")
+    notes += attention_notes
     if no_kernel:
         stats["no_cpu_kernel"] = len(no_kernel)
         notes.append("no PyTorch int8 CPU kernel, so kept in float: " + ", ".join(
