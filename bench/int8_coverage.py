@@ -80,11 +80,15 @@ def model_of(name: str, size: int | None = None) -> nn.Module:
     return m
 
 
-def _layer_count(m: nn.Module) -> int:
+def _layer_count(m: nn.Module) -> tuple[int, int]:
     """Conv2d and Linear modules (an ``nn.MultiheadAttention``'s input projection, a weight of
-    its own, counts as one Linear; its ``out_proj`` is a Linear module)."""
-    return sum(isinstance(x, (nn.Conv2d, nn.Linear)) for x in m.modules()) + \
+    its own, counts as one Linear; its ``out_proj`` is a Linear module), and how many of them
+    read only constants: Swin V2's continuous position bias MLP (``cpb_mlp``) runs on a
+    constant table, so fxopt's constant folding computes it once at compile time."""
+    n = sum(isinstance(x, (nn.Conv2d, nn.Linear)) for x in m.modules()) + \
         sum(isinstance(x, nn.MultiheadAttention) for x in m.modules())
+    const = sum(isinstance(x, nn.Linear) and ".cpb_mlp." in f".{p}." for p, x in m.named_modules())
+    return n, const
 
 
 _NO_KERNEL = re.compile(r"\(((?:conv2d|linear)\+[a-z0-9_]+(?:\+add)?)\)")
@@ -98,7 +102,8 @@ def coverage_row(name: str, calib: int) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 3, size, size, generator=g)
     cal = [torch.randn(2, 3, size, size, generator=g) for _ in range(calib)]
-    row = {"model": name, "input": size, "layers": _layer_count(m),
+    layers, const = _layer_count(m)
+    row = {"model": name, "input": size, "layers": layers, "constant": const,
            "params_m": round(sum(p.numel() for p in m.parameters()) / 1e6, 1)}
     t0 = time.perf_counter()
     try:
@@ -119,7 +124,7 @@ def coverage_row(name: str, calib: int) -> dict:
         if note.startswith("no PyTorch int8 CPU kernel"):
             reasons.update(_NO_KERNEL.findall(note))
     row["reasons"] = dict(reasons)
-    row["not_found"] = row["layers"] - row["int8"] - row["kept_float"]
+    row["not_found"] = row["layers"] - row["int8"] - row["kept_float"] - const
     row["sqnr_db"] = st.get("sqnr_db")
     row["lowering_reference"] = (low.stats.get("fallback", 0) if low is not None else None)
     return row
@@ -129,6 +134,8 @@ def _fmt_reasons(r: dict) -> str:
     parts = [f"{k} x{v}" for k, v in sorted(r.get("reasons", {}).items(), key=lambda t: -t[1])]
     if r.get("not_found", 0) > 0:
         parts.append(f"not found as a layer x{r['not_found']}")
+    if r.get("constant", 0) > 0:
+        parts.append(f"constant-folded x{r['constant']}")
     return ", ".join(parts) or "-"
 
 

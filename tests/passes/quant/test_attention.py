@@ -116,3 +116,50 @@ def test_torchvision_vit_every_linear_int8():
     assert q.status == "ok" and q.stats["attention_decomposed"] == 12
     linears = sum(isinstance(mod, nn.Linear) for mod in m.modules()) + 12  # + in_proj
     assert q.stats["linear"] == linears and "no_cpu_kernel" not in q.stats
+
+
+# -- torchvision's Swin ---------------------------------------------------------------------
+@pytest.mark.parametrize("hw,shift,v2", [((7, 7), [3, 3], False), ((9, 5), [3, 3], False),
+                                         ((9, 5), [3, 3], True), ((4, 4), [3, 3], True)])
+def test_window_attention_between_projections_equals_torchvision(hw, shift, v2):
+    """The core between the projections, the projections applied per token around it, equals
+    torchvision's shifted_window_attention: padded (9x5, 4x4), shifted, V2's cosine attention
+    and q/v-only bias."""
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    g = torch.Generator().manual_seed(0)
+    c, heads, win = 16, 2, [7, 7]
+    x = torch.randn(2, *hw, c, generator=g)
+    w_qkv, b_qkv = torch.randn(3 * c, c, generator=g) * 0.2, torch.randn(3 * c, generator=g)
+    w_p, b_p = torch.randn(c, c, generator=g) * 0.2, torch.randn(c, generator=g)
+    rel = torch.randn(heads, 49, 49, generator=g)
+    logit = torch.log(10 * torch.ones(heads, 1, 1)) if v2 else None
+    want = swin.shifted_window_attention(x, w_qkv, w_p, rel, win, heads, shift, qkv_bias=b_qkv,
+                                         proj_bias=b_p, logit_scale=logit, training=False)
+    b = b_qkv.clone()
+    if v2:
+        b[c:2 * c] = 0
+    core = attention.window_attention(F.linear(x, w_qkv, b), rel, win, heads, shift,
+                                      logit_scale=logit, pad_value=b)
+    assert torch.allclose(F.linear(core, w_p, b_p), want, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["swin_t", "swin_v2_t"])
+def test_torchvision_swin_projections_int8(name):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m = torchvision.models.get_model(name, weights=None).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 64, 64, generator=g)
+    gm = fxopt.capture(m, x)
+    out, done, notes = attention.decompose_attention(gm, (x,))
+    assert len(done) == 12 and notes == []
+    with torch.no_grad():
+        assert torch.allclose(out(x), m(x), atol=1e-5)
+    opt = fxopt.optimize(m, x, quantize="int8", calibration_data=[
+        torch.randn(2, 3, 64, 64, generator=g) for _ in range(2)])
+    q = opt.report.record("quantize_int8")
+    assert q.status == "ok" and q.stats["attention_decomposed"] == 12
+    linears = sum(isinstance(mod, nn.Linear) and "cpb_mlp" not in p  # V2's: constant-folded
+                  for p, mod in m.named_modules())
+    assert q.stats["linear"] == linears and "no_cpu_kernel" not in q.stats
