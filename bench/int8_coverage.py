@@ -224,6 +224,8 @@ def main(argv=None) -> str:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jsonl", default=None, help="coverage rows as they finish")
     p.add_argument("--resume", action="store_true", help="skip models already in --jsonl")
+    p.add_argument("--render", action="store_true",
+                   help="the coverage table of the rows in --jsonl, running nothing")
     p.add_argument("--out", default=None, help="markdown path ('-': print only)")
     args = p.parse_args(argv)
     both = not (args.coverage or args.speed)
@@ -236,6 +238,10 @@ def main(argv=None) -> str:
         names = args.models or torchvision.models.list_models(module=torchvision.models)
         path = Path(args.jsonl) if args.jsonl else None
         done = {}
+        if args.render:
+            done = {json.loads(line)["model"]: json.loads(line)
+                    for line in path.read_text().splitlines()}
+            names = [n for n in names if n in done]
         if path is not None and args.resume and path.exists():
             for line in path.read_text().splitlines():
                 r = json.loads(line)
