@@ -135,14 +135,18 @@ def _engine(name: str | None):
         torch.backends.quantized.engine = before
 
 
-def _auto_engine(n: fx.Node, w_q: torch.Tensor) -> str | None:
-    """The engine to pack ``n``'s weights with: fbgemm for tiny layers (its per-call cost is
-    lower: the digits model at batch 1 ran 0.22 ms against 0.28 ms with x86), else PyTorch's own
-    choice (``x86``: oneDNN or fbgemm by its heuristics; faster on ResNet-scale layers, 4.2 ms
-    against 5.7 ms for resnet18 at batch 1; both measured on the 2-core CPU machine)."""
+def _auto_engine(n: fx.Node, w_q: torch.Tensor, groups: int = 1) -> str | None:
+    """The engine to pack ``n``'s weights with: fbgemm for tiny dense layers (its per-call cost
+    is lower: the digits model at batch 1 ran 0.22 ms against 0.28 ms with x86), else PyTorch's
+    own choice (``x86``: oneDNN or fbgemm by its heuristics; faster on ResNet-scale layers, 4.2
+    ms against 5.7 ms for resnet18 at batch 1; both measured on the 2-core CPU machine).
+    Grouped and depthwise convolutions are tiny in MACs but not in time: under fbgemm
+    shufflenet_v2_x1_0's int8 ran 571 ms against 346 ms under x86 and torch.ao's 373 ms (bs 1,
+    1 thread, interleaved, load average 15), so they take PyTorch's choice."""
     tm = tensor_meta(n)
     shape = tuple(getattr(tm, "shape", ()) or ())
-    if "fbgemm" not in torch.backends.quantized.supported_engines or len(shape) < 2:
+    if "fbgemm" not in torch.backends.quantized.supported_engines or len(shape) < 2 \
+            or groups != 1:
         return None
     rows = 1
     for d in (shape[:1] + shape[2:]) if len(shape) == 4 else shape[:-1]:
@@ -360,7 +364,9 @@ def _layer(kind: str):
         v, n = Int8Layer.of(m.root), m.root
         w_q, w_s = _const(m, v.w_q), _const(m, v.w_scale)
         bias = None if v.bias is None else _const(m, v.bias).float()
-        engine = _auto_engine(n, w_q) if m.context.engine == "auto" else m.context.engine
+        groups = v.groups if kind == "conv2d" else 1
+        engine = _auto_engine(n, w_q, groups) if m.context.engine == "auto" \
+            else m.context.engine
         with _quiet(), _engine(engine):
             packed_for = torch.backends.quantized.engine
             wq = torch._make_per_channel_quantized_tensor(

@@ -377,3 +377,29 @@ def test_op_without_a_row_is_left_alone():
     code = gm.code
     result = apply_rules(gm, lower.RULES, context=lower.CpuLowering())
     assert result.count == 0 and result.notes == [] and gm.code == code
+
+
+class Depthwise(nn.Module):
+    """A tiny dense conv and a tiny depthwise conv (shufflenet's non-ReLU 3x3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        return self.dw(torch.relu(self.dense(x)))
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                    reason="no fbgemm engine here")
+def test_small_dense_layers_pack_under_fbgemm_grouped_ones_do_not():
+    """The auto engine: fbgemm for a tiny dense layer, PyTorch's own choice for a depthwise one
+    (fbgemm's made shufflenet_v2's int8 1.6x slower than x86's)."""
+    _, low, rec = run(Depthwise())
+    engines = {n.target: n.meta.get("fxopt_engine") for n in low.graph.nodes
+               if n.op == "get_attr" and "packed" in n.target}
+    dense = next(e for t, e in engines.items() if t.startswith("dense"))
+    dw = next(e for t, e in engines.items() if t.startswith("dw"))
+    assert dense == "fbgemm" and dw == torch.backends.quantized.engine != "fbgemm", engines
+    assert rec.status == "ok"
