@@ -3,6 +3,9 @@
 The analysis is the quantization library's (``fxopt.quant``); this pass drives it and
 rewrites the graph.
 
+0. Attention (``passes/quant/attention.py``): a standard ``nn.MultiheadAttention`` leaf call
+   and torchvision's ``shifted_window_attention`` are decomposed around their projections
+   (checked against the call on the example inputs), so the projections are Linear layers.
 1. Calibrate (``fxopt.quant.calibrate``): run ``ctx.calibration_data`` (tensors, ``(x, y)``
    tuples, a DataLoader; less the batches held out, step 5) through the float graph once,
    with a progress bar; one observer per candidate value, one per-channel min/max observer per
