@@ -73,6 +73,16 @@ def test_projections_int8_on_the_cpu():
         assert (opt(x) - m(x)).abs().max() < 0.2
 
 
+def test_decomposed_int8_module_saves_and_loads(tmp_path):
+    """The decomposed graph (Linear modules, scaled_dot_product_attention) saves and loads."""
+    torch.manual_seed(0)
+    m, x = Block().eval(), torch.randn(2, 10, 32)
+    opt = fxopt.optimize(m, x, quantize="int8", calibration_data=_cal())
+    back = fxopt.load(opt.save(tmp_path / "block.fxopt"))
+    with torch.no_grad():
+        assert torch.equal(back(x), opt(x))
+
+
 @pytest.mark.parametrize("kw,why", [({"batch_first": False}, "batch_first"),
                                     ({"mask": True}, "attn_mask"),
                                     ({"weights": True}, "need_weights")])
