@@ -66,10 +66,12 @@ class Activation:
     def cpu_int8_kernel(self, layer_kind: str, residual: bool) -> bool:
         """Whether an int8 ``layer_kind`` layer ending in this activation runs on a CPU int8
         kernel: PyTorch's quantized ones (a residual layer is the layer then ``add``/
-        ``add_relu``), else oneDNN's with a fused post-op (no residual)."""
+        ``add_relu``), else oneDNN's, with the activation as its fused post-op (the
+        ``onednn_int8`` column) or, for every other activation, on the kernel's float output
+        before the requantize (``fxopt.ops.cpu``: the convolution itself is int8)."""
         if residual:
             return self.quantized_cpu == "fused"
-        return self.quantized_cpu is not None or layer_kind in self.onednn_int8
+        return layer_kind in ("conv2d", "linear")
 
     def bounds(self, act_args: Sequence[float]) -> tuple[float, float] | None:
         """(lo, hi) for the clamp-like activations (relu6, hardtanh, clamp), else None."""

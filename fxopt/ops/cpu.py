@@ -18,7 +18,11 @@ quantized kernels through views of the codes::
 Codes in on the ``x`` grid (uint8, affine), codes out on the ``y`` grid; weights int8 per output
 channel, symmetric, held as plain tensors (the module saves and copies) and packed for oneDNN
 once per weight, grid and input shape (``fxopt.ops.onednn``). Which activations each kind takes
-is the ``onednn_int8`` column of the activation table. The reference, on any device and
+is the ``onednn_int8`` column of the activation table; any other activation (sigmoid and
+hardsigmoid gates, GELU or tanh after a convolution, leaky ReLU, ...) runs on the kernel's
+float32 output (``output_dtype=torch.float32``: int8 in, the int32 sums scaled and the bias
+added in the kernel), then quantizes onto the y grid: the convolution itself stays int8. The
+reference, on any device and
 wherever oneDNN refuses, is the int8 IR's own (``conv2d_int8_reference``): oneDNN sums the same
 integers exactly; its float epilogue may round a tie the other way, which the lowering's
 lockstep check allows (one code).
@@ -30,7 +34,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fxopt.ir.activations import ACTIVATIONS
+from fxopt.ir.activations import ACTIVATIONS, apply_activation
 from fxopt.ops import onednn
 from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, CAT_INT8, DEQUANTIZE,
                             MAXPOOL_INT8, MUL_INT8, QUANTIZE, UPSAMPLE_NEAREST2D_INT8,
@@ -77,12 +81,28 @@ def _linear_reference(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, ac
                                  out_int8=True)
 
 
+_FLOAT_EPILOGUE = "float"  # oneDNN has no post-op for the activation: it runs after, in float
+
+
 def _fast(q, w_q, kind: str, act: str, act_args):
-    """oneDNN's post-op for this call, or None (the reference runs)."""
+    """oneDNN's post-op for this call, ``_FLOAT_EPILOGUE`` when oneDNN fuses no such post-op
+    (the kernel writes float32, the activation and the requantize follow), or None (the
+    reference runs)."""
     if not (onednn.onednn_int8_available() and q.dtype == torch.uint8
             and w_q.dtype == torch.int8):
         return None
-    return onednn.int8_post_op(kind, act, act_args)
+    return onednn.int8_post_op(kind, act, act_args) or _FLOAT_EPILOGUE
+
+
+def _requantize(y, act: str, act_args, y_scale: float, y_zp: int):
+    """uint8 codes of ``act(y)`` on the y grid (``y``: the kernel's fresh float32 output)."""
+    y = apply_activation(y, act, act_args, inplace=True)
+    # PyTorch's quantize kernel: one pass, round half to even as the IR's (4x faster here than
+    # round/add/clamp in three, 12x than quantized_decomposed's); its deprecation warning is
+    # about quantized tensors, which go no further than int_repr
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+        return torch.quantize_per_tensor(y, float(y_scale), int(y_zp), torch.quint8).int_repr()
 
 
 # PyTorch's quantized engines a layer may name (``engine=``): their packed kernels on views of
@@ -141,11 +161,13 @@ def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale,
     if residual is not None and (act not in ("none", "relu") or residual.dtype != torch.uint8):
         post = None  # oneDNN fuses only relu after its sum post-op
     if post is not None:
+        epilogue = post is _FLOAT_EPILOGUE
         y = onednn.conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
-                                      x_scale, x_zp, y_scale, y_zp, post, residual,
+                                      x_scale, x_zp, y_scale, y_zp,
+                                      None if epilogue else post, residual,
                                       (residual_scale, residual_zp))
         if y is not None:
-            return y
+            return _requantize(y, act, act_args, y_scale, y_zp) if epilogue else y
     return _conv_reference(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale,
                            x_zp, y_scale, y_zp, residual, residual_scale, residual_zp, act=act,
                            act_args=act_args)
@@ -158,10 +180,11 @@ def _linear_cpu(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="non
                                 x_zp, y_scale, y_zp, act, act_args, engine)
     post = _fast(q, w_q, "linear", act, act_args) if q.dim() >= 2 else None
     if post is not None:
+        epilogue = post is _FLOAT_EPILOGUE
         y = onednn.linear_int8_onednn(q.contiguous(), w_q, w_scale, bias, x_scale, x_zp,
-                                      y_scale, y_zp, post)
+                                      y_scale, y_zp, None if epilogue else post)
         if y is not None:
-            return y
+            return _requantize(y, act, act_args, y_scale, y_zp) if epilogue else y
     return _linear_reference(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, act=act,
                              act_args=act_args)
 

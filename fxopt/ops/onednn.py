@@ -295,16 +295,23 @@ def _run_int8(fn):
         return None
 
 
+_FLOAT_OUT = ("none", [], "")  # no post-op: the kernel's float output, for a float epilogue
+
+
 def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                        y_scale, y_zp, post_op, residual=None, residual_grid=(1.0, 0)):
     """uint8 codes of ``post(conv2d(q) * x_scale * w_scale + bias [+ residual])`` on the y
     grid, or None when oneDNN refuses it here. Output channels-last. A ``residual`` (uint8
     codes on ``residual_grid``, the conv's output shape) is oneDNN's ``sum`` post-op
     (``qconv2d_pointwise.binary``), which writes into its accumulator: it gets a copy, the
-    caller's codes stay as they were; ``post_op`` then runs after the sum (none or relu)."""
+    caller's codes stay as they were; ``post_op`` then runs after the sum (none or relu).
+    ``post_op=None`` (no residual): the float32 value of ``conv2d(q) * x_scale * w_scale +
+    bias`` instead (no post-op, no requantize: the caller applies an activation oneDNN cannot
+    fuse, then quantizes)."""
     prepack, conv, _, _, conv_binary = _INT8
     key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
-    name, scalars, algorithm = post_op
+    name, scalars, algorithm = post_op or _FLOAT_OUT
+    y_scale, y_zp, dtype = (1.0, 0, torch.float32) if post_op is None else (y_scale, y_zp, None)
 
     def go():
         packed, zeros = _packed_int8("conv2d", w_q, key, lambda: prepack(
@@ -314,7 +321,7 @@ def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
         if residual is None:
             return conv(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros, b,
                         list(stride), list(padding), list(dilation), groups, float(y_scale),
-                        int(y_zp), None, name, scalars, algorithm)
+                        int(y_zp), dtype, name, scalars, algorithm)
         accum = residual.contiguous(memory_format=torch.channels_last)
         accum = accum.clone(memory_format=torch.channels_last) if accum is residual else accum
         return conv_binary(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros, accum,
@@ -327,14 +334,15 @@ def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
 
 def linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, post_op):
     """uint8 codes of ``post(linear(q) * x_scale * w_scale + bias)`` on the y grid, or None
-    when oneDNN refuses it here."""
+    when oneDNN refuses it here; ``post_op=None``: the float32 value before any activation."""
     _, _, prepack, linear, _ = _INT8
-    name, scalars, algorithm = post_op
+    name, scalars, algorithm = post_op or _FLOAT_OUT
+    y_scale, y_zp, dtype = (1.0, 0, torch.float32) if post_op is None else (y_scale, y_zp, None)
 
     def go():
         packed, zeros = _packed_int8("linear", w_q, q.shape,
                                      lambda: prepack(w_q.detach(), list(q.shape)))
         return linear(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
-                      None if bias is None else bias.float(), float(y_scale), int(y_zp), None,
+                      None if bias is None else bias.float(), float(y_scale), int(y_zp), dtype,
                       name, scalars, algorithm)
     return _run_int8(go)

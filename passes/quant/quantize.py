@@ -3,6 +3,9 @@
 The analysis is the quantization library's (``fxopt.quant``); this pass drives it and
 rewrites the graph.
 
+0. Attention (``passes/quant/attention.py``): a standard ``nn.MultiheadAttention`` leaf call
+   and torchvision's ``shifted_window_attention`` are decomposed around their projections
+   (checked against the call on the example inputs), so the projections are Linear layers.
 1. Calibrate (``fxopt.quant.calibrate``): run ``ctx.calibration_data`` (tensors, ``(x, y)``
    tuples, a DataLoader; less the batches held out, step 5) through the float graph once,
    with a progress bar; one observer per candidate value, one per-channel min/max observer per
@@ -44,6 +47,7 @@ import torch.fx as fx
 from fxopt.infra.preconditions import EVAL_MODE, Precondition
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
+from fxopt.passes.quant.attention import decompose_attention
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
 from fxopt.passes.quant.residual import split_linear_residuals
 from fxopt.passes.quant.rewrite import Writer
@@ -79,6 +83,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config(QuantConfig).resolved(ctx.target)  # reduce_range="auto" decided here
     if cfg.mode == "dynamic":
         return quantize_dynamic_linear(gm, ctx, cfg)
+    original = gm
+    gm, attention, attention_notes = decompose_attention(gm, ctx.example_inputs)
     # a transformer's residual stream stays float
     split = split_linear_residuals(gm) if cfg.linear_residual_add == "float" else 0
     all_layers = find_layers(gm)
@@ -89,7 +95,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = [l for l in layers if has_cpu_kernel(l)]
         kept = kept + [l.label for l in no_kernel]
     if not layers:
-        return PassResult(gm, modified=bool(split), stats={"kept_float": len(kept)},
+        return PassResult(gm if split else original, modified=bool(split),
+                          stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
     batches, held, measured_on = split_held_out(batches, ctx.example_inputs, cfg)
@@ -124,7 +131,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                          f"{cfg.max_float_layers}")
         kept = kept + [l.label for l, _, _ in moved]
         if not layers:
-            return PassResult(gm, modified=bool(split),
+            return PassResult(gm if split else original, modified=bool(split),
                               stats={**stats, "kept_float": len(kept)},
                               notes=notes)
     plan = make_plan(gm, layers, grids, weights)
@@ -167,6 +174,11 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     explicit = [k for k in kept if k not in {l.label for l in no_kernel}]
     if explicit:
         notes.append(f"kept in float: {', '.join(explicit)}")
+    if attention:
+        stats["attention_decomposed"] = len(attention)
+        notes.append(f"{len(attention)} MultiheadAttention call(s) decomposed (in_proj, "
+                     f"scaled_dot_product_attention, out_proj) so their projections are int8")
+    notes += attention_notes
     if no_kernel:
         stats["no_cpu_kernel"] = len(no_kernel)
         notes.append("no PyTorch int8 CPU kernel, so kept in float: " + ", ".join(

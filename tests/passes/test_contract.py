@@ -93,8 +93,8 @@ class Redundant(nn.Module):
 
 
 class NoKernelNet(nn.Module):
-    """Layers no CPU int8 kernel runs (conv + sigmoid, a residual add + SiLU): the CPU
-    lowering's reference rows take them."""
+    """A layer no CPU int8 kernel runs (a residual add + SiLU: the add's reference row takes
+    it); conv + sigmoid runs on oneDNN's int8 kernel, the sigmoid on its float output."""
 
     def __init__(self):
         super().__init__()
@@ -172,8 +172,9 @@ CASES: dict[str, Case] = {
                            lambda: (nn.Sequential(nn.Flatten(), nn.Linear(192, 5)).eval(),
                                     (_x(),)),
                            before=("cleanup",), configs=(PruneConfig(ratio=0.5),)),
+    # negatives: no conv or linear layer (every one, sigmoid after it included, is int8 now)
     "quantize_int8": Case(ConvNet, lambda: (_x(),), {"conv2d", "quantize", "dequantize"},
-                          {"conv2d_int8": 3, "linear_int8": 1, "conv2d_act": 0}, _lin,
+                          {"conv2d_int8": 3, "linear_int8": 1, "conv2d_act": 0}, _red,
                           before=_INT8[:-1], calibration=True),
     # quantize_per_tensor: the entry, and the global pool onto its own grid
     "lower_int8_cpu": Case(ConvNet, lambda: (_x(),), {"conv2d"},
@@ -181,7 +182,7 @@ CASES: dict[str, Case] = {
                            calibration=True),
     "lower_int8_cpu[left to the IR]": Case(
         NoKernelNet, lambda: (_x(),), {"fallback"},
-        {"conv2d_int8": 1, "add_int8": 1, "onednn_conv2d_int8": 1, "cpu_quantize": 1},
+        {"conv2d_int8": 0, "add_int8": 1, "onednn_conv2d_int8": 2, "cpu_quantize": 1},
         _red, before=_INT8, calibration=True,
         configs=(QuantConfig(float_without_kernel=False),)),
     "lower_to_triton": Case(ConvNet, lambda: (_x(),), {"conv2d"},

@@ -284,15 +284,19 @@ class RowNet(nn.Module):
 
 class OneDNNNet(nn.Module):
     """Layers whose activation only oneDNN's int8 kernels fuse on the CPU (hardswish, SiLU,
-    GELU): the CPU lowering writes fxopt.onednn_*_int8 between int_repr and a re-wrap."""
+    GELU), and a squeeze-excitation gate whose conv + hardsigmoid runs on oneDNN's float output
+    (the activation after it): the CPU lowering writes fxopt.onednn_*_int8 between int_repr and
+    a re-wrap."""
 
     def __init__(self):
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.gate = nn.Conv2d(8, 8, 1)
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
         y = F.silu(self.c2(F.hardswish(self.c1(x))))
+        y = y * F.hardsigmoid(self.gate(F.adaptive_avg_pool2d(y, 1)))
         return F.gelu(self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1)))
 
 

@@ -62,12 +62,46 @@ def test_linear_within_one_code_of_the_reference(act):
     assert int((y.int() - ref.int()).abs().max()) <= 1
 
 
-def test_an_activation_onednn_lacks_runs_the_reference():
-    q = _codes((1, 4, 6, 6), 5)
-    w_q, w_s, b = _weights((4, 4, 1, 1), 6)
-    args = (q, w_q, w_s, b, [1, 1], [0, 0], [1, 1], 1, 0.05, 128, 0.02, 100)
-    assert torch.equal(torch.ops.fxopt.onednn_conv2d_int8(*args, act="sigmoid"),
-                       ONEDNN_CONV2D_INT8.reference(*args, act="sigmoid"))
+EPILOGUE_ACTS = sorted(k for k, r in ACTIVATIONS.items() if "conv2d" not in r.onednn_int8)
+LINEAR_EPILOGUE_ACTS = sorted(k for k, r in ACTIVATIONS.items() if "linear" not in r.onednn_int8)
+
+
+def _act_args(act):
+    return {"leaky_relu": [0.1], "hardtanh": [-0.5, 2.0], "clamp": [-1.0, 3.0],
+            "elu": [1.0]}.get(act, [])
+
+
+@pytest.mark.parametrize("act", EPILOGUE_ACTS)
+def test_an_activation_onednn_lacks_runs_on_its_float_output(act, monkeypatch):
+    """Every activation with no oneDNN post-op (sigmoid, hardsigmoid, GELU, tanh, ...) runs on
+    the int8 kernel's float32 output, then the requantize: within one code of the reference,
+    and not the reference itself (the kernel's float path is what ran)."""
+    q = _codes((2, 8, 9, 9), 5).contiguous(memory_format=torch.channels_last)
+    w_q, w_s, b = _weights((16, 8, 3, 3), 6)
+    args = (q, w_q, w_s, b, [1, 1], [1, 1], [1, 1], 1, 0.05, 128, 0.02, 100)
+    y = torch.ops.fxopt.onednn_conv2d_int8(*args, act=act, act_args=_act_args(act))
+    ref = ONEDNN_CONV2D_INT8.reference(*args, act=act, act_args=_act_args(act))
+    assert y.dtype == torch.uint8 and y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    diff = (y.int() - ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+    calls = []
+    real = onednn.conv2d_int8_onednn
+    monkeypatch.setattr(onednn, "conv2d_int8_onednn",
+                        lambda *a: calls.append(a[-1]) or real(*a))
+    torch.ops.fxopt.onednn_conv2d_int8(*args, act=act, act_args=_act_args(act))
+    assert calls == [None]  # no post-op: the float32 output
+
+
+@pytest.mark.parametrize("act", LINEAR_EPILOGUE_ACTS)
+def test_linear_activation_onednn_lacks_runs_on_its_float_output(act):
+    q = _codes((3, 5, 24), 3)
+    w_q, w_s, b = _weights((12, 24), 4)
+    args = (q, w_q, w_s, b, 0.05, 128, 0.02, 100)
+    y = torch.ops.fxopt.onednn_linear_int8(*args, act=act, act_args=_act_args(act))
+    ref = ONEDNN_LINEAR_INT8.reference(*args, act=act, act_args=_act_args(act))
+    assert y.shape == (3, 5, 12) and y.dtype == torch.uint8
+    assert int((y.int() - ref.int()).abs().max()) <= 1
 
 
 def test_weights_packed_once_and_again_after_an_update():

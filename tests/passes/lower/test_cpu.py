@@ -35,16 +35,17 @@ CONV, LINEAR = ONEDNN_CONV2D_INT8.overload, ONEDNN_LINEAR_INT8.overload
 
 
 class Net(nn.Module):
-    def __init__(self, act=nn.ReLU):
+    def __init__(self, act=nn.ReLU, res_act=nn.ReLU):
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
         self.act = act()
         self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.res_act = res_act()
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
         y = self.act(self.c1(x))
-        y = torch.relu(self.c2(y) + y)
+        y = self.res_act(self.c2(y) + y)
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
 
 
@@ -116,12 +117,14 @@ def test_equal_to_int8_graph_on_fresh_inputs():
 
 @pytest.mark.parametrize("act", [nn.Sigmoid, nn.Mish])
 def test_no_kernel_stays_float_on_cpu_and_says_so(act):
-    """Default on target='cpu': a layer with no CPU int8 kernel stays float (named)."""
+    """Default on target='cpu': a layer with no CPU int8 kernel (a residual layer whose
+    activation after the add is not relu: PyTorch's quantized add fuses relu only) stays float
+    (named)."""
     x = torch.randn(2, 3, 8, 8)
-    opt = fxopt.optimize(Net(act).eval(), x, quantize="int8", calibration_data=_cal())
+    opt = fxopt.optimize(Net(res_act=act).eval(), x, quantize="int8", calibration_data=_cal())
     q, rec = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
     assert q.stats["no_cpu_kernel"] == 1 and q.stats["kept_float"] == 1
-    assert any("no PyTorch int8 CPU kernel" in n and "c1" in n for n in q.notes), q.notes
+    assert any("no PyTorch int8 CPU kernel" in n and "c2" in n for n in q.notes), q.notes
     assert rec.status == "ok" and rec.stats["fallback"] == 0
     low = opt.graph_module
     assert torch.ops.fxopt.conv2d_int8.default not in targets(low)
@@ -131,13 +134,67 @@ def test_no_kernel_stays_float_on_cpu_and_says_so(act):
 
 @pytest.mark.parametrize("act", [nn.Sigmoid, nn.Mish])
 def test_no_kernel_falls_back_and_says_so(act):
-    ir, low, rec = run(Net(act), quantize=QuantConfig(float_without_kernel=False))
+    ir, low, rec = run(Net(res_act=act), quantize=QuantConfig(float_without_kernel=False))
     assert rec.status == "ok" and rec.stats["fallback"] == 1
     assert "c1" in rec.notes[0] and "no PyTorch int8 kernel" in rec.notes[0]
     assert torch.ops.fxopt.conv2d_int8.default in targets(low)  # the reference, on the codes
     assert CONV in targets(low) and plain(low)  # the rest is lowered
     for x in _cal(n=2, seed=6):
         assert _close(low(x), ir(x), _step(rec))
+
+
+FLOAT_EPILOGUE = [nn.Sigmoid, nn.Hardsigmoid, nn.Mish, nn.Tanh, nn.GELU, nn.ELU,
+                  lambda: nn.LeakyReLU(0.1)]
+
+
+@pytest.mark.skipif(not onednn.onednn_int8_available(), reason="no oneDNN int8 kernels")
+@pytest.mark.parametrize("act", FLOAT_EPILOGUE)
+def test_conv_with_any_activation_runs_int8(act):
+    """A convolution whose activation oneDNN fuses no post-op for (sigmoid and hardsigmoid
+    gates, mish, tanh, GELU, ELU, leaky ReLU) is int8 all the same: oneDNN's int8 kernel writes
+    float32, the activation runs on it, then the requantize; within one output step of the
+    int8 graph, and nothing kept float or run as the reference."""
+    torch.manual_seed(0)
+    m, x = Net(act).eval(), torch.randn(2, 3, 8, 8)
+    opt = fxopt.optimize(m, x, quantize="int8", calibration_data=_cal())
+    q, rec = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
+    assert "no_cpu_kernel" not in q.stats and q.stats["kept_float"] == 0, q.notes
+    assert q.stats["conv2d"] == 2 and rec.status == "ok" and rec.stats["fallback"] == 0
+    assert rec.stats["conv2d"] == 2, rec.stats
+    low = opt.graph_module
+    assert torch.ops.fxopt.onednn_conv2d_int8.default in targets(low)
+    assert torch.ops.fxopt.conv2d_act.default not in targets(low)
+    ir = fxopt.optimize(m, x, quantize="int8", calibration_data=_cal(),
+                        disable=["lower_int8_cpu"])
+    for xb in _cal(n=2, seed=6):
+        with torch.no_grad():
+            assert _close(opt(xb), ir(xb), rec.tolerance)
+
+
+class LinearGate(nn.Module):
+    """A linear layer ending in a gate (sigmoid / hardsigmoid), as an SE block's second FC."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.act = act()
+
+    def forward(self, x):
+        h = torch.relu(self.fc0(x))
+        return h * self.act(self.fc2(torch.relu(self.fc1(h))))
+
+
+@pytest.mark.skipif(not onednn.onednn_int8_available(), reason="no oneDNN int8 kernels")
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Hardsigmoid])
+def test_linear_gate_runs_int8(act):
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    cal = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    opt = fxopt.optimize(LinearGate(act).eval(), x, quantize="int8", calibration_data=cal)
+    q, rec = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
+    assert "no_cpu_kernel" not in q.stats and q.stats["linear"] == 3, q.notes
+    assert q.stats["mul"] == 1 and rec.stats["linear"] == 3
+    assert rec.status == "ok" and rec.stats["fallback"] == 0
 
 
 @pytest.mark.parametrize("engine", ["onednn", "fbgemm"])
@@ -286,7 +343,8 @@ ROWS = {rule.name: rule for rule in lower.RULES}
 
 
 class EveryOp(nn.Module):
-    """An op for every row: conv-relu, conv-sigmoid (no kernel), two conv-hardswish in a row
+    """An op for every row: conv-relu, conv-sigmoid (oneDNN's int8 kernel, the sigmoid on its
+    float output), two conv-hardswish in a row
     and linear-gelu (oneDNN's int8 kernels: codes stay plain between the two), adds (plain,
     with relu, and a residual one with silu: no kernel), a product with a pooled gate
     (broadcast), cat, max pool, a depthwise conv-relu6 (conv then clamp), global average pool,
@@ -382,3 +440,29 @@ def test_op_without_a_row_is_left_alone():
     code = gm.code
     result = apply_rules(gm, lower.RULES, context=lower.CpuLowering())
     assert result.count == 0 and result.notes == [] and gm.code == code
+
+
+class Depthwise(nn.Module):
+    """A tiny dense conv and a tiny depthwise conv (shufflenet's non-ReLU 3x3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        return self.dw(torch.relu(self.dense(x)))
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                    reason="no fbgemm engine here")
+def test_small_dense_layers_pack_under_fbgemm_grouped_ones_do_not():
+    """The auto engine: fbgemm for a tiny dense layer, PyTorch's own choice for a depthwise one
+    (fbgemm's made shufflenet_v2's int8 1.6x slower than x86's)."""
+    _, low, rec = run(Depthwise())
+    engines = {n.target: n.meta.get("fxopt_engine") for n in low.graph.nodes
+               if n.op == "get_attr" and "packed" in n.target}
+    dense = next(e for t, e in engines.items() if t.startswith("dense"))
+    dw = next(e for t, e in engines.items() if t.startswith("dw"))
+    assert dense == "fbgemm" and dw == torch.backends.quantized.engine != "fbgemm", engines
+    assert rec.status == "ok"

@@ -34,7 +34,7 @@ MUL8, CONV8 = OPS.mul_int8.default, OPS.conv2d_int8.default
 AVG8 = OPS.adaptive_avg_pool2d_int8.default
 Q, DQ = OPS.quantize.default, OPS.dequantize.default
 G = torch.Generator().manual_seed(5)
-NO_FLOAT_GATE = QuantConfig(float_without_kernel=False)  # conv + sigmoid: the gate int8 too
+NO_FLOAT_GATE = QuantConfig(float_without_kernel=False)  # every layer int8, kernel or not
 _t, _count = t, count
 _codes = partial(codes, generator=G)
 _cal = partial(calibration, shape=(4, 3, 8, 8))
@@ -153,14 +153,13 @@ def test_se_block_golden_and_within_one_step(gate_first):
         assert (out - ref).abs().max().item() <= rec.tolerance
 
 
-def test_float_gate_leaves_the_mul_float():
-    """On the CPU with the default float_without_kernel=True, conv + sigmoid (no int8 CPU
-    kernel) stays float: the gate is float and the mul is left alone."""
+def test_sigmoid_gate_is_int8_on_cpu_by_default():
+    """On the CPU with the default float_without_kernel=True, conv + sigmoid has an int8 CPU
+    kernel (oneDNN's, the sigmoid on its float output): the gate is int8 and so is the mul
+    (before, the gate stayed float and the mul with it)."""
     gm, rec, _, _ = _quantize(SE(), torch.randn(2, 3, 8, 8), cfg=QuantConfig())
-    assert _count(gm, MUL8) == 0 and _count(gm, operator.mul) == 1
-    mul = next(n for n in gm.graph.nodes if n.target is operator.mul)
-    assert mul.args[0].target is DQ  # the int8 stem output leaves its region
-    assert "mul" not in rec.stats
+    assert _count(gm, MUL8) == 1 and _count(gm, operator.mul) == 0
+    assert rec.stats["mul"] == 1 and "no_cpu_kernel" not in rec.stats
 
 
 class FloatProducts(nn.Module):
@@ -190,7 +189,7 @@ def test_cpu_lowering_runs_quantized_mul_within_one_step():
     low, rec = lower_cpu(ir, ctx)
     targets = [n.target for n in low.graph.nodes]
     assert targets.count(CPU_MUL_INT8.overload) == 1 and MUL8 not in targets
-    assert rec.stats["mul"] == 1 and rec.stats["fallback"] == 1  # fc2 (sigmoid) only
+    assert rec.stats["mul"] == 1 and rec.stats["fallback"] == 0  # fc2 (sigmoid) on oneDNN
     for xb in _cal(n=3, seed=8, shape=(4, 3, 12, 12)):  # another spatial size too
         with torch.no_grad():
             assert (low(xb) - ir(xb)).abs().max().item() <= rec.tolerance
