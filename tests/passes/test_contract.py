@@ -178,7 +178,7 @@ CASES: dict[str, Case] = {
                           before=_INT8[:-1], calibration=True),
     # quantize_per_tensor: the entry, and the global pool onto its own grid
     "lower_int8_cpu": Case(ConvNet, lambda: (_x(),), {"conv2d"},
-                           {"conv2d_int8": 0, "cpu_quantize": 1}, _lin, before=_INT8,
+                           {"conv2d_int8": 0, "cpu_quantize": 1}, _red, before=_INT8,
                            calibration=True),
     "lower_int8_cpu[left to the IR]": Case(
         NoKernelNet, lambda: (_x(),), {"fallback"},
