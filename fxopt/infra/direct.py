@@ -99,14 +99,18 @@ class DirectRunner:
             return gm(*args, **kwargs)
         if self._proven:
             return direct(*args, **kwargs)
-        expected = gm(*args, **kwargs)
+        # the twin's trial runs on copies: a graph may write into its inputs (x.mul_(gate)), and
+        # the caller's tensors must be written once, by the graph, as without this runner
+        trial_args, trial_kwargs = pytree.tree_map(
+            lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, (args, kwargs))
         try:
-            got = direct(*args, **kwargs)
-            same = _equal(got, expected)
+            got = direct(*trial_args, **trial_kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure turns the direct path off
-            same, why = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            got, why = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         else:
             why = "its outputs differ from the graph's"
+        expected = gm(*args, **kwargs)
+        same = got is not None and _equal(got, expected)
         if same:
             self._proven = True
         else:

@@ -135,3 +135,29 @@ def test_tracing_sees_the_dispatcher_graph(opt):
     assert any(str(t).startswith("fxopt.") for t in targets)
     with torch.no_grad():
         assert torch.equal(ep.module()(x), opt(x))
+
+
+class WritesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
+
+    def forward(self, x):
+        return x.mul_(torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1))))))
+
+
+def test_the_trial_run_does_not_write_the_callers_input_twice():
+    """The first call runs the twin as a trial: on copies, so a graph that writes its input
+    (x.mul_) writes the caller's tensor once, as the model would (was: twice, a wrong output)."""
+    torch.manual_seed(0)
+    m = WritesItsInput().eval()
+    opt = fxopt.optimize(m, torch.randn(2, 8, 6, 6))
+    for _ in range(2):  # the trial call, then a proven one
+        x = torch.randn(2, 8, 6, 6)
+        x_model = x.clone()
+        with torch.no_grad():
+            expected = m(x_model)
+            out = opt(x)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(x, x_model)  # written once, as by the model
+    assert opt.direct._proven
