@@ -158,8 +158,9 @@ def test_small_cnn_qdq_golden(tmp_path, form):
                                      "max_pool2d_int8": 1, "cat_int8": 1,
                                      "adaptive_avg_pool2d_int8": 1, "linear_int8": 1,
                                      "dequantize": 1}
-    else:  # oneDNN's layers (the add fused into c2) and the IR ops' CPU twins
+    else:  # oneDNN's layers and the IR ops' CPU twins (the add apart: FUSE_RESIDUAL_ADD)
         assert result.translated == {"cpu_quantize": 1, "onednn_conv2d_int8": 4,
+                                     "cpu_add_int8": 1,
                                      "cpu_max_pool2d_int8": 1, "cpu_cat_int8": 1,
                                      "cpu_adaptive_avg_pool2d_int8": 1,
                                      "onednn_linear_int8": 1, "cpu_dequantize": 1}
