@@ -31,7 +31,7 @@ from fxopt.infra.registry import PASSES, PassContext
 from fxopt.infra.report import ModelStats, Report
 from fxopt.infra.validate import (calibration_arg, choice_arg, concrete_args_arg,
                                   instruments_arg, leaf_modules_arg, names_arg, pipeline_arg)
-from fxopt.ir.capture import check_model, copy_model, normalize_inputs
+from fxopt.ir.boundary import check_model, copy_model, normalize_inputs
 from fxopt.ir.export_capture import CAPTURE_METHODS, capture_with
 from fxopt.ir.check import clone_inputs, conditioning_floors, seeded
 from fxopt.ir.graph import count_bytes, count_nodes, count_params

@@ -56,7 +56,7 @@ import torch.nn as nn
 from fxopt.errors import InputError, NumericMismatchError, UnsupportedOpError
 from fxopt.export.qdq import (MIN_QDQ_OPSET, compare_within_step, drop_initializer_identities,
                               has_rule, is_int8_graph, qdq_rewrite, untranslated)
-from fxopt.ir.capture import normalize_inputs
+from fxopt.ir.boundary import normalize_inputs
 from fxopt.ir.check import clone_inputs, run_in_eval
 from fxopt.ir.tolerances import ErrorStats, compare_outputs
 from fxopt.ops.schema import is_fxopt_op, schema_of

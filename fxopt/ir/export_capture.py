@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from fxopt.errors import CaptureError, NotAvailableError
 from fxopt.ir.canonical import canonicalize
-from fxopt.ir.capture import (Captured, annotate_paths, check_against_eager, check_finite,
-                              propagate_shapes, run_eager)
+from fxopt.ir.boundary import check_finite, run_eager
+from fxopt.ir.capture import Captured, annotate_paths, check_against_eager, propagate_shapes
 from fxopt.ir.graph import remove_unused_attributes
 
 __all__ = ["capture_exported", "capture_with", "inline_leaves", "export_graph", "CAPTURE_METHODS",

@@ -42,7 +42,8 @@ import fxopt.prune.rules_elementwise  # noqa: F401
 import fxopt.prune.rules_layers  # noqa: F401
 import fxopt.prune.rules_shapes  # noqa: F401
 from fxopt.infra.validate import concrete_args_arg, leaf_modules_arg
-from fxopt.ir.capture import capture, normalize_inputs
+from fxopt.ir.boundary import normalize_inputs
+from fxopt.ir.capture import capture
 from fxopt.prune.attention import open_attention
 from fxopt.prune.records import LAYER_KINDS, ChannelGroup
 from fxopt.prune.rule_table import CHANNEL_RULES, ChannelRuleTable

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from fxopt.errors import InputError
 from fxopt.ir.activations import apply_activation
-from fxopt.ir.capture import normalize_inputs, propagate_shapes
+from fxopt.ir.boundary import normalize_inputs
+from fxopt.ir.capture import propagate_shapes
 from fxopt.ir.graph import get_attr_value
 from fxopt.ops.fused import FusedLayer
 from fxopt.quant.calibrate import calibrate, calibration_inputs

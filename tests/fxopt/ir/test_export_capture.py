@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.ir.capture import copy_model
+from fxopt.ir.boundary import copy_model
 from fxopt.ir.export_capture import capture_exported
 
 

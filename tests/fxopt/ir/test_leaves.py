@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.ir.capture import capture_model, copy_model
+from fxopt.ir.boundary import copy_model
+from fxopt.ir.capture import capture_model
 from fxopt.ir.leaves import layer_counts
 
 
