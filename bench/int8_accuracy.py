@@ -51,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header, write_result  # noqa: E402
+from _random_weights import randomize_batchnorm  # noqa: E402
 
 __all__ = ["main"]
 
@@ -84,14 +85,7 @@ def build(name: str, size: int) -> torch.nn.Module:
     if name.startswith("vit_"):  # torchvision zeroes the head: every output would be 0
         with torch.no_grad():
             m.heads.head.weight.normal_(0, 0.02)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-            with torch.no_grad():
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-    return m
+    return randomize_batchnorm(m)
 
 
 def images(n: int, size: int, seed: int) -> list[torch.Tensor]:

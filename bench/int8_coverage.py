@@ -40,6 +40,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header, write_result  # noqa: E402
 from _int8_baselines import ao_fx_int8, quiet_quant_warnings  # noqa: E402
+from _random_weights import randomize_batchnorm  # noqa: E402
 from _timing import calls_per_round, median_times  # noqa: E402
 
 __all__ = ["main", "SPEED_MODELS"]
@@ -70,14 +71,7 @@ def model_of(name: str, size: int | None = None) -> nn.Module:
         kw["aux_logits"] = False
         kw["init_weights"] = False
     m = torchvision.models.get_model(name, weights=None, **kw).eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-            with torch.no_grad():
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-    return m
+    return randomize_batchnorm(m)
 
 
 def _layer_count(m: nn.Module) -> tuple[int, int]:

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header, write_result  # noqa: E402
+from _random_weights import randomize_batchnorm  # noqa: E402
 from _timing import calls_per_round, median_times  # noqa: E402
 
 __all__ = ["main"]
@@ -39,11 +40,7 @@ def _build(name: str):
 
     torch.manual_seed(0)
     m = torchvision.models.get_model(name, weights=None).eval()
-    for mod in m.modules():  # trained-like statistics, not the defaults
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m
+    return randomize_batchnorm(m, affine=False)  # trained-like statistics, not the defaults
 
 
 def _variants(model, x):

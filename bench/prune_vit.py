@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _counts import macs, params  # noqa: E402
 from _env import header, write_result  # noqa: E402
 from _timing import median_times  # noqa: E402
 
@@ -97,27 +98,6 @@ def tp_prune(model: nn.Module, which: str, x, ratio: float) -> nn.Module:
     return m.eval()
 
 
-def _macs(model, x) -> int:
-    import fxopt
-    from fxopt.ir.capture import propagate_shapes
-    from fxopt.ir.metrics import count_macs
-
-    if isinstance(model, fxopt.OptimizedModule):
-        model = model.graph_module
-    if isinstance(model, torch.fx.GraphModule):
-        g = copy.deepcopy(model)
-        propagate_shapes(g, (x,))
-        return count_macs(g)
-    return count_macs(fxopt.capture(model, x))
-
-
-def _params(model) -> int:
-    import fxopt
-    from fxopt.ir.graph import count_params
-
-    return count_params(model.graph_module if isinstance(model, fxopt.OptimizedModule) else model)
-
-
 def _shape(model, which: str, tp_model: bool) -> str:
     """Heads x head dim, MLP hidden, stream width of the first block, as each model has them."""
     if isinstance(model, torch.fx.GraphModule) or not tp_model:
@@ -160,7 +140,7 @@ def bench(which: str, ratio: float, rounds: int):
         for k, v in variants.items():
             out = v(x)
             rel = float((out - dense_out).norm() / dense_out.norm())
-            info[k] = (_params(v), _macs(v, x), rel)
+            info[k] = (params(v), macs(v, x), rel)
     rec = fx_only.report.record("prune_channels")
     load = [os.getloadavg()[0]]
     lat = median_times(variants, x, rounds, 1)

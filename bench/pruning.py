@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _counts import macs, params  # noqa: E402
 from _env import header, write_result  # noqa: E402
 from _timing import calls_per_round, median_times  # noqa: E402
 
@@ -73,27 +74,6 @@ def tp_prune(model, x, ratio: float, round_to: int | None = None):
     return m.eval()
 
 
-def _macs(model, x1) -> int:
-    import fxopt
-    from fxopt.ir.capture import propagate_shapes
-    from fxopt.ir.metrics import count_macs
-
-    if isinstance(model, fxopt.OptimizedModule):
-        model = model.graph_module
-    if isinstance(model, torch.fx.GraphModule):
-        g = copy.deepcopy(model)
-        propagate_shapes(g, (x1,))
-        return count_macs(g)
-    return count_macs(fxopt.capture(model, x1))
-
-
-def _params(model) -> int:
-    from fxopt.ir.graph import count_params
-
-    import fxopt
-    return count_params(model.graph_module if isinstance(model, fxopt.OptimizedModule) else model)
-
-
 def _widths(model) -> dict[str, int]:
     """Output width of every conv and linear layer, by module path."""
     return {n: getattr(m, "out_channels", getattr(m, "out_features", None))
@@ -121,7 +101,7 @@ def bench_models(names, ratio: float, size: int, batches, rounds: int):
                     "fxopt prune + pipeline": fx_full}
         variants["TP + fxopt pipeline"] = fxopt.optimize(tp_model, x1)
         same_arch = _widths(fx_prune_only.graph_module) == _widths(tp_model)
-        info = {k: (_params(v), _macs(v, x1)) for k, v in variants.items()}
+        info = {k: (params(v), macs(v, x1)) for k, v in variants.items()}
         lat = {}
         load = [os.getloadavg()[0]]
         for b in batches:
@@ -157,8 +137,8 @@ def bench_digits(ratio: float, epochs: int, seeds: int, progress: bool):
                 pruned = fxopt.optimize(model, x, prune=ratio, pipeline=["cleanup"]).graph_module
             else:
                 pruned = tp_prune(model, x[:1], ratio)
-            out["params"][method] = _params(pruned)
-            out["macs"][method] = _macs(pruned, x[:1])
+            out["params"][method] = params(pruned)
+            out["macs"][method] = macs(pruned, x[:1])
             acc0 = digits.evaluate(pruned, test)
             train = DataLoader(TensorDataset(tx, ty), batch_size=64, shuffle=True,
                                generator=torch.Generator().manual_seed(seed))
@@ -173,8 +153,8 @@ def bench_digits(ratio: float, epochs: int, seeds: int, progress: bool):
             out[method].append((acc0, acc1, time.perf_counter() - t0))
             print(f"digits seed {seed} {method}: pruned {acc0:.2%} -> fine-tuned {acc1:.2%}",
                   flush=True)
-    out["params"]["original"] = _params(model)
-    out["macs"]["original"] = _macs(model, x[:1])
+    out["params"]["original"] = params(model)
+    out["macs"]["original"] = macs(model, x[:1])
     return out
 
 
