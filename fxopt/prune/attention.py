@@ -15,8 +15,9 @@ The head count is the ``-1`` of the unflatten, so the reshape rule makes each he
 (its q, k and v rows and its columns of ``out_proj`` go together) and the head dim ``d`` stays:
 pruning removes whole heads, and the stream feeding ``in_proj``'s columns and fed by
 ``out_proj``'s rows shrinks with its group. Opened: calls with ``query is key is value``, the
-packed projection, no ``attn_mask``/``key_padding_mask``, no ``bias_k``/``add_zero_attn``, and
-no use of the returned attention weights; any other call stays a leaf (its channels frozen).
+packed projection, no masks, no ``bias_k``/``bias_v``/``add_zero_attn``, and no use of the
+returned attention weights (``fxopt.ir.attention.self_attention_blocker``, shared with int8's
+decomposition); any other call stays a leaf (its channels frozen).
 
     >>> gm2, opened = open_attention(gm, example_inputs)   # a new graph; gm is not changed
 """
@@ -30,42 +31,16 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxopt.ir.attention import linear_from, self_attention_blocker
 from fxopt.ir.capture import propagate_shapes
 from fxopt.ir.graph import copy_meta, get_attr_value
 
 __all__ = ["open_attention", "can_open"]
 
 
-def _arg(node: fx.Node, pos: int, name: str, default=None):
-    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
-
-
 def can_open(node: fx.Node, mod: nn.Module) -> bool:
     """True when ``node`` is a self-attention call ``open_attention`` rewrites exactly."""
-    if not isinstance(mod, nn.MultiheadAttention) or not mod._qkv_same_embed_dim:
-        return False
-    if mod.bias_k is not None or mod.add_zero_attn or mod.in_proj_weight is None:
-        return False
-    q, k, v = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
-    if not (isinstance(q, fx.Node) and q is k is v):
-        return False
-    if _arg(node, 3, "key_padding_mask") is not None or _arg(node, 5, "attn_mask") is not None:
-        return False
-    if _arg(node, 7, "is_causal", False):
-        return False
-    for user in node.users:  # only item 0 (the output) may be used, never the weights
-        if not (user.op == "call_function" and user.target is operator.getitem
-                and (user.args[1] == 0 or not user.users)):
-            return False
-    return True
-
-
-def _in_proj(mod: nn.MultiheadAttention) -> nn.Linear:
-    lin = nn.Linear(mod.embed_dim, 3 * mod.embed_dim, bias=mod.in_proj_bias is not None)
-    lin.weight = mod.in_proj_weight
-    if mod.in_proj_bias is not None:
-        lin.bias = mod.in_proj_bias
-    return lin.train(False)
+    return self_attention_blocker(node, mod) is None
 
 
 def _open_one(gm: fx.GraphModule, node: fx.Node, mod: nn.MultiheadAttention) -> None:
@@ -75,7 +50,7 @@ def _open_one(gm: fx.GraphModule, node: fx.Node, mod: nn.MultiheadAttention) -> 
     head_dim = mod.embed_dim // mod.num_heads
     parent, _, leaf = path.rpartition(".")
     owner = get_attr_value(gm, parent) if parent else gm
-    owner.add_module(f"{leaf}_in_proj", _in_proj(mod))
+    owner.add_module(f"{leaf}_in_proj", linear_from(mod.in_proj_weight, mod.in_proj_bias))
     out_proj = copy.copy(mod.out_proj)  # its own tensors dict: pruning replaces them
     out_proj._parameters = dict(mod.out_proj._parameters)
     owner.add_module(f"{leaf}_out_proj", out_proj)

@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxopt.ir.attention import linear_from, node_arg, self_attention_blocker
 from fxopt.ir.capture import propagate_shapes
 from fxopt.ir.graph import copy_meta, get_attr_value, module_path
 
@@ -39,49 +40,25 @@ __all__ = ["decompose_attention", "standard_self_attention", "standard_window_at
 _RTOL = 1e-4  # float32 rounding: the fused kernel and SDPA sum in different orders
 
 
-def _arg(n: fx.Node, i: int, name: str, default=None):
-    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
-
-
 def standard_self_attention(gm: fx.GraphModule, n: fx.Node) -> str | None:
     """Why the ``nn.MultiheadAttention`` call ``n`` is not the standard case, or None when it
-    is (see the module docstring)."""
+    is (see the module docstring): the plain self-attention call (``self_attention_blocker``)
+    that is also ``batch_first`` and ``need_weights=False``."""
     m = gm.get_submodule(n.target)
-    q, k, v = (_arg(n, i, name) for i, name in enumerate(("query", "key", "value")))
-    if not (isinstance(q, fx.Node) and q is k is v):
-        return "not self-attention"
-    if not m.batch_first or not m._qkv_same_embed_dim or m.in_proj_weight is None:
-        return "not batch_first with one packed input projection"
-    if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
-        return "bias_k/bias_v or add_zero_attn"
-    for i, name, default in ((3, "key_padding_mask", None), (5, "attn_mask", None),
-                             (7, "is_causal", False)):
-        if _arg(n, i, name, default) not in (None, False):
-            return f"{name}"
-    if _arg(n, 4, "need_weights", True) is not False:
+    if node_arg(n, 4, "need_weights", True) is not False:
         return "need_weights"
-    for u in n.users:
-        if not (u.op == "call_function" and u.target is operator.getitem
-                and u.args[1] in (0, 1)) or (u.args[1] == 1 and u.users):
-            return "its attention weights are read"
-    return None
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding ``weight``/``bias`` themselves (the module's parameters)."""
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    lin.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
-    if bias is not None:
-        lin.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
-    return lin.eval()
+    why = self_attention_blocker(n, m)
+    if why is None and not m.batch_first:
+        return "not batch_first"
+    return why
 
 
 def _rewrite(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
     """Decompose the call ``n``; returns the node of the attention output."""
     path, m = str(n.target), gm.get_submodule(n.target)
     h, e = m.num_heads, m.embed_dim
-    m.add_module("in_proj", _linear(m.in_proj_weight, m.in_proj_bias))
-    m.out_proj = _linear(m.out_proj.weight, m.out_proj.bias)  # the plain Linear type
+    m.add_module("in_proj", linear_from(m.in_proj_weight, m.in_proj_bias))
+    m.out_proj = linear_from(m.out_proj.weight, m.out_proj.bias)  # the plain Linear type
     g, x = gm.graph, n.args[0] if n.args else n.kwargs["query"]
     with g.inserting_before(n):
         made = [g.call_module(f"{path}.in_proj", (x,))]
@@ -222,7 +199,7 @@ def _linear_at(gm: fx.GraphModule, weight: fx.Node, bias: fx.Node | None,
     b = None if bias is None else get_attr_value(gm, bias.target)
     if bias_value is not None:
         b = nn.Parameter(bias_value, requires_grad=False)
-    lin = _linear(w, b)
+    lin = linear_from(w, b)
     parent, _, leaf = path.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, lin)
     return path
