@@ -1,10 +1,11 @@
 """Small networks that more than one test module builds: a residual conv net, the int8
-epilogue block (hardswish, SiLU, GELU), and a user leaf module with its parent."""
+epilogue block (hardswish, SiLU, GELU), a small CNN with every between-op the int8 CPU lowering
+writes (residual, cat, pools, SE gate), and a user leaf module with its parent."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Net", "MobileBlock", "Scale", "WithScale"]
+__all__ = ["Net", "MobileBlock", "Scale", "SmallCNN", "WithScale"]
 
 
 class Net(nn.Module):
@@ -61,3 +62,23 @@ class WithScale(nn.Module):
 
     def forward(self, x):
         return self.scale(F.relu(self.conv(x)))
+
+
+class SmallCNN(nn.Module):
+    """stem, a residual block, cat of two branches, max pool, an SE gate, global pool, fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.c2(torch.relu(self.c1(y))) + y)
+        y = torch.cat([F.relu(self.b1(y)), F.relu6(self.b2(y))], 1)
+        y = F.max_pool2d(y, 2)
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y * g, 1), 1))

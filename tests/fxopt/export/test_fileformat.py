@@ -16,7 +16,7 @@ import fxopt
 from fxopt.export import fileformat
 from fxopt.export.fileformat import ENGINE_META, MANIFEST, TENSORS
 from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
-from small_nets import MobileBlock, Net, Scale, WithScale  # tests/support (tests/conftest.py)
+from small_nets import MobileBlock, Net, Scale, SmallCNN, WithScale  # tests/support
 
 QUANTIZED = "fbgemm" in torch.backends.quantized.supported_engines or \
     "x86" in torch.backends.quantized.supported_engines
@@ -333,27 +333,6 @@ def test_pytree_inputs_outputs_and_constant_arguments(tmp_path):
     back = fileformat.read_module(fileformat.write_module(tmp_path / "n.fxopt", gm, target="cpu",
                                                           report={})).graph_module
     assert back.code == gm.code and torch.equal(back(xs[0]), xs[0])
-
-
-
-class SmallCNN(nn.Module):
-    """stem, a residual block, cat of two branches, max pool, an SE gate, global pool, fc."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
-        self.b1, self.b2 = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 3, padding=1)
-        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        y = torch.relu(self.stem(x))
-        y = torch.relu(self.c2(torch.relu(self.c1(y))) + y)
-        y = torch.cat([F.relu(self.b1(y)), F.relu6(self.b2(y))], 1)
-        y = F.max_pool2d(y, 2)
-        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y * g, 1), 1))
 
 
 @pytest.mark.skipif(not QUANTIZED, reason="PyTorch's quantized CPU engine is not available")

@@ -9,36 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import fxopt
 from fxopt.ops.schema import schema_of
 from fxopt.quant.config import QuantConfig
+from small_nets import SmallCNN  # tests/support (tests/conftest.py)
 
 lower = __import__("fxopt.passes.lower.cpu", fromlist=["cpu"])
 pytestmark = pytest.mark.skipif(not lower.quantized_engine_available(),
                                 reason="PyTorch's int8 CPU kernels are not available")
-
-
-class SmallCNN(nn.Module):
-    """stem, a residual block, cat of two branches, max pool, an SE gate, global pool, fc."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
-        self.b1, self.b2 = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 3, padding=1)
-        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        y = torch.relu(self.stem(x))
-        y = torch.relu(self.c2(torch.relu(self.c1(y))) + y)
-        y = torch.cat([F.relu(self.b1(y)), F.relu6(self.b2(y))], 1)
-        y = F.max_pool2d(y, 2)
-        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y * g, 1), 1))
 
 
 def _cal(n=4, shape=(2, 3, 16, 16), seed=1):

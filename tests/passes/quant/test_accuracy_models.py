@@ -7,24 +7,11 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.quant.config import QuantConfig
 from fxopt.quant.isa import int8_dot_product_isa
+from torchvision_models import randomized_bn_model  # tests/support (tests/conftest.py)
 
 torchvision = pytest.importorskip("torchvision")
 pytestmark = pytest.mark.slow
-
-
-def _cnn(name):
-    torch.manual_seed(0)
-    m = torchvision.models.get_model(name, weights=None).eval()
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-            with torch.no_grad():
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-    return m
 
 
 def _optimize(m, size, n=8):
@@ -39,7 +26,7 @@ def _optimize(m, size, n=8):
 @pytest.mark.parametrize("name,floor", [("resnet18", 33), ("mobilenet_v2", 33),
                                         ("mobilenet_v3_large", 30), ("efficientnet_b0", 30)])
 def test_cnn_full_range_lowering_and_sqnr(name, floor):
-    opt = _optimize(_cnn(name), 112)
+    opt = _optimize(randomized_bn_model(name), 112)
     q, low = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
     assert q.stats["reduce_range"] is (int8_dot_product_isa() is None)
     assert q.stats["bias_corrected"] == q.stats["conv2d"] + q.stats["linear"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fxopt
+from torchvision_models import randomized_bn_model  # tests/support (tests/conftest.py)
 
 torchvision = pytest.importorskip("torchvision")
 pytestmark = pytest.mark.slow
@@ -20,22 +21,9 @@ MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_4
 SIZE = 64
 
 
-def _model(name):
-    torch.manual_seed(0)
-    m = torchvision.models.get_model(name, weights=None).eval()
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-            with torch.no_grad():
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-    return m
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_int8_simulated_reference(name):
-    m = _model(name)
+    m = randomized_bn_model(name)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 3, SIZE, SIZE, generator=g)
     cal = [torch.randn(2, 3, SIZE, SIZE, generator=g) for _ in range(2)]
