@@ -20,8 +20,8 @@ import torch.nn as nn
 
 from fxopt.errors import (FileFormatError, InputError, NotAvailableError, NumericMismatchError,
                           PipelineError, UnsupportedOpError, VerificationError)
-from fxopt.export.engines import (Engine, check_engine_options, deploy, installed_engines,
-                                  measure, require_engine)
+from fxopt.export.engines import (NOT_SERVED, Engine, check_engine_options, deploy,
+                                  installed_engines, measure, require_engine)
 from fxopt.export.fileformat import FORMAT_VERSION, read_module, write_module
 from fxopt.infra.cudagraph import MAX_GRAPHS, CudaGraphRunner
 from fxopt.infra.direct import DirectRunner
@@ -66,9 +66,10 @@ class OptimizedModule(nn.Module):
         self.train(False)  # an inference module: optimize(opt, x) and check_model accept it
 
     def forward(self, *args, **kwargs):
-        if self.engine is not None and not self.training and \
-                self.engine.serves(self.graph_module, args, kwargs, self.report.notes):
-            return self.engine(*args)
+        if self.engine is not None and not self.training:
+            out = self.engine.serve(self.graph_module, args, kwargs, self.report.notes)
+            if out is not NOT_SERVED:
+                return out
         if torch.is_grad_enabled():
             return self.graph_module(*args, **kwargs)
         if self.cuda_graphs is not None:
