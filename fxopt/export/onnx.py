@@ -54,6 +54,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxopt.errors import InputError, NumericMismatchError, UnsupportedOpError
+from fxopt.export.onnx_ops import engine_friendly_symbolics
 from fxopt.export.qdq import (MIN_QDQ_OPSET, compare_within_step, drop_initializer_identities,
                               has_rule, is_int8_graph, qdq_rewrite, untranslated)
 from fxopt.ir.boundary import normalize_inputs
@@ -334,10 +335,12 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-                torch.onnx.export(export_gm, clone_inputs(inputs), str(tmp), opset_version=opset,
-                                  input_names=in_names, output_names=out_names or None,
-                                  dynamic_axes=dynamic_axes, dynamo=False,
-                                  do_constant_folding=True)
+                with engine_friendly_symbolics(opset):
+                    torch.onnx.export(export_gm, clone_inputs(inputs), str(tmp),
+                                      opset_version=opset,
+                                      input_names=in_names, output_names=out_names or None,
+                                      dynamic_axes=dynamic_axes, dynamo=False,
+                                      do_constant_folding=True)
         except Exception as e:  # noqa: BLE001 - the exporter raises many kinds
             counts = Counter(k.split("(")[-1].rstrip(")") for k in kept)
             hint = ("no ONNX translation yet for " + ", ".join(

@@ -131,8 +131,14 @@ class QDQState:
         return out
 
     def dq(self, b: Builder, x: fx.Node, grid: Grid | None = None) -> fx.Node:
-        """DequantizeLinear of the codes ``x`` (on ``grid``, by default the one they hold)."""
-        grid = grid or self.grid_of(x)
+        """DequantizeLinear of the codes ``x`` (on ``grid``, by default the one they hold).
+        The codes' own kind (uint8 or int8) wins over ``grid``'s: an op's argument grid
+        (``ir_grid``) does not say which, its producer's does."""
+        known = self.grid_of(x)
+        if grid is None:
+            grid = known
+        elif known is not None and known.dtype != grid.dtype:
+            grid = Grid(grid.scale, grid.zp, known.qmin, known.qmax)
         return b.call_function(dequantize_linear, (x, *self._scale_zp(grid), None))
 
     def dq_exit(self, b: Builder, x: fx.Node, grid: Grid | None = None) -> fx.Node:

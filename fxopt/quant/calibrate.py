@@ -21,7 +21,7 @@ from fxopt.infra.validate import calibration_batch
 from fxopt.ir.graph import module_path
 from fxopt.ops.schema import schema_of
 from fxopt.quant.config import QuantConfig
-from fxopt.quant.observers import PerChannelMinMaxObserver, make_observer
+from fxopt.quant.observers import PerChannelMinMaxObserver, ZeroPointZeroObserver, make_observer
 from fxopt.quant.plan import PRE, Layer, observed_values
 from fxopt.quant.qparams import QParams
 
@@ -74,6 +74,9 @@ class Calibrator(fx.Interpreter):
 def activation_observer(cfg: QuantConfig, label: str):
     """A fresh observer for one activation value, as ``cfg`` asks."""
     kw = dict(cfg.observer_options)
+    if cfg.activation_symmetric == "auto":
+        return ZeroPointZeroObserver(cfg.activation_observer, label=label,
+                                     reduce_range=cfg.resolved().reduce_range, **kw)
     if cfg.activation_symmetric:
         return make_observer(cfg.activation_observer, label=label, dtype=torch.int8,
                              symmetric=True, **kw)

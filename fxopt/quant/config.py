@@ -7,8 +7,11 @@
 Activations: one grid per tensor from a named observer (``fxopt.observers.OBSERVERS``; default
 ``"mse"``, the clipping range with the least expected squared error, as torch.ao's x86 default
 HistogramObserver aims for; on the digits ResNet 34.95 dB SQNR against 34.20 dB for
-``"minmax"``): asymmetric uint8 with a 7-bit range by default (what the x86/fbgemm kernels need), or
-``activation_symmetric=True`` for symmetric int8 (runs on the reference path). Weights: one
+``"minmax"``). ``activation_symmetric``: ``False``, asymmetric uint8 (what PyTorch's x86 kernels
+and ONNX Runtime take best); ``True``, symmetric int8 everywhere (runs on the reference path);
+``"auto"``, zero point 0 on every grid, uint8 where the calibration data is non-negative and
+symmetric int8 elsewhere (OpenVINO's scheme: its kernels take no zero-point compensation then);
+``None`` (the default), ``"auto"`` for ``target="openvino"`` and ``False`` elsewhere. Weights: one
 symmetric int8 grid per output channel (``weight_observer="per_channel_minmax"``, the only one).
 ``mode``: ``"static"`` (calibrated activation grids; needs ``calibration_data``) or
 ``"dynamic"`` (Linear layers only: int8 weights, activations quantized at run time from their
@@ -81,7 +84,7 @@ _WEIGHT_OBSERVERS = ("per_channel_minmax",)
 class QuantConfig:
     activation_observer: str = "mse"
     weight_observer: str = "per_channel_minmax"
-    activation_symmetric: bool = False
+    activation_symmetric: bool | str | None = None  # None: by target (resolved)
     keep_float: list = field(default_factory=list)  # module paths (str) or nn.Module types
     first_layer: str = "quantize"
     last_layer: str = "quantize"
@@ -137,7 +140,14 @@ class QuantConfig:
                              f"{self.reduce_range!r}",
                              hint="reduce_range='auto' picks 8-bit grids where the CPU has "
                                   "VNNI/AMX, 7-bit elsewhere")
-        for name in ("activation_symmetric", "float_without_kernel", "bias_correction"):
+        if self.activation_symmetric not in (None, True, False, "auto") or \
+                isinstance(self.activation_symmetric, int) and \
+                not isinstance(self.activation_symmetric, bool):
+            raise InputError(f"QuantConfig.activation_symmetric must be True, False, 'auto' or "
+                             f"None, got {self.activation_symmetric!r}",
+                             hint="activation_symmetric='auto' gives zero point 0 everywhere "
+                                  "(OpenVINO's scheme); None picks by target")
+        for name in ("float_without_kernel", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"QuantConfig.{name} must be True or False, got "
                                  f"{getattr(self, name)!r}", hint=f"e.g. {name}=True")
@@ -193,11 +203,15 @@ class QuantConfig:
 
     def resolved(self, target: str = "cpu") -> QuantConfig:
         """This config with ``reduce_range="auto"`` decided for ``target`` on this machine
-        (``fxopt.quant.isa.resolve_reduce_range``); a bool is kept as given."""
-        if isinstance(self.reduce_range, bool):
-            return self
-        return replace(self, reduce_range=resolve_reduce_range(
-            self.reduce_range, target=target, cpu_engine=self.cpu_engine))
+        (``fxopt.quant.isa.resolve_reduce_range``) and ``activation_symmetric=None`` for
+        ``target`` (``"auto"`` on OpenVINO, else ``False``); values given are kept."""
+        out = self
+        if self.activation_symmetric is None:
+            out = replace(out, activation_symmetric="auto" if target == "openvino" else False)
+        if not isinstance(self.reduce_range, bool):
+            out = replace(out, reduce_range=resolve_reduce_range(
+                self.reduce_range, target=target, cpu_engine=self.cpu_engine))
+        return out
 
     def keeps_float(self, path: str, module_type: type | None) -> bool:
         """Whether the layer at ``path`` (of ``module_type``) is to stay in float."""

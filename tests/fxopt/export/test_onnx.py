@@ -158,3 +158,40 @@ def test_decompose_keeps_ops_without_translation():
     assert translated == {"linear_act": 1}
     assert len(kept) == 1 and "triton_dequantize" in kept[0]  # quantize: the QDQ table's
     assert sum(QUANTIZE.view.matches(n) for n in plain.graph.nodes) == 1
+
+
+class _Gate(nn.Module):
+    """A squeeze-excitation block with hardsigmoid gates (MobileNetV3's), and a bare one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        s = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), True)))))
+        return nn.functional.hardsigmoid(y * s)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_hardsigmoid_is_written_in_atens_clip_form(tmp_path, quantize):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model, x = _Gate().eval(), torch.randn(2, 3, 12, 12)
+    opt = fxopt.optimize(model, x, quantize=quantize, calibration_data=[x] if quantize else None)
+    path = tmp_path / "gate.onnx"
+    export_onnx(opt, x, path)  # checked against opt by ONNX Runtime inside
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "HardSigmoid" not in ops and ops.count("Clip") == 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    if quantize is None:
+        assert compare_outputs(got, model(x)).ok
+    # the exporter's own table is untouched afterwards: a plain export still writes HardSigmoid
+    plain = tmp_path / "plain.onnx"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(nn.Hardsigmoid(), (x,), str(plain), dynamo=False, opset_version=17)
+    assert [n.op_type for n in onnx.load(str(plain)).graph.node] == ["HardSigmoid"]
