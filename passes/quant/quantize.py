@@ -9,7 +9,8 @@ rewrites the graph.
 1. Calibrate (``fxopt.quant.calibrate``): run ``ctx.calibration_data`` (tensors, ``(x, y)``
    tuples, a DataLoader; less the batches held out, step 5) through the float graph once,
    with a progress bar; one observer per candidate value, one per-channel min/max observer per
-   weight.
+   weight. A layer whose input or output no batch reached (empty on every batch) stays float,
+   named in the report (``stats["uncalibrated"]``); an error only when no layer was reached.
    Bias correction (``fxopt.quant.bias``, ``QuantConfig.bias_correction``, on by default):
    each layer's bias absorbs the mean per-channel error of its int8 form on those batches.
 2. Select (``fxopt.quant.select``): ``keep_float`` and the first/last-layer policies, the CPU
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fxopt.errors import InputError
 from fxopt.infra.preconditions import EVAL_MODE, Precondition
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
@@ -53,7 +55,7 @@ from fxopt.passes.quant.residual import split_linear_residuals
 from fxopt.passes.quant.rewrite import Writer
 from fxopt.quant.accuracy import check_floor, not_held_out_note, split_held_out, sqnr_floor
 from fxopt.quant.bias import bias_corrections, with_corrected_bias
-from fxopt.quant.calibrate import calibrate, calibration_inputs
+from fxopt.quant.calibrate import calibrate, calibration_inputs, uncalibrated
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import compare, output_step, outputs
 from fxopt.quant.plan import find_layers, make_plan
@@ -109,6 +111,17 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             layers = [l for l in all_layers if l.label in labels]
             stats["smoothed_layernorms"] = smoothed
     grids, weights = calibrate(gm, layers, batches, cfg)
+    unreached = uncalibrated(layers, grids)
+    if unreached:
+        if len(unreached) == len(layers):
+            raise InputError(f"no calibration data reached any layer to quantize (first: "
+                             f"{layers[0].label})", hint="pass calibration_data with at least "
+                             "one non-empty batch that runs through the model")
+        layers = [l for l in layers if l not in unreached]
+        kept = kept + [l.label for l in unreached]
+        stats["uncalibrated"] = [l.label for l in unreached]
+        notes.append("no calibration data reached (empty on every batch), so kept in float: "
+                     + ", ".join(l.label for l in unreached))
     if cfg.bias_correction:  # before the fallback, so that it judges the corrected layers
         layers = with_corrected_bias(layers, bias_corrections(gm, layers, grids, weights,
                                                               batches))
@@ -171,7 +184,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                           stats.get("sensitivity_db")))
             stats["worst_layers_db"] = dict(w.worst_layers)
             notes.append(f"{w.message}; fix: {w.hint}")
-    explicit = [k for k in kept if k not in {l.label for l in no_kernel}]
+    said = {l.label for l in no_kernel} | set(stats.get("uncalibrated", []))
+    explicit = [k for k in kept if k not in said]
     if explicit:
         notes.append(f"kept in float: {', '.join(explicit)}")
     if attention:

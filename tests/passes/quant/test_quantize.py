@@ -16,7 +16,9 @@ from fxopt.infra.registry import PassContext
 from fxopt.pipelines import expand_pipeline
 from fxopt.ops.int8 import AddInt8, Int8Layer, linear_int8_reference
 from fxopt.quant.config import QuantConfig
+from fxopt.quant.measure import sqnr_db
 from fxopt.tools import digits
+from untouched import assert_same, snapshot
 
 quant = __import__("fxopt.passes.quant.quantize", fromlist=["quantize"])
 INT8 = torch.ops.fxopt.conv2d_int8.default
@@ -231,3 +233,37 @@ def test_reference_accumulation_is_exact(k):
     got = linear_int8_reference(x, w, ws, None, xs, xz, torch.tensor(1e-7), torch.tensor(0),
                                 y_qmin=-2**31, y_qmax=2**31 - 1, x_qmax=127)
     assert torch.allclose(got.double(), want.double(), rtol=1e-6, atol=2e-7)
+
+
+class EmptyCache(nn.Module):
+    """A key/value cache that starts empty (Hugging Face's ``DynamicCache``): the new keys are
+    concatenated onto a tensor with no elements, and a layer reads only that empty tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.o, self.stale = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.register_buffer("cache", torch.zeros(2, 0, 8))
+
+    def forward(self, x):
+        k = torch.cat([self.cache, self.k(x)], 1)
+        return self.o(k) + self.stale(self.cache).sum()
+
+
+def test_empty_values_stay_float_and_are_reported():
+    """An empty value holds no range: no grid, not an InputError. A layer only it reaches stays
+    float and the report names it; the others are int8 and within one step of the simulated
+    reference (the pass manager's check)."""
+    torch.manual_seed(0)
+    m, x = EmptyCache().eval(), torch.randn(2, 5, 8)
+    before = snapshot(m)
+    gm, report = run(m, x, cal=[x] + _cal(shape=(2, 5, 8)))
+    rec = report.record("quantize_int8")
+    assert rec.status == "ok" and rec.stats["linear"] == 2
+    assert rec.stats["uncalibrated"] == ["stale"]
+    assert any("no calibration data reached" in s and "stale" in s for s in rec.notes)
+    assert _targets(gm).count(LIN8) == 2
+    with torch.no_grad():
+        assert sqnr_db(m(x), gm(x)) > 25
+    assert_same(m, before)
+    with pytest.raises(InputError, match="batch 0 is empty"):  # empty data is still an error
+        run(m, x, cal=[torch.randn(2, 0, 8)])
