@@ -5,7 +5,9 @@ rewrites the graph.
 
 0. Attention (``passes/quant/attention.py``): a standard ``nn.MultiheadAttention`` leaf call
    and torchvision's ``shifted_window_attention`` are decomposed around their projections
-   (checked against the call on the example inputs), so the projections are Linear layers.
+   (checked against the call on the example inputs), so the projections are Linear layers;
+   Hugging Face's ``Conv1D`` (GPT-2), exported as ``aten.addmm`` of a transposed weight,
+   becomes ``linear_act`` (``passes/quant/addmm.py``).
 1. Calibrate (``fxopt.quant.calibrate``): run ``ctx.calibration_data`` (tensors, ``(x, y)``
    tuples, a DataLoader; less the batches held out, step 5) through the float graph once,
    with a progress bar; one observer per candidate value, one per-channel min/max observer per
@@ -49,6 +51,7 @@ from fxopt.errors import InputError
 from fxopt.infra.preconditions import EVAL_MODE, Precondition
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
+from fxopt.passes.quant.addmm import addmm_as_linear
 from fxopt.passes.quant.attention import decompose_attention
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
 from fxopt.passes.quant.residual import split_linear_residuals
@@ -87,8 +90,10 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return quantize_dynamic_linear(gm, ctx, cfg)
     original = gm
     gm, attention, attention_notes = decompose_attention(gm, ctx.example_inputs)
+    linear = addmm_as_linear(gm)  # GPT-2's Conv1D: aten.addmm of a transposed weight
     # a transformer's residual stream stays float
     split = split_linear_residuals(gm) if cfg.linear_residual_add == "float" else 0
+    changed = bool(split or linear)  # gm differs from the input even if nothing is int8
     all_layers = find_layers(gm)
     layers, kept = select_layers(all_layers, cfg)
     no_kernel = []
@@ -97,7 +102,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = [l for l in layers if has_cpu_kernel(l)]
         kept = kept + [l.label for l in no_kernel]
     if not layers:
-        return PassResult(gm if split else original, modified=bool(split),
+        return PassResult(gm if changed else original, modified=changed,
                           stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
@@ -144,7 +149,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                          f"{cfg.max_float_layers}")
         kept = kept + [l.label for l, _, _ in moved]
         if not layers:
-            return PassResult(gm if split else original, modified=bool(split),
+            return PassResult(gm if changed else original, modified=changed,
                               stats={**stats, "kept_float": len(kept)},
                               notes=notes)
     plan = make_plan(gm, layers, grids, weights)
@@ -161,6 +166,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     step = output_step(gm, exits)
     if split:
         stats["float_residual_adds"] = split
+    if linear:
+        stats["addmm_as_linear"] = linear
     stats = {**{k: v for k, v in writer.counts.items() if v}, "kept_float": len(kept),
              "calibration_batches": len(batches), "output_step": float(f"{step:.4g}"),
              "measured_on": measured_on, "measured_batches": len(held),

@@ -267,3 +267,42 @@ def test_empty_values_stay_float_and_are_reported():
     assert_same(m, before)
     with pytest.raises(InputError, match="batch 0 is empty"):  # empty data is still an error
         run(m, x, cal=[torch.randn(2, 0, 8)])
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear layer with its weight stored ``[in, out]``."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return y.view(x.shape[:-1] + (self.weight.shape[1],))
+
+
+class Conv1DNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(8, 16), Conv1D(16, 8)
+
+    def forward(self, x):
+        return self.c_proj(torch.relu(self.c_fc(x))) + torch.addmm(x[0], x[0], x[0].t())
+
+
+def test_addmm_of_a_transposed_weight_is_an_int8_linear():
+    """``addmm(bias, x, W)`` of constant parameters is a Linear layer (weight ``W.T``): int8,
+    named by its module; the product of two activations stays float; the model untouched."""
+    torch.manual_seed(0)
+    m, x = Conv1DNet().eval(), torch.randn(2, 8, 8)
+    before = snapshot(m)
+    gm, report = run(m, x, steps=("fuse_act", "quantize_int8"), cal=[x] + _cal(shape=(2, 8, 8)))
+    rec = report.record("quantize_int8")
+    assert rec.status == "ok" and rec.stats["addmm_as_linear"] == 2 and rec.stats["linear"] == 2
+    layers = sorted(n.meta.get("fxopt_path") for n in gm.graph.nodes if n.target is LIN8)
+    assert layers == ["c_fc", "c_proj"]
+    assert [n.target for n in gm.graph.nodes].count(torch.addmm) == 1  # x @ x.T + x: float
+    with torch.no_grad():
+        assert sqnr_db(m(x), gm(x)) > 25
+    assert_same(m, before)
