@@ -17,9 +17,11 @@ In float the rewrite is the same product and sum (the GEMM may order the sum dif
 float32 rounding); the pass manager checks the int8 graph against the simulated reference
 built on the rewritten graph.
 
-    >>> n = addmm_as_linear(gm)   # number of addmm calls now linear_act
+    >>> gm, n = addmm_as_linear(gm)   # a copy; n addmm calls now linear_act
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.fx as fx
@@ -53,9 +55,12 @@ def constant_addmm(gm: fx.GraphModule, n: fx.Node) -> tuple[torch.Tensor, torch.
     return w, b
 
 
-def addmm_as_linear(gm: fx.GraphModule) -> int:
-    """Rewrites each constant-weight ``aten.addmm`` (module docstring) into ``linear_act`` in
-    place; returns how many."""
+def addmm_as_linear(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` with each constant-weight ``aten.addmm`` (module docstring) rewritten
+    into ``linear_act`` (``gm`` itself when there is none), and how many."""
+    if not any(constant_addmm(gm, n) is not None for n in gm.graph.nodes):
+        return gm, 0
+    gm = copy.deepcopy(gm)
     count = 0
     for n in list(gm.graph.nodes):
         wb = constant_addmm(gm, n)
@@ -75,7 +80,6 @@ def addmm_as_linear(gm: fx.GraphModule) -> int:
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
         count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
+    gm.graph.lint()
+    gm.recompile()
+    return gm, count

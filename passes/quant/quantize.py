@@ -45,6 +45,8 @@ calibration data.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx as fx
 
 from fxopt.errors import InputError
@@ -86,11 +88,14 @@ CALIBRATED_IF_STATIC = Precondition(
 def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Post-training int8: calibrate, keep sensitive layers float, rewrite into int8 chains."""
     cfg = ctx.config(QuantConfig).resolved(ctx.target)  # reduce_range="auto" decided here
-    if cfg.mode == "dynamic":
-        return quantize_dynamic_linear(gm, ctx, cfg)
     original = gm
+    gm, linear = addmm_as_linear(gm)  # GPT-2's Conv1D: aten.addmm of a transposed weight
+    if cfg.mode == "dynamic":
+        res = quantize_dynamic_linear(gm, ctx, cfg)
+        if linear and not res.modified:  # no layer chosen; the float rewrite is checked
+            res = dataclasses.replace(res, modified=True, reference=original)
+        return res
     gm, attention, attention_notes = decompose_attention(gm, ctx.example_inputs)
-    linear = addmm_as_linear(gm)  # GPT-2's Conv1D: aten.addmm of a transposed weight
     # a transformer's residual stream stays float
     split = split_linear_residuals(gm) if cfg.linear_residual_add == "float" else 0
     changed = bool(split or linear)  # gm differs from the input even if nothing is int8
@@ -103,6 +108,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kept = kept + [l.label for l in no_kernel]
     if not layers:
         return PassResult(gm if changed else original, modified=changed,
+                          reference=original if changed else None,
                           stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
@@ -150,6 +156,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kept = kept + [l.label for l, _, _ in moved]
         if not layers:
             return PassResult(gm if changed else original, modified=changed,
+                              reference=original if changed else None,
                               stats={**stats, "kept_float": len(kept)},
                               notes=notes)
     plan = make_plan(gm, layers, grids, weights)

@@ -306,3 +306,13 @@ def test_addmm_of_a_transposed_weight_is_an_int8_linear():
     with torch.no_grad():
         assert sqnr_db(m(x), gm(x)) > 25
     assert_same(m, before)
+    for mode in ("static", "dynamic"):  # both kept float: the float rewrite alone, checked
+        cfg = QuantConfig(mode=mode, keep_float=["c_fc", "c_proj"])
+        gm, report = run(m, x, steps=("quantize_int8",), cal=[x], quantize=cfg)
+        assert report.record("quantize_int8").status == "ok" and LIN8 not in _targets(gm)
+        with torch.no_grad():
+            assert torch.allclose(gm(x), m(x), rtol=1e-5, atol=1e-5)
+    gm, _ = run(m, x, quantize="int8_dynamic")  # dynamic int8 takes the same Linear layers
+    assert _targets(gm).count(torch.ops.fxopt.linear_int8_dynamic.default) == 2
+    with torch.no_grad():
+        assert sqnr_db(m(x), gm(x)) > 25
