@@ -109,7 +109,7 @@ def uncalibrated(layers: list[Layer], grids: dict) -> list[Layer]:
 def calibrate(gm: fx.GraphModule, layers: list[Layer], batches: list[tuple],
               cfg: QuantConfig) -> tuple[dict, dict]:
     """Observed grids for every value any plan over ``layers`` may need, and the weights'.
-    A value no batch reached (empty on every batch, or never computed) has no grid; the plan
+    A value no batch reached (empty on every batch) has no grid; the plan
     keeps it float (:func:`uncalibrated` names the layers this keeps float)."""
     keys, pre_nodes = observed_values(gm, layers)
     observers = {k: activation_observer(cfg, f"the value of {_label(k)}") for k in keys}
