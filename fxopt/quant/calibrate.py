@@ -5,7 +5,9 @@ one activation observer per value any int8 plan over the given layers may need
 (``plan.observed_values``: inputs, outputs and residuals of the layers, adds, concatenations,
 and each residual layer's output before its add, computed by running the layer without its
 residual and activation) and one per-channel min/max observer per weight. It returns the
-grids; the plans for different layer sets (the sensitivity search) share them.
+grids; the plans for different layer sets (the sensitivity search) share them. A value no batch
+reached (empty on every batch: Hugging Face's empty KV cache) gets no grid and stays float; the
+pass names the layers this keeps float (:func:`uncalibrated`) instead of failing.
 
     >>> batches = calibration_inputs(loader, example_inputs)
     >>> grids, weights = calibrate(gm, find_layers(gm), batches, QuantConfig())
@@ -25,7 +27,8 @@ from fxopt.quant.observers import PerChannelMinMaxObserver, ZeroPointZeroObserve
 from fxopt.quant.plan import PRE, Layer, observed_values
 from fxopt.quant.qparams import QParams
 
-__all__ = ["calibration_inputs", "calibrate", "Calibrator", "activation_observer", "grid_of"]
+__all__ = ["calibration_inputs", "calibrate", "Calibrator", "activation_observer", "grid_of",
+           "uncalibrated"]
 
 
 def calibration_inputs(data, example_inputs: tuple, min_batches: int = 1) -> list[tuple]:
@@ -97,9 +100,20 @@ def _label(n: fx.Node) -> str:
     return module_path(n) or n.name
 
 
+def uncalibrated(layers: list[Layer], grids: dict) -> list[Layer]:
+    """The layers whose input, output, residual or pre-add value no calibration batch reached
+    (no grid): they cannot be int8 and stay float."""
+    def missing(l: Layer) -> bool:
+        keys = [l.node, l.x] + ([] if l.residual is None else [l.residual, (PRE, l.node)])
+        return any(k not in grids for k in keys)
+    return [l for l in layers if missing(l)]
+
+
 def calibrate(gm: fx.GraphModule, layers: list[Layer], batches: list[tuple],
               cfg: QuantConfig) -> tuple[dict, dict]:
-    """Observed grids for every value any plan over ``layers`` may need, and the weights'."""
+    """Observed grids for every value any plan over ``layers`` may need, and the weights'.
+    A value no batch reached (empty on every batch) has no grid; the plan
+    keeps it float (:func:`uncalibrated` names the layers this keeps float)."""
     keys, pre_nodes = observed_values(gm, layers)
     observers = {k: activation_observer(cfg, f"the value of {_label(k)}") for k in keys}
     pre = {n: activation_observer(cfg, f"the output of {_label(n)} before its residual add")
@@ -108,8 +122,9 @@ def calibrate(gm: fx.GraphModule, layers: list[Layer], batches: list[tuple],
     with torch.no_grad():
         for args in progress(batches, "calibrating"):
             calib.run(*args)
-    grids = {k: grid_of(o) for k, o in observers.items()}
-    grids.update({(PRE, n): grid_of(o) for n, o in pre.items()})
+    # a value no batch reached (empty on every batch) has no grid: a plan keeps it float
+    grids = {k: grid_of(o) for k, o in observers.items() if o.batches}
+    grids.update({(PRE, n): grid_of(o) for n, o in pre.items() if o.batches})
     weights = {}
     for layer in layers:
         w_obs = PerChannelMinMaxObserver(axis=0, label=f"the weight of {layer.label}")

@@ -354,10 +354,19 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
         and tuple(ta.shape) == tuple(tb.shape)
 
 
+def _empty(n: fx.Node) -> bool:
+    """A value with no elements on every input (a static 0 in its shape): Hugging Face's empty
+    KV cache, ``torch.tensor([])`` concatenated with each layer's keys and values."""
+    tm = n.meta.get("tensor_meta")
+    return any(isinstance(d, int) and d == 0 for d in getattr(tm, "shape", ()))
+
+
 def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
     """The value keys a calibration must observe for any plan over ``layers``: every layer's
     input, residual and output, every residual layer's pre-add value, every add, mul and
-    cat, and every op of an ``own_grid`` row (adaptive average pooling)."""
+    cat, and every op of an ``own_grid`` row (adaptive average pooling). Empty values (a
+    static 0 in the shape) are left out: they hold no range, and an op that reads one stays
+    float."""
     keys, pre = set(), set()
     for l in layers:
         keys.update([l.node, l.x])
@@ -371,7 +380,7 @@ def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
             keys.update([n, *n.args[0]])
         elif (row := SAME_GRID.get(pass_kind(gm, n))) is not None and row.own_grid:
             keys.add(n)
-    return keys, pre
+    return {k for k in keys if not _empty(k)}, {n for n in pre if not _empty(n)}
 
 
 @dataclass

@@ -53,7 +53,7 @@ from fxopt.ir.boundary import normalize_inputs
 from fxopt.ir.capture import propagate_shapes
 from fxopt.ir.graph import get_attr_value
 from fxopt.ops.fused import FusedLayer
-from fxopt.quant.calibrate import calibrate, calibration_inputs
+from fxopt.quant.calibrate import calibrate, calibration_inputs, uncalibrated
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import outputs
 from fxopt.quant.observers import PerChannelMinMaxObserver
@@ -235,6 +235,12 @@ def prepare_qat(model: nn.Module, example_inputs: Any, calibration_data: Any,
                          "train", hint="check QuantConfig.keep_float / first_layer / last_layer")
     batches = calibration_inputs(calibration_data, inputs, cfg.min_batches)
     grids, weights = calibrate(gm, layers, batches, cfg)
+    unreached = uncalibrated(layers, grids)  # no batch reached them: they stay float
+    kept = kept + [l.label for l in unreached]
+    layers = [l for l in layers if l not in unreached]
+    if not layers:
+        raise InputError("no calibration data reached any layer to quantize",
+                         hint="pass calibration_data with at least one non-empty batch")
     by_sensitivity: list[str] = []
     if cfg.min_sqnr_db is not None or cfg.max_float_layers is not None:
         float_outs = outputs(gm, batches)

@@ -6,9 +6,11 @@ transformer blocks and other models whose activation ranges vary per input.
 
 1. Every ``nn.Linear`` call and every fused ``torch.ops.fxopt.linear_act`` whose weight is a
    graph attribute becomes ``torch.ops.fxopt.linear_int8_dynamic`` (``fxopt.ops.int8_dynamic``)
-   with a per-channel symmetric int8 weight (``PerChannelMinMaxObserver``) and its scales as
-   buffers; the bias, residual and activation of a fused op are kept. Each call picks its
-   input's uint8 grid from the input's own min/max, as PyTorch's dynamic quantized linear does.
+   (Hugging Face's ``Conv1D``, ``aten.addmm`` of a transposed weight, is made a
+   ``linear_act`` first: ``passes/quant/addmm.py``), with a per-channel symmetric int8 weight
+   (``PerChannelMinMaxObserver``) and its scales as buffers; the bias, residual and activation
+   of a fused op are kept. Each call picks its input's uint8 grid from the input's own min/max,
+   as PyTorch's dynamic quantized linear does.
 2. Reference (DESIGN.md section 4): the graph before the pass with each rewritten layer's
    weight fake-quantized and its input fake-quantized on the same run-time grid
    (``fake_quantize_dynamic``), all in float.

@@ -5,11 +5,14 @@ rewrites the graph.
 
 0. Attention (``passes/quant/attention.py``): a standard ``nn.MultiheadAttention`` leaf call
    and torchvision's ``shifted_window_attention`` are decomposed around their projections
-   (checked against the call on the example inputs), so the projections are Linear layers.
+   (checked against the call on the example inputs), so the projections are Linear layers;
+   Hugging Face's ``Conv1D`` (GPT-2), exported as ``aten.addmm`` of a transposed weight,
+   becomes ``linear_act`` (``passes/quant/addmm.py``).
 1. Calibrate (``fxopt.quant.calibrate``): run ``ctx.calibration_data`` (tensors, ``(x, y)``
    tuples, a DataLoader; less the batches held out, step 5) through the float graph once,
    with a progress bar; one observer per candidate value, one per-channel min/max observer per
-   weight.
+   weight. A layer whose input or output no batch reached (empty on every batch) stays float,
+   named in the report (``stats["uncalibrated"]``); an error only when no layer was reached.
    Bias correction (``fxopt.quant.bias``, ``QuantConfig.bias_correction``, on by default):
    each layer's bias absorbs the mean per-channel error of its int8 form on those batches.
 2. Select (``fxopt.quant.select``): ``keep_float`` and the first/last-layer policies, the CPU
@@ -42,18 +45,22 @@ calibration data.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx as fx
 
+from fxopt.errors import InputError
 from fxopt.infra.preconditions import EVAL_MODE, Precondition
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import remove_unused_attributes
+from fxopt.passes.quant.addmm import addmm_as_linear
 from fxopt.passes.quant.attention import decompose_attention
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
 from fxopt.passes.quant.residual import split_linear_residuals
 from fxopt.passes.quant.rewrite import Writer
 from fxopt.quant.accuracy import check_floor, not_held_out_note, split_held_out, sqnr_floor
 from fxopt.quant.bias import bias_corrections, with_corrected_bias
-from fxopt.quant.calibrate import calibrate, calibration_inputs
+from fxopt.quant.calibrate import calibrate, calibration_inputs, uncalibrated
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import compare, output_step, outputs
 from fxopt.quant.plan import find_layers, make_plan
@@ -81,12 +88,17 @@ CALIBRATED_IF_STATIC = Precondition(
 def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Post-training int8: calibrate, keep sensitive layers float, rewrite into int8 chains."""
     cfg = ctx.config(QuantConfig).resolved(ctx.target)  # reduce_range="auto" decided here
-    if cfg.mode == "dynamic":
-        return quantize_dynamic_linear(gm, ctx, cfg)
     original = gm
+    gm, linear = addmm_as_linear(gm)  # GPT-2's Conv1D: aten.addmm of a transposed weight
+    if cfg.mode == "dynamic":
+        res = quantize_dynamic_linear(gm, ctx, cfg)
+        if linear and not res.modified:  # no layer chosen; the float rewrite is checked
+            res = dataclasses.replace(res, modified=True, reference=original)
+        return res
     gm, attention, attention_notes = decompose_attention(gm, ctx.example_inputs)
     # a transformer's residual stream stays float
     split = split_linear_residuals(gm) if cfg.linear_residual_add == "float" else 0
+    changed = bool(split or linear)  # gm differs from the input even if nothing is int8
     all_layers = find_layers(gm)
     layers, kept = select_layers(all_layers, cfg)
     no_kernel = []
@@ -95,7 +107,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = [l for l in layers if has_cpu_kernel(l)]
         kept = kept + [l.label for l in no_kernel]
     if not layers:
-        return PassResult(gm if split else original, modified=bool(split),
+        return PassResult(gm if changed else original, modified=changed,
+                          reference=original if changed else None,
                           stats={"kept_float": len(kept)},
                           notes=[f"kept in float: {', '.join(kept)}"] if kept else [])
     batches = calibration_inputs(ctx.calibration_data, ctx.example_inputs, cfg.min_batches)
@@ -109,6 +122,17 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             layers = [l for l in all_layers if l.label in labels]
             stats["smoothed_layernorms"] = smoothed
     grids, weights = calibrate(gm, layers, batches, cfg)
+    unreached = uncalibrated(layers, grids)
+    if unreached:
+        if len(unreached) == len(layers):
+            raise InputError(f"no calibration data reached any layer to quantize (first: "
+                             f"{layers[0].label})", hint="pass calibration_data with at least "
+                             "one non-empty batch that runs through the model")
+        layers = [l for l in layers if l not in unreached]
+        kept = kept + [l.label for l in unreached]
+        stats["uncalibrated"] = [l.label for l in unreached]
+        notes.append("no calibration data reached (empty on every batch), so kept in float: "
+                     + ", ".join(l.label for l in unreached))
     if cfg.bias_correction:  # before the fallback, so that it judges the corrected layers
         layers = with_corrected_bias(layers, bias_corrections(gm, layers, grids, weights,
                                                               batches))
@@ -131,7 +155,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                          f"{cfg.max_float_layers}")
         kept = kept + [l.label for l, _, _ in moved]
         if not layers:
-            return PassResult(gm if split else original, modified=bool(split),
+            return PassResult(gm if changed else original, modified=changed,
+                              reference=original if changed else None,
                               stats={**stats, "kept_float": len(kept)},
                               notes=notes)
     plan = make_plan(gm, layers, grids, weights)
@@ -148,6 +173,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     step = output_step(gm, exits)
     if split:
         stats["float_residual_adds"] = split
+    if linear:
+        stats["addmm_as_linear"] = linear
     stats = {**{k: v for k, v in writer.counts.items() if v}, "kept_float": len(kept),
              "calibration_batches": len(batches), "output_step": float(f"{step:.4g}"),
              "measured_on": measured_on, "measured_batches": len(held),
@@ -171,7 +198,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                           stats.get("sensitivity_db")))
             stats["worst_layers_db"] = dict(w.worst_layers)
             notes.append(f"{w.message}; fix: {w.hint}")
-    explicit = [k for k in kept if k not in {l.label for l in no_kernel}]
+    said = {l.label for l in no_kernel} | set(stats.get("uncalibrated", []))
+    explicit = [k for k in kept if k not in said]
     if explicit:
         notes.append(f"kept in float: {', '.join(explicit)}")
     if attention:

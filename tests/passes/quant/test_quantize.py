@@ -16,7 +16,9 @@ from fxopt.infra.registry import PassContext
 from fxopt.pipelines import expand_pipeline
 from fxopt.ops.int8 import AddInt8, Int8Layer, linear_int8_reference
 from fxopt.quant.config import QuantConfig
+from fxopt.quant.measure import sqnr_db
 from fxopt.tools import digits
+from untouched import assert_same, snapshot
 
 quant = __import__("fxopt.passes.quant.quantize", fromlist=["quantize"])
 INT8 = torch.ops.fxopt.conv2d_int8.default
@@ -231,3 +233,86 @@ def test_reference_accumulation_is_exact(k):
     got = linear_int8_reference(x, w, ws, None, xs, xz, torch.tensor(1e-7), torch.tensor(0),
                                 y_qmin=-2**31, y_qmax=2**31 - 1, x_qmax=127)
     assert torch.allclose(got.double(), want.double(), rtol=1e-6, atol=2e-7)
+
+
+class EmptyCache(nn.Module):
+    """A key/value cache that starts empty (Hugging Face's ``DynamicCache``): the new keys are
+    concatenated onto a tensor with no elements, and a layer reads only that empty tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.o, self.stale = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.register_buffer("cache", torch.zeros(2, 0, 8))
+
+    def forward(self, x):
+        k = torch.cat([self.cache, self.k(x)], 1)
+        return self.o(k) + self.stale(self.cache).sum()
+
+
+def test_empty_values_stay_float_and_are_reported():
+    """An empty value holds no range: no grid, not an InputError. A layer only it reaches stays
+    float and the report names it; the others are int8 and within one step of the simulated
+    reference (the pass manager's check)."""
+    torch.manual_seed(0)
+    m, x = EmptyCache().eval(), torch.randn(2, 5, 8)
+    before = snapshot(m)
+    gm, report = run(m, x, cal=[x] + _cal(shape=(2, 5, 8)))
+    rec = report.record("quantize_int8")
+    assert rec.status == "ok" and rec.stats["linear"] == 2
+    assert rec.stats["uncalibrated"] == ["stale"]
+    assert any("no calibration data reached" in s and "stale" in s for s in rec.notes)
+    assert _targets(gm).count(LIN8) == 2
+    with torch.no_grad():
+        assert sqnr_db(m(x), gm(x)) > 25
+    assert_same(m, before)
+    with pytest.raises(InputError, match="batch 0 is empty"):  # empty data is still an error
+        run(m, x, cal=[torch.randn(2, 0, 8)])
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear layer with its weight stored ``[in, out]``."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return y.view(x.shape[:-1] + (self.weight.shape[1],))
+
+
+class Conv1DNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(8, 16), Conv1D(16, 8)
+
+    def forward(self, x):
+        return self.c_proj(torch.relu(self.c_fc(x))) + torch.addmm(x[0], x[0], x[0].t())
+
+
+def test_addmm_of_a_transposed_weight_is_an_int8_linear():
+    """``addmm(bias, x, W)`` of constant parameters is a Linear layer (weight ``W.T``): int8,
+    named by its module; the product of two activations stays float; the model untouched."""
+    torch.manual_seed(0)
+    m, x = Conv1DNet().eval(), torch.randn(2, 8, 8)
+    before = snapshot(m)
+    gm, report = run(m, x, steps=("fuse_act", "quantize_int8"), cal=[x] + _cal(shape=(2, 8, 8)))
+    rec = report.record("quantize_int8")
+    assert rec.status == "ok" and rec.stats["addmm_as_linear"] == 2 and rec.stats["linear"] == 2
+    layers = sorted(n.meta.get("fxopt_path") for n in gm.graph.nodes if n.target is LIN8)
+    assert layers == ["c_fc", "c_proj"]
+    assert [n.target for n in gm.graph.nodes].count(torch.addmm) == 1  # x @ x.T + x: float
+    with torch.no_grad():
+        assert sqnr_db(m(x), gm(x)) > 25
+    assert_same(m, before)
+    for mode in ("static", "dynamic"):  # both kept float: the float rewrite alone, checked
+        cfg = QuantConfig(mode=mode, keep_float=["c_fc", "c_proj"])
+        gm, report = run(m, x, steps=("quantize_int8",), cal=[x], quantize=cfg)
+        assert report.record("quantize_int8").status == "ok" and LIN8 not in _targets(gm)
+        with torch.no_grad():
+            assert torch.allclose(gm(x), m(x), rtol=1e-5, atol=1e-5)
+    gm, _ = run(m, x, quantize="int8_dynamic")  # dynamic int8 takes the same Linear layers
+    assert _targets(gm).count(torch.ops.fxopt.linear_int8_dynamic.default) == 2
+    with torch.no_grad():
+        assert sqnr_db(m(x), gm(x)) > 25
