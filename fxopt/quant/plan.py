@@ -4,7 +4,9 @@
 
 1. :func:`find_layers`: the quantizable layers (``nn.Conv2d`` / ``nn.Linear`` calls and the
    fused ``conv2d_act`` / ``linear_act`` ops, grouped and depthwise convolutions included).
-2. :func:`make_plan` for a chosen set of layers: which values are int8. A quantized layer's
+2. :func:`make_plan` for a chosen set of layers: which values are int8, and each layer's
+   bias on its int32 accumulator grid (``x_scale * w_scale``: what int8 kernels add, ONNX
+   Runtime's QLinearConv included; ``fxopt.quant.qparams.on_accumulator_grid``). A quantized layer's
    output is int8; max pooling, flatten/reshape, windowed average pooling (DenseNet's
    transitions) and nearest-neighbour upsampling (FPN and U-Net decoders, YOLO necks) of an
    int8 value stay int8 on its grid; adaptive average pooling (the global pool before a
@@ -32,7 +34,7 @@ so plans for different layer sets (the sensitivity search) share it.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -44,7 +46,7 @@ from fxopt.ir.graph import get_attr_value, module_path
 from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT
 from fxopt.ops.int8 import AVG_POOL2D_INT8, AVGPOOL_INT8, MAXPOOL_INT8, UPSAMPLE_NEAREST2D_INT8
 from fxopt.ops.schema import OpSchema, OpView
-from fxopt.quant.qparams import QParams
+from fxopt.quant.qparams import QParams, on_accumulator_grid
 
 __all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
            "QuantizableFused", "SAME_GRID", "SameGridRole", "same_grid_role",
@@ -411,4 +413,8 @@ def make_plan(gm: fx.GraphModule, layers: list[Layer], grids: dict,
             roles[n] = "mul"
         elif _is_cat(n) and all(a in roles for a in n.args[0]) and n in grids:
             roles[n] = "cat"
-    return Plan(by_node, roles, grids, {l.node: weights[l.node] for l in layers})
+    plan = Plan(by_node, roles, grids, {l.node: weights[l.node] for l in layers})
+    # each int8 layer adds its bias on its accumulator's int32 grid, as the kernels do
+    plan.layers = {n: l if l.bias is None else replace(l, bias=on_accumulator_grid(
+        l.bias, plan.grid(l.x).scale, plan.weights[n].scale)) for n, l in by_node.items()}
+    return plan
