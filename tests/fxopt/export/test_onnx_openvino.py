@@ -68,9 +68,6 @@ def test_small_int8_cnn_qdq_file_runs_in_openvino(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the export's ORT check: " + (
-    "ONNX Runtime runs fxopt's QDQ export of a bias-corrected int8 resnet18 several output "
-    "steps from fxopt's graph (exact with bias_correction=False); cause not found yet"))
 def test_resnet18_int8_qdq_file_runs_in_openvino(tmp_path):
     torch.manual_seed(0)
     _openvino_within_one_step(torchvision.models.resnet18(num_classes=10).eval(), (3, 32, 32),
