@@ -5,9 +5,9 @@
 1. :func:`find_layers`: the quantizable layers (``nn.Conv2d`` / ``nn.Linear`` calls and the
    fused ``conv2d_act`` / ``linear_act`` ops, grouped and depthwise convolutions included).
 2. :func:`make_plan` for a chosen set of layers: which values are int8, and each layer's
-   bias on its int32 accumulator grid (``x_scale * w_scale``: what int8 kernels add, ONNX
-   Runtime's QLinearConv included; ``fxopt.quant.qparams.on_accumulator_grid``). A quantized layer's
-   output is int8; max pooling, flatten/reshape, windowed average pooling (DenseNet's
+   bias on its int32 accumulator grid (``x_scale * w_scale``, what int8 kernels add, ONNX
+   Runtime's QLinearConv included: ``fxopt.quant.qparams.on_accumulator_grid``). A quantized
+   layer's output is int8; max pooling, flatten/reshape, windowed average pooling (DenseNet's
    transitions) and nearest-neighbour upsampling (FPN and U-Net decoders, YOLO necks) of an
    int8 value stay int8 on its grid; adaptive average pooling (the global pool before a
    classifier) of an int8 value is int8 on its own observed grid (an ``own_grid`` row: the
