@@ -49,8 +49,8 @@ from fxopt.ops.schema import OpSchema, OpView
 from fxopt.quant.qparams import QParams, on_accumulator_grid
 
 __all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
-           "QuantizableFused", "SAME_GRID", "SameGridRole", "same_grid_role",
-           "avg_pool2d_args", "maxpool_args", "upsample_nearest_args"]
+           "with_accumulator_biases", "QuantizableFused", "SAME_GRID", "SameGridRole",
+           "same_grid_role", "avg_pool2d_args", "maxpool_args", "upsample_nearest_args"]
 
 PRE = "pre"  # grids key ("pre", node): a residual layer's output before the add
 
@@ -413,8 +413,13 @@ def make_plan(gm: fx.GraphModule, layers: list[Layer], grids: dict,
             roles[n] = "mul"
         elif _is_cat(n) and all(a in roles for a in n.args[0]) and n in grids:
             roles[n] = "cat"
-    plan = Plan(by_node, roles, grids, {l.node: weights[l.node] for l in layers})
-    # each int8 layer adds its bias on its accumulator's int32 grid, as the kernels do
+    return with_accumulator_biases(Plan(by_node, roles, grids,
+                                        {l.node: weights[l.node] for l in layers}))
+
+
+def with_accumulator_biases(plan: Plan) -> Plan:
+    """``plan`` with each layer's bias on its accumulator's int32 grid (input scale times
+    weight scale), as int8 kernels add it (``on_accumulator_grid``)."""
     plan.layers = {n: l if l.bias is None else replace(l, bias=on_accumulator_grid(
-        l.bias, plan.grid(l.x).scale, plan.weights[n].scale)) for n, l in by_node.items()}
+        l.bias, plan.grid(l.x).scale, plan.weights[n].scale)) for n, l in plan.layers.items()}
     return plan
