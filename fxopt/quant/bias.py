@@ -13,7 +13,9 @@ calibration batches, with the float model's input ``x`` of the layer::
 grid, weights on their per-channel grid), so the correction covers the weights' rounding and
 the input grid's clipping. The corrected bias is the layer's bias in the plan
 (``Layer.bias``), which both the simulation and the rewrite read: the IR and its reference
-agree on it by construction. A layer without a bias gets one.
+agree on it by construction. A layer without a bias gets one. ``make_plan`` then rounds every
+int8 layer's bias onto its int32 accumulator grid (``on_accumulator_grid``), as int8 kernels
+add it: a corrected bias is arbitrary in float, and ONNX Runtime rounded it there itself.
 
     >>> corrections = bias_corrections(gm, layers, grids, weights, batches)
     >>> layers = with_corrected_bias(layers, corrections)

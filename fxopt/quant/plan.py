@@ -4,8 +4,10 @@
 
 1. :func:`find_layers`: the quantizable layers (``nn.Conv2d`` / ``nn.Linear`` calls and the
    fused ``conv2d_act`` / ``linear_act`` ops, grouped and depthwise convolutions included).
-2. :func:`make_plan` for a chosen set of layers: which values are int8. A quantized layer's
-   output is int8; max pooling, flatten/reshape, windowed average pooling (DenseNet's
+2. :func:`make_plan` for a chosen set of layers: which values are int8, and each layer's
+   bias on its int32 accumulator grid (``x_scale * w_scale``, what int8 kernels add, ONNX
+   Runtime's QLinearConv included: ``fxopt.quant.qparams.on_accumulator_grid``). A quantized
+   layer's output is int8; max pooling, flatten/reshape, windowed average pooling (DenseNet's
    transitions) and nearest-neighbour upsampling (FPN and U-Net decoders, YOLO necks) of an
    int8 value stay int8 on its grid; adaptive average pooling (the global pool before a
    classifier) of an int8 value is int8 on its own observed grid (an ``own_grid`` row: the
@@ -32,7 +34,7 @@ so plans for different layer sets (the sensitivity search) share it.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -45,11 +47,11 @@ from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT
 from fxopt.ops.int8 import AVG_POOL2D_INT8, AVGPOOL_INT8, MAXPOOL_INT8, UPSAMPLE_NEAREST2D_INT8
 from fxopt.ops.schema import OpSchema, OpView
 from fxopt.quant.observers import signed_zero_point_zero
-from fxopt.quant.qparams import QParams, qparams_from_range
+from fxopt.quant.qparams import QParams, on_accumulator_grid, qparams_from_range
 
 __all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
-           "QuantizableFused", "SAME_GRID", "SameGridRole", "same_grid_role",
-           "avg_pool2d_args", "maxpool_args", "upsample_nearest_args"]
+           "with_accumulator_biases", "QuantizableFused", "SAME_GRID", "SameGridRole",
+           "same_grid_role", "avg_pool2d_args", "maxpool_args", "upsample_nearest_args"]
 
 PRE = "pre"  # grids key ("pre", node): a residual layer's output before the add
 
@@ -425,7 +427,7 @@ def make_plan(gm: fx.GraphModule, layers: list[Layer], grids: dict,
     for n, role in roles.items():  # an own-grid op writes codes of its input's dtype
         if role in SAME_GRID and SAME_GRID[role].own_grid:
             plan.grids[n] = _signed_like(plan.grids[n], plan.grid(n.args[0]))
-    return plan
+    return with_accumulator_biases(plan)
 
 
 def _signed_like(grid: QParams, like: QParams) -> QParams:
@@ -438,3 +440,11 @@ def _signed_like(grid: QParams, like: QParams) -> QParams:
     if like.symmetric:
         return qparams_from_range(lo, hi, dtype=torch.int8, symmetric=True)
     return signed_zero_point_zero(max(-lo, hi))
+
+
+def with_accumulator_biases(plan: Plan) -> Plan:
+    """``plan`` with each layer's bias on its accumulator's int32 grid (input scale times
+    weight scale), as int8 kernels add it (``on_accumulator_grid``)."""
+    plan.layers = {n: l if l.bias is None else replace(l, bias=on_accumulator_grid(
+        l.bias, plan.grid(l.x).scale, plan.weights[n].scale)) for n, l in plan.layers.items()}
+    return plan

@@ -35,7 +35,7 @@ import torch
 
 from fxopt.errors import InputError
 
-__all__ = ["QParams", "qparams_from_range", "quant_range", "DEFAULT_EPS"]
+__all__ = ["QParams", "qparams_from_range", "quant_range", "on_accumulator_grid", "DEFAULT_EPS"]
 
 # Smallest scale allowed (torch.ao's choice): an all-zero tensor still gets a usable grid.
 DEFAULT_EPS = float(torch.finfo(torch.float32).eps)
@@ -145,6 +145,20 @@ class QParams:
         else:
             body = f"{self.scale.numel()} channels"
         return f"QParams({kind} {sym} {self.dtype} [{self.qmin}, {self.qmax}], {body})"
+
+
+def on_accumulator_grid(bias: torch.Tensor, x_scale: torch.Tensor,
+                        w_scale: torch.Tensor) -> torch.Tensor:
+    """``bias`` (one value per output channel) rounded onto the int32 grid of the layer's
+    accumulator, ``x_scale * w_scale[c]`` (float32, as the epilogue multiplies them): what
+    every int8 kernel adds. ONNX Runtime's QLinearConv / QGemm (the QDQ export's float bias
+    becomes ``round(bias / (x_scale * w_scale))``, saturated to int32) and fbgemm quantize a
+    float bias this way; a bias already on the grid passes through them unchanged, so the
+    int8 IR, its lowerings and the exported file add the same bias. The change is at most half
+    an accumulator step per channel (far below one output step)."""
+    step = (x_scale.float() * w_scale.float()).reshape(-1)
+    codes = torch.round(bias.float() / step).clamp_(-2.0 ** 31, 2.0 ** 31 - 1)
+    return (codes * step).to(bias.dtype)
 
 
 def qparams_from_range(min_val, max_val, *, dtype: torch.dtype = torch.int8,

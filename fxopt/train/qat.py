@@ -57,7 +57,8 @@ from fxopt.quant.calibrate import calibrate, calibration_inputs, uncalibrated
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import outputs
 from fxopt.quant.observers import PerChannelMinMaxObserver
-from fxopt.quant.plan import PRE, Layer, Plan, find_layers, make_plan
+from fxopt.quant.plan import (PRE, Layer, Plan, find_layers, make_plan,
+                              with_accumulator_biases)
 from fxopt.quant.qparams import QParams
 from fxopt.quant.select import fallback, has_cpu_kernel, select_layers
 from fxopt.quant.simulate import SimulatedInt8, Simulator, fake_quant
@@ -162,7 +163,8 @@ class QATModel(nn.Module):
         return self.simulated()(*args)
 
     def current_plan(self) -> Plan:
-        """The plan with the current weights and biases (and their weight grids)."""
+        """The plan with the current weights and biases (and their weight grids; the biases on
+        their accumulator grids, as ``make_plan`` puts them)."""
         layers, weights = {}, {}
         for n, layer in self.plan.layers.items():
             w_path, b_path = self._paths[n]
@@ -170,7 +172,7 @@ class QATModel(nn.Module):
             b = None if b_path is None else get_attr_value(self.graph_module, b_path).detach()
             layers[n] = replace(layer, weight=w, bias=b)
             weights[n] = weight_qparams(w).to(w.device)
-        return Plan(layers, self.plan.roles, self.plan.grids, weights)
+        return with_accumulator_biases(Plan(layers, self.plan.roles, self.plan.grids, weights))
 
     def simulated(self) -> SimulatedInt8:
         """``SimulatedInt8`` for the current weights (what eval mode runs)."""

@@ -48,18 +48,10 @@ def _optimized(engine, quant):
     return _CACHE[key]
 
 
-ORT_BIAS_CORRECTION = (
-    "ONNX Runtime runs fxopt's QDQ export of a bias-corrected int8 resnet18 3-6 output steps "
-    "from fxopt's graph (exact with QuantConfig(bias_correction=False), 2026-12-06); the "
-    "export check refuses it with a typed error; cause not found yet")
-
-
 @pytest.mark.parametrize("quant", [False, pytest.param(True, marks=pytest.mark.slow)],
                          ids=["float", "int8"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_engine_module_equals_its_graph_at_two_batches(engine, quant, request):
-    if engine == "onnxruntime" and quant:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ORT_BIAS_CORRECTION))
+def test_engine_module_equals_its_graph_at_two_batches(engine, quant):
     model, opt = _optimized(engine, quant)
     assert opt.target == engine and opt.engine is not None
     info = opt.report.engine

@@ -2,10 +2,19 @@
 wrote for an int8 module, compiled for the CPU (float32 inference precision), run at batch 1
 and 8 from the one file (its batch is dynamic), within one output int8 step of fxopt's module.
 
-A ResNet-18 is not within one step: OpenVINO rounds some codes the other way at each layer
-(its FakeQuantize arithmetic), 1.5-6 output steps at the end (measured 2026-12-06), with the
-same error against the float model as fxopt's own int8. Its test asserts that allowance
+A ResNet-18 is not within one step: OpenVINO rounds codes near a rounding tie its own way
+(its FakeQuantize arithmetic: the first code it differs on, with that layer's input codes
+equal to fxopt's, is an exact 117.4999974 that fxopt and ONNX Runtime round to 117 and
+OpenVINO to 118), and the untrained ResNet-18 amplifies each flip: 4-8 output steps at the end
+(8 batches, 2026-12-06), with the same error against the float model as fxopt's own int8
+(0.82-1.01 times it). Its test asserts that allowance
 (``fxopt.export.engines.INT8_ACCURACY_SLACK``) and the one step on the small CNN.
+
+ONNX Runtime (the export's own check) ran this ResNet-18 4-7 output steps off fxopt's graph
+until the int8 layers added their bias on the int32 accumulator grid as its QLinearConv does
+(``test_qdq_bias.py``); now it runs it code for code on 6 of 8 batches, and 2-3 steps off
+on the other two, from the same kind of near-tie flip (a value within 2e-6 of a tie,
+fxopt's float32 epilogue against ORT's requantization), amplified.
 """
 import pytest
 import torch
@@ -68,9 +77,6 @@ def test_small_int8_cnn_qdq_file_runs_in_openvino(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the export's ORT check: " + (
-    "ONNX Runtime runs fxopt's QDQ export of a bias-corrected int8 resnet18 several output "
-    "steps from fxopt's graph (exact with bias_correction=False); cause not found yet"))
 def test_resnet18_int8_qdq_file_runs_in_openvino(tmp_path):
     torch.manual_seed(0)
     _openvino_within_one_step(torchvision.models.resnet18(num_classes=10).eval(), (3, 32, 32),
