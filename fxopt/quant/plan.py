@@ -309,12 +309,31 @@ same_grid_role(
     or (n.op == "call_method" and n.target in ("flatten", "reshape", "view")),
     count="")
 
+# Calls that move values without changing them (the same call on the codes keeps the grid):
+# ShuffleNet's channel shuffle (view, transpose, contiguous, view) and its chunk into two
+# branches. A split's tuple is int8 only when every reader takes one piece (``operator.getitem``);
+# ``fxopt.export.qdq_state.CODE_MOVES`` is the exporter's table of the same calls.
+_MOVES = (torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem)
+_MOVE_METHODS = ("contiguous", "transpose", "permute", "squeeze", "unsqueeze")
+_SPLITS = (torch.chunk, torch.split, torch.unbind)
+_SPLIT_METHODS = ("chunk", "split", "unbind")
+
+
+def _moves_values(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if _function(n, *_MOVES) or (n.op == "call_method" and n.target in _MOVE_METHODS):
+        return True
+    split = _function(n, *_SPLITS) or (n.op == "call_method" and n.target in _SPLIT_METHODS)
+    return split and bool(n.users) and all(_function(u, operator.getitem) for u in n.users)
+
+
+same_grid_role("move", _moves_values, count="")
+
 
 def pass_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
     """The :data:`SAME_GRID` role of ``n`` (``"maxpool"``, ``"avgpool"`` (adaptive),
-    ``"avg_pool2d"``, ``"identity"``, ``"flatten"``, ...): ``n`` maps its first argument onto
-    the same grid (max pooling and reshapes exactly; average pooling with one rounding); None
-    otherwise."""
+    ``"avg_pool2d"``, ``"identity"``, ``"flatten"``, ``"move"``, ...): ``n`` maps its first
+    argument onto the same grid (max pooling, reshapes and moves exactly; average pooling with
+    one rounding); None otherwise."""
     if not n.args or not isinstance(n.args[0], fx.Node):
         return None
     return next((r.name for r in SAME_GRID.values() if r.match(gm, n)), None)
