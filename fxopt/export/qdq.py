@@ -100,8 +100,15 @@ def _kept(gm: fx.GraphModule, state: QDQState, sources: list[fx.Node]) -> list[s
     their meaning on codes is unknown, so they are exported as they are."""
     alive = set(gm.graph.nodes)
     return [f"{n.name} ({n.target})" for n in sources
-            if n in alive and not moves_codes(n)
+            if n in alive and not moves_codes(n) and not _reads_shape(n)
             and any(state.grid_of(x) is not None for x in n.all_input_nodes)]
+
+
+def _reads_shape(n: fx.Node) -> bool:
+    """``codes.size()``, ``codes.dim()``, ``codes.shape``: the codes have the value's shape
+    (ShuffleNet's channel shuffle reads it)."""
+    return (n.op == "call_method" and n.target in ("size", "dim")) or \
+        (n.op == "call_function" and n.target is getattr and n.args[1:] == ("shape",))
 
 
 def qdq_rewrite(gm: fx.GraphModule) -> QDQRewrite:

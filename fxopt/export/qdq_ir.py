@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from fxopt.export.onnx_ops import (aten_dynamic_grid, dequantize_linear,
                                    dynamic_quantize_linear, quantize_linear)
 from fxopt.infra.rewrite import Builder, Match, Rule, op_rule
-from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, AvgPool2dWindowInt8, CatInt8, Conv2dInt8,
-                            Dequantize, Int8Layer, LinearInt8, MaxPool2dInt8, MulInt8,
-                            Quantize, UpsampleNearest2dInt8)
+from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, AvgPool2dWindowInt8, BatchNorm2dInt8,
+                            CatInt8, Conv2dInt8, Dequantize, Int8Layer, LinearInt8, MaxPool2dInt8,
+                            MulInt8, Quantize, UpsampleNearest2dInt8)
 from fxopt.ops.int8_dynamic import LinearInt8Dynamic
 from fxopt.ops.schema import OpView, view_of
 
@@ -131,6 +131,18 @@ def _upsample_nearest(m: Match, b: Builder) -> fx.Node:
                       dict(size=v.output_size, scale_factor=v.scale_factors, mode="nearest"))
 
 
+def _batch_norm(m: Match, b: Builder) -> fx.Node:
+    """``Q(act(BatchNormalization(DQ(q))))`` onto its own grid (ONNX's eval BatchNormalization
+    is PyTorch's)."""
+    v, st = view_of(m.root), m.context
+    p = [None if t is None else st.const(("bn", m.root.name, k), st.value(t), f"bn_{k}")
+         for k, t in (("mean", v.mean), ("var", v.var), ("weight", v.weight), ("bias", v.bias))]
+    y = b.call_function(F.batch_norm, (st.float_in(b, v.q, st.ir_grid(v.x_scale, v.x_zp)), *p,
+                                       False, 0.0, float(v.eps)))
+    y = st.activation(b, y, v.act, v.act_args)
+    return st.q(b, y, st.ir_grid(v.y_scale, v.y_zp, v.y_qmin, v.y_qmax))
+
+
 def _dynamic_linear(m: Match, b: Builder) -> fx.Node:
     v, st = LinearInt8Dynamic.of(m.root), m.context
     if v.reduce_range:  # 7-bit codes: ATen's grid in the graph, then a fixed-range Q/DQ
@@ -163,5 +175,6 @@ IR_RULES: tuple[Rule, ...] = (
     ir_row(AvgPool2dWindowInt8, _avg_pool2d),
     ir_row(MaxPool2dInt8, _max_pool, _max_pool_on_codes),
     ir_row(UpsampleNearest2dInt8, _upsample_nearest),
+    ir_row(BatchNorm2dInt8, _batch_norm),
     ir_row(LinearInt8Dynamic, _dynamic_linear),
 )

@@ -39,11 +39,13 @@ from fxopt.ir.graph import get_attr_value
 __all__ = ["Grid", "QDQState", "CODE_MOVES", "CODE_MOVE_METHODS", "moves_codes"]
 
 # Ops that move codes without changing them: their output holds codes on their input's grid.
+# (``chunk`` / ``split``: a tuple of pieces, each read by a getitem; ShuffleNet's branches)
 CODE_MOVES = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                         torch.permute, torch.transpose, operator.getitem,
-                        torch.Tensor.contiguous})
+                        torch.Tensor.contiguous, torch.chunk, torch.split, torch.unbind})
 CODE_MOVE_METHODS = frozenset({"flatten", "reshape", "view", "contiguous", "squeeze",
-                               "unsqueeze", "permute", "transpose", "clone", "detach"})
+                               "unsqueeze", "permute", "transpose", "clone", "detach", "chunk",
+                               "split", "unbind"})
 
 
 def moves_codes(node: fx.Node) -> bool:

@@ -8,7 +8,7 @@ emits for PT2E models) with their fused post-ops (relu, relu6 as hardtanh, hards
 GELU, ...) and a residual add as oneDNN's ``sum`` post-op; ``engine="fbgemm"`` runs
 PyTorch's quantized fbgemm kernel instead, packed once per weight and run on a view of the
 codes (faster on small layers: measured in ``bench/int8_plain.py``). The ops between the layers
-(``cpu_quantize`` ... ``cpu_upsample_nearest2d_int8``, below) are the IR's, run on PyTorch's
+(``cpu_quantize`` ... ``cpu_batch_norm2d_int8``, below) are the IR's, run on PyTorch's
 quantized kernels through views of the codes::
 
     y = torch.ops.fxopt.onednn_conv2d_int8(q, w_q, w_scale, b, [1, 1], [1, 1], [1, 1], 1,
@@ -36,21 +36,22 @@ import torch.nn.functional as F
 
 from fxopt.ir.activations import ACTIVATIONS, apply_activation
 from fxopt.ops import onednn
-from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, CAT_INT8, DEQUANTIZE,
-                            MAXPOOL_INT8, MUL_INT8, QUANTIZE, UPSAMPLE_NEAREST2D_INT8,
+from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2D_INT8, CAT_INT8,
+                            DEQUANTIZE, MAXPOOL_INT8, MUL_INT8, QUANTIZE, UPSAMPLE_NEAREST2D_INT8,
                             adaptive_avg_pool2d_int8_reference, add_int8_reference,
-                            avg_pool2d_int8_reference, cat_int8_reference, conv2d_int8_reference,
+                            avg_pool2d_int8_reference, batch_norm2d_int8_reference,
+                            cat_int8_reference, conv2d_int8_reference,
                             dequantize_reference, linear_int8_reference,
                             max_pool2d_int8_reference, mul_int8_reference, quantize_reference,
                             upsample_nearest2d_int8_reference)
 from fxopt.ops.schema import define_op, weight_macs
-from fxopt.ops.shapes import conv_out_shape, to_format
+from fxopt.ops.shapes import conv_out_shape, out_format, to_format
 
 __all__ = ["ONEDNN_CONV2D_INT8", "ONEDNN_LINEAR_INT8", "OnednnConv2dInt8", "OnednnLinearInt8",
            "as_quantized", "codes_of", "quantized_nearest_alike", "CPU_OF", "CPU_QUANTIZE",
            "CPU_DEQUANTIZE", "CPU_ADD_INT8", "CPU_MUL_INT8", "CPU_CAT_INT8",
            "CPU_ADAPTIVE_AVG_POOL2D_INT8", "CPU_AVG_POOL2D_INT8", "CPU_MAX_POOL2D_INT8",
-           "CPU_UPSAMPLE_NEAREST2D_INT8"]
+           "CPU_UPSAMPLE_NEAREST2D_INT8", "CPU_BATCH_NORM2D_INT8"]
 
 
 def _grid(scale: float, zp: int, device):
@@ -347,6 +348,22 @@ def _upsample_nearest_cpu(q, output_size, scale_factors, scale, zp, qmin, qmax):
                                   scale_factor=scale_factors, mode="nearest"))
 
 
+def _batch_norm_cpu(q, weight, bias, mean, var, eps, x_scale, x_zp, y_scale, y_zp, *,
+                    act="none", act_args=(), y_qmin=0, y_qmax=255):
+    """``quantized::batch_norm2d(_relu)`` (torch.ao's kernel for DenseNet's BN-ReLU): the
+    per-channel factors ``weight / sqrt(var + eps) * x_scale / y_scale`` on the centered codes,
+    one rounding. It writes channels-last: a contiguous input's result is copied back."""
+    if act not in ("none", "relu") or q.dim() != 4 or not _quint8(q, grid=(y_qmin, y_qmax)):
+        return batch_norm2d_int8_reference(q, weight, bias, mean, var, eps, x_scale, x_zp,
+                                           y_scale, y_zp, act=act, act_args=act_args,
+                                           y_qmin=y_qmin, y_qmax=y_qmax)
+    fn = torch.ops.quantized.batch_norm2d_relu if act == "relu" else \
+        torch.ops.quantized.batch_norm2d
+    y = codes_of(fn(as_quantized(q, _f(x_scale), int(x_zp)), weight, bias, mean, var,
+                    float(eps), _f(y_scale), int(y_zp)))
+    return to_format(y, out_format(q))
+
+
 def _on_quantized_kernels(ir, fast):
     """``cpu_<ir op>``: the IR op's signature, reference and fake; ``fast`` on the CPU."""
     return define_op("cpu_" + ir.signature, family="cpu", quantized=True,
@@ -363,9 +380,11 @@ CPU_AVG_POOL2D_INT8 = _on_quantized_kernels(AVG_POOL2D_INT8, _avg_pool2d_cpu)
 CPU_MAX_POOL2D_INT8 = _on_quantized_kernels(MAXPOOL_INT8, _max_pool_cpu)
 CPU_UPSAMPLE_NEAREST2D_INT8 = _on_quantized_kernels(UPSAMPLE_NEAREST2D_INT8,
                                                     _upsample_nearest_cpu)
+CPU_BATCH_NORM2D_INT8 = _on_quantized_kernels(BATCH_NORM2D_INT8, _batch_norm_cpu)
 # the IR op -> the op that runs it on plain codes on the CPU (same arguments)
 CPU_OF = {ir.overload: op for ir, op in (
     (QUANTIZE, CPU_QUANTIZE), (DEQUANTIZE, CPU_DEQUANTIZE), (ADD_INT8, CPU_ADD_INT8),
     (MUL_INT8, CPU_MUL_INT8), (CAT_INT8, CPU_CAT_INT8),
     (AVGPOOL_INT8, CPU_ADAPTIVE_AVG_POOL2D_INT8), (AVG_POOL2D_INT8, CPU_AVG_POOL2D_INT8),
-    (MAXPOOL_INT8, CPU_MAX_POOL2D_INT8), (UPSAMPLE_NEAREST2D_INT8, CPU_UPSAMPLE_NEAREST2D_INT8))}
+    (MAXPOOL_INT8, CPU_MAX_POOL2D_INT8), (UPSAMPLE_NEAREST2D_INT8, CPU_UPSAMPLE_NEAREST2D_INT8),
+    (BATCH_NORM2D_INT8, CPU_BATCH_NORM2D_INT8))}

@@ -15,6 +15,8 @@ at ``fxopt.dequantize``; in between no float tensor is materialized.
     u  = torch.ops.fxopt.upsample_nearest2d_int8(t, None, [2.0, 2.0], s_m, zp_m, 0, 255)  # FPN
     p  = torch.ops.fxopt.adaptive_avg_pool2d_int8(z, [1, 1], s_z, zp_z, 0, 255,
                                                   y_scale=s_p, y_zp=zp_p)  # its own grid
+    n  = torch.ops.fxopt.batch_norm2d_int8(c, w, b, mean, var, 1e-5, s_c, zp_c, s_n, zp_n,
+                                           act="relu")    # DenseNet's BN-ReLU after a concat
     out = torch.ops.fxopt.dequantize(p, s_p, zp_p)                        # codes -> float32
 
 ``conv2d_int8`` / ``linear_int8`` take float input (quantized inside on ``x``'s grid) or codes,
@@ -26,7 +28,10 @@ flatten/reshape keep the grid (flatten runs on the codes unchanged), as does nea
 upsampling (``upsample_nearest2d_int8``: a gather of codes); windowed average pooling
 (``avg_pool2d_int8``) rounds back onto it; adaptive (global) average pooling
 (``adaptive_avg_pool2d_int8``) rounds onto the output grid it is given (``y_scale`` /
-``y_zp``; ``quantize_int8`` gives it its own observed grid), else onto its input's. Every op
+``y_zp``; ``quantize_int8`` gives it its own observed grid), else onto its input's. An eval
+BatchNorm that no convolution absorbs (DenseNet's after each concat: a ReLU and a convolution
+follow, so its affine cannot move into the convolution's weights) is ``batch_norm2d_int8``: a
+per-channel requantization of the codes onto its own grid, the ReLU its clamp. Every op
 here has one implementation, the exact reference, on CPU and CUDA; speed comes from the
 lowering passes (``lower_int8_cpu`` to PyTorch's quantized x86 kernels, ``lower_to_triton`` on
 CUDA). That keeps the IR the single source of truth that the checks, the ONNX QDQ export
@@ -48,10 +53,11 @@ __all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference
            "dequantize_reference", "add_int8_reference", "mul_int8_reference",
            "adaptive_avg_pool2d_int8_reference", "avg_pool2d_int8_reference",
            "cat_int8_reference", "max_pool2d_int8_reference", "upsample_nearest2d_int8_reference",
-           "codes_dtype", "is_codes",
+           "batch_norm2d_int8_reference", "codes_dtype", "is_codes",
            "INT8_IR_OPS", "CONV2D_INT8", "LINEAR_INT8", "QUANTIZE", "DEQUANTIZE", "ADD_INT8",
            "MUL_INT8", "CAT_INT8", "AVGPOOL_INT8", "AVG_POOL2D_INT8", "MAXPOOL_INT8",
-           "UPSAMPLE_NEAREST2D_INT8", "UpsampleNearest2dInt8",
+           "UPSAMPLE_NEAREST2D_INT8", "UpsampleNearest2dInt8", "BATCH_NORM2D_INT8",
+           "BatchNorm2dInt8",
            "Conv2dInt8", "LinearInt8", "Int8Layer", "Quantize", "Dequantize", "AddInt8", "MulInt8",
            "BinaryInt8", "CatInt8", "AvgPool2dInt8", "AvgPool2dWindowInt8", "MaxPool2dInt8"]
 
@@ -277,6 +283,17 @@ def upsample_nearest2d_int8_reference(q, output_size, scale_factors, scale, zp, 
     return to_format(y, out_format(q))
 
 
+def batch_norm2d_int8_reference(q, weight, bias, mean, var, eps, x_scale, x_zp, y_scale, y_zp, *,
+                                act="none", act_args=(), y_qmin=0, y_qmax=255) -> torch.Tensor:
+    """Eval BatchNorm (a per-channel affine), then ``act``, of codes onto the ``y`` grid: the
+    float op on the values (``F.batch_norm``, the simulation's arithmetic), requantized once.
+    PyTorch's ``quantized::batch_norm2d(_relu)`` folds the two grids into its per-channel
+    factors and lands on the same codes (within one, at a tie; ``fxopt.ops.cpu``)."""
+    y = F.batch_norm(_values(q, x_scale, x_zp), mean, var, weight, bias, False, 0.0, eps)
+    y = apply_activation(y, act, act_args)
+    return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
+
+
 def cat_int8_reference(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax) -> torch.Tensor:
     y = torch.cat([_values(q, s, z) for q, s, z in zip(qs, scales, zps)], dim)
     return quantize_reference(y, y_scale, y_zp, y_qmin, y_qmax)
@@ -339,6 +356,11 @@ def _upsample_nearest2d_fake(q, output_size, scale_factors, scale, zp, qmin, qma
     return torch.empty(shape, dtype=q.dtype, device=q.device, memory_format=out_format(q))
 
 
+def _batch_norm2d_int8_fake(q, weight, bias, mean, var, eps, x_scale, x_zp, y_scale, y_zp, *,
+                            act="none", act_args=(), y_qmin=0, y_qmax=255):
+    return torch.empty_like(q, dtype=codes_dtype(y_qmin))
+
+
 def _cat_int8_fake(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax):
     return torch.cat([torch.empty_like(q, dtype=codes_dtype(y_qmin)) for q in qs], dim)
 
@@ -391,6 +413,11 @@ CAT_INT8 = define_op(
     "cat_int8(Tensor[] qs, Tensor[] scales, Tensor[] zps, int dim, Tensor y_scale, Tensor y_zp, "
     "int y_qmin, int y_qmax) -> Tensor",
     family="int8", reference=cat_int8_reference, fake=_cat_int8_fake)
+BATCH_NORM2D_INT8 = define_op(
+    "batch_norm2d_int8(Tensor q, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
+    "float eps, Tensor x_scale, Tensor x_zp, Tensor y_scale, Tensor y_zp, *, str act='none', "
+    "float[] act_args=[], int y_qmin=0, int y_qmax=255) -> Tensor",
+    family="int8", reference=batch_norm2d_int8_reference, fake=_batch_norm2d_int8_fake)
 
 Conv2dInt8 = CONV2D_INT8.view
 LinearInt8 = LINEAR_INT8.view
@@ -403,6 +430,7 @@ AvgPool2dWindowInt8 = AVG_POOL2D_INT8.view  # avg_pool2d_int8
 MaxPool2dInt8 = MAXPOOL_INT8.view
 UpsampleNearest2dInt8 = UPSAMPLE_NEAREST2D_INT8.view
 CatInt8 = CAT_INT8.view
+BatchNorm2dInt8 = BATCH_NORM2D_INT8.view
 
 
 class Int8Layer(OpView):
@@ -421,4 +449,5 @@ class BinaryInt8(OpView):
 
 INT8_IR_OPS = tuple(op.overload for op in (CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE,
                                            ADD_INT8, MUL_INT8, AVGPOOL_INT8, AVG_POOL2D_INT8,
-                                           CAT_INT8, MAXPOOL_INT8, UPSAMPLE_NEAREST2D_INT8))
+                                           CAT_INT8, MAXPOOL_INT8, UPSAMPLE_NEAREST2D_INT8,
+                                           BATCH_NORM2D_INT8))

@@ -14,8 +14,11 @@
    average of a wide, sparse activation spans a small part of its input's range, and on the
    input's grid most pooled codes equal the zero point: 13.3 dB SQNR on such a CNN, 32.8 dB
    on its own grid, ``tests/fxopt/quant/test_int8_accuracy.py``); an add of two int8 values,
-   a product of two int8 values (broadcasting: a squeeze-excitation gate ``x * gate``), or a
-   concatenation of int8 values, is int8 on its own observed grid. A layer with a fused
+   a product of two int8 values (broadcasting: a squeeze-excitation gate ``x * gate``), a
+   concatenation of int8 values, or an eval BatchNorm of an int8 value (one no convolution
+   absorbed: DenseNet's after each concat), is int8 on its own observed grid; a ReLU that is
+   such a BatchNorm's only reader is its clamp (the pair on the ReLU's grid, PyTorch's
+   ``batch_norm2d_relu``). A layer with a fused
    residual (``act(conv(x) + r)``) is split: the convolution writes int8 on a grid of its own
    (the *pre-add* value), then an int8 add with the activation, as PyTorch's quantized kernels
    and ONNX QDQ want it. A float value read by a quantized op is
@@ -50,8 +53,9 @@ from fxopt.quant.observers import signed_zero_point_zero
 from fxopt.quant.qparams import QParams, on_accumulator_grid, qparams_from_range
 
 __all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
-           "with_accumulator_biases", "QuantizableFused", "SAME_GRID", "SameGridRole",
-           "same_grid_role", "avg_pool2d_args", "maxpool_args", "upsample_nearest_args"]
+           "with_accumulator_biases", "batch_norm_of", "fused_relu",
+           "QuantizableFused", "SAME_GRID", "SameGridRole", "same_grid_role",
+           "avg_pool2d_args", "maxpool_args", "upsample_nearest_args"]
 
 PRE = "pre"  # grids key ("pre", node): a residual layer's output before the add
 
@@ -312,12 +316,31 @@ same_grid_role(
     or (n.op == "call_method" and n.target in ("flatten", "reshape", "view")),
     count="")
 
+# Calls that move values without changing them (the same call on the codes keeps the grid):
+# ShuffleNet's channel shuffle (view, transpose, contiguous, view) and its chunk into two
+# branches. A split's tuple is int8 only when every reader takes one piece (``operator.getitem``);
+# ``fxopt.export.qdq_state.CODE_MOVES`` is the exporter's table of the same calls.
+_MOVES = (torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem)
+_MOVE_METHODS = ("contiguous", "transpose", "permute", "squeeze", "unsqueeze")
+_SPLITS = (torch.chunk, torch.split, torch.unbind)
+_SPLIT_METHODS = ("chunk", "split", "unbind")
+
+
+def _moves_values(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if _function(n, *_MOVES) or (n.op == "call_method" and n.target in _MOVE_METHODS):
+        return True
+    split = _function(n, *_SPLITS) or (n.op == "call_method" and n.target in _SPLIT_METHODS)
+    return split and bool(n.users) and all(_function(u, operator.getitem) for u in n.users)
+
+
+same_grid_role("move", _moves_values, count="")
+
 
 def pass_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
     """The :data:`SAME_GRID` role of ``n`` (``"maxpool"``, ``"avgpool"`` (adaptive),
-    ``"avg_pool2d"``, ``"identity"``, ``"flatten"``, ...): ``n`` maps its first argument onto
-    the same grid (max pooling and reshapes exactly; average pooling with one rounding); None
-    otherwise."""
+    ``"avg_pool2d"``, ``"identity"``, ``"flatten"``, ``"move"``, ...): ``n`` maps its first
+    argument onto the same grid (max pooling, reshapes and moves exactly; average pooling with
+    one rounding); None otherwise."""
     if not n.args or not isinstance(n.args[0], fx.Node):
         return None
     return next((r.name for r in SAME_GRID.values() if r.match(gm, n)), None)
@@ -363,12 +386,32 @@ def _empty(n: fx.Node) -> bool:
     return any(isinstance(d, int) and d == 0 for d in getattr(tm, "shape", ()))
 
 
+def batch_norm_of(gm: fx.GraphModule, n: fx.Node) -> nn.BatchNorm2d | None:
+    """The ``nn.BatchNorm2d`` an eval-mode call ``n`` runs on running statistics (a per-channel
+    affine of a 4-D value: ``batch_norm2d_int8``), else None."""
+    m = _module(gm, n, nn.BatchNorm2d)
+    if m is None or m.training or m.running_mean is None or not _is_4d(n.args[0]):
+        return None
+    return m
+
+
+def fused_relu(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+    """The ReLU that is the only reader of the BatchNorm call ``n`` (``F.relu``, capture's
+    canonical form): it runs as the BatchNorm's clamp, on its grid."""
+    if len(n.users) != 1:
+        return None
+    (u,) = n.users
+    if _function(u, F.relu) and len(u.args) == 1 and set(u.kwargs) <= {"inplace"}:
+        return u
+    return None
+
+
 def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
     """The value keys a calibration must observe for any plan over ``layers``: every layer's
     input, residual and output, every residual layer's pre-add value, every add, mul and
-    cat, and every op of an ``own_grid`` row (adaptive average pooling). Empty values (a
-    static 0 in the shape) are left out: they hold no range, and an op that reads one stays
-    float."""
+    cat, every BatchNorm no convolution absorbed (or the ReLU after it), and every op of an
+    ``own_grid`` row (adaptive average pooling). Empty values (a static 0 in the shape) are
+    left out: they hold no range, and an op that reads one stays float."""
     keys, pre = set(), set()
     for l in layers:
         keys.update([l.node, l.x])
@@ -380,6 +423,8 @@ def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
             keys.update([n, *n.args])
         elif _is_cat(n):
             keys.update([n, *n.args[0]])
+        elif batch_norm_of(gm, n) is not None:
+            keys.update([n.args[0], fused_relu(gm, n) or n])
         elif (row := SAME_GRID.get(pass_kind(gm, n))) is not None and row.own_grid:
             keys.add(n)
     return {k for k in keys if not _empty(k)}, {n for n in pre if not _empty(n)}
@@ -388,7 +433,8 @@ def observed_values(gm: fx.GraphModule, layers: list[Layer]) -> tuple[set, set]:
 @dataclass
 class Plan:
     """``roles``: original node -> its int8 role (``layer``, a :data:`SAME_GRID` row's name,
-    ``add``, ``mul``, ``cat``); ``grid(node)`` its grid."""
+    ``add``, ``mul``, ``cat``, ``batch_norm``; ``bn_relu``: a BatchNorm's ReLU, its codes the
+    BatchNorm's, both on the ReLU's grid); ``grid(node)`` its grid."""
 
     layers: dict[fx.Node, Layer]
     roles: dict[fx.Node, str]
@@ -399,7 +445,14 @@ class Plan:
         while isinstance(key, fx.Node) and self.roles.get(key) in SAME_GRID \
                 and not SAME_GRID[self.roles[key]].own_grid:
             key = key.args[0]
+        if isinstance(key, fx.Node) and self.roles.get(key) == "batch_norm" \
+                and (relu := self.bn_relu(key)) is not None:
+            key = relu  # the pair writes the ReLU's grid
         return self.grids[key]
+
+    def bn_relu(self, bn: fx.Node) -> fx.Node | None:
+        """The ReLU fused into the int8 BatchNorm ``bn`` (its ``bn_relu`` reader), else None."""
+        return next((u for u in bn.users if self.roles.get(u) == "bn_relu"), None)
 
     def is_int8(self, node) -> bool:
         return node in self.roles
@@ -423,6 +476,11 @@ def make_plan(gm: fx.GraphModule, layers: list[Layer], grids: dict,
             roles[n] = "mul"
         elif _is_cat(n) and all(a in roles for a in n.args[0]) and n in grids:
             roles[n] = "cat"
+        elif batch_norm_of(gm, n) is not None and n.args[0] in roles \
+                and (fused_relu(gm, n) or n) in grids:
+            roles[n] = "batch_norm"
+            if (relu := fused_relu(gm, n)) is not None:
+                roles[relu] = "bn_relu"
     plan = Plan(by_node, roles, dict(grids), {l.node: weights[l.node] for l in layers})
     for n, role in roles.items():  # an own-grid op writes codes of its input's dtype
         if role in SAME_GRID and SAME_GRID[role].own_grid:

@@ -35,6 +35,10 @@ __all__ = ["fake_quant", "Simulator", "SimulatedInt8", "simulated_copy"]
 
 
 def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """``x`` fake-quantized on ``qp``; a tuple (an int8 value's ``chunk`` / ``split``)
+    piecewise."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(fake_quant(t, qp) for t in x)
     return torch.fake_quantize_per_tensor_affine(x, float(qp.scale), int(qp.zero_point),
                                                  qp.qmin, qp.qmax)
 

@@ -25,7 +25,8 @@ tries the rows in order at each op and rewrites it with the first whose ``fits``
     cat_int8, adaptive_avg_                                           quantized kernel on a view of
     pool2d_int8, avg_pool2d_                                          the codes (no copy), plain
     int8, max_pool2d_int8,                                            codes out
-    upsample_nearest2d_int8
+    upsample_nearest2d_int8,
+    batch_norm2d_int8 (relu)
 
 Which epilogues the kernels take comes from the activation table (``onednn_int8`` and
 ``quantized_cpu``, read by ``fxopt.ops.onednn.int8_post_op``); a case no row takes (a float
@@ -62,9 +63,10 @@ from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ir.graph import get_attr_value, module_path, tensor_meta
 from fxopt.ops import onednn
 from fxopt.ops.cpu import CPU_OF, ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8, quantized_nearest_alike
-from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, CAT_INT8, CONV2D_INT8,
-                            DEQUANTIZE, INT8_IR_OPS, LINEAR_INT8, MAXPOOL_INT8, MUL_INT8, QUANTIZE,
-                            UPSAMPLE_NEAREST2D_INT8, BinaryInt8, Int8Layer, UpsampleNearest2dInt8)
+from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2D_INT8, CAT_INT8,
+                            CONV2D_INT8, DEQUANTIZE, INT8_IR_OPS, LINEAR_INT8, MAXPOOL_INT8,
+                            MUL_INT8, QUANTIZE, UPSAMPLE_NEAREST2D_INT8, BatchNorm2dInt8,
+                            BinaryInt8, Int8Layer, UpsampleNearest2dInt8)
 from fxopt.ops.schema import schema_of, view_of
 from fxopt.passes.lower.lockstep import LockstepReference
 from fxopt.quant.config import QuantConfig
@@ -175,6 +177,13 @@ def _binary_fits(m: Match) -> bool:
     v = BinaryInt8.of(m.root)
     if ACTIVATIONS[v.act].quantized_cpu != "fused":
         return _reject(m, f"no int8 {v.name} kernel with activation {v.act}")
+    return _uint8(m, v.y_qmin, v.y_qmax)
+
+
+def _batch_norm_fits(m: Match) -> bool:
+    v = BatchNorm2dInt8.of(m.root)
+    if v.act not in ("none", "relu"):
+        return _reject(m, f"no int8 batch_norm2d kernel with activation {v.act}")
     return _uint8(m, v.y_qmin, v.y_qmax)
 
 
@@ -303,6 +312,7 @@ ROWS = (
     Row("max_pool2d_int8", MAXPOOL_INT8, _same_call, None, "pool"),
     Row("upsample_nearest2d_int8", UPSAMPLE_NEAREST2D_INT8, _same_call, _upsample_fits,
         "upsample"),
+    Row("batch_norm2d_int8", BATCH_NORM2D_INT8, _same_call, _batch_norm_fits, "batch_norm"),
 )
 RULES = [r.rule() for r in ROWS]
 

@@ -5,7 +5,8 @@ graph as the int8 IR of ``fxopt.ops.int8``.
 ``conv2d_int8`` / ``linear_int8`` writing codes (a residual layer: the conv on its pre-add grid,
 then ``add_int8`` with the activation); max pooling, average pooling (``avg_pool2d_int8``,
 ``adaptive_avg_pool2d_int8``, the latter onto its own grid), flatten, adds, products
-(``mul_int8``) and cats of int8 values become their int8 forms; the first int8 reader of a
+(``mul_int8``), cats and BatchNorms (``batch_norm2d_int8``, a ReLU after it its ``act``) of int8
+values become their int8 forms; the first int8 reader of a
 float value gets a ``quantize``; every float reader of an int8 value gets one ``dequantize`` (an
 exit), which the pass returns to size its tolerance (``fxopt.quant.measure.output_step``); a
 reader of its shape only reads the codes. Every call is written through the op schema, its
@@ -17,8 +18,8 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.graph import add_buffer, copy_meta, module_path, tensor_meta_of
-from fxopt.ops.int8 import (ADD_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8, MUL_INT8,
-                            QUANTIZE)
+from fxopt.ops.int8 import (ADD_INT8, BATCH_NORM2D_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE,
+                            LINEAR_INT8, MUL_INT8, QUANTIZE)
 from fxopt.quant.plan import PRE, SAME_GRID, Plan
 from fxopt.quant.qparams import QParams
 
@@ -39,6 +40,7 @@ class Writer:
         self.attrs: dict = {}
         # a counter per role, the same-grid rows' own (``SameGridRole.count``) included
         self.counts = {"conv2d": 0, "linear": 0, "add": 0, "mul": 0, "cat": 0, "pool": 0,
+                       "batch_norm": 0,
                        **{r.count: 0 for r in SAME_GRID.values() if r.count},
                        "quantize": 0, "dequantize": 0}
 
@@ -121,11 +123,27 @@ class Writer:
         self.counts["add"] += 1
         return add
 
+    def batch_norm(self, n: fx.Node) -> fx.Node:
+        """An eval BatchNorm of an int8 value: ``batch_norm2d_int8`` onto its grid (the ReLU's
+        when one is fused: ``act="relu"``), the module's statistics and affine as buffers."""
+        bn, base = self.gm.get_submodule(n.target), _base(n)
+        x, xs, xz, _ = self.input_codes(n.args[0], n)
+        ys, yz, qp = self.grid_attrs(n, base)
+        p = {k: None if getattr(bn, k) is None else
+             self.attr(f"{base}_{k}_", getattr(bn, k).detach().float().clone())
+             for k in ("weight", "bias", "running_mean", "running_var")}
+        with self.g.inserting_before(n):
+            return BATCH_NORM2D_INT8.emit(
+                self.g, q=x, weight=p["weight"], bias=p["bias"], mean=p["running_mean"],
+                var=p["running_var"], eps=float(bn.eps), x_scale=xs, x_zp=xz, y_scale=ys,
+                y_zp=yz, act="none" if self.plan.bn_relu(n) is None else "relu",
+                y_qmin=qp.qmin, y_qmax=qp.qmax)
+
     def other(self, n: fx.Node, role: str) -> fx.Node:
         src = n.args[0]
         row = SAME_GRID.get(role)
-        if row is not None and row.passthrough:
-            return self.codes[src]
+        if (row is not None and row.passthrough) or role == "bn_relu":
+            return self.codes[src]  # a BatchNorm's ReLU: its clamp, in the BatchNorm's codes
         if row is not None and row.op is None:  # a reshape: the same call on the codes
             with self.g.inserting_before(n):
                 new = self.g.create_node(n.op, n.target, (self.codes[src], *n.args[1:]),
@@ -140,6 +158,8 @@ class Writer:
                 values.update(y_scale=ys, y_zp=yz)
             with self.g.inserting_before(n):
                 new = row.op.emit(self.g, q=self.codes[src], **values)
+        elif role == "batch_norm":
+            new = self.batch_norm(n)
         elif role in ("add", "mul"):
             a, as_, az, _ = self.input_codes(n.args[0], n)
             b, bs, bz, _ = self.input_codes(n.args[1], n)

@@ -11,9 +11,9 @@ import torch
 from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ops import onednn
 from fxopt.ops.cpu import (CPU_ADAPTIVE_AVG_POOL2D_INT8, CPU_ADD_INT8, CPU_AVG_POOL2D_INT8,
-                           CPU_CAT_INT8, CPU_DEQUANTIZE, CPU_MAX_POOL2D_INT8, CPU_MUL_INT8, CPU_OF,
-                           CPU_QUANTIZE, CPU_UPSAMPLE_NEAREST2D_INT8, ONEDNN_CONV2D_INT8,
-                           ONEDNN_LINEAR_INT8)
+                           CPU_BATCH_NORM2D_INT8, CPU_CAT_INT8, CPU_DEQUANTIZE,
+                           CPU_MAX_POOL2D_INT8, CPU_MUL_INT8, CPU_OF, CPU_QUANTIZE,
+                           CPU_UPSAMPLE_NEAREST2D_INT8, ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8)
 from fxopt.ops.schema import OPS
 
 pytestmark = pytest.mark.skipif(not onednn.onednn_int8_available(),
@@ -191,6 +191,9 @@ TWINS = {  # op -> (args, kwargs): a case of each on uint8 codes
     CPU_AVG_POOL2D_INT8: ((_X, [2, 2], [2, 2], [0, 0], False, True, S, Z, 0, 255), {}),
     CPU_MAX_POOL2D_INT8: ((_X, [3, 3], [2, 2], [1, 1], [1, 1], False), {}),
     CPU_UPSAMPLE_NEAREST2D_INT8: ((_X, None, [2.0, 2.0], S, Z, 0, 255), {}),
+    CPU_BATCH_NORM2D_INT8: ((_X, torch.rand(8) + 0.5, torch.randn(8), torch.randn(8),
+                             torch.rand(8) + 0.5, 1e-5, S, Z, SY, _t(0, torch.int64)),
+                            {"act": "relu"}),
 }
 
 

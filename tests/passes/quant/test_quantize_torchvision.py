@@ -42,3 +42,22 @@ def test_int8_simulated_reference(name):
     with torch.no_grad():
         out, ref = opt(x2), m(x2)
     assert out.shape == ref.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name,bn,exits", [("densenet121", 62, 1),
+                                           ("shufflenet_v2_x1_0", 0, 2)])
+def test_densenet_and_shufflenet_stay_int8_between_layers(name, bn, exits):
+    """DenseNet's BatchNorm-ReLU after each concat runs as ``batch_norm2d_int8`` and
+    ShuffleNet's channel shuffles and chunks move codes: one quantize at the input, a dequantize
+    at the output (and, in ShuffleNet, before its ``x.mean([2, 3])``), nothing float between."""
+    m = randomized_bn_model(name)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, SIZE, SIZE, generator=g)
+    cal = [torch.randn(2, 3, SIZE, SIZE, generator=g) for _ in range(2)]
+    opt = fxopt.optimize(m, x, quantize="int8", calibration_data=cal, target="cpu")
+    q, low = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
+    assert q.stats.get("batch_norm", 0) == bn and q.stats["dequantize"] == exits, q.stats
+    assert q.stats["quantize"] == exits and low.stats["fallback"] == 0, low.notes
+    assert low.stats.get("batch_norm", 0) == bn
+    assert not any(n.op == "call_module" for n in opt.graph_module.graph.nodes)
+    assert 25 < q.stats["sqnr_db"] < 60, q.stats

@@ -72,7 +72,7 @@ class Branches(nn.Module):
     def forward(self, x):
         a, b = self.a(x), self.b(x)
         s = a + b                         # add of two int8 values
-        c = torch.cat([a, self.c(s)[:, :4]], 1)  # the slice is a float op: c is float
+        c = torch.cat([a, torch.tanh(self.c(s)[:, :4])], 1)  # tanh is float: c is float
         k = torch.cat([a, b], 1)          # cat of int8 values
         return self.d(k), torch.sin(s), c
 
@@ -125,7 +125,8 @@ def test_golden_add_cat_and_float_consumers():
     assert len(fcat) == 1 and fcat[0].args[0][0].target is DQ
     sin = next(n for n in gm.graph.nodes if n.target is torch.sin)
     assert sin.args[0].target is DQ and sin.args[0].args[0] is add
-    # exits: a (float cat), s (sin), c(s) (slice), d (output): one dequantize each
+    # exits: a (float cat), s (sin), c(s)[:, :4] (the slice moves codes; tanh reads it), d
+    # (output): one dequantize each
     assert count(gm, DQ) == 4
     assert sum(1 for n in gm.graph.nodes if n.target is operator.add) == 0
 
