@@ -222,3 +222,34 @@ def test_save_and_load_keep_the_graph(tmp_path):
     assert loaded.engine is None  # the graph; optimize again to run on the engine
     with torch.no_grad():
         assert torch.equal(loaded(x), opt.graph_module(x))
+
+
+@pytest.mark.skipif("openvino" not in installed_engines(), reason="openvino is not installed")
+def test_openvino_int8_grids_and_bias_correction_suit_openvino():
+    """On OpenVINO: zero point 0 on every activation grid (its kernels then need no
+    compensation step), and no new bias on a Linear that had none (a separate add there);
+    the conv's and the biased Linear's biases are corrected."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.a, self.b = nn.Linear(8, 16, bias=False), nn.Linear(16, 4)
+
+        def forward(self, x):
+            y = nn.functional.silu(self.conv(x)).permute(0, 2, 3, 1)
+            return self.b(nn.functional.gelu(self.a(y)))
+
+    model = Net().eval()
+    cal = [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    opt = fxopt.optimize(model, cal[0], target="openvino", quantize="int8", calibration_data=cal)
+    rec = opt.report.record("quantize_int8")
+    assert rec.stats["bias_corrected"] == 2  # conv and b, not a
+    assert any("not bias-corrected" in n for n in rec.notes)
+    gm = opt.graph_module
+    zps = [getattr(gm, n.target) for n in gm.graph.nodes
+           if n.op == "get_attr" and ("zp" in n.target or "zero_point" in n.target)]
+    assert zps and all(int(z.abs().max()) == 0 for z in zps)
+    cpu = fxopt.optimize(model, cal[0], quantize="int8", calibration_data=cal)
+    assert cpu.report.record("quantize_int8").stats["bias_corrected"] == 3
