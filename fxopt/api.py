@@ -305,9 +305,11 @@ def _float_model(model: nn.Module) -> nn.Module:
 
 
 def _optimize_best(model: nn.Module, example_inputs: Any, options: dict) -> OptimizedModule:
-    """``target="best"``: fxopt's cpu path and each installed engine (one pipeline run serves
-    all engines), timed on the example inputs; the fastest, with the timings in its report. An
-    engine that cannot take the model is left out with a note."""
+    """``target="best"``: fxopt's cpu path and each installed engine, timed on the example
+    inputs; the fastest, with the timings in its report. An engine that cannot take the model
+    is left out with a note. One pipeline run serves all engines, except with ``quantize``: the
+    int8 plan depends on the target (zero-point-0 grids on OpenVINO), so each engine gets its
+    own."""
     inputs = clone_inputs(normalize_inputs(example_inputs))
     data = options["calibration_data"]
     if data is not None and iter(data) is data:  # an iterator: read once, used by each run
@@ -321,8 +323,9 @@ def _optimize_best(model: nn.Module, example_inputs: Any, options: dict) -> Opti
         notes.append(f"target='best': cpu left out: {e.message}")
     for name in installed_engines():
         try:
-            if shared is None:
-                found[name] = shared = optimize(model, example_inputs, target=name, **options)
+            if shared is None or options["quantize"] is not None:
+                found[name] = optimize(model, example_inputs, target=name, **options)
+                shared = shared or found[name]
                 continue
             check_engine_options(name, options["precision"], options["quantize"])
             engine = deploy(shared.graph_module, inputs, name, precision=options["precision"],
