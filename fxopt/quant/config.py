@@ -10,7 +10,7 @@ HistogramObserver aims for; on the digits ResNet 34.95 dB SQNR against 34.20 dB 
 ``"minmax"``). ``activation_symmetric``: ``False``, asymmetric uint8 (what PyTorch's x86 kernels
 and ONNX Runtime take best); ``True``, symmetric int8 everywhere (runs on the reference path);
 ``"auto"``, zero point 0 on every grid, uint8 where the calibration data is non-negative and
-symmetric int8 elsewhere (OpenVINO's scheme: its kernels take no zero-point compensation then);
+int8 elsewhere (OpenVINO's scheme: its kernels take no zero-point compensation then);
 ``None`` (the default), ``"auto"`` for ``target="openvino"`` and ``False`` elsewhere. Weights: one
 symmetric int8 grid per output channel (``weight_observer="per_channel_minmax"``, the only one).
 ``mode``: ``"static"`` (calibrated activation grids; needs ``calibration_data``) or

@@ -468,13 +468,14 @@ def make_observer(name: str, **kw) -> Observer:
 
 class ZeroPointZeroObserver:
     """``QuantConfig(activation_symmetric="auto")``: a grid with zero point 0 for every value,
-    unsigned (uint8 ``[0, 255]``) where the calibration data never went below 0, else symmetric
-    int8 (``[-127, 127]``). The scheme of OpenVINO's int8 pipeline (NNCF's default preset): its
-    kernels take a zero point of 0 as is, while a non-zero one costs a compensation step (an
-    extra subtract per fully connected layer or gate multiply: ~15% of convnext_tiny's int8
-    latency on OpenVINO, measured 2026-12-06). Two observers of the chosen kind (``name``) watch
-    the same batches; ``qparams`` keeps the unsigned one's grid when the data was non-negative
-    (its zero point is then 0), else the signed one's."""
+    unsigned (uint8 ``[0, 255]``) where the calibration data never went below 0, else int8
+    (``[-128, 127]``, :func:`signed_zero_point_zero`). The scheme of OpenVINO's int8 pipeline
+    (NNCF's default preset): its kernels take a zero point of 0 as is, while a non-zero one
+    costs a compensation step (an extra subtract per fully connected layer or gate multiply:
+    ~15% of convnext_tiny's int8 latency on OpenVINO, measured 2026-12-06). Two observers of
+    the chosen kind (``name``) watch the same batches; ``qparams`` keeps the unsigned one's
+    grid when the data was non-negative (its zero point is then 0), else the signed one's
+    clipping range on :func:`signed_zero_point_zero`'s grid."""
 
     def __init__(self, name: str, *, label: str | None = None, reduce_range: bool = False,
                  **kw):
@@ -502,6 +503,9 @@ class ZeroPointZeroObserver:
         lo, hi = self.signed.range()  # the symmetric clipping range the observer chose
         return signed_zero_point_zero(max(-lo, hi))
 
+    def __repr__(self) -> str:
+        return f"ZeroPointZeroObserver(label={self.label!r}, batches={self.batches})"
+
 
 def signed_zero_point_zero(amax: float) -> QParams:
     """int8 codes ``[-128, 127]`` with zero point 0 and ``scale = amax / 127``: the signed
@@ -511,6 +515,3 @@ def signed_zero_point_zero(amax: float) -> QParams:
     efficientnet_b0's int8 latency)."""
     scale = torch.tensor(max(float(amax), DEFAULT_EPS) / 127.0, dtype=torch.float32)
     return QParams(scale, torch.zeros((), dtype=torch.int64), -128, 127, torch.int8)
-
-    def __repr__(self) -> str:
-        return f"ZeroPointZeroObserver(label={self.label!r}, batches={self.batches})"
