@@ -84,7 +84,14 @@ def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
 
         model = torchvision.models.get_model(name[3:], weights=None).eval()
         fixed = any(k in name for k in ("vit_", "swin", "maxvit"))
-        return model, torch.randn(1, 3, 224, 224) if fixed else torch.randn(1, 3, 64, 64)
+        x = torch.randn(1, 3, 224, 224) if fixed else torch.randn(1, 3, 64, 64)
+        try:
+            with torch.no_grad():
+                model(x)
+        except Exception:  # noqa: BLE001 - too small (inception_v3): its weights' crop size
+            crop = torchvision.models.get_model_weights(name[3:]).DEFAULT.transforms().crop_size
+            x = torch.randn(1, 3, *(list(crop) * 2 if len(crop) == 1 else crop))
+        return model, x
     import timm
 
     model = timm.create_model(name, pretrained=False).eval()
