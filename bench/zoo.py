@@ -364,14 +364,17 @@ def main(argv=None) -> int:
         table.finish(left)
         sys.exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for name in todo:
-        rows = (_run_isolated(name, modes, args.timeout, args.mem_limit_gb) if args.isolate
-                else list(_run_here(name, modes)))
-        for row in rows:
-            table.add(row)
-        left.remove(name)
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for name in todo:
+            rows = (_run_isolated(name, modes, args.timeout, args.mem_limit_gb) if args.isolate
+                    else list(_run_here(name, modes)))
+            for row in rows:
+                table.add(row)
+            left.remove(name)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
     table.finish(left)
     return 0
 
