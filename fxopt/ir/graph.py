@@ -37,6 +37,7 @@ __all__ = [
 # Attributes of a tensor that say nothing about its values: a reader of only these sees the same
 # thing from any tensor of the same shape, dtype and device (``_assert(x.ndim == 4)``).
 SHAPE_ATTRIBUTES = frozenset({"ndim", "shape", "dtype", "device", "is_cuda", "layout"})
+_AS_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})  # the shape of their argument
 _SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "get_device", "is_floating_point",
                             "is_complex", "numel"})
 
@@ -57,13 +58,15 @@ def tensor_meta(node: Any):
 
 def is_shape_read(user: fx.Node, tensor: fx.Node) -> bool:
     """True when ``user`` reads only the shape, rank, dtype or device of ``tensor``
-    (``getattr(x, "ndim")``, ``x.shape``, ``x.size(1)``, ``x.dim()``), never its values: it
-    reads the same from any tensor with the same ``tensor_meta``."""
+    (``getattr(x, "ndim")``, ``x.shape``, ``x.size(1)``, ``x.dim()``, ``y.reshape_as(x)``),
+    never its values: it reads the same from any tensor with the same ``tensor_meta``."""
     if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
         return user.args[0] is tensor and user.args[1] in SHAPE_ATTRIBUTES
     if user.op == "call_method" and user.target in _SHAPE_METHODS and user.args:
         rest = list(user.args[1:]) + list(user.kwargs.values())
         return user.args[0] is tensor and not any(isinstance(a, fx.Node) for a in rest)
+    if user.op == "call_method" and user.target in _AS_METHODS and len(user.args) == 2:
+        return user.args[1] is tensor and user.args[0] is not tensor  # y.reshape_as(tensor)
     return False
 
 

@@ -11,7 +11,11 @@ output only: BatchNorm1d on [N, L, C] normalizes L, not the features), or a
 ``torch.conv1d/2d/3d`` / ``F.linear`` call whose weight and bias are graph constants (rules
 ``fn_layer_*``: the call is kept, on new folded constants), followed by a
 ``BatchNorm1d/2d/3d``/``SyncBatchNorm`` module or by ``F.batch_norm`` whose statistics and
-affine parameters are graph constants. Stride, dilation, groups, padding and padding mode stay
+affine parameters are graph constants. A flatten between a ``Linear`` and its BN (LeViT's
+``LinearNorm``: ``bn(linear(x).flatten(0, 1)).reshape_as(...)``; rules ``*_flat_*``) is kept,
+on the folded output, when it leaves a 2-D ``[M, C]`` whose ``C`` is the linear's features:
+flatten keeps the memory order, so the BN's channel ``c`` is feature ``c``.
+Stride, dilation, groups, padding and padding mode stay
 as they were (the folded layer is a copy of the old one with new weight and bias); BN without
 affine parameters folds with gamma = 1, beta = 0.
 
@@ -49,8 +53,8 @@ import torch.nn.functional as F
 
 from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
-from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module
-from fxopt.ir.graph import add_buffer, get_attr_value, is_shape_read, tensor_meta
+from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module, op
+from fxopt.ir.graph import add_buffer, copy_meta, get_attr_value, is_shape_read, tensor_meta
 
 __all__ = ["fold_bn", "RULES", "fold_weights", "LAYER_TYPES", "BN_TYPES"]
 
@@ -65,6 +69,7 @@ _bn_module = module("bn", *BN_TYPES)
 # timm's computed weights once folded): folded into new constants
 _layer_fn = call("layer", torch.conv1d, torch.conv2d, torch.conv3d, F.linear)
 _bn_function = call("bn", F.batch_norm)
+_flat = op("flat", torch.flatten, "flatten", nn.Flatten)
 _BN_SIGNATURE = inspect.signature(F.batch_norm)
 
 
@@ -192,16 +197,26 @@ def _check(m: Match) -> bool:
     else:
         is_linear = isinstance(m.module("layer"), nn.Linear)
     where = layer_node.target if layer_node.op == "call_module" else layer_node.name
-    others = [u.name for u in layer_node.users
-              if u is not bn_node and not is_shape_read(u, layer_node)]
-    if others:
-        return m.reject(f"'{where}' output is also used by {', '.join(others)}: "
-                        f"'{stats.label}' left unfolded (folding would change what they see)")
+    flat = m.nodes.get("flat")
+    for value in (layer_node, flat) if flat is not None else (layer_node,):
+        others = [u.name for u in value.users
+                  if u not in (bn_node, flat) and not is_shape_read(u, value)]
+        if others:
+            return m.reject(f"'{value.name}' output is also used by {', '.join(others)}: "
+                            f"'{stats.label}' left unfolded (folding would change what they "
+                            f"see)")
     tm = tensor_meta(layer_node)
     if tm is None or not tm.dtype.is_floating_point:
         return m.reject(f"'{where}' has no floating-point output metadata: "
                         f"'{stats.label}' left unfolded")
-    if is_linear and len(tm.shape) != 2:
+    if flat is not None:
+        flat_tm = tensor_meta(flat)
+        if not is_linear or flat_tm is None or len(flat_tm.shape) != 2 or \
+                flat_tm.shape[1] != tm.shape[-1]:
+            return m.reject(f"'{stats.label}' after '{where}' and flatten '{flat.name}': only "
+                            f"a Linear flattened to [M, features] folds: left unfolded")
+        tm = flat_tm
+    elif is_linear and len(tm.shape) != 2:
         return m.reject(f"'{stats.label}' after Linear '{where}' on a "
                         f"{len(tm.shape)}-D output normalizes dim 1, not the features: left "
                         f"unfolded")
@@ -258,12 +273,18 @@ def _replace_fn(m: Match, b: Builder) -> fx.Node:
     kwargs = {k: v for k, v in layer_node.kwargs.items() if k != "bias"}
     args = (layer_node.args[0], w_node, b_node) + tuple(layer_node.args[3:])
     new = b.call_function(layer_node.target, args, kwargs, name=f"{layer_node.name}_bn")
-    readers = [u for u in layer_node.users if u is not m.nodes["bn"]]
+    _move_readers(m, new)
+    return new
+
+
+def _move_readers(m: Match, new: fx.Node) -> None:
+    """The layer's shape reads (checked) read the folded output, so it moves up to them."""
+    layer_node = m.nodes["layer"]
+    readers = [u for u in layer_node.users if u not in (m.nodes["bn"], m.nodes.get("flat"))]
     if readers:
         layer_node.append(new)
         for user in readers:
             user.replace_input_with(layer_node, new)
-    return new
 
 
 def _replace(m: Match, b: Builder) -> fx.Node:
@@ -285,12 +306,18 @@ def _replace(m: Match, b: Builder) -> fx.Node:
                f"copy '{target}' for the call '{layer_node.name}' ({extra} more parameters, "
                f"one BN less)")
     new = b.call_module(target, layer_node.args, layer_node.kwargs, name=f"{layer_node.name}_bn")
-    readers = [u for u in layer_node.users if u is not m.nodes["bn"]]
-    if readers:  # shape reads (checked): they read the folded output, so it moves up to them
-        layer_node.append(new)
-        for user in readers:
-            user.replace_input_with(layer_node, new)
+    _move_readers(m, new)
     return new
+
+
+def _replace_flat(m: Match, b: Builder) -> fx.Node:
+    """Linear, flatten, BN: the folded linear, then the same flatten on its output."""
+    layer_node, flat = m.nodes["layer"], m.nodes["flat"]
+    new_layer = copy_meta(_replace(m, b), layer_node)
+    args = (new_layer,) + tuple(flat.args[1:])
+    make = {"call_function": b.call_function, "call_method": b.call_method,
+            "call_module": b.call_module}[flat.op]
+    return make(flat.target, args, flat.kwargs)
 
 
 RULES = [
@@ -301,6 +328,14 @@ RULES = [
          allow_external_users=True),
     Rule("fn_layer_batch_norm", lambda x: _bn_function(_layer_fn(x)), _replace, _check,
          allow_external_users=True),
+    Rule("layer_flat_bn", lambda x: _bn_module(_flat(_layer(x))), _replace_flat, _check,
+         allow_external_users=True),
+    Rule("layer_flat_batch_norm", lambda x: _bn_function(_flat(_layer(x))), _replace_flat,
+         _check, allow_external_users=True),
+    Rule("fn_layer_flat_bn", lambda x: _bn_module(_flat(_layer_fn(x))), _replace_flat, _check,
+         allow_external_users=True),
+    Rule("fn_layer_flat_batch_norm", lambda x: _bn_function(_flat(_layer_fn(x))), _replace_flat,
+         _check, allow_external_users=True),
 ]
 
 

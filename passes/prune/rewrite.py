@@ -316,13 +316,17 @@ def masked_reference(gm: fx.GraphModule, analysis: ChannelAnalysis, removed) -> 
     def keep_vector(lay):
         return ~analysis.removed_mask(lay.vec, removed)
 
-    # 1. LayerNorms over the channels: statistics over the kept channels
+    # 1. LayerNorms over the channels: statistics over the kept channels. Their inputs' names
+    # are read first: a LayerNorm of a LayerNorm reads a replaced node, whose new name may not
+    # be the old one (fx keeps an erased node's name taken: ``_rename`` then gives ``ln_1``).
+    src_names = {name: by_name[name].args[0].name for name in analysis.norm_nodes
+                 if name in by_name}
     for name, dim in analysis.norm_nodes.items():
         node = by_name.get(name)
         if node is None:
             continue
         src = node.args[0]
-        lay = analysis.layouts.get(src.name)
+        lay = analysis.layouts.get(src_names[name])
         if lay is None or lay.free:
             continue
         keep = keep_vector(lay)

@@ -463,3 +463,27 @@ def test_importance_registry_validation(smallest_first):
     finally:
         from fxopt.prune.importance import IMPORTANCE
         del IMPORTANCE["bad"]
+
+
+class LayerNormOfLayerNorm(nn.Module):
+    """A residual stream through two LayerNorms in a row (timm Swin: PatchEmbed's norm, then the
+    block's norm1), the stream pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.fc, self.out = nn.Linear(3, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+        self.ln, self.ln2 = nn.LayerNorm(16), nn.LayerNorm(16)
+
+    def forward(self, x):
+        y = self.ln(self.lin(x))
+        return self.out(y + self.fc(self.ln2(y)))
+
+
+def test_layer_norm_of_a_layer_norm_equals_masked_model():
+    """Failed on main (NumericMismatchError, rel err 0.15; swin_tiny prune in the zoo sweep): the
+    masked reference looked the second LayerNorm's input up by the name of the first one's
+    replacement, which fx had renamed, and so left it unmasked."""
+    model, x = zoo.randomize(LayerNormOfLayerNorm()), torch.randn(2, 4, 4, 3)
+    gm, out, rec = run(model, x)
+    assert rec.status == "ok" and rec.rel_err is not None and rec.rel_err <= rec.tolerance
+    assert rec.stats["pruned"] >= 1 and out.get_submodule("ln2").normalized_shape[0] < 16
