@@ -136,10 +136,13 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if cfg.bias_correction:  # before the fallback, so that it judges the corrected layers
         corrections = bias_corrections(gm, layers, grids, weights, batches)
         if ctx.target == "openvino":
-            # OpenVINO drops an add of zeros but does not fuse a Linear's bias into its int8
-            # FullyConnected (one more eltwise a layer): a bias where there was none cost
-            # convnext_tiny 50.4 vs 43.4 ms for 0.25 dB (1 thread, 2026-12-06). Convs fuse it.
+            # OpenVINO drops an add of zeros but does not fuse a bias into its int8
+            # FullyConnected on an input of rank > 2 (one more eltwise a layer): a bias where
+            # there was none cost convnext_tiny 50.4 vs 43.4 ms for 0.25 dB (1 thread,
+            # 2026-12-06). Convs and 2-D Linears (a classifier: its correction is worth dB at
+            # the output) fuse it.
             new_bias = [l for l in layers if l.kind == "linear" and l.node in corrections
+                        and _rank(l.x) not in (None, 2)
                         and (l.bias is None or not bool(l.bias.any()))]
             for l in new_bias:
                 del corrections[l.node]
@@ -241,3 +244,9 @@ def _worst_layers(reference: SimulatedInt8, held: list, held_float: list, cfg: Q
                            held_float[:k])
         known = {l.label: round(sens[l.node], 2) for l in layers}
     return sorted(((l.label, known[l.label]) for l in layers), key=lambda t: t[1])[:n]
+
+
+def _rank(n) -> int | None:
+    """The rank of the value ``n`` from its shape metadata, or None where unknown."""
+    shape = getattr(n.meta.get("tensor_meta"), "shape", None) if isinstance(n, fx.Node) else None
+    return None if shape is None else len(shape)

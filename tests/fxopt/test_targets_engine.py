@@ -245,7 +245,7 @@ def test_openvino_int8_grids_and_bias_correction_suit_openvino():
     cal = [torch.randn(2, 3, 8, 8) for _ in range(4)]
     opt = fxopt.optimize(model, cal[0], target="openvino", quantize="int8", calibration_data=cal)
     rec = opt.report.record("quantize_int8")
-    assert rec.stats["bias_corrected"] == 2  # conv and b, not a
+    assert rec.stats["bias_corrected"] == 2  # conv and b, not a (on a 4-D input)
     assert any("not bias-corrected" in n for n in rec.notes)
     gm = opt.graph_module
     zps = [getattr(gm, n.target) for n in gm.graph.nodes
