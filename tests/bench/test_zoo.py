@@ -19,8 +19,22 @@ def _load():
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, BENCH)
         sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
+        path = list(sys.path)
+        try:
+            spec.loader.exec_module(sys.modules[name])
+        finally:
+            # the script puts bench/ first on sys.path for its own imports; left there, its
+            # kernels.py would shadow the `kernels` package that transformers looks for (the
+            # Hugging Face tests that run after this one failed with an ImportError)
+            sys.path[:] = path
     return sys.modules[name]
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path():
+    path = list(sys.path)
+    yield
+    sys.path[:] = path
 
 
 @pytest.mark.slow
