@@ -220,8 +220,7 @@ class Engine:
         must run: inputs other than tensors, or needing a gradient, or the graph's weights no
         longer the ones the engine was built from (the same module; none written in place or
         replaced: then one warning, the engine is stale; ``fxopt.export.watch``, O(1))."""
-        if kwargs or len(args) != self._n_inputs or not all(
-                isinstance(x, torch.Tensor) and not x.requires_grad for x in args):
+        if not self._takes(args, kwargs):
             return NOT_SERVED
         if graph_module is not self._module or not self._unchanged():
             return self._stale(notes)
@@ -230,13 +229,17 @@ class Engine:
     def serves(self, graph_module: nn.Module, args: tuple, kwargs: dict,
                notes: list | None = None) -> bool:
         """Whether ``serve`` would run the engine for this call (without running it)."""
-        if kwargs or len(args) != self._n_inputs or not all(
-                isinstance(x, torch.Tensor) and not x.requires_grad for x in args):
+        if not self._takes(args, kwargs):
             return False
         if graph_module is self._module and self._unchanged():
             return True
         self._stale(notes)
         return False
+
+    def _takes(self, args: tuple, kwargs: dict) -> bool:
+        """Tensor inputs only, as many as the file has, none needing a gradient."""
+        return not kwargs and len(args) == self._n_inputs and all(
+            isinstance(x, torch.Tensor) and not x.requires_grad for x in args)
 
     def _stale(self, notes: list | None) -> object:
         if not self._warned:

@@ -23,9 +23,10 @@ from fxopt.infra.validate import calibration_batch
 from fxopt.ir.graph import module_path
 from fxopt.ops.schema import schema_of
 from fxopt.quant.config import QuantConfig
-from fxopt.quant.observers import PerChannelMinMaxObserver, ZeroPointZeroObserver, make_observer
+from fxopt.quant.observers import PerChannelMinMaxObserver, make_observer
 from fxopt.quant.plan import PRE, Layer, observed_values
 from fxopt.quant.qparams import QParams
+from fxopt.quant.zero_point import ZeroPointZeroObserver
 
 __all__ = ["calibration_inputs", "calibrate", "Calibrator", "activation_observer", "grid_of",
            "uncalibrated"]

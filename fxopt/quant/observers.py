@@ -36,12 +36,10 @@ import math
 import torch
 
 from fxopt.errors import InputError, PipelineError
-from fxopt.quant.qparams import DEFAULT_EPS, QParams, qparams_from_range, quant_range
+from fxopt.quant.qparams import QParams, qparams_from_range, quant_range
 
 __all__ = [
     "Observer",
-    "ZeroPointZeroObserver",
-    "signed_zero_point_zero",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "PercentileObserver",
@@ -465,53 +463,3 @@ def make_observer(name: str, **kw) -> Observer:
     except TypeError as e:
         raise PipelineError(f"bad option for observer {name!r}: {e}") from None
 
-
-class ZeroPointZeroObserver:
-    """``QuantConfig(activation_symmetric="auto")``: a grid with zero point 0 for every value,
-    unsigned (uint8 ``[0, 255]``) where the calibration data never went below 0, else int8
-    (``[-128, 127]``, :func:`signed_zero_point_zero`). The scheme of OpenVINO's int8 pipeline
-    (NNCF's default preset): its kernels take a zero point of 0 as is, while a non-zero one
-    costs a compensation step (an extra subtract per fully connected layer or gate multiply:
-    ~15% of convnext_tiny's int8 latency on OpenVINO, measured 2026-12-06). Two observers of
-    the chosen kind (``name``) watch the same batches; ``qparams`` keeps the unsigned one's
-    grid when the data was non-negative (its zero point is then 0), else the signed one's
-    clipping range on :func:`signed_zero_point_zero`'s grid."""
-
-    def __init__(self, name: str, *, label: str | None = None, reduce_range: bool = False,
-                 **kw):
-        self.unsigned = make_observer(name, label=label, dtype=torch.uint8,
-                                      reduce_range=reduce_range, **kw)
-        self.signed = make_observer(name, label=label, dtype=torch.int8, symmetric=True,
-                                    reduce_range=reduce_range, **kw)
-        self.label = self.unsigned.label
-
-    def observe(self, x: torch.Tensor) -> torch.Tensor:
-        self.unsigned.observe(x)
-        self.signed.observe(x)
-        return x
-
-    __call__ = observe
-
-    @property
-    def batches(self) -> int:
-        return self.unsigned.batches
-
-    def qparams(self) -> QParams:
-        self.unsigned._require_data()
-        if self.unsigned.min_val >= 0.0:
-            return self.unsigned.qparams()
-        lo, hi = self.signed.range()  # the symmetric clipping range the observer chose
-        return signed_zero_point_zero(max(-lo, hi))
-
-    def __repr__(self) -> str:
-        return f"ZeroPointZeroObserver(label={self.label!r}, batches={self.batches})"
-
-
-def signed_zero_point_zero(amax: float) -> QParams:
-    """int8 codes ``[-128, 127]`` with zero point 0 and ``scale = amax / 127``: the signed
-    grid of ``activation_symmetric="auto"``. The full int8 range, not the restricted
-    ``[-127, 127]`` of a symmetric grid, so that an exported QuantizeLinear needs no Clip before
-    it (a Clip is one more post-op on every OpenVINO convolution writing it: ~5% of
-    efficientnet_b0's int8 latency)."""
-    scale = torch.tensor(max(float(amax), DEFAULT_EPS) / 127.0, dtype=torch.float32)
-    return QParams(scale, torch.zeros((), dtype=torch.int64), -128, 127, torch.int8)

@@ -49,8 +49,8 @@ from fxopt.ir.graph import get_attr_value, module_path
 from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT
 from fxopt.ops.int8 import AVG_POOL2D_INT8, AVGPOOL_INT8, MAXPOOL_INT8, UPSAMPLE_NEAREST2D_INT8
 from fxopt.ops.schema import OpSchema, OpView
-from fxopt.quant.observers import signed_zero_point_zero
-from fxopt.quant.qparams import QParams, on_accumulator_grid, qparams_from_range
+from fxopt.quant.qparams import QParams, on_accumulator_grid
+from fxopt.quant.zero_point import signed_like
 
 __all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
            "with_accumulator_biases", "batch_norm_of", "fused_relu",
@@ -484,20 +484,8 @@ def make_plan(gm: fx.GraphModule, layers: list[Layer], grids: dict,
     plan = Plan(by_node, roles, dict(grids), {l.node: weights[l.node] for l in layers})
     for n, role in roles.items():  # an own-grid op writes codes of its input's dtype
         if role in SAME_GRID and SAME_GRID[role].own_grid:
-            plan.grids[n] = _signed_like(plan.grids[n], plan.grid(n.args[0]))
+            plan.grids[n] = signed_like(plan.grids[n], plan.grid(n.args[0]))
     return with_accumulator_biases(plan)
-
-
-def _signed_like(grid: QParams, like: QParams) -> QParams:
-    """``grid`` on ``like``'s kind of codes (``activation_symmetric="auto"`` picks uint8 or
-    int8 per value: an average of signed codes may have come out non-negative): the same
-    float range on ``like``'s kind of int8 grid when ``like`` is int8, else as it is."""
-    if grid.dtype == like.dtype or like.dtype != torch.int8:
-        return grid
-    lo, hi = (float(t) for t in grid.clip_range())
-    if like.symmetric:
-        return qparams_from_range(lo, hi, dtype=torch.int8, symmetric=True)
-    return signed_zero_point_zero(max(-lo, hi))
 
 
 def with_accumulator_biases(plan: Plan) -> Plan:

@@ -52,7 +52,7 @@ import torch.fx as fx
 from fxopt.errors import InputError
 from fxopt.infra.preconditions import EVAL_MODE, Precondition
 from fxopt.infra.registry import PassContext, PassResult, register_pass
-from fxopt.ir.graph import remove_unused_attributes
+from fxopt.ir.graph import remove_unused_attributes, tensor_meta
 from fxopt.passes.quant.addmm import addmm_as_linear
 from fxopt.passes.quant.attention import decompose_attention
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
@@ -248,5 +248,5 @@ def _worst_layers(reference: SimulatedInt8, held: list, held_float: list, cfg: Q
 
 def _rank(n) -> int | None:
     """The rank of the value ``n`` from its shape metadata, or None where unknown."""
-    shape = getattr(n.meta.get("tensor_meta"), "shape", None) if isinstance(n, fx.Node) else None
-    return None if shape is None else len(shape)
+    tm = tensor_meta(n)
+    return None if tm is None else len(tm.shape)

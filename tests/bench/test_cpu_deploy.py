@@ -5,34 +5,19 @@ refuses (an engine target this build lacks) is an ``n/a`` cell, a variant that f
 is an error, and neither ends the run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script  # tests/support
 import torch
 
 pytest.importorskip("torchvision")
 pytest.importorskip("onnxruntime")
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "cpu_deploy.py"
-
 
 def _load():
-    name = "cpu_deploy_under_test"
-    if name not in sys.modules:  # registered first: its dataclasses look their module up
-        spec = importlib.util.spec_from_file_location(name, BENCH)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        path = list(sys.path)
-        try:
-            spec.loader.exec_module(sys.modules[name])
-        finally:
-            # the script puts bench/ first on sys.path for its own imports; left there, its
-            # kernels.py would shadow the `kernels` package that transformers looks for
-            sys.path[:] = path
-    return sys.modules[name]
+    return load_bench_script("cpu_deploy")
 
 
 def _run(tmp_path, variants: str, batch=("1",)) -> tuple[str, dict]:

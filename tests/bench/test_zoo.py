@@ -3,31 +3,16 @@ saying so and the sweep goes on; the file holds the table as rows arrive and ``-
 them and runs only the models without a row."""
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script  # tests/support
 
 pytest.importorskip("torchvision")
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "zoo.py"
-
 
 def _load():
-    name = "zoo_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        path = list(sys.path)
-        try:
-            spec.loader.exec_module(sys.modules[name])
-        finally:
-            # the script puts bench/ first on sys.path for its own imports; left there, its
-            # kernels.py would shadow the `kernels` package that transformers looks for (the
-            # Hugging Face tests that run after this one failed with an ImportError)
-            sys.path[:] = path
-    return sys.modules[name]
+    return load_bench_script("zoo")
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from fxopt.export.onnx import export_onnx
 from fxopt.ops.int8 import INT8_IR_OPS
 from fxopt.ops.schema import view_of
 from fxopt.quant.config import QuantConfig
-from fxopt.quant.observers import ZeroPointZeroObserver, signed_zero_point_zero
+from fxopt.quant.zero_point import ZeroPointZeroObserver, signed_zero_point_zero
 
 
 def test_observer_picks_the_kind_by_the_sign_of_the_data():
