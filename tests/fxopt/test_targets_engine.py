@@ -61,7 +61,7 @@ def test_engine_module_equals_its_graph_at_two_batches(engine, quant):
     if quant:
         assert "lower_int8_cpu" not in opt.report.pipeline  # the engine runs the int8 IR
     g = torch.Generator().manual_seed(5)
-    for batch in (1, 8):
+    for batch in (2, 1, 8, 2):  # the example batch (OpenVINO's static model) and others
         x = torch.randn(batch, 3, 32, 32, generator=g)
         with torch.no_grad():
             got = opt(x.clone())
