@@ -27,9 +27,12 @@ inputs and timed at each batch size:
 
 All int8 variants calibrate on the same images (16 by default, one per batch); SQNR is measured
 on other, held-out images against eager float32. Latency: after warm-up the variants take turns
-call by call (round-robin, so a burst of load on a shared machine hits them alike), up to
-``--reps`` rounds or about ``--budget`` seconds per variant per batch size, and the figure is
-the median. Size: the file each engine deploys from (OpenVINO's ``save_model`` .xml + .bin with
+(round-robin, so a burst of load on a shared machine hits them alike); in its turn a variant is
+called ``--settle`` times untimed (default 1) and then once timed, so every timed call is a
+back-to-back call of that runtime, not the first after another's (an engine's thread pool sleeps
+while another runtime holds the cores); up to ``--reps`` rounds or about ``--budget`` seconds
+per variant per batch size, and the figure is the median. Size: the file each engine deploys
+from (OpenVINO's ``save_model`` .xml + .bin with
 its default fp16 weight compression for float models, the .onnx, ``torch.save`` of the
 state_dict, ``OptimizedModule.save``). A variant that fails to build or run is a cell with the
 error's first line; the run goes on.
@@ -97,33 +100,41 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return sqnr_db(ref, out)
 
 
-def _time(fns: dict[str, Callable], x, reps: int, budget: float, warmup: int) -> dict:
-    """Median ms of each function, taking turns call by call; ``reps`` rounds at most, stopping
-    after about ``budget`` seconds per function (at least 3 rounds). A function that raises is
+def _time(fns: dict[str, Callable], x, reps: int, budget: float, warmup: int,
+          settle: int = 1) -> dict:
+    """Median ms of each function, taking turns; ``reps`` rounds at most, stopping after about
+    ``budget`` seconds per function (at least 3 rounds). In each round a function is called
+    ``settle`` times untimed, then once timed: the timed call is a back-to-back call, as in a
+    deployment, not the first after another runtime's (measured on mobilenet_v3_large: an ONNX
+    Runtime session called right after another runtime took 8-10 ms, back to back 3.9-5 ms;
+    its thread pool sleeps when another runtime holds the cores). A function that raises is
     dropped and its entry is the error's first line."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     errors: dict[str, str] = {}
     live = dict(fns)
+
+    def call(k, f) -> bool:
+        try:
+            f(x)
+            return True
+        except Exception as e:  # noqa: BLE001
+            errors[k] = first_line(e)
+            del live[k]
+            return False
+
     with torch.inference_mode():
         for _ in range(warmup):
             for k, f in list(live.items()):
-                try:
-                    f(x)
-                except Exception as e:  # noqa: BLE001
-                    errors[k] = first_line(e)
-                    del live[k]
+                call(k, f)
         start, rounds = time.perf_counter(), 0
         while live and rounds < reps and (rounds < 3 or
                                            time.perf_counter() - start < budget * len(live)):
             for k, f in list(live.items()):
-                t0 = time.perf_counter()
-                try:
-                    f(x)
-                except Exception as e:  # noqa: BLE001
-                    errors[k] = first_line(e)
-                    del live[k]
+                if not all(call(k, f) for _ in range(settle)):
                     continue
-                times[k].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                if call(k, f):
+                    times[k].append(time.perf_counter() - t0)
             rounds += 1
     out = {k: (statistics.median(v) * 1e3, len(v)) for k, v in times.items() if k in live}
     out.update({k: (e, 0) for k, e in errors.items()})
@@ -207,7 +218,8 @@ def _bench_model(name: str, args, variants: list[str], log) -> dict:
             fns = {v: f for v, f in runners[b].items() if cells[v].status == "ok"}
             log(f"[{name}] timing bs {b}: {len(fns)} variants, up to {args.reps} rounds, "
                 f"load {os.getloadavg()[0]:.2f}")
-            for v, (ms, n) in _time(fns, xs[b], args.reps, args.budget, args.warmup).items():
+            for v, (ms, n) in _time(fns, xs[b], args.reps, args.budget, args.warmup,
+                                      args.settle).items():
                 cells[v].ms[b] = ms if n else f"error: {ms}"
                 cells[v].rounds[b] = n
             log(f"[{name}] bs {b}: " + "  ".join(
@@ -342,7 +354,8 @@ def _markdown(meta: dict, results: list[dict], args) -> str:
              f"statistics randomized). Int8 variants calibrated on the same {args.calib} random "
              f"images (batches of 1); SQNR of each variant's output against eager float32 on "
              f"{args.heldout} other (held-out) images. Latency: median ms per call, variants "
-             f"interleaved round by round (up to {args.reps} rounds or ~{args.budget:g} s per "
+             f"interleaved round by round, each timed call after {args.settle} untimed call(s) of "
+             f"the same variant (up to {args.reps} rounds or ~{args.budget:g} s per "
              f"variant and batch size, after {args.warmup} warm-up calls); `x eager`: eager's "
              f"time over the variant's at batch {min(args.batch)}. Size: the deployed file "
              f"(see bench/cpu_deploy.py's docstring). `n/a`: fxopt refused the option (the reason "
@@ -411,6 +424,8 @@ def main(argv=None) -> str:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per variant per batch size before timing stops (default 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3)")
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed calls of a variant before each timed one (default 1)")
     p.add_argument("--variants", default=None,
                    help="comma-separated, default all: " + ",".join(VARIANTS))
     p.add_argument("--size", type=int, default=None, help="image side (default 224)")

@@ -2,16 +2,21 @@
 
 For each model (torchvision, random weights with BatchNorm statistics randomized as in
 ``bench/models.py``, 224x224, batch 1): the float model is optimized by
-``fxopt.optimize(model, x, quantize="int8", calibration_data=batches)`` and written by
-``fxopt.export_onnx`` (QDQ, dynamic batch); the same float model is exported by
+``fxopt.optimize(model, x, quantize="int8", calibration_data=batches, target=T)`` (``--target``,
+default ``"onnxruntime"``: the int8 plan for ONNX Runtime, whose QLinear kernels fuse no
+activation but ReLU/Clip, so a conv's output gets a grid of its own before a Hardswish or SiLU;
+``"cpu"``: the plan for fxopt's own oneDNN kernels) and written by ``fxopt.export_onnx`` (QDQ,
+dynamic batch); the same float model is exported by
 ``torch.onnx.export``, pre-processed (``quant_pre_process``) and quantized by
 ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
 MinMax) on the same calibration batches. Both files run in ONNX Runtime, 1 intra-op thread,
-interleaved round by round (medians), with SQNR of each against the float model on a batch
+interleaved round by round, each timed call right after an untimed one of the same file
+(medians), with SQNR of each against the float model on a batch
 neither calibrated on.
 
     python bench/onnx_qdq_vs_ort_quantize.py   # bench/results/onnx-qdq-vs-ort-quantize-<date>.md
     python bench/onnx_qdq_vs_ort_quantize.py --models resnet18 --rounds 10 --out -
+    python bench/onnx_qdq_vs_ort_quantize.py --target cpu   # the file of fxopt's CPU plan
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ from _env import header, write_result  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt.export.onnx import export_onnx  # noqa: E402
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+          "regnet_x_400mf", "convnext_tiny", "vit_b_16"]
 
 
 def _sqnr(out, ref) -> float:
@@ -88,7 +96,7 @@ def _ort_quantize(model, x, batches, folder, ort):
     return out
 
 
-def run(models, rounds, size):
+def run(models, rounds, size, target="onnxruntime"):
     import onnxruntime as ort
 
     torch.set_num_threads(1)
@@ -106,7 +114,8 @@ def run(models, rounds, size):
         x1 = held[:1]
         with tempfile.TemporaryDirectory() as d:
             folder = Path(d)
-            opt = fxopt.optimize(model, batches[0], quantize="int8", calibration_data=batches)
+            opt = fxopt.optimize(model, batches[0], quantize="int8", calibration_data=batches,
+                                 target=target)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 export_onnx(opt, batches[0], folder / "fxopt_int8.onnx")
@@ -122,6 +131,7 @@ def run(models, rounds, size):
             times = {k: [] for k in sessions}
             for i in range(rounds + 3):
                 for k, s in sessions.items():
+                    s.run(None, feeds[k])  # back to back: the timed call is not a first call
                     t = time.perf_counter()
                     s.run(None, feeds[k])
                     if i >= 3:
@@ -134,7 +144,9 @@ def run(models, rounds, size):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "cpu"],
+                   help="the fxopt target whose int8 plan is exported (default onnxruntime)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--out", default=None, help="output file ('-': print only)")
@@ -142,12 +154,14 @@ def main(argv=None):
     import onnxruntime as ort
 
     load = os.getloadavg()
-    rows = run(a.models, a.rounds, a.size)
+    rows = run(a.models, a.rounds, a.size, a.target)
     load_after = os.getloadavg()
     flags = subprocess.run(["grep", "-m1", "-o", "-w", "-e", "avx512_vnni", "-e", "avx512_bf16",
                             "/proc/cpuinfo"], capture_output=True, text=True).stdout.split()
     text = header("ONNX Runtime: fxopt's QDQ export vs ORT's quantize_static (1 thread, bs 1)")
-    text += (f"- onnxruntime: {ort.__version__}; fxopt QDQ from `fxopt.export_onnx` (opset 17)\n"
+    text += (f"- onnxruntime: {ort.__version__}; fxopt QDQ from `fxopt.export_onnx` (opset 17) "
+             f"of `fxopt.optimize(..., target='{a.target}')`\n"
+             f"- command: `python bench/onnx_qdq_vs_ort_quantize.py {' '.join(sys.argv[1:])}`\n"
              f"- CPU flags seen: {', '.join(sorted(set(flags))) or 'n/a'}\n"
              f"- load average before / after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} / "
              f"{load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}\n"

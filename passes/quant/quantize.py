@@ -58,6 +58,7 @@ from fxopt.passes.quant.attention import decompose_attention
 from fxopt.passes.quant.dynamic import quantize_dynamic_linear
 from fxopt.passes.quant.residual import split_linear_residuals
 from fxopt.passes.quant.rewrite import Writer
+from fxopt.passes.quant.split_act import split_unfused_activations
 from fxopt.quant.accuracy import check_floor, not_held_out_note, split_held_out, sqnr_floor
 from fxopt.quant.bias import bias_corrections, with_corrected_bias
 from fxopt.quant.calibrate import calibrate, calibration_inputs, uncalibrated
@@ -98,7 +99,10 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     gm, attention, attention_notes = decompose_attention(gm, ctx.example_inputs)
     # a transformer's residual stream stays float
     split = split_linear_residuals(gm) if cfg.linear_residual_add == "float" else 0
-    changed = bool(split or linear)  # gm differs from the input even if nothing is int8
+    # ONNX Runtime's int8 kernels fuse no activation but ReLU/Clip: the others run after
+    split_acts = split_unfused_activations(gm) if ctx.target == "onnxruntime" else 0
+    # gm differs from the input even if nothing is int8
+    changed = bool(split or split_acts or linear)
     all_layers = find_layers(gm)
     layers, kept = select_layers(all_layers, cfg)
     no_kernel = []
@@ -187,6 +191,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     step = output_step(gm, exits)
     if split:
         stats["float_residual_adds"] = split
+    if split_acts:
+        stats["activations_after_layer"] = split_acts
     if linear:
         stats["addmm_as_linear"] = linear
     stats = {**{k: v for k, v in writer.counts.items() if v}, "kept_float": len(kept),
