@@ -373,10 +373,11 @@ def deploy(module: nn.Module, inputs: tuple, name: str, *, precision: str | None
         files = {"dynamic": Path(folder) / "model.onnx"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # kept ops come back as the engine's refusal
-            export = export_onnx(module, inputs, files["dynamic"], check=False)
+            export = export_onnx(module, inputs, files["dynamic"], check=False, engine=name)
             if name in _STATIC_TOO and export.dynamic_batch:
                 files["static"] = Path(folder) / "static.onnx"
-                export_onnx(module, inputs, files["static"], check=False, dynamic_batch=False)
+                export_onnx(module, inputs, files["static"], check=False, dynamic_batch=False,
+                            engine=name)
         try:
             run = _OPEN[name](files, precision, threads)
         except NotAvailableError:

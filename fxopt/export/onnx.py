@@ -120,6 +120,16 @@ def _graph_module_of(module: nn.Module) -> nn.Module:
     return gm if isinstance(gm, nn.Module) else module
 
 
+def _engine_of(module: nn.Module, engine: str | None) -> str | None:
+    if engine is None:
+        target = getattr(module, "target", None)
+        return target if target in ("openvino", "onnxruntime") else None
+    if engine not in ("openvino", "onnxruntime"):
+        raise InputError(f"engine must be 'openvino', 'onnxruntime' or None, got {engine!r}",
+                         hint="name the engine the file is for, or leave it out")
+    return engine
+
+
 def _check_path(path) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a str or a path, got {type(path).__name__}",
@@ -283,14 +293,18 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
                 opset: int = DEFAULT_OPSET, check: bool = True,
                 input_names: list[str] | None = None,
                 output_names: list[str] | None = None,
-                dynamic_batch: bool = True) -> OnnxExport:
+                dynamic_batch: bool = True, engine: str | None = None) -> OnnxExport:
     """Export ``module`` (an ``OptimizedModule``, a ``GraphModule`` or any module) to ``path``.
 
     ``check``: run the file in ONNX Runtime (when installed) and raise
     ``NumericMismatchError`` if it differs from ``module`` beyond the float tolerance; the file
     is then not written. ``onnx.checker`` always runs. ``dynamic_batch``: dim 0 of the inputs
     and outputs is the symbolic ``batch`` (checked at a second batch size, see the module
-    docstring); False writes the example inputs' shapes.
+    docstring); False writes the example inputs' shapes. ``engine``: the engine the file is
+    for, where the faster ONNX spelling of an op differs (``"openvino"``: Hardsigmoid as
+    ``Div(Clip(Add))``, which it fuses; ``"onnxruntime"``: ONNX ``HardSigmoid``, one kernel);
+    default: the module's ``target`` when it is one of them, else the OpenVINO form (both
+    engines run both).
     """
     import onnx
 
@@ -301,6 +315,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     # neither the caller's tensors nor the inputs of the next run (the trace, ONNX Runtime).
     inputs = clone_inputs(normalize_inputs(example_inputs))
     _check_options(opset, check, input_names, output_names, dynamic_batch)
+    engine = _engine_of(module, engine)
     path = _check_path(path)
     reference = _outputs_list(_reference(module, clone_inputs(inputs)))
     dynamic_batch = dynamic_batch and _batch_of(inputs) is not None
@@ -335,7 +350,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-                with engine_friendly_symbolics(opset):
+                with engine_friendly_symbolics(opset, enabled=engine != "onnxruntime"):
                     torch.onnx.export(export_gm, clone_inputs(inputs), str(tmp),
                                       opset_version=opset,
                                       input_names=in_names, output_names=out_names or None,

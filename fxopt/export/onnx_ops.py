@@ -112,7 +112,7 @@ def aten_dynamic_grid(x: torch.Tensor, reduce_range: bool = True):
 
 
 @contextlib.contextmanager
-def engine_friendly_symbolics(opset: int):
+def engine_friendly_symbolics(opset: int, enabled: bool = True):
     """While exporting: ``aten::hardsigmoid`` written as ``Div(Clip(Add(x, 3), 0, 6), 6)``, ATen's
     own formula, rather than ONNX ``HardSigmoid(alpha=1/6)``.
 
@@ -121,12 +121,13 @@ def engine_friendly_symbolics(opset: int):
     reference kernel in float32 with reorders around it. On mobilenet_v3_large's 8
     squeeze-excitation gates that was ~10% of its int8 latency on OpenVINO (fxopt's file, 1
     thread). ONNX Runtime runs either form. A user's own symbolic for ``aten::hardsigmoid`` (a
-    custom one registered for ``opset``) is left in place.
+    custom one registered for ``opset``) is left in place. ``enabled=False``: nothing changes
+    (ONNX Runtime: its ``HardSigmoid`` is one kernel, the Clip form three).
     """
     from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
     from torch.onnx._internal.torchscript_exporter import registration
     group = registration.registry.get_function_group("aten::hardsigmoid")
-    if group is not None and group._functions.overridden(opset):
+    if not enabled or (group is not None and group._functions.overridden(opset)):
         yield
         return
 

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from fxopt.export.onnx_ops import (aten_dynamic_grid, dequantize_linear,
                                    dynamic_quantize_linear, quantize_linear)
 from fxopt.infra.rewrite import Builder, Match, Rule, op_rule
-from fxopt.ops.int8 import (AddInt8, AvgPool2dInt8, AvgPool2dWindowInt8, BatchNorm2dInt8,
-                            CatInt8, Conv2dInt8, Dequantize, Int8Layer, LinearInt8, MaxPool2dInt8,
-                            MulInt8, Quantize, UpsampleNearest2dInt8)
+from fxopt.ops.int8 import (ActivationInt8, AddInt8, AvgPool2dInt8, AvgPool2dWindowInt8,
+                            BatchNorm2dInt8, CatInt8, Conv2dInt8, Dequantize, Int8Layer,
+                            LinearInt8, MaxPool2dInt8, MulInt8, Quantize, UpsampleNearest2dInt8)
 from fxopt.ops.int8_dynamic import LinearInt8Dynamic
 from fxopt.ops.schema import OpView, view_of
 
@@ -143,6 +143,13 @@ def _batch_norm(m: Match, b: Builder) -> fx.Node:
     return st.q(b, y, st.ir_grid(v.y_scale, v.y_zp, v.y_qmin, v.y_qmax))
 
 
+def _activation(m: Match, b: Builder) -> fx.Node:
+    """``Q(act(DQ(q)))`` onto its own grid (ONNX Runtime runs a Sigmoid so as QLinearSigmoid)."""
+    v, st = view_of(m.root), m.context
+    y = st.activation(b, st.float_in(b, v.q, st.ir_grid(v.scale, v.zp)), v.act, v.act_args)
+    return st.q(b, y, st.ir_grid(v.y_scale, v.y_zp, v.qmin, v.qmax))
+
+
 def _dynamic_linear(m: Match, b: Builder) -> fx.Node:
     v, st = LinearInt8Dynamic.of(m.root), m.context
     if v.reduce_range:  # 7-bit codes: ATen's grid in the graph, then a fixed-range Q/DQ
@@ -176,5 +183,6 @@ IR_RULES: tuple[Rule, ...] = (
     ir_row(MaxPool2dInt8, _max_pool, _max_pool_on_codes),
     ir_row(UpsampleNearest2dInt8, _upsample_nearest),
     ir_row(BatchNorm2dInt8, _batch_norm),
+    ir_row(ActivationInt8, _activation),
     ir_row(LinearInt8Dynamic, _dynamic_linear),
 )

@@ -53,11 +53,11 @@ __all__ = ["conv2d_int8_reference", "linear_int8_reference", "quantize_reference
            "dequantize_reference", "add_int8_reference", "mul_int8_reference",
            "adaptive_avg_pool2d_int8_reference", "avg_pool2d_int8_reference",
            "cat_int8_reference", "max_pool2d_int8_reference", "upsample_nearest2d_int8_reference",
-           "batch_norm2d_int8_reference", "codes_dtype", "is_codes",
+           "batch_norm2d_int8_reference", "activation_int8_reference", "codes_dtype", "is_codes",
            "INT8_IR_OPS", "CONV2D_INT8", "LINEAR_INT8", "QUANTIZE", "DEQUANTIZE", "ADD_INT8",
            "MUL_INT8", "CAT_INT8", "AVGPOOL_INT8", "AVG_POOL2D_INT8", "MAXPOOL_INT8",
            "UPSAMPLE_NEAREST2D_INT8", "UpsampleNearest2dInt8", "BATCH_NORM2D_INT8",
-           "BatchNorm2dInt8",
+           "BatchNorm2dInt8", "ACTIVATION_INT8", "ActivationInt8",
            "Conv2dInt8", "LinearInt8", "Int8Layer", "Quantize", "Dequantize", "AddInt8", "MulInt8",
            "BinaryInt8", "CatInt8", "AvgPool2dInt8", "AvgPool2dWindowInt8", "MaxPool2dInt8"]
 
@@ -201,6 +201,15 @@ def adaptive_avg_pool2d_int8_reference(q, output_size, scale, zp, qmin, qmax, y_
     return quantize_reference(y, y_scale, zp if y_zp is None else y_zp, qmin, qmax)
 
 
+def activation_int8_reference(q, scale, zp, qmin, qmax, y_scale, y_zp, *, act,
+                              act_args=()) -> torch.Tensor:
+    """``act`` of codes (the float32 activation of their values), rounded once onto the ``y``
+    grid (the same ``qmin`` / ``qmax``): an activation an engine runs between a
+    DequantizeLinear and a QuantizeLinear (``passes/quant/split_act.py``)."""
+    y = apply_activation(_values(q, scale, zp), act, act_args)
+    return quantize_reference(y, y_scale, y_zp, qmin, qmax)
+
+
 def _window_sizes(n_in: int, n_out: int, k: int, s: int, p: int, include_pad: bool,
                   device) -> torch.Tensor:
     """The divisor of each pooling window along one axis: its span clipped to the padded input
@@ -339,6 +348,10 @@ def _avg_pool_fake(q, output_size, scale, zp, qmin, qmax, y_scale=None, y_zp=Non
     return q.new_empty((*q.shape[:-2], *output_size), dtype=codes_dtype(qmin))
 
 
+def _activation_int8_fake(q, scale, zp, qmin, qmax, y_scale, y_zp, *, act, act_args=()):
+    return torch.empty_like(q, dtype=codes_dtype(qmin))
+
+
 def _avg_pool2d_fake(q, kernel_size, stride, padding, ceil_mode, count_include_pad, scale, zp,
                      qmin, qmax):
     return F.avg_pool2d(torch.empty_like(q, dtype=torch.float32), list(kernel_size),
@@ -396,6 +409,10 @@ AVGPOOL_INT8 = define_op(
     "adaptive_avg_pool2d_int8(Tensor q, int[2] output_size, Tensor scale, Tensor zp, int qmin, "
     "int qmax, Tensor? y_scale=None, Tensor? y_zp=None) -> Tensor",
     family="int8", reference=adaptive_avg_pool2d_int8_reference, fake=_avg_pool_fake)
+ACTIVATION_INT8 = define_op(
+    "activation_int8(Tensor q, Tensor scale, Tensor zp, int qmin, int qmax, Tensor y_scale, "
+    "Tensor y_zp, *, str act, float[] act_args=[]) -> Tensor",
+    family="int8", reference=activation_int8_reference, fake=_activation_int8_fake)
 AVG_POOL2D_INT8 = define_op(
     "avg_pool2d_int8(Tensor q, int[2] kernel_size, int[2] stride, int[2] padding, "
     "bool ceil_mode, bool count_include_pad, Tensor scale, Tensor zp, int qmin, int qmax) "
@@ -431,6 +448,7 @@ MaxPool2dInt8 = MAXPOOL_INT8.view
 UpsampleNearest2dInt8 = UPSAMPLE_NEAREST2D_INT8.view
 CatInt8 = CAT_INT8.view
 BatchNorm2dInt8 = BATCH_NORM2D_INT8.view
+ActivationInt8 = ACTIVATION_INT8.view
 
 
 class Int8Layer(OpView):
@@ -450,4 +468,4 @@ class BinaryInt8(OpView):
 INT8_IR_OPS = tuple(op.overload for op in (CONV2D_INT8, LINEAR_INT8, QUANTIZE, DEQUANTIZE,
                                            ADD_INT8, MUL_INT8, AVGPOOL_INT8, AVG_POOL2D_INT8,
                                            CAT_INT8, MAXPOOL_INT8, UPSAMPLE_NEAREST2D_INT8,
-                                           BATCH_NORM2D_INT8))
+                                           BATCH_NORM2D_INT8, ACTIVATION_INT8))

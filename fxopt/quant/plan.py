@@ -47,7 +47,9 @@ import torch.nn.functional as F
 
 from fxopt.ir.graph import get_attr_value, module_path
 from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT
-from fxopt.ops.int8 import AVG_POOL2D_INT8, AVGPOOL_INT8, MAXPOOL_INT8, UPSAMPLE_NEAREST2D_INT8
+from fxopt.ir.activations import ACTIVATIONS
+from fxopt.ops.int8 import (ACTIVATION_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, MAXPOOL_INT8,
+                             UPSAMPLE_NEAREST2D_INT8)
 from fxopt.ops.schema import OpSchema, OpView
 from fxopt.quant.qparams import QParams, on_accumulator_grid
 from fxopt.quant.zero_point import signed_like
@@ -55,7 +57,8 @@ from fxopt.quant.zero_point import signed_like
 __all__ = ["Layer", "Plan", "find_layers", "make_plan", "observed_values", "pass_kind", "PRE",
            "with_accumulator_biases", "batch_norm_of", "fused_relu",
            "QuantizableFused", "SAME_GRID", "SameGridRole", "same_grid_role",
-           "avg_pool2d_args", "maxpool_args", "upsample_nearest_args"]
+           "avg_pool2d_args", "maxpool_args", "upsample_nearest_args", "OWN_GRID_ACTIVATION",
+           "activation_args"]
 
 PRE = "pre"  # grids key ("pre", node): a residual layer's output before the add
 
@@ -315,6 +318,27 @@ same_grid_role(
     or _function(n, torch.flatten, torch.reshape)
     or (n.op == "call_method" and n.target in ("flatten", "reshape", "view")),
     count="")
+
+# An activation call marked by the pass that split it off its layer
+# (``passes/quant/split_act.py``, target="onnxruntime": the engine's int8 kernels fuse no such
+# activation): its output is requantized onto a grid of its own, so what reads it (a gate's
+# product, the next layer) reads int8, as ONNX Runtime's QLinearSigmoid / QLinearMul do.
+OWN_GRID_ACTIVATION = "fxopt_own_grid_activation"  # node.meta key
+_BY_CANONICAL = {r.canonical: r for r in ACTIVATIONS.values() if r.canonical is not None}
+
+
+def activation_args(gm: fx.GraphModule, n: fx.Node) -> dict:
+    """``activation_int8``'s ``act`` and ``act_args`` for a canonical activation call."""
+    row = _BY_CANONICAL[n.target]
+    values = {**row.defaults, **dict(zip(row.params, n.args[1:])), **n.kwargs}
+    return dict(act=row.name, act_args=[float(values[k]) for k in row.params])
+
+
+same_grid_role(
+    "activation",
+    lambda gm, n: bool(n.meta.get(OWN_GRID_ACTIVATION)) and n.op == "call_function"
+    and n.target in _BY_CANONICAL,
+    op=ACTIVATION_INT8, args=activation_args, on_grid=True, own_grid=True, count="activation")
 
 # Calls that move values without changing them (the same call on the codes keeps the grid):
 # ShuffleNet's channel shuffle (view, transpose, contiguous, view) and its chunk into two
