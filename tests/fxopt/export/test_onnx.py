@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import fxopt
+from fxopt.errors import InputError
 from fxopt.export.onnx import decompose_fused_ops, export_onnx
 from fxopt.ir.tolerances import compare_outputs
 
@@ -195,3 +196,20 @@ def test_hardsigmoid_is_written_in_atens_clip_form(tmp_path, quantize):
         warnings.simplefilter("ignore")
         torch.onnx.export(nn.Hardsigmoid(), (x,), str(plain), dynamo=False, opset_version=17)
     assert [n.op_type for n in onnx.load(str(plain)).graph.node] == ["HardSigmoid"]
+
+
+def test_engine_onnxruntime_writes_hardsigmoid_as_one_op(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model, x = _Gate().eval(), torch.randn(2, 3, 12, 12)
+    opt = fxopt.optimize(model, x)
+    path = tmp_path / "gate.onnx"
+    export_onnx(opt, x, path, engine="onnxruntime")  # checked by ONNX Runtime inside
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("HardSigmoid") == 2 and "Clip" not in ops
+    export_onnx(opt, x, path, engine="openvino")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "HardSigmoid" not in ops and ops.count("Clip") == 2
+    with pytest.raises(InputError, match="engine must be"):
+        export_onnx(opt, x, tmp_path / "bad.onnx", engine="tensorrt")
+    assert not (tmp_path / "bad.onnx").exists()
