@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["randomize_batchnorm"]
+__all__ = ["randomize_batchnorm", "redraw_zero_weights"]
 
 
 def randomize_batchnorm(model: torch.nn.Module, *, affine: bool = True) -> torch.nn.Module:
@@ -21,3 +21,18 @@ def randomize_batchnorm(model: torch.nn.Module, *, affine: bool = True) -> torch
                     mod.weight.uniform_(0.5, 1.5)
                     mod.bias.uniform_(-0.2, 0.2)
     return model
+
+
+def redraw_zero_weights(model: torch.nn.Module, seed: int = 2) -> list[str]:
+    """Every conv/linear weight that is all zeros at initialization (torchvision's ViT zero-inits
+    its head: constant outputs, no SQNR to measure) drawn from N(0, 0.02) instead, seeded;
+    returns the modules' paths."""
+    gen = torch.Generator().manual_seed(seed)
+    redrawn = []
+    with torch.no_grad():
+        for path, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not w.any():
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
+                redrawn.append(path)
+    return redrawn

@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _deploy_variants import (BUILDERS, FXOPT_FLOAT, FXOPT_INT8, VARIANTS,  # noqa: E402
                               Built, Context, NotApplicable, first_line)
 from _int8_baselines import quiet_quant_warnings  # noqa: E402
+from _random_weights import redraw_zero_weights  # noqa: E402
 from models import _build  # noqa: E402 - the same torchvision models as bench/models.py
 
 __all__ = ["main", "VARIANTS", "MODELS"]
@@ -142,19 +143,10 @@ def _time(fns: dict[str, Callable], x, reps: int, budget: float, warmup: int,
 
 
 def _model(name: str) -> tuple[torch.nn.Module, list[str]]:
-    """The torchvision model as ``bench/models.py`` builds it, with every conv/linear weight that
-    is all zeros at initialization (torchvision's ViT zero-inits its head: constant outputs,
-    no SQNR to measure) drawn from N(0, 0.02) instead, seeded; the names are returned."""
+    """The torchvision model as ``bench/models.py`` builds it, with its all-zero conv/linear
+    weights redrawn (``_random_weights.redraw_zero_weights``); the names are returned."""
     model = _build(name)
-    gen = torch.Generator().manual_seed(2)
-    redrawn = []
-    with torch.no_grad():
-        for path, mod in model.named_modules():
-            w = getattr(mod, "weight", None)
-            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not w.any():
-                w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
-                redrawn.append(path)
-    return model, redrawn
+    return model, redraw_zero_weights(model)
 
 
 def _bench_model(name: str, args, variants: list[str], log) -> dict:
