@@ -253,3 +253,39 @@ def test_openvino_int8_grids_and_bias_correction_suit_openvino():
     assert zps and all(int(z.abs().max()) == 0 for z in zps)
     cpu = fxopt.optimize(model, cal[0], quantize="int8", calibration_data=cal)
     assert cpu.report.record("quantize_int8").stats["bias_corrected"] == 3
+
+
+class _Cancel(nn.Module):
+    """``a(x) - b(x)`` with b's weights 1% off a's: bfloat16's own rounding of the weights is
+    ~20-40% of the (small) result, whoever computes it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(64, 32, bias=False), nn.Linear(64, 32, bias=False)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight * 1.01)
+
+    def forward(self, x):
+        return self.a(x) - self.b(x)
+
+
+@pytest.mark.skipif("openvino" not in installed_engines(), reason="openvino is not installed")
+def test_openvino_bf16_far_from_float32_passes_only_as_accurate_as_the_graph_in_bf16():
+    model, x = _Cancel().eval(), torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    opt = fxopt.optimize(model, x, target="openvino", precision="bf16")
+    check = opt.report.engine["check"]
+    with torch.no_grad():
+        far = rel_err(opt(x), model(x))
+        low = copy.deepcopy(opt.graph_module).to(torch.bfloat16)
+        own = rel_err(low(x.bfloat16()).float(), model(x))
+    assert far > 1e-2  # beyond the plain bf16 tolerance: the allowance decided
+    assert "bf16: rel err vs the float32 graph" in check["measure"]
+    assert far <= INT8_ACCURACY_SLACK * own + 1e-6
+    # a real difference (weights 5% off) is still a mismatch that names the engine
+    other = copy.deepcopy(_Cancel().eval())
+    with torch.no_grad():
+        other.b.weight.mul_(1.05)
+    gm = fxopt.optimize(other, x).graph_module
+    with pytest.raises(NumericMismatchError, match="graph's own in bfloat16"):
+        check_engine(opt.engine, gm, (x,))
