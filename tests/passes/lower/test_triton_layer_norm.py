@@ -76,3 +76,18 @@ def test_op_fallback_is_the_reference(monkeypatch):
     s, y = TRITON_ADD_LAYER_NORM(x, r, [3], w, b, 1e-6)
     assert s.is_contiguous() and y.is_contiguous()  # as the kernel writes them
     assert torch.equal(s, x + r) and torch.equal(y, F.layer_norm(x + r, [3], w, b, 1e-6))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_vit_default_cuda_pipeline(precision):
+    """target='cuda': the fusion runs by default, the kernels compiled; equal to eager."""
+    model, x = _tiny_vit().cuda(), _images().cuda()
+    opt = fxopt.optimize(model, x, target="cuda", precision=precision)
+    assert opt.report.record("fuse_add_layer_norm").stats == {"add_layer_norm": 3}
+    assert counts(opt.graph_module)["triton_add_layer_norm"] == 3
+    dtype = torch.bfloat16 if precision else torch.float32
+    with torch.no_grad():
+        out = opt(x.to(dtype))
+        ref = model.to(dtype)(x.to(dtype))
+    assert compare_outputs(out, ref).ok
