@@ -179,3 +179,19 @@ def test_int8_on_a_vit_is_unchanged_and_the_fusion_after_it_works():
     assert rec.status == "ok" and rec.stats["add_layer_norm"] >= 3
     with torch.no_grad():
         torch.testing.assert_close(fused(x), plain(x))
+
+
+def test_fused_graph_torch_exports_and_trains():
+    model, x = PreNorm(), _x()
+    _, gm, _ = _fused(model, x)
+    ep = torch.export.export(gm, (x,))
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), model(x))
+    # gradients through both outputs of the fused op: eager's
+    gm.train()
+    gm(x).square().sum().backward()
+    ref = copy.deepcopy(model).train()
+    ref.zero_grad()
+    ref(x).square().sum().backward()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(gm.get_parameter(name).grad, p.grad, rtol=1e-4, atol=1e-5)
