@@ -69,6 +69,26 @@ def test_rows_wider_than_the_kernel_stay_on_pytorch(on_cpu):
     assert counts(opt.graph_module)["add_layer_norm"] == 1
 
 
+class AddNorm64(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(8).double()
+
+    def forward(self, x, r):
+        return self.ln(x + r)
+
+
+def test_float64_stays_on_pytorch(on_cpu):
+    model = AddNorm64().eval()
+    x, r = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    opt = fxopt.optimize(model, (x, r), target="cpu", passes=PASSES)
+    assert opt.report.record("fuse_add_layer_norm").stats == {"add_layer_norm": 1}
+    notes = " ".join(opt.report.record("lower_to_triton").notes)
+    assert "dtypes torch.float64, torch.float64" in notes
+    with torch.no_grad():
+        assert torch.equal(opt(x, r), model(x, r))
+
+
 def test_op_fallback_is_the_reference(monkeypatch):
     monkeypatch.setenv("FXOPT_TRITON_ON_CPU", "0")
     x, r = torch.randn(2, 3, 8).transpose(1, 2), torch.randn(2, 8, 3)
