@@ -22,8 +22,17 @@ where the op is one Triton kernel: reads x and r once, writes s and y) and after
 ``quantize_int8`` (so the quantizer sees the LayerNorms it smooths and the adds it quantizes,
 as before). Not on the CPU: there the op would be the same two PyTorch calls.
 
-    >>> fuse_add_layer_norm(gm, ctx).stats           # a 2-block ViT: 2 ln_1, 2 ln_2, final ln
-    {'add_layer_norm': 5}
+An add that ``fuse_act`` already folded into a Linear (``linear_act`` with a residual: the MLP's
+second Linear in a ViT block; timm's attention projection too) stays there: the GEMM's epilogue
+adds it on the way out (then the LayerNorm: 4 passes over the rows after the GEMM, against 5
+with the add here). So on a 2-block torchvision ViT, of its 5 LayerNorms (ln_1, ln_2 per
+block, the final ln) 3 read an add: the position embedding's and each block's attention
+residual::
+
+    >>> fuse_add_layer_norm(gm, ctx).stats
+    {'add_layer_norm': 3}
+
+(after ``quantize_int8``, which splits the Linears' residual adds off again, all 5.)
 """
 from __future__ import annotations
 
