@@ -96,6 +96,7 @@ def test_op_fallback_is_the_reference(monkeypatch):
     s, y = TRITON_ADD_LAYER_NORM(x, r, [3], w, b, 1e-6)
     assert s.is_contiguous() and y.is_contiguous()  # as the kernel writes them
     assert torch.equal(s, x + r) and torch.equal(y, F.layer_norm(x + r, [3], w, b, 1e-6))
+    torch.library.opcheck(TRITON_ADD_LAYER_NORM.overload, (x, r, [3], w, b, 1e-6))
 
 
 @pytest.mark.gpu
