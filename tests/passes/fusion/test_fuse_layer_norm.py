@@ -195,3 +195,17 @@ def test_fused_graph_torch_exports_and_trains():
     ref(x).square().sum().backward()
     for name, p in ref.named_parameters():
         torch.testing.assert_close(gm.get_parameter(name).grad, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_vit_tiny():
+    """timm's LayerNorm traces as ``F.layer_norm`` (rule ``add_layer_norm_fn``); its attention
+    projection and MLP both end in a Linear, whose residual adds fuse_act folds into the GEMM:
+    the position embedding's add (block 0's norm1) is the one left for this pass."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, pretrained=False,
+                              num_classes=5, depth=2).eval()
+    x = _images()
+    opt = fxopt.optimize(model, x, target="cpu", passes=["fuse_add_layer_norm"])
+    assert opt.report.record("fuse_add_layer_norm").stats == {"add_layer_norm": 1}
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
