@@ -3,7 +3,7 @@
 # without dependencies; the default (CPU) test suite in the background while the GPU tests (the
 # lowering and pipeline first, then the kernels) and the command line with --target cuda run;
 # then the benchmarks, alone on the machine: bench/models.py --target cuda (ResNet-50) and
-# bench/kernels.py. Every step has a timeout and says how it ended; tables and logs go to $OUT
+# bench/kernels.py (GEMM, conv, residual add + LayerNorm). Every step has a timeout and says how it ended; tables and logs go to $OUT
 # when set (the device tool), else bench/results/gpu/. Without CUDA each step says so and the
 # script still finishes.
 #
@@ -47,7 +47,8 @@ default_pid=$!
 # (CUDA graphs: ResNet-18 fp16/int8 at batch 1 and 2, bitwise against the plain module; the
 # extra time overlaps the default suite, which runs ~170 s in the background.)
 timeout -k 5 105 $PY -m pytest -q -m gpu -p no:cacheprovider tests/passes/lower/test_triton.py \
-  tests/fxopt/test_gpu.py tests/fxopt/infra/test_cudagraph.py > "$OUT/pytest_gpu_lowering.txt" 2>&1
+  tests/passes/lower/test_triton_layer_norm.py tests/fxopt/test_gpu.py \
+  tests/fxopt/infra/test_cudagraph.py > "$OUT/pytest_gpu_lowering.txt" 2>&1
 step "gpu tests (lowering, pipeline, CUDA graphs): exit $? -- $(tail -1 "$OUT/pytest_gpu_lowering.txt")"
 
 # The command line end to end on the GPU.

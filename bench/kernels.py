@@ -5,7 +5,12 @@
   8192^3 and the GEMM shapes of ResNet-50's convolutions at batch 64;
 - conv kernels at ResNet-50 layer shapes, batch 64, channels-last: ``conv2d`` fp16 with fused
   bias + relu, and ``conv2d_int8`` (uint8 in, requantized uint8 out), against cuDNN's fp16 conv
-  followed by the separate bias add and relu.
+  followed by the separate bias add and relu;
+- the transformer block's residual add + LayerNorm (``add_layer_norm``: one program per row,
+  writes the sum and the normalized row) against PyTorch eager ``s = x + r`` then
+  ``F.layer_norm(s)``, at ViT-B (197 x 768, batch 1 and 64), BERT-large (4096 x 1024) and a
+  wide row (ViT-H's 1280, LLM's 8192), bf16 and fp32. GB/s counts the bytes the fused kernel must
+  move (read x, r; write s, y).
 
 Times are ``triton.testing.do_bench`` medians (after the autotuner's first call); the tables
 give TOP/s (or TFLOP/s) and the ratios. Usage, on a CUDA machine::
@@ -137,6 +142,47 @@ def bench_conv(rows, deadline, quick, batch):
         torch.cuda.empty_cache()
 
 
+# (name, rows, width): the residual add + LayerNorm of a transformer block
+ADD_LAYER_NORMS = [
+    ("ViT-B/16 bs1", 197, 768),
+    ("ViT-B/16 bs64", 64 * 197, 768),
+    ("BERT-large 4096 tok", 4096, 1024),
+    ("ViT-H/14 bs8", 8 * 257, 1280),
+    ("LLM 8192 wide, 2048 tok", 2048, 8192),
+]
+
+
+def bench_add_layer_norm(rows, deadline, quick):
+    import torch
+    import torch.nn.functional as F
+    from fxopt.triton_kernels import add_layer_norm
+    shapes = ADD_LAYER_NORMS[:3] if quick else ADD_LAYER_NORMS
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, m, n in shapes:
+            tag = str(dtype).replace("torch.", "")
+            if time.monotonic() > deadline:
+                rows.append(f"| {name} | {m}x{n} | {tag} | skipped (time budget) | | | | |")
+                continue
+            x = torch.randn(m, n, device="cuda", dtype=dtype)
+            r = torch.randn(m, n, device="cuda", dtype=dtype)
+            w = (torch.rand(n, device="cuda") + 0.5).to(dtype)
+            b = torch.randn(n, device="cuda", dtype=dtype)
+
+            def eager():
+                s = x + r
+                return s, F.layer_norm(s, (n,), w, b, 1e-6)
+
+            ours = lambda: add_layer_norm(x, r, w, b, eps=1e-6)
+            (s1, y1), (s0, y0) = ours(), eager()
+            err = max(_rel(s1, s0), _rel(y1, y0))
+            t_eager, t_ours = _bench(eager), _bench(ours)
+            gb = 4.0 * m * n * x.element_size() / 1e9
+            rows.append(f"| {name} | {m}x{n} | {tag} | {t_eager * 1e3:.1f} | {t_ours * 1e3:.1f} | "
+                        f"{gb / (t_ours / 1e3):.0f} | {t_eager / t_ours:.2f}x | {err:.1e} |")
+            print(rows[-1], flush=True)
+            torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None,
@@ -156,8 +202,10 @@ def main(argv=None) -> int:
         return 2
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
-    gemm_rows, conv_rows = [], []
-    bench_gemm(gemm_rows, t0 + 0.45 * args.budget_s, args.quick)
+    gemm_rows, conv_rows, ln_rows = [], [], []
+    # the add + LayerNorm rows first: a few seconds in all (memory-bound, small)
+    bench_add_layer_norm(ln_rows, t0 + 0.2 * args.budget_s, args.quick)
+    bench_gemm(gemm_rows, t0 + 0.55 * args.budget_s, args.quick)
     bench_conv(conv_rows, deadline, args.quick, args.batch)
 
     text = header("Triton kernels against cuBLAS / cuDNN") + "\n"
@@ -172,6 +220,14 @@ def main(argv=None) -> int:
              "err: fp16 ours vs cuDNN.\n\n"
              "| layer | cuDNN+ops | fp16 fused | int8 fused | fp16 speedup | int8 speedup | err |\n"
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(conv_rows) + "\n")
+    text += ("\n## residual add + LayerNorm (`add_layer_norm`: one program per row, both "
+             "outputs)\n\n"
+             "Times in us (medians); eager: `s = x + r` then `F.layer_norm(s)` (two kernels, "
+             "5 passes over the rows); ours: one kernel, 4 passes (read x, r; write s, y). "
+             "GB/s: those 4 passes over our time. err: the larger of the two outputs' relative "
+             "errors against eager.\n\n"
+             "| shape | rows x width | dtype | eager | ours | ours GB/s | speedup | err |\n"
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(ln_rows) + "\n")
     text += f"\ntotal {time.monotonic() - t0:.0f} s\n"
     out = args.out
     if out not in (None, "-") and not out.endswith(".md"):

@@ -16,7 +16,9 @@ target::
    ``to_channels_last`` (activations stay NHWC from one conv to the next).
 3. ``quantize_phase``: ``quantize_int8`` after the last fusion step (it quantizes fused ops).
 4. ``lowering_phase``: last, ``lower_int8_cpu`` (int8 on the CPU) or ``lower_to_triton``
-   (``target="cuda"``, or asked for by name on the CPU: tests under the Triton interpreter).
+   (``target="cuda"``, or asked for by name on the CPU: tests under the Triton interpreter),
+   after ``fuse_add_layer_norm`` (a residual add and its LayerNorm: one Triton kernel; after
+   quantization, which smooths LayerNorms and quantizes adds as before).
    The engine targets (``ENGINE_TARGETS``: ``"openvino"``, ``"onnxruntime"``) run the CPU
    pipeline up to here and have no lowering: the engine runs the graph's ONNX export.
 
@@ -95,11 +97,14 @@ def quantize_phase(names: list[str], *, quantize: bool) -> list[str]:
 
 
 def lowering_phase(names: list[str], *, target: str, quantize: bool,
-                   triton: bool = False) -> list[str]:
+                   triton: bool = False, fuse_layer_norm: bool = False) -> list[str]:
     """The lowering last: Triton for ``target="cuda"`` (or when asked for by name), else the
     int8 IR onto PyTorch's CPU kernels when quantizing for the CPU."""
     if target == "cuda" or triton:
-        return _insert(names, len(names), ["lower_to_triton"])
+        # the add + LayerNorm fusion pays where Triton runs it: by default on CUDA; asked for
+        # by name on the CPU (tests under the interpreter)
+        fuse = ["fuse_add_layer_norm"] if target == "cuda" or fuse_layer_norm else []
+        return _insert(names, len(names), fuse + ["lower_to_triton"])
     if quantize and target == "cpu":
         return _insert(names, len(names), ["lower_int8_cpu"])
     return names
@@ -121,8 +126,11 @@ def build_pipeline(pipeline: str | Sequence[str] = "default", *, target: str = "
     names = cpu_layout_phase(names, target=target, disable=disable)
     names = quantize_phase(names, quantize=quantize or "quantize_int8" in asked)
     names = lowering_phase(names, target=target, quantize=quantize,
-                           triton="lower_to_triton" in asked)
+                           triton="lower_to_triton" in asked,
+                           fuse_layer_norm="fuse_add_layer_norm" in asked)
     placed = {"prune_channels", "quantize_int8", "lower_to_triton"} & set(names)
+    if "lower_to_triton" in names:
+        placed |= {"fuse_add_layer_norm"} & set(names)
     return names + [n for n in extra if n not in placed]
 
 

@@ -25,6 +25,15 @@ standard ops only and no in-place update: what the ONNX export and quantization-
 run, and the ops' gradient (its vjp, registered by the schema): a fused graph trains as the
 layers it replaced, on the oneDNN path too.
 
+``add_layer_norm`` is a transformer block's residual add and the LayerNorm that reads it, with
+both values as outputs (in a pre-norm block the sum is also the next residual)::
+
+    s, y = torch.ops.fxopt.add_layer_norm(x, r, [768], w, b, 1e-6)
+    # == (x + r, F.layer_norm(x + r, [768], w, b, 1e-6))
+
+On the CPU it is those two PyTorch calls (no faster kernel there); on CUDA ``lower_to_triton``
+runs it as one Triton kernel (``fxopt.triton_kernels.norm``).
+
     >>> FusedConv.of(node).residual          # the arguments of a call, by name
 """
 from __future__ import annotations
@@ -41,8 +50,8 @@ from fxopt.ops import onednn
 from fxopt.ops.schema import OpView, define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape, out_format, to_format
 
-__all__ = ["CONV1D_ACT", "CONV2D_ACT", "CONV_TRANSPOSE2D_ACT", "LINEAR_ACT", "FusedConv",
-           "FusedLinear", "FusedLayer", "FUSED_OPS",
+__all__ = ["CONV1D_ACT", "CONV2D_ACT", "CONV_TRANSPOSE2D_ACT", "LINEAR_ACT", "ADD_LAYER_NORM",
+           "FusedConv", "FusedLinear", "FusedLayer", "FUSED_OPS", "add_layer_norm_reference",
            "conv_act_reference", "conv_transpose_act_reference", "linear_act_reference",
            "conv_act_decomposed", "conv_transpose_act_decomposed", "linear_act_decomposed"]
 
@@ -86,6 +95,13 @@ def linear_act_reference(x, weight, bias, residual=None, *, act="none",
         y.add_(residual)
     y = apply_activation(y, act, act_args, inplace=True)
     return y if y.is_contiguous() else y.contiguous()
+
+
+def add_layer_norm_reference(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``(x + residual, F.layer_norm(x + residual, ...))`` with plain PyTorch ops: also the
+    decomposition (standard ops, out of place) and the CPU implementation."""
+    s = x + residual
+    return s, F.layer_norm(s, list(normalized_shape), weight, bias, eps)
 
 
 # -- decompositions: standard ops only, out of place (ONNX, QAT) -------------------------------
@@ -180,6 +196,11 @@ def _linear_act_fake(x, weight, bias, residual=None, *, act="none", act_args=())
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _add_layer_norm_fake(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    s = x + residual  # the sum's shape, dtype and strides, as PyTorch's add gives them
+    return s, torch.empty(s.shape, dtype=s.dtype, device=s.device)
+
+
 # -- MAC counts ---------------------------------------------------------------------------------
 def _conv_transpose_macs(view, gm: fx.GraphModule) -> int:
     """Every input element scatters into ``C_out / groups * kh * kw`` outputs (weight
@@ -212,6 +233,12 @@ LINEAR_ACT = define_op(
     "linear_act(Tensor x, Tensor weight, Tensor? bias, " + _TAIL,
     family="fused", reference=linear_act_reference, fake=_linear_act_fake, cpu=_linear_act_cpu,
     decompose=linear_act_decomposed, macs=weight_macs("weight"))
+
+ADD_LAYER_NORM = define_op(
+    "add_layer_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight=None, "
+    "Tensor? bias=None, float eps=1e-05) -> (Tensor, Tensor)",
+    family="fused", reference=add_layer_norm_reference, fake=_add_layer_norm_fake,
+    decompose=add_layer_norm_reference)
 
 
 class FusedConv(OpView):

@@ -220,7 +220,7 @@ def _register_autograd(op: OpSchema) -> None:
         ctx.fxopt_others = [None if isinstance(v, torch.Tensor) else v for v in inputs]
         ctx.fxopt_kwargs = dict(keyword_only_inputs or {})
 
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         if op.differentiable is None:
             raise _no_gradient(op)
         args = list(ctx.fxopt_others)
@@ -235,10 +235,11 @@ def _register_autograd(op: OpSchema) -> None:
             return op.differentiable(*full, **ctx.fxopt_kwargs)
 
         _, vjp = torch.func.vjp(form, *(args[i] for i in wanted))
-        grads = [None] * len(args)
-        for i, g in zip(wanted, vjp(grad)):
-            grads[i] = g
-        return tuple(grads)
+        out = [None] * len(args)
+        # one gradient per output: an op with several outputs (add_layer_norm) gets a tuple
+        for i, g in zip(wanted, vjp(grads[0] if len(grads) == 1 else tuple(grads))):
+            out[i] = g
+        return tuple(out)
 
     torch.library.register_autograd(f"fxopt::{op.name}", backward, lib=LIB, setup_context=setup)
 

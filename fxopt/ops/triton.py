@@ -8,11 +8,13 @@ held as a buffer) and its grids as plain numbers (no device sync per call):
     y = torch.ops.fxopt.triton_linear(x, w_nk, b, act="gelu")
     y = torch.ops.fxopt.triton_add(y, r, act="relu")          # float residual add, b broadcasts
     y = torch.ops.fxopt.triton_mul(y, gate)                    # float SE gate [N, C, 1, 1]
+    s, y = torch.ops.fxopt.triton_add_layer_norm(x, r, [768], w, b, 1e-6)  # add + LayerNorm
 
 Same math as ``conv2d_act`` / ``linear_act``; ``triton_add`` / ``triton_mul`` are
 ``act(a + b)`` / ``act(a * b)`` (rounded once to the dtype, as PyTorch adds and multiplies; ``b``
-broadcasts to ``a``). Convolution outputs are always channels-last (the kernels write NHWC), an
-add or a product keeps its first input's layout, so a chain of convolutions carries NHWC
+broadcasts to ``a``); ``triton_add_layer_norm`` is ``add_layer_norm`` (the sum and its
+LayerNorm, both contiguous). Convolution outputs are always channels-last (the kernels write
+NHWC), an add or a product keeps its first input's layout, so a chain of convolutions carries NHWC
 activations without layout copies; an input that is not channels-last is converted on entry
 (the pass reports where that would happen). The int8 ops are in ``fxopt.ops.triton_int8``;
 where an op runs (CUDA, the interpreter, the CPU reference) is ``fxopt.ops.triton_launch``.
@@ -22,20 +24,21 @@ Gradients: the float ops' backward is the vjp of the same math in standard ops (
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 
 from fxopt.ir.activations import apply_activation
-from fxopt.ops.fused import (conv_act_decomposed, conv_act_reference, linear_act_decomposed,
-                             linear_act_reference)
+from fxopt.ops.fused import (add_layer_norm_reference, conv_act_decomposed, conv_act_reference,
+                             linear_act_decomposed, linear_act_reference)
 from fxopt.ops.schema import weight_macs
 from fxopt.ops.triton_launch import (ON_CPU_ENV, add_format, nhwc_out, conv_shape,
                                      triton_op, dense_residual, depthwise_weight4,
                                      kernels_for, run_on, nhwc, triton_on_cpu)
 
 __all__ = ["triton_on_cpu", "ON_CPU_ENV", "TRITON_CONV2D", "TRITON_DEPTHWISE_CONV2D",
-           "TRITON_LINEAR", "TRITON_ADD", "TRITON_MUL"]
+           "TRITON_LINEAR", "TRITON_ADD", "TRITON_MUL", "TRITON_ADD_LAYER_NORM"]
 
 
 def _tf32(x, conv: bool) -> bool:
@@ -99,6 +102,14 @@ def _triton_mul(a, b, *, act="none", act_args=()):
     return _float_binary(a, b, act, act_args, operator.mul, lambda E: E.mul)
 
 
+def _triton_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if kernels_for(x) is None:
+        s, y = add_layer_norm_reference(x, residual, normalized_shape, weight, bias, eps)
+        return s.contiguous(), y.contiguous()
+    n = math.prod(normalized_shape)
+    return run_on(x, lambda tk: tk.norm.add_layer_norm(x, residual, weight, bias, eps=eps, n=n))
+
+
 # -- the float ops' differentiable forms (standard ops, out of place): their backward --------
 def _depthwise_differentiable(x, weight, bias, kernel_size, stride, padding, dilation,
                               residual=None, *, act="none", act_args=()):
@@ -136,6 +147,12 @@ def _float_binary_fake(a, b, *, act="none", act_args=()):
     return torch.empty(a.shape, dtype=a.dtype, device=a.device, memory_format=add_format(a))
 
 
+def _add_layer_norm_fake(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    shape = torch.broadcast_shapes(x.shape, residual.shape)
+    return (torch.empty(shape, dtype=x.dtype, device=x.device),
+            torch.empty(shape, dtype=x.dtype, device=x.device))
+
+
 # -- the ops ------------------------------------------------------------------------------------
 _ACT = "*, str act='none', float[] act_args=[]) -> Tensor"
 _DEPTHWISE_MACS = weight_macs("weight", depthwise_kernel="weight")  # weight [KH*KW, C]
@@ -157,3 +174,7 @@ TRITON_ADD = triton_op("triton_add(Tensor a, Tensor b, " + _ACT, _triton_add, _f
                  differentiable=_add_differentiable)
 TRITON_MUL = triton_op("triton_mul(Tensor a, Tensor b, " + _ACT, _triton_mul, _float_binary_fake,
                  differentiable=_mul_differentiable)
+TRITON_ADD_LAYER_NORM = triton_op(
+    "triton_add_layer_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight=None,"
+    " Tensor? bias=None, float eps=1e-05) -> (Tensor, Tensor)",
+    _triton_add_layer_norm, _add_layer_norm_fake, differentiable=add_layer_norm_reference)

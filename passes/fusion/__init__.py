@@ -1,3 +1,4 @@
-"""Fusion passes: ``fold_bn``, ``fuse_act``, and the CPU layout passes ``lower_convs`` and
-``to_channels_last``."""
-from fxopt.passes.fusion import fold_bn, fuse_act, layout  # noqa: F401  (register the passes)
+"""Fusion passes: ``fold_bn``, ``fuse_act``, ``fuse_add_layer_norm`` (transformers, before the
+Triton lowering), and the CPU layout passes ``lower_convs`` and ``to_channels_last``."""
+from fxopt.passes.fusion import (fold_bn, fuse_act, fuse_layer_norm,  # noqa: F401  (register
+                                 layout)  # the passes)

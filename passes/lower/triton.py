@@ -18,6 +18,7 @@ grids as plain numbers:
     a * b, float, one dtype         triton_mul(a, b)                 (the same; SE gates x * gate)
     act(triton_add(a, b))           triton_add(a, b, act=...)        (the activation fused)
     act(triton_mul(a, b))           triton_mul(a, b, act=...)        (the activation fused)
+    add_layer_norm, width <= 16384  triton_add_layer_norm            (one program per row)
     quantize(x, s, zp, lo, hi)      triton_quantize(x, float(s), int(zp), lo, hi)
     dequantize(q, s, zp)            triton_dequantize(q, float(s), int(zp))
     conv2d_int8, depthwise          triton_depthwise_conv2d_int8     [KH*KW, C]
@@ -60,6 +61,7 @@ in Triton's interpreter: tests, CI). Worked example, ``tests/passes/lower/test_t
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -73,13 +75,13 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module, op_rule
 from fxopt.ir.activations import CAPTURE_FORMS
 from fxopt.ir.graph import add_buffer, get_attr_value, tensor_meta
-from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT, FusedLayer
+from fxopt.ops.fused import ADD_LAYER_NORM, CONV2D_ACT, LINEAR_ACT, FusedLayer
 from fxopt.ops.int8 import (ADD_INT8, AVGPOOL_INT8, CONV2D_INT8, DEQUANTIZE, LINEAR_INT8,
                             MAXPOOL_INT8, QUANTIZE, AddInt8, AvgPool2dInt8, Dequantize, Int8Layer,
                             MaxPool2dInt8, Quantize)
 from fxopt.ops.schema import OpSchema
-from fxopt.ops.triton import (TRITON_ADD, TRITON_CONV2D, TRITON_DEPTHWISE_CONV2D, TRITON_LINEAR,
-                              TRITON_MUL, triton_on_cpu)
+from fxopt.ops.triton import (TRITON_ADD, TRITON_ADD_LAYER_NORM, TRITON_CONV2D,
+                              TRITON_DEPTHWISE_CONV2D, TRITON_LINEAR, TRITON_MUL, triton_on_cpu)
 from fxopt.ops.triton_int8 import (TRITON_ADD_INT8, TRITON_CONV2D_INT8,
                                    TRITON_DEPTHWISE_CONV2D_INT8, TRITON_DEQUANTIZE,
                                    TRITON_GLOBAL_AVG_POOL2D_INT8, TRITON_LINEAR_INT8,
@@ -254,6 +256,33 @@ def _float_binary_fits(m: Match) -> bool:
 def _float_binary_values(m: Match, b: Builder) -> dict[str, Any]:
     a, other = m.data["ab"]
     return {"a": a, "b": other}
+
+
+# -- the residual add and LayerNorm of a transformer block: add_layer_norm -----------------------
+_MAX_ROW = 16384  # fxopt.triton_kernels.norm.MAX_N (that module imports Triton)
+
+
+def _add_layer_norm_fits(m: Match) -> bool:
+    """fp16/bf16/fp32 operands of one dtype, affine parameters of that dtype or float32, rows
+    of at most ``_MAX_ROW`` elements (one block per row)."""
+    v = ADD_LAYER_NORM.view.of(m.root)
+    tx, tr = tensor_meta(v.x), tensor_meta(v.residual)
+    if tx is None or tr is None:
+        return False
+    if tx.dtype not in _FLOATS or tr.dtype != tx.dtype:
+        return _skip(m, f"dtypes {tx.dtype}, {tr.dtype} (the kernel takes one of fp16, bf16, "
+                        f"fp32)")
+    for p in (v.weight, v.bias):
+        if p is not None and _dtype(p) not in (tx.dtype, torch.float32):
+            return _skip(m, f"affine parameter of dtype {_dtype(p)}")
+    n = math.prod(v.normalized_shape)
+    if n > _MAX_ROW:
+        return _skip(m, f"rows of {n} elements (the kernel takes up to {_MAX_ROW})")
+    return True
+
+
+def _add_layer_norm_values(m: Match, b: Builder) -> dict[str, Any]:
+    return dict(ADD_LAYER_NORM.view.of(m.root).values)
 
 
 _act = call("act", *(row.canonical for row in CAPTURE_FORMS.values()), torch.clamp)
@@ -448,6 +477,7 @@ RULES = [
     _row(nn.Linear, TRITON_LINEAR, _linear_values, _float_layer),
     _row(operator.add, TRITON_ADD, _float_binary_values, _float_binary_fits),
     _row(operator.mul, TRITON_MUL, _float_binary_values, _float_binary_fits),
+    _row(ADD_LAYER_NORM, TRITON_ADD_LAYER_NORM, _add_layer_norm_values, _add_layer_norm_fits),
     # int8
     _row(QUANTIZE, TRITON_QUANTIZE, _quantize_values, _quantize_fits),
     _row(DEQUANTIZE, TRITON_DEQUANTIZE, _dequantize_values, _dequantize_fits),

@@ -15,15 +15,15 @@ def test_default_cpu_and_cuda():
     assert build_pipeline("default", target="cpu") == [
         "cleanup", "fold_bn", "fuse_act", "lower_convs", "to_channels_last", "cleanup"]
     assert build_pipeline("default", target="cuda") == [
-        "cleanup", "fold_bn", "fuse_act", "cleanup", "lower_to_triton"]
+        "cleanup", "fold_bn", "fuse_act", "cleanup", "fuse_add_layer_norm", "lower_to_triton"]
 
 
 def test_every_feature_at_its_place():
     assert build_pipeline("default", target="cpu", prune=True, quantize=True) == [
         "cleanup", "prune_channels", "fold_bn", "fuse_act", "lower_convs", "to_channels_last",
         "quantize_int8", "cleanup", "lower_int8_cpu"]
-    assert build_pipeline("default", target="cuda", quantize=True)[-3:] == [
-        "quantize_int8", "cleanup", "lower_to_triton"]
+    assert build_pipeline("default", target="cuda", quantize=True)[-4:] == [
+        "quantize_int8", "cleanup", "fuse_add_layer_norm", "lower_to_triton"]
 
 
 def test_user_lists_and_named_passes():
@@ -34,6 +34,12 @@ def test_user_lists_and_named_passes():
         "fuse_act", "lower_convs", "to_channels_last"]
     assert build_pipeline("cleanup", target="cpu", passes=["lower_to_triton"]) == [
         "cleanup", "lower_to_triton"]
+    # the add + LayerNorm fusion: by default on CUDA only; named, before the Triton lowering
+    assert build_pipeline("cleanup", target="cpu",
+                          passes=["lower_to_triton", "fuse_add_layer_norm"]) == [
+        "cleanup", "fuse_add_layer_norm", "lower_to_triton"]
+    assert build_pipeline("cleanup", target="cpu", passes=["fuse_add_layer_norm"]) == [
+        "cleanup", "fuse_add_layer_norm"]
 
 
 def test_disabled_fuse_act_takes_the_layout_passes_with_it():

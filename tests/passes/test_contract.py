@@ -116,6 +116,18 @@ class Linears(nn.Module):
         return torch.sigmoid(self.fc(x)) - x[..., :4]
 
 
+class PreNormBlock(nn.Module):
+    """A transformer block's residual adds and the LayerNorms that read them."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2, self.fc = nn.LayerNorm(8), nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = x + torch.tanh(self.fc(self.ln1(x)))
+        return self.ln2(h + x)
+
+
 def _x():
     return torch.randn(2, 3, 8, 8)
 
@@ -185,6 +197,9 @@ CASES: dict[str, Case] = {
         {"conv2d_int8": 0, "add_int8": 1, "onednn_conv2d_int8": 2, "cpu_quantize": 1},
         _red, before=_INT8, calibration=True,
         configs=(QuantConfig(float_without_kernel=False),)),
+    "fuse_add_layer_norm": Case(PreNormBlock, lambda: (torch.randn(2, 5, 8),),
+                                {"add_layer_norm"}, {"add_layer_norm": 1, "LayerNorm": 1}, _lin,
+                                before=("cleanup",)),
     "lower_to_triton": Case(ConvNet, lambda: (_x(),), {"conv2d"},
                             {"triton_conv2d": 3, "conv2d_act": 0},
                             lambda: (nn.Sequential(nn.Flatten(start_dim=0)).eval(),

@@ -260,3 +260,49 @@ def test_conv_transpose2d_act_macs_and_views():
     assert v.schema is ops.CONV_TRANSPOSE2D_ACT and v.act == "relu" and v.residual is None
     assert view_of(node).output_padding == [1, 0] and not ops.FusedConv.matches(node)
     assert node.target in ops.FUSED_OPS
+
+
+# -- add_layer_norm: a transformer block's residual add and its LayerNorm ---------------------
+def _aln_inputs(shape=(2, 5, 12), affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, r = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    n = shape[-1]
+    w = torch.rand(n, generator=g) + 0.5 if affine else None
+    b = torch.randn(n, generator=g) if affine else None
+    return x, r, w, b
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5, 12), (3, 7), (1, 1, 1)])
+def test_add_layer_norm_is_the_add_and_the_layer_norm(shape, affine):
+    x, r, w, b = _aln_inputs(shape, affine)
+    s, y = torch.ops.fxopt.add_layer_norm(x, r, [shape[-1]], w, b, 1e-6)
+    ref = F.layer_norm((x + r).double(), [shape[-1]], None if w is None else w.double(),
+                       None if b is None else b.double(), 1e-6)
+    assert torch.equal(s, x + r)
+    assert rel_err(y, ref) < tolerance_for(torch.float32)
+    # over the last two dims, and a residual that broadcasts (a position embedding)
+    x, r, _, _ = _aln_inputs((2, 3, 4, 5))
+    s, y = torch.ops.fxopt.add_layer_norm(x, r[:1], [4, 5])
+    assert torch.equal(s, x + r[:1]) and torch.equal(y, F.layer_norm(x + r[:1], [4, 5]))
+
+
+def test_add_layer_norm_fake_gradient_and_schema():
+    x, r, w, b = _aln_inputs()
+    real = torch.ops.fxopt.add_layer_norm(x, r, [12], w, b)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.fxopt.add_layer_norm(*(mode.from_tensor(t) for t in (x, r)), [12],
+                                              mode.from_tensor(w), mode.from_tensor(b))
+    assert [(f.shape, f.stride()) for f in fake] == [(t.shape, t.stride()) for t in real]
+    # both outputs carry gradient: eager's, for x, r, weight and bias
+    leaves = [t.clone().requires_grad_(True) for t in (x, r, w, b)]
+    s, y = torch.ops.fxopt.add_layer_norm(leaves[0], leaves[1], [12], leaves[2], leaves[3])
+    (s.sin().sum() + (y * y).sum()).backward()
+    eager = [t.clone().requires_grad_(True) for t in (x, r, w, b)]
+    s2 = eager[0] + eager[1]
+    (s2.sin().sum() + (F.layer_norm(s2, [12], eager[2], eager[3]) ** 2).sum()).backward()
+    for a, e in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-5)
+    torch.library.opcheck(torch.ops.fxopt.add_layer_norm.default, (x, r, [12], w, b, 1e-5))
+    assert ops.ADD_LAYER_NORM.family == "fused" and ops.ADD_LAYER_NORM.decompose is not None
+    assert ops.ADD_LAYER_NORM.overload not in ops.FUSED_OPS  # not a layer: fuse_act ignores it

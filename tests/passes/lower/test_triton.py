@@ -226,6 +226,24 @@ class FloatLayers(nn.Module):
         return F.relu(self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1)))
 
 
+class AddNorm(nn.Module):
+    """A residual add and its LayerNorm (fuse_add_layer_norm: add_layer_norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(8)
+
+    def forward(self, x, r):
+        return self.ln(x + r)
+
+
+def _add_norm_graph():
+    args = (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    gm, _ = PassManager(expand_pipeline(["fuse_add_layer_norm"])).run(
+        fxopt.capture(AddNorm().eval(), args), PassContext(example_inputs=args))
+    return gm
+
+
 def _rows(gm) -> tuple:
     """The table run on a copy of ``gm``: (counts per row, the result)."""
     result = apply_rules(copy.deepcopy(gm), RULES, context=TritonLowering())
@@ -238,7 +256,8 @@ def test_every_row_fires(int8_opts, resnet_int8, float_res, float_se):
     fused, _ = PassManager(expand_pipeline(["fuse_act"])).run(
         copy.deepcopy(captured), PassContext(example_inputs=(x,)))
     counts = Counter()
-    for gm in (captured, fused, int8_opts[0], resnet_int8[1], float_res[1], float_se[1]):
+    for gm in (captured, fused, int8_opts[0], resnet_int8[1], float_res[1], float_se[1],
+               _add_norm_graph()):
         counts.update(_rows(gm)[0])
     assert set(counts) == {rule.name for rule in RULES}
     assert counts["Conv2d -> triton_depthwise_conv2d"] == 1 == counts["Conv2d -> triton_conv2d"]
