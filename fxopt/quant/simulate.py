@@ -19,7 +19,6 @@ run the same plan with gradients.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt.ir.activations import apply_activation
+from fxopt.ir.share import TensorGuard, copy_sharing_tensors
 from fxopt.quant.plan import PRE, SAME_GRID, Layer, Plan, SameGridRole
 from fxopt.quant.qparams import QParams
 
@@ -108,25 +108,32 @@ class Simulator(fx.Interpreter):
 class SimulatedInt8(nn.Module):
     """The float graph with fake quantization wherever ``plan`` puts int8 (DESIGN.md section 4).
 
-    Holds the float graph without changing it; each call interprets it."""
+    Holds the float graph without changing it; each call interprets it. ``guard``: the
+    weights it shares with a graph being rewritten (``simulated_copy``), checked unchanged
+    before every call."""
 
-    def __init__(self, gm: fx.GraphModule, plan: Plan):
+    def __init__(self, gm: fx.GraphModule, plan: Plan, guard: TensorGuard | None = None):
         super().__init__()
         self.gm = gm
         self.plan = plan
+        self._guard = guard
         # int8 weight codes and their per-channel scales
         self._fq = {n: (qp.quantize(plan.layers[n].weight), qp.scale.float())
                     for n, qp in plan.weights.items()}
 
     def forward(self, *args):
+        if self._guard is not None:
+            self._guard.check("quantize_int8")
         with torch.no_grad():
             return Simulator(self.gm, self.plan, self._fq).run(*args)
 
 
 def simulated_copy(gm: fx.GraphModule, plan: Plan) -> SimulatedInt8:
     """``SimulatedInt8`` of ``plan`` on a copy of the float graph (so that ``gm`` can then be
-    rewritten)."""
-    ref = copy.deepcopy(gm)
+    rewritten). The copy shares ``gm``'s weights (``fxopt.ir.share``: the rewrite adds and
+    deletes attributes but writes into no tensor; a write would fail the reference's guard):
+    a deep copy was one more copy of every float weight at the int8 pass's peak (issue 15)."""
+    ref = copy_sharing_tensors(gm)
     by_name = {n.name: n for n in ref.graph.nodes}
 
     def m(key):
@@ -141,4 +148,5 @@ def simulated_copy(gm: fx.GraphModule, plan: Plan) -> SimulatedInt8:
               for n, l in plan.layers.items()}
     return SimulatedInt8(ref, Plan(layers, {m(k): v for k, v in plan.roles.items()},
                                    {m(k): v for k, v in plan.grids.items()},
-                                   {m(k): v for k, v in plan.weights.items()}))
+                                   {m(k): v for k, v in plan.weights.items()}),
+                         guard=TensorGuard(ref))
