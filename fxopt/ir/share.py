@@ -61,12 +61,14 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 class TensorGuard:
-    """Records the tensors of ``module`` (version counter, storage); ``written()`` names those
-    changed in place since, ``check(pass_name)`` raises on any (module doc)."""
+    """Records the tensors of ``module`` and ``extra`` (by name) (version counter, storage);
+    ``written()`` names those changed in place since, ``check(pass_name)`` raises on any
+    (module doc)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, extra: dict[str, torch.Tensor] | None = None):
+        found = list(module_tensors(module)) + list((extra or {}).items())
         self._tensors = [(name, t, _version(t), t.untyped_storage().data_ptr())
-                         for name, t in module_tensors(module) if not t.is_meta]
+                         for name, t in found if not t.is_meta]
 
     def written(self) -> list[str]:
         return [name for name, t, v, ptr in self._tensors

@@ -109,8 +109,8 @@ def test_simulated_reference_shares_the_float_weights(monkeypatch):
     seen = {}
     real = quantize.simulated_copy
 
-    def spy(gm, plan):
-        ref = real(gm, plan)
+    def spy(gm, plan, codes=None):
+        ref = real(gm, plan, codes)
         seen["float"], seen["ref"] = _storages(gm), ref
         return ref
 
@@ -124,6 +124,24 @@ def test_simulated_reference_shares_the_float_weights(monkeypatch):
     with torch.no_grad():
         next(ref.gm.parameters()).add_(0)
     with pytest.raises(VerificationError, match="wrote into weights its reference shares"):
+        ref(x)
+
+
+def test_int8_weights_made_once_for_the_rewrite_and_its_reference(monkeypatch):
+    m, x, cal = _convnet()
+    seen = {}
+    real = quantize.simulated_copy
+    monkeypatch.setattr(quantize, "simulated_copy",
+                        lambda gm, plan, codes=None: seen.setdefault("ref", real(gm, plan, codes)))
+    opt = fxopt.optimize(m, x, pipeline=["fold_bn", "fuse_act", "quantize_int8"],
+                         quantize="int8", calibration_data=cal)
+    ref, gm = seen["ref"], opt.graph_module
+    codes = {c.untyped_storage().data_ptr() for c, _ in ref._fq.values()}
+    int8 = {b.untyped_storage().data_ptr() for k, b in gm.named_buffers() if "_w_int8_" in k}
+    assert len(codes) == 4 and codes == int8  # the IR's int8 weights are the reference's codes
+    with torch.no_grad():
+        next(b for k, b in gm.named_buffers() if "_w_int8_" in k).add_(0)
+    with pytest.raises(VerificationError, match="int8 weight codes"):
         ref(x)
 
 
