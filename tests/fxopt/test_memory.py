@@ -227,3 +227,25 @@ def test_user_model_bit_identical_and_result_independent_of_it(make, mode):
         for p in m.parameters():  # the user changes the model afterwards
             p.add_(1.0)
         assert torch.equal(opt(x), want)
+
+
+def test_float64_copy_equals_deepcopy_to_float64():
+    from fxopt.ir.check import float64_copy
+
+    m, x, _ = _convnet()
+    m.fc.weight.requires_grad_(False)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    want = __import__("copy").deepcopy(m).to(torch.float64)
+    got = float64_copy(m)
+    a, b = want.state_dict(), got.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert [p.requires_grad for p in got.parameters()] == \
+        [p.requires_grad for p in want.parameters()]
+    assert all(type(p) is nn.Parameter for p in got.parameters())
+    assert not (_storages(got) & _storages(m))  # a copy: nothing shared with the user's model
+    with torch.no_grad():
+        assert torch.equal(got(x.double()), want(x.double()))
+    now = m.state_dict()
+    assert all(now[k].dtype == state[k].dtype and torch.equal(now[k], state[k]) for k in state)
