@@ -60,6 +60,13 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no plain storage (sparse): the version only
+        return None
+
+
 class TensorGuard:
     """Records the tensors of ``module`` and ``extra`` (by name) (version counter, storage);
     ``written()`` names those changed in place since, ``check(pass_name)`` raises on any
@@ -67,12 +74,12 @@ class TensorGuard:
 
     def __init__(self, module: nn.Module, extra: dict[str, torch.Tensor] | None = None):
         found = list(module_tensors(module)) + list((extra or {}).items())
-        self._tensors = [(name, t, _version(t), t.untyped_storage().data_ptr())
-                         for name, t in found if not t.is_meta]
+        self._tensors = [(name, t, _version(t), _storage(t)) for name, t in found
+                         if not t.is_meta]
 
     def written(self) -> list[str]:
         return [name for name, t, v, ptr in self._tensors
-                if _version(t) != v or t.untyped_storage().data_ptr() != ptr]
+                if _version(t) != v or _storage(t) != ptr]
 
     def check(self, pass_name: str) -> None:
         written = self.written()
