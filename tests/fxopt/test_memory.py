@@ -249,3 +249,30 @@ def test_float64_copy_equals_deepcopy_to_float64():
         assert torch.equal(got(x.double()), want(x.double()))
     now = m.state_dict()
     assert all(now[k].dtype == state[k].dtype and torch.equal(now[k], state[k]) for k in state)
+
+
+def test_manager_collects_the_graphs_a_pass_replaced(monkeypatch):
+    from fxopt.infra import manager
+
+    class Watch(Instrument):
+        def __init__(self):
+            self.refs, self.alive = None, {}
+
+        def before_pass(self, name, gm):
+            if self.refs is None:
+                self.refs = [weakref.ref(p) for p in gm.parameters()]
+            else:  # no collection here: what the manager freed is gone, the rest is not
+                self.alive[name] = sum(r() is not None for r in self.refs)
+
+    m, x, cal = _convnet()
+    monkeypatch.setattr(manager, "COLLECT_BYTES", 0)  # this small model counts as big
+    watch = Watch()
+    gc.disable()  # only the manager's collections run: deterministic
+    try:
+        opt = fxopt.optimize(m, x, quantize="int8", calibration_data=cal, instruments=[watch])
+    finally:
+        gc.enable()
+    # after the int8 rewrite no float weight of the captured graph is left (the int8 graph and
+    # its reference, in cycles, would hold them without the manager's collection)
+    assert watch.alive["lower_int8_cpu"] == 0
+    assert opt.report.record("lower_int8_cpu") is not None
