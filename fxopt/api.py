@@ -267,7 +267,13 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         report.before = _model_stats(gm)
         ctx = PassContext(example_inputs=inputs, target=target, configs=configs,
                           calibration_data=calibration_data, original=model, debug=debug_level())
-        gm, report = manager.run(gm, ctx, report)
+        # Issue 15: no name here keeps the captured graph alive while the passes run, so the
+        # weights a pass replaces (fold_bn, prune_channels, the int8 rewrite) are freed once it
+        # is done, not held to the end beside their replacements (a second copy of the model
+        # at the int8 pass's peak). The graph goes to the manager as a value, not a name.
+        held = [gm]
+        del work, captured, gm
+        gm, report = manager.run(held.pop(), ctx, report)
         report.after = _model_stats(gm)
         with torch.no_grad(), seeded(inputs):
             final_out = gm(*clone_inputs(inputs))

@@ -23,7 +23,7 @@ from fxopt.ir.graph import module_path, tensor_meta_of
 from fxopt.ir.tolerances import CONDITIONING_FACTOR, plain_structure, rel_err, tolerance_for
 
 __all__ = ["RecordedRun", "record_run", "clone_inputs", "run_in_eval", "seeded",
-           "conditioning_floors", "first_divergence", "value_key", "describe_node"]
+           "conditioning_floors", "float64_copy", "first_divergence", "value_key", "describe_node"]
 
 
 def value_key(node: fx.Node) -> str:
@@ -154,6 +154,21 @@ def describe_node(node: fx.Node) -> str:
     return f"'{node.name}'" + (f" ({path})" if path else "")
 
 
+def float64_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model).to(torch.float64)`` without the float32 copy in between: each
+    plain floating-point parameter and buffer is converted as it is copied (issue 15: the
+    float32 copy was one more copy of the weights at the conversion's peak)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if type(p) is nn.Parameter and p.is_floating_point():
+            memo[id(p)] = nn.Parameter(p.detach().to(torch.float64, copy=True),
+                                       requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if type(b) is torch.Tensor and b.is_floating_point() and b.grad_fn is None:
+            memo[id(b)] = b.detach().to(torch.float64, copy=True)
+    return copy.deepcopy(model, memo).to(torch.float64)  # the rest as before
+
+
 def conditioning_floors(model: Any, inputs: tuple, output: Any,
                         kwargs: dict[str, Any] | None = None) -> list[float] | None:
     """Per output leaf, ``CONDITIONING_FACTOR`` times the relative error of ``output`` (the
@@ -165,7 +180,7 @@ def conditioning_floors(model: Any, inputs: tuple, output: Any,
         return v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
     try:
-        model64 = copy.deepcopy(model).to(torch.float64)
+        model64 = float64_copy(model)
         with torch.no_grad(), seeded(inputs):
             out64 = model64(*(to64(x) for x in clone_inputs(inputs)), **(kwargs or {}))
     except Exception:  # noqa: BLE001 - a model that only runs in its own dtype: no allowance

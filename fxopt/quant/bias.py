@@ -54,16 +54,20 @@ def _channel_sum(y: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
 class _Collect(fx.Interpreter):
     """Runs the float graph; at each layer sums the float output less the quantized one."""
 
-    def __init__(self, gm, layers: dict, grids: dict, fq_w: dict, sums: dict):
+    def __init__(self, gm, layers: dict, grids: dict, weights: dict, sums: dict):
         super().__init__(gm)
-        self.layers, self.grids, self.fq_w, self.sums = layers, grids, fq_w, sums
+        self.layers, self.grids, self.weights, self.sums = layers, grids, weights, sums
 
     def run_node(self, n):
         layer = self.layers.get(n)
         if layer is not None:
             x = self.env[layer.x].float()
+            # the layer's fake-quantized weights, made here and dropped after: all layers' at
+            # once were one more float copy of the model (issue 15)
+            fq_w = self.weights[n].fake_quantize(layer.weight)
             err = layer_output(layer, x, layer.weight) - \
-                layer_output(layer, self.grids[n].fake_quantize(x), self.fq_w[n])
+                layer_output(layer, self.grids[n].fake_quantize(x), fq_w)
+            del fq_w
             s, count = _channel_sum(err, layer.kind)
             total, seen = self.sums.get(n, (0.0, 0))
             self.sums[n] = (total + s, seen + count)
@@ -77,9 +81,8 @@ def bias_corrections(gm: fx.GraphModule, layers: list[Layer], grids: dict, weigh
     plan = make_plan(gm, layers, grids, weights)  # the input grids as the plan resolves them
     by_node = {l.node: l for l in layers}
     in_grids = {l.node: plan.grid(l.x) for l in layers}
-    fq_w = {l.node: weights[l.node].fake_quantize(l.weight) for l in layers}
     sums: dict = {}
-    collect = _Collect(gm, by_node, in_grids, fq_w, sums)
+    collect = _Collect(gm, by_node, in_grids, weights, sums)
     with torch.no_grad():
         for args in progress(batches, "bias correction"):
             collect.run(*args)

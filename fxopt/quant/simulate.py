@@ -19,7 +19,6 @@ run the same plan with gradients.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
@@ -28,10 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt.ir.activations import apply_activation
+from fxopt.ir.share import TensorGuard, copy_sharing_tensors
 from fxopt.quant.plan import PRE, SAME_GRID, Layer, Plan, SameGridRole
 from fxopt.quant.qparams import QParams
 
-__all__ = ["fake_quant", "Simulator", "SimulatedInt8", "simulated_copy"]
+__all__ = ["fake_quant", "Simulator", "SimulatedInt8", "simulated_copy", "weight_codes"]
 
 
 def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -108,25 +108,41 @@ class Simulator(fx.Interpreter):
 class SimulatedInt8(nn.Module):
     """The float graph with fake quantization wherever ``plan`` puts int8 (DESIGN.md section 4).
 
-    Holds the float graph without changing it; each call interprets it."""
+    Holds the float graph without changing it; each call interprets it. ``guard``: the
+    weights it shares with a graph being rewritten (``simulated_copy``), checked unchanged
+    before every call."""
 
-    def __init__(self, gm: fx.GraphModule, plan: Plan):
+    def __init__(self, gm: fx.GraphModule, plan: Plan, guard: TensorGuard | None = None,
+                 codes: dict[fx.Node, torch.Tensor] | None = None):
         super().__init__()
         self.gm = gm
         self.plan = plan
+        self._guard = guard
+        codes = codes if codes is not None else weight_codes(plan)
         # int8 weight codes and their per-channel scales
-        self._fq = {n: (qp.quantize(plan.layers[n].weight), qp.scale.float())
-                    for n, qp in plan.weights.items()}
+        self._fq = {n: (codes[n], qp.scale.float()) for n, qp in plan.weights.items()}
 
     def forward(self, *args):
+        if self._guard is not None:
+            self._guard.check("quantize_int8")
         with torch.no_grad():
             return Simulator(self.gm, self.plan, self._fq).run(*args)
 
 
-def simulated_copy(gm: fx.GraphModule, plan: Plan) -> SimulatedInt8:
+def weight_codes(plan: Plan) -> dict[fx.Node, torch.Tensor]:
+    """Each int8 layer's weight codes on its per-channel grid, by layer node."""
+    return {n: qp.quantize(plan.layers[n].weight) for n, qp in plan.weights.items()}
+
+
+def simulated_copy(gm: fx.GraphModule, plan: Plan,
+                   codes: dict[fx.Node, torch.Tensor] | None = None) -> SimulatedInt8:
     """``SimulatedInt8`` of ``plan`` on a copy of the float graph (so that ``gm`` can then be
-    rewritten)."""
-    ref = copy.deepcopy(gm)
+    rewritten); ``codes``: the weights' int8 codes (``weight_codes(plan)``) when the rewrite
+    writes the same tensors into ``gm`` (one copy of the codes, not two; guarded too). The
+    copy shares ``gm``'s weights (``fxopt.ir.share``: the rewrite adds and deletes attributes
+    but writes into no tensor; a write would fail the reference's guard): a deep copy was one
+    more copy of every float weight at the int8 pass's peak (issue 15)."""
+    ref = copy_sharing_tensors(gm)
     by_name = {n.name: n for n in ref.graph.nodes}
 
     def m(key):
@@ -139,6 +155,9 @@ def simulated_copy(gm: fx.GraphModule, plan: Plan) -> SimulatedInt8:
     layers = {m(n): replace(l, node=m(l.node), x=m(l.x),
                             residual=None if l.residual is None else m(l.residual))
               for n, l in plan.layers.items()}
+    codes = None if codes is None else {m(n): c for n, c in codes.items()}
+    guarded = {f"{n.name} (int8 weight codes)": c for n, c in (codes or {}).items()}
     return SimulatedInt8(ref, Plan(layers, {m(k): v for k, v in plan.roles.items()},
                                    {m(k): v for k, v in plan.grids.items()},
-                                   {m(k): v for k, v in plan.weights.items()}))
+                                   {m(k): v for k, v in plan.weights.items()}),
+                         guard=TensorGuard(ref, guarded), codes=codes)

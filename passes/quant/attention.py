@@ -21,7 +21,6 @@ and after must agree within float rounding); a rewrite that does not agree is un
 """
 from __future__ import annotations
 
-import copy
 import math
 import operator
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from fxopt.ir.attention import linear_from, node_arg, self_attention_blocker
 from fxopt.ir.capture import propagate_shapes
 from fxopt.ir.graph import copy_meta, get_attr_value, module_path
+from fxopt.ir.share import TensorGuard, copy_sharing_tensors
 
 __all__ = ["decompose_attention", "standard_self_attention", "standard_window_attention",
            "window_attention"]
@@ -248,7 +248,11 @@ def decompose_attention(gm: fx.GraphModule,
         swin is not None and n.op == "call_function" and n.target is swin)]
     if not calls:
         return gm, [], []
-    work = copy.deepcopy(gm)
+    # The modules and graph copied, the weights shared (the rewrite replaces modules and reads
+    # weights, it writes into none; the guard checks): a deep copy was one more copy of the
+    # model while the pass ran (issue 15, vit_h_14)
+    work = copy_sharing_tensors(gm)
+    guard = TensorGuard(gm)
     notes, done = [], []
     for n in [n for n in work.graph.nodes if n.name in calls]:
         if n.op == "call_function":
@@ -270,6 +274,7 @@ def decompose_attention(gm: fx.GraphModule,
         return gm, [], notes
     work.graph.lint()
     work.recompile()
+    guard.check("quantize_int8")
     with torch.no_grad():
         want = gm(*example_inputs)
         propagate_shapes(work, example_inputs)

@@ -66,7 +66,7 @@ from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import compare, output_step, outputs
 from fxopt.quant.plan import find_layers, make_plan
 from fxopt.quant.select import fallback, has_cpu_kernel, select_layers, sensitivity
-from fxopt.quant.simulate import SimulatedInt8, simulated_copy
+from fxopt.quant.simulate import SimulatedInt8, simulated_copy, weight_codes
 from fxopt.quant.smooth import smooth_layernorms
 
 __all__ = ["quantize_int8", "CALIBRATED_IF_STATIC"]
@@ -178,8 +178,10 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                               stats={**stats, "kept_float": len(kept)},
                               notes=notes)
     plan = make_plan(gm, layers, grids, weights)
-    reference = simulated_copy(gm, plan)
-    writer = Writer(gm, plan)
+    # the int8 weights made once: the reference reads them and the rewrite writes them in
+    codes = weight_codes(plan)
+    reference = simulated_copy(gm, plan, codes)
+    writer = Writer(gm, plan, weight_codes=codes)
     exits = writer.run()
     for n in reversed(list(gm.graph.nodes)):  # the float weights' reads, now dead
         if n.op == "get_attr" and not n.users:

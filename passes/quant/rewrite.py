@@ -33,8 +33,10 @@ def _label(n: fx.Node) -> str:
 class Writer:
     """Writes the int8 IR for ``plan`` into ``gm`` (the graph the plan was made on)."""
 
-    def __init__(self, gm: fx.GraphModule, plan: Plan):
+    def __init__(self, gm: fx.GraphModule, plan: Plan,
+                 weight_codes: dict[fx.Node, torch.Tensor] | None = None):
         self.gm, self.g, self.plan = gm, gm.graph, plan
+        self.weight_codes = weight_codes or {}  # the layers' int8 weights, when made already
         self.codes: dict[fx.Node, fx.Node] = {}   # original int8 node -> node of its codes
         self.entries: dict[fx.Node, fx.Node] = {}  # float value -> its quantize node
         self.attrs: dict = {}
@@ -83,7 +85,8 @@ class Writer:
         base = layer.label.replace(".", "_")
         x, xs, xz, x_qp = self.input_codes(layer.x, n)
         w_qp = self.plan.weights[n]
-        w_q = self.attr(f"{base}_w_int8_", w_qp.quantize(layer.weight))
+        w_q = self.weight_codes.get(n)
+        w_q = self.attr(f"{base}_w_int8_", w_qp.quantize(layer.weight) if w_q is None else w_q)
         w_s = self.attr(f"{base}_w_scale_", w_qp.scale.clone())
         b = None if layer.bias is None else self.attr(f"{base}_bias_", layer.bias.clone())
         split = layer.residual is not None
