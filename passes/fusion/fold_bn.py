@@ -33,6 +33,14 @@ Never silently wrong:
   the module's own path;
 - BN in training mode, or without running statistics, is left alone with a note.
 
+An identity branch's BN (RepVGG: ``conv3x3(x) + conv1x1(x) + bn(x)``, each conv's own BN
+folded first) folds into the centre tap of a conv summed with it that maps ``x`` to its own
+shape (stride 1, dilation 1, odd kernel with padding k // 2, C_in == C_out, groups 1 or C, one
+call site): ``W'[c, c, k//2, k//2] += s[c]`` (``[c, 0, ...]`` depthwise) and ``b' += t``, where
+``bn(x) = s x + t``, and the add is dropped. The centre tap of such a conv reads ``x`` at the
+output's own position, so this is exact; the conv becomes a new module (its old weights are not
+written). Stats: ``identity_folded``.
+
 The old layer and BN parameters are deleted: parameters and bytes drop (except for private
 copies, above).
 
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import numbers
 from dataclasses import dataclass
 
@@ -54,7 +63,8 @@ import torch.nn.functional as F
 from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module, op
-from fxopt.ir.graph import add_buffer, copy_meta, get_attr_value, is_shape_read, tensor_meta
+from fxopt.ir.graph import (add_buffer, copy_meta, get_attr_value, is_shape_read,
+                            remove_unused_attributes, tensor_meta)
 
 __all__ = ["fold_bn", "RULES", "fold_weights", "LAYER_TYPES", "BN_TYPES"]
 
@@ -339,13 +349,109 @@ RULES = [
 ]
 
 
+# -- an identity branch's BN beside a conv of the same input (RepVGG) --------------------------
+def _sum_terms(node: fx.Node) -> list[fx.Node]:
+    """The terms of a sum of single-reader ``operator.add`` nodes (``node`` itself if not one)."""
+    if node.op == "call_function" and node.target is operator.add and len(node.args) == 2 \
+            and not node.kwargs and len(node.users) == 1 \
+            and all(isinstance(a, fx.Node) for a in node.args):
+        return _sum_terms(node.args[0]) + _sum_terms(node.args[1])
+    return [node]
+
+
+def _same_map_conv(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> nn.Conv2d | None:
+    """The ``nn.Conv2d`` of ``node`` if it maps ``x`` (its only argument) to a tensor of x's own
+    shape whose centre tap reads channel ``c`` for output ``c``: stride 1, dilation 1, odd
+    kernel with zero padding k // 2, C_in == C_out, groups 1 or C; called at this site only."""
+    if node.op != "call_module" or node.args != (x,) or node.kwargs or len(node.users) != 1:
+        return None
+    conv = get_attr_value(gm, node.target)
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+        return None
+    k = tuple(conv.kernel_size)
+    if conv.in_channels != conv.out_channels or conv.groups not in (1, conv.in_channels) \
+            or tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1) \
+            or any(d % 2 == 0 for d in k) or tuple(conv.padding) != tuple(d // 2 for d in k):
+        return None
+    sites = sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes)
+    xm, ym = tensor_meta(x), tensor_meta(node)
+    if sites != 1 or xm is None or ym is None or tuple(xm.shape) != tuple(ym.shape):
+        return None
+    return conv
+
+
+def _fold_identity_bns(gm: fx.GraphModule) -> tuple[int, list[str]]:
+    """``conv(x) + ... + bn(x)`` -> ``conv'(x) + ...``: an eval BatchNorm of a value that a
+    conv of the same map also reads, the two summed (RepVGG's identity branch), folds into the
+    conv's centre tap: ``W'[c, c or 0, k//2, k//2] += s[c]``, ``b' = b + t`` (``bn(x) = s x + t``;
+    exact: the centre tap of a stride-1 same-padded conv reads ``x`` at the output's own
+    position). The conv becomes a new module (the old weights are not written)."""
+    count, notes = 0, []
+    for bn_node in list(gm.graph.nodes):
+        is_bn = (bn_node.op == "call_module"
+                 and isinstance(get_attr_value(gm, bn_node.target), BN_TYPES)) \
+            or (bn_node.op == "call_function" and bn_node.target is F.batch_norm)
+        if not is_bn or not bn_node.args or not isinstance(bn_node.args[0], fx.Node) \
+                or len(bn_node.users) != 1:
+            continue
+        x, add = bn_node.args[0], next(iter(bn_node.users))
+        if not (add.op == "call_function" and add.target is operator.add and len(add.args) == 2
+                and not add.kwargs and bn_node in add.args):
+            continue
+        other = add.args[1] if add.args[0] is bn_node else add.args[0]
+        if not isinstance(other, fx.Node) or other is bn_node:
+            continue
+        conv_node = next((t for t in _sum_terms(other) if _same_map_conv(gm, t, x) is not None),
+                         None)
+        if conv_node is None:
+            continue
+        stats = _bn_stats(Match(None, gm, bn_node, {"bn": bn_node}, {"bn"}))
+        if isinstance(stats, str):
+            notes.append(stats)
+            continue
+        conv = get_attr_value(gm, conv_node.target)
+        scale = torch.rsqrt(stats.var.detach().double() + stats.eps)
+        if stats.gamma is not None:
+            scale = scale * stats.gamma.detach().double()
+        shift = -stats.mean.detach().double() * scale
+        if stats.beta is not None:
+            shift = shift + stats.beta.detach().double()
+        w = conv.weight.detach().double().clone()
+        c = torch.arange(conv.out_channels)
+        cy, cx = (d // 2 for d in conv.kernel_size)
+        w[c, 0 if conv.groups > 1 else c, cy, cx] += scale
+        bias = shift if conv.bias is None else conv.bias.detach().double() + shift
+        folded = copy.deepcopy(conv)
+        folded.weight = nn.Parameter(w.to(conv.weight.dtype),
+                                     requires_grad=conv.weight.requires_grad)
+        folded.bias = nn.Parameter(bias.to(conv.weight.dtype),
+                                   requires_grad=conv.weight.requires_grad)
+        parent, _, leaf = conv_node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, folded)
+        add.replace_all_uses_with(other)
+        gm.graph.erase_node(add)
+        gm.graph.erase_node(bn_node)
+        count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        remove_unused_attributes(gm)
+        gm.graph.lint()
+        gm.recompile()
+        notes.append(f"{count} identity-branch BatchNorm(s) folded into the centre tap of the "
+                     f"conv summed with them (RepVGG)")
+    return count, notes
+
+
 @register_pass("fold_bn", requires=(EVAL_MODE,), reference="exact")
 def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Fold BatchNorm (module or F.batch_norm) into the conv, transposed conv or linear before
     it."""
     result = apply_rules(gm, RULES)
-    return PassResult(gm, modified=result.count > 0,
-                      stats={"folded": result.count,
-                             "private_copies": result.tallies.get("private_copies", 0),
-                             "left": len(result.rejected)},
-                      notes=list(result.notes))
+    identity, identity_notes = _fold_identity_bns(gm)
+    stats = {"folded": result.count, "private_copies": result.tallies.get("private_copies", 0),
+             "left": len(result.rejected)}
+    if identity:
+        stats["identity_folded"] = identity
+    return PassResult(gm, modified=result.count > 0 or identity > 0, stats=stats,
+                      notes=list(result.notes) + identity_notes)
