@@ -54,15 +54,15 @@ def _data(calib: int):
 @contextlib.contextmanager
 def before_rows():
     """The plan without the ``move`` row and the BatchNorm role (what main plans)."""
-    from fxopt.quant import plan
+    from fxopt.quant import plan, roles
 
-    move = plan.SAME_GRID.pop("move")
+    move = roles.SAME_GRID.pop("move")
     bn = plan.batch_norm_of
     plan.batch_norm_of = lambda gm, n: None
     try:
         yield
     finally:
-        plan.SAME_GRID["move"] = move
+        roles.SAME_GRID["move"] = move
         plan.batch_norm_of = bn
 
 

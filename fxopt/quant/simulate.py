@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from fxopt.ir.activations import apply_activation
 from fxopt.ir.share import TensorGuard, copy_sharing_tensors
-from fxopt.quant.plan import PRE, SAME_GRID, Layer, Plan, SameGridRole
+from fxopt.quant.plan import PRE, Layer, Plan
+from fxopt.quant.roles import SAME_GRID, SameGridRole
 from fxopt.quant.qparams import QParams
 
 __all__ = ["fake_quant", "Simulator", "SimulatedInt8", "simulated_copy", "weight_codes"]

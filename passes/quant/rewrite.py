@@ -20,7 +20,8 @@ import torch.fx as fx
 from fxopt.ir.graph import add_buffer, copy_meta, module_path, tensor_meta_of
 from fxopt.ops.int8 import (ADD_INT8, BATCH_NORM2D_INT8, CAT_INT8, CONV2D_INT8, DEQUANTIZE,
                             LINEAR_INT8, MUL_INT8, QUANTIZE)
-from fxopt.quant.plan import PRE, SAME_GRID, Plan
+from fxopt.quant.plan import PRE, Plan
+from fxopt.quant.roles import SAME_GRID
 from fxopt.quant.qparams import QParams
 
 __all__ = ["Writer"]

@@ -14,7 +14,7 @@ that QuantizeLinear (their range is the grid's), nothing else, and it runs
 QLinearMul. A fused ``conv + hardswish`` layer with only its post-activation grid ran as a float
 Conv: fxopt's QDQ file of mobilenet_v3_large was 2.5x slower in ONNX Runtime than
 ``quantize_static``'s. The activation calls made here carry ``OWN_GRID_ACTIVATION`` in their
-meta: the planner's ``activation`` row (``fxopt.quant.plan``) matches only those, so the CPU
+meta: the planner's ``activation`` row (``fxopt.quant.roles``) matches only those, so the CPU
 target's plan (oneDNN fuses these activations) is unchanged.
 
     >>> split_unfused_activations(gm)       # number of layers split
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ir.graph import copy_meta
-from fxopt.quant.plan import OWN_GRID_ACTIVATION, QuantizableFused
+from fxopt.quant.plan import QuantizableFused
+from fxopt.quant.roles import OWN_GRID_ACTIVATION
 
 __all__ = ["ORT_FUSED_ACTIVATIONS", "split_unfused_activations"]
 

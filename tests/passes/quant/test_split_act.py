@@ -12,7 +12,7 @@ import fxopt
 from fxopt.ir.tolerances import compare_outputs
 from fxopt.ops.fused import CONV2D_ACT, LINEAR_ACT
 from fxopt.passes.quant.split_act import ORT_FUSED_ACTIVATIONS, split_unfused_activations
-from fxopt.quant.plan import OWN_GRID_ACTIVATION
+from fxopt.quant.roles import OWN_GRID_ACTIVATION
 from tests.support.small_nets import MobileBlock
 
 ort = pytest.importorskip("onnxruntime")
