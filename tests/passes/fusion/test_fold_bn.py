@@ -3,48 +3,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fold_bn_checks import bn_left, randomize_bn, run_fold
 
 import fxopt
 from fxopt.infra.registry import PassContext
 from fxopt.ir.graph import count_bytes, count_params
 from fxopt.ir.tolerances import compare_outputs, rel_err, tolerance_for
-from fxopt.ir.verify import verify_structure
 from fxopt.passes.fusion.fold_bn import BNStats, fold_bn, fold_weights
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def randomize_bn(model, *, affine_params=True):
-    """Trained-like BN statistics: the defaults (mean 0, var 1, gamma 1, beta 0) hide mistakes."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if m.running_mean is not None:
-                m.running_mean.uniform_(-1.0, 1.0)
-                m.running_var.uniform_(0.3, 2.0)
-            if m.affine and affine_params:
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.5, 0.5)
-    return model
-
-
-def run_fold(model, *inputs):
-    model = model.eval()
-    gm = fxopt.capture(model, inputs)
-    before = count_params(gm), count_bytes(gm)
-    res = fold_bn(gm, PassContext(example_inputs=inputs))
-    assert verify_structure(gm) == []
-    with torch.no_grad():
-        out, ref = gm(*inputs), model(*inputs)
-    stats = compare_outputs(out, ref)
-    assert stats.ok, f"rel err {stats.rel_err:.2e}"
-    return gm, res, before
-
-
-def bn_left(gm):
-    mods = [n for n in gm.graph.nodes if n.op == "call_module"
-            and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)]
-    fns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.batch_norm]
-    return len(mods) + len(fns)
 
 
 class LayerBN(nn.Module):
@@ -473,88 +440,3 @@ def test_levit_linear_norms_fold():
             and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)]
     assert sorted(left) == ["head.bn", "head_dist.bn"]
     assert opt.report.record("fold_bn").stats["left"] == 0
-
-
-class RepBlock(nn.Module):
-    """RepVGG's block: relu(bn(conv3x3(x)) + bn(conv1x1(x)) + bn_id(x)), its identity BN as a
-    module or as F.batch_norm; ``groups``: 1 or depthwise."""
-
-    def __init__(self, c=6, groups=1, functional=False, stride=1, k=3, pad=None):
-        super().__init__()
-        self.c3 = nn.Conv2d(c, c, k, stride, k // 2 if pad is None else pad, groups=groups,
-                            bias=False)
-        self.b3 = nn.BatchNorm2d(c)
-        self.c1 = nn.Conv2d(c, c, 1, stride, groups=groups, bias=False)
-        self.b1 = nn.BatchNorm2d(c)
-        self.bid = nn.BatchNorm2d(c)
-        self.functional = functional
-
-    def forward(self, x):
-        y = self.b3(self.c3(x)) + self.b1(self.c1(x))
-        if self.functional:
-            b = self.bid
-            return torch.relu(y + F.batch_norm(x, b.running_mean, b.running_var, b.weight,
-                                               b.bias, False, 0.1, b.eps))
-        return torch.relu(y + self.bid(x))
-
-
-@pytest.mark.parametrize("groups", [1, 6])
-@pytest.mark.parametrize("functional", [False, True])
-def test_identity_branch_bn_folds_into_the_conv_beside_it(groups, functional):
-    torch.manual_seed(0)
-    model = randomize_bn(RepBlock(groups=groups, functional=functional)).eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(2, 6, 9, 7)
-    gm, res, _ = run_fold(nn.Sequential(model, RepBlock(groups=groups)).eval(), x)
-    assert res.stats["identity_folded"] == 2 and bn_left(gm) == 0, res.stats
-    assert "identity-branch" in res.notes[-1]
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # the identity BN's add is gone: each block sums its two convs, then the ReLU
-    adds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "add"]
-    assert len(adds) == 2
-
-
-@pytest.mark.parametrize("kw", [dict(stride=2), dict(k=3, pad=0), dict(k=1)])
-def test_identity_bn_left_where_the_centre_tap_is_not_x(kw):
-    torch.manual_seed(0)
-    model = randomize_bn(RepBlock(**kw)).eval()
-    x = torch.randn(2, 6, 8, 8)
-    if kw.get("stride") == 2 or kw.get("pad") == 0:  # shapes differ: not even a valid model
-        with pytest.raises(RuntimeError):
-            model(x)
-        return
-    # k=1 with padding 0 is a valid same map (its centre tap is x): it folds
-    gm, res, _ = run_fold(model, x)
-    assert res.stats["identity_folded"] == 1 and bn_left(gm) == 0
-
-
-class IdentityBNReadTwice(nn.Module):
-    def __init__(self, c=4):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-        self.other = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        y = self.conv(x)
-        i = self.bn(x)
-        return y + i, i * 2, self.other(x) + self.conv(x)  # bn read twice; conv shared
-
-
-class IdentityBNWrongShape(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, dilation=1), nn.BatchNorm2d(4)
-        self.dil = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
-        self.bn2 = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return self.dil(x) + self.bn2(x)  # dilated: its centre tap is x, but left alone
-
-
-@pytest.mark.parametrize("model_cls", [IdentityBNReadTwice, IdentityBNWrongShape])
-def test_identity_bn_left_alone_when_folding_would_change_another_reader(model_cls):
-    torch.manual_seed(0)
-    model = randomize_bn(model_cls()).eval()
-    x = torch.randn(1, 4, 6, 6)
-    gm, res, _ = run_fold(model, x)
-    assert "identity_folded" not in res.stats and bn_left(gm) >= 1
