@@ -292,6 +292,15 @@ def _compare(out: list, ref: list, step: float | None, precision: str | None) ->
     return compare_outputs(out, ref)
 
 
+def _allowed(stats: ErrorStats, theirs: float, bound: float, measure: str,
+             why: str) -> ErrorStats:
+    """``stats`` judged by an allowance instead: the engine's error ``theirs`` against
+    ``bound``; ``measure`` says which bound, ``why`` why it failed."""
+    ok = theirs <= bound
+    return ErrorStats(max_abs=stats.max_abs, rel_err=theirs, tolerance=bound, ok=ok,
+                      dtype=measure, reason="" if ok else why)
+
+
 def _as_accurate(out: list, ref: list, float_model: nn.Module | None, batch: tuple,
                  stats: ErrorStats) -> ErrorStats:
     """The int8 allowance (module docstring): ``out`` against the float model's outputs no
@@ -304,15 +313,13 @@ def _as_accurate(out: list, ref: list, float_model: nn.Module | None, batch: tup
         return stats
     ours = max(rel_err(r, e) for r, e in zip(ref, exact))
     theirs = max(rel_err(o, e) for o, e in zip(out, exact))
-    bound = INT8_ACCURACY_SLACK * ours + 1e-6
-    return ErrorStats(max_abs=stats.max_abs, rel_err=theirs, tolerance=bound, ok=theirs <= bound,
-                      dtype=f"int8: rel err vs the float model {theirs:.3g} <= "
-                            f"{INT8_ACCURACY_SLACK} x fxopt's {ours:.3g} (max abs vs the graph "
-                            f"{stats.max_abs:.3g}, {stats.max_abs / stats.tolerance:.1f} steps)",
-                      reason="" if theirs <= bound else
-                      f"rel err against the float model {theirs:.3g} > {INT8_ACCURACY_SLACK} x "
-                      f"fxopt's int8 {ours:.3g}, and max abs {stats.max_abs:.3g} > one output "
-                      f"step {stats.tolerance:.3g}")
+    return _allowed(stats, theirs, INT8_ACCURACY_SLACK * ours + 1e-6,
+                    f"int8: rel err vs the float model {theirs:.3g} <= {INT8_ACCURACY_SLACK} x "
+                    f"fxopt's {ours:.3g} (max abs vs the graph {stats.max_abs:.3g}, "
+                    f"{stats.max_abs / stats.tolerance:.1f} steps)",
+                    f"rel err against the float model {theirs:.3g} > {INT8_ACCURACY_SLACK} x "
+                    f"fxopt's int8 {ours:.3g}, and max abs {stats.max_abs:.3g} > one output "
+                    f"step {stats.tolerance:.3g}")
 
 
 def _as_accurate_bf16(out: list, ref: list, module: nn.Module, batch: tuple,
@@ -336,13 +343,11 @@ def _as_accurate_bf16(out: list, ref: list, module: nn.Module, batch: tuple,
         return stats
     ours = max(rel_err(o.float(), r) for o, r in zip(ours_out, ref))
     theirs = max(rel_err(o, r) for o, r in zip(out, ref))
-    bound = max(INT8_ACCURACY_SLACK * ours, stats.tolerance)
-    return ErrorStats(max_abs=stats.max_abs, rel_err=theirs, tolerance=bound, ok=theirs <= bound,
-                      dtype=f"bf16: rel err vs the float32 graph {theirs:.3g} <= "
-                            f"{INT8_ACCURACY_SLACK} x the graph's own in bfloat16 {ours:.3g}",
-                      reason="" if theirs <= bound else
-                      f"rel err {theirs:.3g} against the float32 graph > {INT8_ACCURACY_SLACK} "
-                      f"x the graph's own in bfloat16 ({ours:.3g}) and > {stats.tolerance:.0e}")
+    return _allowed(stats, theirs, max(INT8_ACCURACY_SLACK * ours, stats.tolerance),
+                    f"bf16: rel err vs the float32 graph {theirs:.3g} <= {INT8_ACCURACY_SLACK} x "
+                    f"the graph's own in bfloat16 {ours:.3g}",
+                    f"rel err {theirs:.3g} against the float32 graph > {INT8_ACCURACY_SLACK} x "
+                    f"the graph's own in bfloat16 ({ours:.3g}) and > {stats.tolerance:.0e}")
 
 
 def check_engine(engine: Engine, module: nn.Module, inputs: tuple, *,

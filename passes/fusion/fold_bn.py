@@ -93,6 +93,17 @@ class BNStats:
     label: str  # the BN's module path or node name, for notes
 
 
+def _affine(bn: BNStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, t)`` in float64 with ``bn(x) = s * x + t`` per channel (eval mode)."""
+    scale = torch.rsqrt(bn.var.detach().to(torch.float64) + bn.eps)
+    if bn.gamma is not None:
+        scale = scale * bn.gamma.detach().to(torch.float64)
+    shift = -bn.mean.detach().to(torch.float64) * scale
+    if bn.beta is not None:
+        shift = shift + bn.beta.detach().to(torch.float64)
+    return scale, shift
+
+
 def fold_weights(weight: torch.Tensor, bias: torch.Tensor | None, bn: BNStats, *,
                  transposed: bool = False, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') of a layer with ``weight``/``bias`` followed by ``bn``, in the weight's dtype.
@@ -103,13 +114,7 @@ def fold_weights(weight: torch.Tensor, bias: torch.Tensor | None, bn: BNStats, *
     """
     # Per-channel factors in float64; the weight itself is scaled in (at least) float32: one
     # rounding of the product either way, and a tenth of the time on big models.
-    mean, var = bn.mean.detach().to(torch.float64), bn.var.detach().to(torch.float64)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.gamma is not None:
-        scale = scale * bn.gamma.detach().to(torch.float64)
-    shift = -mean * scale
-    if bn.beta is not None:
-        shift = shift + bn.beta.detach().to(torch.float64)
+    scale, shift = _affine(bn)
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(work)
     scale_w = scale.to(work)
@@ -410,12 +415,7 @@ def _fold_identity_bns(gm: fx.GraphModule) -> tuple[int, list[str]]:
             notes.append(stats)
             continue
         conv = get_attr_value(gm, conv_node.target)
-        scale = torch.rsqrt(stats.var.detach().double() + stats.eps)
-        if stats.gamma is not None:
-            scale = scale * stats.gamma.detach().double()
-        shift = -stats.mean.detach().double() * scale
-        if stats.beta is not None:
-            shift = shift + stats.beta.detach().double()
+        scale, shift = _affine(stats)
         w = conv.weight.detach().double().clone()
         c = torch.arange(conv.out_channels)
         cy, cx = (d // 2 for d in conv.kernel_size)
