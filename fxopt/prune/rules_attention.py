@@ -17,7 +17,9 @@ All four are one rule: an einsum. Every operand dim gets a letter; a letter the 
 ``q[...le], k[...se], v[...sv] -> [...lv]`` plus a softmax over ``s`` (never pruned: a token
 dim) and a mask over ``ls``. SDPA's default scale is ``1/sqrt(E)`` of ``q``'s last dim: when that
 dim is pruned, the rule writes the original scale into the call (a ``Rewrite("value")``).
-torchvision's ``shifted_window_attention`` (Swin) has a rule of its own (see its doc).
+torchvision's ``shifted_window_attention`` (Swin) has a rule of its own (see its doc), and so has
+the patch merging between its stages (``_patch_merging_pad``: four strided slices of the stream
+concatenated along the channels).
 
     >>> # a = q @ k.transpose(-2, -1); q, k: Layout(3, [0..63]) (head dims)
     >>> matmul(walk, node)   # q's slot i united with k's; a: FREE (the head dim was summed)
@@ -42,7 +44,7 @@ from fxopt.prune.rule_table import register_channel_rule
 from fxopt.prune.walk import ChannelWalk, Unsupported
 
 __all__ = ["contract", "parse_einsum", "matmul", "einsum", "scaled_dot_product_attention",
-           "shifted_window_attention"]
+           "shifted_window_attention", "patch_merging_pad"]
 
 
 def contract(walk: ChannelWalk, n: fx.Node, operands: list, letters: list[str], out: str) -> None:
@@ -226,3 +228,33 @@ def shifted_window_attention(walk: ChannelWalk, n: fx.Node) -> None:
 
 if _swin_attention():
     register_channel_rule(_swin_attention()[0])(shifted_window_attention)
+
+
+def _swin_patch_merging():
+    try:
+        from torchvision.models.swin_transformer import _patch_merging_pad
+        return (_patch_merging_pad,)
+    except Exception:  # noqa: BLE001 - torchvision is optional
+        return ()
+
+
+def patch_merging_pad(walk: ChannelWalk, n: fx.Node) -> None:
+    """torchvision's Swin patch merging: ``x[..., H, W, C] -> [..., H/2, W/2, 4C]``, the four
+    strided 2x2 slices of ``x`` concatenated along the channels (``x0, x1, x2, x3``). Output
+    channel ``k * C + c`` is input channel ``c`` for every ``k``: the input's slots, four times
+    (the LayerNorm and the reduction Linear after it read each stream channel four times). Any
+    other layout of the input (pruned along a spatial dim) is not this op's business: frozen."""
+    x = n.args[0] if n.args else n.kwargs.get("x")
+    lay = walk.layout(x)
+    if lay.free:
+        walk.set(n, FREE)
+        return
+    if lay.pdim != ndim_of(x) - 1 or ndim_of(n) != ndim_of(x):
+        raise Unsupported("")
+    vec = np.concatenate([lay.vec] * 4)
+    walk.event("concat", n, vec)
+    walk.set(n, Layout(ndim_of(n) - 1, vec))
+
+
+if _swin_patch_merging():
+    register_channel_rule(_swin_patch_merging()[0])(patch_merging_pad)

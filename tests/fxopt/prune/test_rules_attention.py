@@ -131,3 +131,38 @@ def test_swin_window_attention_prunes_head_dims_with_the_stream():
     assert rec.status == "ok" and rec.modified and rec.rel_err <= rec.tolerance
     params = dict(opt.graph_module.named_parameters())
     assert params["attn.qkv.weight"].shape == (24, 8)  # 2 heads of dim 4, q/k/v
+
+
+class SwinMerge(nn.Module):
+    """Two Swin stages' worth of stream: a stem, torchvision's PatchMerging (V1 and V2: the
+    four strided slices concatenated along the channels, LayerNorm, Linear 4C -> 2C), a head."""
+
+    def __init__(self, merging, c=8):
+        super().__init__()
+        self.stem = nn.Linear(3, c)
+        self.merge = merging(c)
+        self.head = nn.Linear(2 * c, 4)
+
+    def forward(self, x):
+        return self.head(self.merge(torch.relu(self.stem(x))).mean((1, 2)))
+
+
+@pytest.mark.parametrize("version", ["PatchMerging", "PatchMergingV2"])
+def test_swin_patch_merging_prunes_the_stream_before_it(version):
+    """Failed before the rule: the stream before each PatchMerging was frozen ("unsupported op
+    torchvision.models.swin_transformer._patch_merging_pad"), stages 1-3 of swin_t unpruned
+    (params ratio 0.462 at prune=0.5, now 0.257). Each stream channel is read four times by the
+    merge's LayerNorm and Linear: all four go with it."""
+    tv = pytest.importorskip("torchvision.models.swin_transformer")
+    model = zoo.randomize(SwinMerge(getattr(tv, version)))
+    x = torch.randn(2, 6, 6, 3, generator=torch.Generator().manual_seed(0))  # odd: padded
+    g = {gr.name: gr for gr in channel_groups(model, x).groups}
+    assert not g["stem"].frozen and g["stem"].units == 8
+    opt = fxopt.optimize(model, x, pipeline=["prune_channels"], prune=0.5)
+    rec = opt.report.record("prune_channels")
+    assert rec.status == "ok" and rec.modified and rec.rel_err <= rec.tolerance
+    params = dict(opt.graph_module.named_parameters())
+    assert params["stem.weight"].shape == (4, 3)
+    assert params["merge.reduction.weight"].shape[1] == 16  # 4 slices x 4 kept channels
+    if version == "PatchMerging":  # V1 normalizes the 4C slices, V2 the reduction's output
+        assert params["merge.norm.weight"].shape == (16,)
