@@ -40,7 +40,7 @@ __all__ = ["PIPELINES", "FEATURE_PASSES", "ENGINE_TARGETS", "build_pipeline", "e
 
 PIPELINES: dict[str, list[str]] = {
     "cleanup": ["cleanup"],
-    "default": ["cleanup", "fold_bn", "fuse_act", "cleanup"],
+    "default": ["cleanup", "fold_bn", "merge_convs", "fuse_act", "cleanup"],
 }
 
 # optimize()'s feature options and the pass each turns on (its config class is the pass's).

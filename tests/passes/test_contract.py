@@ -77,6 +77,18 @@ class ConvNet(nn.Module):
         return self.fc(self.drop(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1)))
 
 
+class Branches(nn.Module):
+    """RepVGG's block: a 3x3 and a 1x1 conv of one input, each with its BatchNorm, summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.c3, self.b3 = nn.Conv2d(3, 8, 3, padding=1), _bn(8)
+        self.c1, self.b1 = nn.Conv2d(3, 8, 1), _bn(8)
+
+    def forward(self, x):
+        return torch.relu(self.b3(self.c3(x)) + self.b1(self.c1(x)))
+
+
 class Redundant(nn.Module):
     """Dead code, a duplicate, a constant subexpression and no-ops for the cleanup passes."""
 
@@ -173,6 +185,8 @@ CASES: dict[str, Case] = {
                          {"Identity": 0}, _lin),
     "fold_bn": Case(ConvNet, lambda: (_x(),), {"folded"}, {"BatchNorm2d": 0, "Conv2d": 3},
                     _lin, before=("cleanup",)),
+    "merge_convs": Case(Branches, lambda: (_x(),), {"merged"}, {"Conv2d": 1, "add": 0}, _lin,
+                        before=("cleanup", "fold_bn")),
     "fuse_act": Case(ConvNet, lambda: (_x(),), {"conv_act", "conv_add"},
                      {"conv2d_act": 2, "relu": 0, "linear_act": 0}, _red,
                      before=("cleanup", "fold_bn")),
