@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -46,17 +47,17 @@ __all__ = ["merge_convs", "kernel_offset"]
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _conv_call(gm: fx.GraphModule, node, add: fx.Node):
-    """(module, input) when ``node`` calls a plain conv module once, read only by ``add``."""
+def _conv_call(gm: fx.GraphModule, node, add: fx.Node, sites: Counter):
+    """(module, input) when ``node`` calls a plain conv module called at no other site, read
+    only by ``add``."""
     if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.args) != 1 \
-            or node.kwargs or set(node.users) != {add}:
+            or node.kwargs or set(node.users) != {add} or sites[node.target] != 1:
         return None
     conv = get_attr_value(gm, node.target)
     if type(conv) not in CONV_TYPES or conv.padding_mode != "zeros" \
             or not isinstance(conv.padding, tuple):  # "same"/"valid" strings: left alone
         return None
-    sites = sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes)
-    return (conv, node.args[0]) if sites == 1 else None
+    return conv, node.args[0]
 
 
 def kernel_offset(a: nn.Module, b: nn.Module) -> tuple[int, ...] | None:
@@ -100,8 +101,8 @@ def _is_add(node: fx.Node) -> bool:
         and len(node.args) == 2 and not node.kwargs
 
 
-def _merge_one(gm: fx.GraphModule, add: fx.Node) -> bool:
-    calls = [_conv_call(gm, a, add) for a in add.args]
+def _merge_one(gm: fx.GraphModule, add: fx.Node, sites: Counter) -> bool:
+    calls = [_conv_call(gm, a, add, sites) for a in add.args]
     if any(c is None for c in calls) or add.args[0] is add.args[1]:
         return False
     (ca, xa), (cb, xb) = calls
@@ -137,8 +138,9 @@ def merge_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     merged, changed = 0, True
     while changed:  # a sum of three merges pair by pair
         changed = False
+        sites = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         for node in list(gm.graph.nodes):
-            if _is_add(node) and _merge_one(gm, node):
+            if _is_add(node) and _merge_one(gm, node, sites):
                 merged += 1
                 changed = True
     if merged:
