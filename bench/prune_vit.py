@@ -156,6 +156,10 @@ CASES = {
 }
 
 _SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+# the first projection into an attention and into an MLP, by module path (torchvision, timm,
+# Hugging Face BERT and ViT)
+_ATTN_IN = ("in_proj", "qkv", "attention.self.query", "attention.q_proj")
+_MLP_IN = ("mlp.0", "mlp.linear_1", "fc1", "intermediate.dense")
 
 
 def fx_shape(opt) -> str:
@@ -170,12 +174,6 @@ def fx_shape(opt) -> str:
     if not attn or not fc1:
         return heads
     return f"{heads}, mlp {fc1[0].weight.shape[0]}, stream {attn[0].weight.shape[1]}"
-
-
-# the first projection into an attention and into an MLP, by module path (torchvision, timm,
-# Hugging Face BERT and ViT)
-_ATTN_IN = ("in_proj", "qkv", "attention.self.query", "attention.q_proj")
-_MLP_IN = ("mlp.0", "mlp.linear_1", "fc1", "intermediate.dense")
 
 
 def bench(case: Case, ratio: float, rounds: int):
