@@ -27,8 +27,12 @@ def median_times(fns: dict, x, rounds: int, calls: int, warmup: int = 3) -> dict
     """Median seconds per call of each variant over ``rounds`` interleaved rounds.
 
     In each round every variant makes ``calls`` back-to-back calls (timed together); ``warmup``
-    untimed calls of each variant come first. Under ``torch.no_grad()``.
+    untimed calls of each variant come first. Under ``torch.no_grad()``. ``x``: a tensor, or a
+    tuple of them for models with several inputs (each variant is called as ``fn(*x)``).
     """
-    meds, _ = measure_latency(list(fns.values()), x, warmup=warmup, max_runs=rounds,
-                              budget_s=math.inf, calls=calls)
+    models, first = list(fns.values()), x
+    if isinstance(x, tuple):
+        models, first = [lambda _, f=f, xs=x: f(*xs) for f in models], x[0]
+    meds, _ = measure_latency(models, first, warmup=warmup, max_runs=rounds, budget_s=math.inf,
+                              calls=calls)
     return dict(zip(fns, meds))

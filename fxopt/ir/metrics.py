@@ -1,8 +1,9 @@
 """Multiply-accumulate counts read off the graph's shapes (``tensor_meta``).
 
-Counted: convolutions (module and functional, transposed too), linear layers, matmul family,
-``nn.MultiheadAttention`` leaves, PyTorch's quantized CPU ops, and the ops registered in
-``MAC_COUNTERS`` (every ``fxopt`` op declares its counter in the op schema,
+Counted: convolutions (module and functional, transposed too), linear layers, matmul family and
+scaled-dot-product attention (as torch calls, and as the ATen overloads a ``capture="export"``
+graph keeps), ``nn.MultiheadAttention`` leaves, PyTorch's quantized CPU ops, and the ops
+registered in ``MAC_COUNTERS`` (every ``fxopt`` op declares its counter in the op schema,
 ``fxopt.ops.schema``). Everything else is taken as free, as the usual tools do.
 
     >>> count_macs(fxopt.capture(torchvision.models.resnet18().eval(), torch.randn(1, 3, 224, 224)))
@@ -73,6 +74,14 @@ def _module_macs(node: fx.Node, mod: nn.Module) -> int:
     return 0
 
 
+_aten = torch.ops.aten
+_MATMULS = (torch.matmul, operator.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm",
+            _aten.matmul.default, _aten.mm.default, _aten.bmm.default)
+_ADDMMS = (torch.addmm, torch.baddbmm, "addmm", "baddbmm", _aten.addmm.default,
+           _aten.baddbmm.default)
+_SDPA = (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default)
+
+
 def node_macs(node: fx.Node, gm: fx.GraphModule) -> int:
     """MACs of one node (0 for ops that are not counted)."""
     if node.op == "call_module":
@@ -96,13 +105,13 @@ def node_macs(node: fx.Node, gm: fx.GraphModule) -> int:
     if target is F.linear:
         w = _shape(node.args[1]) if len(node.args) > 1 else _shape(node.kwargs.get("weight"))
         return _numel(out) * w[-1] if w else 0
-    if target in (torch.matmul, operator.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm"):
+    if target in _MATMULS:
         a = _shape(node.args[0])
         return _numel(out) * a[-1] if a else 0
-    if target in (torch.addmm, torch.baddbmm, "addmm", "baddbmm"):
+    if target in _ADDMMS:
         a = _shape(node.args[1])
         return _numel(out) * a[-1] if a else 0
-    if target is F.scaled_dot_product_attention:
+    if target in _SDPA:
         q, k = _shape(node.args[0]), _shape(node.args[1])
         if q and k:
             return 2 * _numel(q[:-2]) * q[-2] * k[-2] * q[-1]

@@ -2,12 +2,14 @@
 
 ``capture="export"`` brings most ops back to the torch calls the other rule rows know (conv and
 linear modules, ``torch.reshape``, ``operator.add``...); what it keeps as ATen overloads
-(``aten.transpose.int``, ``aten.layer_norm.default``, ``aten.scaled_dot_product_attention``,
-GPT-2's ``aten.addmm``, embeddings...) gets rows here. Most are the same rule as their torch
-twin, whose argument order they share; three are their own: ``select`` (an integer index along
-one dim), ``slice`` (a slice along one dim; along the pruned dim it freezes), ``addmm`` (a
-linear layer whose weight is stored ``[in, out]``: GPT-2's ``Conv1D``) and ``embedding`` (a
-table whose columns are channels of their own, like a layer's output).
+(``aten.transpose.int``, ``aten.layer_norm.default``, ``aten.scaled_dot_product_attention``, the
+``aten.matmul`` and ``aten.softmax`` of a hand-written attention such as Hugging Face's
+``attn_implementation="eager"``, GPT-2's ``aten.addmm``, embeddings...) gets rows here. Most
+are the same rule as their torch twin, whose argument order they share; four are their own:
+``select`` (an integer index along one dim), ``slice`` (a slice along one dim; along the pruned
+dim it freezes), ``addmm`` (a linear layer whose weight is stored ``[in, out]``: GPT-2's
+``Conv1D``) and ``embedding`` (a table whose columns are channels of their own, like a layer's
+output).
 
     >>> # y = aten.addmm(b, x, W), W: [in, out] -> y: Layout(1, fresh slots); W: {0: in, 1: out}
 """
@@ -20,8 +22,8 @@ from fxopt.ir.graph import module_path
 from fxopt.prune.nodes import arg, ndim_of, normalize_dim
 from fxopt.prune.records import FREE, Layout
 from fxopt.prune.rule_table import register_channel_rule
-from fxopt.prune.rules_attention import scaled_dot_product_attention
-from fxopt.prune.rules_elementwise import passthrough
+from fxopt.prune.rules_attention import matmul, scaled_dot_product_attention
+from fxopt.prune.rules_elementwise import passthrough, reduction_rule
 from fxopt.prune.rules_layers import layer_norm_functional, param_target
 from fxopt.prune.rules_shapes import expand, reshape, split, transpose
 from fxopt.prune.walk import ChannelWalk, Unsupported
@@ -45,6 +47,8 @@ register_channel_rule(aten.unsqueeze.default, aten.view.default, aten.reshape.de
 register_channel_rule(aten.split.Tensor)(split)
 register_channel_rule(aten.layer_norm.default)(layer_norm_functional)
 register_channel_rule(aten.scaled_dot_product_attention.default)(scaled_dot_product_attention)
+register_channel_rule(aten.matmul.default, aten.bmm.default)(matmul)
+register_channel_rule(aten.softmax.int, aten._softmax.default)(reduction_rule("along"))
 
 
 @register_channel_rule(*ATEN_UNARY)

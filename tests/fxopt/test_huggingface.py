@@ -162,3 +162,65 @@ def test_static_int8_causal_lm_projections(name):
         ref, out = model(fresh), opt(fresh)
     assert out.shape == ref.shape
     assert sqnr_db(ref, out) > 25 and rel_err(out, ref) < 0.1
+
+
+class BertWithMask(nn.Module):
+    """``BertModel`` called as a tokenizer's output is fed: ``input_ids`` and
+    ``attention_mask``; returns ``pooler_output`` (so the residual stream can be pruned)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
+def _mask(*lengths):
+    """An attention mask for a batch of sequences of 8 tokens with these real lengths."""
+    return (torch.arange(8)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def test_pruned_bert_honours_the_attention_mask():
+    """prune=0.5 on BERT fed input_ids and a padding mask: heads, MLP and stream pruned; the
+    pruned graph equals the masked reference on masks other than the example's (the mask is an
+    input of the graph, not a constant folded from the example), and the mask still matters."""
+    from fxopt.infra.registry import PASSES, PassContext
+    from fxopt.prune.config import PruneConfig
+
+    torch.manual_seed(0)
+    model = BertWithMask(_bert(T.BertModel)[0].eval()).eval()
+    x = (_tokens(), _mask(8, 5))
+    opt = fxopt.optimize(model, x, capture="export", prune=0.5)
+    rec = opt.report.record("prune_channels")
+    assert rec.rel_err is not None and rec.rel_err <= rec.tolerance
+    assert rec.params_after / rec.params_before < 0.4 and rec.stats["frozen"] == 1
+    # the pass again on the graph it saw (after cleanup), for its reference
+    gm = fxopt.optimize(model, x, capture="export", pipeline=["cleanup"]).graph_module
+    res = PASSES["prune_channels"].fn(gm, PassContext(example_inputs=x,
+                                                      configs=[PruneConfig(ratio=0.5)]))
+    ids = _tokens(seed=1)
+    with torch.no_grad():
+        for mask in (_mask(3, 8), _mask(8, 8), _mask(1, 6)):
+            out = res.gm(ids, mask)
+            assert rel_err(out, res.reference(ids, mask)) < 1e-5
+            assert rel_err(opt(ids, mask), out) < 1e-4
+        assert rel_err(res.gm(ids, _mask(3, 8)), res.gm(ids, _mask(8, 8))) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["bert_cls", "vit"])
+def test_prune_hand_written_attention(name):
+    """attn_implementation="eager" (matmul, softmax, matmul as ATen ops after export) prunes
+    heads as SDPA does: only what reaches the output is frozen. Before: aten.matmul had no
+    channel rule and froze every query, key and value projection."""
+    torch.manual_seed(0)
+    model, x = MODELS[name]()
+    model.config._attn_implementation = "eager"
+    model = Logits(model.eval()).eval()
+    opt = fxopt.optimize(model, x, capture="export", prune=0.5)
+    rec = opt.report.record("prune_channels")
+    assert rec.rel_err is not None and rec.rel_err <= rec.tolerance
+    assert rec.stats["frozen"] == 1, rec.notes
+    assert rec.params_after / rec.params_before < MAX_PARAMS_LEFT[name]
+    matmuls = [n for n in opt.graph_module.graph.nodes if n.target == torch.ops.aten.matmul.default]
+    assert matmuls  # the hand-written attention is what was pruned

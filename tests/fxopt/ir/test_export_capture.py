@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import fxopt
 from fxopt.ir.boundary import copy_model
 from fxopt.ir.export_capture import capture_exported
+from fxopt.ir.metrics import count_macs
 
 
 class Net(nn.Module):
@@ -192,3 +193,33 @@ def test_timm_untraceable_model_through_export():
     fxopt.optimize(m, x, capture="export", prune=0.5)
     q = fxopt.optimize(m, x, capture="export", quantize="int8", calibration_data=[x])
     assert q.report.int8 is not None
+
+
+class Attention(nn.Module):
+    """A hand-written attention (matmul, softmax, matmul) beside F.scaled_dot_product_attention:
+    torch.export keeps both as ATen overloads."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        n, t = x.shape[0], x.shape[1]
+        q, k, v = self.qkv(x).view(n, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5, dim=-1) @ v
+        b = F.scaled_dot_product_attention(q, k, v)
+        return self.out((a + b).transpose(1, 2).reshape(n, t, 16))
+
+
+def test_attention_macs_counted_as_in_the_symbolic_trace():
+    """aten.matmul and aten.scaled_dot_product_attention count as their torch twins (they
+    counted 0, so an exported transformer's MACs left out its attention)."""
+    torch.manual_seed(0)
+    m, x = Attention().eval(), torch.randn(2, 10, 16)
+    exported = capture_exported(copy_model(m), (x,)).gm
+    assert {n.target for n in exported.graph.nodes} >= {
+        torch.ops.aten.matmul.default, torch.ops.aten.scaled_dot_product_attention.default}
+    # qkv, scores, weighted sum, SDPA (scores + sum), out
+    expected = 2 * 10 * 48 * 16 + 2 * 2 * 10 * 10 * 8 * 2 + 2 * (2 * 2) * 10 * 10 * 8 + \
+        2 * 10 * 16 * 16
+    assert count_macs(fxopt.capture(m, x)) == count_macs(exported) == expected

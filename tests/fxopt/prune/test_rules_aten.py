@@ -85,3 +85,38 @@ def test_unary_rows_pass_channels_through(op):
 
     graph = fxopt.channel_groups(M().eval(), torch.randn(2, 8))
     assert [gr.name for gr in graph.prunable] == ["fc"]
+
+
+class EagerAttention(nn.Module):
+    """Hugging Face's ``attn_implementation="eager"`` after export: q @ k^T and the weighted sum
+    as ``aten.matmul``, the softmax over the keys as ``aten.softmax.int``."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.o, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        n, t = x.shape[0], x.shape[1]
+
+        def heads(y):
+            return aten.transpose.int(aten.view.default(y, [n, t, 2, 8]), 1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        scores = aten.matmul.default(q, aten.transpose.int(k, 2, 3)) * 8 ** -0.5
+        a = aten.matmul.default(aten.softmax.int(scores, -1), v)
+        a = aten.reshape.default(aten.transpose.int(a, 1, 2), [n, t, 16])
+        return self.head(self.o(a).mean(1))
+
+
+def test_eager_attention_heads_prune_against_the_reference():
+    """matmul unites q's and k's channels (they are summed together) and carries v's to the
+    output; the softmax runs over the keys, never a channel dim: nothing frozen but the head."""
+    model, x = EagerAttention().eval(), torch.randn(2, 5, 16)
+    graph = fxopt.channel_groups(model, x)
+    assert graph.analysis.walk.unknown_ops == {}
+    assert [gr.name for gr in graph.frozen] == ["head"]
+    opt = fxopt.optimize(model, x, pipeline=["prune_channels"], prune=0.5)
+    rec = opt.report.record("prune_channels")
+    assert rec.status == "ok" and rec.rel_err <= rec.tolerance
+    assert opt.graph_module.get_submodule("q").out_features == 8
