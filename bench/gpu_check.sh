@@ -3,7 +3,7 @@
 # without dependencies; the default (CPU) test suite in the background while the GPU tests (the
 # lowering and pipeline first, then the kernels) and the command line with --target cuda run;
 # then the benchmarks, alone on the machine: bench/models.py --target cuda (ResNet-50) and
-# bench/kernels.py (GEMM, conv, residual add + LayerNorm). Every step has a timeout and says how it ended; tables and logs go to $OUT
+# bench/gpu_kernels.py (GEMM, conv, residual add + LayerNorm). Every step has a timeout and says how it ended; tables and logs go to $OUT
 # when set (the device tool), else bench/results/gpu/. Without CUDA each step says so and the
 # script still finishes.
 #
@@ -72,8 +72,8 @@ step "models --target cuda: exit $?"
 grep -E "^\| resnet|^- resnet" "$OUT"/models-cuda-*.md 2>/dev/null | cut -c1-400
 tail -3 "$OUT/models_cuda.log"
 
-timeout -k 5 65 $PY bench/kernels.py --budget-s 50 --out "$OUT" > "$OUT/kernels.log" 2>&1
+timeout -k 5 65 $PY bench/gpu_kernels.py --budget-s 50 --out "$OUT" > "$OUT/gpu_kernels.log" 2>&1
 step "kernels: exit $?"
-tail -5 "$OUT/kernels.log"
+tail -5 "$OUT/gpu_kernels.log"
 ls -la "$OUT"
 step "done"

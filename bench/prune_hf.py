@@ -37,13 +37,6 @@ import torch
 import torch.nn as nn
 
 _HERE = Path(__file__).resolve().parent
-# transformers imports the ``kernels`` package (Hugging Face's hub kernels) where it is installed;
-# with this folder first on sys.path that import finds bench/kernels.py instead and fails, so the
-# models are imported before the folder goes on the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-import transformers.models.bert.modeling_bert  # noqa: E402, F401
-import transformers.models.vit.modeling_vit  # noqa: E402, F401
-
 sys.path.insert(0, str(_HERE))
 from prune_vit import Case, meta_prune, randomize, run  # noqa: E402
 

@@ -11,8 +11,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def load_bench_script(stem: str):
     """``bench/<stem>.py`` as module ``<stem>_under_test`` (registered before it runs: its
     dataclasses look their module up). The scripts put ``bench/`` first on ``sys.path`` for their
-    own imports; it is restored, else ``bench/kernels.py`` would shadow the ``kernels`` package
-    that transformers imports (the Hugging Face tests after them failed with an ImportError)."""
+    own imports; it is restored, so no bench script shadows a package a later test imports
+    (``bench/kernels.py``, now ``gpu_kernels.py``, shadowed the ``kernels`` package transformers
+    imports: the Hugging Face tests after them failed with an ImportError)."""
     name = f"{stem}_under_test"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, BENCH / f"{stem}.py")

@@ -15,7 +15,7 @@
 Times are ``triton.testing.do_bench`` medians (after the autotuner's first call); the tables
 give TOP/s (or TFLOP/s) and the ratios. Usage, on a CUDA machine::
 
-    python bench/kernels.py --out DIR      # writes DIR/kernels-<date>.md ('-': print only)
+    python bench/gpu_kernels.py --out DIR      # writes DIR/gpu-kernels-<date>.md ('-': print only)
 
 Without CUDA it says so and exits 0 (nothing to measure). About 2 minutes on an H200.
 """
@@ -194,11 +194,11 @@ def main(argv=None) -> int:
 
     import torch
     if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device here; the Triton kernel benchmarks need a GPU "
+        print("bench/gpu_kernels.py: no CUDA device here; the Triton kernel benchmarks need a GPU "
               "(nothing measured). Run bench/gpu_check.sh on a CUDA machine.")
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("bench/kernels.py: TRITON_INTERPRET is set; unset it to benchmark compiled kernels.")
+        print("bench/gpu_kernels.py: TRITON_INTERPRET is set; unset it to benchmark compiled kernels.")
         return 2
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     out = args.out
     if out not in (None, "-") and not out.endswith(".md"):
         out = str(Path(out) / f"kernels-{datetime.date.today().isoformat()}.md")
-    write_result(text, out, "kernels")
+    write_result(text, out, "gpu-kernels")
     return 0
 
 
