@@ -186,7 +186,7 @@ def bench_add_layer_norm(rows, deadline, quick):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None,
-                    help="directory (writes kernels-<date>.md there) or .md file; '-': print only")
+                    help="directory (writes gpu-kernels-<date>.md there) or .md file; '-': print only")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--budget-s", type=float, default=140.0, help="skip remaining shapes after this")
     ap.add_argument("--batch", type=int, default=64, help="batch of the conv shapes")
