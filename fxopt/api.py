@@ -31,7 +31,8 @@ from fxopt.infra.registry import PASSES, PassContext
 from fxopt.infra.report import ModelStats, Report
 from fxopt.infra.validate import (calibration_arg, choice_arg, concrete_args_arg,
                                   instruments_arg, leaf_modules_arg, names_arg, pipeline_arg)
-from fxopt.ir.boundary import check_model, copy_model, normalize_inputs
+from fxopt.ir.boundary import (check_model, check_static_shapes, copy_model,
+                                normalize_inputs, static_input_shapes)
 from fxopt.ir.export_capture import CAPTURE_METHODS, capture_with
 from fxopt.ir.check import clone_inputs, conditioning_floors, seeded
 from fxopt.ir.graph import count_bytes, count_nodes, count_params
@@ -63,9 +64,14 @@ class OptimizedModule(nn.Module):
         self.cuda_graphs: CudaGraphRunner | None = None  # see with_cuda_graphs
         self.engine = engine
         self.direct = DirectRunner(report.notes)  # fxopt ops called past the dispatcher
+        # a graph torch.export specialized (capture="export", or leaves inlined through it)
+        # runs only at its example shapes: anything else is a typed error, checked per call
+        self.static_shapes = (report.capture or {}).get("input_shapes")
         self.train(False)  # an inference module: optimize(opt, x) and check_model accept it
 
     def forward(self, *args, **kwargs):
+        if self.static_shapes is not None:
+            check_static_shapes(self.static_shapes, args)
         if self.engine is not None and not self.training:
             out = self.engine.serve(self.graph_module, args, kwargs, self.report.notes)
             if out is not NOT_SERVED:
@@ -264,6 +270,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         report.notes.extend(precision_notes + captured.notes)
         report.capture = {"method": captured.method, "inlined": captured.inlined,
                           "opaque": [leaf.to_dict() for leaf in captured.leaves]}
+        if captured.method == "export" or captured.inlined:  # sizes baked in: guarded
+            report.capture["input_shapes"] = static_input_shapes(inputs)
         report.before = _model_stats(gm)
         ctx = PassContext(example_inputs=inputs, target=target, configs=configs,
                           calibration_data=calibration_data, original=model, debug=debug_level())

@@ -20,7 +20,7 @@ import torch.nn as nn
 from fxopt.errors import CaptureError, InputError, ModelTypeError, PreconditionError
 
 __all__ = ["check_model", "normalize_inputs", "describe_inputs", "run_eager", "copy_model",
-           "check_finite"]
+           "check_finite", "static_input_shapes", "check_static_shapes"]
 
 
 def check_model(model: Any) -> None:
@@ -138,3 +138,33 @@ def check_finite(values: Any, what: str) -> None:
                 f"fxopt checks every step by comparing outputs, and NaN/Inf cannot be compared",
                 hint="pass finite example inputs (e.g. a real batch, or torch.randn of its "
                      "shape); if the model itself overflows on them, scale the inputs down")
+
+
+def static_input_shapes(inputs: tuple) -> list:
+    """The shapes a graph captured with ``torch.export`` was specialized to: one list per
+    tensor input (None for other values). ``torch.export`` bakes the example's sizes into
+    reshapes and constants unless they are declared dynamic (and every size-1 dim always), so
+    the graph may fail, or broadcast, at any other shape."""
+    return [list(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]
+
+
+def check_static_shapes(expected: list, args: tuple) -> None:
+    """``InputError`` unless the tensor ``args`` have the ``expected`` shapes (a None size: any).
+    Called by ``OptimizedModule`` before every call of a graph with export-specialized shapes:
+    a wrong shape must be a typed error, never a raw one from inside the graph or a silent
+    broadcast against a constant that holds the example's sizes."""
+    ok = len(args) == len(expected) and all(
+        want is None or (isinstance(x, torch.Tensor) and x.dim() == len(want)
+                         and all(w is None or w == s for w, s in zip(want, x.shape)))
+        for want, x in zip(expected, args))
+    if ok:
+        return
+    got = [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in args]
+    shown = [["*" if w is None else w for w in want] if want is not None else "any"
+             for want in expected]
+    raise InputError(
+        f"this model was captured with torch.export, which specialized it to the example "
+        f"inputs' shapes {shown}; called with {got}",
+        hint="call it with inputs of those shapes, or optimize again with example inputs of the "
+             "shape you will run (capture='symbolic_trace' keeps shapes free where the model "
+             "traces: pass leaf_modules=[...] for the modules that could not)")

@@ -154,6 +154,38 @@ def test_dynamic_batch():
         assert torch.allclose(captured.gm(x5), m(x5), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["export", "inlined leaf"])
+def test_export_specialized_graph_refuses_other_shapes(kind, tmp_path):
+    """torch.export bakes the example's sizes into the graph (reshapes, constants): before the
+    guard, an inlined leaf's graph (timm mobilevit_xxs optimized at batch 1) raised a raw
+    RuntimeError at batch 2, and an exported Hugging Face BERT at another sequence length an
+    IndexError, where a broadcast against a baked constant could also have passed silently.
+    Now any other shape is an InputError naming the shapes, also after save/load; the
+    example's shape runs; a symbolically traced graph takes any shape."""
+    if kind == "export":
+        m, opt = model(), fxopt.optimize(model(), X, capture="export")
+    else:
+        m = model(MostlyOpaque)
+        opt = fxopt.optimize(m, X)
+        assert opt.report.capture["inlined"] == ["big"]
+    assert opt.report.capture["input_shapes"] == [list(X.shape)]
+    path = tmp_path / "m.fxopt"
+    opt.save(path)
+    for module in (opt, fxopt.load(path, modules=[BigUntraceable])):
+        with torch.no_grad():
+            assert torch.allclose(module(X), m(X), atol=1e-4)
+        for other in (torch.randn(3, 3, 16, 16), torch.randn(2, 3, 8, 8)):
+            with pytest.raises(fxopt.InputError, match=r"specialized it to .*\[2, 3, 16, 16\]"
+                               ) as e:
+                module(other)
+            assert "optimize again" in e.value.hint
+    traced = fxopt.optimize(model(), X, capture="symbolic_trace")
+    assert "input_shapes" not in traced.report.capture
+    with torch.no_grad():
+        y = torch.randn(3, 3, 8, 8)
+        assert torch.allclose(traced(y), m(y) if kind == "export" else model()(y), atol=1e-4)
+
+
 def test_refusals_are_typed():
     class DictOut(nn.Module):
         def forward(self, x):
