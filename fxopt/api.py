@@ -175,13 +175,26 @@ def _resolve_target(target: str, inputs: tuple) -> str:
     return target
 
 
+def _check_dynamic_batch(dynamic_batch: Any, inputs: tuple) -> None:
+    if not isinstance(dynamic_batch, bool):
+        raise InputError(f"dynamic_batch must be True or False, got {dynamic_batch!r}",
+                         hint="dynamic_batch=True keeps dim 0 symbolic in a torch.export capture")
+    small = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor) and x.dim()
+             and x.shape[0] < 2]
+    if dynamic_batch and small:
+        raise InputError(f"dynamic_batch=True needs example inputs with a batch of at least 2, "
+                         f"got shapes {small}: torch.export specializes a size-1 dimension",
+                         hint="pass an example batch of 2 or more, e.g. torch.cat([x, x])")
+
+
 def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[str] | None = None,
              passes: Sequence[str] | None = None, disable: Iterable[str] = (), target: str = "auto",
              precision: str | None = None, prune: Any = None, quantize: Any = None,
              calibration_data: Any = None,
              check: str = "each", on_mismatch: str = "raise", leaf_modules: Iterable = (),
              concrete_args: dict | None = None,
-             instruments: Sequence[Instrument] = (), capture: str = "auto") -> OptimizedModule:
+             instruments: Sequence[Instrument] = (), capture: str = "auto",
+             dynamic_batch: bool = False) -> OptimizedModule:
     """Optimize a copy of ``model`` for inference; every pass is checked against its reference.
 
     ``pipeline``: a name from ``fxopt.PIPELINES`` (default ``"default"``) or a list of pass names;
@@ -205,13 +218,17 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     ``capture``: ``"auto"`` (default: symbolic trace, untraceable submodules as leaves, and
     torch.export when those would hide over half the parameters), ``"symbolic_trace"`` or
     ``"export"`` (``fxopt.ir.export_capture``); ``report.capture`` says what was done.
+    torch.export specializes the graph to the example inputs' shapes; the module then refuses
+    any other shape with an ``InputError``. ``dynamic_batch=True`` exports dim 0 of every tensor
+    input as a symbolic batch instead (the example batch must be at least 2: torch.export
+    specializes a size-1 dim); a symbolically traced graph takes any batch either way.
     """
     if target == "best":
         return _optimize_best(model, example_inputs, dict(
             pipeline=pipeline, passes=passes, disable=disable, precision=precision, prune=prune,
             quantize=quantize, calibration_data=calibration_data, check=check,
             on_mismatch=on_mismatch, leaf_modules=leaf_modules, concrete_args=concrete_args,
-            instruments=instruments, capture=capture))
+            instruments=instruments, capture=capture, dynamic_batch=dynamic_batch))
     from fxopt import ops  # noqa: F401 - the fxopt op namespace
     from fxopt import passes as _passes  # noqa: F401 - registers the built-in passes
 
@@ -225,6 +242,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         model, inputs, pipeline, passes, disable, check, on_mismatch, leaf_modules,
         concrete_args, instruments, calibration_data)
     choice_arg(capture, "capture", CAPTURE_METHODS)
+    _check_dynamic_batch(dynamic_batch, inputs)
     target = _resolve_target(target, inputs)
     engine_target = target in ENGINE_TARGETS
     if engine_target:  # the precision is the engine's; the pipeline runs in float32
@@ -261,7 +279,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         # The capture is checked against eager like a pass (CaptureError naming the cause).
         captured = capture_with(capture, work, inputs, leaf_modules=leaf_modules,
                                 concrete_args=concrete_args, check=manager.check != "none",
-                                pristine=model)
+                                pristine=model, dynamic_batch=dynamic_batch)
         gm, eager_out = captured.gm, captured.eager_output
         # Only when a comparison fails: how much this model amplifies its own rounding.
         manager.conditioning = lambda: conditioning_floors(model, user_inputs, eager_out,
@@ -271,7 +289,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
         report.capture = {"method": captured.method, "inlined": captured.inlined,
                           "opaque": [leaf.to_dict() for leaf in captured.leaves]}
         if captured.method == "export" or captured.inlined:  # sizes baked in: guarded
-            report.capture["input_shapes"] = static_input_shapes(inputs)
+            report.capture["input_shapes"] = static_input_shapes(
+                inputs, dynamic_batch=captured.dynamic_batch and not captured.inlined)
         report.before = _model_stats(gm)
         ctx = PassContext(example_inputs=inputs, target=target, configs=configs,
                           calibration_data=calibration_data, original=model, debug=debug_level())

@@ -140,12 +140,15 @@ def check_finite(values: Any, what: str) -> None:
                      "shape); if the model itself overflows on them, scale the inputs down")
 
 
-def static_input_shapes(inputs: tuple) -> list:
+def static_input_shapes(inputs: tuple, *, dynamic_batch: bool = False) -> list:
     """The shapes a graph captured with ``torch.export`` was specialized to: one list per
-    tensor input (None for other values). ``torch.export`` bakes the example's sizes into
-    reshapes and constants unless they are declared dynamic (and every size-1 dim always), so
-    the graph may fail, or broadcast, at any other shape."""
-    return [list(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]
+    tensor input (None for other values; a None size with ``dynamic_batch``: dim 0 is free).
+    ``torch.export`` bakes the example's sizes into reshapes and constants unless they are
+    declared dynamic (and every size-1 dim always), so the graph may fail, or broadcast, at
+    any other shape."""
+    return [None if not isinstance(x, torch.Tensor) else
+            [None if dynamic_batch and i == 0 else s for i, s in enumerate(x.shape)]
+            for x in inputs]
 
 
 def check_static_shapes(expected: list, args: tuple) -> None:

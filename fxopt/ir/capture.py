@@ -267,6 +267,7 @@ class Captured:
     leaves: list[OpaqueLeaf] = field(default_factory=list)  # made leaves automatically
     method: str = "symbolic_trace"  # or "export" (ir/export_capture.py)
     inlined: list[str] = field(default_factory=list)  # leaves inlined through torch.export
+    dynamic_batch: bool = False  # exported with dim 0 of every tensor input symbolic
 
 
 def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable = (),

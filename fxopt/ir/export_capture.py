@@ -242,7 +242,7 @@ def capture_exported(work: nn.Module, inputs: tuple, *, check: bool = True,
         check_against_eager(gm, work, inputs, eager_output)
     notes = ["capture: torch.export (strict=False)" +
              (", dynamic batch" if dynamic_batch else "")]
-    return Captured(gm, eager_output, notes, [], "export")
+    return Captured(gm, eager_output, notes, [], "export", dynamic_batch=dynamic_batch)
 
 
 # "auto" falls back to torch.export when the automatic leaves hide more than this share of the
@@ -252,7 +252,7 @@ EXPORT_FALLBACK_SHARE = 0.5
 
 def capture_with(method: str, work: nn.Module, inputs: tuple, *, leaf_modules=(),
                  concrete_args: dict | None = None, check: bool = True,
-                 pristine: nn.Module | None = None) -> Captured:
+                 pristine: nn.Module | None = None, dynamic_batch: bool = False) -> Captured:
     """Capture by ``method``: ``"symbolic_trace"`` (automatic leaves), ``"export"``, or
     ``"auto"``: symbolic trace, its automatic leaves inlined through torch.export where export
     takes them (``inline_leaves``), then torch.export when the trace fails in the model's own
@@ -267,7 +267,7 @@ def capture_with(method: str, work: nn.Module, inputs: tuple, *, leaf_modules=()
                 "capture='export' does not take leaf_modules= or concrete_args= yet",
                 hint="drop them (torch.export traces through branches), or use "
                      "capture='symbolic_trace'")
-        return capture_exported(work, inputs, check=check)
+        return capture_exported(work, inputs, check=check, dynamic_batch=dynamic_batch)
     try:
         captured = capture_model(work, inputs, leaf_modules=leaf_modules,
                                  concrete_args=concrete_args, check=check, pristine=pristine)
@@ -275,7 +275,7 @@ def capture_with(method: str, work: nn.Module, inputs: tuple, *, leaf_modules=()
         if method != "auto" or not getattr(e, "trace_failure", False) or concrete_args:
             raise
         try:
-            exported = capture_exported(work, inputs, check=check)
+            exported = capture_exported(work, inputs, check=check, dynamic_batch=dynamic_batch)
         except (CaptureError, NotAvailableError):
             raise e from None
         exported.notes.append(f"capture: symbolic tracing failed ({str(e).splitlines()[0]}); "
@@ -290,7 +290,8 @@ def capture_with(method: str, work: nn.Module, inputs: tuple, *, leaf_modules=()
         return captured
     try:
         exported = capture_exported(work, inputs, check=check,
-                                    eager_output=captured.eager_output)
+                                    eager_output=captured.eager_output,
+                                    dynamic_batch=dynamic_batch)
     except (CaptureError, NotAvailableError) as e:
         captured.notes.append(f"capture: torch.export was tried as well (the leaves hide "
                               f"{hidden / total:.0%} of the parameters) and failed: "

@@ -224,3 +224,23 @@ def test_prune_hand_written_attention(name):
     assert rec.params_after / rec.params_before < MAX_PARAMS_LEFT[name]
     matmuls = [n for n in opt.graph_module.graph.nodes if n.target == torch.ops.aten.matmul.default]
     assert matmuls  # the hand-written attention is what was pruned
+
+
+@pytest.mark.parametrize("name", ["bert_cls", "vit"])
+def test_dynamic_batch_runs_other_batches_and_guards_the_rest(name):
+    """The exported graph is specialized to the example's shapes: any other shape is an
+    InputError (an exported BERT at another sequence length raised a raw IndexError, or ran
+    on a baked position-embedding constant); with dynamic_batch=True the batch is free."""
+    model, x = make(name)
+    other = torch.cat([x, x, x[:1]])  # batch 5
+    fixed = fxopt.optimize(model, x, capture="export")
+    with pytest.raises(fxopt.InputError, match="specialized"):
+        fixed(other)
+    longer = x[:, :6] if x.dim() == 2 else x[..., :24, :24]  # other sequence / image size
+    with pytest.raises(fxopt.InputError, match="specialized"):
+        fixed(longer)
+    free = fxopt.optimize(model, x, capture="export", dynamic_batch=True)
+    with torch.no_grad():
+        assert rel_err(free(other), model(other)) < 1e-4
+    with pytest.raises(fxopt.InputError, match="specialized"):
+        free(longer)

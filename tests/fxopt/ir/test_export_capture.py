@@ -186,6 +186,31 @@ def test_export_specialized_graph_refuses_other_shapes(kind, tmp_path):
         assert torch.allclose(traced(y), m(y) if kind == "export" else model()(y), atol=1e-4)
 
 
+def test_optimize_dynamic_batch_through_export():
+    """optimize(dynamic_batch=True): the export keeps the batch symbolic, so the default
+    pipeline, pruning and int8 all run at other batches (the other dims stay guarded); an
+    example batch of 1 is refused (torch.export would specialize it)."""
+    m = model(ShapeBranch)  # its forward cannot be traced: "auto" exports it
+    x = torch.randn(2, 3, 15, 15)
+    for kw in ({}, {"prune": 0.5}, {"quantize": "int8", "calibration_data": [x]}):
+        opt = fxopt.optimize(m, x, dynamic_batch=True, **kw)
+        assert opt.report.capture["method"] == "export"
+        assert opt.report.capture["input_shapes"] == [[None, 3, 15, 15]]
+        y = torch.randn(4, 3, 15, 15)
+        with torch.no_grad():  # batch 4 computes what two calls at the example batch compute
+            got, halves = opt(y), torch.cat([opt(y[:2]), opt(y[2:])])
+            assert torch.allclose(got, halves, atol=1e-5)
+            if not kw:
+                assert torch.allclose(got, m(y), atol=1e-4)
+        with pytest.raises(fxopt.InputError, match=r"\['\*', 3, 15, 15\]"):
+            opt(torch.randn(5, 3, 17, 17))
+    with pytest.raises(fxopt.InputError, match="batch of at least 2") as e:
+        fxopt.optimize(m, x[:1], dynamic_batch=True)
+    assert e.value.hint
+    with pytest.raises(fxopt.InputError, match="True or False"):
+        fxopt.optimize(m, x, dynamic_batch="yes")
+
+
 def test_refusals_are_typed():
     class DictOut(nn.Module):
         def forward(self, x):
