@@ -1,8 +1,8 @@
 """The ``.fxopt`` file: an optimized module as data, with no pickle in it.
 
-``OptimizedModule.save`` writes, and ``fxopt.load`` reads, one zip archive (stored, not
-compressed; the container, written atomically and checked before anything in it is decoded,
-is ``fxopt.export.archive``) holding two members:
+``OptimizedModule.save`` writes, and ``fxopt.load`` reads, one zip archive (the manifest
+deflated, the tensors stored; the container, written atomically and checked before anything in
+it is decoded, is ``fxopt.export.archive``) holding two members:
 
 - ``fxopt/manifest.json``: the format (``"format": "fxopt"``, ``"format_version"``), the fxopt
   and torch versions that wrote it, the target, the report, the graph as a list of nodes

@@ -256,3 +256,28 @@ def test_the_load_path_never_unpickles():
                 assert name not in ("load", "loads", "eval", "exec", "__import__") or (
                     isinstance(f, ast.Attribute) and ast.unparse(f) in ("json.loads",)
                 ), f"{rel}:{node.lineno} calls {ast.unparse(f)}"
+
+
+def test_manifest_deflated_bounded_and_format_2_still_read(opt, tmp_path, monkeypatch):
+    """Format 3 deflates the manifest (the report's ~0.4 kB a pass had taken a small int8
+    CNN's file past 1.25x torch.ao's state_dict); the tensors stay stored. A format-2 file (all
+    stored) still loads; a manifest that declares, or inflates to, more than MAX_MANIFEST is
+    refused before it is parsed."""
+    from fxopt.export import archive
+
+    good = opt.save(tmp_path / "good.fxopt")
+    with zipfile.ZipFile(good) as z:
+        methods = {i.filename: i.compress_type for i in z.infolist()}
+        members = {n: z.read(n) for n in z.namelist()}
+    assert methods == {MANIFEST: zipfile.ZIP_DEFLATED, TENSORS: zipfile.ZIP_STORED}
+    x = torch.randn(2, 3, 8, 8)
+    stored = tmp_path / "format2.fxopt"
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as o:
+        for name, data in members.items():
+            o.writestr(name, data)
+    with torch.no_grad():
+        assert torch.equal(fxopt.load(stored)(x), opt(x))
+    monkeypatch.setattr(archive, "MAX_MANIFEST", len(members[MANIFEST]) - 1)
+    for path in (good, stored):
+        with pytest.raises(fxopt.FileFormatError, match="too large|inflates past"):
+            fxopt.load(path)
