@@ -18,11 +18,22 @@ the call (``scale=``: SDPA's default ``1/sqrt(E)`` would follow a pruned head di
 number must not), the masks added to the logits are its ``attn_mask`` (their sum when there are
 several), and an eval dropout between softmax and ``@ v`` goes.
 
+What SDPA is given, so that PyTorch runs a fused kernel (its math fallback is the hand-written
+ops plus overhead: 1.9x slower than them at LeViT's shapes on the CPU, one thread): a mask of
+fewer dims than q is unsqueezed to q's rank (the CPU flash kernel takes ``[1, H, L, S]``, not
+``[H, L, S]``); a q, k or v whose last dim is not contiguous (BoTNet's and HaloNet's q from a
+conv's ``[B, C, HW]``) is copied with ``.contiguous()``. Then PyTorch's own dispatch is asked
+(``torch._fused_sdp_choice`` on the recorded values, on their device): where it still picks
+the math path (v's head dim not q's, LeViT; a mask that requires grad, a trainable bias read
+directly) the attention is left as it is, with a note (``left_math_fallback``). The figures:
+``bench/results/attention-sdpa-2026-12-06.md``.
+
 Each rewrite is checked against the nodes it replaces on the example inputs: one run of the
 graph records q, k, v, the masks and the attention's output (only those values), and SDPA of
-the recorded inputs must equal the recorded output to the dtype's tolerance
-(``fxopt.ir.tolerances``; NaNs in the same places). One that does not stays as it was and a note
-says why; the pass manager then checks the whole graph against the one before (``"exact"``).
+the recorded inputs, as it will be called, must equal the recorded output to the dtype's
+tolerance (``fxopt.ir.tolerances``; NaNs in the same places). One that does not stays as it was
+and a note says why; the pass manager then checks the whole graph against the one before
+(``"exact"``).
 
 Where it runs (``fxopt/pipelines.py``): the default pipeline, right after the first ``cleanup``
 (eval dropouts gone, constant masks folded) and before ``prune_channels`` and the rest, so every
@@ -50,7 +61,7 @@ from fxopt.ir.tolerances import rel_err, tolerance_for
 from fxopt.passes.fusion.attention_form import (MATMULS, Attention, Factor, constant_scale,
                                                 k_view_value, read_attention)
 
-__all__ = ["fuse_attention", "RULES", "Recorded", "record_values"]
+__all__ = ["fuse_attention", "RULES", "Recorded", "record_values", "math_fallback"]
 
 
 def record_values(gm: fx.GraphModule, inputs: tuple, names: set[str]) -> dict[str, Any]:
@@ -80,16 +91,37 @@ def _sdpa_of_recorded(att: Attention, values: dict[str, Any]) -> tuple | str:
     scalars = [_value(values, f.value) for f in att.scale]
     if any(t is None for t in (q, k, v, _value(values, att.root), *scalars)):
         return "no recorded value to check it with"
+    # a last dim that is not contiguous (BoTNet's q from a conv's [B, C, HW]) is made so, as
+    # _replace writes it: PyTorch's fused kernels need it (else the math path)
     k = k_view_value(k, att.k_view)
+    copied = tuple(t.stride(-1) != 1 for t in (q, k, v))
+    q, k, v = (t.contiguous() if c else t for t, c in zip((q, k, v), copied))
     scale = constant_scale([Factor(_value(values, f.value), f.divides) for f in att.scale])
     mask = None
     for m in att.masks:
         t = _value(values, m)
         if t is not None:
             mask = t if mask is None else mask + t
+    if mask is not None and mask.dim() < q.dim():  # as _replace writes it (module doc)
+        mask = mask.reshape((1,) * (q.dim() - mask.dim()) + tuple(mask.shape))
     with torch.no_grad():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out, k, mask
+    return out, (q, k, v, mask, scale), copied
+
+
+def math_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any,
+                  scale: float) -> bool:
+    """True when SDPA would run its math fallback for these values on their device (PyTorch's
+    own dispatch, ``torch._fused_sdp_choice``; False where that is not there to ask)."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None:
+        return False
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return int(choose(q, k, v, mask, 0.0, False, scale=scale)) == int(SDPBackend.MATH)
+    except Exception:  # noqa: BLE001 - a private helper: when it cannot say, rewrite
+        return False
 
 
 @dataclass
@@ -99,6 +131,7 @@ class Recorded:
 
     values: dict[str, Any]
     worst: float = 0.0
+    math_fallback: int = 0  # attentions left because SDPA would take its math path
 
 
 def _disagrees(att: Attention, rec: Recorded) -> tuple[str | None, dict]:
@@ -107,9 +140,9 @@ def _disagrees(att: Attention, rec: Recorded) -> tuple[str | None, dict]:
     got = _sdpa_of_recorded(att, rec.values)
     if isinstance(got, str):
         return got, {}
-    out, k, mask = got
+    out, sdpa_args, copied = got
     ref = _value(rec.values, att.root)
-    data = {"k": k, "mask": mask, "err": 0.0}
+    data = {"sdpa_args": sdpa_args, "copied": copied, "err": 0.0}
     if out.shape != ref.shape or out.dtype != ref.dtype:
         return f"SDPA gives {list(out.shape)} {out.dtype}, it {list(ref.shape)} {ref.dtype}", data
     nan = torch.isnan(ref)
@@ -137,6 +170,11 @@ def _check(m: Match) -> bool:
     if why is not None:
         return m.reject(f"attention at {_where(m.root)} left as matmul/softmax: {why} on the "
                         f"example inputs")
+    if math_fallback(*data["sdpa_args"]):
+        m.context.math_fallback += 1
+        return m.reject(f"attention at {_where(m.root)} left as matmul/softmax: SDPA would run "
+                        f"its math fallback on {data['sdpa_args'][0].device.type} (slower than "
+                        f"the hand-written ops there)")
     m.data.update(att=att, **data)
     m.context.worst = max(m.context.worst, data["err"])
     return True
@@ -144,21 +182,28 @@ def _check(m: Match) -> bool:
 
 def _replace(m: Match, b: Builder) -> fx.Node:
     att: Attention = m.data["att"]
-    k = att.k
+    q_value, k_value, v_value, mask_value, _ = m.data["sdpa_args"]
+    q, k, v = att.q, att.k, att.v
     if att.k_view is not None:
         args = (k, -2, -1) if att.k_view[0] == "transpose" else (k, *att.k_view[1])
         k = b.call_method(att.k_view[0], args)
-        k.meta["tensor_meta"] = tensor_meta_of(m.data["k"])
-    mask = None
+        k.meta["tensor_meta"] = tensor_meta_of(k_view_value(m.context.values[value_key(att.k)],
+                                                            att.k_view))
+    q, k, v = (_contiguous(n, t, b) if c else n
+               for n, t, c in zip((q, k, v), (q_value, k_value, v_value), m.data["copied"]))
+    mask, shape = None, ()
     for x in att.masks:
         if x is None:
             continue
-        if mask is None:
-            mask = x
-        else:
-            mask = b.call_function(operator.add, (mask, x))
-    if mask is not None and mask not in att.masks:
-        mask.meta["tensor_meta"] = tensor_meta_of(m.data["mask"])
+        shape = torch.broadcast_shapes(shape, _shape(x)) if isinstance(x, fx.Node) else shape
+        mask = x if mask is None else b.call_function(operator.add, (mask, x))
+        _set_meta(mask, shape, q_value.dtype)
+    if mask_value is not None:
+        # as many dims as q: PyTorch's CPU flash kernel takes no [H, L, S] mask (math path)
+        while len(shape) < q_value.dim():
+            shape = (1, *shape)
+            mask = b.call_method("unsqueeze", (mask, 0))
+            _set_meta(mask, shape, q_value.dtype)
     for resolver in att.rewire:  # timm's mask resolver reads q's dtype and device, as before
         resolver.update_arg(1, att.q)
     g = m.gm.graph
@@ -168,9 +213,27 @@ def _replace(m: Match, b: Builder) -> fx.Node:
         drop.replace_all_uses_with(drop.args[0])
         g.erase_node(drop)
     kwargs = {"attn_mask": mask} if mask is not None else {}
-    b.tally("masked", int(m.data["mask"] is not None))  # a tensor on the example inputs
-    return b.call_function(F.scaled_dot_product_attention, (att.q, k, att.v),
+    b.tally("masked", int(mask_value is not None))  # a tensor on the example inputs
+    return b.call_function(F.scaled_dot_product_attention, (q, k, v),
                            {**kwargs, "scale": _scale_node(att.scale, b)})
+
+
+def _contiguous(node: fx.Node, value: torch.Tensor, b: Builder) -> fx.Node:
+    """``node.contiguous()``; ``value``: its value (what SDPA was checked with)."""
+    new = b.call_method("contiguous", (node,))
+    new.meta["tensor_meta"] = tensor_meta_of(value)
+    return new
+
+
+def _shape(node: fx.Node) -> tuple:
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else ()
+
+
+def _set_meta(node: fx.Node, shape: tuple, dtype: torch.dtype) -> None:
+    """``tensor_meta`` of a new mask node (a sum or an unsqueeze: contiguous strides)."""
+    if "tensor_meta" not in node.meta:
+        node.meta["tensor_meta"] = tensor_meta_of(torch.empty(shape, dtype=dtype, device="meta"))
 
 
 def _scale_node(factors: list[Factor], b: Builder) -> float | fx.Node:
@@ -209,4 +272,6 @@ def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats["worst_rel_err"] = float(f"{rec.worst:.3g}")
     if result.rejected:
         stats["left"] = len(result.rejected)
+    if rec.math_fallback:
+        stats["left_math_fallback"] = rec.math_fallback
     return PassResult(gm, modified=result.count > 0, stats=stats, notes=list(result.notes))

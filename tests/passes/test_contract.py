@@ -134,7 +134,7 @@ class SelfAttention(nn.Module):
     def __init__(self):
         super().__init__()
         self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
-        self.bias = nn.Parameter(torch.randn(2, 5, 5))
+        self.register_buffer("bias", torch.randn(2, 5, 5))
         self.drop = nn.Dropout(0.1)
 
     def forward(self, x):
