@@ -29,8 +29,8 @@ device only, reads ``q`` instead. The mask is added, never scaled: a mask added 
 is left alone, as is ``masked_fill``. Shapes must fit SDPA's contract: q ``[*B, L, E]``, k
 ``[*B, S, E]``, v ``[*B, S, Ev]`` of one floating dtype and one rank >= 3, the same batch dims
 ``*B`` (no broadcasting); a mask of that dtype that broadcasts to ``[*B, L, S]`` without growing
-it (or timm's mask, None unless the caller passes one: SDPA takes the same argument timm's fused
-path gives it).
+it (or timm's resolved mask, None unless the caller passes one: SDPA takes the same argument
+timm's fused path gives it; added to another mask with timm's own ``maybe_add_mask``).
 
     >>> a = read_attention(gm.graph.find_nodes(op="call_function", target=operator.matmul)[-1])
     >>> constant_scale(a.scale), [m.name for m in a.masks]
@@ -107,6 +107,7 @@ class Attention:
     v: fx.Node
     scale: list[Factor] = field(default_factory=list)
     masks: list[Any] = field(default_factory=list)  # fx.Node, or a value that may be None
+    optional: dict = field(default_factory=dict)  # mask -> the maybe_add_mask that added it
     chain: list[fx.Node] = field(default_factory=list)
     bypass: list[fx.Node] = field(default_factory=list)
     guards: list[fx.Node] = field(default_factory=list)
@@ -308,6 +309,9 @@ def _logits(node: Any, reader: fx.Node, att: Attention) -> fx.Node | str | None:
                 return "the logits are read elsewhere"
             att.scale += trial.scale
             att.masks += trial.masks + [mask]
+            att.optional.update(trial.optional)
+            if isinstance(mask, fx.Node) and not _is(node, _ADD):
+                att.optional[mask] = node.target  # timm's: None at run time adds nothing
             att.chain += trial.chain + [node]
             att.guards += trial.guards
             att.rewire += trial.rewire
@@ -399,12 +403,15 @@ def _shapes(att: Attention) -> str | None:
     if len(dtypes) != 1 or not tq.dtype.is_floating_point:
         return f"q, k, v dtypes {sorted(map(str, dtypes))}"
     scores = q[:-1] + [k[-2]]
+    if len(att.optional) > 1:
+        return "two masks that may be None (timm's maybe_add_mask)"
     for mask in att.masks:
-        if mask is None or (isinstance(mask, fx.Node) and _timm(mask, "resolve_self_attn_mask")):
-            continue
         tm = tensor_meta(mask)
+        if mask is None or (tm is None and mask in att.optional
+                            and _timm(mask, "resolve_self_attn_mask")):
+            continue  # None, or a float mask timm resolves at run time (None here)
         if tm is None:
-            return "the added mask is not a tensor"
+            return "the added mask is not a tensor here (None, or of any dtype at run time)"
         if tm.dtype != tq.dtype:
             return f"the added mask is {tm.dtype}, the logits {tq.dtype}"
         try:

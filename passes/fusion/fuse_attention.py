@@ -196,7 +196,15 @@ def _replace(m: Match, b: Builder) -> fx.Node:
         if x is None:
             continue
         shape = torch.broadcast_shapes(shape, _shape(x)) if isinstance(x, fx.Node) else shape
-        mask = x if mask is None else b.call_function(operator.add, (mask, x))
+        if mask is None:
+            mask = x
+            continue
+        if x in att.optional:  # timm's maybe_add_mask(mask, x): x may be None at run time
+            mask = b.call_function(att.optional[x], (mask, x))
+        elif mask in att.optional:
+            mask = b.call_function(att.optional[mask], (x, mask))
+        else:
+            mask = b.call_function(operator.add, (mask, x))
         _set_meta(mask, shape, q_value.dtype)
     if mask_value is not None:
         # as many dims as q: PyTorch's CPU flash kernel takes no [H, L, S] mask (math path)
@@ -232,8 +240,7 @@ def _shape(node: fx.Node) -> tuple:
 
 def _set_meta(node: fx.Node, shape: tuple, dtype: torch.dtype) -> None:
     """``tensor_meta`` of a new mask node (a sum or an unsqueeze: contiguous strides)."""
-    if "tensor_meta" not in node.meta:
-        node.meta["tensor_meta"] = tensor_meta_of(torch.empty(shape, dtype=dtype, device="meta"))
+    node.meta["tensor_meta"] = tensor_meta_of(torch.empty(shape, dtype=dtype, device="meta"))
 
 
 def _scale_node(factors: list[Factor], b: Builder) -> float | fx.Node:

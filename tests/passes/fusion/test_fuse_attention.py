@@ -409,6 +409,39 @@ def test_timm_vit_unfused_attention_and_its_mask_helpers():
         assert rel_err(gm(x, None, True), model(x, is_causal=True)) < 1e-5
 
 
+class TimmMaskAndBias(nn.Module):
+    """timm's mask helpers beside an attention bias: two masks, one of them None unless the
+    caller passes ``attn_mask`` or ``is_causal``; the rewrite adds them with timm's own
+    ``maybe_add_mask``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 3 * H * E)
+        self.register_buffer("bias", torch.randn(H, L, L))
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+        qkv = self.qkv(x).unflatten(-1, (3, H, E)).permute(2, 0, 3, 1, 4)
+        qk = qkv[0] @ qkv[1].transpose(-2, -1)
+        attn_bias = resolve_self_attn_mask(L, qk, attn_mask, is_causal=is_causal)
+        attn = maybe_add_mask(qk * E ** -0.5 + self.bias, attn_bias)
+        return attn.softmax(dim=-1) @ qkv[2]
+
+
+def test_timm_mask_beside_a_bias():
+    pytest.importorskip("timm")
+    model, x = TimmMaskAndBias().eval(), torch.randn(B, L, 16)
+    before, gm, rec = _run(model, (x,))
+    assert rec.stats["attention"] == 1 and rec.stats["masked"] == 1
+    assert counts(gm)["maybe_add_mask"] == 1 and counts(gm)["matmul"] == 0
+    extra = torch.randn(L, L)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) < 1e-6
+        assert rel_err(gm(x, extra), model(x, extra)) < 1e-6
+        assert rel_err(gm(x, None, True), model(x, is_causal=True)) < 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, size, found", [("levit_128s", 224, 11),
                                                ("botnet26t_256", 256, 3),
