@@ -251,7 +251,8 @@ def _peel_scales(node: fx.Node) -> tuple[fx.Node, list[Factor]]:
 
 
 def _last_two(dims: tuple, rank: int) -> bool:
-    return sorted(d % rank if isinstance(d, int) else -1 for d in dims) == [rank - 2, rank - 1]
+    return rank >= 2 and all(isinstance(d, int) for d in dims) \
+        and sorted(d % rank for d in dims) == [rank - 2, rank - 1]
 
 
 def _k_of(kt: fx.Node) -> tuple[fx.Node, tuple | None]:
@@ -295,7 +296,7 @@ def _logits(node: Any, reader: fx.Node, att: Attention) -> fx.Node | str | None:
     ``att.chain``. Returns the qk matmul, a reason, or None (no qk matmul here)."""
     if not isinstance(node, fx.Node):
         return None
-    mask_pairs = []
+    mask_pairs, why = [], None
     if _is(node, _ADD) and len(node.args) == 2 and not node.kwargs:
         mask_pairs = [(node.args[0], node.args[1]), (node.args[1], node.args[0])]
     elif _timm(node, "maybe_add_mask") and len(node.args) + len(node.kwargs) == 2:
@@ -316,10 +317,9 @@ def _logits(node: Any, reader: fx.Node, att: Attention) -> fx.Node | str | None:
             att.guards += trial.guards
             att.rewire += trial.rewire
             return found
-        if isinstance(found, str):
-            return found
+        why = why or found  # the other operand may still be the logits
     if mask_pairs:
-        return None
+        return why
     got = _scale_of(node) if isinstance(node, fx.Node) else None
     if got is not None:
         found = _logits(got[0], node, att)

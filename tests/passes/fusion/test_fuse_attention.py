@@ -209,6 +209,31 @@ def test_bmm_on_three_dims():
         assert rel_err(gm(x), model(x)) < 1e-6
 
 
+class MatmulMaskFirst(nn.Module):
+    """A mask that is itself a matmul, read twice, written first: ``rel + q @ k^T * s``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 3 * H * E)
+        self.register_buffer("rel_k", torch.randn(H, E, L))
+
+    def forward(self, x):
+        qkv = self.qkv(x).unflatten(-1, (3, H, E)).permute(2, 0, 3, 1, 4)
+        rel = qkv[0] @ self.rel_k  # [B, H, L, L]
+        p = (rel + qkv[0] @ qkv[1].transpose(-2, -1) * 0.3).softmax(-1)
+        return p @ qkv[2] + rel.mean()
+
+
+def test_the_logits_on_either_side_of_the_add():
+    model, x = MatmulMaskFirst().eval(), torch.randn(B, L, 16)
+    before, gm, rec = _run(model, (x,))
+    assert rec.stats["attention"] == 1 and rec.stats["masked"] == 1
+    sdpa = next(n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention)
+    assert sdpa.kwargs["scale"] == 0.3 and counts(gm)["matmul"] == 1  # rel stays, the mask
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) < 1e-6
+
+
 class LeftAlone(nn.Module):
     """Softmax-then-matmul shapes the pass must leave alone, one per ``case``."""
 
