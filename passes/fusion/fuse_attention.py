@@ -261,8 +261,10 @@ RULES = [op_rule("attention", MATMULS, _replace, _check,
 
 @register_pass("fuse_attention", requires=(EVAL_MODE,), reference="exact")
 def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Hand-written attention (softmax(q @ k^T * s [+ mask]) @ v) becomes one
-    F.scaled_dot_product_attention call, each checked on the example inputs."""
+    """Hand-written attention, softmax(q @ k^T * s [+ mask]) @ v, becomes one SDPA call.
+
+    Each rewrite is checked on the example inputs; where PyTorch would run SDPA's math
+    fallback the attention is left as it is (see the module docstring)."""
     found = [a for a in map(read_attention, gm.graph.nodes) if isinstance(a, Attention)]
     if not found:
         notes = [f"attention at {_where(n)} left as matmul/softmax: {why}"

