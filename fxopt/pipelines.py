@@ -6,11 +6,12 @@ phases, each a small function that says where its passes go, the way TVM builds 
 target::
 
     build_pipeline("default", target="cpu", prune=True, quantize=True)
-    # ['cleanup', 'prune_channels', 'fold_bn', 'fuse_act', 'lower_convs', 'to_channels_last',
-    #  'quantize_int8', 'cleanup', 'lower_int8_cpu']
+    # ['cleanup', 'fuse_attention', 'prune_channels', 'fold_bn', 'fuse_act', 'lower_convs',
+    #  'to_channels_last', 'quantize_int8', 'cleanup', 'lower_int8_cpu']
 
 1. ``prune_phase``: ``prune_channels`` right after the first ``cleanup`` (pruning sees the graph
-   before folding and fusion, so the masked reference is the user's model).
+   before folding and fusion, so the masked reference is the user's model), and after
+   ``fuse_attention`` where that follows it (hand-written attention is one SDPA call by then).
 2. ``cpu_layout_phase``: on the CPU, after ``fuse_act``: ``lower_convs`` (every remaining 2-D
    convolution becomes a fused op, so oneDNN runs it with a prepacked weight) and
    ``to_channels_last`` (activations stay NHWC from one conv to the next).
@@ -40,7 +41,7 @@ __all__ = ["PIPELINES", "FEATURE_PASSES", "ENGINE_TARGETS", "build_pipeline", "e
 
 PIPELINES: dict[str, list[str]] = {
     "cleanup": ["cleanup"],
-    "default": ["cleanup", "fold_bn", "merge_convs", "fuse_act", "cleanup"],
+    "default": ["cleanup", "fuse_attention", "fold_bn", "merge_convs", "fuse_act", "cleanup"],
 }
 
 # optimize()'s feature options and the pass each turns on (its config class is the pass's).
@@ -73,10 +74,13 @@ def _after_last(names: list[str], anchors: Sequence[str]) -> int | None:
 
 
 def prune_phase(names: list[str], *, prune: bool) -> list[str]:
-    """``prune_channels`` after the first ``cleanup`` (first of all without one)."""
+    """``prune_channels`` after the first ``cleanup`` (first of all without one), and after
+    ``fuse_attention`` when it follows that cleanup (pruning's rule sees the SDPA calls)."""
     if not prune:
         return names
     at = names.index("cleanup") + 1 if "cleanup" in names else 0
+    if names[at:at + 1] == ["fuse_attention"]:
+        at += 1
     return _insert(names, at, ["prune_channels"])
 
 

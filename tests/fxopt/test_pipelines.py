@@ -13,17 +13,18 @@ from fxopt.pipelines import PIPELINES, build_pipeline, expand_pipeline
 
 def test_default_cpu_and_cuda():
     assert build_pipeline("default", target="cpu") == [
-        "cleanup", "fold_bn", "merge_convs", "fuse_act", "lower_convs", "to_channels_last",
-        "cleanup"]
+        "cleanup", "fuse_attention", "fold_bn", "merge_convs", "fuse_act", "lower_convs",
+        "to_channels_last", "cleanup"]
     assert build_pipeline("default", target="cuda") == [
-        "cleanup", "fold_bn", "merge_convs", "fuse_act", "cleanup", "fuse_add_layer_norm",
-        "lower_to_triton"]
+        "cleanup", "fuse_attention", "fold_bn", "merge_convs", "fuse_act", "cleanup",
+        "fuse_add_layer_norm", "lower_to_triton"]
 
 
 def test_every_feature_at_its_place():
+    # pruning after fuse_attention: its SDPA rule sees hand-written attention as one call
     assert build_pipeline("default", target="cpu", prune=True, quantize=True) == [
-        "cleanup", "prune_channels", "fold_bn", "merge_convs", "fuse_act", "lower_convs",
-        "to_channels_last", "quantize_int8", "cleanup", "lower_int8_cpu"]
+        "cleanup", "fuse_attention", "prune_channels", "fold_bn", "merge_convs", "fuse_act",
+        "lower_convs", "to_channels_last", "quantize_int8", "cleanup", "lower_int8_cpu"]
     assert build_pipeline("default", target="cuda", quantize=True)[-4:] == [
         "quantize_int8", "cleanup", "fuse_add_layer_norm", "lower_to_triton"]
 

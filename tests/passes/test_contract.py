@@ -140,6 +140,22 @@ class PreNormBlock(nn.Module):
         return self.ln2(h + x)
 
 
+class SelfAttention(nn.Module):
+    """Hand-written attention: scaled logits, an attention bias, softmax, eval dropout, @ v."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.register_buffer("bias", torch.randn(2, 5, 5))
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        qkv = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        a = (qkv[0] @ qkv[1].transpose(-2, -1)) * 0.5 + self.bias
+        o = self.drop(a.softmax(dim=-1)) @ qkv[2]
+        return self.proj(o.transpose(1, 2).flatten(2))
+
+
 def _x():
     return torch.randn(2, 3, 8, 8)
 
@@ -211,6 +227,8 @@ CASES: dict[str, Case] = {
         {"conv2d_int8": 0, "add_int8": 1, "onednn_conv2d_int8": 2, "cpu_quantize": 1},
         _red, before=_INT8, calibration=True,
         configs=(QuantConfig(float_without_kernel=False),)),
+    "fuse_attention": Case(SelfAttention, lambda: (torch.randn(2, 5, 8),), {"attention"},
+                           {"scaled_dot_product_attention": 1, "softmax": 0, "matmul": 0}, _red),
     "fuse_add_layer_norm": Case(PreNormBlock, lambda: (torch.randn(2, 5, 8),),
                                 {"add_layer_norm"}, {"add_layer_norm": 1, "LayerNorm": 1}, _lin,
                                 before=("cleanup",)),

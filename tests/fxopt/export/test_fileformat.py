@@ -340,7 +340,9 @@ def test_int8_file_within_a_quarter_of_torch_ao_state_dict(tmp_path):
     """The saved int8 module (manifest and tensors) is at most 1.25x torch.ao FX's int8
     state_dict of the same model saved with torch.save (x86 qconfig): int8 weights, no float
     copy of a quantized layer, no packed blobs; sizes are deterministic. (resnet18 and
-    mobilenet_v2: bench/results/int8-plain-lowering-2026-12-06.md.)"""
+    mobilenet_v2: bench/results/int8-plain-lowering-2026-12-06.md.) Failed with merge_convs and
+    fuse_attention in the pipeline while the manifest was stored (each pass's report record
+    ~0.4 kB of JSON: 1.256x); deflated since format 3: 0.54x."""
     import copy
     import io
 
