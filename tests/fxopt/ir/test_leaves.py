@@ -137,7 +137,7 @@ def test_auto_inlines_the_leaf_through_export():
     m = model()
     opt = fxopt.optimize(m, X)
     assert opt.report.capture == {"method": "symbolic_trace", "opaque": [],
-                                  "inlined": ["block.inner"]}
+                                  "inlined": ["block.inner"], "input_shapes": [list(X.shape)]}
     assert any("inlined: block.inner" in n for n in opt.report.notes)
     gm = opt.graph_module
     assert "block.inner" not in {n.target for n in gm.graph.nodes if n.op == "call_module"}
