@@ -212,18 +212,24 @@ def test_pruned_bert_honours_the_attention_mask():
 def test_prune_hand_written_attention(name):
     """attn_implementation="eager" (matmul, softmax, matmul as ATen ops after export) prunes
     heads as SDPA does: only what reaches the output is frozen. Before: aten.matmul had no
-    channel rule and froze every query, key and value projection."""
+    channel rule and froze every query, key and value projection. With fuse_attention (the
+    default pipeline) the attention is one SDPA call before pruning; without it the matmul
+    rules prune it as it is."""
     torch.manual_seed(0)
     model, x = MODELS[name]()
     model.config._attn_implementation = "eager"
     model = Logits(model.eval()).eval()
-    opt = fxopt.optimize(model, x, capture="export", prune=0.5)
-    rec = opt.report.record("prune_channels")
-    assert rec.rel_err is not None and rec.rel_err <= rec.tolerance
-    assert rec.stats["frozen"] == 1, rec.notes
-    assert rec.params_after / rec.params_before < MAX_PARAMS_LEFT[name]
-    matmuls = [n for n in opt.graph_module.graph.nodes if n.target == torch.ops.aten.matmul.default]
-    assert matmuls  # the hand-written attention is what was pruned
+    for disable in (["fuse_attention"], []):
+        opt = fxopt.optimize(model, x, capture="export", prune=0.5, disable=disable)
+        rec = opt.report.record("prune_channels")
+        assert rec.rel_err is not None and rec.rel_err <= rec.tolerance
+        assert rec.stats["frozen"] == 1, rec.notes
+        assert rec.params_after / rec.params_before < MAX_PARAMS_LEFT[name]
+        targets = [n.target for n in opt.graph_module.graph.nodes]
+        if disable:  # the hand-written attention is what was pruned
+            assert torch.ops.aten.matmul.default in targets
+        else:
+            assert torch.nn.functional.scaled_dot_product_attention in targets
 
 
 @pytest.mark.parametrize("name", ["bert_cls", "vit"])
