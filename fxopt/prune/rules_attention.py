@@ -171,10 +171,11 @@ def scaled_dot_product_attention(walk: ChannelWalk, n: fx.Node) -> None:
                              arg_path(n, 6, "scale"), value=1.0 / math.sqrt(shape_of(q)[-1])))
 
 
-def _swin_attention():
+def _swin(name: str) -> tuple:
+    """``(torchvision.models.swin_transformer.<name>,)``, or ``()`` without torchvision."""
     try:
-        from torchvision.models.swin_transformer import shifted_window_attention
-        return (shifted_window_attention,)
+        from torchvision.models import swin_transformer
+        return (getattr(swin_transformer, name),)
     except Exception:  # noqa: BLE001 - torchvision is optional
         return ()
 
@@ -226,16 +227,8 @@ def shifted_window_attention(walk: ChannelWalk, n: fx.Node) -> None:
     walk.record_layer(n, out, vin)
 
 
-if _swin_attention():
-    register_channel_rule(_swin_attention()[0])(shifted_window_attention)
-
-
-def _swin_patch_merging():
-    try:
-        from torchvision.models.swin_transformer import _patch_merging_pad
-        return (_patch_merging_pad,)
-    except Exception:  # noqa: BLE001 - torchvision is optional
-        return ()
+for _fn in _swin("shifted_window_attention"):
+    register_channel_rule(_fn)(shifted_window_attention)
 
 
 def patch_merging_pad(walk: ChannelWalk, n: fx.Node) -> None:
@@ -256,5 +249,5 @@ def patch_merging_pad(walk: ChannelWalk, n: fx.Node) -> None:
     walk.set(n, Layout(ndim_of(n) - 1, vec))
 
 
-if _swin_patch_merging():
-    register_channel_rule(_swin_patch_merging()[0])(patch_merging_pad)
+for _fn in _swin("_patch_merging_pad"):
+    register_channel_rule(_fn)(patch_merging_pad)
