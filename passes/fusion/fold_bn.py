@@ -65,8 +65,9 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, Rule, apply_rules, call, module, op
 from fxopt.ir.graph import (add_buffer, copy_meta, get_attr_value, is_shape_read,
                             remove_unused_attributes, tensor_meta)
+from fxopt.ir.share import copy_sharing_tensors
 
-__all__ = ["fold_bn", "RULES", "fold_weights", "LAYER_TYPES", "BN_TYPES"]
+__all__ = ["fold_bn", "RULES", "fold_weights", "LAYER_TYPES", "CONV_TYPES", "BN_TYPES"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -421,7 +422,7 @@ def _fold_identity_bns(gm: fx.GraphModule) -> tuple[int, list[str]]:
         cy, cx = (d // 2 for d in conv.kernel_size)
         w[c, 0 if conv.groups > 1 else c, cy, cx] += scale
         bias = shift if conv.bias is None else conv.bias.detach().double() + shift
-        folded = copy.deepcopy(conv)
+        folded = copy_sharing_tensors(conv)  # settings; weight and bias replaced below
         folded.weight = nn.Parameter(w.to(conv.weight.dtype),
                                      requires_grad=conv.weight.requires_grad)
         folded.bias = nn.Parameter(bias.to(conv.weight.dtype),

@@ -30,7 +30,6 @@ rounding: one sum of products instead of two plus an add).
 """
 from __future__ import annotations
 
-import copy
 import operator
 from collections import Counter
 
@@ -41,10 +40,10 @@ import torch.nn as nn
 from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.graph import get_attr_value, remove_unused_attributes, tensor_meta
+from fxopt.ir.share import copy_sharing_tensors
+from fxopt.passes.fusion.fold_bn import CONV_TYPES
 
 __all__ = ["merge_convs", "kernel_offset"]
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _conv_call(gm: fx.GraphModule, node, add: fx.Node, sites: Counter):
@@ -89,7 +88,7 @@ def _merged(big: nn.Module, small: nn.Module, off: tuple[int, ...]) -> nn.Module
     w[window] += small.weight.detach().double()
     biases = [c.bias.detach().double() for c in (big, small) if c.bias is not None]
     grad = big.weight.requires_grad or small.weight.requires_grad
-    merged = copy.deepcopy(big)  # settings; the weights are replaced below
+    merged = copy_sharing_tensors(big)  # settings; weight and bias replaced below
     merged.weight = nn.Parameter(w.to(big.weight.dtype), requires_grad=grad)
     merged.bias = None if not biases else nn.Parameter(sum(biases).to(big.weight.dtype),
                                                        requires_grad=grad)
