@@ -17,9 +17,10 @@ Like fbgemm, the codes are clamped to the uint8 storage range 0..255, not to the
 range: when the zero point was rounded up, the input's maximum can land on code 128.
 
 CPU: ``torch.ops.quantized.linear_dynamic`` / ``linear_relu_dynamic`` (fbgemm, engines
-``x86``/``fbgemm``) with the weights prepacked once and cached, when there is no residual, the
-activation is ``none`` or ``relu`` and the input is float32. Everything else (other
-activations, a residual, other engines, CUDA) runs the reference: integer codes, exact
+``x86``/``fbgemm``) with the weights prepacked once and cached, when the input (and residual)
+is float32; a residual and an activation other than relu follow fbgemm's float32 output in
+the reference's order (GELU after fc1, the residual add after fc2 of a transformer MLP).
+Everything else (other dtypes, other engines, CUDA) runs the reference: integer codes, exact
 accumulation (float32 while every partial sum stays below 2**24, else float64), then fbgemm's
 epilogue ``fma(acc, float32(x_scale * w_scale), bias)`` rounded once to float32, then the
 residual and the activation in float32. The two paths use the same grid, the same integer
@@ -223,20 +224,30 @@ def dynamic_fast_path_available() -> bool:
 
 def _linear_int8_dynamic_cpu(x, w_q, w_scale, bias, residual=None, *, act="none", act_args=(),
                              reduce_range=True):
-    if (residual is not None or act not in ("none", "relu") or x.dtype != torch.float32
-            or x.dim() == 0 or x.numel() == 0 or w_q.dtype != torch.int8
+    if (x.dtype != torch.float32 or x.dim() == 0 or x.numel() == 0 or w_q.dtype != torch.int8
             or (bias is not None and bias.dtype != torch.float32)
+            or (residual is not None and residual.dtype != torch.float32)
             or not dynamic_fast_path_available()):
         return linear_int8_dynamic_reference(x, w_q, w_scale, bias, residual, act=act,
                                              act_args=act_args, reduce_range=reduce_range)
     check_activation(act, act_args)
-    packed = _packed(w_q, w_scale, bias, act)
-    fn = torch.ops.quantized.linear_relu_dynamic if act == "relu" \
-        else torch.ops.quantized.linear_dynamic
+    # fbgemm fuses relu only; a residual or another activation follows its float32 output in
+    # the reference's order (epilogue, + residual, activation): the same float32 operations
+    fused = act == "relu" and residual is None
+    packed = _packed(w_q, w_scale, bias, "relu" if fused else "none")
+    fn = torch.ops.quantized.linear_relu_dynamic if fused else torch.ops.quantized.linear_dynamic
     x2 = x.contiguous()
     if x2.dim() == 1:  # fbgemm wants a matrix
-        return fn(x2.unsqueeze(0), packed, bool(reduce_range)).squeeze(0)
-    return fn(x2, packed, bool(reduce_range))
+        y = fn(x2.unsqueeze(0), packed, bool(reduce_range)).squeeze(0)
+    else:
+        y = fn(x2, packed, bool(reduce_range))
+    if fused:
+        return y
+    if residual is not None:
+        y = y.add_(residual) if residual.shape == y.shape else y + residual
+    if act != "none":
+        y = apply_activation(y, act, act_args, inplace=True)
+    return y.contiguous()
 
 
 def _linear_int8_dynamic_fake(x, w_q, w_scale, bias, residual=None, *, act="none", act_args=(),

@@ -24,38 +24,52 @@ import torch.fx as fx
 from fxopt.ir.check import clone_inputs
 from fxopt.ir.graph import module_path
 
-__all__ = ["LockstepReference"]
+__all__ = ["LockstepReference", "follow_codes"]
 
 
 class _Follow(fx.Interpreter):
-    """Runs the int8 IR graph, taking over the lowered graph's codes wherever a lowered op is
-    within one code of the IR op on the same inputs."""
+    """Runs the reference graph; after each node, ``judge(self, node, value)`` returns the value
+    the run carries on with (its own, or the lowered graph's where they agree)."""
 
-    def __init__(self, gm, lowered_env: dict, mapping: dict):
+    def __init__(self, gm, lowered_env: dict, mapping: dict, judge):
         super().__init__(gm)
-        self.lowered_env, self.mapping = lowered_env, mapping
+        self.lowered_env, self.mapping, self.judge = lowered_env, mapping, judge
         self.flips, self.off = 0, {}
 
+    def lowered(self, n: fx.Node):
+        """The lowered graph's value standing for reference node ``n`` (None: none)."""
+        return self.lowered_env.get(self.mapping.get(n.name))
+
     def run_node(self, n):
-        out = super().run_node(n)
-        low = self.lowered_env.get(self.mapping.get(n.name))
-        codes = low.int_repr() if isinstance(low, torch.Tensor) and low.is_quantized else low
-        if not (isinstance(codes, torch.Tensor) and isinstance(out, torch.Tensor)
-                and out.dtype in (torch.uint8, torch.int8) and codes.dtype == out.dtype
-                and codes.shape == out.shape):
-            return out
-        diff = int((codes.to(torch.int64) - out.to(torch.int64)).abs().max()) if out.numel() else 0
-        if diff > 1:  # not a tie rounded the other way: let the error reach the output
-            self.off[module_path(n) or n.name] = diff
-            return out
-        self.flips += int((codes != out).sum())
-        return codes.to(out.dtype)
+        return self.judge(self, n, super().run_node(n))
+
+
+def follow_codes(follow: _Follow, n: fx.Node, out):
+    """The lowered op's codes where they are within one code of the IR op's ``out`` (a tie
+    rounded the other way, counted in ``follow.flips``); else ``out``, and the op is named in
+    ``follow.off`` with its distance in codes."""
+    low = follow.lowered(n)
+    codes = low.int_repr() if isinstance(low, torch.Tensor) and low.is_quantized else low
+    if not (isinstance(codes, torch.Tensor) and isinstance(out, torch.Tensor)
+            and out.dtype in (torch.uint8, torch.int8) and codes.dtype == out.dtype
+            and codes.shape == out.shape):
+        return out
+    diff = int((codes.to(torch.int64) - out.to(torch.int64)).abs().max()) if out.numel() else 0
+    if diff > 1:  # not a tie rounded the other way: let the error reach the output
+        follow.off[module_path(n) or n.name] = diff
+        return out
+    follow.flips += int((codes != out).sum())
+    return codes.to(out.dtype)
 
 
 class LockstepReference(torch.nn.Module):
     """The int8 IR graph ``ir`` run in lockstep with its lowering ``lowered`` (``mapping``: IR
     node name -> lowered node name). After a call, ``flips`` counts the codes a lowered op put
-    one step away from its IR op (ties), ``off`` names the ops off by more, with the codes."""
+    one step away from its IR op (ties), ``off`` names the ops off by more, with the codes.
+    ``judge`` decides what the reference carries on with after each node (``follow_codes``; a
+    subclass may judge float outputs: ``passes/quant/dynamic.py``)."""
+
+    judge = staticmethod(follow_codes)
 
     def __init__(self, ir: fx.GraphModule, lowered: fx.GraphModule, mapping: dict):
         super().__init__()
@@ -70,7 +84,8 @@ class LockstepReference(torch.nn.Module):
             # each run on copies: a graph that writes into its input (x.mul_(gate)) must not
             # hand the other run a changed input
             low.run(*clone_inputs(args))
-            follow = _Follow(self.ir, {n.name: v for n, v in low.env.items()}, self.mapping)
+            follow = _Follow(self.ir, {n.name: v for n, v in low.env.items()}, self.mapping,
+                             self.judge)
             out = follow.run(*clone_inputs(args))
         self.flips, self.off = follow.flips, follow.off
         return out
