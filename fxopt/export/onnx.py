@@ -60,6 +60,7 @@ from fxopt.export.qdq import (MIN_QDQ_OPSET, compare_within_step, drop_initializ
 from fxopt.ir.boundary import normalize_inputs
 from fxopt.ir.check import clone_inputs, run_in_eval
 from fxopt.ir.tolerances import ErrorStats, compare_outputs
+from fxopt.ops.int8_dynamic import LinearInt8Dynamic
 from fxopt.ops.schema import is_fxopt_op, schema_of
 
 __all__ = ["export_onnx", "OnnxExport", "decompose_fused_ops", "DEFAULT_OPSET", "MIN_OPSET",
@@ -330,6 +331,14 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     step = None
     if isinstance(gm, fx.GraphModule):
         export_gm, translated, kept = decompose_fused_ops(gm)
+        per_token = [n.name for n in gm.graph.nodes
+                     if LinearInt8Dynamic.matches(n) and LinearInt8Dynamic.of(n).per_token]
+        if per_token:
+            raise UnsupportedOpError(
+                f"{len(per_token)} dynamic int8 layer(s) with one grid per token (e.g. "
+                f"{per_token[0]}) have no ONNX form: DynamicQuantizeLinear picks one grid per "
+                f"tensor", hint="optimize with QuantConfig(mode='dynamic') (per_token=False) "
+                                "to export, or export the float model")
         if is_int8_graph(export_gm):
             if opset < MIN_QDQ_OPSET:
                 raise InputError(f"int8 (QDQ) export needs opset >= {MIN_QDQ_OPSET} "

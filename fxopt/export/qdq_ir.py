@@ -169,6 +169,11 @@ def _dynamic_linear(m: Match, b: Builder) -> fx.Node:
     return st.activation(b, y, v.act, v.act_args)  # float out: no grid, no exit
 
 
+def _per_tensor(m: Match) -> bool:
+    """ONNX's DynamicQuantizeLinear picks one grid per tensor: a per-token layer has no form."""
+    return not LinearInt8Dynamic.of(m.root).per_token
+
+
 # The table: one row per op of the int8 IR (the op's name is the row's name).
 IR_RULES: tuple[Rule, ...] = (
     ir_row(Quantize, _quantize),
@@ -184,5 +189,5 @@ IR_RULES: tuple[Rule, ...] = (
     ir_row(UpsampleNearest2dInt8, _upsample_nearest),
     ir_row(BatchNorm2dInt8, _batch_norm),
     ir_row(ActivationInt8, _activation),
-    ir_row(LinearInt8Dynamic, _dynamic_linear),
+    ir_row(LinearInt8Dynamic, _dynamic_linear, _per_tensor),
 )

@@ -22,7 +22,9 @@ transformer blocks and other models whose activation ranges vary per input.
     {'linear': 3, 'kept_float': 0, 'output_step': 0.01421, 'sqnr_db': 36.39, 'max_abs_err': 0.02791}
 
 Only Linear layers are quantized in this mode: convolutions stay float, and so do the
-projections inside leaf modules (``nn.MultiheadAttention`` is a leaf in fxopt's capture).
+projections inside leaf modules (``nn.MultiheadAttention`` is a leaf in fxopt's capture;
+``quantize_int8`` decomposes the standard self-attention call first,
+``passes/quant/attention.py``, so its in_proj and out_proj are Linear layers here).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from fxopt.ir.graph import (add_buffer, copy_meta, get_attr_value, module_path,
                             remove_unused_attributes, tensor_meta_of)
 from fxopt.ops.fused import FusedConv, FusedLinear
 from fxopt.ops.int8_dynamic import (LINEAR_INT8_DYNAMIC, LinearInt8Dynamic, dynamic_qparams,
-                                    fake_quantize_dynamic)
+                                    fake_quantize_dynamic, fake_quantize_token, token_qparams)
 from fxopt.passes.lower.lockstep import LockstepReference
 from fxopt.quant.measure import sqnr_db
 from fxopt.quant.config import QuantConfig
@@ -153,7 +155,7 @@ def _weight_qparams(layer: _Linear) -> QParams:
 
 
 def _rewrite(gm: fx.GraphModule, layer: _Linear, w_qp: QParams, reduce_range: bool,
-             replaced: dict) -> fx.Node:
+             per_token: bool, replaced: dict) -> fx.Node:
     g, n = gm.graph, layer.node
     x = replaced.get(layer.x, layer.x)  # an earlier layer may have been rewritten already
     residual = replaced.get(layer.residual, layer.residual)
@@ -167,7 +169,8 @@ def _rewrite(gm: fx.GraphModule, layer: _Linear, w_qp: QParams, reduce_range: bo
     with g.inserting_before(n):
         new = LINEAR_INT8_DYNAMIC.emit(g, x=x, w_q=w_q, w_scale=w_s, bias=b, residual=residual,
                                        act=layer.act, act_args=list(layer.act_args),
-                                       reduce_range=bool(reduce_range))
+                                       reduce_range=bool(reduce_range),
+                                       **({"per_token": True} if per_token else {}))
     copy_meta(new, n)
     old_weight = FusedLinear.of(n).weight if n.op == "call_function" else None
     n.replace_all_uses_with(new)
@@ -178,7 +181,19 @@ def _rewrite(gm: fx.GraphModule, layer: _Linear, w_qp: QParams, reduce_range: bo
     return new
 
 
-def _simulated(gm: fx.GraphModule, plans: list[tuple[str, QParams]], reduce_range: bool):
+def _fake_quantize(per_token: bool):
+    return fake_quantize_token if per_token else fake_quantize_dynamic
+
+
+def _input_step(x: torch.Tensor, reduce_range: bool, per_token: bool) -> float:
+    """The run-time input step of a layer (per token: the largest row's)."""
+    if per_token:
+        return float(token_qparams(x, reduce_range)[0].max()) if x.numel() else 0.0
+    return dynamic_qparams(x, reduce_range)[0]
+
+
+def _simulated(gm: fx.GraphModule, plans: list[tuple[str, QParams]], reduce_range: bool,
+               per_token: bool = False):
     """A copy of the float graph with each planned layer's input fake-quantized on its
     run-time grid and its weight fake-quantized (float math throughout). Also returns, per
     fake-quant node, the largest dequantized weight of its layer, and per planned layer the
@@ -191,7 +206,7 @@ def _simulated(gm: fx.GraphModule, plans: list[tuple[str, QParams]], reduce_rang
         n = nodes[name]
         x = n.args[0] if n.op == "call_module" else FusedLinear.of(n).x
         with g.inserting_before(n):
-            fq_x = g.call_function(fake_quantize_dynamic, (x, bool(reduce_range)))
+            fq_x = g.call_function(_fake_quantize(per_token), (x, bool(reduce_range)))
         w_max[fq_x.name] = float(w_qp.scale.max()) * w_qp.qmax
         if n.op == "call_module":
             m = ref.get_submodule(n.target)
@@ -217,13 +232,14 @@ def _simulated(gm: fx.GraphModule, plans: list[tuple[str, QParams]], reduce_rang
 class _GridRecorder(fx.Interpreter):
     """Runs the reference, noting the run-time input scale at each fake-quant node."""
 
-    def __init__(self, gm: fx.GraphModule, reduce_range: bool):
+    def __init__(self, gm: fx.GraphModule, reduce_range: bool, per_token: bool = False):
         super().__init__(gm)
-        self.reduce_range, self.scales = reduce_range, {}
+        self.reduce_range, self.per_token, self.scales = reduce_range, per_token, {}
 
     def run_node(self, n: fx.Node):
-        if n.op == "call_function" and n.target is fake_quantize_dynamic:
-            self.scales[n.name] = dynamic_qparams(self.env[n.args[0]], self.reduce_range)[0]
+        if n.op == "call_function" and n.target is _fake_quantize(self.per_token):
+            self.scales[n.name] = _input_step(self.env[n.args[0]], self.reduce_range,
+                                              self.per_token)
         return super().run_node(n)
 
 
@@ -245,15 +261,17 @@ class _DynamicLockstep(LockstepReference):
     their difference in flips; ``worst``: the largest difference followed, in flips."""
 
     def __init__(self, reference: fx.GraphModule, int8: fx.GraphModule, mapping: dict,
-                 layers: dict, reduce_range: bool):
+                 layers: dict, reduce_range: bool, per_token: bool = False):
         super().__init__(reference, int8, mapping)
         self.layers, self.reduce_range = layers, reduce_range  # ref node -> (fq node, |w| max)
+        self.per_token = per_token
         self.scales: dict[str, float] = {}
         self.worst = 0.0
 
     def judge(self, follow, n: fx.Node, out):
-        if n.op == "call_function" and n.target is fake_quantize_dynamic:
-            self.scales[n.name] = dynamic_qparams(follow.env[n.args[0]], self.reduce_range)[0]
+        if n.op == "call_function" and n.target is _fake_quantize(self.per_token):
+            self.scales[n.name] = _input_step(follow.env[n.args[0]], self.reduce_range,
+                                              self.per_token)
             return out
         layer, low = self.layers.get(n.name), follow.lowered(n)
         if layer is None or not (isinstance(low, torch.Tensor) and isinstance(out, torch.Tensor)
@@ -303,15 +321,15 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
                           notes=notes)
     inputs = tuple(ctx.example_inputs)
     plans = [(layer.node.name, _weight_qparams(layer)) for layer in layers]
-    reference, w_max, outputs = _simulated(gm, plans, cfg.reduce_range)
-    grids = _GridRecorder(reference, cfg.reduce_range)
+    reference, w_max, outputs = _simulated(gm, plans, cfg.reduce_range, cfg.per_token)
+    grids = _GridRecorder(reference, cfg.reduce_range, cfg.per_token)
     with torch.no_grad():
         float_out = gm(*inputs)
         ref_out = grids.run(*inputs)
 
     replaced: dict[fx.Node, fx.Node] = {}
     for layer, (_, w_qp) in zip(layers, plans):
-        _rewrite(gm, layer, w_qp, cfg.reduce_range, replaced)
+        _rewrite(gm, layer, w_qp, cfg.reduce_range, cfg.per_token, replaced)
     remove_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
@@ -319,7 +337,7 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
         reference, gm, {outputs[layer.node.name][0]: replaced[layer.node].name
                         for layer in layers},
         {ref_name: (fq_name, w_max[fq_name]) for ref_name, fq_name in outputs.values()},
-        cfg.reduce_range)
+        cfg.reduce_range, cfg.per_token)
 
     with torch.no_grad():
         q_out = gm(*inputs)
@@ -347,12 +365,15 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
              "sqnr_db": round(sqnr_db(f, q), 2),
              "max_abs_err": float(f"{float((f - q).abs().max()):.4g}") if f.numel() else 0.0,
              "tie_layers": lockstep.flips, "tie_flips_max": round(lockstep.worst, 3)}
+    if cfg.per_token:
+        stats["per_token"] = True
     notes.insert(0, f"dynamic int8 on {len(layers)} Linear layer(s), inputs quantized at run time "
-                    f"(uint8, {'7' if cfg.reduce_range else '8'}-bit range); vs float on the "
+                    f"(uint8, {'7' if cfg.reduce_range else '8'}-bit range"
+                    f"{', one grid per token' if cfg.per_token else ''}); vs float on the "
                     f"example inputs: SQNR {stats['sqnr_db']:.1f} dB, max abs error "
                     f"{stats['max_abs_err']:.3g}")
     if lockstep.off:
-        notes.append("int8 layers more than " f"{LAYER_FLIPS:g} flips from their simulated form "
+        notes.append(f"int8 layers more than {LAYER_FLIPS:g} flips from their simulated form "
                      "on the example inputs: " + ", ".join(f"{k} ({v} flips)"
                                                            for k, v in lockstep.off.items()))
     return PassResult(gm, modified=True, stats=stats, notes=notes, reference=lockstep,

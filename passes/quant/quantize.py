@@ -91,12 +91,18 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config(QuantConfig).resolved(ctx.target)  # reduce_range="auto" decided here
     original = gm
     gm, linear = addmm_as_linear(gm)  # GPT-2's Conv1D: aten.addmm of a transposed weight
+    gm, attention, attention_notes = decompose_attention(gm, ctx.example_inputs)
     if cfg.mode == "dynamic":
         res = quantize_dynamic_linear(gm, ctx, cfg)
-        if linear and not res.modified:  # no layer chosen; the float rewrite is checked
+        if (linear or attention) and not res.modified:  # the float rewrites are checked
             res = dataclasses.replace(res, modified=True, reference=original)
+        if attention:
+            res.stats["attention_decomposed"] = len(attention)
+            res.notes.append(f"{len(attention)} MultiheadAttention call(s) decomposed (in_proj, "
+                             f"scaled_dot_product_attention, out_proj) so their projections "
+                             f"are int8")
+        res.notes.extend(attention_notes)
         return res
-    gm, attention, attention_notes = decompose_attention(gm, ctx.example_inputs)
     # a transformer's residual stream stays float
     split = split_linear_residuals(gm) if cfg.linear_residual_add == "float" else 0
     # ONNX Runtime's int8 kernels fuse no activation but ReLU/Clip: the others run after

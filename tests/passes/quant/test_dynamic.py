@@ -343,9 +343,11 @@ def test_optimize_int8_dynamic():
     m, x = WithAttention().eval(), torch.randn(2, 5, 16)
     opt = fxopt.optimize(m, x, quantize="int8_dynamic")
     rec = opt.report.record("quantize_int8")
-    assert rec.status == "ok" and rec.modified and rec.stats["linear"] == 1
-    assert _targets(opt.graph_module).count(DYN) == 1
-    assert any("MultiheadAttention" in note for note in rec.notes)
+    # the standard self-attention call is decomposed first: in_proj, out_proj and fc are int8
+    assert rec.status == "ok" and rec.modified and rec.stats["linear"] == 3
+    assert rec.stats["attention_decomposed"] == 1
+    assert _targets(opt.graph_module).count(DYN) == 3
+    assert any("MultiheadAttention call(s) decomposed" in note for note in rec.notes)
     with torch.no_grad():
         assert compare_outputs(opt(x), m(x)).rel_err < 0.05
 
@@ -371,7 +373,8 @@ def test_deep_transformer_checks_in_lockstep(seed, monkeypatch):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
     opt = fxopt.optimize(m, x, quantize="int8_dynamic")
     rec = opt.report.record("quantize_int8")
-    assert rec.status == "ok" and rec.stats["linear"] == 25  # 12 x (fc1, fc2) + the head
+    # 12 x (in_proj, out_proj, fc1, fc2) + the head
+    assert rec.status == "ok" and rec.stats["linear"] == 49
     assert rec.max_abs_err <= rec.tolerance
     other = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 10))
     with torch.no_grad():
@@ -386,7 +389,7 @@ def test_lockstep_does_not_follow_a_wrong_layer():
     reference does not follow it, names it, and the output is off by more than the bound."""
     m = _deep_vit()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    gm = _capture(m, x)
+    gm = _capture(m, x)  # the attention stays a leaf here: the pass alone, fc1/fc2/head int8
     res = qd.quantize_dynamic_linear(gm, PassContext(example_inputs=(x,)),
                                      QuantConfig(mode="dynamic"))
     with torch.no_grad():
@@ -399,3 +402,86 @@ def test_lockstep_does_not_follow_a_wrong_layer():
         bad = (gm(x) - res.reference(x)).abs().max()
     assert bad > res.max_abs_tolerance
     assert any("encoder_layer_5" in k for k in res.reference.off), res.reference.off
+
+
+# -- one grid per token ---------------------------------------------------------------------
+@pytest.mark.parametrize("shape,n,act,reduce_range,residual", [
+    ((2, 9, 96), 384, "gelu", False, False), ((197, 768), 64, "none", True, True),
+    ((1, 40), 24, "relu", False, False), ((3, 5, 3072), 16, "none", False, False),
+    ((4, 7, 33), 5, "silu", True, True)])
+def test_per_token_op_equals_its_reference_and_simulation(shape, n, act, reduce_range,
+                                                          residual):
+    from fxopt.ir.activations import apply_activation
+    from fxopt.ops.int8_dynamic import fake_quantize_token
+    torch.manual_seed(3)
+    w_q, w_s = _int8_weights(n, shape[-1])
+    b = torch.randn(n)
+    x = torch.randn(*shape) * 2 + 0.3
+    x.reshape(-1, shape[-1])[0] *= 40  # one token far wider than the rest
+    res = torch.randn(*shape[:-1], n) if residual else None
+    kw = dict(act=act, reduce_range=reduce_range, per_token=True)
+    y = torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_s, b, res, **kw)
+    ref = linear_int8_dynamic_reference(x, w_q, w_s, b, res, **kw)
+    # the same codes and the same exact int32 sums (torch._int_mm against float64), then one
+    # shared float32 epilogue: bit-identical by construction
+    assert torch.equal(y, ref)
+    sim = F.linear(fake_quantize_token(x, reduce_range), w_q.float() * w_s[:, None], b)
+    sim = apply_activation(sim if res is None else sim + res, act, [])
+    assert (y - sim).abs().max() <= 1e-5 * sim.abs().max()
+
+
+def test_per_token_grids_are_per_row():
+    from fxopt.ops.int8_dynamic import token_qparams
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 0.5], [100.0, 3.0, 2.0]])
+    scale, zp = token_qparams(x, reduce_range=False)
+    assert scale.shape == (3, 1) and scale[0].item() == 1.0  # an all-zero row: scale 1
+    assert scale[1].item() == pytest.approx(2 / 255) and zp[1].item() in (127, 128)
+    assert scale[2].item() == pytest.approx(100 / 255) and zp[2].item() == 0
+    w_q, w_s = _int8_weights(4, 3)
+    # row 1's output does not depend on row 2's range (per tensor it would)
+    alone = torch.ops.fxopt.linear_int8_dynamic(x[1:2], w_q, w_s, None, per_token=True)
+    together = torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_s, None, per_token=True)
+    assert torch.equal(alone[0], together[1])
+    with pytest.raises(ValueError, match="non-finite"):
+        token_qparams(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_per_token_beats_per_tensor_where_one_token_is_wide():
+    torch.manual_seed(4)
+    m, x = Block(d=48, h=192, out=48).eval(), torch.randn(2, 24, 48)
+    x[:, 0] *= 30  # a class token far wider than the others
+    sq = {}
+    for per_token in (False, True):
+        opt = fxopt.optimize(m, x, quantize=QuantConfig(mode="dynamic", per_token=per_token))
+        rec = opt.report.record("quantize_int8")
+        assert rec.status == "ok" and rec.stats["linear"] == 3
+        assert rec.stats.get("per_token", False) is per_token
+        with torch.no_grad():
+            out, ref = opt(x), m(x)
+        sq[per_token] = 10 * math.log10(float(ref.pow(2).mean() / (out - ref).pow(2).mean()))
+    assert sq[True] > sq[False] + 3, sq
+    assert any("one grid per token" in note for note in rec.notes)
+
+
+def test_per_token_deep_transformer_saves_and_refuses_onnx(tmp_path):
+    m = _deep_vit()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    opt = fxopt.optimize(m, x, quantize=QuantConfig(mode="dynamic", per_token=True))
+    rec = opt.report.record("quantize_int8")
+    assert rec.status == "ok" and rec.stats["linear"] == 49 and rec.stats["per_token"]
+    assert all(LinearInt8Dynamic.of(n).per_token for n in opt.graph_module.graph.nodes
+               if LinearInt8Dynamic.matches(n))
+    back = fxopt.load(opt.save(tmp_path / "vit.fxopt"))
+    other = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(back(other), opt(other))
+        assert compare_outputs(opt(other), m(other)).rel_err < 0.1
+    with pytest.raises(fxopt.UnsupportedOpError, match="one grid per token"):
+        fxopt.export_onnx(opt, x, tmp_path / "vit.onnx")
+
+
+def test_per_token_config_errors():
+    with pytest.raises(fxopt.InputError, match="needs mode='dynamic'"):
+        QuantConfig(per_token=True)
+    with pytest.raises(fxopt.InputError, match="per_token must be True or False"):
+        QuantConfig(mode="dynamic", per_token="yes")
