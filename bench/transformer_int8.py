@@ -12,12 +12,17 @@ ones). Variants, each ``fxopt.optimize(model, x, target="cpu", check="end", ...)
   per call (the attention's in_proj/out_proj included: the standard attention call is
   decomposed), no calibration;
 - ``int8_dynamic_attn_float``: the same with the attention modules kept float
-  (``keep_float`` = the paths of the modules whose class name ends in "Attention").
+  (``keep_float`` = the paths of the modules whose class name ends in "Attention");
+- ``int8_dynamic_per_token``: ``QuantConfig(mode="dynamic", per_token=True)``: every Linear
+  int8, one run-time grid per token.
+
+Models: torchvision's by name; ``timm:<name>`` for timm's (``pretrained=False``, seeded), e.g.
+``timm:deit_small_patch16_224``.
 
 SQNR: the logits against the float model's on the held-out images. Latency: median ms per call
 at batch 1, the variants interleaved round by round (``bench/_timing.py``).
 
-    python bench/transformer_int8.py                       # vit_b_16, swin_t (~10 min here)
+    python bench/transformer_int8.py          # vit_b_16, swin_t, timm deit_small (~10 min here)
     python bench/transformer_int8.py --models swin_t --out -
 """
 from __future__ import annotations
@@ -51,7 +56,18 @@ def _variants(model, calib) -> dict:
         "int8_static": {"quantize": "int8", "calibration_data": calib},
         "int8_dynamic": {"quantize": "int8_dynamic"},
         "int8_dynamic_attn_float": {"quantize": dyn_float},
+        "int8_dynamic_per_token": {"quantize": fxopt.QuantConfig(mode="dynamic",
+                                                                 per_token=True)},
     }
+
+
+def _build(name: str) -> torch.nn.Module:
+    if name.startswith("timm:"):
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model(name[5:], pretrained=False).eval()
+    return _model(name)[0]
 
 
 def _row(name, variant, ms, sqnr, rec, build_s) -> str:
@@ -66,7 +82,7 @@ def _row(name, variant, ms, sqnr, rec, build_s) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="vit_b_16,swin_t")
+    p.add_argument("--models", default="vit_b_16,swin_t,timm:deit_small_patch16_224")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", default=None)
@@ -77,7 +93,7 @@ def main(argv=None) -> None:
     rows = ["| model | variant | bs 1 ms | SQNR dB | int8 Linear layers | kept float | build s |",
             "|---|---|---|---|---|---|---|"]
     for name in args.models.split(","):
-        model, _ = _model(name)
+        model = _build(name)
         gen = torch.Generator().manual_seed(1)
         calib = [torch.randn(1, 3, 224, 224, generator=gen) for _ in range(16)]
         held = torch.randn(8, 3, 224, 224, generator=gen)

@@ -139,13 +139,14 @@ def token_qparams(x: torch.Tensor, reduce_range: bool = True) -> tuple[torch.Ten
     """``(scale, zp)`` of each row's run-time uint8 grid (float32, shape ``[..., 1]``): the
     row's range widened to hold 0 over 255 steps (127 with ``reduce_range``), a zero point that
     puts 0 on a code; an all-zero row gets scale 1."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("fxopt.linear_int8_dynamic: the input holds non-finite values; a "
-                         "run-time int8 grid needs a finite range")
     qmax = 127 if reduce_range else 255
     xf = x.detach().float()
-    lo = xf.amin(-1, keepdim=True).clamp_(max=0.0)
-    hi = xf.amax(-1, keepdim=True).clamp_(min=0.0)
+    # amin and amax: 2 x 22 us on a [197, 3072] input here; aminmax(dim=) 670, isfinite 640
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)  # both propagate NaN
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        raise ValueError("fxopt.linear_int8_dynamic: the input holds non-finite values; a "
+                         "run-time int8 grid needs a finite range")
+    lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
     scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zp = torch.round(-lo / scale).clamp_(0, qmax)
@@ -165,6 +166,21 @@ def fake_quantize_token(x: torch.Tensor, reduce_range: bool = True) -> torch.Ten
     return ((_token_codes(x, scale, zp, reduce_range) - zp) * scale).to(x.dtype)
 
 
+_COLSUMS: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, its version, int32 row sums)
+
+
+def _colsum(w_q: torch.Tensor) -> torch.Tensor:
+    """``w_q.sum(1)`` in int32, cached per weight tensor (an in-place update recomputes it)."""
+    hit = _COLSUMS.get(id(w_q))
+    if hit is not None and hit[0]() is w_q and hit[1] == _version(w_q):
+        return hit[2]
+    out = w_q.detach().sum(1, dtype=torch.int32)
+    if len(_COLSUMS) > 4096:  # many models in one process: start over
+        _COLSUMS.clear()
+    _COLSUMS[id(w_q)] = (weakref.ref(w_q), _version(w_q), out)
+    return out
+
+
 def _token_linear(x, w_q, w_scale, bias, residual, act, act_args, reduce_range, int_mm):
     """The per-token linear: ``int_mm`` (``torch._int_mm``, or exact float64 for the reference)
     of the codes minus 128 against ``w_q``, then the shared integer correction and epilogue."""
@@ -178,7 +194,7 @@ def _token_linear(x, w_q, w_scale, bias, residual, act, act_args, reduce_range, 
     else:
         acc = F.linear(a.double(), w_q.double()).to(torch.int32)
     # sum over k of (q - zp) w = acc + (128 - zp) * colsum(w), exactly in int32
-    colsum = w_q.sum(1, dtype=torch.int32)
+    colsum = _colsum(w_q)
     acc = acc.add_((128 - zp.to(torch.int32)) * colsum)
     y = acc.float().mul_(scale).mul_(w_scale.float())
     if bias is not None:
