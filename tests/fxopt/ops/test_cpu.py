@@ -233,3 +233,23 @@ def test_a_grid_the_kernels_lack_runs_the_reference():
     x = torch.randn(2, 8, 6, 6)
     assert torch.equal(CPU_QUANTIZE(x, S, _t(0, torch.int64), -128, 127),
                        torch.ops.fxopt.quantize(x, S, _t(0, torch.int64), -128, 127))
+
+
+@pytest.mark.parametrize("shape,channels_last", [((2, 120, 28, 28), True), ((1, 960, 7, 7), True),
+                                                 ((3, 16, 56, 56), False), ((1, 5, 1, 1), True)])
+def test_global_pool_onto_its_own_grid_sums_the_codes(shape, channels_last):
+    """The squeeze-excitation / head pool onto its own grid sums the codes exactly and scales
+    once ((sum - hw * zp) * scale / hw): within one code of the IR's float average everywhere,
+    equal on all but ties."""
+    q = _codes(shape, 22)
+    if channels_last:
+        q = q.contiguous(memory_format=torch.channels_last)
+    args = (q, [1, 1], _t(0.031), _t(117, torch.int64), 0, 255, _t(0.004), _t(9, torch.int64))
+    y = CPU_ADAPTIVE_AVG_POOL2D_INT8.overload(*args)
+    ref = next(t for t, twin in CPU_OF.items() if twin is CPU_ADAPTIVE_AVG_POOL2D_INT8)(*args)
+    assert y.dtype == ref.dtype == torch.uint8 and y.shape == ref.shape == (*shape[:2], 1, 1)
+    diff = (y.int() - ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.02
+    if shape[2] * shape[3] >= 49:  # averages of many codes: on the grid, not clamped flat
+        clamped = ((y == 0) | (y == 255)).float().mean()
+        assert int(y.max()) > int(y.min()) and float(clamped) < 0.5
