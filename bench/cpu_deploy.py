@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -90,6 +91,7 @@ class Cell:
     sqnr: float | None = None
     ms: dict = field(default_factory=dict)  # batch -> median ms, or an error string
     rounds: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=dict)  # batch -> ms of each timed round, in order
     note: str = ""
 
 
@@ -137,8 +139,9 @@ def _time(fns: dict[str, Callable], x, reps: int, budget: float, warmup: int,
                 if call(k, f):
                     times[k].append(time.perf_counter() - t0)
             rounds += 1
-    out = {k: (statistics.median(v) * 1e3, len(v)) for k, v in times.items() if k in live}
-    out.update({k: (e, 0) for k, e in errors.items()})
+    out = {k: (statistics.median(v) * 1e3, len(v), [t * 1e3 for t in v])
+           for k, v in times.items() if k in live}
+    out.update({k: (e, 0, []) for k, e in errors.items()})
     return out
 
 
@@ -210,10 +213,11 @@ def _bench_model(name: str, args, variants: list[str], log) -> dict:
             fns = {v: f for v, f in runners[b].items() if cells[v].status == "ok"}
             log(f"[{name}] timing bs {b}: {len(fns)} variants, up to {args.reps} rounds, "
                 f"load {os.getloadavg()[0]:.2f}")
-            for v, (ms, n) in _time(fns, xs[b], args.reps, args.budget, args.warmup,
-                                      args.settle).items():
+            for v, (ms, n, samples) in _time(fns, xs[b], args.reps, args.budget, args.warmup,
+                                               args.settle).items():
                 cells[v].ms[b] = ms if n else f"error: {ms}"
                 cells[v].rounds[b] = n
+                cells[v].samples[b] = samples
             log(f"[{name}] bs {b}: " + "  ".join(
                 f"{v} {_fmt_ms(cells[v].ms.get(b))}" for v in fns))
     finally:
@@ -281,10 +285,32 @@ def _best(cells: dict, names: list[str], batch) -> tuple[str | None, float | Non
     return v, ms
 
 
+def _paired(cells: dict, a: str | None, b: str | None, batch) -> tuple[int, int] | None:
+    """In how many of the rounds both ran was ``a`` faster than ``b`` (the variants take turns
+    round by round, so round i of one is beside round i of the other): (wins, rounds)."""
+    if a is None or b is None or a not in cells or b not in cells:
+        return None
+    sa = cells[a].get("samples", {}).get(batch) or []
+    sb = cells[b].get("samples", {}).get(batch) or []
+    n = min(len(sa), len(sb))
+    return (sum(x < y for x, y in zip(sa[:n], sb[:n])), n) if n else None
+
+
+def _tie(pair: tuple[int, int] | None) -> bool:
+    """Whether a paired comparison is within the noise: a two-sided sign test at 5% cannot
+    tell the two apart (each round a fair coin)."""
+    if pair is None:
+        return False
+    wins, n = pair
+    k = min(wins, n - wins)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return p > 0.05
+
+
 def _aims(results: list[dict], batch) -> tuple[list[str], dict]:
     """The issue's "Done when", model by model, at ``batch``."""
     rows, counts = [], {"int8_speed": 0, "int8_within": 0, "sqnr": 0, "float": 0, "ao": 0,
-                        "ao_best": 0}
+                        "ao_best": 0, "int8_speed_tie": 0, "float_tie": 0}
 
     def ms(cells, v):
         c = cells.get(v)
@@ -307,18 +333,25 @@ def _aims(results: list[dict], batch) -> tuple[list[str], dict]:
                   "ao_best": le(q_ms, ao)}
         for k, ok in checks.items():
             counts[k] += bool(ok)
+        pairs = {"int8_speed": _paired(cells, q_v, "ov_nncf_int8", batch),
+                 "float": _paired(cells, f_v, "ov", batch)}
+        for k, pair in pairs.items():
+            counts[k + "_tie"] += _tie(pair)
 
-        def yn(ok, a, b, unit="ms"):
+        def yn(ok, a, b, unit="ms", pair=None):
             if ok is None:
                 return "n/a"
             db = "" if unit == "ms" else " dB"
-            return f"{'yes' if ok else 'no'} ({_num(a)} vs {_num(b)}{db})"
+            rounds = (f"; faster in {pair[0]} of {pair[1]} rounds"
+                      f"{', a tie' if _tie(pair) else ''}") if pair else ""
+            return f"{'yes' if ok else 'no'} ({_num(a)} vs {_num(b)}{db}{rounds})"
 
         within = {None: "n/a", True: "yes", False: "no"}[checks["int8_within"]]
         rows.append(
-            f"| {r['model']} | {q_v or 'n/a'} | {yn(checks['int8_speed'], q_ms, nncf)} | {within}"
+            f"| {r['model']} | {q_v or 'n/a'} | "
+            f"{yn(checks['int8_speed'], q_ms, nncf, pair=pairs['int8_speed'])} | {within}"
             f" | {yn(checks['sqnr'], q_sq, n_sq, 'dB')} | {f_v or 'n/a'} | "
-            f"{yn(checks['float'], f_ms, ov)} | {yn(checks['ao'], own, ao)} | "
+            f"{yn(checks['float'], f_ms, ov, pair=pairs['float'])} | {yn(checks['ao'], own, ao)} | "
             f"{yn(checks['ao_best'], q_ms, ao)} |")
     return rows, counts
 
@@ -360,15 +393,18 @@ def _markdown(meta: dict, results: list[dict], args) -> str:
     lines += [f"## Issue 13 \"Done when\" at batch {b1}", "",
               "Best fxopt int8 = the fastest of " + ", ".join(FXOPT_INT8) + "; best fxopt float "
               "= the fastest of " + ", ".join(FXOPT_FLOAT) + ". SQNR: of that fastest fxopt int8 "
-              "variant.", "",
+              "variant. \"faster in k of n rounds\": the variants took turns round by round; "
+              "\"a tie\": a two-sided sign test at 5% cannot tell the two apart.", "",
               "| model | best fxopt int8 | <= OV+NNCF int8 | within 1.1x | SQNR >= NNCF's | "
               "best fxopt float | <= OV default | fxopt_int8 (cpu) <= torch.ao | "
               "best fxopt int8 <= torch.ao |",
               "|---|---|---|---|---|---|---|---|---|", *rows, "",
               f"- fxopt int8 (best target) <= OpenVINO+NNCF int8: {counts['int8_speed']} of {n} "
-              f"(aim: 6 of 8, the rest within 1.1x; within 1.1x: {counts['int8_within']} of {n})",
+              f"(aim: 6 of 8, the rest within 1.1x; within 1.1x: {counts['int8_within']} of {n};"
+              f" ties by the sign test: {counts['int8_speed_tie']} of {n})",
               f"- SQNR >= NNCF's: {counts['sqnr']} of {n} (aim: 6 of 8)",
-              f"- best fxopt float <= OpenVINO default: {counts['float']} of {n} (aim: 6 of 8)",
+              f"- best fxopt float <= OpenVINO default: {counts['float']} of {n} (aim: 6 of 8; "
+              f"ties by the sign test: {counts['float_tie']} of {n})",
               f"- fxopt int8 (target cpu) <= torch.ao int8: {counts['ao']} of {n}; best fxopt "
               f"int8 <= torch.ao: {counts['ao_best']} of {n} (aim: every model)", ""]
     return "\n".join(lines)
