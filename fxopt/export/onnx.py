@@ -54,7 +54,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxopt.errors import InputError, NumericMismatchError, UnsupportedOpError
-from fxopt.export.onnx_ops import engine_friendly_symbolics
+from fxopt.export.onnx_ops import engine_friendly_symbolics, openvino_linear_weights
 from fxopt.export.qdq import (MIN_QDQ_OPSET, compare_within_step, drop_initializer_identities,
                               has_rule, is_int8_graph, qdq_rewrite, untranslated)
 from fxopt.ir.boundary import normalize_inputs
@@ -375,6 +375,8 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
                                      hint=hint) from e
         if step is not None:
             drop_initializer_identities(tmp)
+        if engine != "onnxruntime":
+            openvino_linear_weights(tmp)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, ...

@@ -113,3 +113,65 @@ def test_resnet18_int8_qdq_file_runs_in_openvino(tmp_path):
     torch.manual_seed(0)
     _openvino_within_one_step(torchvision.models.resnet18(num_classes=10).eval(), (3, 32, 32),
                               tmp_path, one_step=False)
+
+
+class ChannelsLastMLP(nn.Module):
+    """A ConvNeXt block's shape: conv, permute to channels-last, Linear-GELU-Linear on a 4-D
+    input, permute back, residual."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.fc2(nn.functional.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        return x + y
+
+
+def _runtime_ops(compiled):
+    from collections import Counter
+    return Counter(n.get_rt_info()["layerType"].astype(str)
+                   for n in compiled.get_runtime_model().get_ops())
+
+
+def test_linear_weights_in_openvinos_layout(tmp_path):
+    """F.linear on a 4-D input exports as MatMul with the weight folded to [in, out]; from that
+    OpenVINO compiled two more runtime Transposes and Reorders per Linear than from its own
+    conversion. The OpenVINO form stores [out, in] and a Transpose: the same runtime graph as
+    OpenVINO's own, the same outputs; ONNX Runtime's form is left as the exporter wrote it."""
+    import onnx
+    torch.manual_seed(0)
+    m, x = ChannelsLastMLP().eval(), torch.randn(1, 16, 8, 8)
+    opt = fxopt.optimize(m, x)
+    paths = {e: tmp_path / f"mlp_{e}.onnx" for e in ("openvino", "onnxruntime")}
+    for engine, path in paths.items():
+        export_onnx(opt, x, path, engine=engine, dynamic_batch=False)
+    for engine, path in paths.items():
+        model = onnx.load(str(path))
+        inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"]
+        assert len(weights) == 2
+        if engine == "openvino":
+            assert all(producer[w].op_type == "Transpose" for w in weights)
+            assert sorted(inits[producer[w].input[0]] for w in weights) == [(16, 64), (64, 16)]
+            assert not any(dims in ((16, 64), (64, 16)) and name in weights
+                           for name, dims in inits.items())
+        else:
+            assert all(w in inits for w in weights)
+    core = ov.Core()
+    cfg = {"INFERENCE_PRECISION_HINT": "f32"}
+    own = ov.convert_model(m, example_input=x)
+    compiled = {e: core.compile_model(core.read_model(str(p)), "CPU", cfg)
+                for e, p in paths.items()}
+    compiled["own"] = core.compile_model(own, "CPU", cfg)
+    ops = {k: _runtime_ops(c) for k, c in compiled.items()}
+    assert ops["openvino"]["Transpose"] == ops["own"]["Transpose"], ops
+    with torch.no_grad():
+        ref = m(x)
+    for c in compiled.values():
+        got = torch.from_numpy(c(x.numpy())[c.outputs[0]])
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
