@@ -84,6 +84,14 @@ CALIBRATED_IF_STATIC = Precondition(
     "Linear layers without it")
 
 
+def _decomposed_note(attention: list) -> str:
+    """The report's line for the attention calls ``decompose_attention`` opened up: an
+    ``nn.MultiheadAttention`` call or torchvision's ``shifted_window_attention`` (Swin)."""
+    return (f"{len(attention)} attention call(s) decomposed (nn.MultiheadAttention or "
+            f"shifted_window_attention: the q/k/v and output projections as Linear layers, "
+            f"scaled_dot_product_attention between them) so their projections are int8")
+
+
 @register_pass("quantize_int8", requires=(EVAL_MODE, CALIBRATED_IF_STATIC), config=QuantConfig,
                reference="returned", after=("fuse_act",))
 def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -98,9 +106,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             res = dataclasses.replace(res, modified=True, reference=original)
         if attention:
             res.stats["attention_decomposed"] = len(attention)
-            res.notes.append(f"{len(attention)} MultiheadAttention call(s) decomposed (in_proj, "
-                             f"scaled_dot_product_attention, out_proj) so their projections "
-                             f"are int8")
+            res.notes.append(_decomposed_note(attention))
         res.notes.extend(attention_notes)
         return res
     # a transformer's residual stream stays float
@@ -232,8 +238,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         notes.append(f"kept in float: {', '.join(explicit)}")
     if attention:
         stats["attention_decomposed"] = len(attention)
-        notes.append(f"{len(attention)} MultiheadAttention call(s) decomposed (in_proj, "
-                     f"scaled_dot_product_attention, out_proj) so their projections are int8")
+        notes.append(_decomposed_note(attention))
     notes += attention_notes
     if no_kernel:
         stats["no_cpu_kernel"] = len(no_kernel)
