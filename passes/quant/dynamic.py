@@ -229,20 +229,6 @@ def _simulated(gm: fx.GraphModule, plans: list[tuple[str, QParams]], reduce_rang
     return ref, w_max, outputs
 
 
-class _GridRecorder(fx.Interpreter):
-    """Runs the reference, noting the run-time input scale at each fake-quant node."""
-
-    def __init__(self, gm: fx.GraphModule, reduce_range: bool, per_token: bool = False):
-        super().__init__(gm)
-        self.reduce_range, self.per_token, self.scales = reduce_range, per_token, {}
-
-    def run_node(self, n: fx.Node):
-        if n.op == "call_function" and n.target is _fake_quantize(self.per_token):
-            self.scales[n.name] = _input_step(self.env[n.args[0]], self.reduce_range,
-                                              self.per_token)
-        return super().run_node(n)
-
-
 # A rewritten layer may differ from its simulated form, on the same input, by this many "flips"
 # (its run-time input step times its largest weight: one input code rounded the other way at a
 # tie) plus float32 rounding, and the reference still follows it (see _DynamicLockstep)
@@ -258,7 +244,8 @@ class _DynamicLockstep(LockstepReference):
     end to end). A layer further off is not followed: its error reaches the output, which the
     pass manager checks against the pass's bound (a wrong weight, bias or grid is many flips).
     ``flips``: the layers followed with a difference; ``off``: the layers not followed, with
-    their difference in flips; ``worst``: the largest difference followed, in flips."""
+    their difference in flips; ``worst``: the largest difference followed, in flips;
+    ``scales``: each fake-quant node's run-time input step (the pass's bound reads them)."""
 
     def __init__(self, reference: fx.GraphModule, int8: fx.GraphModule, mapping: dict,
                  layers: dict, reduce_range: bool, per_token: bool = False):
@@ -322,10 +309,8 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
     inputs = tuple(ctx.example_inputs)
     plans = [(layer.node.name, _weight_qparams(layer)) for layer in layers]
     reference, w_max, outputs = _simulated(gm, plans, cfg.reduce_range, cfg.per_token)
-    grids = _GridRecorder(reference, cfg.reduce_range, cfg.per_token)
     with torch.no_grad():
         float_out = gm(*inputs)
-        ref_out = grids.run(*inputs)
 
     replaced: dict[fx.Node, fx.Node] = {}
     for layer, (_, w_qp) in zip(layers, plans):
@@ -341,7 +326,7 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
 
     with torch.no_grad():
         q_out = gm(*inputs)
-        lockstep(*inputs)
+        ref_out = lockstep(*inputs)  # also each layer's run-time input step (lockstep.scales)
     f, q = _flat(float_out), _flat(q_out)
     # Tolerance of the check against the simulated reference. The int8 graph and the reference
     # share every grid decision but not the float rounding: the reference multiplies
@@ -357,7 +342,8 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
     # flips of the largest, plus float32 slack. A wrong weight, bias, activation or grid is
     # many times the bound and is not followed (test_check_catches_a_wrong_bias).
     step = _output_step(ref_out)
-    flip = max((grids.scales[k] * w for k, w in w_max.items() if k in grids.scales), default=0.0)
+    flip = max((lockstep.scales[k] * w for k, w in w_max.items() if k in lockstep.scales),
+               default=0.0)
     tol = step + 2.0 * flip + 1e-5 * max((float(t.abs().max()) for t in _leaves(ref_out)),
                                          default=0.0)
     stats = {"linear": len(layers), "kept_float": len(kept), "reduce_range": cfg.reduce_range,
