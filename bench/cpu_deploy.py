@@ -30,7 +30,8 @@ on other, held-out images against eager float32. Latency: after warm-up the vari
 (round-robin, so a burst of load on a shared machine hits them alike); in its turn a variant is
 called ``--settle`` times untimed (default 1) and then once timed, so every timed call is a
 back-to-back call of that runtime, not the first after another's (an engine's thread pool sleeps
-while another runtime holds the cores); up to ``--reps`` rounds or about ``--budget`` seconds
+while another runtime holds the cores), after a ``--pause`` (default 20 ms) in which the runtime
+before it lets go of the cores (PyTorch's OpenMP threads spin for milliseconds after a model); up to ``--reps`` rounds or about ``--budget`` seconds
 per variant per batch size, and the figure is the median. Size: the file each engine deploys
 from (OpenVINO's ``save_model`` .xml + .bin with
 its default fp16 weight compression for float models, the .onnx, ``torch.save`` of the
@@ -105,14 +106,20 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def _time(fns: dict[str, Callable], x, reps: int, budget: float, warmup: int,
-          settle: int = 1) -> dict:
+          settle: int = 1, pause: float = 0.0) -> dict:
     """Median ms of each function, taking turns; ``reps`` rounds at most, stopping after about
     ``budget`` seconds per function (at least 3 rounds). In each round a function is called
     ``settle`` times untimed, then once timed: the timed call is a back-to-back call, as in a
     deployment, not the first after another runtime's (measured on mobilenet_v3_large: an ONNX
     Runtime session called right after another runtime took 8-10 ms, back to back 3.9-5 ms;
-    its thread pool sleeps when another runtime holds the cores). A function that raises is
-    dropped and its entry is the error's first line."""
+    its thread pool sleeps when another runtime holds the cores). Before its turn each function
+    waits ``pause`` seconds, so that the runtime before it has let go of the cores: PyTorch's
+    OpenMP threads spin for some milliseconds after a parallel region, and an engine called
+    within them shares the cores with the spinning threads (OpenVINO's mobilenet_v2 at bs 1, 2
+    threads: 3.70 ms timed after one untimed call that followed a PyTorch model, 2.46 ms after
+    a 20 ms pause; PyTorch itself after OpenVINO: 13.41 against 13.38 ms). The budget counts
+    the calls, not the pauses. A function that raises is dropped and its entry is the error's
+    first line."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     errors: dict[str, str] = {}
     live = dict(fns)
@@ -131,9 +138,9 @@ def _time(fns: dict[str, Callable], x, reps: int, budget: float, warmup: int,
         for _ in range(warmup):
             for k, f in list(live.items()):
                 call(k, f)
-        start, rounds = time.perf_counter(), 0
-        while live and rounds < reps and (rounds < 3 or
-                                           time.perf_counter() - start < budget * len(live)):
+        start, rounds, paused = time.perf_counter(), 0, 0.0
+        while live and rounds < reps and (rounds < 3 or time.perf_counter() - start - paused
+                                           < budget * len(live)):
             # a new order each round (seeded): in a fixed order each variant always ran after
             # the same one, and the same OpenVINO graph compiled twice, one copy always right
             # after PyTorch's bf16 model, lost 44-48 of 50 rounds to the other (3-7% slower)
@@ -142,6 +149,9 @@ def _time(fns: dict[str, Callable], x, reps: int, budget: float, warmup: int,
             for k, f in turn:
                 if k not in live:
                     continue
+                if pause > 0:
+                    time.sleep(pause)
+                    paused += pause
                 if not all(call(k, f) for _ in range(settle)):
                     continue
                 t0 = time.perf_counter()
@@ -223,7 +233,7 @@ def _bench_model(name: str, args, variants: list[str], log) -> dict:
             log(f"[{name}] timing bs {b}: {len(fns)} variants, up to {args.reps} rounds, "
                 f"load {os.getloadavg()[0]:.2f}")
             for v, (ms, n, samples) in _time(fns, xs[b], args.reps, args.budget, args.warmup,
-                                               args.settle).items():
+                                               args.settle, args.pause).items():
                 cells[v].ms[b] = ms if n else f"error: {ms}"
                 cells[v].rounds[b] = n
                 cells[v].samples[b] = samples
@@ -290,6 +300,9 @@ def main(argv=None) -> str:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3)")
     p.add_argument("--settle", type=int, default=1,
                    help="untimed calls of a variant before each timed one (default 1)")
+    p.add_argument("--pause", type=float, default=0.02,
+                   help="seconds each variant waits before its turn, so the runtime before it "
+                        "has let go of the cores (default 0.02)")
     p.add_argument("--variants", default=None,
                    help="comma-separated, default all: " + ",".join(VARIANTS))
     p.add_argument("--size", type=int, default=None, help="image side (default 224)")
