@@ -42,6 +42,14 @@ inputs that need no gradient while the graph's weights are the ones it was built
 
 :func:`measure` times candidates (interleaved medians on the example inputs) for
 ``target="best"``. The default ``target="auto"`` never times anything (see ``fxopt.api``).
+
+An engine called right after PyTorch's own ops shares the cores with them for a while:
+PyTorch's OpenMP threads spin for some milliseconds after each parallel region. Measured on
+this project's 2-core CPU, OpenVINO's mobilenet_v2 at bs 1 took 3.70 ms right after a PyTorch
+model and 2.46 ms after a 20 ms pause. ``OMP_WAIT_POLICY=PASSIVE`` (set before PyTorch is
+imported) removes the spin, but made PyTorch's own bf16 mobilenet_v2 2.3x slower (13.4 ->
+31.0 ms); where a process alternates PyTorch work and engine calls on few cores, time the
+pipeline as a whole.
 """
 from __future__ import annotations
 
@@ -68,6 +76,7 @@ __all__ = ["ENGINES", "NOT_SERVED", "INT8_ACCURACY_SLACK", "Engine", "deploy", "
            "require_engine", "check_engine", "check_engine_options", "engine_version", "measure"]
 
 INT8_ACCURACY_SLACK = 1.5
+PAUSE_S = 0.02  # measure(): the wait before each candidate's turn
 
 # target name -> (module to import, how a user installs it)
 ENGINES: dict[str, tuple[str, str]] = {
@@ -436,13 +445,21 @@ def deploy(module: nn.Module, inputs: tuple, name: str, *, precision: str | None
 
 
 def measure(candidates: dict[str, Callable], inputs: tuple, *, repeats: int = 5,
-            warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per call of each candidate on ``inputs``, interleaved (one call of
-    each in turn, so load on the machine falls on all alike), without gradients."""
+            warmup: int = 2, pause: float = PAUSE_S) -> dict[str, float]:
+    """Median milliseconds per call of each candidate on ``inputs``, without gradients. The
+    candidates take turns (so load on the machine falls on all alike); in its turn a candidate
+    waits ``pause`` seconds, is called once untimed and then once timed, so the timed call is
+    a back-to-back call of its runtime, not one that shares the cores with the runtime before
+    it: PyTorch's OpenMP threads spin for milliseconds after a model, and OpenVINO's
+    mobilenet_v2 (bs 1, 2 threads) took 3.70 ms timed right after PyTorch's and 2.46 ms after
+    a 20 ms pause, which could have kept the cpu path where OpenVINO is faster."""
     times: dict[str, list[float]] = {k: [] for k in candidates}
     with torch.no_grad():
         for i in range(warmup + repeats):
             for key, fn in candidates.items():
+                if pause > 0:
+                    time.sleep(pause)
+                fn(*clone_inputs(inputs))  # the untimed call of its turn
                 args = clone_inputs(inputs)
                 t0 = time.perf_counter()
                 fn(*args)

@@ -16,7 +16,8 @@ import torchvision
 
 import fxopt
 from fxopt.errors import NotAvailableError, NumericMismatchError
-from fxopt.export.engines import INT8_ACCURACY_SLACK, check_engine, deploy, installed_engines
+from fxopt.export.engines import (INT8_ACCURACY_SLACK, check_engine, deploy, installed_engines,
+                                  measure)
 from fxopt.export.qdq import compare_within_step
 from fxopt.ir.tolerances import compare_outputs, rel_err
 
@@ -184,6 +185,18 @@ def test_best_times_cpu_and_every_engine_and_keeps_the_fastest():
     assert any("target='best'" in n for n in opt.report.notes)
     with torch.no_grad():
         assert compare_outputs(opt(x), model(x)).ok
+
+
+def test_measure_calls_each_candidate_back_to_back_in_its_turn(monkeypatch):
+    """``target="best"``'s timing: in each turn a candidate waits, is called untimed, then
+    timed, so no timed call is the first after another runtime's (PyTorch's spinning OpenMP
+    threads slowed OpenVINO's next call 1.5x). The order of calls and pauses, not the time."""
+    events = []
+    monkeypatch.setattr("fxopt.export.engines.time.sleep", lambda s: events.append("pause"))
+    fns = {k: (lambda *a, k=k: events.append(k)) for k in ("cpu", "openvino")}
+    timings = measure(fns, (torch.zeros(1),), repeats=3, warmup=1)
+    assert set(timings) == {"cpu", "openvino"}
+    assert events == ["pause", "cpu", "cpu", "pause", "openvino", "openvino"] * 4
 
 
 def test_auto_does_not_time_or_pick_an_engine():
