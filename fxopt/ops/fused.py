@@ -169,7 +169,7 @@ def _conv2d_act_cpu(x, weight, bias, stride, padding, dilation, groups, residual
 def _linear_act_cpu(x, weight, bias, residual=None, *, act="none", act_args=()):
     if onednn.linear_applies(x, weight, bias, residual):
         check_activation(act, act_args)
-        y = onednn.linear_act_onednn(x, weight, bias, act, act_args)
+        y = onednn.linear_act_onednn(x, weight, bias, act, act_args, residual)
         if y is not None:
             return y
     return linear_act_reference(x, weight, bias, residual, act=act, act_args=act_args)

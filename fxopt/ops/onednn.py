@@ -60,6 +60,10 @@ def _find_linear_ops():
 
 _MKLDNN = _find_mkldnn_ops()
 _LINEAR = _find_linear_ops()
+try:  # the residual add as the matmul's post-op
+    _LINEAR_BINARY = torch.ops.mkldnn._linear_pointwise.binary if _LINEAR else None
+except (AttributeError, RuntimeError):
+    _LINEAR_BINARY = None
 _state = {"failed": False, "linear_failed": False}
 
 # id(weight) -> (weakref to the weight, (data_ptr, version) packed from,
@@ -182,29 +186,38 @@ _PACKED_LINEAR_MIN = 8192
 
 
 def linear_applies(x, weight, bias, residual) -> bool:
-    """Whether ``linear_act_onednn`` takes this call: bfloat16 throughout, no residual, a
-    weight of at least ``_PACKED_LINEAR_MIN`` elements (2-D, or a 1x1 conv's). Float32 linear
-    layers stay on ``F.linear``."""
-    return (_LINEAR is not None and not _state["linear_failed"] and mkldnn_available()
+    """Whether ``linear_act_onednn`` takes this call: bfloat16 throughout, a weight of at least
+    ``_PACKED_LINEAR_MIN`` elements (2-D, or a 1x1 conv's), a residual (if any) of the output's
+    shape. Float32 linear layers stay on ``F.linear``."""
+    if not (_LINEAR is not None and not _state["linear_failed"] and mkldnn_available()
             and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() >= 2
-            and (weight.dim() == 2 or weight.shape[2:] == (1, 1)) and residual is None
+            and (weight.dim() == 2 or weight.shape[2:] == (1, 1))
             and weight.numel() >= _PACKED_LINEAR_MIN
-            and (bias is None or bias.dtype == torch.bfloat16))
+            and (bias is None or bias.dtype == torch.bfloat16)):
+        return False
+    return residual is None or (
+        _LINEAR_BINARY is not None and residual.dtype == torch.bfloat16
+        and tuple(residual.shape) == (*x.shape[:-1], weight.shape[0]))
 
 
-def linear_act_onednn(x, weight, bias, act, act_args):
-    """``act(F.linear(x, weight, bias))`` in bf16 on oneDNN's matmul with the weight packed
-    once per weight and row count (cached like the conv weights) and the activation as its
-    post-op where the table has one: 5-10% faster than ``F.linear`` + activation on ViT-B's
-    layers, 1.8x on a 1280 -> 1000 classifier at batch 1 (one thread). None when this build
-    refuses it (the path is then off for the process). ``weight`` may be a 1x1 conv's
-    ``[out, in, 1, 1]``: a 1x1 convolution of a 1x1 image."""
+def linear_act_onednn(x, weight, bias, act, act_args, residual=None):
+    """``act(F.linear(x, weight, bias) + residual)`` in bf16 on oneDNN's matmul with the weight
+    packed once per weight and row count (cached like the conv weights) and the activation as
+    its post-op where the table has one: 5-10% faster than ``F.linear`` + activation on ViT-B's
+    layers, 1.8x on a 1280 -> 1000 classifier at batch 1 (one thread). A residual is the
+    matmul's binary ``add`` post-op (one rounding to bf16 instead of two), the activation then
+    runs in place after it. None when this build refuses it (the path is then off for the
+    process). ``weight`` may be a 1x1 conv's ``[out, in, 1, 1]``: a 1x1 convolution of a 1x1
+    image."""
     linear, reorder = _LINEAR
     rows = x.numel() // x.shape[-1]
     # a [out, in, 1, 1] conv weight (a 1x1 conv of a 1x1 image) is cached under itself
     flat = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
     try:
         packed = _cached(weight, ("linear", rows), lambda: reorder(flat.detach(), rows))
+        if residual is not None:
+            y = _LINEAR_BINARY(x, residual.contiguous(), packed, bias, "add")
+            return apply_activation(y, act, act_args, inplace=True)
         unary = ACTIVATIONS[act].onednn
         if unary is None:
             y = linear(x, packed, bias, "none", [], "")

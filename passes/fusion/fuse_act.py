@@ -24,7 +24,9 @@ copied; it is written through the op schema (``CONV2D_ACT.emit``).
 
 The CPU pipeline (``fxopt.pipelines.cpu_layout_phase``) follows it with ``lower_convs`` (this
 module: every other ``nn.Conv2d`` becomes ``conv2d_act(..., act="none")``, rule ``lowered``, so
-that every 2-D convolution takes oneDNN's kernel with a prepacked weight) and
+that every 2-D convolution takes oneDNN's kernel with a prepacked weight; with
+``precision="bf16"`` every other ``nn.Linear`` becomes ``linear_act``, rule ``lowered_linear``)
+and
 ``to_channels_last`` (``layout.py``); measured in ``bench/results/``.
 
     >>> fuse_act(gm, PassContext(example_inputs=(x,))).stats      # resnet18
@@ -287,10 +289,19 @@ def _replace_lower(m: Match, b: Builder) -> fx.Node:
     return op.emit(b, name=f"{name}_op", **values)
 
 
-# CPU: the remaining 2-D convolutions take the fused op too (oneDNN, prepacked weights).
+def _check_bf16_linear(m: Match) -> bool:
+    """A bfloat16 ``nn.Linear`` (``precision="bf16"``): its op runs oneDNN's matmul on a weight
+    packed once; a float32 one stays ``F.linear``, which is as fast as anything it would take."""
+    return _check_layer(m) and m.module("linear").weight.dtype == torch.bfloat16
+
+
+# CPU: the remaining 2-D convolutions take the fused op too (oneDNN, prepacked weights), and so
+# do bfloat16 linear layers (PyTorch's bf16 F.linear repacks the weight every call: 5-20% slower
+# on ConvNeXt's and ViT-B's layers at batch 1).
 LOWER_RULES = [Rule("lowered", lambda x: _conv2d(x), _replace_lower, _check_layer),
                Rule("lowered_fn", lambda x: call("conv", torch.conv2d)(x), _replace_lower,
-                    _check_layer)]
+                    _check_layer),
+               Rule("lowered_linear", lambda x: _linear(x), _replace_lower, _check_bf16_linear)]
 
 
 # -- the pass -----------------------------------------------------------------------------------
@@ -304,7 +315,8 @@ def fuse_act(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 @register_pass("lower_convs", after=("fuse_act",))
 def lower_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """CPU: every remaining 2-D convolution becomes a conv2d_act call (oneDNN, packed weight)."""
+    """CPU: every remaining 2-D convolution becomes a conv2d_act call (oneDNN, packed weight),
+    and every remaining bfloat16 linear layer a linear_act call."""
     result = apply_rules(gm, LOWER_RULES)
     return PassResult(gm, modified=result.count > 0, stats=dict(result.counts),
                       notes=list(result.notes))

@@ -180,6 +180,62 @@ def test_bf16_linear_act_on_onednn(act, act_args, shape):
     assert onednn.packed_weights() == 1
 
 
+@needs_bf16
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_bf16_linear_with_residual_on_onednn(act):
+    """A residual is the packed matmul's ``add`` post-op (then the activation): within the bf16
+    tolerance of the float64 reference, a transposed residual too; a residual of another
+    shape (broadcast) is not taken and runs the reference."""
+    x = _x(2, 5, 128).to(torch.bfloat16)
+    w, b = _x(96, 128).to(torch.bfloat16), _x(96).to(torch.bfloat16)
+    r = _x(2, 5, 96).to(torch.bfloat16)
+    onednn.clear_weight_cache()
+    for rr in (r, r.transpose(0, 1).contiguous().transpose(0, 1)):
+        y = LINEAR_ACT.overload(x, w, b, rr, act=act)
+        ref = linear_act_reference(x.double(), w.double(), b.double(), rr.double(), act=act)
+        assert y.dtype == torch.bfloat16 and y.shape == ref.shape and y.is_contiguous()
+        assert rel_err(y, ref) < BF16
+    assert onednn.packed_weights() == 1
+    broadcast = _x(96).to(torch.bfloat16)
+    assert not onednn.linear_applies(x, w, b, broadcast)
+    y = LINEAR_ACT.overload(x, w, b, broadcast, act=act)
+    ref = linear_act_reference(x.double(), w.double(), b.double(), broadcast.double(), act=act)
+    assert rel_err(y, ref) < BF16
+
+
+class PlainLinears(nn.Module):
+    """Linear layers with no activation after them (ViT's and ConvNeXt's second MLP layer, a
+    classifier) and one with a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(64, 256), nn.Linear(256, 64), nn.Linear(64, 160)
+
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(x))) + x
+        return self.head(y.mean(1))
+
+
+@needs_bf16
+def test_bf16_plain_linears_take_the_packed_matmul():
+    """With ``precision="bf16"`` every Linear becomes a ``linear_act`` call (``lower_convs``'s
+    ``lowered_linear`` rule for the plain ones), running on packed weights, and the module is
+    within the bf16 tolerance of eager bf16; in float32 the plain head stays ``nn.Linear``."""
+    model, x = _model(PlainLinears), _x(2, 7, 64)
+    onednn.clear_weight_cache()
+    opt = fxopt.optimize(model, x, precision="bf16")
+    gm = opt.graph_module
+    targets = [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_module")]
+    assert targets.count(LINEAR_ACT.overload) == 3 and "head" not in targets
+    assert opt.report.record("lower_convs").stats.get("lowered_linear") == 1
+    with torch.no_grad():
+        out = opt(x)
+    assert compare_outputs(out.to(torch.bfloat16), _eager_bf16(model, x)).ok
+    assert onednn.packed_weights() == 3
+    fp32 = fxopt.optimize(model, x)
+    assert "head" in [n.target for n in fp32.graph_module.graph.nodes if n.op == "call_module"]
+
+
 # -- refusals (every CPU) -------------------------------------------------------------------------
 def test_bf16_refused_without_native_bf16(monkeypatch):
     monkeypatch.delenv("FXOPT_TRITON_ON_CPU", raising=False)
