@@ -31,8 +31,9 @@ on other, held-out images against eager float32. Latency: after warm-up the vari
 called ``--settle`` times untimed (default 1) and then once timed, so every timed call is a
 back-to-back call of that runtime, not the first after another's (an engine's thread pool sleeps
 while another runtime holds the cores), after a ``--pause`` (default 20 ms) in which the runtime
-before it lets go of the cores (PyTorch's OpenMP threads spin for milliseconds after a model); up to ``--reps`` rounds or about ``--budget`` seconds
-per variant per batch size, and the figure is the median. Size: the file each engine deploys
+before it lets go of the cores (PyTorch's OpenMP threads spin for milliseconds after a
+model); up to ``--reps`` rounds or about ``--budget`` seconds (calls, not pauses) per variant
+per batch size, and the figure is the median. Size: the file each engine deploys
 from (OpenVINO's ``save_model`` .xml + .bin with
 its default fp16 weight compression for float models, the .onnx, ``torch.save`` of the
 state_dict, ``OptimizedModule.save``). A variant that fails to build or run is a cell with the
