@@ -88,6 +88,12 @@ class OnnxExport:
     batches: tuple[int, ...] = ()  # the batch sizes the file was run at in ONNX Runtime
 
 
+def _reduced_dtypes(gm: nn.Module) -> list[str]:
+    """The reduced float dtypes (bfloat16, float16) among ``gm``'s weights and buffers."""
+    found = {t.dtype for t in [*gm.parameters(), *gm.buffers()]}
+    return sorted(str(d).replace("torch.", "") for d in found & {torch.bfloat16, torch.float16})
+
+
 def decompose_fused_ops(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int], list[str]]:
     """A copy of ``gm`` with the float fused ops decomposed (``gm`` is not touched).
 
@@ -392,7 +398,18 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
             except ImportError:
                 notes.append("onnxruntime is not installed: the file was not run")
             else:
-                ort_out, ort_out2 = _ort_outputs(tmp, inputs, inputs2)
+                try:
+                    ort_out, ort_out2 = _ort_outputs(tmp, inputs, inputs2)
+                except UnsupportedOpError as e:
+                    low = _reduced_dtypes(export_gm)
+                    if not low:
+                        raise
+                    raise UnsupportedOpError(
+                        f"{e.message} (the module computes in {'/'.join(low)})",
+                        hint="ONNX Runtime's CPU kernels have no bfloat16 matmul or conv: "
+                             "export the float32 module (optimize without precision=), run "
+                             "bf16 through target='openvino' with precision='bf16', or export "
+                             "with check=False to keep the file for another runtime") from e
                 stats = _compare(ort_out, reference, step)
                 if not stats.ok:
                     raise NumericMismatchError(

@@ -213,3 +213,21 @@ def test_engine_onnxruntime_writes_hardsigmoid_as_one_op(tmp_path):
     with pytest.raises(InputError, match="engine must be"):
         export_onnx(opt, x, tmp_path / "bad.onnx", engine="tensorrt")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.skipif(not __import__("fxopt.ir.precision", fromlist=["x"]).cpu_native_bf16(),
+                    reason="needs a CPU with native bf16")
+def test_bf16_module_export_names_the_dtype_when_onnx_runtime_refuses(tmp_path):
+    """A ``precision="bf16"`` module exports bf16 matmuls, which ONNX Runtime's CPU provider
+    cannot run: the typed error says the module is bf16 and how to export it instead; no file
+    is left behind. With ``check=False`` the file is written."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(2, 16)
+    opt = fxopt.optimize(model, x, precision="bf16")
+    with pytest.raises(fxopt.errors.UnsupportedOpError, match="bfloat16") as e:
+        export_onnx(opt, x, tmp_path / "m.onnx")
+    assert "precision='bf16'" in e.value.hint and not (tmp_path / "m.onnx").exists()
+    export_onnx(opt, x, tmp_path / "m.onnx", check=False)
+    assert (tmp_path / "m.onnx").exists()
