@@ -184,17 +184,20 @@ def test_bf16_linear_act_on_onednn(act, act_args, shape):
 @pytest.mark.parametrize("act", ["none", "relu", "gelu"])
 def test_bf16_linear_with_residual_on_onednn(act):
     """A residual is the packed matmul's ``add`` post-op (then the activation): within the bf16
-    tolerance of the float64 reference, a transposed residual too; a residual of another
-    shape (broadcast) is not taken and runs the reference."""
+    tolerance of the float64 reference, a transposed residual too, and the residual is left as
+    it was (the activation runs in place on the output only); a residual of another shape
+    (broadcast) is not taken and runs the reference."""
     x = _x(2, 5, 128).to(torch.bfloat16)
     w, b = _x(96, 128).to(torch.bfloat16), _x(96).to(torch.bfloat16)
     r = _x(2, 5, 96).to(torch.bfloat16)
     onednn.clear_weight_cache()
     for rr in (r, r.transpose(0, 1).contiguous().transpose(0, 1)):
+        before = rr.clone()
         y = LINEAR_ACT.overload(x, w, b, rr, act=act)
         ref = linear_act_reference(x.double(), w.double(), b.double(), rr.double(), act=act)
         assert y.dtype == torch.bfloat16 and y.shape == ref.shape and y.is_contiguous()
         assert rel_err(y, ref) < BF16
+        assert torch.equal(rr, before) and y.data_ptr() != rr.data_ptr()  # read, not written
     assert onednn.packed_weights() == 1
     broadcast = _x(96).to(torch.bfloat16)
     assert not onednn.linear_applies(x, w, b, broadcast)
