@@ -148,9 +148,30 @@ def test_precision_options_on_engines():
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(NotAvailableError, match="precision='bf16'"):
         fxopt.optimize(_resnet18(), x, target="onnxruntime", precision="bf16")
-    with pytest.raises(NotAvailableError, match="quantize"):
-        fxopt.optimize(_resnet18(), x, target="openvino", precision="bf16", quantize="int8",
+    with pytest.raises(NotAvailableError, match="precision='fp16'"):
+        fxopt.optimize(_resnet18(), x, target="openvino", precision="fp16", quantize="int8",
                        calibration_data=_batches())
+
+
+@pytest.mark.skipif("openvino" not in installed_engines(), reason="openvino is not installed")
+def test_openvino_int8_with_bf16_float_layers_is_held_to_the_int8_accuracy_bound():
+    """``quantize="int8", precision="bf16"`` on OpenVINO: the engine compiles with bf16 for the
+    layers left in float and is checked like an int8 engine (one output step, or no farther
+    from the float model than 1.5x fxopt's own int8 graph); the graph itself is float32 +
+    int8, the same as without ``precision``."""
+    model, cal = _resnet18(), _batches()
+    x = cal[0][:2]
+    both = fxopt.optimize(model, x, target="openvino", precision="bf16", quantize="int8",
+                          calibration_data=cal)
+    int8 = fxopt.optimize(model, x, target="openvino", quantize="int8", calibration_data=cal)
+    assert both.report.engine["precision"] == "bf16" and both.report.engine["int8"]
+    assert int8.report.engine["precision"] == "f32"
+    assert all(p.dtype == torch.float32 for p in both.graph_module.parameters()
+               if p.is_floating_point())
+    with torch.no_grad():
+        ref = model(x)
+        graph_err = rel_err(both.graph_module(x), ref)
+        assert rel_err(both(x), ref) <= INT8_ACCURACY_SLACK * graph_err + 1e-6
 
 
 @pytest.mark.skipif("openvino" not in installed_engines(), reason="openvino is not installed")
