@@ -32,11 +32,13 @@ TRANSFORMERS = {"vit_b_16", "vit_b_32", "vit_l_16", "swin_t", "swin_s", "swin_b"
 ENGINE_TARGETS = {"ov": "openvino", "ort": "onnxruntime", "best": "best"}
 FXOPT_FLOAT = ["fxopt_fp32", "fxopt_bf16"] + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
                                               for p in ("fp32", "bf16")]
-FXOPT_INT8 = ["fxopt_int8"] + [f"fxopt_{e}_int8" for e in ENGINE_TARGETS]
+# int8_bf16: quantize="int8" with precision="bf16" (on OpenVINO: the layers left in float in bf16)
+FXOPT_INT8 = ["fxopt_int8"] + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
+                               for p in ("int8", "int8_bf16")]
 VARIANTS = ["eager", "compile", "ao_int8", "ov", "ov_nncf_int8", "ort_fp32", "ort_fp32_torch",
             "ort_int8", "ort_int8_s8", "ort_int8_fxopt", "fxopt_fp32", "fxopt_bf16",
             "fxopt_int8"] + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
-                             for p in ("fp32", "bf16", "int8")]
+                             for p in ("fp32", "bf16", "int8", "int8_bf16")]
 
 
 
@@ -353,6 +355,8 @@ def _fxopt_variant(target: str, precision: str):
             seconds = ctx.seconds["fxopt_int8"]
         elif precision == "int8":
             opt, note = _optimize(ctx, target=target, quantize="int8")
+        elif precision == "int8_bf16":
+            opt, note = _optimize(ctx, target=target, quantize="int8", precision="bf16")
         else:
             opt, note = _optimize(ctx, target=target, precision=precision)
         stem = f"fxopt_{target}_{precision}"
@@ -369,7 +373,7 @@ BUILDERS: dict[str, Callable[[Context], Built]] = {
     "fxopt_fp32": _fxopt_variant("cpu", "fp32"), "fxopt_bf16": _fxopt_variant("cpu", "bf16"),
     "fxopt_int8": _fxopt_variant("cpu", "int8"),
     **{f"fxopt_{e}_{p}": _fxopt_variant(t, p) for e, t in ENGINE_TARGETS.items()
-       for p in ("fp32", "bf16", "int8")},
+       for p in ("fp32", "bf16", "int8", "int8_bf16")},
 }
 
 

@@ -21,9 +21,11 @@ inputs and timed at each batch size:
   in ORT 1.32); ``ort_int8_fxopt``: fxopt's own QDQ export of its int8 model.
 - ``fxopt_fp32`` / ``fxopt_bf16`` / ``fxopt_int8``: ``fxopt.optimize(model, x, target="cpu",
   precision=..., quantize=..., calibration_data=...)``, fxopt's own PyTorch path.
-- ``fxopt_{ov,ort,best}_{fp32,bf16,int8}``: the same through ``target="openvino"``,
-  ``"onnxruntime"`` and ``"best"``. Where this build of fxopt refuses an option (no such target
-  yet, bf16 not supported there) the cell is ``n/a`` with fxopt's reason.
+- ``fxopt_{ov,ort,best}_{fp32,bf16,int8,int8_bf16}``: the same through ``target="openvino"``,
+  ``"onnxruntime"`` and ``"best"``; ``int8_bf16`` is ``quantize="int8"`` with
+  ``precision="bf16"`` (OpenVINO runs the layers left in float in bf16, as its default does for
+  NNCF's model). Where this build of fxopt refuses an option (no such target yet, bf16 not
+  supported there) the cell is ``n/a`` with fxopt's reason.
 
 All int8 variants calibrate on the same images (16 by default, one per batch); SQNR is measured
 on other, held-out images against eager float32. Latency: after warm-up the variants take turns
