@@ -246,7 +246,7 @@ def optimize(model: nn.Module, example_inputs: Any, *, pipeline: str | Sequence[
     target = _resolve_target(target, inputs)
     engine_target = target in ENGINE_TARGETS
     if engine_target:  # the precision is the engine's; the pipeline runs in float32
-        check_engine_options(target, precision, quantize)
+        check_engine_options(target, precision)
     dtype = resolve_precision(None if engine_target else precision, target, quantize,
                               reduced_on_cpu=triton_on_cpu())
     configs = []
@@ -360,7 +360,7 @@ def _optimize_best(model: nn.Module, example_inputs: Any, options: dict) -> Opti
                 found[name] = optimize(model, example_inputs, target=name, **options)
                 shared = shared or found[name]
                 continue
-            check_engine_options(name, options["precision"], options["quantize"])
+            check_engine_options(name, options["precision"])
             engine = deploy(shared.graph_module, inputs, name, precision=options["precision"],
                             float_model=_float_model(model))
         except (NotAvailableError, NumericMismatchError, UnsupportedOpError) as e:

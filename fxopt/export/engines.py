@@ -117,7 +117,7 @@ def engine_version(name: str) -> str:
     return str(getattr(require_engine(name), "__version__", "unknown"))
 
 
-def check_engine_options(name: str, precision: str | None, quantize: Any) -> None:
+def check_engine_options(name: str, precision: str | None) -> None:
     """Refuse what an engine target cannot do, before anything runs: ``precision`` other than
     fp32/bf16 (bf16 on OpenVINO only). With ``quantize=``, ``precision="bf16"`` on OpenVINO
     runs the layers fxopt left in float (attention matmuls, LayerNorm, softmax, gates) in
@@ -452,10 +452,9 @@ def measure(candidates: dict[str, Callable], inputs: tuple, *, repeats: int = 5,
     """Median milliseconds per call of each candidate on ``inputs``, without gradients. The
     candidates take turns (so load on the machine falls on all alike); in its turn a candidate
     waits ``pause`` seconds, is called once untimed and then once timed, so the timed call is
-    a back-to-back call of its runtime, not one that shares the cores with the runtime before
-    it: PyTorch's OpenMP threads spin for milliseconds after a model, and OpenVINO's
-    mobilenet_v2 (bs 1, 2 threads) took 3.70 ms timed right after PyTorch's and 2.46 ms after
-    a 20 ms pause, which could have kept the cpu path where OpenVINO is faster."""
+    a back-to-back call of its runtime, not one sharing the cores with the spinning threads of
+    the runtime before it (module docstring), which could keep the cpu path where OpenVINO is
+    faster."""
     times: dict[str, list[float]] = {k: [] for k in candidates}
     with torch.no_grad():
         for i in range(warmup + repeats):

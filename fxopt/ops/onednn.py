@@ -52,18 +52,16 @@ def _find_linear_ops():
     try:
         if not torch.backends.mkldnn.is_available():
             return None
-        return torch.ops.mkldnn._linear_pointwise.default, \
-            torch.ops.mkldnn._reorder_linear_weight.default
+        ops = torch.ops.mkldnn
+        # the binary overload: a residual add as the matmul's post-op
+        return ops._linear_pointwise.default, ops._linear_pointwise.binary, \
+            ops._reorder_linear_weight.default
     except (AttributeError, RuntimeError):
         return None
 
 
 _MKLDNN = _find_mkldnn_ops()
 _LINEAR = _find_linear_ops()
-try:  # the residual add as the matmul's post-op
-    _LINEAR_BINARY = torch.ops.mkldnn._linear_pointwise.binary if _LINEAR else None
-except (AttributeError, RuntimeError):
-    _LINEAR_BINARY = None
 _state = {"failed": False, "linear_failed": False}
 
 # id(weight) -> (weakref to the weight, (data_ptr, version) packed from,
@@ -195,9 +193,8 @@ def linear_applies(x, weight, bias, residual) -> bool:
             and weight.numel() >= _PACKED_LINEAR_MIN
             and (bias is None or bias.dtype == torch.bfloat16)):
         return False
-    return residual is None or (
-        _LINEAR_BINARY is not None and residual.dtype == torch.bfloat16
-        and tuple(residual.shape) == (*x.shape[:-1], weight.shape[0]))
+    return residual is None or (residual.dtype == torch.bfloat16
+                                and tuple(residual.shape) == (*x.shape[:-1], weight.shape[0]))
 
 
 def linear_act_onednn(x, weight, bias, act, act_args, residual=None):
@@ -209,14 +206,14 @@ def linear_act_onednn(x, weight, bias, act, act_args, residual=None):
     runs in place after it. None when this build refuses it (the path is then off for the
     process). ``weight`` may be a 1x1 conv's ``[out, in, 1, 1]``: a 1x1 convolution of a 1x1
     image."""
-    linear, reorder = _LINEAR
+    linear, linear_binary, reorder = _LINEAR
     rows = x.numel() // x.shape[-1]
     # a [out, in, 1, 1] conv weight (a 1x1 conv of a 1x1 image) is cached under itself
     flat = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
     try:
         packed = _cached(weight, ("linear", rows), lambda: reorder(flat.detach(), rows))
         if residual is not None:
-            y = _LINEAR_BINARY(x, residual.contiguous(), packed, bias, "add")
+            y = linear_binary(x, residual.contiguous(), packed, bias, "add")
             return apply_activation(y, act, act_args, inplace=True)
         unary = ACTIVATIONS[act].onednn
         if unary is None:
