@@ -30,6 +30,7 @@ lockstep check allows (one code).
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,10 +121,11 @@ def _engine_fits(engine: str, act: str, residual) -> bool:
             and ACTIVATIONS[act].quantized_cpu is not None)
 
 
-def _quantized_layer(kind: str, q, w_q, w_scale, bias, geometry, x_scale, x_zp, y_scale, y_zp,
-                     act, act_args, engine):
-    """``quantized.<kind>(_relu)`` packed under ``engine`` (once per weight), on a view of
-    the codes; a clamp-like activation is a clamp of the quantized output (exact)."""
+def _quantized_call(kind: str, w_q, w_scale, bias, geometry, x_scale, x_zp, y_scale, y_zp,
+                    act, act_args, engine) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``quantized.<kind>(_relu)`` packed under ``engine`` (once per weight), as a function of
+    the codes (run on a view of them); a clamp-like activation is a clamp of the quantized
+    output (exact)."""
     def pack():
         _spend_deprecation_warning()
         before = torch.backends.quantized.engine
@@ -141,23 +143,43 @@ def _quantized_layer(kind: str, q, w_q, w_scale, bias, geometry, x_scale, x_zp, 
         finally:
             torch.backends.quantized.engine = before
 
-    packed = onednn.packed_int8(f"{kind}_{engine}", w_q, (geometry,), pack)
+    packed = onednn.packed_int8(f"{kind}_{engine}", w_q, (geometry,), pack, (w_scale, bias))
     fused = "relu" if act == "relu" else None
     fn = getattr(torch.ops.quantized, f"{kind}_{fused}" if fused else kind)
-    y = fn(as_quantized(q, x_scale, x_zp), packed, float(y_scale), int(y_zp))
     bounds = ACTIVATIONS[act].bounds(act_args)
-    if bounds is not None:
-        y = torch.clamp(y, *bounds)
-    return codes_of(y)
+    xs, xz, ys, yz = float(x_scale), int(x_zp), float(y_scale), int(y_zp)
+    if bounds is None:
+        return lambda q: codes_of(fn(as_quantized(q, xs, xz), packed, ys, yz))
+    return lambda q: codes_of(torch.clamp(fn(as_quantized(q, xs, xz), packed, ys, yz), *bounds))
+
+
+def _conv_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, y_scale,
+               y_zp, residual=None, residual_scale=1.0, residual_zp=0, conv_scale=0.0, conv_zp=0, *,
+               act="none", act_args=(), engine="onednn"):
+    """The single kernel call ``_conv_cpu`` makes for these arguments and this input shape, as
+    a function of the codes; None where it makes another (a residual, a float epilogue, the
+    reference)."""
+    if q.dim() != 4 or residual is not None:
+        return None
+    if _engine_fits(engine, act, None) and _quint8(q):
+        return _quantized_call("conv2d", w_q, w_scale, bias,
+                               (tuple(stride), tuple(padding), tuple(dilation), groups),
+                               x_scale, x_zp, y_scale, y_zp, act, act_args, engine)
+    post = _fast(q, w_q, "conv2d", act, act_args)
+    if post is None or post is _FLOAT_EPILOGUE:
+        return None
+    return onednn.conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups,
+                                   x_scale, x_zp, y_scale, y_zp, post)
 
 
 def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, y_scale,
               y_zp, residual=None, residual_scale=1.0, residual_zp=0, conv_scale=0.0, conv_zp=0, *,
               act="none", act_args=(), engine="onednn"):
-    if q.dim() == 4 and _engine_fits(engine, act, residual) and _quint8(q):
-        return _quantized_layer("conv2d", q, w_q, w_scale, bias,
-                                (tuple(stride), tuple(padding), tuple(dilation), groups),
-                                x_scale, x_zp, y_scale, y_zp, act, act_args, engine)
+    call = _conv_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
+                      y_scale, y_zp, residual, act=act, act_args=act_args, engine=engine)
+    y = None if call is None else call(q)  # None: oneDNN refused it
+    if y is not None:
+        return y
     post = _fast(q, w_q, "conv2d", act, act_args) if q.dim() == 4 else None
     if residual is not None and (act not in ("none", "relu") or residual.dtype != torch.uint8):
         post = None  # oneDNN fuses only relu after its sum post-op
@@ -174,18 +196,36 @@ def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale,
                            act_args=act_args)
 
 
+def _linear_call(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="none",
+                 act_args=(), engine="onednn"):
+    """As ``_conv_call``, for ``_linear_cpu`` (the function makes the codes contiguous)."""
+    if q.dim() < 2:
+        return None
+    if _engine_fits(engine, act, None) and _quint8(q):
+        call = _quantized_call("linear", w_q, w_scale, bias, None, x_scale, x_zp, y_scale,
+                               y_zp, act, act_args, engine)
+    else:
+        post = _fast(q, w_q, "linear", act, act_args)
+        if post is None or post is _FLOAT_EPILOGUE:
+            return None
+        call = onednn.linear_int8_call(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp,
+                                       post)
+    return None if call is None else lambda codes: call(codes.contiguous())
+
+
 def _linear_cpu(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="none",
                 act_args=(), engine="onednn"):
-    if q.dim() >= 2 and _engine_fits(engine, act, None) and _quint8(q):
-        return _quantized_layer("linear", q.contiguous(), w_q, w_scale, bias, None, x_scale,
-                                x_zp, y_scale, y_zp, act, act_args, engine)
+    q = q.contiguous()
+    call = _linear_call(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, act=act,
+                        act_args=act_args, engine=engine)
+    y = None if call is None else call(q)  # None: oneDNN refused it
+    if y is not None:
+        return y
     post = _fast(q, w_q, "linear", act, act_args) if q.dim() >= 2 else None
-    if post is not None:
-        epilogue = post is _FLOAT_EPILOGUE
-        y = onednn.linear_int8_onednn(q.contiguous(), w_q, w_scale, bias, x_scale, x_zp,
-                                      y_scale, y_zp, None if epilogue else post)
+    if post is _FLOAT_EPILOGUE:
+        y = onednn.linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, None)
         if y is not None:
-            return _requantize(y, act, act_args, y_scale, y_zp) if epilogue else y
+            return _requantize(y, act, act_args, y_scale, y_zp)
     return _linear_reference(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, act=act,
                              act_args=act_args)
 
@@ -212,11 +252,11 @@ ONEDNN_CONV2D_INT8 = define_op(
     "float conv_scale=0.0, int conv_zp=0, *, "
     "str act='none', float[] act_args=[], str engine='onednn') -> Tensor",
     family="cpu", quantized=True, reference=_conv_reference, cpu=_conv_cpu, fake=_conv_fake,
-    macs=weight_macs("w_q"))
+    macs=weight_macs("w_q"), cpu_bind=_conv_call)
 ONEDNN_LINEAR_INT8 = define_op(
     "onednn_linear_int8(Tensor q, Tensor w_q, Tensor w_scale, Tensor? bias, " + _GRIDS,
     family="cpu", quantized=True, reference=_linear_reference, cpu=_linear_cpu,
-    fake=_linear_fake, macs=weight_macs("w_q"))
+    fake=_linear_fake, macs=weight_macs("w_q"), cpu_bind=_linear_call)
 
 OnednnConv2dInt8 = ONEDNN_CONV2D_INT8.view
 OnednnLinearInt8 = ONEDNN_LINEAR_INT8.view

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from typing import Callable
 
 import torch
 
@@ -242,7 +243,7 @@ def _find_int8_ops():
 _INT8 = _find_int8_ops()
 _int8_state = {"failed": _INT8 is None or not torch.backends.mkldnn.is_available()}
 # (id(w_q), kind, grid, conv params, input shape)
-#   -> (weakref to w_q, its version, packed weight, zero points)
+#   -> (weakref to w_q, (id, version, data_ptr) of w_q and its deps, packed weight, zero points)
 _INT8_PACKED: dict[tuple, tuple] = {}
 
 
@@ -273,26 +274,31 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack) -> tuple:
+def _packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack, deps: tuple = ()) -> tuple:
     """(packed weight, int32 zero points) for ``w_q``, packed on the first call (per call
-    site: this runs for every layer of every forward, so it does as little as it can)."""
+    site: this runs for every layer of every forward, so it does as little as it can). The
+    packing is redone once ``w_q`` or any of ``deps`` (the other tensors ``pack`` reads: the
+    weight scales, a bias packed in) is replaced, written in place or given new memory
+    (``t.data = ...``)."""
     full = (id(w_q), kind, key)
+    state = tuple((id(t), _version(t), t.data_ptr()) for t in (w_q, *deps) if t is not None)
     hit = _INT8_PACKED.get(full)
-    if hit is not None and hit[0]() is w_q and hit[1] == _version(w_q):
+    if hit is not None and hit[0]() is w_q and hit[1] == state:
         return hit[2], hit[3]
     packed = pack()
     if len(_INT8_PACKED) > 4096:  # many models in one process: start over
         _INT8_PACKED.clear()
     zeros = torch.zeros(w_q.shape[0], dtype=torch.int32)
-    _INT8_PACKED[full] = (weakref.ref(w_q), _version(w_q), packed, zeros)
+    _INT8_PACKED[full] = (weakref.ref(w_q), state, packed, zeros)
     return packed, zeros
 
 
-def packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack):
+def packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack, deps: tuple = ()):
     """What ``pack()`` returns for ``w_q`` under ``kind`` and ``key``, made on the first call and
-    cached like oneDNN's packed weights (``fxopt.ops.cpu`` keeps PyTorch's quantized packed
-    params here: kind ``"conv2d_fbgemm"``, ...)."""
-    return _packed_int8(kind, w_q, key, pack)[0]
+    cached like oneDNN's packed weights, redone when ``w_q`` or ``deps`` change
+    (``fxopt.ops.cpu`` keeps PyTorch's quantized packed params here: kind
+    ``"conv2d_fbgemm"``, ...)."""
+    return _packed_int8(kind, w_q, key, pack, deps)[0]
 
 
 def _run_int8(fn):
@@ -308,6 +314,29 @@ def _run_int8(fn):
 _FLOAT_OUT = ("none", [], "")  # no post-op: the kernel's float output, for a float epilogue
 
 
+def conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
+                     y_scale, y_zp, post_op) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``conv2d_int8_onednn`` without a residual as a function of codes shaped like ``q``: the
+    weight packed and every other argument converted once (a bound call,
+    ``fxopt.infra.direct``); None when oneDNN refuses to pack it here. The function returns
+    None where oneDNN refuses the call (as ``conv2d_int8_onednn``)."""
+    prepack, conv, _, _, _ = _INT8
+    key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
+    name, scalars, algorithm = post_op or _FLOAT_OUT
+    y_scale, y_zp, dtype = (1.0, 0, torch.float32) if post_op is None else (y_scale, y_zp, None)
+
+    def bind():
+        packed, zeros = _packed_int8("conv2d", w_q, key, lambda: prepack(
+            w_q.detach(), w_scale.detach().float(), float(x_scale), int(x_zp), list(stride),
+            list(padding), list(dilation), groups, list(q.shape)), (w_scale,))
+        args = (float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
+                None if bias is None else bias.float(), list(stride), list(padding),
+                list(dilation), groups, float(y_scale), int(y_zp), dtype, name, scalars,
+                algorithm)
+        return lambda codes: _run_int8(lambda: conv(codes, *args))
+    return _run_int8(bind)
+
+
 def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                        y_scale, y_zp, post_op, residual=None, residual_grid=(1.0, 0)):
     """uint8 codes of ``post(conv2d(q) * x_scale * w_scale + bias [+ residual])`` on the y
@@ -318,20 +347,19 @@ def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
     ``post_op=None`` (no residual): the float32 value of ``conv2d(q) * x_scale * w_scale +
     bias`` instead (no post-op, no requantize: the caller applies an activation oneDNN cannot
     fuse, then quantizes)."""
-    prepack, conv, _, _, conv_binary = _INT8
+    if residual is None:
+        call = conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups,
+                                x_scale, x_zp, y_scale, y_zp, post_op)
+        return None if call is None else call(q)
+    prepack, _, _, _, conv_binary = _INT8
     key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
-    name, scalars, algorithm = post_op or _FLOAT_OUT
-    y_scale, y_zp, dtype = (1.0, 0, torch.float32) if post_op is None else (y_scale, y_zp, None)
+    name, scalars, algorithm = post_op
 
     def go():
         packed, zeros = _packed_int8("conv2d", w_q, key, lambda: prepack(
             w_q.detach(), w_scale.detach().float(), float(x_scale), int(x_zp), list(stride),
-            list(padding), list(dilation), groups, list(q.shape)))
+            list(padding), list(dilation), groups, list(q.shape)), (w_scale,))
         b = None if bias is None else bias.float()
-        if residual is None:
-            return conv(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros, b,
-                        list(stride), list(padding), list(dilation), groups, float(y_scale),
-                        int(y_zp), dtype, name, scalars, algorithm)
         accum = residual.contiguous(memory_format=torch.channels_last)
         accum = accum.clone(memory_format=torch.channels_last) if accum is residual else accum
         return conv_binary(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros, accum,
@@ -342,17 +370,26 @@ def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
     return _run_int8(go)
 
 
-def linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, post_op):
-    """uint8 codes of ``post(linear(q) * x_scale * w_scale + bias)`` on the y grid, or None
-    when oneDNN refuses it here; ``post_op=None``: the float32 value before any activation."""
+def linear_int8_call(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp,
+                     post_op) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``linear_int8_onednn`` as a function of contiguous codes shaped like ``q`` (bound once,
+    as ``conv2d_int8_call``); None when oneDNN refuses it here."""
     _, _, prepack, linear, _ = _INT8
     name, scalars, algorithm = post_op or _FLOAT_OUT
     y_scale, y_zp, dtype = (1.0, 0, torch.float32) if post_op is None else (y_scale, y_zp, None)
 
-    def go():
+    def bind():
         packed, zeros = _packed_int8("linear", w_q, q.shape,
                                      lambda: prepack(w_q.detach(), list(q.shape)))
-        return linear(q, float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
-                      None if bias is None else bias.float(), float(y_scale), int(y_zp), dtype,
-                      name, scalars, algorithm)
-    return _run_int8(go)
+        args = (float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
+                None if bias is None else bias.float(), float(y_scale), int(y_zp), dtype,
+                name, scalars, algorithm)
+        return lambda codes: _run_int8(lambda: linear(codes, *args))
+    return _run_int8(bind)
+
+
+def linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, post_op):
+    """uint8 codes of ``post(linear(q) * x_scale * w_scale + bias)`` on the y grid, or None
+    when oneDNN refuses it here; ``post_op=None``: the float32 value before any activation."""
+    call = linear_int8_call(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, post_op)
+    return None if call is None else call(q)

@@ -95,7 +95,8 @@ class OpSchema:
                  cpu: Callable | None = None, cuda: Callable | None = None,
                  decompose: Callable | None = None, differentiable: Callable | None = None,
                  macs: Callable[["OpView", fx.GraphModule], int] | None = None,
-                 quantized: bool | None = None, doc: str = ""):
+                 quantized: bool | None = None, cpu_bind: Callable | None = None,
+                 doc: str = ""):
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
         parsed = torch._C.parse_schema(f"fxopt::{signature}")
@@ -118,6 +119,10 @@ class OpSchema:
         self._macs = macs
         LIB.define(signature)
         self.cpu_impl = cpu or reference  # the CPU kernel, also what a direct call runs
+        # cpu_bind(*args, **kwargs): the one kernel call cpu_impl makes for these arguments, as
+        # a function of the first (the input), or None; the direct twin binds through it
+        # (fxopt.infra.direct.BoundCall)
+        self.cpu_bind = cpu_bind
         LIB.impl(self.name, self.cpu_impl, "CPU")
         LIB.impl(self.name, cuda or reference, "CUDA")
         torch.library.register_fake(f"fxopt::{self.name}", fake, lib=LIB)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.infra.direct import DirectRunner, direct_graph
+from fxopt.infra.direct import BoundCall, DirectRunner, direct_graph
 from fxopt.ops.schema import schema_of
 
 
@@ -161,3 +161,123 @@ def test_the_trial_run_does_not_write_the_callers_input_twice():
         torch.testing.assert_close(out, expected)
         torch.testing.assert_close(x, x_model)  # written once, as by the model
     assert opt.direct._proven
+
+
+# -- bound calls: an int8 layer's kernel call with its arguments worked out once ----------------
+@pytest.fixture(scope="module")
+def int8_opt():
+    torch.manual_seed(0)
+    cal = _cal()
+    return fxopt.optimize(Net().eval(), cal[0], quantize="int8", calibration_data=cal)
+
+
+def _bound_calls(opt) -> list[BoundCall]:
+    return [n.target for n in opt.direct._direct.graph.nodes if isinstance(n.target, BoundCall)]
+
+
+def test_int8_layers_run_bound_calls_equal_to_the_graph(int8_opt):
+    opt = copy.deepcopy(int8_opt)
+    with torch.no_grad():
+        opt(_cal(1, seed=11)[0])  # the trial call binds each layer
+        bound = _bound_calls(opt)
+        assert len(bound) == 4 and all(b.call is not None and not b.off for b in bound)
+        for seed in (12, 13):
+            x = _cal(1, seed=seed)[0]
+            assert torch.equal(opt(x), opt.graph_module(x))
+        x3 = torch.randn(3, 3, 16, 16)  # another batch: each layer binds again
+        assert torch.equal(opt(x3), opt.graph_module(x3))
+        assert all(b.shape[0] == 3 for b in bound)
+
+
+def test_a_bound_call_sees_int8_weights_written_in_place(int8_opt):
+    opt = copy.deepcopy(int8_opt)
+    x = _cal(1, seed=14)[0]
+    with torch.no_grad():
+        opt(x)
+        before = opt(x)  # through the bound calls
+        codes = [t for t in opt.graph_module.buffers() if t.dtype == torch.int8]
+        assert codes
+        for t in codes:
+            t.neg_()  # the packed copies of these are stale now
+        after = opt(x)
+        assert torch.equal(after, opt.graph_module(x))
+        assert not torch.equal(after, before)
+
+
+def _counting_impl(calls):
+    def impl(q, w_q, w_scale, bias, *rest, **kwargs):
+        calls.append("impl")
+        return q + 1
+    return impl
+
+
+def test_a_bound_call_runs_while_its_arguments_hold_and_rebinds_otherwise():
+    calls: list[str] = []
+
+    def bind(q, w_q, w_scale, bias, *rest, **kwargs):
+        calls.append("bind")
+        return lambda codes: codes + 1
+
+    bc = BoundCall(_counting_impl(calls), bind)
+    q, w, s = torch.zeros(4, dtype=torch.uint8), torch.ones(2), torch.ones(2)
+    assert torch.equal(bc(q, w, s, None, 0.5, act="relu"), q + 1)
+    assert calls == ["impl", "bind"] and bc.call is not None
+    bc(q, w, s, None, 0.5, act="relu")
+    assert calls == ["impl", "bind"]  # bound: neither runs
+    w.mul_(2)  # written in place: its version moved
+    bc(q, w, s, None, 0.5, act="relu")
+    assert calls[2:] == ["impl", "bind"]
+    bc(q, w.clone(), s, None, 0.5, act="relu")  # another weight tensor
+    assert calls[4:] == ["impl", "bind"]
+    bc(torch.zeros(5, dtype=torch.uint8), w, s, None, 0.5, act="relu")  # another shape
+    assert calls[6:] == ["impl", "bind"]
+    assert torch.equal(bc(q.float(), w, s, None, 0.5, act="relu"), q.float() + 1)
+    assert calls[8:] == ["impl"]  # not uint8 codes: no binding
+
+
+def test_a_bound_call_that_disagrees_with_the_kernel_is_never_used():
+    calls: list[str] = []
+    bc = BoundCall(_counting_impl(calls), lambda *a, **k: (lambda codes: codes + 2))
+    q = torch.zeros(4, dtype=torch.uint8)
+    for _ in range(3):
+        assert torch.equal(bc(q, None, None, None), q + 1)
+    assert bc.off and bc.call is None and calls == ["impl"] * 3
+
+
+def test_a_layer_with_a_tensor_argument_past_its_weights_is_not_bound():
+    from fxopt.ops.cpu import ONEDNN_CONV2D_INT8
+    g = torch.fx.Graph()
+    q, r = g.placeholder("q"), g.placeholder("residual")
+    w = g.placeholder("w")
+    args = (q, w, w, None, [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0.1, 0)
+    g.output((g.call_function(ONEDNN_CONV2D_INT8.overload, args),
+              g.call_function(ONEDNN_CONV2D_INT8.overload, args + (r,))))
+    direct, swapped = direct_graph(torch.fx.GraphModule(nn.Module(), g))
+    plain, with_residual = [n.target for n in direct.graph.nodes if n.op == "call_function"]
+    assert swapped == 2 and isinstance(plain, BoundCall)
+    assert with_residual is ONEDNN_CONV2D_INT8.cpu_impl
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "onednn"])
+def test_in_place_writes_to_scales_and_biases_repack_the_layers(engine):
+    """A layer's packed weight is made again once its weight scales or bias are written in
+    place, through the graph and through the bound calls (was: PyTorch's packed params kept
+    the old bias and scales, keyed on the int8 weight alone: a silently wrong output)."""
+    from fxopt.quant.config import QuantConfig
+    torch.manual_seed(0)
+    cal = _cal()
+    opt = fxopt.optimize(Net().eval(), cal[0], quantize=QuantConfig(cpu_engine=engine),
+                         calibration_data=cal)
+    gm = opt.graph_module
+    x = _cal(1, seed=15)[0]
+    with torch.no_grad():
+        opt(x), opt(x), gm(x)  # packed, and bound
+        written = 0
+        for t in gm.buffers():
+            if t.dtype == torch.float32 and t.dim() == 1 and t.numel() > 1:  # scales, biases
+                t.add_(0.5)
+                written += 1
+        assert written >= 6
+        fresh = copy.deepcopy(gm)  # new tensors: packed anew
+        assert torch.equal(gm(x), fresh(x))
+        assert torch.equal(opt(x), fresh(x))
