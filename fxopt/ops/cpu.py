@@ -165,11 +165,16 @@ def _conv_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale
         return _quantized_call("conv2d", w_q, w_scale, bias,
                                (tuple(stride), tuple(padding), tuple(dilation), groups),
                                x_scale, x_zp, y_scale, y_zp, act, act_args, engine)
-    post = _fast(q, w_q, "conv2d", act, act_args)
+    post, affine = _fast(q, w_q, "conv2d", act, act_args), None
+    if post is _FLOAT_EPILOGUE and act == "hardsigmoid":
+        # hardsigmoid(v) = clip(v / 6 + 1/2, 0, 1): the 1/6 and 1/2 go into the weight scales
+        # and the bias, the clip is oneDNN's hardtanh: one kernel call for a squeeze-excitation
+        # gate instead of a float output, the activation and a quantize
+        post, affine = ("hardtanh", [0.0, 1.0], ""), (1 / 6, 0.5)
     if post is None or post is _FLOAT_EPILOGUE:
         return None
     return onednn.conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups,
-                                   x_scale, x_zp, y_scale, y_zp, post)
+                                   x_scale, x_zp, y_scale, y_zp, post, affine)
 
 
 def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, y_scale,

@@ -315,11 +315,15 @@ _FLOAT_OUT = ("none", [], "")  # no post-op: the kernel's float output, for a fl
 
 
 def conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
-                     y_scale, y_zp, post_op) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                     y_scale, y_zp, post_op,
+                     affine: tuple[float, float] | None = None
+                     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``conv2d_int8_onednn`` without a residual as a function of codes shaped like ``q``: the
     weight packed and every other argument converted once (a bound call,
     ``fxopt.infra.direct``); None when oneDNN refuses to pack it here. The function returns
-    None where oneDNN refuses the call (as ``conv2d_int8_onednn``)."""
+    None where oneDNN refuses the call (as ``conv2d_int8_onednn``). ``affine=(a, c)``: the
+    post-op reads ``a * (conv + bias) + c`` (the weight scales times ``a``, the bias
+    ``bias * a + c``; the packed weight does not depend on the scales)."""
     prepack, conv, _, _, _ = _INT8
     key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
     name, scalars, algorithm = post_op or _FLOAT_OUT
@@ -329,10 +333,14 @@ def conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x
         packed, zeros = _packed_int8("conv2d", w_q, key, lambda: prepack(
             w_q.detach(), w_scale.detach().float(), float(x_scale), int(x_zp), list(stride),
             list(padding), list(dilation), groups, list(q.shape)), (w_scale,))
-        args = (float(x_scale), int(x_zp), packed, w_scale.float(), zeros,
-                None if bias is None else bias.float(), list(stride), list(padding),
-                list(dilation), groups, float(y_scale), int(y_zp), dtype, name, scalars,
-                algorithm)
+        scales, b = w_scale.float(), None if bias is None else bias.float()
+        if affine is not None:
+            a, c = affine
+            scales = scales * a
+            b = torch.full_like(scales, c) if b is None else b * a + c
+        args = (float(x_scale), int(x_zp), packed, scales, zeros, b, list(stride),
+                list(padding), list(dilation), groups, float(y_scale), int(y_zp), dtype, name,
+                scalars, algorithm)
         return lambda codes: _run_int8(lambda: conv(codes, *args))
     return _run_int8(bind)
 

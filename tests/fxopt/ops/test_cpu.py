@@ -67,9 +67,11 @@ def _act_args(act):
             "elu": [1.0]}.get(act, [])
 
 
-# the activations oneDNN fuses no int8 post-op for (relu6/hardtanh/clamp are its hardtanh)
+# the activations oneDNN fuses no int8 post-op for (relu6/hardtanh/clamp are its hardtanh; a
+# convolution's hardsigmoid is too, on scaled scales and bias: below)
 EPILOGUE_ACTS = sorted(k for k in ACTIVATIONS
-                       if onednn.int8_post_op("conv2d", k, _act_args(k)) is None)
+                       if onednn.int8_post_op("conv2d", k, _act_args(k)) is None
+                       and k != "hardsigmoid")
 LINEAR_EPILOGUE_ACTS = sorted(k for k in ACTIVATIONS
                               if onednn.int8_post_op("linear", k, _act_args(k)) is None)
 
@@ -94,6 +96,29 @@ def test_an_activation_onednn_lacks_runs_on_its_float_output(act, monkeypatch):
                         lambda *a: calls.append(a[12]) or real(*a))
     torch.ops.fxopt.onednn_conv2d_int8(*args, act=act, act_args=_act_args(act))
     assert calls == [None]  # no post-op: the float32 output
+
+
+def test_a_conv_hardsigmoid_gate_is_one_kernel_call_with_a_hardtanh_post_op(monkeypatch):
+    """hardsigmoid(v) = clip(v / 6 + 1/2, 0, 1): the convolution runs with its weight scales
+    and bias scaled and oneDNN's hardtanh(0, 1) as the post-op, straight onto the y grid (no
+    float output, no separate activation and quantize): within one code of the reference."""
+    q = _codes((2, 8, 9, 9), 5).contiguous(memory_format=torch.channels_last)
+    w_q, w_s, b = _weights((16, 8, 3, 3), 6)
+    calls = []
+    real = onednn.conv2d_int8_call
+    monkeypatch.setattr(onednn, "conv2d_int8_call",
+                        lambda *a: calls.append(a[12:]) or real(*a))
+    for bias in (b, None):
+        args = (q, w_q, w_s, bias, [1, 1], [1, 1], [1, 1], 1, 0.05, 128, 1 / 255, 0)
+        y = torch.ops.fxopt.onednn_conv2d_int8(*args, act="hardsigmoid")
+        ref = ONEDNN_CONV2D_INT8.reference(*args, act="hardsigmoid")
+        assert y.dtype == torch.uint8 and y.is_contiguous(memory_format=torch.channels_last)
+        diff = (y.int() - ref.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+        # both ends of the clip are reached, and the slope between them
+        assert int(ref.min()) == 0 and int(ref.max()) == 255 and ((ref > 0) & (ref < 255)).any()
+    assert calls == [(("hardtanh", [0.0, 1.0], ""), (1 / 6, 0.5))] * 2
+    assert torch.equal(w_s, _weights((16, 8, 3, 3), 6)[1])  # the caller's scales untouched
 
 
 @pytest.mark.parametrize("act", LINEAR_EPILOGUE_ACTS)
