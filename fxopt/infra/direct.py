@@ -28,10 +28,12 @@ Bound calls. An op whose schema has a ``cpu_bind`` (the int8 CPU conv and linear
 kernel call with its weight packed and its arguments converted once, guarded by the input's
 shape and dtype, the other arguments, and the weight tensors' identity and version counters.
 The Python a layer's kernel wrapper runs on every call (the post-op lookup, the packed-weight
-cache key, the scalar conversions) cost ~7 us of a 28-56 us oneDNN call at batch 1; bound,
-regnet_x_400mf's int8 forward went from 8.09 to 7.25 ms and mobilenet_v2's from 6.99 to
-6.14 (2 threads, interleaved, 2026-12-07). Each binding is checked once: the bound call's
-codes must equal the kernel's on the call that bound it, else the node stays unbound.
+cache key, the scalar conversions) cost ~7 us of a 28-56 us oneDNN call at batch 1 (one
+thread); the bound call's guard costs ~2. Measured against the unbound layers in one process
+(batch 1, 2 threads, 60 interleaved rounds, 2026-12-07): regnet_x_400mf 7.96 -> 7.45 ms,
+mobilenet_v2 5.79 -> 5.58, resnet18 7.11 -> 6.99; efficientnet_b0 no faster (17.3 / 17.9,
+faster in 34 of 60). Each binding is checked once: the bound call's codes must equal the
+kernel's on the call that bound it, else the node stays unbound.
 """
 from __future__ import annotations
 
