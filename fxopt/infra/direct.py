@@ -160,10 +160,17 @@ class DirectRunner:
 
     def __deepcopy__(self, memo: dict) -> "DirectRunner":
         # A copy of the module gets its own twin, built on its first call (not a deep copy of
-        # this one's, which would point at the old module's tensors).
-        fresh = DirectRunner([])
+        # this one's, which would point at the old module's tensors); its notes are the copy's
+        # report's (the memo makes them one list)
+        fresh = DirectRunner(copy.deepcopy(self.notes, memo))
         fresh.enabled = self.enabled
         return fresh
+
+    def __getstate__(self) -> dict:
+        # Pickled (torch.save of the whole module) without the twin, a cache of the module's
+        # own tensors whose targets are kernel closures: the loaded module builds its own.
+        return {"notes": self.notes, "enabled": self.enabled, "_key": None, "_direct": None,
+                "_proven": False}
 
     @staticmethod
     def applies(args: tuple, kwargs: dict) -> bool:

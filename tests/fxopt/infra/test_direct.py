@@ -281,3 +281,25 @@ def test_in_place_writes_to_scales_and_biases_repack_the_layers(engine):
         fresh = copy.deepcopy(gm)  # new tensors: packed anew
         assert torch.equal(gm(x), fresh(x))
         assert torch.equal(opt(x), fresh(x))
+
+
+def test_a_used_module_pickles_without_its_twin(int8_opt, tmp_path):
+    """torch.save of the whole module after calls (the twin built, its layers bound to kernel
+    closures): the twin is a cache and stays behind; the loaded module builds its own and
+    gives the same outputs (was: a pickling error)."""
+    import io
+    opt = copy.deepcopy(int8_opt)
+    x = _cal(1, seed=16)[0]
+    with torch.no_grad():
+        expected = opt(x)
+        opt(x)
+    assert opt.direct._direct is not None
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.direct._direct is None and loaded.direct.notes is loaded.report.notes
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+        assert torch.equal(loaded(x), expected)
+    assert loaded.direct._proven
