@@ -9,6 +9,7 @@ The user's model is copied once at this boundary; nothing below touches it, on s
 """
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from pathlib import Path
@@ -68,6 +69,28 @@ class OptimizedModule(nn.Module):
         # runs only at its example shapes: anything else is a typed error, checked per call
         self.static_shapes = (report.capture or {}).get("input_shapes")
         self.train(False)  # an inference module: optimize(opt, x) and check_model accept it
+
+    def __deepcopy__(self, memo: dict) -> "OptimizedModule":
+        # a deep copy keeps what pickling leaves behind (the engine is shared, the copy watching
+        # its own weights: Engine.__deepcopy__); copy.deepcopy would go through __getstate__
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(dict(self.__dict__), memo))
+        return new
+
+    def __getstate__(self) -> dict:
+        # torch.save of the whole module (pickle): an engine (a compiled OpenVINO model, an ONNX
+        # Runtime session) and CUDA graphs do not pickle. The module is saved without them, as
+        # fxopt.save writes it: the loaded module runs the graph (for an engine, a warning here).
+        state = dict(self.__dict__)
+        if state.get("engine") is not None:
+            warnings.warn(f"fxopt: pickling an OptimizedModule leaves its {self.engine.name} "
+                          f"engine behind: the loaded module runs the PyTorch graph (optimize "
+                          f"it again with target='{self.engine.name}' to run it there)",
+                          stacklevel=2)
+            state["engine"] = None
+        state["cuda_graphs"] = None
+        return state
 
     def forward(self, *args, **kwargs):
         if self.static_shapes is not None:

@@ -258,6 +258,24 @@ def test_save_and_load_keep_the_graph(tmp_path):
         assert torch.equal(loaded(x), opt.graph_module(x))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_torch_save_leaves_the_engine_behind_with_a_warning(engine):
+    """torch.save of the whole module (pickle): the engine does not pickle; the module is
+    saved without it, as fxopt.save writes it, with a warning (was: a raw pickling error)."""
+    import io
+    _, opt = _optimized(engine, False)
+    x = torch.randn(2, 3, 32, 32)
+    buf = io.BytesIO()
+    with pytest.warns(UserWarning, match=f"leaves its {engine} engine behind"):
+        torch.save(opt, buf)
+    assert opt.engine is not None  # the module pickled keeps its engine
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.engine is None and loaded.target == engine
+    with torch.no_grad():
+        assert torch.equal(loaded(x), opt.graph_module(x))
+
+
 @pytest.mark.skipif("openvino" not in installed_engines(), reason="openvino is not installed")
 def test_openvino_int8_grids_and_bias_correction_suit_openvino():
     """On OpenVINO: zero point 0 on every activation grid (its kernels then need no
