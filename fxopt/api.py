@@ -70,9 +70,15 @@ class OptimizedModule(nn.Module):
         self.static_shapes = (report.capture or {}).get("input_shapes")
         self.train(False)  # an inference module: optimize(opt, x) and check_model accept it
 
+    def __copy__(self) -> "OptimizedModule":
+        # copy.copy and copy.deepcopy keep what pickling leaves behind (they would go through
+        # __getstate__): a shallow copy shares everything, as nn.Module's does
+        new = type(self).__new__(type(self))
+        new.__setstate__(dict(self.__dict__))
+        return new
+
     def __deepcopy__(self, memo: dict) -> "OptimizedModule":
-        # a deep copy keeps what pickling leaves behind (the engine is shared, the copy watching
-        # its own weights: Engine.__deepcopy__); copy.deepcopy would go through __getstate__
+        # the engine is shared, the copy watching its own weights (Engine.__deepcopy__)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(dict(self.__dict__), memo))

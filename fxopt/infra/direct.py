@@ -24,9 +24,10 @@ attribute reassigned on the graph module, rebuilds it. In-place updates of weigh
 (``load_state_dict``, an optimizer step) need nothing: both graphs read the same tensors.
 
 Bound calls. An op whose schema has a ``cpu_bind`` (the int8 CPU conv and linear layers,
-``fxopt.ops.cpu``) gets a :class:`BoundCall` of its own as the twin's target: the op's one
-kernel call with its weight packed and its arguments converted once, guarded by the input's
-shape and dtype, the other arguments, and the weight tensors' identity and version counters.
+``fxopt.ops.cpu``) gets a :class:`BoundCall` of its own as the twin's target, where its
+arguments past the weights are literals: the op's one kernel call with its weight packed and
+its arguments converted once, guarded by the input's shape and dtype and by the weight
+tensors' identity, version counters and memory.
 The Python a layer's kernel wrapper runs on every call (the post-op lookup, the packed-weight
 cache key, the scalar conversions) cost ~7 us of a 28-56 us oneDNN call at batch 1 (one
 thread); the bound call's guard costs ~2. Measured against the unbound layers in one process

@@ -274,6 +274,11 @@ def test_torch_save_leaves_the_engine_behind_with_a_warning(engine):
     assert loaded.engine is None and loaded.target == engine
     with torch.no_grad():
         assert torch.equal(loaded(x), opt.graph_module(x))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # copies are not pickles: they keep the engine, silently
+        assert copy.copy(opt).engine is opt.engine
+        assert copy.deepcopy(opt).engine is not None
 
 
 @pytest.mark.skipif("openvino" not in installed_engines(), reason="openvino is not installed")
