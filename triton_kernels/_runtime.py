@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 from typing import Callable, Sequence
 
@@ -31,7 +32,8 @@ import triton
 from triton.runtime.jit import JITFunction
 
 __all__ = ["interpreting", "Kernel", "KERNELS", "device_fn", "check_device", "as_float", "as_int",
-           "as_pair", "float_reciprocal", "FLOAT_DTYPES", "CODE_DTYPES", "code_range"]
+           "as_pair", "float_reciprocal", "FLOAT_DTYPES", "CODE_DTYPES", "code_range",
+           "check_codes", "check_grid", "check_out", "check_numel", "same_layout"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CODE_DTYPES = (torch.uint8, torch.int8)
@@ -216,3 +218,51 @@ def float_reciprocal(scale: float) -> float:
 
 def code_range(dtype: torch.dtype) -> tuple[int, int]:
     return (0, 255) if dtype == torch.uint8 else (-128, 127)
+
+
+# -- argument checks shared by the int8 launchers -----------------------------------------------
+def check_codes(name, t, what):
+    """``t`` a tensor of uint8 or int8 codes."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in CODE_DTYPES:
+        raise TypeError(f"{name}: {what} must be a uint8 or int8 tensor of codes, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
+
+
+def same_layout(shape, s1, s2) -> bool:
+    """Same memory layout: equal strides on every dim of size > 1 (size-1 dims' strides do not
+    matter and PyTorch leaves them ambiguous, e.g. channels-last [B, C, 1, 1])."""
+    return all(n == 1 or x == y for n, x, y in zip(shape, s1, s2))
+
+
+def check_grid(name, dtype, y_scale, y_zp, y_qmin, y_qmax, what="y"):
+    """(scale, zero point, qmin, qmax) of a grid ``what`` for codes of ``dtype``, checked
+    (qmin / qmax default to the dtype's range)."""
+    s = as_float(y_scale, f"{name}: {what}_scale")
+    if not s > 0 or not math.isfinite(s):
+        raise ValueError(f"{name}: {what}_scale must be positive and finite, got {s}")
+    zp = as_int(y_zp, f"{name}: {what}_zp")
+    lo, hi = code_range(dtype)
+    qmin = lo if y_qmin is None else as_int(y_qmin, f"{name}: {what}_qmin")
+    qmax = hi if y_qmax is None else as_int(y_qmax, f"{name}: {what}_qmax")
+    if not lo <= qmin <= qmax <= hi:
+        raise ValueError(f"{name}: need {lo} <= {what}_qmin <= {what}_qmax <= {hi} for {dtype}, "
+                         f"got {qmin}, {qmax}")
+    return s, zp, qmin, qmax
+
+
+def check_out(name, out, shape, dtype, strides):
+    """A caller's ``out`` (None passes) of this shape, dtype and layout."""
+    if out is None:
+        return None
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape)
+            or out.dtype != dtype or not same_layout(shape, out.stride(), strides)):
+        raise ValueError(f"{name}: out must be a {dtype} tensor of shape {tuple(shape)} with "
+                         f"strides {tuple(strides)}")
+    return out
+
+
+def check_numel(name, *numels):
+    """Every tensor addressable with int32 offsets."""
+    if max(numels) >= 2 ** 31:
+        raise ValueError(f"{name}: tensors with 2**31 or more elements are not supported "
+                         "(int32 offsets); split the batch")

@@ -177,7 +177,7 @@ def _triton_max_pool2d_int8(q, kernel_size, stride, padding, dilation, ceil_mode
     if kernels_for(q) is None:
         return nhwc_out(max_pool2d_int8_reference(q, kernel_size, stride, padding, dilation,
                                              ceil_mode))
-    return run_on(q, lambda tk: tk.elementwise.max_pool2d_int8(q, list(kernel_size), list(stride),
+    return run_on(q, lambda tk: tk.pool.max_pool2d_int8(q, list(kernel_size), list(stride),
                                                  list(padding), list(dilation), bool(ceil_mode)))
 
 
@@ -188,7 +188,7 @@ def _triton_global_avg_pool2d_int8(q, scale, zp, qmin, qmax, *, y_scale=None, y_
         ys, yz = grid(y_scale, y_zp, q.device) if own else (None, None)
         return nhwc_out(adaptive_avg_pool2d_int8_reference(q, [1, 1], s, z, qmin, qmax, y_scale=ys,
                                                       y_zp=yz))
-    return run_on(q, lambda tk: tk.elementwise.global_avg_pool2d_int8(
+    return run_on(q, lambda tk: tk.pool.global_avg_pool2d_int8(
         q, scale, zp, qmin, qmax, y_scale=y_scale if own else None, y_zp=y_zp if own else None))
 
 

@@ -1,5 +1,5 @@
-"""The float ``add`` and ``mul`` against a float64 reference; add_int8 / max_pool2d_int8 /
-global_avg_pool2d_int8 against fxopt's int8 IR references.
+"""The float ``add`` and ``mul`` against a float64 reference; add_int8 against fxopt's int8 IR
+reference (the pools: ``test_pool.py``).
 
 ``add`` and ``mul`` (fp32/fp16/bf16; one kernel, the op a constexpr): within the dtype's
 tolerance of the float64 sum or product, and equal to PyTorch's ``a + b`` / ``a * b`` (then
@@ -8,11 +8,8 @@ truncates (compiled kernels round to nearest even). ``mul`` as a squeeze-excitat
 ``x * gate``, gate ``[N, C, 1, 1]`` read in place, NHWC or NCHW, with tails.
 
 Exactness: ``add_int8`` with the piecewise-linear activations (none, relu, relu6, leaky_relu,
-hardtanh) and ``max_pool2d_int8`` equal the references code for code (same float32 operations;
-max is exact). Smooth activations (gelu, silu, ...) go through the kernels' own formulas: within
-one code. ``global_avg_pool2d_int8`` sums exactly in int32 where PyTorch sums float32 values, so
-it may differ from ``adaptive_avg_pool2d_int8_reference`` by one code where the mean falls within
-float32 rounding of a half-way point (it equals its own exact-sum reference bit for bit).
+hardtanh) equals the reference code for code (same float32 operations). Smooth activations
+(gelu, silu, ...) go through the kernels' own formulas: within one code.
 """
 import math
 import operator
@@ -22,6 +19,7 @@ import torch
 
 from fxopt.ops import int8 as IR
 from fxopt.triton_kernels import elementwise as E
+from fxopt.triton_kernels._runtime import same_layout
 from fxopt.triton_kernels.epilogue import ACTIVATIONS
 
 
@@ -96,11 +94,11 @@ def test_float_binary_broadcast_and_layouts(device, tk, op, a_shape, b_shape, a_
     b = _floats(b_shape, dtype, device, b_cl)
     out = tk.poisoned(a_shape, dtype, device, channels_last=a_cl)
     y = launch(a, b, act="relu", out=out)
-    assert y is out and E._same_layout(a_shape, y.stride(), a.stride())
+    assert y is out and same_layout(a_shape, y.stride(), a.stride())
     tk.assert_float_close(y.cpu(), reference(_f64(a), _f64(b), act="relu"), dtype)
     assert torch.equal(y, torch.relu(torch_op(a, b)))
     # without out=: the output takes a's strides
-    assert E._same_layout(a_shape, launch(a, b).stride(), a.stride())
+    assert same_layout(a_shape, launch(a, b).stride(), a.stride())
 
 
 # a [N, C, H, W] (block tails: 1190, 1960, 24 and 14112 elements against blocks of 256 here)
@@ -120,7 +118,7 @@ def test_mul_se_gate(device, tk, shape, a_cl, gate_cl, dtype):
     assert E._b_index(x, gate)[0].data_ptr() == gate.data_ptr()  # no copy of the gate
     out = tk.poisoned(shape, dtype, device, channels_last=a_cl)
     y = E.mul(x, gate, out=out)
-    assert y is out and E._same_layout(shape, y.stride(), x.stride())
+    assert y is out and same_layout(shape, y.stride(), x.stride())
     tk.assert_float_close(y.cpu(), E.mul_reference(_f64(x), _f64(gate)), dtype)
     if _exact(dtype, device):
         assert torch.equal(y, x * gate)
@@ -194,7 +192,7 @@ def test_add_int8_exact(device, tk, shape, cl, dtypes, act):
     out = tk.poisoned(shape, dy, device, channels_last=cl)
     y = E.add_int8(a, 0.031, za, b, 0.047, zb, 0.053, zy, act=act, y_qmin=qmin, y_qmax=qmax,
                    out=out)
-    assert y is out and E._same_layout(shape, y.stride(), a.stride())
+    assert y is out and same_layout(shape, y.stride(), a.stride())
     ref = _ir_add(a, 0.031, za, b, 0.047, zb, 0.053, zy, act, (), qmin, qmax)
     assert torch.equal(y.cpu(), ref)
     if act == "relu":
@@ -240,60 +238,6 @@ def test_add_int8_kernel_reference_equals_ir():
     assert torch.equal(ours, _ir_add(a, 0.02, 140, b, 0.05, 0, 0.04, -2, "relu", (), -128, 127))
 
 
-POOLS = [  # kernel, stride, padding, dilation, ceil_mode
-    ((3, 3), (2, 2), (1, 1), (1, 1), False),    # ResNet's stem pool
-    ((2, 2), (2, 2), (0, 0), (1, 1), False),
-    ((3, 3), (2, 2), (0, 0), (1, 1), True),     # ceil_mode adds a partial last window
-    ((2, 3), (1, 2), (1, 1), (2, 1), True),     # non-square, dilated
-    ((1, 1), (1, 1), (0, 0), (1, 1), False),
-]
-
-
-@pytest.mark.parametrize("pool", POOLS, ids=lambda p: f"k{p[0]}s{p[1]}p{p[2]}d{p[3]}c{int(p[4])}")
-@pytest.mark.parametrize("shape,cl,dtype", [((2, 17, 9, 11), True, torch.uint8),
-                                            ((1, 5, 8, 8), False, torch.int8),
-                                            ((1, 1, 3, 2), True, torch.uint8)],
-                         ids=["nhwc-u8", "nchw-i8", "tiny"])
-def test_max_pool2d_int8_exact(device, tk, pool, shape, cl, dtype):
-    k, s, p, d, ceil = pool
-    if shape[2] + 2 * p[0] < d[0] * (k[0] - 1) + 1 or shape[3] + 2 * p[1] < d[1] * (k[1] - 1) + 1:
-        pytest.skip("window larger than the padded input")
-    q = tk.codes(shape, dtype, device, channels_last=cl)
-    ref = IR.max_pool2d_int8_reference(q.cpu(), k, s, p, d, ceil)
-    out = tk.poisoned(ref.shape, dtype, device, channels_last=True)
-    y = E.max_pool2d_int8(q, k, s, p, d, ceil, out=out)
-    assert y is out and y.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(y.cpu(), ref)
-
-
-def test_max_pool2d_int8_all_codes_low(device):
-    # every code at the dtype's minimum: the padding must not win, nor leave a garbage value
-    q = torch.full((1, 4, 5, 5), -128, dtype=torch.int8,
-                   device=device).contiguous(memory_format=torch.channels_last)
-    y = E.max_pool2d_int8(q, 3, 2, 1)
-    assert y.shape == (1, 4, 3, 3) and (y == -128).all()
-
-
-@pytest.mark.parametrize("shape,cl,dtype,grid", [
-    ((2, 17, 7, 7), True, torch.uint8, (0.05, 128, 0, 255)),
-    ((2, 33, 5, 3), False, torch.int8, (0.02, 0, -128, 127)),
-    ((3, 2, 1, 1), True, torch.uint8, (0.1, 10, 0, 200)),
-    ((1, 70, 6, 5), True, torch.uint8, (0.03, 0, 0, 255)),   # relu grid, several HW blocks
-])
-def test_global_avg_pool2d_int8(device, tk, shape, cl, dtype, grid):
-    scale, zp, lo, hi = grid
-    q = tk.codes(shape, dtype, device, channels_last=cl)
-    out = tk.poisoned((shape[0], shape[1], 1, 1), dtype, device, channels_last=True)
-    y = E.global_avg_pool2d_int8(q, scale, zp, lo, hi, out=out)
-    assert y is out
-    assert torch.equal(y.cpu(), E.global_avg_pool2d_int8_reference(q.cpu(), scale, zp, lo, hi))
-    ir = IR.adaptive_avg_pool2d_int8_reference(q.cpu(), [1, 1], _t(scale),
-                                               _t(zp, torch.int64), lo, hi)
-    diff = (y.cpu().to(torch.int32) - ir.to(torch.int32)).abs()
-    assert diff.max().item() <= 1   # one code at float32 rounding ties; equal otherwise
-    assert (diff == 0).float().mean().item() > 0.9
-
-
 def test_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     u = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
@@ -316,16 +260,6 @@ def test_errors(monkeypatch):
         E.add_int8(u, 0.1, 0.5, u, 0.1, 0, 0.1, 0)
     with pytest.raises(ValueError, match="out must be a torch.uint8 tensor"):
         E.add_int8(u, 0.1, 0, u, 0.1, 0, 0.1, 0, out=torch.empty_like(cl))
-    with pytest.raises(ValueError, match="padding .* at most half the kernel"):
-        E.max_pool2d_int8(cl, 2, 2, 2)
-    with pytest.raises(ValueError, match="4-D"):
-        E.max_pool2d_int8(u[0], 2)
-    with pytest.raises(ValueError, match="output would be empty"):
-        E.max_pool2d_int8(cl, 5, 1, 0)
-    with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):
-        E.max_pool2d_int8(cl, (2, 2, 2))
-    with pytest.raises(ValueError, match="_qmin <= _qmax"):
-        E.global_avg_pool2d_int8(cl, 0.1, 0, 0, 256)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CPU tensors run only in Triton's interpreter"):
         E.add_int8(u, 0.1, 0, u, 0.1, 0, 0.1, 0)

@@ -216,14 +216,14 @@ def test_triton_global_pool_kernel_onto_an_output_grid(monkeypatch, dtype, grid,
     ``y_zp`` as the IR op does: within one code at float32 ties."""
     pytest.importorskip("triton")
     from fxopt.ops.int8 import adaptive_avg_pool2d_int8_reference
-    from fxopt.triton_kernels import elementwise as E
+    from fxopt.triton_kernels import pool as P
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     scale, zp, lo, hi = grid
     g = torch.Generator().manual_seed(0)
     q = torch.randint(lo, hi + 1, (2, 40, 6, 5), generator=g).to(dtype)
     q = q.contiguous(memory_format=torch.channels_last)
-    y = E.global_avg_pool2d_int8(q, scale, zp, lo, hi, y_scale=y_grid[0], y_zp=y_grid[1])
+    y = P.global_avg_pool2d_int8(q, scale, zp, lo, hi, y_scale=y_grid[0], y_zp=y_grid[1])
     ir = adaptive_avg_pool2d_int8_reference(
         q, [1, 1], torch.tensor(scale), torch.tensor(zp), lo, hi,
         y_scale=torch.tensor(y_grid[0]), y_zp=torch.tensor(y_grid[1]))
