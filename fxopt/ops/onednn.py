@@ -314,6 +314,14 @@ def _run_int8(fn):
 _FLOAT_OUT = ("none", [], "")  # no post-op: the kernel's float output, for a float epilogue
 
 
+def _conv_packed(q, w_q, w_scale, stride, padding, dilation, groups, x_scale, x_zp) -> tuple:
+    """(packed weight, zero points) of a convolution for codes shaped like ``q``."""
+    key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
+    return _packed_int8("conv2d", w_q, key, lambda: _INT8[0](
+        w_q.detach(), w_scale.detach().float(), float(x_scale), int(x_zp), list(stride),
+        list(padding), list(dilation), groups, list(q.shape)), (w_scale,))
+
+
 def conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                      y_scale, y_zp, post_op,
                      affine: tuple[float, float] | None = None
@@ -324,15 +332,13 @@ def conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x
     None where oneDNN refuses the call (as ``conv2d_int8_onednn``). ``affine=(a, c)``: the
     post-op reads ``a * (conv + bias) + c`` (the weight scales times ``a``, the bias
     ``bias * a + c``; the packed weight does not depend on the scales)."""
-    prepack, conv, _, _, _ = _INT8
-    key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
+    conv = _INT8[1]
     name, scalars, algorithm = post_op or _FLOAT_OUT
     y_scale, y_zp, dtype = (1.0, 0, torch.float32) if post_op is None else (y_scale, y_zp, None)
 
     def bind():
-        packed, zeros = _packed_int8("conv2d", w_q, key, lambda: prepack(
-            w_q.detach(), w_scale.detach().float(), float(x_scale), int(x_zp), list(stride),
-            list(padding), list(dilation), groups, list(q.shape)), (w_scale,))
+        packed, zeros = _conv_packed(q, w_q, w_scale, stride, padding, dilation, groups, x_scale,
+                                     x_zp)
         scales, b = w_scale.float(), None if bias is None else bias.float()
         if affine is not None:
             a, c = affine
@@ -359,14 +365,12 @@ def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
         call = conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups,
                                 x_scale, x_zp, y_scale, y_zp, post_op)
         return None if call is None else call(q)
-    prepack, _, _, _, conv_binary = _INT8
-    key = (x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups, q.shape)
+    conv_binary = _INT8[4]
     name, scalars, algorithm = post_op
 
     def go():
-        packed, zeros = _packed_int8("conv2d", w_q, key, lambda: prepack(
-            w_q.detach(), w_scale.detach().float(), float(x_scale), int(x_zp), list(stride),
-            list(padding), list(dilation), groups, list(q.shape)), (w_scale,))
+        packed, zeros = _conv_packed(q, w_q, w_scale, stride, padding, dilation, groups, x_scale,
+                                     x_zp)
         b = None if bias is None else bias.float()
         accum = residual.contiguous(memory_format=torch.channels_last)
         accum = accum.clone(memory_format=torch.channels_last) if accum is residual else accum

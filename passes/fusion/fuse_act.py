@@ -26,8 +26,7 @@ The CPU pipeline (``fxopt.pipelines.cpu_layout_phase``) follows it with ``lower_
 module: every other ``nn.Conv2d`` becomes ``conv2d_act(..., act="none")``, rule ``lowered``, so
 that every 2-D convolution takes oneDNN's kernel with a prepacked weight; with
 ``precision="bf16"`` every other ``nn.Linear`` becomes ``linear_act``, rule ``lowered_linear``)
-and
-``to_channels_last`` (``layout.py``); measured in ``bench/results/``.
+and ``to_channels_last`` (``layout.py``); measured in ``bench/results/``.
 
     >>> fuse_act(gm, PassContext(example_inputs=(x,))).stats      # resnet18
     {'conv_act': 9, 'conv_add': 8, 'fused_act': 8}
