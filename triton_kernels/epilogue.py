@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 import triton.language as tl
 
-from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, as_float, as_int, code_range,
-                                           device_fn, float_reciprocal)
+from fxopt.triton_kernels._runtime import (CODE_DTYPES, FLOAT_DTYPES, check_grid, device_fn,
+                                           float_reciprocal)
 
 __all__ = ["KernelActivation", "ACTIVATIONS", "COMPILE_EPILOGUE", "COMPILE_FLOAT_EPILOGUE",
            "act_code", "activation_reference",
@@ -120,17 +120,8 @@ def epilogue_kwargs(name: str, *, n: int, out_dtype: torch.dtype, bias, act: str
     if quant:
         if y_scale is None:
             raise ValueError(f"{name}: out_dtype={out_dtype} (requantized output) needs y_scale")
-        s = as_float(y_scale, f"{name}: y_scale")
-        if not s > 0:
-            raise ValueError(f"{name}: y_scale must be positive, got {s}")
+        s, zp, qmin, qmax = check_grid(name, out_dtype, y_scale, y_zp, y_qmin, y_qmax)
         inv = float_reciprocal(s)
-        zp = as_int(y_zp, f"{name}: y_zp")
-        lo, hi = code_range(out_dtype)
-        qmin = lo if y_qmin is None else as_int(y_qmin, f"{name}: y_qmin")
-        qmax = hi if y_qmax is None else as_int(y_qmax, f"{name}: y_qmax")
-        if not lo <= qmin <= qmax <= hi:
-            raise ValueError(f"{name}: need {lo} <= y_qmin <= y_qmax <= {hi} for {out_dtype}, "
-                             f"got {qmin}, {qmax}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{name}: bias must be a tensor or None, got {type(bias).__name__}")

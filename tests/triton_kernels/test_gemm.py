@@ -191,6 +191,9 @@ def test_gemm_int8_errors(interp):
     with pytest.raises(ValueError, match=r"y_qmin <= y_qmax"):
         G.linear_int8(a, w, ws, a_scale=1.0, out_dtype=torch.int8, y_scale=0.1, y_qmin=0,
                       y_qmax=200)
+    # an infinite y_scale would requantize every code to the zero point
+    with pytest.raises(ValueError, match="y_scale must be positive and finite"):
+        G.linear_int8(a, w, ws, a_scale=1.0, out_dtype=torch.int8, y_scale=float("inf"))
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
