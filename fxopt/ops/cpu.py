@@ -26,6 +26,11 @@ reference, on any device and
 wherever oneDNN refuses, is the int8 IR's own (``conv2d_int8_reference``): oneDNN sums the same
 integers exactly; its float epilogue may round a tie the other way, which the lowering's
 lockstep check allows (one code).
+
+On an x86 CPU without VNNI or AMX the kernels add u8 x s8 product pairs in int16 and saturate
+(``fxopt.ops.isa``): there a layer whose weight codes leave [-64, 64] runs its kernel only for
+inputs whose codes are at most 127 (one read of the codes a call) and its reference otherwise,
+so no saturated sum comes back (fxopt's own grids there are 7-bit weights: no check needed).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 
 from fxopt.ir.activations import ACTIVATIONS, apply_activation
 from fxopt.ops import onednn
+from fxopt.ops.isa import SATURATION_FREE_CODE
 from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2D_INT8, CAT_INT8,
                             DEQUANTIZE, MAXPOOL_INT8, MUL_INT8, QUANTIZE, UPSAMPLE_NEAREST2D_INT8,
                             adaptive_avg_pool2d_int8_reference, add_int8_reference,
@@ -94,6 +100,22 @@ def _fast(q, w_q, kind: str, act: str, act_args):
             and w_q.dtype == torch.int8):
         return None
     return onednn.int8_post_op(kind, act, act_args) or _FLOAT_EPILOGUE
+
+
+_wide = onednn.saturating_weights
+
+
+def _exact(q, w_q) -> bool:
+    """Whether the int8 kernels sum this call exactly: a CPU with int32 dot products, weights
+    within [-64, 64], or input codes at most 127."""
+    return not _wide(w_q) or q.numel() == 0 or int(q.max()) <= SATURATION_FREE_CODE
+
+
+def _exact_only(call, w_q):
+    """``call`` (a function of the codes), refusing (None) inputs it would sum inexactly."""
+    if call is None or not _wide(w_q):
+        return call
+    return lambda q: call(q) if q.numel() == 0 or int(q.max()) <= SATURATION_FREE_CODE else None
 
 
 def _requantize(y, act: str, act_args, y_scale: float, y_zp: int):
@@ -162,9 +184,9 @@ def _conv_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale
     if q.dim() != 4 or residual is not None:
         return None
     if _engine_fits(engine, act, None) and _quint8(q):
-        return _quantized_call("conv2d", w_q, w_scale, bias,
-                               (tuple(stride), tuple(padding), tuple(dilation), groups),
-                               x_scale, x_zp, y_scale, y_zp, act, act_args, engine)
+        return _exact_only(_quantized_call(
+            "conv2d", w_q, w_scale, bias, (tuple(stride), tuple(padding), tuple(dilation), groups),
+            x_scale, x_zp, y_scale, y_zp, act, act_args, engine), w_q)
     post, affine = _fast(q, w_q, "conv2d", act, act_args), None
     if post is _FLOAT_EPILOGUE and act == "hardsigmoid":
         # hardsigmoid(v) = clip(v / 6 + 1/2, 0, 1): the 1/6 and 1/2 go into the weight scales
@@ -173,8 +195,9 @@ def _conv_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale
         post, affine = ("hardtanh", [0.0, 1.0], ""), (1 / 6, 0.5)
     if post is None or post is _FLOAT_EPILOGUE:
         return None
-    return onednn.conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups,
-                                   x_scale, x_zp, y_scale, y_zp, post, affine)
+    return _exact_only(onednn.conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation,
+                                               groups, x_scale, x_zp, y_scale, y_zp, post,
+                                               affine), w_q)
 
 
 def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, y_scale,
@@ -185,7 +208,7 @@ def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale,
     y = None if call is None else call(q)  # None: oneDNN refused it
     if y is not None:
         return y
-    post = _fast(q, w_q, "conv2d", act, act_args) if q.dim() == 4 else None
+    post = _fast(q, w_q, "conv2d", act, act_args) if q.dim() == 4 and _exact(q, w_q) else None
     if residual is not None and (act not in ("none", "relu") or residual.dtype != torch.uint8):
         post = None  # oneDNN fuses only relu after its sum post-op
     if post is not None:
@@ -215,6 +238,7 @@ def _linear_call(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="no
             return None
         call = onednn.linear_int8_call(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp,
                                        post)
+    call = _exact_only(call, w_q)
     return None if call is None else lambda codes: call(codes.contiguous())
 
 
@@ -226,7 +250,7 @@ def _linear_cpu(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="non
     y = None if call is None else call(q)  # None: oneDNN refused it
     if y is not None:
         return y
-    post = _fast(q, w_q, "linear", act, act_args) if q.dim() >= 2 else None
+    post = _fast(q, w_q, "linear", act, act_args) if q.dim() >= 2 and _exact(q, w_q) else None
     if post is _FLOAT_EPILOGUE:
         y = onednn.linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, None)
         if y is not None:

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from fxopt.ir.activations import apply_activation, check_activation
+from fxopt.ops.onednn import saturating_weights
 from fxopt.ops.schema import define_op, weight_macs
 
 __all__ = ["dynamic_qparams", "fake_quantize_dynamic", "linear_int8_dynamic_reference",
@@ -316,7 +317,9 @@ def _linear_int8_dynamic_cpu(x, w_q, w_scale, bias, residual=None, *, act="none"
     if (x.dtype != torch.float32 or x.dim() == 0 or x.numel() == 0 or w_q.dtype != torch.int8
             or (bias is not None and bias.dtype != torch.float32)
             or (residual is not None and residual.dtype != torch.float32)
-            or not dynamic_fast_path_available()):
+            or not dynamic_fast_path_available()
+            # 8-bit run-time codes times wide weights: fbgemm's sums would saturate here
+            or (not reduce_range and saturating_weights(w_q))):
         return linear_int8_dynamic_reference(x, w_q, w_scale, bias, residual, act=act,
                                              act_args=act_args, reduce_range=reduce_range)
     check_activation(act, act_args)

@@ -14,6 +14,7 @@ from fxopt.ops.cpu import (CPU_ADAPTIVE_AVG_POOL2D_INT8, CPU_ADD_INT8, CPU_AVG_P
                            CPU_BATCH_NORM2D_INT8, CPU_CAT_INT8, CPU_DEQUANTIZE,
                            CPU_MAX_POOL2D_INT8, CPU_MUL_INT8, CPU_OF, CPU_QUANTIZE,
                            CPU_UPSAMPLE_NEAREST2D_INT8, ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8)
+from fxopt.ops.isa import SATURATION_FREE_WEIGHT, int8_pairs_saturate
 from fxopt.ops.schema import OPS
 
 pytestmark = pytest.mark.skipif(not onednn.onednn_int8_available(),
@@ -23,11 +24,18 @@ CONV_ACTS = sorted(k for k, r in ACTIVATIONS.items() if "conv2d" in r.onednn_int
 LINEAR_ACTS = sorted(k for k, r in ACTIVATIONS.items() if "linear" in r.onednn_int8)
 
 
-def _weights(shape, seed):
+# Weight codes the kernels sum exactly with any input code on this CPU: full range with int32
+# dot products (VNNI, AMX), [-64, 64] where u8 x s8 pairs add in int16 (fxopt.ops.isa), so the
+# tests below see the kernels run; test_wide_weights_... covers the other weights there.
+W_MAX = SATURATION_FREE_WEIGHT if int8_pairs_saturate() else 127
+
+
+def _weights(shape, seed, w_max=None):
+    w_max = W_MAX if w_max is None else w_max
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g) * 0.1
-    scale = w.flatten(1).abs().amax(1) / 127
-    w_q = torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))).clamp(-127, 127)
+    scale = w.flatten(1).abs().amax(1) / w_max
+    w_q = torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))).clamp(-w_max, w_max)
     return w_q.to(torch.int8), scale, torch.randn(shape[0], generator=g)
 
 
