@@ -80,12 +80,12 @@ def activation_observer(cfg: QuantConfig, label: str):
     kw = dict(cfg.observer_options)
     if cfg.activation_symmetric == "auto":
         return ZeroPointZeroObserver(cfg.activation_observer, label=label,
-                                     reduce_range=cfg.resolved().reduce_range, **kw)
+                                     reduce_range=cfg.activations_7bit, **kw)
     if cfg.activation_symmetric:
         return make_observer(cfg.activation_observer, label=label, dtype=torch.int8,
                              symmetric=True, **kw)
     return make_observer(cfg.activation_observer, label=label, dtype=torch.uint8,
-                         reduce_range=cfg.resolved().reduce_range, **kw)
+                         reduce_range=cfg.activations_7bit, **kw)
 
 
 def grid_of(obs) -> QParams:
@@ -128,7 +128,8 @@ def calibrate(gm: fx.GraphModule, layers: list[Layer], batches: list[tuple],
     grids.update({(PRE, n): grid_of(o) for n, o in pre.items() if o.batches})
     weights = {}
     for layer in layers:
-        w_obs = PerChannelMinMaxObserver(axis=0, label=f"the weight of {layer.label}")
+        w_obs = PerChannelMinMaxObserver(axis=0, label=f"the weight of {layer.label}",
+                                         reduce_range=cfg.weights_7bit)
         w_obs.observe(layer.weight)
         weights[layer.node] = w_obs.qparams()
     return grids, weights

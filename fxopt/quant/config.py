@@ -19,11 +19,12 @@ own range; no calibration data, for transformer blocks and the like).
 ``per_token`` (dynamic mode only, default ``False``): one run-time grid per token (per row of a
 Linear layer's input) instead of one per tensor; more accurate where tokens differ in range
 (torchvision vit_b_16 at 224: 29.9 dB per tensor, 31+ per token), no ONNX form.
-``reduce_range``: 7-bit uint8 activation grids (``True``: what the x86/fbgemm kernels need on
-CPUs without VNNI, torch.ao's x86 default), full 8-bit ones (``False``), or ``"auto"`` (the
-default): full 8-bit where the int8 kernels sum in int32 (a CPU with AVX-512 VNNI or AMX, any
-GPU), 7-bit elsewhere (``fxopt.quant.isa``); resolved at calibration and recorded in the
-report (``stats["reduce_range"]``).
+``reduce_range``: which grids drop a bit so that x86 int8 kernels without VNNI do not
+saturate: ``True`` (or ``"activations"``: 7-bit uint8 activation grids, torch.ao's x86
+default), ``"weights"`` (7-bit weight grids, ``[-63, 63]``), ``False`` (none: 8-bit
+everywhere), or ``"auto"`` (the default): none where the int8 kernels sum in int32 (a CPU with
+AVX-512 VNNI or AMX, any GPU), the weights' elsewhere (``fxopt.quant.isa`` says why);
+resolved at calibration and recorded in the report (``stats["reduce_range"]``).
 ``bias_correction`` (default ``True``): after the weights are quantized, each conv/linear
 bias absorbs the mean per-channel error the int8 weights cause on the calibration data (the
 float layer's output less the layer's with int8 weights, on the same float input; NNCF's fast
@@ -72,7 +73,7 @@ from typing import Any
 
 from fxopt.errors import InputError
 from fxopt.infra.validate import choice_arg
-from fxopt.quant.isa import resolve_reduce_range
+from fxopt.quant.isa import REDUCE_RANGE_VALUES, resolve_reduce_range
 from fxopt.quant.observers import OBSERVERS
 
 __all__ = ["QuantConfig"]
@@ -139,11 +140,12 @@ class QuantConfig:
         choice_arg(self.linear_residual_add, "QuantConfig.linear_residual_add",
                    ("float", "int8"), error=InputError)
         choice_arg(self.cpu_engine, "QuantConfig.cpu_engine", _ENGINES, error=InputError)
-        if self.reduce_range != "auto" and not isinstance(self.reduce_range, bool):
-            raise InputError(f"QuantConfig.reduce_range must be True, False or 'auto', got "
-                             f"{self.reduce_range!r}",
+        if not any(self.reduce_range is v or isinstance(v, str) and self.reduce_range == v
+                   for v in REDUCE_RANGE_VALUES):
+            raise InputError(f"QuantConfig.reduce_range must be True, False, 'activations', "
+                             f"'weights' or 'auto', got {self.reduce_range!r}",
                              hint="reduce_range='auto' picks 8-bit grids where the CPU has "
-                                  "VNNI/AMX, 7-bit elsewhere")
+                                  "VNNI/AMX, 7-bit weight grids elsewhere")
         if self.activation_symmetric not in (None, True, False, "auto") or \
                 isinstance(self.activation_symmetric, int) and \
                 not isinstance(self.activation_symmetric, bool):
@@ -221,6 +223,16 @@ class QuantConfig:
             out = replace(out, reduce_range=resolve_reduce_range(
                 self.reduce_range, target=target, cpu_engine=self.cpu_engine))
         return out
+
+    @property
+    def activations_7bit(self) -> bool:
+        """Whether activation grids are 7-bit (``reduce_range`` resolved to True)."""
+        return self.resolved().reduce_range is True
+
+    @property
+    def weights_7bit(self) -> bool:
+        """Whether weight grids are 7-bit (``reduce_range`` resolved to ``"weights"``)."""
+        return self.resolved().reduce_range == "weights"
 
     def keeps_float(self, path: str, module_type: type | None) -> bool:
         """Whether the layer at ``path`` (of ``module_type``) is to stay in float."""

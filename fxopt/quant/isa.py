@@ -1,77 +1,60 @@
-"""Which int8 activation grid this CPU's kernels take: full 8-bit, or 7-bit (``reduce_range``).
+"""Which int8 grids lose a bit on this CPU (``QuantConfig.reduce_range``): none, the
+activations', or the weights'.
 
-x86 int8 kernels multiply uint8 activations by int8 weights. Without VNNI they use
-``vpmaddubsw``, which adds two products in int16 and saturates: ``255 * 127 * 2 > 32767``, so
-activations get 7-bit grids (``reduce_range=True``: ``127 * 127 * 2`` fits). With AVX-512 VNNI
-(``vpdpbusd``) or AMX (``tdpbusd``) the products are summed in int32 and the full 8-bit range
-is exact: on the digits ResNet 39.3 dB SQNR against 35.0 dB with 7-bit grids (issue 13).
+Without VNNI or AMX, x86 int8 kernels add u8 x s8 product pairs in int16 and saturate
+(``fxopt.ops.isa``); either side on 7 bits makes every sum exact. ``reduce_range="auto"``:
 
-Detection is at run time, from PyTorch's cpuinfo (``torch.cpu.get_capabilities()``), else the
-``flags`` line of ``/proc/cpuinfo``. AVX-VNNI (the 256-bit form, ``avx_vnni``: Alder Lake and
-later without AVX-512) does not count: fbgemm's AVX2 kernels do not use it, and PyTorch's own
-check (``at::cpu::is_cpu_support_vnni``) asks for ``avx512_vnni`` too.
+- ``False`` (8-bit everywhere) on ``target="cuda"`` (GPU int8 sums in int32) and on a CPU with
+  AVX-512 VNNI or AMX: on the digits ResNet 39.3 dB SQNR against 35.0 dB with 7-bit activation
+  grids (issue 13);
+- ``"weights"`` (7-bit weight grids, ``[-63, 63]``, 8-bit activations) on other CPUs: exact
+  for any input code, also the codes beyond the calibrated range that a 7-bit activation grid
+  still lets through (up to 255), and what OpenVINO's kernels need there for signed zero-point-0
+  activations (NNCF's overflow fix does the same). On an AVX2-only AMD EPYC (2026-12-07,
+  ``bench/results/int8-grids-avx2-2026-12-07.md``): 4.7 to 6.2 dB above 7-bit activation grids
+  on target="cpu" (resnet18 39.5 against 34.7 dB, mobilenet_v3_large 35.9 against 29.9); on
+  OpenVINO mobilenet_v3_large 35.1 dB where 8-bit weights with full-range signed activations
+  came out 28.3 dB (saturated sums: the engine's check refused it) and 7-bit asymmetric
+  activation grids 30.1 dB;
+- ``True`` (7-bit activation grids, torch.ao's x86 default) where the user forces
+  ``cpu_engine="fbgemm"`` or ``"x86"``: fbgemm's grouped and depthwise convolutions saturate
+  with full-range inputs even with VNNI (up to 52 codes off, measured on an AVX-512 VNNI
+  CPU); ``lower_int8_cpu`` packs grouped convolutions with oneDNN for that reason.
 
-One kernel family saturates even with VNNI: fbgemm's grouped and depthwise convolutions (and
-the ``x86`` engine's, which hands depthwise convolutions with more than 100 groups to fbgemm):
-up to 52 codes off with full-range inputs, measured on this CPU. ``lower_int8_cpu`` packs
-grouped convolutions with oneDNN for that reason (exact, as fast at one thread), and
-``resolve_reduce_range`` keeps 7-bit grids when the user forces ``cpu_engine="fbgemm"`` or
-``"x86"``.
+Whatever the grids, fxopt's CPU ops never hand back a saturated sum: a layer whose weights
+exceed [-64, 64] runs its int8 kernel on such a CPU only for inputs whose codes are at most
+127, else its exact reference (``fxopt.ops.cpu``).
 
     >>> int8_dot_product_isa()          # "amx_int8", "avx512_vnni" or None
-    >>> resolve_reduce_range("auto")    # False on a VNNI/AMX CPU, True elsewhere
+    >>> resolve_reduce_range("auto")    # False on a VNNI/AMX CPU, "weights" elsewhere
 """
 from __future__ import annotations
 
-import functools
+from fxopt.ops.isa import FULL_RANGE_ISAS, cpu_flags, int8_dot_product_isa
 
-import torch
+__all__ = ["int8_dot_product_isa", "cpu_flags", "resolve_reduce_range", "FULL_RANGE_ISAS",
+           "REDUCE_RANGE_VALUES"]
 
-__all__ = ["int8_dot_product_isa", "cpu_flags", "resolve_reduce_range", "FULL_RANGE_ISAS"]
-
-# strongest first: what ``int8_dot_product_isa`` reports
-FULL_RANGE_ISAS = ("amx_int8", "avx512_vnni")
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags: PyTorch's cpuinfo, else ``/proc/cpuinfo`` (empty elsewhere)."""
-    try:
-        caps = torch.cpu.get_capabilities()
-        return frozenset(k for k, v in caps.items() if v is True)
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.lru_cache(maxsize=None)
-def int8_dot_product_isa() -> str | None:
-    """The int8 dot-product instructions that sum u8 x s8 products in int32 without int16
-    saturation (``"amx_int8"``, ``"avx512_vnni"``), or None (7-bit activation grids needed)."""
-    flags = cpu_flags()
-    return next((isa for isa in FULL_RANGE_ISAS if isa in flags), None)
+# what QuantConfig.reduce_range takes: True / "activations" are the same (7-bit activations)
+REDUCE_RANGE_VALUES = (True, False, "auto", "activations", "weights")
 
 
 _DETECT = object()
 
 
 def resolve_reduce_range(value, *, target: str = "cpu", cpu_engine: str = "auto",
-                         isa=_DETECT) -> bool:
-    """``QuantConfig.reduce_range`` as a bool. True/False as given. ``"auto"``: full 8-bit
-    grids (False) on ``target="cuda"`` (GPU int8 sums in int32) and on a CPU with VNNI or AMX
-    (``isa``: the detected instructions, default: detect) unless the engine is one whose
-    grouped convolutions saturate (``cpu_engine="fbgemm"`` or ``"x86"``); 7-bit grids (True)
-    elsewhere."""
-    if isinstance(value, bool):
+                         isa=_DETECT) -> bool | str:
+    """``QuantConfig.reduce_range`` resolved: True (7-bit activation grids; ``"activations"``
+    too), False (none) or ``"weights"`` (7-bit weight grids), as given; ``"auto"`` by the
+    module docstring (``isa``: the detected instructions, default: detect)."""
+    if value == "activations":
+        return True
+    if isinstance(value, bool) or value == "weights":
         return value
     if target == "cuda":
         return False
+    if cpu_engine in ("fbgemm", "x86"):
+        return True
     if isa is _DETECT:
         isa = int8_dot_product_isa()
-    return isa is None or cpu_engine in ("fbgemm", "x86")
+    return False if isa is not None else "weights"

@@ -66,9 +66,10 @@ from fxopt.quant.simulate import SimulatedInt8, Simulator, fake_quant
 __all__ = ["prepare_qat", "convert", "QATModel", "weight_qparams"]
 
 
-def weight_qparams(w: torch.Tensor) -> QParams:
-    """The per-output-channel symmetric int8 grid ``calibrate`` gives ``w``."""
-    obs = PerChannelMinMaxObserver(axis=0, label="a QAT weight")
+def weight_qparams(w: torch.Tensor, reduce_range: bool = False) -> QParams:
+    """The per-output-channel symmetric int8 grid ``calibrate`` gives ``w`` (7-bit with
+    ``reduce_range``: ``QuantConfig.weights_7bit``)."""
+    obs = PerChannelMinMaxObserver(axis=0, label="a QAT weight", reduce_range=reduce_range)
     obs.observe(w.detach())
     return obs.qparams()
 
@@ -88,9 +89,9 @@ class _Trainer(Simulator):
     the float fused ops as their decompositions: plain PyTorch ops, whose backward needs no
     second forward, where the ops' own gradient recomputes one)."""
 
-    def __init__(self, gm: fx.GraphModule, plan: Plan, paths: dict):
+    def __init__(self, gm: fx.GraphModule, plan: Plan, paths: dict, weights_7bit: bool):
         super().__init__(gm, plan, {})
-        self.paths = paths
+        self.paths, self.weights_7bit = paths, weights_7bit
 
     def run_node(self, n):
         layer = self.plan.layers.get(n)
@@ -115,7 +116,7 @@ class _Trainer(Simulator):
         w_path, b_path = self.paths[n]
         w = get_attr_value(self.module, w_path)
         b = None if b_path is None else get_attr_value(self.module, b_path)
-        qp = weight_qparams(w)
+        qp = weight_qparams(w, self.weights_7bit)
         w_fq = torch.fake_quantize_per_channel_affine(
             w, qp.scale.to(w.device), qp.zero_point.to(device=w.device, dtype=torch.int32), 0,
             qp.qmin, qp.qmax)
@@ -159,7 +160,8 @@ class QATModel(nn.Module):
 
     def forward(self, *args):
         if self.training:
-            return _Trainer(self.graph_module, self.plan, self._paths).run(*args)
+            return _Trainer(self.graph_module, self.plan, self._paths,
+                            self.config.weights_7bit).run(*args)
         return self.simulated()(*args)
 
     def current_plan(self) -> Plan:
@@ -171,7 +173,7 @@ class QATModel(nn.Module):
             w = get_attr_value(self.graph_module, w_path).detach()
             b = None if b_path is None else get_attr_value(self.graph_module, b_path).detach()
             layers[n] = replace(layer, weight=w, bias=b)
-            weights[n] = weight_qparams(w).to(w.device)
+            weights[n] = weight_qparams(w, self.config.weights_7bit).to(w.device)
         return with_accumulator_biases(Plan(layers, self.plan.roles, self.plan.grids, weights))
 
     def simulated(self) -> SimulatedInt8:

@@ -148,8 +148,9 @@ def _attr(gm: fx.GraphModule, prefix: str, value: torch.Tensor, before: fx.Node)
     return node
 
 
-def _weight_qparams(layer: _Linear) -> QParams:
-    obs = PerChannelMinMaxObserver(axis=0, label=f"the weight of {layer.path}")
+def _weight_qparams(layer: _Linear, reduce_range: bool) -> QParams:
+    obs = PerChannelMinMaxObserver(axis=0, label=f"the weight of {layer.path}",
+                                   reduce_range=reduce_range)
     obs.observe(layer.weight)
     return obs.qparams()
 
@@ -307,14 +308,14 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
         return PassResult(gm, modified=False, stats={"linear": 0, "kept_float": len(kept)},
                           notes=notes)
     inputs = tuple(ctx.example_inputs)
-    plans = [(layer.node.name, _weight_qparams(layer)) for layer in layers]
-    reference, w_max, outputs = _simulated(gm, plans, cfg.reduce_range, cfg.per_token)
+    plans = [(layer.node.name, _weight_qparams(layer, cfg.weights_7bit)) for layer in layers]
+    reference, w_max, outputs = _simulated(gm, plans, cfg.activations_7bit, cfg.per_token)
     with torch.no_grad():
         float_out = gm(*inputs)
 
     replaced: dict[fx.Node, fx.Node] = {}
     for layer, (_, w_qp) in zip(layers, plans):
-        _rewrite(gm, layer, w_qp, cfg.reduce_range, cfg.per_token, replaced)
+        _rewrite(gm, layer, w_qp, cfg.activations_7bit, cfg.per_token, replaced)
     remove_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
@@ -322,7 +323,7 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
         reference, gm, {outputs[layer.node.name][0]: replaced[layer.node].name
                         for layer in layers},
         {ref_name: (fq_name, w_max[fq_name]) for ref_name, fq_name in outputs.values()},
-        cfg.reduce_range, cfg.per_token)
+        cfg.activations_7bit, cfg.per_token)
 
     with torch.no_grad():
         q_out = gm(*inputs)
@@ -354,7 +355,7 @@ def quantize_dynamic_linear(gm: fx.GraphModule, ctx: PassContext, cfg: QuantConf
     if cfg.per_token:
         stats["per_token"] = True
     notes.insert(0, f"dynamic int8 on {len(layers)} Linear layer(s), inputs quantized at run time "
-                    f"(uint8, {'7' if cfg.reduce_range else '8'}-bit range"
+                    f"(uint8, {'7' if cfg.activations_7bit else '8'}-bit range"
                     f"{', one grid per token' if cfg.per_token else ''}); vs float on the "
                     f"example inputs: SQNR {stats['sqnr_db']:.1f} dB, max abs error "
                     f"{stats['max_abs_err']:.3g}")

@@ -12,6 +12,7 @@ import fxopt
 from fxopt.errors import InputError
 from fxopt.ops.onednn import conv2d_int8_onednn, linear_int8_onednn, onednn_int8_available
 from fxopt.quant.config import QuantConfig
+from fxopt.ops.isa import int8_pairs_saturate
 from fxopt.quant.isa import cpu_flags, int8_dot_product_isa, resolve_reduce_range
 
 VNNI = int8_dot_product_isa() is not None
@@ -42,20 +43,28 @@ def test_resolve_reduce_range():
     assert resolve_reduce_range(False, isa=None) is False
     assert resolve_reduce_range("auto", isa="avx512_vnni") is False
     assert resolve_reduce_range("auto", isa="amx_int8") is False
-    assert resolve_reduce_range("auto", isa=None) is True          # no VNNI: 7-bit
-    # engines whose grouped convolutions saturate keep 7-bit grids
+    assert resolve_reduce_range("auto", isa=None) == "weights"     # no VNNI: 7-bit weights
+    assert resolve_reduce_range("auto", isa=None, target="openvino") == "weights"
+    assert resolve_reduce_range("activations", isa=None) is True
+    assert resolve_reduce_range("weights", isa="avx512_vnni") == "weights"
+    # engines whose grouped convolutions saturate keep 7-bit activation grids
     assert resolve_reduce_range("auto", isa="avx512_vnni", cpu_engine="fbgemm") is True
     assert resolve_reduce_range("auto", isa="avx512_vnni", cpu_engine="x86") is True
+    assert resolve_reduce_range("auto", isa=None, cpu_engine="x86") is True
     assert resolve_reduce_range("auto", isa=None, target="cuda") is False
-    assert resolve_reduce_range("auto") is (not VNNI)
+    assert resolve_reduce_range("auto") == (False if VNNI else "weights")
 
 
 def test_config_default_is_auto_and_checked():
     assert QuantConfig().reduce_range == "auto"
-    assert QuantConfig().resolved().reduce_range is (not VNNI)
+    assert QuantConfig().resolved().reduce_range == (False if VNNI else "weights")
+    assert QuantConfig().weights_7bit is (not VNNI) and not QuantConfig().activations_7bit
     assert QuantConfig(reduce_range=True).resolved().reduce_range is True
-    with pytest.raises(InputError, match="reduce_range"):
-        QuantConfig(reduce_range="yes")
+    assert QuantConfig(reduce_range="activations").activations_7bit
+    assert QuantConfig(reduce_range="weights").weights_7bit
+    for bad in ("yes", 1, 0, "Weights"):
+        with pytest.raises(InputError, match="reduce_range"):
+            QuantConfig(reduce_range=bad)
 
 
 class _Wide(nn.Module):
@@ -78,9 +87,12 @@ class _Wide(nn.Module):
         return self.fc(y.mean(dim=(2, 3)))
 
 
-@needs_vnni
-@pytest.mark.parametrize("reduce_range", ["auto", False])
+@pytest.mark.parametrize("reduce_range", ["auto", False, "weights"])
 def test_lowered_kernels_exact_on_full_range_grids(reduce_range):
+    """On every CPU: with VNNI/AMX the kernels sum full-range codes exactly; without, "auto"
+    gives 7-bit weights (exact with any code), and False (8-bit weights and activations) runs
+    each layer's kernel only on inputs it sums exactly (fxopt.ops.cpu), its reference on the
+    rest: no saturated sum comes back either way."""
     torch.manual_seed(0)
     m = _Wide().eval()
     cal = [torch.rand(2, 128, 8, 8) * 0.9 + 0.1 for _ in range(3)]
@@ -89,7 +101,9 @@ def test_lowered_kernels_exact_on_full_range_grids(reduce_range):
         opt = fxopt.optimize(m, cal[0], quantize=QuantConfig(reduce_range=reduce_range),
                              calibration_data=cal, target="cpu", check="each")
     q, low = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
-    assert q.stats["reduce_range"] is False
+    want = "weights" if reduce_range == "weights" or reduce_range == "auto" and not VNNI \
+        else False
+    assert q.stats["reduce_range"] == want
     assert low.status == "ok" and low.stats["conv2d"] == 2, low.notes
     # every lowered op within one code of the int8 IR (a saturating kernel is tens off)
     assert not [n for n in low.notes if "more than one code" in n], low.notes
@@ -119,3 +133,95 @@ def test_onednn_int8_ops_exact_on_full_range_codes(groups):
                             float(accl.max()) / 255, 0, ("hardswish", [], ""))
     refl = torch.clamp(torch.round(F.hardswish(accl.float()) / (float(accl.max()) / 255)), 0, 255)
     assert yl is not None and (yl.double() - refl.double()).abs().max() <= 1
+
+
+@pytest.mark.skipif(not onednn_int8_available(), reason="no oneDNN int8 kernels")
+@pytest.mark.parametrize("engine", ["onednn", "fbgemm"])
+def test_a_saturating_cpu_runs_wide_weights_on_the_kernel_only_for_codes_up_to_127(
+        engine, monkeypatch):
+    """The guard of fxopt.ops.cpu, as on an x86 CPU without VNNI (forced here, so it runs on
+    every CPU): weights beyond [-64, 64] take the kernel for input codes at most 127 and the
+    exact reference above; weights within it take the kernel for every code."""
+    from fxopt.ops import cpu, onednn
+    from fxopt.ops.cpu import ONEDNN_CONV2D_INT8
+
+    monkeypatch.setattr(onednn, "_SATURATES", True)
+    calls = []
+    real = cpu._conv_reference
+    monkeypatch.setattr(cpu, "_conv_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    w_wide = torch.randint(-127, 128, (16, 8, 3, 3), dtype=torch.int8, generator=g)
+    w_narrow = (w_wide // 2).to(torch.int8)  # within [-64, 63]
+    scale, bias = torch.full((16,), 2e-3), torch.zeros(16)
+
+    def run(q, w):
+        calls.clear()
+        args = (q, w, scale, bias, [1, 1], [1, 1], [1, 1], 1, 0.05, 0, 0.2, 0)
+        y = torch.ops.fxopt.onednn_conv2d_int8(*args, engine=engine)
+        ref = ONEDNN_CONV2D_INT8.reference(*args)
+        assert int((y.int() - ref.int()).abs().max()) <= 1
+        return bool(calls)
+
+    low = torch.randint(0, 128, (1, 8, 7, 7), dtype=torch.uint8, generator=g)
+    high = low.clone()
+    high[0, 0, 3, 3] = 200  # one code past 127
+    cl = torch.channels_last
+    assert run(low.contiguous(memory_format=cl), w_wide) is False  # the kernel
+    assert run(high.contiguous(memory_format=cl), w_wide) is True  # the reference
+    assert run(high.contiguous(memory_format=cl), w_narrow) is False
+    assert onednn.saturating_weights(w_wide) and not onednn.saturating_weights(w_narrow)
+
+
+@pytest.mark.skipif(not onednn_int8_available(), reason="no oneDNN int8 kernels")
+def test_full_range_codes_and_weights_are_never_summed_saturated_on_this_cpu():
+    """On this CPU as it is (a saturating one runs the guard for real): codes of 255 times
+    weights of 127 through the conv and linear ops, plain, with a residual and dynamic: the
+    reference within one code (an int16 pair sum would be tens of codes off)."""
+    from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
+    from fxopt.ops.int8_dynamic import linear_int8_dynamic_reference
+
+    q = torch.full((1, 16, 6, 6), 255, dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.full((16, 16, 3, 3), 127, dtype=torch.int8)
+    w[:, :, 0] = -128
+    ws, b = torch.full((16,), 1e-3), torch.zeros(16)
+    args = (q, w, ws, b, [1, 1], [1, 1], [1, 1], 1, 0.01, 0, 0.02, 3)
+    for kw in ({}, {"engine": "fbgemm"}):
+        y = torch.ops.fxopt.onednn_conv2d_int8(*args, **kw)
+        assert int((y.int() - ONEDNN_CONV2D_INT8.reference(*args).int()).abs().max()) <= 1
+    r = torch.randint(0, 256, (1, 16, 6, 6), dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last)
+    args_r = (*args, r, 0.05, 7)
+    y = torch.ops.fxopt.onednn_conv2d_int8(*args_r)
+    assert int((y.int() - ONEDNN_CONV2D_INT8.reference(*args_r).int()).abs().max()) <= 1
+    x = torch.full((4, 64), 255, dtype=torch.uint8)
+    wl = torch.full((8, 64), 127, dtype=torch.int8)
+    args_l = (x, wl, torch.full((8,), 1e-4), torch.zeros(8), 0.01, 0, 0.05, 0)
+    y = torch.ops.fxopt.onednn_linear_int8(*args_l)
+    assert int((y.int() - ONEDNN_LINEAR_INT8.reference(*args_l).int()).abs().max()) <= 1
+    xf = torch.rand(4, 64) * 3
+    yd = torch.ops.fxopt.linear_int8_dynamic(xf, wl, torch.full((8,), 1e-3), None,
+                                              reduce_range=False)
+    ref = linear_int8_dynamic_reference(xf, wl, torch.full((8,), 1e-3), None, reduce_range=False)
+    assert torch.allclose(yd, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not int8_pairs_saturate(), reason="this CPU sums int8 pairs in int32")
+def test_an_export_with_8_bit_weights_and_activations_is_refused_where_engines_saturate(
+        tmp_path):
+    """On a CPU without VNNI/AMX, ONNX Runtime's int8 kernels saturate on the _Wide model's
+    8-bit grids (fxopt's own module does not: its guard): the export's check says so, and
+    names the grids that fix it; with the default grids (7-bit weights) the file is exact."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    m = _Wide().eval()
+    cal = [torch.rand(2, 128, 8, 8) * 0.9 + 0.1 for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = fxopt.optimize(m, cal[0], quantize=QuantConfig(reduce_range=False),
+                              calibration_data=cal, target="cpu")
+        auto = fxopt.optimize(m, cal[0], quantize="int8", calibration_data=cal, target="cpu")
+    with pytest.raises(fxopt.NumericMismatchError) as e:
+        fxopt.export_onnx(full, cal[0], tmp_path / "full.onnx")
+    assert "VNNI" in e.value.hint and "reduce_range" in e.value.hint
+    assert fxopt.export_onnx(auto, cal[0], tmp_path / "auto.onnx").output_step
