@@ -61,6 +61,7 @@ from fxopt.ir.boundary import normalize_inputs
 from fxopt.ir.check import clone_inputs, run_in_eval
 from fxopt.ir.tolerances import ErrorStats, compare_outputs
 from fxopt.ops.int8_dynamic import LinearInt8Dynamic
+from fxopt.ops.isa import int8_pairs_saturate
 from fxopt.ops.schema import is_fxopt_op, schema_of
 
 __all__ = ["export_onnx", "OnnxExport", "decompose_fused_ops", "DEFAULT_OPSET", "MIN_OPSET",
@@ -179,6 +180,17 @@ def _reference(module: nn.Module, inputs: tuple) -> Any:
     return run_in_eval(module, inputs, what="the module failed on the example inputs",
                        hint="pass inputs of the shape, dtype and device the module takes (the "
                             "ones it was optimized with)")
+
+
+def _mismatch_hint(step) -> str:
+    """The hint of an ONNX Runtime mismatch; for an int8 file on a CPU whose int8 kernels add
+    product pairs in int16 (no VNNI or AMX), the grids that keep ORT's sums exact."""
+    if step is not None and int8_pairs_saturate():
+        return ("this CPU has no VNNI or AMX: ONNX Runtime's int8 kernels saturate with 8-bit "
+                "weights times 8-bit activations; quantize with QuantConfig(reduce_range="
+                "'auto') (7-bit weight grids here) or 'activations', or export with "
+                "check=False to inspect the file")
+    return "export with check=False to inspect the file"
 
 
 def _ort_outputs(model_path: Path, inputs: tuple, other: tuple | None = None) -> tuple:
@@ -417,7 +429,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
                         f"{_bound(stats, step)}",
                         pass_name="export_onnx", passes_before=[], max_abs=stats.max_abs,
                         rel_err=stats.rel_err, tolerance=stats.tolerance, node=None,
-                        module_path=None, hint="export with check=False to inspect the file")
+                        module_path=None, hint=_mismatch_hint(step))
                 batches = (_batch_of(inputs),)
                 if ort_out2 is not None:
                     stats2 = _compare(ort_out2, reference2, step)
