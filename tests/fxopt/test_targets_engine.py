@@ -20,6 +20,7 @@ from fxopt.export.engines import (INT8_ACCURACY_SLACK, check_engine, deploy, ins
                                   measure)
 from fxopt.export.qdq import compare_within_step
 from fxopt.ir.tolerances import compare_outputs, rel_err
+from fxopt.ops.isa import int8_pairs_saturate
 
 ENGINES = [pytest.param("onnxruntime"),
            pytest.param("openvino", marks=pytest.mark.skipif(
@@ -71,9 +72,13 @@ def test_engine_module_equals_its_graph_at_two_batches(engine, quant):
         assert got.shape == (batch, 10) and got.dtype == torch.float32
         if not quant:
             assert compare_outputs(got, ref).ok
-        elif engine == "onnxruntime":  # ORT's int8 kernels reproduce fxopt's grids
+        elif engine == "onnxruntime" and not int8_pairs_saturate():
+            # ORT's VNNI int8 kernels reproduce fxopt's grids
             assert compare_within_step([got], [ref], info["output_step"]).ok
-        else:  # OpenVINO rounds some codes its own way (fxopt.export.engines docstring)
+        else:
+            # OpenVINO rounds some codes its own way (fxopt.export.engines docstring); so does
+            # ORT's AVX2 kernels: a code off here and there against ORT's own unfused graph,
+            # up to 4-5 output steps off fxopt's graph by resnet18's end (2026-12-07)
             assert rel_err(got, exact) <= INT8_ACCURACY_SLACK * rel_err(ref, exact) + 1e-6
     # float64 in, float64 out; no torch.no_grad needed
     y = opt(torch.randn(1, 3, 32, 32, dtype=torch.float64))
