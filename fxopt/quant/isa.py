@@ -16,10 +16,13 @@ Without VNNI or AMX, x86 int8 kernels add u8 x s8 product pairs in int16 and sat
   OpenVINO mobilenet_v3_large 35.1 dB where 8-bit weights with full-range signed activations
   came out 28.3 dB (saturated sums: the engine's check refused it) and 7-bit asymmetric
   activation grids 30.1 dB;
-- ``True`` (7-bit activation grids, torch.ao's x86 default) where the user forces
-  ``cpu_engine="fbgemm"`` or ``"x86"``: fbgemm's grouped and depthwise convolutions saturate
-  with full-range inputs even with VNNI (up to 52 codes off, measured on an AVX-512 VNNI
-  CPU); ``lower_int8_cpu`` packs grouped convolutions with oneDNN for that reason.
+- ``True`` (7-bit activation grids, torch.ao's x86 default) on a CPU with VNNI where the user
+  forces ``cpu_engine="fbgemm"`` or ``"x86"``: fbgemm's grouped and depthwise convolutions
+  saturate with full-range inputs even with VNNI (up to 52 codes off, measured on an AVX-512
+  VNNI CPU); ``lower_int8_cpu`` packs grouped convolutions with oneDNN for that reason. Without
+  VNNI those engines get the 7-bit weights too: fbgemm's, x86's and oneDNN's plain, grouped and
+  depthwise convolutions were exact with them on the AVX2 EPYC, 3 to 12 codes off with 8-bit
+  weights.
 
 Whatever the grids, fxopt's CPU ops never hand back a saturated sum: a layer whose weights
 exceed [-64, 64] runs its int8 kernel on such a CPU only for inputs whose codes are at most
@@ -53,8 +56,8 @@ def resolve_reduce_range(value, *, target: str = "cpu", cpu_engine: str = "auto"
         return value
     if target == "cuda":
         return False
-    if cpu_engine in ("fbgemm", "x86"):
-        return True
     if isa is _DETECT:
         isa = int8_dot_product_isa()
-    return False if isa is not None else "weights"
+    if isa is None:
+        return "weights"
+    return cpu_engine in ("fbgemm", "x86")

@@ -47,10 +47,11 @@ def test_resolve_reduce_range():
     assert resolve_reduce_range("auto", isa=None, target="openvino") == "weights"
     assert resolve_reduce_range("activations", isa=None) is True
     assert resolve_reduce_range("weights", isa="avx512_vnni") == "weights"
-    # engines whose grouped convolutions saturate keep 7-bit activation grids
+    # with VNNI, engines whose grouped convolutions saturate keep 7-bit activation grids
     assert resolve_reduce_range("auto", isa="avx512_vnni", cpu_engine="fbgemm") is True
     assert resolve_reduce_range("auto", isa="avx512_vnni", cpu_engine="x86") is True
-    assert resolve_reduce_range("auto", isa=None, cpu_engine="x86") is True
+    assert resolve_reduce_range("auto", isa=None, cpu_engine="x86") == "weights"
+    assert resolve_reduce_range("auto", isa=None, cpu_engine="fbgemm") == "weights"
     assert resolve_reduce_range("auto", isa=None, target="cuda") is False
     assert resolve_reduce_range("auto") == (False if VNNI else "weights")
 
