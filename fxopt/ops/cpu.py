@@ -28,9 +28,13 @@ integers exactly; its float epilogue may round a tie the other way, which the lo
 lockstep check allows (one code).
 
 On an x86 CPU without VNNI or AMX the kernels add u8 x s8 product pairs in int16 and saturate
-(``fxopt.ops.isa``): there a layer whose weight codes leave [-64, 64] runs its kernel only for
-inputs whose codes are at most 127 (one read of the codes a call) and its reference otherwise,
-so no saturated sum comes back (fxopt's own grids there are 7-bit weights: no check needed).
+(``fxopt.ops.isa``): there a layer whose weight codes leave [-64, 64] (8-bit weight grids: a
+module quantized with ``reduce_range`` True or False, or made on a VNNI CPU) runs its single
+kernel call only for inputs whose codes are at most 127 (one read of the codes a call); other
+inputs take two exact calls, one per half of the weight (each within [-64, 64]), their float32
+outputs added before the activation and the requantize (a tie may round the other way: one
+code), and a fused residual the reference. No saturated sum comes back. fxopt's own grids on
+such a CPU are 7-bit weights: none of this runs.
 """
 from __future__ import annotations
 
@@ -109,6 +113,16 @@ def _exact(q, w_q) -> bool:
     """Whether the int8 kernels sum this call exactly: a CPU with int32 dot products, weights
     within [-64, 64], or input codes at most 127."""
     return not _wide(w_q) or q.numel() == 0 or int(q.max()) <= SATURATION_FREE_CODE
+
+
+def _halves(w_q):
+    """``w_q`` as two int8 weights within [-64, 64] that add up to it (made once per weight,
+    cached like the packed weights): a CPU whose int8 kernels add product pairs in int16 sums
+    each exactly, whatever the input codes."""
+    def split():
+        lo = torch.div(w_q, 2, rounding_mode="floor")
+        return lo, (w_q.to(torch.int16) - lo).to(torch.int8)
+    return onednn.packed_int8("halves", w_q, (), split)
 
 
 def _exact_only(call, w_q):
@@ -208,7 +222,17 @@ def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale,
     y = None if call is None else call(q)  # None: oneDNN refused it
     if y is not None:
         return y
-    post = _fast(q, w_q, "conv2d", act, act_args) if q.dim() == 4 and _exact(q, w_q) else None
+    exact = q.dim() != 4 or _exact(q, w_q)
+    if not exact and residual is None and _fast(q, w_q, "conv2d", act, act_args) is not None:
+        # codes past 127 with weights past [-64, 64] where the kernels would saturate: the
+        # layer as two exact calls, one per half of the weight, added in float32
+        lo, hi = _halves(w_q)
+        geometry = (stride, padding, dilation, groups, x_scale, x_zp, y_scale, y_zp, None)
+        y = onednn.conv2d_int8_onednn(q, lo, w_scale, bias, *geometry)
+        y2 = None if y is None else onednn.conv2d_int8_onednn(q, hi, w_scale, None, *geometry)
+        if y2 is not None:
+            return _requantize(y.add_(y2), act, act_args, y_scale, y_zp)
+    post = _fast(q, w_q, "conv2d", act, act_args) if q.dim() == 4 and exact else None
     if residual is not None and (act not in ("none", "relu") or residual.dtype != torch.uint8):
         post = None  # oneDNN fuses only relu after its sum post-op
     if post is not None:
@@ -250,7 +274,15 @@ def _linear_cpu(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="non
     y = None if call is None else call(q)  # None: oneDNN refused it
     if y is not None:
         return y
-    post = _fast(q, w_q, "linear", act, act_args) if q.dim() >= 2 and _exact(q, w_q) else None
+    exact = q.dim() < 2 or _exact(q, w_q)
+    if not exact and _fast(q, w_q, "linear", act, act_args) is not None:
+        lo, hi = _halves(w_q)  # as in _conv_cpu
+        y = onednn.linear_int8_onednn(q, lo, w_scale, bias, x_scale, x_zp, y_scale, y_zp, None)
+        y2 = None if y is None else onednn.linear_int8_onednn(q, hi, w_scale, None, x_scale,
+                                                              x_zp, y_scale, y_zp, None)
+        if y2 is not None:
+            return _requantize(y.add_(y2), act, act_args, y_scale, y_zp)
+    post = _fast(q, w_q, "linear", act, act_args) if q.dim() >= 2 and exact else None
     if post is _FLOAT_EPILOGUE:
         y = onednn.linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, None)
         if y is not None:

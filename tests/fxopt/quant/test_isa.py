@@ -138,39 +138,65 @@ def test_onednn_int8_ops_exact_on_full_range_codes(groups):
 
 @pytest.mark.skipif(not onednn_int8_available(), reason="no oneDNN int8 kernels")
 @pytest.mark.parametrize("engine", ["onednn", "fbgemm"])
-def test_a_saturating_cpu_runs_wide_weights_on_the_kernel_only_for_codes_up_to_127(
+def test_a_saturating_cpu_runs_wide_weights_on_one_kernel_call_only_for_codes_up_to_127(
         engine, monkeypatch):
     """The guard of fxopt.ops.cpu, as on an x86 CPU without VNNI (forced here, so it runs on
-    every CPU): weights beyond [-64, 64] take the kernel for input codes at most 127 and the
-    exact reference above; weights within it take the kernel for every code."""
+    every CPU): weights beyond [-64, 64] take their one kernel call for input codes at most
+    127, and two calls on the weight's halves (each within [-64, 64]) above; weights within it
+    take the one call for every code; a fused residual above 127 takes the reference. Every
+    result within one code of the reference."""
     from fxopt.ops import cpu, onednn
-    from fxopt.ops.cpu import ONEDNN_CONV2D_INT8
+    from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
 
     monkeypatch.setattr(onednn, "_SATURATES", True)
-    calls = []
-    real = cpu._conv_reference
-    monkeypatch.setattr(cpu, "_conv_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seen = []
+    real_conv, real_linear, real_ref = (onednn.conv2d_int8_onednn, onednn.linear_int8_onednn,
+                                        cpu._conv_reference)
+    monkeypatch.setattr(onednn, "conv2d_int8_onednn",
+                        lambda *a: seen.append(("halves", a[1])) or real_conv(*a))
+    monkeypatch.setattr(onednn, "linear_int8_onednn",
+                        lambda *a: seen.append(("halves", a[1])) or real_linear(*a))
+    monkeypatch.setattr(cpu, "_conv_reference",
+                        lambda *a, **k: seen.append(("reference",)) or real_ref(*a, **k))
     g = torch.Generator().manual_seed(0)
-    w_wide = torch.randint(-127, 128, (16, 8, 3, 3), dtype=torch.int8, generator=g)
-    w_narrow = (w_wide // 2).to(torch.int8)  # within [-64, 63]
-    scale, bias = torch.full((16,), 2e-3), torch.zeros(16)
-
-    def run(q, w):
-        calls.clear()
-        args = (q, w, scale, bias, [1, 1], [1, 1], [1, 1], 1, 0.05, 0, 0.2, 0)
-        y = torch.ops.fxopt.onednn_conv2d_int8(*args, engine=engine)
-        ref = ONEDNN_CONV2D_INT8.reference(*args)
-        assert int((y.int() - ref.int()).abs().max()) <= 1
-        return bool(calls)
-
+    w_wide = torch.randint(-128, 128, (16, 8, 3, 3), dtype=torch.int8, generator=g)
+    w_wide[0, 0, 0, 0], w_wide[1, 0, 0, 0] = -128, 127
+    w_narrow = torch.div(w_wide, 2, rounding_mode="floor")  # within [-64, 63]
+    scale, bias = torch.full((16,), 2e-3), torch.randn(16, generator=g)
+    cl = torch.channels_last
     low = torch.randint(0, 128, (1, 8, 7, 7), dtype=torch.uint8, generator=g)
     high = low.clone()
-    high[0, 0, 3, 3] = 200  # one code past 127
-    cl = torch.channels_last
-    assert run(low.contiguous(memory_format=cl), w_wide) is False  # the kernel
-    assert run(high.contiguous(memory_format=cl), w_wide) is True  # the reference
-    assert run(high.contiguous(memory_format=cl), w_narrow) is False
-    assert onednn.saturating_weights(w_wide) and not onednn.saturating_weights(w_narrow)
+    high[0, 0, 3, 3] = 255  # one code past 127
+    low, high = low.contiguous(memory_format=cl), high.contiguous(memory_format=cl)
+
+    def conv(q, w, act="hardswish", residual=None):
+        seen.clear()
+        args = (q, w, scale, bias, [1, 1], [1, 1], [1, 1], 1, 0.05, 3, 0.2, 10)
+        if residual is not None:
+            args = (*args, residual, 0.1, 5)
+            act = "relu"
+        y = torch.ops.fxopt.onednn_conv2d_int8(*args, act=act, engine=engine)
+        ref = ONEDNN_CONV2D_INT8.reference(*args, act=act)
+        assert int((y.int() - ref.int()).abs().max()) <= 1
+        return [k[0] for k in seen]
+
+    assert conv(low, w_wide) == []  # the one kernel call (bound or packed)
+    assert conv(high, w_narrow) == []
+    assert conv(high, w_wide) == ["halves", "halves"]
+    lo, hi = cpu._halves(w_wide)
+    assert torch.equal(lo.int() + hi.int(), w_wide.int())
+    assert int(lo.abs().max()) <= 64 and int(hi.abs().max()) <= 64
+    res = torch.randint(0, 256, (1, 16, 7, 7), dtype=torch.uint8, generator=g).contiguous(
+        memory_format=cl)
+    assert conv(high, w_wide, residual=res) == ["reference"]
+    # a linear layer: the halves above 127
+    x = torch.randint(0, 256, (3, 24), dtype=torch.uint8, generator=g)
+    wl = torch.randint(-128, 128, (12, 24), dtype=torch.int8, generator=g)
+    args = (x, wl, torch.full((12,), 1e-3), torch.randn(12, generator=g), 0.05, 3, 0.05, 100)
+    seen.clear()
+    y = torch.ops.fxopt.onednn_linear_int8(*args, act="gelu", engine=engine)
+    assert int((y.int() - ONEDNN_LINEAR_INT8.reference(*args, act="gelu").int()).abs().max()) <= 1
+    assert [k[0] for k in seen] == ["halves", "halves"]
 
 
 @pytest.mark.skipif(not onednn_int8_available(), reason="no oneDNN int8 kernels")
