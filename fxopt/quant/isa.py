@@ -24,9 +24,9 @@ Without VNNI or AMX, x86 int8 kernels add u8 x s8 product pairs in int16 and sat
   depthwise convolutions were exact with them on the AVX2 EPYC, 3 to 12 codes off with 8-bit
   weights.
 
-Whatever the grids, fxopt's CPU ops never hand back a saturated sum: a layer whose weights
-exceed [-64, 64] runs its int8 kernel on such a CPU only for inputs whose codes are at most
-127, else its exact reference (``fxopt.ops.cpu``).
+Whatever the grids, fxopt's CPU ops never hand back a saturated sum: on such a CPU a layer
+whose weights exceed [-64, 64] runs its one kernel call only for inputs whose codes are at most
+127, else two exact calls on the weight's halves (``fxopt.ops.cpu``).
 
     >>> int8_dot_product_isa()          # "amx_int8", "avx512_vnni" or None
     >>> resolve_reduce_range("auto")    # False on a VNNI/AMX CPU, "weights" elsewhere
