@@ -88,19 +88,24 @@ class _Wide(nn.Module):
         return self.fc(y.mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("reduce_range", ["auto", False, "weights"])
-def test_lowered_kernels_exact_on_full_range_grids(reduce_range):
-    """On every CPU: with VNNI/AMX the kernels sum full-range codes exactly; without, "auto"
-    gives 7-bit weights (exact with any code), and False (8-bit weights and activations) runs
-    each layer's kernel only on inputs it sums exactly (fxopt.ops.cpu), its reference on the
-    rest: no saturated sum comes back either way."""
+def _wide_int8(reduce_range, check="end"):
+    """(the _Wide model optimized to int8 on target="cpu" with ``reduce_range``, calibration)"""
     torch.manual_seed(0)
     m = _Wide().eval()
     cal = [torch.rand(2, 128, 8, 8) * 0.9 + 0.1 for _ in range(3)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = fxopt.optimize(m, cal[0], quantize=QuantConfig(reduce_range=reduce_range),
-                             calibration_data=cal, target="cpu", check="each")
+        return fxopt.optimize(m, cal[0], quantize=QuantConfig(reduce_range=reduce_range),
+                              calibration_data=cal, target="cpu", check=check), cal
+
+
+@pytest.mark.parametrize("reduce_range", ["auto", False, "weights"])
+def test_lowered_kernels_exact_on_full_range_grids(reduce_range):
+    """On every CPU: with VNNI/AMX the kernels sum full-range codes exactly; without, "auto"
+    gives 7-bit weights (exact with any code), and False (8-bit weights and activations) runs
+    each layer's one kernel call only on inputs it sums exactly, two calls on the weight's
+    halves on the rest (fxopt.ops.cpu): no saturated sum comes back either way."""
+    opt, _ = _wide_int8(reduce_range, check="each")
     q, low = opt.report.record("quantize_int8"), opt.report.record("lower_int8_cpu")
     want = "weights" if reduce_range == "weights" or reduce_range == "auto" and not VNNI \
         else False
@@ -240,14 +245,8 @@ def test_an_export_with_8_bit_weights_and_activations_is_refused_where_engines_s
     8-bit grids (fxopt's own module does not: its guard): the export's check says so, and
     names the grids that fix it; with the default grids (7-bit weights) the file is exact."""
     pytest.importorskip("onnxruntime")
-    torch.manual_seed(0)
-    m = _Wide().eval()
-    cal = [torch.rand(2, 128, 8, 8) * 0.9 + 0.1 for _ in range(3)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = fxopt.optimize(m, cal[0], quantize=QuantConfig(reduce_range=False),
-                              calibration_data=cal, target="cpu")
-        auto = fxopt.optimize(m, cal[0], quantize="int8", calibration_data=cal, target="cpu")
+    full, cal = _wide_int8(False)
+    auto, _ = _wide_int8("auto")
     with pytest.raises(fxopt.NumericMismatchError) as e:
         fxopt.export_onnx(full, cal[0], tmp_path / "full.onnx")
     assert "VNNI" in e.value.hint and "reduce_range" in e.value.hint
