@@ -70,7 +70,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from fxopt.errors import InputError, NotAvailableError, NumericMismatchError, UnsupportedOpError
-from fxopt.export.onnx import DEFAULT_OPSET, export_onnx
+from fxopt.export.onnx import DEFAULT_OPSET, export_onnx, saturation_hint
 from fxopt.export.qdq import compare_within_step
 from fxopt.export.watch import WeightWatch
 from fxopt.ir.check import clone_inputs, run_in_eval
@@ -395,8 +395,9 @@ def check_engine(engine: Engine, module: nn.Module, inputs: tuple, *,
                 f"{bound}", pass_name=f"deploy:{engine.name}", passes_before=[],
                 max_abs=stats.max_abs, rel_err=stats.rel_err, tolerance=stats.tolerance,
                 node=None, module_path=None,
-                hint="use target='cpu' (fxopt's own kernels), or export the file with "
-                     "fxopt.export_onnx and report the engine's difference")
+                hint=(f"{saturation_hint(title)}; or " if step and saturation_hint(title)
+                      else "") + "use target='cpu' (fxopt's own kernels), or export the file "
+                                 "with fxopt.export_onnx and report the engine's difference")
         if stats.max_abs >= worst.max_abs or not worst.dtype:
             worst = stats
     return {"max_abs": worst.max_abs, "rel_err": worst.rel_err, "tolerance": worst.tolerance,

@@ -64,8 +64,8 @@ from fxopt.ops.int8_dynamic import LinearInt8Dynamic
 from fxopt.ops.isa import int8_pairs_saturate
 from fxopt.ops.schema import is_fxopt_op, schema_of
 
-__all__ = ["export_onnx", "OnnxExport", "decompose_fused_ops", "DEFAULT_OPSET", "MIN_OPSET",
-           "MAX_OPSET"]
+__all__ = ["export_onnx", "OnnxExport", "decompose_fused_ops", "saturation_hint", "DEFAULT_OPSET",
+           "MIN_OPSET", "MAX_OPSET"]
 
 DEFAULT_OPSET = 17
 # The opsets the TorchScript exporter writes (torch.onnx's own bounds where it states them).
@@ -182,15 +182,22 @@ def _reference(module: nn.Module, inputs: tuple) -> Any:
                             "ones it was optimized with)")
 
 
+def saturation_hint(engine: str) -> str | None:
+    """For an int8 file an engine computed differently from fxopt's graph: on a CPU whose int8
+    kernels add product pairs in int16 (no VNNI or AMX, ``fxopt.ops.isa``), the grids that keep
+    the engine's sums exact; None elsewhere."""
+    if not int8_pairs_saturate():
+        return None
+    return (f"this CPU has no VNNI or AMX: {engine}'s int8 kernels saturate with 8-bit weights "
+            f"times 8-bit activations; quantize with QuantConfig(reduce_range='auto') (7-bit "
+            f"weight grids here)")
+
+
 def _mismatch_hint(step) -> str:
-    """The hint of an ONNX Runtime mismatch; for an int8 file on a CPU whose int8 kernels add
-    product pairs in int16 (no VNNI or AMX), the grids that keep ORT's sums exact."""
-    if step is not None and int8_pairs_saturate():
-        return ("this CPU has no VNNI or AMX: ONNX Runtime's int8 kernels saturate with 8-bit "
-                "weights times 8-bit activations; quantize with QuantConfig(reduce_range="
-                "'auto') (7-bit weight grids here) or 'activations', or export with "
-                "check=False to inspect the file")
-    return "export with check=False to inspect the file"
+    """The hint of an ONNX Runtime mismatch (an int8 file: ``saturation_hint`` first)."""
+    first = saturation_hint("ONNX Runtime") if step is not None else None
+    return f"{first}, or export with check=False to inspect the file" if first else \
+        "export with check=False to inspect the file"
 
 
 def _ort_outputs(model_path: Path, inputs: tuple, other: tuple | None = None) -> tuple:
