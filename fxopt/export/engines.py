@@ -390,14 +390,15 @@ def check_engine(engine: Engine, module: nn.Module, inputs: tuple, *,
             bound = stats.reason or (f"max abs err {stats.max_abs:.3g} > one output step "
                                      f"{stats.tolerance:.3g}" if step else
                                      f"rel err {stats.rel_err:.2e} > {stats.tolerance:.0e}")
+            grids = saturation_hint(title) if step else None  # int8 on a CPU without VNNI
             raise NumericMismatchError(
                 f"{title}'s outputs differ from the checked graph's at batch {batches[-1]}: "
                 f"{bound}", pass_name=f"deploy:{engine.name}", passes_before=[],
                 max_abs=stats.max_abs, rel_err=stats.rel_err, tolerance=stats.tolerance,
                 node=None, module_path=None,
-                hint=(f"{saturation_hint(title)}; or " if step and saturation_hint(title)
-                      else "") + "use target='cpu' (fxopt's own kernels), or export the file "
-                                 "with fxopt.export_onnx and report the engine's difference")
+                hint=(f"{grids}; or " if grids else "") + "use target='cpu' (fxopt's own "
+                     "kernels), or export the file with fxopt.export_onnx and report the "
+                     "engine's difference")
         if stats.max_abs >= worst.max_abs or not worst.dtype:
             worst = stats
     return {"max_abs": worst.max_abs, "rel_err": worst.rel_err, "tolerance": worst.tolerance,

@@ -28,13 +28,13 @@ integers exactly; its float epilogue may round a tie the other way, which the lo
 lockstep check allows (one code).
 
 On an x86 CPU without VNNI or AMX the kernels add u8 x s8 product pairs in int16 and saturate
-(``fxopt.ops.isa``): there a layer whose weight codes leave [-64, 64] (8-bit weight grids: a
-module quantized with ``reduce_range`` True or False, or made on a VNNI CPU) runs its single
-kernel call only for inputs whose codes are at most 127 (one read of the codes a call); other
-inputs take two exact calls, one per half of the weight (each within [-64, 64]), their float32
-outputs added before the activation and the requantize (a tie may round the other way: one
-code), and a fused residual the reference. No saturated sum comes back. fxopt's own grids on
-such a CPU are 7-bit weights: none of this runs.
+(``fxopt.ops.saturation``): there a layer whose weight codes leave [-64, 64] (8-bit weight
+grids: a module quantized with ``reduce_range`` True or False, or made on a VNNI CPU) runs its
+single kernel call only for inputs whose codes are at most 127 (one read of the codes a call);
+other inputs take two exact calls, one per half of the weight (each within [-64, 64]), their
+float32 outputs added before the activation and the requantize (a tie may round the other way:
+one code), and a fused residual the reference. No saturated sum comes back. fxopt's own grids
+on such a CPU are 7-bit weights: none of this runs.
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ import torch.nn.functional as F
 
 from fxopt.ir.activations import ACTIVATIONS, apply_activation
 from fxopt.ops import onednn
-from fxopt.ops.isa import SATURATION_FREE_CODE
 from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2D_INT8, CAT_INT8,
                             DEQUANTIZE, MAXPOOL_INT8, MUL_INT8, QUANTIZE, UPSAMPLE_NEAREST2D_INT8,
                             adaptive_avg_pool2d_int8_reference, add_int8_reference,
@@ -55,6 +54,7 @@ from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2
                             dequantize_reference, linear_int8_reference,
                             max_pool2d_int8_reference, mul_int8_reference, quantize_reference,
                             upsample_nearest2d_int8_reference)
+from fxopt.ops.saturation import exact_only, exact_sums, weight_halves
 from fxopt.ops.schema import define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape, out_format, to_format
 
@@ -106,32 +106,6 @@ def _fast(q, w_q, kind: str, act: str, act_args):
     return onednn.int8_post_op(kind, act, act_args) or _FLOAT_EPILOGUE
 
 
-_wide = onednn.saturating_weights
-
-
-def _exact(q, w_q) -> bool:
-    """Whether the int8 kernels sum this call exactly: a CPU with int32 dot products, weights
-    within [-64, 64], or input codes at most 127."""
-    return not _wide(w_q) or q.numel() == 0 or int(q.max()) <= SATURATION_FREE_CODE
-
-
-def _halves(w_q):
-    """``w_q`` as two int8 weights within [-64, 64] that add up to it (made once per weight,
-    cached like the packed weights): a CPU whose int8 kernels add product pairs in int16 sums
-    each exactly, whatever the input codes."""
-    def split():
-        lo = torch.div(w_q, 2, rounding_mode="floor")
-        return lo, (w_q.to(torch.int16) - lo).to(torch.int8)
-    return onednn.packed_int8("halves", w_q, (), split)
-
-
-def _exact_only(call, w_q):
-    """``call`` (a function of the codes), refusing (None) inputs it would sum inexactly."""
-    if call is None or not _wide(w_q):
-        return call
-    return lambda q: call(q) if q.numel() == 0 or int(q.max()) <= SATURATION_FREE_CODE else None
-
-
 def _requantize(y, act: str, act_args, y_scale: float, y_zp: int):
     """uint8 codes of ``act(y)`` on the y grid (``y``: the kernel's fresh float32 output)."""
     y = apply_activation(y, act, act_args, inplace=True)
@@ -141,6 +115,16 @@ def _requantize(y, act: str, act_args, y_scale: float, y_zp: int):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
         return torch.quantize_per_tensor(y, float(y_scale), int(y_zp), torch.quint8).int_repr()
+
+
+def _on_halves(kernel, w_q, bias, act: str, act_args, y_scale: float, y_zp: int):
+    """A layer whose kernel would saturate on these codes (``fxopt.ops.saturation``), as two
+    exact calls ``kernel(weight, bias)`` (float32 out) on the halves of ``w_q``, added, then the
+    activation and the requantize; None where the kernel refuses."""
+    lo, hi = weight_halves(w_q)
+    y = kernel(lo, bias)
+    y2 = None if y is None else kernel(hi, None)
+    return None if y2 is None else _requantize(y.add_(y2), act, act_args, y_scale, y_zp)
 
 
 # PyTorch's quantized engines a layer may name (``engine=``): their packed kernels on views of
@@ -198,7 +182,7 @@ def _conv_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale
     if q.dim() != 4 or residual is not None:
         return None
     if _engine_fits(engine, act, None) and _quint8(q):
-        return _exact_only(_quantized_call(
+        return exact_only(_quantized_call(
             "conv2d", w_q, w_scale, bias, (tuple(stride), tuple(padding), tuple(dilation), groups),
             x_scale, x_zp, y_scale, y_zp, act, act_args, engine), w_q)
     post, affine = _fast(q, w_q, "conv2d", act, act_args), None
@@ -209,7 +193,7 @@ def _conv_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale
         post, affine = ("hardtanh", [0.0, 1.0], ""), (1 / 6, 0.5)
     if post is None or post is _FLOAT_EPILOGUE:
         return None
-    return _exact_only(onednn.conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation,
+    return exact_only(onednn.conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation,
                                                groups, x_scale, x_zp, y_scale, y_zp, post,
                                                affine), w_q)
 
@@ -222,16 +206,13 @@ def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale,
     y = None if call is None else call(q)  # None: oneDNN refused it
     if y is not None:
         return y
-    exact = q.dim() != 4 or _exact(q, w_q)
+    exact = q.dim() != 4 or exact_sums(q, w_q)
     if not exact and residual is None and _fast(q, w_q, "conv2d", act, act_args) is not None:
-        # codes past 127 with weights past [-64, 64] where the kernels would saturate: the
-        # layer as two exact calls, one per half of the weight, added in float32
-        lo, hi = _halves(w_q)
-        geometry = (stride, padding, dilation, groups, x_scale, x_zp, y_scale, y_zp, None)
-        y = onednn.conv2d_int8_onednn(q, lo, w_scale, bias, *geometry)
-        y2 = None if y is None else onednn.conv2d_int8_onednn(q, hi, w_scale, None, *geometry)
-        if y2 is not None:
-            return _requantize(y.add_(y2), act, act_args, y_scale, y_zp)
+        y = _on_halves(lambda w, b: onednn.conv2d_int8_onednn(
+            q, w, w_scale, b, stride, padding, dilation, groups, x_scale, x_zp, y_scale, y_zp,
+            None), w_q, bias, act, act_args, y_scale, y_zp)
+        if y is not None:
+            return y
     post = _fast(q, w_q, "conv2d", act, act_args) if q.dim() == 4 and exact else None
     if residual is not None and (act not in ("none", "relu") or residual.dtype != torch.uint8):
         post = None  # oneDNN fuses only relu after its sum post-op
@@ -262,7 +243,7 @@ def _linear_call(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="no
             return None
         call = onednn.linear_int8_call(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp,
                                        post)
-    call = _exact_only(call, w_q)
+    call = exact_only(call, w_q)
     return None if call is None else lambda codes: call(codes.contiguous())
 
 
@@ -274,14 +255,13 @@ def _linear_cpu(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, *, act="non
     y = None if call is None else call(q)  # None: oneDNN refused it
     if y is not None:
         return y
-    exact = q.dim() < 2 or _exact(q, w_q)
+    exact = q.dim() < 2 or exact_sums(q, w_q)
     if not exact and _fast(q, w_q, "linear", act, act_args) is not None:
-        lo, hi = _halves(w_q)  # as in _conv_cpu
-        y = onednn.linear_int8_onednn(q, lo, w_scale, bias, x_scale, x_zp, y_scale, y_zp, None)
-        y2 = None if y is None else onednn.linear_int8_onednn(q, hi, w_scale, None, x_scale,
-                                                              x_zp, y_scale, y_zp, None)
-        if y2 is not None:
-            return _requantize(y.add_(y2), act, act_args, y_scale, y_zp)
+        y = _on_halves(lambda w, b: onednn.linear_int8_onednn(
+            q, w, w_scale, b, x_scale, x_zp, y_scale, y_zp, None), w_q, bias, act, act_args,
+            y_scale, y_zp)
+        if y is not None:
+            return y
     post = _fast(q, w_q, "linear", act, act_args) if q.dim() >= 2 and exact else None
     if post is _FLOAT_EPILOGUE:
         y = onednn.linear_int8_onednn(q, w_q, w_scale, bias, x_scale, x_zp, y_scale, y_zp, None)

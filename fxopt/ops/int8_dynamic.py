@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from fxopt.ir.activations import apply_activation, check_activation
-from fxopt.ops.onednn import saturating_weights
+from fxopt.ops.saturation import saturating_weights
 from fxopt.ops.schema import define_op, weight_macs
 
 __all__ = ["dynamic_qparams", "fake_quantize_dynamic", "linear_int8_dynamic_reference",

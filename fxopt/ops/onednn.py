@@ -29,13 +29,12 @@ from typing import Callable
 import torch
 
 from fxopt.ir.activations import ACTIVATIONS, apply_activation
-from fxopt.ops.isa import SATURATION_FREE_WEIGHT, int8_pairs_saturate
 from fxopt.ops.shapes import conv_out_shape, strictly_channels_last
 
 __all__ = ["mkldnn_available", "clear_weight_cache", "conv2d_act_onednn", "packed_weights",
            "linear_applies", "linear_act_onednn",
            "packed_copies",
-           "int8_post_op", "saturating_weights", "conv2d_int8_onednn", "linear_int8_onednn",
+           "int8_post_op", "conv2d_int8_onednn", "linear_int8_onednn",
            "onednn_int8_available", "packed_int8"]
 
 
@@ -292,20 +291,6 @@ def _packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack, deps: tuple = (
     zeros = torch.zeros(w_q.shape[0], dtype=torch.int32)
     _INT8_PACKED[full] = (weakref.ref(w_q), state, packed, zeros)
     return packed, zeros
-
-
-_SATURATES = int8_pairs_saturate()
-
-
-def saturating_weights(w_q: torch.Tensor) -> bool:
-    """Whether this CPU's x86 int8 kernels may saturate on ``w_q``: its codes leave
-    [-SATURATION_FREE_WEIGHT, SATURATION_FREE_WEIGHT] on a CPU that adds u8 x s8 product pairs
-    in int16 (``fxopt.ops.isa``); then the sums are exact only for input codes at most
-    ``SATURATION_FREE_CODE``. Read once per weight, cached like the packed weights."""
-    if not _SATURATES or w_q.dtype != torch.int8 or w_q.numel() == 0:
-        return False
-    return packed_int8("wide", w_q, (), lambda: bool(
-        (w_q.amin() < -SATURATION_FREE_WEIGHT) | (w_q.amax() > SATURATION_FREE_WEIGHT)))
 
 
 def packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack, deps: tuple = ()):

@@ -150,10 +150,10 @@ def test_a_saturating_cpu_runs_wide_weights_on_one_kernel_call_only_for_codes_up
     127, and two calls on the weight's halves (each within [-64, 64]) above; weights within it
     take the one call for every code; a fused residual above 127 takes the reference. Every
     result within one code of the reference."""
-    from fxopt.ops import cpu, onednn
+    from fxopt.ops import cpu, onednn, saturation
     from fxopt.ops.cpu import ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8
 
-    monkeypatch.setattr(onednn, "_SATURATES", True)
+    monkeypatch.setattr(saturation, "_SATURATES", True)
     seen = []
     real_conv, real_linear, real_ref = (onednn.conv2d_int8_onednn, onednn.linear_int8_onednn,
                                         cpu._conv_reference)
@@ -188,7 +188,7 @@ def test_a_saturating_cpu_runs_wide_weights_on_one_kernel_call_only_for_codes_up
     assert conv(low, w_wide) == []  # the one kernel call (bound or packed)
     assert conv(high, w_narrow) == []
     assert conv(high, w_wide) == ["halves", "halves"]
-    lo, hi = cpu._halves(w_wide)
+    lo, hi = saturation.weight_halves(w_wide)
     assert torch.equal(lo.int() + hi.int(), w_wide.int())
     assert int(lo.abs().max()) <= 64 and int(hi.abs().max()) <= 64
     res = torch.randint(0, 256, (1, 16, 7, 7), dtype=torch.uint8, generator=g).contiguous(
