@@ -35,6 +35,16 @@ thread); the bound call's guard costs ~2. Measured against the unbound layers in
 mobilenet_v2 5.79 -> 5.58, resnet18 7.11 -> 6.99; efficientnet_b0 no faster (17.3 / 17.9,
 faster in 34 of 60). Each binding is checked once: the bound call's codes must equal the
 kernel's on the call that bound it, else the node stays unbound.
+
+Linked calls. The graph passes plain uint8 codes; a layer on PyTorch's quantized engines
+(``engine="x86"`` / ``"fbgemm"``) makes a quint8 view of its input and a uint8 view of its
+output around every kernel call, four tensor calls that cost more than PyTorch's own modules,
+which pass quantized tensors (~15-20 us a layer at batch 1). A node whose every use is an input
+that takes a quint8 tensor (``quantized_inputs``: a bound layer's codes, the int8 add's and
+mul's operands) is linked: a bound quantized kernel returns its quint8 output
+(``BoundCall.q_out``), an add or mul its quint8 sum, and the next op uses that tensor as its
+input where it is on the op's own grid (checked each call; else its codes, as the graph would
+pass them). The kernels and their inputs are the same: the outputs are the graph's.
 """
 from __future__ import annotations
 
@@ -45,9 +55,13 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from fxopt.ops.qviews import as_quantized as _as_quantized
+from fxopt.ops.qviews import codes_of as _codes_of
 from fxopt.ops.schema import schema_of
 
 __all__ = ["DirectRunner", "direct_graph", "BoundCall"]
+
+_QUINT8 = torch.quint8
 
 
 def direct_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
@@ -63,6 +77,7 @@ def direct_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
             bound = op.cpu_bind is not None and _literals(node)
             node.target = BoundCall(op.cpu_impl, op.cpu_bind) if bound else op.cpu_impl
             swapped += 1
+    _link(graph)
     direct = fx.GraphModule(gm, graph, class_name="DirectGraph")
     # Its own tensors as plain attributes: the generated forward reads each with one instance
     # dict lookup instead of nn.Module.__getattr__ (~0.7 us each; a lowered MobileNetV3 reads
@@ -72,6 +87,32 @@ def direct_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         for name in list(table):
             direct.__dict__[name] = table.pop(name)
     return direct, swapped
+
+
+def _link(graph: fx.Graph) -> None:
+    """Link the nodes whose every use is an input that takes a quint8 tensor (a target's
+    ``quantized_inputs`` positions: a bound layer's codes, the int8 add's and mul's operands):
+    a bound layer passes its quantized kernel's quint8 output along (``BoundCall.q_out``), an
+    add or mul its quint8 sum (``quantized_out=True``), instead of a view of the codes, and
+    the next op uses it without a view of its own."""
+    for node in graph.nodes:
+        if not node.users or not all(_takes_quantized(user, node) for user in node.users):
+            continue
+        if isinstance(node.target, BoundCall):
+            node.target.q_out = True
+        elif getattr(node.target, "quantized_output", False):
+            node.kwargs = {**node.kwargs, "quantized_out": True}
+
+
+def _takes_quantized(user: fx.Node, node: fx.Node) -> bool:
+    """Whether every use of ``node`` by ``user`` is a position that may be a quint8 tensor."""
+    positions = getattr(user.target, "quantized_inputs", ())
+    for i, arg in enumerate((*user.args, user.kwargs)):
+        found: list = []
+        fx.node.map_arg(arg, found.append)
+        if any(n is node for n in found) and not (arg is node and i in positions):
+            return False
+    return True
 
 
 class BoundCall:
@@ -93,22 +134,53 @@ class BoundCall:
         # (tensor, version, data_ptr) for the weights that have a version counter
         self.versions: tuple = ()
         self.off = False
+        # Linked (``direct_graph``): every user of this node takes a quint8 tensor, so where
+        # the bound call is a quantized kernel (``call.quantized``) it returns its quint8
+        # output, not a view of its codes; ``linked``: whether the last quint8 input was on
+        # this call's x grid (then used as it is)
+        self.q_out = False
+        self.linked: bool | None = None
+
+    # the quantized input types a BoundCall takes at position 0 (see ``direct_graph``)
+    quantized_inputs = (0,)
 
     def __call__(self, q, w_q, w_scale, bias, *rest, **kwargs):
         call, weights = self.call, self.weights
         if call is not None and w_q is weights[0] and w_scale is weights[1] and \
-                bias is weights[2] and q.dtype is torch.uint8 and q.shape == self.shape:
+                bias is weights[2] and q.shape == self.shape:
             for t, v, ptr in self.versions:
                 if t._version != v or t.data_ptr() != ptr:
                     break
             else:
-                y = call(q)
+                y = self._bound(call, q)
                 if y is not None:
                     return y
+        if q.dtype is _QUINT8:
+            q = _codes_of(q)
         y = self.impl(q, w_q, w_scale, bias, *rest, **kwargs)
         if not self.off:
             self._bind(q, (w_q, w_scale, bias), rest, kwargs, y)
         return y
+
+    def _bound(self, call, q):
+        """The bound call's output for ``q`` (uint8 codes, or a linked layer's quint8 output),
+        quint8 where this node is linked to its users and the call is a quantized kernel;
+        None where the call refuses."""
+        quantized = getattr(call, "quantized", None)
+        if q.dtype is _QUINT8:
+            # on this call's x grid (a layer's output grid is a literal, an add's a tensor that
+            # may have been written in place): used as it is; else its codes, as the graph
+            self.linked = quantized is not None and \
+                (q.q_scale(), q.q_zero_point()) == call.x_grid
+            if self.linked:
+                y = quantized(q)
+                return y if self.q_out else _codes_of(y)
+            q = _codes_of(q)
+        if q.dtype is not torch.uint8:
+            return None
+        if self.q_out and quantized is not None:
+            return quantized(_as_quantized(q, *call.x_grid))
+        return call(q)
 
     def _bind(self, q, weights, rest, kwargs, y) -> None:
         # An inference tensor has no version counter: written in inference mode, it is not seen

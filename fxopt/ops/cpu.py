@@ -55,6 +55,8 @@ from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2
                             max_pool2d_int8_reference, mul_int8_reference, quantize_reference,
                             upsample_nearest2d_int8_reference)
 from fxopt.ops.saturation import exact_only, exact_sums, weight_halves
+from fxopt.ops.qviews import (CODES, QuantizedKernel, as_quantized, codes_of, on_grid,
+                              plain_codes, spend_deprecation_warning)
 from fxopt.ops.schema import define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape, out_format, to_format
 
@@ -147,7 +149,7 @@ def _quantized_call(kind: str, w_q, w_scale, bias, geometry, x_scale, x_zp, y_sc
     the codes (run on a view of them); a clamp-like activation is a clamp of the quantized
     output (exact)."""
     def pack():
-        _spend_deprecation_warning()
+        spend_deprecation_warning()
         before = torch.backends.quantized.engine
         torch.backends.quantized.engine = engine
         try:
@@ -166,11 +168,12 @@ def _quantized_call(kind: str, w_q, w_scale, bias, geometry, x_scale, x_zp, y_sc
     packed = onednn.packed_int8(f"{kind}_{engine}", w_q, (geometry,), pack, (w_scale, bias))
     fused = "relu" if act == "relu" else None
     fn = getattr(torch.ops.quantized, f"{kind}_{fused}" if fused else kind)
-    bounds = ACTIVATIONS[act].bounds(act_args)
-    xs, xz, ys, yz = float(x_scale), int(x_zp), float(y_scale), int(y_zp)
-    if bounds is None:
-        return lambda q: codes_of(fn(as_quantized(q, xs, xz), packed, ys, yz))
-    return lambda q: codes_of(torch.clamp(fn(as_quantized(q, xs, xz), packed, ys, yz), *bounds))
+    # the overload's C++ callable: the packet's and the overload's Python checks (for
+    # torch.compile's fake script objects; a bound call never runs under it) cost ~3 us a call
+    fn = getattr(fn, "new", None) if kind == "conv2d" else fn.default
+    fn = getattr(fn, "_op", fn)
+    return QuantizedKernel(fn, packed, (float(x_scale), int(x_zp)), (float(y_scale), int(y_zp)),
+                           ACTIVATIONS[act].bounds(act_args))
 
 
 def _conv_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, y_scale,
@@ -310,36 +313,6 @@ OnednnLinearInt8 = ONEDNN_LINEAR_INT8.view
 # viewed back as uint8 codes: the kernels' speed, with no quantized tensor in the graph (so a
 # lowered module saves as plain tensors, torch.export's and torch.compile's: they see an fxopt op
 # and its fake). Elsewhere (another grid, another dtype) the reference runs.
-_DEPRECATION = {"spent": False}
-
-
-def _spend_deprecation_warning() -> None:
-    """PyTorch warns once per process that creating quantized tensors is deprecated (the kernels
-    stay); these ops create them only as views inside, so the warning is spent here, unseen."""
-    if not _DEPRECATION["spent"]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
-        _DEPRECATION["spent"] = True
-
-
-def as_quantized(codes: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
-    """A ``quint8`` tensor over ``codes``' memory (uint8, no copy) on the grid (scale, zp)."""
-    if not _DEPRECATION["spent"]:
-        _spend_deprecation_warning()
-    q = _EMPTY_QUANTIZED([0], scale=float(scale), zero_point=int(zp), dtype=torch.quint8)
-    return q.set_(codes.untyped_storage(), codes.storage_offset(), codes.shape, codes.stride())
-
-
-_EMPTY_QUANTIZED = torch._empty_affine_quantized
-
-
-def codes_of(q: torch.Tensor) -> torch.Tensor:
-    """The uint8 codes of a ``quint8`` tensor, over its memory (no copy, unlike ``int_repr``)."""
-    return torch.empty(0, dtype=torch.uint8, device=q.device).set_(
-        q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
-
-
 def _quint8(*codes, grid=(0, 255)) -> bool:
     return tuple(int(g) for g in grid) == (0, 255) and all(
         c.dtype == torch.uint8 and c.device.type == "cpu" for c in codes)
@@ -352,7 +325,7 @@ def _f(t) -> float:
 def _quantize_cpu(x, scale, zp, qmin, qmax):
     if qmin != 0 or qmax != 255 or x.dtype != torch.float32:
         return quantize_reference(x, scale, zp, qmin, qmax)
-    _spend_deprecation_warning()
+    spend_deprecation_warning()
     return codes_of(torch.quantize_per_tensor(x, _f(scale), int(zp), torch.quint8))
 
 
@@ -368,18 +341,21 @@ def _binary_cpu(kind: str, reference):
     kernels are looked up once (14 -> 6 us of Python around a 10-30 us kernel here)."""
     kernels = {"none": getattr(torch.ops.quantized, kind).default,
                "relu": getattr(torch.ops.quantized, f"{kind}_relu").default}
-    uint8 = torch.uint8
 
     def run(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, act="none", act_args=(),
-            y_qmin=0, y_qmax=255):
+            y_qmin=0, y_qmax=255, quantized_out=False):
         fn = kernels.get(act)
-        if fn is None or y_qmin != 0 or y_qmax != 255 or a.dtype != uint8 or b.dtype != uint8 \
-                or a.device.type != "cpu" or b.device.type != "cpu":
-            return reference(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, act=act,
-                             act_args=act_args, y_qmin=y_qmin, y_qmax=y_qmax)
-        return codes_of(fn(as_quantized(a, a_scale, a_zp), as_quantized(b, b_scale, b_zp),
-                           float(y_scale), int(y_zp)))
+        if fn is None or y_qmin != 0 or y_qmax != 255 or a.dtype not in CODES \
+                or b.dtype not in CODES or a.device.type != "cpu" or b.device.type != "cpu":
+            return reference(plain_codes(a), a_scale, a_zp, plain_codes(b), b_scale, b_zp,
+                             y_scale, y_zp, act=act, act_args=act_args, y_qmin=y_qmin,
+                             y_qmax=y_qmax)
+        y = fn(on_grid(a, a_scale, a_zp), on_grid(b, b_scale, b_zp), float(y_scale), int(y_zp))
+        return y if quantized_out else codes_of(y)
 
+    # linked in the direct twin (fxopt.infra.direct): either operand may be a layer's quint8
+    # output, and ``quantized_out=True`` (the twin's, never the op's) returns the quint8 sum
+    run.quantized_inputs, run.quantized_output = (0, 3), True
     return run
 
 

@@ -303,3 +303,141 @@ def test_a_used_module_pickles_without_its_twin(int8_opt, tmp_path):
         assert torch.equal(loaded(x), expected)
         assert torch.equal(loaded(x), expected)
     assert loaded.direct._proven
+
+
+# -- linked layers: a bound quantized kernel passes its quint8 output to the next ----------------
+def _nodes_by_target(opt):
+    return {n.name: n.target for n in opt.direct._direct.graph.nodes
+            if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "x86"])
+def test_linked_layers_pass_quantized_outputs_and_equal_the_graph(engine):
+    """On PyTorch's quantized engines a bound layer whose every user takes a quint8 tensor (the
+    next bound layer, the int8 add) hands over its quantized output, and the next uses it
+    without views of the codes: the outputs stay the graph's, call after call, and after a
+    weight written in place (that layer runs its kernel wrapper: codes, not quint8)."""
+    from fxopt.quant.config import QuantConfig
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"no {engine} engine in this PyTorch")
+    torch.manual_seed(0)
+    cal = _cal()
+    opt = fxopt.optimize(Net().eval(), cal[0], quantize=QuantConfig(cpu_engine=engine),
+                         calibration_data=cal)
+    with torch.no_grad():
+        for seed in (21, 22, 23):
+            x = _cal(1, seed=seed)[0]
+            assert torch.equal(opt(x), opt.graph_module(x))
+        bound = _bound_calls(opt)
+        # stem -> c1 and the add, c1 -> c2, c2 -> the add: linked; fc -> dequantize: not
+        assert [b.q_out for b in bound] == [True, True, True, False]
+        assert [b.linked for b in bound][1:3] == [True, True]
+        c1 = next(t for n, t in opt.graph_module.named_buffers() if "c1" in n and
+                  t.dtype == torch.int8)
+        c1.neg_()
+        x = _cal(1, seed=24)[0]
+        assert torch.equal(opt(x), opt.graph_module(x))
+        assert torch.equal(opt(x), opt.graph_module(x))
+
+
+def test_a_quantized_input_off_the_layers_grid_runs_on_its_codes():
+    """A quint8 input whose grid is not the bound kernel's x grid is never used as it is: the
+    call runs on its codes (what the graph would pass), and the node stays unlinked."""
+    seen: list = []
+
+    class Kernel:
+        x_grid = (0.5, 3)
+
+        def __call__(self, codes):
+            seen.append(("codes", codes.dtype))
+            return codes + 1
+
+        def quantized(self, q):
+            seen.append(("quantized", q.dtype))
+            return q
+
+    bc = BoundCall(lambda q, *a, **k: q + 1, lambda *a, **k: Kernel())
+    codes = torch.arange(8, dtype=torch.uint8)
+    bc(codes, None, None, None)  # binds
+    off_grid = torch._make_per_tensor_quantized_tensor(codes, 0.25, 3)
+    assert torch.equal(bc(off_grid, None, None, None), codes + 1)
+    assert bc.linked is False and seen[-1] == ("codes", torch.uint8)
+    on_grid = torch._make_per_tensor_quantized_tensor(codes, 0.5, 3)
+    out = bc(on_grid, None, None, None)
+    assert bc.linked is True and seen[-1] == ("quantized", torch.quint8)
+    assert out.dtype == torch.uint8  # its users do not all take quint8: codes out...
+    bc.q_out = True
+    assert bc(on_grid, None, None, None).dtype == torch.quint8  # ...linked: quint8 out
+    assert seen[-1] == ("quantized", torch.quint8)
+
+
+class AddThenConv(nn.Module):
+    """A residual add whose sum feeds a convolution: the add is linked to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c2, self.fc = nn.Conv2d(16, 16, 1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.c1(y)) + y
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.c2(y), 1), 1))
+
+
+def test_a_linked_add_passes_its_quint8_sum_and_an_off_grid_one_runs_on_codes():
+    """The add's sum goes to the next layer as a quint8 tensor; its output scale written in
+    place puts that tensor off the layer's grid (a literal): the layer then runs on the codes,
+    as the graph does, and the outputs stay the graph's."""
+    from fxopt.quant.config import QuantConfig
+    torch.manual_seed(0)
+    cal = _cal()
+    opt = fxopt.optimize(AddThenConv().eval(), cal[0], quantize=QuantConfig(cpu_engine="x86"),
+                         calibration_data=cal)
+    x = _cal(1, seed=31)[0]
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(opt(x), opt.graph_module(x))
+        nodes = list(opt.direct._direct.graph.nodes)
+        add = next(n for n in nodes if getattr(n.target, "quantized_output", False))
+        assert add.kwargs.get("quantized_out") is True
+        c2 = next(u.target for u in add.users if isinstance(u.target, BoundCall))
+        assert c2.linked is True
+        getattr(opt.graph_module, add.args[6].target).mul_(1.5)  # the add's y scale
+        expected = opt.graph_module(x)
+        assert torch.equal(opt(x), expected) and c2.linked is False
+
+
+class SqueezeExcite(nn.Module):
+    """A conv whose output is gated (int8 mul) and then convolved: conv -> mul -> conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc1 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.fc2, self.out = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        gate = F.hardsigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return F.adaptive_avg_pool2d(torch.relu(self.out(y * gate)), 1).flatten(1)
+
+
+@pytest.mark.parametrize("engine", ["x86", "auto"])
+def test_linked_gates_and_inputs_beyond_the_calibrated_range_equal_the_graph(engine):
+    """Linked mul (a squeeze-excitation gate) and layers, on inputs far beyond the calibration
+    data (codes clamp at 0 and 255): the twin's outputs are the graph's, call after call."""
+    from fxopt.quant.config import QuantConfig
+    torch.manual_seed(0)
+    cal = _cal()
+    opt = fxopt.optimize(SqueezeExcite().eval(), cal[0], quantize=QuantConfig(cpu_engine=engine),
+                         calibration_data=cal)
+    with torch.no_grad():
+        opt(cal[0])
+        for seed, gain in ((41, 1.0), (42, 8.0), (43, 0.01), (44, -5.0)):
+            x = _cal(1, seed=seed)[0] * gain
+            assert torch.equal(opt(x), opt.graph_module(x))
+        if engine == "x86":
+            mul = [n for n in opt.direct._direct.graph.nodes
+                   if n.kwargs.get("quantized_out") is True]
+            assert mul, "the gate's product is linked to the conv after it"
+    assert opt.direct._proven and opt.direct.enabled
