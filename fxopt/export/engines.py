@@ -58,9 +58,7 @@ pipeline as a whole.
 from __future__ import annotations
 
 import copy
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -73,6 +71,7 @@ from fxopt.errors import InputError, NotAvailableError, NumericMismatchError, Un
 from fxopt.export.onnx import DEFAULT_OPSET, export_onnx, saturation_hint
 from fxopt.export.qdq import compare_within_step
 from fxopt.export.watch import WeightWatch
+from fxopt.infra.timing import measure
 from fxopt.ir.check import clone_inputs, run_in_eval
 from fxopt.ir.tolerances import ErrorStats, compare_outputs, rel_err
 
@@ -80,7 +79,6 @@ __all__ = ["ENGINES", "NOT_SERVED", "INT8_ACCURACY_SLACK", "Engine", "deploy", "
            "require_engine", "check_engine", "check_engine_options", "engine_version", "measure"]
 
 INT8_ACCURACY_SLACK = 1.5
-PAUSE_S = 0.02  # measure(): the wait before each candidate's turn
 
 # target name -> (module to import, how a user installs it)
 ENGINES: dict[str, tuple[str, str]] = {
@@ -457,26 +455,3 @@ def deploy(module: nn.Module, inputs: tuple, name: str, *, precision: str | None
     engine = Engine(name, run, spec, len(inputs), module, info)
     info["check"] = check_engine(engine, module, inputs, float_model=float_model)
     return engine
-
-
-def measure(candidates: dict[str, Callable], inputs: tuple, *, repeats: int = 5,
-            warmup: int = 2, pause: float = PAUSE_S) -> dict[str, float]:
-    """Median milliseconds per call of each candidate on ``inputs``, without gradients. The
-    candidates take turns (so load on the machine falls on all alike); in its turn a candidate
-    waits ``pause`` seconds, is called once untimed and then once timed, so the timed call is
-    a back-to-back call of its runtime, not one sharing the cores with the spinning threads of
-    the runtime before it (module docstring), which could keep the cpu path where OpenVINO is
-    faster."""
-    times: dict[str, list[float]] = {k: [] for k in candidates}
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            for key, fn in candidates.items():
-                if pause > 0:
-                    time.sleep(pause)
-                fn(*clone_inputs(inputs))  # the untimed call of its turn
-                args = clone_inputs(inputs)
-                t0 = time.perf_counter()
-                fn(*args)
-                if i >= warmup:
-                    times[key].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}

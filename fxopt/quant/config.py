@@ -57,8 +57,11 @@ with an activation other than relu): run as int8 they would take the slow exact 
 The report names them. ``False`` quantizes them anyway.
 ``cpu_engine``: which int8 kernel each layer runs on the CPU: ``"onednn"`` (oneDNN's
 ``qconv2d_pointwise`` / ``qlinear_pointwise``), ``"fbgemm"`` / ``"x86"`` (that quantized engine's
-kernel where it has the layer's activation, else oneDNN's), or ``"auto"`` (fbgemm for small
-layers, oneDNN for the rest; see ``passes/lower/cpu.py``).
+kernel where it has the layer's activation, else oneDNN's), ``"auto"`` (fbgemm for small
+layers, oneDNN for the rest; see ``passes/lower/cpu.py``), or ``"fastest"``: the graph lowered
+both with ``"auto"`` and with ``"x86"``, and the faster on the example inputs kept (the report
+says which, with both times; which is faster depends on the model and the CPU, and two runs
+may keep different ones, each checked; ``target="best"`` uses it where ``"auto"`` is set).
 ``keep_float``: module paths (``"layer1.0.conv1"``, a prefix covers its children) or module
 types left in float. ``first_layer`` / ``last_layer``: ``"quantize"`` or ``"float"``
 (the first / last quantizable layer in graph order).
@@ -80,7 +83,7 @@ __all__ = ["QuantConfig"]
 
 _LAYER_POLICIES = ("quantize", "float")
 _MODES = ("static", "dynamic")
-_ENGINES = ("auto", "x86", "fbgemm", "onednn")
+_ENGINES = ("auto", "x86", "fbgemm", "onednn", "fastest")
 _WEIGHT_OBSERVERS = ("per_channel_minmax",)
 
 

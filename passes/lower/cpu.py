@@ -56,12 +56,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from fxopt.infra.direct import DirectRunner
 from fxopt.infra.preconditions import EVAL_MODE
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, apply_rules, op_rule
+from fxopt.infra.timing import measure
 from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ir.graph import get_attr_value, module_path, tensor_meta
 from fxopt.ops import onednn
+from fxopt.ops.isa import int8_pairs_saturate
 from fxopt.ops.cpu import CPU_OF, ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8, quantized_nearest_alike
 from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2D_INT8, CAT_INT8,
                             CONV2D_INT8, DEQUANTIZE, INT8_IR_OPS, LINEAR_INT8, MAXPOOL_INT8,
@@ -329,6 +332,55 @@ def _affine_uint8_only(gm: fx.GraphModule) -> bool:
     return True
 
 
+# cpu_engine "fastest": the graph lowered with "auto"'s layer choices and with every layer the
+# x86 quantized engine takes on x86, and the faster on the example inputs kept. Which is faster
+# depends on the model (AVX2 EPYC, batch 1, 2026-12-07: regnet_x_400mf 11.2 ms with auto's
+# oneDNN layers, 9.1 with x86's; resnet18 14.5 against 15.5;
+# bench/results/int8-linked-2026-12-07.md).
+_CHOICE_ROUNDS = 5
+
+
+def _lowered(gm: fx.GraphModule, engine: str, inputs: tuple):
+    """``(gm, state, result, choice)``: ``gm`` lowered with ``engine``; for "fastest", with
+    "auto" and (on a copy, where this build has the x86 engine and the CPU no VNNI) with "x86",
+    the faster kept (``choice`` says what was measured; "" where nothing was asked)."""
+    if engine != "fastest":
+        state = CpuLowering(engine=engine)
+        return gm, state, apply_rules(gm, RULES, context=state), ""
+    candidates = {"auto": gm}
+    if "x86" in torch.backends.quantized.supported_engines and int8_pairs_saturate():
+        # only on a CPU without VNNI: there fxopt.ops.cpu keeps every engine's sums exact; with
+        # VNNI, 8-bit activation grids may saturate in fbgemm's grouped kernels ("auto" keeps
+        # those on oneDNN)
+        candidates["x86"] = copy.deepcopy(gm)
+    built = {}
+    for name, graph in candidates.items():
+        state = CpuLowering(engine=name)
+        built[name] = (graph, state, apply_rules(graph, RULES, context=state))
+    if len(built) == 1 or not all(b[2].count for b in built.values()):
+        graph, state, result = built["auto"]
+        return graph, state, result, "auto kept (x86 is measured only on a CPU without VNNI)"
+    timings = _timings({name: b[0] for name, b in built.items()}, inputs)
+    kept = min(timings, key=timings.get)
+    other = next(name for name in timings if name != kept)
+    graph, state, result = built[kept]
+    choice = (f"{kept} kept ({timings[kept]:.2f} ms against {other}'s {timings[other]:.2f}, "
+              f"median of {_CHOICE_ROUNDS} on the example inputs)")
+    return graph, state, result, choice
+
+
+def _timings(graphs: dict[str, fx.GraphModule], inputs: tuple) -> dict[str, float]:
+    """Median ms per call of each lowered graph on ``inputs``, run as ``OptimizedModule`` runs
+    it without gradients (``fxopt.infra.direct``), the graphs taking turns."""
+    def run(graph):
+        runner = DirectRunner()
+        return lambda *args: runner(graph, args, {})
+
+    # no pause between turns: both are PyTorch's kernels on the same threads
+    return measure({name: run(g) for name, g in graphs.items()}, tuple(inputs),
+                   repeats=_CHOICE_ROUNDS, warmup=2, pause=0.0)
+
+
 def _ir_ops(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in INT8_IR_OPS]
 
@@ -355,8 +407,8 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
     reference = copy.deepcopy(gm)
     step = output_step(gm)
-    state = CpuLowering(engine=ctx.config(QuantConfig).cpu_engine)
-    result = apply_rules(gm, RULES, context=state)
+    gm, state, result, choice = _lowered(gm, ctx.config(QuantConfig).cpu_engine,
+                                         ctx.example_inputs)
     if not result.count:
         return PassResult(gm, modified=False, notes=[f"not lowered: {r}" for r in result.rejected])
     mapping = {matched[-1]: new for _, matched, new in result.rewrites}
@@ -374,6 +426,9 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     stats = {**result.tallies, "fallback": len(fallback),
              "engine": ", ".join(f"{k} {v}" for k, v in sorted(state.engines.items())),
              "tie_flips": lockstep.flips}  # codes one step from the IR's, example inputs
+    if choice:
+        stats["engine_choice"] = choice
+        notes.append(f"cpu_engine='fastest': {choice}")
     return PassResult(gm, modified=True, stats=stats, notes=notes, reference=lockstep,
                       max_abs_tolerance=step * (1 + 1e-4),  # one code, float slack
                       shapes_changed=True)

@@ -231,7 +231,7 @@ def test_measure_calls_each_candidate_back_to_back_in_its_turn(monkeypatch):
     timed, so no timed call is the first after another runtime's (PyTorch's spinning OpenMP
     threads slowed OpenVINO's next call 1.5x). The order of calls and pauses, not the time."""
     events = []
-    monkeypatch.setattr("fxopt.export.engines.time.sleep", lambda s: events.append("pause"))
+    monkeypatch.setattr("fxopt.infra.timing.time.sleep", lambda s: events.append("pause"))
     fns = {k: (lambda *a, k=k: events.append(k)) for k in ("cpu", "openvino")}
     timings = measure(fns, (torch.zeros(1),), repeats=3, warmup=1)
     assert set(timings) == {"cpu", "openvino"}
@@ -369,3 +369,16 @@ def test_openvino_bf16_far_from_float32_passes_only_as_accurate_as_the_graph_in_
     gm = fxopt.optimize(other, x).graph_module
     with pytest.raises(NumericMismatchError, match="graph's own in bfloat16"):
         check_engine(opt.engine, gm, (x,))
+
+
+def test_best_times_the_cpu_lowerings_too_unless_an_engine_is_named():
+    """target='best' runs the cpu path with cpu_engine='fastest' where the int8 config says
+    'auto' (the engines are timed; so are the two CPU lowerings); a named engine, dynamic
+    int8 and float runs are left as given."""
+    from fxopt.api import _fastest_cpu
+    from fxopt.quant.config import QuantConfig
+    assert _fastest_cpu({"quantize": "int8"})["quantize"].cpu_engine == "fastest"
+    assert _fastest_cpu({"quantize": QuantConfig(min_sqnr_db=25.0)})["quantize"] == \
+        QuantConfig(min_sqnr_db=25.0, cpu_engine="fastest")
+    for kept in (None, "int8_dynamic", QuantConfig(cpu_engine="onednn")):
+        assert _fastest_cpu({"quantize": kept}) == {"quantize": kept}

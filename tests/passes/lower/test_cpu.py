@@ -208,6 +208,43 @@ def test_relu6_on_either_engine(engine):
         assert _close(low(x), ir(x), _step(rec))
 
 
+@pytest.mark.parametrize("faster", ["auto", "x86"])
+def test_fastest_keeps_the_faster_lowering_and_says_so(monkeypatch, faster):
+    """cpu_engine='fastest' lowers the graph with "auto"'s choices and with "x86", times both
+    (stubbed here: no timing in tests) and keeps the faster; either is within one output step
+    of the int8 IR, and the report says what was kept, against what."""
+    if "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no x86 quantized engine in this PyTorch")
+    timed = []
+
+    def timings(graphs, inputs):
+        timed.append(sorted(graphs))
+        return {name: 1.0 if name == faster else 2.0 for name in graphs}
+
+    monkeypatch.setattr(lower, "_timings", timings)
+    monkeypatch.setattr(lower, "int8_pairs_saturate", lambda: True)  # where it is measured
+    ir, low, rec = run(Net(), quantize=QuantConfig(cpu_engine="fastest"))
+    assert timed == [["auto", "x86"]]
+    engines = {c.engine for c in _convs(low)}
+    assert engines == ({"x86"} if faster == "x86" else {"fbgemm"})  # auto: small layers
+    assert rec.stats["engine_choice"].startswith(f"{faster} kept (1.00 ms against")
+    for x in _cal(n=2, seed=8):
+        assert _close(low(x), ir(x), _step(rec))
+
+
+def test_fastest_measures_nothing_with_vnni_and_other_engines_never(monkeypatch):
+    """With VNNI (8-bit activation grids, which fbgemm's grouped kernels may saturate) the x86
+    lowering is not a candidate: "auto" is kept, unmeasured; a named engine is never timed."""
+    monkeypatch.setattr(lower, "_timings", lambda *a: pytest.fail("timed"))
+    monkeypatch.setattr(lower, "int8_pairs_saturate", lambda: False)
+    ir, low, rec = run(Net(), quantize=QuantConfig(cpu_engine="fastest"))
+    assert rec.stats["engine_choice"].startswith("auto kept")
+    assert {c.engine for c in _convs(low)} == {"fbgemm"}
+    for engine in ("auto", "onednn", "x86"):
+        _, _, rec = run(Net(), quantize=QuantConfig(cpu_engine=engine))
+        assert "engine_choice" not in rec.stats
+
+
 class Block(nn.Module):
     """conv-relu, conv, + identity, relu: a ResNet basic block. ``shift`` moves the second
     conv's output down: at 2 most of it is negative, and the relu'd sum spans a small part of
