@@ -76,13 +76,15 @@ def run_model(name: str, engines: list[str], seconds: float) -> list[str]:
     x = torch.randn(1, 3, 224, 224)
     calib = [torch.randn(1, 3, 224, 224) for _ in range(16)]
     variants = {"torch.ao": ao_fx_int8(model, x, calib)[0]}
-    linked = {}
+    linked, choices = {}, []
     for engine in engines:
         opt = fxopt.optimize(model, x, target="cpu", quantize=QuantConfig(cpu_engine=engine),
                              calibration_data=calib, check="end")
         with torch.no_grad():
             opt(x), opt(x)
         linked[engine] = _linked_count(opt)
+        choices.append(f"{engine}: " + (opt.report.record("lower_int8_cpu").stats.get(
+            "engine_choice") or opt.report.record("lower_int8_cpu").stats.get("engine", "")))
         variants[f"{engine} linked"] = opt
         variants[f"{engine} unlinked"] = _unlinked(opt, x)
     times = {k: [] for k in variants}
@@ -99,6 +101,7 @@ def run_model(name: str, engines: list[str], seconds: float) -> list[str]:
                 times[key].append(time.perf_counter() - t0)
     rows = [f"## {name}", "",
             f"rounds: {len(times['torch.ao'])}; load average after: {os.getloadavg()[0]:.2f}", "",
+            "lowering: " + "; ".join(choices), "",
             "| variant | ms | linked ops | linked faster in |", "|---|---|---|---|"]
     for key, t in times.items():
         engine = key.split()[0]
