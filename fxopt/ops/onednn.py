@@ -293,6 +293,15 @@ def _packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack, deps: tuple = (
     return packed, zeros
 
 
+def forget_dead_weights() -> int:
+    """Drop the packed weights of int8 weights no longer alive (a lowering that was measured
+    and not kept: ``cpu_engine="fastest"``); how many were dropped."""
+    dead = [k for k, hit in _INT8_PACKED.items() if hit[0]() is None]
+    for k in dead:
+        del _INT8_PACKED[k]
+    return len(dead)
+
+
 def packed_int8(kind: str, w_q: torch.Tensor, key: tuple, pack, deps: tuple = ()):
     """What ``pack()`` returns for ``w_q`` under ``kind`` and ``key``, made on the first call and
     cached like oneDNN's packed weights, redone when ``w_q`` or ``deps`` change

@@ -64,12 +64,12 @@ from fxopt.infra.timing import measure
 from fxopt.ir.activations import ACTIVATIONS
 from fxopt.ir.graph import get_attr_value, module_path, tensor_meta
 from fxopt.ops import onednn
-from fxopt.ops.isa import int8_pairs_saturate
 from fxopt.ops.cpu import CPU_OF, ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8, quantized_nearest_alike
 from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2D_INT8, CAT_INT8,
                             CONV2D_INT8, DEQUANTIZE, INT8_IR_OPS, LINEAR_INT8, MAXPOOL_INT8,
                             MUL_INT8, QUANTIZE, UPSAMPLE_NEAREST2D_INT8, BatchNorm2dInt8,
                             BinaryInt8, Int8Layer, UpsampleNearest2dInt8)
+from fxopt.ops.isa import int8_pairs_saturate
 from fxopt.ops.schema import schema_of, view_of
 from fxopt.passes.lower.lockstep import LockstepReference
 from fxopt.quant.config import QuantConfig
@@ -358,12 +358,18 @@ def _lowered(gm: fx.GraphModule, engine: str, inputs: tuple):
         state = CpuLowering(engine=name)
         built[name] = (graph, state, apply_rules(graph, RULES, context=state))
     if len(built) == 1 or not all(b[2].count for b in built.values()):
+        why = ("x86 is measured only on a CPU without VNNI" if not int8_pairs_saturate() else
+               "no x86 engine in this PyTorch" if len(built) == 1 else "nothing to compare")
         graph, state, result = built["auto"]
-        return graph, state, result, "auto kept (x86 is measured only on a CPU without VNNI)"
+        return graph, state, result, f"auto kept ({why})"
     timings = _timings({name: b[0] for name, b in built.items()}, inputs)
     kept = min(timings, key=timings.get)
     other = next(name for name in timings if name != kept)
     graph, state, result = built[kept]
+    # the packed weights of lowerings no longer alive (the one not kept here, once its last
+    # reference goes: an earlier "fastest" lowering's at the latest now)
+    del built
+    onednn.forget_dead_weights()
     choice = (f"{kept} kept ({timings[kept]:.2f} ms against {other}'s {timings[other]:.2f}, "
               f"median of {_CHOICE_ROUNDS} on the example inputs)")
     return graph, state, result, choice

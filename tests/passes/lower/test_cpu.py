@@ -521,3 +521,16 @@ def test_residual_add_is_not_fused_by_default_where_inputs_leave_the_calibrated_
     opt = fxopt.optimize(m, cal[0] * 4, quantize="int8", calibration_data=cal)
     rec = opt.report.record("lower_int8_cpu")
     assert rec.status == "ok" and "conv2d_add" not in rec.stats
+
+
+def test_forget_dead_weights_drops_only_the_packs_of_dead_weights():
+    """The packed weights of a lowering that was measured and not kept go once its int8
+    weights do; live ones stay packed."""
+    live, dead = torch.ones(4, 4, dtype=torch.int8), torch.ones(4, 4, dtype=torch.int8)
+    onednn.packed_int8("test_live", live, (), lambda: "packed live")
+    onednn.packed_int8("test_dead", dead, (), lambda: "packed dead")
+    del dead
+    assert onednn.forget_dead_weights() >= 1
+    kinds = {k[1] for k in onednn._INT8_PACKED}
+    assert "test_live" in kinds and "test_dead" not in kinds
+    assert onednn.packed_int8("test_live", live, (), lambda: "packed again") == "packed live"
