@@ -2,10 +2,11 @@
 
 Golden (fxopt's CPU ops in, no int8 IR op, no quantized tensor, no packed ScriptObject),
 equal to the int8 graph before it within one output step on fresh inputs, fallbacks named in
-the report, relu6, the residual add fused into the conv (and not where the grids forbid it),
+the report, the residual add fused into the conv (and not where the grids forbid it),
 symmetric grids left alone, save/load, deepcopy, target="cuda" untouched; the table itself
 (``RULES``): every row fires, a rejected case stays and is named, an op without a row is left
-alone.
+alone. Which kernel engine each layer runs: test_cpu_engines.py; the shared network and
+pass run: tests/support/cpu_lowering.py.
 """
 import copy
 
@@ -16,17 +17,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.infra.manager import PassManager
 from fxopt.infra.registry import PassContext
 from fxopt.infra.rewrite import apply_rules
-from fxopt.pipelines import expand_pipeline
 from fxopt.ops import onednn
 from fxopt.ops.fused import LINEAR_ACT
 from fxopt.ops.cpu import (CPU_ADAPTIVE_AVG_POOL2D_INT8, CPU_ADD_INT8, CPU_DEQUANTIZE,
                            CPU_QUANTIZE, ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8)
 from fxopt.ops.int8 import INT8_IR_OPS, QUANTIZE
 from fxopt.quant.config import QuantConfig
-from small_nets import MobileBlock  # tests/support (tests/conftest.py)
+from cpu_lowering import Net, plain, run  # tests/support (tests/conftest.py)
+from cpu_lowering import calibration as _cal
+from cpu_lowering import close as _close
+from cpu_lowering import convs as _convs
+from small_nets import MobileBlock
 
 lower = __import__("fxopt.passes.lower.cpu", fromlist=["cpu"])
 pytestmark = pytest.mark.skipif(not lower.quantized_engine_available(),
@@ -34,61 +37,12 @@ pytestmark = pytest.mark.skipif(not lower.quantized_engine_available(),
 CONV, LINEAR = ONEDNN_CONV2D_INT8.overload, ONEDNN_LINEAR_INT8.overload
 
 
-class Net(nn.Module):
-    def __init__(self, act=nn.ReLU, res_act=nn.ReLU):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = act()
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.res_act = res_act()
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        y = self.act(self.c1(x))
-        y = self.res_act(self.c2(y) + y)
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
-
-
-def _cal(n=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(4, 3, 8, 8, generator=g) for _ in range(n)]
-
-
-def run(model, quantize="int8", steps=("fold_bn", "fuse_act", "quantize_int8"), target="cpu"):
-    """The int8 graph (before lowering), and a copy lowered with the manager's checks."""
-    x = torch.randn(2, 3, 8, 8)
-    gm = fxopt.capture(model.eval(), x)
-    ctx = PassContext(example_inputs=(x,), configs=[QuantConfig.coerce(quantize)],
-                      calibration_data=_cal(), target=target)
-    ir, _ = PassManager(expand_pipeline(list(steps)), check="each").run(gm, ctx)
-    low, report = PassManager(expand_pipeline(["lower_int8_cpu"]), check="each").run(
-        copy.deepcopy(ir), ctx)
-    return ir, low, report.record("lower_int8_cpu")
-
-
-def targets(gm):
-    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
-
-
-def _close(a, b, step):
-    with torch.no_grad():
-        return (a - b).abs().max().item() <= step * (1 + 1e-4)
-
-
 def _step(rec):
     return rec.tolerance
 
 
-def plain(gm) -> bool:
-    """No quantized tensor and no packed ScriptObject anywhere in ``gm``."""
-    values = [v for n in gm.graph.nodes for v in [n.meta.get("tensor_meta")] if v is not None]
-    return not any(getattr(v, "dtype", None) in (torch.quint8, torch.qint8) for v in values) \
-        and not any(isinstance(v, torch.ScriptObject) for v in gm.__dict__.values()) \
-        and all(not t.is_quantized for t in gm.state_dict().values())
-
-
-def _convs(gm):
-    return [ONEDNN_CONV2D_INT8.view.of(n) for n in gm.graph.nodes if n.target is CONV]
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
 
 
 def test_golden():
@@ -195,54 +149,6 @@ def test_linear_gate_runs_int8(act):
     assert "no_cpu_kernel" not in q.stats and q.stats["linear"] == 3, q.notes
     assert q.stats["mul"] == 1 and rec.stats["linear"] == 3
     assert rec.status == "ok" and rec.stats["fallback"] == 0
-
-
-@pytest.mark.parametrize("engine", ["onednn", "fbgemm"])
-def test_relu6_on_either_engine(engine):
-    """relu6: oneDNN's hardtanh post-op, or fbgemm's conv then a clamp of its codes."""
-    ir, low, rec = run(Net(nn.ReLU6), quantize=QuantConfig(cpu_engine=engine))
-    assert rec.stats["fallback"] == 0 and plain(low)
-    conv = _convs(low)[0]
-    assert conv.act == "relu6" and conv.engine == engine
-    for x in _cal(n=2, seed=7):
-        assert _close(low(x), ir(x), _step(rec))
-
-
-@pytest.mark.parametrize("faster", ["auto", "x86"])
-def test_fastest_keeps_the_faster_lowering_and_says_so(monkeypatch, faster):
-    """cpu_engine='fastest' lowers the graph with "auto"'s choices and with "x86", times both
-    (stubbed here: no timing in tests) and keeps the faster; either is within one output step
-    of the int8 IR, and the report says what was kept, against what."""
-    if "x86" not in torch.backends.quantized.supported_engines:
-        pytest.skip("no x86 quantized engine in this PyTorch")
-    timed = []
-
-    def timings(graphs, inputs):
-        timed.append(sorted(graphs))
-        return {name: 1.0 if name == faster else 2.0 for name in graphs}
-
-    monkeypatch.setattr(lower, "_timings", timings)
-    monkeypatch.setattr(lower, "int8_pairs_saturate", lambda: True)  # where it is measured
-    ir, low, rec = run(Net(), quantize=QuantConfig(cpu_engine="fastest"))
-    assert timed == [["auto", "x86"]]
-    engines = {c.engine for c in _convs(low)}
-    assert engines == ({"x86"} if faster == "x86" else {"fbgemm"})  # auto: small layers
-    assert rec.stats["engine_choice"].startswith(f"{faster} kept (1.00 ms against")
-    for x in _cal(n=2, seed=8):
-        assert _close(low(x), ir(x), _step(rec))
-
-
-def test_fastest_measures_nothing_with_vnni_and_other_engines_never(monkeypatch):
-    """With VNNI (8-bit activation grids, which fbgemm's grouped kernels may saturate) the x86
-    lowering is not a candidate: "auto" is kept, unmeasured; a named engine is never timed."""
-    monkeypatch.setattr(lower, "_timings", lambda *a: pytest.fail("timed"))
-    monkeypatch.setattr(lower, "int8_pairs_saturate", lambda: False)
-    ir, low, rec = run(Net(), quantize=QuantConfig(cpu_engine="fastest"))
-    assert rec.stats["engine_choice"].startswith("auto kept")
-    assert {c.engine for c in _convs(low)} == {"fbgemm"}
-    for engine in ("auto", "onednn", "x86"):
-        _, _, rec = run(Net(), quantize=QuantConfig(cpu_engine=engine))
-        assert "engine_choice" not in rec.stats
 
 
 class Block(nn.Module):
@@ -485,33 +391,6 @@ def test_op_without_a_row_is_left_alone():
     assert result.count == 0 and result.notes == [] and gm.code == code
 
 
-class Depthwise(nn.Module):
-    """A tiny dense conv and a tiny depthwise conv (shufflenet's non-ReLU 3x3)."""
-
-    def __init__(self):
-        super().__init__()
-        self.dense = nn.Conv2d(3, 8, 1)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-
-    def forward(self, x):
-        return self.dw(torch.relu(self.dense(x)))
-
-
-@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
-                    reason="no fbgemm engine here")
-def test_small_dense_layers_pack_under_fbgemm_grouped_ones_do_not():
-    """The auto engine: fbgemm for a tiny dense layer, oneDNN for a depthwise one (fbgemm's
-    made shufflenet_v2's int8 1.6x slower than x86's, and its grouped kernels saturate on full
-    8-bit grids)."""
-    _, low, rec = run(Depthwise())
-    engines = {n.args[1].target: n.kwargs.get("engine", "onednn") for n in low.graph.nodes
-               if n.target == torch.ops.fxopt.onednn_conv2d_int8.default}
-    dense = next(e for t, e in engines.items() if t.startswith("dense"))
-    dw = next(e for t, e in engines.items() if t.startswith("dw"))
-    assert dense == "fbgemm" and dw == "onednn", engines
-    assert rec.status == "ok"
-
-
 def test_residual_add_is_not_fused_by_default_where_inputs_leave_the_calibrated_range():
     """The IR clamps the conv's output on its own grid before the add; a fused sum would not:
     on an input beyond the calibration data the default lowering stays within the check."""
@@ -521,16 +400,3 @@ def test_residual_add_is_not_fused_by_default_where_inputs_leave_the_calibrated_
     opt = fxopt.optimize(m, cal[0] * 4, quantize="int8", calibration_data=cal)
     rec = opt.report.record("lower_int8_cpu")
     assert rec.status == "ok" and "conv2d_add" not in rec.stats
-
-
-def test_forget_dead_weights_drops_only_the_packs_of_dead_weights():
-    """The packed weights of a lowering that was measured and not kept go once its int8
-    weights do; live ones stay packed."""
-    live, dead = torch.ones(4, 4, dtype=torch.int8), torch.ones(4, 4, dtype=torch.int8)
-    onednn.packed_int8("test_live", live, (), lambda: "packed live")
-    onednn.packed_int8("test_dead", dead, (), lambda: "packed dead")
-    del dead
-    assert onednn.forget_dead_weights() >= 1
-    kinds = {k[1] for k in onednn._INT8_PACKED}
-    assert "test_live" in kinds and "test_dead" not in kinds
-    assert onednn.packed_int8("test_live", live, (), lambda: "packed again") == "packed live"
