@@ -10,6 +10,7 @@ The user's model is copied once at this boundary; nothing below touches it, on s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from fxopt.export.fileformat import FORMAT_VERSION, read_module, write_module
 from fxopt.infra.cudagraph import MAX_GRAPHS, CudaGraphRunner
 from fxopt.infra.direct import DirectRunner
 from fxopt.infra.manager import CHECK_MODES, MISMATCH_MODES, Instrument, PassManager, debug_level
+from fxopt.quant.config import QuantConfig
 from fxopt.pipelines import ENGINE_TARGETS, FEATURE_PASSES, build_pipeline, expand_pipeline
 from fxopt.infra.registry import PASSES, PassContext
 from fxopt.infra.report import ModelStats, Report
@@ -415,15 +417,12 @@ def _optimize_best(model: nn.Module, example_inputs: Any, options: dict) -> Opti
 def _fastest_cpu(options: dict) -> dict:
     """``options`` for ``target="best"``'s cpu path: an int8 config's ``cpu_engine="auto"`` as
     ``"fastest"`` (both lowerings timed, the faster kept), as the engines are timed."""
-    from dataclasses import replace
-
-    from fxopt.quant.config import QuantConfig
     if options.get("quantize") is None:
         return options
     config = QuantConfig.coerce(options["quantize"])
     if config.mode != "static" or config.cpu_engine != "auto":
         return options
-    return dict(options, quantize=replace(config, cpu_engine="fastest"))
+    return dict(options, quantize=dataclasses.replace(config, cpu_engine="fastest"))
 
 
 def _check_options(model, inputs, pipeline, passes, disable, check, on_mismatch, leaf_modules,

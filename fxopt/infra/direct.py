@@ -130,7 +130,7 @@ class BoundCall:
         self.impl, self.bind = impl, bind
         # what torch.fx's code generation names a call target by
         self.__name__, self.__module__ = impl.__name__, impl.__module__
-        self.call = self.shape = self.weights = None
+        self.call = self.quantized = self.shape = self.weights = None
         # (tensor, version, data_ptr) for the weights that have a version counter
         self.versions: tuple = ()
         self.off = False
@@ -152,7 +152,7 @@ class BoundCall:
                 if t._version != v or t.data_ptr() != ptr:
                     break
             else:
-                y = self._bound(call, q)
+                y = self._bound(call, self.quantized, q)
                 if y is not None:
                     return y
         if q.dtype is _QUINT8:
@@ -162,11 +162,10 @@ class BoundCall:
             self._bind(q, (w_q, w_scale, bias), rest, kwargs, y)
         return y
 
-    def _bound(self, call, q):
+    def _bound(self, call, quantized, q):
         """The bound call's output for ``q`` (uint8 codes, or a linked layer's quint8 output),
-        quint8 where this node is linked to its users and the call is a quantized kernel;
-        None where the call refuses."""
-        quantized = getattr(call, "quantized", None)
+        quint8 where this node is linked to its users and the call is a quantized kernel
+        (``quantized``: its quint8 -> quint8 form, or None); None where the call refuses."""
         if q.dtype is _QUINT8:
             # on this call's x grid (a layer's output grid is a literal, an add's a tensor that
             # may have been written in place): used as it is; else its codes, as the graph
@@ -191,7 +190,8 @@ class BoundCall:
                 all(a is b for a, b in zip(self.weights, weights)) and \
                 [v[1:] for v in self.versions] == [v[1:] for v in versions]:
             return  # tried for these arguments already (and got no call)
-        self.call, self.shape, self.weights, self.versions = None, q.shape, weights, versions
+        self.call, self.quantized = None, None
+        self.shape, self.weights, self.versions = q.shape, weights, versions
         if q.dtype is not torch.uint8 or not isinstance(y, torch.Tensor):
             return
         call = self.bind(q, *weights, *rest, **kwargs)
@@ -200,7 +200,7 @@ class BoundCall:
         got = call(q)
         if isinstance(got, torch.Tensor) and got.dtype == y.dtype and \
                 got.stride() == y.stride() and torch.equal(got, y):
-            self.call = call
+            self.call, self.quantized = call, getattr(call, "quantized", None)
         else:
             self.off = True
 

@@ -170,7 +170,7 @@ def _quantized_call(kind: str, w_q, w_scale, bias, geometry, x_scale, x_zp, y_sc
     fn = getattr(torch.ops.quantized, f"{kind}_{fused}" if fused else kind)
     # the overload's C++ callable: the packet's and the overload's Python checks (for
     # torch.compile's fake script objects; a bound call never runs under it) cost ~3 us a call
-    fn = getattr(fn, "new", None) if kind == "conv2d" else fn.default
+    fn = getattr(fn, "new", fn.default) if kind == "conv2d" else fn.default
     fn = getattr(fn, "_op", fn)
     return QuantizedKernel(fn, packed, (float(x_scale), int(x_zp)), (float(y_scale), int(y_zp)),
                            ACTIVATIONS[act].bounds(act_args))
