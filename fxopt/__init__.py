@@ -17,6 +17,7 @@ from fxopt.infra.registry import (GROUPS, PASSES, PassContext, PassResult, regis
 from fxopt.infra.report import PassRecord, Report
 from fxopt.ir.capture import capture
 from fxopt.ir.tolerances import TOLERANCES
+from fxopt.ops.unversioned import weights_written
 from fxopt.pipelines import PIPELINES, build_pipeline, expand_pipeline
 from fxopt.prune.channels import ChannelGraph, ChannelGroup, channel_groups
 from fxopt.prune.config import PruneConfig
@@ -36,5 +37,5 @@ __all__ = [
     *_errors_all,
     "channel_groups", "ChannelGraph", "ChannelGroup", "PruneConfig", "QuantConfig", "finetune",
     "FinetuneResult", "export_onnx", "OnnxExport", "draw", "prepare_qat", "QATModel",
-    "register_channel_rule", "register_importance",
+    "register_channel_rule", "register_importance", "weights_written",
 ]

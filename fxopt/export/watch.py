@@ -19,6 +19,8 @@ OpenVINO.
   a ``dict`` that records any store or delete (``setattr``, ``register_buffer``,
   ``load_state_dict(assign=True)``, ``Module._apply``'s ``self._buffers[key] = fn(buf)``,
   ``del``), and a ``_modules`` change does the same (a submodule swapped in).
+- **Unversioned.** A write through ``t.data`` moves no version counter; after one the user
+  calls ``fxopt.weights_written()`` (``fxopt.ops.unversioned``), which every watch sees.
 
 The module is the engine's own graph module (fxopt's copy, never the user's model); its weights
 keep their values, names, ``requires_grad`` and sharing (a tied weight stays one tensor).
@@ -29,6 +31,8 @@ from collections import defaultdict
 
 import torch
 import torch.nn as nn
+
+from fxopt.ops.unversioned import epoch
 
 __all__ = ["WeightWatch"]
 
@@ -90,6 +94,7 @@ class WeightWatch:
     def __init__(self, module: nn.Module):
         self.module = module
         self._changed = [False]
+        self._epoch = epoch()  # fxopt.weights_written(): a write no version counter sees
         slots = [(m, kind) for m in module.modules() for kind in ("_parameters", "_buffers")]
         views = self._share_storage(slots)
         self._bases = [(base, base._version) for base in views]
@@ -138,7 +143,7 @@ class WeightWatch:
 
     def unchanged(self) -> bool:
         """True while no weight was written in place, replaced, added or deleted."""
-        if self._changed[0]:
+        if self._changed[0] or self._epoch != epoch():
             return False
         for base, version in self._bases:
             if base._version != version:

@@ -20,8 +20,10 @@ dispatcher would send to those kernels anyway:
   arguments as written costs one call, never a wrong result.
 
 It follows the graph: a new graph or a recompile (``graph_module.code`` changes), or an
-attribute reassigned on the graph module, rebuilds it. In-place updates of weights
-(``load_state_dict``, an optimizer step) need nothing: both graphs read the same tensors.
+attribute reassigned on the graph module, rebuilds it, and so does ``fxopt.weights_written()``
+(``fxopt.ops.unversioned``: a write through ``t.data``, which no version counter sees). In-place
+updates of weights (``load_state_dict``, an optimizer step) need nothing more: both graphs read
+the same tensors, and the bound calls below check the versions.
 
 Bound calls. An op whose schema has a ``cpu_bind`` (the int8 CPU conv and linear layers,
 ``fxopt.ops.cpu``) gets a :class:`BoundCall` of its own as the twin's target, where its
@@ -58,6 +60,7 @@ import torch.utils._pytree as pytree
 from fxopt.ops.qviews import as_quantized as _as_quantized
 from fxopt.ops.qviews import codes_of as _codes_of
 from fxopt.ops.schema import schema_of
+from fxopt.ops.unversioned import epoch
 
 __all__ = ["DirectRunner", "direct_graph", "BoundCall"]
 
@@ -256,7 +259,8 @@ class DirectRunner:
                    (t.device.type == "cpu" and type(t) is torch.Tensor) for t in leaves)
 
     def _twin(self, gm: fx.GraphModule) -> fx.GraphModule | None:
-        key = (id(gm), id(gm.graph), gm.code, _attrs(gm))
+        # fxopt.weights_written() (a write PyTorch does not version) rebuilds it: new bindings
+        key = (id(gm), id(gm.graph), gm.code, _attrs(gm), epoch())
         if key != self._key:
             direct, swapped = direct_graph(gm)
             self._key, self._direct, self._proven = key, (direct if swapped else None), False

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from fxopt.ir.activations import apply_activation, check_activation
 from fxopt.ops.saturation import saturating_weights
 from fxopt.ops.schema import define_op, weight_macs
+from fxopt.ops.unversioned import on_written
 
 __all__ = ["dynamic_qparams", "fake_quantize_dynamic", "linear_int8_dynamic_reference",
            "token_qparams", "fake_quantize_token",
@@ -168,6 +169,7 @@ def fake_quantize_token(x: torch.Tensor, reduce_range: bool = True) -> torch.Ten
 
 
 _COLSUMS: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, its version, int32 row sums)
+on_written(_COLSUMS.clear)
 
 
 def _colsum(w_q: torch.Tensor) -> torch.Tensor:
@@ -242,6 +244,7 @@ def linear_int8_dynamic_reference(x, w_q, w_scale, bias, residual=None, *, act="
 # -- CPU: fbgemm's dynamic quantized linear -----------------------------------------------------
 # (id(w_q), act) -> (weakrefs to w_q, w_scale, bias; their versions; packed params)
 _PACKED: dict[tuple, tuple] = {}
+on_written(_PACKED.clear)
 _fast_state: dict[str, bool] = {}
 
 

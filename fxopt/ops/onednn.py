@@ -30,6 +30,7 @@ import torch
 
 from fxopt.ir.activations import ACTIVATIONS, apply_activation
 from fxopt.ops.shapes import conv_out_shape, strictly_channels_last
+from fxopt.ops.unversioned import on_written
 
 __all__ = ["mkldnn_available", "clear_weight_cache", "conv2d_act_onednn", "packed_weights",
            "linear_applies", "linear_act_onednn",
@@ -69,6 +70,7 @@ _state = {"failed": False, "linear_failed": False}
 #               {(conv params, input shape): packed weight}).
 # A few shapes per weight are kept (batch sizes, or one module called at several sites).
 _PACKED: dict[int, tuple[weakref.ref, dict]] = {}
+on_written(_PACKED.clear)
 _SHAPES_PER_WEIGHT = 4
 
 
@@ -111,7 +113,8 @@ def _cached(weight: torch.Tensor, params: tuple, pack):
     # What the packed copy was made from: the storage and its version (an in-place update, an
     # optimizer step or load_state_dict, bumps the version; ``weight.data = t`` moves the
     # storage). Inference tensors have no version counter (and cannot change outside inference
-    # mode). Only ``weight.data.<op>_()`` escapes both: call clear_weight_cache() after it.
+    # mode). Only ``weight.data.<op>_()`` escapes both: fxopt.weights_written() after it
+    # (fxopt.ops.unversioned) clears this cache and every other.
     made_from = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
     entry = _PACKED.get(key)
     if entry is None or entry[0]() is not weight or entry[1] != made_from:
@@ -245,6 +248,7 @@ _int8_state = {"failed": _INT8 is None or not torch.backends.mkldnn.is_available
 # (id(w_q), kind, grid, conv params, input shape)
 #   -> (weakref to w_q, (id, version, data_ptr) of w_q and its deps, packed weight, zero points)
 _INT8_PACKED: dict[tuple, tuple] = {}
+on_written(_INT8_PACKED.clear)
 
 
 def onednn_int8_available() -> bool:
