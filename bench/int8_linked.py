@@ -49,7 +49,7 @@ def _unlinked(opt, x):
     twin = twin_of.direct._direct
     for node in twin.graph.nodes:
         if isinstance(node.target, BoundCall):
-            node.target.q_out = False
+            node.target.q_out = node.target.view_out = False
         elif node.kwargs.get("quantized_out"):
             node.kwargs = {**node.kwargs, "quantized_out": False}
     twin.recompile()
@@ -63,7 +63,8 @@ def _linked_count(opt) -> tuple[int, int]:
     for node in opt.direct._direct.graph.nodes:
         if isinstance(node.target, BoundCall):
             total += 1
-            linked += node.target.q_out and getattr(node.target.call, "quantized", None) is not None
+            linked += node.target.q_out and (
+                getattr(node.target.call, "quantized", None) is not None or node.target.view_out)
         elif getattr(node.target, "quantized_output", False):
             total += 1
             linked += bool(node.kwargs.get("quantized_out"))

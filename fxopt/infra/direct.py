@@ -94,26 +94,38 @@ def direct_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
 
 def _link(graph: fx.Graph) -> None:
     """Link the nodes whose every use is an input that takes a quint8 tensor (a target's
-    ``quantized_inputs`` positions: a bound layer's codes, the int8 add's and mul's operands):
-    a bound layer passes its quantized kernel's quint8 output along (``BoundCall.q_out``), an
-    add or mul its quint8 sum (``quantized_out=True``), instead of a view of the codes, and
-    the next op uses it without a view of its own."""
+    ``quantized_inputs`` positions, ``fxopt.ops.qviews.linkable``: a bound layer's codes, the
+    int8 add's and mul's operands, a concat's inputs, a pool's or batch norm's input): a bound
+    layer passes its quantized kernel's quint8 output along (``BoundCall.q_out``), an add, a
+    concat, a pool or a batch norm its quint8 result (``quantized_out=True``), instead of a view
+    of the codes, and the next op uses it without a view of its own. A bound layer whose kernel
+    returns plain codes (oneDNN's) views them as quint8 once (``BoundCall.view_out``) where
+    every user would make that view itself: not a layer on oneDNN, which takes the codes."""
     for node in graph.nodes:
         if not node.users or not all(_takes_quantized(user, node) for user in node.users):
             continue
         if isinstance(node.target, BoundCall):
             node.target.q_out = True
+            node.target.view_out = not any(isinstance(user.target, BoundCall) and
+                                           user.kwargs.get("engine", "onednn") == "onednn"
+                                           for user in node.users)
         elif getattr(node.target, "quantized_output", False):
             node.kwargs = {**node.kwargs, "quantized_out": True}
 
 
 def _takes_quantized(user: fx.Node, node: fx.Node) -> bool:
-    """Whether every use of ``node`` by ``user`` is a position that may be a quint8 tensor."""
+    """Whether every use of ``node`` by ``user`` is a position that may be a quint8 tensor:
+    the argument itself, or an element of a list there (a concat's inputs)."""
     positions = getattr(user.target, "quantized_inputs", ())
     for i, arg in enumerate((*user.args, user.kwargs)):
         found: list = []
         fx.node.map_arg(arg, found.append)
-        if any(n is node for n in found) and not (arg is node and i in positions):
+        uses = sum(n is node for n in found)
+        if not uses:
+            continue
+        direct = arg is node or (isinstance(arg, (list, tuple)) and
+                                 sum(a is node for a in arg) == uses)
+        if not (direct and i in positions):
             return False
     return True
 
@@ -143,6 +155,10 @@ class BoundCall:
         # this call's x grid (then used as it is)
         self.q_out = False
         self.linked: bool | None = None
+        # ``view_out``: every user would view this layer's codes as quint8; where the bound call
+        # returns plain codes (``call.y_grid``: oneDNN's), they are viewed here, once
+        self.view_out = False
+        self.y_grid: tuple | None = None
 
     # the quantized input types a BoundCall takes at position 0 (see ``direct_graph``)
     quantized_inputs = (0,)
@@ -182,7 +198,10 @@ class BoundCall:
             return None
         if self.q_out and quantized is not None:
             return quantized(_as_quantized(q, *call.x_grid))
-        return call(q)
+        y = call(q)
+        if self.view_out and y is not None and self.y_grid is not None:
+            return _as_quantized(y, *self.y_grid)
+        return y
 
     def _bind(self, q, weights, rest, kwargs, y) -> None:
         # An inference tensor has no version counter: written in inference mode, it is not seen
@@ -193,7 +212,7 @@ class BoundCall:
                 all(a is b for a, b in zip(self.weights, weights)) and \
                 [v[1:] for v in self.versions] == [v[1:] for v in versions]:
             return  # tried for these arguments already (and got no call)
-        self.call, self.quantized = None, None
+        self.call, self.quantized, self.y_grid = None, None, None
         self.shape, self.weights, self.versions = q.shape, weights, versions
         if q.dtype is not torch.uint8 or not isinstance(y, torch.Tensor):
             return
@@ -204,6 +223,7 @@ class BoundCall:
         if isinstance(got, torch.Tensor) and got.dtype == y.dtype and \
                 got.stride() == y.stride() and torch.equal(got, y):
             self.call, self.quantized = call, getattr(call, "quantized", None)
+            self.y_grid = getattr(call, "y_grid", None)
         else:
             self.off = True
 

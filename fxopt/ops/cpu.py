@@ -55,7 +55,8 @@ from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2
                             max_pool2d_int8_reference, mul_int8_reference, quantize_reference,
                             upsample_nearest2d_int8_reference)
 from fxopt.ops.saturation import exact_only, exact_sums, weight_halves
-from fxopt.ops.qviews import (CODES, QuantizedKernel, as_quantized, codes_of, on_grid,
+from fxopt.ops.qviews import (CODES, CodesKernel, QuantizedKernel, as_quantized, codes_of,
+                              linkable, on_grid,
                               plain_codes, spend_deprecation_warning)
 from fxopt.ops.schema import define_op, weight_macs
 from fxopt.ops.shapes import conv_out_shape, out_format, to_format
@@ -196,9 +197,10 @@ def _conv_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale
         post, affine = ("hardtanh", [0.0, 1.0], ""), (1 / 6, 0.5)
     if post is None or post is _FLOAT_EPILOGUE:
         return None
-    return exact_only(onednn.conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation,
+    call = exact_only(onednn.conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation,
                                                groups, x_scale, x_zp, y_scale, y_zp, post,
                                                affine), w_q)
+    return None if call is None else CodesKernel(call, (float(y_scale), int(y_zp)))
 
 
 def _conv_cpu(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, y_scale,
@@ -353,17 +355,23 @@ def _binary_cpu(kind: str, reference):
         y = fn(on_grid(a, a_scale, a_zp), on_grid(b, b_scale, b_zp), float(y_scale), int(y_zp))
         return y if quantized_out else codes_of(y)
 
-    # linked in the direct twin (fxopt.infra.direct): either operand may be a layer's quint8
-    # output, and ``quantized_out=True`` (the twin's, never the op's) returns the quint8 sum
-    run.quantized_inputs, run.quantized_output = (0, 3), True
-    return run
+    # linked in the direct twin: either operand may be a layer's quint8 output
+    return linkable((0, 3))(run)
 
 
-def _cat_cpu(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax):
-    if not _quint8(*qs, grid=(y_qmin, y_qmax)):
-        return cat_int8_reference(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax)
-    views = [as_quantized(q, _f(s), int(z)) for q, s, z in zip(qs, scales, zps)]
-    return codes_of(torch.ops.quantized.cat(views, dim, _f(y_scale), int(y_zp)))
+def _on_cpu(*codes) -> bool:
+    """Whether every tensor is codes on the CPU: uint8, or a quint8 tensor a linked op passed."""
+    return all(c.dtype in CODES and c.device.type == "cpu" for c in codes)
+
+
+@linkable((0,))  # in the direct twin any input may be a quint8 tensor, used where on its grid
+def _cat_cpu(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax, *, quantized_out=False):
+    if (int(y_qmin), int(y_qmax)) != (0, 255) or not _on_cpu(*qs):
+        return cat_int8_reference([plain_codes(q) for q in qs], scales, zps, dim, y_scale, y_zp,
+                                  y_qmin, y_qmax)
+    y = torch.ops.quantized.cat([on_grid(q, s, z) for q, s, z in zip(qs, scales, zps)], dim,
+                                _f(y_scale), int(y_zp))
+    return y if quantized_out else codes_of(y)
 
 
 def _adaptive_avg_pool_cpu(q, output_size, scale, zp, qmin, qmax, y_scale=None, y_zp=None):
@@ -390,22 +398,29 @@ def _adaptive_avg_pool_cpu(q, output_size, scale, zp, qmin, qmax, y_scale=None, 
     return codes_of(torch.quantize_per_tensor(y, _f(y_scale), int(zp_y), torch.quint8))
 
 
+@linkable((0,))
 def _avg_pool2d_cpu(q, kernel_size, stride, padding, ceil_mode, count_include_pad, scale, zp,
-                    qmin, qmax):
+                    qmin, qmax, *, quantized_out=False):
     """Bit for bit on channels-last codes; contiguous ones round a tie after adding the zero
     point (within one code)."""
-    if not _quint8(q, grid=(qmin, qmax)):
-        return avg_pool2d_int8_reference(q, kernel_size, stride, padding, ceil_mode,
+    if (int(qmin), int(qmax)) != (0, 255) or not _on_cpu(q):
+        return avg_pool2d_int8_reference(plain_codes(q), kernel_size, stride, padding, ceil_mode,
                                          count_include_pad, scale, zp, qmin, qmax)
-    return codes_of(F.avg_pool2d(as_quantized(q, _f(scale), int(zp)), list(kernel_size),
-                                 list(stride), list(padding), ceil_mode, count_include_pad))
+    y = F.avg_pool2d(on_grid(q, scale, zp), list(kernel_size), list(stride), list(padding),
+                     ceil_mode, count_include_pad)
+    return y if quantized_out else codes_of(y)
 
 
-def _max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode):
-    if not _quint8(q):
-        return max_pool2d_int8_reference(q, kernel_size, stride, padding, dilation, ceil_mode)
-    return codes_of(F.max_pool2d(as_quantized(q, 1.0, 0), list(kernel_size), list(stride),
-                                 list(padding), list(dilation), ceil_mode))
+@linkable((0,))
+def _max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode, *, quantized_out=False):
+    # any grid: the codes' maximum is the values' (a linked input's grid is kept, so the next
+    # op may use the result as it is)
+    if not _on_cpu(q):
+        return max_pool2d_int8_reference(plain_codes(q), kernel_size, stride, padding, dilation,
+                                         ceil_mode)
+    y = F.max_pool2d(q if q.dtype is torch.quint8 else as_quantized(q, 1.0, 0),
+                     list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode)
+    return y if quantized_out else codes_of(y)
 
 
 def quantized_nearest_alike(scale_factors) -> bool:
@@ -424,20 +439,22 @@ def _upsample_nearest_cpu(q, output_size, scale_factors, scale, zp, qmin, qmax):
                                   scale_factor=scale_factors, mode="nearest"))
 
 
+@linkable((0,))
 def _batch_norm_cpu(q, weight, bias, mean, var, eps, x_scale, x_zp, y_scale, y_zp, *,
-                    act="none", act_args=(), y_qmin=0, y_qmax=255):
+                    act="none", act_args=(), y_qmin=0, y_qmax=255, quantized_out=False):
     """``quantized::batch_norm2d(_relu)`` (torch.ao's kernel for DenseNet's BN-ReLU): the
     per-channel factors ``weight / sqrt(var + eps) * x_scale / y_scale`` on the centered codes,
     one rounding. It writes channels-last: a contiguous input's result is copied back."""
-    if act not in ("none", "relu") or q.dim() != 4 or not _quint8(q, grid=(y_qmin, y_qmax)):
-        return batch_norm2d_int8_reference(q, weight, bias, mean, var, eps, x_scale, x_zp,
-                                           y_scale, y_zp, act=act, act_args=act_args,
+    if act not in ("none", "relu") or q.dim() != 4 or (int(y_qmin), int(y_qmax)) != (0, 255) \
+            or not _on_cpu(q):
+        return batch_norm2d_int8_reference(plain_codes(q), weight, bias, mean, var, eps, x_scale,
+                                           x_zp, y_scale, y_zp, act=act, act_args=act_args,
                                            y_qmin=y_qmin, y_qmax=y_qmax)
     fn = torch.ops.quantized.batch_norm2d_relu if act == "relu" else \
         torch.ops.quantized.batch_norm2d
-    y = codes_of(fn(as_quantized(q, _f(x_scale), int(x_zp)), weight, bias, mean, var,
-                    float(eps), _f(y_scale), int(y_zp)))
-    return to_format(y, out_format(q))
+    y = to_format(fn(on_grid(q, x_scale, x_zp), weight, bias, mean, var, float(eps),
+                     _f(y_scale), int(y_zp)), out_format(q))
+    return y if quantized_out else codes_of(y)
 
 
 def _on_quantized_kernels(ir, fast):

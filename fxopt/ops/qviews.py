@@ -13,8 +13,8 @@ import warnings
 
 import torch
 
-__all__ = ["as_quantized", "codes_of", "on_grid", "plain_codes", "QuantizedKernel", "CODES",
-           "spend_deprecation_warning"]
+__all__ = ["as_quantized", "codes_of", "on_grid", "plain_codes", "QuantizedKernel", "CodesKernel",
+           "CODES", "linkable", "spend_deprecation_warning"]
 
 
 _DEPRECATION = {"spent": False}
@@ -87,3 +87,29 @@ class QuantizedKernel:
     def quantized(self, q: torch.Tensor) -> torch.Tensor:
         y = self.fn(q, self.packed, *self.y_grid)
         return y if self.bounds is None else torch.clamp(y, *self.bounds)
+
+
+class CodesKernel:
+    """A layer's kernel call on plain codes (oneDNN's) and the grid of the codes it returns:
+    where every user of the layer takes a quint8 tensor and would otherwise view the codes
+    itself (a concat reads each input up to once per later layer in a DenseNet block), the
+    direct twin views them once, on ``y_grid`` (``fxopt.infra.direct``)."""
+
+    __slots__ = ("fn", "y_grid")
+
+    def __init__(self, fn, y_grid: tuple):
+        self.fn, self.y_grid = fn, y_grid
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor | None:
+        return self.fn(q)
+
+
+def linkable(inputs: tuple = (0,)):
+    """Marks an op's CPU kernel as one the direct twin links (``fxopt.infra.direct``): the
+    arguments at ``inputs`` may be a quint8 tensor (a list argument's elements too), and the
+    keyword ``quantized_out=True`` (the twin's, never the op's) returns its quint8 result
+    instead of a view of the codes."""
+    def mark(fn):
+        fn.quantized_inputs, fn.quantized_output = inputs, True
+        return fn
+    return mark
