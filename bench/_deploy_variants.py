@@ -26,18 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _int8_baselines import ao_fx_int8  # noqa: E402
 
 __all__ = ["BUILDERS", "Built", "Context", "ENGINE_TARGETS", "FXOPT_FLOAT", "FXOPT_INT8",
-           "NotApplicable", "TRANSFORMERS", "VARIANTS", "first_line"]
+           "FXOPT_INT8_CPU", "NotApplicable", "TRANSFORMERS", "VARIANTS", "first_line"]
 
 TRANSFORMERS = {"vit_b_16", "vit_b_32", "vit_l_16", "swin_t", "swin_s", "swin_b"}
 ENGINE_TARGETS = {"ov": "openvino", "ort": "onnxruntime", "best": "best"}
 FXOPT_FLOAT = ["fxopt_fp32", "fxopt_bf16"] + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
                                               for p in ("fp32", "bf16")]
 # int8_bf16: quantize="int8" with precision="bf16" (on OpenVINO: the layers left in float in bf16)
-FXOPT_INT8 = ["fxopt_int8"] + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
+# fxopt's own CPU int8 module: the default lowering, and cpu_engine="fastest"'s measured choice
+FXOPT_INT8_CPU = ["fxopt_int8", "fxopt_int8_fastest"]
+FXOPT_INT8 = FXOPT_INT8_CPU + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
                                for p in ("int8", "int8_bf16")]
 VARIANTS = ["eager", "compile", "ao_int8", "ov", "ov_nncf_int8", "ort_fp32", "ort_fp32_torch",
             "ort_int8", "ort_int8_s8", "ort_int8_fxopt", "fxopt_fp32", "fxopt_bf16",
-            "fxopt_int8"] + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
+            *FXOPT_INT8_CPU] + [f"fxopt_{e}_{p}" for e in ENGINE_TARGETS
                              for p in ("fp32", "bf16", "int8", "int8_bf16")]
 
 
@@ -353,6 +355,11 @@ def _fxopt_variant(target: str, precision: str):
         elif target == "cpu" and precision == "int8":
             opt, note = _fxopt_int8_module(ctx)
             seconds = ctx.seconds["fxopt_int8"]
+        elif target == "cpu" and precision == "int8_fastest":
+            from fxopt import QuantConfig
+            opt, note = _optimize(ctx, target="cpu", quantize=QuantConfig(cpu_engine="fastest"))
+            choice = opt.report.record("lower_int8_cpu").stats.get("engine_choice")
+            note = "; ".join(filter(None, [note, f"cpu_engine='fastest': {choice}"]))
         elif precision == "int8":
             opt, note = _optimize(ctx, target=target, quantize="int8")
         elif precision == "int8_bf16":
@@ -372,6 +379,7 @@ BUILDERS: dict[str, Callable[[Context], Built]] = {
     "ort_int8_fxopt": _ort_int8_fxopt,
     "fxopt_fp32": _fxopt_variant("cpu", "fp32"), "fxopt_bf16": _fxopt_variant("cpu", "bf16"),
     "fxopt_int8": _fxopt_variant("cpu", "int8"),
+    "fxopt_int8_fastest": _fxopt_variant("cpu", "int8_fastest"),
     **{f"fxopt_{e}_{p}": _fxopt_variant(t, p) for e, t in ENGINE_TARGETS.items()
        for p in ("fp32", "bf16", "int8", "int8_bf16")},
 }

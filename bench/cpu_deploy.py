@@ -20,7 +20,9 @@ inputs and timed at each batch size:
   on x86); ``ort_int8_s8``: the same with int8 activations (S8S8, ``quantize_static``'s default
   in ORT 1.32); ``ort_int8_fxopt``: fxopt's own QDQ export of its int8 model.
 - ``fxopt_fp32`` / ``fxopt_bf16`` / ``fxopt_int8``: ``fxopt.optimize(model, x, target="cpu",
-  precision=..., quantize=..., calibration_data=...)``, fxopt's own PyTorch path.
+  precision=..., quantize=..., calibration_data=...)``, fxopt's own PyTorch path;
+  ``fxopt_int8_fastest``: the same with ``QuantConfig(cpu_engine="fastest")`` (on a CPU without
+  VNNI the lowering measured faster on the example inputs, its note says which).
 - ``fxopt_{ov,ort,best}_{fp32,bf16,int8,int8_bf16}``: the same through ``target="openvino"``,
   ``"onnxruntime"`` and ``"best"``; ``int8_bf16`` is ``quantize="int8"`` with
   ``precision="bf16"`` (OpenVINO runs the layers left in float in bf16, as its default does for

@@ -4,10 +4,13 @@ fxopt's CPU int8 module passes plain uint8 codes between its ops; a layer on PyT
 engines (``cpu_engine="x86"`` / ``"fbgemm"``, and ``"auto"``'s small layers) makes a quint8 view
 of its input codes and a uint8 view of its output for every call. In the direct twin
 (``fxopt.infra.direct``) a bound layer whose every user takes a quint8 tensor (the next bound
-layer, the int8 add) passes the quantized output itself (``BoundCall.q_out``), and an int8
-add or mul whose every user does passes its quint8 sum. This benchmark measures, per model
-and ``cpu_engine``, the same optimized module with its twin linked (as fxopt runs it) and
-unlinked (every ``q_out`` and ``quantized_out`` turned off), against torch.ao FX int8 (x86):
+layer, the int8 add, a concat, a pool, an int8 batch norm) passes the quantized output itself
+(``BoundCall.q_out``; a oneDNN layer, whose kernel returns codes, views them once where every
+user would: ``BoundCall.view_out``), and an int8 add, mul, concat, pool or batch norm whose
+every user does passes its quint8 result. This benchmark measures, per model and
+``cpu_engine``, the same optimized module with its twin linked (as fxopt runs it) and
+unlinked (every ``q_out``, ``view_out`` and ``quantized_out`` turned off; the ops then view
+the codes as before the links), against torch.ao FX int8 (x86):
 batch 1, 224x224, random weights (BatchNorm statistics randomized), the variants interleaved
 round by round in a new order each round, each timed call after a 20 ms pause and one untimed
 call; medians, and in how many rounds the linked module beat each other variant.
@@ -57,8 +60,8 @@ def _unlinked(opt, x):
 
 
 def _linked_count(opt) -> tuple[int, int]:
-    """(linked, of): the bound layers passing a quint8 output and the adds / muls passing a
-    quint8 sum, of all bound layers, adds and muls."""
+    """(linked, of): the bound layers passing a quint8 output and the adds, muls, concats,
+    pools and batch norms passing a quint8 result, of all of them."""
     linked = total = 0
     for node in opt.direct._direct.graph.nodes:
         if isinstance(node.target, BoundCall):
