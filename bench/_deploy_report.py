@@ -145,9 +145,9 @@ def markdown(meta: dict, results: list[dict], args) -> str:
               f"- SQNR >= NNCF's: {counts['sqnr']} of {n} (aim: 6 of 8)",
               f"- best fxopt float <= OpenVINO default: {counts['float']} of {n} (aim: 6 of 8; "
               f"ties by the sign test: {counts['float_tie']} of {n})",
-              f"- fxopt int8 (target cpu: the faster of {', '.join(FXOPT_INT8_CPU)}) <= torch.ao int8: "
-              f"{counts['ao']} of {n}; best fxopt "
-              f"int8 <= torch.ao: {counts['ao_best']} of {n} (aim: every model)", ""]
+              f"- fxopt int8 (target cpu: the faster of {', '.join(FXOPT_INT8_CPU)}) <= "
+              f"torch.ao int8: {counts['ao']} of {n}; best fxopt int8 <= torch.ao: "
+              f"{counts['ao_best']} of {n} (aim: every model)", ""]
     return "\n".join(lines)
 
 
