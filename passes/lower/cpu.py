@@ -76,12 +76,19 @@ from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import output_step
 
 __all__ = ["lower_int8_cpu", "quantized_engine_available", "LockstepReference", "RULES",
-           "CpuLowering", "SMALL_MACS", "RESIDUAL_SCALE_RATIO", "FUSE_RESIDUAL_ADD", "Row",
+           "CpuLowering", "SMALL_MACS", "LINEAR_FBGEMM_ROWS", "RESIDUAL_SCALE_RATIO", "FUSE_RESIDUAL_ADD", "Row",
            "ROWS"]
 
 # A layer with at most this many MACs per call is "small" (the digits model's are 0.1-0.3M;
 # a ResNet-18 layer at 224x224 has 100M+): engine "auto" runs it on fbgemm.
 SMALL_MACS = 2_000_000
+# A linear layer called on at most this many rows (tokens times batch) runs on fbgemm under
+# engine "auto" whatever its size on a CPU without VNNI, where oneDNN's int8 matrix-vector
+# products are slow (measured there only; AVX2 EPYC, 2 threads, 2026-12-07: 4096x4096 at one
+# row 2.04 ms against fbgemm's 0.33, 25088x4096 13.3 against 3.3, 4096x4096 at 8 rows 4.6
+# against 0.95; 0.65x at 16 rows, 0.86x at 64, equal at 197; alexnet 12.7 -> 6.7 ms, vgg11
+# 57.0 -> 44.9: bench/results/int8-linear-rows-2026-12-07.md)
+LINEAR_FBGEMM_ROWS = 16
 # A conv's output grid may be at most this many times the add's output step for the add to fuse
 # into it (oneDNN's sum post-op skips the IR's rounding onto the conv's grid: half a conv step,
 # under one add step here, so the fused codes stay within one code of the IR's)
@@ -213,26 +220,35 @@ def _layer_fits(kind: str):
     return check
 
 
-def _macs(n: fx.Node, w_q: torch.Tensor) -> int:
+def _rows(n: fx.Node) -> int:
+    """How many output rows a layer computes per call: batch times output pixels for a conv,
+    the leading dimensions' product for a linear."""
     shape = tuple(getattr(tensor_meta(n), "shape", ()) or ())
     rows = 1
     for d in (shape[:1] + shape[2:]) if len(shape) == 4 else shape[:-1]:
         rows *= int(d)
-    return rows * w_q[0].numel() * w_q.shape[0]
+    return rows
+
+
+def _macs(n: fx.Node, w_q: torch.Tensor) -> int:
+    return _rows(n) * w_q[0].numel() * w_q.shape[0]
 
 
 def _engine(m: Match, v, w_q: torch.Tensor) -> str:
     """The kernel a layer runs: ``cpu_engine`` "onednn" everywhere; "fbgemm" / "x86": that
     engine's quantized kernel wherever it has the activation; "auto": fbgemm for small layers
-    (its per-call cost is lower: bench/int8_plain.py), oneDNN for the rest and for every
-    grouped convolution: fbgemm's grouped/depthwise kernels sum u8 x s8 pairs in int16 and
-    saturate on full 8-bit activation grids (``fxopt.quant.isa``; up to 52 codes off)."""
+    (its per-call cost is lower: bench/int8_plain.py) and, on a CPU without VNNI, for linear
+    layers on a few rows (``LINEAR_FBGEMM_ROWS``: oneDNN's int8 GEMV is slow there), oneDNN for
+    the rest and for every grouped convolution: fbgemm's grouped/depthwise kernels sum u8 x s8
+    pairs in int16 and saturate on full 8-bit activation grids (``fxopt.quant.isa``; up to 52
+    codes off)."""
     choice = m.context.engine
     grouped = (getattr(v, "groups", 1) or 1) > 1
     quantized = ACTIVATIONS[v.act].quantized_cpu is not None and \
         choice in torch.backends.quantized.supported_engines
     if choice == "auto":
-        small = _macs(m.root, w_q) <= SMALL_MACS
+        small = _macs(m.root, w_q) <= SMALL_MACS or (
+            w_q.dim() == 2 and _rows(m.root) <= LINEAR_FBGEMM_ROWS and int8_pairs_saturate())
         choice = "fbgemm" if small and not grouped \
             and "fbgemm" in torch.backends.quantized.supported_engines \
             and ACTIVATIONS[v.act].quantized_cpu is not None else "onednn"

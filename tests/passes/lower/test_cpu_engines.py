@@ -101,3 +101,30 @@ def test_forget_dead_weights_drops_only_the_packs_of_dead_weights():
     kinds = {k[1] for k in onednn._INT8_PACKED}
     assert "test_live" in kinds and "test_dead" not in kinds
     assert onednn.packed_int8("test_live", live, (), lambda: "packed again") == "packed live"
+
+
+class Heads(nn.Module):
+    """A classifier on 2 rows and a token projection on 128, both over SMALL_MACS."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.tokens = nn.Linear(192, 12000), nn.Linear(3, 8000)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)), self.tokens(x.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                    reason="no fbgemm engine here")
+@pytest.mark.parametrize("vnni", [False, True])
+def test_auto_runs_a_big_linear_on_few_rows_on_fbgemm_without_vnni(monkeypatch, vnni):
+    """Without VNNI oneDNN's int8 matrix-vector products are slow (4096x4096 at one row: 2.04
+    against fbgemm's 0.33 ms, bench/results/int8-linear-rows-2026-12-07.md): "auto" puts a
+    linear on at most LINEAR_FBGEMM_ROWS rows on fbgemm whatever its size; on more rows, and
+    on a CPU with VNNI (not measured), oneDNN as before."""
+    monkeypatch.setattr(lower, "int8_pairs_saturate", lambda: not vnni)
+    _, low, rec = run(Heads())
+    engines = {n.args[1].target.split("_")[0]: n.kwargs.get("engine", "onednn")
+               for n in low.graph.nodes if n.target == torch.ops.fxopt.onednn_linear_int8.default}
+    assert engines == {"fc": "onednn" if vnni else "fbgemm", "tokens": "onednn"}, engines
+    assert rec.status == "ok"
