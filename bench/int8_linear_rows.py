@@ -121,7 +121,7 @@ def models(names, seconds: float) -> list[str]:
                 f"{sum(a < b for a, b in zip(mine, t))} of {len(mine)}"
             rows.append(f"| {name} | {key} | {statistics.median(t) * 1e3:.2f} | "
                         f"{engines.get(key, '')} | {wins} |")
-    return rows + [f"", f"load average after: {os.getloadavg()[0]:.2f}", ""]
+    return rows + ["", f"load average after: {os.getloadavg()[0]:.2f}", ""]
 
 
 def main() -> None:

@@ -76,8 +76,8 @@ from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import output_step
 
 __all__ = ["lower_int8_cpu", "quantized_engine_available", "LockstepReference", "RULES",
-           "CpuLowering", "SMALL_MACS", "LINEAR_FBGEMM_ROWS", "RESIDUAL_SCALE_RATIO", "FUSE_RESIDUAL_ADD", "Row",
-           "ROWS"]
+           "CpuLowering", "SMALL_MACS", "LINEAR_FBGEMM_ROWS", "RESIDUAL_SCALE_RATIO",
+           "FUSE_RESIDUAL_ADD", "Row", "ROWS"]
 
 # A layer with at most this many MACs per call is "small" (the digits model's are 0.1-0.3M;
 # a ResNet-18 layer at 224x224 has 100M+): engine "auto" runs it on fbgemm.
