@@ -50,8 +50,8 @@ pass them). The kernels and their inputs are the same: the outputs are the graph
 pools and int8 batch norms take and pass quint8 tensors the same way (``linkable`` kernels),
 and a oneDNN layer, whose kernel returns plain codes, views them once for users that all take
 quint8 (``BoundCall.view_out``): a DenseNet layer's output is read by every later concat of its
-block, each of which made a view of its own (densenet121, batch 1: 44.29 -> 40.41 ms with
-engine "auto", 44.80 -> 37.88 with "x86"; bench/results/int8-linked-dense-2026-12-07.md).
+block, each of which made a view of its own (densenet121, batch 1: 42.48 -> 38.45 ms with
+engine "auto", 42.41 -> 35.14 with "x86"; bench/results/int8-linked-dense-2026-12-07.md).
 """
 from __future__ import annotations
 
@@ -103,17 +103,22 @@ def _link(graph: fx.Graph) -> None:
     int8 add's and mul's operands, a concat's inputs, a pool's or batch norm's input): a bound
     layer passes its quantized kernel's quint8 output along (``BoundCall.q_out``), an add, a
     concat, a pool or a batch norm its quint8 result (``quantized_out=True``), instead of a view
-    of the codes, and the next op uses it without a view of its own. A bound layer whose kernel
-    returns plain codes (oneDNN's) views them as quint8 once (``BoundCall.view_out``) where
-    every user would make that view itself: not a layer on oneDNN, which takes the codes."""
+    of the codes, and the next op uses it without a view of its own. A layer on oneDNN takes
+    codes: handed a quint8 tensor it views the codes, so a node with two or more such users is
+    not linked (that would be a view each instead of one). A bound layer whose kernel returns
+    plain codes (oneDNN's) views them as quint8 once (``BoundCall.view_out``) where two or more
+    users would each make that view: none of them a layer on oneDNN (with one user the view is
+    made once either way)."""
     for node in graph.nodes:
         if not node.users or not all(_takes_quantized(user, node) for user in node.users):
             continue
+        on_onednn = sum(isinstance(user.target, BoundCall) and
+                        user.kwargs.get("engine", "onednn") == "onednn" for user in node.users)
+        if on_onednn > 1:
+            continue
         if isinstance(node.target, BoundCall):
             node.target.q_out = True
-            node.target.view_out = not any(isinstance(user.target, BoundCall) and
-                                           user.kwargs.get("engine", "onednn") == "onednn"
-                                           for user in node.users)
+            node.target.view_out = on_onednn == 0 and len(node.users) > 1
         elif getattr(node.target, "quantized_output", False):
             node.kwargs = {**node.kwargs, "quantized_out": True}
 

@@ -85,11 +85,13 @@ def test_linked_concats_batch_norms_and_pools_equal_the_graph(engine):
     pools = _nodes(opt, "_max_pool_cpu") + _nodes(opt, "_avg_pool2d_cpu")
     assert [n.kwargs.get("quantized_out") for n in pools] == [True, True]  # both feed concats
     # the growth layers' outputs go to concats only: each is handed over as quint8
-    layers = [n.target for n in opt.direct._direct.graph.nodes if isinstance(n.target, BoundCall)
+    layers = [n for n in opt.direct._direct.graph.nodes if isinstance(n.target, BoundCall)
               and all("_cat_cpu" in u.target.__name__ for u in n.users)]
-    assert len(layers) == 4 and all(b.q_out for b in layers)
-    if engine != "x86":  # oneDNN's codes, viewed once by the layer
-        assert all(b.view_out and b.y_grid is not None for b in layers)
+    assert len(layers) == 4 and all(n.target.q_out for n in layers)
+    if engine != "x86":  # oneDNN's codes, viewed once by the layer where two concats read them
+        assert [len(n.users) > 1 for n in layers] == [True, True, False, False]
+        assert [n.target.view_out for n in layers] == [True, True, False, False]
+        assert all(n.target.y_grid is not None for n in layers)
 
 
 @pytest.mark.parametrize("engine", ["onednn", "x86"])
