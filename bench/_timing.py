@@ -6,13 +6,14 @@ picks how many back-to-back calls make a round (enough that a round lasts a set 
 from __future__ import annotations
 
 import math
+import random
 import time
 
 import torch
 
 from fxopt.tools.latency import measure_latency
 
-__all__ = ["calls_per_round", "median_times"]
+__all__ = ["calls_per_round", "median_times", "turns"]
 
 
 def calls_per_round(fn, x, seconds: float) -> int:
@@ -36,3 +37,22 @@ def median_times(fns: dict, x, rounds: int, calls: int, warmup: int = 3) -> dict
     meds, _ = measure_latency(models, first, warmup=warmup, max_runs=rounds, budget_s=math.inf,
                               calls=calls)
     return dict(zip(fns, meds))
+
+
+def turns(fns: dict, seconds: float, pause: float = 0.02) -> dict[str, list[float]]:
+    """Seconds per call of each variant (``fns``: name -> a function of no arguments), round
+    after round for about ``seconds`` (one round at least), the variants in a new random order
+    each round, each timed call after a ``pause`` and one untimed call of the same variant.
+    Round i of one variant sits beside round i of every other: paired comparisons count the
+    rounds one won."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    end = time.time() + seconds
+    while time.time() < end or not samples[next(iter(fns))]:
+        for key in random.sample(list(fns), len(fns)):
+            if pause:
+                time.sleep(pause)
+            fns[key]()
+            t0 = time.perf_counter()
+            fns[key]()
+            samples[key].append(time.perf_counter() - t0)
+    return samples

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header, write_result  # noqa: E402
 from _int8_baselines import ao_fx_int8, quiet_quant_warnings  # noqa: E402
+from _timing import turns  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt.ops.cpu import _linear_call  # noqa: E402
@@ -44,18 +43,9 @@ SHAPES = ((1, 1280, 1000), (1, 4096, 4096), (1, 25088, 4096), (8, 1280, 1000),
 MODELS = ("alexnet", "vgg11")
 
 
-def _interleaved(fns: dict, seconds: float, pause: float = 0.0) -> tuple[dict, int]:
-    """Median ms per call of each variant, and the rounds; each timed call after one untimed."""
-    times = {k: [] for k in fns}
-    end = time.time() + seconds
-    while time.time() < end or not times[next(iter(fns))]:
-        for key in random.sample(list(fns), len(fns)):
-            if pause:
-                time.sleep(pause)
-            fns[key]()
-            t0 = time.perf_counter()
-            fns[key]()
-            times[key].append(time.perf_counter() - t0)
+def _interleaved(fns: dict, seconds: float) -> tuple[dict, int]:
+    """Median ms per call of each variant, and the rounds (no pause between calls)."""
+    times = turns(fns, seconds, pause=0.0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}, len(times[next(iter(fns))])
 
 
@@ -105,15 +95,7 @@ def models(names, seconds: float) -> list[str]:
         with torch.no_grad():
             for fn in variants.values():
                 fn(x), fn(x)
-            samples = {k: [] for k in variants}
-            end = time.time() + seconds
-            while time.time() < end:
-                for key in random.sample(list(variants), len(variants)):
-                    time.sleep(0.02)
-                    variants[key](x)
-                    t0 = time.perf_counter()
-                    variants[key](x)
-                    samples[key].append(time.perf_counter() - t0)
+            samples = turns({k: (lambda fn=fn: fn(x)) for k, fn in variants.items()}, seconds)
         mine = samples["fxopt auto (now)"]
         engines = {"fxopt auto (now)": now_engines, "fxopt auto (before)": before_engines}
         for key, t in samples.items():

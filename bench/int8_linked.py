@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header, write_result  # noqa: E402
 from _int8_baselines import ao_fx_int8, quiet_quant_warnings  # noqa: E402
 from _random_weights import randomize_batchnorm  # noqa: E402
+from _timing import turns  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt import QuantConfig  # noqa: E402
@@ -91,18 +90,10 @@ def run_model(name: str, engines: list[str], seconds: float) -> list[str]:
             "engine_choice") or opt.report.record("lower_int8_cpu").stats.get("engine", "")))
         variants[f"{engine} linked"] = opt
         variants[f"{engine} unlinked"] = _unlinked(opt, x)
-    times = {k: [] for k in variants}
     with torch.no_grad():
         for fn in variants.values():
             fn(x), fn(x), fn(x)
-        end = time.time() + seconds
-        while time.time() < end:
-            for key in random.sample(list(variants), len(variants)):
-                time.sleep(0.02)
-                variants[key](x)
-                t0 = time.perf_counter()
-                variants[key](x)
-                times[key].append(time.perf_counter() - t0)
+        times = turns({k: (lambda fn=fn: fn(x)) for k, fn in variants.items()}, seconds)
     rows = [f"## {name}", "",
             f"rounds: {len(times['torch.ao'])}; load average after: {os.getloadavg()[0]:.2f}", "",
             "lowering: " + "; ".join(choices), "",
