@@ -48,10 +48,11 @@ mul's operands) is linked: a bound quantized kernel returns its quint8 output
 input where it is on the op's own grid (checked each call; else its codes, as the graph would
 pass them). The kernels and their inputs are the same: the outputs are the graph's. Concats,
 pools and int8 batch norms take and pass quint8 tensors the same way (``linkable`` kernels),
-and a oneDNN layer, whose kernel returns plain codes, views them once for users that all take
-quint8 (``BoundCall.view_out``): a DenseNet layer's output is read by every later concat of its
-block, each of which made a view of its own (densenet121, batch 1: 42.48 -> 38.45 ms with
-engine "auto", 42.41 -> 35.14 with "x86"; bench/results/int8-linked-dense-2026-12-07.md).
+and a oneDNN layer, whose kernel returns plain codes, views them once for two or more users
+that all take quint8 (``BoundCall.view_out``): a DenseNet layer's output is read by every later
+concat of its block, each of which made a view of its own (densenet121, batch 1: 42.48 ->
+38.45 ms with engine "auto", 42.41 -> 35.14 with "x86";
+bench/results/int8-linked-dense-2026-12-07.md).
 """
 from __future__ import annotations
 
