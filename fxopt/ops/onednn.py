@@ -335,6 +335,24 @@ def _conv_packed(q, w_q, w_scale, stride, padding, dilation, groups, x_scale, x_
         list(padding), list(dilation), groups, list(q.shape)), (w_scale,))
 
 
+def _strided_pointwise(w_q: torch.Tensor, stride, padding) -> bool:
+    """A 1x1 convolution with a stride and no padding (a ResNet or RegNet downsampling
+    shortcut). PyTorch's ``onednn::qconv2d_pointwise`` computes it wrongly on several threads
+    for a batch of two or more where the input channels are not a multiple of 16 (torch 2.14.1,
+    AVX2 EPYC without VNNI, 2 threads: up to 169 codes off in a sweep of 1x1 stride-2 layers of
+    24-440 input channels; exact on one thread, on each sample alone, with a 3x3 kernel, and on
+    fbgemm). The conv runs instead as the stride-1 conv of the input's strided subsample: the
+    same products and sums (``tests/fxopt/ops/test_cpu.py``)."""
+    return tuple(w_q.shape[-2:]) == (1, 1) and tuple(stride) != (1, 1) and \
+        all(int(p) == 0 for p in padding)
+
+
+def _subsample(q: torch.Tensor, stride) -> torch.Tensor:
+    """The pixels a 1x1 conv with ``stride`` reads, in ``q``'s memory format."""
+    fmt = torch.channels_last if strictly_channels_last(q) else torch.contiguous_format
+    return q[:, :, ::int(stride[0]), ::int(stride[1])].contiguous(memory_format=fmt)
+
+
 def conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                      y_scale, y_zp, post_op,
                      affine: tuple[float, float] | None = None
@@ -345,6 +363,10 @@ def conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups, x
     None where oneDNN refuses the call (as ``conv2d_int8_onednn``). ``affine=(a, c)``: the
     post-op reads ``a * (conv + bias) + c`` (the weight scales times ``a``, the bias
     ``bias * a + c``; the packed weight does not depend on the scales)."""
+    if _strided_pointwise(w_q, stride, padding):
+        call = conv2d_int8_call(_subsample(q, stride), w_q, w_scale, bias, [1, 1], padding,
+                                dilation, groups, x_scale, x_zp, y_scale, y_zp, post_op, affine)
+        return None if call is None else (lambda codes: call(_subsample(codes, stride)))
     conv = _INT8[1]
     name, scalars, algorithm = post_op or _FLOAT_OUT
     y_scale, y_zp, dtype = (1.0, 0, torch.float32) if post_op is None else (y_scale, y_zp, None)
@@ -374,6 +396,8 @@ def conv2d_int8_onednn(q, w_q, w_scale, bias, stride, padding, dilation, groups,
     ``post_op=None`` (no residual): the float32 value of ``conv2d(q) * x_scale * w_scale +
     bias`` instead (no post-op, no requantize: the caller applies an activation oneDNN cannot
     fuse, then quantizes)."""
+    if _strided_pointwise(w_q, stride, padding):
+        q, stride = _subsample(q, stride), [1, 1]
     if residual is None:
         call = conv2d_int8_call(q, w_q, w_scale, bias, stride, padding, dilation, groups,
                                 x_scale, x_zp, y_scale, y_zp, post_op)

@@ -58,6 +58,38 @@ def test_conv_within_one_code_of_the_reference(act, groups, stride):
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
 
 
+@pytest.mark.parametrize("cin", [24, 40, 104])
+@pytest.mark.parametrize("batch", [2, 8])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_a_strided_1x1_conv_on_a_batch_is_right_on_two_threads(cin, batch, layout):
+    """PyTorch's onednn::qconv2d_pointwise computes a 1x1 stride-2 conv wrongly on several
+    threads for a batch of two or more where the input channels are not a multiple of 16
+    (torch 2.14.1, AVX2 EPYC: up to 169 codes off; a RegNet's downsampling shortcut). fxopt runs
+    it as the stride-1 conv of the strided subsample. On two threads: the op and its bound call
+    within one code of the reference, and the fused-residual form equal to itself on one
+    thread (exact there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q = _codes((batch, cin, 28, 28), cin)
+        if layout == "channels_last":
+            q = q.contiguous(memory_format=torch.channels_last)
+        w_q, w_s, b = _weights((64, cin, 1, 1), 5)
+        args = (q, w_q, w_s, b, [2, 2], [0, 0], [1, 1], 1, 0.0102, 0, 0.0183, 106)
+        ref = ONEDNN_CONV2D_INT8.reference(*args)
+        y = torch.ops.fxopt.onednn_conv2d_int8(*args)
+        assert int((y.int() - ref.int()).abs().max()) <= 1
+        call = ONEDNN_CONV2D_INT8.cpu_bind(*args)
+        assert call is not None and torch.equal(call(q), y)
+        residual = _codes((batch, 64, 14, 14), 6).contiguous(memory_format=torch.channels_last)
+        fused = [onednn.conv2d_int8_onednn(*args, ("none", [], ""), residual, (0.02, 100))]
+        torch.set_num_threads(1)
+        fused.append(onednn.conv2d_int8_onednn(*args, ("none", [], ""), residual, (0.02, 100)))
+        assert fused[0] is not None and torch.equal(fused[0], fused[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("act", LINEAR_ACTS)
 def test_linear_within_one_code_of_the_reference(act):
     q = _codes((3, 5, 24), 3)
