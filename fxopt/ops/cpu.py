@@ -315,9 +315,13 @@ OnednnLinearInt8 = ONEDNN_LINEAR_INT8.view
 # viewed back as uint8 codes: the kernels' speed, with no quantized tensor in the graph (so a
 # lowered module saves as plain tensors, torch.export's and torch.compile's: they see an fxopt op
 # and its fake). Elsewhere (another grid, another dtype) the reference runs.
-def _quint8(*codes, grid=(0, 255)) -> bool:
+def _quint8(*codes, grid=(0, 255), linked: bool = False) -> bool:
+    """Whether PyTorch's quantized kernels take these codes: quint8's grid, on the CPU, uint8
+    (``linked``: or a quint8 tensor a linked op of the direct twin passed, ``fxopt.infra.direct``;
+    for the ops that take one)."""
+    dtypes = CODES if linked else (torch.uint8,)
     return tuple(int(g) for g in grid) == (0, 255) and all(
-        c.dtype == torch.uint8 and c.device.type == "cpu" for c in codes)
+        c.dtype in dtypes and c.device.type == "cpu" for c in codes)
 
 
 def _f(t) -> float:
@@ -359,14 +363,9 @@ def _binary_cpu(kind: str, reference):
     return linkable((0, 3))(run)
 
 
-def _on_cpu(*codes) -> bool:
-    """Whether every tensor is codes on the CPU: uint8, or a quint8 tensor a linked op passed."""
-    return all(c.dtype in CODES and c.device.type == "cpu" for c in codes)
-
-
 @linkable((0,))  # in the direct twin any input may be a quint8 tensor, used where on its grid
 def _cat_cpu(qs, scales, zps, dim, y_scale, y_zp, y_qmin, y_qmax, *, quantized_out=False):
-    if (int(y_qmin), int(y_qmax)) != (0, 255) or not _on_cpu(*qs):
+    if not _quint8(*qs, grid=(y_qmin, y_qmax), linked=True):
         return cat_int8_reference([plain_codes(q) for q in qs], scales, zps, dim, y_scale, y_zp,
                                   y_qmin, y_qmax)
     y = torch.ops.quantized.cat([on_grid(q, s, z) for q, s, z in zip(qs, scales, zps)], dim,
@@ -403,7 +402,7 @@ def _avg_pool2d_cpu(q, kernel_size, stride, padding, ceil_mode, count_include_pa
                     qmin, qmax, *, quantized_out=False):
     """Bit for bit on channels-last codes; contiguous ones round a tie after adding the zero
     point (within one code)."""
-    if (int(qmin), int(qmax)) != (0, 255) or not _on_cpu(q):
+    if not _quint8(q, grid=(qmin, qmax), linked=True):
         return avg_pool2d_int8_reference(plain_codes(q), kernel_size, stride, padding, ceil_mode,
                                          count_include_pad, scale, zp, qmin, qmax)
     y = F.avg_pool2d(on_grid(q, scale, zp), list(kernel_size), list(stride), list(padding),
@@ -415,7 +414,7 @@ def _avg_pool2d_cpu(q, kernel_size, stride, padding, ceil_mode, count_include_pa
 def _max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode, *, quantized_out=False):
     # any grid: the codes' maximum is the values' (a linked input's grid is kept, so the next
     # op may use the result as it is)
-    if not _on_cpu(q):
+    if not _quint8(q, linked=True):
         return max_pool2d_int8_reference(plain_codes(q), kernel_size, stride, padding, dilation,
                                          ceil_mode)
     y = F.max_pool2d(q if q.dtype is torch.quint8 else as_quantized(q, 1.0, 0),
@@ -445,8 +444,8 @@ def _batch_norm_cpu(q, weight, bias, mean, var, eps, x_scale, x_zp, y_scale, y_z
     """``quantized::batch_norm2d(_relu)`` (torch.ao's kernel for DenseNet's BN-ReLU): the
     per-channel factors ``weight / sqrt(var + eps) * x_scale / y_scale`` on the centered codes,
     one rounding. It writes channels-last: a contiguous input's result is copied back."""
-    if act not in ("none", "relu") or q.dim() != 4 or (int(y_qmin), int(y_qmax)) != (0, 255) \
-            or not _on_cpu(q):
+    if act not in ("none", "relu") or q.dim() != 4 or \
+            not _quint8(q, grid=(y_qmin, y_qmax), linked=True):
         return batch_norm2d_int8_reference(plain_codes(q), weight, bias, mean, var, eps, x_scale,
                                            x_zp, y_scale, y_zp, act=act, act_args=act_args,
                                            y_qmin=y_qmin, y_qmax=y_qmax)
