@@ -72,7 +72,7 @@ from fxopt.export.onnx import DEFAULT_OPSET, export_onnx, saturation_hint
 from fxopt.export.qdq import compare_within_step
 from fxopt.export.watch import WeightWatch
 from fxopt.infra.timing import measure
-from fxopt.ir.check import clone_inputs, run_in_eval
+from fxopt.ir.check import clone_inputs, grown_inputs, run_in_eval
 from fxopt.ir.tolerances import ErrorStats, compare_outputs, rel_err
 
 __all__ = ["ENGINES", "NOT_SERVED", "INT8_ACCURACY_SLACK", "Engine", "deploy", "installed_engines",
@@ -288,11 +288,6 @@ class Engine:
         return NOT_SERVED
 
 
-def _grown(inputs: tuple) -> tuple:
-    """The inputs at one more sample (the first repeated): the check's second batch."""
-    return tuple(torch.cat([x, x[:1]]) if x.dim() > 0 else x for x in inputs)
-
-
 def _flat(value) -> list:
     return [t.detach().cpu() for t in pytree.tree_leaves(value)]
 
@@ -373,7 +368,7 @@ def check_engine(engine: Engine, module: nn.Module, inputs: tuple, *,
     step = engine.info.get("output_step")
     precision = engine.info.get("asked_precision") or engine.info.get("precision")
     worst, batches = ErrorStats(), []
-    for batch in (inputs, _grown(inputs)):
+    for batch in (inputs, grown_inputs(inputs)):
         ref = _flat(run_in_eval(module, clone_inputs(batch), what="the graph failed",
                                 hint="optimize with target='cpu' to see why"))
         with torch.no_grad():

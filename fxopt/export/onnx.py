@@ -58,7 +58,7 @@ from fxopt.export.onnx_ops import engine_friendly_symbolics, openvino_linear_wei
 from fxopt.export.qdq import (MIN_QDQ_OPSET, compare_within_step, drop_initializer_identities,
                               has_rule, is_int8_graph, qdq_rewrite, untranslated)
 from fxopt.ir.boundary import normalize_inputs
-from fxopt.ir.check import clone_inputs, run_in_eval
+from fxopt.ir.check import batch_of, clone_inputs, grown_inputs, run_in_eval
 from fxopt.ir.tolerances import ErrorStats, compare_outputs
 from fxopt.ops.int8_dynamic import LinearInt8Dynamic
 from fxopt.ops.isa import int8_pairs_saturate
@@ -235,8 +235,8 @@ def _ort_outputs(model_path: Path, inputs: tuple, other: tuple | None = None) ->
     except Exception as e:  # noqa: BLE001 - as above
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UnsupportedOpError(
-            f"the exported file runs at the example batch {_batch_of(inputs)} but ONNX Runtime "
-            f"fails at batch {_batch_of(other)} ({type(e).__name__}): {first}",
+            f"the exported file runs at the example batch {batch_of(inputs)} but ONNX Runtime "
+            f"fails at batch {batch_of(other)} ({type(e).__name__}): {first}",
             hint=_FIXED_BATCH_HINT) from e
 
 
@@ -258,17 +258,6 @@ _FIXED_BATCH_HINT = ("the graph holds the batch size as a constant (e.g. x.view(
                      "-1) or a shape computed in Python): export_onnx(..., dynamic_batch=False) "
                      "writes a file for the example batch only, or flatten with "
                      "x.flatten(1) / x.view(x.size(0), -1)")
-
-
-def _batch_of(inputs: tuple) -> int | None:
-    """Dim 0 of the first tensor input with a dimension (None: no such input)."""
-    return next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-
-
-def _grown(inputs: tuple) -> tuple:
-    """The inputs at one more sample (the first repeated at the end): the second batch."""
-    return tuple(torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
-                 for x in inputs)
 
 
 def _outputs_list(reference: Any) -> list:
@@ -295,7 +284,7 @@ def _dynamic_axes(inputs, in_names, ref, ref2, out_names) -> dict:
     second)."""
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
     axes = {name: {0: "batch"} for name, x in zip(in_names, tensors) if x.dim() > 0}
-    batch, batch2 = _batch_of(inputs), _batch_of(_grown(inputs))
+    batch, batch2 = batch_of(inputs), batch_of(grown_inputs(inputs))
     for name, o, o2 in zip(out_names, ref, ref2):
         if isinstance(o, torch.Tensor) and isinstance(o2, torch.Tensor) and o.dim() > 0 \
                 and o2.dim() > 0 and (o.shape[0], o2.shape[0]) == (batch, batch2):
@@ -308,7 +297,7 @@ def _reference_at_second_batch(module: nn.Module, inputs: tuple) -> Any:
         return _reference(module, clone_inputs(inputs))
     except InputError as e:
         raise UnsupportedOpError(
-            f"the module runs at the example batch but not at batch {_batch_of(inputs)}, so its "
+            f"the module runs at the example batch but not at batch {batch_of(inputs)}, so its "
             f"file cannot have a dynamic batch: "
             f"{e.message.replace('the module failed on the example inputs: ', '')}",
             hint="export_onnx(..., dynamic_batch=False) writes a file for the example batch "
@@ -344,8 +333,8 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     engine = _engine_of(module, engine)
     path = _check_path(path)
     reference = _outputs_list(_reference(module, clone_inputs(inputs)))
-    dynamic_batch = dynamic_batch and _batch_of(inputs) is not None
-    inputs2 = _grown(inputs) if dynamic_batch else None
+    dynamic_batch = dynamic_batch and batch_of(inputs) is not None
+    inputs2 = grown_inputs(inputs) if dynamic_batch else None
     reference2 = _outputs_list(_reference_at_second_batch(module, inputs2)) \
         if dynamic_batch else None
     in_names, out_names = _io_names(inputs, reference, input_names, output_names)
@@ -437,15 +426,15 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
                         pass_name="export_onnx", passes_before=[], max_abs=stats.max_abs,
                         rel_err=stats.rel_err, tolerance=stats.tolerance, node=None,
                         module_path=None, hint=_mismatch_hint(step))
-                batches = (_batch_of(inputs),)
+                batches = (batch_of(inputs),)
                 if ort_out2 is not None:
                     stats2 = _compare(ort_out2, reference2, step)
                     if not stats2.ok:
                         raise UnsupportedOpError(
                             f"the exported file matches the module at the example batch "
-                            f"{batches[0]} but not at batch {_batch_of(inputs2)}: "
+                            f"{batches[0]} but not at batch {batch_of(inputs2)}: "
                             f"{_bound(stats2, step)}", hint=_FIXED_BATCH_HINT)
-                    batches += (_batch_of(inputs2),)
+                    batches += (batch_of(inputs2),)
         tmp.replace(path)
     finally:
         if tmp.exists():

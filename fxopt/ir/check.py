@@ -22,7 +22,8 @@ from fxopt.errors import InputError
 from fxopt.ir.graph import module_path, tensor_meta_of
 from fxopt.ir.tolerances import CONDITIONING_FACTOR, plain_structure, rel_err, tolerance_for
 
-__all__ = ["RecordedRun", "record_run", "clone_inputs", "run_in_eval", "seeded",
+__all__ = ["RecordedRun", "record_run", "clone_inputs", "grown_inputs", "batch_of",
+           "run_in_eval", "seeded",
            "conditioning_floors", "float64_copy", "first_divergence", "value_key", "describe_node"]
 
 
@@ -115,6 +116,20 @@ def clone_inputs(inputs: tuple) -> tuple:
     input (``x.mul_(2)``) must neither change the caller's tensors nor the next run's input.
     """
     return tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def grown_inputs(inputs: tuple) -> tuple:
+    """The inputs at one more sample (each tensor's first row repeated at its end): the second
+    batch that checks run besides the example inputs' own. A kernel can be right at one batch
+    size and wrong at another (PyTorch's oneDNN 1x1 stride-2 int8 conv: exact at batch 1, tens
+    of codes off at batch 2 on two threads; ``fxopt/ops/onednn.py``)."""
+    return tuple(torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                 for x in inputs)
+
+
+def batch_of(inputs: tuple) -> int | None:
+    """Dim 0 of the first tensor input with a dimension (None: no such input)."""
+    return next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
 
 
 def record_run(gm: fx.GraphModule, inputs: tuple, *, keep_values: bool = True,
