@@ -272,7 +272,10 @@ def test_every_op_of_the_cpu_family_has_a_case_here():
 def test_twin_on_views_of_the_codes_equals_its_ir_op(op):
     """Each IR op's CPU twin (PyTorch's quantized kernel on a view of the codes, no copy in or
     out) against the IR op on the same plain codes: dtype, shape and layout equal, codes within
-    one (equal but for the global pool back on its input's grid, a tie)."""
+    one (equal but for the add, the global pool back on its input's grid and the batch norm,
+    where a value at a tie can round either way: PyTorch's kernels compute in another float
+    order; the batch norm case was equal in 300 parameter draws here, and one code off once in a
+    full-suite run whose draw was another)."""
     args, kwargs = TWINS[op]
     y = op.overload(*args, **kwargs)
     ir = next(t for t, twin in CPU_OF.items() if twin is op)
@@ -282,7 +285,8 @@ def test_twin_on_views_of_the_codes_equals_its_ir_op(op):
         assert y.stride() == ref.stride()
     tol = 0 if y.dtype == torch.float32 else 1
     assert float((y.double() - ref.double()).abs().max()) <= tol * (1 if tol else 0)
-    assert torch.equal(y, ref) or op is CPU_ADD_INT8 or op is CPU_ADAPTIVE_AVG_POOL2D_INT8
+    assert torch.equal(y, ref) or op in (CPU_ADD_INT8, CPU_ADAPTIVE_AVG_POOL2D_INT8,
+                                         CPU_BATCH_NORM2D_INT8)
 
 
 @pytest.mark.parametrize("op", list(TWINS), ids=lambda op: op.name)
