@@ -40,8 +40,8 @@ from fxopt.errors import (FxoptError, NumericMismatchError, PassError, PipelineE
                           PreconditionError, VerificationError)
 from fxopt.infra.registry import PASSES, PassContext, PassGroup, PassInfo, PassResult
 from fxopt.infra.report import PassRecord, Report
-from fxopt.ir.check import (RecordedRun, clone_inputs, describe_node, first_divergence,
-                             record_run, seeded)
+from fxopt.ir.check import (RecordedRun, batch_of, clone_inputs, describe_node,
+                             first_divergence, grown_inputs, record_run, seeded)
 from fxopt.ir.graph import count_bytes, count_nodes, count_params, module_path
 from fxopt.ir.tolerances import CONDITIONING_FACTOR, compare_outputs
 from fxopt.ir.verify import verify_structure as verify_structure_fn
@@ -289,14 +289,30 @@ class PassManager:
             ref_module = result.reference
             ref = record_run(ref_module, inputs, keep_values=True) if isinstance(
                 ref_module, fx.GraphModule) else RecordedRun(_call(ref_module, inputs))
-        stats = compare_outputs(run.output, ref.output)
+        stats = self._judge(run.output, ref.output, info, result, rec)
+        rec.max_abs_err, rec.rel_err, rec.tolerance = stats.max_abs, stats.rel_err, stats.tolerance
+        if not stats.ok:
+            blame = first_divergence(gm, run.by_node, ref.values)
+            raise self._mismatch(label, info, stats, blame, run)
+        if info.batch_check:
+            self._check_second_batch(label, info, gm, result, ctx, rec, run)
+        rec.status = "ok"
+        self._last = run
+        return gm
+
+    def _judge(self, out, ref_out, info: PassInfo, result: PassResult, rec: PassRecord):
+        """The outputs against the reference's: the dtype's tolerance (or this model's own
+        float32 rounding), or the pass's absolute bound where it states one."""
+        stats = compare_outputs(out, ref_out)
         bounded = result.max_abs_tolerance is not None and info.reference == "returned"
         if not stats.ok and not stats.reason and not bounded and self.floors() is not None:
-            stats = compare_outputs(run.output, ref.output, self.floors())
+            stats = compare_outputs(out, ref_out, self.floors())
             if stats.ok:
-                rec.notes.append(f"rel err {stats.rel_err:.1e} is above the table tolerance but "
-                                 f"within this model's own float32 rounding (x"
-                                 f"{CONDITIONING_FACTOR:g}): tolerance {stats.tolerance:.1e}")
+                note = (f"rel err {stats.rel_err:.1e} is above the table tolerance but within "
+                        f"this model's own float32 rounding (x{CONDITIONING_FACTOR:g}): "
+                        f"tolerance {stats.tolerance:.1e}")
+                if note not in rec.notes:
+                    rec.notes.append(note)
         if bounded and not stats.reason:
             # The pass states an absolute bound (int8: one quantization step of the output).
             stats.tolerance = float(result.max_abs_tolerance)
@@ -304,30 +320,61 @@ class PassManager:
             if not stats.ok:
                 stats.reason = (f"max abs error {stats.max_abs:.3g} exceeds the pass's bound "
                                 f"{stats.tolerance:.3g} (one quantization step of the output)")
-        rec.max_abs_err, rec.rel_err, rec.tolerance = stats.max_abs, stats.rel_err, stats.tolerance
+        return stats
+
+    def _mismatch(self, label: str, info: PassInfo, stats, blame, run,
+                  batch: str = "") -> NumericMismatchError:
+        node = blame[0] if blame else None
+        where = f"; first diverging node: {describe_node(node)} (rel err {blame[1]:.2e})" \
+            if blame else ""
+        before = ", ".join(self._ran) or "none"
+        detail = stats.reason or (f"relative error {stats.rel_err:.2e} (max abs "
+                                  f"{stats.max_abs:.2e}) exceeds the {stats.dtype} tolerance "
+                                  f"{stats.tolerance:.0e}")
+        err = NumericMismatchError(
+            f"pass '{label}' changed the model's numbers against its reference "
+            f"({info.reference}){batch}: {detail}{where}; passes before it: {before}",
+            pass_name=label, passes_before=list(self._ran), max_abs=stats.max_abs,
+            rel_err=stats.rel_err, tolerance=stats.tolerance,
+            node=node.name if node is not None else None,
+            module_path=module_path(node) if node is not None else None,
+            hint=f"disable it with disable=['{label.split('/')[-1]}'], or pass "
+                 f"on_mismatch='rollback' to drop it and go on")
+        err.run = run  # for on_mismatch="warn"
+        return err
+
+    def _check_second_batch(self, label: str, info: PassInfo, gm: fx.GraphModule,
+                            result: PassResult, ctx: PassContext, rec: PassRecord, run) -> None:
+        """A ``batch_check`` pass: its graph against its reference once more, at one more sample
+        than the example inputs (their first sample repeated). A graph whose shapes are fixed at
+        the example batch is not checked there, and the record says so."""
+        inputs = grown_inputs(ctx.example_inputs)
+        n = batch_of(inputs)
+        if n is None:
+            rec.notes.append("not checked at a second batch size: no input has a batch "
+                             "dimension")
+            return
+        try:
+            ref_out = _call(result.reference, inputs)
+        except Exception as e:  # noqa: BLE001 - shapes fixed at the example batch
+            first = (str(e).splitlines() or [""])[0][:120]
+            rec.notes.append(f"not checked at batch {n}: the reference does not run there "
+                             f"({type(e).__name__}: {first})")
+            return
+        try:
+            out = _call(gm, inputs)
+        except Exception as e:  # noqa: BLE001
+            raise self._structural(label, [f"the graph no longer runs at batch {n} (its "
+                                           f"reference does): {type(e).__name__}: {e}"]) from e
+        stats = self._judge(out, ref_out, info, result, rec)
         if not stats.ok:
-            blame = first_divergence(gm, run.by_node, ref.values)
-            node = blame[0] if blame else None
-            where = f"; first diverging node: {describe_node(node)} (rel err {blame[1]:.2e})" \
-                if blame else ""
-            before = ", ".join(self._ran) or "none"
-            detail = stats.reason or (f"relative error {stats.rel_err:.2e} (max abs "
-                                      f"{stats.max_abs:.2e}) exceeds the {stats.dtype} tolerance "
-                                      f"{stats.tolerance:.0e}")
-            err = NumericMismatchError(
-                f"pass '{label}' changed the model's numbers against its reference "
-                f"({info.reference}): {detail}{where}; passes before it: {before}",
-                pass_name=label, passes_before=list(self._ran), max_abs=stats.max_abs,
-                rel_err=stats.rel_err, tolerance=stats.tolerance,
-                node=node.name if node is not None else None,
-                module_path=module_path(node) if node is not None else None,
-                hint=f"disable it with disable=['{label.split('/')[-1]}'], or pass "
-                     f"on_mismatch='rollback' to drop it and go on")
-            err.run = run  # for on_mismatch="warn"
-            raise err
-        rec.status = "ok"
-        self._last = run
-        return gm
+            raise self._mismatch(label, info, stats, None, run,
+                                 batch=f" at batch {n} (the example inputs and their first "
+                                       f"sample again; at batch {batch_of(ctx.example_inputs)} "
+                                       f"they agreed)")
+        if stats.max_abs > (rec.max_abs_err or 0.0):
+            rec.max_abs_err, rec.rel_err = stats.max_abs, max(rec.rel_err or 0.0, stats.rel_err)
+        rec.stats["checked_batches"] = f"{batch_of(ctx.example_inputs)}, {n}"
 
     def _on_failure(self, err, name: str, snapshot, new_gm, rec: PassRecord):
         if self.on_mismatch == "rollback" and snapshot is not None:

@@ -91,6 +91,7 @@ class PassInfo:
     after: tuple[str, ...] = ()
     before: tuple[str, ...] = ()
     config: type | None = None
+    batch_check: bool = False  # also checked at a second batch size (kernels' lowerings)
 
     @property
     def summary(self) -> str:
@@ -119,12 +120,16 @@ GROUPS: dict[str, PassGroup] = {}
 
 def register_pass(name: str, *, requires: Sequence[str | Precondition] = (),
                   reference: str = "exact", after: Sequence[str] = (),
-                  before: Sequence[str] = (), config: type | None = None):
+                  before: Sequence[str] = (), config: type | None = None,
+                  batch_check: bool = False):
     """Decorator: register ``fn(gm, ctx) -> PassResult`` under ``name``; its docstring is its doc.
 
     ``requires``: preconditions (objects, or names of ``PRECONDITIONS``); ``config``: the typed
     config class the pass reads with ``ctx.config(cls)``; ``after``/``before``: pass names it
-    must follow or precede when both are in a pipeline."""
+    must follow or precede when both are in a pipeline. ``batch_check`` (``reference=
+    "returned"`` only): the numeric check also runs the graph and its reference at one more
+    sample than the example inputs, for passes that put kernels in the graph (a kernel can be
+    right at one batch size and wrong at another)."""
     try:
         pres = tuple(precondition(r) for r in requires)
     except KeyError as e:
@@ -133,6 +138,9 @@ def register_pass(name: str, *, requires: Sequence[str | Precondition] = (),
                             ) from None
     if reference not in REFERENCE_KINDS:
         raise PipelineError(f"pass '{name}': reference must be one of {REFERENCE_KINDS}")
+    if batch_check and reference != "returned":
+        raise PipelineError(f"pass '{name}': batch_check needs reference='returned' (the "
+                            f"reference is run at the second batch)")
     if config is not None and not callable(getattr(config, "coerce", None)):
         raise PipelineError(f"pass '{name}': config {config!r} has no coerce(value) classmethod")
 
@@ -140,7 +148,7 @@ def register_pass(name: str, *, requires: Sequence[str | Precondition] = (),
         if name in PASSES or name in GROUPS:
             raise PipelineError(f"a pass or group named '{name}' is already registered")
         PASSES[name] = PassInfo(name, fn, fn.__doc__ or "", pres, reference, tuple(after),
-                                tuple(before), config)
+                                tuple(before), config, batch_check)
         return fn
 
     return deco

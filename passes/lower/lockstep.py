@@ -34,7 +34,7 @@ class _Follow(fx.Interpreter):
     def __init__(self, gm, lowered_env: dict, mapping: dict, judge):
         super().__init__(gm)
         self.lowered_env, self.mapping, self.judge = lowered_env, mapping, judge
-        self.flips, self.off = 0, {}
+        self.flips, self.off, self.off_nodes = 0, {}, set()
 
     def lowered(self, n: fx.Node):
         """The lowered graph's value standing for reference node ``n`` (None: none)."""
@@ -57,6 +57,7 @@ def follow_codes(follow: _Follow, n: fx.Node, out):
     diff = int((codes.to(torch.int64) - out.to(torch.int64)).abs().max()) if out.numel() else 0
     if diff > 1:  # not a tie rounded the other way: let the error reach the output
         follow.off[module_path(n) or n.name] = diff
+        follow.off_nodes.add(n.name)
         return out
     follow.flips += int((codes != out).sum())
     return codes.to(out.dtype)
@@ -67,7 +68,8 @@ class LockstepReference(torch.nn.Module):
     node name -> lowered node name). After a call, ``flips`` counts the codes a lowered op put
     one step away from its IR op (ties), ``off`` names the ops off by more, with the codes.
     ``judge`` decides what the reference carries on with after each node (``follow_codes``; a
-    subclass may judge float outputs: ``passes/quant/dynamic.py``)."""
+    subclass may judge float outputs: ``passes/quant/dynamic.py``). ``off_nodes``: the names of
+    the IR nodes whose lowered ops were further off than a tie."""
 
     judge = staticmethod(follow_codes)
 
@@ -76,7 +78,7 @@ class LockstepReference(torch.nn.Module):
         self.ir = ir
         self.__dict__["lowered"] = lowered  # not a submodule: the pass's own result
         self.mapping = dict(mapping)
-        self.flips, self.off = 0, {}
+        self.flips, self.off, self.off_nodes = 0, {}, set()
 
     def forward(self, *args):
         with torch.no_grad():
@@ -87,5 +89,5 @@ class LockstepReference(torch.nn.Module):
             follow = _Follow(self.ir, {n.name: v for n, v in low.env.items()}, self.mapping,
                              self.judge)
             out = follow.run(*clone_inputs(args))
-        self.flips, self.off = follow.flips, follow.off
+        self.flips, self.off, self.off_nodes = follow.flips, follow.off, follow.off_nodes
         return out

@@ -501,7 +501,7 @@ def _candidates(gm: fx.GraphModule) -> bool:
 
 
 @register_pass("lower_to_triton", requires=(EVAL_MODE,), reference="returned",
-               after=("fuse_act", "quantize_int8"))
+               after=("fuse_act", "quantize_int8"), batch_check=True)
 def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Fused and int8 ops onto fxopt's Triton kernels (target='cuda'), weights prepared once."""
     if not _candidates(gm):
