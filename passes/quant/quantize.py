@@ -64,7 +64,7 @@ from fxopt.quant.bias import bias_corrections, with_corrected_bias
 from fxopt.quant.calibrate import calibrate, calibration_inputs, uncalibrated
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import compare, output_step, outputs
-from fxopt.quant.plan import find_layers, make_plan
+from fxopt.quant.plan import find_layers, make_plan, without_cat_grids_before_batch_norms
 from fxopt.quant.select import fallback, has_cpu_kernel, select_layers, sensitivity
 from fxopt.quant.simulate import SimulatedInt8, simulated_copy, weight_codes
 from fxopt.quant.smooth import smooth_layernorms
@@ -138,6 +138,13 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             layers = [l for l in all_layers if l.label in labels]
             stats["smoothed_layernorms"] = smoothed
     grids, weights = calibrate(gm, layers, batches, cfg)
+    if ctx.target == "openvino":
+        grids, float_cats = without_cat_grids_before_batch_norms(gm, grids)
+        if float_cats:
+            stats["float_concats"] = float_cats
+            notes.append(f"target='openvino': {float_cats} concatenation(s) read only by a "
+                         f"BatchNorm kept float (OpenVINO folds their inputs' scales into the "
+                         f"BatchNorm; a requantized concat is one more op)")
     unreached = uncalibrated(layers, grids)
     if unreached:
         if len(unreached) == len(layers):

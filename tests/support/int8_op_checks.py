@@ -41,13 +41,13 @@ def calibration(n=3, seed=1, shape=(4, 3, 16, 16)):
     return [torch.randn(*shape, generator=g) for _ in range(n)]
 
 
-def quantize_ir(model, x, cfg=None, cal=None):
+def quantize_ir(model, x, cfg=None, cal=None, target="cpu"):
     """The int8 graph of ``model`` (the manager checks it against the simulation on ``x``), its
-    record, the context and the float graph it was made from."""
+    record, the context and the float graph it was made from (planned for ``target``)."""
     torch.manual_seed(0)
     gm = fxopt.capture(model.eval(), x)
     ctx = PassContext(example_inputs=(x,), configs=[cfg or QuantConfig()],
-                      calibration_data=calibration() if cal is None else cal)
+                      calibration_data=calibration() if cal is None else cal, target=target)
     before, _ = PassManager(expand_pipeline(FLOAT_PHASES), check="each").run(gm, ctx)
     out, report = PassManager(expand_pipeline(["quantize_int8"]), check="each").run(
         copy.deepcopy(before), ctx)
