@@ -420,9 +420,10 @@ def _ir_ops(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in INT8_IR_OPS]
 
 
-# ops kept on fxopt's reference at most, their PyTorch kernels found wrong by the lockstep
-# check; past it the manager's check of the output judges the lowering
-_MAX_KEPT = 8
+# times the lowering is redone at most, each with the ops whose PyTorch kernels the lockstep
+# check found wrong (those in a chain show one a time: the first taints the rest) kept on
+# fxopt's reference; past it the manager's check of the output judges the lowering
+_RELOWERINGS = 8
 
 
 def _off_kernels(lockstep: LockstepReference, inputs: tuple) -> tuple[dict, int]:
@@ -487,13 +488,14 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                          ctx.example_inputs)
     if not result.count:
         return PassResult(gm, modified=False, notes=[f"not lowered: {r}" for r in result.rejected])
-    kept, notes = {}, []
+    kept, notes, relowerings = {}, [], 0
     while True:
         mapping = {matched[-1]: new for _, matched, new in result.rewrites}
         lockstep = LockstepReference(reference, gm, mapping)
         off, flips = _off_kernels(lockstep, ctx.example_inputs)
-        if not set(off) - set(kept) or len(kept) >= _MAX_KEPT:
+        if not set(off) - set(kept) or relowerings == _RELOWERINGS:
             break
+        relowerings += 1
         # PyTorch's kernels for these ops are wrong (maybe at one batch size only): lowered
         # again with them on fxopt's reference, and checked again (later ops see other codes)
         kept.update({name: f"PyTorch's kernel was {why} from the int8 IR: fxopt's reference "
@@ -501,7 +503,7 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         gm = copy.deepcopy(reference)
         state = CpuLowering(engine=state.engine, kept=kept)
         result = apply_rules(gm, RULES, context=state)
-    if off:  # still, after _MAX_KEPT ops kept on the reference: the manager's check judges
+    if off:  # still, after _RELOWERINGS: the manager's check of the output judges
         notes.append("lowered ops more than one code from the int8 IR: " + ", ".join(
             f"{who} ({why})" for who, why in off.values()))
     fallback = [_who(n) for n in _ir_ops(gm) if n.name not in kept]
