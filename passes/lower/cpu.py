@@ -65,7 +65,6 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, apply_rules, op_rule
 from fxopt.infra.timing import measure
 from fxopt.ir.activations import ACTIVATIONS
-from fxopt.ir.check import batch_of, grown_inputs
 from fxopt.ir.graph import get_attr_value, module_path, tensor_meta
 from fxopt.ops import onednn
 from fxopt.ops.cpu import CPU_OF, ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8, quantized_nearest_alike
@@ -75,7 +74,7 @@ from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2
                             BinaryInt8, Int8Layer, UpsampleNearest2dInt8)
 from fxopt.ops.isa import int8_pairs_saturate
 from fxopt.ops.schema import schema_of, view_of
-from fxopt.passes.lower.lockstep import LockstepReference
+from fxopt.passes.lower.lockstep import LockstepReference, off_kernels
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import output_step
 
@@ -426,42 +425,6 @@ def _ir_ops(gm: fx.GraphModule) -> list[fx.Node]:
 _RELOWERINGS = 8
 
 
-def _off_kernels(lockstep: LockstepReference, inputs: tuple) -> tuple[dict, int]:
-    """``({IR node name: (who, "N codes at batch B")}, tie flips at the example inputs)``: the
-    ops more than one code off whose inputs were not (``_first_off``), in the lockstep run at
-    the example inputs and at one sample more, where a kernel wrong at one batch size only
-    shows (``fxopt/ops/onednn.py``). A graph whose shapes are fixed at the example batch does
-    not run at the second (the manager's check notes it)."""
-    off, flips = {}, 0
-    for batch in (inputs, grown_inputs(inputs)):
-        try:
-            lockstep(*batch)
-        except Exception:  # noqa: BLE001
-            if batch is inputs:
-                raise
-            break
-        if batch is inputs:
-            flips = lockstep.flips
-        for n in _first_off(lockstep.ir, lockstep.off_nodes):
-            off.setdefault(n.name, (_who(n), f"{lockstep.off[_who(n)]} codes at batch "
-                                             f"{batch_of(batch)}"))
-    return off, flips
-
-
-def _first_off(ir: fx.GraphModule, off_nodes: set) -> list[fx.Node]:
-    """The ops of ``off_nodes`` none of whose inputs depends on another: where the lockstep
-    run does not follow an op, every op after it reads other codes in the two graphs and may
-    be off for that alone."""
-    after, first = set(), []
-    for n in ir.graph.nodes:
-        tainted = any(a in after for a in n.all_input_nodes)
-        if n.name in off_nodes and not tainted:
-            first.append(n)
-        if tainted or n.name in off_nodes:
-            after.add(n)
-    return first
-
-
 @register_pass("lower_int8_cpu", requires=(EVAL_MODE,), reference="returned",
                after=("quantize_int8",), batch_check=True)
 def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -492,7 +455,7 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     while True:
         mapping = {matched[-1]: new for _, matched, new in result.rewrites}
         lockstep = LockstepReference(reference, gm, mapping)
-        off, flips = _off_kernels(lockstep, ctx.example_inputs)
+        off, flips = off_kernels(lockstep, ctx.example_inputs)
         if not set(off) - set(kept) or relowerings == _RELOWERINGS:
             break
         relowerings += 1

@@ -14,17 +14,19 @@ step of the output.
     ref.flips, ref.off     # codes one step away (ties); ops further off, by name: codes
 
 The mapping (IR node name -> name of the lowered node standing for it) is what the rewrite
-engine reports as ``RewriteResult.rewrites``.
+engine reports as ``RewriteResult.rewrites``. ``off_kernels`` runs the lockstep at the example
+batch and at one sample more and names the ops whose kernels are wrong (``lower_int8_cpu``
+lowers again without them).
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from fxopt.ir.check import clone_inputs
+from fxopt.ir.check import batch_of, clone_inputs, grown_inputs
 from fxopt.ir.graph import module_path
 
-__all__ = ["LockstepReference", "follow_codes"]
+__all__ = ["LockstepReference", "follow_codes", "off_kernels", "first_off"]
 
 
 class _Follow(fx.Interpreter):
@@ -56,7 +58,7 @@ def follow_codes(follow: _Follow, n: fx.Node, out):
         return out
     diff = int((codes.to(torch.int64) - out.to(torch.int64)).abs().max()) if out.numel() else 0
     if diff > 1:  # not a tie rounded the other way: let the error reach the output
-        follow.off[module_path(n) or n.name] = diff
+        follow.off[_who(n)] = diff
         follow.off_nodes.add(n.name)
         return out
     follow.flips += int((codes != out).sum())
@@ -91,3 +93,43 @@ class LockstepReference(torch.nn.Module):
             out = follow.run(*clone_inputs(args))
         self.flips, self.off, self.off_nodes = follow.flips, follow.off, follow.off_nodes
         return out
+
+
+def _who(n: fx.Node) -> str:
+    return module_path(n) or n.name
+
+
+def off_kernels(lockstep: LockstepReference, inputs: tuple) -> tuple[dict, int]:
+    """``({IR node name: (who, "N codes at batch B")}, tie flips at the example inputs)``: the
+    ops more than one code off whose inputs were not (``first_off``), in the lockstep run at
+    the example inputs and at one sample more, where a kernel wrong at one batch size only
+    shows (``fxopt/ops/onednn.py``). A graph whose shapes are fixed at the example batch does
+    not run at the second (the manager's check notes it)."""
+    off, flips = {}, 0
+    for batch in (inputs, grown_inputs(inputs)):
+        try:
+            lockstep(*batch)
+        except Exception:  # noqa: BLE001
+            if batch is inputs:
+                raise
+            break
+        if batch is inputs:
+            flips = lockstep.flips
+        for n in first_off(lockstep.ir, lockstep.off_nodes):
+            off.setdefault(n.name, (_who(n), f"{lockstep.off[_who(n)]} codes at batch "
+                                             f"{batch_of(batch)}"))
+    return off, flips
+
+
+def first_off(ir: fx.GraphModule, off_nodes: set) -> list[fx.Node]:
+    """The ops of ``off_nodes`` none of whose inputs depends on another: where the lockstep
+    run does not follow an op, every op after it reads other codes in the two graphs and may
+    be off for that alone."""
+    after, first = set(), []
+    for n in ir.graph.nodes:
+        tainted = any(a in after for a in n.all_input_nodes)
+        if n.name in off_nodes and not tainted:
+            first.append(n)
+        if tainted or n.name in off_nodes:
+            after.add(n)
+    return first
