@@ -213,8 +213,9 @@ def without_cat_grids_before_batch_norms(gm: fx.GraphModule, grids: dict) -> tup
     values of its int8 inputs, and the BatchNorm (and its ReLU) run on them, with no rounding
     onto a grid of the concat's own in between. For OpenVINO, which runs the concat on its
     inputs' codes and folds their scales, per channel, into the BatchNorm after it; a concat
-    requantized there is one more quantize a layer (densenet121 int8 on an AVX2 EPYC, 2
-    threads: 22.8 ms against 21.1 without the 62 of them, NNCF's model 20.9)."""
+    requantized there is one more quantize a layer (densenet121 int8 at batch 1 on an AVX2
+    EPYC, 2 threads: 21.69 ms against NNCF's 20.24 with the 62 of them, 19.95 against 19.89
+    without; ``bench/results/cpu-deploy-ov-dense-2026-12-07.md``)."""
     cats = [n for n in gm.graph.nodes if _is_cat(n) and n in grids and n.users
             and all(batch_norm_of(gm, u) is not None and u.args[0] is n for u in n.users)]
     return {k: v for k, v in grids.items() if k not in cats}, len(cats)

@@ -172,7 +172,8 @@ def test_batch_norm_after_cat_golden_and_equal_to_the_simulation(relu, affine):
 
 def test_for_openvino_a_concat_read_only_by_batch_norms_stays_float():
     """OpenVINO folds the concat's input scales into the BatchNorm: no grid of the concat's own
-    (densenet121: 22.8 -> 21.1 ms there; ``without_cat_grids_before_batch_norms``)."""
+    (``without_cat_grids_before_batch_norms``; densenet121 there: 21.69 ms against NNCF's 20.24
+    before, 19.95 against 19.89 after)."""
     x = torch.randn(2, 3, 16, 16)
     gm, rec, _, before = quantize_ir(DenseLayer(), x, target="openvino")
     assert rec.stats["float_concats"] == 1 and "batch_norm" not in rec.stats
