@@ -12,7 +12,10 @@ target::
 1. ``prune_phase``: ``prune_channels`` right after the first ``cleanup`` (pruning sees the graph
    before folding and fusion, so the masked reference is the user's model), and after
    ``fuse_attention`` where that follows it (hand-written attention is one SDPA call by then).
-2. ``cpu_layout_phase``: on the CPU, after ``fuse_act``: ``lower_convs`` (every remaining 2-D
+2. ``engine_layout_phase``: for ``target="openvino"``, ``pointwise_convs`` right before
+   ``fuse_act`` (Linear layers between a permute to channels-last and its inverse become 1x1
+   convolutions, and the permutes go: OpenVINO runs ConvNeXt's MLPs without transposes).
+   ``cpu_layout_phase``: on the CPU, after ``fuse_act``: ``lower_convs`` (every remaining 2-D
    convolution becomes a fused op, so oneDNN runs it with a prepacked weight) and
    ``to_channels_last`` (activations stay NHWC from one conv to the next).
 3. ``quantize_phase``: ``quantize_int8`` after the last fusion step (it quantizes fused ops).
@@ -37,7 +40,8 @@ from fxopt.infra.registry import GROUPS, PASSES, PassGroup
 from fxopt.infra.validate import names_arg, pipeline_arg
 
 __all__ = ["PIPELINES", "FEATURE_PASSES", "ENGINE_TARGETS", "build_pipeline", "expand_pipeline",
-           "pipeline_names", "prune_phase", "cpu_layout_phase", "quantize_phase", "lowering_phase"]
+           "pipeline_names", "prune_phase", "engine_layout_phase", "cpu_layout_phase",
+           "quantize_phase", "lowering_phase"]
 
 PIPELINES: dict[str, list[str]] = {
     "cleanup": ["cleanup"],
@@ -84,6 +88,15 @@ def prune_phase(names: list[str], *, prune: bool) -> list[str]:
     return _insert(names, at, ["prune_channels"])
 
 
+def engine_layout_phase(names: list[str], *, target: str, asked: bool = False) -> list[str]:
+    """For OpenVINO (or asked for by name), ``pointwise_convs`` right before ``fuse_act`` (the
+    1x1 convolutions it writes are fused with their activations there). By default only for
+    OpenVINO: ONNX Runtime runs the two forms of ConvNeXt alike (the pass's docstring)."""
+    if (target != "openvino" and not asked) or "fuse_act" not in names:
+        return names
+    return _insert(names, names.index("fuse_act"), ["pointwise_convs"])
+
+
 def cpu_layout_phase(names: list[str], *, target: str, disable: Sequence[str] = ()) -> list[str]:
     """On the CPU, the layout passes right after ``fuse_act`` (not when it is disabled)."""
     at = _after_last(names, ("fuse_act",))
@@ -127,12 +140,14 @@ def build_pipeline(pipeline: str | Sequence[str] = "default", *, target: str = "
     disable = names_arg(disable, "disable")
     asked = set(extra)
     names = prune_phase(names, prune=prune or "prune_channels" in asked)
+    names = engine_layout_phase(names, target=target, asked="pointwise_convs" in asked)
     names = cpu_layout_phase(names, target=target, disable=disable)
     names = quantize_phase(names, quantize=quantize or "quantize_int8" in asked)
     names = lowering_phase(names, target=target, quantize=quantize,
                            triton="lower_to_triton" in asked,
                            fuse_layer_norm="fuse_add_layer_norm" in asked)
-    placed = {"prune_channels", "quantize_int8", "lower_to_triton"} & set(names)
+    placed = {"prune_channels", "quantize_int8", "lower_to_triton",
+              "pointwise_convs"} & set(names)
     if "lower_to_triton" in names:
         placed |= {"fuse_add_layer_norm"} & set(names)
     return names + [n for n in extra if n not in placed]

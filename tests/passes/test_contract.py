@@ -140,6 +140,21 @@ class PreNormBlock(nn.Module):
         return self.ln2(h + x)
 
 
+class PermutedMlp(nn.Module):
+    """ConvNeXt's block: a conv, then LayerNorm, Linear, GELU, Linear on the channels-last
+    permute, permuted back and added to the conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.fc2(F.gelu(self.fc1(self.norm(y.permute(0, 2, 3, 1)))))
+        return y + z.permute(0, 3, 1, 2)
+
+
 class SelfAttention(nn.Module):
     """Hand-written attention: scaled logits, an attention bias, softmax, eval dropout, @ v."""
 
@@ -208,6 +223,10 @@ CASES: dict[str, Case] = {
                      before=("cleanup", "fold_bn")),
     "lower_convs": Case(ConvNet, lambda: (_x(),), {"lowered"}, {"conv2d_act": 3, "Conv2d": 0},
                         _lin, before=_FUSED),
+    "pointwise_convs": Case(PermutedMlp, lambda: (_x(),),
+                            {"linear_to_conv", "layer_norm", "permutes"},
+                            {"Linear": 0, "LayerNorm": 0, "Conv2d": 3, "permute": 0}, _lin,
+                            before=("cleanup",)),
     "to_channels_last": Case(ConvNet, lambda: (_x(),), {"to_channels_last"},
                              {"contiguous": 1}, _lin, before=_FUSED + ("lower_convs",)),
     "prune_channels": Case(ConvNet, lambda: (_x(),), {"pruned"}, {"Conv2d": 3},
