@@ -26,12 +26,14 @@ against the graph before it (float rounding: the written-out LayerNorm sums in a
 
 Why, and where: OpenVINO runs each permute as a Transpose or a Reorder and the MLP as
 FullyConnected layers on the transposed data; the NCHW form is 1x1 convolutions on the layout
-it already has. ConvNeXt-Tiny float at batch 1 on 2 threads (AVX2 EPYC, 40 interleaved rounds,
-scratch run on torch's ONNX export of both forms): 66.3 ms against 74.0, and against
-OpenVINO's own conversion of the model 80.1; ``bench/results/`` has fxopt's own figures. Only
-``target="openvino"`` runs it (``fxopt.pipelines.engine_layout_phase``): on ONNX Runtime the
-two forms tie (82.1 against 86.2 ms, faster in 14 of 30 rounds), and on PyTorch's kernels the
-written-out LayerNorm is seven kernel calls instead of one.
+it already has. convnext_tiny at batch 1 on 2 threads (AVX2 EPYC,
+``bench/results/cpu-deploy-avx2-2026-12-07-pointwise.md``): int8 35.4 ms against NNCF's 69.3
+(fxopt's OpenVINO int8 was 85.4 before, against NNCF's 74.1), float 63.6 against OpenVINO's
+default 65.5 (a tie in 15 rounds; a scratch run of torch's ONNX export of both forms, 40
+rounds: 66.3 against 74.0 ms). Only ``target="openvino"`` runs it
+(``fxopt.pipelines.engine_layout_phase``): on ONNX Runtime the two forms tie (scratch, 30
+rounds: 82.1 against 86.2 ms, faster in 14), and on PyTorch's kernels the written-out
+LayerNorm is seven kernel calls instead of one.
 
     >>> pointwise_convs(gm, ctx).stats          # convnext_tiny
     {'linear_to_conv': 36, 'layer_norm': 23, 'permutes': 46}
