@@ -20,8 +20,11 @@ computes the same values with the channels on dim 1 and no permutes:
 - a product, sum, difference or quotient with a per-channel constant (a graph attribute of
   shape ``(C,)``: timm's layer scale ``gamma``) or a number takes the constant as ``(C, 1, 1)``.
 
-Every value between the permutes must have one reader (the next op), and the chain must end in
-the inverse permute; anything else is left as it was. The pass manager checks the result
+Every value between the permutes must be float32 with one reader (the next op), the chain must
+end in the inverse permute, and each tensor it views anew (a Linear's weight and bias, a
+LayerNorm's, a constant) must be its own: not tied to another module's, not read by another
+node (the view replaces it, so training updates one tensor as before). Anything else is left as
+it was. The pass manager checks the result
 against the graph before it (float rounding: the written-out LayerNorm sums in another order).
 
 Why, and where: OpenVINO runs each permute as a Transpose or a Reorder and the MLP as
@@ -84,6 +87,11 @@ def _shape(node) -> tuple | None:
     return None if tm is None else tuple(tm.shape)
 
 
+def _float32(node: fx.Node) -> bool:
+    tm = tensor_meta(node)
+    return tm is not None and tm.dtype == torch.float32
+
+
 def _layer_norm_args(gm: fx.GraphModule, node: fx.Node, channels: int):
     """(weight, bias, eps) of a LayerNorm over the last dim of ``channels`` (tensors or None),
     or None when ``node`` is not one."""
@@ -112,16 +120,40 @@ def _layer_norm_args(gm: fx.GraphModule, node: fx.Node, channels: int):
     return (*params, eps) if isinstance(eps, (int, float)) else None
 
 
-def _step(gm: fx.GraphModule, node: fx.Node, cur: fx.Node, channels: int, sites: Counter):
+def _storages(gm: fx.GraphModule) -> Counter:
+    """How many of ``gm``'s tensors (parameters and buffers, tied ones counted per name, and
+    plain tensor attributes) sit on each storage."""
+    tensors = [t for _, t in gm.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in gm.named_buffers(remove_duplicate=False)]
+    for m in gm.modules():
+        tensors += [v for k, v in vars(m).items()
+                    if isinstance(v, torch.Tensor) and k not in ("_parameters", "_buffers")]
+    return Counter(t.untyped_storage().data_ptr() for t in tensors)
+
+
+def _own(tensors, storages: Counter) -> bool:
+    """Each tensor (None skipped) is the only one on its storage: viewing it anew and dropping
+    it leaves one tensor there, as before."""
+    return all(t is None or storages[t.untyped_storage().data_ptr()] == 1 for t in tensors)
+
+
+def _read_once(node: fx.Node) -> bool:
+    """``node``'s ``get_attr`` arguments are read by ``node`` alone."""
+    return all(a.op != "get_attr" or len(a.users) == 1 for a in node.all_input_nodes)
+
+
+def _step(gm: fx.GraphModule, node: fx.Node, cur: fx.Node, channels: int, sites: Counter,
+          storages: Counter):
     """``(kind, data, channels after)`` when ``node`` reads ``cur`` (NHWC, ``channels`` on the
     last dim) along the last dim only, else None."""
     if node.op == "call_module" and node.args == (cur,) and not node.kwargs:
         layer = get_attr_value(gm, node.target)
         if type(layer) is nn.Linear and layer.in_features == channels \
-                and sites[node.target] == 1:
+                and sites[node.target] == 1 and _own((layer.weight, layer.bias), storages):
             return "linear", layer, layer.out_features
     norm = _layer_norm_args(gm, node, channels)
-    if norm is not None and node.args[0] is cur:
+    if norm is not None and node.args[0] is cur and _own(norm[:2], storages) \
+            and _read_once(node) and (node.op != "call_module" or sites[node.target] == 1):
         return "layer_norm", norm, channels
     if activation_of(node) is not None and node.args[:1] == (cur,) \
             and not any(isinstance(a, fx.Node) for a in (*node.args[1:],
@@ -132,9 +164,10 @@ def _step(gm: fx.GraphModule, node: fx.Node, cur: fx.Node, channels: int, sites:
         other = node.args[1] if node.args[0] is cur else node.args[0]
         if isinstance(other, (int, float)) and not isinstance(other, bool):
             return "const", None, channels
-        if isinstance(other, fx.Node) and other.op == "get_attr":
+        if isinstance(other, fx.Node) and other.op == "get_attr" and len(other.users) == 1:
             value = get_attr_value(gm, other.target)
-            if isinstance(value, torch.Tensor) and tuple(value.shape) == (channels,):
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == (channels,) \
+                    and _own((value,), storages):
                 return "const", other, channels
     return None
 
@@ -145,19 +178,20 @@ def channel_chains(gm: fx.GraphModule) -> list[tuple[fx.Node, list, fx.Node]]:
     value read by the next op only), then ``permute(0, 3, 1, 2)``. ``steps``: ``(node, kind,
     data)``."""
     sites = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    storages = _storages(gm)
     chains = []
     for first in gm.graph.nodes:
         shape = _shape(first.args[0]) if first.args else None
         if _permute_dims(first) != _TO_NHWC or shape is None or len(shape) != 4:
             continue
         cur, channels, steps = first, shape[1], []
-        while len(cur.users) == 1:
+        while len(cur.users) == 1 and _float32(cur):
             node = next(iter(cur.users))
             if _permute_dims(node) == _TO_NCHW and node.args[0] is cur:
                 if steps:
                     chains.append((first, steps, node))
                 break
-            found = _step(gm, node, cur, channels, sites)
+            found = _step(gm, node, cur, channels, sites, storages)
             if found is None:
                 break
             kind, data, channels = found

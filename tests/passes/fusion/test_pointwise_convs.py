@@ -118,6 +118,9 @@ class Chain(nn.Module):
         self.case = case
         self.norm = nn.LayerNorm((5, 8) if case == "layer norm over two dims" else 8)
         self.fc = nn.Linear(8, 8)
+        self.tied = nn.Linear(8, 8)
+        if case == "tied weight":  # the chain's Linear shares its weight with another layer
+            self.tied.weight = self.fc.weight
 
     def forward(self, x):
         y = x.permute(0, 2, 3, 1)
@@ -132,20 +135,30 @@ class Chain(nn.Module):
             return z.mean(dim=(1, 2))
         if self.case == "per-row constant":
             z = z * torch.arange(5.0).view(5, 1)
-        return z.permute(0, 3, 2, 1) if self.case == "other permute" else z.permute(0, 3, 1, 2)
+        if self.case == "other permute":
+            return z.permute(0, 3, 2, 1)
+        out = z.permute(0, 3, 1, 2)
+        if self.case == "shared layer norm":  # the LayerNorm module is called again elsewhere
+            return out + self.norm(x.mean(dim=(2, 3)))[..., None, None]
+        if self.case == "tied weight":
+            return out + self.tied(x.mean(dim=(2, 3)))[..., None, None]
+        return out
 
 
 @pytest.mark.parametrize("case", ["second reader", "no inverse permute", "other permute",
                                   "layer norm over two dims", "shared linear",
-                                  "per-row constant"])
+                                  "per-row constant", "shared layer norm", "tied weight",
+                                  "float64"])
 def test_left_alone(case):
     torch.manual_seed(5)
     model = Chain(case).eval()
     x = torch.randn(2, 8, 5, 5)
+    if case == "float64":
+        model, x = model.double(), x.double()
     opt = fxopt.optimize(model, x, passes=["pointwise_convs"])
     rec = opt.report.record("pointwise_convs")
     assert not rec.stats and rec.status == "ok"
-    assert _linears(opt) == 1
+    assert _linears(opt) == (2 if case == "tied weight" else 1)
     with torch.no_grad():
         for a, b in zip(torch.utils._pytree.tree_leaves(opt(x)),
                         torch.utils._pytree.tree_leaves(model(x))):
