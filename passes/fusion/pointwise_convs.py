@@ -145,7 +145,8 @@ def _read_once(node: fx.Node) -> bool:
 def _step(gm: fx.GraphModule, node: fx.Node, cur: fx.Node, channels: int, sites: Counter,
           storages: Counter):
     """``(kind, data, channels after)`` when ``node`` reads ``cur`` (NHWC, ``channels`` on the
-    last dim) along the last dim only, else None."""
+    last dim) along the last dim only, else None. A module must be called here only, with no
+    ``get_attr`` of its tensors elsewhere (``sites`` counts both)."""
     if node.op == "call_module" and node.args == (cur,) and not node.kwargs:
         layer = get_attr_value(gm, node.target)
         if type(layer) is nn.Linear and layer.in_features == channels \
@@ -177,7 +178,9 @@ def channel_chains(gm: fx.GraphModule) -> list[tuple[fx.Node, list, fx.Node]]:
     ``permute(0, 2, 3, 1)`` of a 4-D value, ops that read one value along its last dim (each
     value read by the next op only), then ``permute(0, 3, 1, 2)``. ``steps``: ``(node, kind,
     data)``."""
+    # a module's calls, and reads of its tensors by get_attr (``fc.weight`` counts for ``fc``)
     sites = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    sites.update(n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr")
     storages = _storages(gm)
     chains = []
     for first in gm.graph.nodes:

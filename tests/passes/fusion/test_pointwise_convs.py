@@ -142,13 +142,15 @@ class Chain(nn.Module):
             return out + self.norm(x.mean(dim=(2, 3)))[..., None, None]
         if self.case == "tied weight":
             return out + self.tied(x.mean(dim=(2, 3)))[..., None, None]
+        if self.case == "weight read elsewhere":  # the Linear's weight, read by the forward
+            return out + F.linear(x.mean(dim=(2, 3)), self.fc.weight)[..., None, None]
         return out
 
 
 @pytest.mark.parametrize("case", ["second reader", "no inverse permute", "other permute",
                                   "layer norm over two dims", "shared linear",
                                   "per-row constant", "shared layer norm", "tied weight",
-                                  "float64"])
+                                  "weight read elsewhere", "float64"])
 def test_left_alone(case):
     torch.manual_seed(5)
     model = Chain(case).eval()
