@@ -165,7 +165,7 @@ def main(argv=None):
     text += (f"- onnxruntime: {ort.__version__}; fxopt QDQ from `fxopt.export_onnx` (opset 17) "
              f"of `fxopt.optimize(..., target='{a.target}')`\n"
              f"- command: `python bench/onnx_qdq_vs_ort_quantize.py {' '.join(sys.argv[1:])}`\n"
-             f"- CPU flags seen: {', '.join(sorted(set(flags))) or 'n/a'}\n"
+             f"- CPU flags seen: {', '.join(sorted(set(flags))) or 'neither avx512_vnni nor avx512_bf16'}\n"
              f"- load average before / after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} / "
              f"{load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}\n"
              f"- input {a.size}x{a.size}, random weights, 4 calibration batches of 2 (random), "
