@@ -294,6 +294,25 @@ def _versions() -> dict:
     return out
 
 
+def _render(path: Path) -> str:
+    """``path``'s markdown again from its .json (the figures as measured), keeping any
+    hand-written section from "## Reading" on."""
+    data = json.loads(path.read_text())
+    for r in data["results"]:  # JSON wrote the per-batch keys as strings
+        for cell in r["cells"].values():
+            for key in ("ms", "rounds", "samples"):
+                if isinstance(cell.get(key), dict):
+                    cell[key] = {int(b): v for b, v in cell[key].items()}
+    text = markdown(data["meta"], data["results"], argparse.Namespace(**data["args"]))
+    md = path.with_suffix(".md")
+    old = md.read_text() if md.exists() else ""
+    if "\n## Reading" in old:
+        text = text.rstrip("\n") + "\n" + old[old.index("\n## Reading"):]
+    md.write_text(text)
+    print(f"wrote {md} from {path.name}")
+    return text
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(MODELS)}")
@@ -321,7 +340,12 @@ def main(argv=None) -> str:
                    help="smoke run: resnet18, 64x64, batch 1 and 2, 4 calibration images, 3 reps")
     p.add_argument("--out", default=None, help="markdown file (and .json beside it); '-': "
                    "print only; default bench/results/cpu-deploy-<date>.md")
+    p.add_argument("--render", default=None, metavar="X.json",
+                   help="measure nothing: write X.md again from the figures in X.json (after a "
+                        "change to the report's text); the hand-written reading is kept")
     args = p.parse_args(argv)
+    if args.render:
+        return _render(Path(args.render))
     quick = dict(models=["resnet18"], batch=[1, 2], reps=3, budget=0.2, warmup=1, size=64,
                  calib=4, heldout=2)
     full = dict(models=MODELS, batch=[1, 8], reps=50, budget=2.0, warmup=3, size=224, calib=16,
