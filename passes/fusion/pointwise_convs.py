@@ -24,8 +24,8 @@ Every value between the permutes must be float32 with one reader (the next op), 
 end in the inverse permute, and each tensor it views anew (a Linear's weight and bias, a
 LayerNorm's, a constant) must be its own: not tied to another module's, not read by another
 node (the view replaces it, so training updates one tensor as before). Anything else is left as
-it was. The pass manager checks the result
-against the graph before it (float rounding: the written-out LayerNorm sums in another order).
+it was. The pass manager checks the result against the graph before it (float rounding: the
+written-out LayerNorm sums in another order).
 
 Why, and where: OpenVINO runs each permute as a Transpose or a Reorder and the MLP as
 FullyConnected layers on the transposed data; the NCHW form is 1x1 convolutions on the layout
@@ -68,14 +68,11 @@ _LAYER_NORM_PARAMS = list(inspect.signature(F.layer_norm).parameters)
 def _permute_dims(node: fx.Node) -> tuple[int, ...] | None:
     """The dims of a 4-D ``permute`` call (``torch.permute(x, dims)``, ``x.permute(*dims)`` or
     ``x.permute(dims)``), each in 0..3; None for anything else."""
-    if node.op == "call_function" and node.target is torch.permute:
-        rest = node.args[1:] or (node.kwargs.get("dims"),)
-    elif node.op == "call_method" and node.target == "permute":
-        rest = node.args[1:] or (node.kwargs.get("dims"),)
-    else:
+    if not ((node.op == "call_function" and node.target is torch.permute)
+            or (node.op == "call_method" and node.target == "permute")) \
+            or set(node.kwargs) - {"dims"}:
         return None
-    if set(node.kwargs) - {"dims"}:
-        return None
+    rest = node.args[1:] or (node.kwargs.get("dims"),)
     dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
     if len(dims) != 4 or not all(isinstance(d, int) and -4 <= d < 4 for d in dims):
         return None
