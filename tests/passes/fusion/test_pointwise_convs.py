@@ -202,3 +202,25 @@ def test_openvino_float_and_int8():
     assert q.report.engine["int8"] and q.report.engine["check"]["batches"] == [1, 2]
     sqnr = 10 * torch.log10(ref.square().mean() / (out - ref).square().mean())
     assert sqnr > 20, sqnr
+
+
+@pytest.mark.slow
+def test_torchvision_convnext_tiny_on_openvino():
+    pytest.importorskip("openvino")
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny().eval()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 3, 224, 224, generator=g)
+    calib = [torch.randn(1, 3, 224, 224, generator=g) for _ in range(4)]
+    held = torch.randn(2, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        ref = model(held)
+        for kw in ({}, {"quantize": "int8", "calibration_data": calib}):
+            opt = fxopt.optimize(model, x, target="openvino", **kw)
+            assert opt.report.record("pointwise_convs").stats == {
+                "linear_to_conv": 36, "layer_norm": 23, "permutes": 46}
+            assert _permutes(opt) == 0
+            out = opt(held)  # batch 2: the dynamic file
+            sqnr = 10 * torch.log10(ref.square().mean() / (out - ref).square().mean())
+            assert sqnr > (20 if kw else 80), (kw, sqnr)
