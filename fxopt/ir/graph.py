@@ -31,6 +31,7 @@ __all__ = [
     "add_buffer",
     "tensor_meta_of",
     "is_shape_read",
+    "permutation_of",
     "SHAPE_ATTRIBUTES",
 ]
 
@@ -68,6 +69,46 @@ def is_shape_read(user: fx.Node, tensor: fx.Node) -> bool:
     if user.op == "call_method" and user.target in _AS_METHODS and len(user.args) == 2:
         return user.args[1] is tensor and user.args[0] is not tensor  # y.reshape_as(tensor)
     return False
+
+
+def permutation_of(node: fx.Node) -> tuple[fx.Node, list[int]] | None:
+    """``(x, p)`` when ``node`` is ``x.permute(p)`` (``torch.permute(x, p)``, ``x.permute(*p)``),
+    a transpose or ``t()`` of a tensor ``x`` with ``tensor_meta``; ``p`` holds each output dim's
+    input dim, in ``0..ndim-1``. None for anything else (keyword arguments included)."""
+    if not node.args or not isinstance(node.args[0], fx.Node) or node.kwargs \
+            or tensor_meta(node.args[0]) is None:
+        return None
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function" and node.target in (torch.permute, torch.transpose, torch.t):
+        name = node.target.__name__
+    else:
+        return None
+    x, rest = node.args[0], node.args[1:]
+    nd = len(tensor_meta(x).shape)
+
+    def is_int(a) -> bool:
+        return isinstance(a, int) and not isinstance(a, bool)
+
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        if len(dims) != nd or not all(is_int(d) for d in dims):
+            return None
+        perm = [d % nd for d in dims]
+        return (x, perm) if sorted(perm) == list(range(nd)) else None
+    if name in ("transpose", "t"):
+        if name == "t":
+            if nd > 2 or rest:
+                return None
+            a, b = (0, 1) if nd == 2 else (0, 0)
+        elif len(rest) == 2 and all(is_int(d) for d in rest) and nd > 0:
+            a, b = rest[0] % nd, rest[1] % nd
+        else:
+            return None
+        perm = list(range(nd))
+        perm[a], perm[b] = perm[b], perm[a]
+        return x, perm
+    return None
 
 
 def tensor_meta_of(value: torch.Tensor):

@@ -35,7 +35,7 @@ import torch.nn as nn
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, RewriteResult, Rule, apply_rules, op, op_rule
 from fxopt.ir.canonical import is_size_of
-from fxopt.ir.graph import get_attr_value, tensor_meta
+from fxopt.ir.graph import get_attr_value, permutation_of, tensor_meta
 from fxopt.ir.purity import DROPOUT_FUNCTIONS, MutationInfo, literal_flag, training_flag
 
 __all__ = ["NoopContext", "RULES", "remove_noops", "apply_noop_rules"]
@@ -270,41 +270,8 @@ def _already_contiguous(m: Match) -> bool:
     return tm is not None and _contiguous_for_any_batch(tm, m.context.batch_is_one)
 
 
-def _permutation(node: fx.Node) -> tuple[fx.Node, list[int]] | None:
-    """(x, p) when the node is ``x.permute(p)``, a transpose or ``t()`` of a tensor x."""
-    if not _first_is_node(node) or node.kwargs or tensor_meta(node.args[0]) is None:
-        return None
-    if node.op == "call_method":
-        name = node.target
-    elif node.op == "call_function" and node.target in (torch.permute, torch.transpose, torch.t):
-        name = node.target.__name__
-    else:
-        return None
-    x, rest = node.args[0], node.args[1:]
-    nd = len(tensor_meta(x).shape)
-    if name == "permute":
-        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-        if len(dims) != nd or not all(_is_int(d) for d in dims):
-            return None
-        perm = [d % nd for d in dims]
-        return (x, perm) if sorted(perm) == list(range(nd)) else None
-    if name in ("transpose", "t"):
-        if name == "t":
-            if nd > 2 or rest:
-                return None
-            a, b = (0, 1) if nd == 2 else (0, 0)
-        elif len(rest) == 2 and all(_is_int(d) for d in rest) and nd > 0:
-            a, b = rest[0] % nd, rest[1] % nd
-        else:
-            return None
-        perm = list(range(nd))
-        perm[a], perm[b] = perm[b], perm[a]
-        return x, perm
-    return None
-
-
 def _permutes_cancel(m: Match) -> bool:
-    outer, inner = _permutation(m.root), _permutation(m.nodes["inner"])
+    outer, inner = permutation_of(m.root), permutation_of(m.nodes["inner"])
     if outer is None or inner is None:
         return False
     p, q = inner[1], outer[1]

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 
 from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.ir.canonical import activation_of
-from fxopt.ir.graph import get_attr_value, remove_unused_attributes, tensor_meta
+from fxopt.ir.graph import (get_attr_value, permutation_of, remove_unused_attributes,
+                             tensor_meta)
 
 __all__ = ["pointwise_convs", "channel_chains"]
 
@@ -65,23 +66,9 @@ _BINARY = {operator.mul, operator.add, operator.sub, operator.truediv,
 _LAYER_NORM_PARAMS = list(inspect.signature(F.layer_norm).parameters)
 
 
-def _permute_dims(node: fx.Node) -> tuple[int, ...] | None:
-    """The dims of a 4-D ``permute`` call (``torch.permute(x, dims)``, ``x.permute(*dims)`` or
-    ``x.permute(dims)``), each in 0..3; None for anything else."""
-    if not ((node.op == "call_function" and node.target is torch.permute)
-            or (node.op == "call_method" and node.target == "permute")) \
-            or set(node.kwargs) - {"dims"}:
-        return None
-    rest = node.args[1:] or (node.kwargs.get("dims"),)
-    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-    if len(dims) != 4 or not all(isinstance(d, int) and -4 <= d < 4 for d in dims):
-        return None
-    return tuple(d % 4 for d in dims)
-
-
-def _shape(node) -> tuple | None:
-    tm = tensor_meta(node) if isinstance(node, fx.Node) else None
-    return None if tm is None else tuple(tm.shape)
+def _permuted(node: fx.Node, perm: tuple[int, ...]) -> bool:
+    found = permutation_of(node)
+    return found is not None and tuple(found[1]) == perm
 
 
 def _float32(node: fx.Node) -> bool:
@@ -181,13 +168,12 @@ def channel_chains(gm: fx.GraphModule) -> list[tuple[fx.Node, list, fx.Node]]:
     storages = _storages(gm)
     chains = []
     for first in gm.graph.nodes:
-        shape = _shape(first.args[0]) if first.args else None
-        if _permute_dims(first) != _TO_NHWC or shape is None or len(shape) != 4:
+        if not _permuted(first, _TO_NHWC):  # of a 4-D value: the perm has its rank
             continue
-        cur, channels, steps = first, shape[1], []
+        cur, channels, steps = first, tensor_meta(first.args[0]).shape[1], []
         while len(cur.users) == 1 and _float32(cur):
             node = next(iter(cur.users))
-            if _permute_dims(node) == _TO_NCHW and node.args[0] is cur:
+            if _permuted(node, _TO_NCHW) and node.args[0] is cur:
                 if steps:
                     chains.append((first, steps, node))
                 break

@@ -65,7 +65,7 @@ from fxopt.infra.registry import PassContext, PassResult, register_pass
 from fxopt.infra.rewrite import Builder, Match, apply_rules, op_rule
 from fxopt.infra.timing import measure
 from fxopt.ir.activations import ACTIVATIONS
-from fxopt.ir.graph import get_attr_value, module_path, tensor_meta
+from fxopt.ir.graph import get_attr_value, tensor_meta
 from fxopt.ops import onednn
 from fxopt.ops.cpu import CPU_OF, ONEDNN_CONV2D_INT8, ONEDNN_LINEAR_INT8, quantized_nearest_alike
 from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2D_INT8, CAT_INT8,
@@ -74,7 +74,7 @@ from fxopt.ops.int8 import (ADD_INT8, AVG_POOL2D_INT8, AVGPOOL_INT8, BATCH_NORM2
                             BinaryInt8, Int8Layer, UpsampleNearest2dInt8)
 from fxopt.ops.isa import int8_pairs_saturate
 from fxopt.ops.schema import schema_of, view_of
-from fxopt.passes.lower.lockstep import LockstepReference, off_kernels
+from fxopt.passes.lower.lockstep import LockstepReference, off_kernels, who
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import output_step
 
@@ -126,10 +126,6 @@ class CpuLowering:
     kept: dict[str, str] = field(default_factory=dict)
 
 
-def _who(n: fx.Node) -> str:
-    return module_path(n) or n.name
-
-
 def _const(m: Match, node: fx.Node):
     return get_attr_value(m.gm, node.target)
 
@@ -145,7 +141,7 @@ def _is_codes(node) -> bool:
 
 
 def _reject(m: Match, why: str) -> bool:
-    return m.reject(f"{schema_of(m.root.target).name} ({_who(m.root)}): {why}")
+    return m.reject(f"{schema_of(m.root.target).name} ({who(m.root)}): {why}")
 
 
 def _uint8(m: Match, lo: int, hi: int) -> bool:
@@ -468,8 +464,8 @@ def lower_int8_cpu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = apply_rules(gm, RULES, context=state)
     if off:  # still, after _RELOWERINGS: the manager's check of the output judges
         notes.append("lowered ops more than one code from the int8 IR: " + ", ".join(
-            f"{who} ({why})" for who, why in off.values()))
-    fallback = [_who(n) for n in _ir_ops(gm) if n.name not in kept]
+            f"{name} ({why})" for name, why in off.values()))
+    fallback = [who(n) for n in _ir_ops(gm) if n.name not in kept]
     if fallback:
         notes.append(f"no PyTorch int8 kernel, the fxopt reference on the codes: "
                      f"{', '.join(fallback)}")

@@ -26,7 +26,7 @@ import torch.fx as fx
 from fxopt.ir.check import batch_of, clone_inputs, grown_inputs
 from fxopt.ir.graph import module_path
 
-__all__ = ["LockstepReference", "follow_codes", "off_kernels", "first_off"]
+__all__ = ["LockstepReference", "follow_codes", "off_kernels", "first_off", "who"]
 
 
 class _Follow(fx.Interpreter):
@@ -58,7 +58,7 @@ def follow_codes(follow: _Follow, n: fx.Node, out):
         return out
     diff = int((codes.to(torch.int64) - out.to(torch.int64)).abs().max()) if out.numel() else 0
     if diff > 1:  # not a tie rounded the other way: let the error reach the output
-        follow.off[_who(n)] = diff
+        follow.off[who(n)] = diff
         follow.off_nodes.add(n.name)
         return out
     follow.flips += int((codes != out).sum())
@@ -95,7 +95,8 @@ class LockstepReference(torch.nn.Module):
         return out
 
 
-def _who(n: fx.Node) -> str:
+def who(n: fx.Node) -> str:
+    """How notes name an IR node: its module path, else its node name."""
     return module_path(n) or n.name
 
 
@@ -116,7 +117,7 @@ def off_kernels(lockstep: LockstepReference, inputs: tuple) -> tuple[dict, int]:
         if batch is inputs:
             flips = lockstep.flips
         for n in first_off(lockstep.ir, lockstep.off_nodes):
-            off.setdefault(n.name, (_who(n), f"{lockstep.off[_who(n)]} codes at batch "
+            off.setdefault(n.name, (who(n), f"{lockstep.off[who(n)]} codes at batch "
                                              f"{batch_of(batch)}"))
     return off, flips
 
