@@ -78,9 +78,10 @@ def batches_needed(cfg: QuantConfig) -> int:
 
 
 def sqnr_floor(cfg: QuantConfig) -> float | None:
-    """The SQNR (dB) under which an int8 run warns: ``min_sqnr_db`` when set, else
-    ``warn_sqnr_db``; None: never."""
-    return cfg.min_sqnr_db if cfg.min_sqnr_db is not None else cfg.warn_sqnr_db
+    """The SQNR (dB) under which an int8 run warns: ``min_sqnr_db`` when it is a number,
+    else ``warn_sqnr_db`` (``"auto"``'s target is a best effort within a MAC budget: the
+    report says when it is not reached); None: never."""
+    return cfg.warn_sqnr_db if cfg.min_sqnr_db in (None, "auto") else cfg.min_sqnr_db
 
 
 def check_floor(sqnr_db: float, measured_on: str, cfg: QuantConfig,
@@ -95,15 +96,18 @@ def check_floor(sqnr_db: float, measured_on: str, cfg: QuantConfig,
              "calibration": "on the calibration batches"}[measured_on]
     layers = ", ".join(f"{p} ({db:.1f} dB)" for p, db in worst) or "none found"
     paths = ", ".join(repr(p) for p, _ in worst[:2])
-    if cfg.min_sqnr_db is None:
+    numbered = cfg.min_sqnr_db not in (None, "auto")
+    if not numbered:
         fix = (f"quantize=fxopt.QuantConfig(min_sqnr_db={floor:g}) keeps the most sensitive "
-               f"layers in float until {floor:g} dB is met (or keep_float=[{paths}])")
+               f"layers in float until {floor:g} dB is met"
+               + (" with no limit on their share of the MACs" if cfg.min_sqnr_db == "auto"
+                  else "") + f" (or keep_float=[{paths}])")
     else:
         fix = (f"raise QuantConfig.max_float_layers (now {cfg.max_float_layers}) so that the "
                f"fallback can keep more layers in float, or keep_float=[{paths}]")
     hint = f"{fix}; more calibration batches help when the grids clip fresh data"
     msg = (f"fxopt: int8 SQNR {sqnr_db:.1f} dB {where} is under the floor of {floor:g} dB "
-           f"(QuantConfig.{'min_sqnr_db' if cfg.min_sqnr_db is not None else 'warn_sqnr_db'})"
+           f"(QuantConfig.{'min_sqnr_db' if numbered else 'warn_sqnr_db'})"
            f"; the layers that hurt most (SQNR with only that layer int8): {layers}")
     w = Int8AccuracyWarning(msg, sqnr_db=sqnr_db, floor_db=floor, worst_layers=worst, hint=hint)
     warnings.warn(w, stacklevel=2)

@@ -41,13 +41,23 @@ channels.
 the SQNR (dB, against float) of the model with only that layer quantized; the most sensitive
 layers are kept in float, one at a time, until the whole model's SQNR reaches ``min_sqnr_db``
 or ``max_float_layers`` are float. ``sensitivity_batches``: calibration batches used for that.
+``min_sqnr_db="auto"`` (the default): an accuracy target of 30 dB on fresh data (aimed at
+30.5 dB on the held-out batches: ``AUTO_MIN_SQNR_DB``; the CNNs the project measures are at
+35-41 dB), with at most a quarter of the int8 layers' MACs kept float
+(``AUTO_FLOAT_MAC_SHARE``). A model that meets it all int8 is left as it is (one simulated run
+to know it; no sensitivities measured); below it, the layers whose noise costs the most per
+MAC go to float first: the head and the patch embedding of a ViT, say (random-weight
+torchvision vit_b_16 at 224 on an AVX2 CPU: 26.4 dB all int8). A number aims at that many dB
+with no limit on the MACs (the most sensitive layers first); ``None``: no fallback.
+Quantization-aware training (``prepare_qat``) takes ``"auto"`` as ``None``: training recovers
+the accuracy.
 ``holdout_fraction`` (default 0.2): the share of the calibration batches (the last ones) held
 out of calibration to measure the report's int8 figures on (SQNR, max abs error, top-1
 agreement), when that is at least one batch (5 batches or more); with fewer, the example inputs
 when they are not a calibration batch, else the calibration batches, and the report says so
 (``fxopt.quant.accuracy``). ``0`` calibrates on every batch.
 ``warn_sqnr_db`` (default 20.0): a run whose measured SQNR falls under it (under
-``min_sqnr_db`` when that is set) warns with ``fxopt.Int8AccuracyWarning``, naming the layers
+``min_sqnr_db`` when that is a number) warns with ``fxopt.Int8AccuracyWarning``, naming the layers
 that hurt most and the fix (``min_sqnr_db=``); ``None`` never warns. 20 dB: the CNNs the project
 measures reach 30-35 dB (ResNet-18/50, MobileNetV2, the digits ResNet; ``bench/results/``), and
 at 20 dB the noise is 10% of the signal's rms, where top-1 classes start to flip.
@@ -79,7 +89,15 @@ from fxopt.infra.validate import choice_arg
 from fxopt.quant.isa import REDUCE_RANGE_VALUES, resolve_reduce_range
 from fxopt.quant.observers import OBSERVERS
 
-__all__ = ["QuantConfig"]
+__all__ = ["QuantConfig", "AUTO_MIN_SQNR_DB", "AUTO_FLOAT_MAC_SHARE"]
+
+# min_sqnr_db="auto": the accuracy target, and the largest share of the int8 layers' MACs
+# kept float to reach it (bench/results/int8-auto-target-*.md measured both)
+# 30 dB, and half a dB for the spread between the few held-out batches the fallback judges
+# on and fresh data (random-weight vit_b_16 at 224: 29.97 dB on 3 held-out images, 30.37 on
+# 8 others; swin_t 30.02 and 29.97)
+AUTO_MIN_SQNR_DB = 30.5
+AUTO_FLOAT_MAC_SHARE = 0.25
 
 _LAYER_POLICIES = ("quantize", "float")
 _MODES = ("static", "dynamic")
@@ -102,7 +120,7 @@ class QuantConfig:
     bias_correction: bool = True
     linear_residual_add: str = "float"
     smooth_quant: float | None = 0.5
-    min_sqnr_db: float | None = None
+    min_sqnr_db: float | str | None = "auto"  # "auto": 30 dB within a quarter of the MACs
     max_float_layers: int | None = None
     sensitivity_batches: int = 2
     holdout_fraction: float = 0.2
@@ -172,9 +190,10 @@ class QuantConfig:
         _check_observer_options(self.activation_observer, self.observer_options)
         if self.max_float_layers is not None:
             _count("max_float_layers", self.max_float_layers, 0, "or None for no limit")
-        if self.min_sqnr_db is not None and (isinstance(self.min_sqnr_db, bool) or not isinstance(
-                self.min_sqnr_db, (int, float)) or not math.isfinite(self.min_sqnr_db)):
-            raise InputError(f"QuantConfig.min_sqnr_db is a number of dB, not "
+        if self.min_sqnr_db is not None and self.min_sqnr_db != "auto" and (
+                isinstance(self.min_sqnr_db, bool) or not isinstance(self.min_sqnr_db, (int, float))
+                or not math.isfinite(self.min_sqnr_db)):
+            raise InputError(f"QuantConfig.min_sqnr_db is a number of dB, 'auto' or None, not "
                              f"{self.min_sqnr_db!r}", hint="e.g. min_sqnr_db=30")
         if self.warn_sqnr_db is not None and (isinstance(self.warn_sqnr_db, bool) or
                                               not isinstance(self.warn_sqnr_db, (int, float))):
@@ -226,6 +245,23 @@ class QuantConfig:
             out = replace(out, reduce_range=resolve_reduce_range(
                 self.reduce_range, target=target, cpu_engine=self.cpu_engine))
         return out
+
+    @property
+    def fallback_target_db(self) -> float | None:
+        """The SQNR (dB) the sensitivity fallback aims at: ``AUTO_MIN_SQNR_DB`` for
+        ``min_sqnr_db="auto"``, the number given, or None (no target)."""
+        return AUTO_MIN_SQNR_DB if self.min_sqnr_db == "auto" else self.min_sqnr_db
+
+    @property
+    def fallback_mac_share(self) -> float | None:
+        """The largest share of the int8 layers' MACs the fallback may keep float:
+        ``AUTO_FLOAT_MAC_SHARE`` under ``min_sqnr_db="auto"``, else None (no limit)."""
+        return AUTO_FLOAT_MAC_SHARE if self.min_sqnr_db == "auto" else None
+
+    @property
+    def runs_fallback(self) -> bool:
+        """Whether post-training quantization runs the sensitivity fallback."""
+        return self.min_sqnr_db is not None or self.max_float_layers is not None
 
     @property
     def activations_7bit(self) -> bool:

@@ -5,7 +5,9 @@
 ``quantized_cpu`` and ``onednn_int8`` columns of the activation table); ``fallback`` measures
 each layer's
 sensitivity (the SQNR of the simulated model with only that layer quantized) and moves the
-most sensitive layers to float until ``min_sqnr_db`` holds or ``max_float_layers`` are float.
+most sensitive layers to float until ``min_sqnr_db`` holds or ``max_float_layers`` are float
+(under ``min_sqnr_db="auto"``: the costliest noise per MAC first, within a quarter of the
+MACs).
 
     >>> layers, kept = select_layers(find_layers(gm), cfg)
     >>> layers, moved, sensitivity = fallback(gm, layers, grids, weights, batches, float_outs, cfg)
@@ -18,12 +20,16 @@ import torch.fx as fx
 
 from fxopt.infra.progress import progress
 from fxopt.ir.activations import ACTIVATIONS
+from fxopt.ir.metrics import node_macs
 from fxopt.quant.config import QuantConfig
 from fxopt.quant.measure import sqnr_of
 from fxopt.quant.plan import Layer, make_plan
 from fxopt.quant.simulate import SimulatedInt8
 
 __all__ = ["select_layers", "has_cpu_kernel", "sensitivity", "fallback"]
+
+# under a MAC budget, a layer at least this many dB over the target alone stays int8
+NEGLIGIBLE_DB = 10.0
 
 
 def has_cpu_kernel(layer: Layer) -> bool:
@@ -56,18 +62,41 @@ def sensitivity(gm, layers, grids, weights, batches, float_outs) -> dict[fx.Node
 
 
 def fallback(gm, layers, grids, weights, batches, float_outs, cfg) -> tuple[list, list, dict]:
-    """Move the most sensitive layers to float until the simulated SQNR reaches
-    ``cfg.min_sqnr_db`` (or ``cfg.max_float_layers`` are float). Returns the layers to quantize,
-    the (layer, sensitivity dB, model SQNR after) moved to float, and every layer's figure."""
-    sens = sensitivity(gm, layers, grids, weights, batches, float_outs)
-    order = sorted(layers, key=lambda l: sens[l.node])
+    """Move layers to float until the simulated SQNR on ``batches`` reaches
+    ``cfg.fallback_target_db``, or ``cfg.max_float_layers`` are float, or no layer left fits
+    ``cfg.fallback_mac_share`` of the layers' MACs (each layer's sensitivity is measured on the
+    first ``cfg.sensitivity_batches`` of ``batches``). Returns the layers to quantize, the
+    (layer, sensitivity dB, model SQNR after) moved to float, and every layer's figure (none
+    measured when the model meets the target all int8).
+
+    The order: the most sensitive layer first; under a MAC budget (``min_sqnr_db="auto"``),
+    the layer whose noise alone (``10 ** (-sensitivity / 10)``, the noise-to-signal power the
+    model has with only that layer int8; roughly additive over layers) is largest per MAC, so
+    the budget buys the most dB (a ViT's head, 0.8 M MACs, goes before its MLPs), and a layer
+    ``NEGLIGIBLE_DB`` or more over the target alone stays int8."""
+    target, share = cfg.fallback_target_db, cfg.fallback_mac_share
     budget = len(layers) if cfg.max_float_layers is None else int(cfg.max_float_layers)
-    target = cfg.min_sqnr_db
     chosen, moved = list(layers), []
     sqnr = sqnr_of(SimulatedInt8(gm, make_plan(gm, chosen, grids, weights)), batches, float_outs)
+    if budget == 0 or (target is not None and sqnr >= target):
+        return chosen, moved, {}
+    k = cfg.sensitivity_batches  # each layer's figure on the first k; the model's on all
+    sens = sensitivity(gm, layers, grids, weights, batches[:k], float_outs[:k])
+    if share is None:
+        order, cost, left = sorted(layers, key=lambda l: sens[l.node]), {}, math.inf
+    else:
+        cost = {l.node: max(node_macs(l.node, gm), 1) for l in layers}
+        # a layer whose noise alone is under a tenth of what the target allows buys little
+        # (under ~0.4 dB) for its float MACs: it stays int8
+        worth = [l for l in layers if not sens[l.node] >= target + NEGLIGIBLE_DB]
+        order = sorted(worth, key=lambda l: -10 ** (-sens[l.node] / 10) / cost[l.node])
+        left = share * sum(cost.values())
     for layer in order:
         if len(moved) >= budget or (target is not None and sqnr >= target):
             break
+        if cost.get(layer.node, 0) > left:
+            continue  # over the MAC budget: a smaller layer may still fit
+        left -= cost.get(layer.node, 0)
         chosen.remove(layer)
         if chosen:
             plan = make_plan(gm, chosen, grids, weights)

@@ -246,11 +246,11 @@ def prepare_qat(model: nn.Module, example_inputs: Any, calibration_data: Any,
         raise InputError("no calibration data reached any layer to quantize",
                          hint="pass calibration_data with at least one non-empty batch")
     by_sensitivity: list[str] = []
-    if cfg.min_sqnr_db is not None or cfg.max_float_layers is not None:
-        float_outs = outputs(gm, batches)
-        sens = batches[:cfg.sensitivity_batches]
-        layers, moved, _ = fallback(gm, layers, grids, weights, sens,
-                                    float_outs[:len(sens)], cfg)
+    # min_sqnr_db="auto" (the default) is post-training's: here training recovers the accuracy
+    fcfg = replace(cfg, min_sqnr_db=None) if cfg.min_sqnr_db == "auto" else cfg
+    if fcfg.runs_fallback:
+        sens = batches[:cfg.sensitivity_batches]  # no held-out data here: the first batches
+        layers, moved, _ = fallback(gm, layers, grids, weights, sens, outputs(gm, sens), fcfg)
         by_sensitivity = [l.label for l, _, _ in moved]
         kept = kept + by_sensitivity
         if not layers:

@@ -46,6 +46,7 @@ calibration data.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch.fx as fx
 
@@ -175,21 +176,22 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = with_corrected_bias(layers, corrections)
         stats["bias_corrected"] = len(corrections)
     held_float = outputs(gm, held)
-    if cfg.min_sqnr_db is not None or cfg.max_float_layers is not None:
+    if cfg.runs_fallback:
         # judged on the held-out data (the figure the floor is checked on), when there is some
-        sens_batches = held[:cfg.sensitivity_batches]
-        layers, moved, sens = fallback(gm, layers, grids, weights, sens_batches,
-                                       held_float[:len(sens_batches)], cfg)
-        stats["sensitivity_db"] = {l.label: round(v, 2) for l, v in
-                                   ((l, sens[l.node]) for l in all_layers if l.node in sens)}
+        layers, moved, sens = fallback(gm, layers, grids, weights, held, held_float, cfg)
+        if sens:  # none measured when the model met the target all int8
+            stats["sensitivity_db"] = {l.label: round(v, 2) for l, v in
+                                       ((l, sens[l.node]) for l in all_layers if l.node in sens)}
         stats["fallback"] = [{"layer": l.label, "sensitivity_db": round(s, 2),
                               "model_sqnr_db_after": round(q, 2)} for l, s, q in moved]
         if moved:
             notes.append("kept in float by sensitivity: " + ", ".join(
                 f"{l.label} (alone {s:.1f} dB; model {q:.1f} dB after)" for l, s, q in moved))
-        if cfg.min_sqnr_db is not None and moved and moved[-1][2] < cfg.min_sqnr_db:
-            notes.append(f"min_sqnr_db={cfg.min_sqnr_db} not reached with max_float_layers="
-                         f"{cfg.max_float_layers}")
+        target = cfg.fallback_target_db
+        if target is not None and sens and (moved[-1][2] if moved else -math.inf) < target:
+            notes.append(_not_reached_note(cfg, moved))
+        if cfg.min_sqnr_db == "auto":
+            stats["auto_target_db"] = target
         kept = kept + [l.label for l, _, _ in moved]
         if not layers:
             return PassResult(gm if changed else original, modified=changed,
@@ -270,6 +272,23 @@ def _worst_layers(reference: SimulatedInt8, held: list, held_float: list, cfg: Q
                            held_float[:k])
         known = {l.label: round(sens[l.node], 2) for l in layers}
     return sorted(((l.label, known[l.label]) for l in layers), key=lambda t: t[1])[:n]
+
+
+def _not_reached_note(cfg: QuantConfig, moved: list) -> str:
+    """The report's line when the fallback stopped short of its target."""
+    limits = [f"max_float_layers={cfg.max_float_layers}"] if cfg.max_float_layers is not None \
+        else []
+    if cfg.fallback_mac_share is not None:
+        limits.append(f"at most {cfg.fallback_mac_share:.0%} of the int8 MACs float")
+    auto = cfg.min_sqnr_db == "auto"
+    text = (f"min_sqnr_db={cfg.min_sqnr_db!r}"
+            + (f" ({cfg.fallback_target_db:g} dB)" if auto else "") + " not reached"
+            + (f" ({moved[-1][2]:.1f} dB with {len(moved)} layer(s) float)" if moved else "")
+            + (f" within {' and '.join(limits)}" if limits else ""))
+    if auto:
+        text += (f"; QuantConfig(min_sqnr_db={cfg.fallback_target_db:g}) lifts the MAC limit, "
+                 f"min_sqnr_db=None keeps every layer int8")
+    return text
 
 
 def _rank(n) -> int | None:

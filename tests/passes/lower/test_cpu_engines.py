@@ -81,7 +81,7 @@ def test_small_dense_layers_pack_under_fbgemm_grouped_ones_do_not():
     """The auto engine: fbgemm for a tiny dense layer, oneDNN for a depthwise one (fbgemm's
     made shufflenet_v2's int8 1.6x slower than x86's, and its grouped kernels saturate on full
     8-bit grids)."""
-    _, low, rec = run(Depthwise())
+    _, low, rec = run(Depthwise(), quantize=QuantConfig(min_sqnr_db=None))  # both int8
     engines = {n.args[1].target: n.kwargs.get("engine", "onednn") for n in low.graph.nodes
                if n.target == torch.ops.fxopt.onednn_conv2d_int8.default}
     dense = next(e for t, e in engines.items() if t.startswith("dense"))
