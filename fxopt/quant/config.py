@@ -18,7 +18,9 @@ symmetric int8 grid per output channel (``weight_observer="per_channel_minmax"``
 own range; no calibration data, for transformer blocks and the like).
 ``per_token`` (dynamic mode only, default ``False``): one run-time grid per token (per row of a
 Linear layer's input) instead of one per tensor; more accurate where tokens differ in range
-(torchvision vit_b_16 at 224: 29.9 dB per tensor, 31+ per token), no ONNX form.
+(torchvision vit_b_16 at 224: 29.9 dB per tensor, 31+ per token), no ONNX form; on a CPU
+without VNNI or AMX its codes are multiplied in float32 (exact; ``torch._int_mm`` is 20x
+slower there), slower than float (vit_b_16 304 against 253 ms on the AVX2 EPYC).
 ``reduce_range``: which grids drop a bit so that x86 int8 kernels without VNNI do not
 saturate: ``True`` (or ``"activations"``: 7-bit uint8 activation grids, torch.ao's x86
 default), ``"weights"`` (7-bit weight grids, ``[-63, 63]``), ``False`` (none: 8-bit

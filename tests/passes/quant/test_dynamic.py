@@ -434,6 +434,41 @@ def test_per_token_op_equals_its_reference_and_simulation(shape, n, act, reduce_
     assert (y - sim).abs().max() <= 1e-5 * sim.abs().max()
 
 
+@pytest.mark.parametrize("k", [1, 1024, 1025, 3072, 4100])
+def test_codes_mm_is_exact_every_way(k):
+    """The per-token product of codes, three ways: torch._int_mm, float32 GEMMs over slices
+    (a CPU without VNNI or AMX), float64 (the reference): equal to the last bit, also at the
+    extremes where a float32 sum over more terms than a slice would round."""
+    from fxopt.ops.int8_dynamic import codes_mm
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (5, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (7, k), generator=g, dtype=torch.int8)
+    # large products of one sign: one float32 GEMM over all 4100 terms was 7 off here
+    a[0], w[0] = torch.randint(100, 128, (2, k), generator=g, dtype=torch.int8)
+    a[1], w[1] = -128, -127
+    exact = (a.long() @ w.long().t()).to(torch.int32)
+    for how in ("int", "float32", "float64"):
+        assert torch.equal(codes_mm(a, w, how), exact), how
+
+
+@pytest.mark.parametrize("isa", [None, "avx512_vnni"])
+def test_per_token_cpu_op_takes_the_product_this_cpu_runs_fast(isa, monkeypatch):
+    """Without int8 dot products the CPU op multiplies in float32 slices, with them
+    torch._int_mm: the same bits either way, and the one it calls is the one the ISA says."""
+    import fxopt.ops.int8_dynamic as dyn
+    monkeypatch.setattr(dyn, "int8_dot_product_isa", lambda: isa)
+    seen = []
+    real = dyn.codes_mm
+    monkeypatch.setattr(dyn, "codes_mm", lambda a, w, how: seen.append(how) or real(a, w, how))
+    torch.manual_seed(5)
+    w_q, w_s = _int8_weights(24, 2100)
+    x = torch.randn(3, 4, 2100)
+    y = torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_s, None, per_token=True)
+    ref = linear_int8_dynamic_reference(x, w_q, w_s, None, per_token=True)
+    assert torch.equal(y, ref)
+    assert seen[0] == ("float32" if isa is None else "int") and seen[1] == "float64"
+
+
 def test_per_token_grids_are_per_row():
     from fxopt.ops.int8_dynamic import token_qparams
     x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 0.5], [100.0, 3.0, 2.0]])
@@ -465,6 +500,10 @@ def test_per_token_beats_per_tensor_where_one_token_is_wide():
         sq[per_token] = 10 * math.log10(float(ref.pow(2).mean() / (out - ref).pow(2).mean()))
     assert sq[True] > sq[False] + 3, sq
     assert any("one grid per token" in note for note in rec.notes)
+    # where the CPU has no int8 dot products the report says per-token runs slower there
+    from fxopt.quant.isa import int8_dot_product_isa
+    slow = any("slower than float here" in note for note in rec.notes)
+    assert slow is (int8_dot_product_isa() is None)
 
 
 def test_per_token_deep_transformer_saves_and_refuses_onnx(tmp_path):
