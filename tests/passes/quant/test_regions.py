@@ -113,7 +113,8 @@ def test_golden_one_region(chain):
 
 def test_golden_add_cat_and_float_consumers():
     m, x = Branches().eval(), torch.randn(2, 3, 6, 6)
-    # every layer int8 (at 29 dB the default's accuracy target would keep one float)
+    # every layer int8 (on some example inputs it measures under 30.5 dB, where the
+    # default's accuracy target keeps a layer float)
     gm, rec = quantize(m, x, QuantConfig(min_sqnr_db=None), steps=("quantize_int8",))
     assert count(gm, Q) == 1  # x, read by a and b: one entry
     add = node(gm, ADD8)
