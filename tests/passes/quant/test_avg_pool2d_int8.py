@@ -43,7 +43,7 @@ _t, _count, _quantized, _cal = t, count, quantized, calibration
 _codes = partial(codes, generator=G)
 
 
-def _quantize(model, x, cfg=QuantConfig()):
+def _quantize(model, x, cfg=QuantConfig(min_sqnr_db=None)):  # every layer int8
     return quantize_ir(model, x, cfg)
 
 
