@@ -130,8 +130,9 @@ def test_the_mac_budget_holds_and_the_warning_says_how_to_lift_it():
     assert [f["layer"] for f in num.stats["fallback"]] == ["body"]
 
 
-def test_the_budget_buys_the_most_noise_per_mac():
+def test_an_undone_move_is_tried_again_once_a_noisier_layer_is_float():
     # the mid conv is the most sensitive; the stem, 1/18 of its MACs, costs more noise per MAC
+    # and is tried first, but with the mid conv int8 the model is no better with the stem float
     m = _model(stem=20.0, mid=1000.0)
     macs = _macs(m)
     _, res = _run(m, max_float_layers=1)
@@ -139,14 +140,15 @@ def test_the_budget_buys_the_most_noise_per_mac():
     assert sens["mid"] < sens["stem"] < AUTO_MIN_SQNR_DB
     per_mac = {k: 10 ** (-sens[k] / 10) / macs[k] for k in ("stem", "mid")}
     assert per_mac["stem"] > per_mac["mid"]
-    assert [f["layer"] for f in res.stats["fallback"]] == ["stem"]
-    # a number: the most sensitive first
+    assert [f["layer"] for f in res.stats["fallback"]] == ["mid"]
+    # with the mid conv float the stem helps: the second pass takes it (20% of the MACs)
+    _, both = _run(m)
+    assert [f["layer"] for f in both.stats["fallback"]] == ["mid", "stem"]
+    after = [f["model_sqnr_db_after"] for f in both.stats["fallback"]]
+    assert after[0] < after[1] and both.stats["sqnr_db"] >= AUTO_MIN_SQNR_DB
+    # a number: the most sensitive first, every move kept
     _, num = _run(m, min_sqnr_db=200.0, max_float_layers=1)
     assert [f["layer"] for f in num.stats["fallback"]] == ["mid"]
-    # both fit the budget together (20% of the MACs): both go, the stem first
-    _, both = _run(m)
-    assert [f["layer"] for f in both.stats["fallback"]] == ["stem", "mid"]
-    assert both.stats["sqnr_db"] >= AUTO_MIN_SQNR_DB
 
 
 def test_qat_takes_auto_as_none():
@@ -157,3 +159,22 @@ def test_qat_takes_auto_as_none():
     qat = prepare_qat(m, _cal(1, seed=7)[0], calibration_data=_cal(),
                       quantize=QuantConfig(min_sqnr_db=30))
     assert qat.kept_by_sensitivity == ["head"]
+
+
+def test_a_move_that_does_not_help_is_undone():
+    """Int8 noise does not simply add up: on a small torchvision resnet18 (32x32, random
+    weights) three of the six layers the greedy first kept float lowered the model's SQNR
+    (29.95 -> 28.97 -> 27.87 dB). Each kept move now raises it, and no MACs go to the rest."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(3)]
+    gm = fxopt.capture(model, cal[0][:2])
+    res = quant.quantize_int8(gm, PassContext((cal[0][:2],), configs=[QuantConfig()],
+                                              calibration_data=cal, target="openvino"))
+    after = [f["model_sqnr_db_after"] for f in res.stats["fallback"]]
+    assert after, res.stats  # under the target all int8: the fallback ran
+    assert all(b > a for a, b in zip(after, after[1:])), res.stats["fallback"]
+    assert after[-1] >= AUTO_MIN_SQNR_DB

@@ -292,7 +292,9 @@ def test_nf_resnet26_computed_weight_convs():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model, x = timm.create_model("nf_resnet26", pretrained=False).eval(), torch.randn(1, 3, 64, 64)
-    opt = fxopt.optimize(model, x, quantize="int8", calibration_data=[x])
+    # every conv int8 (min_sqnr_db=None): the default's accuracy target keeps 2 float here
+    opt = fxopt.optimize(model, x, quantize=fxopt.QuantConfig(min_sqnr_db=None),
+                         calibration_data=[x])
     fused = opt.report.record("fuse_act").stats
     assert fused.get("conv_fn_act", 0) + fused.get("conv_fn_add", 0) == 20
     assert opt.report.record("lower_convs").stats == {"lowered_fn": 9}
