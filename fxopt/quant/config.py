@@ -49,7 +49,8 @@ or ``max_float_layers`` are float. ``sensitivity_batches``: calibration batches 
 (``AUTO_FLOAT_MAC_SHARE``). A model that meets it all int8 is left as it is (one simulated run
 to know it; no sensitivities measured); below it, the layers whose noise costs the most per
 MAC go to float first: the head and the patch embedding of a ViT, say (random-weight
-torchvision vit_b_16 at 224 on an AVX2 CPU: 26.4 dB all int8). A number aims at that many dB
+torchvision vit_b_16 at 224 on an AVX2 CPU: 26.4 dB all int8), and a move that does not raise
+the model's SQNR is undone (``fxopt.quant.select.fallback``). A number aims at that many dB
 with no limit on the MACs (the most sensitive layers first); ``None``: no fallback.
 Quantization-aware training (``prepare_qat``) takes ``"auto"`` as ``None``: training recovers
 the accuracy.
