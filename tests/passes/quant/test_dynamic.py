@@ -1,12 +1,12 @@
 """Dynamic int8 Linear: the op (grid, fast path vs reference, fake impl, MACs) and the pass
 (golden, negative, idempotence, numeric vs the simulated reference, SQNR vs float,
-keep_float, leaf-module notes, a transformer-like block end to end).
+keep_float, leaf-module notes, a transformer-like block end to end). One grid per token:
+``test_dynamic_per_token.py``.
 
 The pass runs under the pass manager with check="each": directly through a test-only
 registration (``registered`` fixture), and through ``quantize_int8``'s ``mode="dynamic"``
 dispatch in ``fxopt.optimize(..., quantize="int8_dynamic")``.
 """
-import math
 
 import pytest
 import torch
@@ -28,6 +28,8 @@ from fxopt.ops.int8_dynamic import (LinearInt8Dynamic, dynamic_fast_path_availab
                                     linear_int8_dynamic_reference)
 from fxopt.quant.config import QuantConfig
 
+from dynamic_cases import Block, deep_vit, int8_weights  # tests/support
+
 qd = __import__("fxopt.passes.quant.dynamic", fromlist=["dynamic"])
 DYN = torch.ops.fxopt.linear_int8_dynamic.default
 LINEAR_ACT = torch.ops.fxopt.linear_act.default
@@ -35,21 +37,6 @@ TEST_PASS = "_test_quantize_dynamic"
 
 
 # -- models -----------------------------------------------------------------------------------
-class Block(nn.Module):
-    """Pre-LN transformer MLP block: x + fc2(gelu(fc1(ln(x)))), then a head."""
-
-    def __init__(self, d=32, h=64, out=10):
-        super().__init__()
-        self.ln = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, h)
-        self.fc2 = nn.Linear(h, d)
-        self.head = nn.Linear(d, out)
-
-    def forward(self, x):
-        y = x + self.fc2(F.gelu(self.fc1(self.ln(x))))
-        return self.head(y)
-
-
 class WithAttention(nn.Module):
     def __init__(self, d=16):
         super().__init__()
@@ -64,13 +51,6 @@ class WithAttention(nn.Module):
 class NoLinear(nn.Module):
     def forward(self, x):
         return torch.relu(x) * 2 + 1
-
-
-def _int8_weights(n, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) / math.sqrt(k)
-    scale = w.abs().amax(1) / 127
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def _capture(model, x):
@@ -125,7 +105,7 @@ def test_grid_equals_torch_choose_qparams(reduce_range):
 
 
 def test_reference_is_fake_quant_math():
-    w_q, w_s = _int8_weights(12, 40)
+    w_q, w_s = int8_weights(12, 40)
     b = torch.randn(12)
     x = torch.randn(3, 5, 40) * 2 + 0.5
     res = torch.randn(3, 5, 12)
@@ -151,7 +131,7 @@ def test_fast_path_matches_reference(shape, n, act, reduce_range, residual):
     # a transformer MLP's fc1 (+GELU) and fc2 (+ the residual add) run fbgemm's matmul, then
     # the reference's float32 epilogue: the same numbers
     torch.manual_seed(1)
-    w_q, w_s = _int8_weights(n, shape[-1])
+    w_q, w_s = int8_weights(n, shape[-1])
     b = torch.randn(n)
     x = torch.randn(*shape) * 1.7 + 0.2
     res = torch.randn(*shape[:-1], n) if residual else None
@@ -174,7 +154,7 @@ def test_fast_path_codes_equal_reference_codes():
 
 
 def test_cpu_op_other_cases_equal_the_reference():
-    w_q, w_s = _int8_weights(6, 8)
+    w_q, w_s = int8_weights(6, 8)
     x, res = torch.randn(4, 8), torch.randn(4, 6)
     for kw in (dict(act="silu"), dict(act="leaky_relu", act_args=[0.1])):
         assert torch.equal(torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_s, None, **kw),
@@ -189,7 +169,7 @@ def test_cpu_op_other_cases_equal_the_reference():
 
 
 def test_packed_weight_cache_sees_in_place_updates():
-    w_q, w_s = _int8_weights(6, 16)
+    w_q, w_s = int8_weights(6, 16)
     x = torch.randn(5, 16)
     first = torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_s, None)
     w_q.neg_()
@@ -201,7 +181,7 @@ def test_packed_weight_cache_sees_in_place_updates():
 @pytest.mark.gpu
 def test_cuda_op_equals_cpu_op():
     # CUDA runs the reference; integer codes and products are exact in float32 (TF32 too).
-    w_q, w_s = _int8_weights(40, 96)
+    w_q, w_s = int8_weights(40, 96)
     b, x = torch.randn(40), torch.randn(3, 11, 96)
     cpu = torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_s, b, act="relu")
     dev = torch.ops.fxopt.linear_int8_dynamic(x.cuda(), w_q.cuda(), w_s.cuda(), b.cuda(),
@@ -210,7 +190,7 @@ def test_cuda_op_equals_cpu_op():
 
 
 def test_fake_impl_shapes():
-    w_q, w_s = _int8_weights(7, 12)
+    w_q, w_s = int8_weights(7, 12)
     with FakeTensorMode() as mode:
         for shape in ((12,), (3, 12), (2, 5, 12)):
             x = mode.from_tensor(torch.randn(*shape))
@@ -356,24 +336,13 @@ def test_optimize_int8_dynamic():
         assert compare_outputs(opt(x), m(x)).rel_err < 0.05
 
 
-def _deep_vit():
-    """torchvision's ViT, 12 blocks of width 192 at 64x64 (65 tokens): deep enough that a tie
-    rounded the other way in one block's run-time grid spreads to the logits."""
-    from torchvision.models.vision_transformer import VisionTransformer
-    torch.manual_seed(0)
-    m = VisionTransformer(image_size=64, patch_size=8, num_layers=12, num_heads=3,
-                          hidden_dim=192, mlp_dim=768, num_classes=100).eval()
-    nn.init.normal_(m.heads.head.weight, std=0.02)  # torchvision zero-initializes the head
-    return m
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_deep_transformer_checks_in_lockstep(seed, monkeypatch):
     """vit_b_16 at 224 failed its own check in dynamic mode (0.0388 at the logits against a
     bound of 0.019): float32 rounding moved a value across a run-time grid's rounding boundary
     and the flip spread through 12 blocks. The reference now follows each int8 layer within
     LAYER_FLIPS flips of its simulated form; end to end (never following) the same model fails."""
-    m = _deep_vit()
+    m = deep_vit()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
     opt = fxopt.optimize(m, x, quantize="int8_dynamic")
     rec = opt.report.record("quantize_int8")
@@ -391,7 +360,7 @@ def test_deep_transformer_checks_in_lockstep(seed, monkeypatch):
 def test_lockstep_does_not_follow_a_wrong_layer():
     """A wrong bias in one middle block is many flips off its simulated form: the lockstep
     reference does not follow it, names it, and the output is off by more than the bound."""
-    m = _deep_vit()
+    m = deep_vit()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     gm = _capture(m, x)  # the attention stays a leaf here: the pass alone, fc1/fc2/head int8
     res = qd.quantize_dynamic_linear(gm, PassContext(example_inputs=(x,)),
@@ -406,125 +375,3 @@ def test_lockstep_does_not_follow_a_wrong_layer():
         bad = (gm(x) - res.reference(x)).abs().max()
     assert bad > res.max_abs_tolerance
     assert any("encoder_layer_5" in k for k in res.reference.off), res.reference.off
-
-
-# -- one grid per token ---------------------------------------------------------------------
-@pytest.mark.parametrize("shape,n,act,reduce_range,residual", [
-    ((2, 9, 96), 384, "gelu", False, False), ((197, 768), 64, "none", True, True),
-    ((1, 40), 24, "relu", False, False), ((3, 5, 3072), 16, "none", False, False),
-    ((4, 7, 33), 5, "silu", True, True)])
-def test_per_token_op_equals_its_reference_and_simulation(shape, n, act, reduce_range,
-                                                          residual):
-    from fxopt.ir.activations import apply_activation
-    from fxopt.ops.int8_dynamic import fake_quantize_token
-    torch.manual_seed(3)
-    w_q, w_s = _int8_weights(n, shape[-1])
-    b = torch.randn(n)
-    x = torch.randn(*shape) * 2 + 0.3
-    x.reshape(-1, shape[-1])[0] *= 40  # one token far wider than the rest
-    res = torch.randn(*shape[:-1], n) if residual else None
-    kw = dict(act=act, reduce_range=reduce_range, per_token=True)
-    y = torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_s, b, res, **kw)
-    ref = linear_int8_dynamic_reference(x, w_q, w_s, b, res, **kw)
-    # the same codes and the same exact int32 sums (torch._int_mm against float64), then one
-    # shared float32 epilogue: bit-identical by construction
-    assert torch.equal(y, ref)
-    sim = F.linear(fake_quantize_token(x, reduce_range), w_q.float() * w_s[:, None], b)
-    sim = apply_activation(sim if res is None else sim + res, act, [])
-    assert (y - sim).abs().max() <= 1e-5 * sim.abs().max()
-
-
-@pytest.mark.parametrize("k", [1, 1024, 1025, 3072, 4100])
-def test_codes_mm_is_exact_every_way(k):
-    """The per-token product of codes, three ways: torch._int_mm, float32 GEMMs over slices
-    (a CPU without VNNI or AMX), float64 (the reference): equal to the last bit, also at the
-    extremes where a float32 sum over more terms than a slice would round."""
-    from fxopt.ops.int8_dynamic import codes_mm
-    g = torch.Generator().manual_seed(k)
-    a = torch.randint(-128, 128, (5, k), generator=g, dtype=torch.int8)
-    w = torch.randint(-127, 128, (7, k), generator=g, dtype=torch.int8)
-    # large products of one sign: one float32 GEMM over all 4100 terms was 7 off here
-    a[0], w[0] = torch.randint(100, 128, (2, k), generator=g, dtype=torch.int8)
-    a[1], w[1] = -128, -127
-    exact = (a.long() @ w.long().t()).to(torch.int32)
-    for how in ("int", "float32", "float64"):
-        assert torch.equal(codes_mm(a, w, how), exact), how
-
-
-@pytest.mark.parametrize("isa", [None, "avx512_vnni"])
-def test_per_token_cpu_op_takes_the_product_this_cpu_runs_fast(isa, monkeypatch):
-    """Without int8 dot products the CPU op multiplies in float32 slices, with them
-    torch._int_mm: the same bits either way, and the one it calls is the one the ISA says."""
-    import fxopt.ops.int8_dynamic as dyn
-    monkeypatch.setattr(dyn, "int8_dot_product_isa", lambda: isa)
-    seen = []
-    real = dyn.codes_mm
-    monkeypatch.setattr(dyn, "codes_mm", lambda a, w, how: seen.append(how) or real(a, w, how))
-    torch.manual_seed(5)
-    w_q, w_s = _int8_weights(24, 2100)
-    x = torch.randn(3, 4, 2100)
-    y = torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_s, None, per_token=True)
-    ref = linear_int8_dynamic_reference(x, w_q, w_s, None, per_token=True)
-    assert torch.equal(y, ref)
-    assert seen[0] == ("float32" if isa is None else "int") and seen[1] == "float64"
-
-
-def test_per_token_grids_are_per_row():
-    from fxopt.ops.int8_dynamic import token_qparams
-    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 0.5], [100.0, 3.0, 2.0]])
-    scale, zp = token_qparams(x, reduce_range=False)
-    assert scale.shape == (3, 1) and scale[0].item() == 1.0  # an all-zero row: scale 1
-    assert scale[1].item() == pytest.approx(2 / 255) and zp[1].item() in (127, 128)
-    assert scale[2].item() == pytest.approx(100 / 255) and zp[2].item() == 0
-    w_q, w_s = _int8_weights(4, 3)
-    # row 1's output does not depend on row 2's range (per tensor it would)
-    alone = torch.ops.fxopt.linear_int8_dynamic(x[1:2], w_q, w_s, None, per_token=True)
-    together = torch.ops.fxopt.linear_int8_dynamic(x, w_q, w_s, None, per_token=True)
-    assert torch.equal(alone[0], together[1])
-    with pytest.raises(ValueError, match="non-finite"):
-        token_qparams(torch.tensor([[1.0, float("nan")]]))
-
-
-def test_per_token_beats_per_tensor_where_one_token_is_wide():
-    torch.manual_seed(4)
-    m, x = Block(d=48, h=192, out=48).eval(), torch.randn(2, 24, 48)
-    x[:, 0] *= 30  # a class token far wider than the others
-    sq = {}
-    for per_token in (False, True):
-        opt = fxopt.optimize(m, x, quantize=QuantConfig(mode="dynamic", per_token=per_token))
-        rec = opt.report.record("quantize_int8")
-        assert rec.status == "ok" and rec.stats["linear"] == 3
-        assert rec.stats.get("per_token", False) is per_token
-        with torch.no_grad():
-            out, ref = opt(x), m(x)
-        sq[per_token] = 10 * math.log10(float(ref.pow(2).mean() / (out - ref).pow(2).mean()))
-    assert sq[True] > sq[False] + 3, sq
-    assert any("one grid per token" in note for note in rec.notes)
-    # where the CPU has no int8 dot products the report says per-token runs slower there
-    from fxopt.quant.isa import int8_dot_product_isa
-    slow = any("slower than float here" in note for note in rec.notes)
-    assert slow is (int8_dot_product_isa() is None)
-
-
-def test_per_token_deep_transformer_saves_and_refuses_onnx(tmp_path):
-    m = _deep_vit()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    opt = fxopt.optimize(m, x, quantize=QuantConfig(mode="dynamic", per_token=True))
-    rec = opt.report.record("quantize_int8")
-    assert rec.status == "ok" and rec.stats["linear"] == 49 and rec.stats["per_token"]
-    assert all(LinearInt8Dynamic.of(n).per_token for n in opt.graph_module.graph.nodes
-               if LinearInt8Dynamic.matches(n))
-    back = fxopt.load(opt.save(tmp_path / "vit.fxopt"))
-    other = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        assert torch.equal(back(other), opt(other))
-        assert compare_outputs(opt(other), m(other)).rel_err < 0.1
-    with pytest.raises(fxopt.UnsupportedOpError, match="one grid per token"):
-        fxopt.export_onnx(opt, x, tmp_path / "vit.onnx")
-
-
-def test_per_token_config_errors():
-    with pytest.raises(fxopt.InputError, match="needs mode='dynamic'"):
-        QuantConfig(per_token=True)
-    with pytest.raises(fxopt.InputError, match="per_token must be True or False"):
-        QuantConfig(mode="dynamic", per_token="yes")
