@@ -30,6 +30,8 @@ __all__ = ["select_layers", "has_cpu_kernel", "sensitivity", "fallback"]
 
 # under a MAC budget, a layer at least this many dB over the target alone stays int8
 NEGLIGIBLE_DB = 10.0
+# the fallback judges the model on at most this many times sensitivity_batches batches
+JUDGE_BATCHES_PER_SENSITIVITY = 4
 
 
 def has_cpu_kernel(layer: Layer) -> bool:
@@ -65,7 +67,8 @@ def fallback(gm, layers, grids, weights, batches, float_outs, cfg) -> tuple[list
     """Move layers to float until the simulated SQNR on ``batches`` reaches
     ``cfg.fallback_target_db``, or ``cfg.max_float_layers`` are float, or no layer left fits
     ``cfg.fallback_mac_share`` of the layers' MACs (each layer's sensitivity is measured on the
-    first ``cfg.sensitivity_batches`` of ``batches``). Returns the layers to quantize, the
+    first ``cfg.sensitivity_batches`` of ``batches``, the model on up to
+    ``JUDGE_BATCHES_PER_SENSITIVITY`` times as many). Returns the layers to quantize, the
     (layer, sensitivity dB, model SQNR after) moved to float, and every layer's figure (none
     measured when the model meets the target all int8).
 
@@ -77,11 +80,15 @@ def fallback(gm, layers, grids, weights, batches, float_outs, cfg) -> tuple[list
     does not raise the model's SQNR."""
     target, share = cfg.fallback_target_db, cfg.fallback_mac_share
     budget = len(layers) if cfg.max_float_layers is None else int(cfg.max_float_layers)
+    k = cfg.sensitivity_batches  # each layer's figure on the first k batches
+    # the model's on up to JUDGE_BATCHES_PER_SENSITIVITY times as many: the default target
+    # measures every int8 model once, and held-out data can be hundreds of batches
+    batches, float_outs = batches[:JUDGE_BATCHES_PER_SENSITIVITY * k], \
+        float_outs[:JUDGE_BATCHES_PER_SENSITIVITY * k]
     chosen, moved = list(layers), []
     sqnr = sqnr_of(SimulatedInt8(gm, make_plan(gm, chosen, grids, weights)), batches, float_outs)
     if budget == 0 or (target is not None and sqnr >= target):
         return chosen, moved, {}
-    k = cfg.sensitivity_batches  # each layer's figure on the first k; the model's on all
     sens = sensitivity(gm, layers, grids, weights, batches[:k], float_outs[:k])
     if share is None:
         order, cost, left = sorted(layers, key=lambda l: sens[l.node]), {}, math.inf

@@ -151,6 +151,21 @@ def test_an_undone_move_is_tried_again_once_a_noisier_layer_is_float():
     assert [f["layer"] for f in num.stats["fallback"]] == ["mid"]
 
 
+def test_the_model_is_judged_on_a_bounded_number_of_batches(monkeypatch):
+    """The default target measures every int8 model once: on 60 calibration batches (12 held
+    out) it simulates 8 of them (4 x sensitivity_batches), the sensitivities 2."""
+    import fxopt.quant.select as select
+    seen = []
+    real = select.sqnr_of
+    monkeypatch.setattr(select, "sqnr_of", lambda m, b, f: seen.append(len(b)) or real(m, b, f))
+    x = _cal(1, seed=7)[0]
+    gm = fxopt.capture(_model(head=1000.0), x)
+    res = quant.quantize_int8(gm, PassContext((x,), configs=[QuantConfig()],
+                                              calibration_data=_cal(60)))
+    assert res.stats["measured_batches"] == 12 and res.stats["fallback"]
+    assert max(seen) == 8 and 2 in seen
+
+
 def test_qat_takes_auto_as_none():
     from fxopt.train.qat import prepare_qat
     m = _model(head=1000.0)
