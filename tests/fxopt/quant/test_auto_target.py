@@ -151,6 +151,50 @@ def test_an_undone_move_is_tried_again_once_a_noisier_layer_is_float():
     assert [f["layer"] for f in num.stats["fallback"]] == ["mid"]
 
 
+class Three(nn.Module):
+    """Two convs of the input side by side with a healthy two-layer trunk, summed (their int8
+    noise adds): ``big`` has 9x the MACs of ``small`` and 8% of the model's, so either fits
+    the MAC budget. The data's channel 3 is always zero, so a weight written there ruins a
+    layer's int8 weight grid without changing the float model."""
+
+    def __init__(self):
+        super().__init__()
+        self.small = nn.Conv2d(4, 8, 1)
+        self.big = nn.Conv2d(4, 8, 3, padding=1)
+        self.wide = nn.Conv2d(4, 32, 3, padding=1)
+        self.trunk = nn.Conv2d(32, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.small(x) + self.big(x) + self.trunk(torch.relu(self.wide(x)))
+
+
+def test_the_cheaper_of_two_helpful_layers_goes_float_first():
+    """Both layers under the target alone, ``big`` the more sensitive, either one float enough
+    for the target: a numbered target moves ``big`` (most sensitive first); "auto" moves
+    ``small``, whose noise costs more per MAC: the same target for a ninth of the float MACs."""
+    torch.manual_seed(0)
+    m = Three().eval()
+    with torch.no_grad():
+        m.small.weight[:, -1] = 1.0
+        m.big.weight[:, -1] = 0.7
+    macs = _macs(m)
+    assert macs["big"] == 9 * macs["small"]
+    assert macs["big"] < AUTO_FLOAT_MAC_SHARE * sum(macs.values())  # the budget allows it
+    _, off = _run(m, min_sqnr_db=None)
+    assert off.stats["sqnr_db"] < AUTO_MIN_SQNR_DB
+    _, res = _run(m)
+    sens = res.stats["sensitivity_db"]
+    assert sens["big"] < sens["small"] < AUTO_MIN_SQNR_DB + 10  # both worth a move
+    per_mac = {k: 10 ** (-sens[k] / 10) / macs[k] for k in sens}
+    assert per_mac["small"] > per_mac["big"]
+    assert [f["layer"] for f in res.stats["fallback"]] == ["small"]
+    assert res.stats["sqnr_db"] >= AUTO_MIN_SQNR_DB
+    # most sensitive first: the big layer, nine times the float MACs for the same target
+    _, num = _run(m, min_sqnr_db=AUTO_MIN_SQNR_DB)
+    assert [f["layer"] for f in num.stats["fallback"]] == ["big"]
+    assert num.stats["sqnr_db"] >= AUTO_MIN_SQNR_DB
+
+
 def test_the_model_is_judged_on_a_bounded_number_of_batches(monkeypatch):
     """The default target measures every int8 model once: on 60 calibration batches (12 held
     out) it simulates 8 of them (4 x sensitivity_batches), the sensitivities 2."""
