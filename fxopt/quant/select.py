@@ -56,11 +56,15 @@ def select_layers(layers: list[Layer], cfg: QuantConfig) -> tuple[list[Layer], l
 
 def sensitivity(gm, layers, grids, weights, batches, float_outs) -> dict[fx.Node, float]:
     """SQNR (dB) of the simulated model with only each layer quantized, by layer node."""
-    out = {}
-    for layer in progress(layers, "int8 sensitivity"):
-        plan = make_plan(gm, [layer], grids, weights)
-        out[layer.node] = sqnr_of(SimulatedInt8(gm, plan), batches, float_outs)
-    return out
+    return {layer.node: _sqnr(gm, [layer], grids, weights, batches, float_outs)
+            for layer in progress(layers, "int8 sensitivity")}
+
+
+def _sqnr(gm, layers, grids, weights, batches, float_outs) -> float:
+    """SQNR (dB) on ``batches`` of the simulated model with ``layers`` int8 (none: inf)."""
+    if not layers:
+        return math.inf
+    return sqnr_of(SimulatedInt8(gm, make_plan(gm, layers, grids, weights)), batches, float_outs)
 
 
 def fallback(gm, layers, grids, weights, batches, float_outs, cfg) -> tuple[list, list, dict]:
@@ -86,7 +90,7 @@ def fallback(gm, layers, grids, weights, batches, float_outs, cfg) -> tuple[list
     batches, float_outs = batches[:JUDGE_BATCHES_PER_SENSITIVITY * k], \
         float_outs[:JUDGE_BATCHES_PER_SENSITIVITY * k]
     chosen, moved = list(layers), []
-    sqnr = sqnr_of(SimulatedInt8(gm, make_plan(gm, chosen, grids, weights)), batches, float_outs)
+    sqnr = _sqnr(gm, chosen, grids, weights, batches, float_outs)
     if budget == 0 or (target is not None and sqnr >= target):
         return chosen, moved, {}
     sens = sensitivity(gm, layers, grids, weights, batches[:k], float_outs[:k])
@@ -107,11 +111,7 @@ def fallback(gm, layers, grids, weights, batches, float_outs, cfg) -> tuple[list
             if cost.get(layer.node, 0) > left:
                 continue  # over the MAC budget: a smaller layer may still fit
             trial = [l for l in chosen if l is not layer]
-            if trial:
-                after = sqnr_of(SimulatedInt8(gm, make_plan(gm, trial, grids, weights)),
-                                batches, float_outs)
-            else:
-                after = math.inf
+            after = _sqnr(gm, trial, grids, weights, batches, float_outs)
             if share is not None and not after > sqnr:
                 # the model is no better with it float (int8 noise does not simply add up: on
                 # a small resnet18 three such moves cost 2.4 dB): it stays int8 for now

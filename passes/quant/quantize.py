@@ -46,7 +46,6 @@ calibration data.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch.fx as fx
 
@@ -188,7 +187,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             notes.append("kept in float by sensitivity: " + ", ".join(
                 f"{l.label} (alone {s:.1f} dB; model {q:.1f} dB after)" for l, s, q in moved))
         target = cfg.fallback_target_db
-        if target is not None and sens and (moved[-1][2] if moved else -math.inf) < target:
+        if target is not None and sens and (not moved or moved[-1][2] < target):
             notes.append(_not_reached_note(cfg, moved))
         if cfg.min_sqnr_db == "auto":
             stats["auto_target_db"] = target
